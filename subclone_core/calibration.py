@@ -1,0 +1,216 @@
+"""Calibration: run the parent on data and measure neuron, head and block importance.
+
+Hooks keep running sums only (never activations), so memory is O(layers x width) whatever the
+number of tokens. Scores follow the paper: the mean |activation| over batch and tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from subclone_core.archs import arch_for
+from subclone_core.archs.spec import ArchSpec
+from subclone_core.shape import Shape
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Importance:
+    """Per-neuron, per-head and per-block statistics of a parent, from calibration.
+
+    Attributes:
+        residual_embed: (D,) mean |embedding output|, the input of the first block.
+        residual_attn: (L, D) mean |attention output projection| per block.
+        residual_ffn: (L, D) mean |FFN down projection| per block.
+        residual_block: (L, D) mean |block output| per block.
+        ffn: (L, F) mean |FFN hidden neuron| (input of the down projection).
+        heads: (L, H) mean |head output| (input of the attention output projection, per head).
+        rel_magnitude: (L,) mean over tokens of ||f(x)|| / ||x + f(x)||.
+        one_minus_cos: (L,) mean over tokens of 1 - cos(x, x + f(x)).
+        tokens: number of token positions measured.
+        data: a description of the calibration data.
+    """
+
+    residual_embed: Tensor
+    residual_attn: Tensor
+    residual_ffn: Tensor
+    residual_block: Tensor
+    ffn: Tensor
+    heads: Tensor
+    rel_magnitude: Tensor
+    one_minus_cos: Tensor
+    tokens: int
+    data: str = ""
+
+    @property
+    def residual(self) -> Tensor:
+        """(D,) the one shared ranking score of the residual stream: the sum over every residual output."""
+        return self.residual_embed + self.residual_attn.sum(0) + self.residual_ffn.sum(0) + self.residual_block.sum(0)
+
+    def to_json(self) -> dict:
+        """A plain-JSON dict (lists of floats)."""
+        out = {name: getattr(self, name).tolist() for name in _TENSOR_FIELDS}
+        out.update(residual=self.residual.tolist(), tokens=self.tokens, data=self.data)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Importance:
+        tensors = {name: torch.tensor(obj[name], dtype=torch.float64) for name in _TENSOR_FIELDS}
+        return cls(**tensors, tokens=int(obj["tokens"]), data=obj.get("data", ""))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Importance:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+_TENSOR_FIELDS = ("residual_embed", "residual_attn", "residual_ffn", "residual_block", "ffn", "heads",
+                  "rel_magnitude", "one_minus_cos")
+
+
+@dataclass
+class _Sums:
+    """Running sums, float64, on the model's device."""
+
+    shape: Shape
+    device: torch.device
+    tokens: int = 0
+    sums: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s, z = self.shape, lambda *size: torch.zeros(*size, dtype=torch.float64, device=self.device)
+        self.sums = {
+            "residual_embed": z(s.hidden), "residual_attn": z(s.layers, s.hidden),
+            "residual_ffn": z(s.layers, s.hidden), "residual_block": z(s.layers, s.hidden),
+            "ffn": z(s.layers, s.ffn), "heads": z(s.layers, s.heads * s.head_dim),
+            "rel_magnitude": z(s.layers), "one_minus_cos": z(s.layers),
+        }
+
+    def add(self, name: str, layer: int | None, value: Tensor) -> None:
+        target = self.sums[name] if layer is None else self.sums[name][layer]
+        target += value.to(torch.float64)
+
+    def result(self, data: str) -> Importance:
+        n = max(self.tokens, 1)
+        mean = {k: (v / n).cpu() for k, v in self.sums.items()}
+        heads = mean.pop("heads").view(self.shape.layers, self.shape.heads, self.shape.head_dim).mean(-1)
+        return Importance(**mean, heads=heads, tokens=self.tokens, data=data)
+
+
+class _Recorder:
+    """Forward hooks that add each batch's statistics to running sums; the mask marks real tokens."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec, sums: _Sums) -> None:
+        self.model, self.arch, self.sums = model, arch, sums
+        self.mask: Tensor | None = None  # (B, T) bool, None when every position is a real token
+        self.handles: list = []
+
+    def valid(self, x: Tensor) -> Tensor:
+        """Flatten (B, T, ...) to (N, ...) real-token rows."""
+        return x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask]
+
+    def abs_sum(self, x: Tensor) -> Tensor:
+        return self.valid(x).abs().sum(0, dtype=torch.float32)
+
+    def attach(self) -> None:
+        blocks = self.model.get_submodule(self.arch.blocks)
+        for i, block in enumerate(blocks):
+            self.handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
+            attn_out = block.get_submodule(self.arch.attn_out)
+            ffn_down = block.get_submodule(self.arch.ffn_down)
+            self.handles.append(attn_out.register_forward_hook(self._proj_hook(i, "heads", "residual_attn")))
+            self.handles.append(ffn_down.register_forward_hook(self._proj_hook(i, "ffn", "residual_ffn")))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _proj_hook(self, layer: int, input_name: str, output_name: str):
+        def hook(module, args, output):
+            self.sums.add(input_name, layer, self.abs_sum(args[0]))
+            self.sums.add(output_name, layer, self.abs_sum(output))
+        return hook
+
+    def _block_hook(self, layer: int):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            if layer == 0:
+                self.sums.add("residual_embed", None, self.abs_sum(x))
+                self.sums.tokens += self.valid(x).shape[0]
+            self.sums.add("residual_block", layer, self.abs_sum(y))
+            x, y = self.valid(x).float(), self.valid(y).float()  # (N, D)
+            rel = (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
+            cos = nn.functional.cosine_similarity(x, y, dim=-1)
+            self.sums.add("rel_magnitude", layer, rel.sum())
+            self.sums.add("one_minus_cos", layer, (1 - cos).sum())
+        return hook
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, sums: _Sums) -> Iterator[_Recorder]:
+    """Attach the hooks for the duration of the block and always remove them."""
+    recorder = _Recorder(model, arch_for(model.config.model_type), sums)
+    try:
+        recorder.attach()
+        yield recorder
+    finally:
+        recorder.detach()
+
+
+def real_token_mask(batch: dict[str, Tensor]) -> Tensor | None:
+    """The (B, T) bool mask of real tokens, or None when every position is real (image models, no padding)."""
+    mask = batch.get("attention_mask")
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.bool()
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    max_tokens: int | None = None,
+    progress: Progress | None = None,
+    data: str = "",
+) -> Importance:
+    """Measure importance on calibration batches, on the model's own device and dtype.
+
+    Args:
+        model: the parent; it is not modified (hooks are removed on exit, even on error).
+        batches: dicts of model inputs: input_ids and attention_mask, or pixel_values.
+        max_tokens: stop once this many token positions were seen (for a ViT every patch and the
+            cls token of every image count).
+        progress: called with (token positions done, max_tokens or 0) after each batch.
+        data: a description of the data, kept in the result.
+    """
+    device = next(model.parameters()).device
+    sums = _Sums(Shape.of(model.config), device)
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    was_training = model.training
+    model.eval()
+    try:
+        with recording(model, sums) as recorder:
+            for batch in batches:
+                mask = real_token_mask(batch)
+                recorder.mask = None if mask is None else mask.to(device)
+                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, **extra)
+                if progress:
+                    progress(sums.tokens, max_tokens or 0)
+                if max_tokens and sums.tokens >= max_tokens:
+                    break
+    finally:
+        model.train(was_training)
+    return sums.result(data)

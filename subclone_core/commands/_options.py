@@ -1,0 +1,77 @@
+"""Options shared by several subcommands, so each flag means the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from subclone_core.errors import SubcloneError
+from subclone_core.strategies import STRATEGIES
+
+SHAPE_FLAGS = {"layers": "blocks", "hidden": "hidden (residual) size", "heads": "attention heads",
+               "kv_heads": "key/value heads", "ffn": "FFN hidden size"}
+
+
+def add_parent_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--parent", required=required,
+                        help="'default', 'default-vit', a local model folder, a .gguf file or a Hub id")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow loading pickled .bin weights (they can run code: trusted files only)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run model code shipped with a Hub model (off by default)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, tokens_flag: str = "--calib-tokens",
+                  tokens_default: int = 4096) -> None:
+    parser.add_argument("--data", default="default",
+                        help="'default' (Wikipedia text), a .txt/.md/.jsonl file or folder; for images "
+                             "'fashion-mnist', 'digits' or a folder of class folders")
+    parser.add_argument(tokens_flag, type=int, default=tokens_default, dest="tokens",
+                        help=f"token positions to measure (default {tokens_default})")
+
+
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    for role, what in SHAPE_FLAGS.items():
+        parser.add_argument(f"--{role.replace('_', '-')}", type=int, dest=role,
+                            help=f"child {what} (default: the parent's)")
+
+
+def add_child_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", default="subclone", choices=list(STRATEGIES),
+                        help="how to build the child (default: subclone)")
+    parser.add_argument("--drop", type=parse_drop, default=None,
+                        help="blocks to remove: 'middle', 'magnitude', 'first' or a list I,J,...")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--scale", dest="scale", action="store_true", default=None,
+                       help="scale sliced weights by sqrt(parent fan-in / child fan-in)")
+    scale.add_argument("--no-scale", dest="scale", action="store_false", help="do not scale weights")
+    parser.add_argument("--untie-head", action="store_true",
+                        help="give a tied parent's child its own scaled LM head")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random choices (default 0)")
+
+
+def shape_sizes(args: argparse.Namespace) -> dict[str, int | None]:
+    return {role: getattr(args, role) for role in SHAPE_FLAGS}
+
+
+def parse_drop(value: str) -> str | list[int]:
+    """'middle' / 'magnitude' / 'first', or a comma-separated list of block indices."""
+    if value in ("middle", "magnitude", "first"):
+        return value
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a block policy; use middle, magnitude, first or indices like 3,4,5"
+        ) from None
+
+
+def print_json(obj: dict) -> None:
+    json.dump(obj, sys.stdout)
+    sys.stdout.write("\n")
+
+
+def require_positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise SubcloneError(f"{name}={value} must be a positive integer")

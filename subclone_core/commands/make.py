@@ -1,0 +1,57 @@
+"""`subclone make`: build a child from a parent and save it as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from subclone_core.commands._options import (add_child_args, add_data_args, add_parent_args, add_shape_args,
+                                             print_json, shape_sizes)
+from subclone_core.saving import check_output_dir
+from subclone_core.shape import Shape
+from subclone_core.sources.parents import load_parent
+from subclone_core.strategies import plan_shape
+from subclone_core.workflow import make_child, save_child
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make", help="build a child from a parent and save it as a Hugging Face folder",
+                       description="Build a narrower, shallower child initialized from the parent's weights.")
+    add_parent_args(p)
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_shape_args(p)
+    add_child_args(p)
+    add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def child_sizes(args: argparse.Namespace, parent_layers: int) -> dict[str, int | None]:
+    """Shape flags, with --layers following an explicit --drop list when not given."""
+    sizes = shape_sizes(args)
+    if isinstance(args.drop, list) and sizes["layers"] is None:
+        sizes["layers"] = parent_layers - len(args.drop)
+    return sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, overwrite=args.overwrite)
+    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
+    start = time.perf_counter()
+    child = make_child(parent, target, strategy=args.strategy, drop=args.drop, scale=args.scale,
+                       untie_head=args.untie_head, data_id=args.data, calib_tokens=args.tokens, seed=args.seed)
+    out = save_child(child, args.out, task=parent.task, overwrite=args.overwrite)
+    seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in child.model.parameters())
+    summary = {"out": str(out), "shape": target.as_dict(), "parameters": params,
+               "removed_blocks": child.manifest["removed_blocks"], "strategy": args.strategy,
+               "scale": child.manifest["scale"], "seconds": round(seconds, 2)}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"saved {out}: {target.layers} blocks x {target.hidden}, {target.heads} heads / "
+              f"{target.kv_heads} KV, FFN {target.ffn}, {params / 1e6:.1f}M parameters "
+              f"(removed blocks {summary['removed_blocks'] or 'none'}) in {seconds:.1f} s")
+    return 0

@@ -1,0 +1,89 @@
+"""Save a model as a plain Hugging Face folder, atomically: a temporary folder renamed into place."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+from torch import nn
+
+from subclone_core.errors import SubcloneError
+
+log = logging.getLogger(__name__)
+MANIFEST_NAME = "subclone.json"
+
+
+def check_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an output folder that would lose data, before any work is done.
+
+    Raises:
+        SubcloneError: the path is a file, or a folder that is not empty and overwrite is off.
+    """
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise SubcloneError(f"output {str(path)!r} is a file; give a folder path that does not exist")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise SubcloneError(f"output folder {str(path)!r} exists and is not empty; "
+                            "choose a new folder or pass --overwrite")
+    return path
+
+
+def save_model_folder(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    preprocessor=None,
+    manifest: dict | None = None,
+    model_card: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write config.json, model.safetensors, the preprocessor, README.md and subclone.json.
+
+    Everything is written to a hidden sibling folder first and renamed into place only when complete,
+    so a failure or interruption never leaves a half-written model under `out_dir`.
+
+    Returns:
+        The output folder.
+    """
+    out = check_output_dir(out_dir, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if preprocessor is not None:
+            preprocessor.save_pretrained(tmp)
+        if manifest is not None:
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s", out)
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an existing `out` is moved aside first and removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_manifest(model_dir: str | Path) -> dict | None:
+    """The subclone.json of a child folder, or None for a folder without one."""
+    path = Path(model_dir) / MANIFEST_NAME
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,141 @@
+"""Strategies that build a child of a target shape from a parent, behind one interface.
+
+- ``subclone``: the paper: neurons and heads in importance order, blocks chosen by relative magnitude.
+- ``first-k``: the same slicing without reordering (the paper's Fig. 14 ablation).
+- ``uniform``: weight selection (Xu et al., ICLR 2024): evenly strided indices, the first N blocks, no data.
+- ``random``: a fresh random initialization of the child's config.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from subclone_core import __version__
+from subclone_core.archs import arch_for
+from subclone_core.building import build_model
+from subclone_core.calibration import Importance
+from subclone_core.errors import SubcloneError
+from subclone_core.selection import Selection, pick_blocks, select
+from subclone_core.shape import Shape, target_shape, validate_target
+from subclone_core.slicing import child_config_dict, slice_state_dict
+
+# strategy -> neuron/head ordering (None: no weights are taken from the parent)
+STRATEGIES: dict[str, str | None] = {"subclone": "importance", "first-k": "first", "uniform": "uniform",
+                                     "random": None}
+# Block policy used when none is given. subclone: "magnitude" started lower than "middle" on the default
+# parent (docs/BENCHMARKS.md); uniform: the first N blocks, as in weight selection.
+DEFAULT_DROP: dict[str, str] = {"subclone": "magnitude", "first-k": "middle", "uniform": "first",
+                                "random": "first"}
+FORMAT = "subclone-manifest/1"
+
+
+@dataclass
+class Child:
+    """A child model and the record of how it was made."""
+
+    model: nn.Module
+    shape: Shape
+    manifest: dict
+    selection: Selection | None = None
+    preprocessor: object | None = None
+    importance: Importance | None = field(default=None, repr=False)
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise SubcloneError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+
+
+def plan_shape(parent_model: nn.Module, **sizes: int | None) -> Shape:
+    """The validated child shape for the given sizes (a size not given keeps the parent's value)."""
+    parent = Shape.of(parent_model.config)
+    child = target_shape(parent, **sizes)
+    validate_target(parent, child, arch_for(parent_model.config.model_type))
+    return child
+
+
+def needs_calibration(strategy: str, drop: str | list[int] | None) -> bool:
+    """Whether this strategy with this block policy needs importance measured on data."""
+    check_strategy(strategy)
+    policy = DEFAULT_DROP[strategy] if drop is None else drop
+    return strategy == "subclone" or policy == "magnitude"
+
+
+def subclone_model(
+    parent_model: nn.Module,
+    target: Shape,
+    *,
+    strategy: str = "subclone",
+    importance: Importance | None = None,
+    drop: str | list[int] | None = None,
+    scale: bool | None = None,
+    untie_head: bool = False,
+    seed: int = 0,
+) -> Child:
+    """Build a child of shape `target` from a loaded parent model; the parent is never modified.
+
+    Args:
+        parent_model: a transformers model of a supported family.
+        target: the child's shape (validated here again).
+        strategy: one of STRATEGIES.
+        importance: calibration result; required by "subclone" and by drop="magnitude".
+        drop: block policy ("middle", "magnitude", "first") or a list of parent blocks to drop;
+            None uses the strategy's default.
+        scale: scale sliced linear weights by sqrt(fan-in ratio); None uses the family's measured default.
+        untie_head: give a tied parent's child its own scaled head instead of sharing the embedding.
+        seed: seed of the random initialization (strategy "random").
+    """
+    check_strategy(strategy)
+    arch = arch_for(parent_model.config.model_type)
+    parent = Shape.of(parent_model.config)
+    validate_target(parent, target, arch)
+    scale = arch.scale_default if scale is None else scale
+    order = STRATEGIES[strategy]
+    if order is None:
+        sel, policy, blocks = None, None, list(range(target.layers))
+        model = _random_model(parent_model, arch, target, seed)
+    else:
+        policy = DEFAULT_DROP[strategy] if drop is None else drop
+        rel = importance.rel_magnitude if importance is not None else None
+        blocks = pick_blocks(parent.layers, target.layers, policy, rel)
+        sel = select(parent, target, importance, order, blocks)
+        cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
+        config = type(parent_model.config).from_dict(cfg)
+        sd = slice_state_dict(parent_model.state_dict(), arch, parent, sel, scale=scale, untie_head=untie_head)
+        model = build_model(type(parent_model), config, sd, buffers_from=parent_model)
+    settings = dict(strategy=strategy, order=order, drop=policy, scale=scale and order is not None,
+                    untie_head=untie_head, seed=seed)
+    manifest = build_manifest(parent, target, blocks, sel, importance, settings)
+    return Child(model=model, shape=target, manifest=manifest, selection=sel, importance=importance)
+
+
+def _random_model(parent_model: nn.Module, arch, target: Shape, seed: int) -> nn.Module:
+    """A freshly initialized model of the child's config, seeded without touching the global RNG."""
+    dummy = Selection(residual=[], blocks=list(range(target.layers)), heads=[], kv_heads=[], ffn=[])
+    cfg = child_config_dict(parent_model.config, arch, target, dummy, tie_head=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = type(parent_model)(type(parent_model.config).from_dict(cfg))
+    dtype = next(parent_model.parameters()).dtype
+    return model.to(dtype).eval()
+
+
+def build_manifest(parent: Shape, child: Shape, blocks: list[int], sel: Selection | None,
+                   importance: Importance | None, settings: dict) -> dict:
+    """The subclone.json record: what was kept, how, and from which data."""
+    return {
+        "format": FORMAT,
+        "library_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "parent": {"shape": parent.as_dict()},
+        "child": {"shape": child.as_dict()},
+        **settings,
+        "kept_blocks": blocks,
+        "removed_blocks": [] if sel is None else sel.removed_blocks(parent.layers),
+        "selection": sel.to_json() if sel else None,
+        "calibration": ({"data": importance.data, "tokens": importance.tokens} if importance else None),
+    }

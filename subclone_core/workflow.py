@@ -1,0 +1,64 @@
+"""The steps users run, end to end: measure importance on a parent, make a child, save it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from subclone_core.calibration import Importance, Progress, calibrate
+from subclone_core.model_card import model_card
+from subclone_core.saving import save_model_folder
+from subclone_core.shape import Shape
+from subclone_core.sources import make_data
+from subclone_core.sources.parents import Parent
+from subclone_core.strategies import Child, needs_calibration, subclone_model
+
+CALIB_SEQ_LEN = 128
+CALIB_BATCH = 8
+
+
+def measure_importance(parent: Parent, data_id: str = "default", *, tokens: int = 4096,
+                       batch_size: int = CALIB_BATCH, progress: Progress | None = None) -> Importance:
+    """Calibrate the parent on the training split of a data set, up to a token budget."""
+    data = make_data(parent, data_id, "train", seq_len=CALIB_SEQ_LEN, max_tokens=tokens,
+                     max_images=max(1, tokens // 16))
+    return calibrate(parent.model, data.batches(batch_size), max_tokens=tokens, progress=progress,
+                     data=data_id)
+
+
+def make_child(
+    parent: Parent,
+    target: Shape,
+    *,
+    strategy: str = "subclone",
+    drop: str | list[int] | None = None,
+    scale: bool | None = None,
+    untie_head: bool = False,
+    importance: Importance | None = None,
+    data_id: str = "default",
+    calib_tokens: int = 4096,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Child:
+    """Make a child of a loaded parent, calibrating first when the strategy needs importance.
+
+    Args:
+        parent: from sources.parents.load_parent; never modified.
+        target: the child's shape (see strategies.plan_shape).
+        strategy, drop, scale, untie_head, seed: as in strategies.subclone_model.
+        importance: reuse an earlier calibration instead of measuring again.
+        data_id, calib_tokens, progress: the calibration data, budget and progress callback.
+    """
+    if importance is None and needs_calibration(strategy, drop):
+        importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress)
+    child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,
+                           scale=scale, untie_head=untie_head, seed=seed)
+    child.manifest["parent"].update(id=parent.id, label=parent.label, model_type=parent.model.config.model_type,
+                                    weights_sha256=parent.weights_sha256())
+    child.preprocessor = parent.preprocessor
+    return child
+
+
+def save_child(child: Child, out_dir: str | Path, *, task: str, overwrite: bool = False) -> Path:
+    """Save a child as a plain Hugging Face folder with its tokenizer or image processor, card and manifest."""
+    return save_model_folder(child.model, out_dir, preprocessor=child.preprocessor, manifest=child.manifest,
+                             model_card=model_card(child.manifest, task), overwrite=overwrite)

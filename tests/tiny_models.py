@@ -1,0 +1,73 @@
+"""Tiny random models of every supported family, for fast CPU tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, ViTConfig,
+                          ViTForImageClassification)
+
+VOCAB = 61
+
+
+def llama(tied: bool = True, heads: int = 8, kv_heads: int = 2, layers: int = 4) -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=heads * 8, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        intermediate_size=48, vocab_size=VOCAB, head_dim=8, tie_word_embeddings=tied,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def mistral() -> MistralForCausalLM:
+    return MistralForCausalLM(MistralConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+        vocab_size=VOCAB, head_dim=8, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def qwen2() -> Qwen2ForCausalLM:
+    return Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, intermediate_size=40,
+        vocab_size=VOCAB, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def gpt2() -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(
+        n_embd=32, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=1, eos_token_id=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def vit() -> ViTForImageClassification:
+    return ViTForImageClassification(ViTConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, image_size=8,
+        patch_size=4, num_channels=1, num_labels=5))
+
+
+FAMILIES = {"llama": llama, "llama-untied": lambda: llama(tied=False), "mistral": mistral, "qwen2": qwen2,
+            "gpt2": gpt2, "vit": vit}
+
+
+def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """A tiny model in eval mode, with non-trivial norms and biases so slicing mistakes show."""
+    torch.manual_seed(seed)
+    model = FAMILIES[name]()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:  # norms start at 1 and biases at 0: perturb so their slicing is tested
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def inputs(model, batch: int = 3, seq: int = 7, seed: int = 1, pad: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs: token ids with `pad` left-padded positions in the first row, or images."""
+    gen = torch.Generator().manual_seed(seed)
+    if model.config.model_type == "vit":
+        size = model.config.image_size
+        return {"pixel_values": torch.randn(batch, 1, size, size, generator=gen, dtype=model.dtype)}
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def output(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
