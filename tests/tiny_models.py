@@ -71,3 +71,26 @@ def inputs(model, batch: int = 3, seq: int = 7, seed: int = 1, pad: int = 0) -> 
 def output(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits
+
+
+def tokenizer():
+    """A word-level fast tokenizer over VOCAB ids (<pad>, <s>, </s>, then w3..), enough to save and reload."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_parent_folder(name: str, path, dtype: torch.dtype = torch.float32):
+    """Save a tiny model of a family (with a tokenizer for language models) as a local parent folder."""
+    model = make(name, dtype=dtype)
+    model.save_pretrained(path)
+    if model.config.model_type != "vit":
+        tokenizer().save_pretrained(path)
+    else:
+        from transformers import ViTImageProcessor
+        ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5]).save_pretrained(path)
+    return model

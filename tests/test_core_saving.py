@@ -1,0 +1,91 @@
+"""A child folder is a plain Hugging Face model: reload with transformers alone, manifest round-trips."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from subclone_core.calibration import calibrate
+from subclone_core.errors import SubcloneError
+from subclone_core.model_card import model_card
+from subclone_core.saving import load_manifest, save_model_folder
+from subclone_core.selection import Selection
+from subclone_core.strategies import plan_shape, subclone_model
+from tests import tiny_models as tm
+
+AUTO = {"vit": "AutoModelForImageClassification"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "vit"])
+def test_saved_child_reloads_with_transformers_alone(family, tmp_path):
+    parent = tm.make(family, dtype=torch.float32)
+    imp = calibrate(parent, [tm.inputs(parent)])
+    child = subclone_model(parent, plan_shape(parent, layers=2), importance=imp)
+    out = save_model_folder(child.model, tmp_path / "child", preprocessor=None, manifest=child.manifest,
+                            model_card=model_card(child.manifest, "causal-lm"))
+    files = {"README.md", "config.json", "model.safetensors", "subclone.json"}
+    if family != "vit":
+        files.add("generation_config.json")
+    assert {p.name for p in out.iterdir()} == files
+    batch = tm.inputs(parent)
+    expected = tm.output(child.model, batch)
+    # a fresh interpreter that imports transformers but not this project
+    auto = AUTO.get(family, "AutoModelForCausalLM")
+    code = (f"import sys, torch, transformers; assert 'subclone_core' not in sys.modules\n"
+            f"m = transformers.{auto}.from_pretrained(sys.argv[1]).eval()\n"
+            f"b = torch.load(sys.argv[2])\n"
+            f"torch.save(m(**b).logits.detach(), sys.argv[3])")
+    torch.save(batch, tmp_path / "batch.pt")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "batch.pt"), str(tmp_path / "y.pt")],
+                   check=True, cwd=tmp_path, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
+
+
+def test_manifest_round_trips(tmp_path):
+    parent = tm.make("llama", dtype=torch.float32)
+    child = subclone_model(parent, plan_shape(parent, heads=4, kv_heads=1, ffn=24, layers=3),
+                           importance=calibrate(parent, [tm.inputs(parent)]))
+    save_model_folder(child.model, tmp_path / "c", manifest=child.manifest)
+    manifest = load_manifest(tmp_path / "c")
+    assert manifest == json.loads(json.dumps(child.manifest))
+    assert Selection.from_json(manifest["selection"]) == child.selection
+    assert manifest["removed_blocks"] == child.selection.removed_blocks(4) and len(manifest["removed_blocks"]) == 1
+    assert manifest["child"]["shape"] == {"layers": 3, "hidden": 32, "heads": 4, "kv_heads": 1, "ffn": 24,
+                                          "head_dim": 8}
+    assert manifest["calibration"]["tokens"] == 21 and manifest["strategy"] == "subclone"
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_failed_save_leaves_nothing_and_keeps_an_existing_folder(tmp_path):
+    parent = tm.make("gpt2", dtype=torch.float32)
+
+    class FailingPreprocessor:
+        def save_pretrained(self, path):
+            raise Boom("disk full")
+
+    with pytest.raises(Boom):
+        save_model_folder(parent, tmp_path / "new", preprocessor=FailingPreprocessor())
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    save_model_folder(parent, old, manifest={"n": 1})
+    with pytest.raises(Boom):
+        save_model_folder(parent, old, preprocessor=FailingPreprocessor(), overwrite=True)
+    assert load_manifest(old) == {"n": 1} and [p.name for p in tmp_path.iterdir()] == ["old"]
+
+
+def test_non_empty_output_is_refused_unless_overwrite(tmp_path):
+    parent = tm.make("gpt2", dtype=torch.float32)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    with pytest.raises(SubcloneError, match="exists and is not empty; choose a new folder or pass --overwrite"):
+        save_model_folder(parent, tmp_path / "out")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
+    save_model_folder(parent, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "notes.txt").exists() and (tmp_path / "out" / "config.json").exists()
