@@ -29,10 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_transformers(verbose: bool) -> None:
+    """Keep stderr for our own messages: transformers' loading bars and notices only with --verbose."""
+    from transformers.utils import logging as hf_logging
+
+    if not verbose:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input exits non-zero with a one-line error on stderr."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    quiet_transformers(args.verbose)
     try:
         return int(args.func(args) or 0)
     except SubcloneError as err:

@@ -8,7 +8,7 @@ from subclone_core.calibration import Importance, Progress, calibrate
 from subclone_core.model_card import model_card
 from subclone_core.saving import save_model_folder
 from subclone_core.shape import Shape
-from subclone_core.sources import make_data
+from subclone_core.sources import default_data_id, make_data
 from subclone_core.sources.parents import Parent
 from subclone_core.strategies import Child, needs_calibration, subclone_model
 
@@ -16,11 +16,14 @@ CALIB_SEQ_LEN = 128
 CALIB_BATCH = 8
 
 
-def measure_importance(parent: Parent, data_id: str = "default", *, tokens: int = 4096,
+def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = 4096,
                        batch_size: int = CALIB_BATCH, progress: Progress | None = None) -> Importance:
-    """Calibrate the parent on the training split of a data set, up to a token budget."""
+    """Calibrate the parent on the training split of a data set (None: the task's default), up to a
+    budget of token positions (for a ViT, each patch and cls token of each image counts)."""
+    data_id = data_id or default_data_id(parent.task)
+    # an image yields at least one patch plus the cls token: never more images than tokens / 2
     data = make_data(parent, data_id, "train", seq_len=CALIB_SEQ_LEN, max_tokens=tokens,
-                     max_images=max(1, tokens // 16))
+                     max_images=max(1, tokens // 2))
     return calibrate(parent.model, data.batches(batch_size), max_tokens=tokens, progress=progress,
                      data=data_id)
 
@@ -34,7 +37,7 @@ def make_child(
     scale: bool | None = None,
     untie_head: bool = False,
     importance: Importance | None = None,
-    data_id: str = "default",
+    data_id: str | None = None,
     calib_tokens: int = 4096,
     seed: int = 0,
     progress: Progress | None = None,

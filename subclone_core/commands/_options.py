@@ -24,9 +24,9 @@ def add_parent_args(parser: argparse.ArgumentParser, *, required: bool = True) -
 
 def add_data_args(parser: argparse.ArgumentParser, *, tokens_flag: str = "--calib-tokens",
                   tokens_default: int = 4096) -> None:
-    parser.add_argument("--data", default="default",
+    parser.add_argument("--data", default=None,
                         help="'default' (Wikipedia text), a .txt/.md/.jsonl file or folder; for images "
-                             "'fashion-mnist', 'digits' or a folder of class folders")
+                             "'fashion-mnist' (the default), 'digits' or a folder of class folders")
     parser.add_argument(tokens_flag, type=int, default=tokens_default, dest="tokens",
                         help=f"token positions to measure (default {tokens_default})")
 

@@ -1,0 +1,108 @@
+"""Core costs on the embedded default parent: calibration overhead, slicing + saving time, peak memory.
+
+Targets: calibration at most 1.2x a plain forward pass over the same tokens; slicing and saving a child
+under 2 s once the parent is loaded; peak memory while subcloning under 2x the parent's float32 size.
+Run: .venv/bin/python bench/bench_core.py [--tokens 4096] (writes a section of docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._report import machine, table, write_section  # noqa: E402
+from subclone_core.calibration import calibrate  # noqa: E402
+from subclone_core.sources import make_data  # noqa: E402
+from subclone_core.sources.parents import load_parent  # noqa: E402
+from subclone_core.strategies import plan_shape, subclone_model  # noqa: E402
+from subclone_core.workflow import save_child  # noqa: E402
+
+SHAPES = {"paper-like": dict(layers=20, hidden=384, ffn=1024), "aggressive": dict(layers=6, hidden=192, ffn=512)}
+
+
+def rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+
+
+@torch.no_grad()
+def plain_forward(model, batches) -> None:
+    for b in batches:
+        model(**b, use_cache=False)
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    args = parser.parse_args()
+    before_load = rss_mb("VmRSS")
+    start = time.perf_counter()
+    parent = load_parent("default")
+    load_s = time.perf_counter() - start
+    param_mb = sum(p.numel() * p.element_size() for p in parent.model.parameters()) / 2**20
+    batches = list(make_data(parent, "default", "train", seq_len=128, max_tokens=args.tokens).batches(8))
+    plain_forward(parent.model, batches[:1])  # warm-up
+    forward_s = best_of(lambda: plain_forward(parent.model, batches))
+    calib_s = best_of(lambda: calibrate(parent.model, batches))
+    importance = calibrate(parent.model, batches)
+    after_load = rss_mb("VmRSS")
+    rows = []
+    for name, sizes in SHAPES.items():
+        reset_peak()
+        start = time.perf_counter()
+        child = subclone_model(parent.model, plan_shape(parent.model, **sizes), importance=importance)
+        slice_s = time.perf_counter() - start
+        child.preprocessor = parent.preprocessor
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            save_child(child, Path(tmp) / "child", task=parent.task)
+            save_s = time.perf_counter() - start
+        peak = rss_mb("VmHWM")
+        rows.append([name, f"{slice_s:.2f}", f"{save_s:.2f}", f"{slice_s + save_s:.2f}",
+                     f"{peak - before_load:.0f}", f"{(peak - before_load) / param_mb:.2f}x"])
+        del child
+    report = f"""## Core: calibration, slicing, saving (`bench/bench_core.py`)
+
+Machine: {machine()}. Parent: SmolLM2-135M-Instruct, float32, {param_mb:.0f} MB of parameters;
+loaded from the cache in {load_s:.2f} s. Calibration data: {sum(b['input_ids'].numel() for b in batches)} tokens
+of the default text in batches of 8 x 128. Times are the best of 3.
+
+{table(["step", "seconds", "target"], [
+    ["plain forward pass over the tokens", f"{forward_s:.2f}", ""],
+    ["calibration (same tokens, with hooks)", f"{calib_s:.2f}", f"{calib_s / forward_s:.2f}x forward (target <= 1.2x)"],
+])}
+
+{table(["child", "slice s", "save s", "slice + save s (target < 2)", "peak MB above start", "peak / parent size (target < 2x)"], rows)}
+
+Resident memory after loading the parent and calibrating: {after_load - before_load:.0f} MB above the interpreter
+with torch imported. The peak column counts everything the process holds above that start (the parent
+included) while slicing and saving one child.
+"""
+    print(report)
+    write_section("core", report)
+
+
+if __name__ == "__main__":
+    main()

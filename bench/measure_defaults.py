@@ -1,0 +1,72 @@
+"""Step-0 validation loss of children of the default parent under each slicing option.
+
+Chooses the defaults by measurement: weight scaling on or off, a tied unscaled head or an untied scaled
+one, and the block-removal policy, at two reduction ratios, against first-k, uniform and random init.
+Run: .venv/bin/python bench/measure_defaults.py (writes a section of docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._report import machine, table, write_section  # noqa: E402
+from subclone_core.evaluate import evaluate  # noqa: E402
+from subclone_core.sources import make_data  # noqa: E402
+from subclone_core.sources.parents import load_parent  # noqa: E402
+from subclone_core.strategies import plan_shape, subclone_model  # noqa: E402
+from subclone_core.workflow import measure_importance  # noqa: E402
+
+SHAPES = {
+    "paper-like 20 x 384 (6 heads / 2 KV, FFN 1024)": dict(layers=20, hidden=384, ffn=1024),
+    "aggressive 6 x 192 (3 heads / 1 KV, FFN 512)": dict(layers=6, hidden=192, ffn=512),
+}
+VARIANTS = {
+    "subclone, no scaling, tied head, drop magnitude": dict(strategy="subclone", scale=False, drop="magnitude"),
+    "subclone, no scaling, tied head, drop middle": dict(strategy="subclone", scale=False, drop="middle"),
+    "subclone, scaling, tied unscaled head": dict(strategy="subclone", scale=True, drop="magnitude"),
+    "subclone, scaling, untied scaled head": dict(strategy="subclone", scale=True, drop="magnitude",
+                                                  untie_head=True),
+    "first-k (no reordering), no scaling, drop middle": dict(strategy="first-k", scale=False, drop="middle"),
+    "uniform (weight selection), first N blocks": dict(strategy="uniform", scale=False),
+    "random init": dict(strategy="random"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib-tokens", type=int, default=4096)
+    parser.add_argument("--val-tokens", type=int, default=8192)
+    args = parser.parse_args()
+    parent = load_parent("default")
+    importance = measure_importance(parent, "default", tokens=args.calib_tokens)
+    val = make_data(parent, "default", "validation", seq_len=128, max_tokens=args.val_tokens)
+    start = time.perf_counter()
+    parent_loss = evaluate(parent.model, val.batches(8))["loss"]
+    rows = []
+    for shape_name, sizes in SHAPES.items():
+        target = plan_shape(parent.model, **sizes)
+        for name, options in VARIANTS.items():
+            child = subclone_model(parent.model, target, importance=importance, **options)
+            loss = evaluate(child.model, val.batches(8))["loss"]
+            rows.append([shape_name, name, f"{loss:.2f}", f"{math.exp(min(loss, 50)):.0f}"])
+            print(rows[-1], flush=True)
+    report = f"""## Slicing options at step 0 (`bench/measure_defaults.py`)
+
+Machine: {machine()}. Parent: SmolLM2-135M-Instruct (validation loss {parent_loss:.2f}). Calibration:
+{importance.tokens} tokens of the default text (train split); validation: {val.num_tokens} tokens (validation
+split). Lower is better; a uniform guess over the 49,152-word vocabulary scores {math.log(49152):.2f}.
+Evaluated in {time.perf_counter() - start:.0f} s.
+
+{table(["child shape", "initialization", "step-0 validation loss", "perplexity"], rows)}
+"""
+    print(report)
+    write_section("defaults", report)
+
+
+if __name__ == "__main__":
+    main()
