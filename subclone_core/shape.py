@@ -102,6 +102,8 @@ def _validate_heads(parent: Shape, child: Shape, arch: ArchSpec) -> None:
             f"nearest valid: hidden={child.heads * child.head_dim}, or heads={best} with "
             f"hidden={best * child.head_dim}"
         )
+    if "kv_heads" not in arch.config_keys and child.kv_heads != child.heads:
+        raise SubcloneError(f"kv_heads={child.kv_heads} must equal heads={child.heads} for {arch.name}")
     if not ties_hidden and child.hidden % child.heads:
         divisors = [h for h in range(1, parent.heads + 1) if child.hidden % h == 0]
         nearest = min(divisors, key=lambda h: abs(h - child.heads))
@@ -120,5 +122,3 @@ def _validate_heads(parent: Shape, child: Shape, arch: ArchSpec) -> None:
             f"each KV head, more than the parent's {parent.queries_per_kv}; use kv_heads>={need} "
             f"or heads<={child.kv_heads * parent.queries_per_kv}"
         )
-    if "kv_heads" not in arch.config_keys and child.kv_heads != child.heads:
-        raise SubcloneError(f"kv_heads={child.kv_heads} must equal heads={child.heads} for {arch.name}")
