@@ -36,15 +36,17 @@ class PatternData:
             self.mask[:, -pad:] = 0  # right padding: no attention, no loss
         self.log: list[list[list[int]]] = []
 
-    def batches(self, batch_size, *, shuffle=False, seed=0, epochs=1):
+    def batches(self, batch_size, *, shuffle=False, seed=0, epochs=1, drop_last=False):
+        # Always drops a short last batch (the engine asks for drop_last=True when training).
         seen: list[list[int]] = []
         self.log.append(seen)
         return self._generate(batch_size, shuffle, seed, epochs, seen)
 
     def _generate(self, batch_size, shuffle, seed, epochs, seen):
-        epoch = 0
+        epoch, n = 0, self.ids.shape[0]
+        if n < batch_size:
+            return  # no full batch: nothing, rather than an endless loop (as TokenData does)
         while epochs is None or epoch < epochs:
-            n = self.ids.shape[0]
             gen = torch.Generator().manual_seed(seed * 1000 + epoch)
             order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
             for start in range(0, n - batch_size + 1, batch_size):
@@ -65,11 +67,11 @@ class QuadrantImages(PatternData):
         for i, label in enumerate(self.labels.tolist()):
             r, c = divmod(label, 2)
             self.pixels[i, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 1.0
-        self.ids = self.labels  # row count for _generate
+        self.ids = self.mask = self.labels  # _generate indexes these; _batch replaces the batch
         self.log = []
 
     def _generate(self, batch_size, shuffle, seed, epochs, seen):
-        for batch in super()._generate(batch_size, shuffle, seed, epochs, seen):
+        for _ in super()._generate(batch_size, shuffle, seed, epochs, seen):
             rows = torch.tensor(seen[-1])
             yield {"pixel_values": self.pixels[rows], "labels": self.labels[rows]}
 

@@ -14,8 +14,16 @@ from transformers import AutoModelForCausalLM
 
 from subclone_core.errors import SubcloneError
 from subclone_core.metrics_log import read_metrics
-from subclone_core.training import (Candidate, TrainConfig, default_hparams, distillation_loss, kl_to_teacher,
-                                    lr_factor, make_scheduler, train_candidates)
+from subclone_core.training import (
+    Candidate,
+    TrainConfig,
+    default_hparams,
+    distillation_loss,
+    kl_to_teacher,
+    lr_factor,
+    make_scheduler,
+    train_candidates,
+)
 from subclone_core.training.distill import distill_mask
 
 
@@ -28,7 +36,7 @@ def record_training_inputs(model) -> list[list[list[int]]]:
 
 
 def config(**overrides) -> TrainConfig:
-    base = dict(steps=30, batch_size=8, eval_every=10, eval_batches=2, warmup=0.1, seed=5)
+    base = {"steps": 30, "batch_size": 8, "eval_every": 10, "eval_batches": 2, "warmup": 0.1, "seed": 5}
     return TrainConfig(**{**base, **overrides})
 
 
@@ -36,7 +44,8 @@ def config(**overrides) -> TrainConfig:
 def pair_run(tmp_path_factory):
     """Two differently initialized candidates trained side by side, with a metrics file and callbacks."""
     tmp = tmp_path_factory.mktemp("pair")
-    models = {"subclone": tiny_llama(1), "random": tiny_llama(2)}
+    # Children usually arrive in eval mode: the engine must switch them to training mode.
+    models = {"subclone": tiny_llama(1).eval(), "random": tiny_llama(2).eval()}
     seen = {name: record_training_inputs(m) for name, m in models.items()}
     events: list[dict] = []
     data = PatternData(seed=0, pad=3)
@@ -228,14 +237,29 @@ def test_gradient_accumulation_counts_every_micro_batch():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(steps=0), "steps"),
-    (dict(warmup=50), "warmup"),
-    (dict(device="tpu"), "device"),
-    (dict(mixed_precision="fp8"), "mixed_precision"),
+    ({"steps": 0}, "steps"),
+    ({"warmup": 50}, "warmup"),
+    ({"device": "tpu"}, "device"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
 ])
 def test_bad_settings_are_user_errors(bad, match):
     with pytest.raises(SubcloneError, match=match):
         train_candidates([Candidate("random", tiny_llama(1))], PatternData(), PatternData(), config(**bad))
+
+
+def test_an_occupied_save_folder_fails_before_training(tmp_path):
+    (tmp_path / "random").mkdir()
+    (tmp_path / "random" / "keep.txt").write_text("user data")
+    events: list[dict] = []
+    with pytest.raises(SubcloneError, match="not empty"):
+        train_candidates([Candidate("random", tiny_llama(1))], PatternData(), PatternData(), config(),
+                         save_dir=tmp_path, callbacks=[events.append])
+    assert events == []
+
+
+def test_too_little_training_data_is_a_user_error():
+    with pytest.raises(SubcloneError, match="at least batch_size"):
+        train_candidates([Candidate("random", tiny_llama(1))], PatternData(rows=4), PatternData(), config())
 
 
 def test_bad_candidates_are_user_errors():

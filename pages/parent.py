@@ -1,0 +1,138 @@
+"""Page 1, Parent: choose the parent model and the data; see its shape, its validation score, and a
+short generation."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from subclone_core.app import ui
+from subclone_core.app.analysis import generate_text
+from subclone_core.app.steps import evaluate_parent, store_upload
+from subclone_core.commands.info import describe
+from subclone_core.errors import SubcloneError
+from subclone_core.sources import Parent, default_data_id
+
+SOURCES = {
+    "default": "Embedded default (SmolLM2-135M-Instruct)",
+    "default-vit": "Self-pretrained ViT (Fashion-MNIST; minutes to build on first use)",
+    "local": "Local folder or .gguf file",
+    "hub": "Hugging Face Hub id",
+}
+DATA = {
+    "causal-lm": {"default": "Embedded Wikipedia text", "upload": "Upload a text file",
+                  "local": "Local text file or folder"},
+    "image-classification": {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits (8x8)",
+                             "local": "Local folder of class subfolders"},
+}
+
+ws = ui.workspace()
+st.title("1. Parent")
+st.write("The parent is the pretrained model whose weights the child inherits.")
+
+
+def choose_parent() -> None:
+    """The parent picker; loading it replaces the session's parent and everything derived from it."""
+    source = st.radio("Parent", list(SOURCES), format_func=SOURCES.get, horizontal=True,
+                      key=ui.keep("parent_source", "default"))
+    parent_id = source
+    if source == "local":
+        parent_id = st.text_input("Model folder (config.json + model.safetensors) or .gguf file",
+                                  key=ui.keep("parent_path", ""), placeholder="/path/to/model").strip()
+    elif source == "hub":
+        parent_id = st.text_input("Hub id (needs internet)", key=ui.keep("parent_hub", ""),
+                                  placeholder="HuggingFaceTB/SmolLM2-135M").strip()
+    if st.button("Load parent", type="primary", key="load_parent"):
+        with ui.errors_shown(f"loading the parent {parent_id!r}"), st.spinner(
+                f"Loading {parent_id or 'the parent'} (a first use converts or builds it once)..."):
+            if not parent_id:
+                raise SubcloneError("type a folder path or a Hub id first")
+            parent = ui.get_parent(parent_id)
+            ws.choose(parent_id, None, DATA[parent.task][default_data_id(parent.task)])
+
+
+def show_architecture(info: dict) -> None:
+    """The parent's shape and size as metrics."""
+    st.subheader(info["label"])
+    shape = [("Blocks", info["blocks"]), ("Hidden", info["hidden"]), ("Heads", info["heads"]),
+             ("KV heads", info["kv_heads"]), ("FFN", info["ffn"]),
+             ("Vocabulary", info["vocab"]) if "vocab" in info else ("Classes", info["num_labels"])]
+    size = [("Parameters", f"{info['parameters'] / 1e6:,.2f} M"),
+            ("Memory (fp32)", f"{info['float32_mb']:,.1f} MB"), ("Head dim", info["head_dim"])]
+    for row in (shape, size):
+        for column, (label, value) in zip(st.columns(len(shape)), row):
+            column.metric(label, f"{value:,}" if isinstance(value, int) else value)
+    st.caption(f"Family {info['family']} (`{info['model_type']}`), task {info['task']}, "
+               f"from `{info['source']}`")
+
+
+def choose_data(task: str) -> None:
+    """The data picker, text or images as the parent's task needs; a new choice resets later results."""
+    options = DATA[task]
+    kind = st.radio("Data", list(options), format_func=options.get, horizontal=True,
+                    key=ui.keep(f"data_kind_{task}", default_data_id(task)))
+    if kind == "upload":
+        upload = st.file_uploader(f"Text file, at most {ui.settings().max_upload_mb} MB (.txt or .md: "
+                                  "paragraphs separated by blank lines; .jsonl: a \"text\" field per line)",
+                                  type=["txt", "md", "jsonl"], key="data_upload")
+        if upload is not None and st.button("Use this file", key="use_upload"):
+            with ui.errors_shown(f"reading the upload {upload.name!r}"):
+                path = store_upload(ui.settings(), ws.key, upload.name, upload.getvalue())
+                ws.choose(ws.parent_id, str(path), f"upload {upload.name}")
+    elif kind == "local":
+        path = st.text_input("Path", key=ui.keep(f"data_path_{task}", "")).strip()
+        if st.button("Use this path", key="use_path"):
+            with ui.errors_shown(f"checking the data path {path!r}"):
+                if not path:
+                    raise SubcloneError("type a file or folder path first")
+                ws.choose(ws.parent_id, str(ui.settings().check_local_path(path, "data")), path)
+    else:
+        data_id = None if kind == default_data_id(task) else kind
+        if data_id != ws.data_id:
+            ws.choose(ws.parent_id, data_id, options[kind])
+    st.caption(f"Using: {ws.data_label}")
+
+
+def show_validation(parent: Parent) -> None:
+    """The parent's validation score on the chosen data (computed once per data choice and budget)."""
+    tokens = int(st.number_input("Validation tokens", 256, 262_144, step=256,
+                                 key=ui.keep("eval_tokens", 2048)))
+    if ws.parent_metrics is None or ws.parent_metrics.get("budget") != tokens:
+        with ui.errors_shown("evaluating the parent"), st.spinner("Evaluating the parent..."):
+            ws.parent_metrics = {**evaluate_parent(parent, ws.data_id, tokens), "budget": tokens}
+    metrics = ws.parent_metrics
+    if metrics is None:
+        return
+    left, middle, right = st.columns(3)
+    left.metric("Validation loss", f"{metrics['loss']:.3f}")
+    if "perplexity" in metrics:
+        middle.metric("Perplexity", f"{metrics['perplexity']:.2f}")
+        right.metric("Tokens scored", f"{metrics['tokens']:,}")
+    else:
+        middle.metric("Accuracy", f"{metrics['accuracy']:.1%}")
+        right.metric("Images scored", f"{metrics['images']:,}")
+
+
+def show_generation(parent: Parent) -> None:
+    """A short greedy continuation of a prompt the user can edit."""
+    prompt = st.text_input("Prompt", key=ui.keep("prompt", "The history of the city"))
+    new_tokens = st.slider("New tokens", 5, 100, key=ui.keep("new_tokens", 30))
+    if st.button("Generate", key="parent_generate"):
+        with ui.errors_shown("generating text"), st.spinner("Generating..."):
+            ws.generations[prompt] = generate_text(parent.model, parent.preprocessor, prompt, new_tokens)
+    if prompt in ws.generations:
+        st.markdown(f"> {ui.plain(prompt)} **{ui.plain(ws.generations[prompt])}**")
+
+
+choose_parent()
+if ws.parent_id is None:
+    st.info("Choose a parent and press **Load parent**.")
+else:
+    with ui.errors_shown("showing the parent"):
+        parent = ui.get_parent(ws.parent_id)
+        show_architecture(describe(parent))
+        st.subheader("Data")
+        choose_data(parent.task)
+        show_validation(parent)
+        if parent.task == "causal-lm":
+            st.subheader("Generation")
+            show_generation(parent)

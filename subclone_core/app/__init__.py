@@ -1,0 +1,4 @@
+"""The Streamlit app's non-page code: settings, background jobs, charts, analyses and session state.
+
+Only ``ui`` imports Streamlit; everything else is testable without it.
+"""

@@ -1,0 +1,189 @@
+"""Plotly figures of the app, as pure functions of library objects (testable without Streamlit)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+from subclone_core.calibration import Importance
+from subclone_core.metrics_log import curves
+
+KEPT, DROPPED, BASE = "#1f77b4", "#d62728", "#7f7f7f"
+COLORS = {"subclone": "#1f77b4", "random": "#d62728", "first-k": "#2ca02c", "uniform": "#9467bd",
+          "parent": "#7f7f7f"}
+RESIDUAL_KINDS = {"block": "residual_block", "attention": "residual_attn", "ffn": "residual_ffn"}
+_LAYOUT = {"margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "height": 380}
+
+
+def _log10(values: np.ndarray) -> np.ndarray:
+    return np.log10(np.clip(values, 1e-12, None))
+
+
+def _log_colorbar(z: np.ndarray, title: str) -> dict:
+    """A colour bar for log10 data, labelled with the real values (1e-2, 1e-1, ...)."""
+    lo, hi = int(np.floor(z.min())), int(np.ceil(z.max()))
+    ticks = list(range(lo, hi + 1)) or [lo]
+    return {"title": {"text": title}, "tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]}
+
+
+def _score_heatmap(scores: np.ndarray, index: np.ndarray, x_title: str, unit: str, title: str) -> go.Figure:
+    """Rows = blocks; columns in the given order; hover shows block, the original index and the score."""
+    z = _log10(scores)
+    custom = np.stack([index, scores], axis=-1)  # (L, N, 2): original index, raw score
+    fig = go.Figure(go.Heatmap(
+        z=z, customdata=custom, colorscale="Viridis", colorbar=_log_colorbar(z, "score (log)"),
+        hovertemplate=(f"block %{{y}}<br>{unit} %{{customdata[0]:.0f}}<br>"
+                       "score %{customdata[1]:.4g}<extra></extra>"),
+    ))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="block", **_LAYOUT)
+    return fig
+
+
+def residual_heatmap(importance: Importance, kind: str = "block", normalize: bool = False) -> go.Figure:
+    """Blocks x residual dimensions, columns sorted by the shared ranking (most important first).
+
+    Args:
+        importance: a calibration result.
+        kind: which per-block residual output to show: "block", "attention" or "ffn".
+        normalize: divide each block's scores by their mean, so that blocks of different scale compare.
+    """
+    scores = getattr(importance, RESIDUAL_KINDS[kind]).double().numpy()  # (L, D)
+    if normalize:
+        scores = scores / np.clip(scores.mean(axis=1, keepdims=True), 1e-12, None)
+    order = importance.residual.argsort(descending=True, stable=True).numpy()  # (D,)
+    index = np.broadcast_to(order, scores.shape)
+    scale = ", each block / its mean" if normalize else ""
+    return _score_heatmap(scores[:, order], index, "residual dimension, by shared rank", "neuron",
+                          f"Residual neurons ({kind} output{scale}) in shared-ranking order")
+
+
+def ffn_heatmap(importance: Importance) -> go.Figure:
+    """Blocks x FFN neurons, each block's neurons sorted by their own score."""
+    scores = importance.ffn.double().numpy()  # (L, F)
+    order = np.argsort(-scores, axis=1, kind="stable")  # (L, F) per-block ranking
+    ranked = np.take_along_axis(scores, order, axis=1)  # (L, F) each row descending
+    return _score_heatmap(ranked, order, "FFN neuron, by rank within block", "neuron",
+                          "FFN neurons, sorted within each block")
+
+
+def heads_heatmap(importance: Importance, kept: Sequence[Sequence[int]] | None = None,
+                  blocks: Sequence[int] | None = None) -> go.Figure:
+    """Blocks x attention heads; kept heads of a child (when given) are marked with a dot.
+
+    Args:
+        importance: a calibration result.
+        kept: per child block, the parent heads kept (Selection.heads).
+        blocks: the parent block of each child block (Selection.blocks).
+    """
+    scores = importance.heads.double().numpy()  # (L, H)
+    index = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    fig = _score_heatmap(scores, index, "head", "head", "Attention heads")
+    if kept and blocks:
+        xs = [h for heads in kept for h in heads]
+        ys = [b for b, heads in zip(blocks, kept) for _ in heads]
+        marker = {"color": "white", "size": 7, "line": {"color": "black", "width": 1}}
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="kept by the child", marker=marker))
+    return fig
+
+
+def score_curve(importance: Importance, width: int) -> go.Figure:
+    """The shared residual score, sorted, with the cut at the child's width: kept and dropped apart."""
+    scores = np.sort(importance.residual.double().numpy())[::-1]  # (D,) descending
+    ranks = np.arange(scores.size)
+    width = max(0, min(width, scores.size))
+    fig = go.Figure([
+        go.Scatter(x=ranks[:width], y=scores[:width], mode="lines", name=f"kept ({width})",
+                   line={"color": KEPT}),
+        go.Scatter(x=ranks[width:], y=scores[width:], mode="lines", name=f"dropped ({scores.size - width})",
+                   line={"color": DROPPED}),
+    ])
+    fig.add_vline(x=width - 0.5, line_dash="dash", line_color=BASE, annotation_text=f"cut at {width}")
+    fig.update_layout(title="Shared residual ranking", xaxis_title="rank", yaxis_title="score",
+                      yaxis_type="log", **_LAYOUT)
+    return fig
+
+
+def rank_correlation_heatmap(matrix: Tensor) -> go.Figure:
+    """Block x block Spearman correlation of the residual rankings."""
+    fig = go.Figure(go.Heatmap(
+        z=matrix.numpy(), zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
+        hovertemplate="block %{y} vs block %{x}<br>Spearman %{z:.3f}<extra></extra>",
+    ))
+    fig.update_layout(title="Rank correlation of residual scores between blocks", xaxis_title="block",
+                      yaxis_title="block", **_LAYOUT)
+    return fig
+
+
+def topk_overlap_bars(overlap: Tensor, k: int) -> go.Figure:
+    """Per block: the share of its top-k residual neurons that are in the shared top-k."""
+    values = overlap.numpy()
+    fig = go.Figure(go.Bar(x=list(range(values.size)), y=values, marker_color=KEPT,
+                           hovertemplate="block %{x}<br>overlap %{y:.2f}<extra></extra>"))
+    fig.update_layout(title=f"Top-{k} overlap of each block with the shared ranking", xaxis_title="block",
+                      yaxis_title="overlap", yaxis_range=[0, 1], **_LAYOUT)
+    return fig
+
+
+def block_bars(importance: Importance, removed: Sequence[int]) -> go.Figure:
+    """Relative magnitude ||f(x)||/||x+f(x)|| and 1 - cos per block; removed blocks in red."""
+    removed = set(removed)
+    n = importance.rel_magnitude.numel()
+    colors = [DROPPED if i in removed else KEPT for i in range(n)]
+    labels = ["removed" if i in removed else "kept" for i in range(n)]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("relative magnitude ||f(x)|| / ||x + f(x)||", "1 - cos(x, x + f(x))"))
+    for row, values in enumerate((importance.rel_magnitude, importance.one_minus_cos), start=1):
+        bars = go.Bar(x=list(range(n)), y=values.double().numpy(), marker_color=colors, customdata=labels,
+                      showlegend=False, hovertemplate="block %{x}: %{y:.4f} (%{customdata})<extra></extra>")
+        fig.add_trace(bars, row=row, col=1)
+    fig.update_xaxes(title_text="block", row=2, col=1)
+    fig.update_layout(title=f"Block statistics ({len(removed)} removed, in red)",
+                      **{**_LAYOUT, "height": 480})
+    return fig
+
+
+def ablation_bars(base: float, losses: Sequence[float], removed: Sequence[int]) -> go.Figure:
+    """The parent's validation loss with each single block removed, against the intact parent."""
+    removed = set(removed)
+    colors = [DROPPED if i in removed else KEPT for i in range(len(losses))]
+    hover = "without block %{x}: loss %{y:.3f}<extra></extra>"
+    fig = go.Figure(go.Bar(x=list(range(len(losses))), y=list(losses), marker_color=colors,
+                           name="block removed", hovertemplate=hover))
+    fig.add_hline(y=base, line_dash="dash", line_color=BASE, annotation_text=f"intact parent {base:.3f}",
+                  annotation_position="top left")
+    fig.update_layout(title="Parent loss with one block removed", xaxis_title="removed block",
+                      yaxis_title="validation loss", **_LAYOUT)
+    return fig
+
+
+def comparison_bars(metrics: dict[str, dict]) -> go.Figure:
+    """Step-0 validation loss of each model (parent, subcloned child, random child) side by side."""
+    names = list(metrics)
+    fig = go.Figure(go.Bar(x=names, y=[metrics[n]["loss"] for n in names],
+                           marker_color=[COLORS.get(n, KEPT) for n in names],
+                           hovertemplate="%{x}: loss %{y:.3f}<extra></extra>"))
+    fig.update_layout(title="Validation loss before any training", yaxis_title="validation loss", **_LAYOUT)
+    return fig
+
+
+def loss_chart(events: list[dict], metric: str = "loss") -> go.Figure:
+    """Training loss (thin lines) and validation loss (markers) of every candidate, from run events."""
+    fig = go.Figure()
+    train, val = curves(events, kind="step", key="loss"), curves(events, kind="eval", key=metric)
+    for name in dict.fromkeys([*val, *train]):
+        color = COLORS.get(name)
+        if name in train:
+            steps, values = zip(*train[name])
+            fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=f"{name} train", legendgroup=name,
+                                     line={"color": color, "width": 1}, opacity=0.6))
+        if name in val:
+            steps, values = zip(*val[name])
+            fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=f"{name} validation",
+                                     legendgroup=name, line={"color": color, "width": 3}))
+    fig.update_layout(title="Training and validation loss", xaxis_title="step", yaxis_title=metric,
+                      legend={"orientation": "h", "y": -0.2}, **{**_LAYOUT, "height": 440})
+    return fig

@@ -1,0 +1,206 @@
+"""Background jobs for the app: a job object that runs work in a thread, and a server-wide limiter.
+
+A job never calls Streamlit: it keeps its own thread-safe list of events, a cancel flag, a status and
+a result, and the page polls it (``@st.fragment(run_every=...)``). Each browser session keeps its own
+job in its session state, so sessions never see or stop each other's runs. The limiter is shared by
+the whole server: at most ``max_running`` jobs run at once, the others wait in a FIFO queue whose
+positions the pages show, and beyond ``max_queued`` waiting jobs a request is refused with a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from subclone_core.errors import SubcloneError
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[dict[str, Any]], None]
+Work = Callable[[Emit, threading.Event], Any]
+FINISHED = ("done", "cancelled", "failed")
+
+
+class ServerBusy(SubcloneError):
+    """Too many jobs are waiting; the message says how many and what to do."""
+
+
+class JobLimiter:
+    """At most ``max_running`` jobs run at once; the rest wait first-in first-out.
+
+    Thread-safe. Jobs call ``wait_turn`` from their own thread and ``release`` when finished.
+    """
+
+    def __init__(self, max_running: int = 1, max_queued: int = 4) -> None:
+        if max_running < 1 or max_queued < 0:
+            raise SubcloneError(f"max_running={max_running} must be >= 1 and max_queued={max_queued} >= 0")
+        self.max_running, self.max_queued = max_running, max_queued
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._running: set[str] = set()
+
+    def submit(self, job_id: str) -> None:
+        """Put a job at the end of the queue.
+
+        Raises:
+            ServerBusy: the queue is full.
+        """
+        with self._cond:
+            if len(self._queue) >= self.max_queued and len(self._running) >= self.max_running:
+                raise ServerBusy(
+                    f"the server is busy: {len(self._running)} training job(s) running and "
+                    f"{len(self._queue)} waiting (at most {self.max_queued}); try again when one has finished"
+                )
+            self._queue.append(job_id)
+            self._cond.notify_all()
+
+    def wait_turn(self, job_id: str, cancel: threading.Event, poll: float = 0.1) -> bool:
+        """Block until the job is first in line and a slot is free; False if cancelled while waiting."""
+        with self._cond:
+            while not (self._queue and self._queue[0] == job_id and len(self._running) < self.max_running):
+                if cancel.is_set() or job_id not in self._queue:
+                    self._discard(job_id)
+                    return False
+                self._cond.wait(poll)
+            self._queue.popleft()
+            self._running.add(job_id)
+            self._cond.notify_all()
+            return True
+
+    def release(self, job_id: str) -> None:
+        """Free the job's slot (or its place in the queue); safe to call twice."""
+        with self._cond:
+            self._running.discard(job_id)
+            self._discard(job_id)
+            self._cond.notify_all()
+
+    def position(self, job_id: str) -> int | None:
+        """1-based place in the waiting queue, or None when the job is not waiting."""
+        with self._cond:
+            return self._queue.index(job_id) + 1 if job_id in self._queue else None
+
+    def snapshot(self) -> dict[str, int]:
+        """Running and waiting counts, and the bounds, for display."""
+        with self._cond:
+            return {"running": len(self._running), "queued": len(self._queue),
+                    "max_running": self.max_running, "max_queued": self.max_queued}
+
+    def _discard(self, job_id: str) -> None:
+        if job_id in self._queue:
+            self._queue.remove(job_id)
+
+
+class BackgroundJob:
+    """Run ``work(emit, cancel)`` in a daemon thread once the limiter gives it a slot.
+
+    Attributes:
+        id: a unique id (also the limiter key).
+        name: a label for display.
+        status: "new", "queued", "running", then "done", "cancelled" or "failed".
+        result: what ``work`` returned (after "done" or "cancelled").
+        error: a message saying what went wrong and what to do (after "failed").
+    """
+
+    def __init__(self, work: Work, *, name: str = "job", limiter: JobLimiter | None = None) -> None:
+        self.id = uuid.uuid4().hex
+        self.name, self.work = name, work
+        self.limiter = limiter or JobLimiter(max_running=1, max_queued=0)
+        self.cancel_event = threading.Event()
+        self.status = "new"
+        self.result: Any = None
+        self.error: str | None = None
+        self.created, self.started, self.finished = time.time(), None, None
+        self._events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # --- control ------------------------------------------------------------------------------------
+
+    def start(self) -> BackgroundJob:
+        """Queue the job and start its thread.
+
+        Raises:
+            ServerBusy: the server's queue is full (the job stays "new" and can be dropped).
+        """
+        if self.status != "new":
+            raise SubcloneError(f"job {self.name!r} was already started (status {self.status})")
+        self.limiter.submit(self.id)
+        self.status = "queued"
+        name = f"subclone-{self.name}-{self.id[:6]}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the job to stop: a waiting job leaves the queue, a running one stops after its current step."""
+        self.cancel_event.set()
+        if self.status == "queued":
+            self.limiter.release(self.id)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; whether it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.done
+
+    # --- what the page reads ----------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def position(self) -> int | None:
+        """1-based place in the server's queue while waiting, else None."""
+        return self.limiter.position(self.id) if self.status == "queued" else None
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Record one event (called from the job's thread; any thread may read)."""
+        with self._lock:
+            self._events.append(dict(event))
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """A copy of the events recorded so far, from index ``since``."""
+        with self._lock:
+            return list(self._events[since:])
+
+    def elapsed(self) -> float:
+        """Seconds since the job started running (0 while waiting)."""
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    # --- the thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if not self.limiter.wait_turn(self.id, self.cancel_event):
+                self.status = "cancelled"
+                self.emit({"event": "cancelled", "message": "stopped while waiting in the queue"})
+                return
+            self.status, self.started = "running", time.time()
+            self.result = self.work(self.emit, self.cancel_event)
+            self.status = "cancelled" if self.cancel_event.is_set() else "done"
+        except SubcloneError as err:
+            self._fail(str(err))
+        except (MemoryError, torch.OutOfMemoryError):
+            self._fail("out of memory: lower the batch size, the sequence length or the number of models, "
+                       "or wait until other jobs on this server have finished")
+        except Exception as err:
+            logger.exception("job %s failed", self.name)
+            self._fail(f"{type(err).__name__}: {err} (an unexpected error; the server log has the traceback)")
+        finally:
+            self.finished = time.time()
+            self.limiter.release(self.id)
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self.status = "failed"
+        self.emit({"event": "failed", "message": message})

@@ -1,0 +1,79 @@
+"""What one browser session has chosen and produced, kept in ``st.session_state`` (no Streamlit here).
+
+Choosing another parent or data set drops every result computed from the old one, so a page never
+shows importance or a child that belongs to a different parent. A training job is kept until the user
+starts another one: it goes on (and its results stay) whatever page the user looks at.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from subclone_core.calibration import Importance
+from subclone_core.strategies import Child
+
+
+@dataclass
+class Workspace:
+    """One session's choices and results.
+
+    Attributes:
+        key: a random id of the session (names its upload folder).
+        parent_id: the chosen parent id, None until one is loaded.
+        data_id: the chosen data id (None: the parent task's default).
+        data_label: how to show the data to the user.
+        parent_metrics: the parent's validation metrics on the chosen data.
+        generations: prompt -> the parent's continuation (text parents).
+        importance: the last calibration of this parent on this data.
+        drop: the block policy chosen on the Blocks page ("middle", "magnitude" or blocks to drop).
+        child_layers: the number of blocks chosen on the Blocks page.
+        ablation: {"base", "losses"} from analysis.block_ablation.
+        child, random_child: the generated child and its random twin.
+        step0: model name -> its validation metrics before training.
+        samples: model name -> its continuation of the prompt.
+        saved_to: where the child was last saved.
+        job: the last training job (a BackgroundJob).
+    """
+
+    key: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    parent_id: str | None = None
+    data_id: str | None = None
+    data_label: str = "default"
+    parent_metrics: dict | None = None
+    generations: dict[str, str] = field(default_factory=dict)
+    importance: Importance | None = None
+    drop: str | list[int] | None = None
+    child_layers: int | None = None
+    ablation: dict | None = None
+    child: Child | None = None
+    random_child: Child | None = None
+    step0: dict[str, dict] | None = None
+    samples: dict[str, str] = field(default_factory=dict)
+    saved_to: Path | None = None
+    job: Any = None
+
+    def choose(self, parent_id: str, data_id: str | None, data_label: str) -> bool:
+        """Select a parent and data; drop everything derived from another choice. Whether it changed."""
+        if (parent_id, data_id) == (self.parent_id, self.data_id):
+            return False
+        if parent_id != self.parent_id:
+            self.generations = {}
+            self.drop, self.child_layers = None, None
+        self.parent_id, self.data_id, self.data_label = parent_id, data_id, data_label
+        self.parent_metrics = None
+        self.set_importance(None)
+        return True
+
+    def set_importance(self, importance: Importance | None) -> None:
+        """Store a new calibration; the child and the block ablation came from the old one."""
+        self.importance = importance
+        self.ablation = None
+        self.set_child(None, None)
+
+    def set_child(self, child: Child | None, random_child: Child | None) -> None:
+        """Store a newly generated child and its random twin; their old reports no longer apply."""
+        self.child, self.random_child = child, random_child
+        self.step0, self.samples, self.saved_to = None, {}, None

@@ -1,0 +1,202 @@
+"""The app's multi-call steps over the library: validation data, the child and its random twin,
+step-0 comparisons, saving, uploads, and the training job's work. No Streamlit here."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from subclone_core.app.analysis import (
+    available_bytes,
+    check_memory,
+    evaluate_shared,
+    exclusive,
+    first_batches,
+    generate_text,
+    training_bytes,
+)
+from subclone_core.app.jobs import Emit, Work
+from subclone_core.app.settings import AppSettings, safe_name
+from subclone_core.calibration import Importance, Progress
+from subclone_core.errors import SubcloneError
+from subclone_core.evaluate import evaluate
+from subclone_core.shape import Shape
+from subclone_core.sources import Parent, make_data
+from subclone_core.sources.text import TEXT_SUFFIXES, documents
+from subclone_core.strategies import Child
+from subclone_core.training import Candidate, TrainConfig, train_candidates
+from subclone_core.workflow import make_child, save_child
+
+EVAL_SEQ_LEN = 128
+EVAL_BATCH = 8
+EXTRA_STRATEGIES = ("first-k", "uniform")
+
+
+def validation_batches(parent: Parent, data_id: str | None, tokens: int,
+                       seq_len: int = EVAL_SEQ_LEN) -> list[dict]:
+    """Fixed validation batches of about ``tokens`` tokens (or tokens / 64 images) of the chosen data."""
+    images = max(EVAL_BATCH, tokens // 64)
+    data = make_data(parent, data_id, "validation", seq_len=seq_len, max_tokens=tokens, max_images=images)
+    return first_batches(data.batches(EVAL_BATCH), max(1, -(-len(data) // EVAL_BATCH)))
+
+
+def evaluate_parent(parent: Parent, data_id: str | None, tokens: int) -> dict:
+    """The parent's validation loss and perplexity (or accuracy) on about ``tokens`` tokens."""
+    return evaluate_shared(parent.model, validation_batches(parent, data_id, tokens))
+
+
+def make_children(parent: Parent, target: Shape, *, strategy: str, drop: str | list[int] | None,
+                  scale: bool | None, importance: Importance | None, data_id: str | None,
+                  calib_tokens: int, seed: int = 0, progress: Progress | None = None) -> tuple[Child, Child]:
+    """The child of one strategy and a randomly initialized twin of the same shape (calibrating the shared
+    parent first, under its lock, when the strategy needs importance and none is given)."""
+    with exclusive(parent.model):
+        child = make_child(parent, target, strategy=strategy, drop=drop, scale=scale, importance=importance,
+                           data_id=data_id, calib_tokens=calib_tokens, seed=seed, progress=progress)
+    twin = make_child(parent, target, strategy="random", seed=seed)
+    return child, twin
+
+
+def step0_report(parent: Parent, child: Child, twin: Child, data_id: str | None,
+                 tokens: int) -> dict[str, dict]:
+    """Validation metrics before any training: the subcloned child, its random twin, and the parent."""
+    batches = validation_batches(parent, data_id, tokens)
+    return {
+        "subclone": evaluate(child.model, batches),
+        "random": evaluate(twin.model, batches),
+        "parent": evaluate_shared(parent.model, batches),
+    }
+
+
+def sample_generations(parent: Parent, child: Child, twin: Child, prompt: str,
+                       max_new_tokens: int) -> dict[str, str]:
+    """Each model's greedy continuation of the prompt (text parents only)."""
+    models = {"parent": parent.model, "subclone": child.model, "random": twin.model}
+    tokenizer = parent.preprocessor
+    return {name: generate_text(model, tokenizer, prompt, max_new_tokens) for name, model in models.items()}
+
+
+def fresh_folder(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``... whichever does not exist yet."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
+def save_child_folder(child: Child, settings: AppSettings, name: str, task: str,
+                      overwrite: bool = False) -> Path:
+    """Save the child under <output dir>/children/<name> (name checked: no separators, no '..')."""
+    return save_child(child, settings.output_path(name, "children"), task=task, overwrite=overwrite)
+
+
+def store_upload(settings: AppSettings, session_key: str, filename: str, data: bytes) -> Path:
+    """Write an uploaded text file under <output dir>/uploads/<session>/ and check that it reads as text.
+
+    Raises:
+        SubcloneError: too large, not .txt/.md/.jsonl, not UTF-8 text, or empty; the message says what to do.
+    """
+    size_mb = len(data) / 2**20
+    if size_mb > settings.max_upload_mb:
+        raise SubcloneError(f"the upload is {size_mb:.1f} MB; the limit is {settings.max_upload_mb} MB: "
+                            "upload a smaller file")
+    suffix = Path(filename).suffix.lower()
+    if suffix not in TEXT_SUFFIXES:
+        raise SubcloneError(f"{filename!r} is not a text file this app reads; "
+                            f"upload {', '.join(TEXT_SUFFIXES)}")
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(filename).stem)[:60] or "upload"
+    path = settings.output_path(stem + suffix, "uploads", safe_name(session_key))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    try:
+        if next(iter(documents(str(path))), None) is None:
+            raise SubcloneError(f"{filename} has no text")
+    except SubcloneError as err:
+        path.unlink(missing_ok=True)
+        why = str(err).replace(str(path), filename)  # the visitor's file name, not the server's path
+        raise SubcloneError(f"{why}; upload UTF-8 text with a few paragraphs") from None
+    return path
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainRequest:
+    """What the Train page asks for; the models are copied when the job starts, never trained in place.
+
+    Attributes:
+        parent: the (shared, never modified) parent; its preprocessor prepares the data.
+        data_id: the training data (the validation split is held out from the same id).
+        child: the subcloned child from the Child page.
+        twin: its random twin.
+        extra: more strategies to build and train alongside ("first-k", "uniform").
+        steps, batch_size, seq_len, eval_every, lr: training settings (lr None: each strategy's default).
+        save_dir: where finished models are saved (None: not saved).
+    """
+
+    parent: Parent
+    data_id: str | None
+    child: Child
+    twin: Child
+    extra: tuple[str, ...] = ()
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 128
+    eval_every: int = 10
+    eval_batches: int = 4
+    lr: float | None = None
+    save_dir: Path | None = None
+    manifests: dict[str, dict] = field(default_factory=dict)
+
+    def config(self) -> TrainConfig:
+        """The engine's settings; validated here so that a bad one is reported before queueing."""
+        config = TrainConfig(steps=self.steps, batch_size=self.batch_size, eval_every=self.eval_every,
+                             eval_batches=self.eval_batches, warmup=0.05, device="auto")
+        config.validate()
+        return config
+
+
+def build_candidates(request: TrainRequest) -> list[Candidate]:
+    """Copies of the child and its twin, plus freshly built extra strategies, as named candidates."""
+    children = {"subclone": request.child, "random": request.twin}
+    for strategy in request.extra:
+        if strategy not in EXTRA_STRATEGIES:
+            raise SubcloneError(f"unknown extra strategy {strategy!r}; valid: {', '.join(EXTRA_STRATEGIES)}")
+        # first-k is the no-reordering ablation: the same blocks as the child; uniform picks its own (first N)
+        drop = list(request.child.manifest.get("removed_blocks") or []) if strategy == "first-k" else None
+        children[strategy] = make_child(request.parent, request.child.shape, strategy=strategy, drop=drop,
+                                        importance=request.child.importance)
+    request.manifests = {name: child.manifest for name, child in children.items()}
+    return [Candidate(name=name, model=copy.deepcopy(child.model).train(), lr=request.lr, strategy=name)
+            for name, child in children.items()]
+
+
+def training_work(request: TrainRequest, *,
+                  memory: Callable[[torch.device | str | None], int] = available_bytes) -> Work:
+    """The function a BackgroundJob runs: prepare data, check memory, train, save."""
+    config = request.config()
+
+    def work(emit: Emit, cancel: threading.Event) -> dict:
+        emit({"event": "status", "message": "building the models and preparing the data"})
+        candidates = build_candidates(request)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        need = training_bytes([c.model for c in candidates], request.batch_size, request.seq_len)
+        check_memory(need, memory(device))
+        budget = min(request.steps * request.batch_size * request.seq_len, 2_000_000)
+        train = make_data(request.parent, request.data_id, "train", seq_len=request.seq_len,
+                          max_tokens=max(budget, request.batch_size * request.seq_len), max_images=budget)
+        val = make_data(request.parent, request.data_id, "validation", seq_len=request.seq_len,
+                        max_tokens=request.eval_batches * request.batch_size * request.seq_len,
+                        max_images=request.eval_batches * request.batch_size)
+        return train_candidates(candidates, train, val, config, callbacks=[emit], cancel=cancel,
+                                save_dir=request.save_dir, preprocessor=request.parent.preprocessor,
+                                manifest_for=request.manifests.get)
+
+    return work

@@ -1,0 +1,53 @@
+"""Small helpers of the engine: event fan-out and per-candidate random streams."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from time import perf_counter
+from typing import Any
+
+import torch
+
+from subclone_core.metrics_log import MetricsLog, json_safe
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+class Emitter:
+    """Send events to the callbacks and the metrics file, on the main process only."""
+
+    def __init__(self, callbacks: Iterable[Callback], log: MetricsLog | None, enabled: bool) -> None:
+        self.callbacks, self.log, self.enabled = list(callbacks), log, enabled
+        self.t0 = perf_counter()
+
+    def __call__(self, kind: str, candidate: str | None = None, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        event = json_safe({"event": kind, "candidate": candidate, "time": round(perf_counter() - self.t0, 3)})
+        event.update(json_safe(fields))
+        if self.log is not None:
+            self.log.write(event)
+        for callback in self.callbacks:
+            callback(event)
+
+
+class RngSlot:
+    """A candidate's private torch RNG stream, swapped in around its steps (dropout draws)."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.cpu_state = torch.Generator().manual_seed(seed).get_state()
+        self.cuda_state = torch.Generator(device=device).manual_seed(seed).get_state() if self.cuda else None
+
+    def __enter__(self) -> None:
+        self.saved = (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.cuda_state)
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu_state = torch.get_rng_state()
+        torch.set_rng_state(self.saved[0])
+        if self.cuda:
+            self.cuda_state = torch.cuda.get_rng_state()
+            torch.cuda.set_rng_state(self.saved[1])

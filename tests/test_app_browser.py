@@ -1,0 +1,216 @@
+"""The app in a real browser: Debian chromium driven by Playwright against `streamlit run` on 127.0.0.1,
+with the embedded default parent. Goes through every page, generates a child, trains it 10 steps next to
+its random twin, and saves a screenshot of each page under test-artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.default_parent]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 1000}
+SLOW = 180_000  # ms: a loaded 2-core machine can take this long for one step on the default parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_health(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"streamlit did not answer at {url} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """`streamlit run app.py` on a free loopback port, writing under a temporary output folder."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed at /usr/bin/chromium (`make setup` installs it)")
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    port = _free_port()
+    out = tmp_path_factory.mktemp("browser-outputs")
+    # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning while they wait, which keeps
+    # a 2-core machine that other processes also load from slowing down tenfold.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SUBCLONE_OUTPUT_DIR": str(out), "SUBCLONE_MAX_JOBS": "1",
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    log = (out / "streamlit.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],  # edits to the source tree must not pause the app mid-test
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_health(url, process)
+        yield url, out
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport=VIEWPORT)
+        tab = context.new_page()
+        tab.set_default_timeout(SLOW)
+        yield tab
+        context.close()
+        browser.close()
+
+
+def _idle(page) -> None:
+    """Wait until Streamlit has finished the current script run (the app root's script-state attribute)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("""() => {
+        const state = document.querySelector('[data-testid="stApp"]')?.getAttribute('data-test-script-state');
+        return state && !['running', 'rerunRequested', 'initial'].includes(state);
+    }""", timeout=SLOW)
+
+
+def _set_number(page, label: str, value: int) -> None:
+    """Type a number and commit it with Enter; check that the rerun kept it."""
+    from playwright.sync_api import expect
+
+    box = page.get_by_role("spinbutton", name=label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    _idle(page)
+    expect(box).to_have_value(str(value))
+
+
+def _goto(page, title: str) -> None:
+    page.get_by_role("link", name=title).click()
+    _idle(page)
+
+
+def _shot(page, name: str) -> None:
+    """A screenshot of the whole page: the viewport grows to the height of Streamlit's scrolling main area."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    height = page.evaluate("""() => Math.max(...Array.from(document.querySelectorAll(
+        '[data-testid="stMain"], [data-testid="stMainBlockContainer"], '
+        + '[data-testid="stAppViewContainer"], body'
+    )).map(e => e.scrollHeight + e.getBoundingClientRect().top))""")
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": min(max(height, VIEWPORT["height"]), 8000)})
+    page.wait_for_timeout(800)  # charts re-layout to the new size
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.set_viewport_size(VIEWPORT)
+
+
+def _no_errors(page) -> None:
+    errors = page.locator('[data-testid="stAlertContentError"], [data-testid="stException"]')
+    assert errors.count() == 0, errors.all_inner_texts()
+
+
+def _upload_text_then_go_back(page, folder: Path) -> None:
+    """Upload a text file as the data (the parent is evaluated on it), then return to the default text."""
+    corpus = folder / "corpus.txt"
+    sentence = "The river runs past the old mill and the town square where people meet on market days."
+    corpus.write_text("\n\n".join(f"{sentence} Paragraph {i} adds a little more text." * 3 for i in range(300)))
+    data = page.get_by_test_id("stRadio").nth(1)
+    data.get_by_text("Upload a text file").click()
+    _idle(page)
+    page.locator('input[type="file"]').set_input_files(str(corpus))
+    page.get_by_role("button", name="Use this file").click()
+    page.get_by_text("Using: upload corpus.txt").wait_for()
+    _idle(page)
+    _no_errors(page)
+    data.get_by_text("Embedded Wikipedia text").click()
+    page.get_by_text("Using: Embedded Wikipedia text").wait_for()
+    _idle(page)
+
+
+def test_every_page_in_a_real_browser(app_url, page):
+    url, out = app_url
+    page.goto(url)
+    page.get_by_role("button", name="Load parent").click()
+    page.get_by_text("Perplexity").first.wait_for()
+    _idle(page)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.locator("blockquote").first.wait_for()
+    _no_errors(page)
+    _upload_text_then_go_back(page, out)
+    _shot(page, "1-parent")
+
+    _goto(page, "2. Importance")
+    _set_number(page, "Calibration token budget (for images: patches)", 1024)
+    page.get_by_role("button", name="Run calibration").click()
+    page.get_by_text("Mean rank correlation").first.wait_for(state="attached")
+    _idle(page)
+    page.locator(".js-plotly-plot").nth(1).wait_for()  # the score curve and the residual heatmap
+    _no_errors(page)
+    _shot(page, "2-importance")
+    page.get_by_role("tab", name="Consistency").click()
+    page.get_by_text("Mean rank correlation").first.wait_for()
+    _shot(page, "2b-consistency")
+
+    _goto(page, "3. Blocks")
+    page.get_by_text("The child keeps").wait_for()
+    _set_number(page, "Validation tokens per evaluation", 128)
+    page.get_by_role("button", name="Compute").click()  # one evaluation of 128 tokens per block
+    page.locator(".js-plotly-plot").nth(1).wait_for()
+    _idle(page)
+    _no_errors(page)
+    _shot(page, "3-blocks")
+
+    _goto(page, "4. Child")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.get_by_text("subclone: validation loss").wait_for()
+    page.get_by_role("button", name="Save").click()
+    page.get_by_text("Saved to").wait_for()
+    _idle(page)
+    _no_errors(page)
+    _shot(page, "4-child")
+    saved = list((out / "children").glob("*/model.safetensors"))
+    assert saved, "the child was not saved under the output folder"
+
+    _goto(page, "5. Train")
+    settings = (("Steps", 10), ("Batch size", 4), ("Sequence length", 32), ("Validate every (steps)", 5))
+    for label, value in settings:
+        _set_number(page, label, value)
+    page.get_by_role("button", name="Start training").click()
+    page.get_by_text("Training running").or_(page.get_by_text("Training done")).first.wait_for()
+    _goto(page, "1. Parent")  # the job goes on while the user looks at another page
+    _goto(page, "5. Train")
+    page.get_by_text("Training done").wait_for()
+    _idle(page)
+    _no_errors(page)
+    traces = page.evaluate("""() => Object.fromEntries(
+        document.querySelector('.js-plotly-plot').data.map(t => [t.name, Array.from(t.x)])
+    )""")
+    assert {"subclone validation", "random validation"} <= set(traces), traces  # two models, two curves
+    assert traces["subclone validation"] == traces["random validation"] == [0, 5, 10]
+    assert traces["subclone train"][-1] == 10
+    _shot(page, "5-train")

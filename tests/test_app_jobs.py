@@ -1,0 +1,316 @@
+"""The app's non-Streamlit parts: settings and path rules, the background job and the server-wide
+limiter, the analyses and the chart builders, uploads, and the training job's work on a tiny model."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zipfile
+from io import BytesIO
+
+import pytest
+import torch
+
+from subclone_core.app import analysis, charts
+from subclone_core.app.jobs import BackgroundJob, JobLimiter, ServerBusy
+from subclone_core.app.settings import AppSettings, safe_name
+from subclone_core.app.steps import TrainRequest, make_children, store_upload, training_work
+from subclone_core.calibration import Importance
+from subclone_core.errors import SubcloneError
+from subclone_core.shape import Shape
+from subclone_core.sources import load_parent
+from subclone_core.strategies import plan_shape, subclone_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine idle OpenMP threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small English text file (paragraphs) for the tiny byte-level tokenizer."""
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "past", "old", "trees", "near",
+             "quiet", "rivers", "and", "small", "towns"]
+    paragraphs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(120)]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_llama_dir):
+    return load_parent(str(tiny_llama_dir))
+
+
+def fake_importance(layers: int = 3, hidden: int = 6, ffn: int = 5, heads: int = 2) -> Importance:
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.rand(*size, generator=gen, dtype=torch.float64) + 0.01
+
+    return Importance(residual_embed=rand(hidden), residual_attn=rand(layers, hidden),
+                      residual_ffn=rand(layers, hidden),
+                      residual_block=rand(layers, hidden), ffn=rand(layers, ffn), heads=rand(layers, heads),
+                      rel_magnitude=rand(layers), one_minus_cos=rand(layers), tokens=100, data="test")
+
+
+# --- settings -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", "a\\b", "..", ".hidden", "-x", "a b", "x" * 101])
+def test_safe_name_refuses_names_that_could_leave_the_folder(name):
+    with pytest.raises(SubcloneError):
+        safe_name(name)
+
+
+def test_settings_come_from_env_then_secrets_then_defaults(tmp_path):
+    env = {"SUBCLONE_OUTPUT_DIR": str(tmp_path / "out"), "SUBCLONE_MAX_JOBS": "2"}
+    settings = AppSettings.load(env, {"max_jobs": 5, "max_queue": 7, "allowed_roots": [str(tmp_path)]})
+    assert settings.output_dir == tmp_path / "out"
+    assert (settings.max_jobs, settings.max_queue) == (2, 7)
+    assert settings.allowed_roots == (tmp_path.resolve(),)
+    assert AppSettings.load({}, {}).output_dir.name == "outputs"
+    with pytest.raises(SubcloneError, match="SUBCLONE_MAX_JOBS"):
+        AppSettings.load({"SUBCLONE_MAX_JOBS": "zero"})
+
+
+def test_output_paths_and_allowed_roots(tmp_path):
+    settings = AppSettings(output_dir=tmp_path / "out", allowed_roots=(tmp_path / "models",))
+    assert settings.output_path("child-1", "children") == tmp_path / "out" / "children" / "child-1"
+    with pytest.raises(SubcloneError, match="separator"):
+        settings.output_path("../../etc", "children")
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    assert settings.check_local_path(tmp_path / "models" / "m") == (tmp_path / "models" / "m").resolve()
+    for outside in (tmp_path / "other", tmp_path / "models" / ".." / "other"):
+        with pytest.raises(SubcloneError, match="SUBCLONE_ALLOWED_ROOTS"):
+            settings.check_local_path(outside, "parent")
+    assert AppSettings().check_local_path("/") == AppSettings().check_local_path("/")  # no roots: anything
+
+
+# --- jobs -------------------------------------------------------------------------------------------------
+
+
+def waiting_work(release: threading.Event):
+    """Work that emits one event, then waits for `release` (or a cancel) and returns how it ended."""
+    def work(emit, cancel):
+        emit({"event": "status", "message": "working"})
+        while not (release.is_set() or cancel.is_set()):
+            time.sleep(0.01)
+        return "released" if release.is_set() else "cancelled"
+    return work
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_limiter_runs_one_job_and_queues_the_next_in_order():
+    limiter = JobLimiter(max_running=1, max_queued=2)
+    release = [threading.Event() for _ in range(3)]
+    jobs = [BackgroundJob(waiting_work(r), name=f"j{i}", limiter=limiter) for i, r in enumerate(release)]
+    for job in jobs:
+        job.start()
+    wait_until(lambda: jobs[0].status == "running")
+    assert [j.status for j in jobs[1:]] == ["queued", "queued"]
+    assert (jobs[1].position, jobs[2].position) == (1, 2)
+    assert limiter.snapshot() == {"running": 1, "queued": 2, "max_running": 1, "max_queued": 2}
+    with pytest.raises(ServerBusy, match="busy"):
+        BackgroundJob(waiting_work(threading.Event()), limiter=limiter).start()
+    jobs[1].stop()  # leaves the queue; the third moves up
+    wait_until(lambda: jobs[1].done)
+    assert jobs[1].status == "cancelled" and jobs[2].position == 1
+    release[0].set()
+    assert jobs[0].wait(10) and jobs[0].status == "done" and jobs[0].result == "released"
+    wait_until(lambda: jobs[2].status == "running")
+    jobs[2].stop()
+    assert jobs[2].wait(10) and jobs[2].status == "cancelled" and jobs[2].result == "cancelled"
+    assert limiter.snapshot()["running"] == 0
+
+
+def test_job_events_are_its_own_and_failures_end_with_a_message():
+    limiter = JobLimiter(max_running=2, max_queued=2)
+
+    def user_error(emit, cancel):
+        raise SubcloneError("batch_size must be >= 1")
+
+    def oom(emit, cancel):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def bug(emit, cancel):
+        raise KeyError("x")
+
+    for work, expected in ((user_error, "batch_size"), (oom, "out of memory"), (bug, "KeyError")):
+        job = BackgroundJob(work, limiter=limiter).start()
+        assert job.wait(10) and job.status == "failed"
+        assert expected in job.error and job.events()[-1]["event"] == "failed"
+    release = threading.Event()
+    a, b = (BackgroundJob(waiting_work(release), limiter=limiter).start() for _ in range(2))
+    wait_until(lambda: a.events() and b.events())
+    a.stop()
+    assert a.wait(10) and a.status == "cancelled"
+    assert b.status == "running"  # stopping one session's job never touches another's
+    release.set()
+    assert b.wait(10) and b.status == "done" and len(b.events()) == 1
+
+
+def test_a_job_starts_only_once():
+    job = BackgroundJob(lambda emit, cancel: 1).start()
+    job.wait(10)
+    with pytest.raises(SubcloneError, match="already started"):
+        job.start()
+
+
+# --- analyses ----------------------------------------------------------------------------------------------
+
+
+def test_rank_consistency_measures():
+    shared = torch.tensor([5.0, 4, 3, 2, 1])
+    same = shared.repeat(3, 1)
+    assert torch.allclose(analysis.rank_correlation(same), torch.ones(3, 3, dtype=torch.float64))
+    reversed_rows = torch.stack([shared, shared.flip(0)])
+    assert analysis.rank_correlation(reversed_rows)[0, 1] == pytest.approx(-1.0)
+    assert analysis.topk_overlap(reversed_rows, shared, 2).tolist() == [1.0, 0.0]
+    assert analysis.off_diagonal_mean(analysis.rank_correlation(reversed_rows)) == pytest.approx(-1.0)
+
+
+def test_block_ablation_leaves_the_model_as_it_was(parent):
+    model = parent.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(1, 200, (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = batch["input_ids"]
+    seen = []
+    result = analysis.block_ablation(model, [batch], progress=lambda done, total: seen.append((done, total)))
+    assert len(result["losses"]) == 2 and seen[-1] == (3, 3)
+    assert all(loss != pytest.approx(result["base"]) for loss in result["losses"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(block._forward_hooks for block in model.model.layers)
+
+
+def test_parameter_count_and_nearest_valid_shape(parent):
+    target = plan_shape(parent.model, layers=1, hidden=16, heads=2, kv_heads=1, ffn=8)
+    child = subclone_model(parent.model, target, strategy="random")
+    assert analysis.parameter_count(parent.model, target) == sum(p.numel() for p in child.model.parameters())
+    wanted = {"layers": 1, "hidden": 16, "heads": 3, "kv_heads": 1, "ffn": 8}
+    nearest = analysis.nearest_valid_shape(parent.model, wanted)
+    plan_shape(parent.model, **{r: getattr(nearest, r) for r in analysis.SIZE_ROLES})  # valid
+    assert nearest.layers == 1 and nearest.ffn == 8 and nearest.hidden % nearest.heads == 0
+    assert analysis.suggested_shape(parent.model).layers == 2
+
+
+def test_generate_text_and_its_errors(parent):
+    text = analysis.generate_text(parent.model, parent.preprocessor, "the cat", max_new_tokens=5)
+    assert isinstance(text, str)
+    with pytest.raises(SubcloneError, match="empty"):
+        analysis.generate_text(parent.model, parent.preprocessor, "", max_new_tokens=5)
+
+
+def test_live_summary_gives_speedup_and_throughput():
+    evals = {"random": [(0, 5.0), (10, 4.0), (20, 3.0)], "subclone": [(0, 4.0), (10, 3.0)]}
+    events = [{"event": "eval", "candidate": name, "step": step, "loss": loss}
+              for name, curve in evals.items() for step, loss in curve]
+    events.append({"event": "step", "candidate": "subclone", "step": 10, "loss": 3.1, "throughput": 100.0,
+                   "unit": "tokens/s"})
+    rows = {r["model"]: r for r in analysis.live_summary(events)}
+    assert rows["subclone"]["speedup vs random"] == "2.0x" and rows["subclone"]["tokens/s"] == 100.0
+    assert rows["random"]["speedup vs random"] == "baseline"
+    assert len(analysis.metrics_rows(events)) == len(events)
+    assert analysis.run_progress([{"event": "start", "config": {"steps": 50}}, *events]) == (10, 50)
+
+
+def test_memory_check_and_zip(tmp_path):
+    analysis.check_memory(1, 100)
+    with pytest.raises(SubcloneError, match="GiB"):
+        analysis.check_memory(2**31, 2**30)
+    (tmp_path / "child").mkdir()
+    (tmp_path / "child" / "config.json").write_text("{}")
+    names = zipfile.ZipFile(BytesIO(analysis.zip_folder(tmp_path / "child"))).namelist()
+    assert names == ["child/config.json"]
+
+
+# --- charts ------------------------------------------------------------------------------------------------
+
+
+def test_heatmaps_sort_by_the_shared_ranking_and_hover_the_original_index():
+    imp = fake_importance()
+    fig = charts.residual_heatmap(imp, "block")
+    heat = fig.data[0]
+    order = imp.residual.argsort(descending=True).numpy()
+    assert heat.z.shape == (3, 6)
+    assert heat.customdata[0, :, 0].tolist() == order.tolist()  # neuron index in hover
+    assert heat.customdata[1, 0, 1] == pytest.approx(float(imp.residual_block[1, order[0]]))  # raw score
+    assert heat.z[1, 0] == pytest.approx(float(torch.log10(imp.residual_block[1, order[0]])))  # log colour
+    ffn = charts.ffn_heatmap(imp).data[0]
+    assert all(list(row) == sorted(row, reverse=True) for row in ffn.customdata[:, :, 1])
+    heads = charts.heads_heatmap(imp, kept=[[1], [0]], blocks=[0, 2])
+    assert heads.data[1].x == (1, 0) and heads.data[1].y == (0, 2)
+
+
+def test_score_curve_block_bars_and_loss_chart():
+    imp = fake_importance()
+    kept, dropped = charts.score_curve(imp, 4).data
+    assert (len(kept.x), len(dropped.x)) == (4, 2) and kept.y[0] >= kept.y[-1] >= dropped.y[0]
+    bars = charts.block_bars(imp, removed=[1])
+    assert list(bars.data[0].marker.color) == [charts.KEPT, charts.DROPPED, charts.KEPT]
+    events = [{"event": "step", "candidate": "subclone", "step": 1, "loss": 3.0},
+              {"event": "eval", "candidate": "subclone", "step": 0, "loss": 4.0},
+              {"event": "eval", "candidate": "random", "step": 0, "loss": 5.0}]
+    names = [trace.name for trace in charts.loss_chart(events).data]
+    assert names == ["subclone train", "subclone validation", "random validation"]
+    assert charts.ablation_bars(2.0, [2.5, 3.0], [1]).data[0].marker.color == (charts.KEPT, charts.DROPPED)
+
+
+# --- uploads and the training work ---------------------------------------------------------------------
+
+
+def test_store_upload_checks_size_type_and_text(tmp_path):
+    settings = AppSettings(output_dir=tmp_path, max_upload_mb=1)
+    path = store_upload(settings, "abc", "my notes.txt", b"first paragraph\n\nsecond one")
+    assert path == tmp_path / "uploads" / "abc" / "my_notes.txt" and path.exists()
+    for name, data, message in (("x.txt", b"x" * (2 * 2**20), "limit"), ("x.pdf", b"%PDF", "not a text file"),
+                                ("x.txt", b"\x00\x01binary", "binary"), ("x.txt", b"\xff\xfe\xfa", "UTF-8"),
+                                ("x.txt", b"   \n\n  ", "x.txt is empty")):
+        with pytest.raises(SubcloneError, match=message):
+            store_upload(settings, "abc", name, data)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["my_notes.txt"]  # refused files are removed
+
+
+def test_training_work_trains_copies_side_by_side_and_saves(parent, text_file, tmp_path):
+    target = plan_shape(parent.model, layers=1, hidden=16, heads=2, kv_heads=1, ffn=16)
+    child, twin = make_children(parent, target, strategy="subclone", drop="first", scale=None,
+                                importance=None, data_id=str(text_file), calib_tokens=256)
+    before = {k: v.clone() for k, v in child.model.state_dict().items()}
+    request = TrainRequest(parent=parent, data_id=str(text_file), child=child, twin=twin, extra=("first-k",),
+                           steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2,
+                           save_dir=tmp_path / "run")
+    job = BackgroundJob(training_work(request), name="train").start()
+    assert job.wait(120), job.status
+    assert job.status == "done", job.error
+    events = job.events()
+    evals = {(e["candidate"], e["step"]) for e in events if e["event"] == "eval"}
+    assert evals == {(c, s) for c in ("subclone", "random", "first-k") for s in (0, 2, 4)}
+    statuses = {name: r.status for name, r in job.result.items()}
+    assert statuses == dict.fromkeys(("subclone", "random", "first-k"), "done")
+    assert (tmp_path / "run" / "subclone" / "model.safetensors").exists()
+    assert all(torch.equal(before[k], v) for k, v in child.model.state_dict().items())  # trained a copy
+
+
+def test_training_work_refuses_a_run_that_does_not_fit_in_memory(parent, text_file):
+    target = Shape.of(parent.model.config)
+    child, twin = make_children(parent, target, strategy="uniform", drop=None, scale=None, importance=None,
+                                data_id=None, calib_tokens=256)
+    request = TrainRequest(parent=parent, data_id=str(text_file), child=child, twin=twin, steps=2,
+                           batch_size=2, seq_len=16)
+    job = BackgroundJob(training_work(request, memory=lambda device: 1000), name="train").start()
+    assert job.wait(60) and job.status == "failed"
+    assert "GiB" in job.error and "batch size" in job.error
+    with pytest.raises(SubcloneError, match="steps"):
+        TrainRequest(parent=parent, data_id=None, child=child, twin=twin, steps=0).config()
