@@ -40,7 +40,7 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
     text = doc.read_text() if doc.exists() else HEADER
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     tmp = doc.with_suffix(".tmp")
     tmp.write_text(text)

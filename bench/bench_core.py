@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine, table, write_section  # noqa: E402
-from subclone_core.calibration import calibrate  # noqa: E402
-from subclone_core.sources import make_data  # noqa: E402
-from subclone_core.sources.parents import load_parent  # noqa: E402
-from subclone_core.strategies import plan_shape, subclone_model  # noqa: E402
-from subclone_core.workflow import save_child  # noqa: E402
+from bench._report import machine, table, write_section
+from subclone_core.calibration import calibrate
+from subclone_core.sources import make_data
+from subclone_core.sources.parents import load_parent
+from subclone_core.strategies import plan_shape, subclone_model
+from subclone_core.workflow import save_child
 
-SHAPES = {"paper-like": dict(layers=20, hidden=384, ffn=1024), "aggressive": dict(layers=6, hidden=192, ffn=512)}
+SHAPES = {"paper-like": {"layers": 20, "hidden": 384, "ffn": 1024}, "aggressive": {"layers": 6, "hidden": 192, "ffn": 512}}
 
 
 def rss_mb(field: str) -> float:

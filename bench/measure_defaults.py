@@ -14,26 +14,26 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine, table, write_section  # noqa: E402
-from subclone_core.evaluate import evaluate  # noqa: E402
-from subclone_core.sources import make_data  # noqa: E402
-from subclone_core.sources.parents import load_parent  # noqa: E402
-from subclone_core.strategies import plan_shape, subclone_model  # noqa: E402
-from subclone_core.workflow import measure_importance  # noqa: E402
+from bench._report import machine, table, write_section
+from subclone_core.evaluate import evaluate
+from subclone_core.sources import make_data
+from subclone_core.sources.parents import load_parent
+from subclone_core.strategies import plan_shape, subclone_model
+from subclone_core.workflow import measure_importance
 
 SHAPES = {
-    "paper-like 20 x 384 (6 heads / 2 KV, FFN 1024)": dict(layers=20, hidden=384, ffn=1024),
-    "aggressive 6 x 192 (3 heads / 1 KV, FFN 512)": dict(layers=6, hidden=192, ffn=512),
+    "paper-like 20 x 384 (6 heads / 2 KV, FFN 1024)": {"layers": 20, "hidden": 384, "ffn": 1024},
+    "aggressive 6 x 192 (3 heads / 1 KV, FFN 512)": {"layers": 6, "hidden": 192, "ffn": 512},
 }
 VARIANTS = {
-    "subclone, no scaling, tied head, drop magnitude": dict(strategy="subclone", scale=False, drop="magnitude"),
-    "subclone, no scaling, tied head, drop middle": dict(strategy="subclone", scale=False, drop="middle"),
-    "subclone, scaling, tied unscaled head": dict(strategy="subclone", scale=True, drop="magnitude"),
-    "subclone, scaling, untied scaled head": dict(strategy="subclone", scale=True, drop="magnitude",
-                                                  untie_head=True),
-    "first-k (no reordering), no scaling, drop middle": dict(strategy="first-k", scale=False, drop="middle"),
-    "uniform (weight selection), first N blocks": dict(strategy="uniform", scale=False),
-    "random init": dict(strategy="random"),
+    "subclone, no scaling, tied head, drop magnitude": {"strategy": "subclone", "scale": False, "drop": "magnitude"},
+    "subclone, no scaling, tied head, drop middle": {"strategy": "subclone", "scale": False, "drop": "middle"},
+    "subclone, scaling, tied unscaled head": {"strategy": "subclone", "scale": True, "drop": "magnitude"},
+    "subclone, scaling, untied scaled head": {"strategy": "subclone", "scale": True, "drop": "magnitude",
+                                                  "untie_head": True},
+    "first-k (no reordering), no scaling, drop middle": {"strategy": "first-k", "scale": False, "drop": "middle"},
+    "uniform (weight selection), first N blocks": {"strategy": "uniform", "scale": False},
+    "random init": {"strategy": "random"},
 }
 
 

@@ -107,8 +107,8 @@ def subclone_model(
         config = type(parent_model.config).from_dict(cfg)
         sd = slice_state_dict(parent_model.state_dict(), arch, parent, sel, scale=scale, untie_head=untie_head)
         model = build_model(type(parent_model), config, sd, buffers_from=parent_model)
-    settings = dict(strategy=strategy, order=order, drop=policy, scale=scale and order is not None,
-                    untie_head=untie_head, seed=seed)
+    settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
+                    "untie_head": untie_head, "seed": seed}
     manifest = build_manifest(parent, target, blocks, sel, importance, settings)
     return Child(model=model, shape=target, manifest=manifest, selection=sel, importance=importance)
 

@@ -68,7 +68,7 @@ def test_make_writes_a_plain_hugging_face_folder(llama_dir, text_file, tmp_path,
 def test_bad_shapes_exit_non_zero_with_one_line_and_write_nothing(llama_dir, text_file, tmp_path, capsys,
                                                                   flags, message):
     out = tmp_path / "child"
-    code, stdout, err = run_cli(["make", "--parent", llama_dir, "--out", out, "--data", text_file, *flags], capsys)
+    code, _, err = run_cli(["make", "--parent", llama_dir, "--out", out, "--data", text_file, *flags], capsys)
     assert code != 0
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -93,7 +93,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
 
 
 def test_data_free_strategy_needs_no_data(llama_dir, tmp_path, capsys):
-    code, stdout, err = run_cli(["make", "--parent", llama_dir, "--out", tmp_path / "u", "--strategy", "uniform",
+    code, _, err = run_cli(["make", "--parent", llama_dir, "--out", tmp_path / "u", "--strategy", "uniform",
                                  "--layers", 2, "--json"], capsys)
     assert code == 0, err
     manifest = load_manifest(tmp_path / "u")

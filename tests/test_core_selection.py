@@ -53,15 +53,15 @@ def test_bad_block_policies_are_refused(policy, layers, message):
 
 
 @pytest.mark.parametrize("family,sizes,message", [
-    ("llama", dict(layers=5), "layers=5 is larger than the parent's 4; use at most 4"),
-    ("llama", dict(ffn=0), "ffn=0 must be a positive integer"),
-    ("llama", dict(hidden=-8), "hidden=-8 must be a positive integer"),
-    ("llama", dict(heads=6, kv_heads=4), "kv_heads=4 is larger than the parent's 2"),
-    ("llama", dict(heads=5, kv_heads=2), "nearest valid heads=4"),
-    ("llama", dict(heads=8, kv_heads=1), "use kv_heads>=2 or heads<=4"),
-    ("llama", dict(hidden=40, heads=6, kv_heads=2), "not a multiple of heads=6"),
-    ("gpt2", dict(hidden=20, heads=2), "nearest valid: hidden=16, or heads=2"),
-    ("gpt2", dict(heads=2, kv_heads=1), "kv_heads=1 must equal heads=2"),
+    ("llama", {"layers": 5}, "layers=5 is larger than the parent's 4; use at most 4"),
+    ("llama", {"ffn": 0}, "ffn=0 must be a positive integer"),
+    ("llama", {"hidden": -8}, "hidden=-8 must be a positive integer"),
+    ("llama", {"heads": 6, "kv_heads": 4}, "kv_heads=4 is larger than the parent's 2"),
+    ("llama", {"heads": 5, "kv_heads": 2}, "nearest valid heads=4"),
+    ("llama", {"heads": 8, "kv_heads": 1}, "use kv_heads>=2 or heads<=4"),
+    ("llama", {"hidden": 40, "heads": 6, "kv_heads": 2}, "not a multiple of heads=6"),
+    ("gpt2", {"hidden": 20, "heads": 2}, "nearest valid: hidden=16, or heads=2"),
+    ("gpt2", {"heads": 2, "kv_heads": 1}, "kv_heads=1 must equal heads=2"),
 ])
 def test_invalid_shapes_name_the_value_and_a_valid_choice(family, sizes, message):
     with pytest.raises(SubcloneError, match=message):

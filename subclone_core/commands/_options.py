@@ -37,9 +37,11 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
                             help=f"child {what} (default: the parent's)")
 
 
-def add_child_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", default="subclone", choices=list(STRATEGIES),
-                        help="how to build the child (default: subclone)")
+def add_child_args(parser: argparse.ArgumentParser, *, strategy: bool = True) -> None:
+    """Flags that say how a child is built; `strategy=False` for commands that take several strategies."""
+    if strategy:
+        parser.add_argument("--strategy", default="subclone", choices=list(STRATEGIES),
+                            help="how to build the child (default: subclone)")
     parser.add_argument("--drop", type=parse_drop, default=None,
                         help="blocks to remove: 'middle', 'magnitude', 'first' or a list I,J,...")
     scale = parser.add_mutually_exclusive_group()

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from subclone_core.commands._options import (add_child_args, add_data_args, add_parent_args, add_shape_args,
-                                             print_json, shape_sizes)
+from subclone_core.commands._options import (
+    add_child_args,
+    add_data_args,
+    add_parent_args,
+    add_shape_args,
+    print_json,
+    shape_sizes,
+)
 from subclone_core.saving import check_output_dir
 from subclone_core.shape import Shape
 from subclone_core.sources.parents import load_parent

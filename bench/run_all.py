@@ -1,0 +1,28 @@
+"""Run every benchmark in turn; each writes its own section of docs/BENCHMARKS.md.
+
+Run: make bench (about 45 minutes on 2 CPU cores; pass --gpu through to the training benchmark on a GPU).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py"]
+
+
+def main() -> int:
+    for script in SCRIPTS:
+        extra = sys.argv[1:] if script == "bench_training.py" else []
+        print(f"== {script}", flush=True)
+        code = subprocess.call([sys.executable, str(HERE / script), *extra])
+        if code:
+            print(f"{script} failed with exit status {code}", file=sys.stderr)
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""What `subclone train` and `subclone compare` share: training flags, data, progress, the result table.
+
+Both commands run unchanged under ``torchrun --nproc_per_node N``: every process runs the same code, the
+training engine splits each batch between them, and only the main process writes files and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from subclone_core.commands._options import print_json
+from subclone_core.errors import SubcloneError
+from subclone_core.saving import check_output_dir
+from subclone_core.sources import Parent, make_data
+from subclone_core.speedup import speedup_table
+from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
+
+EVAL_TOKENS = 4096
+EVAL_IMAGES = 1000
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+BASELINE = "random"
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, out_required: bool, seed: bool = True) -> None:
+    """Training, evaluation and output flags (the data flags come from _options.add_data_args).
+
+    Args:
+        parser: the subcommand's parser.
+        out_required: whether --out must be given.
+        seed: add --seed here (a command that already has one, from add_child_args, passes False).
+    """
+    parser.add_argument("--out", metavar="RUN", required=out_required,
+                        help=f"run folder: {METRICS_FILE}, {SUMMARY_FILE} and one trained model folder per "
+                             "candidate (must not exist or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="reuse a non-empty run folder")
+    parser.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps (default 200)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B",
+                        help="sequences or images per step, over all processes (default 8)")
+    parser.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per sequence (default 128)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (default 1)")
+    parser.add_argument("--lr", metavar="X", help="peak learning rate: one value for all candidates or "
+                        "NAME=X,NAME=X,... (default: each strategy's measured default)")
+    parser.add_argument("--wd", metavar="X", help="AdamW weight decay, like --lr (default: per strategy)")
+    parser.add_argument("--warmup", type=float, default=0.05,
+                        help="linear warmup: a fraction of the steps, or a number of steps (default 0.05)")
+    parser.add_argument("--eval-every", type=int, metavar="K",
+                        help="validate every K steps, and at step 0 and the end (default: steps / 20)")
+    parser.add_argument("--eval-images", type=int, default=EVAL_IMAGES, metavar="N",
+                        help=f"validation images for image models (default {EVAL_IMAGES})")
+    parser.add_argument("--target", type=float, metavar="V",
+                        help="validation loss (accuracy for images) to reach (default: random init's best)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: CUDA (bf16 autocast) when available (default auto)")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="seed of the data order and random init (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or a plain single process (decided before any process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def training_config(args: argparse.Namespace) -> TrainConfig:
+    """The engine's settings from the flags, validated now so that bad input fails before any loading.
+
+    ``eval_batches`` is a placeholder until the validation data is known (see ``load_data``).
+    """
+    eval_every = args.eval_every if args.eval_every is not None else max(1, args.steps // 20)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         warmup=args.warmup, eval_every=eval_every, seed=args.seed, device=args.device)
+    config.validate()
+    if args.seq_len < 2:
+        raise SubcloneError(f"--seq-len={args.seq_len} must be at least 2")
+    if args.eval_images < 1:
+        raise SubcloneError(f"--eval-images={args.eval_images} must be a positive integer")
+    return config
+
+
+def prepare_output(out: str | None, overwrite: bool) -> Path | None:
+    """Refuse a non-empty run folder before any work; with --overwrite drop the old metrics (appended to)."""
+    if out is None:
+        return None
+    path = check_output_dir(out, overwrite=overwrite)
+    if overwrite and is_main_process():
+        for name in (METRICS_FILE, SUMMARY_FILE):
+            (path / name).unlink(missing_ok=True)
+    return path
+
+
+def load_data(parent: Parent, data_id: str | None, config: TrainConfig, *, seq_len: int,
+              eval_tokens: int, eval_images: int) -> tuple[Any, Any, TrainConfig]:
+    """Training data for the whole budget (one pass when there is enough) and the fixed validation set.
+
+    Returns:
+        (train, validation, config with eval_batches covering the whole validation set).
+    """
+    if eval_tokens < seq_len:
+        raise SubcloneError(f"--eval-tokens={eval_tokens} must be at least --seq-len ({seq_len})")
+    budget = config.steps * config.grad_accum * config.batch_size  # sequences or images
+    train = make_data(parent, data_id, "train", seq_len=seq_len, max_tokens=budget * seq_len, max_images=budget)
+    val = make_data(parent, data_id, "validation", seq_len=seq_len, max_tokens=eval_tokens, max_images=eval_images)
+    eval_batches = max(1, math.ceil(len(val) / config.batch_size))
+    return train, val, dataclasses.replace(config, eval_batches=eval_batches)
+
+
+def parse_per_candidate(text: str | None, flag: str, names: list[str]) -> dict[str, float]:
+    """``"1e-3"`` gives every candidate 1e-3; ``"subclone=3e-4,random=1e-3"`` names them one by one.
+
+    Raises:
+        SubcloneError: a value that is not a number, or a name that is not a candidate.
+    """
+    if text is None:
+        return {}
+    if "=" not in text:
+        return dict.fromkeys(names, _number(text, flag))
+    values = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name.strip() not in names:
+            raise SubcloneError(f"{flag}: {name.strip()!r} is not a candidate; candidates: {', '.join(names)}")
+        values[name.strip()] = _number(value, flag)
+    return values
+
+
+def _number(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SubcloneError(f"{flag}: {text!r} is not a number (e.g. 1e-3, or NAME=1e-3,NAME=3e-4)") from None
+
+
+def hparam_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
+    """The --lr / --wd overrides per candidate name, checked against the names before any work."""
+    return {"lr": parse_per_candidate(args.lr, "--lr", names),
+            "weight_decay": parse_per_candidate(args.wd, "--wd", names)}
+
+
+def apply_hparams(candidates: list[Candidate], overrides: dict[str, dict[str, float]]) -> None:
+    """Set the overrides on the candidates; the others keep their strategy's defaults."""
+    for cand in candidates:
+        cand.lr = overrides["lr"].get(cand.name, cand.lr)
+        cand.weight_decay = overrides["weight_decay"].get(cand.name, cand.weight_decay)
+
+
+class TrainingProgress:
+    """A tqdm bar on stderr fed by the engine's events: one tick per candidate step, last losses shown."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, desc="training", unit="step", file=sys.stderr, disable=not enabled,
+                        dynamic_ncols=True, mininterval=0.5)
+        self.last: dict[str, str] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind, name = event.get("event"), event.get("candidate")
+        if kind == "step":
+            self.bar.update(1)
+        elif kind == "eval":
+            value = event.get("accuracy", event.get("loss"))
+            self.last[name] = f"{value:.3f}" if value is not None else "?"
+            self.bar.set_postfix_str(" ".join(f"{n} {v}" for n, v in self.last.items()), refresh=False)
+        elif kind == "error" and not self.bar.disable:
+            tqdm.write(f"{name or 'run'}: {event.get('message')}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_and_report(candidates: list[Candidate], train: Any, val: Any, config: TrainConfig, *,
+                     args: argparse.Namespace, out: Path | None, preprocessor: Any,
+                     manifests: dict[str, dict], context: dict[str, Any]) -> int:
+    """Train every candidate on the same data order, then print (main process only) the result table.
+
+    Args:
+        candidates: named models with their hyperparameters.
+        train, val: the data (see load_data); config: the engine's settings.
+        args: the parsed flags (target, json, quiet).
+        out: the run folder, or None to save nothing.
+        preprocessor: the tokenizer or image processor saved with each model.
+        manifests: name -> the subclone.json content of that candidate (training info is added).
+        context: what the summary says about the run besides the results (command, parent, shape...).
+    """
+    start = time.perf_counter()
+    progress = TrainingProgress(config.steps * len(candidates), enabled=not args.quiet and is_main_process())
+    try:
+        results = train_candidates(
+            candidates, train, val, config, callbacks=[progress],
+            metrics_path=out / METRICS_FILE if out else None, save_dir=out, preprocessor=preprocessor,
+            manifest_for=manifests.get, overwrite=args.overwrite)
+    finally:
+        progress.close()
+    summary = build_summary(results, config, args.target, context, out, time.perf_counter() - start)
+    if not is_main_process():
+        return 0
+    if out is not None:
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    if args.json:
+        print_json(summary)
+    else:
+        print(format_report(summary))
+    return 0
+
+
+def build_summary(results: dict[str, RunResult], config: TrainConfig, target: float | None,
+                  context: dict[str, Any], out: Path | None, seconds: float) -> dict[str, Any]:
+    """The JSON summary of a run: settings, the target and one row per candidate."""
+    rows = speedup_table(results, baseline=BASELINE, target=target)
+    for row in rows:
+        result = results[row["name"]]
+        row.update(strategy=result.strategy, lr=result.lr, weight_decay=result.weight_decay,
+                   message=result.message, steps_done=result.steps_done, seen=result.seen,
+                   saved_to=str(result.saved_to) if result.saved_to else None)
+    metric = rows[0]["metric"] if rows else "loss"
+    return {
+        **context,
+        "metric": metric,
+        "target": rows[0]["target"] if rows else None,
+        "target_from": "--target" if target is not None else ("random init's best" if BASELINE in results else None),
+        "config": config.to_dict(),
+        "rows": rows,
+        "out": str(out) if out else None,
+        "metrics_file": str(out / METRICS_FILE) if out else None,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The result table in plain text, with the target and any stopped candidate explained below it."""
+    metric, rows = summary["metric"], summary["rows"]
+    header = ["candidate", "lr", f"step-0 {metric}", f"final {metric}", f"best {metric}", "steps to target",
+              "speedup", rows[0]["unit"] if rows else "tokens/s"]
+    body = [[r["name"], f"{r['lr']:g}", _fmt(r["start"]), _fmt(r["final"]), _fmt(r["best"]),
+             r["steps_to_target_text"], r["speedup_text"], f"{r['throughput']:.0f}"] for r in rows]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body)]
+    table = ["  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
+    table.insert(1, "  ".join("-" * w for w in widths))
+    lines = [_headline(summary), *table, _target_line(summary)]
+    lines += [f"{r['name']}: {r['status']}: {r['message']}" for r in rows if r["status"] != "done"]
+    if summary["out"]:
+        lines.append(f"metrics: {summary['metrics_file']}; models: {summary['out']}/<candidate>")
+    return "\n".join(lines)
+
+
+def _headline(summary: dict[str, Any]) -> str:
+    """E.g. "SmolLM2... -> 6 blocks x 192, 3 heads / 1 KV, FFN 512; 200 steps of 8 x 128 tokens"."""
+    shape, config = summary["shape"], summary["config"]
+    per_step = f"{config['batch_size']} x {summary['seq_len']} tokens" if summary["task"] == "causal-lm" \
+        else f"{config['batch_size']} images"
+    accum = f" x {config['grad_accum']} micro-batches" if config["grad_accum"] > 1 else ""
+    return (f"{summary['label']}: {shape['layers']} blocks x {shape['hidden']}, {shape['heads']} heads / "
+            f"{shape['kv_heads']} KV, FFN {shape['ffn']}; {config['steps']} steps of {per_step}{accum}, "
+            f"data {summary['data']}")
+
+
+def _target_line(summary: dict[str, Any]) -> str:
+    target, metric = summary["target"], summary["metric"]
+    if target is None:
+        return "no target: train a random-init baseline (--baseline random / --strategies ...,random) or give --target"
+    return f"target: {metric} {target:.3f} ({summary['target_from']}); speedup = random init's steps / candidate's"

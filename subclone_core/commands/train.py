@@ -1,0 +1,70 @@
+"""`subclone train`: train a saved child (and optionally a random twin of its shape) on the same data."""
+
+from __future__ import annotations
+
+import argparse
+
+from subclone_core.commands._options import add_data_args
+from subclone_core.commands._training import (
+    BASELINE,
+    EVAL_TOKENS,
+    add_training_args,
+    apply_hparams,
+    hparam_overrides,
+    load_data,
+    prepare_output,
+    train_and_report,
+    training_config,
+)
+from subclone_core.saving import load_manifest
+from subclone_core.shape import Shape
+from subclone_core.sources import default_data_id, load_parent
+from subclone_core.strategies import subclone_model
+from subclone_core.training import DEFAULT_HPARAMS, Candidate
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a saved child, optionally beside a random twin, and report the speedup",
+                       description="Train a model folder (e.g. from `subclone make`) and, with --baseline random, "
+                                   "a randomly initialized model of the same shape on the identical data order; "
+                                   "print step-0, final and best validation values, steps to target and speedup.")
+    p.add_argument("--model", required=True, metavar="DIR", help="the model folder to train")
+    p.add_argument("--baseline", choices=(BASELINE,), help="also train a random-init twin of the same shape")
+    add_data_args(p, tokens_flag="--eval-tokens", tokens_default=EVAL_TOKENS)
+    add_training_args(p, out_required=True)
+    p.set_defaults(func=run)
+
+
+def child_candidate(model, manifest: dict | None, with_baseline: bool) -> Candidate:
+    """The model folder as a candidate named after the strategy that made it (e.g. "subclone").
+
+    A folder made with another tool is trained with the subcloned child's defaults (its weights are
+    pretrained); a random-init child next to a random baseline is called "child" to keep names unique.
+    """
+    strategy = (manifest or {}).get("strategy")
+    if strategy not in DEFAULT_HPARAMS:
+        strategy = "subclone"
+    name = "child" if strategy == BASELINE and with_baseline else strategy
+    return Candidate(name, model, strategy=strategy)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = training_config(args)
+    out = prepare_output(args.out, args.overwrite)
+    child = load_parent(args.model)
+    manifest = load_manifest(args.model) or {"parent": None, "note": f"trained from {args.model}"}
+    candidates = [child_candidate(child.model, manifest, bool(args.baseline))]
+    manifests = {candidates[0].name: manifest}
+    if args.baseline:
+        shape = Shape.of(child.model.config)
+        twin = subclone_model(child.model, shape, strategy="random", seed=args.seed)
+        twin.manifest["parent"].update(twin_of=str(args.model))
+        candidates.append(Candidate(BASELINE, twin.model, strategy=BASELINE))
+        manifests[BASELINE] = twin.manifest
+    apply_hparams(candidates, hparam_overrides(args, [c.name for c in candidates]))
+    train, val, config = load_data(child, args.data, config, seq_len=args.seq_len, eval_tokens=args.tokens,
+                                   eval_images=args.eval_images)
+    context = {"command": "train", "model": str(args.model), "label": child.label, "task": child.task,
+               "data": args.data or default_data_id(child.task), "seq_len": args.seq_len, "shape": Shape.of(child.model.config).as_dict()}
+    return train_and_report(candidates, train, val, config, args=args, out=out, preprocessor=child.preprocessor,
+                            manifests=manifests, context=context)
