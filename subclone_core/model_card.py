@@ -38,7 +38,7 @@ pretrained ones" (arXiv:2312.09299). It is an initialization meant for further t
 - Weight scaling by sqrt(fan-in ratio): {'on' if manifest.get('scale') else 'off'}
 - Calibration: {calib.get('tokens', 0)} tokens of `{calib.get('data', '-')}`
 - Parent weights sha256: `{parent.get('weights_sha256', 'unknown')}`
-
+{_training_line(manifest.get('training'))}
 `subclone.json` records the kept residual dimensions, heads and FFN neurons of every block.
 
 ```python
@@ -46,3 +46,10 @@ from transformers import {loader}
 model = {loader}.from_pretrained("path/to/this/folder")
 ```
 """
+
+
+def _training_line(training: dict | None) -> str:
+    """One line on the training a saved candidate received, or nothing for a freshly made child."""
+    if not training:
+        return ""
+    return f"- Trained after initialization: {training.get('steps_done', '?')} steps (see `subclone.json`)\n"

@@ -25,6 +25,8 @@ from accelerate import Accelerator
 from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
 from subclone_core.metrics_log import MetricsLog, json_safe
+from subclone_core.archs import arch_for
+from subclone_core.model_card import model_card
 from subclone_core.saving import check_output_dir, save_model_folder
 from subclone_core.training import batches as B
 from subclone_core.training.config import Candidate, TrainConfig
@@ -297,8 +299,9 @@ def _save(runner: _Runner, ctx: _Context, save_dir: Path, preprocessor: Any, bas
     manifest = dict(base or {})
     manifest["training"] = _training_info(runner, ctx)
     model = ctx.accelerator.unwrap_model(runner.model)
+    card = model_card(manifest, arch_for(model.config.model_type).task) if "child" in manifest else None
     return Path(save_model_folder(model, save_dir / runner.cand.name, preprocessor=preprocessor,
-                                  manifest=manifest, overwrite=overwrite))
+                                  manifest=manifest, model_card=card, overwrite=overwrite))
 
 
 def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, save_dir: Path | None,
