@@ -8,6 +8,7 @@ Run: .venv/bin/python bench/bench_core.py [--tokens 4096] (writes a section of d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -44,19 +45,22 @@ def plain_forward(model, batches) -> None:
         model(**b, use_cache=False)
 
 
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
+def best_of_alternating(first, second, repeats: int = 3) -> tuple[float, float]:
+    """Best time of each of two functions, run in turns so that both see the same machine load."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, out in zip((first, second), times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
+    load_avg = os.getloadavg()[0]  # other work on the machine slows the hooks' many small ops most
     before_load = rss_mb("VmRSS")
     start = time.perf_counter()
     parent = load_parent("default")
@@ -64,8 +68,8 @@ def main() -> None:
     param_mb = sum(p.numel() * p.element_size() for p in parent.model.parameters()) / 2**20
     batches = list(make_data(parent, "default", "train", seq_len=128, max_tokens=args.tokens).batches(8))
     plain_forward(parent.model, batches[:1])  # warm-up
-    forward_s = best_of(lambda: plain_forward(parent.model, batches))
-    calib_s = best_of(lambda: calibrate(parent.model, batches))
+    forward_s, calib_s = best_of_alternating(lambda: plain_forward(parent.model, batches),
+                                             lambda: calibrate(parent.model, batches))
     importance = calibrate(parent.model, batches)
     after_load = rss_mb("VmRSS")
     rows = []
@@ -85,9 +89,9 @@ def main() -> None:
         del child
     report = f"""## Core: calibration, slicing, saving (`bench/bench_core.py`)
 
-Machine: {machine()}. Parent: SmolLM2-135M-Instruct, float32, {param_mb:.0f} MB of parameters;
+Machine: {machine()}; load average {load_avg:.1f} when the run started. Parent: SmolLM2-135M-Instruct, float32, {param_mb:.0f} MB of parameters;
 loaded from the cache in {load_s:.2f} s. Calibration data: {sum(b['input_ids'].numel() for b in batches)} tokens
-of the default text in batches of 8 x 128. Times are the best of 3.
+of the default text in batches of 8 x 128. Times are the best of 3, forward and calibration in turns.
 
 {table(["step", "seconds", "target"], [
     ["plain forward pass over the tokens", f"{forward_s:.2f}", ""],

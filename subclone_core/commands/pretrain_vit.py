@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="where to save (default: the default-vit cache folder)")
     p.add_argument("--epochs", type=float, help="passes over the 60,000 training images (default: 2)")
     p.add_argument("--batch-size", type=int, help="images per step (default: 128)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
     p.add_argument("--seed", type=int, help="initialization and shuffling seed (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -274,14 +274,23 @@ def default_gguf() -> Path:
 
 def default_folder() -> Path:
     """The default parent as a safetensors folder, converted from the embedded GGUF on first use."""
-    return gguf_folder(default_gguf(), cache_dir() / "parents" / "default")
+    gguf = default_gguf()
+    # identified by package and size, not path: every virtual environment shares one conversion
+    source = {"kind": "gguf", "package": DEFAULT_PIP, "file": gguf.name, "size": gguf.stat().st_size}
+    return gguf_folder(gguf, cache_dir() / "parents" / "default", source=source)
 
 
-def gguf_folder(gguf: Path, target: Path | None = None) -> Path:
-    """A safetensors folder converted (once) from a GGUF file; a stale or broken conversion is redone."""
+def gguf_folder(gguf: Path, target: Path | None = None, *, source: dict | None = None) -> Path:
+    """A safetensors folder converted (once) from a GGUF file; a stale or broken conversion is redone.
+
+    Args:
+        gguf: the GGUF file.
+        target: the cache folder (default: one per file, keyed by its path, size and time).
+        source: what identifies the file in the cache marker (default: path, size and modification time).
+    """
     gguf = Path(gguf).resolve()
     stat = gguf.stat()
-    source = {"kind": "gguf", "path": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    source = source or {"kind": "gguf", "path": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if target is None:
         key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
         target = cache_dir() / "parents" / f"{gguf.stem}-{key}"

@@ -44,10 +44,10 @@ class VitRecipe:
     patch: int = 7
     epochs: float = 2.0
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: float = 0.05  # fraction of the steps
-    flip: bool = True  # random horizontal flips: clothes are left-right symmetric
+    flip: bool = False  # random left-right flips cost accuracy in 2 epochs: 83.2% vs 83.9% (lr 2e-3)
     seed: int = 0
     max_train_images: int | None = None  # caps for quick test runs
     max_test_images: int | None = None

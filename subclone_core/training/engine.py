@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
 from subclone_core.metrics_log import MetricsLog, json_safe
-from subclone_core.archs import arch_for
 from subclone_core.model_card import model_card
 from subclone_core.saving import check_output_dir, save_model_folder
 from subclone_core.training import batches as B
