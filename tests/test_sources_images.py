@@ -143,7 +143,7 @@ def test_pretrain_vit_tiny_run_saves_a_loadable_folder(tmp_path):
     parent = load_parent(str(folder))
     assert parent.task == "image-classification" and parent.model.config.num_channels == 1
     metrics = evaluate(parent.model, make_data(parent, "digits", "validation").batches(100))
-    assert metrics["images"] == 359 and metrics["accuracy"] == pytest.approx(info["test_accuracy"], abs=1e-6)
+    assert metrics["images"] == 359 and metrics["accuracy"] == pytest.approx(info["test_accuracy"], abs=1e-4)
     assert not list(tmp_path.glob(".vit.tmp-*"))
 
 
