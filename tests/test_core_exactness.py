@@ -48,7 +48,7 @@ def parent_with_zeroed_inputs(parent, module_path: str, dropped: dict[int, list[
             for b, ch in dropped.items()]
 
 
-def compare_with_hooks(parent, child, handles):
+def assert_matches_parent_with_hooks(parent, child, handles):
     batch = tm.inputs(parent)
     try:
         expected = tm.output(parent, batch)
@@ -66,7 +66,7 @@ def test_removing_ffn_neurons_equals_zeroing_down_inputs(family):
                            scale=False)
     dropped = {b: sorted(set(range(full.ffn)) - set(kept)) for b, kept in enumerate(child.selection.ffn)}
     arch = arch_for(parent.config.model_type)
-    compare_with_hooks(parent, child, parent_with_zeroed_inputs(parent, arch.ffn_down, dropped))
+    assert_matches_parent_with_hooks(parent, child, parent_with_zeroed_inputs(parent, arch.ffn_down, dropped))
 
 
 # Only families whose config carries head_dim can drop heads and keep the whole residual stream;
@@ -84,7 +84,7 @@ def test_removing_heads_equals_zeroing_output_projection_inputs(family, heads, k
     for b, kept in enumerate(child.selection.heads):
         gone = sorted(set(range(full.heads)) - set(kept))
         dropped[b] = [h * full.head_dim + d for h in gone for d in range(full.head_dim)]
-    compare_with_hooks(parent, child, parent_with_zeroed_inputs(parent, arch.attn_out, dropped))
+    assert_matches_parent_with_hooks(parent, child, parent_with_zeroed_inputs(parent, arch.attn_out, dropped))
     assert Shape.of(child.model.config).heads == heads
 
 
@@ -98,7 +98,7 @@ def test_removing_a_block_equals_skipping_it(family):
     block = parent.get_submodule(arch.blocks)[1]
     handle = block.register_forward_hook(lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"],
                                          with_kwargs=True)
-    compare_with_hooks(parent, child, [handle])
+    assert_matches_parent_with_hooks(parent, child, [handle])
     assert child.manifest["removed_blocks"] == [1]
 
 

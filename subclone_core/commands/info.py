@@ -6,6 +6,7 @@ import argparse
 import json
 
 from subclone_core.archs import arch_for
+from subclone_core.commands._options import add_parent_args
 from subclone_core.shape import Shape
 from subclone_core.sources import Parent, load_parent
 
@@ -17,18 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="architecture, shape and size of a parent or model folder",
         description="Show a parent's architecture: blocks, widths, heads, parameters.",
     )
-    p.add_argument(
-        "--parent",
-        required=True,
-        metavar="P",
-        help="default, default-vit, a model folder, a .gguf file, or a Hub id",
-    )
-    p.add_argument(
-        "--allow-pickle", action="store_true", help="accept pytorch_model.bin weights (pickles can run code)"
-    )
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="let transformers run the model folder's own code"
-    )
+    add_parent_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
 
