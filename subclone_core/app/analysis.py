@@ -122,24 +122,28 @@ def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progr
     Each block in turn is bypassed by a forward hook that returns its input; the hook is removed at once.
 
     Returns:
-        {"base": the intact model's loss, "losses": [loss without block i for each block]}.
+        {"base": the intact model's loss, "losses": [loss without block i for each block]}, and for image
+        classifiers also "base_accuracy" and "accuracies" (the same, as top-1 accuracy).
     """
     blocks = model.get_submodule(arch_for(model.config.model_type).blocks)
     total = len(blocks) + 1
     with exclusive(model):
-        base = evaluate(model, batches)["loss"]
+        base = evaluate(model, batches)
         if progress:
             progress(1, total)
-        losses = []
+        removed = []
         for i, block in enumerate(blocks):
             handle = block.register_forward_hook(_skip_hook, with_kwargs=True)
             try:
-                losses.append(evaluate(model, batches)["loss"])
+                removed.append(evaluate(model, batches))
             finally:
                 handle.remove()
             if progress:
                 progress(i + 2, total)
-    return {"base": base, "losses": losses}
+    out = {"base": base["loss"], "losses": [r["loss"] for r in removed]}
+    if "accuracy" in base:
+        out.update(base_accuracy=base["accuracy"], accuracies=[r["accuracy"] for r in removed])
+    return out
 
 
 # --- shapes -------------------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ class TrainConfig:
         grad_accum: micro-batches per optimizer step.
         warmup: linear warmup length: a fraction of ``steps`` when < 1, else a number of steps.
         eval_every: validate every this many steps (and at step 0 and at the last step).
+        eval_at: extra steps to validate after, e.g. early ones that resolve a pretrained start's lead.
         eval_batches: validation batches, the same fixed ones for every candidate and evaluation.
         eval_batch_size: validation batch size; None uses batch_size.
         max_grad_norm: gradient clipping norm; None disables clipping.
@@ -125,6 +126,7 @@ class TrainConfig:
     grad_accum: int = 1
     warmup: float = 0.05
     eval_every: int = 25
+    eval_at: tuple[int, ...] = ()
     eval_batches: int = 8
     eval_batch_size: int | None = None
     max_grad_norm: float | None = 1.0
@@ -139,8 +141,8 @@ class TrainConfig:
         return round(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
 
     def eval_steps(self) -> list[int]:
-        """Steps after which validation runs: 0, every eval_every, and the last step."""
-        return sorted({0, *range(self.eval_every, self.steps + 1, self.eval_every), self.steps})
+        """Steps after which validation runs: 0, every eval_every, the extra eval_at steps, and the last step."""
+        return sorted({0, *range(self.eval_every, self.steps + 1, self.eval_every), *self.eval_at, self.steps})
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy of the settings."""
@@ -152,6 +154,9 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise SubcloneError(f"{key} must be a whole number >= 1, got {value!r}")
+        bad = [s for s in self.eval_at if not isinstance(s, int) or not 1 <= s <= self.steps]
+        if bad:
+            raise SubcloneError(f"eval_at steps {bad} must be whole numbers from 1 to steps ({self.steps})")
         if self.warmup < 0 or self.warmup_steps() > self.steps:
             raise SubcloneError(f"warmup {self.warmup} must be a fraction < 1 or at most steps ({self.steps})")
         if self.batch_size % world_size:
