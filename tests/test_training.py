@@ -241,10 +241,18 @@ def test_gradient_accumulation_counts_every_micro_batch():
     ({"warmup": 50}, "warmup"),
     ({"device": "tpu"}, "device"),
     ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"eval_at": (0, 3)}, "eval_at"),
+    ({"eval_at": (31,)}, "eval_at"),
 ])
 def test_bad_settings_are_user_errors(bad, match):
     with pytest.raises(SubcloneError, match=match):
         train_candidates([Candidate("random", tiny_llama(1))], PatternData(), PatternData(), config(**bad))
+
+
+def test_extra_evaluation_steps_join_the_regular_grid():
+    result = train_candidates([Candidate("random", tiny_llama(1))], PatternData(), PatternData(rows=8),
+                              config(steps=6, eval_every=5, eval_at=(1, 2, 5)))["random"]
+    assert [step for step, _ in result.curve("loss")] == [0, 1, 2, 5, 6]
 
 
 def test_an_occupied_save_folder_fails_before_training(tmp_path):

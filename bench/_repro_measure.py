@@ -1,0 +1,272 @@
+"""The measurements behind docs/REPRODUCTION.md, returned as plain JSON-ready dicts.
+
+Two kinds: analyses of the parent (relative magnitude, single-block removal, neuron-score consistency,
+step-0 losses of children made every way) and training runs (learning-rate sweeps, then every ablation
+at the subcloned child's best learning rate, then a second seed for comparisons too close to call).
+Nothing here writes files or decides verdicts: `_repro_report.py` does that from these dicts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from bench.bench_training import Budget, lr_text, progress_printer, train_config
+from subclone_core.app.analysis import block_ablation, rank_correlation
+from subclone_core.calibration import Importance, calibrate
+from subclone_core.evaluate import evaluate
+from subclone_core.sources import Parent, make_data
+from subclone_core.speedup import HIGHER_IS_BETTER, best_value, speedup
+from subclone_core.strategies import plan_shape
+from subclone_core.training import Candidate, default_hparams, train_candidates
+from subclone_core.workflow import make_child
+
+CALIB_POOL = 4  # a seed's calibration sample is drawn from this many times the budget of training data
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to initialize and train the child.
+
+    Attributes:
+        name: short id (candidate-name safe).
+        label: what the report calls it.
+        strategy: the make_child strategy.
+        options: make_child options (scale, drop, untie_head).
+        weight_decay: None for the strategy's default.
+        lrs: learning rates to sweep; None trains at the subcloned child's best one.
+    """
+
+    name: str
+    label: str
+    strategy: str
+    options: dict = field(default_factory=dict)
+    weight_decay: float | None = None
+    lrs: tuple[float, ...] | None = None
+
+    def decay(self) -> float:
+        """The weight decay it trains with."""
+        return self.weight_decay if self.weight_decay is not None else default_hparams(self.strategy)["weight_decay"]
+
+
+@dataclass(frozen=True)
+class Study:
+    """The training part for one parent: arms, comparisons (finding -> arms), budget and sweeps."""
+
+    key: str
+    data_id: str
+    sizes: dict[str, int]
+    budget: Budget
+    eval_at: tuple[int, ...]
+    arms: tuple[Arm, ...]
+    comparisons: dict[str, tuple[str, ...]]
+    close: float  # a gap in best value below this is "too close to call" on one seed
+    max_reruns: int  # at most this many arms get a second seed
+
+
+# --- parent analyses ------------------------------------------------------------------------------------
+
+
+def calibrate_seed(parent: Parent, data_id: str, tokens: int, seed: int) -> Importance:
+    """Importance from a calibration sample drawn by ``seed`` out of a pool of training data."""
+    pool = make_data(parent, data_id, "train", seq_len=128, max_tokens=tokens * CALIB_POOL,
+                     max_images=max(1, tokens * CALIB_POOL // 2))
+    return calibrate(parent.model, pool.batches(8, shuffle=True, seed=seed), max_tokens=tokens,
+                     data=f"{data_id}, seed {seed}")
+
+
+def validation_batches(parent: Parent, data_id: str, tokens: int, images: int) -> list[dict]:
+    val = make_data(parent, data_id, "validation", seq_len=128, max_tokens=tokens, max_images=images)
+    return list(val.batches(8 if parent.task == "causal-lm" else 100))
+
+
+def _rounded(values: torch.Tensor | list[float], digits: int = 5) -> list[float]:
+    return [float(f"{float(v):.{digits}g}") for v in (values.tolist() if torch.is_tensor(values) else values)]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally long vectors."""
+    return float(rank_correlation(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def top_share(scores: torch.Tensor, fraction: float = 0.01) -> float:
+    """The share of the total score held by the top ``fraction`` of entries (uniform scores: ``fraction``)."""
+    flat = scores.double().flatten().sort(descending=True).values
+    k = max(1, math.ceil(fraction * flat.numel()))
+    return float(flat[:k].sum() / flat.sum().clamp_min(1e-30))
+
+
+def analyze_parent(parent: Parent, data_id: str, *, calib_tokens: int, val_tokens: int, val_images: int,
+                   seeds: tuple[int, ...]) -> tuple[dict[str, Any], dict[int, Importance]]:
+    """Findings 1-3 on a parent: relative magnitude, single-block removal, neuron-score consistency."""
+    importances = {s: calibrate_seed(parent, data_id, calib_tokens, s) for s in seeds}
+    first = importances[seeds[0]]
+    blocks = first.residual_block  # (L, D): the mean |block output| per residual neuron
+    layers = blocks.shape[0]
+    corr = rank_correlation(blocks)
+    pairs = _scatter_pairs(layers)
+    print(f"[{parent.id}] single-block removal over {layers} blocks", file=sys.stderr, flush=True)
+    ablation = block_ablation(parent.model, validation_batches(parent, data_id, val_tokens, val_images))
+    out = {
+        "layers": layers,
+        "calib_tokens": first.tokens,
+        "rel_magnitude": {str(s): _rounded(imp.rel_magnitude) for s, imp in importances.items()},
+        "one_minus_cos": _rounded(first.one_minus_cos),
+        "ablation": ablation,
+        "magnitude_vs_removal_spearman": spearman(first.rel_magnitude, torch.tensor(ablation["losses"])),
+        "rank_corr": [_rounded(row, 4) for row in corr],
+        "rank_corr_off_diagonal": _off_diagonal(corr),
+        "rank_corr_adjacent": float(corr.diagonal(1).mean()) if layers > 1 else 1.0,
+        "scatter": [{"a": a, "b": b, "x": _rounded(blocks[a], 4), "y": _rounded(blocks[b], 4),
+                     "spearman": float(corr[a, b])} for a, b in pairs],
+        "residual_sorted": _rounded(first.residual.sort(descending=True).values, 4),
+        "residual_top1_share": top_share(first.residual),
+        "ffn_top1_share": sum(top_share(row) for row in first.ffn) / layers,
+        "residual_dims": int(first.residual.numel()),
+        "seed_agreement": (spearman(importances[seeds[0]].residual, importances[seeds[-1]].residual)
+                           if len(seeds) > 1 else None),
+    }
+    return out, importances
+
+
+def _scatter_pairs(layers: int) -> list[tuple[int, int]]:
+    """Pairs of blocks to scatter: an early one against the middle one, the middle one against a late one."""
+    mid = layers // 2
+    early, late = min(1, layers - 1), max(layers - 2, 0)
+    return [(early, mid), (mid, late)] if layers > 2 else [(0, layers - 1)]
+
+
+def _off_diagonal(matrix: torch.Tensor) -> float:
+    n = matrix.shape[0]
+    return 1.0 if n < 2 else float((matrix.sum() - matrix.diagonal().sum()) / (n * n - n))
+
+
+# --- step-0 losses --------------------------------------------------------------------------------------
+
+
+def step0_table(parent: Parent, importances: dict[int, Importance], shapes: dict[str, dict[str, int]],
+                arms: tuple[Arm, ...], batches: list[dict]) -> list[dict[str, Any]]:
+    """Validation loss (and accuracy) of every arm's untrained child, per child shape and calibration seed."""
+    rows = []
+    for shape_key, sizes in shapes.items():
+        target = plan_shape(parent.model, **sizes)
+        for seed, importance in importances.items():
+            for arm in arms:
+                child = make_child(parent, target, strategy=arm.strategy, importance=importance, seed=seed,
+                                   **arm.options)
+                result = evaluate(child.model, batches)
+                rows.append({"shape": shape_key, "seed": seed, "arm": arm.name, "loss": result["loss"],
+                             "accuracy": result.get("accuracy"), "removed_blocks": child.manifest.get("removed_blocks")})
+                del child
+    return rows
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+
+def run_study(parent: Parent, study: Study, importances: dict[int, Importance], seeds: tuple[int, ...],
+              runs_dir: Any) -> dict[str, Any]:
+    """Sweep, ablate, and rerun close comparisons with the second seed; curves of every chosen run."""
+    metric = "loss" if parent.task == "causal-lm" else "accuracy"
+    higher = HIGHER_IS_BETTER[metric]
+    target = plan_shape(parent.model, **study.sizes)
+    train = make_data(parent, study.data_id, "train", seq_len=study.budget.seq_len,
+                      max_tokens=study.budget.steps * study.budget.batch_size * study.budget.seq_len,
+                      max_images=study.budget.steps * study.budget.batch_size)
+    val = make_data(parent, study.data_id, "validation", seq_len=study.budget.seq_len,
+                    max_tokens=study.budget.val_tokens, max_images=study.budget.val_images)
+    base_config = replace(train_config(study.budget, len(val)), eval_at=study.eval_at)
+    arms = {a.name: a for a in study.arms}
+    sweep, chosen = [], {}  # chosen[arm][str(seed)] = run summary (JSON keys are strings)
+
+    def train_arms(names: list[str], lr_of: dict[str, tuple[float, ...]], seed: int, tag: str) -> None:
+        cands = []
+        for name in names:
+            child = make_child(parent, target, strategy=arms[name].strategy, importance=importances[seed],
+                               seed=seed, **arms[name].options).model
+            for lr in lr_of[name]:
+                cands.append(Candidate(f"{name}-lr{lr_text(lr)}", copy.deepcopy(child), lr=lr,
+                                       weight_decay=arms[name].decay(), strategy=arms[name].strategy))
+        print(f"[{study.key} {tag}] {', '.join(c.name for c in cands)}: {base_config.steps} steps",
+              file=sys.stderr, flush=True)
+        results = train_candidates(cands, train, val, replace(base_config, seed=seed),
+                                   callbacks=[progress_printer(f"{study.key} {tag}", base_config.steps)],
+                                   metrics_path=runs_dir / f"{study.key}-{tag}.jsonl")
+        for name in names:
+            runs = [r for n, r in results.items() if n.rsplit("-lr", 1)[0] == name]
+            for r in runs:
+                sweep.append({"arm": name, "seed": seed, "lr": r.lr, "weight_decay": r.weight_decay,
+                              "status": r.status, "best": best_value(r.curve(metric), higher_is_better=higher),
+                              "final": r.curve(metric)[-1][1] if r.curve(metric) else None})
+            scored = [r for r in runs if best_value(r.curve(metric), higher_is_better=higher) is not None]
+            if scored:
+                best = (max if higher else min)(
+                    scored, key=lambda r: best_value(r.curve(metric), higher_is_better=higher))
+                chosen.setdefault(name, {})[str(seed)] = _run_summary(best, metric)
+
+    first = seeds[0]
+    swept = [a.name for a in study.arms if a.lrs]
+    train_arms(swept, {n: arms[n].lrs for n in swept}, first, "sweep")
+    child_lr = _child_lr(chosen, arms, first)
+    rest = [a.name for a in study.arms if not a.lrs]
+    if rest:
+        train_arms(rest, {n: (child_lr,) for n in rest}, first, "ablations")
+    reruns = _close_arms(chosen, study, metric, first) if len(seeds) > 1 else []
+    if reruns:
+        lr_of = {n: (chosen[n][str(first)]["lr"],) for n in reruns}
+        train_arms(reruns, lr_of, seeds[1], "second seed")
+    return {"metric": metric, "shape": target.as_dict(), "budget": {**asdict(study.budget), "eval_at": list(study.eval_at)},
+            "child_lr": child_lr, "sweep": sweep, "runs": chosen, "reruns": reruns,
+            "comparisons": {k: list(v) for k, v in study.comparisons.items()},
+            "labels": {a.name: a.label for a in study.arms}, "swept": {a.name: a.lrs for a in study.arms if a.lrs},
+            "speedups": _speedups(chosen, metric), "close": study.close}
+
+
+def _run_summary(run: Any, metric: str) -> dict[str, Any]:
+    higher = HIGHER_IS_BETTER[metric]
+    curve = run.curve(metric)
+    return {"lr": run.lr, "weight_decay": run.weight_decay, "status": run.status, "curve": curve,
+            "start": curve[0][1] if curve else None, "final": curve[-1][1] if curve else None,
+            "best": best_value(curve, higher_is_better=higher), "throughput": round(run.throughput, 1),
+            "unit": run.unit}
+
+
+def _child_lr(chosen: dict, arms: dict[str, Arm], seed: int) -> float:
+    """The subcloned child's best lr (its lowest swept one if every lr diverged)."""
+    run = chosen.get("subclone", {}).get(str(seed))
+    return run["lr"] if run else min(arms["subclone"].lrs)
+
+
+def _close_arms(chosen: dict, study: Study, metric: str, seed: int) -> list[str]:
+    """Arms of comparisons whose two best arms differ by less than ``study.close``, closest first."""
+    higher = HIGHER_IS_BETTER[metric]
+    gaps, seed = [], str(seed)
+    for names in study.comparisons.values():
+        values = sorted((chosen[n][seed]["best"] for n in names if seed in chosen.get(n, {})), reverse=higher)
+        if len(values) >= 2 and abs(values[0] - values[1]) < study.close:
+            gaps.append((abs(values[0] - values[1]), names))
+    out: list[str] = []
+    for _, names in sorted(gaps):
+        new = [n for n in names if n not in out]
+        if len(out) + len(new) <= study.max_reruns:
+            out += new
+    return out
+
+
+def _speedups(chosen: dict, metric: str) -> dict[str, dict[str, Any]]:
+    """Per seed, every arm's speedup over random init of the same seed (random init's best as target)."""
+    higher = HIGHER_IS_BETTER[metric]
+    out: dict[str, dict[str, Any]] = {}
+    for name, by_seed in chosen.items():
+        for seed, run in by_seed.items():
+            base = chosen.get("random", {}).get(seed)
+            if name == "random" or base is None:
+                continue
+            result = speedup(base["curve"], run["curve"], higher_is_better=higher)
+            out.setdefault(name, {})[str(seed)] = result.to_dict()
+    return out

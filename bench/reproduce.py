@@ -1,0 +1,219 @@
+"""Reproduce the weight-subcloning paper's findings on the embedded defaults: docs/REPRODUCTION.md + plots.
+
+Runs the paper's analyses and ablations on the default SmolLM2-135M parent and the default Wikipedia
+text, and the ones that apply to vision on the self-pretrained ViT and Fashion-MNIST, then writes one
+report: for each finding the paper's claim, what this run measured, and whether the claim holds. Every
+number in the report comes from the run that wrote it (also saved as docs/reproduction/results.json,
+from which ``--from-json`` redraws the report and plots without rerunning anything).
+
+Sizes: ``cpu`` (the default: about 35-45 minutes on 2 cores), ``smoke`` (seconds on tiny models; the
+test suite runs it). Run: make reproduce, or .venv/bin/python bench/reproduce.py [--size smoke ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._report import machine
+from bench._repro_measure import Arm, Study, analyze_parent, run_study, step0_table, validation_batches
+from bench._repro_plots import draw_all
+from bench._repro_report import render
+from bench.bench_training import Budget
+from subclone_core.sources import load_parent
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SEEDS = (0, 1)
+
+
+@dataclass(frozen=True)
+class Size:
+    """Budgets of one size of the reproduction."""
+
+    calib_tokens: int  # calibration token positions per seed (a ViT image counts patches + cls)
+    analysis_tokens: int  # validation tokens for block removal and the step-0 tables
+    analysis_images: int  # validation images for the same, ViT
+    lm: Budget
+    lm_eval_at: tuple[int, ...]
+    lm_shapes: dict[str, dict[str, int]]  # step-0 table shapes; the first one is trained
+    vit: Budget
+    vit_eval_at: tuple[int, ...]
+    lm_lrs: dict[str, tuple[float, ...]]
+    vit_lrs: dict[str, tuple[float, ...]]
+    max_reruns: int
+
+
+PAPER_LIKE = {"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024}
+AGGRESSIVE = {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}
+
+SIZES = {
+    # 2 CPU cores: the paper-like child trains at ~1.5 s per 4 x 128-token step (its 49,152-word head
+    # dominates), so each LM run is 40 steps; evaluations at steps 1-3 resolve how fast a child gets ahead.
+    "cpu": Size(calib_tokens=4096, analysis_tokens=2048, analysis_images=1000,
+                lm=Budget(steps=40, eval_every=5, batch_size=4, seq_len=128, val_tokens=2048),
+                lm_eval_at=(1, 2, 3), lm_shapes={"paper-like": PAPER_LIKE, "aggressive": AGGRESSIVE},
+                vit=Budget(steps=200, eval_every=10, batch_size=64, val_images=500, eval_batch_size=250),
+                vit_eval_at=(2, 5),
+                lm_lrs={"random": (1e-3, 3e-3), "subclone": (1e-4, 3e-4, 1e-3, 3e-3)},
+                vit_lrs={"random": (1e-3, 2e-3), "subclone": (1e-4, 3e-4, 1e-3)}, max_reruns=6),
+    "smoke": Size(calib_tokens=256, analysis_tokens=256, analysis_images=64,
+                  lm=Budget(steps=4, eval_every=2, batch_size=2, seq_len=32, val_tokens=128),
+                  lm_eval_at=(1,), lm_shapes={"paper-like": {"layers": 3, "hidden": 24, "heads": 3, "kv_heads": 1,
+                                                             "ffn": 32},
+                                              "aggressive": {"layers": 2, "hidden": 16, "heads": 2, "kv_heads": 1,
+                                                             "ffn": 16}},
+                  vit=Budget(steps=4, eval_every=2, batch_size=16, val_images=64), vit_eval_at=(1,),
+                  lm_lrs={"random": (1e-3,), "subclone": (1e-4, 1e-3)},
+                  vit_lrs={"random": (1e-3,), "subclone": (1e-4, 1e-3)}, max_reruns=6),
+}
+
+HIGH_WD = 0.1  # random init's weight decay, tried on the subcloned child (finding 6)
+
+
+def lm_arms(lrs: dict[str, tuple[float, ...]]) -> tuple[Arm, ...]:
+    """Every LM initialization the findings compare; only random and subclone get lr sweeps."""
+    plain = {"scale": False, "drop": "magnitude"}
+    return (
+        Arm("random", "random init", "random", lrs=lrs["random"]),
+        Arm("subclone", "subclone (no scaling, tied head, drop by magnitude)", "subclone", plain,
+            lrs=lrs["subclone"]),
+        Arm("subclone-wd", f"subclone, weight decay {HIGH_WD:g}", "subclone", plain, weight_decay=HIGH_WD),
+        Arm("scaled", "subclone + scaling (tied unscaled head)", "subclone", {"scale": True, "drop": "magnitude"}),
+        Arm("scaled-untied", "subclone + scaling, untied scaled head", "subclone",
+            {"scale": True, "drop": "magnitude", "untie_head": True}),
+        Arm("middle", "subclone, drop a middle span", "subclone", {"scale": False, "drop": "middle"}),
+        Arm("first-blocks", "subclone, keep the first N blocks", "subclone", {"scale": False, "drop": "first"}),
+        Arm("first-k", "first-k (no reordering)", "first-k", plain),
+        Arm("uniform", "uniform (weight selection)", "uniform", {"scale": False}),
+    )
+
+
+LM_COMPARISONS = {
+    "scaling": ("subclone", "scaled"),
+    "reordering": ("subclone", "first-k", "uniform", "random"),
+    "weight-decay": ("subclone", "subclone-wd"),
+    "block-policy": ("subclone", "middle", "first-blocks"),
+    "tied-head": ("scaled", "scaled-untied"),
+    "headline": ("random", "subclone"),
+}
+
+
+def vit_arms(lrs: dict[str, tuple[float, ...]]) -> tuple[Arm, ...]:
+    """ViT initializations: the ViT family's default is scaling on."""
+    return (
+        Arm("random", "random init", "random", lrs=lrs["random"]),
+        Arm("subclone", "subclone (scaling on)", "subclone", {"scale": True}, lrs=lrs["subclone"]),
+        Arm("unscaled", "subclone, scaling off", "subclone", {"scale": False}),
+        Arm("subclone-wd", f"subclone, weight decay {HIGH_WD:g}", "subclone", {"scale": True}, weight_decay=HIGH_WD),
+        Arm("first-k", "first-k (no reordering), scaling on", "first-k", {"scale": True}),
+        Arm("uniform", "uniform (weight selection)", "uniform", {"scale": False}),
+    )
+
+
+VIT_COMPARISONS = {
+    "scaling": ("subclone", "unscaled"),
+    "reordering": ("subclone", "first-k", "uniform", "random"),
+    "weight-decay": ("subclone", "subclone-wd"),
+    "headline": ("random", "subclone"),
+}
+
+
+def run_lm(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[str, Any]:
+    parent = load_parent(parent_id)
+    start = time.perf_counter()
+    analysis, importances = analyze_parent(parent, data_id, calib_tokens=size.calib_tokens,
+                                           val_tokens=size.analysis_tokens, val_images=0, seeds=SEEDS)
+    arms = lm_arms(size.lm_lrs)
+    step0_arms = tuple(a for a in arms if a.name != "subclone-wd")  # weight decay changes nothing at step 0
+    print(f"[{parent.id}] step-0 losses", file=sys.stderr, flush=True)
+    step0 = step0_table(parent, importances, size.lm_shapes, step0_arms,
+                        validation_batches(parent, data_id, size.analysis_tokens, 0))
+    first_shape = next(iter(size.lm_shapes))
+    study = Study("lm", data_id, size.lm_shapes[first_shape], size.lm, size.lm_eval_at, arms, LM_COMPARISONS,
+                  close=0.1, max_reruns=size.max_reruns)
+    training = run_study(parent, study, importances, SEEDS, runs_dir)
+    training["shape_key"] = first_shape
+    return {"parent": parent.label, "parent_id": parent.id, "data": data_id, "analysis": analysis,
+            "step0": step0, "step0_shapes": {k: dict(v) for k, v in size.lm_shapes.items()},
+            "training": training, "minutes": (time.perf_counter() - start) / 60}
+
+
+def run_vit(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[str, Any]:
+    parent = load_parent(parent_id)
+    start = time.perf_counter()
+    analysis, importances = analyze_parent(parent, data_id, calib_tokens=size.calib_tokens, val_tokens=0,
+                                           val_images=size.analysis_images, seeds=SEEDS)
+    hidden = parent.model.config.hidden_size
+    sizes = {"hidden": hidden // 2, "ffn": parent.model.config.intermediate_size // 2}
+    arms = vit_arms(size.vit_lrs)
+    step0 = step0_table(parent, importances, {"half-width": sizes}, tuple(a for a in arms if a.name != "subclone-wd"),
+                        validation_batches(parent, data_id, 0, size.analysis_images))
+    study = Study("vit", data_id, sizes, size.vit, size.vit_eval_at, arms, VIT_COMPARISONS, close=0.01,
+                  max_reruns=size.max_reruns)
+    training = run_study(parent, study, importances, SEEDS, runs_dir)
+    training["shape_key"] = "half-width"
+    return {"parent": parent.label, "parent_id": parent.id, "data": data_id, "analysis": analysis,
+            "step0": step0, "step0_shapes": {"half-width": sizes}, "training": training,
+            "minutes": (time.perf_counter() - start) / 60}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--parent", default="default", help="the language-model parent (default: default)")
+    parser.add_argument("--data", default="default", help="its text data (default: default)")
+    parser.add_argument("--vit-parent", default="default-vit", help="the image parent, or 'none' to skip")
+    parser.add_argument("--image-data", default="fashion-mnist", help="its image data (default: fashion-mnist)")
+    parser.add_argument("--out", type=Path, default=DOCS / "REPRODUCTION.md", help="the report to write")
+    parser.add_argument("--from-json", type=Path, help="redraw the report and plots from a results.json")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    args = parser.parse_args(argv)
+    figures = args.out.parent / "reproduction"
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        results = measure(args)
+        write_atomic(figures / "results.json", json.dumps(results, indent=None, separators=(",", ":")))
+    draw_all(results, figures)
+    write_atomic(args.out, render(results, figures.name))
+    print(f"wrote {args.out} and {figures}/ ({results['minutes']:.1f} min)", file=sys.stderr)
+    return args.out
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    size = SIZES[args.size]
+    start = time.perf_counter()
+    runs_dir = Path(tempfile.mkdtemp(prefix="subclone-reproduce-"))
+    results: dict[str, Any] = {"size": args.size, "machine": machine(), "seeds": list(SEEDS),
+                               "load_average": os.getloadavg()[0], "high_wd": HIGH_WD,
+                               "lm": run_lm(size, args.parent, args.data, runs_dir), "vit": None}
+    if args.vit_parent != "none":
+        results["vit"] = run_vit(size, args.vit_parent, args.image_data, runs_dir)
+    results["minutes"] = (time.perf_counter() - start) / 60
+    results["load_average_end"] = os.getloadavg()[0]
+    return results
+
+
+if __name__ == "__main__":
+    main()

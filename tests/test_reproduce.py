@@ -1,0 +1,158 @@
+"""`bench/reproduce.py` at the smoke size on tiny parents, and the verdict rules of the report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import transformers
+
+from bench import _repro_report as report_rules
+from bench import reproduce
+from bench._repro_measure import calibrate_seed, validation_batches
+from subclone_core.evaluate import evaluate
+from subclone_core.sources import load_parent
+from subclone_core.strategies import plan_shape
+from subclone_core.workflow import make_child
+from tests import tiny_models as tm
+
+VERDICT = re.compile(r"\*\*Verdict: (holds|holds partly|does not hold|within noise|learning rate: [^*]*|open[^*]*)\.\*\*")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One smoke run: a 4-block tiny Llama on a counting corpus, and a 4-block tiny ViT on scikit-learn digits."""
+    root = tmp_path_factory.mktemp("reproduce")
+    vit = root / "vit"
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=32, num_labels=10)).save_pretrained(vit)
+    transformers.ViTImageProcessorPil(size={"height": 8, "width": 8}, image_mean=[0.5],
+                                      image_std=[0.5]).save_pretrained(vit)
+    llama = root / "llama"
+    tm.save_parent_folder("llama", llama)
+    span = tm.VOCAB - 3
+    paragraphs = [" ".join(f"w{3 + (start + i) % span}" for i in range(120)) for start in range(0, 4 * span, 3)]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraphs))
+    out = root / "docs" / "REPRODUCTION.md"
+    args = ["--size", "smoke", "--parent", str(llama), "--data", str(corpus), "--vit-parent", str(vit),
+            "--image-data", "digits", "--out", str(out)]
+    reproduce.main(args)
+    results = json.loads((out.parent / "reproduction" / "results.json").read_text())
+    return {"out": out, "text": out.read_text(), "results": results, "llama": llama, "corpus": corpus,
+            "args": args}
+
+
+def test_report_covers_every_finding_with_a_computed_verdict(run):
+    text = run["text"]
+    for number, title, *_ in report_rules.FINDINGS:
+        assert f"## {number}. {title}" in text
+    verdicts = VERDICT.findall(text)
+    lm_findings = len(report_rules.FINDINGS)
+    vit_findings = sum("vit" in f[4] for f in report_rules.FINDINGS)
+    assert len(verdicts) == lm_findings + vit_findings
+    assert "| 9 | Headline speedup | language model |" in text
+
+
+def test_every_linked_plot_exists_as_a_png(run):
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", run["text"])
+    assert len(links) == len(report_rules.FINDINGS)
+    for link in links:
+        data = (run["out"].parent / link).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, link
+
+
+def test_reported_numbers_come_from_the_models(run):
+    """Relative magnitude and a step-0 loss recomputed independently match what the run reported."""
+    results = run["results"]["lm"]
+    parent = load_parent(str(run["llama"]))
+    importance = calibrate_seed(parent, str(run["corpus"]), reproduce.SIZES["smoke"].calib_tokens, seed=1)
+    assert results["analysis"]["rel_magnitude"]["1"] == pytest.approx(importance.rel_magnitude.tolist(), rel=1e-4)
+    assert results["analysis"]["layers"] == 4 and len(results["analysis"]["ablation"]["losses"]) == 4
+
+    target = plan_shape(parent.model, **reproduce.SIZES["smoke"].lm_shapes["aggressive"])
+    child = make_child(parent, target, strategy="random", seed=1)
+    batches = validation_batches(parent, str(run["corpus"]), reproduce.SIZES["smoke"].analysis_tokens, 0)
+    row = next(r for r in results["step0"] if (r["shape"], r["arm"], r["seed"]) == ("aggressive", "random", 1))
+    assert row["loss"] == pytest.approx(evaluate(child.model, batches)["loss"], rel=1e-5)
+
+
+def test_training_ran_every_arm_with_swept_learning_rates(run):
+    training = run["results"]["lm"]["training"]
+    assert set(training["runs"]) == {a.name for a in reproduce.lm_arms(reproduce.SIZES["smoke"].lm_lrs)}
+    swept = {(r["arm"], r["lr"]) for r in training["sweep"] if r["seed"] == 0}
+    assert {("subclone", 1e-4), ("subclone", 1e-3), ("random", 1e-3)} <= swept
+    steps = [s for s, _ in training["runs"]["subclone"]["0"]["curve"]]
+    assert steps == [0, 1, 2, 4]  # every eval_every=2 plus the extra step 1
+    vit = run["results"]["vit"]["training"]
+    assert vit["metric"] == "accuracy" and "subclone" in vit["speedups"]
+
+
+def test_redrawing_from_the_json_gives_the_same_report(run, tmp_path):
+    out = tmp_path / "REPRODUCTION.md"
+    (tmp_path / "reproduction").mkdir()
+    json_path = run["out"].parent / "reproduction" / "results.json"
+    reproduce.main(["--from-json", str(json_path), "--out", str(out)])
+    assert out.read_text() == run["text"]
+
+
+# --- verdict rules on hand-made measurements ------------------------------------------------------------
+
+
+def _analysis(rel: list[float], losses: list[float]) -> dict:
+    return {"analysis": {"layers": len(rel), "rel_magnitude": {"0": rel}, "ablation": {"base": 3.0, "losses": losses},
+                         "magnitude_vs_removal_spearman": 0.0}}
+
+
+def test_magnitude_and_removal_verdicts_follow_the_profile():
+    u_shape = [0.9, 0.4, 0.2, 0.1, 0.2, 0.3, 0.5, 0.8]
+    assert report_rules.finding_magnitude(_analysis(u_shape, [9] * 8))["verdict"] == report_rules.HOLDS
+    rising = [0.1 * i for i in range(1, 9)]
+    assert report_rules.finding_magnitude(_analysis(rising, [9] * 8))["verdict"] == report_rules.FAILS
+    cheap_middle = [9, 4, 3.2, 3.1, 3.3, 3.5, 4, 8]
+    assert report_rules.finding_removal(_analysis(u_shape, cheap_middle))["verdict"] == report_rules.HOLDS
+    cheap_ends = [3.1, 5, 6, 7, 7, 6, 5, 3.2]
+    assert report_rules.finding_removal(_analysis(u_shape, cheap_ends))["verdict"] == report_rules.FAILS
+
+
+def _pair_part(step0: dict[str, float], best: dict[str, dict[str, float]]) -> dict:
+    rows = [{"shape": "s", "seed": 0, "arm": arm, "loss": v, "accuracy": None} for arm, v in step0.items()]
+    runs = {arm: {seed: {"best": v} for seed, v in by_seed.items()} for arm, by_seed in best.items()}
+    return {"step0": rows, "step0_shapes": {"s": {}},
+            "training": {"metric": "loss", "runs": runs, "labels": {"scaled": "x"}, "shape_key": "s"}}
+
+
+def test_pair_verdicts_need_agreement_across_seeds():
+    wins = _pair_part({"scaled": 8.0, "subclone": 9.0}, {"scaled": {"0": 5.0, "1": 5.1}, "subclone": {"0": 5.5, "1": 5.6}})
+    assert report_rules.finding_scaling(wins)["verdict"] == report_rules.HOLDS
+    split = _pair_part({"scaled": 8.0, "subclone": 9.0}, {"scaled": {"0": 5.0, "1": 5.6}, "subclone": {"0": 5.5, "1": 5.1}})
+    assert report_rules.finding_scaling(split)["verdict"] == report_rules.NOISE
+    loses = _pair_part({"scaled": 9.5, "subclone": 9.0}, {"scaled": {"0": 6.0}, "subclone": {"0": 5.5}})
+    assert report_rules.finding_scaling(loses)["verdict"] == report_rules.FAILS
+
+
+def test_consistency_verdict_uses_rank_correlation_and_dominance():
+    part = {"analysis": {"rank_corr_off_diagonal": 0.8, "residual_top1_share": 0.2, "scatter": [], "residual_dims": 100,
+                         "rank_corr_adjacent": 0.9, "ffn_top1_share": 0.03, "seed_agreement": None}}
+    assert report_rules.finding_consistency(part)["verdict"] == report_rules.HOLDS
+    part["analysis"].update(rank_corr_off_diagonal=0.1, residual_top1_share=0.011)
+    assert report_rules.finding_consistency(part)["verdict"] == report_rules.FAILS
+
+
+def _sweep_part(random: dict[float, float], child: dict[float, float]) -> dict:
+    sweep = [{"arm": arm, "seed": 0, "lr": lr, "best": v} for arm, values in (("random", random), ("subclone", child))
+             for lr, v in values.items()]
+    return {"training": {"metric": "loss", "sweep": sweep}}
+
+
+def test_lr_verdict_compares_the_child_with_every_lr_random_init_does_well_with():
+    lower = _sweep_part({1e-3: 7.0, 3e-3: 6.0}, {1e-4: 5.0, 1e-3: 4.0, 3e-3: 6.5})
+    assert report_rules.lr_verdict(lower)[0] == report_rules.HOLDS
+    tie = _sweep_part({1e-3: 7.524, 3e-3: 7.522}, {3e-4: 5.5, 1e-3: 5.3, 3e-3: 7.5})
+    assert report_rules.lr_verdict(tie)[0] == report_rules.PARTLY  # random init ties: 1e-3 is one of its lrs
+    same = _sweep_part({1e-3: 6.0, 3e-3: 7.0}, {1e-3: 5.0, 3e-3: 5.5})
+    assert report_rules.lr_verdict(same)[0] == report_rules.FAILS
