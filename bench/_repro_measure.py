@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bench.bench_training import Budget, lr_text, progress_printer, train_config
-from subclone_core.app.analysis import block_ablation, rank_correlation
+from subclone_core.app.analysis import block_ablation, off_diagonal_mean, rank_correlation
 from subclone_core.calibration import Importance, calibrate
 from subclone_core.evaluate import evaluate
 from subclone_core.sources import Parent, make_data
@@ -120,7 +120,7 @@ def analyze_parent(parent: Parent, data_id: str, *, calib_tokens: int, val_token
         "ablation": ablation,
         "magnitude_vs_removal_spearman": spearman(first.rel_magnitude, torch.tensor(ablation["losses"])),
         "rank_corr": [_rounded(row, 4) for row in corr],
-        "rank_corr_off_diagonal": _off_diagonal(corr),
+        "rank_corr_off_diagonal": off_diagonal_mean(corr),
         "rank_corr_adjacent": float(corr.diagonal(1).mean()) if layers > 1 else 1.0,
         "scatter": [{"a": a, "b": b, "x": _rounded(blocks[a], 4), "y": _rounded(blocks[b], 4),
                      "spearman": float(corr[a, b])} for a, b in pairs],
@@ -139,11 +139,6 @@ def _scatter_pairs(layers: int) -> list[tuple[int, int]]:
     mid = layers // 2
     early, late = min(1, layers - 1), max(layers - 2, 0)
     return [(early, mid), (mid, late)] if layers > 2 else [(0, layers - 1)]
-
-
-def _off_diagonal(matrix: torch.Tensor) -> float:
-    n = matrix.shape[0]
-    return 1.0 if n < 2 else float((matrix.sum() - matrix.diagonal().sum()) / (n * n - n))
 
 
 # --- step-0 losses --------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ report: for each finding the paper's claim, what this run measured, and whether 
 number in the report comes from the run that wrote it (also saved as docs/reproduction/results.json,
 from which ``--from-json`` redraws the report and plots without rerunning anything).
 
-Sizes: ``cpu`` (the default: about 35-45 minutes on 2 cores), ``smoke`` (seconds on tiny models; the
-test suite runs it). Run: make reproduce, or .venv/bin/python bench/reproduce.py [--size smoke ...]
+Sizes: ``cpu`` (the default: about 26 minutes on 2 idle cores, 20 of them for the language model),
+``smoke`` (seconds on tiny models; the test suite runs it).
+Run: make reproduce, or .venv/bin/python bench/reproduce.py [--size smoke ...]
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ PAPER_LIKE = {"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 102
 AGGRESSIVE = {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}
 
 SIZES = {
-    # 2 CPU cores: the paper-like child trains at ~1.5 s per 4 x 128-token step (its 49,152-word head
+    # 2 CPU cores: the paper-like child trains at ~1.2 s per 4 x 128-token step (its 49,152-word head
     # dominates), so each LM run is 40 steps; evaluations at steps 1-3 resolve how fast a child gets ahead.
     "cpu": Size(calib_tokens=4096, analysis_tokens=2048, analysis_images=1000,
                 lm=Budget(steps=40, eval_every=5, batch_size=4, seq_len=128, val_tokens=2048),

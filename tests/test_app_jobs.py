@@ -3,6 +3,7 @@ limiter, the analyses and the chart builders, uploads, and the training job's wo
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import zipfile
@@ -17,9 +18,11 @@ from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.app.steps import TrainRequest, make_children, store_upload, training_work
 from subclone_core.calibration import Importance
 from subclone_core.errors import SubcloneError
+from subclone_core.evaluate import evaluate
 from subclone_core.shape import Shape
 from subclone_core.sources import load_parent
 from subclone_core.strategies import plan_shape, subclone_model
+from tests import tiny_models as tm
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +196,25 @@ def test_block_ablation_leaves_the_model_as_it_was(parent):
     assert all(loss != pytest.approx(result["base"]) for loss in result["losses"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(block._forward_hooks for block in model.model.layers)
+
+
+def test_block_ablation_reports_accuracy_for_image_models():
+    model = tm.make("vit", dtype=torch.float32)
+    batch = {**tm.inputs(model, batch=6), "labels": torch.arange(6) % 5}
+    result = analysis.block_ablation(model, [batch])
+    assert result["base_accuracy"] == evaluate(model, [batch])["accuracy"]
+    skipped = copy.deepcopy(model)
+    skipped.vit.layers[1] = _Identity()
+    assert result["accuracies"][1] == evaluate(skipped, [batch])["accuracy"]
+    assert result["losses"][1] == pytest.approx(evaluate(skipped, [batch])["loss"], rel=1e-6)
+    assert result["losses"][1] != pytest.approx(result["base"], rel=1e-6)
+
+
+class _Identity(torch.nn.Module):
+    """A ViT layer that returns its input: the block removed outright."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
 
 
 def test_parameter_count_and_nearest_valid_shape(parent):
