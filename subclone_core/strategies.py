@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from subclone_core import __version__
@@ -19,6 +18,7 @@ from subclone_core.archs import arch_for
 from subclone_core.building import build_model
 from subclone_core.calibration import Importance
 from subclone_core.errors import SubcloneError
+from subclone_core.rng import seeded
 from subclone_core.selection import Selection, pick_blocks, select
 from subclone_core.shape import Shape, target_shape, validate_target
 from subclone_core.slicing import child_config_dict, slice_state_dict
@@ -117,8 +117,7 @@ def _random_model(parent_model: nn.Module, arch, target: Shape, seed: int) -> nn
     """A freshly initialized model of the child's config, seeded without touching the global RNG."""
     dummy = Selection(residual=[], blocks=list(range(target.layers)), heads=[], kv_heads=[], ffn=[])
     cfg = child_config_dict(parent_model.config, arch, target, dummy, tie_head=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = type(parent_model)(type(parent_model.config).from_dict(cfg))
     dtype = next(parent_model.parameters()).dtype
     return model.to(dtype).eval()

@@ -102,6 +102,25 @@ def test_interleaving_changes_nothing_even_with_dropout():
     assert weights_hash(base) == weights_hash(twin) == weights_hash(alone_model)
 
 
+def test_runs_in_concurrent_threads_keep_their_own_dropout_streams():
+    """Two app sessions may train at once in one process: each run must match the same run alone."""
+    data, val = PatternData(seed=0), PatternData(rows=16, seed=9)
+    alone = train_candidates([Candidate("random", tiny_llama(3, dropout=0.3))], data, val, config(steps=12))["random"]
+    models = [tiny_llama(3, dropout=0.3) for _ in range(2)]  # built here: initialization draws from the RNG too
+    results: dict[int, list] = {}
+
+    def run(i: int) -> None:
+        done = train_candidates([Candidate("random", models[i])], data, val, config(steps=12))
+        results[i] = done["random"].train_loss
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] == alone.train_loss
+
+
 def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
     total, warm = 100, 10
     f = [lr_factor(s, total=total, warmup=warm, min_ratio=0.1) for s in range(total)]

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from subclone_core.errors import SubcloneError
+from subclone_core.rng import seeded
 from subclone_core.sources import parents
 from subclone_core.sources.images import FASHION_LABELS, load_images
 
@@ -176,8 +177,8 @@ def _build(recipe: VitRecipe, image_size: int) -> transformers.ViTForImageClassi
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
     )
-    torch.manual_seed(recipe.seed)
-    return transformers.ViTForImageClassification(config)
+    with seeded(recipe.seed):
+        return transformers.ViTForImageClassification(config)
 
 
 def _optimizer(model: torch.nn.Module, recipe: VitRecipe) -> torch.optim.Optimizer:

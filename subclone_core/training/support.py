@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from subclone_core.metrics_log import MetricsLog, json_safe
+from subclone_core.rng import GLOBAL_RNG_LOCK
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -32,7 +33,11 @@ class Emitter:
 
 
 class RngSlot:
-    """A candidate's private torch RNG stream, swapped in around its steps (dropout draws)."""
+    """A candidate's private torch RNG stream, swapped in around its steps (dropout draws).
+
+    Holding it also holds GLOBAL_RNG_LOCK, so runs in concurrent threads take turns step by step and
+    each keeps exactly the dropout draws it would have had alone.
+    """
 
     def __init__(self, seed: int, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -40,14 +45,22 @@ class RngSlot:
         self.cuda_state = torch.Generator(device=device).manual_seed(seed).get_state() if self.cuda else None
 
     def __enter__(self) -> None:
-        self.saved = (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
-        torch.set_rng_state(self.cpu_state)
-        if self.cuda:
-            torch.cuda.set_rng_state(self.cuda_state)
+        GLOBAL_RNG_LOCK.acquire()
+        try:
+            self.saved = (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda:
+                torch.cuda.set_rng_state(self.cuda_state)
+        except BaseException:
+            GLOBAL_RNG_LOCK.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        self.cpu_state = torch.get_rng_state()
-        torch.set_rng_state(self.saved[0])
-        if self.cuda:
-            self.cuda_state = torch.cuda.get_rng_state()
-            torch.cuda.set_rng_state(self.saved[1])
+        try:
+            self.cpu_state = torch.get_rng_state()
+            torch.set_rng_state(self.saved[0])
+            if self.cuda:
+                self.cuda_state = torch.cuda.get_rng_state()
+                torch.cuda.set_rng_state(self.saved[1])
+        finally:
+            GLOBAL_RNG_LOCK.release()
