@@ -18,6 +18,27 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.default_parent)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine idle OpenMP threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def counting_text_file(tmp_path_factory):
+    """A learnable corpus over tiny_models' word tokenizer: each paragraph counts up from its own start."""
+    from tests.tiny_models import VOCAB
+
+    span = VOCAB - 3
+    paragraphs = [" ".join(f"w{3 + (start + i) % span}" for i in range(120)) for start in range(0, 4 * span, 3)]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
 @pytest.fixture(scope="session")
 def default_parent():
     """The embedded SmolLM2-135M parent, loaded once per session (converted on first use, ~20 s)."""

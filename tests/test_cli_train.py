@@ -33,13 +33,8 @@ def run_cli(args) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """A learnable corpus over the tiny tokenizer's words: each paragraph counts up from its own start."""
-    span = tm.VOCAB - 3
-    paragraphs = [" ".join(f"w{3 + (start + i) % span}" for i in range(120)) for start in range(0, 4 * span, 3)]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
+def text_file(counting_text_file) -> Path:
+    return counting_text_file
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ VERDICT = re.compile(r"\*\*Verdict: (holds|holds partly|does not hold|within noi
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, counting_text_file):
     """One smoke run: a 4-block tiny Llama on a counting corpus, and a 4-block tiny ViT on scikit-learn digits."""
     root = tmp_path_factory.mktemp("reproduce")
     vit = root / "vit"
@@ -34,10 +34,7 @@ def run(tmp_path_factory):
                                       image_std=[0.5]).save_pretrained(vit)
     llama = root / "llama"
     tm.save_parent_folder("llama", llama)
-    span = tm.VOCAB - 3
-    paragraphs = [" ".join(f"w{3 + (start + i) % span}" for i in range(120)) for start in range(0, 4 * span, 3)]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(paragraphs))
+    corpus = counting_text_file
     out = root / "docs" / "REPRODUCTION.md"
     args = ["--size", "smoke", "--parent", str(llama), "--data", str(corpus), "--vit-parent", str(vit),
             "--image-data", "digits", "--out", str(out)]
