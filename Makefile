@@ -40,7 +40,7 @@ test: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
 
-# The paper's findings on the embedded defaults: docs/REPRODUCTION.md and docs/reproduction/ (~26 min, 2 cores).
+# The paper's findings on the embedded defaults: docs/REPRODUCTION.md and docs/reproduction/ (~27 min, 2 cores).
 reproduce: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/reproduce.py
 

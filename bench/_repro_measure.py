@@ -167,59 +167,73 @@ def step0_table(parent: Parent, importances: dict[int, Importance], shapes: dict
 def run_study(parent: Parent, study: Study, importances: dict[int, Importance], seeds: tuple[int, ...],
               runs_dir: Any) -> dict[str, Any]:
     """Sweep, ablate, and rerun close comparisons with the second seed; curves of every chosen run."""
-    metric = "loss" if parent.task == "causal-lm" else "accuracy"
-    higher = HIGHER_IS_BETTER[metric]
-    target = plan_shape(parent.model, **study.sizes)
-    train = make_data(parent, study.data_id, "train", seq_len=study.budget.seq_len,
-                      max_tokens=study.budget.steps * study.budget.batch_size * study.budget.seq_len,
-                      max_images=study.budget.steps * study.budget.batch_size)
-    val = make_data(parent, study.data_id, "validation", seq_len=study.budget.seq_len,
-                    max_tokens=study.budget.val_tokens, max_images=study.budget.val_images)
-    base_config = replace(train_config(study.budget, len(val)), eval_at=study.eval_at)
-    arms = {a.name: a for a in study.arms}
-    sweep, chosen = [], {}  # chosen[arm][str(seed)] = run summary (JSON keys are strings)
-
-    def train_arms(names: list[str], lr_of: dict[str, tuple[float, ...]], seed: int, tag: str) -> None:
-        cands = []
-        for name in names:
-            child = make_child(parent, target, strategy=arms[name].strategy, importance=importances[seed],
-                               seed=seed, **arms[name].options).model
-            for lr in lr_of[name]:
-                cands.append(Candidate(f"{name}-lr{lr_text(lr)}", copy.deepcopy(child), lr=lr,
-                                       weight_decay=arms[name].decay(), strategy=arms[name].strategy))
-        print(f"[{study.key} {tag}] {', '.join(c.name for c in cands)}: {base_config.steps} steps",
-              file=sys.stderr, flush=True)
-        results = train_candidates(cands, train, val, replace(base_config, seed=seed),
-                                   callbacks=[progress_printer(f"{study.key} {tag}", base_config.steps)],
-                                   metrics_path=runs_dir / f"{study.key}-{tag}.jsonl")
-        for name in names:
-            runs = [r for n, r in results.items() if n.rsplit("-lr", 1)[0] == name]
-            for r in runs:
-                sweep.append({"arm": name, "seed": seed, "lr": r.lr, "weight_decay": r.weight_decay,
-                              "status": r.status, "best": best_value(r.curve(metric), higher_is_better=higher),
-                              "final": r.curve(metric)[-1][1] if r.curve(metric) else None})
-            scored = [r for r in runs if best_value(r.curve(metric), higher_is_better=higher) is not None]
-            if scored:
-                best = (max if higher else min)(
-                    scored, key=lambda r: best_value(r.curve(metric), higher_is_better=higher))
-                chosen.setdefault(name, {})[str(seed)] = _run_summary(best, metric)
-
+    run = _StudyRun(parent, study, importances, runs_dir)
     first = seeds[0]
     swept = [a.name for a in study.arms if a.lrs]
-    train_arms(swept, {n: arms[n].lrs for n in swept}, first, "sweep")
-    child_lr = _child_lr(chosen, arms, first)
+    run.train(swept, {n: run.arms[n].lrs for n in swept}, first, "sweep")
+    child_lr = _child_lr(run.chosen, run.arms, first)
     rest = [a.name for a in study.arms if not a.lrs]
     if rest:
-        train_arms(rest, {n: (child_lr,) for n in rest}, first, "ablations")
-    reruns = _close_arms(chosen, study, metric, first) if len(seeds) > 1 else []
+        run.train(rest, {n: (child_lr,) for n in rest}, first, "ablations")
+    reruns = _close_arms(run.chosen, study, run.metric, first) if len(seeds) > 1 else []
     if reruns:
-        lr_of = {n: (chosen[n][str(first)]["lr"],) for n in reruns}
-        train_arms(reruns, lr_of, seeds[1], "second seed")
-    return {"metric": metric, "shape": target.as_dict(), "budget": {**asdict(study.budget), "eval_at": list(study.eval_at)},
-            "child_lr": child_lr, "sweep": sweep, "runs": chosen, "reruns": reruns,
+        run.train(reruns, {n: (run.chosen[n][str(first)]["lr"],) for n in reruns}, seeds[1], "second seed")
+    return {"metric": run.metric, "shape": run.target.as_dict(),
+            "budget": {**asdict(study.budget), "eval_at": list(study.eval_at)}, "child_lr": child_lr,
+            "sweep": run.sweep, "runs": run.chosen, "reruns": reruns,
             "comparisons": {k: list(v) for k, v in study.comparisons.items()},
             "labels": {a.name: a.label for a in study.arms}, "swept": {a.name: a.lrs for a in study.arms if a.lrs},
-            "speedups": _speedups(chosen, metric), "close": study.close}
+            "speedups": _speedups(run.chosen, run.metric), "close": study.close}
+
+
+class _StudyRun:
+    """The data, child shape and training settings of one study, and every run trained so far."""
+
+    def __init__(self, parent: Parent, study: Study, importances: dict[int, Importance], runs_dir: Any) -> None:
+        self.parent, self.study, self.importances, self.runs_dir = parent, study, importances, runs_dir
+        self.metric = "loss" if parent.task == "causal-lm" else "accuracy"
+        self.target = plan_shape(parent.model, **study.sizes)
+        b = study.budget
+        self.train_data = make_data(parent, study.data_id, "train", seq_len=b.seq_len,
+                                    max_tokens=b.steps * b.batch_size * b.seq_len, max_images=b.steps * b.batch_size)
+        self.val_data = make_data(parent, study.data_id, "validation", seq_len=b.seq_len, max_tokens=b.val_tokens,
+                                  max_images=b.val_images)
+        self.config = replace(train_config(b, len(self.val_data)), eval_at=study.eval_at)
+        self.arms = {a.name: a for a in study.arms}
+        self.sweep: list[dict[str, Any]] = []
+        self.chosen: dict[str, dict[str, dict]] = {}  # arm -> str(seed) -> run summary (JSON keys are strings)
+
+    def train(self, names: list[str], lr_of: dict[str, tuple[float, ...]], seed: int, tag: str) -> None:
+        """Train the named arms side by side, one candidate per lr, and keep each arm's best run."""
+        cands = []
+        for name in names:
+            arm = self.arms[name]
+            child = make_child(self.parent, self.target, strategy=arm.strategy, importance=self.importances[seed],
+                               seed=seed, **arm.options).model
+            cands += [Candidate(f"{name}-lr{lr_text(lr)}", copy.deepcopy(child), lr=lr, weight_decay=arm.decay(),
+                                strategy=arm.strategy) for lr in lr_of[name]]
+        label = f"{self.study.key} {tag}"
+        print(f"[{label}] {', '.join(c.name for c in cands)}: {self.config.steps} steps", file=sys.stderr, flush=True)
+        results = train_candidates(cands, self.train_data, self.val_data, replace(self.config, seed=seed),
+                                   callbacks=[progress_printer(label, self.config.steps)],
+                                   metrics_path=self.runs_dir / f"{self.study.key}-{tag}.jsonl")
+        for name in names:
+            self._record(name, [r for n, r in results.items() if n.rsplit("-lr", 1)[0] == name], seed)
+
+    def _record(self, name: str, runs: list[Any], seed: int) -> None:
+        higher = HIGHER_IS_BETTER[self.metric]
+
+        def best(run: Any) -> float | None:
+            return best_value(run.curve(self.metric), higher_is_better=higher)
+
+        for r in runs:
+            curve = r.curve(self.metric)
+            self.sweep.append({"arm": name, "seed": seed, "lr": r.lr, "weight_decay": r.weight_decay,
+                               "status": r.status, "best": best(r), "final": curve[-1][1] if curve else None})
+        scored = [r for r in runs if best(r) is not None]
+        if scored:
+            top = (max if higher else min)(scored, key=best)
+            self.chosen.setdefault(name, {})[str(seed)] = _run_summary(top, self.metric)
 
 
 def _run_summary(run: Any, metric: str) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """docs/REPRODUCTION.md from the measurements: per finding, the paper's claim, what was measured, a verdict.
 
 Verdicts are computed from the numbers by the rules stated next to each one, never written by hand:
-"holds", "holds partly", "does not hold", "within seed noise" (the two seeds disagree), or, for what the
-paper leaves open, which option won here.
+"holds" (every test of the rule passes), "holds partly" (some do), "does not hold" (none do), "within noise"
+(a tie, or the two seeds disagree), or, for what the paper leaves open, which option won here.
 """
 
 from __future__ import annotations
@@ -106,7 +106,10 @@ def seeds_text(part: dict, per_seed: dict[str, dict[str, float]]) -> str:
 
 
 def finding_magnitude(part: dict) -> dict[str, str]:
-    """1. Relative magnitude is lowest in the middle blocks."""
+    """1. Relative magnitude is lowest in the middle blocks.
+
+    Tests: the middle half's mean is below the first and last quarters' mean; the lowest block is in the middle half.
+    """
     a = part["analysis"]
     rel = next(iter(a["rel_magnitude"].values()))
     middle, outer = middle_and_outer(a["layers"])
@@ -124,7 +127,10 @@ def finding_magnitude(part: dict) -> dict[str, str]:
 
 
 def finding_removal(part: dict) -> dict[str, str]:
-    """2. Removing a middle block hurts the untrained parent least."""
+    """2. Removing a middle block hurts the untrained parent least.
+
+    Tests: removing a middle-half block costs less on average than an outer one; the cheapest block is in the middle.
+    """
     a = part["analysis"]
     abl = a["ablation"]
     image = "accuracies" in abl
@@ -149,7 +155,10 @@ def finding_removal(part: dict) -> dict[str, str]:
 
 
 def finding_consistency(part: dict) -> dict[str, str]:
-    """3. Neuron importance is consistent across blocks, and a few neurons dominate."""
+    """3. Neuron importance is consistent across blocks, and a few neurons dominate.
+
+    Tests: mean Spearman correlation between blocks >= 0.5; the top 1% of residual neurons hold >= 5% of the score.
+    """
     a = part["analysis"]
     corr, top = a["rank_corr_off_diagonal"], a["residual_top1_share"]
     consistent, dominant = corr >= 0.5, top >= 0.05
@@ -170,7 +179,8 @@ def _step0_pair(part: dict, a: str, b: str) -> list[tuple[str, float | None, flo
 
 
 def pair_finding(part: dict, claimed: str, other: str) -> tuple[str, str]:
-    """Claimed arm better than the other at step 0 (every shape) and after training (every seed)?"""
+    """Tests: the claimed arm is better than the other at step 0 on each shape, and clearly better after training
+    in every seed run (a tie or a split between seeds makes the verdict "within noise")."""
     m = metric_of(part)
     s0 = _step0_pair(part, claimed, other)
     s0_wins = [better(x, y, m) for _, x, y in s0 if x is not None and y is not None]
@@ -196,7 +206,10 @@ def finding_scaling(part: dict) -> dict[str, str]:
 
 
 def finding_reordering(part: dict) -> dict[str, str]:
-    """5. Reordering by importance beats first-k, weight selection and random init."""
+    """5. Reordering by importance beats first-k, weight selection and random init.
+
+    Tests: subclone beats each of the three at step 0 on each shape, and is clearly best after training.
+    """
     m = metric_of(part)
     others = ("first-k", "uniform", "random")
     lines, tests = [], []
@@ -308,7 +321,7 @@ def removed_text(part: dict, options: dict[str, str]) -> str:
 
 
 def finding_headline(part: dict) -> dict[str, str]:
-    """9. The subcloned child reaches random init's best far sooner (paper: about 4x)."""
+    """9. The subcloned child reaches random init's best far sooner. Test per seed: a speedup of at least 4x."""
     sp = part["training"]["speedups"].get("subclone", {})
     if not sp:
         return {"verdict": FAILS, "text": "no speedup: the subcloned child or random init did not train."}

@@ -6,7 +6,7 @@ report: for each finding the paper's claim, what this run measured, and whether 
 number in the report comes from the run that wrote it (also saved as docs/reproduction/results.json,
 from which ``--from-json`` redraws the report and plots without rerunning anything).
 
-Sizes: ``cpu`` (the default: about 26 minutes on 2 idle cores, 20 of them for the language model),
+Sizes: ``cpu`` (the default: about 27 minutes on 2 idle cores, 21 of them for the language model),
 ``smoke`` (seconds on tiny models; the test suite runs it).
 Run: make reproduce, or .venv/bin/python bench/reproduce.py [--size smoke ...]
 """
@@ -32,7 +32,7 @@ from bench._repro_measure import Arm, Study, analyze_parent, run_study, step0_ta
 from bench._repro_plots import draw_all
 from bench._repro_report import render
 from bench.bench_training import Budget
-from subclone_core.sources import load_parent
+from subclone_core.sources import Parent, load_parent
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SEEDS = (0, 1)
@@ -130,43 +130,43 @@ VIT_COMPARISONS = {
 }
 
 
-def run_lm(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[str, Any]:
-    parent = load_parent(parent_id)
+def run_part(parent: Parent, data_id: str, size: Size, runs_dir: Path, *, key: str,
+             shapes: dict[str, dict[str, int]], arms: tuple[Arm, ...], comparisons: dict[str, tuple[str, ...]],
+             budget: Budget, eval_at: tuple[int, ...], close: float) -> dict[str, Any]:
+    """Parent analyses, step-0 tables at every shape, and the training study at the first shape."""
     start = time.perf_counter()
     analysis, importances = analyze_parent(parent, data_id, calib_tokens=size.calib_tokens,
-                                           val_tokens=size.analysis_tokens, val_images=0, seeds=SEEDS)
-    arms = lm_arms(size.lm_lrs)
-    step0_arms = tuple(a for a in arms if a.name != "subclone-wd")  # weight decay changes nothing at step 0
-    print(f"[{parent.id}] step-0 losses", file=sys.stderr, flush=True)
-    step0 = step0_table(parent, importances, size.lm_shapes, step0_arms,
-                        validation_batches(parent, data_id, size.analysis_tokens, 0))
-    first_shape = next(iter(size.lm_shapes))
-    study = Study("lm", data_id, size.lm_shapes[first_shape], size.lm, size.lm_eval_at, arms, LM_COMPARISONS,
-                  close=0.1, max_reruns=size.max_reruns)
+                                           val_tokens=size.analysis_tokens, val_images=size.analysis_images,
+                                           seeds=SEEDS)
+    print(f"[{parent.id}] step-0 values", file=sys.stderr, flush=True)
+    untrained = tuple(a for a in arms if a.weight_decay is None)  # weight decay changes nothing at step 0
+    step0 = step0_table(parent, importances, shapes, untrained,
+                        validation_batches(parent, data_id, size.analysis_tokens, size.analysis_images))
+    first_shape = next(iter(shapes))
+    study = Study(key, data_id, shapes[first_shape], budget, eval_at, arms, comparisons, close=close,
+                  max_reruns=size.max_reruns)
     training = run_study(parent, study, importances, SEEDS, runs_dir)
     training["shape_key"] = first_shape
     return {"parent": parent.label, "parent_id": parent.id, "data": data_id, "analysis": analysis,
-            "step0": step0, "step0_shapes": {k: dict(v) for k, v in size.lm_shapes.items()},
-            "training": training, "minutes": (time.perf_counter() - start) / 60}
+            "step0": step0, "step0_shapes": {k: dict(v) for k, v in shapes.items()}, "training": training,
+            "minutes": (time.perf_counter() - start) / 60}
+
+
+def run_lm(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[str, Any]:
+    """The language-model part: the paper-like child trained, both ratios at step 0."""
+    return run_part(load_parent(parent_id), data_id, size, runs_dir, key="lm", shapes=size.lm_shapes,
+                    arms=lm_arms(size.lm_lrs), comparisons=LM_COMPARISONS, budget=size.lm, eval_at=size.lm_eval_at,
+                    close=0.1)
 
 
 def run_vit(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[str, Any]:
+    """The ViT part: the paper's ViT experiment, the same depth at half the width (hidden and FFN)."""
     parent = load_parent(parent_id)
-    start = time.perf_counter()
-    analysis, importances = analyze_parent(parent, data_id, calib_tokens=size.calib_tokens, val_tokens=0,
-                                           val_images=size.analysis_images, seeds=SEEDS)
-    hidden = parent.model.config.hidden_size
-    sizes = {"hidden": hidden // 2, "ffn": parent.model.config.intermediate_size // 2}
-    arms = vit_arms(size.vit_lrs)
-    step0 = step0_table(parent, importances, {"half-width": sizes}, tuple(a for a in arms if a.name != "subclone-wd"),
-                        validation_batches(parent, data_id, 0, size.analysis_images))
-    study = Study("vit", data_id, sizes, size.vit, size.vit_eval_at, arms, VIT_COMPARISONS, close=0.01,
-                  max_reruns=size.max_reruns)
-    training = run_study(parent, study, importances, SEEDS, runs_dir)
-    training["shape_key"] = "half-width"
-    return {"parent": parent.label, "parent_id": parent.id, "data": data_id, "analysis": analysis,
-            "step0": step0, "step0_shapes": {"half-width": sizes}, "training": training,
-            "minutes": (time.perf_counter() - start) / 60}
+    config = parent.model.config
+    half = {"hidden": config.hidden_size // 2, "ffn": config.intermediate_size // 2}
+    return run_part(parent, data_id, size, runs_dir, key="vit", shapes={"half-width": half},
+                    arms=vit_arms(size.vit_lrs), comparisons=VIT_COMPARISONS, budget=size.vit,
+                    eval_at=size.vit_eval_at, close=0.01)
 
 
 def write_atomic(path: Path, text: str) -> None:
