@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -34,14 +35,26 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def fmt_value(value: float | None, metric: str = "loss") -> str:
+    """A validation value for a table: accuracy as a percentage, loss to two decimals, "-" for none."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.1%}" if metric == "accuracy" else f"{value:.2f}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file renamed into place: readers never see half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
     """Replace (or append) the section between this name's markers, leaving the others as they are."""
-    doc.parent.mkdir(parents=True, exist_ok=True)
     text = doc.read_text() if doc.exists() else HEADER
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    tmp = doc.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(doc)
+    write_atomic(doc, text)

@@ -24,7 +24,7 @@ from subclone_core.sources import Parent, make_data
 from subclone_core.speedup import HIGHER_IS_BETTER, best_value, speedup
 from subclone_core.strategies import plan_shape
 from subclone_core.training import Candidate, default_hparams, train_candidates
-from subclone_core.workflow import make_child
+from subclone_core.workflow import CALIB_BATCH, CALIB_SEQ_LEN, make_child
 
 CALIB_POOL = 4  # a seed's calibration sample is drawn from this many times the budget of training data
 
@@ -74,9 +74,9 @@ class Study:
 
 def calibrate_seed(parent: Parent, data_id: str, tokens: int, seed: int) -> Importance:
     """Importance from a calibration sample drawn by ``seed`` out of a pool of training data."""
-    pool = make_data(parent, data_id, "train", seq_len=128, max_tokens=tokens * CALIB_POOL,
+    pool = make_data(parent, data_id, "train", seq_len=CALIB_SEQ_LEN, max_tokens=tokens * CALIB_POOL,
                      max_images=max(1, tokens * CALIB_POOL // 2))
-    return calibrate(parent.model, pool.batches(8, shuffle=True, seed=seed), max_tokens=tokens,
+    return calibrate(parent.model, pool.batches(CALIB_BATCH, shuffle=True, seed=seed), max_tokens=tokens,
                      data=f"{data_id}, seed {seed}")
 
 

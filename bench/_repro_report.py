@@ -7,10 +7,10 @@ Verdicts are computed from the numbers by the rules stated next to each one, nev
 
 from __future__ import annotations
 
-import math
 from statistics import mean
 from typing import Any
 
+from bench._report import fmt_value as fmt
 from bench._report import table
 
 HOLDS, PARTLY, FAILS, NOISE = "holds", "holds partly", "does not hold", "within noise"
@@ -20,12 +20,6 @@ TIE = {"loss": 0.01, "accuracy": 0.002}  # best values closer than this count as
 
 
 # --- small helpers --------------------------------------------------------------------------------------
-
-
-def fmt(value: float | None, metric: str = "loss") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.1%}" if metric == "accuracy" else f"{value:.2f}"
 
 
 def better(a: float, b: float, metric: str) -> bool:

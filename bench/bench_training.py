@@ -27,7 +27,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, machine, table, write_section
+from bench._report import DOC, fmt_value, machine, table, write_section
 from subclone_core.shape import Shape
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.speedup import HIGHER_IS_BETTER, best_value, speedup_table
@@ -289,12 +289,6 @@ def _train(variants: list[Variant], children: dict[str, Any], parent: Parent, lr
 # --- reporting ------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, metric: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1%}" if metric == "accuracy" else f"{value:.2f}"
-
-
 def result_table(outcome: Outcome) -> str:
     labels = {v.name: v.label for v in outcome.experiment.variants}
     swept = {v.name: v.lrs for v in outcome.experiment.variants}
@@ -304,8 +298,8 @@ def result_table(outcome: Outcome) -> str:
         lrs = swept.get(row["name"])
         lr = f"{outcome.chosen[row['name']].lr:g}" + (f" (of {', '.join(f'{x:g}' for x in lrs)})" if lrs
                                                      else " (the child's best)")
-        rows.append([labels.get(row["name"], row["name"]), lr, _fmt(row["start"], metric), _fmt(row["final"], metric),
-                     _fmt(row["best"], metric), row["steps_to_target_text"], f"**{row['speedup_text']}**",
+        rows.append([labels.get(row["name"], row["name"]), lr, fmt_value(row["start"], metric), fmt_value(row["final"], metric),
+                     fmt_value(row["best"], metric), row["steps_to_target_text"], f"**{row['speedup_text']}**",
                      f"{row['throughput']:.0f}"])
     header = ["candidate", "lr", f"step-0 {metric}", f"final {metric}", f"best {metric}",
               "steps to target", "speedup", outcome.rows[0]["unit"] if outcome.rows else "tokens/s"]
@@ -313,7 +307,7 @@ def result_table(outcome: Outcome) -> str:
 
 
 def sweep_table(outcome: Outcome) -> str:
-    rows = [[s["run"], f"{s['lr']:g}", _fmt(s["best"], outcome.metric), _fmt(s["final"], outcome.metric),
+    rows = [[s["run"], f"{s['lr']:g}", fmt_value(s["best"], outcome.metric), fmt_value(s["final"], outcome.metric),
              s["status"]] for s in outcome.sweep]
     return table(["run", "lr", f"best {outcome.metric}", f"final {outcome.metric}", "status"], rows)
 
@@ -339,15 +333,15 @@ def shortfall(outcome: Outcome) -> str:
     child, base, metric = _row(outcome, "subclone"), _row(outcome, "random"), outcome.metric
     if child is None or base is None:
         return "a candidate diverged at every learning rate (see the sweep)."
-    start = (f"the child starts at {_fmt(child['start'], metric)} against random init's "
-             f"{_fmt(base['start'], metric)}")
+    start = (f"the child starts at {fmt_value(child['start'], metric)} against random init's "
+             f"{fmt_value(base['start'], metric)}")
     if child["speedup_lower_bound"] and child["steps_to_target"] == 0:
         return (f"{start}: it is past random init's best before any training, so only a lower bound is "
                 f"measurable (random init's {base['steps_to_target_text']} over the first evaluation step); a "
                 "longer budget or a finer evaluation grid would resolve it.")
     if child["steps_to_target"] is None:
-        return (f"{start} and its best, {_fmt(child['best'], metric)}, never reaches random init's best "
-                f"({_fmt(base['best'], metric)}) within {outcome.experiment.budget.steps} steps.")
+        return (f"{start} and its best, {fmt_value(child['best'], metric)}, never reaches random init's best "
+                f"({fmt_value(base['best'], metric)}) within {outcome.experiment.budget.steps} steps.")
     return (f"{start}, and needs {child['steps_to_target_text']} to reach random init's best, which random init "
             f"reaches at {base['steps_to_target_text']}.")
 
@@ -368,8 +362,8 @@ def findings(outcome: Outcome) -> list[str]:
         if plain is None or row is None or v.name in ("subclone", "random"):
             continue
         verdict = "better" if _better(row["best"], plain["best"], outcome.metric) else "not better"
-        notes.append(f"{v.label}: step-0 {_fmt(row['start'], outcome.metric)} (plain child "
-                     f"{_fmt(plain['start'], outcome.metric)}), best {_fmt(row['best'], outcome.metric)}: "
+        notes.append(f"{v.label}: step-0 {fmt_value(row['start'], outcome.metric)} (plain child "
+                     f"{fmt_value(plain['start'], outcome.metric)}), best {fmt_value(row['best'], outcome.metric)}: "
                      f"{verdict} than the plain child; speedup {row['speedup_text']}.")
     return notes
 

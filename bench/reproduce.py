@@ -27,7 +27,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine
+from bench._report import machine, write_atomic
 from bench._repro_measure import Arm, Study, analyze_parent, run_study, step0_table, validation_batches
 from bench._repro_plots import draw_all
 from bench._repro_report import render
@@ -167,13 +167,6 @@ def run_vit(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[st
     return run_part(parent, data_id, size, runs_dir, key="vit", shapes={"half-width": half},
                     arms=vit_arms(size.vit_lrs), comparisons=VIT_COMPARISONS, budget=size.vit,
                     eval_at=size.vit_eval_at, close=0.01)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> Path:
