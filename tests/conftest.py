@@ -85,23 +85,27 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_vit_dir(tmp_path_factory):
-    """A 2-block ViT for 8x8 grey images (patch 4, hidden 16, 10 labels) with its image processor."""
+def save_tiny_vit(folder, layers: int = 2):
+    """Save a ViT for 8x8 grey images (patch 4, hidden 16, 10 labels) with its image processor; returns folder."""
     config = transformers.ViTConfig(
         image_size=8,
         patch_size=4,
         num_channels=1,
         hidden_size=16,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=32,
         num_labels=10,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-vit")
     transformers.ViTForImageClassification(config).save_pretrained(folder)
     transformers.ViTImageProcessorPil(
         size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5]
     ).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """A 2-block tiny ViT folder (see save_tiny_vit)."""
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))

@@ -106,6 +106,20 @@ def wait_for_job(at: AppTest, timeout: float = 120):
     return job
 
 
+def train_on_page(at: AppTest, settings: dict[str, int]):
+    """Open the Train page, set its inputs, start training and wait for the job to finish; the finished job."""
+    at.switch_page("pages/train.py")
+    run(at)
+    for key, value in settings.items():
+        set_value(at, key, value)
+    at.button(key="start_training").click()
+    run(at)
+    job = wait_for_job(at)
+    assert job.status == "done", job.error
+    run(at)
+    return job
+
+
 def test_whole_flow_parent_importance_blocks_child_train(workdir, tmp_path):
     at = start_app(workdir / "parent", workdir / "text.txt")
     # 1. Parent: architecture, validation perplexity on the chosen data, a generation
@@ -192,15 +206,7 @@ def test_whole_flow_parent_importance_blocks_child_train(workdir, tmp_path):
     assert at.get("download_button")
 
     # 5. Train: a few steps in a background job; live chart, summary, metrics
-    at.switch_page("pages/train.py")
-    run(at)
-    for key, value in (("keep_steps", 4), ("keep_batch", 2), ("keep_seq_len", 16), ("keep_eval_every", 2)):
-        set_value(at, key, value)
-    at.button(key="start_training").click()
-    run(at)
-    job = wait_for_job(at)
-    assert job.status == "done", job.error
-    run(at)
+    train_on_page(at, {"keep_steps": 4, "keep_batch": 2, "keep_seq_len": 16, "keep_eval_every": 2})
     loss = chart_titles(at)["Training and validation loss"]["data"]
     names = {"subclone train", "subclone validation", "random train", "random validation"}
     assert {t["name"] for t in loss} == names
@@ -311,13 +317,5 @@ def test_an_image_parent_goes_through_the_pages(tiny_vit_dir, monkeypatch, tmp_p
     run(at)
     assert not errors(at)
     assert "subclone: accuracy" in metrics(at) and not at.session_state["workspace"].samples
-    at.switch_page("pages/train.py")
-    run(at)
-    for key, value in (("keep_steps", 2), ("keep_batch", 4), ("keep_eval_every", 1)):
-        set_value(at, key, value)
-    at.button(key="start_training").click()
-    run(at)
-    job = wait_for_job(at)
-    assert job.status == "done", job.error
-    run(at)
+    train_on_page(at, {"keep_steps": 2, "keep_batch": 4, "keep_eval_every": 1})
     assert "Training and validation loss" in chart_titles(at)

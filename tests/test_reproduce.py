@@ -6,8 +6,6 @@ import json
 import re
 
 import pytest
-import torch
-import transformers
 
 from bench import _repro_report as report_rules
 from bench import reproduce
@@ -17,6 +15,7 @@ from subclone_core.sources import load_parent
 from subclone_core.strategies import plan_shape
 from subclone_core.workflow import make_child
 from tests import tiny_models as tm
+from tests.conftest import save_tiny_vit
 
 VERDICT = re.compile(r"\*\*Verdict: (holds|holds partly|does not hold|within noise|learning rate: [^*]*|open[^*]*)\.\*\*")
 
@@ -25,13 +24,7 @@ VERDICT = re.compile(r"\*\*Verdict: (holds|holds partly|does not hold|within noi
 def run(tmp_path_factory, counting_text_file):
     """One smoke run: a 4-block tiny Llama on a counting corpus, and a 4-block tiny ViT on scikit-learn digits."""
     root = tmp_path_factory.mktemp("reproduce")
-    vit = root / "vit"
-    torch.manual_seed(0)
-    transformers.ViTForImageClassification(transformers.ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=32, num_labels=10)).save_pretrained(vit)
-    transformers.ViTImageProcessorPil(size={"height": 8, "width": 8}, image_mean=[0.5],
-                                      image_std=[0.5]).save_pretrained(vit)
+    vit = save_tiny_vit(root / "vit", layers=4)
     llama = root / "llama"
     tm.save_parent_folder("llama", llama)
     corpus = counting_text_file
