@@ -38,14 +38,15 @@ def middle_and_outer(layers: int) -> tuple[list[int], list[int]]:
     return middle, [i for i in range(layers) if i not in middle]
 
 
+def step0_seeds(part: dict, shape: str, arm: str, metric: str) -> list[float]:
+    """An arm's step-0 values on one shape, one per calibration seed."""
+    return [r[metric] for r in part["step0"] if r["shape"] == shape and r["arm"] == arm]
+
+
 def step0_value(part: dict, shape: str, arm: str, metric: str) -> float | None:
     """An arm's step-0 value on one shape, averaged over the calibration seeds."""
-    values = [r[metric] for r in part["step0"] if r["shape"] == shape and r["arm"] == arm and r[metric] is not None]
+    values = [v for v in step0_seeds(part, shape, arm, metric) if v is not None]
     return mean(values) if values else None
-
-
-def step0_seeds(part: dict, shape: str, arm: str, metric: str) -> list[float]:
-    return [r[metric] for r in part["step0"] if r["shape"] == shape and r["arm"] == arm]
 
 
 def metric_of(part: dict) -> str:
@@ -319,15 +320,14 @@ def finding_headline(part: dict) -> dict[str, str]:
     sp = part["training"]["speedups"].get("subclone", {})
     if not sp:
         return {"verdict": FAILS, "text": "no speedup: the subcloned child or random init did not train."}
-    ratios = {s: v for s, v in sp.items()}
-    holds = [v["ratio"] is not None and v["ratio"] >= PAPER_SPEEDUP for v in ratios.values()]
+    holds = [v["ratio"] is not None and v["ratio"] >= PAPER_SPEEDUP for v in sp.values()]
     verdict = HOLDS if all(holds) else PARTLY if any(holds) else FAILS
     t = part["training"]
     m = metric_of(part)
     rnd = trained(part, "random").get("0", {})
     child = trained(part, "subclone").get("0", {})
     text = (f"speedup to random init's best {m} ({fmt(rnd.get('best'), m)} in {t['budget']['steps']} steps): "
-            + "; ".join(f"seed {s}: **{v['text']}**" for s, v in ratios.items())
+            + "; ".join(f"seed {s}: **{v['text']}**" for s, v in sp.items())
             + f". The child starts at {fmt(child.get('start'), m)} (random init {fmt(rnd.get('start'), m)}) and ends at "
             f"{fmt(child.get('final'), m)}.")
     return {"verdict": verdict, "text": text}

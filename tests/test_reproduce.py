@@ -29,12 +29,10 @@ def run(tmp_path_factory, counting_text_file):
     tm.save_parent_folder("llama", llama)
     corpus = counting_text_file
     out = root / "docs" / "REPRODUCTION.md"
-    args = ["--size", "smoke", "--parent", str(llama), "--data", str(corpus), "--vit-parent", str(vit),
-            "--image-data", "digits", "--out", str(out)]
-    reproduce.main(args)
+    reproduce.main(["--size", "smoke", "--parent", str(llama), "--data", str(corpus), "--vit-parent", str(vit),
+                    "--image-data", "digits", "--out", str(out)])
     results = json.loads((out.parent / "reproduction" / "results.json").read_text())
-    return {"out": out, "text": out.read_text(), "results": results, "llama": llama, "corpus": corpus,
-            "args": args}
+    return {"out": out, "text": out.read_text(), "results": results, "llama": llama, "corpus": corpus}
 
 
 def test_report_covers_every_finding_with_a_computed_verdict(run):
