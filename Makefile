@@ -30,8 +30,11 @@ $(APT_STAMP):
 	else echo "apt-get not available as root: skipping $(APT_PACKAGES)"; fi
 	touch $@
 
+# PORT: where the app listens (on 127.0.0.1). PASSIVE: torch's idle OpenMP threads sleep instead of spinning.
+# exec: streamlit replaces the shell, so SIGTERM and Ctrl-C reach the server itself.
+PORT ?= 8501
 run: setup
-	HF_HUB_OFFLINE=1 $(BIN)/streamlit run app.py
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE exec $(BIN)/streamlit run app.py --server.port $(PORT)
 
 # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when tests share 2 cores.
 test: setup
