@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bench.bench_training import Budget, lr_text, progress_printer, train_config
-from subclone_core.app.analysis import block_ablation, off_diagonal_mean, rank_correlation
+from subclone_core.analysis import block_ablation, off_diagonal_mean, rank_correlation
 from subclone_core.calibration import Importance, calibrate
 from subclone_core.evaluate import evaluate
 from subclone_core.sources import Parent, make_data

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from subclone_core.analysis import block_ablation
 from subclone_core.app import charts, ui
-from subclone_core.app.analysis import block_ablation, suggested_layers
 from subclone_core.app.steps import validation_batches
 from subclone_core.selection import pick_blocks
-from subclone_core.shape import Shape
+from subclone_core.shape import Shape, suggested_layers
 
 POLICIES = {"magnitude": "Magnitude: drop the blocks that change the stream least",
             "middle": "Middle: drop a contiguous span in the middle", "manual": "Manual pick"}

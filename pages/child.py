@@ -6,23 +6,17 @@ from __future__ import annotations
 import streamlit as st
 
 from subclone_core.app import charts, ui
-from subclone_core.app.analysis import (
-    SIZE_ROLES,
-    nearest_valid_shape,
-    parameter_count,
-    suggested_shape,
-    zip_folder,
-)
+from subclone_core.app.analysis import zip_folder
 from subclone_core.app.steps import make_children, sample_generations, save_child_folder, step0_report
 from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
-from subclone_core.shape import Shape
+from subclone_core.shape import SIZE_ROLES, Shape, nearest_valid_shape, parameter_count, suggested_shape
 from subclone_core.strategies import DEFAULT_DROP, needs_calibration, plan_shape
 
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
-STRATEGIES = {"subclone": "subclone: neurons and heads in importance order (the paper)",
-              "first-k": "first-k: the first neurons and heads, no reordering (ablation)",
-              "uniform": "uniform: evenly strided neurons, first blocks (weight selection)"}
+STRATEGY_LABELS = {"subclone": "subclone: neurons and heads in importance order (the paper)",
+                   "first-k": "first-k: the first neurons and heads, no reordering (ablation)",
+                   "uniform": "uniform: evenly strided neurons, first blocks (weight selection)"}
 
 ws = ui.workspace()
 st.title("4. Child")
@@ -83,7 +77,7 @@ def generate(target: Shape, strategy: str, drop, scale: bool) -> None:
     with ui.errors_shown("generating the child"):
         child, twin = make_children(parent, target, strategy=strategy, drop=drop, scale=scale,
                                     importance=ws.importance, data_id=ws.data_id,
-                                    calib_tokens=int(st.session_state.get(f"{ui.KEEP}calib_tokens", 4096)),
+                                    calib_tokens=ws.calib_tokens,
                                     progress=update)
         ws.set_child(child, twin)
         if ws.importance is None and child.importance is not None:
@@ -92,8 +86,7 @@ def generate(target: Shape, strategy: str, drop, scale: bool) -> None:
         with st.spinner("Evaluating the child, its random twin and the parent..."):
             ws.step0 = step0_report(parent, child, twin, ws.data_id, 2048)
             if parent.task == "causal-lm":
-                prompt = st.session_state.get(f"{ui.KEEP}prompt", "The history of the city")
-                ws.samples = {"prompt": prompt, **sample_generations(parent, child, twin, prompt, 30)}
+                ws.samples = {"prompt": ws.prompt, **sample_generations(parent, child, twin, ws.prompt, 30)}
     clear()
 
 
@@ -135,7 +128,7 @@ target = shape_inputs()
 if target is not None:
     show_size(target)
     st.subheader("How")
-    strategy = st.selectbox("Strategy", list(STRATEGIES), format_func=STRATEGIES.get,
+    strategy = st.selectbox("Strategy", list(STRATEGY_LABELS), format_func=STRATEGY_LABELS.get,
                             key=ui.keep("strategy", "subclone"))
     use_blocks = ws.drop is not None and st.checkbox(
         f"Remove the blocks chosen on the Blocks page ({ws.drop})", key=ui.keep("use_block_choice", True))

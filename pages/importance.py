@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
+from subclone_core.analysis import exclusive, off_diagonal_mean, rank_correlation, topk_overlap
 from subclone_core.app import charts, ui
-from subclone_core.app.analysis import exclusive, off_diagonal_mean, rank_correlation, topk_overlap
 from subclone_core.calibration import Importance
 from subclone_core.shape import Shape
 from subclone_core.workflow import measure_importance
@@ -19,7 +19,8 @@ parent = ui.current_parent()
 shape = Shape.of(parent.model.config)
 
 tokens = int(st.number_input("Calibration token budget (for images: patches)", 256, 1_048_576, step=256,
-                             key=ui.keep("calib_tokens", 4096)))
+                             key=ui.keep("calib_tokens", ws.calib_tokens)))
+ws.calib_tokens = tokens
 if st.button("Run calibration", type="primary", key="run_calibration"):
     update, clear = ui.progress_bar("Calibrating")
     with ui.errors_shown("calibrating the parent"), exclusive(parent.model):

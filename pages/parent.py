@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
+from subclone_core.analysis import generate_text
 from subclone_core.app import ui
-from subclone_core.app.analysis import generate_text
+from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.steps import evaluate_parent, store_upload
 from subclone_core.commands.info import describe
 from subclone_core.errors import SubcloneError
@@ -114,7 +115,8 @@ def show_validation(parent: Parent) -> None:
 
 def show_generation(parent: Parent) -> None:
     """A short greedy continuation of a prompt the user can edit."""
-    prompt = st.text_input("Prompt", key=ui.keep("prompt", "The history of the city"))
+    prompt = st.text_input("Prompt", key=ui.keep("prompt", DEFAULT_PROMPT))
+    ws.prompt = prompt
     new_tokens = st.slider("New tokens", 5, 100, key=ui.keep("new_tokens", 30))
     if st.button("Generate", key="parent_generate"):
         with ui.errors_shown("generating text"), st.spinner("Generating..."):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 from subclone_core.archs import arch_for
 from subclone_core.archs.spec import ArchSpec
 from subclone_core.errors import SubcloneError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ROLES = ("layers", "hidden", "heads", "kv_heads", "ffn", "head_dim")
 
@@ -122,3 +127,65 @@ def _validate_heads(parent: Shape, child: Shape, arch: ArchSpec) -> None:
             f"each KV head, more than the parent's {parent.queries_per_kv}; use kv_heads>={need} "
             f"or heads<={child.kv_heads * parent.queries_per_kv}"
         )
+
+
+# --- shape search and parameter counts ----------------------------------------------------------------
+
+SIZE_ROLES = tuple(r for r in ROLES if r != "head_dim")  # what a user may choose
+
+
+def parameter_count(parent_model: nn.Module, shape: Shape) -> int:
+    """Parameters of a child of this shape (built on the meta device: no memory, no time)."""
+    import torch
+
+    # slicing and selection import this module: import them here, not at the top
+    from subclone_core.selection import Selection
+    from subclone_core.slicing import child_config_dict
+
+    arch = arch_for(parent_model.config.model_type)
+    dummy = Selection(residual=[], blocks=list(range(shape.layers)), heads=[], kv_heads=[], ffn=[])
+    config = type(parent_model.config).from_dict(child_config_dict(parent_model.config, arch, shape, dummy,
+                                                                   tie_head=True))
+    with torch.device("meta"):
+        model = type(parent_model)(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def nearest_valid_shape(parent_model: nn.Module, sizes: dict[str, int]) -> Shape:
+    """The valid child shape closest to the requested sizes (distance: sum of |log ratio| per size)."""
+    parent = Shape.of(parent_model.config)
+    arch = arch_for(parent_model.config.model_type)
+    want = {role: max(1, int(sizes.get(role) or getattr(parent, role))) for role in SIZE_ROLES}
+    ties_hidden = "head_dim" not in arch.config_keys
+    best, best_cost = parent, math.inf
+    for heads in range(1, parent.heads + 1):
+        for kv in range(1, parent.kv_heads + 1):
+            hidden = (heads * parent.head_dim if ties_hidden
+                      else _round_to(min(want["hidden"], parent.hidden), heads))
+            shape = Shape(layers=min(want["layers"], parent.layers), hidden=hidden, heads=heads, kv_heads=kv,
+                          ffn=min(want["ffn"], parent.ffn), head_dim=parent.head_dim)
+            try:
+                validate_target(parent, shape, arch)
+            except SubcloneError:
+                continue
+            cost = sum(abs(math.log(getattr(shape, r) / want[r])) for r in SIZE_ROLES)
+            if cost < best_cost:
+                best, best_cost = shape, cost
+    return best
+
+
+def suggested_layers(parent_layers: int) -> int:
+    """A first guess at the child's depth: a fifth of the parent's, at least 2 (first and last kept)."""
+    return min(parent_layers, max(2, parent_layers // 5))
+
+
+def suggested_shape(parent_model: nn.Module, layers: int | None = None) -> Shape:
+    """A first guess at a child: a fifth of the blocks (or ``layers``), about a third of every width."""
+    parent = Shape.of(parent_model.config)
+    start = {role: max(1, getattr(parent, role) // 3) for role in SIZE_ROLES}
+    start["layers"] = layers or suggested_layers(parent.layers)
+    return nearest_valid_shape(parent_model, start)
+
+
+def _round_to(value: int, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)

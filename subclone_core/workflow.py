@@ -14,9 +14,10 @@ from subclone_core.strategies import Child, needs_calibration, subclone_model
 
 CALIB_SEQ_LEN = 128
 CALIB_BATCH = 8
+CALIB_TOKENS = 4096  # default calibration budget (token positions)
 
 
-def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = 4096,
+def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = CALIB_TOKENS,
                        batch_size: int = CALIB_BATCH, progress: Progress | None = None) -> Importance:
     """Calibrate the parent on the training split of a data set (None: the task's default), up to a
     budget of token positions (for a ViT, each patch and cls token of each image counts)."""
@@ -38,7 +39,7 @@ def make_child(
     untie_head: bool = False,
     importance: Importance | None = None,
     data_id: str | None = None,
-    calib_tokens: int = 4096,
+    calib_tokens: int = CALIB_TOKENS,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> Child:

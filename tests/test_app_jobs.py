@@ -3,7 +3,6 @@ limiter, the analyses and the chart builders, uploads, and the training job's wo
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import zipfile
@@ -18,11 +17,9 @@ from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.app.steps import TrainRequest, make_children, store_upload, training_work
 from subclone_core.calibration import Importance
 from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
 from subclone_core.shape import Shape
 from subclone_core.sources import load_parent
-from subclone_core.strategies import plan_shape, subclone_model
-from tests import tiny_models as tm
+from subclone_core.strategies import plan_shape
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,68 +161,7 @@ def test_a_job_starts_only_once():
         job.start()
 
 
-# --- analyses ----------------------------------------------------------------------------------------------
-
-
-def test_rank_consistency_measures():
-    shared = torch.tensor([5.0, 4, 3, 2, 1])
-    same = shared.repeat(3, 1)
-    assert torch.allclose(analysis.rank_correlation(same), torch.ones(3, 3, dtype=torch.float64))
-    reversed_rows = torch.stack([shared, shared.flip(0)])
-    assert analysis.rank_correlation(reversed_rows)[0, 1] == pytest.approx(-1.0)
-    assert analysis.topk_overlap(reversed_rows, shared, 2).tolist() == [1.0, 0.0]
-    assert analysis.off_diagonal_mean(analysis.rank_correlation(reversed_rows)) == pytest.approx(-1.0)
-
-
-def test_block_ablation_leaves_the_model_as_it_was(parent):
-    model = parent.model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = torch.randint(1, 200, (2, 16))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    batch["labels"] = batch["input_ids"]
-    seen = []
-    result = analysis.block_ablation(model, [batch], progress=lambda done, total: seen.append((done, total)))
-    assert len(result["losses"]) == 2 and seen[-1] == (3, 3)
-    assert all(loss != pytest.approx(result["base"]) for loss in result["losses"])
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not any(block._forward_hooks for block in model.model.layers)
-
-
-def test_block_ablation_reports_accuracy_for_image_models():
-    model = tm.make("vit", dtype=torch.float32)
-    batch = {**tm.inputs(model, batch=6), "labels": torch.arange(6) % 5}
-    result = analysis.block_ablation(model, [batch])
-    assert result["base_accuracy"] == evaluate(model, [batch])["accuracy"]
-    skipped = copy.deepcopy(model)
-    skipped.vit.layers[1] = _Identity()
-    assert result["accuracies"][1] == evaluate(skipped, [batch])["accuracy"]
-    assert result["losses"][1] == pytest.approx(evaluate(skipped, [batch])["loss"], rel=1e-6)
-    assert result["losses"][1] != pytest.approx(result["base"], rel=1e-6)
-
-
-class _Identity(torch.nn.Module):
-    """A ViT layer that returns its input: the block removed outright."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-def test_parameter_count_and_nearest_valid_shape(parent):
-    target = plan_shape(parent.model, layers=1, hidden=16, heads=2, kv_heads=1, ffn=8)
-    child = subclone_model(parent.model, target, strategy="random")
-    assert analysis.parameter_count(parent.model, target) == sum(p.numel() for p in child.model.parameters())
-    wanted = {"layers": 1, "hidden": 16, "heads": 3, "kv_heads": 1, "ffn": 8}
-    nearest = analysis.nearest_valid_shape(parent.model, wanted)
-    plan_shape(parent.model, **{r: getattr(nearest, r) for r in analysis.SIZE_ROLES})  # valid
-    assert nearest.layers == 1 and nearest.ffn == 8 and nearest.hidden % nearest.heads == 0
-    assert analysis.suggested_shape(parent.model).layers == 2
-
-
-def test_generate_text_and_its_errors(parent):
-    text = analysis.generate_text(parent.model, parent.preprocessor, "the cat", max_new_tokens=5)
-    assert isinstance(text, str)
-    with pytest.raises(SubcloneError, match="empty"):
-        analysis.generate_text(parent.model, parent.preprocessor, "", max_new_tokens=5)
+# --- live summaries, memory, files ---------------------------------------------------------------------
 
 
 def test_live_summary_gives_speedup_and_throughput():

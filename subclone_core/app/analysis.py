@@ -1,204 +1,24 @@
-"""Computations the app shows that are not model surgery: text generation, ranking consistency,
-single-block removal, shape suggestions, parameter counts, live training summaries, memory checks.
+"""What the app shows about training runs and files: live summaries of a run's events, memory checks
+before a run, and a saved child as a zip. Pure functions; no Streamlit.
 
-Pure functions over library objects; no Streamlit. A parent model is shared by every browser session
-of a server, so anything that attaches hooks or runs it goes through ``exclusive(model)``.
+Analyses of models (generation, ranking consistency, block removal) live in ``subclone_core.analysis``;
+shape search and parameter counts in ``subclone_core.shape``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import math
-import threading
-import weakref
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
 from subclone_core.metrics_log import curves
-from subclone_core.selection import Selection
-from subclone_core.shape import ROLES, Shape, validate_target
-from subclone_core.slicing import child_config_dict
+from subclone_core.shape import Shape
 from subclone_core.speedup import HIGHER_IS_BETTER, speedup
-
-Progress = Callable[[int, int], None]
-SIZE_ROLES = tuple(r for r in ROLES if r != "head_dim")  # what a user may choose
-
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-@contextlib.contextmanager
-def exclusive(model: nn.Module) -> Iterator[nn.Module]:
-    """Hold the model's own lock: hooks one session attaches must never see another session's forward."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.setdefault(model, threading.RLock())
-    with lock:
-        yield model
-
-
-# --- generation ----------------------------------------------------------------------------------------
-
-
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 30) -> str:
-    """Greedy continuation of a prompt (the new text only).
-
-    Raises:
-        SubcloneError: an empty prompt, or one longer than the model's context.
-    """
-    encoded = tokenizer(prompt, return_tensors="pt")
-    ids = encoded["input_ids"]
-    if ids.shape[1] == 0:
-        raise SubcloneError("the prompt is empty (or has no known tokens); type a few words")
-    config = model.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    new = max_new_tokens if context is None else min(max_new_tokens, context - ids.shape[1])
-    if new < 1:
-        raise SubcloneError(f"the prompt has {ids.shape[1]} tokens, as many as the model's context "
-                            f"({context}); shorten it")
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with exclusive(model), torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=encoded["attention_mask"].to(device),
-                             max_new_tokens=new, do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def evaluate_shared(model: nn.Module, batches: Sequence[dict], max_batches: int | None = None) -> dict:
-    """``evaluate`` under the model's lock (for the shared parent)."""
-    with exclusive(model):
-        return evaluate(model, batches, max_batches=max_batches)
-
-
-# --- importance ---------------------------------------------------------------------------------------
-
-
-def rank_correlation(scores: Tensor) -> Tensor:
-    """Spearman rank correlation between the rows of (L, D) scores: (L, L), 1 on the diagonal."""
-    ranks = scores.double().argsort(dim=1).argsort(dim=1).double()  # (L, D) rank of each neuron per row
-    ranks = ranks - ranks.mean(dim=1, keepdim=True)
-    ranks = ranks / ranks.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return ranks @ ranks.T
-
-
-def topk_overlap(scores: Tensor, shared: Tensor, k: int) -> Tensor:
-    """(L,) fraction of each row's top-k neurons that are also in the shared ranking's top-k."""
-    k = max(1, min(k, shared.numel()))
-    keep = torch.zeros(shared.numel(), dtype=torch.bool)
-    keep[shared.argsort(descending=True, stable=True)[:k]] = True
-    top = scores.argsort(dim=1, descending=True, stable=True)[:, :k]  # (L, k)
-    return keep[top].double().mean(dim=1)
-
-
-def off_diagonal_mean(matrix: Tensor) -> float:
-    """Mean of the entries off the diagonal (the typical agreement between two different blocks)."""
-    n = matrix.shape[0]
-    if n < 2:
-        return 1.0
-    return float((matrix.sum() - matrix.diagonal().sum()) / (n * n - n))
-
-
-# --- blocks -------------------------------------------------------------------------------------------
-
-
-def _skip_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    """Make a block the identity: return its input in place of its output."""
-    x = args[0] if args else kwargs["hidden_states"]
-    return (x, *output[1:]) if isinstance(output, tuple) else x
-
-
-def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progress | None = None) -> dict:
-    """The loss with each single block removed (the paper's Fig. 2, bottom), without changing the model.
-
-    Each block in turn is bypassed by a forward hook that returns its input; the hook is removed at once.
-
-    Returns:
-        {"base": the intact model's loss, "losses": [loss without block i for each block]}, and for image
-        classifiers also "base_accuracy" and "accuracies" (the same, as top-1 accuracy).
-    """
-    blocks = model.get_submodule(arch_for(model.config.model_type).blocks)
-    total = len(blocks) + 1
-    with exclusive(model):
-        base = evaluate(model, batches)
-        if progress:
-            progress(1, total)
-        removed = []
-        for i, block in enumerate(blocks):
-            handle = block.register_forward_hook(_skip_hook, with_kwargs=True)
-            try:
-                removed.append(evaluate(model, batches))
-            finally:
-                handle.remove()
-            if progress:
-                progress(i + 2, total)
-    out = {"base": base["loss"], "losses": [r["loss"] for r in removed]}
-    if "accuracy" in base:
-        out.update(base_accuracy=base["accuracy"], accuracies=[r["accuracy"] for r in removed])
-    return out
-
-
-# --- shapes -------------------------------------------------------------------------------------------
-
-
-def parameter_count(parent_model: nn.Module, shape: Shape) -> int:
-    """Parameters of a child of this shape (built on the meta device: no memory, no time)."""
-    arch = arch_for(parent_model.config.model_type)
-    dummy = Selection(residual=[], blocks=list(range(shape.layers)), heads=[], kv_heads=[], ffn=[])
-    config = type(parent_model.config).from_dict(child_config_dict(parent_model.config, arch, shape, dummy,
-                                                                   tie_head=True))
-    with torch.device("meta"):
-        model = type(parent_model)(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def nearest_valid_shape(parent_model: nn.Module, sizes: dict[str, int]) -> Shape:
-    """The valid child shape closest to the requested sizes (distance: sum of |log ratio| per size)."""
-    parent = Shape.of(parent_model.config)
-    arch = arch_for(parent_model.config.model_type)
-    want = {role: max(1, int(sizes.get(role) or getattr(parent, role))) for role in SIZE_ROLES}
-    ties_hidden = "head_dim" not in arch.config_keys
-    best, best_cost = parent, math.inf
-    for heads in range(1, parent.heads + 1):
-        for kv in range(1, parent.kv_heads + 1):
-            hidden = (heads * parent.head_dim if ties_hidden
-                      else _round_to(min(want["hidden"], parent.hidden), heads))
-            shape = Shape(layers=min(want["layers"], parent.layers), hidden=hidden, heads=heads, kv_heads=kv,
-                          ffn=min(want["ffn"], parent.ffn), head_dim=parent.head_dim)
-            try:
-                validate_target(parent, shape, arch)
-            except SubcloneError:
-                continue
-            cost = sum(abs(math.log(getattr(shape, r) / want[r])) for r in SIZE_ROLES)
-            if cost < best_cost:
-                best, best_cost = shape, cost
-    return best
-
-
-def suggested_layers(parent_layers: int) -> int:
-    """A first guess at the child's depth: a fifth of the parent's, at least 2 (first and last kept)."""
-    return min(parent_layers, max(2, parent_layers // 5))
-
-
-def suggested_shape(parent_model: nn.Module, layers: int | None = None) -> Shape:
-    """A first guess at a child: a fifth of the blocks (or ``layers``), about a third of every width."""
-    parent = Shape.of(parent_model.config)
-    start = {role: max(1, getattr(parent, role) // 3) for role in SIZE_ROLES}
-    start["layers"] = layers or suggested_layers(parent.layers)
-    return nearest_valid_shape(parent_model, start)
-
-
-def _round_to(value: int, multiple: int) -> int:
-    return max(multiple, round(value / multiple) * multiple)
-
 
 # --- training -----------------------------------------------------------------------------------------
 
@@ -216,7 +36,7 @@ def live_summary(events: list[dict], baseline: str = "random") -> list[dict]:
         step, curve = last_step.get(name, {}), evals.get(name, [])
         row = {"model": name, "step": step.get("step", 0), "train loss": step.get("loss"),
                f"val {metric}": curve[-1][1] if curve else None,
-               step.get("unit", "tokens/s"): step.get("throughput")}
+               step.get("unit", "throughput"): step.get("throughput")}
         if name == baseline:
             row["speedup vs random"] = "baseline"
         elif baseline in evals and curve:
@@ -285,8 +105,3 @@ def zip_folder(folder: str | Path) -> bytes:
             if path.is_file():
                 archive.write(path, f"{folder.name}/{path.relative_to(folder)}")
     return buffer.getvalue()
-
-
-def first_batches(batches: Iterator[dict], n: int) -> list[dict]:
-    """The first n batches as a list (reused for several evaluations)."""
-    return list(islice(batches, n))

@@ -14,6 +14,9 @@ from typing import Any
 
 from subclone_core.calibration import Importance
 from subclone_core.strategies import Child
+from subclone_core.workflow import CALIB_TOKENS
+
+DEFAULT_PROMPT = "The history of the city"
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Workspace:
         samples: model name -> its continuation of the prompt.
         saved_to: where the child was last saved.
         job: the last training job (a BackgroundJob).
+        calib_tokens: the calibration budget chosen on the Importance page (the Child page reuses it).
+        prompt: the prompt chosen on the Parent page (the Child page samples the models with it).
     """
 
     key: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -54,6 +59,8 @@ class Workspace:
     samples: dict[str, str] = field(default_factory=dict)
     saved_to: Path | None = None
     job: Any = None
+    calib_tokens: int = CALIB_TOKENS
+    prompt: str = DEFAULT_PROMPT
 
     def choose(self, parent_id: str, data_id: str | None, data_label: str) -> bool:
         """Select a parent and data; drop everything derived from another choice. Whether it changed."""

@@ -11,15 +11,8 @@ from pathlib import Path
 
 import torch
 
-from subclone_core.app.analysis import (
-    available_bytes,
-    check_memory,
-    evaluate_shared,
-    exclusive,
-    first_batches,
-    generate_text,
-    training_bytes,
-)
+from subclone_core.analysis import evaluate_shared, exclusive, first_batches, generate_text
+from subclone_core.app.analysis import available_bytes, check_memory, training_bytes
 from subclone_core.app.jobs import Emit, Work
 from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.calibration import Importance, Progress

@@ -1,0 +1,141 @@
+"""Analyses of a loaded model that are not model surgery: greedy generation, ranking consistency between
+blocks, the loss with one block removed, and a lock for models that several callers share.
+
+A parent model may be shared (the app caches one per server process for every browser session), so
+anything here that attaches hooks or runs it goes through ``exclusive(model)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from subclone_core.archs import arch_for
+from subclone_core.errors import SubcloneError
+from subclone_core.evaluate import evaluate
+
+Progress = Callable[[int, int], None]
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(model: nn.Module) -> Iterator[nn.Module]:
+    """Hold the model's own lock: hooks one caller attaches must never see another caller's forward."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        yield model
+
+
+def first_batches(batches: Iterator[dict], n: int) -> list[dict]:
+    """The first n batches as a list (reused for several evaluations)."""
+    return list(islice(batches, n))
+
+
+# --- generation and evaluation ----------------------------------------------------------------------
+
+
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 30) -> str:
+    """Greedy continuation of a prompt (the new text only).
+
+    Raises:
+        SubcloneError: an empty prompt, or one longer than the model's context.
+    """
+    encoded = tokenizer(prompt, return_tensors="pt")
+    ids = encoded["input_ids"]
+    if ids.shape[1] == 0:
+        raise SubcloneError("the prompt is empty (or has no known tokens); type a few words")
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    new = max_new_tokens if context is None else min(max_new_tokens, context - ids.shape[1])
+    if new < 1:
+        raise SubcloneError(f"the prompt has {ids.shape[1]} tokens, as many as the model's context "
+                            f"({context}); shorten it")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with exclusive(model), torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=encoded["attention_mask"].to(device),
+                             max_new_tokens=new, do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def evaluate_shared(model: nn.Module, batches: Sequence[dict], max_batches: int | None = None) -> dict:
+    """``evaluate`` under the model's lock (for a shared parent)."""
+    with exclusive(model):
+        return evaluate(model, batches, max_batches=max_batches)
+
+
+# --- ranking consistency ----------------------------------------------------------------------------
+
+
+def rank_correlation(scores: Tensor) -> Tensor:
+    """Spearman rank correlation between the rows of (L, D) scores: (L, L), 1 on the diagonal."""
+    ranks = scores.double().argsort(dim=1).argsort(dim=1).double()  # (L, D) rank of each neuron per row
+    ranks = ranks - ranks.mean(dim=1, keepdim=True)
+    ranks = ranks / ranks.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return ranks @ ranks.T
+
+
+def topk_overlap(scores: Tensor, shared: Tensor, k: int) -> Tensor:
+    """(L,) fraction of each row's top-k neurons that are also in the shared ranking's top-k."""
+    k = max(1, min(k, shared.numel()))
+    keep = torch.zeros(shared.numel(), dtype=torch.bool)
+    keep[shared.argsort(descending=True, stable=True)[:k]] = True
+    top = scores.argsort(dim=1, descending=True, stable=True)[:, :k]  # (L, k)
+    return keep[top].double().mean(dim=1)
+
+
+def off_diagonal_mean(matrix: Tensor) -> float:
+    """Mean of the entries off the diagonal (the typical agreement between two different blocks)."""
+    n = matrix.shape[0]
+    if n < 2:
+        return 1.0
+    return float((matrix.sum() - matrix.diagonal().sum()) / (n * n - n))
+
+
+# --- blocks -----------------------------------------------------------------------------------------
+
+
+def _skip_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Make a block the identity: return its input in place of its output."""
+    x = args[0] if args else kwargs["hidden_states"]
+    return (x, *output[1:]) if isinstance(output, tuple) else x
+
+
+def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progress | None = None) -> dict:
+    """The loss with each single block removed (the paper's Fig. 2, bottom), without changing the model.
+
+    Each block in turn is bypassed by a forward hook that returns its input; the hook is removed at once.
+
+    Returns:
+        {"base": the intact model's loss, "losses": [loss without block i for each block]}, and for image
+        classifiers also "base_accuracy" and "accuracies" (the same, as top-1 accuracy).
+    """
+    blocks = model.get_submodule(arch_for(model.config.model_type).blocks)
+    total = len(blocks) + 1
+    with exclusive(model):
+        base = evaluate(model, batches)
+        if progress:
+            progress(1, total)
+        removed = []
+        for i, block in enumerate(blocks):
+            handle = block.register_forward_hook(_skip_hook, with_kwargs=True)
+            try:
+                removed.append(evaluate(model, batches))
+            finally:
+                handle.remove()
+            if progress:
+                progress(i + 2, total)
+    out = {"base": base["loss"], "losses": [r["loss"] for r in removed]}
+    if "accuracy" in base:
+        out.update(base_accuracy=base["accuracy"], accuracies=[r["accuracy"] for r in removed])
+    return out
