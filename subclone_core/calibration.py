@@ -7,6 +7,7 @@ number of tokens. Scores follow the paper: the mean |activation| over batch and 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -126,23 +127,34 @@ class _Recorder:
         blocks = self.model.get_submodule(self.arch.blocks)
         for i, block in enumerate(blocks):
             self.handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
-            attn_out = block.get_submodule(self.arch.attn_out)
-            ffn_down = block.get_submodule(self.arch.ffn_down)
-            self.handles.append(attn_out.register_forward_hook(self._proj_hook(i, "heads", "residual_attn")))
-            self.handles.append(ffn_down.register_forward_hook(self._proj_hook(i, "ffn", "residual_ffn")))
+            # heads and FFN neurons are the inputs of the output projections; the residual outputs are
+            # what joins the residual stream (after a post-norm where the family has one)
+            for path, name in ((self.arch.attn_out, "heads"), (self.arch.ffn_down, "ffn")):
+                self._hook(block.get_submodule(path), self._input_hook(i, name))
+            for path, name in ((self.arch.attn_residual, "residual_attn"), (self.arch.ffn_residual, "residual_ffn")):
+                self._hook(block.get_submodule(path), self._output_hook(i, name))
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
 
-    def _proj_hook(self, layer: int, input_name: str, output_name: str):
+    def _hook(self, module: nn.Module, hook) -> None:
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _input_hook(self, layer: int, name: str):
         def hook(module, args, output):
-            self.sums.add(input_name, layer, self.abs_sum(args[0]))
-            self.sums.add(output_name, layer, self.abs_sum(output))
+            self.sums.add(name, layer, self.abs_sum(args[0]))
+        return hook
+
+    def _output_hook(self, layer: int, name: str):
+        def hook(module, args, output):
+            self.sums.add(name, layer, self.abs_sum(output))
         return hook
 
     def _block_hook(self, layer: int):
+        # f(x) = block(x) - x is what the block adds to the residual stream, whatever happens inside it
+        # (pre-norms, post-norms as in OLMo 2 and Gemma 3, or GPT-NeoX's parallel attention and FFN)
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
@@ -167,6 +179,15 @@ def recording(model: nn.Module, sums: _Sums) -> Iterator[_Recorder]:
         yield recorder
     finally:
         recorder.detach()
+
+
+def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
+    """Forward kwargs that turn off the KV cache where the model's forward takes `use_cache`.
+
+    A forward pass over whole sequences (calibration, evaluation, training) never reuses keys and values,
+    and building the cache costs memory; image models have no such argument.
+    """
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 def real_token_mask(batch: dict[str, Tensor]) -> Tensor | None:
@@ -198,7 +219,7 @@ def calibrate(
     """
     device = next(model.parameters()).device
     sums = _Sums(Shape.of(model.config), device)
-    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    extra = no_cache_kwargs(model)
     was_training = model.training
     model.eval()
     try:

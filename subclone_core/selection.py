@@ -139,8 +139,7 @@ def select(parent: Shape, child: Shape, importance, order: str, blocks: list[int
     """
     if order == "importance" and importance is None:
         raise SubcloneError("ordering by importance needs calibration data")
-    ones = _Uniform(parent)
-    src = importance if order == "importance" else ones
+    src = importance if order == "importance" else _EqualScores(parent)
     heads, kv = zip(*(pick_heads(src.heads[b], parent, child, order) for b in blocks)) if blocks else ((), ())
     return Selection(
         residual=pick(child.hidden, src.residual, order),
@@ -151,8 +150,8 @@ def select(parent: Shape, child: Shape, importance, order: str, blocks: list[int
     )
 
 
-class _Uniform:
-    """Stand-in scores for orderings that ignore data (only the sizes matter)."""
+class _EqualScores:
+    """All-zero stand-in scores for orderings that ignore data ("first", "uniform" use only the sizes)."""
 
     def __init__(self, shape: Shape) -> None:
         self.residual = torch.zeros(shape.hidden)

@@ -30,28 +30,43 @@ def _axis_indices(sel: Selection, child_block: int | None, parent: Shape) -> dic
     """Index tensors along each axis kind, for one child block (None for tensors outside blocks)."""
     idx = {"residual": torch.tensor(sel.residual, dtype=torch.long)}
     if child_block is not None:
-        q = head_rows(sel.heads[child_block], parent.head_dim)
-        q_width = parent.heads * parent.head_dim
+        heads, kv_heads = sel.heads[child_block], sel.kv_heads[child_block]
+        q, kv = head_rows(heads, parent.head_dim), head_rows(kv_heads, parent.head_dim)
+        q_width, kv_width = parent.heads * parent.head_dim, parent.kv_heads * parent.head_dim
+        ffn = torch.tensor(sel.ffn[child_block], dtype=torch.long)
         idx.update(
             q=q,
-            kv=head_rows(sel.kv_heads[child_block], parent.head_dim),
-            # fused [q; k; v] of a multi-head attention: each third is sliced like q
-            qkv=torch.cat([q, q + q_width, q + 2 * q_width]),
-            ffn=torch.tensor(sel.ffn[child_block], dtype=torch.long),
+            kv=kv,
+            # fused rows [q (H x Dh); k (K x Dh); v (K x Dh)]
+            qkv=torch.cat([q, q_width + kv, q_width + kv_width + kv]),
+            # fused rows (H, [q; k; v], Dh): a head's run of 3 x Dh rows
+            qkv_per_head=head_rows(heads, 3 * parent.head_dim),
+            ffn=ffn,
+            # fused rows [gate (F); up (F)]
+            gate_up=torch.cat([ffn, parent.ffn + ffn]),
         )
     return idx
 
 
 def slice_tensor(tensor: Tensor, param: Param, indices: dict[str, Tensor], scale: bool) -> Tensor:
-    """Index every sliced axis of one tensor, then scale a linear weight whose fan-in shrank."""
+    """Index every sliced axis of one tensor, then scale a linear weight whose fan-in shrank.
+
+    A tensor whose output the model multiplies by sqrt(width) from the config (Param.sqrt_width_gain) is
+    multiplied by sqrt(parent width / child width) whatever `scale` says: the child's config gives a
+    smaller multiplier, and this keeps the parent's outputs.
+    """
     out = tensor
     for dim, axis in enumerate(param.axes):
         if axis != "keep":
             out = out.index_select(dim, indices[axis].to(out.device))
+    factor = 1.0
     if scale and param.fan_in is not None:
-        ratio = tensor.shape[param.fan_in] / out.shape[param.fan_in]
-        if ratio > 1:
-            out = out * math.sqrt(ratio)
+        factor *= math.sqrt(tensor.shape[param.fan_in] / out.shape[param.fan_in])
+    if param.sqrt_width_gain is not None:
+        dim = param.axes.index(param.sqrt_width_gain)
+        factor *= math.sqrt(tensor.shape[dim] / out.shape[dim])
+    if factor != 1.0:
+        out = out * factor
     # a tensor with nothing sliced must still be a copy: the child never shares storage with the parent
     return tensor.clone() if out is tensor else out.contiguous()
 
@@ -63,6 +78,41 @@ def _block_param(name: str, arch: ArchSpec) -> tuple[int, str] | None:
         return None
     index, _, inner = name[len(prefix):].partition(".")
     return int(index), inner
+
+
+class TensorSlicer:
+    """Maps one parent tensor at a time to the child's name and tensor: all that a builder streaming a
+    checkpoint shard by shard needs (a child tensor depends only on its parent tensor and the selection).
+
+    Args:
+        arch: the family's table.
+        parent: the parent's shape.
+        sel: what to keep.
+        scale: multiply each linear weight whose fan-in shrank by sqrt(fan_in_parent / fan_in_child).
+    """
+
+    def __init__(self, arch: ArchSpec, parent: Shape, sel: Selection, *, scale: bool) -> None:
+        self.arch, self.scale = arch, scale
+        self.child_of = {b: j for j, b in enumerate(sel.blocks)}
+        self.globals_idx = _axis_indices(sel, None, parent)
+        self.block_idx = {j: _axis_indices(sel, j, parent) for j in range(len(sel.blocks))}
+
+    def __call__(self, name: str, tensor: Tensor) -> tuple[str, Tensor] | None:
+        """(child name, child tensor), or None for a tensor of a removed block.
+
+        Raises:
+            SubcloneError: the table has no rule for this tensor.
+        """
+        located = _block_param(name, self.arch)
+        if located is None:
+            param = _rule(self.arch.global_params, name, self.arch)
+            return name, slice_tensor(tensor, param, self.globals_idx, self.scale)
+        block, inner = located
+        param = _rule(self.arch.block_params, inner, self.arch, full_name=name)
+        if block not in self.child_of:
+            return None
+        j = self.child_of[block]
+        return f"{self.arch.blocks}.{j}.{inner}", slice_tensor(tensor, param, self.block_idx[j], self.scale)
 
 
 def slice_state_dict(
@@ -85,21 +135,8 @@ def slice_state_dict(
         untie_head: for a tied head, give the child its own (scaled) head instead of sharing the
             (unscaled) embedding. Ignored for untied parents, whose head is always sliced on its own.
     """
-    child_of = {b: j for j, b in enumerate(sel.blocks)}
-    globals_idx = _axis_indices(sel, None, parent)
-    block_idx = {j: _axis_indices(sel, j, parent) for j in range(len(sel.blocks))}
-    out: dict[str, Tensor] = {}
-    for name, tensor in parent_sd.items():
-        located = _block_param(name, arch)
-        if located is None:
-            param = _rule(arch.global_params, name, arch)
-            out[name] = slice_tensor(tensor, param, globals_idx, scale)
-            continue
-        block, inner = located
-        param = _rule(arch.block_params, inner, arch, full_name=name)
-        if block in child_of:
-            j = child_of[block]
-            out[f"{arch.blocks}.{j}.{inner}"] = slice_tensor(tensor, param, block_idx[j], scale)
+    slicer = TensorSlicer(arch, parent, sel, scale=scale)
+    out = dict(mapped for name, tensor in parent_sd.items() if (mapped := slicer(name, tensor)) is not None)
     if is_tied(parent_sd, arch) and not untie_head:
         head, embedding = arch.tied_head
         out[head] = out[embedding]

@@ -106,7 +106,7 @@ def subclone_model(
         cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
         config = type(parent_model.config).from_dict(cfg)
         sd = slice_state_dict(parent_model.state_dict(), arch, parent, sel, scale=scale, untie_head=untie_head)
-        model = build_model(type(parent_model), config, sd, buffers_from=parent_model)
+        model = build_model(type(parent_model), config, sd)
     settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
                     "untie_head": untie_head, "seed": seed}
     manifest = build_manifest(parent, target, blocks, sel, importance, settings)

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
 
 VOCAB = 61
+TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def llama(tied: bool = True, heads: int = 8, kv_heads: int = 2, layers: int = 4) -> LlamaForCausalLM:
@@ -38,6 +51,47 @@ def qwen2() -> Qwen2ForCausalLM:
         vocab_size=VOCAB, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
+def qwen3() -> Qwen3ForCausalLM:
+    return Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=40, vocab_size=VOCAB, tie_word_embeddings=False, **TOKENS))
+
+
+def gemma3() -> Gemma3ForCausalLM:
+    # head_dim x heads (32) differs from hidden (24), as in the real models; a sliding window shorter
+    # than the test sequences, so sliding and full layers really differ
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        hidden_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=40, vocab_size=VOCAB, query_pre_attn_scalar=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], **TOKENS))
+
+
+def phi3() -> Phi3ForCausalLM:
+    return Phi3ForCausalLM(Phi3Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+        vocab_size=VOCAB, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.5}, **TOKENS))
+
+
+def smollm3() -> SmolLM3ForCausalLM:
+    return SmolLM3ForCausalLM(SmolLM3Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+        vocab_size=VOCAB, no_rope_layers=[1, 0, 1, 1], **TOKENS))
+
+
+def olmo2() -> Olmo2ForCausalLM:
+    return Olmo2ForCausalLM(Olmo2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+        vocab_size=VOCAB, **TOKENS))
+
+
+def gpt_neox() -> GPTNeoXForCausalLM:
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40, vocab_size=VOCAB,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        use_parallel_residual=True, **TOKENS))
+
+
 def gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(
         n_embd=32, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=1, eos_token_id=2,
@@ -51,7 +105,8 @@ def vit() -> ViTForImageClassification:
 
 
 FAMILIES = {"llama": llama, "llama-untied": lambda: llama(tied=False), "mistral": mistral, "qwen2": qwen2,
-            "gpt2": gpt2, "vit": vit}
+            "qwen3": qwen3, "gemma3": gemma3, "phi3": phi3, "smollm3": smollm3, "olmo2": olmo2,
+            "gpt_neox": gpt_neox, "gpt2": gpt2, "vit": vit}
 
 
 def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float64):
@@ -60,7 +115,9 @@ def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float64):
     model = FAMILIES[name]()
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if p.dim() == 1:  # norms start at 1 and biases at 0: perturb so their slicing is tested
+            # norms start at 1 (Gemma's offset norms, and biases, at 0), per-head q/k norms included:
+            # perturb every 1-d parameter so that a wrongly sliced one shows
+            if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.to(dtype).eval()
 

@@ -5,15 +5,24 @@ Each family file fills one `ArchSpec` with data only. Axis names say how a tenso
 - ``keep``: untouched (vocabulary, classes, positions, image channels, kernel sizes).
 - ``residual``: the hidden (embedding) dimension, one ranking shared by every block.
 - ``q``: query heads x head_dim (rows of q, columns of o); ``kv``: KV heads x head_dim.
-- ``qkv``: a fused [q; k; v] projection (GPT-2's ``c_attn``), each third sliced as ``q``.
-- ``ffn``: the FFN hidden neurons of the block.
+- ``qkv``: a fused [q; k; v] projection (GPT-2's ``c_attn``, Phi-3's ``qkv_proj`` under grouped-query
+  attention): the q part sliced as ``q``, the k and v parts as ``kv``.
+- ``qkv_per_head``: a fused projection interleaved per head, [q_h; k_h; v_h] for each head h
+  (GPT-NeoX's ``query_key_value``): whole 3 x head_dim runs of the kept heads.
+- ``ffn``: the FFN hidden neurons of the block; ``gate_up``: a fused [gate; up] (Phi-3's
+  ``gate_up_proj``), each half sliced as ``ffn``.
+
+Behaviour that is not a tensor layout is data too (litgpt's Config is the model): a norm offset, post-norms
+whose outputs join the residual stream, an embedding multiplied by sqrt(hidden). Generic code reads these
+fields; it never asks which family it holds. A parallel residual (GPT-NeoX: x + attn(ln1 x) + ffn(ln2 x))
+needs no field: block statistics are taken at the block boundary, f(x) = block(x) - x, which covers it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-AXES = ("keep", "residual", "q", "kv", "qkv", "ffn")
+AXES = ("keep", "residual", "q", "kv", "qkv", "qkv_per_head", "ffn", "gate_up")
 
 
 @dataclass(frozen=True)
@@ -24,10 +33,15 @@ class Param:
         axes: one axis name per tensor dimension, in storage order.
         fan_in: index of the dimension that is the linear layer's input (scaled when it shrinks),
             or None for tensors that are not linear weights (norms, biases, embeddings).
+        sqrt_width_gain: an axis whose width w the model multiplies this tensor's output by, as sqrt(w),
+            computed from the config (Gemma 3's embedding scale sqrt(hidden)). The child computes
+            sqrt(w') from its own config, so the slice is multiplied by sqrt(w / w') to keep the parent's
+            outputs on the kept dimensions; applied whether or not weights are scaled.
     """
 
     axes: tuple[str, ...]
     fan_in: int | None = None
+    sqrt_width_gain: str | None = None
 
 
 def linear(out_axis: str, in_axis: str) -> Param:
@@ -38,6 +52,11 @@ def linear(out_axis: str, in_axis: str) -> Param:
 def conv1d(in_axis: str, out_axis: str) -> Param:
     """A GPT-2 Conv1D weight, stored (in, out)."""
     return Param((in_axis, out_axis), fan_in=0)
+
+
+def scaled_embedding() -> Param:
+    """A token embedding whose output the model multiplies by sqrt(hidden) (Gemma 3)."""
+    return Param(("keep", "residual"), sqrt_width_gain="residual")
 
 
 def plain(*axes: str) -> Param:
@@ -65,6 +84,12 @@ class ArchSpec:
         per_layer_config_keys: config entries that hold one value per block (sliced like the blocks).
         scale_default: whether slicing scales weights by sqrt(fan_in ratio) unless told otherwise,
             chosen by measurement per family (docs/BENCHMARKS.md).
+        attn_post_norm: path, inside a block, of a norm applied to the attention output before it joins
+            the residual stream (Gemma 3, OLMo 2); its output, not attn_out's, is what the block adds.
+        ffn_post_norm: the same for the FFN output.
+        norm_offset: the norms compute (norm_offset + weight) x x_hat: 1.0 where weights are stored as
+            offsets from 1 (Gemma 3), so a weight of 0 is the identity scale. Slicing is unaffected; code
+            that writes or converts norm weights (exporters, synthetic parents) must read it.
     """
 
     name: str
@@ -80,3 +105,16 @@ class ArchSpec:
     tied_head: tuple[str, str] | None = None
     per_layer_config_keys: tuple[str, ...] = ()
     scale_default: bool = True
+    attn_post_norm: str | None = None
+    ffn_post_norm: str | None = None
+    norm_offset: float = 0.0
+
+    @property
+    def attn_residual(self) -> str:
+        """Path, inside a block, of the module whose output the attention adds to the residual stream."""
+        return self.attn_post_norm or self.attn_out
+
+    @property
+    def ffn_residual(self) -> str:
+        """Path, inside a block, of the module whose output the FFN adds to the residual stream."""
+        return self.ffn_post_norm or self.ffn_down
