@@ -1,0 +1,67 @@
+"""`subclone explore` on a tiny local parent: the JSON contract, the text table, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from subclone_core.cli import main
+from tests import tiny_models as tm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A corpus of tiny-vocabulary words (w3..w60) the tiny tokenizer knows."""
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(3, tm.VOCAB, (6000,), generator=gen).tolist()
+    paragraphs = [" ".join(f"w{w}" for w in words[i:i + 300]) for i in range(0, len(words), 300)]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parents") / "llama"
+    tm.save_parent_folder("llama", path)
+    return path
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_explore_prints_one_json_object_with_the_grid(llama_dir, text_file, capsys):
+    code, out, err = run_cli(["explore", "--parent", llama_dir, "--params", "20k", "--data", text_file,
+                              "--calib-tokens", 256, "--eval-tokens", 128, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["budget"] == 20_000 and result["shapes"]
+    assert {"layers", "hidden", "heads", "kv_heads", "ffn", "params", "loss", "pareto"} <= set(result["shapes"][0])
+    assert any(s["pareto"] for s in result["shapes"]) and result["random"]["loss"] > 0
+
+
+def test_explore_prints_a_table(llama_dir, text_file, capsys):
+    code, out, err = run_cli(["explore", "--parent", llama_dir, "--params", "20000", "--data", text_file,
+                              "--calib-tokens", 256, "--eval-tokens", 128], capsys)
+    assert code == 0, err
+    assert "step-0 loss" in out and "random init" in out and " *" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--params", "lots"], "is not a number like 30M"),
+    (["--params", "5T"], "is not a number like 30M"),
+    (["--params", "1B"], "shapes range from"),
+    (["--params", "20k", "--eval-tokens", 0], "--eval-tokens=0 must be a positive integer"),
+])
+def test_bad_input_exits_2_with_one_line(llama_dir, text_file, capsys, flags, message):
+    code, out, err = run_cli(["explore", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 128,
+                              *flags], capsys)
+    assert code == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1
