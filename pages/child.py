@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import streamlit as st
 
+from subclone_core.analysis import exclusive
 from subclone_core.app import charts, ui
 from subclone_core.app.analysis import zip_folder
 from subclone_core.app.steps import make_children, sample_generations, save_child_folder, step0_report
 from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
+from subclone_core.explore import explore_shapes, validation_sample
 from subclone_core.shape import SIZE_ROLES, Shape, nearest_valid_shape, parameter_count, suggested_shape
 from subclone_core.strategies import DEFAULT_DROP, needs_calibration, plan_shape
+from subclone_core.workflow import measure_importance
 
+EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
 STRATEGY_LABELS = {"subclone": "subclone: neurons and heads in importance order (the paper)",
                    "first-k": "first-k: the first neurons and heads, no reordering (ablation)",
@@ -122,8 +126,61 @@ def save_and_download(task: str) -> None:
                            mime="application/zip", key="download_child", on_click="ignore")
 
 
+def run_explorer(budget: int) -> None:
+    """Calibrate when needed, then subclone and score every shape near the budget."""
+    with ui.errors_shown("exploring shapes"):
+        if ws.importance is None:
+            update, clear = ui.progress_bar("Calibrating the parent")
+            with exclusive(parent.model):
+                ws.set_importance(measure_importance(parent, ws.data_id, tokens=ws.calib_tokens, progress=update))
+            clear()
+        batches = validation_sample(parent, ws.data_id)
+        update, clear = ui.progress_bar("Subcloning and scoring shapes")
+        ws.exploration = explore_shapes(parent.model, ws.importance, budget, batches, progress=update)
+        clear()
+
+
+def use_clicked_shape() -> None:
+    """Chart callback: the clicked point's shape goes into the size inputs (before they are drawn)."""
+    points = st.session_state[EXPLORE_CHART]["selection"]["points"]
+    if points and ws.exploration is not None:
+        index = points[0]["customdata"]
+        set_shape(ws.exploration.points[int(index[0] if isinstance(index, list) else index)].shape)
+
+
+def shape_label(index: int) -> str:
+    point = ws.exploration.points[index]
+    s = point.shape
+    return (f"{s.layers} blocks x {s.hidden} ({s.heads} heads, {s.kv_heads} KV, FFN {s.ffn}): "
+            f"{point.params / 1e6:.2f} M, step-0 loss {point.loss:.3f}{' (Pareto front)' if point.pareto else ''}")
+
+
+def show_explorer() -> None:
+    """The explorer: a budget, the scatter of shapes (click one to use it), and a picker of the same."""
+    default = round(parameter_count(parent.model, suggested_shape(parent.model, ws.child_layers)) / 1e6, 3)
+    budget = st.number_input("Parameter budget (millions)", 0.001, 1e6, step=1.0, format="%.3f",
+                             key=ui.keep("explore_budget", default))
+    st.caption("Subclones a grid of shapes (blocks x width, heads, KV heads and FFN at the parent's ratios) "
+               "near the budget and measures each one's validation loss before training.")
+    if st.button("Explore shapes", key="run_explore"):
+        run_explorer(int(budget * 1e6))
+    if ws.exploration is None:
+        return
+    st.plotly_chart(charts.explorer_scatter(ws.exploration), key=EXPLORE_CHART, on_select=use_clicked_shape,
+                    selection_mode="points")
+    front = [i for i, p in enumerate(ws.exploration.points) if p.pareto]
+    left, right = st.columns([4, 1], vertical_alignment="bottom")
+    index = left.selectbox("Explored shape", front + [i for i in range(len(ws.exploration.points))
+                                                      if i not in front], format_func=shape_label,
+                           key="explore_pick")
+    right.button("Use this shape", key="use_explored", on_click=set_shape,
+                 args=(ws.exploration.points[index].shape,))
+
+
 init_shape()
 st.subheader("Shape")
+with st.expander("Explore shapes near a parameter budget", expanded=ws.exploration is not None):
+    show_explorer()
 target = shape_inputs()
 if target is not None:
     show_size(target)

@@ -10,6 +10,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from subclone_core.calibration import Importance
+from subclone_core.explore import Exploration
 from subclone_core.metrics_log import curves
 
 KEPT, DROPPED, BASE = "#1f77b4", "#d62728", "#7f7f7f"
@@ -185,5 +186,28 @@ def loss_chart(events: list[dict], metric: str = "loss") -> go.Figure:
             fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=f"{name} validation",
                                      legendgroup=name, line={"color": color, "width": 3}))
     fig.update_layout(title="Training and validation loss", xaxis_title="step", yaxis_title=metric,
+                      legend={"orientation": "h", "y": -0.2}, **{**_LAYOUT, "height": 440})
+    return fig
+
+
+def explorer_scatter(exploration: Exploration) -> go.Figure:
+    """Parameters against step-0 validation loss of every explored shape, the Pareto front joined in blue,
+    random init's loss as a dashed line; each point's customdata is its index in ``exploration.points``
+    (the page maps a clicked point back to its shape)."""
+    fig = go.Figure()
+    for on_front, name, color in ((False, "other shapes", BASE), (True, "Pareto front", KEPT)):
+        index = [i for i, p in enumerate(exploration.points) if p.pareto == on_front]
+        points = [exploration.points[i] for i in index]
+        fig.add_trace(go.Scatter(
+            x=[p.params / 1e6 for p in points], y=[p.loss for p in points], customdata=index, name=name,
+            mode="lines+markers+text" if on_front else "markers", line={"color": color},
+            marker={"color": color, "size": 11}, textposition="top center",
+            text=[f"{p.shape.layers}x{p.shape.hidden}" for p in points],
+            hovertemplate=("%{text}: %{x:.2f} M parameters<br>step-0 loss %{y:.3f}<extra></extra>")))
+    fig.add_hline(y=exploration.random_loss, line={"color": COLORS["random"], "dash": "dash"},
+                  annotation_text=f"random init {exploration.random_loss:.2f}")
+    fig.add_vline(x=exploration.budget / 1e6, line={"color": BASE, "dash": "dot"}, annotation_text="budget")
+    fig.update_layout(title="Child shapes near the budget: loss before training (click a point to use it)",
+                      xaxis_title="parameters (M)", yaxis_title="step-0 validation loss",
                       legend={"orientation": "h", "y": -0.2}, **{**_LAYOUT, "height": 440})
     return fig

@@ -39,6 +39,7 @@ class Workspace:
         samples: model name -> its continuation of the prompt.
         saved_to: where the child was last saved.
         job: the last training job (a BackgroundJob).
+        exploration: the shape explorer's last grid (explore.Exploration) for this calibration.
         calib_tokens: the calibration budget chosen on the Importance page (the Child page reuses it).
         prompt: the prompt chosen on the Parent page (the Child page samples the models with it).
     """
@@ -59,6 +60,7 @@ class Workspace:
     samples: dict[str, str] = field(default_factory=dict)
     saved_to: Path | None = None
     job: Any = None
+    exploration: Any = None
     calib_tokens: int = CALIB_TOKENS
     prompt: str = DEFAULT_PROMPT
 
@@ -78,6 +80,7 @@ class Workspace:
         """Store a new calibration; the child and the block ablation came from the old one."""
         self.importance = importance
         self.ablation = None
+        self.exploration = None
         self.set_child(None, None)
 
     def set_child(self, child: Child | None, random_child: Child | None) -> None:
