@@ -211,3 +211,286 @@ def speedup_table(results: Mapping[str, Any], *, baseline: str = "random", targe
             "throughput": result.throughput, "unit": result.unit,
         })
     return rows
+
+
+# --- iso-loss: the speedup at every level random init reaches -------------------------------------------
+#
+# One number at one target hides how the speedup changes as training goes on: a pretrained start is far
+# ahead early (a large ratio at high loss) and the lead usually shrinks towards random init's final loss.
+# The iso-loss curve gives the ratio at every level random init's validation curve reaches. Curves here are
+# "tracks": (step, seen, value) evaluation points, seen being the tokens (or images) trained on so far, so
+# that each level gets both steps and tokens. Crossings are interpolated linearly between evaluations and
+# never extrapolated past the last one.
+
+Track = Sequence[tuple[float, float | None, float | None]]  # (step, seen, value) evaluation points, in step order
+
+DROP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # shares of random init's improvement that compare prints
+
+
+@dataclass(frozen=True)
+class IsoLoss:
+    """The speedup at one loss (or accuracy) level.
+
+    Invariant: ``speedup`` is ``baseline_tokens / candidate_tokens`` when both runs report tokens, else
+    ``baseline_steps / candidate_steps``.
+
+    Attributes:
+        level: the validation value both had to reach.
+        fraction: the share of random init's improvement (start to best) this level stands for, when
+            the level was chosen that way (drop_levels); else None.
+        baseline_steps: steps random init needs (interpolated); its whole run when it never gets there.
+        baseline_tokens: tokens (or images) random init needs, likewise; None without token counts.
+        candidate_steps: steps the candidate needs; for a level it beat at step 0, its first evaluation
+            step after 0 (an upper bound); None when it never gets there.
+        candidate_tokens: the same in tokens (or images).
+        speedup: the ratio, or its lower bound when ``lower_bound``; None when there is no number.
+        lower_bound: the true speedup is at least ``speedup`` (the candidate was there at step 0, or
+            random init never reached a level given from outside).
+        at_start: the candidate was at the level at its first evaluation.
+        reason: why there is no number, else None.
+    """
+
+    level: float
+    fraction: float | None
+    baseline_steps: float | None
+    baseline_tokens: float | None
+    candidate_steps: float | None
+    candidate_tokens: float | None
+    speedup: float | None
+    lower_bound: bool = False
+    at_start: bool = False
+    reason: str | None = None
+
+    def text(self) -> str:
+        """E.g. "2.7x", ">= 8.0x" or "not reached in 500 steps"."""
+        if self.speedup is None:
+            return self.reason or "n/a"
+        return (">= " if self.lower_bound else "") + f"{self.speedup:.1f}x"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the text form."""
+        return {**asdict(self), "text": self.text()}
+
+
+@dataclass(frozen=True)
+class _Crossing:
+    """Where a track first reaches a level: None when it never does."""
+
+    step: float | None
+    seen: float | None
+    at_start: bool = False
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _crossing(track: Track, level: float, higher: bool) -> _Crossing:
+    """The first point of ``track`` at or past ``level``, placed linearly between evaluations."""
+    for i, (step, seen, value) in enumerate(track):
+        if not _at_or_past(value, level, higher):
+            continue
+        if i == 0:
+            return _Crossing(step, seen, at_start=True)
+        prev_step, prev_seen, prev_value = track[i - 1]
+        if not _finite(prev_value) or value == prev_value:
+            return _Crossing(step, seen)  # nothing to interpolate from: the evaluation itself
+        t = (prev_value - level) / (prev_value - value)  # in (0, 1]: the previous point was short of it
+        seen_at = prev_seen + t * (seen - prev_seen) if prev_seen is not None and seen is not None else None
+        return _Crossing(prev_step + t * (step - prev_step), seen_at)
+    return _Crossing(None, None)
+
+
+def iso_levels(baseline: Track, *, higher_is_better: bool = False) -> list[float]:
+    """Every value random init reaches on its curve: each new best after step 0, in the order reached.
+
+    For a loss these decrease, for accuracy they increase. The first evaluation is not a level: random
+    init needs no training to be there, so no speedup can be defined at it.
+    """
+    levels: list[float] = []
+    best = None
+    for i, (_, _, value) in enumerate(baseline):
+        if not _finite(value) or (best is not None and not _strictly_past(value, best, higher_is_better)):
+            continue
+        best = value
+        if i > 0:
+            levels.append(value)
+    return levels
+
+
+def _strictly_past(value: float, reference: float, higher: bool) -> bool:
+    return value > reference if higher else value < reference
+
+
+def drop_levels(baseline: Track, fractions: Sequence[float] = DROP_FRACTIONS, *,
+                higher_is_better: bool = False) -> list[tuple[float, float]]:
+    """Levels at shares of random init's improvement: start + fraction x (best - start).
+
+    Args:
+        baseline: random init's track.
+        fractions: shares of the improvement; 1.0 is random init's best value.
+        higher_is_better: True for accuracy.
+
+    Returns:
+        (fraction, level) pairs; empty when the curve has no finite start or never improves on it.
+    """
+    start = next((value for _, _, value in baseline[:1] if _finite(value)), None)
+    best = best_value([(step, value) for step, _, value in baseline], higher_is_better=higher_is_better)
+    if start is None or best is None or not _strictly_past(best, start, higher_is_better):
+        return []
+    return [(f, start + f * (best - start)) for f in fractions]
+
+
+def _no_number(level: float, fraction: float | None, base: _Crossing, reason: str, *,
+               at_start: bool = False) -> IsoLoss:
+    return IsoLoss(level, fraction, base.step, base.seen, None, None, None, at_start=at_start, reason=reason)
+
+
+def _level_row(level: float, fraction: float | None, baseline: Track, candidate: Track, higher: bool) -> IsoLoss:
+    """One level under the honesty rules (see IsoLoss and the section comment)."""
+    base, cand = _crossing(baseline, level, higher), _crossing(candidate, level, higher)
+    if not baseline:
+        return _no_number(level, fraction, base, "random init has no evaluation")
+    if base.at_start:
+        return _no_number(level, fraction, base, "n/a: random init is at this level at step 0")
+    if cand.step is None:
+        budget = candidate[-1][0] if candidate else 0
+        return _no_number(level, fraction, base, f"not reached in {_num(budget)} steps")
+    bound = base.step is None  # random init never got there: it needed more than its whole run
+    if bound:
+        base = _Crossing(baseline[-1][0], baseline[-1][1])
+    if cand.at_start:
+        if len(candidate) < 2:
+            return _no_number(level, fraction, base, "at the level at step 0 (no later evaluation)", at_start=True)
+        cand = _Crossing(candidate[1][0], candidate[1][1], at_start=True)  # the finest the grid resolves
+    by_tokens = base.seen is not None and cand.seen  # both runs count tokens (and the candidate trained)
+    num, den = (base.seen, cand.seen) if by_tokens else (base.step, cand.step)
+    if not den:
+        return _no_number(level, fraction, base, "candidate was not trained")
+    return IsoLoss(level, fraction, base.step, base.seen, cand.step, cand.seen, num / den,
+                   lower_bound=bound or cand.at_start, at_start=cand.at_start)
+
+
+def iso_loss(baseline: Track, candidate: Track, *, levels: Sequence[float] | None = None,
+             fractions: Sequence[float] | None = None, higher_is_better: bool = False) -> list[IsoLoss]:
+    """The speedup of ``candidate`` over ``baseline`` (random init) at many loss or accuracy levels.
+
+    Args:
+        baseline: random init's (step, seen, value) evaluation points, in step order.
+        candidate: the candidate's points; the same evaluation grid is best, but not needed.
+        levels: the values to compare at; None (with no ``fractions``) takes every value random init
+            reaches (iso_levels), in the order it reaches them.
+        fractions: instead of ``levels``: shares of random init's improvement (drop_levels), e.g.
+            DROP_FRACTIONS.
+        higher_is_better: True for accuracy, False for loss or perplexity.
+
+    Returns:
+        One IsoLoss per level, in the order of the levels.
+
+    Raises:
+        ValueError: both ``levels`` and ``fractions`` were given.
+    """
+    if levels is not None and fractions is not None:
+        raise ValueError("give levels or fractions, not both")
+    if fractions is not None:
+        pairs = drop_levels(baseline, fractions, higher_is_better=higher_is_better)
+    else:
+        chosen = iso_levels(baseline, higher_is_better=higher_is_better) if levels is None else levels
+        pairs = [(None, level) for level in chosen]
+    return [_level_row(level, fraction, baseline, candidate, higher_is_better) for fraction, level in pairs]
+
+
+def result_track(result: Any, metric: str) -> list[tuple[int, int, float | None]]:
+    """A training result's (step, seen, value) evaluation points.
+
+    Args:
+        result: a RunResult (anything with ``evals`` of EvalPoint).
+        metric: "loss", "perplexity" or "accuracy".
+    """
+    return [(p.step, p.seen, p.value(metric)) for p in result.evals]
+
+
+def tracks_from_events(events: Sequence[Mapping[str, Any]], metric: str) -> dict[str, list[tuple]]:
+    """Per-candidate (step, seen, value) points from training events (metrics.jsonl or live callbacks).
+
+    Args:
+        events: engine events; only "eval" events that carry ``metric`` count.
+        metric: "loss", "perplexity" or "accuracy".
+    """
+    out: dict[str, list[tuple]] = {}
+    for event in events:
+        if event.get("event") == "eval" and event.get(metric) is not None:
+            out.setdefault(event["candidate"], []).append((event["step"], event.get("seen"), event[metric]))
+    return out
+
+
+def iso_loss_by_candidate(tracks: Mapping[str, Track], *, higher_is_better: bool, baseline: str = "random",
+                          fractions: Sequence[float] | None = None) -> dict[str, list[IsoLoss]]:
+    """iso_loss of every candidate but the baseline against it.
+
+    Args:
+        tracks: {name: (step, seen, value) points}, e.g. from result_track or tracks_from_events.
+        higher_is_better: True for accuracy.
+        baseline: the random-init candidate's name.
+        fractions: shares of random init's improvement (e.g. DROP_FRACTIONS); None for every level
+            random init reaches.
+
+    Returns:
+        {name: rows}, in the order of ``tracks``; empty when there is no baseline.
+    """
+    if baseline not in tracks:
+        return {}
+    return {name: iso_loss(tracks[baseline], track, fractions=fractions, higher_is_better=higher_is_better)
+            for name, track in tracks.items() if name != baseline}
+
+
+def iso_loss_summary(tracks: Mapping[str, Track], *, higher_is_better: bool,
+                     baseline: str = "random") -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """JSON-ready iso-loss results for a run summary (summary.json's "iso_loss").
+
+    Returns:
+        {candidate: {"levels": every level random init reaches, "drop": the DROP_FRACTIONS levels}},
+        each a list of IsoLoss.to_dict() rows; empty when there is no baseline.
+    """
+    curves = iso_loss_by_candidate(tracks, higher_is_better=higher_is_better, baseline=baseline)
+    drops = iso_loss_by_candidate(tracks, higher_is_better=higher_is_better, baseline=baseline,
+                                  fractions=DROP_FRACTIONS)
+    return {name: {"levels": [r.to_dict() for r in curves[name]], "drop": [r.to_dict() for r in drops[name]]}
+            for name in curves}
+
+
+def _cell(row: IsoLoss) -> str:
+    """A table cell: "2.7x", ">= 8.0x", "not reached" or "n/a"."""
+    if row.speedup is not None:
+        return row.text()
+    return "not reached" if row.reason and row.reason.startswith("not reached") else "n/a"
+
+
+def format_iso_loss(rows_by_candidate: Mapping[str, Sequence[IsoLoss]], *, metric: str = "loss") -> list[str]:
+    """Plain-text lines: one column per level (the same levels for every candidate), one row per candidate.
+
+    Args:
+        rows_by_candidate: {name: rows}, e.g. iso_loss_by_candidate(..., fractions=DROP_FRACTIONS).
+        metric: what the levels are values of, for the title line.
+
+    Returns:
+        A title line, a header, a rule and one line per candidate; no lines when there is nothing to show.
+    """
+    first = next((rows for rows in rows_by_candidate.values() if rows), None)
+    if first is None:
+        return []
+    header = ["candidate"] + [_level_name(row, metric) for row in first]
+    body = [[name] + [_cell(row) for row in rows] for name, rows in rows_by_candidate.items()]
+    widths = [max(len(line[i]) for line in [header, *body] if i < len(line)) for i in range(len(header))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
+    table.insert(1, "  ".join("-" * w for w in widths))
+    unit = "tokens" if first[0].baseline_tokens is not None else "steps"
+    title = (f"iso-{metric} speedup: random init's {unit} to reach a validation {metric} / the candidate's "
+             "(interpolated between evaluations)")
+    return [title, *table]
+
+
+def _level_name(row: IsoLoss, metric: str) -> str:
+    """E.g. "50% (7.61)": the share of random init's improvement and the level itself."""
+    value = f"{row.level:.1%}" if metric == "accuracy" else f"{row.level:.3g}"
+    return f"{row.fraction:.0%} ({value})" if row.fraction is not None else value

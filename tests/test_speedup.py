@@ -7,7 +7,22 @@ from types import SimpleNamespace
 
 import pytest
 
-from subclone_core.speedup import best_value, speedup, speedup_table, steps_to_reach
+from subclone_core.speedup import (
+    DROP_FRACTIONS,
+    IsoLoss,
+    best_value,
+    drop_levels,
+    format_iso_loss,
+    iso_levels,
+    iso_loss,
+    iso_loss_by_candidate,
+    iso_loss_summary,
+    result_track,
+    speedup,
+    speedup_table,
+    steps_to_reach,
+    tracks_from_events,
+)
 
 # Random init: best 5.0 first reached at step 300, then it gets a little worse.
 RANDOM = [(0, 10.8), (100, 8.0), (200, 6.0), (300, 5.0), (400, 5.2)]
@@ -93,3 +108,177 @@ def test_speedup_table_rows():
     assert rows["first-k"]["speedup"] is None and rows["first-k"]["speedup_text"] == "not reached in 400 steps"
     no_baseline = speedup_table({"subclone": results["subclone"]}, target=6.0)
     assert no_baseline[0]["steps_to_target"] == 100 and no_baseline[0]["speedup_text"] == "n/a"
+
+
+# --- iso-loss -------------------------------------------------------------------------------------------
+
+def track(points, tokens_per_step=1000):
+    """(step, value) pairs -> (step, seen, value) evaluation points."""
+    return [(step, step * tokens_per_step, value) for step, value in points]
+
+
+# Random init: new bests 8, 6, 5 at steps 100, 200, 300; step 400 is worse than its best.
+BASE = track([(0, 10.0), (100, 8.0), (200, 6.0), (300, 5.0), (400, 5.5)])
+
+
+def test_iso_levels_are_random_inits_new_bests_after_step_0_in_the_order_reached():
+    assert iso_levels(BASE) == [8.0, 6.0, 5.0]
+    noisy = track([(0, 10.0), (10, 9.0), (20, 9.5), (30, float("nan")), (40, None), (50, 9.0), (60, 7.0)])
+    assert iso_levels(noisy) == [9.0, 7.0]  # a relapse, NaN, None and a tie are not new levels
+    accuracy = track([(0, 0.1), (10, 0.4), (20, 0.3), (30, 0.6)])
+    assert iso_levels(accuracy, higher_is_better=True) == [0.4, 0.6]
+    assert iso_levels([]) == [] and iso_levels(track([(0, 10.0)])) == []
+
+
+def test_iso_loss_interpolates_the_candidates_crossing_between_evaluations():
+    child = track([(0, 9.0), (100, 7.0), (200, 5.0), (300, 4.0)])
+    rows = iso_loss(BASE, child)
+    assert [r.level for r in rows] == [8.0, 6.0, 5.0]
+    # 8.0 lies halfway from 9.0 (step 0) to 7.0 (step 100); 6.0 halfway from 7.0 to 5.0; 5.0 is a point.
+    assert [r.candidate_steps for r in rows] == pytest.approx([50, 150, 200])
+    assert [r.candidate_tokens for r in rows] == pytest.approx([50_000, 150_000, 200_000])
+    assert [r.baseline_steps for r in rows] == [100, 200, 300]
+    assert [r.speedup for r in rows] == pytest.approx([2.0, 200 / 150, 1.5])
+    assert not any(r.lower_bound or r.at_start for r in rows)
+    assert rows[0].text() == "2.0x" and rows[1].text() == "1.3x"
+
+
+def test_iso_loss_never_extrapolates_past_the_end_of_the_candidates_run():
+    child = track([(0, 9.0), (100, 7.0), (150, 5.5)])  # still falling fast when it stops
+    rows = iso_loss(BASE, child)
+    assert rows[1].speedup == pytest.approx(200 / (100 + 50 / 1.5))  # 6.0: between 7.0 at 100 and 5.5 at 150
+    last = rows[2]
+    assert last.level == 5.0 and last.speedup is None and last.candidate_steps is None
+    assert last.candidate_tokens is None and last.baseline_steps == 300
+    assert last.text() == "not reached in 150 steps"
+
+
+def test_a_level_the_candidate_beat_at_step_0_is_a_lower_bound_from_its_first_evaluation_after_0():
+    child = track([(0, 7.0), (25, 5.8), (50, 4.0)])
+    first, second, third = iso_loss(BASE, child)
+    assert first.at_start and first.lower_bound
+    assert first.candidate_steps == 25 and first.candidate_tokens == 25_000  # an upper bound on its need
+    assert first.speedup == pytest.approx(100 / 25) and first.text() == ">= 4.0x"
+    assert not second.at_start and not second.lower_bound  # 6.0 is crossed between 7.0 at 0 and 5.8 at 25
+    assert second.candidate_steps == pytest.approx(25 / 1.2) and second.speedup == pytest.approx(200 * 1.2 / 25)
+    assert not third.at_start and not third.lower_bound  # 5.0 is crossed between 25 and 50
+    assert third.candidate_steps == pytest.approx(25 + 25 * 0.8 / 1.8)
+    alone = iso_loss(BASE, track([(0, 4.0)]))
+    assert all(r.speedup is None and r.at_start for r in alone)
+    assert alone[0].text() == "at the level at step 0 (no later evaluation)"
+
+
+def test_speedup_is_always_baseline_over_candidate_in_tokens_when_runs_count_them():
+    child = track([(0, 7.0), (25, 5.8), (50, 4.0)], tokens_per_step=2000)  # twice the batch of random init
+    for row in iso_loss(BASE, child):
+        assert row.speedup == pytest.approx(row.baseline_tokens / row.candidate_tokens)
+        assert row.speedup == pytest.approx(row.baseline_steps / row.candidate_steps / 2)
+    no_tokens = [(step, None, value) for step, _, value in child]
+    assert iso_loss(BASE, no_tokens)[2].speedup == pytest.approx(300 / (25 + 25 * 0.8 / 1.8))
+
+
+def test_iso_loss_for_accuracy_where_higher_is_better():
+    base = track([(0, 0.10), (10, 0.40), (20, 0.60), (30, 0.70)])
+    child = track([(0, 0.30), (10, 0.50), (20, 0.80)])
+    rows = iso_loss(base, child, higher_is_better=True)
+    assert [r.level for r in rows] == [0.40, 0.60, 0.70]
+    # 0.40 halfway from 0.30 to 0.50; 0.60 and 0.70 are a third and two thirds from 0.50 to 0.80.
+    assert [r.candidate_steps for r in rows] == pytest.approx([5, 10 + 10 / 3, 10 + 20 / 3])
+    assert [r.speedup for r in rows] == pytest.approx([2.0, 20 / (40 / 3), 30 / (50 / 3)])
+    as_loss = iso_loss(base, child)  # read as losses nothing after step 0 is a new best
+    assert as_loss == []
+
+
+def test_drop_levels_are_shares_of_random_inits_improvement():
+    assert drop_levels(BASE) == [(0.25, 8.75), (0.5, 7.5), (0.75, 6.25), (1.0, 5.0)]
+    accuracy = track([(0, 0.1), (10, 0.5), (20, 0.9)])
+    assert drop_levels(accuracy, (0.5, 1.0), higher_is_better=True) == [(0.5, pytest.approx(0.5)), (1.0, 0.9)]
+    assert drop_levels(track([(0, 10.0), (10, 11.0)])) == []  # never improves on its start
+    assert drop_levels(track([(0, float("nan")), (10, 9.0)])) == [] and drop_levels([]) == []
+
+
+def test_iso_loss_at_drop_fractions_interpolates_random_init_too():
+    child = track([(0, 9.0), (100, 7.0), (200, 5.0), (300, 4.0)])
+    rows = iso_loss(BASE, child, fractions=DROP_FRACTIONS)
+    assert [r.fraction for r in rows] == list(DROP_FRACTIONS)
+    assert [r.level for r in rows] == [8.75, 7.5, 6.25, 5.0]
+    assert rows[0].baseline_steps == pytest.approx(62.5)  # 8.75 between 10.0 at 0 and 8.0 at 100
+    assert rows[0].candidate_steps == pytest.approx(12.5)
+    assert rows[0].speedup == pytest.approx(5.0)
+    assert rows[-1].baseline_steps == 300 and rows[-1].speedup == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="not both"):
+        iso_loss(BASE, child, levels=[5.0], fractions=DROP_FRACTIONS)
+
+
+def test_levels_given_from_outside_random_init_never_reached_or_started_at():
+    child = track([(0, 9.0), (100, 4.5), (200, 4.0)])
+    beyond, above = iso_loss(BASE, child, levels=[4.0, 10.5])
+    # Random init needed more than its whole run (400 steps) to reach 4.0: at least 400 / 200.
+    assert beyond.lower_bound and not beyond.at_start
+    assert beyond.baseline_steps == 400 and beyond.speedup == pytest.approx(2.0) and beyond.text() == ">= 2.0x"
+    assert above.speedup is None and "step 0" in above.text()
+    assert iso_loss([], child, levels=[5.0])[0].text() == "random init has no evaluation"
+
+
+def test_nan_evaluations_never_count_and_are_not_interpolated_from():
+    child = track([(0, 9.0), (100, float("nan")), (200, 5.0)])
+    rows = iso_loss(BASE, child)
+    assert [r.candidate_steps for r in rows] == [200, 200, 200]
+    diverged = track([(0, 9.0), (100, 8.5), (200, float("nan"))])
+    assert iso_loss(BASE, diverged)[0].text() == "not reached in 200 steps"
+
+
+def test_tracks_from_results_and_events_feed_the_per_candidate_summary():
+    evals = [SimpleNamespace(step=s, seen=t, value=lambda m, v=v: v) for s, t, v in BASE]
+    assert result_track(SimpleNamespace(evals=evals), "loss") == list(BASE)
+    events = [{"event": "start"}]
+    for name, points in (("random", BASE), ("subclone", track([(0, 7.0), (100, 5.5), (200, 4.0)]))):
+        events += [{"event": "eval", "candidate": name, "step": s, "seen": t, "loss": v} for s, t, v in points]
+    events.append({"event": "step", "candidate": "subclone", "step": 1, "loss": 3.0})
+    tracks = tracks_from_events(events, "loss")
+    assert tracks["random"] == list(BASE) and list(tracks) == ["random", "subclone"]
+    by_name = iso_loss_by_candidate(tracks, higher_is_better=False)
+    assert list(by_name) == ["subclone"] and by_name["subclone"][0].at_start
+    assert iso_loss_by_candidate({"subclone": tracks["subclone"]}, higher_is_better=False) == {}
+    summary = iso_loss_summary(tracks, higher_is_better=False)
+    assert [r["level"] for r in summary["subclone"]["levels"]] == [8.0, 6.0, 5.0]
+    assert [r["fraction"] for r in summary["subclone"]["drop"]] == list(DROP_FRACTIONS)
+    assert summary["subclone"]["levels"][0]["text"] == ">= 1.0x"  # 100 / its first evaluation after 0 (100)
+
+
+def test_format_iso_loss_prints_one_line_per_candidate_with_a_column_per_level():
+    rows = {"subclone": iso_loss(BASE, track([(0, 9.0), (100, 7.0), (200, 5.0)]), fractions=DROP_FRACTIONS),
+            "first-k": iso_loss(BASE, track([(0, 12.0), (400, 7.0)]), fractions=DROP_FRACTIONS)}
+    lines = format_iso_loss(rows)
+    assert "random init's tokens" in lines[0]
+    assert lines[1].split() == ["candidate", "25%", "(8.75)", "50%", "(7.5)", "75%", "(6.25)", "100%", "(5)"]
+    assert set(lines[2]) == {"-", " "}
+    # Random init needs 62.5, 125, 187.5 and 300 steps; the child 12.5, 75, 137.5 and 200.
+    assert lines[3].split() == ["subclone", "5.0x", "1.7x", "1.4x", "1.5x"]
+    # first-k gets there later than random init (a speedup under 1) and never reaches the last two levels.
+    assert lines[4].split()[:3] == ["first-k", "0.2x", "0.3x"] and lines[4].count("not reached") == 2
+    assert format_iso_loss({}) == [] and format_iso_loss({"subclone": []}) == []
+    acc = {"child": [IsoLoss(0.7, 1.0, 30, None, 10, None, 3.0)]}
+    assert "100% (70.0%)" in format_iso_loss(acc, metric="accuracy")[1]
+    assert "random init's steps" in format_iso_loss(acc, metric="accuracy")[0]
+
+
+def test_the_apps_iso_loss_chart_draws_exact_points_as_lines_and_lower_bounds_as_triangles():
+    from subclone_core.app.speedup_chart import iso_loss_chart_from_events
+
+    events = []
+    for name, points in (("random", BASE), ("subclone", track([(0, 7.0), (100, 5.5), (200, 4.0)]))):
+        events += [{"event": "eval", "candidate": name, "step": s, "seen": t, "loss": v} for s, t, v in points]
+    fig = iso_loss_chart_from_events(events)
+    traces = {trace.name: trace for trace in fig.data}
+    assert set(traces) == {"subclone", "subclone (at least: there at step 0)"}
+    exact, bound = traces["subclone"], traces["subclone (at least: there at step 0)"]
+    # 6.0 is crossed two thirds of the way to step 100, 5.0 a third of the way from 100 to 200.
+    assert list(exact.x) == [6.0, 5.0] and list(exact.y) == pytest.approx([200 / (200 / 3), 300 / (400 / 3)])
+    assert list(bound.x) == [8.0] and bound.marker.symbol == "triangle-up" and bound.mode == "markers"
+    assert fig.layout.xaxis.autorange == "reversed" and fig.layout.yaxis.type == "log"
+    waiting = iso_loss_chart_from_events(events[:1] + events[5:6])  # random's step 0 only: no level yet
+    assert not waiting.data and "Waiting" in waiting.layout.annotations[-1].text
+    accuracy = iso_loss_chart_from_events([{**e, "accuracy": e["loss"]} for e in events], metric="accuracy",
+                                          higher_is_better=True)
+    assert accuracy.layout.xaxis.autorange is True
