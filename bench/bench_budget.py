@@ -378,7 +378,10 @@ def seed_spread(outcome: Outcome, size: Size) -> list[dict[str, Any]]:
         runs = outcome.stages[stage.key]
         if stage.seed == 0 or "random" not in runs or "subclone" not in runs:
             continue
-        first = next(s for s in size.stages if s.shape == stage.shape and s.seed == 0 and "subclone" in s.arms)
+        first = next((s for s in size.stages if s.shape == stage.shape and s.seed == 0 and "subclone" in s.arms
+                      and "random" in s.arms), None)
+        if first is None:
+            continue
         zero = outcome.stages[first.key]
         for row in iso_rows(runs["random"], runs["subclone"], fractions=DROP_FRACTIONS):
             ref = iso_loss(result_track(zero["random"], "loss"), result_track(zero["subclone"], "loss"),
@@ -409,6 +412,8 @@ def drop_table(stage: dict[str, Any]) -> str:
     arms = list(stage["at_drop"])
     if not arms:
         return "(no random-init run to compare with)"
+    if not stage["at_drop"][arms[0]]:
+        return "(random init never improved on its first evaluation: no level to compare at)"
     header = ["share of random init's loss drop", "validation loss", "random init: tokens"]
     header += [h for arm in arms for h in (f"{arm}: tokens", f"{arm}: speedup")]
     rows = []
@@ -480,7 +485,8 @@ def settings(results: dict[str, Any], size: Size) -> str:
              "shorter run sees exactly the first batches of a longer one):")]
     lines += [f"  {key}: {s['shape']} child, seed {s['seed']}, {fmt_tokens(s['tokens'])} tokens per arm "
               f"({', '.join(s['arms'])}); {s['minutes']} min" for key, s in results["stages"].items()]
-    lines.append(f"Total {sum(results['minutes'].values()):.1f} min (sweep {results['minutes'].get('sweep')} min).")
+    lines.append(f"Calibration, sweep and stages: {sum(results['minutes'].values()):.1f} min (sweep "
+                 f"{results['minutes'].get('sweep')} min).")
     return "\n".join(f"- {line}" if not line.startswith("  ") else f"  - {line.strip()}" for line in lines)
 
 
