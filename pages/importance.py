@@ -8,6 +8,7 @@ import streamlit as st
 from subclone_core.analysis import exclusive, off_diagonal_mean, rank_correlation, topk_overlap
 from subclone_core.app import charts, ui
 from subclone_core.calibration import Importance
+from subclone_core.inspector import Unit, hit_rows, inspect_units, outsized_dimensions
 from subclone_core.shape import Shape
 from subclone_core.workflow import measure_importance
 
@@ -51,13 +52,56 @@ def show_consistency(importance: Importance, width: int) -> None:
     right.plotly_chart(charts.topk_overlap_bars(overlap, width), key="chart_topk_overlap")
 
 
+UNIT_KINDS = {"residual": "Residual dimension (block output)", "ffn": "FFN neuron", "head": "Head"}
+
+
+def run_inspector(units: list[Unit]) -> None:
+    """The bounded second pass over the calibration sample for these units."""
+    update, clear = ui.progress_bar("Finding the strongest activations")
+    with ui.errors_shown("inspecting units"):
+        ws.inspection = inspect_units(parent, units, ws.data_id, tokens=ws.calib_tokens, progress=update)
+    clear()
+
+
+def show_hits() -> None:
+    """Each inspected unit's strongest activations, as plain-text tables."""
+    for unit, hits in ws.inspection.items():
+        st.markdown(f"**{UNIT_KINDS[unit.kind]} {unit.index}, block {unit.block}**")
+        st.dataframe(hit_rows(hits, parent.preprocessor), hide_index=True, key=f"hits_{unit.kind}_{unit.block}_{unit.index}")
+
+
+def show_inspector(importance: Importance) -> None:
+    """Outsized residual dimensions first; then any unit picked by kind, block and index."""
+    outsized = outsized_dimensions(importance)
+    if outsized:
+        dims = ", ".join(f"{u.index} (peaks at block {u.block})" for u in outsized)
+        st.write(f"Residual dimensions with outsized scores (over 10x the median; they dominate the shared "
+                 f"ranking): {dims}.")
+        if st.button("What do they fire on?", key="inspect_outsized"):
+            run_inspector(outsized)
+    kind_col, block_col, index_col = st.columns(3)
+    kind = kind_col.selectbox("Unit", list(UNIT_KINDS), format_func=UNIT_KINDS.get, key=ui.keep("inspect_kind",
+                                                                                                  "ffn"))
+    block = int(block_col.number_input("Block", 0, shape.layers - 1, key=ui.keep("inspect_block", 0)))
+    limit = {"residual": shape.hidden, "ffn": shape.ffn, "head": shape.heads}[kind] - 1
+    index_key = ui.keep("inspect_index", 0)
+    st.session_state[index_key] = min(st.session_state[index_key], limit)  # another kind may have fewer
+    index = int(index_col.number_input("Index", 0, limit, key=index_key))
+    if st.button("Show top activations", key="run_inspect"):
+        run_inspector([Unit(kind, block, index)])
+    st.caption("A second pass over the calibration sample keeps only each unit's strongest activations "
+               "(by |value|). For images, item is the image and position the patch (0 is the CLS token).")
+    show_hits()
+
+
 importance = ws.importance
 if importance is None:
     st.info("Run the calibration to see the heatmaps.")
 else:
     st.caption(f"Measured on {importance.tokens:,} token positions of `{importance.data or 'default'}`.")
     width = show_ranking(importance)
-    residual, ffn, heads, consistency = st.tabs(["Residual neurons", "FFN neurons", "Heads", "Consistency"])
+    residual, ffn, heads, consistency, inspector = st.tabs(["Residual neurons", "FFN neurons", "Heads",
+                                                            "Consistency", "Inspector"])
     with residual:
         left, right = st.columns(2)
         kind = left.radio("Residual output of", list(charts.RESIDUAL_KINDS), horizontal=True,
@@ -72,3 +116,5 @@ else:
                                              selection and selection.blocks), key="chart_heads")
     with consistency:
         show_consistency(importance, width)
+    with inspector:
+        show_inspector(importance)

@@ -235,3 +235,14 @@ def context_text(tokenizer, hit: Hit) -> tuple[str, str, str]:
     def decode(part: Sequence[int]) -> str:
         return tokenizer.decode([t for t in part if t >= 0])
     return decode(ids[:hit.center]), decode(ids[hit.center:hit.center + 1]), decode(ids[hit.center + 1:])
+
+
+def hit_rows(hits: Sequence[Hit], tokenizer=None) -> list[dict]:
+    """Table rows of a unit's hits: value and where; for text also the token and its context (decoded)."""
+    rows = []
+    for rank, hit in enumerate(hits, start=1):
+        row = {"rank": rank, "value": hit.value, "item": hit.item, "position": hit.position}
+        if hit.context is not None and tokenizer is not None:
+            row["before"], row["token"], row["after"] = context_text(tokenizer, hit)
+        rows.append(row)
+    return rows

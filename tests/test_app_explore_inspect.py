@@ -7,14 +7,14 @@ import pytest
 import tiny_models
 from test_app_pages import chart_titles, errors, run, start_app, workdir  # noqa: F401 (workdir: a fixture)
 
-from subclone_core.explore import width_shapes
-from subclone_core.shape import Shape, parameter_count
+from subclone_core.explore import parameter_count, width_shapes  # wherever the library keeps it
+from subclone_core.shape import Shape
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXPLORER_TITLE = "Child shapes near the budget: loss before training (click a point to use it)"
 
 
-def test_explorer_scores_shapes_and_a_picked_shape_fills_the_shape_inputs(workdir):
+def test_explorer_scores_shapes_and_a_picked_shape_fills_the_shape_inputs(workdir):  # noqa: F811
     at = start_app(workdir / "parent", workdir / "text.txt")
     at.switch_page("pages/child.py")
     run(at)
@@ -38,3 +38,29 @@ def test_explorer_scores_shapes_and_a_picked_shape_fills_the_shape_inputs(workdi
     shape = exploration.points[picked].shape
     assert [at.number_input(key=f"keep_shape_{role}").value for role in ("layers", "hidden", "heads")] == [
         shape.layers, shape.hidden, shape.heads]
+
+
+def test_inspector_shows_a_units_top_tokens_with_context(workdir):  # noqa: F811
+    at = start_app(workdir / "parent", workdir / "text.txt")
+    at.switch_page("pages/importance.py")
+    run(at)
+    at.number_input(key="keep_calib_tokens").set_value(512)
+    run(at)
+    at.button(key="run_calibration").click()
+    run(at)
+    at.selectbox(key="keep_inspect_kind").set_value("head")
+    run(at)
+    at.number_input(key="keep_inspect_block").set_value(1)
+    at.number_input(key="keep_inspect_index").set_value(3)
+    run(at)
+    at.button(key="run_inspect").click()
+    run(at)
+    assert not errors(at)
+    inspection = at.session_state["workspace"].inspection
+    (unit, hits), = inspection.items()
+    assert (unit.kind, unit.block, unit.index) == ("head", 1, 3) and len(hits) == 8
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["rank", "value", "item", "position", "before", "token", "after"]
+    assert all(token.strip() for token in table["token"])
+    at.selectbox(key="keep_inspect_kind").set_value("residual")  # wider than heads: the index stays valid
+    run(at)

@@ -12,11 +12,12 @@ from subclone_core.errors import SubcloneError
 from subclone_core.explore import (
     candidate_shapes,
     explore_shapes,
+    parameter_count,
     pareto_flags,
     parse_param_count,
     width_shapes,
 )
-from subclone_core.shape import Shape, parameter_count
+from subclone_core.shape import Shape
 from subclone_core.strategies import plan_shape, subclone_model
 from tests import tiny_models as tm
 

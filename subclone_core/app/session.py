@@ -40,6 +40,7 @@ class Workspace:
         saved_to: where the child was last saved.
         job: the last training job (a BackgroundJob).
         exploration: the shape explorer's last grid (explore.Exploration) for this calibration.
+        inspection: the neuron inspector's last result, unit -> its top activations (inspector.Hit).
         calib_tokens: the calibration budget chosen on the Importance page (the Child page reuses it).
         prompt: the prompt chosen on the Parent page (the Child page samples the models with it).
     """
@@ -61,6 +62,7 @@ class Workspace:
     saved_to: Path | None = None
     job: Any = None
     exploration: Any = None
+    inspection: dict = field(default_factory=dict)
     calib_tokens: int = CALIB_TOKENS
     prompt: str = DEFAULT_PROMPT
 
@@ -81,6 +83,7 @@ class Workspace:
         self.importance = importance
         self.ablation = None
         self.exploration = None
+        self.inspection = {}
         self.set_child(None, None)
 
     def set_child(self, child: Child | None, random_child: Child | None) -> None:
