@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 Curve = Sequence[tuple[float, float | None]]  # (step, value) evaluation points in step order
@@ -271,6 +271,11 @@ class IsoLoss:
         """JSON-ready, with the text form."""
         return {**asdict(self), "text": self.text()}
 
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> IsoLoss:
+        """Back from to_dict() (e.g. summary.json's rows); extra keys such as "text" are ignored."""
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
+
 
 @dataclass(frozen=True)
 class _Crossing:
@@ -466,16 +471,20 @@ def _cell(row: IsoLoss) -> str:
     return "not reached" if row.reason and row.reason.startswith("not reached") else "n/a"
 
 
-def format_iso_loss(rows_by_candidate: Mapping[str, Sequence[IsoLoss]], *, metric: str = "loss") -> list[str]:
+def format_iso_loss(rows_by_candidate: Mapping[str, Sequence[IsoLoss | Mapping[str, Any]]], *,
+                    metric: str = "loss") -> list[str]:
     """Plain-text lines: one column per level (the same levels for every candidate), one row per candidate.
 
     Args:
-        rows_by_candidate: {name: rows}, e.g. iso_loss_by_candidate(..., fractions=DROP_FRACTIONS).
+        rows_by_candidate: {name: rows}, e.g. iso_loss_by_candidate(..., fractions=DROP_FRACTIONS), or
+            the "drop" rows of iso_loss_summary (dicts, as read back from summary.json).
         metric: what the levels are values of, for the title line.
 
     Returns:
         A title line, a header, a rule and one line per candidate; no lines when there is nothing to show.
     """
+    rows_by_candidate = {name: [r if isinstance(r, IsoLoss) else IsoLoss.from_dict(r) for r in rows]
+                         for name, rows in rows_by_candidate.items()}
     first = next((rows for rows in rows_by_candidate.values() if rows), None)
     if first is None:
         return []

@@ -244,6 +244,10 @@ def test_tracks_from_results_and_events_feed_the_per_candidate_summary():
     assert [r["level"] for r in summary["subclone"]["levels"]] == [8.0, 6.0, 5.0]
     assert [r["fraction"] for r in summary["subclone"]["drop"]] == list(DROP_FRACTIONS)
     assert summary["subclone"]["levels"][0]["text"] == ">= 1.0x"  # 100 / its first evaluation after 0 (100)
+    # compare prints the summary's rows as read back from summary.json
+    assert format_iso_loss({n: v["drop"] for n, v in summary.items()}) == format_iso_loss(
+        iso_loss_by_candidate(tracks, higher_is_better=False, fractions=DROP_FRACTIONS))
+    assert IsoLoss.from_dict(summary["subclone"]["levels"][1]) == by_name["subclone"][1]
 
 
 def test_format_iso_loss_prints_one_line_per_candidate_with_a_column_per_level():
