@@ -8,12 +8,19 @@ import streamlit as st
 from subclone_core.analysis import exclusive
 from subclone_core.app import charts, ui
 from subclone_core.app.analysis import zip_folder
-from subclone_core.app.steps import make_children, sample_generations, save_child_folder, step0_report
+from subclone_core.app.steps import (
+    child_settings,
+    make_children,
+    sample_generations,
+    save_child_folder,
+    step0_report,
+)
 from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
 from subclone_core.explore import explore_shapes, validation_sample
-from subclone_core.shape import SIZE_ROLES, Shape, nearest_valid_shape, parameter_count, suggested_shape
-from subclone_core.strategies import DEFAULT_DROP, needs_calibration, plan_shape
+from subclone_core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
+from subclone_core.strategies import DEFAULT_DROP, parameter_count, plan_shape
+from subclone_core.training.job import needs_importance
 from subclone_core.workflow import measure_importance
 
 EXPLORE_CHART = "chart_explore"
@@ -76,20 +83,18 @@ def show_size(target: Shape) -> None:
 def generate(target: Shape, strategy: str, drop, scale: bool) -> None:
     """Make the child and its twin, then evaluate all three and sample text from them."""
     update, clear = None, lambda: None
-    if ws.importance is None and needs_calibration(strategy, drop):
+    settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens)
+    if ws.importance is None and needs_importance(settings):
         update, clear = ui.progress_bar("Calibrating the parent (this strategy needs importance)")
     with ui.errors_shown("generating the child"):
-        child, twin = make_children(parent, target, strategy=strategy, drop=drop, scale=scale,
-                                    importance=ws.importance, data_id=ws.data_id,
-                                    calib_tokens=ws.calib_tokens,
-                                    progress=update)
-        ws.set_child(child, twin)
+        child, twin = make_children(parent, target, settings, importance=ws.importance, progress=update)
+        ws.set_child(child, twin, settings)
         if ws.importance is None and child.importance is not None:
             ws.importance = child.importance
         clear()
         with st.spinner("Evaluating the child, its random twin and the parent..."):
             ws.step0 = step0_report(parent, child, twin, ws.data_id, 2048)
-            if parent.task == "causal-lm":
+            if parent.task_spec.sequences:
                 ws.samples = {"prompt": ws.prompt, **sample_generations(parent, child, twin, ws.prompt, 30)}
     clear()
 

@@ -9,9 +9,10 @@ from subclone_core.analysis import generate_text
 from subclone_core.app import ui
 from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.steps import evaluate_parent, store_upload
-from subclone_core.commands.info import describe
 from subclone_core.errors import SubcloneError
-from subclone_core.sources import Parent, default_data_id
+from subclone_core.sources import Parent
+from subclone_core.sources.parents import describe
+from subclone_core.tasks import TaskSpec
 
 SOURCES = {
     "default": "Embedded default (SmolLM2-135M-Instruct)",
@@ -19,12 +20,14 @@ SOURCES = {
     "local": "Local folder or .gguf file",
     "hub": "Hugging Face Hub id",
 }
-DATA = {
-    "causal-lm": {"default": "Embedded Wikipedia text", "upload": "Upload a text file",
-                  "local": "Local text file or folder"},
-    "image-classification": {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits (8x8)",
-                             "local": "Local folder of class subfolders"},
-}
+UPLOAD, LOCAL = "upload", "local"
+
+
+def data_options(task: TaskSpec) -> dict[str, str]:
+    """The data choices for a task: its built-in data, an upload (text only), a local path."""
+    upload = {UPLOAD: "Upload a text file"} if task.sequences else {}
+    return {**task.data_choices, **upload, LOCAL: task.local_data_label}
+
 
 ws = ui.workspace()
 st.title("1. Parent")
@@ -48,7 +51,8 @@ def choose_parent() -> None:
             if not parent_id:
                 raise SubcloneError("type a folder path or a Hub id first")
             parent = ui.get_parent(parent_id)
-            ws.choose(parent_id, None, DATA[parent.task][default_data_id(parent.task)])
+            task = parent.task_spec
+            ws.choose(parent_id, None, task.data_choices[task.default_data])
 
 
 def show_architecture(info: dict) -> None:
@@ -66,12 +70,12 @@ def show_architecture(info: dict) -> None:
                f"from `{info['source']}`")
 
 
-def choose_data(task: str) -> None:
+def choose_data(task: TaskSpec) -> None:
     """The data picker, text or images as the parent's task needs; a new choice resets later results."""
-    options = DATA[task]
+    options = data_options(task)
     kind = st.radio("Data", list(options), format_func=options.get, horizontal=True,
-                    key=ui.keep(f"data_kind_{task}", default_data_id(task)))
-    if kind == "upload":
+                    key=ui.keep(f"data_kind_{task.name}", task.default_data))
+    if kind == UPLOAD:
         upload = st.file_uploader(f"Text file, at most {ui.settings().max_upload_mb} MB (.txt or .md: "
                                   "paragraphs separated by blank lines; .jsonl: a \"text\" field per line)",
                                   type=["txt", "md", "jsonl"], key="data_upload")
@@ -79,15 +83,15 @@ def choose_data(task: str) -> None:
             with ui.errors_shown(f"reading the upload {upload.name!r}"):
                 path = store_upload(ui.settings(), ws.key, upload.name, upload.getvalue())
                 ws.choose(ws.parent_id, str(path), f"upload {upload.name}")
-    elif kind == "local":
-        path = st.text_input("Path", key=ui.keep(f"data_path_{task}", "")).strip()
+    elif kind == LOCAL:
+        path = st.text_input("Path", key=ui.keep(f"data_path_{task.name}", "")).strip()
         if st.button("Use this path", key="use_path"):
             with ui.errors_shown(f"checking the data path {path!r}"):
                 if not path:
                     raise SubcloneError("type a file or folder path first")
                 ws.choose(ws.parent_id, str(ui.settings().check_local_path(path, "data")), path)
     else:
-        data_id = None if kind == default_data_id(task) else kind
+        data_id = None if kind == task.default_data else kind
         if data_id != ws.data_id:
             ws.choose(ws.parent_id, data_id, options[kind])
     st.caption(f"Using: {ws.data_label}")
@@ -133,8 +137,8 @@ else:
         parent = ui.get_parent(ws.parent_id)
         show_architecture(describe(parent))
         st.subheader("Data")
-        choose_data(parent.task)
+        choose_data(parent.task_spec)
         show_validation(parent)
-        if parent.task == "causal-lm":
+        if parent.task_spec.sequences:
             st.subheader("Generation")
             show_generation(parent)

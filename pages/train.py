@@ -30,7 +30,7 @@ def request_form() -> TrainRequest:
     steps = int(cols[0].number_input("Steps", 1, 1_000_000, key=ui.keep("steps", 100)))
     batch = int(cols[1].number_input("Batch size", 1, 1024, key=ui.keep("batch", 8)))
     seq_len = int(cols[2].number_input("Sequence length", 8, 8192, key=ui.keep("seq_len", 128),
-                                       disabled=parent.task != "causal-lm"))
+                                       disabled=not parent.task_spec.sequences))
     eval_every = int(cols[3].number_input("Validate every (steps)", 1, 100_000,
                                           key=ui.keep("eval_every", 10)))
     lr = float(cols[4].number_input("Learning rate (0: defaults)", 0.0, 1.0, format="%.5f",
@@ -40,7 +40,7 @@ def request_form() -> TrainRequest:
     run_name = st.text_input("Run name", key=ui.keep("run_name", "run"), disabled=not save)
     save_dir = ui.settings().output_path(run_name, "runs") if save else None
     return TrainRequest(parent=parent, data_id=ws.data_id, child=ws.child, twin=ws.random_child,
-                        extra=tuple(extra), steps=steps, batch_size=batch, seq_len=seq_len,
+                        settings=ws.child_settings, extra=tuple(extra), steps=steps, batch_size=batch, seq_len=seq_len,
                         eval_every=eval_every, lr=lr or None, save_dir=save_dir)
 
 

@@ -20,9 +20,9 @@ from subclone_core.archs import arch_for
 from subclone_core.calibration import Importance
 from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
-from subclone_core.shape import Shape, parameter_count, target_shape, validate_target
+from subclone_core.shape import Shape, target_shape, validate_target
 from subclone_core.sources import Parent, make_data
-from subclone_core.strategies import subclone_model
+from subclone_core.strategies import parameter_count, subclone_model
 
 Progress = Callable[[int, int], None]
 EVAL_TOKENS = 384  # shapes are compared on the same tokens: a few hundred rank them (paired differences)

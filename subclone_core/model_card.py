@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from subclone_core.shape import ROLES
-
-_LOADERS = {"causal-lm": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification"}
+from subclone_core.tasks import task_spec
 
 
 def model_card(manifest: dict, task: str) -> str:
-    """A short Markdown card: where the weights came from, the shapes, and how to load the folder."""
+    """A short Markdown card: where the weights came from, the shapes, and how to load the folder.
+
+    Args:
+        manifest: the child's subclone.json content.
+        task: the model's task name (subclone_core.tasks), which names the auto class that loads it.
+    """
     parent, child = manifest["parent"], manifest["child"]
     rows = "\n".join(
         f"| {role} | {parent['shape'][role]} | {child['shape'][role]} |" for role in ROLES
     )
-    loader = _LOADERS.get(task, "AutoModel")
+    loader = task_spec(task).model_class
     calib = manifest.get("calibration") or {}
     origin = (
         f"initialized from `{parent.get('id', 'a parent model')}` by weight subcloning "

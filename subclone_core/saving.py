@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from pathlib import Path
 
 from torch import nn
 
+from subclone_core.atomic import building
 from subclone_core.errors import SubcloneError
 
 log = logging.getLogger(__name__)
@@ -49,9 +48,7 @@ def save_model_folder(
         The output folder.
     """
     out = check_output_dir(out_dir, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with building(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
@@ -59,28 +56,8 @@ def save_model_folder(
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
         if model_card is not None:
             (tmp / "README.md").write_text(model_card)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved %s", out)
     return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Rename `new` to `out`; an existing `out` is moved aside first and removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_manifest(model_dir: str | Path) -> dict | None:

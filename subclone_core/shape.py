@@ -134,23 +134,6 @@ def _validate_heads(parent: Shape, child: Shape, arch: ArchSpec) -> None:
 SIZE_ROLES = tuple(r for r in ROLES if r != "head_dim")  # what a user may choose
 
 
-def parameter_count(parent_model: nn.Module, shape: Shape) -> int:
-    """Parameters of a child of this shape (built on the meta device: no memory, no time)."""
-    import torch
-
-    # slicing and selection import this module: import them here, not at the top
-    from subclone_core.selection import Selection
-    from subclone_core.slicing import child_config_dict
-
-    arch = arch_for(parent_model.config.model_type)
-    dummy = Selection(residual=[], blocks=list(range(shape.layers)), heads=[], kv_heads=[], ffn=[])
-    config = type(parent_model.config).from_dict(child_config_dict(parent_model.config, arch, shape, dummy,
-                                                                   tie_head=True))
-    with torch.device("meta"):
-        model = type(parent_model)(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def nearest_valid_shape(parent_model: nn.Module, sizes: dict[str, int]) -> Shape:
     """The valid child shape closest to the requested sizes (distance: sum of |log ratio| per size)."""
     parent = Shape.of(parent_model.config)

@@ -180,7 +180,7 @@ def speedup_table(results: Mapping[str, Any], *, baseline: str = "random", targe
         results: {name: RunResult} from train_candidates.
         baseline: the name of the random-init result; without it speedups are None.
         target: the value to reach; None uses the baseline's best value.
-        metric: "loss", "perplexity" or "accuracy"; None picks accuracy for images, loss for text.
+        metric: "loss", "perplexity" or "accuracy"; None takes the results' own metric (their task's).
         interpolate: see speedup().
 
     Returns:
@@ -188,7 +188,7 @@ def speedup_table(results: Mapping[str, Any], *, baseline: str = "random", targe
     """
     first = next(iter(results.values()), None)
     if metric is None:
-        metric = "accuracy" if first is not None and first.unit == "images/s" else "loss"
+        metric = first.metric if first is not None else "loss"
     higher = HIGHER_IS_BETTER[metric]
     base = results.get(baseline)
     if target is None and base is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from subclone_core import __version__
@@ -113,12 +114,25 @@ def subclone_model(
     return Child(model=model, shape=target, manifest=manifest, selection=sel, importance=importance)
 
 
-def _random_model(parent_model: nn.Module, arch, target: Shape, seed: int) -> nn.Module:
-    """A freshly initialized model of the child's config, seeded without touching the global RNG."""
+def shape_config(parent_model: nn.Module, target: Shape):
+    """The config of a child of shape ``target`` (the first blocks' per-layer settings)."""
+    arch = arch_for(parent_model.config.model_type)
     dummy = Selection(residual=[], blocks=list(range(target.layers)), heads=[], kv_heads=[], ffn=[])
     cfg = child_config_dict(parent_model.config, arch, target, dummy, tie_head=True)
+    return type(parent_model.config).from_dict(cfg)
+
+
+def parameter_count(parent_model: nn.Module, shape: Shape) -> int:
+    """Parameters of a child of this shape (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = type(parent_model)(shape_config(parent_model, shape))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _random_model(parent_model: nn.Module, arch, target: Shape, seed: int) -> nn.Module:
+    """A freshly initialized model of the child's config, seeded without touching the global RNG."""
     with seeded(seed):
-        model = type(parent_model)(type(parent_model.config).from_dict(cfg))
+        model = type(parent_model)(shape_config(parent_model, target))
     dtype = next(parent_model.parameters()).dtype
     return model.to(dtype).eval()
 

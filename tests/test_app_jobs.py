@@ -14,7 +14,7 @@ import torch
 from subclone_core.app import analysis, charts
 from subclone_core.app.jobs import BackgroundJob, JobLimiter, ServerBusy
 from subclone_core.app.settings import AppSettings, safe_name
-from subclone_core.app.steps import TrainRequest, make_children, store_upload, training_work
+from subclone_core.app.steps import TrainRequest, child_settings, make_children, store_upload, training_work
 from subclone_core.calibration import Importance
 from subclone_core.errors import SubcloneError
 from subclone_core.shape import Shape
@@ -236,10 +236,11 @@ def test_store_upload_checks_size_type_and_text(tmp_path):
 
 def test_training_work_trains_copies_side_by_side_and_saves(parent, text_file, tmp_path):
     target = plan_shape(parent.model, layers=1, hidden=16, heads=2, kv_heads=1, ffn=16)
-    child, twin = make_children(parent, target, strategy="subclone", drop="first", scale=None,
-                                importance=None, data_id=str(text_file), calib_tokens=256)
+    settings = child_settings("subclone", "first", None, str(text_file), 256)
+    child, twin = make_children(parent, target, settings, importance=None)
     before = {k: v.clone() for k, v in child.model.state_dict().items()}
-    request = TrainRequest(parent=parent, data_id=str(text_file), child=child, twin=twin, extra=("first-k",),
+    request = TrainRequest(parent=parent, data_id=str(text_file), child=child, twin=twin, settings=settings,
+                           extra=("first-k",),
                            steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2,
                            save_dir=tmp_path / "run")
     job = BackgroundJob(training_work(request), name="train").start()
@@ -256,12 +257,12 @@ def test_training_work_trains_copies_side_by_side_and_saves(parent, text_file, t
 
 def test_training_work_refuses_a_run_that_does_not_fit_in_memory(parent, text_file):
     target = Shape.of(parent.model.config)
-    child, twin = make_children(parent, target, strategy="uniform", drop=None, scale=None, importance=None,
-                                data_id=None, calib_tokens=256)
-    request = TrainRequest(parent=parent, data_id=str(text_file), child=child, twin=twin, steps=2,
-                           batch_size=2, seq_len=16)
+    settings = child_settings("uniform", None, None, None, 256)
+    child, twin = make_children(parent, target, settings, importance=None)
+    request = TrainRequest(parent=parent, data_id=str(text_file), child=child, twin=twin, settings=settings,
+                           steps=2, batch_size=2, seq_len=16)
     job = BackgroundJob(training_work(request, memory=lambda device: 1000), name="train").start()
     assert job.wait(60) and job.status == "failed"
     assert "GiB" in job.error and "batch size" in job.error
     with pytest.raises(SubcloneError, match="steps"):
-        TrainRequest(parent=parent, data_id=None, child=child, twin=twin, steps=0).config()
+        TrainRequest(parent=parent, data_id=None, child=child, twin=twin, settings=settings, steps=0).config()

@@ -11,9 +11,9 @@ import torch
 from subclone_core import analysis
 from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
-from subclone_core.shape import SIZE_ROLES, nearest_valid_shape, parameter_count, suggested_shape
+from subclone_core.shape import SIZE_ROLES, nearest_valid_shape, suggested_shape
 from subclone_core.sources import load_parent
-from subclone_core.strategies import plan_shape, subclone_model
+from subclone_core.strategies import parameter_count, plan_shape, subclone_model
 from tests import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

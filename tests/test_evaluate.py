@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from subclone_core.cli import main
+from subclone_core.data.text import TokenData
 from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
 from subclone_core.sources import load_parent
-from subclone_core.sources.text import TokenData
 
 
 class ConstantLogits(torch.nn.Module):
@@ -23,6 +23,8 @@ class ConstantLogits(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))  # evaluate() finds the device from a parameter
         self.vocab, self.image_logits = vocab, image_logits
+        # the task registry knows a model's task from its family: a Llama scores text, a ViT images
+        self.config = SimpleNamespace(model_type="vit" if image_logits is not None else "llama")
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None):
         if pixel_values is not None:

@@ -11,9 +11,11 @@ import pytest
 import torch
 import transformers
 
+from subclone_core.data import packaged
 from subclone_core.errors import SubcloneError
-from subclone_core.sources import load_parent, packaged, parents
-from subclone_core.sources.parents import DEFAULT_LABEL, MARKER, cache_is_valid, read_marker
+from subclone_core.sources import gguf, hub, load_parent, parents
+from subclone_core.sources.cache import MARKER, cache_is_valid, read_marker
+from subclone_core.sources.parents import DEFAULT_LABEL
 
 
 @pytest.fixture
@@ -28,13 +30,13 @@ def cache(tmp_path, monkeypatch):
 def conversions(monkeypatch):
     """Count GGUF conversions (the slow step the cache exists to avoid)."""
     calls = []
-    original = parents._convert_gguf
+    original = gguf._convert_gguf
 
     def counting(gguf, out):
         calls.append(gguf)
         original(gguf, out)
 
-    monkeypatch.setattr(parents, "_convert_gguf", counting)
+    monkeypatch.setattr(gguf, "_convert_gguf", counting)
     return calls
 
 
@@ -193,7 +195,7 @@ def test_unreadable_gguf_is_a_clear_error(tmp_path, cache):
 @pytest.fixture
 def fake_default(tiny_gguf, monkeypatch):
     """Make the tiny GGUF stand in for the embedded default, so the cache logic is tested in seconds."""
-    monkeypatch.setattr(parents, "default_gguf", lambda: tiny_gguf)
+    monkeypatch.setattr(gguf, "default_gguf", lambda: tiny_gguf)
     return tiny_gguf
 
 
@@ -252,8 +254,8 @@ def test_hub_id_offline_is_one_clear_line(monkeypatch):
 
 def test_unreachable_hub_fails_fast_without_waiting_on_timeouts(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(parents, "_hub_offline", lambda: False)
-    monkeypatch.setattr(parents, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "_hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(SubcloneError, match="Hub is unreachable.*local folder"):
         load_parent("gpt2-subclone-test")
 

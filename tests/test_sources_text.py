@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from subclone_core.errors import SubcloneError
-from subclone_core.sources import make_data, packaged
-from subclone_core.sources.text import (
+from subclone_core.data import packaged
+from subclone_core.data.text import (
     TokenData,
     documents,
     split_documents,
     tokenize_documents,
     validation_indices,
 )
+from subclone_core.errors import SubcloneError
+from subclone_core.sources import make_data
 
 WORDS = [
     "alpha",

@@ -96,7 +96,7 @@ def test_baseline_best_at_step_0_or_no_finite_values_gives_no_number():
 def test_speedup_table_rows():
     def fake(curve, unit="tokens/s"):
         evals = [SimpleNamespace(step=s, value=v) for s, v in curve]
-        return SimpleNamespace(status="done", unit=unit, throughput=100.0,
+        return SimpleNamespace(status="done", unit=unit, metric="loss", throughput=100.0,
                                curve=lambda metric="loss": [(e.step, e.value) for e in evals])
 
     results = {"subclone": fake([(0, 9.0), (100, 6.0), (200, 4.9)]), "random": fake(RANDOM),

@@ -14,6 +14,7 @@ from typing import Any
 
 from subclone_core.calibration import Importance
 from subclone_core.strategies import Child
+from subclone_core.training.job import CandidateSettings
 from subclone_core.workflow import CALIB_TOKENS
 
 DEFAULT_PROMPT = "The history of the city"
@@ -35,6 +36,7 @@ class Workspace:
         child_layers: the number of blocks chosen on the Blocks page.
         ablation: {"base", "losses"} from analysis.block_ablation.
         child, random_child: the generated child and its random twin.
+        child_settings: how they were made (the Train page builds extra strategies the same way).
         step0: model name -> its validation metrics before training.
         samples: model name -> its continuation of the prompt.
         saved_to: where the child was last saved.
@@ -57,6 +59,7 @@ class Workspace:
     ablation: dict | None = None
     child: Child | None = None
     random_child: Child | None = None
+    child_settings: CandidateSettings | None = None
     step0: dict[str, dict] | None = None
     samples: dict[str, str] = field(default_factory=dict)
     saved_to: Path | None = None
@@ -86,7 +89,8 @@ class Workspace:
         self.inspection = {}
         self.set_child(None, None)
 
-    def set_child(self, child: Child | None, random_child: Child | None) -> None:
+    def set_child(self, child: Child | None, random_child: Child | None,
+                  settings: CandidateSettings | None = None) -> None:
         """Store a newly generated child and its random twin; their old reports no longer apply."""
-        self.child, self.random_child = child, random_child
+        self.child, self.random_child, self.child_settings = child, random_child, settings
         self.step0, self.samples, self.saved_to = None, {}, None

@@ -3,10 +3,9 @@ step-0 comparisons, saving, uploads, and the training job's work. No Streamlit h
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,14 +15,23 @@ from subclone_core.app.analysis import available_bytes, check_memory, training_b
 from subclone_core.app.jobs import Emit, Work
 from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.calibration import Importance, Progress
+from subclone_core.data.text import TEXT_SUFFIXES, documents
+from subclone_core.devices import resolve_device
 from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
 from subclone_core.shape import Shape
 from subclone_core.sources import Parent, make_data
-from subclone_core.sources.text import TEXT_SUFFIXES, documents
 from subclone_core.strategies import Child
 from subclone_core.training import Candidate, TrainConfig, train_candidates
-from subclone_core.workflow import make_child, save_child
+from subclone_core.training.job import (
+    BASELINE,
+    CandidateSettings,
+    build_candidates,
+    build_child,
+    shared_importance,
+    training_data,
+)
+from subclone_core.workflow import save_child
 
 EVAL_SEQ_LEN = 128
 EVAL_BATCH = 8
@@ -43,16 +51,23 @@ def evaluate_parent(parent: Parent, data_id: str | None, tokens: int) -> dict:
     return evaluate_shared(parent.model, validation_batches(parent, data_id, tokens))
 
 
-def make_children(parent: Parent, target: Shape, *, strategy: str, drop: str | list[int] | None,
-                  scale: bool | None, importance: Importance | None, data_id: str | None,
-                  calib_tokens: int, seed: int = 0, progress: Progress | None = None) -> tuple[Child, Child]:
-    """The child of one strategy and a randomly initialized twin of the same shape (calibrating the shared
-    parent first, under its lock, when the strategy needs importance and none is given)."""
+def child_settings(strategy: str, drop: str | list[int] | None, scale: bool | None, data_id: str | None,
+                   calib_tokens: int, seed: int = 0) -> CandidateSettings:
+    """The Child page's choices as the training job's settings: the child's strategy and its random twin."""
+    return CandidateSettings(names=(strategy, BASELINE), drop=drop, scale=scale, seed=seed, data_id=data_id,
+                             calib_tokens=calib_tokens)
+
+
+def make_children(parent: Parent, target: Shape, settings: CandidateSettings, *,
+                  importance: Importance | None, progress: Progress | None = None) -> tuple[Child, Child]:
+    """The child of the settings' first strategy and a randomly initialized twin of the same shape, built as
+    the training job builds them (calibrating the shared parent first, under its lock, when needed)."""
+    strategy = settings.names[0]
     with exclusive(parent.model):
-        child = make_child(parent, target, strategy=strategy, drop=drop, scale=scale, importance=importance,
-                           data_id=data_id, calib_tokens=calib_tokens, seed=seed, progress=progress)
-    twin = make_child(parent, target, strategy="random", seed=seed)
-    return child, twin
+        if importance is None:
+            importance = shared_importance(parent, settings, progress)
+        child = build_child(parent, target, strategy, settings, importance)
+    return child, build_child(parent, target, BASELINE, settings, None)
 
 
 def step0_report(parent: Parent, child: Child, twin: Child, data_id: str | None,
@@ -127,8 +142,9 @@ class TrainRequest:
     Attributes:
         parent: the (shared, never modified) parent; its preprocessor prepares the data.
         data_id: the training data (the validation split is held out from the same id).
-        child: the subcloned child from the Child page.
+        child: the child from the Child page.
         twin: its random twin.
+        settings: how the child was made (child_settings); the extra strategies are built the same way.
         extra: more strategies to build and train alongside ("first-k", "uniform").
         steps, batch_size, seq_len, eval_every, lr: training settings (lr None: each strategy's default).
         save_dir: where finished models are saved (None: not saved).
@@ -138,6 +154,7 @@ class TrainRequest:
     data_id: str | None
     child: Child
     twin: Child
+    settings: CandidateSettings
     extra: tuple[str, ...] = ()
     steps: int = 100
     batch_size: int = 8
@@ -146,7 +163,6 @@ class TrainRequest:
     eval_batches: int = 4
     lr: float | None = None
     save_dir: Path | None = None
-    manifests: dict[str, dict] = field(default_factory=dict)
 
     def config(self) -> TrainConfig:
         """The engine's settings; validated here so that a bad one is reported before queueing."""
@@ -155,41 +171,38 @@ class TrainRequest:
         config.validate()
         return config
 
+    def candidate_settings(self) -> CandidateSettings:
+        """The child's settings with the extra strategies added and the learning rate applied to all."""
+        for strategy in self.extra:
+            if strategy not in EXTRA_STRATEGIES:
+                raise SubcloneError(f"unknown extra strategy {strategy!r}; valid: {', '.join(EXTRA_STRATEGIES)}")
+        names = tuple(dict.fromkeys((*self.settings.names, *self.extra)))
+        lr = dict.fromkeys(names, self.lr) if self.lr else {}
+        return replace(self.settings, names=names, lr=lr)
 
-def build_candidates(request: TrainRequest) -> list[Candidate]:
-    """Copies of the child and its twin, plus freshly built extra strategies, as named candidates."""
-    children = {"subclone": request.child, "random": request.twin}
-    for strategy in request.extra:
-        if strategy not in EXTRA_STRATEGIES:
-            raise SubcloneError(f"unknown extra strategy {strategy!r}; valid: {', '.join(EXTRA_STRATEGIES)}")
-        # first-k is the no-reordering ablation: the same blocks as the child; uniform picks its own (first N)
-        drop = list(request.child.manifest.get("removed_blocks") or []) if strategy == "first-k" else None
-        children[strategy] = make_child(request.parent, request.child.shape, strategy=strategy, drop=drop,
-                                        importance=request.child.importance)
-    request.manifests = {name: child.manifest for name, child in children.items()}
-    return [Candidate(name=name, model=copy.deepcopy(child.model).train(), lr=request.lr, strategy=name)
-            for name, child in children.items()]
+
+def build_request_candidates(request: TrainRequest) -> tuple[list[Candidate], dict[str, dict]]:
+    """Copies of the child and its twin, plus the extra strategies built by the training job's rule."""
+    made = {request.settings.names[0]: request.child, BASELINE: request.twin}
+    return build_candidates(request.parent, request.child.shape, request.candidate_settings(),
+                            importance=request.child.importance, made=made)
 
 
 def training_work(request: TrainRequest, *,
                   memory: Callable[[torch.device | str | None], int] = available_bytes) -> Work:
-    """The function a BackgroundJob runs: prepare data, check memory, train, save."""
+    """The function a BackgroundJob runs: build the candidates, check memory, prepare data, train, save."""
     config = request.config()
 
     def work(emit: Emit, cancel: threading.Event) -> dict:
         emit({"event": "status", "message": "building the models and preparing the data"})
-        candidates = build_candidates(request)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        candidates, manifests = build_request_candidates(request)
         need = training_bytes([c.model for c in candidates], request.batch_size, request.seq_len)
-        check_memory(need, memory(device))
-        budget = min(request.steps * request.batch_size * request.seq_len, 2_000_000)
-        train = make_data(request.parent, request.data_id, "train", seq_len=request.seq_len,
-                          max_tokens=max(budget, request.batch_size * request.seq_len), max_images=budget)
-        val = make_data(request.parent, request.data_id, "validation", seq_len=request.seq_len,
-                        max_tokens=request.eval_batches * request.batch_size * request.seq_len,
-                        max_images=request.eval_batches * request.batch_size)
-        return train_candidates(candidates, train, val, config, callbacks=[emit], cancel=cancel,
+        check_memory(need, memory(resolve_device(config.device)))
+        per_eval = request.eval_batches * request.batch_size
+        train, val, run_config = training_data(request.parent, request.data_id, config, seq_len=request.seq_len,
+                                               eval_tokens=per_eval * request.seq_len, eval_images=per_eval)
+        return train_candidates(candidates, train, val, run_config, callbacks=[emit], cancel=cancel,
                                 save_dir=request.save_dir, preprocessor=request.parent.preprocessor,
-                                manifest_for=request.manifests.get)
+                                manifest_for=manifests.get)
 
     return work

@@ -17,6 +17,7 @@ import torch
 from subclone_core.app.jobs import JobLimiter
 from subclone_core.app.session import Workspace
 from subclone_core.app.settings import AppSettings
+from subclone_core.devices import resolve_device
 from subclone_core.errors import SubcloneError
 from subclone_core.sources import Parent, load_parent
 from subclone_core.sources.parents import SPECIAL_IDS
@@ -30,19 +31,23 @@ PAGES = {"parent": "pages/parent.py", "importance": "pages/importance.py", "bloc
 def settings() -> AppSettings:
     """The server settings: environment variables, then secrets.toml's [subclone] table, then defaults."""
     secrets = {}
-    with contextlib.suppress(Exception):  # no secrets file is the normal case
+    try:
         if st.secrets.load_if_toml_exists():
             secrets = dict(st.secrets.get("subclone", {}))
+    except FileNotFoundError:
+        pass  # no secrets file is the normal case
+    except Exception as err:  # noqa: BLE001 - Streamlit raises its own types for a malformed file
+        raise SubcloneError(f"the server's .streamlit/secrets.toml cannot be read: {err}") from None
     return AppSettings.load(secrets=secrets)
 
 
-def device() -> str | None:
-    """Where parents are put: the GPU when there is one, else the CPU (None)."""
-    return "cuda" if torch.cuda.is_available() else None
+def device() -> str:
+    """Where parents are put: the GPU when there is one, else the CPU."""
+    return str(resolve_device("auto"))
 
 
 @st.cache_resource(max_entries=3, show_spinner=False)
-def _cached_parent(parent_id: str, device_name: str | None) -> Parent:
+def _cached_parent(parent_id: str, device_name: str) -> Parent:
     return load_parent(parent_id, device=device_name)
 
 

@@ -57,6 +57,14 @@ def shape_sizes(args: argparse.Namespace) -> dict[str, int | None]:
     return {role: getattr(args, role) for role in SHAPE_FLAGS}
 
 
+def child_sizes(args: argparse.Namespace, parent_layers: int) -> dict[str, int | None]:
+    """Shape flags, with --layers following an explicit --drop list when not given."""
+    sizes = shape_sizes(args)
+    if isinstance(args.drop, list) and sizes["layers"] is None:
+        sizes["layers"] = parent_layers - len(args.drop)
+    return sizes
+
+
 def parse_drop(value: str) -> str | list[int]:
     """'middle' / 'magnitude' / 'first', or a comma-separated list of block indices."""
     if value in ("middle", "magnitude", "first"):
@@ -75,5 +83,6 @@ def print_json(obj: dict) -> None:
 
 
 def require_positive(name: str, value: int | None) -> None:
+    """Refuse a count that must be positive, naming the flag."""
     if value is not None and value <= 0:
         raise SubcloneError(f"{name}={value} must be a positive integer")

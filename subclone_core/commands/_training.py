@@ -7,9 +7,7 @@ training engine splits each batch between them, and only the main process writes
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -21,15 +19,15 @@ from tqdm import tqdm
 from subclone_core.commands._options import print_json
 from subclone_core.errors import SubcloneError
 from subclone_core.saving import check_output_dir
-from subclone_core.sources import Parent, make_data
 from subclone_core.speedup import speedup_table
+from subclone_core.tasks import task_spec
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
+from subclone_core.training.job import BASELINE
 
 EVAL_TOKENS = 4096
 EVAL_IMAGES = 1000
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-BASELINE = "random"
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, out_required: bool, seed: bool = True) -> None:
@@ -100,22 +98,6 @@ def prepare_output(out: str | None, overwrite: bool) -> Path | None:
     return path
 
 
-def load_data(parent: Parent, data_id: str | None, config: TrainConfig, *, seq_len: int,
-              eval_tokens: int, eval_images: int) -> tuple[Any, Any, TrainConfig]:
-    """Training data for the whole budget (one pass when there is enough) and the fixed validation set.
-
-    Returns:
-        (train, validation, config with eval_batches covering the whole validation set).
-    """
-    if eval_tokens < seq_len:
-        raise SubcloneError(f"--eval-tokens={eval_tokens} must be at least --seq-len ({seq_len})")
-    budget = config.steps * config.grad_accum * config.batch_size  # sequences or images
-    train = make_data(parent, data_id, "train", seq_len=seq_len, max_tokens=budget * seq_len, max_images=budget)
-    val = make_data(parent, data_id, "validation", seq_len=seq_len, max_tokens=eval_tokens, max_images=eval_images)
-    eval_batches = max(1, math.ceil(len(val) / config.batch_size))
-    return train, val, dataclasses.replace(config, eval_batches=eval_batches)
-
-
 def parse_per_candidate(text: str | None, flag: str, names: list[str]) -> dict[str, float]:
     """``"1e-3"`` gives every candidate 1e-3; ``"subclone=3e-4,random=1e-3"`` names them one by one.
 
@@ -143,16 +125,9 @@ def _number(text: str, flag: str) -> float:
 
 
 def hparam_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
-    """The --lr / --wd overrides per candidate name, checked against the names before any work."""
+    """The --lr / --wd overrides per candidate name (CandidateSettings' lr and weight_decay)."""
     return {"lr": parse_per_candidate(args.lr, "--lr", names),
             "weight_decay": parse_per_candidate(args.wd, "--wd", names)}
-
-
-def apply_hparams(candidates: list[Candidate], overrides: dict[str, dict[str, float]]) -> None:
-    """Set the overrides on the candidates; the others keep their strategy's defaults."""
-    for cand in candidates:
-        cand.lr = overrides["lr"].get(cand.name, cand.lr)
-        cand.weight_decay = overrides["weight_decay"].get(cand.name, cand.weight_decay)
 
 
 class TrainingProgress:
@@ -244,7 +219,7 @@ def format_report(summary: dict[str, Any]) -> str:
     """The result table in plain text, with the target and any stopped candidate explained below it."""
     metric, rows = summary["metric"], summary["rows"]
     header = ["candidate", "lr", f"step-0 {metric}", f"final {metric}", f"best {metric}", "steps to target",
-              "speedup", rows[0]["unit"] if rows else "tokens/s"]
+              "speedup", task_spec(summary["task"]).unit]
     body = [[r["name"], f"{r['lr']:g}", _fmt(r["start"]), _fmt(r["final"]), _fmt(r["best"]),
              r["steps_to_target_text"], r["speedup_text"], f"{r['throughput']:.0f}"] for r in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body)]
@@ -260,8 +235,9 @@ def format_report(summary: dict[str, Any]) -> str:
 def _headline(summary: dict[str, Any]) -> str:
     """E.g. "SmolLM2... -> 6 blocks x 192, 3 heads / 1 KV, FFN 512; 200 steps of 8 x 128 tokens"."""
     shape, config = summary["shape"], summary["config"]
-    per_step = f"{config['batch_size']} x {summary['seq_len']} tokens" if summary["task"] == "causal-lm" \
-        else f"{config['batch_size']} images"
+    task = task_spec(summary["task"])
+    per_step = f"{config['batch_size']} x {summary['seq_len']} {task.unit_name}" if task.sequences \
+        else f"{config['batch_size']} {task.unit_name}"
     accum = f" x {config['grad_accum']} micro-batches" if config["grad_accum"] > 1 else ""
     return (f"{summary['label']}: {shape['layers']} blocks x {shape['hidden']}, {shape['heads']} heads / "
             f"{shape['kv_heads']} KV, FFN {shape['ffn']}; {config['steps']} steps of {per_step}{accum}, "

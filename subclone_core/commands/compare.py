@@ -3,35 +3,40 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 
 from tqdm import tqdm
 
-from subclone_core.calibration import Importance
-from subclone_core.commands._options import add_child_args, add_data_args, add_parent_args, add_shape_args
+from subclone_core.commands._options import (
+    add_child_args,
+    add_data_args,
+    add_parent_args,
+    add_shape_args,
+    child_sizes,
+    require_positive,
+)
 from subclone_core.commands._training import (
-    BASELINE,
     EVAL_TOKENS,
     add_training_args,
-    apply_hparams,
     hparam_overrides,
     is_main_process,
-    load_data,
     prepare_output,
     train_and_report,
     training_config,
 )
-from subclone_core.commands.make import child_sizes
-from subclone_core.errors import SubcloneError
 from subclone_core.shape import Shape
-from subclone_core.sources import Parent, default_data_id, load_parent
-from subclone_core.strategies import STRATEGIES, Child, needs_calibration, plan_shape
-from subclone_core.training import Candidate
-from subclone_core.workflow import make_child, measure_importance
-
-DISTILL = "subclone+distill"  # the subcloned child trained with the parent as its teacher
-VALID = (*STRATEGIES, DISTILL)
+from subclone_core.sources import default_data_id, load_parent
+from subclone_core.strategies import plan_shape
+from subclone_core.training.job import (
+    BASELINE,
+    CANDIDATES,
+    DISTILL,
+    CandidateSettings,
+    build_candidates,
+    parse_names,
+    shared_importance,
+    training_data,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_parent_args(p)
     add_shape_args(p)
     p.add_argument("--strategies", default=f"subclone,{BASELINE}",
-                   help=f"comma-separated, from {', '.join(VALID)} (default subclone,random)")
+                   help=f"comma-separated, from {', '.join(CANDIDATES)} (default subclone,random); first-k "
+                        "takes the blocks subclone takes")
     add_child_args(p, strategy=False)
     add_data_args(p)
     p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, metavar="N",
@@ -54,87 +60,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_strategies(text: str) -> list[str]:
-    """The candidate names of --strategies, in order.
-
-    Raises:
-        SubcloneError: empty, unknown (the valid ones are listed) or repeated names.
-    """
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise SubcloneError(f"--strategies is empty; valid: {', '.join(VALID)}")
-    for name in names:
-        if name not in VALID:
-            raise SubcloneError(f"unknown strategy {name!r} in --strategies; valid: {', '.join(VALID)}")
-        if names.count(name) > 1:
-            raise SubcloneError(f"strategy {name!r} is listed twice in --strategies")
-    return names
+def candidate_settings(args: argparse.Namespace) -> CandidateSettings:
+    """The candidates the flags ask for, checked before any loading."""
+    names = parse_names(args.strategies)
+    overrides = hparam_overrides(args, list(names))
+    settings = CandidateSettings(
+        names=names, drop=args.drop, scale=args.scale, untie_head=args.untie_head, seed=args.seed,
+        data_id=args.data, calib_tokens=args.tokens, distill_alpha=args.distill_alpha,
+        distill_temperature=args.distill_temperature, lr=overrides["lr"], weight_decay=overrides["weight_decay"])
+    settings.validate()
+    require_positive("--calib-tokens", args.tokens)
+    return settings
 
 
-def base_strategy(name: str) -> str:
-    """The strategy that builds a candidate's initial weights."""
-    return "subclone" if name == DISTILL else name
-
-
-def block_policy(strategy: str, drop: str | list[int] | None) -> str | list[int] | None:
-    """--drop applies to every strategy that takes weights from the parent; random init has no blocks."""
-    return None if strategy == BASELINE else drop
-
-
-def shared_importance(parent: Parent, names: list[str], args: argparse.Namespace) -> Importance | None:
-    """Calibrate once, when any strategy needs importance; every child then reuses it."""
-    if not any(needs_calibration(base_strategy(n), block_policy(base_strategy(n), args.drop)) for n in names):
-        return None
-    if args.tokens <= 0:
-        raise SubcloneError(f"--calib-tokens={args.tokens} must be a positive integer")
-    bar = tqdm(total=args.tokens, desc="calibrating", unit="tok", file=sys.stderr,
-               disable=args.quiet or not is_main_process())
+def calibrate_with_progress(parent, settings: CandidateSettings, quiet: bool):
+    """The shared calibration (None when no candidate needs it), with a progress bar on stderr."""
+    bar = tqdm(total=settings.calib_tokens, desc="calibrating", unit="tok", file=sys.stderr,
+               disable=quiet or not is_main_process())
     try:
-        return measure_importance(parent, args.data, tokens=args.tokens,
-                                  progress=lambda done, _total: bar.update(done - bar.n))
+        return shared_importance(parent, settings, progress=lambda done, _total: bar.update(done - bar.n))
     finally:
         bar.close()
 
 
-def build_candidates(parent: Parent, target: Shape, names: list[str], importance: Importance | None,
-                     args: argparse.Namespace) -> tuple[list[Candidate], dict[str, dict]]:
-    """One child per strategy, as candidates; subclone+distill starts from a copy of the subcloned child."""
-    made: dict[str, Child] = {}
-    candidates, manifests = [], {}
-    for name in names:
-        strategy = base_strategy(name)
-        if strategy in made:
-            child, model = made[strategy], copy.deepcopy(made[strategy].model)
-        else:
-            child = make_child(parent, target, strategy=strategy, drop=block_policy(strategy, args.drop),
-                               scale=args.scale, untie_head=args.untie_head, importance=importance,
-                               data_id=args.data, calib_tokens=args.tokens, seed=args.seed)
-            made[strategy], model = child, child.model
-        distill = name == DISTILL
-        candidates.append(Candidate(name, model, strategy=name, teacher=parent.model if distill else None,
-                                    distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature))
-        manifests[name] = child.manifest
-    return candidates, manifests
-
-
 def run(args: argparse.Namespace) -> int:
     config = training_config(args)
-    names = parse_strategies(args.strategies)
-    overrides = hparam_overrides(args, names)
-    if DISTILL in names:  # a bad alpha or temperature fails now, not after calibration
-        Candidate(DISTILL, None, distill_alpha=args.distill_alpha,
-                  distill_temperature=args.distill_temperature).validate()
+    settings = candidate_settings(args)
     out = prepare_output(args.out, args.overwrite)
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
-    train, val, config = load_data(parent, args.data, config, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
-                                   eval_images=args.eval_images)
-    importance = shared_importance(parent, names, args)
-    candidates, manifests = build_candidates(parent, target, names, importance, args)
-    apply_hparams(candidates, overrides)
+    train, val, config = training_data(parent, args.data, config, seq_len=args.seq_len,
+                                       eval_tokens=args.eval_tokens, eval_images=args.eval_images)
+    importance = calibrate_with_progress(parent, settings, args.quiet)
+    candidates, manifests = build_candidates(parent, target, settings, importance=importance)
     context = {"command": "compare", "parent": args.parent, "label": parent.label, "task": parent.task,
                "data": args.data or default_data_id(parent.task), "seq_len": args.seq_len,
                "parent_shape": Shape.of(parent.model.config).as_dict(), "shape": target.as_dict(),
-               "strategies": names, "calibration_tokens": importance.tokens if importance else None}
+               "strategies": list(settings.names), "calibration_tokens": importance.tokens if importance else None}
     return train_and_report(candidates, train, val, config, args=args, out=out, preprocessor=parent.preprocessor,
                             manifests=manifests, context=context)

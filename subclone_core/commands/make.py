@@ -10,8 +10,9 @@ from subclone_core.commands._options import (
     add_data_args,
     add_parent_args,
     add_shape_args,
+    child_sizes,
     print_json,
-    shape_sizes,
+    require_positive,
 )
 from subclone_core.saving import check_output_dir
 from subclone_core.shape import Shape
@@ -33,16 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def child_sizes(args: argparse.Namespace, parent_layers: int) -> dict[str, int | None]:
-    """Shape flags, with --layers following an explicit --drop list when not given."""
-    sizes = shape_sizes(args)
-    if isinstance(args.drop, list) and sizes["layers"] is None:
-        sizes["layers"] = parent_layers - len(args.drop)
-    return sizes
-
-
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, overwrite=args.overwrite)
+    require_positive("--calib-tokens", args.tokens)
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
     start = time.perf_counter()

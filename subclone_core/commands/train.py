@@ -6,12 +6,9 @@ import argparse
 
 from subclone_core.commands._options import add_data_args
 from subclone_core.commands._training import (
-    BASELINE,
     EVAL_TOKENS,
     add_training_args,
-    apply_hparams,
     hparam_overrides,
-    load_data,
     prepare_output,
     train_and_report,
     training_config,
@@ -21,6 +18,7 @@ from subclone_core.shape import Shape
 from subclone_core.sources import default_data_id, load_parent
 from subclone_core.strategies import subclone_model
 from subclone_core.training import DEFAULT_HPARAMS, Candidate
+from subclone_core.training.job import BASELINE, training_data
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
         twin.manifest["parent"].update(twin_of=str(args.model))
         candidates.append(Candidate(BASELINE, twin.model, strategy=BASELINE))
         manifests[BASELINE] = twin.manifest
-    apply_hparams(candidates, hparam_overrides(args, [c.name for c in candidates]))
-    train, val, config = load_data(child, args.data, config, seq_len=args.seq_len, eval_tokens=args.tokens,
-                                   eval_images=args.eval_images)
+    overrides = hparam_overrides(args, [c.name for c in candidates])
+    for cand in candidates:
+        cand.lr = overrides["lr"].get(cand.name, cand.lr)
+        cand.weight_decay = overrides["weight_decay"].get(cand.name, cand.weight_decay)
+    train, val, config = training_data(child, args.data, config, seq_len=args.seq_len, eval_tokens=args.tokens,
+                                       eval_images=args.eval_images)
     context = {"command": "train", "model": str(args.model), "label": child.label, "task": child.task,
                "data": args.data or default_data_id(child.task), "seq_len": args.seq_len, "shape": Shape.of(child.model.config).as_dict()}
     return train_and_report(candidates, train, val, config, args=args, out=out, preprocessor=child.preprocessor,

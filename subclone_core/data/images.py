@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from subclone_core.data.text import SPLITS, row_batches
 from subclone_core.errors import SubcloneError
-from subclone_core.sources.text import SPLITS, row_batches
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _folder_images(folder: Path, split: str, channels: int, max_images: int | No
 
 def _folder_validation(keys: list[str]) -> set[int]:
     """Validation images of a folder, by a hash of their relative path (stable as files are added)."""
-    from subclone_core.sources.text import validation_indices
+    from subclone_core.data.text import validation_indices
 
     fractions = [
         int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") / 2**64 for k in keys

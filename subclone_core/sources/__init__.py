@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from subclone_core.errors import SubcloneError
-from subclone_core.sources.images import IMAGE_IDS, VALID_IMAGE_IDS, ImageData
-from subclone_core.sources.parents import Parent, cache_dir, load_parent
-from subclone_core.sources.text import VALID_TEXT_IDS, TokenData
+from subclone_core.data.images import ImageData
+from subclone_core.data.text import TokenData
+from subclone_core.sources.cache import cache_dir
+from subclone_core.sources.parents import Parent, load_parent
+from subclone_core.tasks import task_spec
 
 __all__ = ["ImageData", "Parent", "TokenData", "cache_dir", "default_data_id", "load_parent", "make_data"]
-
-DEFAULT_DATA = {"causal-lm": "default", "image-classification": "fashion-mnist"}
 
 
 def default_data_id(task: str) -> str:
     """The data a task uses when none is given: Wikipedia text, or Fashion-MNIST."""
-    return DEFAULT_DATA[task]
+    return task_spec(task).default_data
 
 
 def make_data(
@@ -27,6 +24,7 @@ def make_data(
     seq_len: int = 128,
     max_tokens: int | None = None,
     max_images: int | None = None,
+    examples: int | None = None,
 ) -> TokenData | ImageData:
     """The data of one split, prepared for a parent's task and preprocessor.
 
@@ -37,28 +35,13 @@ def make_data(
         seq_len: tokens per sequence (text).
         max_tokens: stop after this many tokens (text; None for all).
         max_images: at most this many images (images; None for all).
+        examples: at most this many sequences or images, whichever the task has (overrides the two above).
 
     Raises:
         SubcloneError: the data id does not fit the task, or the data cannot be read.
     """
-    data_id = data_id or default_data_id(parent.task)
-    if parent.task == "causal-lm":
-        if data_id in IMAGE_IDS:
-            raise SubcloneError(
-                f"data {data_id!r} is image data, but {parent.id!r} is a text model; valid: {VALID_TEXT_IDS}"
-            )
-        return TokenData(parent.preprocessor, data_id, split, seq_len=seq_len, max_tokens=max_tokens)
-    if data_id == "default" or Path(data_id).expanduser().is_file():
-        raise SubcloneError(
-            f"data {data_id!r} is text data, but {parent.id!r} is an image model; valid: {VALID_IMAGE_IDS}"
-        )
-    config = parent.model.config
-    data = ImageData(
-        parent.preprocessor, data_id, split, max_images, num_channels=getattr(config, "num_channels", None)
-    )
-    if data.num_labels > config.num_labels:
-        raise SubcloneError(
-            f"data {data_id!r} has {data.num_labels} classes but {parent.id!r} predicts only "
-            f"{config.num_labels}"
-        )
-    return data
+    task = parent.task_spec
+    if examples is not None:  # one budget for both tasks: sequences of seq_len tokens, or images
+        max_tokens, max_images = examples * seq_len, examples
+    return task.make_data(parent, data_id or task.default_data, split, seq_len=seq_len, max_tokens=max_tokens,
+                          max_images=max_images)

@@ -1,4 +1,4 @@
-"""Batch plumbing for training: sharding across processes, device moves, counting tokens or images."""
+"""Batch plumbing for training: sharding across processes, device moves, the endless training stream."""
 
 from __future__ import annotations
 
@@ -9,19 +9,6 @@ from typing import Any
 import torch
 
 from subclone_core.errors import SubcloneError
-
-
-def is_image_batch(batch: dict[str, Any]) -> bool:
-    """Image batches carry pixel_values; text batches input_ids."""
-    return "pixel_values" in batch
-
-
-def count_units(batch: dict[str, Any]) -> int:
-    """Tokens (real ones, padding excluded) of a text batch, or images of an image batch."""
-    if is_image_batch(batch):
-        return int(batch["pixel_values"].shape[0])
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 def shard(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
@@ -60,9 +47,3 @@ def next_batch(iterator: Iterator[dict[str, Any]], batch_size: int) -> dict[str,
         raise SubcloneError(
             f"the training data gave no batches: it needs at least batch_size ({batch_size}) sequences or images"
         ) from None
-
-
-def forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
-    """Extra forward arguments: no KV cache in training and validation (it only costs memory)."""
-    params = inspect.signature(model.forward).parameters
-    return {"use_cache": False} if "use_cache" in params else {}

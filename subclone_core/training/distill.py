@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from subclone_core.errors import SubcloneError
-
-IGNORE_INDEX = -100  # Hugging Face's label value for positions without a target (padding)
+from subclone_core.tasks import IGNORE_INDEX
 
 
 def distill_mask(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -22,12 +22,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from subclone_core.archs import arch_for
+from subclone_core.calibration import no_cache_kwargs
+from subclone_core.devices import resolve_device
 from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
 from subclone_core.metrics_log import MetricsLog, json_safe
 from subclone_core.model_card import model_card
 from subclone_core.saving import check_output_dir, save_model_folder
+from subclone_core.tasks import TaskSpec, perplexity, task_of_model
 from subclone_core.training import batches as B
 from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.distill import distillation_loss
@@ -46,7 +48,7 @@ class _Context:
     emit: Emitter
     val_batches: list[dict]  # this process's share of the fixed validation set
     bf16: bool
-    unit: str
+    task: TaskSpec
 
     @property
     def device(self) -> torch.device:
@@ -72,8 +74,8 @@ class _Runner:
         lr, wd = cand.hparams()
         self.cand, self.ctx, self.teacher = cand, ctx, teacher
         self.model = ctx.accelerator.prepare_model(cand.model)
-        self.extra = B.forward_kwargs(ctx.accelerator.unwrap_model(self.model))
-        self.teacher_extra = B.forward_kwargs(teacher) if teacher is not None else {}
+        self.extra = no_cache_kwargs(ctx.accelerator.unwrap_model(self.model))
+        self.teacher_extra = no_cache_kwargs(teacher) if teacher is not None else {}
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, wd), lr=lr)
         self.scheduler = make_scheduler(
             self.optimizer, total=cfg.steps, warmup=cfg.warmup_steps(), min_ratio=cfg.min_lr_ratio
@@ -81,7 +83,8 @@ class _Runner:
         # Same seed for every candidate: identical batches in identical order.
         self.batches = B.training_batches(train_data, cfg.batch_size, cfg.seed)
         self.rng = RngSlot(cfg.seed, ctx.device)
-        self.result = RunResult(cand.name, cand.strategy or cand.name, lr, wd, unit=ctx.unit)
+        self.result = RunResult(cand.name, cand.strategy or cand.name, lr, wd, unit=ctx.task.unit,
+                                metric=ctx.task.metric)
         self.model.train()  # children often arrive in eval mode; dropout (if any) belongs to training
         self.train_time = 0.0
 
@@ -114,7 +117,7 @@ class _Runner:
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             global_batch = B.next_batch(self.batches, cfg.batch_size)
-            self.result.seen += B.count_units(global_batch)
+            self.result.seen += self.ctx.task.count_units(global_batch)
             batch = B.to_device(B.shard(global_batch, acc.process_index, acc.num_processes), self.ctx.device)
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = micro == cfg.grad_accum - 1
@@ -158,7 +161,7 @@ class _Runner:
         if step % self.ctx.config.log_every == 0 or step == self.ctx.config.steps:
             self.ctx.emit(
                 "step", self.cand.name, step=step, lr=lr, grad_norm=grad_norm, seen=self.result.seen,
-                throughput=round(self.result.throughput, 2), unit=self.ctx.unit, **stats,
+                throughput=round(self.result.throughput, 2), unit=self.ctx.task.unit, **stats,
             )
 
     def evaluate(self, step: int) -> None:
@@ -167,16 +170,16 @@ class _Runner:
         if self.ctx.val_batches:  # with more processes than batches a process may hold none
             with self.ctx.autocast():
                 stats = evaluate(self.ctx.accelerator.unwrap_model(self.model), self.ctx.val_batches)
-            count = stats.get("tokens", stats.get("images"))
+            count = stats[self.ctx.task.unit_name]
             sums += torch.tensor([stats["loss"] * count, count, stats.get("accuracy", 0.0) * count],
                                  dtype=torch.float64, device=self.ctx.device)
         loss_sum, count, correct = self.ctx.accelerator.reduce(sums, reduction="sum").tolist()
         loss = loss_sum / max(count, 1.0)
         point = EvalPoint(step=step, seen=self.result.seen, loss=loss)
-        if self.ctx.unit == "images/s":
+        if self.ctx.task.higher_is_better:
             point.accuracy = correct / max(count, 1.0)
         else:
-            point.perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows past ~709
+            point.perplexity = perplexity(loss)
         self.result.evals.append(point)
         fields = {k: v for k, v in point.__dict__.items() if v is not None}
         self.ctx.emit("eval", self.cand.name, **fields)
@@ -192,9 +195,7 @@ class _Runner:
 
 def _make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator for the requested device; under torchrun it joins the process group (gloo on CPU)."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise SubcloneError("device 'cuda' was requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    cpu = config.device == "cpu" or not torch.cuda.is_available()
+    cpu = resolve_device(config.device).type == "cpu"
     try:
         # Mixed precision stays off in accelerate (we autocast ourselves): its setting is process-wide
         # and would make a second run in the same process with another setting fail.
@@ -283,7 +284,7 @@ def _training_info(runner: _Runner, ctx: _Context) -> dict[str, Any]:
         "config": ctx.config.to_dict(),
         "steps_done": result.steps_done,
         "seen": result.seen,
-        "unit": ctx.unit.split("/")[0],
+        "unit": ctx.task.unit_name,
         "world_size": ctx.accelerator.num_processes,
         "device": ctx.device.type,
         "bf16_autocast": ctx.bf16,
@@ -299,7 +300,7 @@ def _save(runner: _Runner, ctx: _Context, save_dir: Path, preprocessor: Any, bas
     manifest = dict(base or {})
     manifest["training"] = _training_info(runner, ctx)
     model = ctx.accelerator.unwrap_model(runner.model)
-    card = model_card(manifest, arch_for(model.config.model_type).task) if "child" in manifest else None
+    card = model_card(manifest, ctx.task.name) if "child" in manifest else None
     return Path(save_model_folder(model, save_dir / runner.cand.name, preprocessor=preprocessor,
                                   manifest=manifest, model_card=card, overwrite=overwrite))
 
@@ -327,29 +328,40 @@ def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, sav
                  final=result.summary()["final_eval"], saved_to=str(result.saved_to) if result.saved_to else None)
 
 
-def train_candidates(
-    candidates: Sequence[Candidate],
-    train_data: Any,
-    val_data: Any,
-    config: TrainConfig,
-    *,
-    callbacks: Iterable[Callback] = (),
-    metrics_path: str | Path | None = None,
-    cancel: threading.Event | None = None,
-    save_dir: str | Path | None = None,
-    preprocessor: Any = None,
-    manifest_for: Callable[[str], dict | None] | None = None,
-    overwrite: bool = False,
-) -> dict[str, RunResult]:
+def _context(acc: Accelerator, config: TrainConfig, emit: Emitter, val_data: Any, task: TaskSpec) -> _Context:
+    """The run-wide state: this process's share of the validation set, autocast, the task."""
+    all_val = _validation_batches(val_data, config)
+    # this process's share; with more processes than batches a process may hold none
+    val_batches = all_val[acc.process_index :: acc.num_processes]
+    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and acc.device.type == "cuda")
+    return _Context(acc, config, emit, val_batches, bf16, task)
+
+
+def _start(candidates: Sequence[Candidate], ctx: _Context, train_data: Any) -> list[_Runner]:
+    """One runner per candidate (teachers shared), and the "start" event."""
+    teachers: dict[int, Any] = {}
+    runners = [_Runner(c, ctx, train_data,
+                       None if c.teacher is None else _teacher_on(c.teacher, ctx.device, teachers))
+               for c in candidates]
+    ctx.emit("start", None, candidates=[{"name": r.result.name, "strategy": r.result.strategy, "lr": r.result.lr,
+             "weight_decay": r.result.weight_decay, "distill": r.teacher is not None} for r in runners],
+             config=ctx.config.to_dict(), world_size=ctx.accelerator.num_processes, device=ctx.device.type,
+             unit=ctx.task.unit)
+    return runners
+
+
+def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data: Any, config: TrainConfig, *,
+                     callbacks: Iterable[Callback] = (), metrics_path: str | Path | None = None,
+                     cancel: threading.Event | None = None, save_dir: str | Path | None = None,
+                     preprocessor: Any = None, manifest_for: Callable[[str], dict | None] | None = None,
+                     overwrite: bool = False) -> dict[str, RunResult]:
     """Train candidates of one child shape side by side on the identical data order and seed.
 
-    Each round trains one optimizer step of every candidate still running (AdamW, linear warmup +
-    cosine, gradient accumulation and clipping); validation runs at step 0, every ``eval_every`` steps
-    and at the end, on the same fixed batches for all. A non-finite loss or gradient stops that
-    candidate (status "stopped", an "error" event) while the others go on. Cancellation is checked
-    between rounds: the metrics written so far stay, and no model is saved. Under ``torchrun`` every
-    process runs this same call: each takes its slice of every batch, and only the main process writes
-    metrics, calls callbacks and saves.
+    One optimizer step of every running candidate per round (AdamW, linear warmup + cosine, gradient
+    accumulation and clipping); validation at step 0, every ``eval_every`` steps and at the end, on the
+    same fixed batches for all. A non-finite loss or gradient stops that candidate alone; cancellation
+    (between rounds) keeps the metrics and saves no model. Under ``torchrun`` every process runs this
+    call on its slice of every batch; only the main process writes, calls callbacks and saves.
 
     Args:
         candidates: the models to train (trained in place), with unique names.
@@ -365,10 +377,7 @@ def train_candidates(
         overwrite: replace existing model folders under save_dir.
 
     Returns:
-        {name: RunResult} in the order of ``candidates``.
-
-    Raises:
-        SubcloneError: for bad settings, names or data.
+        {name: RunResult} in the order of ``candidates``; SubcloneError for bad settings, names or data.
     """
     _check_candidates(candidates)
     for cand in candidates if save_dir is not None else ():
@@ -378,19 +387,8 @@ def train_candidates(
     log = MetricsLog(metrics_path) if metrics_path is not None and acc.is_main_process else None
     emit = Emitter(callbacks, log, acc.is_main_process)
     try:
-        all_val = _validation_batches(val_data, config)
-        unit = "images/s" if B.is_image_batch(all_val[0]) else "tokens/s"
-        # this process's share; with more processes than batches a process may hold none
-        val_batches = all_val[acc.process_index :: acc.num_processes]
-        bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and acc.device.type == "cuda")
-        ctx = _Context(acc, config, emit, val_batches, bf16, unit)
-        teachers: dict[int, Any] = {}
-        runners = [_Runner(c, ctx, train_data,
-                           None if c.teacher is None else _teacher_on(c.teacher, acc.device, teachers))
-                   for c in candidates]
-        emit("start", None, candidates=[{"name": r.result.name, "strategy": r.result.strategy, "lr": r.result.lr,
-             "weight_decay": r.result.weight_decay, "distill": r.teacher is not None} for r in runners],
-             config=config.to_dict(), world_size=acc.num_processes, device=acc.device.type, unit=unit)
+        ctx = _context(acc, config, emit, val_data, task_of_model(candidates[0].model))
+        runners = _start(candidates, ctx, train_data)
         cancelled_at = _loop(runners, ctx, cancel)
         _finish(runners, ctx, cancelled_at, Path(save_dir) if save_dir is not None else None,
                 preprocessor, manifest_for, overwrite)

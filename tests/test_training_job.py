@@ -1,0 +1,90 @@
+"""One training path: the app's Train page and `subclone compare` build the same candidates for the same
+request, by one block rule, and read one data budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from subclone_core.app.steps import TrainRequest, build_request_candidates, child_settings, make_children
+from subclone_core.cli import build_parser
+from subclone_core.commands.compare import calibrate_with_progress, candidate_settings
+from subclone_core.errors import SubcloneError
+from subclone_core.sources import load_parent
+from subclone_core.strategies import DEFAULT_DROP, plan_shape
+from subclone_core.training import TrainConfig
+from subclone_core.training.job import (
+    CandidateSettings,
+    block_policy,
+    build_candidates,
+    training_data,
+    training_examples,
+)
+
+NAMES = ("subclone", "random", "first-k", "uniform")
+
+
+def _without_time(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "created"}
+
+
+def _cli_manifests(parent_dir: str, text_file: str, drop: list[str]) -> dict[str, dict]:
+    """What `subclone compare` builds, through its own flag parsing and calibration."""
+    args = build_parser().parse_args(
+        ["compare", "--parent", parent_dir, "--layers", "2", "--hidden", "16", "--heads", "2", "--kv-heads", "1",
+         "--ffn", "24", "--strategies", ",".join(NAMES), "--data", text_file, "--calib-tokens", "256", "--quiet",
+         *drop])
+    settings = candidate_settings(args)
+    parent = load_parent(args.parent)
+    target = plan_shape(parent.model, layers=2, hidden=16, heads=2, kv_heads=1, ffn=24)
+    importance = calibrate_with_progress(parent, settings, quiet=True)
+    return build_candidates(parent, target, settings, importance=importance)[1]
+
+
+def _app_manifests(parent_dir: str, text_file: str, drop: str | None) -> dict[str, dict]:
+    """What the Child page makes and the Train page adds to it (first-k and uniform)."""
+    parent = load_parent(parent_dir)
+    target = plan_shape(parent.model, layers=2, hidden=16, heads=2, kv_heads=1, ffn=24)
+    settings = child_settings("subclone", drop, None, text_file, 256)
+    child, twin = make_children(parent, target, settings, importance=None)
+    request = TrainRequest(parent=parent, data_id=text_file, child=child, twin=twin, settings=settings,
+                           extra=("first-k", "uniform"))
+    return build_request_candidates(request)[1]
+
+
+@pytest.mark.parametrize("drop", [None, "middle"])
+def test_app_and_cli_build_identical_candidates(tiny_llama_dir, counting_text_file, drop):
+    cli = _cli_manifests(str(tiny_llama_dir), str(counting_text_file), [] if drop is None else ["--drop", drop])
+    app = _app_manifests(str(tiny_llama_dir), str(counting_text_file), drop)
+    assert list(cli) == list(app) == list(NAMES)
+    for name in NAMES:
+        assert _without_time(cli[name]) == _without_time(app[name]), name
+    # the block rule: first-k takes subclone's blocks; uniform keeps its own default unless told
+    assert cli["first-k"]["removed_blocks"] == cli["subclone"]["removed_blocks"]
+    assert cli["uniform"]["drop"] == (drop or DEFAULT_DROP["uniform"])
+
+
+def test_block_rule():
+    assert block_policy("random", "middle") is None
+    assert block_policy("first-k", None) == DEFAULT_DROP["subclone"]
+    assert block_policy("first-k", [1, 2]) == [1, 2]
+    assert block_policy("uniform", None) is None  # its own default, the first N blocks
+
+
+def test_settings_refuse_bad_names_before_any_work():
+    with pytest.raises(SubcloneError, match="unknown strategy 'magic'"):
+        CandidateSettings(names=("subclone", "magic")).validate()
+    with pytest.raises(SubcloneError, match="listed twice"):
+        CandidateSettings(names=("random", "random")).validate()
+    with pytest.raises(SubcloneError, match="'uniform' is not a candidate"):
+        CandidateSettings(names=("subclone",), lr={"uniform": 1e-3}).validate()
+
+
+def test_one_data_budget_for_text_and_images(tiny_llama_dir, tiny_vit_dir, counting_text_file):
+    config = TrainConfig(steps=3, batch_size=2, grad_accum=2)
+    assert training_examples(config) == 12  # sequences or images the run consumes
+    text = load_parent(str(tiny_llama_dir))
+    train, _, _ = training_data(text, str(counting_text_file), config, seq_len=8, eval_tokens=16, eval_images=4)
+    assert len(train) == 12  # sequences of 8 tokens
+    images = load_parent(str(tiny_vit_dir))
+    train, val, sized = training_data(images, "digits", config, seq_len=8, eval_tokens=16, eval_images=4)
+    assert len(train) == 12 and len(val) == 4 and sized.eval_batches == 2
