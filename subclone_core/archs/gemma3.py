@@ -1,16 +1,16 @@
 """Gemma 3 (text): per-head q/k norms, norms stored as offsets from 1, pre- and post-norms around attention
 and the FFN, an embedding multiplied by sqrt(hidden), sliding-window and full layers listed per layer."""
 
-from subclone_core.archs.llama import ARCH as LLAMA
-from subclone_core.archs.spec import ArchSpec, plain, scaled_embedding
+from dataclasses import replace
 
-ARCH = ArchSpec(
+from subclone_core.archs.llama import ARCH as LLAMA
+from subclone_core.archs.spec import plain, scaled_embedding
+
+# head_dim is a setting of its own (256 in every size), not hidden / heads: LLAMA's config keys name it
+ARCH = replace(
+    LLAMA,
     name="Gemma 3",
     model_types=("gemma3_text",),
-    task="causal-lm",
-    blocks="model.layers",
-    attn_out="self_attn.o_proj",
-    ffn_down="mlp.down_proj",
     global_params={**LLAMA.global_params, "model.embed_tokens.weight": scaled_embedding()},
     block_params={
         **LLAMA.block_params,
@@ -20,11 +20,6 @@ ARCH = ArchSpec(
         "pre_feedforward_layernorm.weight": plain("residual"),
         "post_feedforward_layernorm.weight": plain("residual"),
     },
-    # head_dim is a setting of its own (256 in every size), not hidden / heads
-    config_keys=LLAMA.config_keys,
-    tied_head=LLAMA.tied_head,
-    per_layer_config_keys=("layer_types",),
-    scale_default=False,
     attn_post_norm="post_attention_layernorm",
     ffn_post_norm="post_feedforward_layernorm",
     norm_offset=1.0,
