@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 import torch
 
+from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
 from subclone_core.saving import MANIFEST_NAME
 
@@ -89,7 +90,6 @@ class GgufFamily:
     # tensors' rows are interleaved per head (transformers' GGUF loader undoes it for arch "llama")
     rotary_interleave: dict[str, Callable[[object], int]] = field(default_factory=dict)
     transposed: tuple[str, ...] = ()  # GPT-2's Conv1D stores (in, out); GGUF wants (out, in)
-    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w
     extra: dict[str, Getter] = field(default_factory=dict)
     # what llama.cpp assumes and the file cannot say: {description: check}; a child that breaks one is refused
     requires: dict[str, Callable[[object], bool]] = field(default_factory=dict)
@@ -105,7 +105,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, ROTARY_DECODER),
     "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, ROTARY_DECODER,
                        extra={A.SLIDING_WINDOW: lambda c: c.sliding_window}),
-    "gemma3_text": GgufFamily(gguf.MODEL_ARCH.GEMMA3, ROTARY_DECODER, norm_offset=1.0,
+    "gemma3_text": GgufFamily(gguf.MODEL_ARCH.GEMMA3, ROTARY_DECODER,
                               extra={A.SLIDING_WINDOW: lambda c: c.sliding_window},
                               requires={"query_pre_attn_scalar == head_dim":
                                         lambda c: c.query_pre_attn_scalar == _head_dim(c)}),
@@ -338,15 +338,17 @@ def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
 
 
 def _to_llama_cpp_layout(family: GgufFamily, config, name: str, data: np.ndarray) -> np.ndarray:
-    """The family's layout changes: Conv1D transposed, rotary rows interleaved, Gemma norms offset."""
+    """The family's layout changes: Conv1D transposed, rotary rows interleaved, norms stored as offsets
+    (Gemma's (offset + w) x, from its architecture table) written as the factor llama.cpp multiplies by."""
     leaf = name.split(".", 2)[-1] if name.startswith("blk.") else name
     if leaf in family.transposed:
         data = np.ascontiguousarray(data.T)
     role = leaf.rsplit(".", 1)[0]
     if role in family.rotary_interleave:
         data = interleave_rotary_halves(data, family.rotary_interleave[role](config))
-    if family.norm_offset and leaf.endswith("norm.weight"):
-        data = data + np.float32(family.norm_offset)
+    offset = arch_for(config.model_type).norm_offset
+    if offset and leaf.endswith("norm.weight"):
+        data = data + np.float32(offset)
     return data
 
 
