@@ -81,7 +81,8 @@ _TENSOR_FIELDS = ("residual_embed", "residual_attn", "residual_ffn", "residual_b
 
 @dataclass
 class _Sums:
-    """Running sums, float64, on the model's device."""
+    """Running sums, float64, on one accumulator device (the CPU), wherever the modules run: a parent spread
+    over GPUs or offloaded to disk adds into the same sums, in the same order, as one on a single device."""
 
     shape: Shape
     device: torch.device
@@ -99,7 +100,7 @@ class _Sums:
 
     def add(self, name: str, layer: int | None, value: Tensor) -> None:
         target = self.sums[name] if layer is None else self.sums[name][layer]
-        target += value.to(torch.float64)
+        target += value.to(self.device, torch.float64)
 
     def result(self, data: str) -> Importance:
         n = max(self.tokens, 1)
@@ -118,7 +119,7 @@ class _Recorder:
 
     def valid(self, x: Tensor) -> Tensor:
         """Flatten (B, T, ...) to (N, ...) real-token rows."""
-        return x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask]
+        return x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask.to(x.device)]
 
     def abs_sum(self, x: Tensor) -> Tensor:
         return self.valid(x).abs().sum(0, dtype=torch.float32)
@@ -156,8 +157,9 @@ class _Recorder:
         # f(x) = block(x) - x is what the block adds to the residual stream, whatever happens inside it
         # (pre-norms, post-norms as in OLMo 2 and Gemma 3, or GPT-NeoX's parallel attention and FFN)
         def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
+            # the hook sees the input as the caller passed it: under a device map, before accelerate moved it
+            x = (args[0] if args else kwargs["hidden_states"]).to(y.device)
             if layer == 0:
                 self.sums.add("residual_embed", None, self.abs_sum(x))
                 self.sums.tokens += self.valid(x).shape[0]
@@ -179,6 +181,16 @@ def recording(model: nn.Module, sums: _Sums) -> Iterator[_Recorder]:
         yield recorder
     finally:
         recorder.detach()
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device of its first placed module when accelerate spread it over
+    devices (hf_device_map; "disk" runs on the CPU), else the device of its first parameter."""
+    placement = getattr(model, "hf_device_map", None)
+    if placement:
+        first = next(iter(placement.values()))
+        return torch.device("cpu" if first == "disk" else f"cuda:{first}" if isinstance(first, int) else first)
+    return next(model.parameters()).device
 
 
 def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
@@ -207,7 +219,11 @@ def calibrate(
     progress: Progress | None = None,
     data: str = "",
 ) -> Importance:
-    """Measure importance on calibration batches, on the model's own device and dtype.
+    """Measure importance on calibration batches, on the model's own devices and dtype.
+
+    A model placed by accelerate (several GPUs, CPU offload, disk offload) is measured the same way: each hook
+    reduces its values where they are computed and adds them into float64 sums on the CPU, so the same dtype
+    on one device, split over devices, or offloaded gives the same kept indices.
 
     Args:
         model: the parent; it is not modified (hooks are removed on exit, even on error).
@@ -217,8 +233,8 @@ def calibrate(
         progress: called with (token positions done, max_tokens or 0) after each batch.
         data: a description of the data, kept in the result.
     """
-    device = next(model.parameters()).device
-    sums = _Sums(Shape.of(model.config), device)
+    device = input_device(model)
+    sums = _Sums(Shape.of(model.config), torch.device("cpu"))
     extra = no_cache_kwargs(model)
     was_training = model.training
     model.eval()

@@ -7,7 +7,7 @@ from itertools import islice
 
 import torch
 
-from subclone_core.calibration import no_cache_kwargs
+from subclone_core.calibration import input_device, no_cache_kwargs
 from subclone_core.errors import SubcloneError
 from subclone_core.tasks import task_of_model
 
@@ -29,7 +29,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], *, max_batches: in
     """
     task, extra = task_of_model(model), no_cache_kwargs(model)
     was_training = model.training
-    device = next(model.parameters()).device
+    device = input_device(model)  # a parent placed by accelerate may have its first weights on disk
     model.eval()
     sums = [0.0, 0, 0]  # loss sum, units scored, correct
     try:

@@ -10,9 +10,20 @@ from torch import nn
 
 from subclone_core.atomic import building
 from subclone_core.errors import SubcloneError
+from subclone_core.placement import parse_size
 
 log = logging.getLogger(__name__)
 MANIFEST_NAME = "subclone.json"
+DEFAULT_SHARD_SIZE = "5GB"  # transformers' own default: a larger model is written in shards with an index
+
+
+def shard_size(text: str | int) -> int:
+    """Bytes in a --max-shard-size value ("5GB", "500MiB", a number of bytes).
+
+    Raises:
+        SubcloneError: not a positive size.
+    """
+    return text if isinstance(text, int) and text > 0 else parse_size(str(text), "--max-shard-size")
 
 
 def check_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -38,8 +49,12 @@ def save_model_folder(
     manifest: dict | None = None,
     model_card: str | None = None,
     overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Write config.json, model.safetensors, the preprocessor, README.md and subclone.json.
+
+    Weights larger than ``max_shard_size`` are written as model-0000i-of-0000n.safetensors shards with
+    model.safetensors.index.json, as transformers does; from_pretrained reads either.
 
     Everything is written to a hidden sibling folder first and renamed into place only when complete,
     so a failure or interruption never leaves a half-written model under `out_dir`.
@@ -49,7 +64,7 @@ def save_model_folder(
     """
     out = check_output_dir(out_dir, overwrite=overwrite)
     with building(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(max_shard_size))
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
         if manifest is not None:

@@ -7,6 +7,7 @@ removed blocks are the only ones left out, and the selection says which blocks t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -116,7 +117,7 @@ class TensorSlicer:
 
 
 def slice_state_dict(
-    parent_sd: dict[str, Tensor],
+    parent_sd: Mapping[str, Tensor],
     arch: ArchSpec,
     parent: Shape,
     sel: Selection,
@@ -127,7 +128,8 @@ def slice_state_dict(
     """Build the child's state dict; the parent's tensors are read, never modified.
 
     Args:
-        parent_sd: the parent's state_dict().
+        parent_sd: the parent's state_dict(), or its tensors streamed from its checkpoint files
+            (streaming.CheckpointTensors): each is read once, sliced and let go.
         arch: the family's table.
         parent: the parent's shape.
         sel: what to keep.
@@ -136,17 +138,24 @@ def slice_state_dict(
             (unscaled) embedding. Ignored for untied parents, whose head is always sliced on its own.
     """
     slicer = TensorSlicer(arch, parent, sel, scale=scale)
-    out = dict(mapped for name, tensor in parent_sd.items() if (mapped := slicer(name, tensor)) is not None)
+    out = {}
+    for name in parent_sd:
+        # read by name inside the call: a streamed parent tensor is let go before the next one is read
+        if (mapped := slicer(name, parent_sd[name])) is not None:
+            out[mapped[0]] = mapped[1]
     if is_tied(parent_sd, arch) and not untie_head:
         head, embedding = arch.tied_head
         out[head] = out[embedding]
     return out
 
 
-def is_tied(state_dict: dict[str, Tensor], arch: ArchSpec) -> bool:
+def is_tied(state_dict: Mapping[str, Tensor], arch: ArchSpec) -> bool:
     """Whether the head and the embedding are one tensor (a tied head appears under both names)."""
     if arch.tied_head is None or not all(name in state_dict for name in arch.tied_head):
         return False
+    declared = getattr(state_dict, "tied", None)  # tensors streamed from files (streaming.CheckpointTensors)
+    if declared is not None:
+        return bool(declared)
     head, embedding = (state_dict[name] for name in arch.tied_head)
     return head.data_ptr() == embedding.data_ptr()
 

@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from subclone_core import __version__
 from subclone_core.archs import arch_for
@@ -76,6 +77,7 @@ def subclone_model(
     scale: bool | None = None,
     untie_head: bool = False,
     seed: int = 0,
+    parent_tensors: Mapping[str, Tensor] | None = None,
 ) -> Child:
     """Build a child of shape `target` from a loaded parent model; the parent is never modified.
 
@@ -89,6 +91,8 @@ def subclone_model(
         scale: scale sliced linear weights by sqrt(fan-in ratio); None uses the family's measured default.
         untie_head: give a tied parent's child its own scaled head instead of sharing the embedding.
         seed: seed of the random initialization (strategy "random").
+        parent_tensors: the parent's tensors read from its checkpoint (streaming.checkpoint_tensors) instead of
+            its state_dict in memory, for a parent spread over devices or offloaded to disk.
     """
     check_strategy(strategy)
     arch = arch_for(parent_model.config.model_type)
@@ -106,7 +110,8 @@ def subclone_model(
         sel = select(parent, target, importance, order, blocks)
         cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
         config = type(parent_model.config).from_dict(cfg)
-        sd = slice_state_dict(parent_model.state_dict(), arch, parent, sel, scale=scale, untie_head=untie_head)
+        tensors = parent_model.state_dict() if parent_tensors is None else parent_tensors
+        sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head)
         model = build_model(type(parent_model), config, sd)
     settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
                     "untie_head": untie_head, "seed": seed}

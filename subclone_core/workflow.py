@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+from torch import Tensor, nn
+
 from subclone_core.calibration import Importance, Progress, calibrate
+from subclone_core.errors import SubcloneError
 from subclone_core.model_card import model_card
-from subclone_core.saving import save_model_folder
+from subclone_core.saving import DEFAULT_SHARD_SIZE, save_model_folder
 from subclone_core.shape import Shape
 from subclone_core.sources import default_data_id, make_data
 from subclone_core.sources.parents import Parent
+from subclone_core.streaming import checkpoint_tensors
 from subclone_core.strategies import Child, needs_calibration, subclone_model
 
 CALIB_SEQ_LEN = 128
@@ -55,14 +61,39 @@ def make_child(
     if importance is None and needs_calibration(strategy, drop):
         importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress)
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,
-                           scale=scale, untie_head=untie_head, seed=seed)
+                           scale=scale, untie_head=untie_head, seed=seed, parent_tensors=parent_tensors(parent))
+    child.model.to(home_device(parent.model))
     child.manifest["parent"].update(id=parent.id, label=parent.label, model_type=parent.model.config.model_type,
                                     weights_sha256=parent.weights_sha256())
     child.preprocessor = parent.preprocessor
     return child
 
 
-def save_child(child: Child, out_dir: str | Path, *, task: str, overwrite: bool = False) -> Path:
-    """Save a child as a plain Hugging Face folder with its tokenizer or image processor, card and manifest."""
+def parent_tensors(parent: Parent) -> Mapping[str, Tensor] | None:
+    """The parent's tensors streamed from its safetensors files (the default's cache folder has them), or None
+    for a model whose tensors only memory holds right (no files, or names transformers converted on loading).
+
+    Raises:
+        SubcloneError: the parent is partly offloaded (not in memory) and its files cannot be streamed.
+    """
+    tensors = checkpoint_tensors(parent.model, parent.source)
+    if tensors is None and any(p.is_meta for p in parent.model.parameters()):
+        raise SubcloneError(f"parent {parent.id!r} is offloaded to disk but its checkpoint's tensor names differ "
+                            "from the model's, so a child cannot be read from its files; load it without "
+                            "--max-memory")
+    return tensors
+
+
+def home_device(model: nn.Module) -> torch.device:
+    """Where a child of this parent goes: the parent's device when all of it is on one, else the CPU."""
+    devices = {p.device for p in model.parameters()}
+    return devices.pop() if len(devices) == 1 and not next(iter(devices)).type == "meta" else torch.device("cpu")
+
+
+def save_child(child: Child, out_dir: str | Path, *, task: str, overwrite: bool = False,
+               max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+    """Save a child as a plain Hugging Face folder with its tokenizer or image processor, card and manifest;
+    weights larger than ``max_shard_size`` are written in shards with an index file."""
     return save_model_folder(child.model, out_dir, preprocessor=child.preprocessor, manifest=child.manifest,
-                             model_card=model_card(child.manifest, task), overwrite=overwrite)
+                             model_card=model_card(child.manifest, task), overwrite=overwrite,
+                             max_shard_size=max_shard_size)

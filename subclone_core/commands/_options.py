@@ -7,19 +7,50 @@ import json
 import sys
 
 from subclone_core.errors import SubcloneError
+from subclone_core.placement import DTYPES, Placement
 from subclone_core.strategies import STRATEGIES
 
 SHAPE_FLAGS = {"layers": "blocks", "hidden": "hidden (residual) size", "heads": "attention heads",
                "kv_heads": "key/value heads", "ffn": "FFN hidden size"}
 
 
-def add_parent_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_parent_args(parser: argparse.ArgumentParser, *, required: bool = True, device: bool = True) -> None:
+    """--parent, the safety switches, and where the parent lives: --device, --dtype, --max-memory.
+
+    Args:
+        parser: the subcommand's parser.
+        required: whether --parent must be given.
+        device: add --device here (a command whose training flags already have one passes False; that one
+            then places the parent too).
+    """
     parser.add_argument("--parent", required=required,
                         help="'default', 'default-vit', a local model folder, a .gguf file or a Hub id")
+    add_placement_args(parser, device=device)
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickled .bin weights (they can run code: trusted files only)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run model code shipped with a Hub model (off by default)")
+
+
+def add_placement_args(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """--device, --dtype and --max-memory: how a parent is placed (checked by placement.Placement.validate)."""
+    if device:
+        parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                            help="auto: spread the parent over every visible GPU (accelerate's device_map), "
+                                 "else the CPU (default auto)")
+    parser.add_argument("--dtype", default="auto", metavar="auto|" + "|".join(list(DTYPES)[1:]),
+                        help="the parent's dtype; auto keeps the checkpoint's own (float32 for a GGUF); a child "
+                             "keeps the parent's (default auto)")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="the most memory the parent may hold, e.g. 12GiB or cuda:0=20GiB,cpu=30GiB; what "
+                             "does not fit is offloaded to disk (slow, but a parent larger than memory works)")
+
+
+def placement_kwargs(args: argparse.Namespace) -> dict:
+    """load_parent's device, dtype and max_memory from the flags, validated before any loading."""
+    kwargs = {"device": getattr(args, "device", None) or "auto", "dtype": args.dtype, "max_memory": args.max_memory}
+    Placement(**kwargs).validate()
+    return kwargs
 
 
 def add_data_args(parser: argparse.ArgumentParser, *, tokens_flag: str = "--calib-tokens",

@@ -13,6 +13,7 @@ from subclone_core.commands._options import (
     add_parent_args,
     add_shape_args,
     child_sizes,
+    placement_kwargs,
     require_positive,
 )
 from subclone_core.commands._training import (
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="make a child with each strategy, train all side by side, print the speedups",
                        description="Calibrate once, make one child per strategy (same shape), train every one "
                                    "on the identical data order and print the speedup over random init.")
-    add_parent_args(p)
+    add_parent_args(p, device=False)  # the training flags' --device places the parent too
     add_shape_args(p)
     p.add_argument("--strategies", default=f"subclone,{BASELINE}",
                    help=f"comma-separated, from {', '.join(CANDIDATES)} (default subclone,random); first-k "
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     config = training_config(args)
     settings = candidate_settings(args)
     out = prepare_output(args.out, args.overwrite)
-    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                         **placement_kwargs(args))
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
     train, val, config = training_data(parent, args.data, config, seq_len=args.seq_len,
                                        eval_tokens=args.eval_tokens, eval_images=args.eval_images)

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 
+from subclone_core.commands._options import add_placement_args, placement_kwargs
 from subclone_core.evaluate import evaluate
 from subclone_core.sources import default_data_id, load_parent, make_data
 
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", type=int, default=8, metavar="B", help="sequences or images per batch (default: 8)"
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    add_placement_args(p)
     p.add_argument(
         "--allow-pickle", action="store_true", help="accept pytorch_model.bin weights (pickles can run code)"
     )
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         parent_id,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
-        device=args.device,
+        **placement_kwargs(args),
     )
     data_id = args.data or default_data_id(parent.task)
     data = make_data(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from subclone_core.commands._options import add_data_args, add_parent_args, print_json, require_positive
+from subclone_core.commands._options import (
+    add_data_args,
+    add_parent_args,
+    placement_kwargs,
+    print_json,
+    require_positive,
+)
 from subclone_core.explore import (
     EVAL_TOKENS,
     Exploration,
@@ -37,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_param_count(args.params)
     require_positive("--calib-tokens", args.tokens)
     require_positive("--eval-tokens", args.eval_tokens)
-    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                         **placement_kwargs(args))
     importance = measure_importance(parent, args.data, tokens=args.tokens)
     batches = validation_sample(parent, args.data, args.eval_tokens)
     start = time.perf_counter()

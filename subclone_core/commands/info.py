@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from subclone_core.commands._options import add_parent_args
+from subclone_core.commands._options import add_parent_args, placement_kwargs
 from subclone_core.sources import load_parent
 from subclone_core.sources.parents import describe
 
@@ -24,9 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the parent and print its description."""
-    parent = load_parent(
-        args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code
-    )
+    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                         **placement_kwargs(args))
     info = describe(parent)
     if args.json:
         print(json.dumps(info))

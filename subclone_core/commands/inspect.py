@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from subclone_core.commands._options import add_data_args, add_parent_args
+from subclone_core.commands._options import add_data_args, add_parent_args, placement_kwargs
 from subclone_core.errors import SubcloneError
 from subclone_core.shape import Shape
 from subclone_core.sources.parents import load_parent
@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
         raise SubcloneError(f"folder {str(out.parent)!r} for --out does not exist")
     if args.tokens <= 0:
         raise SubcloneError(f"--calib-tokens={args.tokens} must be a positive integer")
-    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                         **placement_kwargs(args))
     importance = measure_importance(parent, args.data, tokens=args.tokens)
     report = {"parent": args.parent, "shape": Shape.of(parent.model.config).as_dict(), **importance.to_json()}
     tmp = out.with_name(f".{out.name}.tmp")

@@ -11,10 +11,11 @@ from subclone_core.commands._options import (
     add_parent_args,
     add_shape_args,
     child_sizes,
+    placement_kwargs,
     print_json,
     require_positive,
 )
-from subclone_core.saving import check_output_dir
+from subclone_core.saving import DEFAULT_SHARD_SIZE, check_output_dir, shard_size
 from subclone_core.shape import Shape
 from subclone_core.sources.parents import load_parent
 from subclone_core.strategies import plan_shape
@@ -27,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_parent_args(p)
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, metavar="SIZE",
+                   help=f"largest weight file of the child; a larger child is written in shards with an index "
+                        f"(default {DEFAULT_SHARD_SIZE}, as transformers)")
     add_shape_args(p)
     add_child_args(p)
     add_data_args(p)
@@ -37,12 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, overwrite=args.overwrite)
     require_positive("--calib-tokens", args.tokens)
-    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    max_shard = shard_size(args.max_shard_size)
+    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                         **placement_kwargs(args))
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
     start = time.perf_counter()
     child = make_child(parent, target, strategy=args.strategy, drop=args.drop, scale=args.scale,
                        untie_head=args.untie_head, data_id=args.data, calib_tokens=args.tokens, seed=args.seed)
-    out = save_child(child, args.out, task=parent.task, overwrite=args.overwrite)
+    out = save_child(child, args.out, task=parent.task, overwrite=args.overwrite, max_shard_size=max_shard)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in child.model.parameters())
     summary = {"out": str(out), "shape": target.as_dict(), "parameters": params,

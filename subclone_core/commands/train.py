@@ -49,7 +49,7 @@ def child_candidate(model, manifest: dict | None, with_baseline: bool) -> Candid
 def run(args: argparse.Namespace) -> int:
     config = training_config(args)
     out = prepare_output(args.out, args.overwrite)
-    child = load_parent(args.model)
+    child = load_parent(args.model, dtype="float32")  # float32 master weights; bf16 comes from autocast on GPUs
     manifest = load_manifest(args.model) or {"parent": None, "note": f"trained from {args.model}"}
     candidates = [child_candidate(child.model, manifest, bool(args.baseline))]
     manifests = {candidates[0].name: manifest}

@@ -18,9 +18,17 @@ def load_folder(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
+    placement: dict | None = None,
 ) -> tuple[transformers.PreTrainedModel, Any, str]:
     """Load (model in eval mode, tokenizer or image processor, task) from a Hugging Face folder.
+
+    Args:
+        folder: the model folder.
+        allow_pickle: accept pickle (.bin) weights.
+        trust_remote_code: let transformers run the folder's own code.
+        dtype: a torch dtype, or "auto" for the checkpoint's own.
+        placement: from_pretrained's device_map, max_memory and offload_folder (placement.Placement.load_kwargs).
 
     Raises:
         SubcloneError: not a model folder, unsupported architecture, pickle-only weights without
@@ -47,6 +55,7 @@ def load_folder(
             dtype=dtype,
             use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code,
+            **(placement or {}),
         )
     except (OSError, ValueError, RuntimeError) as err:
         raise SubcloneError(f"cannot load the model in {folder}: {first_line(err)}") from None

@@ -20,6 +20,7 @@ import transformers
 
 from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
+from subclone_core.placement import Placement, memory_by_device, remove_with
 from subclone_core.saving import MANIFEST_NAME
 from subclone_core.shape import Shape
 from subclone_core.sources.cache import cache_dir, cache_is_valid, file_sha256
@@ -46,6 +47,7 @@ class Parent:
         task: the name of the task (subclone_core.tasks), from the architecture table.
         source: the local folder the model was loaded from.
         label: a human label, e.g. "SmolLM2-135M-Instruct (embedded default)".
+        placement: the device, dtype and memory budget it was loaded with.
     """
 
     id: str
@@ -54,7 +56,13 @@ class Parent:
     task: str
     source: Path | None
     label: str
+    placement: Placement = field(default_factory=Placement)
     _sha256: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the parent's weights as loaded (a child keeps it unless told otherwise)."""
+        return next(self.model.parameters()).dtype
 
     @property
     def task_spec(self) -> TaskSpec:
@@ -85,31 +93,38 @@ def load_parent(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "auto",
+    max_memory: str | None = None,
 ) -> Parent:
-    """Load a parent by id.
+    """Load a parent by id, placed by accelerate when a GPU or a memory budget is asked for.
 
     Args:
         parent_id: "default" (embedded SmolLM2-135M-Instruct), "default-vit" (the self-pretrained ViT),
             a local Hugging Face folder, a `.gguf` file, or a Hub id ("gpt2", "org/name").
         allow_pickle: also accept pytorch_model.bin weights (pickles can run code when loaded).
         trust_remote_code: passed to transformers; only for folders whose code you trust.
-        device: where to put the model (default: CPU).
-        dtype: the parameters' dtype.
+        device: "auto" (every visible GPU, else the CPU), "cpu" (the default), "cuda" or "cuda:N".
+        dtype: "auto" (the checkpoint's own; float32 for a GGUF), "float32", "bfloat16", "float16",
+            or a torch dtype.
+        max_memory: the most memory the parent may hold ("12GiB", or "cuda:0=20GiB,cpu=30GiB"); modules
+            that do not fit are offloaded to disk and read back during each forward pass.
 
     Returns:
         The loaded Parent, model in eval mode.
 
     Raises:
-        SubcloneError: the id names nothing loadable; the message says what would be.
+        SubcloneError: the id names nothing loadable, or a bad device, dtype or budget; the message says
+            what would be valid.
     """
+    placement = Placement(device=str(device or "cpu"), dtype=dtype, max_memory=max_memory).validate()
     folder, label = _resolve(parent_id, allow_pickle=allow_pickle)
-    model, preprocessor, task = load_folder(
-        folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype
-    )
-    if device is not None:
-        model.to(device)
-    return Parent(id=parent_id, model=model, preprocessor=preprocessor, task=task, source=folder, label=label)
+    kwargs = placement.load_kwargs(cache_dir() / "offload")
+    model, preprocessor, task = load_folder(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                            dtype=placement.torch_dtype, placement=kwargs)
+    if "offload_folder" in kwargs:
+        remove_with(model, kwargs["offload_folder"])
+    return Parent(id=parent_id, model=model, preprocessor=preprocessor, task=task, source=folder, label=label,
+                  placement=placement)
 
 
 def _resolve(parent_id: str, *, allow_pickle: bool) -> tuple[Path, str]:
@@ -185,9 +200,13 @@ def describe(parent: Parent) -> dict[str, Any]:
         **_shape(config),
     }
     out.update(parent.task_spec.config_facts(config))
+    places = memory_by_device(parent.model)
     out.update(
         parameters=params,
         float32_mb=round(params * 4 / 1e6, 1),
+        dtype=str(parent.dtype).removeprefix("torch."),
+        memory_mb=round(sum(places.values()) / 1e6, 1),
+        placement={place: round(size / 1e6, 1) for place, size in sorted(places.items())},
         source=str(parent.source) if parent.source else None,
     )
     return out
