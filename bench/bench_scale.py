@@ -1,0 +1,337 @@
+"""How the core scales with the parent: synthetic Llama-shaped parents of about 0.1, 0.5, 1 and 3 billion
+parameters (random bf16 weights written as safetensors shards, never downloaded), each measured in memory and
+with --max-memory at a quarter of its size (the rest offloaded to disk).
+
+Per size and placement, in a fresh process: calibration seconds per 1,000 tokens, build+save seconds (the
+streaming builder), peak RSS and peak anonymous memory (RssAnon, sampled; memory-mapped file pages excluded).
+Then the acceptance check of issue 11: `subclone make --dtype bfloat16 --max-memory 256MiB` on the 0.5B parent
+against the same command on a tiny parent, and the kept indices against the in-memory run.
+
+Writes docs/scale.json, docs/bench_scale.png and a section of docs/BENCHMARKS.md.
+
+    python bench/bench_scale.py [--sizes 0.1B,0.5B,1B,3B] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._report import table, write_atomic, write_section  # noqa: E402
+
+DOCS = ROOT / "docs"
+# name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
+SIZES = {"0.1B": (768, 12, 12, 4, 2048), "0.5B": (1024, 24, 16, 4, 5120), "1B": (2048, 20, 32, 8, 5632),
+         "3B": (3072, 28, 24, 8, 8192), "tiny": (64, 4, 4, 2, 128)}
+# calibration tokens per size: what fits in minutes on 2 shared cores (times are reported per 1,000 tokens)
+TOKENS = {"0.1B": 2048, "0.5B": 1024, "1B": 512, "3B": 256, "tiny": 512}
+SECTION = "## Parents at real scale (bench_scale.py)"
+
+
+class PeakMemory:
+    """Samples RssAnon and VmRSS of this process every few milliseconds in a thread; keeps the peaks (GiB)."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every, self.anon, self.rss, self._stop = every, 0.0, 0.0, threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def _sample(self) -> None:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        self.anon = max(self.anon, int(status["RssAnon"].split()[0]) / 2**20)
+        self.rss = max(self.rss, int(status["VmRSS"].split()[0]) / 2**20)
+
+
+def write_parent(folder: Path, size: str) -> dict:
+    """A Llama-shaped parent with random bf16 weights, written tensor by tensor into two or more shards
+    (a model on the meta device gives names and shapes; no second copy is ever in memory)."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    from subclone_core.sources.gguf import default_folder
+
+    hidden, blocks, heads, kv, ffn = SIZES[size]
+    config = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=heads,
+                                      num_key_value_heads=kv, head_dim=hidden // heads, intermediate_size=ffn,
+                                      vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
+                                      bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    with init_empty_weights():
+        meta = transformers.LlamaForCausalLM(config)
+    shapes = {n: p.shape for n, p in meta.state_dict().items() if n != "lm_head.weight"}
+    total = sum(math.prod(s) for s in shapes.values())
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_shards(folder, shapes, shard_elems=total // 2 + 1, torch=torch, save_file=save_file)
+    config.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(default_folder()).save_pretrained(folder)
+    return {"parameters": total, "bytes": 2 * total}
+
+
+def _write_shards(folder: Path, shapes: dict, *, shard_elems: int, torch, save_file) -> None:
+    gen = torch.Generator().manual_seed(0)
+    groups, current, count = [], {}, 0
+    for name, shape in shapes.items():
+        if current and count + math.prod(shape) > shard_elems:
+            groups.append(current)
+            current, count = {}, 0
+        current[name] = shape
+        count += math.prod(shape)
+    groups.append(current)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: _random(n, s, gen, torch) for n, s in group.items()}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file))
+        del tensors
+    index = {"metadata": {"total_size": 2 * sum(math.prod(s) for s in shapes.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def _random(name: str, shape, gen, torch):
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+
+def child_flags(size: str) -> list[str]:
+    """The child: half the blocks, half the width, half the heads and KV heads, half the FFN."""
+    hidden, blocks, heads, kv, ffn = SIZES[size]
+    return ["--layers", str(blocks // 2), "--hidden", str(hidden // 2), "--heads", str(heads // 2),
+            "--kv-heads", str(max(1, kv // 2)), "--ffn", str(ffn // 2)]
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One measurement in this (fresh) process: calibrate, build and save, with peak memory sampled."""
+    import torch
+
+    from subclone_core.shape import Shape
+    from subclone_core.sources.parents import load_parent
+    from subclone_core.strategies import plan_shape
+    from subclone_core.workflow import make_child, measure_importance, save_child
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory)
+        loaded = time.perf_counter()
+        importance = measure_importance(parent, tokens=args.tokens)
+        calibrated = time.perf_counter()
+        flags = dict(zip(child_flags(args.size)[::2], map(int, child_flags(args.size)[1::2])))
+        target = plan_shape(parent.model, **{k.strip("-").replace("-", "_"): v for k, v in flags.items()})
+        child = make_child(parent, target, importance=importance)
+        save_child(child, Path(args.out), task=parent.task)
+        done = time.perf_counter()
+    assert isinstance(target, Shape)
+    return {"load_s": loaded - start, "calib_s": calibrated - loaded, "calib_tokens": importance.tokens,
+            "calib_s_per_1k": 1000 * (calibrated - loaded) / importance.tokens, "build_save_s": done - calibrated,
+            "peak_rss_gib": peak.rss, "peak_anon_gib": peak.anon,
+            "selection": child.manifest["selection"], "kept_blocks": child.manifest["kept_blocks"]}
+
+
+def cli_worker(argv: list[str]) -> dict:
+    """`subclone make ARGV` in this process, with peak RssAnon sampled (the acceptance check)."""
+    from subclone_core.cli import main
+
+    with PeakMemory() as peak:
+        code = main(argv)
+    return {"code": code, "peak_anon_gib": peak.anon, "peak_rss_gib": peak.rss}
+
+
+def run_child(*args: str) -> dict:
+    """Run this script in a fresh process (so each peak is its own) and return its JSON line."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench_scale worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_size(size: str, work: Path, tokens: int) -> dict:
+    parent = work / f"parent-{size}"
+    facts = write_parent(parent, size) if not (parent / "config.json").exists() else _facts(parent)
+    quarter = f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
+    row = {"size": size, **facts, "shards": len(list(parent.glob("*.safetensors"))), "quarter": quarter}
+    for mode, budget in (("memory", None), ("offload", quarter)):
+        extra = ["--max-memory", budget] if budget else []
+        result = run_child("--worker", "--size", size, "--parent", str(parent), "--tokens", str(tokens),
+                           "--out", str(work / f"child-{size}-{mode}"), *extra)
+        row[mode] = result
+        print(f"{size} {mode}: {_brief(result)}", flush=True)
+    row["same_indices"] = (row["memory"]["selection"] == row["offload"]["selection"]
+                           and row["memory"]["kept_blocks"] == row["offload"]["kept_blocks"])
+    for mode in ("memory", "offload"):
+        row[mode].pop("selection")
+    return row
+
+
+def _facts(parent: Path) -> dict:
+    index = json.loads((parent / "model.safetensors.index.json").read_text())
+    return {"parameters": index["metadata"]["total_size"] // 2, "bytes": index["metadata"]["total_size"]}
+
+
+def _brief(result: dict) -> str:
+    return (f"calib {result['calib_s_per_1k']:.1f} s/1k tok, build+save {result['build_save_s']:.1f} s, "
+            f"peak RSS {result['peak_rss_gib']:.2f} GiB, anon {result['peak_anon_gib']:.2f} GiB")
+
+
+def acceptance(work: Path) -> dict:
+    """Issue 11's check: peak RssAnon of `make --dtype bfloat16 --max-memory 256MiB` on the 0.5B parent (two
+    shards) against the same command on a tiny parent plus three quarters of the parent's size; same indices
+    as the in-memory run."""
+    results = {}
+    for name, size, budget in (("baseline", "tiny", "256MiB"), ("offload", "0.5B", "256MiB"), ("memory", "0.5B", None)):
+        parent = work / f"parent-{size}"
+        if not (parent / "config.json").exists():
+            write_parent(parent, size)
+        out = work / f"accept-{name}"
+        argv = ["make", "--parent", str(parent), "--dtype", "bfloat16", "--out", str(out), "--overwrite",
+                "--calib-tokens", "512", *child_flags(size), *(["--max-memory", budget] if budget else [])]
+        results[name] = run_child("--cli", json.dumps(argv))
+        results[name]["selection"] = json.loads((out / "subclone.json").read_text())["selection"]
+        print(f"acceptance {name}: peak RssAnon {results[name]['peak_anon_gib']:.2f} GiB", flush=True)
+    parent_gib = _facts(work / "parent-0.5B")["bytes"] / 2**30
+    limit = results["baseline"]["peak_anon_gib"] + 0.75 * parent_gib
+    same = results["offload"]["selection"] == results["memory"]["selection"]
+    for r in results.values():
+        r.pop("selection")
+    return {**results, "parent_gib": parent_gib, "limit_gib": limit, "same_indices": same,
+            "passed": results["offload"]["peak_anon_gib"] < limit and same}
+
+
+def slope(rows: list[dict], key) -> float | None:
+    """The least-squares slope of log(cost) against log(parameters): 1 means cost grows like the parent."""
+    points = [(math.log(r["parameters"]), math.log(v)) for r in rows if (v := key(r)) and v > 0]
+    if len(points) < 2:
+        return None
+    mx, my = (sum(p[i] for p in points) / len(points) for i in (0, 1))
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+COSTS = {"calibration s / 1k tokens": "calib_s_per_1k", "build+save s": "build_save_s",
+         "peak RSS GiB": "peak_rss_gib", "peak RssAnon GiB": "peak_anon_gib"}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(COSTS), figsize=(4 * len(COSTS), 3.4))
+    for ax, (label, key) in zip(axes, COSTS.items()):
+        for mode, style in (("memory", "o-"), ("offload", "s--")):
+            xs = [r["parameters"] / 1e9 for r in rows]
+            ax.loglog(xs, [r[mode][key] for r in rows], style, label=f"{mode} (slope {slope(rows, lambda r: r[mode][key]) or 0:.2f})")
+        ax.set_xlabel("parent parameters (billions)")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.1B,0.5B,1B,3B")
+    parser.add_argument("--smoke", action="store_true", help="only the tiny parent, nothing written to docs/")
+    parser.add_argument("--work", default=None, help="where parents are written (default: a temporary folder)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the plot and section from docs/scale.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cli", default=None, help=argparse.SUPPRESS)
+    for flag in ("--size", "--parent", "--out", "--max-memory"):
+        parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    if args.cli:
+        print(json.dumps(cli_worker(json.loads(args.cli))))
+        return 0
+    if args.report_only:
+        write_report(json.loads((DOCS / "scale.json").read_text()))
+        return 0
+    sizes = ["tiny"] if args.smoke else args.sizes.split(",")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    rows = [measure_size(size, work, TOKENS[size]) for size in sizes]
+    if args.smoke:
+        return 0 if all(r["same_indices"] for r in rows) else 1
+    report = {"rows": rows, "slopes": {mode: {label: slope(rows, lambda r, k=key, m=mode: r[m][k])
+                                              for label, key in COSTS.items()} for mode in ("memory", "offload")},
+              "acceptance": acceptance(work), "machine": _machine()}
+    write_atomic(DOCS / "scale.json", json.dumps(report, indent=1))
+    write_report(report)
+    return 0
+
+
+def write_report(report: dict) -> None:
+    """The plot and the BENCHMARKS.md section, from the measured report (docs/scale.json)."""
+    plot(report["rows"], DOCS / "bench_scale.png")
+    write_section("bench_scale", markdown(report))
+
+
+def markdown(report: dict) -> str:
+    rows, accept = report["rows"], report["acceptance"]
+    body = [[r["size"], f"{r['parameters'] / 1e9:.2f}B", f"{r['bytes'] / 2**30:.2f}", r["quarter"], mode,
+             r[mode]["calib_tokens"], f"{r[mode]['calib_s_per_1k']:.1f}", f"{r[mode]['build_save_s']:.1f}",
+             f"{r[mode]['peak_rss_gib']:.2f}", f"{r[mode]['peak_anon_gib']:.2f}", "yes" if r["same_indices"] else "NO"]
+            for r in rows for mode in ("memory", "offload")]
+    slopes = [[label, *(_slope_text(report["slopes"][m][label]) for m in ("memory", "offload"))] for label in COSTS]
+    return "\n".join([
+        SECTION, "",
+        f"Synthetic Llama-shaped parents (random bf16 weights written as two or more safetensors shards, never "
+        f"downloaded; vocabulary 49,152, tied head), loaded with `--dtype bfloat16`, in memory and with "
+        f"`--max-memory` at a quarter of the parent (the rest offloaded to disk and read back from the shards "
+        f"during each forward pass). The child halves every dimension. Each row is a fresh process on "
+        f"{report['machine']['cores']} shared cores (load average {report['machine']['load_average']:.1f}); peaks are "
+        f"sampled every 5 ms (RssAnon: anonymous memory; memory-mapped file pages do not count).", "",
+        table(["parent", "parameters", "GiB", "budget", "placement", "calib tokens", "calib s / 1k tok",
+               "build+save s", "peak RSS GiB", "peak RssAnon GiB", "same indices"], body), "",
+        "Growth with parent size: the slope of log(cost) against log(parameters) (1.0 = proportional).", "",
+        table(["cost", "in memory", "offloaded"], slopes), "",
+        "![cost against parent size, log-log](bench_scale.png)", "",
+        f"Acceptance (issue 11): `subclone make --dtype bfloat16 --max-memory 256MiB` on the 0.5B parent peaks at "
+        f"{accept['offload']['peak_anon_gib']:.2f} GiB RssAnon against a limit of {accept['limit_gib']:.2f} GiB "
+        f"(the same command on a tiny parent, {accept['baseline']['peak_anon_gib']:.2f} GiB, plus three quarters "
+        f"of the {accept['parent_gib']:.2f} GiB parent); in memory it peaks at {accept['memory']['peak_anon_gib']:.2f} "
+        f"GiB; kept indices identical to the in-memory run: {'yes' if accept['same_indices'] else 'NO'}. "
+        f"{'Passed' if accept['passed'] else 'FAILED'}.", "",
+        report.get("notes", ""),
+    ])
+
+
+def _slope_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _machine() -> dict:
+    return {"cores": os.cpu_count(), "load_average": os.getloadavg()[0]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

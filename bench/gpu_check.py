@@ -1,0 +1,231 @@
+"""The ready GPU check (make gpu-check): one GPU, under 8 minutes, writes docs/GPU.md.
+
+1. The default parent on CUDA in bf16: calibration rankings against the CPU float32 run (Spearman correlation
+   of the residual scores, overlap of the kept residual dimensions, FFN neurons and heads, same blocks).
+2. The paper-like child (20 blocks x 384, FFN 1024) made from the GPU parent: seconds.
+3. Subclone vs random init, each trained for a fixed number of minutes with bf16 autocast at a GPU-sized batch:
+   tokens/s, peak GPU memory, the speedup (`subclone compare`, the one training path).
+4. When more than one GPU is visible, the same under torchrun on two GPUs.
+
+    python bench/gpu_check.py [--minutes 1.5] [--out docs/GPU.md]
+    python bench/gpu_check.py --dry-run      # tiny random parent on the CPU, seconds (CI runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench._report import table, write_atomic  # noqa: E402
+
+# (device, dtype of the check, training batch, sequence length, calibration tokens, child shape)
+FULL = {"device": "cuda", "batch": 64, "seq_len": 512, "tokens": 4096, "probe_steps": 10, "eval_tokens": 8192,
+        "child": {"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024}}
+DRY = {"device": "cpu", "batch": 4, "seq_len": 32, "tokens": 256, "probe_steps": 1, "eval_tokens": 64,
+       "child": {"layers": 2, "hidden": 32, "heads": 2, "kv_heads": 1, "ffn": 64}}
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two score vectors (Pearson correlation of their ranks)."""
+    ra, rb = (x.double().argsort().argsort().double() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def overlap(a: list[int], b: list[int]) -> float:
+    """The share of one kept set that the other keeps too."""
+    return len(set(a) & set(b)) / max(1, len(a))
+
+
+def compare_rankings(parent, gpu_imp, cpu_imp, child: dict) -> dict:
+    """How the GPU bf16 calibration's choices agree with the CPU float32 one's, for the check's child."""
+    from subclone_core.selection import pick_blocks, select
+    from subclone_core.shape import Shape
+    from subclone_core.strategies import plan_shape
+
+    target, shape = plan_shape(parent.model, **child), Shape.of(parent.model.config)
+    sels = []
+    for imp in (gpu_imp, cpu_imp):
+        blocks = pick_blocks(shape.layers, target.layers, "magnitude", imp.rel_magnitude)
+        sels.append(select(shape, target, imp, "importance", blocks))
+    gpu, cpu = sels
+    return {"spearman_residual": spearman(gpu_imp.residual, cpu_imp.residual),
+            "residual_overlap": overlap(gpu.residual, cpu.residual),
+            "ffn_overlap": sum(map(overlap, gpu.ffn, cpu.ffn)) / len(gpu.ffn),
+            "head_overlap": sum(map(overlap, gpu.heads, cpu.heads)) / len(gpu.heads),
+            "same_blocks": gpu.blocks == cpu.blocks}
+
+
+def calibrations(parent_id: str, plan: dict) -> tuple[dict, object]:
+    """Calibrate on the check's device in bf16 and on the CPU in float32; time both; make the child."""
+    from subclone_core.sources.parents import load_parent
+    from subclone_core.strategies import plan_shape
+    from subclone_core.workflow import make_child, measure_importance
+
+    out = {}
+    cpu = load_parent(parent_id, device="cpu", dtype="float32")
+    start = time.perf_counter()
+    cpu_imp = measure_importance(cpu, tokens=plan["tokens"])
+    out["cpu_float32_calib_s"] = time.perf_counter() - start
+    del cpu
+    gpu = load_parent(parent_id, device=plan["device"], dtype="bfloat16")
+    start = time.perf_counter()
+    gpu_imp = measure_importance(gpu, tokens=plan["tokens"])
+    out["bf16_calib_s"] = time.perf_counter() - start
+    out.update(compare_rankings(gpu, gpu_imp, cpu_imp, plan["child"]))
+    start = time.perf_counter()
+    child = make_child(gpu, plan_shape(gpu.model, **plan["child"]), importance=gpu_imp)
+    out["child_s"] = time.perf_counter() - start
+    out["child_parameters"] = sum(p.numel() for p in child.model.parameters())
+    out["child_dtype"] = str(next(child.model.parameters()).dtype).removeprefix("torch.")
+    out["calib_tokens"] = gpu_imp.tokens
+    return out, gpu_imp
+
+
+def compare_argv(parent_id: str, plan: dict, steps: int, run: Path) -> list[str]:
+    child = [f"--{k.replace('_', '-')}={v}" for k, v in plan["child"].items()]
+    return ["compare", "--parent", parent_id, "--dtype", "float32", "--device", plan["device"], *child,
+            "--strategies", "subclone,random", "--steps", str(steps), "--batch-size", str(plan["batch"]),
+            "--seq-len", str(plan["seq_len"]), "--calib-tokens", str(plan["tokens"]), "--out", str(run),
+            "--eval-tokens", str(plan["eval_tokens"]), "--eval-every", str(max(1, steps // 5)),
+            "--overwrite", "--quiet", "--json"]
+
+
+def train_for(parent_id: str, plan: dict, minutes: float, work: Path) -> dict:
+    """Subclone vs random init for about ``minutes`` each: a short probe times a step, then the real run."""
+    probe = work / "probe"
+    start = time.perf_counter()
+    _compare(compare_argv(parent_id, plan, plan["probe_steps"], probe))
+    per_step = (time.perf_counter() - start) / (2 * plan["probe_steps"])  # two candidates
+    steps = max(plan["probe_steps"], int(minutes * 60 / per_step))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    run = work / "run"
+    start = time.perf_counter()
+    _compare(compare_argv(parent_id, plan, steps, run))
+    seconds = time.perf_counter() - start
+    summary = json.loads((run / "summary.json").read_text())
+    return summarize(summary, steps, seconds, plan, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
+
+
+def _compare(argv: list[str]) -> None:
+    """`subclone compare` in this process (so peak GPU memory is readable), its JSON line kept off stdout."""
+    from subclone_core.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    if code:
+        raise RuntimeError(f"subclone {' '.join(argv)} failed with exit status {code}")
+
+
+def summarize(summary: dict, steps: int, seconds: float, plan: dict, peak_bytes: int) -> dict:
+    tokens = steps * plan["batch"] * plan["seq_len"]
+    rows = {r["name"]: r for r in summary["rows"]}
+    sub = rows.get("subclone", {})
+    return {"steps": steps, "seconds": seconds, "tokens_per_s": 2 * tokens / seconds,
+            "peak_gpu_gib": peak_bytes / 2**30, "speedup": sub.get("speedup"),
+            "final": {name: r.get("final") for name, r in rows.items()},
+            "best": {name: r.get("best") for name, r in rows.items()}}
+
+
+def two_gpus(parent_id: str, plan: dict, steps: int, work: Path) -> dict | None:
+    """The same comparison data-parallel on two GPUs under torchrun (None with fewer than two GPUs)."""
+    if torch.cuda.device_count() < 2:
+        return None
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    run = work / "two"
+    start = time.perf_counter()
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "subclone_core.cli",
+                    *compare_argv(parent_id, {**plan, "device": "cuda"}, steps, run)], check=True)
+    seconds = time.perf_counter() - start
+    return summarize(json.loads((run / "summary.json").read_text()), steps, seconds, plan, 0)
+
+
+def report(result: dict, *, dry_run: bool) -> str:
+    c, t, two = result["calibration"], result["training"], result.get("two_gpus")
+    where = "a CPU dry run on a tiny random parent" if dry_run else result["device_name"]
+    lines = [f"# GPU check\n\nRun by `make gpu-check` (bench/gpu_check.py) on {where}, "
+             f"{time.strftime('%Y-%m-%d')}, in {result['seconds']:.0f} s.\n",
+             "## Calibration: bf16 on the check's device against float32 on the CPU\n",
+             table(["measure", "value"], [
+                 ["Spearman of the residual scores", f"{c['spearman_residual']:.4f}"],
+                 ["kept residual dimensions in common", f"{c['residual_overlap']:.1%}"],
+                 ["kept FFN neurons in common (mean over blocks)", f"{c['ffn_overlap']:.1%}"],
+                 ["kept heads in common (mean over blocks)", f"{c['head_overlap']:.1%}"],
+                 ["same kept blocks", str(c["same_blocks"])],
+                 ["calibration seconds, bf16 / CPU float32", f"{c['bf16_calib_s']:.1f} / {c['cpu_float32_calib_s']:.1f}"],
+                 ["child made from the bf16 parent (seconds, parameters, dtype)",
+                  f"{c['child_s']:.1f}, {c['child_parameters'] / 1e6:.1f}M, {c['child_dtype']}"]]),
+             "\n## Training: subclone vs random init, bf16 autocast, the same minutes each\n",
+             table(["run", "steps each", "tokens/s", "peak GPU GiB", "speedup", "final loss subclone / random"],
+                   [_row("one device", t), *([_row("two GPUs (torchrun)", two)] if two else [])])]
+    return "\n".join(lines) + "\n"
+
+
+def _row(name: str, t: dict) -> list:
+    final = t["final"]
+    return [name, t["steps"], f"{t['tokens_per_s']:,.0f}", f"{t['peak_gpu_gib']:.2f}",
+            "-" if t["speedup"] is None else f"{t['speedup']:.2f}x",
+            f"{_num(final.get('subclone'))} / {_num(final.get('random'))}"]
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def dry_parent(work: Path) -> str:
+    """A tiny random bf16 Llama in two shards with the default tokenizer (bench_scale's writer)."""
+    from bench.bench_scale import write_parent
+
+    folder = work / "tiny-parent"
+    write_parent(folder, "tiny")
+    return str(folder)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny random parent on the CPU (seconds)")
+    parser.add_argument("--minutes", type=float, default=None, help="training minutes per candidate (1.5; dry 0.05)")
+    parser.add_argument("--out", default=None, help="report file (default docs/GPU.md; dry run: not written)")
+    args = parser.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU is visible; run it on a GPU machine, or pass --dry-run", file=sys.stderr)
+        return 2
+    plan = DRY if args.dry_run else FULL
+    minutes = args.minutes if args.minutes is not None else (0.05 if args.dry_run else 1.5)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    start = time.perf_counter()
+    parent_id = dry_parent(work) if args.dry_run else "default"
+    calibration, _ = calibrations(parent_id, plan)
+    training = train_for(parent_id, plan, minutes, work)
+    result = {"calibration": calibration, "training": training, "seconds": 0.0,
+              "two_gpus": two_gpus(parent_id, plan, training["steps"] // 2 or 1, work),
+              "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    result["seconds"] = time.perf_counter() - start
+    text = report(result, dry_run=args.dry_run)
+    out = args.out or (None if args.dry_run else str(ROOT / "docs" / "GPU.md"))
+    if out:
+        write_atomic(Path(out), text)
+        write_atomic(Path(out).with_suffix(".json"), json.dumps(result, indent=1))
+    print(text)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The ready GPU check (bench/gpu_check.py, `make gpu-check`) and the scale benchmark run end to end on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_its_report(tmp_path):
+    out = tmp_path / "GPU.md"
+    done = run_script("bench/gpu_check.py", "--dry-run", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    assert "Spearman of the residual scores" in text and "subclone vs random init" in text
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["calibration"]["child_dtype"] == "bfloat16"
+    assert result["training"]["steps"] >= 1 and result["training"]["tokens_per_s"] > 0
+    assert -1.0 <= result["calibration"]["spearman_residual"] <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_gpu_check_without_a_gpu_says_so():
+    done = run_script("bench/gpu_check.py")
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_scale_smoke_keeps_the_same_indices_offloaded():
+    done = run_script("bench/bench_scale.py", "--smoke")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tiny offload" in done.stdout
