@@ -3,7 +3,9 @@ step-0 comparisons, saving, uploads, and the training job's work. No Streamlit h
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +21,7 @@ from subclone_core.data.text import TEXT_SUFFIXES, documents
 from subclone_core.devices import resolve_device
 from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
+from subclone_core.outputs import claim_output
 from subclone_core.shape import Shape
 from subclone_core.sources import Parent, make_data
 from subclone_core.strategies import Child
@@ -90,22 +93,64 @@ def sample_generations(parent: Parent, child: Child, twin: Child, prompt: str,
 
 
 def fresh_folder(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3``... whichever does not exist yet."""
+    """``path``, or ``path-2``, ``path-3``..., whichever is free, created now: two sessions asking for the same
+    name at the same moment get different folders (mkdir either creates the folder or fails)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     candidate, number = path, 1
-    while candidate.exists():
-        number += 1
-        candidate = path.with_name(f"{path.name}-{number}")
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = path.with_name(f"{path.name}-{number}")
+
+
+OWNER_FILE = ".subclone-owner"  # in a child folder the app saved: a hash of the session that saved it
 
 
 def save_child_folder(child: Child, settings: AppSettings, name: str, task: str,
-                      overwrite: bool = False) -> Path:
-    """Save the child under <output dir>/children/<name> (name checked: no separators, no '..')."""
-    return save_child(child, settings.output_path(name, "children"), task=task, overwrite=overwrite)
+                      overwrite: bool = False, owner: str | None = None) -> Path:
+    """Save the child under <output dir>/children/<name> (name checked: no separators, no '..').
+
+    Args:
+        child, settings, name, task: what to save, where, and the parent's task.
+        overwrite: replace a folder of that name, which only the session that saved it (``owner``) may.
+        owner: the saving session's key; recorded (hashed) in the folder.
+
+    Raises:
+        SubcloneError: the name is taken (without overwrite, or by another session), or being written.
+    """
+    path = settings.output_path(name, "children")
+    with claim_output(path, overwrite=overwrite, flag="name", hint=REPLACE_HINT):
+        if overwrite and path.is_dir() and any(path.iterdir()) and _owner_of(path) != _owner_tag(owner):
+            raise SubcloneError(f"a folder named {name!r} was saved by another session (or outside the app) "
+                                "and is not replaced; choose another name")
+        saved = save_child(child, path, task=task, overwrite=overwrite)
+        if owner is not None:
+            (saved / OWNER_FILE).write_text(_owner_tag(owner))
+    return saved
+
+
+REPLACE_HINT = 'tick "Replace an existing folder of that name"'
+
+
+def _owner_tag(owner: str | None) -> str | None:
+    return None if owner is None else hashlib.sha256(owner.encode()).hexdigest()[:16]
+
+
+def _owner_of(folder: Path) -> str | None:
+    try:
+        return (folder / OWNER_FILE).read_text().strip()
+    except OSError:
+        return None
 
 
 def store_upload(settings: AppSettings, session_key: str, filename: str, data: bytes) -> Path:
     """Write an uploaded text file under <output dir>/uploads/<session>/ and check that it reads as text.
+
+    The stored name is the visitor's, folded to plain letters (``résumé.txt`` -> ``resume.txt``); a name
+    already taken in this session gets ``-2``, ``-3``... (an upload never replaces another).
 
     Raises:
         SubcloneError: too large, not .txt/.md/.jsonl, not UTF-8 text, or empty; the message says what to do.
@@ -118,10 +163,8 @@ def store_upload(settings: AppSettings, session_key: str, filename: str, data: b
     if suffix not in TEXT_SUFFIXES:
         raise SubcloneError(f"{filename!r} is not a text file this app reads; "
                             f"upload {', '.join(TEXT_SUFFIXES)}")
-    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(filename).stem)[:60] or "upload"
-    path = settings.output_path(stem + suffix, "uploads", safe_name(session_key))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    path = _new_upload_file(settings.output_path(upload_stem(filename) + suffix, "uploads", safe_name(session_key)),
+                            data)
     try:
         if next(iter(documents(str(path))), None) is None:
             raise SubcloneError(f"{filename} has no text")
@@ -130,6 +173,27 @@ def store_upload(settings: AppSettings, session_key: str, filename: str, data: b
         why = str(err).replace(str(path), filename)  # the visitor's file name, not the server's path
         raise SubcloneError(f"{why}; upload UTF-8 text with a few paragraphs") from None
     return path
+
+
+def upload_stem(filename: str) -> str:
+    """A file name's stem as plain ASCII letters, digits, '-' and '_' (accents folded), never empty."""
+    folded = unicodedata.normalize("NFKD", Path(filename).stem).encode("ascii", "ignore").decode()
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in folded)[:60].lstrip("-_")
+    return stem or "upload"
+
+
+def _new_upload_file(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` or the first free ``stem-N`` beside it; never replaces a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, number = path, 1
+    while True:
+        try:
+            with candidate.open("xb") as f:
+                f.write(data)
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
 
 
 # --- training -------------------------------------------------------------------------------------------

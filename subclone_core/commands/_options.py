@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from subclone_core.errors import SubcloneError
+from subclone_core.metrics_log import json_safe
 from subclone_core.placement import DTYPES, Placement
 from subclone_core.strategies import STRATEGIES
 
@@ -101,15 +103,18 @@ def parse_drop(value: str) -> str | list[int]:
     if value in ("middle", "magnitude", "first"):
         return value
     try:
-        return [int(part) for part in value.split(",") if part.strip()]
+        blocks = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
+        blocks = None
+    if not blocks:  # not a list of numbers, or one that names no block at all (e.g. ",")
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not a block policy; use middle, magnitude, first or indices like 3,4,5"
-        ) from None
+            f"{value!r} is not a block policy; use middle, magnitude, first or indices like 3,4,5")
+    return blocks
 
 
 def print_json(obj: dict) -> None:
-    json.dump(obj, sys.stdout)
+    """One strict JSON object on stdout: a non-finite number becomes null (NaN is not JSON)."""
+    json.dump(json_safe(obj), sys.stdout, allow_nan=False)
     sys.stdout.write("\n")
 
 
@@ -117,3 +122,34 @@ def require_positive(name: str, value: int | None) -> None:
     """Refuse a count that must be positive, naming the flag."""
     if value is not None and value <= 0:
         raise SubcloneError(f"{name}={value} must be a positive integer")
+
+
+def require_finite(name: str, value: float | None, *, minimum: float | None = None,
+                   maximum: float | None = None) -> None:
+    """Refuse a number that is NaN, infinite or out of range, naming the flag and the valid range."""
+    if value is None:
+        return
+    low = "" if minimum is None else f" >= {minimum:g}"
+    high = "" if maximum is None else f" <= {maximum:g}"
+    if not math.isfinite(value) or (minimum is not None and value < minimum) or \
+            (maximum is not None and value > maximum):
+        joint = " and" if low and high else ""
+        raise SubcloneError(f"{name}={value!r} must be a finite number{low}{joint}{high}")
+
+
+def check_shape_flags(args: argparse.Namespace) -> None:
+    """Refuse a shape flag that is zero or negative, naming that flag (not a size derived from it)."""
+    for role in SHAPE_FLAGS:
+        value = getattr(args, role, None)
+        if value is not None and value <= 0:
+            flag = f"--{role.replace('_', '-')}"
+            raise SubcloneError(f"{flag}: {role}={value} must be a positive integer (omit it to keep the parent's)")
+
+
+def check_calib_tokens(parent, tokens: int, flag: str = "--calib-tokens") -> None:
+    """Refuse a text calibration budget smaller than one calibration sequence, naming the flag."""
+    from subclone_core.workflow import CALIB_SEQ_LEN  # late: keeps this module light for --help
+
+    if parent.task_spec.sequences and tokens < CALIB_SEQ_LEN:
+        raise SubcloneError(f"{flag}={tokens} is less than one calibration sequence; "
+                            f"use at least {CALIB_SEQ_LEN} (default 4096)")

@@ -6,6 +6,7 @@ import argparse
 
 from subclone_core.commands._options import print_json
 from subclone_core.gguf_export import QTYPES, export_gguf, verify_gguf
+from subclone_core.outputs import FILE, claim_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with claim_output(args.to, overwrite=args.overwrite, kind=FILE, flag="--to"):  # one writer per file
+        return export(args)
+
+
+def export(args: argparse.Namespace) -> int:
+    """Write the claimed --to file, verify it unless told not to, and print what was written."""
     result = export_gguf(args.model, args.to, qtype=args.qtype, overwrite=args.overwrite).as_dict()
     if args.verify:
         result["verify"] = verify_gguf(args.model, args.to)

@@ -6,8 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from subclone_core.commands._options import add_data_args, add_parent_args, placement_kwargs
-from subclone_core.errors import SubcloneError
+from subclone_core.atomic import building_file
+from subclone_core.commands._options import (
+    add_data_args,
+    add_parent_args,
+    check_calib_tokens,
+    placement_kwargs,
+    require_positive,
+)
+from subclone_core.metrics_log import json_safe
+from subclone_core.outputs import FILE, claim_output
 from subclone_core.shape import Shape
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow import measure_importance
@@ -19,22 +27,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_parent_args(p)
     add_data_args(p)
     p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise SubcloneError(f"folder {str(out.parent)!r} for --out does not exist")
-    if args.tokens <= 0:
-        raise SubcloneError(f"--calib-tokens={args.tokens} must be a positive integer")
+    require_positive("--calib-tokens", args.tokens)
+    with claim_output(args.out, overwrite=args.overwrite, kind=FILE) as out:  # a doomed write fails now
+        return inspect(args, out)
+
+
+def inspect(args: argparse.Namespace, out: Path) -> int:
+    """Calibrate the parent and write the report to the claimed --out file (whole, or not at all)."""
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
+    check_calib_tokens(parent, args.tokens)
     importance = measure_importance(parent, args.data, tokens=args.tokens)
     report = {"parent": args.parent, "shape": Shape.of(parent.model.config).as_dict(), **importance.to_json()}
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report))
-    tmp.replace(out)
+    with building_file(out) as tmp:
+        tmp.write_text(json.dumps(json_safe(report), allow_nan=False))
     rel = importance.rel_magnitude
     print(f"wrote {out}: {importance.tokens} tokens; lowest relative magnitude at block "
           f"{int(rel.argmin())} ({float(rel.min()):.3f}), highest at block {int(rel.argmax())} "

@@ -10,15 +10,18 @@ from subclone_core.commands._options import (
     add_data_args,
     add_parent_args,
     add_shape_args,
+    check_calib_tokens,
+    check_shape_flags,
     child_sizes,
     placement_kwargs,
     print_json,
     require_positive,
 )
-from subclone_core.saving import DEFAULT_SHARD_SIZE, check_output_dir, shard_size
+from subclone_core.outputs import claim_output
+from subclone_core.saving import DEFAULT_SHARD_SIZE, shard_size
 from subclone_core.shape import Shape
 from subclone_core.sources.parents import load_parent
-from subclone_core.strategies import plan_shape
+from subclone_core.strategies import needs_calibration, plan_shape
 from subclone_core.workflow import make_child, save_child
 
 
@@ -39,11 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_dir(args.out, overwrite=args.overwrite)
     require_positive("--calib-tokens", args.tokens)
+    check_shape_flags(args)
     max_shard = shard_size(args.max_shard_size)
+    with claim_output(args.out, overwrite=args.overwrite):  # one writer; a doomed write fails now
+        return make(args, max_shard)
+
+
+def make(args: argparse.Namespace, max_shard: int) -> int:
+    """Load, calibrate, build and save the child into the claimed --out; print the summary."""
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
+    if needs_calibration(args.strategy, args.drop):
+        check_calib_tokens(parent, args.tokens)
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
     start = time.perf_counter()
     child = make_child(parent, target, strategy=args.strategy, drop=args.drop, scale=args.scale,

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ VALIDATION_FRACTION = 0.05
 VALID_TEXT_IDS = "'default', or a .txt/.md/.jsonl file or a folder of them"
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")  # 2+ newlines, possibly with spaces between: a paragraph break
 _TOKENIZE_CHUNK = 64  # documents per tokenizer call: batched calls are much faster than one by one
+_PIECE_CHARS = 16_384  # a longer document is tokenized in pieces, so reading can stop at the token budget
+_CHARS_PER_TOKEN = 8  # generous (English text has about 4): characters read per token still wanted
 
 
 class TokenData:
@@ -265,21 +267,58 @@ def split_documents(data_id: str, split: str) -> Iterator[str]:
 def tokenize_documents(tokenizer, docs: Iterable[str], max_tokens: int | None = None) -> np.ndarray:
     """Token ids of the documents with EOS after each, stopping once `max_tokens` are collected.
 
+    Reading stops at the budget, also inside one huge document: short documents are tokenized in batches
+    whose total length follows the budget left, and a document longer than ``_PIECE_CHARS`` is tokenized
+    piece by piece (cut before a space, so that words stay whole).
+
     Returns:
         int64 array (min(total, max_tokens),).
     """
     eos = _separator_id(tokenizer)
     pieces: list[np.ndarray] = []
-    total = 0
-    for chunk in _chunks(docs, _TOKENIZE_CHUNK):
-        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
-            piece = np.asarray(ids + eos, dtype=np.int64)
-            pieces.append(piece)
-            total += len(piece)
-        if max_tokens is not None and total >= max_tokens:
+    total = [0]  # a cell, read by the batcher to size its next batch
+    for texts, ends in _batches(docs, lambda: None if max_tokens is None else max_tokens - total[0]):
+        for ids, end in zip(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"], ends):
+            pieces.append(np.asarray(ids + (eos if end else []), dtype=np.int64))
+            total[0] += len(pieces[-1])
+        if max_tokens is not None and total[0] >= max_tokens:
             break
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     return flat[:max_tokens] if max_tokens is not None else flat
+
+
+def _batches(docs: Iterable[str], left: Callable[[], int | None]) -> Iterator[tuple[list[str], list[bool]]]:
+    """(texts, ends_document) for each tokenizer call: up to _TOKENIZE_CHUNK short documents, at most about
+    _CHARS_PER_TOKEN characters per token still wanted (``left()``), or one piece of a long document."""
+    texts: list[str] = []
+    for doc in docs:
+        if len(doc) > _PIECE_CHARS:
+            if texts:
+                yield texts, [True] * len(texts)
+                texts = []
+            for piece, end in _pieces(doc):
+                yield [piece], [end]
+            continue
+        texts.append(doc)
+        wanted = left()
+        limit = None if wanted is None else max(_PIECE_CHARS, wanted * _CHARS_PER_TOKEN)
+        if len(texts) == _TOKENIZE_CHUNK or (limit is not None and sum(map(len, texts)) >= limit):
+            yield texts, [True] * len(texts)
+            texts = []
+    if texts:
+        yield texts, [True] * len(texts)
+
+
+def _pieces(doc: str) -> Iterator[tuple[str, bool]]:
+    """A long document in pieces of at most _PIECE_CHARS, each cut just before a space where there is one."""
+    start = 0
+    while start < len(doc):
+        stop = min(len(doc), start + _PIECE_CHARS)
+        if stop < len(doc):
+            space = doc.rfind(" ", start + _PIECE_CHARS // 2, stop)
+            stop = space if space > start else stop
+        yield doc[start:stop], stop >= len(doc)
+        start = stop
 
 
 def _separator_id(tokenizer) -> list[int]:

@@ -42,7 +42,7 @@ def load_folder(
         )
     try:
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - a malformed value fails in many ways (TypeError, ZeroDivisionError...)
         raise SubcloneError(
             f"{folder}/config.json is not a usable model config: {first_line(err)}"
         ) from None
@@ -57,8 +57,10 @@ def load_folder(
             trust_remote_code=trust_remote_code,
             **(placement or {}),
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise SubcloneError(f"cannot load the model in {folder}: {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - damaged weights fail in many ways (SafetensorError, UnpicklingError...)
+        names = ", ".join(p.name for p in weight_files(folder)) or "no weight files"
+        raise SubcloneError(f"cannot load the model in {folder} ({names}): {first_line(err)}; "
+                            "the files may be damaged or incomplete: copy or save them again") from None
     model.eval()
     return model, _load_preprocessor(folder, task, trust_remote_code), task.name
 
@@ -93,7 +95,7 @@ def _load_preprocessor(folder: Path, task: TaskSpec, trust_remote_code: bool) ->
                             f"{' or '.join(task.preprocessor_files[:2])})")
     try:
         return task.auto_preprocessor().from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a structurally wrong tokenizer.json raises a bare Exception
         raise SubcloneError(f"cannot load the {task.preprocessor_name} in {folder}: {first_line(err)}") from None
 
 
