@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._report import table, write_atomic, write_section  # noqa: E402
+from bench._report import table, write_atomic, write_section
 
 DOCS = ROOT / "docs"
 # name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
@@ -45,7 +45,7 @@ class PeakMemory:
     def __init__(self, every: float = 0.005) -> None:
         self.every, self.anon, self.rss, self._stop = every, 0.0, 0.0, threading.Event()
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> PeakMemory:  # noqa: PYI034 - the class is not subclassed
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -244,9 +244,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(COSTS), figsize=(4 * len(COSTS), 3.4))
     for ax, (label, key) in zip(axes, COSTS.items()):
+        xs = [r["parameters"] / 1e9 for r in rows]
         for mode, style in (("memory", "o-"), ("offload", "s--")):
-            xs = [r["parameters"] / 1e9 for r in rows]
-            ax.loglog(xs, [r[mode][key] for r in rows], style, label=f"{mode} (slope {slope(rows, lambda r: r[mode][key]) or 0:.2f})")
+            ys = [r[mode][key] for r in rows]
+            fit = slope(rows, lambda r, m=mode, k=key: r[m][k]) or 0.0
+            ax.loglog(xs, ys, style, label=f"{mode} (slope {fit:.2f})")
         ax.set_xlabel("parent parameters (billions)")
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=7)
@@ -304,23 +306,23 @@ def markdown(report: dict) -> str:
     slopes = [[label, *(_slope_text(report["slopes"][m][label]) for m in ("memory", "offload"))] for label in COSTS]
     return "\n".join([
         SECTION, "",
-        f"Synthetic Llama-shaped parents (random bf16 weights written as two or more safetensors shards, never "
+        (f"Synthetic Llama-shaped parents (random bf16 weights written as two or more safetensors shards, never "
         f"downloaded; vocabulary 49,152, tied head), loaded with `--dtype bfloat16`, in memory and with "
         f"`--max-memory` at a quarter of the parent (the rest offloaded to disk and read back from the shards "
         f"during each forward pass). The child halves every dimension. Each row is a fresh process on "
         f"{report['machine']['cores']} shared cores (load average {report['machine']['load_average']:.1f}); peaks are "
-        f"sampled every 5 ms (RssAnon: anonymous memory; memory-mapped file pages do not count).", "",
+        f"sampled every 5 ms (RssAnon: anonymous memory; memory-mapped file pages do not count)."), "",
         table(["parent", "parameters", "GiB", "budget", "placement", "calib tokens", "calib s / 1k tok",
                "build+save s", "peak RSS GiB", "peak RssAnon GiB", "same indices"], body), "",
         "Growth with parent size: the slope of log(cost) against log(parameters) (1.0 = proportional).", "",
         table(["cost", "in memory", "offloaded"], slopes), "",
         "![cost against parent size, log-log](bench_scale.png)", "",
-        f"Acceptance (issue 11): `subclone make --dtype bfloat16 --max-memory 256MiB` on the 0.5B parent peaks at "
+        (f"Acceptance (issue 11): `subclone make --dtype bfloat16 --max-memory 256MiB` on the 0.5B parent peaks at "
         f"{accept['offload']['peak_anon_gib']:.2f} GiB RssAnon against a limit of {accept['limit_gib']:.2f} GiB "
         f"(the same command on a tiny parent, {accept['baseline']['peak_anon_gib']:.2f} GiB, plus three quarters "
         f"of the {accept['parent_gib']:.2f} GiB parent); in memory it peaks at {accept['memory']['peak_anon_gib']:.2f} "
         f"GiB; kept indices identical to the in-memory run: {'yes' if accept['same_indices'] else 'NO'}. "
-        f"{'Passed' if accept['passed'] else 'FAILED'}.", "",
+        f"{'Passed' if accept['passed'] else 'FAILED'}."), "",
         report.get("notes", ""),
     ])
 

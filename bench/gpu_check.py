@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from bench._report import table, write_atomic  # noqa: E402
+from bench._report import table, write_atomic
 
 # (device, dtype of the check, training batch, sequence length, calibration tokens, child shape)
 FULL = {"device": "cuda", "batch": 64, "seq_len": 512, "tokens": 4096, "probe_steps": 10, "eval_tokens": 8192,
@@ -158,8 +158,8 @@ def two_gpus(parent_id: str, plan: dict, steps: int, work: Path) -> dict | None:
 def report(result: dict, *, dry_run: bool) -> str:
     c, t, two = result["calibration"], result["training"], result.get("two_gpus")
     where = "a CPU dry run on a tiny random parent" if dry_run else result["device_name"]
-    lines = [f"# GPU check\n\nRun by `make gpu-check` (bench/gpu_check.py) on {where}, "
-             f"{time.strftime('%Y-%m-%d')}, in {result['seconds']:.0f} s.\n",
+    lines = [(f"# GPU check\n\nRun by `make gpu-check` (bench/gpu_check.py) on {where}, "
+              f"{time.strftime('%Y-%m-%d')}, in {result['seconds']:.0f} s.\n"),
              "## Calibration: bf16 on the check's device against float32 on the CPU\n",
              table(["measure", "value"], [
                  ["Spearman of the residual scores", f"{c['spearman_residual']:.4f}"],

@@ -15,8 +15,8 @@ from subclone_core.saving import DEFAULT_SHARD_SIZE, save_model_folder
 from subclone_core.shape import Shape
 from subclone_core.sources import default_data_id, make_data
 from subclone_core.sources.parents import Parent
-from subclone_core.streaming import checkpoint_tensors
 from subclone_core.strategies import Child, needs_calibration, subclone_model
+from subclone_core.streaming import checkpoint_tensors
 
 CALIB_SEQ_LEN = 128
 CALIB_BATCH = 8
@@ -87,7 +87,7 @@ def parent_tensors(parent: Parent) -> Mapping[str, Tensor] | None:
 def home_device(model: nn.Module) -> torch.device:
     """Where a child of this parent goes: the parent's device when all of it is on one, else the CPU."""
     devices = {p.device for p in model.parameters()}
-    return devices.pop() if len(devices) == 1 and not next(iter(devices)).type == "meta" else torch.device("cpu")
+    return devices.pop() if len(devices) == 1 and next(iter(devices)).type != "meta" else torch.device("cpu")
 
 
 def save_child(child: Child, out_dir: str | Path, *, task: str, overwrite: bool = False,
