@@ -3,7 +3,8 @@
 Event kinds written by the training engine (every event has "event", "time" in seconds since the run
 started and, except "start", "candidate"):
 
-- start: {"candidates": [...], "config": {...}, "world_size": N, "device": "cpu", "unit": UNIT} (the task's throughput unit)
+- start: {"candidates": [...], "config": {...}, "world_size": N, "device": "cpu", "unit": UNIT (the task's throughput
+  unit), "metric": the validation value candidates are compared on, "higher_is_better": its direction}
 - step: {"step", "loss", "lr", "grad_norm", "throughput", "unit", "seen"}
 - eval: {"step", "loss", "seen"} and "perplexity" (text) or "accuracy" (images)
 - done: {"step", "status": "done", "final": {...}, "saved_to": path or null}

@@ -346,7 +346,7 @@ def _start(candidates: Sequence[Candidate], ctx: _Context, train_data: Any) -> l
     ctx.emit("start", None, candidates=[{"name": r.result.name, "strategy": r.result.strategy, "lr": r.result.lr,
              "weight_decay": r.result.weight_decay, "distill": r.teacher is not None} for r in runners],
              config=ctx.config.to_dict(), world_size=ctx.accelerator.num_processes, device=ctx.device.type,
-             unit=ctx.task.unit)
+             unit=ctx.task.unit, metric=ctx.task.metric, higher_is_better=ctx.task.higher_is_better)
     return runners
 
 
