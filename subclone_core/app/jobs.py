@@ -26,6 +26,22 @@ logger = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], None]
 Work = Callable[[Emit, threading.Event], Any]
 FINISHED = ("done", "cancelled", "failed")
+ORPHAN_SECONDS = 60.0  # a job whose page has not polled for this long is cancelled (its tab was closed)
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's work (e.g. from a progress callback) when the job was asked to stop."""
+
+
+def cancellable(cancel: threading.Event, emit: Emit) -> Callable[[int, int], None]:
+    """A progress callback for library calls: records ``progress`` events and stops the work on cancel."""
+
+    def progress(done: int, total: int) -> None:
+        if cancel.is_set():
+            raise JobCancelled
+        emit({"event": "progress", "done": done, "total": total, "time": time.time()})
+
+    return progress
 
 
 class ServerBusy(SubcloneError):
@@ -45,6 +61,7 @@ class JobLimiter:
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._running: set[str] = set()
+        self._since: dict[str, float] = {}  # when each running job got its slot (shown to those waiting)
 
     def submit(self, job_id: str) -> None:
         """Put a job at the end of the queue.
@@ -53,7 +70,9 @@ class JobLimiter:
             ServerBusy: the queue is full.
         """
         with self._cond:
-            if len(self._queue) >= self.max_queued and len(self._running) >= self.max_running:
+            # count every admitted job, running or not yet picked up by its thread: requests that arrive
+            # together are all still "queued" when the next one is admitted
+            if len(self._queue) + len(self._running) >= self.max_running + self.max_queued:
                 raise ServerBusy(
                     f"the server is busy: {len(self._running)} training job(s) running and "
                     f"{len(self._queue)} waiting (at most {self.max_queued}); try again when one has finished"
@@ -78,6 +97,7 @@ class JobLimiter:
         """Free the job's slot (or its place in the queue); safe to call twice."""
         with self._cond:
             self._running.discard(job_id)
+            self._since.pop(job_id, None)
             self._discard(job_id)
             self._cond.notify_all()
 
@@ -91,6 +111,17 @@ class JobLimiter:
         with self._cond:
             return {"running": len(self._running), "queued": len(self._queue),
                     "max_running": self.max_running, "max_queued": self.max_queued}
+
+    def note_started(self, job_id: str) -> None:
+        """Record when a job got its slot (called by the job once ``wait_turn`` let it in)."""
+        with self._cond:
+            self._since[job_id] = time.time()
+
+    def running_seconds(self) -> list[float]:
+        """How long each running job has run, longest first (a waiting visitor sees what is ahead)."""
+        with self._cond:
+            now = time.time()
+            return sorted((now - t for t in self._since.values()), reverse=True)
 
     def _discard(self, job_id: str) -> None:
         if job_id in self._queue:
@@ -106,9 +137,12 @@ class BackgroundJob:
         status: "new", "queued", "running", then "done", "cancelled" or "failed".
         result: what ``work`` returned (after "done" or "cancelled").
         error: a message saying what went wrong and what to do (after "failed").
+        orphan_after: seconds without a ``heartbeat`` after which the job cancels itself (None: never).
+        orphaned: whether it was cancelled that way.
     """
 
-    def __init__(self, work: Work, *, name: str = "job", limiter: JobLimiter | None = None) -> None:
+    def __init__(self, work: Work, *, name: str = "job", limiter: JobLimiter | None = None,
+                 orphan_after: float | None = None) -> None:
         self.id = uuid.uuid4().hex
         self.name, self.work = name, work
         self.limiter = limiter or JobLimiter(max_running=1, max_queued=0)
@@ -117,6 +151,7 @@ class BackgroundJob:
         self.result: Any = None
         self.error: str | None = None
         self.created, self.started, self.finished = time.time(), None, None
+        self.orphan_after, self.orphaned, self.last_seen = orphan_after, False, time.time()
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -136,6 +171,8 @@ class BackgroundJob:
         name = f"subclone-{self.name}-{self.id[:6]}"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        if self.orphan_after is not None:
+            threading.Thread(target=self._watch, name=f"{name}-watch", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -143,6 +180,10 @@ class BackgroundJob:
         self.cancel_event.set()
         if self.status == "queued":
             self.limiter.release(self.id)
+
+    def heartbeat(self) -> None:
+        """The page that owns the job is still open (it calls this whenever it polls)."""
+        self.last_seen = time.time()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end; whether it has."""
@@ -186,8 +227,11 @@ class BackgroundJob:
                 self.emit({"event": "cancelled", "message": "stopped while waiting in the queue"})
                 return
             self.status, self.started = "running", time.time()
+            self.limiter.note_started(self.id)
             self.result = self.work(self.emit, self.cancel_event)
             self.status = "cancelled" if self.cancel_event.is_set() else "done"
+        except JobCancelled:
+            self.status = "cancelled"
         except SubcloneError as err:
             self._fail(str(err))
         except (MemoryError, torch.OutOfMemoryError):
@@ -199,6 +243,17 @@ class BackgroundJob:
         finally:
             self.finished = time.time()
             self.limiter.release(self.id)
+
+    def _watch(self) -> None:
+        """Cancel the job once its page has stopped polling: a closed tab must not hold a slot forever."""
+        while not self.done:
+            time.sleep(min(5.0, self.orphan_after / 4))
+            if not self.done and time.time() - self.last_seen > self.orphan_after:
+                self.orphaned = True
+                self.emit({"event": "cancelled", "message": f"no page polled the job for "
+                           f"{self.orphan_after:.0f} s (its tab was closed); cancelled, metrics kept"})
+                self.stop()
+                return
 
     def _fail(self, message: str) -> None:
         self.error = message

@@ -9,7 +9,9 @@ Settings come from environment variables first, then from a ``[subclone]`` table
 - ``SUBCLONE_MAX_JOBS`` (``max_jobs``): training jobs running at once on this server (default 1).
 - ``SUBCLONE_MAX_QUEUE`` (``max_queue``): training jobs waiting at most; more are refused (default 4).
 - ``SUBCLONE_ALLOW_HUB`` (``allow_hub``): whether Hub ids may be downloaded (default on).
-- ``SUBCLONE_MAX_UPLOAD_MB`` (``max_upload_mb``): the largest text upload accepted (default 50).
+- ``SUBCLONE_MAX_UPLOAD_MB`` (``max_upload_mb``): the largest text upload accepted (default 10).
+- ``SUBCLONE_OPEN_PARENT`` (``open_parent``): the parent a new session opens with (default ``default``;
+  ``none``: open with no parent).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from subclone_core.errors import SubcloneError
 ENV_PREFIX = "SUBCLONE_"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class AppSettings:
         max_queue: training jobs allowed to wait; further requests are refused with a message.
         allow_hub: accept Hugging Face Hub ids as parents.
         max_upload_mb: the largest uploaded text file accepted.
+        open_parent: the parent id a new session loads on its first run ("" for none).
     """
 
     output_dir: Path = Path("outputs")
@@ -46,7 +50,8 @@ class AppSettings:
     max_jobs: int = 1
     max_queue: int = 4
     allow_hub: bool = True
-    max_upload_mb: int = 50
+    max_upload_mb: int = 10  # about 2.5M tokens of text, more than the default corpus; reading stops at the budget
+    open_parent: str = "default"
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None,
@@ -69,8 +74,9 @@ class AppSettings:
             allowed_roots=_roots(raw("allowed_roots")),
             max_jobs=_positive_int("max_jobs", raw("max_jobs"), defaults.max_jobs),
             max_queue=_positive_int("max_queue", raw("max_queue"), defaults.max_queue, minimum=0),
-            allow_hub=_boolean(raw("allow_hub"), defaults.allow_hub),
+            allow_hub=_boolean("allow_hub", raw("allow_hub"), defaults.allow_hub),
             max_upload_mb=_positive_int("max_upload_mb", raw("max_upload_mb"), defaults.max_upload_mb),
+            open_parent=_open_parent(raw("open_parent"), defaults.open_parent),
         )
 
     def output_path(self, name: str, *parts: str) -> Path:
@@ -83,20 +89,29 @@ class AppSettings:
         return self.output_dir.joinpath(*parts, safe_name(name))
 
     def check_local_path(self, path: str | Path, what: str = "path") -> Path:
-        """The resolved path, if it lies under an allowed root (any path when no roots are set).
+        """The resolved path, if it and everything it reads lie under an allowed root (any path when no
+        roots are set). Symlinks are resolved first, and for a folder every file and folder inside it is
+        checked too, so a link inside an allowed folder cannot reach outside.
 
         Raises:
-            SubcloneError: the path is outside every allowed root; the message lists them.
+            SubcloneError: the path, or a link inside it, leads outside every allowed root; the message
+                names it and lists the roots.
         """
         resolved = Path(path).expanduser().resolve()
         if not self.allowed_roots:
             return resolved
-        for root in self.allowed_roots:
-            if resolved == root or root in resolved.parents:
-                return resolved
+        self._check_inside(resolved, path, what)
+        if resolved.is_dir():
+            for inner in _links_within(resolved):
+                self._check_inside(inner.resolve(), inner, f"{what} {str(path)!r}: the link")
+        return resolved
+
+    def _check_inside(self, resolved: Path, shown: str | Path, what: str) -> None:
+        if any(resolved == root or root in resolved.parents for root in self.allowed_roots):
+            return
         roots = ", ".join(str(r) for r in self.allowed_roots)
         raise SubcloneError(
-            f"{what} {str(path)!r} is outside the folders this server allows ({roots}); "
+            f"{what} {str(shown)!r} is outside the folders this server allows ({roots}); "
             "put it under one of them, or ask the operator to add its folder to SUBCLONE_ALLOWED_ROOTS"
         )
 
@@ -122,11 +137,24 @@ def safe_name(name: str) -> str:
     return text
 
 
+def _links_within(folder: Path) -> list[Path]:
+    """Every symlink under ``folder`` (links to folders are not followed, only checked themselves)."""
+    links = []
+    for current, dirs, files in os.walk(folder, followlinks=False):
+        links += [Path(current, name) for name in (*dirs, *files) if Path(current, name).is_symlink()]
+    return links
+
+
 def _roots(value: Any) -> tuple[Path, ...]:
-    if not value:
+    """The allowed roots; a value that names no folder at all (e.g. ":::") is refused, never read as none."""
+    if value in (None, "", [], ()):
         return ()
     items = value if isinstance(value, (list, tuple)) else str(value).split(os.pathsep)
-    return tuple(Path(str(item)).expanduser().resolve() for item in items if str(item).strip())
+    roots = tuple(Path(str(item)).expanduser().resolve() for item in items if str(item).strip())
+    if not roots:
+        raise SubcloneError(f"setting {ENV_PREFIX}ALLOWED_ROOTS={value!r} names no folder; give folders "
+                            f"separated by {os.pathsep!r}, or leave it unset to allow any path")
+    return roots
 
 
 def _positive_int(key: str, value: Any, default: int, minimum: int = 1) -> int:
@@ -142,9 +170,21 @@ def _positive_int(key: str, value: Any, default: int, minimum: int = 1) -> int:
     return number
 
 
-def _boolean(value: Any, default: bool) -> bool:
+def _open_parent(value: Any, default: str) -> str:
+    if value in (None, ""):
+        return default
+    text = str(value).strip()
+    return "" if text.lower() in ("none", "off", "no", "false", "0") else text
+
+
+def _boolean(key: str, value: Any, default: bool) -> bool:
+    """A yes/no setting; anything but the usual spellings of yes and no is refused, never read as no."""
     if value in (None, ""):
         return default
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() in _TRUE
+    text = str(value).strip().lower()
+    if text not in _TRUE | _FALSE:
+        raise SubcloneError(f"setting {ENV_PREFIX}{key.upper()}={value!r} must be one of "
+                            f"{', '.join(sorted(_TRUE))} or {', '.join(sorted(_FALSE))}")
+    return text in _TRUE

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from subclone_core.commands._options import add_placement_args, placement_kwargs
+from subclone_core.commands._options import add_placement_args, placement_kwargs, require_positive
 from subclone_core.evaluate import evaluate
 from subclone_core.sources import default_data_id, load_parent, make_data
 
@@ -60,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and data, evaluate, print the result."""
+    require_positive("--tokens", args.tokens)
     parent_id = args.parent or args.model
     parent = load_parent(
         parent_id,
