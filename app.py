@@ -9,6 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from subclone_core.app import ui
+from subclone_core.app.analysis import run_progress
 
 st.set_page_config(page_title="subclone workbench", page_icon=":material/content_cut:", layout="wide")
 
@@ -19,30 +20,69 @@ PAGES = [
     st.Page(ui.PAGES["child"], title="4. Child", icon=":material/child_care:"),
     st.Page(ui.PAGES["train"], title="5. Train", icon=":material/show_chart:"),
 ]
+JOB_POLL_SECONDS = 2.0
 
 
-def sidebar() -> None:
-    """What this session has chosen, its training job, and the server's job queue."""
+def open_parent() -> None:
+    """A new session opens with the server's default parent loaded (SUBCLONE_OPEN_PARENT)."""
     ws = ui.workspace()
-    with st.sidebar:
-        st.caption("Session")
-        st.markdown(f"**Parent:** `{ws.parent_id or 'none yet'}`  \n**Data:** {ws.data_label}")
-        if ws.child is not None:
-            shape = ws.child.shape
-            strategy = ws.child.manifest["strategy"]
-            st.markdown(f"**Child:** {shape.layers} blocks x {shape.hidden} ({strategy})")
-        job = ws.job
-        if job is not None:
-            where = f" (place {job.position} in the queue)" if job.position else ""
-            st.markdown(f"**Training:** {job.status}{where}")
-        queue = ui.limiter().snapshot()
-        st.caption(f"Server: {queue['running']}/{queue['max_running']} training job(s) running, "
-                   f"{queue['queued']} waiting. Files go to `{ui.settings().output_dir}`. "
-                   f"Device: {ui.device() or 'cpu'}.")
+    if ws.opened:
+        return
+    ws.opened = True
+    parent_id = ui.settings().open_parent
+    if parent_id and ws.parent_id is None:
+        with ui.errors_shown(f"opening the parent {parent_id!r}"), st.spinner(
+                f"Opening the parent {parent_id} (the first use on this server converts it once)..."):
+            task = ui.get_parent(parent_id).task_spec
+            ws.choose(parent_id, None, task.data_choices[task.default_data])
+
+
+def session_summary() -> None:
+    """What this session has chosen (drawn again after the page ran, so it is never one step behind)."""
+    ws = ui.workspace()
+    st.caption("Session")
+    lines = [f"**Parent:** {ui.plain(ws.parent_id or 'none yet')}", f"**Data:** {ui.plain(ws.data_label)}"]
+    if ws.child is not None:
+        shape = ws.child.shape
+        lines.append(f"**Child:** {shape.layers} blocks x {shape.hidden} ({ws.child.manifest['strategy']})")
+    st.markdown("  \n".join(lines))
+
+
+def jobs_status() -> None:
+    """The session's jobs and the server's queue; polled while a job runs, which also tells the jobs that
+    their session is still open (a job nobody polls for a minute is cancelled)."""
+    ws = ui.workspace()
+    for job in ws.jobs():
+        job.heartbeat()
+    job = ws.job
+    if job is not None:
+        if job.status == "queued":
+            state = f"waiting, place {job.position} in the queue"
+        elif job.status == "running":
+            done, total = run_progress(job.events())
+            state = f"running, step {done} of {total or '?'}"
+        else:
+            state = job.status
+        st.markdown(f"**Training:** {state}")
+    for name in ws.steps:
+        st.markdown(f"**Running:** {name}")
+    queue = ui.limiter().snapshot()
+    st.caption(f"Server: {queue['running']}/{queue['max_running']} training job(s) running, "
+               f"{queue['queued']} waiting. Files go to `{ui.settings().output_dir}`. "
+               f"Device: {ui.device() or 'cpu'}.")
 
 
 navigation = st.navigation(PAGES)
 ui.keep_widget_state()
+with st.sidebar:
+    summary = st.empty()
 with ui.errors_shown("reading the server settings"):
-    sidebar()
+    open_parent()
+    ui.workspace().collect()  # results of page steps that finished since the last run
+    with st.sidebar:
+        st.fragment(jobs_status, run_every=JOB_POLL_SECONDS if ui.workspace().jobs() else None)()
+    with summary.container():
+        session_summary()
 navigation.run()
+with summary.container():
+    session_summary()

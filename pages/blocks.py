@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from subclone_core.analysis import block_ablation
 from subclone_core.app import charts, ui
-from subclone_core.app.steps import validation_batches
+from subclone_core.app.inputs import duration_text
+from subclone_core.app.longsteps import (
+    ABLATION_TOKENS,
+    ablation_work,
+    estimate_seconds,
+    forward_rate,
+    result_key,
+)
 from subclone_core.selection import pick_blocks
 from subclone_core.shape import Shape, suggested_layers
 
@@ -34,11 +40,12 @@ if policy == "manual":
     drop: str | list[int] = sorted(dropped)
 else:
     default = ws.child_layers or suggested_layers(layers)
-    child_layers = int(st.number_input("Blocks in the child", 1, layers,
-                                       key=ui.keep("child_layers", default)))
+    child_layers = ui.checked_number("Blocks in the child", 1, layers, "child_layers", default, step=1)
     drop = policy
 
 removed: list[int] = []
+if child_layers is None:
+    st.stop()  # the message under the input says what to type
 with ui.errors_shown("choosing the blocks"):
     kept = pick_blocks(layers, child_layers, drop, importance.rel_magnitude)
     removed = [i for i in range(layers) if i not in kept]
@@ -47,17 +54,36 @@ with ui.errors_shown("choosing the blocks"):
                "The Child page uses this choice.")
 st.plotly_chart(charts.block_bars(importance, removed), key="chart_blocks")
 
+
+
+def partial_bars(events: list[dict]) -> None:
+    """The bars known so far, while the other blocks are still being evaluated."""
+    known = {e["index"]: e["loss"] for e in events if e.get("event") == "block"}
+    if known:
+        losses = [known.get(i) for i in range(layers)]
+        st.plotly_chart(charts.ablation_bars(known.get(-1), losses, removed), key="chart_ablation_partial")
+
+
+def use_ablation(key: tuple, result: dict) -> None:
+    ws.ablation = ui.remember(key, result)
+
+
 st.subheader("Loss with one block removed")
-st.caption("The paper's Fig. 2 (bottom): the parent's validation loss when one block is skipped. "
-           "It costs one evaluation per block.")
-tokens = int(st.number_input("Validation tokens per evaluation", 128, 65_536, step=128,
-                             key=ui.keep("ablation_tokens", 1024)))
-if st.button("Compute", key="run_ablation"):
-    update, clear = ui.progress_bar("Evaluating without each block")
-    with ui.errors_shown("evaluating the parent without each block"):
-        batches = validation_batches(parent, ws.data_id, tokens)
-        ws.ablation = block_ablation(parent.model, batches, progress=update)
-    clear()
-if ws.ablation is not None:
+st.caption("The paper's Fig. 2 (bottom): the parent's validation loss when one block is skipped. It costs one "
+           "evaluation per block; a few hundred tokens rank the blocks, more make each bar more precise.")
+tokens = ui.checked_number("Validation tokens per evaluation", 128, 65_536, "ablation_tokens", ABLATION_TOKENS,
+                           step=128)
+if tokens is not None:
+    seconds = estimate_seconds("ablation", int(tokens), forward_rate(ws.parent_metrics), blocks=layers)
+    st.caption(f"{layers + 1} evaluations of {int(tokens):,} tokens: {duration_text(seconds)}; the bars fill in "
+               "as they arrive, and Cancel stops it.")
+running = ws.running("ablation") is not None
+if st.button("Compute", key="run_ablation", disabled=tokens is None or running):
+    key = result_key("ablation", ws.parent_id, ws.data_id, int(tokens))
+    ws.ablation = ui.cached(key)
+    if ws.ablation is None:
+        ui.start_step("ablation", ablation_work(parent, ws.data_id, int(tokens)),
+                      lambda result: use_ablation(key, result))
+if not ui.step_panel("ablation", "evaluating without each block", partial_bars) and ws.ablation is not None:
     figure = charts.ablation_bars(ws.ablation["base"], ws.ablation["losses"], removed)
     st.plotly_chart(figure, key="chart_ablation")

@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import streamlit as st
 
-from subclone_core.analysis import exclusive
 from subclone_core.app import charts, ui
 from subclone_core.app.analysis import zip_folder
-from subclone_core.app.steps import (
-    child_settings,
-    make_children,
-    sample_generations,
-    save_child_folder,
-    step0_report,
+from subclone_core.app.inputs import without_suggestion
+from subclone_core.app.longsteps import (
+    SAMPLE_TOKENS,
+    STEP0_TOKENS,
+    child_work,
+    explorer_work,
+    result_key,
 )
+from subclone_core.app.steps import child_settings, save_child_folder
 from subclone_core.archs import arch_for
 from subclone_core.errors import SubcloneError
-from subclone_core.explore import explore_shapes, validation_sample
 from subclone_core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
 from subclone_core.strategies import DEFAULT_DROP, parameter_count, plan_shape
-from subclone_core.training.job import needs_importance
-from subclone_core.workflow import measure_importance
 
 EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
@@ -56,17 +54,21 @@ def init_shape() -> None:
 
 
 def shape_inputs() -> Shape | None:
-    """The size inputs; the validated shape, or None after showing what is wrong and the nearest valid one."""
+    """The size inputs (range in each label; the parent's size is the top); the validated shape, or None
+    after saying what is wrong (and, for a shape the ranges allow but the heads do not, the nearest one)."""
     sizes = {}
-    for column, (role, key) in zip(st.columns(len(SIZE_ROLES)), shape_keys().items()):
-        limit = getattr(parent_shape, role)
-        sizes[role] = int(column.number_input(f"{LABELS[role]} (parent {limit})", 1, limit, key=key))
+    for column, role in zip(st.columns(len(SIZE_ROLES)), SIZE_ROLES):
+        sizes[role] = ui.checked_number(LABELS[role], 1, getattr(parent_shape, role), f"shape_{role}",
+                                        getattr(parent_shape, role), column=column, step=1)
+    if None in sizes.values():
+        return None
     try:
-        return plan_shape(parent.model, **sizes)
+        return plan_shape(parent.model, **{role: int(v) for role, v in sizes.items()})
     except SubcloneError as err:
         nearest = nearest_valid_shape(parent.model, sizes)
         text = ", ".join(f"{LABELS[r].lower()} {getattr(nearest, r)}" for r in SIZE_ROLES)
-        st.error(f"This shape is not valid: {err}. Nearest valid shape: {text}.", icon=":material/error:")
+        st.error(f"This shape is not valid: {without_suggestion(str(err))}. Nearest valid shape: {text}.",
+                 icon=":material/error:")
         st.button("Use the nearest valid shape", key="use_nearest", on_click=set_shape, args=(nearest,))
         return None
 
@@ -80,23 +82,40 @@ def show_size(target: Shape) -> None:
     right.metric("Share of the parent", f"{params / parent_params:.1%}")
 
 
+def parent_step0() -> tuple[dict | None, str | None]:
+    """The parent's score on the step-0 tokens and its continuation of the prompt, when already known."""
+    metrics = ws.parent_metrics if (ws.parent_metrics or {}).get("budget") == STEP0_TOKENS else None
+    metrics = metrics or ui.cached(result_key("parent-eval", ws.parent_id, ws.data_id, STEP0_TOKENS))
+    text = ws.generations.get((ws.prompt, SAMPLE_TOKENS))
+    return metrics, text or ui.cached(("generation", ws.parent_id, ws.prompt, SAMPLE_TOKENS))
+
+
+def use_children(result: dict) -> None:
+    """Make the generated child and its twin this session's, with their step-0 report and samples."""
+    ws.set_child(result["child"], result["twin"], result["settings"])
+    if ws.importance is None and result["importance"] is not None:
+        ws.importance = result["importance"]
+    ws.step0, ws.samples = result["step0"], result["samples"]
+
+
 def generate(target: Shape, strategy: str, drop, scale: bool) -> None:
-    """Make the child and its twin, then evaluate all three and sample text from them."""
-    update, clear = None, lambda: None
+    """Make the child and its twin in the background, then score all three and sample text from them."""
     settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens)
-    if ws.importance is None and needs_importance(settings):
-        update, clear = ui.progress_bar("Calibrating the parent (this strategy needs importance)")
-    with ui.errors_shown("generating the child"):
-        child, twin = make_children(parent, target, settings, importance=ws.importance, progress=update)
-        ws.set_child(child, twin, settings)
-        if ws.importance is None and child.importance is not None:
-            ws.importance = child.importance
-        clear()
-        with st.spinner("Evaluating the child, its random twin and the parent..."):
-            ws.step0 = step0_report(parent, child, twin, ws.data_id, 2048)
-            if parent.task_spec.sequences:
-                ws.samples = {"prompt": ws.prompt, **sample_generations(parent, child, twin, ws.prompt, 30)}
-    clear()
+    metrics, text = parent_step0()
+    work = child_work(parent, target, settings, ws.importance, metrics, ws.prompt, text)
+    ui.start_step("child", lambda emit, cancel: {**work(emit, cancel), "settings": settings}, use_children)
+
+
+def expectation(step0: dict[str, dict]) -> None:
+    """What the step-0 numbers mean, and a warning when the child starts worse than random init."""
+    child, random = step0["subclone"]["loss"], step0["random"]["loss"]
+    st.caption("Before training, a child cut this much from its parent is far worse than the parent: a "
+               "perplexity in the thousands and garbled samples are normal here. What counts is that it "
+               "starts below its random twin and learns faster on the Train page.")
+    if child > random:
+        st.warning(f"The child starts worse than its random twin (loss {child:.2f} against {random:.2f}). Its "
+                   "inherited weights hurt at this shape: try more blocks or width, the magnitude block "
+                   "policy, or no weight scaling, before training.", icon=":material/warning:")
 
 
 def show_report(step0: dict[str, dict]) -> None:
@@ -104,9 +123,10 @@ def show_report(step0: dict[str, dict]) -> None:
     for column, (name, metrics) in zip(st.columns(3), step0.items()):
         column.metric(f"{name}: validation loss", f"{metrics['loss']:.3f}")
         if "perplexity" in metrics:
-            column.metric(f"{name}: perplexity", f"{metrics['perplexity']:,.1f}")
+            column.metric(f"{name}: perplexity", charts.perplexity_text(metrics["perplexity"]))
         else:
             column.metric(f"{name}: accuracy", f"{metrics['accuracy']:.1%}")
+    expectation(step0)
     st.plotly_chart(charts.comparison_bars(step0), key="chart_step0")
     if ws.samples:
         st.markdown(f"**Samples** (greedy, prompt: _{ui.plain(ws.samples['prompt'])}_)")
@@ -122,7 +142,11 @@ def save_and_download(task: str) -> None:
     overwrite = st.checkbox("Replace an existing folder of that name", key="save_overwrite")
     if st.button("Save", key="save_child"):
         with ui.errors_shown("saving the child"):
-            ws.saved_to = save_child_folder(ws.child, ui.settings(), name, task, overwrite=overwrite)
+            folder = ui.settings().output_path(name, "children")
+            if not overwrite and folder.is_dir() and any(folder.iterdir()):
+                raise SubcloneError(f"a folder named {name!r} already exists: choose another name or tick "
+                                    "\"Replace an existing folder of that name\"")
+            ws.saved_to = save_child_folder(ws.child, ui.settings(), name, task, overwrite=overwrite, owner=ws.key)
     if ws.saved_to is not None:
         folder = ws.saved_to
         st.success(f"Saved to `{folder}` (config, model.safetensors, tokenizer or image processor, "
@@ -132,17 +156,19 @@ def save_and_download(task: str) -> None:
 
 
 def run_explorer(budget: int) -> None:
-    """Calibrate when needed, then subclone and score every shape near the budget."""
-    with ui.errors_shown("exploring shapes"):
+    """Calibrate when needed, then subclone and score every shape near the budget, in the background."""
+    key = result_key("explore", ws.parent_id, ws.data_id, ws.calib_tokens, budget)
+    known = ui.cached(key)
+    if known is not None:
+        ws.exploration = known[1]
+        return
+
+    def use(result: tuple) -> None:
+        importance, ws.exploration = ui.remember(key, result)
         if ws.importance is None:
-            update, clear = ui.progress_bar("Calibrating the parent")
-            with exclusive(parent.model):
-                ws.set_importance(measure_importance(parent, ws.data_id, tokens=ws.calib_tokens, progress=update))
-            clear()
-        batches = validation_sample(parent, ws.data_id)
-        update, clear = ui.progress_bar("Subcloning and scoring shapes")
-        ws.exploration = explore_shapes(parent.model, ws.importance, budget, batches, progress=update)
-        clear()
+            ws.importance = importance
+
+    ui.start_step("explorer", explorer_work(parent, ws.importance, ws.data_id, ws.calib_tokens, budget), use)
 
 
 def use_clicked_shape() -> None:
@@ -163,13 +189,15 @@ def shape_label(index: int) -> str:
 def show_explorer() -> None:
     """The explorer: a budget, the scatter of shapes (click one to use it), and a picker of the same."""
     default = round(parameter_count(parent.model, suggested_shape(parent.model, ws.child_layers)) / 1e6, 3)
-    budget = st.number_input("Parameter budget (millions)", 0.001, 1e6, step=1.0, format="%.3f",
-                             key=ui.keep("explore_budget", default))
+    largest = round(sum(p.numel() for p in parent.model.parameters()) / 1e6, 3)
+    budget = ui.checked_number("Parameter budget (millions)", 0.001, largest, "explore_budget", default,
+                               step=1.0, format="%.3f")
     st.caption("Subclones a grid of shapes (blocks x width, heads, KV heads and FFN at the parent's ratios) "
                "near the budget and measures each one's validation loss before training.")
-    if st.button("Explore shapes", key="run_explore"):
+    running = ws.running("explorer") is not None
+    if st.button("Explore shapes", key="run_explore", disabled=budget is None or running):
         run_explorer(int(budget * 1e6))
-    if ws.exploration is None:
+    if ui.step_panel("explorer", "exploring shapes") or ws.exploration is None:
         return
     st.plotly_chart(charts.explorer_scatter(ws.exploration), key=EXPLORE_CHART, on_select=use_clicked_shape,
                     selection_mode="points")
@@ -198,8 +226,11 @@ if target is not None:
     st.caption(f"Block policy: {drop if drop is not None else DEFAULT_DROP[strategy] + ' (the default)'}")
     scale = st.toggle("Scale sliced weights by sqrt(fan-in ratio)",
                       key=ui.keep("scale", arch_for(parent.model.config.model_type).scale_default))
-    if st.button("Generate", type="primary", key="generate_child"):
+    if st.button("Generate", type="primary", key="generate_child", disabled=ws.running("child") is not None):
         generate(target, strategy, drop, scale)
+ui.step_panel("child", "generating the child")
+if target is None:
+    st.caption("Generate is blocked until the shape above is valid.")
 if ws.child is not None:
     st.divider()
     shape = ws.child.shape

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import streamlit as st
 
-from subclone_core.analysis import exclusive, off_diagonal_mean, rank_correlation, topk_overlap
+from subclone_core.analysis import off_diagonal_mean, rank_correlation, topk_overlap
 from subclone_core.app import charts, ui
+from subclone_core.app.inputs import duration_text
+from subclone_core.app.longsteps import (
+    calibration_work,
+    estimate_seconds,
+    forward_rate,
+    inspector_work,
+    result_key,
+)
 from subclone_core.calibration import Importance
-from subclone_core.inspector import Unit, hit_rows, inspect_units, outsized_dimensions
+from subclone_core.inspector import Unit, hit_rows, outsized_dimensions
 from subclone_core.shape import Shape
-from subclone_core.workflow import measure_importance
 
 ws = ui.workspace()
 st.title("2. Importance")
@@ -19,14 +26,37 @@ st.write("Calibration runs the parent on data and records the mean |activation| 
 parent = ui.current_parent()
 shape = Shape.of(parent.model.config)
 
-tokens = int(st.number_input("Calibration token budget (for images: patches)", 256, 1_048_576, step=256,
-                             key=ui.keep("calib_tokens", ws.calib_tokens)))
-ws.calib_tokens = tokens
-if st.button("Run calibration", type="primary", key="run_calibration"):
-    update, clear = ui.progress_bar("Calibrating")
-    with ui.errors_shown("calibrating the parent"), exclusive(parent.model):
-        ws.set_importance(measure_importance(parent, ws.data_id, tokens=tokens, progress=update))
-    clear()
+
+
+def use_calibration(key: tuple, importance: Importance) -> None:
+    """Keep a finished calibration for every session, and make it this session's."""
+    ws.set_importance(ui.remember(key, importance))
+
+
+def calibration_controls() -> None:
+    """The budget, its time estimate, and Run (at once when this calibration is already known)."""
+    tokens = ui.checked_number("Calibration token budget (for images: patches)", 256, 1_048_576, "calib_tokens",
+                               ws.calib_tokens, step=256)
+    if tokens is not None:
+        ws.calib_tokens = int(tokens)
+        seconds = estimate_seconds("calibration", int(tokens), forward_rate(ws.parent_metrics))
+        st.caption(f"Estimated time: {duration_text(seconds)}. It runs in the background and can be cancelled.")
+        if seconds is not None and seconds > 60:
+            st.warning(f"{int(tokens):,} tokens will take {duration_text(seconds)}. A few thousand tokens rank "
+                       "the neurons well; the default is 4,096.", icon=":material/schedule:")
+    running = ws.running("calibration") is not None
+    if st.button("Run calibration", type="primary", key="run_calibration", disabled=tokens is None or running):
+        key = result_key("calibration", ws.parent_id, ws.data_id, int(tokens))
+        known = ui.cached(key)
+        if known is not None:
+            ws.set_importance(known)
+        else:
+            ui.start_step("calibration", calibration_work(parent, ws.data_id, int(tokens)),
+                          lambda result: use_calibration(key, result))
+    ui.step_panel("calibration", "calibrating")
+
+
+calibration_controls()
 
 
 def show_ranking(importance: Importance) -> int:
@@ -56,11 +86,18 @@ UNIT_KINDS = {"residual": "Residual dimension (block output)", "ffn": "FFN neuro
 
 
 def run_inspector(units: list[Unit]) -> None:
-    """The bounded second pass over the calibration sample for these units."""
-    update, clear = ui.progress_bar("Finding the strongest activations")
-    with ui.errors_shown("inspecting units"):
-        ws.inspection = inspect_units(parent, units, ws.data_id, tokens=ws.calib_tokens, progress=update)
-    clear()
+    """The bounded second pass over the calibration sample for these units (kept for every session)."""
+    tokens = ws.importance.tokens if ws.importance is not None else ws.calib_tokens
+    key = result_key("inspector", ws.parent_id, ws.data_id, tokens, tuple(units))
+    known = ui.cached(key)
+    if known is not None:
+        ws.inspection = known
+        return
+
+    def use(result: dict) -> None:
+        ws.inspection = ui.remember(key, result)
+
+    ui.start_step("inspector", inspector_work(parent, units, ws.data_id, tokens), use)
 
 
 def show_hits() -> None:
@@ -77,18 +114,18 @@ def show_inspector(importance: Importance) -> None:
         dims = ", ".join(f"{u.index} (peaks at block {u.block})" for u in outsized)
         st.write(f"Residual dimensions with outsized scores (over 10x the median; they dominate the shared "
                  f"ranking): {dims}.")
-        if st.button("What do they fire on?", key="inspect_outsized"):
+        if st.button("What do they fire on?", key="inspect_outsized", disabled=ws.running("inspector") is not None):
             run_inspector(outsized)
     kind_col, block_col, index_col = st.columns(3)
     kind = kind_col.selectbox("Unit", list(UNIT_KINDS), format_func=UNIT_KINDS.get, key=ui.keep("inspect_kind",
                                                                                                   "ffn"))
-    block = int(block_col.number_input("Block", 0, shape.layers - 1, key=ui.keep("inspect_block", 0)))
+    block = ui.checked_number("Block", 0, shape.layers - 1, "inspect_block", 0, column=block_col, step=1)
     limit = {"residual": shape.hidden, "ffn": shape.ffn, "head": shape.heads}[kind] - 1
-    index_key = ui.keep("inspect_index", 0)
-    st.session_state[index_key] = min(st.session_state[index_key], limit)  # another kind may have fewer
-    index = int(index_col.number_input("Index", 0, limit, key=index_key))
-    if st.button("Show top activations", key="run_inspect"):
-        run_inspector([Unit(kind, block, index)])
+    index = ui.checked_number("Index", 0, limit, "inspect_index", 0, column=index_col, step=1)
+    running = ws.running("inspector") is not None
+    if st.button("Show top activations", key="run_inspect", disabled=None in (block, index) or running):
+        run_inspector([Unit(kind, int(block), int(index))])
+    ui.step_panel("inspector", "finding the strongest activations")
     st.caption("A second pass over the calibration sample keeps only each unit's strongest activations "
                "(by |value|). For images, item is the image and position the patch (0 is the CLS token).")
     show_hits()
@@ -98,7 +135,7 @@ importance = ws.importance
 if importance is None:
     st.info("Run the calibration to see the heatmaps.")
 else:
-    st.caption(f"Measured on {importance.tokens:,} token positions of `{importance.data or 'default'}`.")
+    st.caption(f"Measured on {importance.tokens:,} token positions of {ui.plain(importance.data or 'default')}.")
     width = show_ranking(importance)
     residual, ffn, heads, consistency, inspector = st.tabs(["Residual neurons", "FFN neurons", "Heads",
                                                             "Consistency", "Inspector"])

@@ -44,8 +44,25 @@ def first_batches(batches: Iterator[dict], n: int) -> list[dict]:
 # --- generation and evaluation ----------------------------------------------------------------------
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 30) -> str:
-    """Greedy continuation of a prompt (the new text only).
+class _TokenCounter:
+    """A transformers streamer that only counts: ``put`` gets the prompt once, then each new token."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress, self.total, self.calls = progress, total, -1
+
+    def put(self, value: Tensor) -> None:
+        self.calls += 1
+        if self.calls:
+            self.progress(self.calls, self.total)
+
+    def end(self) -> None:
+        pass
+
+
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 30,
+                  progress: Progress | None = None) -> str:
+    """Greedy continuation of a prompt (the new text only, with its leading space if it has one);
+    ``progress(tokens, total)`` after each token.
 
     Raises:
         SubcloneError: an empty prompt, or one longer than the model's context.
@@ -64,7 +81,14 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with exclusive(model), torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=encoded["attention_mask"].to(device),
-                             max_new_tokens=new, do_sample=False, pad_token_id=pad)
+                             max_new_tokens=new, do_sample=False, pad_token_id=pad,
+                             streamer=_TokenCounter(progress, new) if progress else None)
+    # the new text is the full decode minus the prompt's: decoding the new tokens alone loses or invents
+    # the space between the prompt and them ("city 's")
+    full = tokenizer.decode(out[0], skip_special_tokens=True)
+    head = tokenizer.decode(out[0, :ids.shape[1]], skip_special_tokens=True)
+    if full.startswith(head):
+        return full[len(head):]
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -111,10 +135,12 @@ def _skip_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     return (x, *output[1:]) if isinstance(output, tuple) else x
 
 
-def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progress | None = None) -> dict:
+def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progress | None = None,
+                   on_block: Callable[[int, dict], None] | None = None) -> dict:
     """The loss with each single block removed (the paper's Fig. 2, bottom), without changing the model.
 
     Each block in turn is bypassed by a forward hook that returns its input; the hook is removed at once.
+    ``on_block(i, metrics)`` receives each block's result as soon as it is known (-1: the intact model).
 
     Returns:
         {"base": the intact model's loss, "losses": [loss without block i for each block]}, and for image
@@ -124,6 +150,8 @@ def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progr
     total = len(blocks) + 1
     with exclusive(model):
         base = evaluate(model, batches)
+        if on_block:
+            on_block(-1, base)
         if progress:
             progress(1, total)
         removed = []
@@ -133,6 +161,8 @@ def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progr
                 removed.append(evaluate(model, batches))
             finally:
                 handle.remove()
+            if on_block:
+                on_block(i, removed[-1])
             if progress:
                 progress(i + 2, total)
     out = {"base": base["loss"], "losses": [r["loss"] for r in removed]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import tiny_models
-from test_app_pages import chart_titles, errors, run, start_app, workdir  # noqa: F401 (workdir: a fixture)
+from test_app_pages import chart_titles, errors, run, settle, start_app, workdir  # noqa: F401 (workdir: a fixture)
 
 from subclone_core.explore import parameter_count, width_shapes  # wherever the library keeps it
 from subclone_core.shape import Shape
@@ -23,7 +23,7 @@ def test_explorer_scores_shapes_and_a_picked_shape_fills_the_shape_inputs(workdi
     at.number_input(key="keep_explore_budget").set_value(budget / 1e6)
     run(at)
     at.button(key="run_explore").click()
-    run(at)
+    settle(at)
     assert not errors(at)
     exploration = at.session_state["workspace"].exploration
     assert exploration is not None and exploration.front
@@ -47,14 +47,14 @@ def test_inspector_shows_a_units_top_tokens_with_context(workdir):  # noqa: F811
     at.number_input(key="keep_calib_tokens").set_value(512)
     run(at)
     at.button(key="run_calibration").click()
-    run(at)
+    settle(at)
     at.selectbox(key="keep_inspect_kind").set_value("head")
     run(at)
     at.number_input(key="keep_inspect_block").set_value(1)
     at.number_input(key="keep_inspect_index").set_value(3)
     run(at)
     at.button(key="run_inspect").click()
-    run(at)
+    settle(at)
     assert not errors(at)
     inspection = at.session_state["workspace"].inspection
     (unit, hits), = inspection.items()

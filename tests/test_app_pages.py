@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SUBCLONE_OUTPUT_DIR", str(tmp_path / "outputs"))
     monkeypatch.setenv("SUBCLONE_ALLOWED_ROOTS", str(root))
+    monkeypatch.setenv("SUBCLONE_OPEN_PARENT", "none")  # the embedded default is not needed here
     return root
 
 
@@ -42,8 +44,18 @@ def run(at: AppTest) -> AppTest:
     return at
 
 
+def settle(at: AppTest, timeout: float = 120) -> AppTest:
+    """Wait for the session's background page steps (calibration, ablation, child...), then rerun: the
+    rerun applies their results, as the page's polling fragment would in a browser."""
+    run(at)  # the run that handles the click and starts the step
+    for job, _ in list(at.session_state["workspace"].steps.values()):
+        assert job.wait(timeout), f"{job.name} still {job.status}"
+    return run(at)
+
+
 def errors(at: AppTest) -> list[str]:
-    return [e.value for e in at.error]
+    """The error messages as a visitor reads them (ui.plain's Markdown escapes and zero-width spaces removed)."""
+    return [re.sub(r"\\(.)", r"\1", e.value).replace("\u200b", "") for e in at.error]
 
 
 def metrics(at: AppTest) -> dict[str, str]:
@@ -138,9 +150,9 @@ def test_whole_flow_parent_importance_blocks_child_train(workdir, tmp_path):
     run(at)
     set_value(at, "keep_calib_tokens", 512)
     at.button(key="run_calibration").click()
-    run(at)
+    settle(at)
     importance = at.session_state["workspace"].importance
-    assert importance is not None and importance.tokens >= 512
+    assert importance is not None and importance.tokens >= 512, (errors(at), at.session_state["workspace"].notes)
     specs = chart_titles(at)
     curve = specs["Shared residual ranking"]["data"]
     width = at.slider(key="keep_cut_width").value
@@ -164,7 +176,7 @@ def test_whole_flow_parent_importance_blocks_child_train(workdir, tmp_path):
     assert bars["marker"]["color"][1] == bars["marker"]["color"][2] != bars["marker"]["color"][0]
     set_value(at, "keep_ablation_tokens", 256)
     at.button(key="run_ablation").click()
-    run(at)
+    settle(at)
     assert len(chart_titles(at)["Parent loss with one block removed"]["data"][0]["y"]) == 4
 
     # 4. Child: validation as you type, the nearest valid shape, generate, compare, save, download
@@ -181,7 +193,7 @@ def test_whole_flow_parent_importance_blocks_child_train(workdir, tmp_path):
     assert shape["hidden"] % shape["heads"] == 0 and shape["layers"] == 2
     assert float(metrics(at)["Share of the parent"].rstrip("%")) < 100
     at.button(key="generate_child").click()
-    run(at)
+    settle(at)
     assert not errors(at)
     shown = metrics(at)
     for name in ("subclone", "random", "parent"):
@@ -264,7 +276,7 @@ def test_two_sessions_are_isolated_and_share_one_queue(workdir, monkeypatch):
         at.switch_page("pages/child.py")
         run(at)
         at.button(key="generate_child").click()
-        run(at)
+        settle(at)
         at.switch_page("pages/train.py")
         run(at)
         for key, value in (("keep_steps", 100_000), ("keep_batch", 1), ("keep_seq_len", 8)):
@@ -300,6 +312,7 @@ def test_an_image_parent_goes_through_the_pages(tiny_vit_dir, monkeypatch, tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SUBCLONE_OUTPUT_DIR", str(tmp_path / "outputs"))
     monkeypatch.delenv("SUBCLONE_ALLOWED_ROOTS", raising=False)
+    monkeypatch.setenv("SUBCLONE_OPEN_PARENT", "none")
     at = start_app(tiny_vit_dir)
     at.radio(key="keep_data_kind_image-classification").set_value("digits")
     run(at)
@@ -309,12 +322,12 @@ def test_an_image_parent_goes_through_the_pages(tiny_vit_dir, monkeypatch, tmp_p
     run(at)
     set_value(at, "keep_calib_tokens", 256)
     at.button(key="run_calibration").click()
-    run(at)
+    settle(at)
     assert "Attention heads" in chart_titles(at)
     at.switch_page("pages/child.py")
     run(at)
     at.button(key="generate_child").click()
-    run(at)
+    settle(at)
     assert not errors(at)
     assert "subclone: accuracy" in metrics(at) and not at.session_state["workspace"].samples
     train_on_page(at, {"keep_steps": 2, "keep_batch": 4, "keep_eval_every": 1})

@@ -17,7 +17,19 @@ KEPT, DROPPED, BASE = "#1f77b4", "#d62728", "#7f7f7f"
 COLORS = {"subclone": "#1f77b4", "random": "#d62728", "first-k": "#2ca02c", "uniform": "#9467bd",
           "parent": "#7f7f7f"}
 RESIDUAL_KINDS = {"block": "residual_block", "attention": "residual_attn", "ffn": "residual_ffn"}
-_LAYOUT = {"margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "height": 380}
+# The title sits just above the plot area, below Plotly's toolbar (which covered titles at the top).
+_TITLE = {"x": 0, "xref": "paper", "xanchor": "left", "y": 1, "yref": "paper", "yanchor": "bottom",
+          "pad": {"b": 10}}
+_LAYOUT = {"margin": {"l": 60, "r": 20, "t": 80, "b": 50}, "height": 400}
+
+
+def _title(text: str) -> dict:
+    return {**_TITLE, "text": text}
+
+
+def perplexity_text(value: float) -> str:
+    """Perplexity as every page prints it: thousands separated, one decimal."""
+    return f"{value:,.1f}"
 
 
 def _log10(values: np.ndarray) -> np.ndarray:
@@ -40,7 +52,7 @@ def _score_heatmap(scores: np.ndarray, index: np.ndarray, x_title: str, unit: st
         hovertemplate=(f"block %{{y}}<br>{unit} %{{customdata[0]:.0f}}<br>"
                        "score %{customdata[1]:.4g}<extra></extra>"),
     ))
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="block", **_LAYOUT)
+    fig.update_layout(title=_title(title), xaxis_title=x_title, yaxis_title="block", **_LAYOUT)
     return fig
 
 
@@ -103,8 +115,9 @@ def score_curve(importance: Importance, width: int) -> go.Figure:
                    line={"color": DROPPED}),
     ])
     fig.add_vline(x=width - 0.5, line_dash="dash", line_color=BASE, annotation_text=f"cut at {width}")
-    fig.update_layout(title="Shared residual ranking", xaxis_title="rank", yaxis_title="score",
-                      yaxis_type="log", **_LAYOUT)
+    # one tick per power of ten: Plotly's default log ticks read "2, 3 ... 1000, 2, 3"
+    fig.update_layout(title=_title("Shared residual ranking"), xaxis_title="rank", yaxis_title="score",
+                      yaxis={"type": "log", "dtick": 1, "exponentformat": "power"}, **_LAYOUT)
     return fig
 
 
@@ -114,7 +127,7 @@ def rank_correlation_heatmap(matrix: Tensor) -> go.Figure:
         z=matrix.numpy(), zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
         hovertemplate="block %{y} vs block %{x}<br>Spearman %{z:.3f}<extra></extra>",
     ))
-    fig.update_layout(title="Rank correlation of residual scores between blocks", xaxis_title="block",
+    fig.update_layout(title=_title("Rank correlation of residual scores between blocks"), xaxis_title="block",
                       yaxis_title="block", **_LAYOUT)
     return fig
 
@@ -124,7 +137,7 @@ def topk_overlap_bars(overlap: Tensor, k: int) -> go.Figure:
     values = overlap.numpy()
     fig = go.Figure(go.Bar(x=list(range(values.size)), y=values, marker_color=KEPT,
                            hovertemplate="block %{x}<br>overlap %{y:.2f}<extra></extra>"))
-    fig.update_layout(title=f"Top-{k} overlap of each block with the shared ranking", xaxis_title="block",
+    fig.update_layout(title=_title(f"Top-{k} overlap of each block with the shared ranking"), xaxis_title="block",
                       yaxis_title="overlap", yaxis_range=[0, 1], **_LAYOUT)
     return fig
 
@@ -142,22 +155,30 @@ def block_bars(importance: Importance, removed: Sequence[int]) -> go.Figure:
                       showlegend=False, hovertemplate="block %{x}: %{y:.4f} (%{customdata})<extra></extra>")
         fig.add_trace(bars, row=row, col=1)
     fig.update_xaxes(title_text="block", row=2, col=1)
-    fig.update_layout(title=f"Block statistics ({len(removed)} removed, in red)",
+    fig.update_layout(title=_title(f"Block statistics ({len(removed)} removed, in red)"),
                       **{**_LAYOUT, "height": 480})
     return fig
 
 
-def ablation_bars(base: float, losses: Sequence[float], removed: Sequence[int]) -> go.Figure:
-    """The parent's validation loss with each single block removed, against the intact parent."""
+def ablation_bars(base: float | None, losses: Sequence[float | None], removed: Sequence[int]) -> go.Figure:
+    """The parent's validation loss with each single block removed, against the intact parent.
+
+    ``losses`` may hold None for blocks not evaluated yet (their bars are filled in as they arrive). The
+    intact parent is a legend entry and a dashed line, never a label that the bars would hide.
+    """
     removed = set(removed)
-    colors = [DROPPED if i in removed else KEPT for i in range(len(losses))]
+    n = len(losses)
+    colors = [DROPPED if i in removed else KEPT for i in range(n)]
     hover = "without block %{x}: loss %{y:.3f}<extra></extra>"
-    fig = go.Figure(go.Bar(x=list(range(len(losses))), y=list(losses), marker_color=colors,
-                           name="block removed", hovertemplate=hover))
-    fig.add_hline(y=base, line_dash="dash", line_color=BASE, annotation_text=f"intact parent {base:.3f}",
-                  annotation_position="top left")
-    fig.update_layout(title="Parent loss with one block removed", xaxis_title="removed block",
-                      yaxis_title="validation loss", **_LAYOUT)
+    fig = go.Figure(go.Bar(x=list(range(n)), y=list(losses), marker_color=colors,
+                           name="loss without this block (red: removed by the child)", hovertemplate=hover))
+    if base is not None:
+        fig.add_trace(go.Scatter(x=[-0.5, n - 0.5], y=[base, base], mode="lines", name=f"intact parent {base:.3f}",
+                                 line={"color": BASE, "dash": "dash"}, hoverinfo="skip"))
+    done = sum(v is not None for v in losses)
+    title = "Parent loss with one block removed" + ("" if done == n else f" ({done} of {n} blocks so far)")
+    fig.update_layout(title=_title(title), xaxis_title="removed block", xaxis_range=[-0.5, n - 0.5],
+                      yaxis_title="validation loss", legend={"orientation": "h", "y": -0.2}, **_LAYOUT)
     return fig
 
 
@@ -167,7 +188,7 @@ def comparison_bars(metrics: dict[str, dict]) -> go.Figure:
     fig = go.Figure(go.Bar(x=names, y=[metrics[n]["loss"] for n in names],
                            marker_color=[COLORS.get(n, KEPT) for n in names],
                            hovertemplate="%{x}: loss %{y:.3f}<extra></extra>"))
-    fig.update_layout(title="Validation loss before any training", yaxis_title="validation loss", **_LAYOUT)
+    fig.update_layout(title=_title("Validation loss before any training"), yaxis_title="validation loss", **_LAYOUT)
     return fig
 
 
@@ -185,8 +206,13 @@ def loss_chart(events: list[dict], metric: str = "loss") -> go.Figure:
             steps, values = zip(*val[name])
             fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=f"{name} validation",
                                      legendgroup=name, line={"color": color, "width": 3}))
-    fig.update_layout(title="Training and validation loss", xaxis_title="step", yaxis_title=metric,
+    fig.update_layout(title=_title("Training and validation loss"), xaxis_title="step", yaxis_title=metric,
                       legend={"orientation": "h", "y": -0.2}, **{**_LAYOUT, "height": 440})
+    if not fig.data:  # no step yet: say so instead of empty axes from -1 to 4
+        fig.add_annotation(text="Waiting for the first training step (the models and data are being "
+                                "prepared)...", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
     return fig
 
 
@@ -207,7 +233,7 @@ def explorer_scatter(exploration: Exploration) -> go.Figure:
     fig.add_hline(y=exploration.random_loss, line={"color": COLORS["random"], "dash": "dash"},
                   annotation_text=f"random init {exploration.random_loss:.2f}")
     fig.add_vline(x=exploration.budget / 1e6, line={"color": BASE, "dash": "dot"}, annotation_text="budget")
-    fig.update_layout(title="Child shapes near the budget: loss before training (click a point to use it)",
+    fig.update_layout(title=_title("Child shapes near the budget: loss before training (click a point to use it)"),
                       xaxis_title="parameters (M)", yaxis_title="step-0 validation loss",
                       legend={"orientation": "h", "y": -0.2}, **{**_LAYOUT, "height": 440})
     return fig

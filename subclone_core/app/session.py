@@ -8,6 +8,7 @@ starts another one: it goes on (and its results stay) whatever page the user loo
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ class Workspace:
         inspection: the neuron inspector's last result, unit -> its top activations (inspector.Hit).
         calib_tokens: the calibration budget chosen on the Importance page (the Child page reuses it).
         prompt: the prompt chosen on the Parent page (the Child page samples the models with it).
+        steps: name -> (a running BackgroundJob of a page step, what to do with its result).
+        notes: name -> (kind, text) said once about a finished step ("error" or "info").
+        opened: whether the app has run once in this session (the default parent loads on the first run).
     """
 
     key: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -68,6 +72,9 @@ class Workspace:
     inspection: dict = field(default_factory=dict)
     calib_tokens: int = CALIB_TOKENS
     prompt: str = DEFAULT_PROMPT
+    steps: dict[str, tuple[Any, Callable[[Any], None]]] = field(default_factory=dict)
+    notes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    opened: bool = False
 
     def choose(self, parent_id: str, data_id: str | None, data_label: str) -> bool:
         """Select a parent and data; drop everything derived from another choice. Whether it changed."""
@@ -94,3 +101,32 @@ class Workspace:
         """Store a newly generated child and its random twin; their old reports no longer apply."""
         self.child, self.random_child, self.child_settings = child, random_child, settings
         self.step0, self.samples, self.saved_to = None, {}, None
+
+    def start_step(self, name: str, job: Any, apply: Callable[[Any], None]) -> None:
+        """Keep a started page step; ``apply(result)`` runs once it is done (on whatever page is shown)."""
+        self.steps[name] = (job, apply)
+        self.notes.pop(name, None)
+
+    def running(self, name: str) -> Any:
+        """The step's job while it has not been collected, else None."""
+        entry = self.steps.get(name)
+        return entry[0] if entry else None
+
+    def jobs(self) -> list[Any]:
+        """This session's unfinished jobs: the training job and the running page steps."""
+        jobs = [job for job, _ in self.steps.values()]
+        return [job for job in [self.job, *jobs] if job is not None and not job.done]
+
+    def collect(self) -> list[str]:
+        """Apply the results of finished steps (a note for a failed or cancelled one); their names."""
+        finished = [name for name, (job, _) in self.steps.items() if job.done]
+        for name in finished:
+            job, apply = self.steps.pop(name)
+            if job.status == "done":
+                apply(job.result)
+            elif job.status == "failed":
+                self.notes[name] = ("error", job.error or "failed")
+            else:
+                why = " (the page was closed)" if getattr(job, "orphaned", False) else ""
+                self.notes[name] = ("info", f"cancelled{why}; nothing was changed")
+        return finished

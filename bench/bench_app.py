@@ -1,0 +1,121 @@
+"""Every action of the app on the embedded default parent, timed as the pages run it, and the app's training
+throughput next to the command line's for the same child and settings.
+
+Each action calls the library functions its page calls (subclone_core.app.longsteps, steps), in the order a
+visitor clicks through the pages, with the page's default settings. Wall and CPU seconds are both printed:
+on a shared machine the wall time includes waiting for the cores, CPU time does not. A second call of a
+cached action (same parent, data and settings; st.cache_* in the app) is listed as well.
+
+Training: the app's path (a BackgroundJob running steps.training_work while a poller draws the page's live
+chart and summary once a second, as the Train page's fragment does) and `subclone train` on the same saved
+child, same batch, sequence length, steps and validation interval; tokens/s is each run's own report.
+
+Run: .venv/bin/python bench/bench_app.py [--steps 30] [--only training] (writes a section of
+docs/BENCHMARKS.md unless --no-write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._report import machine, table, write_section
+from subclone_core.app import charts
+from subclone_core.app.analysis import live_summary
+from subclone_core.app.jobs import BackgroundJob
+from subclone_core.app.steps import TrainRequest, child_settings, make_children, training_work
+from subclone_core.shape import suggested_shape
+from subclone_core.sources.parents import load_parent
+from subclone_core.workflow import measure_importance, save_child
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH, SEQ_LEN, EVAL_EVERY = 8, 128, 10  # the Train page's defaults
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """fn's result, its wall seconds and its CPU seconds."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    result = fn()
+    return result, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def app_training(parent, child, twin, settings, steps: int) -> float:
+    """The Train page's path: the job thread trains while the page's fragment polls once a second."""
+    request = TrainRequest(parent=parent, data_id=None, child=child, twin=twin, settings=settings,
+                           steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, eval_every=EVAL_EVERY)
+    job = BackgroundJob(training_work(request), name="bench-train").start()
+    while not job.wait(1.0):
+        events = job.events()
+        charts.loss_chart(events).to_json()  # what st.plotly_chart serializes
+        live_summary(events)
+    if job.status != "done":
+        raise RuntimeError(f"app training {job.status}: {job.error}")
+    return job.result["subclone"].throughput
+
+
+def cli_training(child_dir: Path, steps: int) -> float:
+    """`subclone train` on the saved child with its random twin, same settings; the child's tokens/s."""
+    with tempfile.TemporaryDirectory() as run:
+        command = [sys.executable, "-m", "subclone_core.cli", "train", "--model", str(child_dir),
+                   "--baseline", "random", "--steps", str(steps), "--batch-size", str(BATCH),
+                   "--seq-len", str(SEQ_LEN), "--eval-every", str(EVAL_EVERY), "--out", f"{run}/run",
+                   "--quiet", "--json"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+        rows = json.loads(out)["rows"]
+    return next(r["throughput"] for r in rows if r["name"] != "random")
+
+
+def training_rows(steps: int) -> list[list[object]]:
+    """App and CLI tokens/s of the default child, run in turns (app, CLI, app, CLI) to share the load."""
+    parent = load_parent("default")
+    settings = child_settings("subclone", None, None, None, 4096)
+    importance = measure_importance(parent, None, tokens=4096)
+    child, twin = make_children(parent, suggested_shape(parent.model), settings, importance=importance)
+    rows, speeds = [], {"app": [], "cli": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        child_dir = save_child(child, Path(tmp) / "child", task=parent.task)
+        for _ in range(2):
+            speeds["app"].append(app_training(parent, child, twin, settings, steps))
+            speeds["cli"].append(cli_training(child_dir, steps))
+    shape = child.shape
+    for name, values in speeds.items():
+        rows.append([name, f"{shape.layers} x {shape.hidden}", f"{steps} x {BATCH} x {SEQ_LEN}",
+                     ", ".join(f"{v:.0f}" for v in values), f"{max(values):.0f}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
+    parser.add_argument("--only", choices=("actions", "training"), help="run one part only")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args()
+    parts = []
+    if args.only in (None, "training"):
+        rows = training_rows(args.steps)
+        parts.append(table(["path", "child", "steps x batch x seq", "tokens/s (each run)", "best"], rows))
+    text = "\n\n".join(parts)
+    print(f"Machine: {machine()}\n\n{text}")
+    if not args.no_write:
+        write_section("app", f"## The app's actions (`bench/bench_app.py`)\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()

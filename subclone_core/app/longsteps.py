@@ -1,0 +1,181 @@
+"""The app's steps that can take more than a second, as work for a BackgroundJob, and their estimates.
+
+Each builder returns ``work(emit, cancel)``: it reports ``progress`` events (done, total, stage) that the
+page turns into a progress bar, stops at the next progress report once Cancel is pressed (JobCancelled),
+and returns the step's result. Results depend only on ids and settings (``result_key``), so the page can
+keep them for every session of the server. No Streamlit here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from subclone_core.analysis import block_ablation, evaluate_shared, exclusive, generate_text
+from subclone_core.app.jobs import Emit, Work, cancellable
+from subclone_core.app.steps import make_children, validation_batches
+from subclone_core.calibration import Importance, Progress
+from subclone_core.evaluate import evaluate
+from subclone_core.explore import explore_shapes, validation_sample
+from subclone_core.inspector import Unit, inspect_units
+from subclone_core.shape import Shape
+from subclone_core.sources import Parent
+from subclone_core.training.job import CandidateSettings
+from subclone_core.workflow import measure_importance
+
+ABLATION_TOKENS = 256  # per removed block: a few hundred tokens rank the blocks; 31 x 1,024 took 11 min
+STEP0_TOKENS = 2048  # the Parent page's default validation budget: the parent's score is reused
+SAMPLE_TOKENS = 30  # new tokens of each step-0 sample
+CALIB_OVERHEAD = 1.3  # calibration hooks cost about this much over a plain forward pass
+INSPECT_OVERHEAD = 1.5  # the inspector's top-k bookkeeping over a plain forward pass
+
+
+def data_key(data_id: str | None) -> tuple[str, int]:
+    """The data id and, for a local file or folder, its modification time (a changed file is new data)."""
+    if data_id and os.path.exists(data_id):
+        return data_id, os.stat(data_id).st_mtime_ns
+    return data_id or "default", 0
+
+
+def result_key(kind: str, parent_id: str, data_id: str | None, *settings: Any) -> tuple:
+    """The key a step's result is kept under: ids and settings, never model objects."""
+    return (kind, parent_id, data_key(data_id), *settings)
+
+
+def ticking(batches: Iterable[dict], progress: Progress | None, total: int) -> Iterator[dict]:
+    """The batches, reporting (batches done, total) after each one is consumed."""
+    for done, batch in enumerate(batches, start=1):
+        yield batch
+        if progress:
+            progress(done, total)
+
+
+def evaluate_parent(parent: Parent, data_id: str | None, tokens: int,
+                    progress: Progress | None = None) -> dict:
+    """The parent's validation metrics on about ``tokens`` tokens, plus the seconds the forward passes took
+    (the estimates of the longer steps are scaled from it)."""
+    batches = validation_batches(parent, data_id, tokens)
+    start = time.perf_counter()
+    metrics = evaluate_shared(parent.model, list(ticking(batches, progress, len(batches))))
+    return {**metrics, "seconds": time.perf_counter() - start}
+
+
+def forward_rate(metrics: dict | None) -> float | None:
+    """Tokens (or images) per second of the parent's forward pass, from ``evaluate_parent``'s result."""
+    if not metrics or not metrics.get("seconds"):
+        return None
+    return (metrics.get("tokens") or metrics.get("images") or 0) / metrics["seconds"] or None
+
+
+def estimate_seconds(kind: str, tokens: int, rate: float | None, blocks: int = 0) -> float | None:
+    """Seconds a step should take, scaled from the parent's measured forward rate (None: not measured yet).
+
+    Args:
+        kind: "calibration", "inspector" or "ablation" (one evaluation per block plus the intact parent).
+        tokens: the step's token budget (for ablation: per evaluation).
+        rate: ``forward_rate`` of the parent.
+        blocks: the parent's blocks (ablation only).
+    """
+    if not rate:
+        return None
+    factor = {"calibration": CALIB_OVERHEAD, "inspector": INSPECT_OVERHEAD, "ablation": blocks + 1}[kind]
+    return factor * tokens / rate
+
+
+def calibration_work(parent: Parent, data_id: str | None, tokens: int) -> Work:
+    """Calibrate the shared parent (under its lock) on ``tokens`` positions; returns the Importance."""
+
+    def work(emit: Emit, cancel: threading.Event) -> Importance:
+        with exclusive(parent.model):
+            return measure_importance(parent, data_id, tokens=tokens, progress=cancellable(cancel, emit))
+
+    return work
+
+
+def ablation_work(parent: Parent, data_id: str | None, tokens: int) -> Work:
+    """The parent's loss with each block removed; each block's loss is emitted as a ``block`` event as soon
+    as it is known, so the page fills the bars in while the rest run."""
+
+    def work(emit: Emit, cancel: threading.Event) -> dict:
+        batches = validation_batches(parent, data_id, tokens)
+        progress = cancellable(cancel, emit)
+
+        def on_block(index: int, metrics: dict) -> None:
+            emit({"event": "block", "index": index, "loss": metrics["loss"]})
+
+        return block_ablation(parent.model, batches, progress=progress, on_block=on_block)
+
+    return work
+
+
+def explorer_work(parent: Parent, importance: Importance | None, data_id: str | None, calib_tokens: int,
+                  budget: int) -> Work:
+    """Calibrate when needed, then subclone and score every shape near the budget; (importance, exploration)."""
+
+    def work(emit: Emit, cancel: threading.Event) -> tuple[Importance, Any]:
+        measured = importance
+        if measured is None:
+            measured = calibration_work(parent, data_id, calib_tokens)(staged(emit, "calibrating"), cancel)
+        batches = validation_sample(parent, data_id)
+        progress = cancellable(cancel, staged(emit, "subcloning and scoring shapes"))
+        return measured, explore_shapes(parent.model, measured, budget, batches, progress=progress)
+
+    return work
+
+
+def inspector_work(parent: Parent, units: Sequence[Unit], data_id: str | None, tokens: int) -> Work:
+    """The strongest activations of each unit over the calibration sample."""
+
+    def work(emit: Emit, cancel: threading.Event) -> dict:
+        return inspect_units(parent, units, data_id, tokens=tokens, progress=cancellable(cancel, emit))
+
+    return work
+
+
+def staged(emit: Emit, stage: str) -> Emit:
+    """An emit that labels progress events with the stage they belong to."""
+    return lambda event: emit({**event, "stage": stage} if event.get("event") == "progress" else event)
+
+
+def child_work(parent: Parent, target: Shape, settings: CandidateSettings, importance: Importance | None,
+               parent_metrics: dict | None, prompt: str, parent_text: str | None) -> Work:
+    """Make the child and its random twin, score all three before training and sample text from them.
+
+    The parent's score (the Parent page's, on the same tokens) and its continuation of the prompt are
+    reused when given.
+    Returns {"child", "twin", "importance", "step0", "samples"}.
+    """
+
+    def work(emit: Emit, cancel: threading.Event) -> dict:
+        progress = cancellable(cancel, staged(emit, "calibrating the parent"))
+        child, twin = make_children(parent, target, settings, importance=importance, progress=progress)
+        batches = validation_batches(parent, settings.data_id, STEP0_TOKENS)
+        tick = cancellable(cancel, staged(emit, "scoring the child, its twin and the parent"))
+        step0 = {"subclone": evaluate(child.model, ticking(batches, tick, len(batches))),
+                 "random": evaluate(twin.model, batches)}
+        step0["parent"] = parent_metrics or evaluate_shared(parent.model, batches)
+        samples = {}
+        if parent.task_spec.sequences:
+            models = {"subclone": child.model, "random": twin.model}
+            samples = sample_texts(parent, models, prompt, parent_text,
+                                   cancellable(cancel, staged(emit, "sampling text")))
+        return {"child": child, "twin": twin, "importance": child.importance or importance,
+                "step0": step0, "samples": samples}
+
+    return work
+
+
+def sample_texts(parent: Parent, models: dict, prompt: str, parent_text: str | None,
+                 progress: Progress) -> dict[str, str]:
+    """Each model's greedy continuation of the prompt (the parent's reused when known)."""
+    texts = {"parent": parent_text}
+    if parent_text is None:
+        texts["parent"] = generate_text(parent.model, parent.preprocessor, prompt, SAMPLE_TOKENS)
+    for done, (name, model) in enumerate(models.items(), start=1):
+        texts[name] = generate_text(model, parent.preprocessor, prompt, SAMPLE_TOKENS)
+        progress(done, len(models))
+    return {"prompt": prompt, **texts}
+

@@ -1,0 +1,141 @@
+"""Jobs belong to their session (a job nobody polls is cancelled, metrics kept; the queue says how long the
+job ahead has run), page steps run in the background with Cancel, every input is checked where it is typed,
+and the app speaks its own language. AppTest on the tiny local Llama of tests/test_app_pages.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from test_app_pages import errors, run, settle, start_app, train_on_page, workdir  # noqa: F401 (workdir: a fixture)
+
+from subclone_core.app.inputs import app_words, duration_text, range_label, range_problem, without_suggestion
+from subclone_core.app.jobs import BackgroundJob, JobLimiter, cancellable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _steps_until_cancelled(emit, cancel: threading.Event) -> int:
+    """Work that reports a step every 10 ms until it is cancelled."""
+    step = 0
+    while not cancel.is_set():
+        step += 1
+        emit({"event": "step", "step": step})
+        time.sleep(0.01)
+    return step
+
+
+def test_a_job_nobody_polls_is_cancelled_and_keeps_its_events():
+    limiter = JobLimiter(max_running=1, max_queued=2)
+    job = BackgroundJob(_steps_until_cancelled, name="orphan", limiter=limiter, orphan_after=0.4).start()
+    assert job.wait(10) and job.status == "cancelled" and job.orphaned
+    steps = [e for e in job.events() if e.get("event") == "step"]
+    assert len(steps) > 5 and job.result == steps[-1]["step"]  # the metrics stay readable
+    assert limiter.snapshot()["running"] == 0  # the slot is free for the next session
+
+
+def test_a_polled_job_keeps_running():
+    job = BackgroundJob(_steps_until_cancelled, name="watched", orphan_after=0.4).start()
+    deadline = time.time() + 1.5
+    while time.time() < deadline:
+        job.heartbeat()
+        time.sleep(0.05)
+    assert job.status == "running" and not job.orphaned
+    job.stop()
+    assert job.wait(5) and job.status == "cancelled" and not job.orphaned
+
+
+def test_the_queue_knows_how_long_the_job_ahead_has_run():
+    limiter = JobLimiter(max_running=1, max_queued=2)
+    first = BackgroundJob(_steps_until_cancelled, limiter=limiter).start()
+    while first.status != "running":
+        time.sleep(0.01)
+    time.sleep(0.3)
+    second = BackgroundJob(_steps_until_cancelled, limiter=limiter).start()
+    assert second.position == 1 and limiter.running_seconds()[0] >= 0.3
+    first.stop()
+    assert first.wait(5) and second.stop() is None and second.wait(5)
+
+
+def test_a_cancelled_progress_callback_stops_the_work():
+    def work(emit, cancel):
+        progress = cancellable(cancel, emit)
+        for done in range(1, 1000):
+            progress(done, 1000)
+            if done == 3:
+                cancel.set()
+        return "finished"
+
+    job = BackgroundJob(work).start()
+    assert job.wait(5) and job.status == "cancelled" and job.result is None
+    assert [e["done"] for e in job.events()] == [1, 2, 3]
+
+
+def test_messages_and_ranges_in_the_apps_words():
+    assert range_label("Steps", 1, 1_000_000) == "Steps (1 to 1,000,000)"
+    assert range_problem("Steps", 5, 1, 10) is None
+    assert "from 1 to 10; 0 is outside" in range_problem("Steps", 0, 1, 10)
+    assert "Sequence length" in app_words("give more text or a smaller --seq-len")
+    assert "--" not in app_words("choose a new folder or pass --overwrite")
+    assert without_suggestion("heads=5 is not divisible by kv_heads=3; nearest valid heads=4") == (
+        "heads=5 is not divisible by kv_heads=3")
+    assert duration_text(12.4) == "about 12 s" and duration_text(600) == "about 10 min"
+
+
+def test_invalid_numbers_say_why_and_block_the_action(workdir):  # noqa: F811
+    at = start_app(workdir / "parent", workdir / "text.txt")
+    at.switch_page("pages/child.py")
+    run(at)
+    for key, value, message in (("keep_shape_layers", 0, "Blocks must be from 1 to 4"),
+                                ("keep_shape_hidden", -64, "Hidden must be from 1 to 64")):
+        at.number_input(key=key).set_value(value)
+        run(at)
+        assert any(message in e for e in errors(at)), errors(at)
+        assert not [b for b in at.button if b.key == "generate_child"]  # no Generate with the old values
+        at.number_input(key=key).set_value({"keep_shape_layers": 2, "keep_shape_hidden": 32}[key])
+        run(at)
+    at.number_input(key="keep_shape_kv_heads").set_value(2)
+    at.number_input(key="keep_shape_heads").set_value(5)  # 5 query heads cannot share 2 KV heads
+    run(at)
+    (message,) = [e for e in errors(at) if "not valid" in e]
+    assert message.count("nearest valid") + message.count("Nearest valid") == 1, message  # one suggestion
+    at.button(key="use_nearest").click()
+    settle(at)
+    at.button(key="generate_child").click()
+    settle(at)
+    assert at.session_state["workspace"].child is not None
+    at.switch_page("pages/train.py")
+    run(at)
+    for key, value in (("keep_steps", 0), ("keep_batch", -1)):
+        at.number_input(key=key).set_value(value)
+        run(at)
+        assert at.button(key="start_training").disabled, key
+    assert any("Steps must be from 1 to 1,000,000" in e for e in errors(at))
+    assert any("Batch size must be from 1 to 1,024" in e for e in errors(at))
+
+
+def test_an_orphaned_training_job_is_cancelled_and_frees_the_slot(workdir, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("subclone_core.app.jobs.ORPHAN_SECONDS", 1.0)
+    monkeypatch.setattr("subclone_core.app.ui.ORPHAN_SECONDS", 1.0)
+    at = start_app(workdir / "parent", workdir / "text.txt")
+    at.switch_page("pages/child.py")
+    run(at)
+    at.button(key="generate_child").click()
+    settle(at)
+    at.switch_page("pages/train.py")
+    run(at)
+    for key, value in (("keep_steps", 100_000), ("keep_batch", 1), ("keep_seq_len", 8)):
+        at.number_input(key=key).set_value(value)
+        run(at)
+    at.checkbox(key="keep_save_trained").uncheck()
+    run(at)
+    at.button(key="start_training").click()
+    run(at)
+    job = at.session_state["workspace"].job
+    assert job.orphan_after is not None
+    # the tab is closed: nothing polls any more
+    assert job.wait(30) and job.status == "cancelled" and job.orphaned
+    assert any(e.get("event") == "step" for e in job.events())  # its metrics are kept
+    run(at)  # the session comes back: the page says what happened
+    assert any("no page polled it" in s.value for s in at.success)
