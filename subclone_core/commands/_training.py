@@ -7,22 +7,32 @@ training engine splits each batch between them, and only the main process writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from subclone_core.commands._options import print_json
+from subclone_core.commands._options import print_json, require_finite
 from subclone_core.errors import SubcloneError
-from subclone_core.saving import check_output_dir
-from subclone_core.speedup import speedup_table
+from subclone_core.metrics_log import json_safe
+from subclone_core.outputs import staged_folder
+from subclone_core.speedup import (
+    HIGHER_IS_BETTER,
+    format_iso_loss,
+    iso_loss_summary,
+    result_track,
+    speedup_table,
+)
 from subclone_core.tasks import task_spec
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
 from subclone_core.training.job import BASELINE
+from subclone_core.training.trackers import REPORT_TO, TrackerCallback, parse_report_to
 
 EVAL_TOKENS = 4096
 EVAL_IMAGES = 1000
@@ -62,6 +72,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, out_required: bool, se
                         help="auto: CUDA (bf16 autocast) when available (default auto)")
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="seed of the data order and random init (default 0)")
+    parser.add_argument("--report-to", metavar="TRACKER", help=f"also log the curves to {', '.join(REPORT_TO)} "
+                        "(comma-separated; one run per candidate, TensorBoard's under RUN/tensorboard)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -76,6 +88,8 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
 
     ``eval_batches`` is a placeholder until the validation data is known (see ``load_data``).
     """
+    require_finite("--warmup", args.warmup, minimum=0)
+    require_finite("--target", args.target)
     eval_every = args.eval_every if args.eval_every is not None else max(1, args.steps // 20)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          warmup=args.warmup, eval_every=eval_every, seed=args.seed, device=args.device)
@@ -84,18 +98,41 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         raise SubcloneError(f"--seq-len={args.seq_len} must be at least 2")
     if args.eval_images < 1:
         raise SubcloneError(f"--eval-images={args.eval_images} must be a positive integer")
+    parse_report_to(args.report_to, args.out)
     return config
 
 
-def prepare_output(out: str | None, overwrite: bool) -> Path | None:
-    """Refuse a non-empty run folder before any work; with --overwrite drop the old metrics (appended to)."""
-    if out is None:
-        return None
-    path = check_output_dir(out, overwrite=overwrite)
-    if overwrite and is_main_process():
-        for name in (METRICS_FILE, SUMMARY_FILE):
-            (path / name).unlink(missing_ok=True)
-    return path
+@contextlib.contextmanager
+def prepare_output(out: str | None, overwrite: bool) -> Iterator[Path | None]:
+    """Claim the run folder before any work and yield where this run writes: a fresh folder of the same name
+    in a hidden sibling, swapped in whole at the end. --overwrite thus never loses the previous run to
+    one that fails on bad input, and an old run's candidate folders never linger beside the new summary;
+    a run that fails after training began still publishes its metrics. Other torchrun processes, which
+    write nothing, get the final path."""
+    if out is None or not is_main_process():
+        yield None if out is None else Path(out)
+        return
+    with staged_folder(out, overwrite=overwrite, keep_partial=_has_metrics) as work:
+        yield work
+
+
+def _has_metrics(work: Path) -> bool:
+    metrics = work / METRICS_FILE
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
+def check_seq_len(model: Any, seq_len: int) -> None:
+    """Refuse a --seq-len beyond the model's position table (GPT-2's learned positions end there)."""
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise SubcloneError(f"--seq-len={seq_len} is longer than the model's {limit} positions; use at most {limit}")
+
+
+def relocate_paths(metrics: Path, work: Path, final: Path) -> None:
+    """Point the metrics' saved_to paths at the run folder's final place instead of the staged one."""
+    if work != final and metrics.is_file():
+        old, new = json.dumps(str(work))[1:-1], json.dumps(str(final))[1:-1]
+        metrics.write_text(metrics.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
 
 
 def parse_per_candidate(text: str | None, flag: str, names: list[str]) -> dict[str, float]:
@@ -119,9 +156,11 @@ def parse_per_candidate(text: str | None, flag: str, names: list[str]) -> dict[s
 
 def _number(text: str, flag: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise SubcloneError(f"{flag}: {text!r} is not a number (e.g. 1e-3, or NAME=1e-3,NAME=3e-4)") from None
+    require_finite(flag, value, minimum=0)
+    return value
 
 
 def hparam_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
@@ -169,18 +208,22 @@ def train_and_report(candidates: list[Candidate], train: Any, val: Any, config: 
     """
     start = time.perf_counter()
     progress = TrainingProgress(config.steps * len(candidates), enabled=not args.quiet and is_main_process())
+    callbacks = [progress, *_trackers(args, out)]
     try:
         results = train_candidates(
-            candidates, train, val, config, callbacks=[progress],
+            candidates, train, val, config, callbacks=callbacks,
             metrics_path=out / METRICS_FILE if out else None, save_dir=out, preprocessor=preprocessor,
             manifest_for=manifests.get, overwrite=args.overwrite)
     finally:
-        progress.close()
-    summary = build_summary(results, config, args.target, context, out, time.perf_counter() - start)
+        for callback in callbacks:
+            callback.close()
+    final = Path(args.out) if out is not None else None  # out may be the staged folder (prepare_output)
+    summary = build_summary(results, config, args.target, context, final, time.perf_counter() - start)
     if not is_main_process():
         return 0
     if out is not None:
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        relocate_paths(out / METRICS_FILE, out, final)
+        (out / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
     if args.json:
         print_json(summary)
     else:
@@ -188,16 +231,27 @@ def train_and_report(candidates: list[Candidate], train: Any, val: Any, config: 
     return 0
 
 
+def _trackers(args: argparse.Namespace, out: Path | None) -> list[TrackerCallback]:
+    """The --report-to trackers, on the main process only (the engine calls callbacks only there)."""
+    names = parse_report_to(args.report_to, out)
+    if not names or not is_main_process():
+        return []
+    # named after the run folder the user gave (out may be its staged twin until the end)
+    project = Path(args.out).name if args.out is not None else "subclone"
+    return [TrackerCallback(names, out, project=project, baseline=BASELINE)]
+
+
 def build_summary(results: dict[str, RunResult], config: TrainConfig, target: float | None,
                   context: dict[str, Any], out: Path | None, seconds: float) -> dict[str, Any]:
-    """The JSON summary of a run: settings, the target and one row per candidate."""
+    """The JSON summary of a run: settings, the target, one row per candidate and the iso-loss speedups."""
     rows = speedup_table(results, baseline=BASELINE, target=target)
     for row in rows:
         result = results[row["name"]]
         row.update(strategy=result.strategy, lr=result.lr, weight_decay=result.weight_decay,
                    message=result.message, steps_done=result.steps_done, seen=result.seen,
-                   saved_to=str(result.saved_to) if result.saved_to else None)
+                   saved_to=str(out / Path(result.saved_to).name) if result.saved_to and out else None)
     metric = rows[0]["metric"] if rows else "loss"
+    tracks = {name: result_track(result, metric) for name, result in results.items()}
     return {
         **context,
         "metric": metric,
@@ -205,6 +259,8 @@ def build_summary(results: dict[str, RunResult], config: TrainConfig, target: fl
         "target_from": "--target" if target is not None else ("random init's best" if BASELINE in results else None),
         "config": config.to_dict(),
         "rows": rows,
+        # the speedup at every level random init reached, and at 25/50/75/100% of its improvement
+        "iso_loss": iso_loss_summary(tracks, higher_is_better=HIGHER_IS_BETTER[metric], baseline=BASELINE),
         "out": str(out) if out else None,
         "metrics_file": str(out / METRICS_FILE) if out else None,
         "seconds": round(seconds, 1),
@@ -216,7 +272,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def format_report(summary: dict[str, Any]) -> str:
-    """The result table in plain text, with the target and any stopped candidate explained below it."""
+    """The result table and the iso-loss table in plain text, then the target and any stopped candidate."""
     metric, rows = summary["metric"], summary["rows"]
     header = ["candidate", "lr", f"step-0 {metric}", f"final {metric}", f"best {metric}", "steps to target",
               "speedup", task_spec(summary["task"]).unit]
@@ -225,7 +281,9 @@ def format_report(summary: dict[str, Any]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body)]
     table = ["  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
     table.insert(1, "  ".join("-" * w for w in widths))
-    lines = [_headline(summary), *table, _target_line(summary)]
+    lines = [_headline(summary), *table]
+    lines += format_iso_loss({name: v["drop"] for name, v in summary.get("iso_loss", {}).items()}, metric=metric)
+    lines.append(_target_line(summary))
     lines += [f"{r['name']}: {r['status']}: {r['message']}" for r in rows if r["status"] != "done"]
     if summary["out"]:
         lines.append(f"metrics: {summary['metrics_file']}; models: {summary['out']}/<candidate>")

@@ -12,13 +12,17 @@ from subclone_core.commands._options import (
     add_data_args,
     add_parent_args,
     add_shape_args,
+    check_calib_tokens,
+    check_shape_flags,
     child_sizes,
     placement_kwargs,
+    require_finite,
     require_positive,
 )
 from subclone_core.commands._training import (
     EVAL_TOKENS,
     add_training_args,
+    check_seq_len,
     hparam_overrides,
     is_main_process,
     prepare_output,
@@ -34,6 +38,7 @@ from subclone_core.training.job import (
     DISTILL,
     CandidateSettings,
     build_candidates,
+    needs_importance,
     parse_names,
     shared_importance,
     training_data,
@@ -69,8 +74,11 @@ def candidate_settings(args: argparse.Namespace) -> CandidateSettings:
         names=names, drop=args.drop, scale=args.scale, untie_head=args.untie_head, seed=args.seed,
         data_id=args.data, calib_tokens=args.tokens, distill_alpha=args.distill_alpha,
         distill_temperature=args.distill_temperature, lr=overrides["lr"], weight_decay=overrides["weight_decay"])
-    settings.validate()
     require_positive("--calib-tokens", args.tokens)
+    check_shape_flags(args)
+    require_finite("--distill-alpha", args.distill_alpha)  # the range is CandidateSettings.validate's
+    require_finite("--distill-temperature", args.distill_temperature)
+    settings.validate()
     return settings
 
 
@@ -87,9 +95,17 @@ def calibrate_with_progress(parent, settings: CandidateSettings, quiet: bool):
 def run(args: argparse.Namespace) -> int:
     config = training_config(args)
     settings = candidate_settings(args)
-    out = prepare_output(args.out, args.overwrite)
+    with prepare_output(args.out, args.overwrite) as out:  # claimed now; the old run is kept until the end
+        return compare(args, config, settings, out)
+
+
+def compare(args: argparse.Namespace, config, settings: CandidateSettings, out) -> int:
+    """Load the parent, make one child per strategy, train them into the claimed run folder, report."""
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
+    check_seq_len(parent.model, args.seq_len)
+    if needs_importance(settings):
+        check_calib_tokens(parent, args.tokens)
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
     train, val, config = training_data(parent, args.data, config, seq_len=args.seq_len,
                                        eval_tokens=args.eval_tokens, eval_images=args.eval_images)

@@ -8,11 +8,13 @@ from subclone_core.commands._options import add_data_args
 from subclone_core.commands._training import (
     EVAL_TOKENS,
     add_training_args,
+    check_seq_len,
     hparam_overrides,
     prepare_output,
     train_and_report,
     training_config,
 )
+from subclone_core.errors import SubcloneError
 from subclone_core.saving import load_manifest
 from subclone_core.shape import Shape
 from subclone_core.sources import default_data_id, load_parent
@@ -48,9 +50,27 @@ def child_candidate(model, manifest: dict | None, with_baseline: bool) -> Candid
 
 def run(args: argparse.Namespace) -> int:
     config = training_config(args)
-    out = prepare_output(args.out, args.overwrite)
+    with prepare_output(args.out, args.overwrite) as out:  # claimed now; the old run is kept until the end
+        return train(args, config, out)
+
+
+def read_manifest(model_dir: str) -> dict:
+    """The folder's subclone.json, or a note for a folder made elsewhere; a malformed one is named."""
+    try:
+        manifest = load_manifest(model_dir)
+    except ValueError as err:
+        raise SubcloneError(f"{model_dir}/subclone.json is not valid JSON ({err}); fix or remove it") from None
+    if manifest is not None and not isinstance(manifest, dict):
+        raise SubcloneError(f"{model_dir}/subclone.json must hold a JSON object, not {type(manifest).__name__}; "
+                            "fix or remove it")
+    return manifest or {"parent": None, "note": f"trained from {model_dir}"}
+
+
+def train(args: argparse.Namespace, config, out) -> int:
+    """Load the model folder (and make its twin), train them into the claimed run folder, report."""
     child = load_parent(args.model, dtype="float32")  # float32 master weights; bf16 comes from autocast on GPUs
-    manifest = load_manifest(args.model) or {"parent": None, "note": f"trained from {args.model}"}
+    check_seq_len(child.model, args.seq_len)
+    manifest = read_manifest(args.model)
     candidates = [child_candidate(child.model, manifest, bool(args.baseline))]
     manifests = {candidates[0].name: manifest}
     if args.baseline:
