@@ -4,11 +4,15 @@ short generation."""
 from __future__ import annotations
 
 import streamlit as st
+import torch
 
 from subclone_core.analysis import generate_text
 from subclone_core.app import ui
+from subclone_core.app.analysis import available_bytes
+from subclone_core.app.charts import perplexity_text
+from subclone_core.app.longsteps import STEP0_TOKENS, evaluate_parent, result_key
 from subclone_core.app.session import DEFAULT_PROMPT
-from subclone_core.app.steps import evaluate_parent, store_upload
+from subclone_core.app.steps import store_upload
 from subclone_core.errors import SubcloneError
 from subclone_core.sources import Parent
 from subclone_core.sources.parents import describe
@@ -45,6 +49,7 @@ def choose_parent() -> None:
     elif source == "hub":
         parent_id = st.text_input("Hub id (needs internet)", key=ui.keep("parent_hub", ""),
                                   placeholder="HuggingFaceTB/SmolLM2-135M").strip()
+    choose_placement()
     if st.button("Load parent", type="primary", key="load_parent"):
         with ui.errors_shown(f"loading the parent {parent_id!r}"), st.spinner(
                 f"Loading {parent_id or 'the parent'} (a first use converts or builds it once)..."):
@@ -55,6 +60,25 @@ def choose_parent() -> None:
             ws.choose(parent_id, None, task.data_choices[task.default_data])
 
 
+def choose_placement() -> None:
+    """Device and dtype of the parent (defaults: cuda + bfloat16 where a GPU is visible, else cpu + float32)."""
+    device_name, dtype_name = ui.placement()
+    left, right = st.columns(2)
+    left.selectbox("Device", ui.device_choices(), key=ui.keep("parent_device", device_name),
+                   help="auto spreads the parent over every visible GPU")
+    right.selectbox("Dtype", ui.PARENT_DTYPES, key=ui.keep("parent_dtype", dtype_name),
+                    help="auto keeps the checkpoint's own; a child keeps the parent's")
+
+
+def memory_caption(info: dict) -> str:
+    """Where the parent's weights are and how much memory the machine has, in one line."""
+    places = ", ".join(f"{place} {mb:,.1f} MB" for place, mb in info["placement"].items())
+    machine = f"{available_bytes() / 1e9:,.1f} GB of RAM free"
+    if torch.cuda.is_available():
+        machine += f", {available_bytes('cuda') / 1e9:,.1f} GB free on the GPU"
+    return f"The parent takes {info['memory_mb']:,.1f} MB in {info['dtype']} ({places}); this machine has {machine}."
+
+
 def show_architecture(info: dict) -> None:
     """The parent's shape and size as metrics."""
     st.subheader(info["label"])
@@ -62,12 +86,13 @@ def show_architecture(info: dict) -> None:
              ("KV heads", info["kv_heads"]), ("FFN", info["ffn"]),
              ("Vocabulary", info["vocab"]) if "vocab" in info else ("Classes", info["num_labels"])]
     size = [("Parameters", f"{info['parameters'] / 1e6:,.2f} M"),
-            ("Memory (fp32)", f"{info['float32_mb']:,.1f} MB"), ("Head dim", info["head_dim"])]
+            (f"Memory ({info['dtype']})", f"{info['memory_mb']:,.1f} MB"), ("Head dim", info["head_dim"])]
     for row in (shape, size):
         for column, (label, value) in zip(st.columns(len(shape)), row):
             column.metric(label, f"{value:,}" if isinstance(value, int) else value)
     st.caption(f"Family {info['family']} (`{info['model_type']}`), task {info['task']}, "
-               f"from `{info['source']}`")
+               f"from {ui.plain(str(info['source']))}")
+    st.caption(memory_caption(info))
 
 
 def choose_data(task: TaskSpec) -> None:
@@ -94,23 +119,30 @@ def choose_data(task: TaskSpec) -> None:
         data_id = None if kind == task.default_data else kind
         if data_id != ws.data_id:
             ws.choose(ws.parent_id, data_id, options[kind])
-    st.caption(f"Using: {ws.data_label}")
+    st.caption(f"Using: {ui.plain(ws.data_label)}")
 
 
 def show_validation(parent: Parent) -> None:
-    """The parent's validation score on the chosen data (computed once per data choice and budget)."""
-    tokens = int(st.number_input("Validation tokens", 256, 262_144, step=256,
-                                 key=ui.keep("eval_tokens", 2048)))
+    """The parent's validation score on the chosen data (kept per parent, data and budget for every session)."""
+    tokens = ui.checked_number("Validation tokens", 256, 262_144, "eval_tokens", STEP0_TOKENS, step=256)
+    if tokens is None:
+        return
+    key = result_key("parent-eval", ws.parent_id, ws.data_id, int(tokens))
     if ws.parent_metrics is None or ws.parent_metrics.get("budget") != tokens:
-        with ui.errors_shown("evaluating the parent"), st.spinner("Evaluating the parent..."):
-            ws.parent_metrics = {**evaluate_parent(parent, ws.data_id, tokens), "budget": tokens}
+        metrics = ui.cached(key)
+        if metrics is None:
+            update, clear = ui.progress_bar("Scoring the parent on validation batches")
+            with ui.errors_shown("evaluating the parent"):
+                metrics = ui.remember(key, evaluate_parent(parent, ws.data_id, int(tokens), progress=update))
+            clear()
+        ws.parent_metrics = None if metrics is None else {**metrics, "budget": tokens}
     metrics = ws.parent_metrics
     if metrics is None:
         return
     left, middle, right = st.columns(3)
     left.metric("Validation loss", f"{metrics['loss']:.3f}")
     if "perplexity" in metrics:
-        middle.metric("Perplexity", f"{metrics['perplexity']:.2f}")
+        middle.metric("Perplexity", perplexity_text(metrics["perplexity"]))
         right.metric("Tokens scored", f"{metrics['tokens']:,}")
     else:
         middle.metric("Accuracy", f"{metrics['accuracy']:.1%}")
@@ -118,15 +150,30 @@ def show_validation(parent: Parent) -> None:
 
 
 def show_generation(parent: Parent) -> None:
-    """A short greedy continuation of a prompt the user can edit."""
+    """A short greedy continuation of a prompt the user can edit (kept per parent, prompt and length)."""
     prompt = st.text_input("Prompt", key=ui.keep("prompt", DEFAULT_PROMPT))
     ws.prompt = prompt
     new_tokens = st.slider("New tokens", 5, 100, key=ui.keep("new_tokens", 30))
+    key = ("generation", ws.parent_id, prompt, new_tokens)
     if st.button("Generate", key="parent_generate"):
-        with ui.errors_shown("generating text"), st.spinner("Generating..."):
-            ws.generations[prompt] = generate_text(parent.model, parent.preprocessor, prompt, new_tokens)
-    if prompt in ws.generations:
-        st.markdown(f"> {ui.plain(prompt)} **{ui.plain(ws.generations[prompt])}**")
+        text = ui.cached(key)
+        if text is None:
+            update, clear = ui.progress_bar("Generating tokens")
+            with ui.errors_shown("generating text"):
+                text = ui.remember(key, generate_text(parent.model, parent.preprocessor, prompt, new_tokens,
+                                                      progress=update))
+            clear()
+        if text is not None:
+            ws.generations[(prompt, new_tokens)] = text
+    if (prompt, new_tokens) in ws.generations:
+        st.markdown(continuation_markdown(prompt, ws.generations[(prompt, new_tokens)]))
+
+
+def continuation_markdown(prompt: str, continuation: str) -> str:
+    """The prompt, then the model's words in bold, joined as the model wrote them (no added space)."""
+    words = continuation.lstrip()
+    space = continuation[:len(continuation) - len(words)]
+    return f"> {ui.plain(prompt)}{space}**{ui.plain(words)}**" if words else f"> {ui.plain(prompt)}"
 
 
 choose_parent()

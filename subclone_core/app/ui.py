@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,8 @@ from typing import Any
 import streamlit as st
 import torch
 
-from subclone_core.app.jobs import JobLimiter
+from subclone_core.app.inputs import app_words, range_label, range_problem
+from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob, JobLimiter, Work
 from subclone_core.app.session import Workspace
 from subclone_core.app.settings import AppSettings
 from subclone_core.devices import resolve_device
@@ -42,17 +46,36 @@ def settings() -> AppSettings:
 
 
 def device() -> str:
-    """Where parents are put: the GPU when there is one, else the CPU."""
+    """Where parents are put by default: the GPU when there is one, else the CPU."""
     return str(resolve_device("auto"))
 
 
+PARENT_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def device_choices() -> list[str]:
+    """The Parent page's device choices: the CPU, each visible GPU, and "auto" (spread over every GPU)."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu", *gpus, "auto"] if gpus else ["cpu"]
+
+
+def placement() -> tuple[str, str]:
+    """The session's (device, dtype) for parents: the Parent page's selectors, else cuda + bfloat16 where a GPU
+    is visible and cpu + float32 where not."""
+    gpu = torch.cuda.is_available()
+    device_name = st.session_state.get(KEEP + "parent_device", "cuda:0" if gpu else "cpu")
+    dtype_name = st.session_state.get(KEEP + "parent_dtype", "bfloat16" if gpu else "float32")
+    return device_name, dtype_name
+
+
 @st.cache_resource(max_entries=3, show_spinner=False)
-def _cached_parent(parent_id: str, device_name: str) -> Parent:
-    return load_parent(parent_id, device=device_name)
+def _cached_parent(parent_id: str, device_name: str, dtype_name: str = "float32") -> Parent:
+    return load_parent(parent_id, device=device_name, dtype=dtype_name)
 
 
 def get_parent(parent_id: str) -> Parent:
-    """The parent, loaded once per server process and shared by all sessions (never modify it).
+    """The parent, loaded once per server process per device and dtype and shared by all sessions (never
+    modify it); placed as the session's Parent page says (see ``placement``).
 
     Local paths are checked against the allowed roots and Hub ids against the Hub setting first.
 
@@ -66,7 +89,7 @@ def get_parent(parent_id: str) -> Parent:
         elif not config.allow_hub:
             raise SubcloneError(f"parent {parent_id!r}: Hub ids are turned off on this server; "
                                 "choose the default or a local folder")
-    return _cached_parent(parent_id, device())
+    return _cached_parent(parent_id, *placement())
 
 
 @st.cache_resource(show_spinner=False)
@@ -121,8 +144,11 @@ def current_parent() -> Parent:
 
 
 def plain(text: str) -> str:
-    """Text (e.g. a model's generation) escaped so that Markdown shows it as it is."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", text).replace("\n", " ")
+    """Text from a user or a model (a path, a name, a generation, an error) made safe to show as Markdown:
+    Markdown's punctuation is escaped (no link, image, emphasis or code), and a zero-width space after
+    every colon breaks Streamlit's ``:emoji:``, ``:material/icon:`` and ``:color[...]`` codes and URLs."""
+    escaped = re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", str(text)).replace("\n", " ")
+    return escaped.replace(":", ":\u200b")
 
 
 def progress_bar(text: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -142,15 +168,113 @@ def errors_shown(what: str) -> Iterator[None]:
     try:
         yield
     except SubcloneError as err:
-        st.error(f"Could not finish {what}: {err}", icon=":material/error:")
+        st.error(f"Could not finish {plain(what)}: {plain(app_words(str(err)))}", icon=":material/error:")
     except (MemoryError, torch.OutOfMemoryError):
-        st.error(f"Out of memory while {what}: use a smaller token budget, batch or model, or wait for other "
+        st.error(f"Out of memory while {plain(what)}: use a smaller token budget, batch or model, or wait for other "
                  "jobs on this server to finish.", icon=":material/memory:")
     except OSError as err:
-        st.error(f"A file could not be read or written while {what}: {err}. Check the path and its "
+        st.error(f"A file could not be read or written while {plain(what)}: {plain(str(err))}. Check the path and its "
                  "permissions.",
                  icon=":material/error:")
     except Exception as err:
         logger.exception("unexpected error while %s", what)
-        st.error(f"Unexpected error while {what}: {type(err).__name__}: {err}. Try again or choose other "
+        st.error(f"Unexpected error while {plain(what)}: {type(err).__name__}: {plain(str(err))}. Try again or choose other "
                  "settings; the server log has the details.", icon=":material/bug_report:")
+
+
+# --- results kept for every session; page steps in the background ------------------------------------
+
+STEP_POLL_SECONDS = 0.5
+RESULTS_KEPT = 256
+
+
+@st.cache_resource(show_spinner=False)
+def _results() -> tuple[OrderedDict, threading.Lock]:
+    return OrderedDict(), threading.Lock()
+
+
+def cached(key: tuple) -> Any:
+    """A result kept by ``remember`` under ids and settings (longsteps.result_key), or None."""
+    store, lock = _results()
+    with lock:
+        return store.get(key)
+
+
+def remember(key: tuple, value: Any) -> Any:
+    """Keep a result for every session of this server (the oldest go beyond RESULTS_KEPT); returns it."""
+    store, lock = _results()
+    with lock:
+        store[key] = value
+        while len(store) > RESULTS_KEPT:
+            store.popitem(last=False)
+    return value
+
+
+def start_step(name: str, work: Work, apply: Callable[[Any], None]) -> None:
+    """Run a page step in the background; ``apply(result)`` runs on the next rerun after it is done. The
+    step is cancelled when no page of the session has polled it for ORPHAN_SECONDS (a closed tab)."""
+    job = BackgroundJob(work, name=name, orphan_after=ORPHAN_SECONDS).start()
+    workspace().start_step(name, job, apply)
+
+
+def step_panel(name: str, label: str, partial: Callable[[list[dict]], None] | None = None) -> bool:
+    """The step's progress bar and Cancel button (polled) while it runs, or its note once; whether it runs.
+
+    Args:
+        name: the step's name in the workspace.
+        label: what it does, for the bar and the notes.
+        partial: draws what the events so far show (e.g. the bars known so far).
+    """
+    ws = workspace()
+    note = ws.notes.pop(name, None)
+    if note is not None:
+        (st.error if note[0] == "error" else st.info)(f"{label}: {note[1]}")
+    if ws.running(name) is None:
+        return False
+    st.fragment(_poll_step, run_every=STEP_POLL_SECONDS)(name, label, partial)
+    return True
+
+
+def _poll_step(name: str, label: str, partial: Callable[[list[dict]], None] | None) -> None:
+    job = workspace().running(name)
+    if job is None:
+        return
+    job.heartbeat()
+    if job.done:
+        workspace().collect()  # apply the result here: a fragment rerun does not run app.py
+        st.rerun(scope="app")
+    events = job.events()
+    ticks = [e for e in events if e.get("event") == "progress"]
+    last = ticks[-1] if ticks else {"done": 0, "total": 0}
+    done, total, stage = last["done"], last["total"], last.get("stage", label)
+    text = f"{stage.capitalize()}: {done:,} of {total:,}" if total else f"{label.capitalize()}: starting"
+    began = next((e["time"] for e in ticks if e.get("stage") == last.get("stage")), None)
+    if done and began is not None and total > done:
+        text += f", about {max(1, round((time.time() - began) * (total - done) / done))} s left"
+    st.progress(min(1.0, done / total) if total else 0.0, text=text)
+    if st.button("Cancel", key=f"cancel_{name}"):
+        job.stop()
+    if partial is not None:
+        partial(events)
+
+
+def checked_number(label: str, low: float, high: float, name: str, default: float, *, column: Any = None,
+                   **options: Any) -> Any:
+    """A number input that keeps any typed value, shows its range in the label, and says when the value
+    is outside it; returns the value, or None (the caller then blocks its action).
+
+    Args:
+        label: what the number is, e.g. "Steps".
+        low, high: the valid range.
+        name: the kept widget's name (see ``keep``).
+        default: the first value.
+        column: where to draw (default: the main area).
+        options: more st.number_input arguments (step, format, disabled, help).
+    """
+    where = column if column is not None else st
+    value = where.number_input(range_label(label, low, high), key=keep(name, default), **options)
+    problem = range_problem(label, value, low, high)
+    if problem is not None and not options.get("disabled"):
+        where.error(problem, icon=":material/error:")
+        return None
+    return value
