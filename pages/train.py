@@ -8,7 +8,9 @@ import streamlit as st
 
 from subclone_core.app import charts, ui
 from subclone_core.app.analysis import live_summary, metrics_rows, run_progress
-from subclone_core.app.jobs import BackgroundJob
+from subclone_core.app.inputs import app_words, duration_text
+from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob
+from subclone_core.app.speedup_chart import iso_loss_chart_from_events
 from subclone_core.app.steps import EXTRA_STRATEGIES, TrainRequest, fresh_folder, training_work
 
 POLL_SECONDS = 1.0
@@ -24,17 +26,19 @@ if ws.child is None:
     st.stop()
 
 
-def request_form() -> TrainRequest:
-    """The training settings."""
+def request_form() -> TrainRequest | None:
+    """The training settings; None while one of them is out of its range (the input says which)."""
     cols = st.columns(5)
-    steps = int(cols[0].number_input("Steps", 1, 1_000_000, key=ui.keep("steps", 100)))
-    batch = int(cols[1].number_input("Batch size", 1, 1024, key=ui.keep("batch", 8)))
-    seq_len = int(cols[2].number_input("Sequence length", 8, 8192, key=ui.keep("seq_len", 128),
-                                       disabled=not parent.task_spec.sequences))
-    eval_every = int(cols[3].number_input("Validate every (steps)", 1, 100_000,
-                                          key=ui.keep("eval_every", 10)))
-    lr = float(cols[4].number_input("Learning rate (0: defaults)", 0.0, 1.0, format="%.5f",
-                                    key=ui.keep("lr", 0.0)))
+    values = [ui.checked_number("Steps", 1, 1_000_000, "steps", 100, column=cols[0], step=1),
+              ui.checked_number("Batch size", 1, 1024, "batch", 8, column=cols[1], step=1),
+              ui.checked_number("Sequence length", 8, 8192, "seq_len", 128, column=cols[2], step=8,
+                                disabled=not parent.task_spec.sequences),
+              ui.checked_number("Validate every (steps)", 1, 100_000, "eval_every", 10, column=cols[3], step=1),
+              ui.checked_number("Learning rate (0: defaults)", 0.0, 1.0, "lr", 0.0, column=cols[4], format="%.5f")]
+    if None in values:
+        return None
+    steps, batch, seq_len, eval_every = (int(v) for v in values[:4])
+    lr = float(values[4])
     extra = st.multiselect("Also train", EXTRA_STRATEGIES, key=ui.keep("extra", []))
     save = st.checkbox("Save the trained models under the output folder", key=ui.keep("save_trained", True))
     run_name = st.text_input("Run name", key=ui.keep("run_name", "run"), disabled=not save)
@@ -48,25 +52,40 @@ def start(request: TrainRequest) -> None:
     """Queue a new job for this session (the server bounds how many run at once)."""
     if request.save_dir is not None:
         request.save_dir = fresh_folder(request.save_dir)  # a second run never overwrites the first
-    job = BackgroundJob(training_work(request), name="train", limiter=ui.limiter())
+    # a job whose session stops polling (its tab was closed) is cancelled and frees the slot
+    job = BackgroundJob(training_work(request), name="train", limiter=ui.limiter(), orphan_after=ORPHAN_SECONDS)
     job.start()
     ws.job = job
 
 
+def queue_text(job: BackgroundJob) -> str:
+    """Where a waiting job stands, and how long the job ahead of it has run."""
+    ahead = ui.limiter().running_seconds()
+    running = f"; the job ahead has run for {duration_text(ahead[0]).removeprefix('about ')}" if ahead else ""
+    return f"Waiting for a free training slot: place {job.position} in the server's queue{running}."
+
+
 def show_status(job: BackgroundJob) -> None:
-    """Status line and the Stop button."""
+    """Status line, what the speedup can resolve, and the Stop button."""
     if job.status == "queued":
-        st.warning(f"Waiting for a free training slot: place {job.position} in the server's queue.",
-                   icon=":material/hourglass_empty:")
+        st.warning(queue_text(job), icon=":material/hourglass_empty:")
     elif job.status == "running":
         done, total = run_progress(job.events())
-        st.info(f"Training running for {job.elapsed():.0f} s: step {done} of {total or '?'}",
+        left = job.elapsed() * (total - done) / done if done and total else None
+        eta = f", {duration_text(left)} left" if left is not None else ""
+        st.info(f"Training running for {job.elapsed():.0f} s: step {done} of {total or '?'}{eta}",
                 icon=":material/directions_run:")
         st.progress(done / total if total else 0.0)
     elif job.status == "failed":
-        st.error(f"Training failed: {job.error}", icon=":material/error:")
+        st.error(f"Training failed: {app_words(job.error or '')}", icon=":material/error:")
     else:
-        st.success(f"Training {job.status} after {job.elapsed():.0f} s.", icon=":material/check_circle:")
+        why = " because no page polled it for a minute (its tab was closed)" if job.orphaned else ""
+        st.success(f"Training {job.status}{why} after {job.elapsed():.0f} s.", icon=":material/check_circle:")
+    every = next((e["config"].get("eval_every") for e in job.events() if e.get("event") == "start"), None)
+    if every:
+        st.caption(f"Speedups are read at the validation points, every {every} steps: \"1.0x\" means the child "
+                   f"reached random init's best loss within {every} steps of it, not that they are level. Until "
+                   "random init improves on its step-0 loss there is no target, and the speedup reads n/a.")
     if not job.done and st.button("Stop", key="stop_job"):
         job.stop()
 
@@ -77,9 +96,13 @@ def metrics_csv(job: BackgroundJob) -> str:
 
 
 def show_results(job: BackgroundJob) -> None:
-    """Live chart, summary with speedup and throughput, the metrics table and its CSV."""
+    """Live loss and iso-loss speedup charts, summary with speedup and throughput, the metrics table and its CSV."""
     events = job.events()
-    st.plotly_chart(charts.loss_chart(events), key="chart_loss")
+    left, right = st.columns(2)
+    left.plotly_chart(charts.loss_chart(events), key="chart_loss")
+    task = parent.task_spec  # the metric the candidates are compared on, and its direction
+    right.plotly_chart(iso_loss_chart_from_events(events, metric=task.metric, higher_is_better=task.higher_is_better),
+                       key="chart_iso_loss")
     summary = live_summary(events)
     if summary:
         st.dataframe(pd.DataFrame(summary), hide_index=True, key="table_summary")
@@ -97,6 +120,7 @@ def show_results(job: BackgroundJob) -> None:
 
 def live(job: BackgroundJob) -> None:
     """Redrawn every POLL_SECONDS while the job runs; one full rerun when it ends, to stop polling."""
+    job.heartbeat()
     show_status(job)
     show_results(job)
     if job.done and st.session_state.get("polled_job") == job.id:
