@@ -139,3 +139,21 @@ def test_an_orphaned_training_job_is_cancelled_and_frees_the_slot(workdir, monke
     assert any(e.get("event") == "step" for e in job.events())  # its metrics are kept
     run(at)  # the session comes back: the page says what happened
     assert any("no page polled it" in s.value for s in at.success)
+
+
+def test_block_ablation_replaying_the_blocks_before_matches_recomputing_them(monkeypatch):
+    import tiny_models
+    import torch
+
+    from subclone_core import analysis
+
+    model = tiny_models.make("llama").eval()
+    batches = [{"input_ids": torch.randint(0, 50, (2, 16)), "labels": torch.randint(0, 50, (2, 16))}
+               for _ in range(3)]
+    seen = []
+    replayed = analysis.block_ablation(model, batches, on_block=lambda i, m: seen.append(i))
+    monkeypatch.setattr(analysis, "REPLAY_BYTES", 0)  # nothing fits: every block is recomputed
+    recomputed = analysis.block_ablation(model, batches)
+    assert replayed == recomputed  # the same floats, not merely close
+    assert seen == [-1, *range(len(replayed["losses"]))]  # each result as soon as it is known
+    assert all("forward" not in block.__dict__ for block in model.model.layers)  # the model is as it was
