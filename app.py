@@ -54,6 +54,9 @@ def jobs_status() -> None:
     ws = ui.workspace()
     for job in ws.jobs():
         job.heartbeat()
+    if any(job.done for job, _ in ws.steps.values()):
+        ws.collect()  # a step finished while another page is shown: apply it and redraw that page
+        st.rerun(scope="app")
     job = ws.job
     if job is not None:
         if job.status == "queued":
