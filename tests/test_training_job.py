@@ -88,3 +88,23 @@ def test_one_data_budget_for_text_and_images(tiny_llama_dir, tiny_vit_dir, count
     images = load_parent(str(tiny_vit_dir))
     train, val, sized = training_data(images, "digits", config, seq_len=8, eval_tokens=16, eval_images=4)
     assert len(train) == 12 and len(val) == 4 and sized.eval_batches == 2
+
+
+def test_a_bf16_child_trains_with_float32_weights(tiny_llama_dir, counting_text_file, tmp_path):
+    """Children keep a bf16 parent's dtype when made; training upcasts them (AdamW state in bf16 loses the
+    small updates) and bf16 speed comes from autocast instead."""
+    import torch
+
+    from subclone_core.training import train_candidates
+
+    parent = load_parent(str(tiny_llama_dir), dtype=torch.bfloat16)
+    target = plan_shape(parent.model, layers=2, hidden=16, heads=2, kv_heads=1, ffn=24)
+    settings = CandidateSettings(names=("uniform", "random"), seed=0)
+    candidates, _ = build_candidates(parent, target, settings)
+    assert {next(c.model.parameters()).dtype for c in candidates} == {torch.bfloat16}
+    config = TrainConfig(steps=2, batch_size=2, eval_every=1)
+    train, val, config = training_data(parent, str(counting_text_file), config, seq_len=8, eval_tokens=16,
+                                       eval_images=4)
+    results = train_candidates(candidates, train, val, config)
+    assert all(r.status == "done" for r in results.values())
+    assert {p.dtype for r in results.values() for p in r.model.parameters()} == {torch.float32}

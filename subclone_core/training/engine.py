@@ -66,6 +66,14 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def _float32_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with float32 parameters (in place): a child of a bf16 or fp16 parent trains with float32
+    weights and optimizer state, and reaches bf16 speed through autocast where the device has it."""
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        model.float()
+    return model
+
+
 class _Runner:
     """One candidate's model, optimizer, schedule, data stream and result."""
 
@@ -73,7 +81,7 @@ class _Runner:
         cfg = ctx.config
         lr, wd = cand.hparams()
         self.cand, self.ctx, self.teacher = cand, ctx, teacher
-        self.model = ctx.accelerator.prepare_model(cand.model)
+        self.model = ctx.accelerator.prepare_model(_float32_weights(cand.model))
         self.extra = no_cache_kwargs(ctx.accelerator.unwrap_model(self.model))
         self.teacher_extra = no_cache_kwargs(teacher) if teacher is not None else {}
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, wd), lr=lr)
