@@ -115,10 +115,21 @@ def score_curve(importance: Importance, width: int) -> go.Figure:
                    line={"color": DROPPED}),
     ])
     fig.add_vline(x=width - 0.5, line_dash="dash", line_color=BASE, annotation_text=f"cut at {width}")
-    # one tick per power of ten: Plotly's default log ticks read "2, 3 ... 1000, 2, 3"
     fig.update_layout(title=_title("Shared residual ranking"), xaxis_title="rank", yaxis_title="score",
-                      yaxis={"type": "log", "dtick": 1, "exponentformat": "power"}, **_LAYOUT)
+                      yaxis={"type": "log", **_log_ticks(scores)}, **_LAYOUT)
     return fig
+
+
+def _log_ticks(values: np.ndarray) -> dict:
+    """Ticks at 1, 2 and 5 times each power of ten within the data, written out in full (Plotly's own log
+    ticks read "2, 3 ... 1000, 2, 3", the first digits only)."""
+    positive = values[values > 0]
+    if positive.size == 0:
+        return {}
+    lo, hi = float(positive.min()), float(positive.max())
+    ticks = [m * 10.0**k for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0**k <= hi]
+    return {"tickvals": ticks, "ticktext": [f"{t:,g}" for t in ticks]} if ticks else {}
 
 
 def rank_correlation_heatmap(matrix: Tensor) -> go.Figure:
