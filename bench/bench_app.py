@@ -149,8 +149,10 @@ def training_rows(steps: int) -> list[list[object]]:
 NOTE = """Every action is timed as its page runs it, with the page's defaults, on the embedded default parent
 (SmolLM2-135M, float32) and the default text, in the order a visitor clicks through the pages. Wall seconds
 include waiting for a core; CPU seconds are user + system time of all threads. On a machine shared with other
-work the wall time overstates what 2 idle cores take: there, with torch's 2 threads, an action takes about its
-CPU time divided by 1.5 to 2. The page steps that run in the background (calibration, inspector, loss without
+work the wall time overstates what 2 idle cores take. Here the CPU time was about the wall time (the 2 threads
+rarely ran at once); on 2 idle cores torch's 2 threads overlap, so an action should take between its CPU time
+divided by 2 and its CPU time: the slowest (25 s CPU, the loss without each block) meets the 20 s goal only if
+they overlap by 1.3x or more, which was not measured on an idle machine. The page steps that run in the background (calibration, inspector, loss without
 each block, explorer, Generate) show a progress bar, an estimate and Cancel; every result is kept per parent,
 data and settings for every session, so repeating an action with the same settings takes no time."""
 

@@ -3,6 +3,8 @@ short generation."""
 
 from __future__ import annotations
 
+import html
+
 import streamlit as st
 import torch
 
@@ -166,14 +168,14 @@ def show_generation(parent: Parent) -> None:
         if text is not None:
             ws.generations[(prompt, new_tokens)] = text
     if (prompt, new_tokens) in ws.generations:
-        st.markdown(continuation_markdown(prompt, ws.generations[(prompt, new_tokens)]))
+        st.html(continuation_html(prompt, ws.generations[(prompt, new_tokens)]))
 
 
-def continuation_markdown(prompt: str, continuation: str) -> str:
-    """The prompt, then the model's words in bold, joined as the model wrote them (no added space)."""
-    words = continuation.lstrip()
-    space = continuation[:len(continuation) - len(words)]
-    return f"> {ui.plain(prompt)}{space}**{ui.plain(words)}**" if words else f"> {ui.plain(prompt)}"
+def continuation_html(prompt: str, continuation: str) -> str:
+    """The prompt, then the model's words in bold, joined as the model wrote them ("city's", not
+    "city 's"). HTML with every character escaped: Markdown cannot start bold inside a word ("city**'s")."""
+    return (f"<blockquote style='margin:0;padding-left:1em;border-left:3px solid #ccc'>{html.escape(prompt)}"
+            f"<b>{html.escape(continuation)}</b></blockquote>")
 
 
 choose_parent()

@@ -143,7 +143,8 @@ def test_whole_flow_parent_importance_blocks_child_train(workdir, tmp_path):
     at.text_input(key="keep_prompt").set_value("w5 w6 w7")
     at.button(key="parent_generate").click()
     run(at)
-    assert any(m.value.startswith("> w5 w6 w7 **w") for m in at.markdown)
+    (shown,) = [h.proto.body for h in at.get("html")]  # the prompt, then the continuation in bold
+    assert shown.split("</blockquote>")[0].split(">", 1)[1].startswith("w5 w6 w7<b> w")
 
     # 2. Importance: calibration with a budget, heatmaps, score curve, ranking consistency
     at.switch_page("pages/importance.py")
