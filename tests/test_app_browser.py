@@ -1,10 +1,13 @@
 """The app in a real browser: Debian chromium driven by Playwright against `make run` on 127.0.0.1,
-with the embedded default parent. Goes through every page, generates a child, trains it 10 steps next to
-its random twin, and saves a screenshot of each page under test-artifacts/screenshots/."""
+with the embedded default parent (loaded when the app opens). Goes through every page, asks the neuron
+inspector what outsized dimensions and one FFN neuron fire on, clicks a point of the shape explorer, generates
+a child, trains it 10 steps next to its random twin (the settings survive a page switch), and saves a
+screenshot of each page under test-artifacts/screenshots/."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,6 +73,8 @@ def app_url(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
+        # make execs streamlit, so SIGTERM reaches the server, which exits cleanly (make used to abort: 134)
+        assert process.returncode in (0, -signal.SIGTERM), f"make run exited with {process.returncode}"
 
 
 def _server_pid(make_pid: int) -> int:
@@ -124,15 +129,26 @@ def _idle(page) -> None:
     }""", timeout=SLOW)
 
 
+def _number_box(page, label: str):
+    """A number input by the start of its label (the app appends the valid range, e.g. "Steps (1 to ...)")."""
+    return page.get_by_role("spinbutton", name=re.compile("^" + re.escape(label) + r" \("))
+
+
 def _set_number(page, label: str, value: int) -> None:
     """Type a number and commit it with Enter; check that the rerun kept it."""
     from playwright.sync_api import expect
 
-    box = page.get_by_role("spinbutton", name=label, exact=True)
+    box = _number_box(page, label)
     box.fill(str(value))
     box.press("Enter")
     _idle(page)
     expect(box).to_have_value(str(value))
+
+
+def _step_done(page) -> None:
+    """Wait for a background page step to finish: its Cancel button goes away."""
+    page.get_by_role("button", name="Cancel").first.wait_for(state="detached")
+    _idle(page)
 
 
 def _goto(page, title: str) -> None:
@@ -176,14 +192,64 @@ def _upload_text_then_go_back(page, folder: Path) -> None:
     _idle(page)
 
 
+def _inspect_neurons(page) -> None:
+    """Inspector tab: the outsized residual dimensions, then FFN neuron 7 of block 3; their tables appear."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Inspector").click()
+    page.get_by_role("button", name="What do they fire on?").click()
+    outsized = page.get_by_text(re.compile(r"^Residual dimension \(block output\) \d+, block \d+$"))
+    outsized.first.wait_for()
+    _step_done(page)
+    assert outsized.count() >= 1
+    expect(page.get_by_test_id("stDataFrame")).to_have_count(outsized.count())  # a table per dimension
+    page.get_by_test_id("stSelectbox").filter(has_text="Unit").click()
+    page.get_by_role("option", name="FFN neuron").click()
+    _idle(page)
+    _set_number(page, "Block", 3)
+    _set_number(page, "Index", 7)
+    page.get_by_role("button", name="Show top activations").click()
+    page.get_by_text("FFN neuron 7, block 3", exact=True).wait_for()
+    _step_done(page)
+    expect(page.get_by_test_id("stDataFrame")).to_have_count(1)  # this neuron's table replaced the others
+    _no_errors(page)
+    _shot(page, "2c-inspector")
+
+
+def _explore_and_click_a_point(page) -> None:
+    """Shape explorer: score the shapes near the default budget, click a Pareto point; the shape inputs
+    take that point's blocks and width."""
+    from playwright.sync_api import expect
+
+    page.get_by_text("Explore shapes near a parameter budget").click()
+    _number_box(page, "Parameter budget (millions)").wait_for()
+    page.get_by_role("button", name="Explore shapes", exact=True).click()
+    page.get_by_text("Explored shape").wait_for()
+    _step_done(page)
+    chart = page.locator(".js-plotly-plot").filter(has_text="Pareto front").first
+    point = chart.evaluate("""gd => {
+        const i = gd.data.findIndex(t => t.name === 'Pareto front');
+        const t = gd.data[i], n = t.x.length - 1, L = gd._fullLayout, s = L._size;
+        return {label: t.text[n], x: s.l + L.xaxis.l2p(t.x[n]), y: s.t + L.yaxis.l2p(t.y[n])};
+    }""")
+    box = chart.bounding_box()
+    page.mouse.click(box["x"] + point["x"], box["y"] + point["y"])
+    _idle(page)
+    layers, hidden = point["label"].split("x")
+    expect(_number_box(page, "Blocks")).to_have_value(layers)
+    expect(_number_box(page, "Hidden")).to_have_value(hidden)
+    _no_errors(page)
+    _shot(page, "4b-explorer")
+
+
 def test_every_page_in_a_real_browser(app_url, page):
+    from playwright.sync_api import expect
+
     url, out, server = app_url
     page.goto(url)
+    page.get_by_text("Perplexity").first.wait_for()  # the default parent is loaded on open, no click
     _idle(page)
     _assert_server_idle(server)
-    page.get_by_role("button", name="Load parent").click()
-    page.get_by_text("Perplexity").first.wait_for()
-    _idle(page)
     page.get_by_role("button", name="Generate", exact=True).click()
     page.locator("blockquote").first.wait_for()
     _no_errors(page)
@@ -194,24 +260,27 @@ def test_every_page_in_a_real_browser(app_url, page):
     _set_number(page, "Calibration token budget (for images: patches)", 1024)
     page.get_by_role("button", name="Run calibration").click()
     page.get_by_text("Mean rank correlation").first.wait_for(state="attached")
-    _idle(page)
+    _step_done(page)
     page.locator(".js-plotly-plot").nth(1).wait_for()  # the score curve and the residual heatmap
     _no_errors(page)
     _shot(page, "2-importance")
     page.get_by_role("tab", name="Consistency").click()
     page.get_by_text("Mean rank correlation").first.wait_for()
     _shot(page, "2b-consistency")
+    _inspect_neurons(page)
 
     _goto(page, "3. Blocks")
     page.get_by_text("The child keeps").wait_for()
     _set_number(page, "Validation tokens per evaluation", 128)
     page.get_by_role("button", name="Compute").click()  # one evaluation of 128 tokens per block
     page.locator(".js-plotly-plot").nth(1).wait_for()
-    _idle(page)
+    _step_done(page)
+    page.locator(".js-plotly-plot").nth(1).wait_for()
     _no_errors(page)
     _shot(page, "3-blocks")
 
     _goto(page, "4. Child")
+    _explore_and_click_a_point(page)
     page.get_by_role("button", name="Generate", exact=True).click()
     page.get_by_text("subclone: validation loss").wait_for()
     page.get_by_role("button", name="Save").click()
@@ -230,6 +299,7 @@ def test_every_page_in_a_real_browser(app_url, page):
     page.get_by_text("Training running").or_(page.get_by_text("Training done")).first.wait_for()
     _goto(page, "1. Parent")  # the job goes on while the user looks at another page
     _goto(page, "5. Train")
+    expect(_number_box(page, "Steps")).to_have_value("10")  # the settings survived the page switch
     page.get_by_text("Training done").wait_for()
     _idle(page)
     _no_errors(page)
