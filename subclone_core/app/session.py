@@ -31,7 +31,7 @@ class Workspace:
         data_id: the chosen data id (None: the parent task's default).
         data_label: how to show the data to the user.
         parent_metrics: the parent's validation metrics on the chosen data.
-        generations: prompt -> the parent's continuation (text parents).
+        generations: (prompt, new tokens) -> the parent's continuation (text parents).
         importance: the last calibration of this parent on this data.
         drop: the block policy chosen on the Blocks page ("middle", "magnitude" or blocks to drop).
         child_layers: the number of blocks chosen on the Blocks page.
@@ -56,7 +56,7 @@ class Workspace:
     data_id: str | None = None
     data_label: str = "default"
     parent_metrics: dict | None = None
-    generations: dict[str, str] = field(default_factory=dict)
+    generations: dict[tuple[str, int], str] = field(default_factory=dict)
     importance: Importance | None = None
     drop: str | list[int] | None = None
     child_layers: int | None = None
