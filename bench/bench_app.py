@@ -100,6 +100,30 @@ def action_rows() -> list[list[object]]:
     return rows
 
 
+def page_rows() -> list[list[object]]:
+    """The app itself through AppTest: opening it (the default parent loads and is scored), then a switch to
+    each page once a calibration and a child exist (what a visitor waits for when clicking a page link)."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    _, wall, cpu = timed(at.run)
+    rows = [["app", "open (default parent loaded and scored)", f"{wall:.1f}", f"{cpu:.1f}"]]
+    at.switch_page("pages/importance.py").run()
+    for page, button in (("importance", "run_calibration"), ("child", "generate_child")):
+        at.switch_page(f"pages/{page}.py").run()
+        at.button(key=button).click().run()
+        for job, _ in list(at.session_state["workspace"].steps.values()):
+            job.wait()
+        at.run()
+    for page in ("parent", "importance", "blocks", "child", "train"):
+        _, wall, cpu = timed(at.switch_page(f"pages/{page}.py").run)
+        rows.append(["app", f"switch to the {page.capitalize()} page", f"{wall:.2f}", f"{cpu:.2f}"])
+        print(rows[-1], flush=True)
+    if at.exception:
+        raise RuntimeError([e.value for e in at.exception])
+    return rows
+
+
 def app_training(parent, child, twin, settings, steps: int) -> float:
     """The Train page's path: the job thread trains while the page's fragment polls once a second."""
     request = TrainRequest(parent=parent, data_id=None, child=child, twin=twin, settings=settings,
@@ -151,10 +175,12 @@ NOTE = """Every action is timed as its page runs it, with the page's defaults, o
 include waiting for a core; CPU seconds are user + system time of all threads. On a machine shared with other
 work the wall time overstates what 2 idle cores take. Here the CPU time was about the wall time (the 2 threads
 rarely ran at once); on 2 idle cores torch's 2 threads overlap, so an action should take between its CPU time
-divided by 2 and its CPU time: the slowest (25 s CPU, the loss without each block) meets the 20 s goal only if
-they overlap by 1.3x or more, which was not measured on an idle machine. The page steps that run in the background (calibration, inspector, loss without
+divided by 2 and its CPU time: the slowest (the loss without each block, 25-27 s CPU in these runs) meets the
+20 s goal only if they overlap by 1.35x or more, which was not measured on an idle machine. The page steps that run in the background (calibration, inspector, loss without
 each block, explorer, Generate) show a progress bar, an estimate and Cancel; every result is kept per parent,
-data and settings for every session, so repeating an action with the same settings takes no time."""
+data and settings for every session, so repeating an action with the same settings takes no time. The "app"
+rows drive app.py itself through Streamlit's AppTest: a page switch is the server's script run only (the
+browser's drawing comes on top)."""
 
 TRAINING_NOTE = """Training throughput of the default child (6 x 192, the Child page's suggestion) and its random twin,
 batch 8 x 128, validation every 10 steps: the app's path (a BackgroundJob running the Train page's work while a
@@ -174,6 +200,7 @@ def main() -> None:
               "2 cores: these numbers are pessimistic).")]
     if args.only in (None, "actions"):
         rows = action_rows()
+        rows += page_rows()
         parts += [NOTE, table(["page", "action (default settings)", "wall s", "CPU s"], rows)]
     if args.only in (None, "training"):
         rows = training_rows(args.steps)
