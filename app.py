@@ -72,7 +72,7 @@ def jobs_status() -> None:
     queue = ui.limiter().snapshot()
     st.caption(f"Server: {queue['running']}/{queue['max_running']} training job(s) running, "
                f"{queue['queued']} waiting. Files go to `{ui.settings().output_dir}`. "
-               f"Device: {ui.device() or 'cpu'}.")
+               "Parent on {}, {}.".format(*ui.placement()))
 
 
 navigation = st.navigation(PAGES)

@@ -157,3 +157,20 @@ def test_block_ablation_replaying_the_blocks_before_matches_recomputing_them(mon
     assert replayed == recomputed  # the same floats, not merely close
     assert seen == [-1, *range(len(replayed["losses"]))]  # each result as soon as it is known
     assert all("forward" not in block.__dict__ for block in model.model.layers)  # the model is as it was
+
+
+def test_results_are_kept_per_parent_placement(monkeypatch):
+    """A bfloat16 parent's scores are not a float32 parent's: the session's placement is part of the key."""
+    import threading
+    from collections import OrderedDict
+
+    from subclone_core.app import ui
+
+    store = (OrderedDict(), threading.Lock())
+    monkeypatch.setattr(ui, "_results", lambda: store)
+    monkeypatch.setattr(ui, "placement", lambda: ("cpu", "float32"))
+    key = ("parent-eval", "default", None, 2048)
+    ui.remember(key, {"loss": 1.0})
+    assert ui.cached(key) == {"loss": 1.0}
+    monkeypatch.setattr(ui, "placement", lambda: ("cpu", "bfloat16"))
+    assert ui.cached(key) is None

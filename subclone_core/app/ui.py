@@ -194,17 +194,21 @@ def _results() -> tuple[OrderedDict, threading.Lock]:
 
 
 def cached(key: tuple) -> Any:
-    """A result kept by ``remember`` under ids and settings (longsteps.result_key), or None."""
+    """A result kept by ``remember`` under ids and settings (longsteps.result_key), or None.
+
+    The session's parent placement (device, dtype) is part of every key: a bfloat16 parent's scores are
+    not a float32 parent's.
+    """
     store, lock = _results()
     with lock:
-        return store.get(key)
+        return store.get((*placement(), *key))
 
 
 def remember(key: tuple, value: Any) -> Any:
     """Keep a result for every session of this server (the oldest go beyond RESULTS_KEPT); returns it."""
     store, lock = _results()
     with lock:
-        store[key] = value
+        store[(*placement(), *key)] = value
         while len(store) > RESULTS_KEPT:
             store.popitem(last=False)
     return value
