@@ -12,12 +12,18 @@ from subclone_core.analysis import generate_text
 from subclone_core.app import ui
 from subclone_core.app.analysis import available_bytes
 from subclone_core.app.charts import perplexity_text
-from subclone_core.app.longsteps import STEP0_TOKENS, evaluate_parent, result_key
+from subclone_core.app.longsteps import (
+    STEP0_TOKENS,
+    VIT_BUILD_MINUTES,
+    evaluate_parent,
+    result_key,
+    vit_build_work,
+)
 from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.steps import store_upload
 from subclone_core.errors import SubcloneError
 from subclone_core.sources import Parent
-from subclone_core.sources.parents import describe
+from subclone_core.sources.parents import default_vit_built, describe
 from subclone_core.tasks import TaskSpec
 
 SOURCES = {
@@ -27,6 +33,7 @@ SOURCES = {
     "hub": "Hugging Face Hub id",
 }
 UPLOAD, LOCAL = "upload", "local"
+VIT_STEP = "build-vit"
 
 
 def data_options(task: TaskSpec) -> dict[str, str]:
@@ -52,14 +59,25 @@ def choose_parent() -> None:
         parent_id = st.text_input("Hub id (needs internet)", key=ui.keep("parent_hub", ""),
                                   placeholder="HuggingFaceTB/SmolLM2-135M").strip()
     choose_placement()
-    if st.button("Load parent", type="primary", key="load_parent"):
-        with ui.errors_shown(f"loading the parent {parent_id!r}"), st.spinner(
-                f"Loading {parent_id or 'the parent'} (a first use converts or builds it once)..."):
-            if not parent_id:
-                raise SubcloneError("type a folder path or a Hub id first")
-            parent = ui.get_parent(parent_id)
-            task = parent.task_spec
-            ws.choose(parent_id, None, task.data_choices[task.default_data])
+    if st.button("Load parent", type="primary", key="load_parent", disabled=ws.running(VIT_STEP) is not None):
+        if parent_id == "default-vit" and not default_vit_built():
+            ui.start_step(VIT_STEP, vit_build_work(), lambda _folder: load_parent_now("default-vit"))
+        else:
+            load_parent_now(parent_id)
+    low, high = VIT_BUILD_MINUTES
+    ui.step_panel(VIT_STEP, f"pretraining the ViT parent on Fashion-MNIST, once (about {low}-{high} min on 2 "
+                            "CPU cores; the app stays usable, Cancel stops it)")
+
+
+def load_parent_now(parent_id: str) -> None:
+    """Load the parent (converting a GGUF once) and make it the session's, with its task's default data."""
+    with ui.errors_shown(f"loading the parent {parent_id!r}"), st.spinner(
+            f"Loading {parent_id or 'the parent'} (a first use converts it once)..."):
+        if not parent_id:
+            raise SubcloneError("type a folder path or a Hub id first")
+        parent = ui.get_parent(parent_id)
+        task = parent.task_spec
+        ws.choose(parent_id, None, task.data_choices[task.default_data])
 
 
 def choose_placement() -> None:

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from test_app_pages import errors, run, settle, start_app, train_on_page, workdir  # noqa: F401 (workdir: a fixture)
+from test_app_pages import APP, TIMEOUT, errors, run, settle, start_app, train_on_page, workdir  # noqa: F401 (workdir: a fixture)
 
 from subclone_core.app.inputs import app_words, duration_text, range_label, range_problem, without_suggestion
 from subclone_core.app.jobs import BackgroundJob, JobLimiter, cancellable
@@ -174,3 +174,41 @@ def test_results_are_kept_per_parent_placement(monkeypatch):
     assert ui.cached(key) == {"loss": 1.0}
     monkeypatch.setattr(ui, "placement", lambda: ("cpu", "bfloat16"))
     assert ui.cached(key) is None
+
+
+TINY_VIT = {"data": "digits", "layers": 1, "hidden": 16, "heads": 2, "ffn": 32, "patch": 4, "epochs": 0.5,
+            "batch_size": 64, "lr": 3e-3}
+
+
+@pytest.mark.usefixtures("workdir")
+def test_the_vit_parent_is_pretrained_in_the_background_then_loaded(monkeypatch, tmp_path):
+    """Choosing the self-pretrained ViT before it exists starts its pretraining as a page step with a
+    progress bar and Cancel (minutes for the real recipe, a tiny one here); when it ends, it is the parent."""
+    from streamlit.testing.v1 import AppTest
+
+    from subclone_core.sources import vit_pretrain
+
+    monkeypatch.setenv("SUBCLONE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(vit_pretrain, "DEFAULT_RECIPE", vit_pretrain.VitRecipe(**TINY_VIT))
+    at = run(AppTest.from_file(APP, default_timeout=TIMEOUT))
+    at.radio(key="keep_parent_source").set_value("default-vit")
+    run(at)
+    at.button(key="load_parent").click()
+    run(at)
+    job, _ = at.session_state["workspace"].steps["build-vit"]
+    assert job.wait(120) and job.status == "done", job.error
+    assert any(e.get("event") == "progress" for e in job.events())  # the bar had something to show
+    run(at)
+    assert at.session_state["workspace"].parent_id == "default-vit"
+    assert not errors(at)
+
+
+def test_cancelling_the_vit_pretraining_saves_nothing(tmp_path):
+    from subclone_core.errors import SubcloneError
+    from subclone_core.sources import vit_pretrain
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(SubcloneError, match="cancelled"):
+        vit_pretrain.pretrain_vit(tmp_path / "vit", cancel=cancel, **TINY_VIT)
+    assert not (tmp_path / "vit").exists() and not list(tmp_path.iterdir())

@@ -15,14 +15,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from subclone_core.analysis import block_ablation, evaluate_shared, exclusive, generate_text
-from subclone_core.app.jobs import Emit, Work, cancellable
+from subclone_core.app.jobs import Emit, JobCancelled, Work, cancellable
 from subclone_core.app.steps import make_children, validation_batches
 from subclone_core.calibration import Importance, Progress
+from subclone_core.errors import SubcloneError
 from subclone_core.evaluate import evaluate
 from subclone_core.explore import explore_shapes, validation_sample
 from subclone_core.inspector import Unit, inspect_units
 from subclone_core.shape import Shape
-from subclone_core.sources import Parent
+from subclone_core.sources import Parent, vit_pretrain
 from subclone_core.training.job import CandidateSettings
 from subclone_core.workflow import measure_importance
 
@@ -134,6 +135,30 @@ def inspector_work(parent: Parent, units: Sequence[Unit], data_id: str | None, t
 
     def work(emit: Emit, cancel: threading.Event) -> dict:
         return inspect_units(parent, units, data_id, tokens=tokens, progress=cancellable(cancel, emit))
+
+    return work
+
+
+VIT_BUILD_MINUTES = (9, 14)  # pretrain-vit on 2 CPU cores: idle, and with other work on the machine
+
+
+def vit_build_work() -> Work:
+    """Pretrain the self-pretrained ViT parent into the cache (minutes); Cancel stops it and saves nothing.
+
+    Returns the cache folder.
+    """
+
+    def work(emit: Emit, cancel: threading.Event) -> Any:
+        def progress(event: dict) -> None:
+            if "loss" in event:  # the training steps; the final accuracy event needs no bar
+                emit({"event": "progress", "done": event["step"], "total": event["steps"], "time": time.time()})
+
+        try:
+            return vit_pretrain.pretrain_vit(progress=progress, cancel=cancel)
+        except SubcloneError:
+            if cancel.is_set():
+                raise JobCancelled from None
+            raise
 
     return work
 

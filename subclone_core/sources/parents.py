@@ -165,6 +165,13 @@ def _folder_label(folder: Path) -> str:
         return f"{folder.name} (local folder)"
 
 
+def default_vit_built() -> bool:
+    """Whether the self-pretrained ViT is in the cache already (else loading it first trains it: minutes)."""
+    from subclone_core.sources import vit_pretrain  # late: the training code is needed only once
+
+    return cache_is_valid(cache_dir() / "default-vit", vit_pretrain.default_source())
+
+
 def default_vit_folder() -> Path:
     """The self-pretrained ViT parent, pretrained on Fashion-MNIST on first use (minutes)."""
     from subclone_core.sources import vit_pretrain  # late: the training code is needed only once

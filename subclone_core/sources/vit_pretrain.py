@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -79,14 +80,9 @@ def recipe_with(**overrides) -> VitRecipe:
     return replace(DEFAULT_RECIPE, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def pretrain_vit(
-    out_dir: Path | str | None = None,
-    *,
-    recipe: VitRecipe | None = None,
-    progress: Callable[[dict], None] | None = None,
-    device: str | None = None,
-    **overrides,
-) -> Path:
+def pretrain_vit(out_dir: Path | str | None = None, *, recipe: VitRecipe | None = None,
+                 progress: Callable[[dict], None] | None = None, device: str | None = None,
+                 cancel: threading.Event | None = None, **overrides) -> Path:
     """Train a ViT on Fashion-MNIST and save it as a Hugging Face folder (safetensors + image processor).
 
     It trains on the same engine as every child (subclone_core.training: AdamW with decay on matrices,
@@ -100,6 +96,7 @@ def pretrain_vit(
         progress: called with {"step", "steps", "loss", "lr", "seconds"} every few steps and with
             {"step", "steps", "test_accuracy", "seconds"} at the end.
         device: "auto" (default: CUDA if available, else CPU), "cpu" or "cuda".
+        cancel: set it (from another thread) to stop after the current step; nothing is saved.
 
     Returns:
         The saved folder.
@@ -114,7 +111,8 @@ def pretrain_vit(
     config = _train_config(recipe, len(train), len(test), device)
     start = time.perf_counter()
     result = train_candidates([Candidate("vit", model, lr=recipe.lr, weight_decay=recipe.weight_decay)], train,
-                              test, config, callbacks=[_progress_events(progress, config.steps, start)])["vit"]
+                              test, config, callbacks=[_progress_events(progress, config.steps, start)],
+                              cancel=cancel)["vit"]
     if result.status != "done":
         raise SubcloneError(f"ViT pretraining {result.status}: {result.message}")
     info = _info(recipe, result, len(test), time.perf_counter() - start, config.device)
