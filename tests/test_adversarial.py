@@ -37,7 +37,7 @@ def run_cli(args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def one_line_error(args, *needles: str) -> str:
+def assert_one_line_error(args, *needles: str) -> str:
     """The CLI refuses ``args`` with exit status 2 and one line on stderr that contains every needle."""
     code, _, err = run_cli(args)
     lines = [line for line in err.strip().splitlines() if "Warning" not in line and line.strip()]
@@ -108,7 +108,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_on_bad_input(llama_d
     run = old_run(tmp_path / "run")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    one_line_error(["train", "--model", llama_dir, "--data", empty, "--out", run, "--overwrite", *FAST], "empty")
+    assert_one_line_error(["train", "--model", llama_dir, "--data", empty, "--out", run, "--overwrite", *FAST], "empty")
     assert (run / "summary.json").read_text() == '{"old": true}'
     assert (run / "metrics.jsonl").exists() and (run / "random" / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -183,7 +183,7 @@ def test_replace_existing_never_replaces_another_sessions_child(llama_dir, tmp_p
 def test_inspect_refuses_to_replace_an_existing_file_without_overwrite(llama_dir, text_file, tmp_path):
     out = tmp_path / "importance.json"
     out.write_text("mine")
-    one_line_error(["inspect", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 256, "--out", out],
+    assert_one_line_error(["inspect", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 256, "--out", out],
                    str(out), "--overwrite")
     assert out.read_text() == "mine"
 
@@ -191,7 +191,7 @@ def test_inspect_refuses_to_replace_an_existing_file_without_overwrite(llama_dir
 def test_inspect_with_a_folder_as_out_is_one_line_and_leaves_nothing(llama_dir, text_file, tmp_path):
     out = tmp_path / "folder"
     out.mkdir()
-    one_line_error(["inspect", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 256, "--out", out],
+    assert_one_line_error(["inspect", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 256, "--out", out],
                    "folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
@@ -310,32 +310,32 @@ def bad_tokenizer(folder):
 ])
 def test_damaged_model_folders_are_one_line(llama_dir, tmp_path, damage, needle):
     folder = damaged_copy(llama_dir, tmp_path / "model", damage)
-    one_line_error(["info", "--parent", folder], needle)
+    assert_one_line_error(["info", "--parent", folder], needle)
 
 
 def test_a_rejected_pickle_under_allow_pickle_is_one_line(llama_dir, tmp_path):
     folder = damaged_copy(llama_dir, tmp_path / "model", lambda f: (f / "model.safetensors").unlink())
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04garbage that is no pickle")
-    one_line_error(["info", "--parent", folder, "--allow-pickle"], "pytorch_model.bin")
+    assert_one_line_error(["info", "--parent", folder, "--allow-pickle"], "pytorch_model.bin")
 
 
 def test_gpt2_seq_len_beyond_its_position_table_is_one_line(gpt2_dir, text_file, tmp_path):
     limit = transformers.AutoConfig.from_pretrained(gpt2_dir).n_positions
-    one_line_error(["compare", "--parent", gpt2_dir, "--data", text_file, "--calib-tokens", 256,
+    assert_one_line_error(["compare", "--parent", gpt2_dir, "--data", text_file, "--calib-tokens", 256,
                     *FAST, "--seq-len", limit + 1, "--eval-tokens", 4 * limit], "--seq-len", str(limit))
 
 
 @pytest.mark.parametrize("flag, value", [("--warmup", "nan"), ("--warmup", "inf"), ("--wd", "nan"),
                                          ("--wd", "inf"), ("--target", "nan"), ("--target", "-inf")])
 def test_non_finite_numbers_are_refused(llama_dir, tmp_path, flag, value):
-    one_line_error(["compare", "--parent", llama_dir, *FAST, f"{flag}={value}"], flag)
+    assert_one_line_error(["compare", "--parent", llama_dir, *FAST, f"{flag}={value}"], flag)
 
 
 def test_a_malformed_subclone_json_given_to_train_is_one_line(llama_dir, text_file, tmp_path):
     for text in ("{not json", '["a list"]'):
         folder = tmp_path / f"model-{len(text)}"
         damaged_copy(llama_dir, folder, lambda f, text=text: (f / "subclone.json").write_text(text))
-        one_line_error(["train", "--model", folder, "--data", text_file, "--out", tmp_path / "run", *FAST],
+        assert_one_line_error(["train", "--model", folder, "--data", text_file, "--out", tmp_path / "run", *FAST],
                        "subclone.json")
 
 
@@ -351,8 +351,8 @@ def test_unwritable_outputs_fail_before_any_work(llama_dir, tmp_path, monkeypatc
     (tmp_path / "FILE").write_text("a file, not a folder")
     out = out.replace("FILE", str(tmp_path / "FILE"))
     refuse_loading(monkeypatch)
-    one_line_error(["make", "--parent", llama_dir, "--out", out], out.rsplit("/", 1)[0])
-    one_line_error(["inspect", "--parent", llama_dir, "--out", out + ".json"], out.rsplit("/", 1)[0])
+    assert_one_line_error(["make", "--parent", llama_dir, "--out", out], out.rsplit("/", 1)[0])
+    assert_one_line_error(["inspect", "--parent", llama_dir, "--out", out + ".json"], out.rsplit("/", 1)[0])
 
 
 def test_a_full_disk_at_the_final_write_is_one_line_and_leaves_nothing(llama_dir, text_file, tmp_path,
@@ -362,7 +362,7 @@ def test_a_full_disk_at_the_final_write_is_one_line_and_leaves_nothing(llama_dir
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
     out = tmp_path / "child"
-    one_line_error(["make", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 256, "--out", out],
+    assert_one_line_error(["make", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 256, "--out", out],
                    "No space left")
     assert list(tmp_path.iterdir()) == []
 
@@ -389,7 +389,7 @@ def test_make_refuses_an_output_another_live_run_is_writing(llama_dir, text_file
     try:
         assert holder.stdout.readline().strip() == "held"
         refuse_loading(monkeypatch)
-        one_line_error(["make", "--parent", llama_dir, "--data", text_file, "--out", out], "another", str(out))
+        assert_one_line_error(["make", "--parent", llama_dir, "--data", text_file, "--out", out], "another", str(out))
     finally:
         holder.kill()
         holder.wait()
@@ -512,7 +512,7 @@ def test_json_output_is_strict_json(llama_dir, text_file):
     (["--calib-tokens", 1], ["--calib-tokens"], "--seq-len"),
 ])
 def test_make_names_the_flag_the_user_gave(llama_dir, text_file, tmp_path, flags, needles, refused):
-    line = one_line_error(["make", "--parent", llama_dir, "--data", text_file, "--out", tmp_path / "c", *flags],
+    line = assert_one_line_error(["make", "--parent", llama_dir, "--data", text_file, "--out", tmp_path / "c", *flags],
                           *needles)
     assert refused is None or refused not in line
 
@@ -525,7 +525,7 @@ def test_a_drop_list_that_names_no_block_is_refused(llama_dir, tmp_path, capsys)
 
 
 def test_eval_names_its_token_flag_not_an_internal_name(llama_dir, text_file):
-    line = one_line_error(["eval", "--parent", llama_dir, "--data", text_file, "--tokens", 0], "--tokens")
+    line = assert_one_line_error(["eval", "--parent", llama_dir, "--data", text_file, "--tokens", 0], "--tokens")
     assert "max_tokens" not in line
 
 
