@@ -109,3 +109,14 @@ def save_tiny_vit(folder, layers: int = 2):
 def tiny_vit_dir(tmp_path_factory):
     """A 2-block tiny ViT folder (see save_tiny_vit)."""
     return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """The tiny Llama of tests/tiny_models.py (word-level tokenizer over w3..w60) saved as a parent folder:
+    the parent of the command-line tests. Read-only: a test that damages a folder copies it first."""
+    from tests import tiny_models as tm
+
+    path = tmp_path_factory.mktemp("parents") / "llama"
+    tm.save_parent_folder("llama", path)
+    return path

@@ -56,13 +56,6 @@ def dead_pid() -> int:
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("parents") / "llama"
-    tm.save_parent_folder("llama", path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("parents") / "gpt2"
     tm.save_parent_folder("gpt2", path)

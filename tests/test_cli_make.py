@@ -24,13 +24,6 @@ def text_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parents") / "llama"
-    tm.save_parent_folder("llama", path)
-    return path
-
-
 def run_cli(args, capsys):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()

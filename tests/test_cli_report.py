@@ -19,23 +19,15 @@ from subclone_core.metrics_log import read_metrics
 from subclone_core.speedup import speedup
 from subclone_core.training import trackers
 from subclone_core.training.trackers import TrackerCallback
-from tests import tiny_models as tm
 from tests.test_cli_train import FAST, ROOT, run_cli
 
 LEVELS = ("25% (", "50% (", "75% (", "100% (")
 
 
 @pytest.fixture(scope="module")
-def parent_dir(tmp_path_factory) -> Path:
-    parent = tmp_path_factory.mktemp("parents") / "llama"
-    tm.save_parent_folder("llama", parent)
-    return parent
-
-
-@pytest.fixture(scope="module")
-def report_run(parent_dir, counting_text_file, tmp_path_factory):
+def report_run(llama_dir, counting_text_file, tmp_path_factory):
     """subclone and random init trained side by side with --report-to tensorboard, printed as a table."""
-    parent = parent_dir
+    parent = llama_dir
     out = tmp_path_factory.mktemp("runs") / "report"
     code, stdout, err = run_cli(["compare", "--parent", parent, "--layers", 3, "--heads", 4, "--kv-heads", 1,
                                  "--ffn", 24, "--data", counting_text_file, "--calib-tokens", 256,
@@ -142,14 +134,14 @@ def test_bad_report_to_fails_in_one_line_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
-def test_under_torchrun_only_the_main_process_writes_event_files(parent_dir, counting_text_file, tmp_path):
+def test_under_torchrun_only_the_main_process_writes_event_files(llama_dir, counting_text_file, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not installed")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "subclone_core.cli", "compare",
-           "--parent", parent_dir, "--layers", 3, "--data", counting_text_file, "--calib-tokens", 256,
+           "--parent", llama_dir, "--layers", 3, "--data", counting_text_file, "--calib-tokens", 256,
            "--eval-tokens", 64, "--report-to", "tensorboard", "--out", out, "--json", *FAST]
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           check=False)

@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM, AutoModelForImageClassification, 
 from subclone_core.cli import main
 from subclone_core.metrics_log import read_metrics
 from subclone_core.saving import load_manifest
-from tests import tiny_models as tm
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", 6, "--eval-every", 3, "--batch-size", 4, "--seq-len", 16, "--quiet"]
@@ -35,13 +34,6 @@ def run_cli(args) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def text_file(counting_text_file) -> Path:
     return counting_text_file
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("parents") / "llama"
-    tm.save_parent_folder("llama", path)
-    return path
 
 
 @pytest.fixture(scope="module")
