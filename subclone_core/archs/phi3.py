@@ -1,20 +1,15 @@
 """Phi-3 and Phi-4-mini: fused qkv_proj ([q; k; v] under grouped-query attention), fused gate_up_proj
 ([gate; up]), partial rotary positions, untied head."""
 
-from subclone_core.archs.spec import ArchSpec, linear, plain
+from dataclasses import replace
 
-ARCH = ArchSpec(
+from subclone_core.archs.llama import ARCH as LLAMA
+from subclone_core.archs.spec import linear, plain
+
+ARCH = replace(
+    LLAMA,
     name="Phi-3",
     model_types=("phi3",),
-    task="causal-lm",
-    blocks="model.layers",
-    attn_out="self_attn.o_proj",
-    ffn_down="mlp.down_proj",
-    global_params={
-        "model.embed_tokens.weight": plain("keep", "residual"),
-        "model.norm.weight": plain("residual"),
-        "lm_head.weight": linear("keep", "residual"),
-    },
     block_params={
         "self_attn.qkv_proj.weight": linear("qkv", "residual"),
         "self_attn.o_proj.weight": linear("residual", "q"),
@@ -25,13 +20,6 @@ ARCH = ArchSpec(
     },
     # No head_dim key: the config has none and longrope checks its factors against hidden / heads,
     # so a child keeps hidden = heads x head_dim.
-    config_keys={
-        "layers": "num_hidden_layers",
-        "hidden": "hidden_size",
-        "heads": "num_attention_heads",
-        "kv_heads": "num_key_value_heads",
-        "ffn": "intermediate_size",
-    },
-    tied_head=("lm_head.weight", "model.embed_tokens.weight"),
-    scale_default=False,
+    config_keys={k: v for k, v in LLAMA.config_keys.items() if k != "head_dim"},
+    per_layer_config_keys=(),
 )
