@@ -471,6 +471,14 @@ def readme_line(results: dict[str, Any]) -> str:
             f"~{PAPER_SPEEDUP:.0f}x ([details](docs/BENCHMARKS.md#speedup-at-a-longer-budget-benchbench_budgetpy)).")
 
 
+def readme_cell(results: dict[str, Any]) -> str:
+    """The README benchmark table's cell for the aggressive child: the speedup at random init's final loss."""
+    final = final_row(results)
+    if final is None:
+        return "no level (random init never improved)"
+    return f"**{final['text']}** at {fmt_tokens(results['random_tokens'])} tokens (loss {fmt_value(final['loss'])})"
+
+
 def settings(results: dict[str, Any], size: Size) -> str:
     lines = [f"Machine: {results['machine']}.",
              (f"Parent: {results['parent']}; data: {results['data']} ({results['train_tokens']:,} training tokens in "
@@ -517,6 +525,8 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
                     ax.plot(*zip(*points), color=COLORS.get(arm), linestyle="-" if stage["seed"] == 0 else "--",
                             marker=".", markersize=3, label=f"{arm} (lr {curve['lr']:g}, {key})")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(lambda value, _: fmt_tokens(value))  # "10k", "1.00M": no crowded powers
+        ax.xaxis.set_minor_formatter(lambda value, _: "")
         ax.set(title=f"{shape} child", xlabel="training tokens", ylabel="validation loss")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
@@ -622,8 +632,7 @@ def outputs(name: str, out: Path | None) -> dict[str, Path]:
     suffix = "-gpu" if name == "gpu" else ""
     folder = out or (Path(tempfile.mkdtemp(prefix="subclone-budget-")) if name == "smoke" else DOC.parent)
     return {"json": folder / f"speedup_vs_budget{suffix}.json", "curves": folder / f"bench_budget_curves{suffix}.png",
-            "speedup": folder / f"bench_budget_speedup{suffix}.png", "doc": folder / DOC.name,
-            "runs": Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-"))}
+            "speedup": folder / f"bench_budget_speedup{suffix}.png", "doc": folder / DOC.name}
 
 
 def meta(ctx: Context, name: str) -> dict[str, Any]:
@@ -644,9 +653,12 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
     plot_curves(results, paths["curves"])
     plot_speedup(results, paths["speedup"])
     write_section(f"budget{suffix}", section_markdown(results, size, paths), paths["doc"])
-    if readme is not None and not replace_marked(readme, f"budget-speedup{suffix}", readme_line(results)):
-        print(f"note: {readme} has no <!-- begin budget-speedup{suffix} --> markers; its line is not updated",
-              file=sys.stderr)
+    if readme is None:
+        return
+    texts = {f"budget-speedup{suffix}": readme_line(results), f"budget-cell{suffix}": readme_cell(results)}
+    for marker, text in texts.items():
+        if not replace_marked(readme, marker, text):
+            print(f"note: {readme} has no <!-- begin {marker} --> markers; that text is not updated", file=sys.stderr)
 
 
 def _json_default(value: Any) -> Any:
@@ -666,12 +678,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--readme", type=Path, help="README whose marked budget line to rewrite (default: "
                         "README.md for the cpu and gpu sizes, none for smoke)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    parser.add_argument("--from-json", type=Path, help="redraw the plots, report and README text from a "
+                        "speedup_vs_budget.json (trains nothing)")
     return parser.parse_args(argv)
+
+
+def redraw(args: argparse.Namespace) -> dict[str, Any]:
+    """The plots, the BENCHMARKS.md section and the README text again from a saved JSON."""
+    results = json.loads(args.from_json.read_text())
+    name = results["size"]
+    readme = args.readme if args.readme or name == "smoke" else README
+    write_all(results, SIZES[name], outputs(name, args.out), readme)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one size end to end; returns what it wrote to the JSON."""
     args = parse_args(argv)
+    if args.from_json:
+        return redraw(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
@@ -680,7 +705,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     parent = load_parent(args.parent)
     ctx = Context(parent, measure_importance(parent, args.data, tokens=size.calib_tokens), args.data, size,
-                  paths["runs"], args.threads)
+                  Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")), args.threads)
     calibration = time.perf_counter() - start
     outcome = run_size(ctx, name)
     outcome.seconds = {"calibration": calibration, **outcome.seconds}
@@ -689,7 +714,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     readme = args.readme if args.readme or name == "smoke" else README
     write_all(results, size, paths, readme)
     print(f"\n{headline(results)}\n\n" + "\n\n".join(drop_table(s) for s in results["stages"].values()))
-    print(f"\nwrote {paths['json']}, the plots and {paths['doc']}; run metrics in {paths['runs']}; "
+    print(f"\nwrote {paths['json']}, the plots and {paths['doc']}; run metrics in {ctx.runs}; "
           f"total {(time.perf_counter() - start) / 60:.1f} min")
     return results
 

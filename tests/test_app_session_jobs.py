@@ -46,6 +46,30 @@ def test_a_polled_job_keeps_running():
     assert job.wait(5) and job.status == "cancelled" and not job.orphaned
 
 
+def test_a_finished_step_asks_for_a_full_run_until_its_page_draws_it(monkeypatch):
+    """The step poll applies the result and asks for a full rerun; if that rerun never comes, every later
+    poll asks again, until a full run of the page (step_panel) has shown it.
+
+    (A poll used to ask once: a lost rerun left the page without the result and nothing asking again, the
+    browser test's rare 180 s wait for "Explored shape".)"""
+    from subclone_core.app import session, ui
+
+    ws = session.Workspace()
+    applied, reruns = [], []
+    job = BackgroundJob(lambda emit, cancel: "explored", name="explore").start()
+    assert job.wait(10) and job.status == "done"
+    ws.start_step("explore", job, applied.append)
+    monkeypatch.setattr(ui, "workspace", lambda: ws)
+    monkeypatch.setattr(ui.st, "rerun", lambda scope="app": reruns.append(scope))  # requested, never run
+    ui._poll_step("explore", "exploring", None)
+    assert applied == ["explored"] and reruns == ["app"]
+    ui._poll_step("explore", "exploring", None)  # the fragment still ticks: the page was not redrawn
+    assert reruns == ["app", "app"] and applied == ["explored"]  # asked again, applied once
+    assert ui.step_panel("explore", "exploring") is False  # the page's full run draws it...
+    ui._poll_step("explore", "exploring", None)
+    assert reruns == ["app", "app"]  # ...and the asking stops
+
+
 def test_the_queue_knows_how_long_the_job_ahead_has_run():
     limiter = JobLimiter(max_running=1, max_queued=2)
     first = BackgroundJob(_steps_until_cancelled, limiter=limiter).start()

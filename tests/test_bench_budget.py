@@ -19,7 +19,8 @@ def run(tmp_path_factory, counting_text_file):
     root = tmp_path_factory.mktemp("budget")
     tm.save_parent_folder("llama", root / "llama")
     readme = root / "README.md"
-    readme.write_text("intro\n<!-- begin budget-speedup -->old line<!-- end budget-speedup -->\nrest\n")
+    readme.write_text("intro\n<!-- begin budget-speedup -->old line<!-- end budget-speedup -->\n"
+                      "| aggressive | <!-- begin budget-cell -->old cell<!-- end budget-cell --> |\nrest\n")
     bench_budget.main(["--smoke", "--parent", str(root / "llama"), "--data", str(counting_text_file),
                        "--out", str(root / "docs"), "--readme", str(readme), "--threads", "1"])
     results = json.loads((root / "docs" / "speedup_vs_budget.json").read_text())
@@ -73,6 +74,17 @@ def test_report_section_plots_and_readme_line(run):
     readme = run["readme"].read_text()
     assert "old line" not in readme and readme.startswith("intro\n") and readme.endswith("\nrest\n")
     assert "-token budget" in readme and "random init's final validation loss" in readme
+    final = run["results"]["at_drop"]["subclone"][-1]
+    assert "old cell" not in readme and f"**{final['text']}** at " in readme  # the table cell: the same number
+
+
+def test_redrawing_from_the_json_gives_the_same_report(run, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(run["readme"].read_text().replace("**", "__"))  # the redraw must put the numbers back
+    bench_budget.main(["--from-json", str(run["root"] / "docs" / "speedup_vs_budget.json"), "--out",
+                       str(tmp_path / "docs"), "--readme", str(readme)])
+    assert (tmp_path / "docs" / "BENCHMARKS.md").read_text() == (run["root"] / "docs" / "BENCHMARKS.md").read_text()
+    assert readme.read_text() == run["readme"].read_text()
 
 
 def test_log_eval_steps_are_spread_evenly_in_log_steps():

@@ -29,10 +29,22 @@ def run(tmp_path_factory, counting_text_file):
     tm.save_parent_folder("llama", llama)
     corpus = counting_text_file
     out = root / "docs" / "REPRODUCTION.md"
+    budget = root / "speedup_vs_budget.json"
+    budget.write_text(json.dumps(_budget([(5.0, 3.2, False), (4.0, 4.6, False)])))
     reproduce.main(["--size", "smoke", "--parent", str(llama), "--data", str(corpus), "--vit-parent", str(vit),
-                    "--image-data", "digits", "--out", str(out)])
+                    "--image-data", "digits", "--out", str(out), "--budget", str(budget)])
     results = json.loads((out.parent / "reproduction" / "results.json").read_text())
-    return {"out": out, "text": out.read_text(), "results": results, "llama": llama, "corpus": corpus}
+    return {"out": out, "text": out.read_text(), "results": results, "llama": llama, "corpus": corpus,
+            "budget": budget}
+
+
+def _budget(rows: list[tuple[float, float | None, bool]]) -> dict:
+    """bench_budget.py's JSON, as much of it as finding 9 reads: (loss, speedup, lower bound) per drop level."""
+    at_drop = [{"loss": loss, "speedup": speedup, "lower_bound": bound, "fraction": (i + 1) / len(rows),
+                "text": "not reached in 100 steps" if speedup is None else (">= " if bound else "") + f"{speedup:.1f}x"}
+               for i, (loss, speedup, bound) in enumerate(rows)]
+    return {"size": "smoke", "random_tokens": 1_501_184, "at_drop": {"subclone": at_drop}, "seed_spread": [],
+            "arms": {"subclone": {"val_loss": [9.0, 3.5]}}}
 
 
 def test_report_covers_every_finding_with_a_computed_verdict(run):
@@ -42,8 +54,10 @@ def test_report_covers_every_finding_with_a_computed_verdict(run):
     verdicts = VERDICT.findall(text)
     lm_findings = len(report_rules.FINDINGS)
     vit_findings = sum("vit" in f[4] for f in report_rules.FINDINGS)
-    assert len(verdicts) == lm_findings + vit_findings
+    assert len(verdicts) == lm_findings + vit_findings + 1  # + finding 9 at the longer budget
     assert "| 9 | Headline speedup | language model |" in text
+    assert "| 9 | Headline speedup | language model, longer budget | holds |" in text
+    assert "the iso-loss speedup at random init's final loss (4.00) is **4.6x**" in text
 
 
 def test_every_linked_plot_exists_as_a_png(run):
@@ -84,8 +98,18 @@ def test_redrawing_from_the_json_gives_the_same_report(run, tmp_path):
     out = tmp_path / "REPRODUCTION.md"
     (tmp_path / "reproduction").mkdir()
     json_path = run["out"].parent / "reproduction" / "results.json"
-    reproduce.main(["--from-json", str(json_path), "--out", str(out)])
+    reproduce.main(["--from-json", str(json_path), "--out", str(out), "--budget", str(run["budget"])])
     assert out.read_text() == run["text"]
+    reproduce.main(["--from-json", str(json_path), "--out", str(out), "--budget", str(tmp_path / "none.json")])
+    assert "longer budget" not in out.read_text().split("## Settings")[0]  # no file: the short budget alone
+
+
+def test_the_longer_budget_verdict_compares_the_final_level_with_the_papers_4x():
+    verdict = lambda rows: report_rules.finding_budget(_budget(rows))["verdict"]  # noqa: E731
+    assert verdict([(5.0, 9.0, True), (4.0, 4.1, False)]) == report_rules.HOLDS
+    assert verdict([(5.0, 9.0, True), (4.0, 2.5, False)]) == report_rules.PARTLY  # the early lead is not the claim
+    assert verdict([(5.0, 9.0, True), (4.0, 0.8, False)]) == report_rules.FAILS
+    assert verdict([(5.0, 3.0, False), (4.0, None, False)]) == report_rules.FAILS  # never got there
 
 
 # --- verdict rules on hand-made measurements ------------------------------------------------------------

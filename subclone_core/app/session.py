@@ -48,6 +48,7 @@ class Workspace:
         prompt: the prompt chosen on the Parent page (the Child page samples the models with it).
         steps: name -> (a running BackgroundJob of a page step, what to do with its result).
         notes: name -> (kind, text) said once about a finished step ("error" or "info").
+        unshown: steps applied since their page last drew its step panel (see ui.step_panel).
         opened: whether the app has run once in this session (the default parent loads on the first run).
     """
 
@@ -74,6 +75,7 @@ class Workspace:
     prompt: str = DEFAULT_PROMPT
     steps: dict[str, tuple[Any, Callable[[Any], None]]] = field(default_factory=dict)
     notes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    unshown: set[str] = field(default_factory=set)
     opened: bool = False
 
     def choose(self, parent_id: str, data_id: str | None, data_label: str) -> bool:
@@ -120,6 +122,7 @@ class Workspace:
     def collect(self) -> list[str]:
         """Apply the results of finished steps (a note for a failed or cancelled one); their names."""
         finished = [name for name, (job, _) in self.steps.items() if job.done]
+        self.unshown.update(finished)
         for name in finished:
             job, apply = self.steps.pop(name)
             if job.status == "done":

@@ -230,6 +230,7 @@ def step_panel(name: str, label: str, partial: Callable[[list[dict]], None] | No
         partial: draws what the events so far show (e.g. the bars known so far).
     """
     ws = workspace()
+    ws.unshown.discard(name)  # this full run of the page shows the step's result
     note = ws.notes.pop(name, None)
     if note is not None:
         (st.error if note[0] == "error" else st.info)(f"{label}: {note[1]}")
@@ -242,6 +243,8 @@ def step_panel(name: str, label: str, partial: Callable[[list[dict]], None] | No
 def _poll_step(name: str, label: str, partial: Callable[[list[dict]], None] | None) -> None:
     job = workspace().running(name)
     if job is None:
+        if name in workspace().unshown:  # the full rerun asked for below never came: ask again
+            st.rerun(scope="app")
         return
     job.heartbeat()
     if job.done:
