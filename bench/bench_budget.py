@@ -126,20 +126,20 @@ SIZES = {
                           Stage("seed1", "aggressive", ("random", "subclone"), 1024, seed=1),
                           Stage("distill", "aggressive", ("subclone+distill",), 1024),
                           Stage("paper-like", "paper-like", ("random", "subclone"), 1024)), minutes=1),
-    # 2 CPU cores, bf16 autocast (1.4x fp32 for the aggressive child, 1.8x with the teacher). Throughput
-    # probed with one thread on a loaded machine, x2 for two cores: aggressive 1,460 tokens/s, with the
-    # distillation teacher 430, paper-like 560 (the 49,152-word head dominates all three). Planned: load and
-    # calibration 1 min, sweeps 5.1 + 2.8 min, final 35.3, seed1 4.4, distill 4.2, paper-like 3.9: ~57 min
-    # at that rate, ~48 min at the 1,750 tokens/s the prototype measured on an idle machine.
+    # 2 CPU cores, bf16 autocast (1.4x fp32 for the aggressive child, 1.8x with the teacher). Measured on an
+    # idle 2-core Xeon: two aggressive arms 2,120 tokens/s together, the distillation arm (teacher forward
+    # included) 420, the paper-like pair 550 (the 49,152-word head dominates all three). Sweeps 6.5 min,
+    # final 23.6, seed1 (655k tokens) ~11.6, distill 3.9, paper-like 3.0: ~49 min; a slower machine has
+    # about 10 minutes of slack. Distillation at the full 1.5M tokens alone would take about an hour.
     "cpu": Size(REAL_SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, sweep_evals=8,
                 calib_tokens=4096,
                 sweep_tokens={"random": 98_304, "subclone": 98_304, "subclone+distill": 32_768},
                 sweep_lrs={"random": (1e-3, 3e-3), "subclone": (3e-4, 1e-3), "subclone+distill": (3e-4, 1e-3)},
                 stages=(Stage("final", "aggressive", ("random", "subclone"), 1_501_184),
-                        Stage("seed1", "aggressive", ("random", "subclone"), 163_840, seed=1, evals=20),
+                        Stage("seed1", "aggressive", ("random", "subclone"), 655_360, seed=1, evals=25),
                         Stage("distill", "aggressive", ("subclone+distill",), 98_304, evals=20),
                         Stage("paper-like", "paper-like", ("random", "subclone"), 49_152, evals=12)),
-                precision="bf16", minutes=57),
+                precision="bf16", minutes=49),
     # One H200-class GPU: 100M+ tokens per arm at the paper-like ratio, two seeds of every final arm.
     "gpu": Size(REAL_SHAPES, batch_size=64, seq_len=512, val_tokens=65_536, evals=40, sweep_evals=10,
                 calib_tokens=8192,
