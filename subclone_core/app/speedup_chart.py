@@ -38,7 +38,8 @@ def iso_loss_chart(rows_by_candidate: Mapping[str, Sequence[IsoLoss]], *, metric
     fig.update_layout(title=f"Speedup at every {metric} level random init reached",
                       xaxis={"title": f"validation {metric} (random init's curve)",
                              "autorange": True if higher_is_better else "reversed"},
-                      yaxis={"title": "speedup (random init's tokens / candidate's)", "type": "log"},
+                      yaxis={"title": "speedup (random init's tokens / candidate's)", "type": "log",
+                             "ticksuffix": "x", "dtick": "D2"},  # log ticks 1x 2x 5x 10x..., read as speedups
                       legend={"orientation": "h", "y": -0.2}, **{**_LAYOUT, "height": 440})
     if not fig.data:
         fig.add_annotation(text="Waiting for random init to improve on its first evaluation", showarrow=False,
