@@ -128,9 +128,9 @@ SIZES = {
                           Stage("paper-like", "paper-like", ("random", "subclone"), 1024)), minutes=1),
     # 2 CPU cores, bf16 autocast (1.4x fp32 for the aggressive child, 1.8x with the teacher). Measured on an
     # idle 2-core Xeon: two aggressive arms 2,120 tokens/s together, the distillation arm (teacher forward
-    # included) 420, the paper-like pair 550 (the 49,152-word head dominates all three). Sweeps 6.5 min,
-    # final 23.6, seed1 (655k tokens) ~11.6, distill 3.9, paper-like 3.0: ~49 min; a slower machine has
-    # about 10 minutes of slack. Distillation at the full 1.5M tokens alone would take about an hour.
+    # included) 420, the paper-like pair 550 (the 49,152-word head dominates all three). Measured run: sweeps
+    # 6.6 min, final 23.2, seed1 (655k tokens) 10.6, distill 4.1, paper-like 3.0: 47.5 min, so a slower
+    # machine has about 12 minutes of slack. Distillation at the full 1.5M tokens alone would take an hour.
     "cpu": Size(REAL_SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, sweep_evals=8,
                 calib_tokens=4096,
                 sweep_tokens={"random": 98_304, "subclone": 98_304, "subclone+distill": 32_768},
