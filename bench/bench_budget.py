@@ -683,12 +683,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def readme_for(args: argparse.Namespace, name: str) -> Path | None:
+    """The README whose marked text to rewrite: --readme, else README.md for the real sizes, none for smoke."""
+    return args.readme if args.readme or name == "smoke" else README
+
+
 def redraw(args: argparse.Namespace) -> dict[str, Any]:
     """The plots, the BENCHMARKS.md section and the README text again from a saved JSON."""
     results = json.loads(args.from_json.read_text())
     name = results["size"]
-    readme = args.readme if args.readme or name == "smoke" else README
-    write_all(results, SIZES[name], outputs(name, args.out), readme)
+    write_all(results, SIZES[name], outputs(name, args.out), readme_for(args, name))
     return results
 
 
@@ -711,8 +715,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outcome.seconds = {"calibration": calibration, **outcome.seconds}
     results = results_json(outcome, size, meta(ctx, name))
     results["seed_spread"] = seed_spread(outcome, size)
-    readme = args.readme if args.readme or name == "smoke" else README
-    write_all(results, size, paths, readme)
+    write_all(results, size, paths, readme_for(args, name))
     print(f"\n{headline(results)}\n\n" + "\n\n".join(drop_table(s) for s in results["stages"].values()))
     print(f"\nwrote {paths['json']}, the plots and {paths['doc']}; run metrics in {ctx.runs}; "
           f"total {(time.perf_counter() - start) / 60:.1f} min")

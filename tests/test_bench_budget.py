@@ -8,20 +8,18 @@ import math
 import pytest
 
 from bench import bench_budget
-from tests import tiny_models as tm
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, counting_text_file):
+def run(tmp_path_factory, counting_text_file, llama_dir):
     """One smoke run: a 4-block tiny Llama on a counting corpus, into a temporary docs folder and README."""
     root = tmp_path_factory.mktemp("budget")
-    tm.save_parent_folder("llama", root / "llama")
     readme = root / "README.md"
     readme.write_text("intro\n<!-- begin budget-speedup -->old line<!-- end budget-speedup -->\n"
                       "| aggressive | <!-- begin budget-cell -->old cell<!-- end budget-cell --> |\nrest\n")
-    bench_budget.main(["--smoke", "--parent", str(root / "llama"), "--data", str(counting_text_file),
+    bench_budget.main(["--smoke", "--parent", str(llama_dir), "--data", str(counting_text_file),
                        "--out", str(root / "docs"), "--readme", str(readme), "--threads", "1"])
     results = json.loads((root / "docs" / "speedup_vs_budget.json").read_text())
     return {"root": root, "results": results, "readme": readme}

@@ -14,19 +14,17 @@ from subclone_core.evaluate import evaluate
 from subclone_core.sources import load_parent
 from subclone_core.strategies import plan_shape
 from subclone_core.workflow import make_child
-from tests import tiny_models as tm
 from tests.conftest import save_tiny_vit
 
 VERDICT = re.compile(r"\*\*Verdict: (holds|holds partly|does not hold|within noise|learning rate: [^*]*|open[^*]*)\.\*\*")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, counting_text_file):
+def run(tmp_path_factory, counting_text_file, llama_dir):
     """One smoke run: a 4-block tiny Llama on a counting corpus, and a 4-block tiny ViT on scikit-learn digits."""
     root = tmp_path_factory.mktemp("reproduce")
     vit = save_tiny_vit(root / "vit", layers=4)
-    llama = root / "llama"
-    tm.save_parent_folder("llama", llama)
+    llama = llama_dir
     corpus = counting_text_file
     out = root / "docs" / "REPRODUCTION.md"
     budget = root / "speedup_vs_budget.json"
@@ -105,7 +103,7 @@ def test_redrawing_from_the_json_gives_the_same_report(run, tmp_path):
 
 
 def test_the_longer_budget_verdict_compares_the_final_level_with_the_papers_4x():
-    verdict = lambda rows: report_rules.finding_budget(_budget(rows))["verdict"]  # noqa: E731
+    verdict = lambda rows: report_rules.finding_budget(_budget(rows))["verdict"]
     assert verdict([(5.0, 9.0, True), (4.0, 4.1, False)]) == report_rules.HOLDS
     assert verdict([(5.0, 9.0, True), (4.0, 2.5, False)]) == report_rules.PARTLY  # the early lead is not the claim
     assert verdict([(5.0, 9.0, True), (4.0, 0.8, False)]) == report_rules.FAILS
