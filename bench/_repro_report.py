@@ -346,13 +346,21 @@ def finding_budget(budget: dict) -> dict[str, str]:
     verdict = FAILS if speedup is None or speedup <= 1 else HOLDS if speedup >= PAPER_SPEEDUP else PARTLY
     tokens = budget["random_tokens"]
     text = (f"at {tokens / 1e6:.2f}M training tokens per arm (`make bench-budget`, size `{budget['size']}`, the "
-            f"aggressive child), the iso-loss speedup at random init's final loss ({fmt(final['loss'], 'loss')}) is "
+            f"aggressive child{_lr_text(budget)}), the iso-loss speedup at random init's final loss ({fmt(final['loss'], 'loss')}) is "
             f"**{final['text']}**; at 25% of random init's loss drop ({fmt(early['loss'], 'loss')}) it is "
             f"{early['text']}; the subcloned child ends at {fmt(budget['arms']['subclone']['val_loss'][-1], 'loss')}."
             f"{_seed_text(budget)} This is the number to set against the paper's "
             f"~{PAPER_SPEEDUP:.0f}x, which is about training to the same loss; the short-budget speedup above "
             "measures how far ahead the child starts. Curves and every level: docs/BENCHMARKS.md.")
     return {"verdict": verdict, "text": text}
+
+
+def _lr_text(budget: dict) -> str:
+    """", each arm at its best lr at this budget: random 1e-3 of 5e-4, 1e-3, 2e-3; ..." where the JSON has a grid."""
+    grid = budget.get("plan", {}).get("sweep_lrs", {})
+    picks = [f"{arm} {lr:.0e} of {', '.join(f'{x:.0e}' for x in grid[arm])}" for arm, lr in budget.get("lrs", {}).items()
+             if len(grid.get(arm, ())) > 1]
+    return f", each arm at its best lr at this budget: {'; '.join(picks)}" if picks else ""
 
 
 def _seed_text(budget: dict) -> str:

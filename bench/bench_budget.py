@@ -5,13 +5,17 @@ The paper's claim is about training to the same perplexity, so this benchmark tr
 child (6 blocks x 192, 3 heads / 1 KV, FFN 512) of the embedded default for at least 1.5M tokens per
 arm and reports the iso-loss speedup (subclone_core.speedup.iso_loss): at every loss random init
 reaches, random init's tokens over the candidate's, interpolated between evaluations, never
-extrapolated. Each arm's learning rate comes from a short sweep (a fraction of the full budget: a
-cheaper proxy for the best lr at the full budget, and said so in the report); the winner is then run at
-the full budget. A second seed and the paper-like ratio (20 x 384) run at the budgets the 60 minutes
-leave (see SIZES). Evaluations are spaced evenly on a log scale of tokens.
+extrapolated. Each arm is compared at its own best learning rate at the budget reported: the first stage
+trains every arm at every lr of its grid for the full budget, side by side on identical batches, and
+keeps each arm's run of lowest best loss (a chosen lr at the edge of its grid is flagged: extend the grid).
+Later stages (a second seed, distillation, the paper-like ratio) reuse those lrs. Evaluations are spaced
+evenly on a log scale of tokens.
 
-Sizes: ``smoke`` (a minute on a tiny parent; the test runs it), ``cpu`` (under 60 minutes on 2 cores:
-``make bench-budget``), ``gpu`` (at least 100M tokens per arm at the paper-like ratio).
+Sizes: ``smoke`` (a minute on a tiny parent; the test runs it), ``cpu`` (about an hour on 2 cores:
+``make bench-budget``; its device is "auto", so on a GPU machine the same plan runs there in minutes),
+``gpu`` (at least 100M tokens per arm at the paper-like ratio). ``--from-child DIR`` trains a child saved
+by ``subclone make`` (and random init of its config) without the parent: for a machine the parent cannot
+reach; the stages that need the parent (distillation, another shape) are left out and said so.
 Writes docs/speedup_vs_budget.json, docs/bench_budget_*.png, the "budget" section of
 docs/BENCHMARKS.md and the README's marked budget line (``--gpu``: the same names with "-gpu").
 """
@@ -25,7 +29,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,8 @@ from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import DOC, fmt_value, machine, table, write_atomic, write_section
-from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, lr_text, progress_printer
+from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, progress_printer
+from subclone_core.saving import load_manifest
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.speedup import (
     DROP_FRACTIONS,
@@ -46,12 +51,15 @@ from subclone_core.speedup import (
 )
 from subclone_core.strategies import plan_shape
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
+from subclone_core.training.sweep import candidate_of, edge_note, lr_text, parse_lr_sweep, run_name
 from subclone_core.workflow import make_child, measure_importance
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 ARMS = ("random", "subclone", "subclone+distill")
-LABELS = {"random": "random init", "subclone": "subclone (no scaling, tied head, drop by magnitude)",
+LABELS = {"random": "random init",
+          "subclone": "subclone (the defaults: read ranking, least-squares refit, no scaling, tied head, drop by "
+                      "magnitude)",
           "subclone+distill": "subclone + distillation from the parent"}
 SUBCLONE_OPTIONS = {"scale": False, "drop": "magnitude"}  # the plain child of bench_training.py
 
@@ -86,11 +94,10 @@ class Size:
         batch_size, seq_len: the training batch (tokens per step = batch_size x seq_len).
         val_tokens: the fixed validation set, the same for every evaluation.
         evals: evaluations per full-budget run after step 0, spaced evenly in log(tokens).
-        sweep_evals: the same for each sweep run (only its best value is used).
         calib_tokens: calibration for the subcloned children, measured once.
-        sweep_tokens: tokens per sweep run, per arm (distillation costs ~4.5x a plain step on CPU).
-        sweep_lrs: the learning rates swept per arm (on the aggressive child, seed 0).
-        stages: the runs at full budget, in order; an arm's lr is its sweep's winner.
+        sweep_lrs: the learning rates of each arm of the first stage, all trained at its full budget; the
+            lowest best loss is the arm's lr there and in every later stage.
+        stages: the runs at full budget, in order; the first is the sweep.
         precision: the engine's mixed_precision ("no", "bf16" or "auto").
         minutes: the planned wall time, for the report.
     """
@@ -100,9 +107,7 @@ class Size:
     seq_len: int
     val_tokens: int
     evals: int
-    sweep_evals: int
     calib_tokens: int
-    sweep_tokens: dict[str, int]
     sweep_lrs: dict[str, tuple[float, ...]]
     stages: tuple[Stage, ...]
     precision: str = "no"
@@ -118,32 +123,24 @@ SMOKE_SHAPES = {"aggressive": {"layers": 2, "hidden": 16, "heads": 2, "kv_heads"
 REAL_SHAPES = {"aggressive": AGGRESSIVE, "paper-like": PAPER_LIKE}
 
 SIZES = {
-    "smoke": Size(SMOKE_SHAPES, batch_size=4, seq_len=32, val_tokens=256, evals=4, sweep_evals=2,
-                  calib_tokens=256,
-                  sweep_tokens={"random": 512, "subclone": 512, "subclone+distill": 256},
-                  sweep_lrs={"random": (1e-3, 3e-3), "subclone": (1e-3, 3e-3), "subclone+distill": (1e-3,)},
+    "smoke": Size(SMOKE_SHAPES, batch_size=4, seq_len=32, val_tokens=256, evals=4, calib_tokens=256,
+                  sweep_lrs={"random": (1e-3, 2e-3, 3e-3), "subclone": (1e-3, 3e-3), "subclone+distill": (1e-3,)},
                   stages=(Stage("final", "aggressive", ("random", "subclone"), 2048),
                           Stage("seed1", "aggressive", ("random", "subclone"), 1024, seed=1),
                           Stage("distill", "aggressive", ("subclone+distill",), 1024),
                           Stage("paper-like", "paper-like", ("random", "subclone"), 1024)), minutes=1),
-    # 2 CPU cores, bf16 autocast (1.4x fp32 for the aggressive child, 1.8x with the teacher). Measured on an
-    # idle 2-core Xeon: two aggressive arms 2,120 tokens/s together, the distillation arm (teacher forward
-    # included) 420, the paper-like pair 550 (the 49,152-word head dominates all three). Measured run: sweeps
-    # 6.6 min, final 23.2, seed1 (655k tokens) 10.6, distill 4.1, paper-like 3.0: 47.5 min, so a slower
-    # machine has about 12 minutes of slack. Distillation at the full 1.5M tokens alone would take an hour.
-    "cpu": Size(REAL_SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, sweep_evals=8,
-                calib_tokens=4096,
-                sweep_tokens={"random": 98_304, "subclone": 98_304, "subclone+distill": 32_768},
-                sweep_lrs={"random": (1e-3, 3e-3), "subclone": (3e-4, 1e-3), "subclone+distill": (3e-4, 1e-3)},
-                stages=(Stage("final", "aggressive", ("random", "subclone"), 1_501_184),
-                        Stage("seed1", "aggressive", ("random", "subclone"), 655_360, seed=1, evals=25),
-                        Stage("distill", "aggressive", ("subclone+distill",), 98_304, evals=20),
-                        Stage("paper-like", "paper-like", ("random", "subclone"), 49_152, evals=12)),
-                precision="bf16", minutes=49),
+    # bf16 autocast, device "auto". On an idle 2-core Xeon an aggressive arm trains at about 1,060 tokens/s
+    # (two side by side 2,120), so each arm's 1.5M tokens take about 11.6 minutes and these seven runs about
+    # 80 minutes: over the hour, so the second seed, distillation (420 tokens/s with the teacher) and the
+    # paper-like ratio moved to the gpu size. On one H200 the same seven runs take 2.8 minutes. Both grids
+    # bracket their arm's best lr at this budget, measured: random init 1e-3 (2.5e-4 and 4e-3 were worse
+    # too), the refit child 4e-3.
+    "cpu": Size(REAL_SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, calib_tokens=4096,
+                sweep_lrs={"random": (5e-4, 1e-3, 2e-3), "subclone": (1e-3, 2e-3, 4e-3, 8e-3)},
+                stages=(Stage("final", "aggressive", ("random", "subclone"), 1_501_184),),
+                precision="bf16", minutes=80),
     # One H200-class GPU: 100M+ tokens per arm at the paper-like ratio, two seeds of every final arm.
-    "gpu": Size(REAL_SHAPES, batch_size=64, seq_len=512, val_tokens=65_536, evals=40, sweep_evals=10,
-                calib_tokens=8192,
-                sweep_tokens={"random": 10_485_760, "subclone": 10_485_760, "subclone+distill": 5_242_880},
+    "gpu": Size(REAL_SHAPES, batch_size=64, seq_len=512, val_tokens=65_536, evals=40, calib_tokens=8192,
                 sweep_lrs={"random": (1e-3, 2e-3, 4e-3), "subclone": (3e-4, 1e-3, 2e-3),
                            "subclone+distill": (3e-4, 1e-3)},
                 stages=(Stage("final", "aggressive", ARMS, 104_857_600),
@@ -168,6 +165,7 @@ class Context:
     runs: Path
     threads: int | None = None
     children: dict[tuple[str, str, int], Any] = field(default_factory=dict)
+    from_child: bool = False  # the "parent" is a saved subcloned child: trained as is, random init of its config
 
 
 def log_eval_steps(steps: int, count: int) -> tuple[int, ...]:
@@ -190,12 +188,23 @@ def child_for(ctx: Context, shape: str, arm: str, seed: int) -> Any:
     """The arm's initial child (cached): random init depends on the seed, the subcloned child does not."""
     strategy = "random" if arm == "random" else "subclone"
     key = (shape, strategy, seed if strategy == "random" else 0)
+    if ctx.from_child and strategy == "subclone":
+        return ctx.parent.model
     if key not in ctx.children:
-        target = plan_shape(ctx.parent.model, **ctx.size.shapes[shape])
+        target = plan_shape(ctx.parent.model, **({} if ctx.from_child else ctx.size.shapes[shape]))
         options = {} if strategy == "random" else SUBCLONE_OPTIONS
         ctx.children[key] = make_child(ctx.parent, target, strategy=strategy, importance=ctx.importance,
                                        seed=seed, **options).model
     return ctx.children[key]
+
+
+def without_parent(size: Size) -> tuple[Size, list[str]]:
+    """The size's stages that a saved child can run without its parent (the aggressive shape, no teacher),
+    and a sentence for each stage left out."""
+    keep = tuple(s for s in size.stages if s.shape == "aggressive" and "subclone+distill" not in s.arms)
+    notes = [f"Left out without the parent (--from-child): stage {s.key} ({s.shape} child, {', '.join(s.arms)})."
+             for s in size.stages if s not in keep]
+    return replace(size, stages=keep), notes
 
 
 def candidate(ctx: Context, shape: str, arm: str, lr: float, seed: int, name: str) -> Candidate:
@@ -234,7 +243,7 @@ class Outcome:
         sweep: one row per sweep run (arm, lr, best and final validation loss, status).
         lrs: each arm's winning lr.
         stages: {stage key: {arm: the run at full budget}}.
-        seconds: wall time per part ("calibration", "sweep", then each stage key).
+        seconds: wall time per part ("calibration", then each stage key; the first stage is the sweep).
     """
 
     size: str
@@ -244,21 +253,22 @@ class Outcome:
     seconds: dict[str, float]
 
 
-def sweep(ctx: Context) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Each arm at each of its lrs on the aggressive child, seed 0, for its sweep budget; the winners."""
-    rows, winners = [], {}
-    by_budget: dict[int, list[str]] = {}
-    for arm in ARMS:
-        by_budget.setdefault(ctx.size.sweep_tokens[arm], []).append(arm)
-    for tokens, arms in by_budget.items():
-        cands = [candidate(ctx, "aggressive", arm, lr, 0, f"{arm}-lr{lr_text(lr)}")
-                 for arm in arms for lr in ctx.size.sweep_lrs[arm]]
-        runs = train(ctx, cands, tokens, 0, f"sweep-{tokens}", ctx.size.sweep_evals)
-        for arm in arms:
-            mine = {name: r for name, r in runs.items() if name.rsplit("-lr", 1)[0] == arm}
-            rows += [sweep_row(arm, r, tokens) for r in mine.values()]
-            winners[arm] = winning_lr(mine, ctx.size.sweep_lrs[arm])
-    return rows, winners
+def sweep(ctx: Context, stage: Stage) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, RunResult]]:
+    """The first stage: each arm at every lr of its grid for the full budget, side by side on identical
+    batches. Returns the rows of every run, each arm's winning lr and each arm's winning run."""
+    lrs = ctx.size.sweep_lrs
+    cands = [candidate(ctx, stage.shape, arm, lr, stage.seed, run_name(arm, lr)) for arm in stage.arms
+             for lr in lrs[arm]]
+    runs = train(ctx, cands, stage.tokens, stage.seed, stage.key, stage.evals or ctx.size.evals)
+    rows, winners, chosen = [], {}, {}
+    for arm in stage.arms:
+        mine = {name: r for name, r in runs.items() if candidate_of(name) == arm}
+        winners[arm] = winning_lr(mine, lrs[arm])
+        chosen[arm] = mine[run_name(arm, winners[arm])]
+        edge = "lowest" if winners[arm] == min(lrs[arm]) else "highest" if winners[arm] == max(lrs[arm]) else None
+        note = edge_note(arm, winners[arm], edge if len(lrs[arm]) > 1 else None)
+        rows += [{**sweep_row(arm, r, stage.tokens), "chosen": r is chosen[arm], "note": note} for r in mine.values()]
+    return rows, winners, chosen
 
 
 def sweep_row(arm: str, run: RunResult, tokens: int) -> dict[str, Any]:
@@ -281,13 +291,14 @@ def run_stage(ctx: Context, stage: Stage, lrs: dict[str, float]) -> dict[str, Ru
 
 
 def run_size(ctx: Context, name: str) -> Outcome:
-    """Sweep, then every stage in order, timing each part."""
-    seconds: dict[str, float] = {}
+    """The sweep at the full budget (the first stage), then every later stage at its lrs, timing each."""
+    first, *later = ctx.size.stages
     start = time.perf_counter()
-    rows, lrs = sweep(ctx)
-    seconds["sweep"] = time.perf_counter() - start
-    stages = {}
-    for stage in ctx.size.stages:
+    rows, lrs, chosen = sweep(ctx, first)
+    # an arm first trained in a later stage (the smoke size's distillation) has one lr in its grid
+    lrs.update({arm: grid[0] for arm, grid in ctx.size.sweep_lrs.items() if arm not in lrs and len(grid) == 1})
+    stages, seconds = {first.key: chosen}, {first.key: time.perf_counter() - start}
+    for stage in later:
         begin = time.perf_counter()
         stages[stage.key] = run_stage(ctx, stage, lrs)
         seconds[stage.key] = time.perf_counter() - begin
@@ -465,10 +476,21 @@ def readme_line(results: dict[str, Any]) -> str:
     final = final_row(results)
     text = final["text"] if final else "n/a"
     loss = fmt_value(final["loss"]) if final else "-"
-    return (f"At a {fmt_tokens(results['random_tokens'])}-token budget ({results['size']} size, the aggressive "
-            f"child), the subcloned child reaches random init's final validation loss ({loss}) **{text}** sooner "
-            "in tokens; that, not the short-budget head start above, is the number to set against the paper's "
-            f"~{PAPER_SPEEDUP:.0f}x ([details](docs/BENCHMARKS.md#speedup-at-a-longer-budget-benchbench_budgetpy)).")
+    gpu = results["machine"].split(", ")[2] if ", " in results["machine"] else "no GPU"
+    where = "CPU" if gpu == "no GPU" else gpu
+    return (f"At a {fmt_tokens(results['random_tokens'])}-token budget ({results['size']} size on {where}, the aggressive "
+            f"child, {lr_choices(results)}), the subcloned child reaches random init's final validation loss "
+            f"({loss}) **{text}** sooner in tokens; that, not the short-budget head start above, is the number to "
+            f"set against the paper's ~{PAPER_SPEEDUP:.0f}x "
+            "([details](docs/BENCHMARKS.md#speedup-at-a-longer-budget-benchbench_budgetpy)).")
+
+
+def lr_choices(results: dict[str, Any]) -> str:
+    """"each arm at its best lr of its grid: random init 1e-3 of 5e-4/1e-3/2e-3, ...", from the results."""
+    grid = results["plan"]["sweep_lrs"]
+    picks = [f"{LABELS[arm].split(' (')[0]} {lr_text(lr)} of {'/'.join(lr_text(x) for x in grid[arm])}"
+             for arm, lr in results["lrs"].items() if arm in grid and len(grid[arm]) > 1]
+    return "each arm at its best lr at this budget: " + ", ".join(picks)
 
 
 def readme_cell(results: dict[str, Any]) -> str:
@@ -476,25 +498,27 @@ def readme_cell(results: dict[str, Any]) -> str:
     final = final_row(results)
     if final is None:
         return "no level (random init never improved)"
-    return f"**{final['text']}** at {fmt_tokens(results['random_tokens'])} tokens (loss {fmt_value(final['loss'])})"
+    return (f"**{final['text']}** at {fmt_tokens(results['random_tokens'])} tokens (loss {fmt_value(final['loss'])}; "
+            "each arm at its best lr)")
 
 
 def settings(results: dict[str, Any], size: Size) -> str:
+    grid = {arm: results["plan"]["sweep_lrs"][arm] for arm in results["stages"][size.stages[0].key]["arms"]}
     lines = [f"Machine: {results['machine']}.",
              (f"Parent: {results['parent']}; data: {results['data']} ({results['train_tokens']:,} training tokens in "
              "the train split, repeated when a budget is longer; validation on a fixed "
              f"{size.val_tokens:,}-token slice of the validation split)."),
              (f"Batches of {size.batch_size} x {size.seq_len} tokens, AdamW, 5% warmup then cosine to 0, precision "
              f"`{size.precision}`; {size.evals} evaluations per run spaced evenly in log(tokens), plus step 0."),
-             ("Learning rates: each arm's winner of a short sweep on the aggressive child (seed 0), "
-             f"{', '.join(f'{a} {fmt_tokens(t)} tokens' for a, t in size.sweep_tokens.items())}, not at the full "
-             "budget: the lr that wins a short run can differ from the best at the full budget."),
+             ("Learning rates: each arm at every lr of its grid for the full budget of the first stage, side by "
+              f"side ({'; '.join(f'{a} ' + ', '.join(f'{lr:g}' for lr in lrs) for a, lrs in grid.items())}"
+              "); each arm's lowest best loss is its lr in every stage (the table below lists every run)."),
              ("Stages (each trains its arms side by side on identical batches; one seed = one batch order, so a "
              "shorter run sees exactly the first batches of a longer one):")]
     lines += [f"  {key}: {s['shape']} child, seed {s['seed']}, {fmt_tokens(s['tokens'])} tokens per arm "
               f"({', '.join(s['arms'])}); {s['minutes']} min" for key, s in results["stages"].items()]
-    lines.append(f"Calibration, sweep and stages: {sum(results['minutes'].values()):.1f} min (sweep "
-                 f"{results['minutes'].get('sweep')} min).")
+    lines.append(f"Calibration and stages: {sum(results['minutes'].values()):.1f} min.")
+    lines += results.get("left_out", [])
     return "\n".join(f"- {line}" if not line.startswith("  ") else f"  - {line.strip()}" for line in lines)
 
 
@@ -580,9 +604,12 @@ def spread_text(rows: list[dict[str, Any]]) -> str:
 
 
 def sweep_table(rows: list[dict[str, Any]], lrs: dict[str, float]) -> str:
+    """Every run of the sweep, the chosen ones marked, then the notes on chosen lrs at the edge of a grid."""
     body = [[r["arm"], f"{r['lr']:g}" + (" (chosen)" if lrs.get(r["arm"]) == r["lr"] else ""),
              fmt_tokens(r["tokens"]), fmt_value(r["best"]), fmt_value(r["final"]), r["status"]] for r in rows]
-    return table(["arm", "lr", "tokens", "best loss", "final loss", "status"], body)
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    return "\n\n".join([table(["arm", "lr", "tokens", "best loss", "final loss", "status"], body),
+                        *(f"Note: {n}" for n in notes)])
 
 
 def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]) -> str:
@@ -594,7 +621,8 @@ def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]
                   "per arm"), drop_table(stage)]
     parts += [spread_text(results["seed_spread"]), f"![validation loss against tokens]({plots['curves'].name})",
               f"![iso-loss speedup]({plots['speedup'].name})",
-              "Learning-rate sweep (short runs, seed 0; each arm's chosen lr is the lowest best loss):",
+              ("Learning-rate sweep (every run at the full budget of the first stage; each arm's chosen lr is "
+               "its lowest best loss):"),
               sweep_table(results["sweep"], results["lrs"]), HOW_TO_READ]
     return "\n\n".join(parts)
 
@@ -641,7 +669,7 @@ def meta(ctx: Context, name: str) -> dict[str, Any]:
     return {"size": name, "machine": machine(), "parent": ctx.parent.label, "data": ctx.data,
             "train_tokens": int(train.tokens.numel()), "batch": [ctx.size.batch_size, ctx.size.seq_len],
             "precision": ctx.size.precision, "planned_minutes": ctx.size.minutes,
-            "plan": {"sweep_tokens": ctx.size.sweep_tokens, "sweep_lrs": ctx.size.sweep_lrs,
+            "plan": {"sweep_lrs": ctx.size.sweep_lrs,
                      "stages": [asdict(s) for s in ctx.size.stages]}}
 
 
@@ -680,6 +708,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     parser.add_argument("--from-json", type=Path, help="redraw the plots, report and README text from a "
                         "speedup_vs_budget.json (trains nothing)")
+    parser.add_argument("--lrs", help="the first stage's lr grid instead of the size's, e.g. "
+                        "random=5e-4,1e-3,2e-3,subclone=5e-4,1e-3 (an arm not named keeps the size's grid)")
+    parser.add_argument("--from-child", type=Path, help="train this saved subcloned child (`subclone make`) and "
+                        "random init of its config, without the parent (stages that need it are left out)")
     return parser.parse_args(argv)
 
 
@@ -696,6 +728,17 @@ def redraw(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def context(args: argparse.Namespace, size: Size, name: str) -> Context:
+    """The parent and its calibration, or a saved child standing in for both (--from-child)."""
+    parent = load_parent(str(args.from_child) if args.from_child else args.parent)
+    importance = None if args.from_child else measure_importance(parent, args.data, tokens=size.calib_tokens)
+    if args.from_child:
+        made_from = load_manifest(args.from_child).get("parent", {}).get("label", "a parent")
+        parent.label = f"{parent.label}: a child of {made_from}, saved by `subclone make`"
+    return Context(parent, importance, args.data, size, Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")),
+                   args.threads, from_child=bool(args.from_child))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one size end to end; returns what it wrote to the JSON."""
     args = parse_args(argv)
@@ -706,14 +749,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hf_logging.disable_progress_bar()
     name = "smoke" if args.smoke else "gpu" if args.gpu else "cpu"
     size, paths = SIZES[name], outputs(name, args.out)
+    if args.lrs:
+        size = replace(size, sweep_lrs={**size.sweep_lrs, **parse_lr_sweep(args.lrs, ARMS, "--lrs")})
+    size, left_out = without_parent(size) if args.from_child else (size, [])
     start = time.perf_counter()
-    parent = load_parent(args.parent)
-    ctx = Context(parent, measure_importance(parent, args.data, tokens=size.calib_tokens), args.data, size,
-                  Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")), args.threads)
+    ctx = context(args, size, name)
     calibration = time.perf_counter() - start
     outcome = run_size(ctx, name)
     outcome.seconds = {"calibration": calibration, **outcome.seconds}
-    results = results_json(outcome, size, meta(ctx, name))
+    results = {**results_json(outcome, size, meta(ctx, name)), "left_out": left_out}
     results["seed_spread"] = seed_spread(outcome, size)
     write_all(results, size, paths, readme_for(args, name))
     print(f"\n{headline(results)}\n\n" + "\n\n".join(drop_table(s) for s in results["stages"].values()))

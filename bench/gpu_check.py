@@ -7,8 +7,11 @@
    tokens/s, peak GPU memory, the speedup (`subclone compare`, the one training path).
 4. When more than one GPU is visible, the same under torchrun on two GPUs.
 
-    python bench/gpu_check.py [--minutes 1.5] [--out docs/GPU.md]
+    python bench/gpu_check.py [--minutes 1.5] [--out docs/GPU.md] [--parent P]
     python bench/gpu_check.py --dry-run      # tiny random parent on the CPU, seconds (CI runs it)
+
+``--parent`` checks another parent (a folder: e.g. a child saved by ``subclone make`` where the default parent
+cannot be copied); its check child is the library's suggested shape for it.
 """
 
 from __future__ import annotations
@@ -159,7 +162,8 @@ def report(result: dict, *, dry_run: bool) -> str:
     c, t, two = result["calibration"], result["training"], result.get("two_gpus")
     where = "a CPU dry run on a tiny random parent" if dry_run else result["device_name"]
     lines = [(f"# GPU check\n\nRun by `make gpu-check` (bench/gpu_check.py) on {where}, "
-              f"{time.strftime('%Y-%m-%d')}, in {result['seconds']:.0f} s.\n"),
+              f"{time.strftime('%Y-%m-%d')}, in {result['seconds']:.0f} s. Parent: {result['parent']}; check "
+              f"child: {', '.join(f'{k} {v}' for k, v in result['child'].items())}.\n"),
              "## Calibration: bf16 on the check's device against float32 on the CPU\n",
              table(["measure", "value"], [
                  ["Spearman of the residual scores", f"{c['spearman_residual']:.4f}"],
@@ -187,6 +191,16 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def suggested_child(parent_id: str) -> dict:
+    """The library's suggested child shape for a parent (a fifth of the blocks, a third of every width)."""
+    from subclone_core.shape import suggested_shape
+    from subclone_core.sources.parents import load_parent
+
+    sizes = suggested_shape(load_parent(parent_id).model).as_dict()
+    sizes.pop("head_dim")
+    return sizes
+
+
 def dry_parent(work: Path) -> str:
     """A tiny random bf16 Llama in two shards with the default tokenizer (bench_scale's writer)."""
     from bench.bench_scale import write_parent
@@ -201,6 +215,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny random parent on the CPU (seconds)")
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per candidate (1.5; dry 0.05)")
     parser.add_argument("--out", default=None, help="report file (default docs/GPU.md; dry run: not written)")
+    parser.add_argument("--parent", default="default", help="the parent id to check (default: the embedded one)")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU is visible; run it on a GPU machine, or pass --dry-run", file=sys.stderr)
@@ -209,12 +224,15 @@ def main() -> int:
     minutes = args.minutes if args.minutes is not None else (0.05 if args.dry_run else 1.5)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     start = time.perf_counter()
-    parent_id = dry_parent(work) if args.dry_run else "default"
+    parent_id = dry_parent(work) if args.dry_run else args.parent
+    if parent_id != "default" and not args.dry_run:
+        plan = {**plan, "child": suggested_child(parent_id)}
     calibration, _ = calibrations(parent_id, plan)
     training = train_for(parent_id, plan, minutes, work)
     result = {"calibration": calibration, "training": training, "seconds": 0.0,
               "two_gpus": two_gpus(parent_id, plan, training["steps"] // 2 or 1, work),
-              "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+              "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "parent": "a tiny random parent" if args.dry_run else parent_id, "child": plan["child"]}
     result["seconds"] = time.perf_counter() - start
     text = report(result, dry_run=args.dry_run)
     out = args.out or (None if args.dry_run else str(ROOT / "docs" / "GPU.md"))

@@ -23,6 +23,8 @@ from subclone_core.strategies import DEFAULT_DROP, parameter_count, plan_shape
 
 EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
+RANKING_LABELS = {"read": "what reads it (the inputs of the layers after the pre-norms)",
+                  "written": "what is written to it (the outputs that join it, the paper's)"}
 STRATEGY_LABELS = {"subclone": "subclone: neurons and heads in importance order (the paper)",
                    "first-k": "first-k: the first neurons and heads, no reordering (ablation)",
                    "uniform": "uniform: evenly strided neurons, first blocks (weight selection)"}
@@ -98,9 +100,10 @@ def use_children(result: dict) -> None:
     ws.step0, ws.samples = result["step0"], result["samples"]
 
 
-def generate(target: Shape, strategy: str, drop, scale: bool) -> None:
+def generate(target: Shape, strategy: str, drop, scale: bool, ranking: str, refit: bool) -> None:
     """Make the child and its twin in the background, then score all three and sample text from them."""
-    settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens)
+    settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens, residual_score=ranking,
+                              refit=refit)
     metrics, text = parent_step0()
     work = child_work(parent, target, settings, ws.importance, metrics, ws.prompt, text)
     ui.start_step("child", lambda emit, cancel: {**work(emit, cancel), "settings": settings}, use_children)
@@ -114,8 +117,19 @@ def expectation(step0: dict[str, dict]) -> None:
                "starts below its random twin and learns faster on the Train page.")
     if child > random:
         st.warning(f"The child starts worse than its random twin (loss {child:.2f} against {random:.2f}). Its "
-                   "inherited weights hurt at this shape: try more blocks or width, the magnitude block "
-                   "policy, or no weight scaling, before training.", icon=":material/warning:")
+                   f"inherited weights hurt at this shape: try {', '.join(remedies(ws.child.manifest))} before "
+                   "training.", icon=":material/warning:")
+
+
+def remedies(manifest: dict) -> list[str]:
+    """What helps a child that starts worse than random init, most effective first (docs/BENCHMARKS.md,
+    real-parent quality), leaving out what this child already has."""
+    helps = []
+    if manifest.get("order") == "importance" and not manifest.get("refit"):
+        helps.append("the least-squares refit (the largest gain on both real parents)")
+    if manifest.get("order") == "importance" and manifest.get("residual_score") != "read":
+        helps.append("ranking the residual stream by what reads it")
+    return [*helps, "more blocks or width", "the magnitude block policy", "no weight scaling"]
 
 
 def show_report(step0: dict[str, dict]) -> None:
@@ -224,10 +238,14 @@ if target is not None:
         f"Remove the blocks chosen on the Blocks page ({ws.drop})", key=ui.keep("use_block_choice", True))
     drop = ws.drop if use_blocks else None
     st.caption(f"Block policy: {drop if drop is not None else DEFAULT_DROP[strategy] + ' (the default)'}")
-    scale = st.toggle("Scale sliced weights by sqrt(fan-in ratio)",
-                      key=ui.keep("scale", arch_for(parent.model.config.model_type).scale_default))
+    arch = arch_for(parent.model.config.model_type)
+    scale = st.toggle("Scale sliced weights by sqrt(fan-in ratio)", key=ui.keep("scale", arch.scale_default))
+    refit = st.toggle("Refit weights whose inputs shrank (least squares on the calibration data)",
+                      key=ui.keep("refit", arch.refit_default), disabled=strategy != "subclone")
+    ranking = st.selectbox("Rank the residual stream by", list(RANKING_LABELS), format_func=RANKING_LABELS.get,
+                           key=ui.keep("residual_score", arch.residual_score), disabled=strategy != "subclone")
     if st.button("Generate", type="primary", key="generate_child", disabled=ws.running("child") is not None):
-        generate(target, strategy, drop, scale)
+        generate(target, strategy, drop, scale, ranking, refit)
 ui.step_panel("child", "generating the child")
 if target is None:
     st.caption("Generate is blocked until the shape above is valid.")

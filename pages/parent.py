@@ -23,11 +23,12 @@ from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.steps import store_upload
 from subclone_core.errors import SubcloneError
 from subclone_core.sources import Parent
+from subclone_core.sources.embedded import EMBEDDED, Licence
 from subclone_core.sources.parents import default_vit_built, describe
 from subclone_core.tasks import TaskSpec
 
 SOURCES = {
-    "default": "Embedded default (SmolLM2-135M-Instruct)",
+    **{entry.id: entry.label for entry in EMBEDDED.values()},  # the embedded parents, from their table
     "default-vit": "Self-pretrained ViT (Fashion-MNIST; minutes to build on first use)",
     "local": "Local folder or .gguf file",
     "hub": "Hugging Face Hub id",
@@ -113,6 +114,12 @@ def show_architecture(info: dict) -> None:
     st.caption(f"Family {info['family']} (`{info['model_type']}`), task {info['task']}, "
                f"from {ui.plain(str(info['source']))}")
     st.caption(memory_caption(info))
+
+
+def show_licence(licence: Licence | None) -> None:
+    """The terms of the parent's weights, where known (the embedded parents and children of them)."""
+    if licence is not None:
+        st.caption(f"Licence: [{licence.name}]({licence.url}). {licence.notice}".strip())
 
 
 def choose_data(task: TaskSpec) -> None:
@@ -203,6 +210,7 @@ else:
     with ui.errors_shown("showing the parent"):
         parent = ui.get_parent(ws.parent_id)
         show_architecture(describe(parent))
+        show_licence(parent.licence)
         st.subheader("Data")
         choose_data(parent.task_spec)
         show_validation(parent)

@@ -7,11 +7,12 @@ import pandas as pd
 import streamlit as st
 
 from subclone_core.app import charts, ui
-from subclone_core.app.analysis import live_summary, metrics_rows, run_progress
+from subclone_core.app.analysis import live_summary, metrics_rows, run_progress, sweep_view
 from subclone_core.app.inputs import app_words, duration_text
 from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob
 from subclone_core.app.speedup_chart import iso_loss_chart_from_events
 from subclone_core.app.steps import EXTRA_STRATEGIES, TrainRequest, fresh_folder, training_work
+from subclone_core.training.sweep import default_lr_grid, format_lr_sweep, parse_lr_sweep
 
 POLL_SECONDS = 1.0
 
@@ -40,12 +41,23 @@ def request_form() -> TrainRequest | None:
     steps, batch, seq_len, eval_every = (int(v) for v in values[:4])
     lr = float(values[4])
     extra = st.multiselect("Also train", EXTRA_STRATEGIES, key=ui.keep("extra", []))
+    sweep = lr_sweep_form((*ws.child_settings.names, *extra))
     save = st.checkbox("Save the trained models under the output folder", key=ui.keep("save_trained", True))
     run_name = st.text_input("Run name", key=ui.keep("run_name", "run"), disabled=not save)
     save_dir = ui.settings().output_path(run_name, "runs") if save else None
     return TrainRequest(parent=parent, data_id=ws.data_id, child=ws.child, twin=ws.random_child,
                         settings=ws.child_settings, extra=tuple(extra), steps=steps, batch_size=batch, seq_len=seq_len,
-                        eval_every=eval_every, lr=lr or None, save_dir=save_dir)
+                        eval_every=eval_every, lr=lr or None, lr_sweep=sweep, save_dir=save_dir)
+
+
+def lr_sweep_form(names: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
+    """The learning-rate sweep option: {} when off; a bad spec raises (the caller shows the error)."""
+    on = st.checkbox("Learning-rate sweep: train each model at several learning rates and keep its best run "
+                     "(models compared at one learning rate each can mislead)", key=ui.keep("lr_sweep", False))
+    text = st.text_input("Learning rates per model (NAME=LR,LR,...; a model not named keeps the learning rate "
+                         "above)", key=ui.keep("lr_sweep_spec", format_lr_sweep(default_lr_grid(names))),
+                         disabled=not on)
+    return parse_lr_sweep(text, names, flag="lr sweep") if on else {}
 
 
 def start(request: TrainRequest) -> None:
@@ -98,14 +110,21 @@ def metrics_csv(job: BackgroundJob) -> str:
 def show_results(job: BackgroundJob) -> None:
     """Live loss and iso-loss speedup charts, summary with speedup and throughput, the metrics table and its CSV."""
     events = job.events()
-    left, right = st.columns(2)
-    left.plotly_chart(charts.loss_chart(events), key="chart_loss")
     task = parent.task_spec  # the metric the candidates are compared on, and its direction
-    right.plotly_chart(iso_loss_chart_from_events(events, metric=task.metric, higher_is_better=task.higher_is_better),
-                       key="chart_iso_loss")
-    summary = live_summary(events)
+    view = sweep_view(events, task.metric, task.higher_is_better)  # each swept model's best run so far
+    left, right = st.columns(2)
+    left.plotly_chart(charts.loss_chart(events, faint=view.faint), key="chart_loss")
+    right.plotly_chart(iso_loss_chart_from_events(view.events, metric=task.metric,
+                                                  higher_is_better=task.higher_is_better), key="chart_iso_loss")
+    summary = live_summary(view.events)
     if summary:
         st.dataframe(pd.DataFrame(summary), hide_index=True, key="table_summary")
+    if view.rows:
+        st.caption("Learning-rate sweep: every run; each model's chosen run (its best validation value so far) "
+                   "is drawn in full and gives the speedup, the others are dotted.")
+        st.dataframe(pd.DataFrame(view.rows), hide_index=True, key="table_sweep")
+        for note in view.notes if job.done else ():
+            st.warning(note, icon=":material/warning:")
     rows = metrics_rows(events)
     if rows:
         with st.expander(f"All metrics ({len(rows)} rows)"):

@@ -127,7 +127,8 @@ def _explicit_blocks(parent_layers: int, child_layers: int, drop: list[int]) -> 
     return [i for i in range(parent_layers) if i not in set(drop)]
 
 
-def select(parent: Shape, child: Shape, importance, order: str, blocks: list[int]) -> Selection:
+def select(parent: Shape, child: Shape, importance, order: str, blocks: list[int], *,
+           residual_score: str | None = "written") -> Selection:
     """Build the whole selection for one ordering of neurons and heads.
 
     Args:
@@ -136,13 +137,14 @@ def select(parent: Shape, child: Shape, importance, order: str, blocks: list[int
         importance: an Importance (needed for order "importance"; may be None otherwise).
         order: one of ORDERS.
         blocks: kept parent blocks, from pick_blocks.
+        residual_score: "written" or "read": which residual ranking of the importance to use.
     """
     if order == "importance" and importance is None:
         raise SubcloneError("ordering by importance needs calibration data")
     src = importance if order == "importance" else _EqualScores(parent)
     heads, kv = zip(*(pick_heads(src.heads[b], parent, child, order) for b in blocks)) if blocks else ((), ())
     return Selection(
-        residual=pick(child.hidden, src.residual, order),
+        residual=pick(child.hidden, src.residual_ranking(residual_score or "written"), order),
         blocks=list(blocks),
         heads=[list(h) for h in heads],
         kv_heads=[list(k) for k in kv],
@@ -155,5 +157,6 @@ class _EqualScores:
 
     def __init__(self, shape: Shape) -> None:
         self.residual = torch.zeros(shape.hidden)
+        self.residual_ranking = lambda score: self.residual
         self.heads = torch.zeros(shape.layers, shape.heads)
         self.ffn = torch.zeros(shape.layers, shape.ffn)

@@ -78,6 +78,8 @@ def subclone_model(
     untie_head: bool = False,
     seed: int = 0,
     parent_tensors: Mapping[str, Tensor] | None = None,
+    residual_score: str | None = None,
+    refit: bool | None = None,
 ) -> Child:
     """Build a child of shape `target` from a loaded parent model; the parent is never modified.
 
@@ -93,6 +95,11 @@ def subclone_model(
         seed: seed of the random initialization (strategy "random").
         parent_tensors: the parent's tensors read from its checkpoint (streaming.checkpoint_tensors) instead of
             its state_dict in memory, for a parent spread over devices or offloaded to disk.
+        residual_score: how the residual stream is ranked, "read" or "written" (Importance.residual_ranking);
+            None uses the family's measured default. Only the importance order uses it.
+        refit: refit linear weights whose input shrank by least squares on the calibration data
+            (slicing.refit_input) instead of slicing them; None uses the family's default where the
+            importance has the Gram matrices, else no refit. Only the importance order uses it.
     """
     check_strategy(strategy)
     arch = arch_for(parent_model.config.model_type)
@@ -100,6 +107,8 @@ def subclone_model(
     validate_target(parent, target, arch)
     scale = arch.scale_default if scale is None else scale
     order = STRATEGIES[strategy]
+    residual_score = (residual_score or arch.residual_score) if order == "importance" else None
+    refit = _refit_choice(refit, arch, importance) if order == "importance" else False
     if order is None:
         sel, policy, blocks = None, None, list(range(target.layers))
         model = _random_model(parent_model, arch, target, seed)
@@ -107,16 +116,35 @@ def subclone_model(
         policy = DEFAULT_DROP[strategy] if drop is None else drop
         rel = importance.rel_magnitude if importance is not None else None
         blocks = pick_blocks(parent.layers, target.layers, policy, rel)
-        sel = select(parent, target, importance, order, blocks)
-        cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
-        config = type(parent_model.config).from_dict(cfg)
+        sel = select(parent, target, importance, order, blocks, residual_score=residual_score)
         tensors = parent_model.state_dict() if parent_tensors is None else parent_tensors
-        sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head)
-        model = build_model(type(parent_model), config, sd)
+        model = _sliced_model(parent_model, tensors, target, sel, scale=scale, untie_head=untie_head,
+                              grams=importance.grams if refit else None)
     settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
-                    "untie_head": untie_head, "seed": seed}
+                "untie_head": untie_head, "seed": seed, "residual_score": residual_score, "refit": refit,
+                "refit_ridge": arch.refit_ridge if refit else None}
     manifest = build_manifest(parent, target, blocks, sel, importance, settings)
     return Child(model=model, shape=target, manifest=manifest, selection=sel, importance=importance)
+
+
+def _sliced_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, sel: Selection, *,
+                  scale: bool, untie_head: bool, grams: Mapping[str, Tensor] | None) -> nn.Module:
+    """The child model: its config from the parent's with the target sizes, its weights sliced (or refit)."""
+    arch, parent = arch_for(parent_model.config.model_type), Shape.of(parent_model.config)
+    cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
+    sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head, grams=grams,
+                          ridge=arch.refit_ridge)
+    return build_model(type(parent_model), type(parent_model.config).from_dict(cfg), sd)
+
+
+def _refit_choice(refit: bool | None, arch, importance: Importance | None) -> bool:
+    """Whether to refit: as asked, or the family's default where the calibration recorded Gram matrices
+    (calibration skips them for parents whose matrices would not fit its memory budget)."""
+    has_grams = importance is not None and importance.grams is not None
+    if refit and not has_grams:
+        raise SubcloneError("refit needs the Gram matrices of a calibration that recorded them "
+                            "(measure_importance(..., grams=True)); calibrate again or turn refit off")
+    return arch.refit_default and has_grams if refit is None else refit
 
 
 def shape_config(parent_model: nn.Module, target: Shape):

@@ -11,11 +11,16 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 EOS = "<|endoftext|>"
 
 
+REAL_PARENT_FIXTURES = ("default_parent", "gemma_parent")  # each marks its tests with a marker of its name
+
+
 def pytest_collection_modifyitems(items):
-    """Mark every test that uses the real default parent, so `-m "not default_parent"` skips them all."""
+    """Mark every test that uses a real embedded parent, so `-m "not default_parent"` (or `gemma_parent`)
+    skips them all."""
     for item in items:
-        if "default_parent" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.default_parent)
+        for name in REAL_PARENT_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, name))
 
 
 @pytest.fixture
@@ -45,6 +50,15 @@ def default_parent():
     from subclone_core.sources import load_parent
 
     return load_parent("default")
+
+
+@pytest.fixture(scope="session")
+def gemma_parent():
+    """The embedded Gemma 3 270M parent, loaded once per session (joined from its four packages and
+    converted to a ~1 GB float32 folder in the user cache on first use: 1-2 min; then a few seconds)."""
+    from subclone_core.sources import load_parent
+
+    return load_parent("gemma3-270m")
 
 
 def make_tiny_tokenizer() -> transformers.PreTrainedTokenizerBase:

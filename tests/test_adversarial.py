@@ -226,12 +226,12 @@ def test_unchanged_cache_files_are_trusted_without_hashing(tmp_path, monkeypatch
 
 
 def test_flipped_bytes_in_the_converted_default_are_rebuilt(tmp_path, monkeypatch):
-    from subclone_core.sources import gguf, load_parent
-    from tests.test_sources_parents import write_tiny_gguf
+    from subclone_core.sources import load_parent
+    from tests.test_sources_parents import fake_embedded, write_tiny_gguf
 
     monkeypatch.setenv("SUBCLONE_CACHE", str(tmp_path / "cache"))
     tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
-    monkeypatch.setattr(gguf, "default_gguf", lambda: tiny)
+    fake_embedded(monkeypatch, tmp_path / "packages", "default", [tiny.read_bytes()])
     first = load_parent("default")
     weights = first.source / "model.safetensors"
     data = bytearray(weights.read_bytes())

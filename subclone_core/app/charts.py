@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -12,6 +12,7 @@ from torch import Tensor
 from subclone_core.calibration import Importance
 from subclone_core.explore import Exploration
 from subclone_core.metrics_log import curves
+from subclone_core.training.sweep import candidate_of
 
 KEPT, DROPPED, BASE = "#1f77b4", "#d62728", "#7f7f7f"
 COLORS = {"subclone": "#1f77b4", "random": "#d62728", "first-k": "#2ca02c", "uniform": "#9467bd",
@@ -203,12 +204,29 @@ def comparison_bars(metrics: dict[str, dict]) -> go.Figure:
     return fig
 
 
-def loss_chart(events: list[dict], metric: str = "loss") -> go.Figure:
-    """Training loss (thin lines) and validation loss (markers) of every candidate, from run events."""
+def _faint_trace(fig: go.Figure, name: str, points: list[tuple], color: str | None) -> None:
+    """A run not chosen by a learning-rate sweep: its validation curve only, thin, dotted and pale."""
+    steps, values = zip(*points)
+    fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=f"{name} (not chosen)", opacity=0.35,
+                             legendgroup=candidate_of(name), line={"color": color, "width": 1, "dash": "dot"}))
+
+
+def loss_chart(events: list[dict], metric: str = "loss", faint: Collection[str] = ()) -> go.Figure:
+    """Training loss (thin lines) and validation loss (markers) of every candidate, from run events.
+
+    Args:
+        events: engine events.
+        metric: the validation value drawn.
+        faint: runs drawn faintly (validation only): a learning-rate sweep's runs that were not chosen.
+    """
     fig = go.Figure()
     train, val = curves(events, kind="step", key="loss"), curves(events, kind="eval", key=metric)
     for name in dict.fromkeys([*val, *train]):
-        color = COLORS.get(name)
+        color = COLORS.get(candidate_of(name))  # the runs of a sweep share their candidate's colour
+        if name in faint:
+            if name in val:
+                _faint_trace(fig, name, val[name], color)
+            continue
         if name in train:
             steps, values = zip(*train[name])
             fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=f"{name} train", legendgroup=name,

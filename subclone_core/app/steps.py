@@ -7,7 +7,7 @@ import hashlib
 import threading
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from subclone_core.training.job import (
     shared_importance,
     training_data,
 )
+from subclone_core.training.sweep import LrGrid, save_plan
 from subclone_core.workflow import save_child
 
 EVAL_SEQ_LEN = 128
@@ -55,10 +56,11 @@ def evaluate_parent(parent: Parent, data_id: str | None, tokens: int) -> dict:
 
 
 def child_settings(strategy: str, drop: str | list[int] | None, scale: bool | None, data_id: str | None,
-                   calib_tokens: int, seed: int = 0) -> CandidateSettings:
+                   calib_tokens: int, seed: int = 0, *, residual_score: str | None = None,
+                   refit: bool | None = None) -> CandidateSettings:
     """The Child page's choices as the training job's settings: the child's strategy and its random twin."""
     return CandidateSettings(names=(strategy, BASELINE), drop=drop, scale=scale, seed=seed, data_id=data_id,
-                             calib_tokens=calib_tokens)
+                             calib_tokens=calib_tokens, residual_score=residual_score, refit=refit)
 
 
 def make_children(parent: Parent, target: Shape, settings: CandidateSettings, *,
@@ -211,7 +213,9 @@ class TrainRequest:
         settings: how the child was made (child_settings); the extra strategies are built the same way.
         extra: more strategies to build and train alongside ("first-k", "uniform").
         steps, batch_size, seq_len, eval_every, lr: training settings (lr None: each strategy's default).
-        save_dir: where finished models are saved (None: not saved).
+        lr_sweep: candidate -> learning rates to train it at, one run each (training.sweep); a candidate
+            swept is shown and saved by its best run, and ``lr`` applies to the others.
+        save_dir: where finished models are saved (None: not saved; with a sweep, each candidate's best run).
     """
 
     parent: Parent
@@ -226,6 +230,7 @@ class TrainRequest:
     eval_every: int = 10
     eval_batches: int = 4
     lr: float | None = None
+    lr_sweep: LrGrid = field(default_factory=dict)
     save_dir: Path | None = None
 
     def config(self) -> TrainConfig:
@@ -236,13 +241,14 @@ class TrainRequest:
         return config
 
     def candidate_settings(self) -> CandidateSettings:
-        """The child's settings with the extra strategies added and the learning rate applied to all."""
+        """The child's settings with the extra strategies added, the sweep, and the learning rate applied to
+        every candidate not swept."""
         for strategy in self.extra:
             if strategy not in EXTRA_STRATEGIES:
                 raise SubcloneError(f"unknown extra strategy {strategy!r}; valid: {', '.join(EXTRA_STRATEGIES)}")
         names = tuple(dict.fromkeys((*self.settings.names, *self.extra)))
-        lr = dict.fromkeys(names, self.lr) if self.lr else {}
-        return replace(self.settings, names=names, lr=lr)
+        lr = {name: self.lr for name in names if name not in self.lr_sweep} if self.lr else {}
+        return replace(self.settings, names=names, lr=lr, lr_sweep=dict(self.lr_sweep))
 
 
 def build_request_candidates(request: TrainRequest) -> tuple[list[Candidate], dict[str, dict]]:
@@ -265,8 +271,10 @@ def training_work(request: TrainRequest, *,
         per_eval = request.eval_batches * request.batch_size
         train, val, run_config = training_data(request.parent, request.data_id, config, seq_len=request.seq_len,
                                                eval_tokens=per_eval * request.seq_len, eval_images=per_eval)
+        task = request.parent.task_spec
         return train_candidates(candidates, train, val, run_config, callbacks=[emit], cancel=cancel,
                                 save_dir=request.save_dir, preprocessor=request.parent.preprocessor,
-                                manifest_for=manifests.get)
+                                manifest_for=manifests.get,
+                                save_plan=save_plan(task.metric, higher_is_better=task.higher_is_better))
 
     return work

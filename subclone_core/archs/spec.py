@@ -90,6 +90,13 @@ class ArchSpec:
         norm_offset: the norms compute (norm_offset + weight) x x_hat: 1.0 where weights are stored as
             offsets from 1 (Gemma 3), so a weight of 0 is the identity scale. Slicing is unaffected; code
             that writes or converts norm weights (exporters, synthetic parents) must read it.
+        residual_score: how the residual stream is ranked by default: "read" (the mean |input| of the layers
+            that read it, after the pre-norms) or "written" (the outputs that join it, the paper's), chosen by
+            measurement (docs/BENCHMARKS.md, real-parent quality).
+        refit_default: whether linear weights whose input shrank are refit by least squares on the
+            calibration data by default (slicing.refit_input), chosen by measurement.
+        refit_ridge: how strongly the refit is pulled towards the plain slice, relative to the mean kept
+            diagonal of the Gram matrix (slicing.refit_input), chosen by measurement.
     """
 
     name: str
@@ -108,6 +115,26 @@ class ArchSpec:
     attn_post_norm: str | None = None
     ffn_post_norm: str | None = None
     norm_offset: float = 0.0
+    residual_score: str = "read"
+    refit_default: bool = True
+    refit_ridge: float = 0.1
+
+    @property
+    def linear_modules(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Module paths of the linear layers, (outside the blocks, inside a block): their input axes are what a
+        least-squares refit of a child compensates (calibration records the Gram matrix of each one's input)."""
+        def paths(table: dict[str, Param]) -> tuple[str, ...]:
+            return tuple(name.removesuffix(".weight") for name, p in table.items() if p.fan_in is not None)
+        return paths(self.global_params), paths(self.block_params)
+
+    @property
+    def residual_readers(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Module paths of the linear layers that read the residual stream, (outside, inside a block):
+        their inputs are the stream as the model consumes it (after the pre-norms)."""
+        def paths(table: dict[str, Param]) -> tuple[str, ...]:
+            return tuple(name.removesuffix(".weight") for name, p in table.items()
+                         if p.fan_in is not None and p.axes[p.fan_in] == "residual")
+        return paths(self.global_params), paths(self.block_params)
 
     @property
     def attn_residual(self) -> str:

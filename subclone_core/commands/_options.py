@@ -7,6 +7,7 @@ import json
 import math
 import sys
 
+from subclone_core.calibration import RESIDUAL_SCORES
 from subclone_core.errors import SubcloneError
 from subclone_core.metrics_log import json_safe
 from subclone_core.placement import DTYPES, Placement
@@ -83,6 +84,14 @@ def add_child_args(parser: argparse.ArgumentParser, *, strategy: bool = True) ->
     scale.add_argument("--no-scale", dest="scale", action="store_false", help="do not scale weights")
     parser.add_argument("--untie-head", action="store_true",
                         help="give a tied parent's child its own scaled LM head")
+    parser.add_argument("--residual-score", choices=list(RESIDUAL_SCORES), default=None,
+                        help="rank the residual stream by what reads it (after the pre-norms) or by what is "
+                             "written to it (the paper's); default: the family's, by measurement")
+    refit = parser.add_mutually_exclusive_group()
+    refit.add_argument("--refit", dest="refit", action="store_true", default=None,
+                       help="refit weights whose inputs shrank by least squares on the calibration data "
+                            "(the default where the calibration's Gram matrices fit in memory)")
+    refit.add_argument("--no-refit", dest="refit", action="store_false", help="slice weights only")
     parser.add_argument("--seed", type=int, default=0, help="seed for random choices (default 0)")
 
 

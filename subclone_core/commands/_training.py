@@ -32,6 +32,15 @@ from subclone_core.speedup import (
 from subclone_core.tasks import task_spec
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
 from subclone_core.training.job import BASELINE
+from subclone_core.training.sweep import (
+    choose_runs,
+    chosen_results,
+    is_swept,
+    lr_text,
+    runs_from_results,
+    save_plan,
+    sweep_report,
+)
 from subclone_core.training.trackers import REPORT_TO, TrackerCallback, parse_report_to
 
 EVAL_TOKENS = 4096
@@ -198,7 +207,8 @@ def train_and_report(candidates: list[Candidate], train: Any, val: Any, config: 
     """Train every candidate on the same data order, then print (main process only) the result table.
 
     Args:
-        candidates: named models with their hyperparameters.
+        candidates: named models with their hyperparameters (several runs of one candidate when it is
+            swept over learning rates: only its chosen run is reported in the main table and saved).
         train, val: the data (see load_data); config: the engine's settings.
         args: the parsed flags (target, json, quiet).
         out: the run folder, or None to save nothing.
@@ -209,11 +219,13 @@ def train_and_report(candidates: list[Candidate], train: Any, val: Any, config: 
     start = time.perf_counter()
     progress = TrainingProgress(config.steps * len(candidates), enabled=not args.quiet and is_main_process())
     callbacks = [progress, *_trackers(args, out)]
+    task = task_spec(context["task"])
     try:
         results = train_candidates(
             candidates, train, val, config, callbacks=callbacks,
             metrics_path=out / METRICS_FILE if out else None, save_dir=out, preprocessor=preprocessor,
-            manifest_for=manifests.get, overwrite=args.overwrite)
+            manifest_for=manifests.get, overwrite=args.overwrite,
+            save_plan=save_plan(task.metric, higher_is_better=task.higher_is_better))
     finally:
         for callback in callbacks:
             callback.close()
@@ -243,24 +255,33 @@ def _trackers(args: argparse.Namespace, out: Path | None) -> list[TrackerCallbac
 
 def build_summary(results: dict[str, RunResult], config: TrainConfig, target: float | None,
                   context: dict[str, Any], out: Path | None, seconds: float) -> dict[str, Any]:
-    """The JSON summary of a run: settings, the target, one row per candidate and the iso-loss speedups."""
-    rows = speedup_table(results, baseline=BASELINE, target=target)
+    """The JSON summary of a run: settings, the target, one row per candidate and the iso-loss speedups.
+
+    A candidate trained at several learning rates is represented by its chosen run (training.sweep) in the
+    rows and the iso-loss speedups; "sweep" lists every run of every candidate (None without a sweep).
+    """
+    task = task_spec(context["task"])
+    runs = runs_from_results(results, task.metric, higher_is_better=task.higher_is_better)
+    chosen = choose_runs(runs, higher_is_better=task.higher_is_better)
+    picked = chosen_results(results, chosen)
+    rows = speedup_table(picked, baseline=BASELINE, target=target)
     for row in rows:
-        result = results[row["name"]]
-        row.update(strategy=result.strategy, lr=result.lr, weight_decay=result.weight_decay,
+        result = picked[row["name"]]
+        row.update(run=result.name, strategy=result.strategy, lr=result.lr, weight_decay=result.weight_decay,
                    message=result.message, steps_done=result.steps_done, seen=result.seen,
                    saved_to=str(out / Path(result.saved_to).name) if result.saved_to and out else None)
     metric = rows[0]["metric"] if rows else "loss"
-    tracks = {name: result_track(result, metric) for name, result in results.items()}
+    tracks = {name: result_track(result, metric) for name, result in picked.items()}
     return {
         **context,
         "metric": metric,
         "target": rows[0]["target"] if rows else None,
-        "target_from": "--target" if target is not None else ("random init's best" if BASELINE in results else None),
+        "target_from": "--target" if target is not None else ("random init's best" if BASELINE in picked else None),
         "config": config.to_dict(),
         "rows": rows,
         # the speedup at every level random init reached, and at 25/50/75/100% of its improvement
         "iso_loss": iso_loss_summary(tracks, higher_is_better=HIGHER_IS_BETTER[metric], baseline=BASELINE),
+        "sweep": sweep_report(runs, chosen) if any(is_swept(r.run) for r in runs) else None,
         "out": str(out) if out else None,
         "metrics_file": str(out / METRICS_FILE) if out else None,
         "seconds": round(seconds, 1),
@@ -271,17 +292,36 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def format_report(summary: dict[str, Any]) -> str:
-    """The result table and the iso-loss table in plain text, then the target and any stopped candidate."""
-    metric, rows = summary["metric"], summary["rows"]
-    header = ["candidate", "lr", f"step-0 {metric}", f"final {metric}", f"best {metric}", "steps to target",
-              "speedup", task_spec(summary["task"]).unit]
-    body = [[r["name"], f"{r['lr']:g}", _fmt(r["start"]), _fmt(r["final"]), _fmt(r["best"]),
-             r["steps_to_target_text"], r["speedup_text"], f"{r['throughput']:.0f}"] for r in rows]
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    """Plain-text columns, left-aligned, with a rule under the header."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body)]
     table = ["  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
     table.insert(1, "  ".join("-" * w for w in widths))
-    lines = [_headline(summary), *table]
+    return table
+
+
+def _sweep_lines(summary: dict[str, Any]) -> list[str]:
+    """The learning-rate sweep: every run of every candidate, the chosen ones starred, then edge notes."""
+    sweep, metric = summary.get("sweep"), summary["metric"]
+    if not sweep:
+        return []
+    direction = "highest" if task_spec(summary["task"]).higher_is_better else "lowest"
+    body = [[c["candidate"], lr_text(r["lr"]) + (" *" if r["chosen"] else ""), _fmt(r["best"]), _fmt(r["final"]),
+             r["status"]] for c in sweep for r in c["runs"]]
+    title = f"learning-rate sweep: * = each candidate's chosen run ({direction} best {metric}), used above"
+    notes = [f"note: {c['note']}" for c in sweep if c["note"]]
+    return [title, *_table(["candidate", "lr", f"best {metric}", f"final {metric}", "status"], body), *notes]
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The result table, any learning-rate sweep, the iso-loss table in plain text, then the target and any
+    stopped candidate."""
+    metric, rows = summary["metric"], summary["rows"]
+    header = ["candidate", "lr", f"step-0 {metric}", f"final {metric}", f"best {metric}", "steps to target",
+              "speedup", task_spec(summary["task"]).unit]
+    body = [[r["name"], lr_text(r["lr"]), _fmt(r["start"]), _fmt(r["final"]), _fmt(r["best"]),
+             r["steps_to_target_text"], r["speedup_text"], f"{r['throughput']:.0f}"] for r in rows]
+    lines = [_headline(summary), *_table(header, body), *_sweep_lines(summary)]
     lines += format_iso_loss({name: v["drop"] for name, v in summary.get("iso_loss", {}).items()}, metric=metric)
     lines.append(_target_line(summary))
     lines += [f"{r['name']}: {r['status']}: {r['message']}" for r in rows if r["status"] != "done"]

@@ -23,8 +23,8 @@ from subclone_core.commands._training import (
     EVAL_TOKENS,
     add_training_args,
     check_seq_len,
-    hparam_overrides,
     is_main_process,
+    parse_per_candidate,
     prepare_output,
     train_and_report,
     training_config,
@@ -43,6 +43,7 @@ from subclone_core.training.job import (
     shared_importance,
     training_data,
 )
+from subclone_core.training.sweep import LrGrid, parse_lr_sweep
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,17 +64,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill-temperature", type=float, default=2.0,
                    help=f"{DISTILL}: softmax temperature (default 2.0)")
     add_training_args(p, out_required=False, seed=False)
+    p.add_argument("--lr-sweep", metavar="SPEC",
+                   help="train candidates at several peak learning rates, e.g. random=1e-3,2e-3,subclone=5e-4,1e-3: "
+                        "one run each (named subclone@lr=1e-3) on the same batches; each candidate is reported "
+                        "and saved by its best run; a candidate not named keeps its single lr (--lr)")
     p.set_defaults(func=run)
+
+
+def lr_overrides(text: str | None, names: tuple[str, ...], grid: LrGrid) -> dict[str, float]:
+    """--lr per candidate; one value for all (no NAME=) applies to the candidates not swept."""
+    if text is not None and "=" not in text:
+        return parse_per_candidate(text, "--lr", [n for n in names if n not in grid])
+    return parse_per_candidate(text, "--lr", list(names))
 
 
 def candidate_settings(args: argparse.Namespace) -> CandidateSettings:
     """The candidates the flags ask for, checked before any loading."""
     names = parse_names(args.strategies)
-    overrides = hparam_overrides(args, list(names))
+    grid = parse_lr_sweep(args.lr_sweep, names) if args.lr_sweep is not None else {}
     settings = CandidateSettings(
         names=names, drop=args.drop, scale=args.scale, untie_head=args.untie_head, seed=args.seed,
+        residual_score=args.residual_score, refit=args.refit,
         data_id=args.data, calib_tokens=args.tokens, distill_alpha=args.distill_alpha,
-        distill_temperature=args.distill_temperature, lr=overrides["lr"], weight_decay=overrides["weight_decay"])
+        distill_temperature=args.distill_temperature, lr=lr_overrides(args.lr, names, grid),
+        weight_decay=parse_per_candidate(args.wd, "--wd", list(names)), lr_sweep=grid)
     require_positive("--calib-tokens", args.tokens)
     check_shape_flags(args)
     require_finite("--distill-alpha", args.distill_alpha)  # the range is CandidateSettings.validate's
@@ -114,6 +128,7 @@ def compare(args: argparse.Namespace, config, settings: CandidateSettings, out) 
     context = {"command": "compare", "parent": args.parent, "label": parent.label, "task": parent.task,
                "data": args.data or default_data_id(parent.task), "seq_len": args.seq_len,
                "parent_shape": Shape.of(parent.model.config).as_dict(), "shape": target.as_dict(),
-               "strategies": list(settings.names), "calibration_tokens": importance.tokens if importance else None}
+               "strategies": list(settings.names), "calibration_tokens": importance.tokens if importance else None,
+               "lr_sweep": {name: list(lrs) for name, lrs in settings.lr_sweep.items()} or None}
     return train_and_report(candidates, train, val, config, args=args, out=out, preprocessor=parent.preprocessor,
                             manifests=manifests, context=context)

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument(
-        "--parent", metavar="P", help="default, default-vit, a model folder, a .gguf file, or a Hub id"
+        "--parent", metavar="P", help="default, gemma3-270m, default-vit, a model folder, a .gguf file, or a Hub id"
     )
     who.add_argument(
         "--model", metavar="DIR", help="a saved model folder (e.g. a child made by `subclone make`)"

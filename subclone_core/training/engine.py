@@ -33,7 +33,7 @@ from subclone_core.tasks import TaskSpec, perplexity, task_of_model
 from subclone_core.training import batches as B
 from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.distill import distillation_loss
-from subclone_core.training.results import EvalPoint, RunResult
+from subclone_core.training.results import EvalPoint, RunResult, SavePlan
 from subclone_core.training.schedule import make_scheduler
 from subclone_core.training.support import Callback, Emitter, RngSlot
 
@@ -252,6 +252,15 @@ def _check_candidates(candidates: Sequence[Candidate]) -> None:
         raise SubcloneError("two candidates share one model object; give each its own copy")
 
 
+def _check_folders(candidates: Sequence[Candidate], save_dir: str | Path | None, plan: SavePlan,
+                   overwrite: bool) -> None:
+    """Refuse, before any training, a save folder that exists (unless overwrite) for any run the plan may save."""
+    if save_dir is None:
+        return
+    for folder in dict.fromkeys(plan.folder(c.name) for c in candidates):
+        check_output_dir(Path(save_dir) / folder, overwrite=overwrite)
+
+
 def _cancel_requested(cancel: threading.Event | None, acc: Accelerator) -> bool:
     """Whether to stop; under several processes the main process decides for all (no rank hangs)."""
     flag = bool(cancel is not None and cancel.is_set())
@@ -302,21 +311,19 @@ def _training_info(runner: _Runner, ctx: _Context) -> dict[str, Any]:
     })
 
 
-def _save(runner: _Runner, ctx: _Context, save_dir: Path, preprocessor: Any, base: dict | None,
+def _save(runner: _Runner, ctx: _Context, folder: Path, preprocessor: Any, base: dict | None,
           overwrite: bool) -> Path:
     """Save one finished candidate as a complete model folder (written atomically by saving.py)."""
     manifest = dict(base or {})
     manifest["training"] = _training_info(runner, ctx)
     model = ctx.accelerator.unwrap_model(runner.model)
     card = model_card(manifest, ctx.task.name) if "child" in manifest else None
-    return Path(save_model_folder(model, save_dir / runner.cand.name, preprocessor=preprocessor,
+    return Path(save_model_folder(model, folder, preprocessor=preprocessor,
                                   manifest=manifest, model_card=card, overwrite=overwrite))
 
 
-def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, save_dir: Path | None,
-            preprocessor: Any, manifest_for: Callable[[str], dict | None] | None, overwrite: bool) -> None:
-    """Settle every candidate's status, save the finished ones (main process only) and emit "done"."""
-    acc = ctx.accelerator
+def _settle(runners: list[_Runner], ctx: _Context, cancelled_at: int | None) -> None:
+    """Every candidate's final status (and its model, unwrapped, in eval mode)."""
     if cancelled_at is not None:
         message = f"cancelled before step {cancelled_at}; metrics so far are kept, no model was saved"
         ctx.emit("cancelled", None, step=cancelled_at, message=message)
@@ -325,12 +332,25 @@ def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, sav
         if result.status == "running":
             result.status = "done" if cancelled_at is None else "cancelled"
             result.message = None if cancelled_at is None else message
-        result.model = acc.unwrap_model(runner.model).eval()
-        if save_dir is not None and result.status == "done":
+        result.model = ctx.accelerator.unwrap_model(runner.model).eval()
+
+
+def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, save_dir: Path | None,
+            preprocessor: Any, manifest_for: Callable[[str], dict | None] | None, overwrite: bool,
+            plan: SavePlan) -> None:
+    """Settle every candidate's status, save the finished ones the plan chooses (main process only) and
+    emit "done"."""
+    acc = ctx.accelerator
+    _settle(runners, ctx, cancelled_at)
+    chosen = set(plan.choose({r.result.name: r.result for r in runners})) if save_dir is not None else set()
+    for runner in runners:
+        result = runner.result
+        if save_dir is not None and result.status == "done" and result.name in chosen:
+            folder = save_dir / plan.folder(result.name)
             if acc.is_main_process:
                 base = manifest_for(runner.cand.name) if manifest_for else None
-                _save(runner, ctx, save_dir, preprocessor, base, overwrite)
-            result.saved_to = save_dir / runner.cand.name
+                _save(runner, ctx, folder, preprocessor, base, overwrite)
+            result.saved_to = folder
         acc.wait_for_everyone()  # other ranks return only once the folder exists
         ctx.emit("done", result.name, step=result.steps_done, status=result.status, message=result.message,
                  final=result.summary()["final_eval"], saved_to=str(result.saved_to) if result.saved_to else None)
@@ -362,7 +382,7 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
                      callbacks: Iterable[Callback] = (), metrics_path: str | Path | None = None,
                      cancel: threading.Event | None = None, save_dir: str | Path | None = None,
                      preprocessor: Any = None, manifest_for: Callable[[str], dict | None] | None = None,
-                     overwrite: bool = False) -> dict[str, RunResult]:
+                     overwrite: bool = False, save_plan: SavePlan | None = None) -> dict[str, RunResult]:
     """Train candidates of one child shape side by side on the identical data order and seed.
 
     One optimizer step of every running candidate per round (AdamW, linear warmup + cosine, gradient
@@ -383,13 +403,14 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
         preprocessor: tokenizer or image processor saved with each model.
         manifest_for: name -> the candidate's manifest (e.g. Child.manifest); "training" is added to it.
         overwrite: replace existing model folders under save_dir.
+        save_plan: which finished candidates to save, under which names (e.g. a sweep's chosen runs).
 
     Returns:
         {name: RunResult} in the order of ``candidates``; SubcloneError for bad settings, names or data.
     """
     _check_candidates(candidates)
-    for cand in candidates if save_dir is not None else ():
-        check_output_dir(Path(save_dir) / cand.name, overwrite=overwrite)  # fail now, not after training
+    plan = save_plan or SavePlan()
+    _check_folders(candidates, save_dir, plan, overwrite)
     acc = _make_accelerator(config)
     config.validate(acc.num_processes)
     log = MetricsLog(metrics_path) if metrics_path is not None and acc.is_main_process else None
@@ -399,7 +420,7 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
         runners = _start(candidates, ctx, train_data)
         cancelled_at = _loop(runners, ctx, cancel)
         _finish(runners, ctx, cancelled_at, Path(save_dir) if save_dir is not None else None,
-                preprocessor, manifest_for, overwrite)
+                preprocessor, manifest_for, overwrite, plan)
     except Exception as err:
         emit("error", None, message=f"{type(err).__name__}: {err}")
         raise

@@ -23,6 +23,7 @@ from subclone_core.shape import Shape
 from subclone_core.sources import Parent, make_data
 from subclone_core.strategies import DEFAULT_DROP, STRATEGIES, Child, needs_calibration
 from subclone_core.training.config import Candidate, TrainConfig
+from subclone_core.training.sweep import LrGrid, check_lr_sweep, sweep_runs
 from subclone_core.workflow import CALIB_TOKENS, make_child, measure_importance
 
 BASELINE = "random"  # random init: the speedup's reference
@@ -41,17 +42,23 @@ class CandidateSettings:
         drop: the block policy ("magnitude", "middle", "first" or parent blocks to drop); None: defaults.
         scale: sqrt(fan-in) weight scaling; None: the family's default.
         untie_head: give a tied parent's child its own scaled head.
+        residual_score, refit: the residual ranking and the least-squares refit (strategies.subclone_model);
+            None: the family's defaults.
         seed: seed of random init (and the data order, in TrainConfig).
         data_id: calibration data (None: the task's default).
         calib_tokens: calibration budget.
         distill_alpha, distill_temperature: the distillation loss of subclone+distill.
         lr, weight_decay: per-candidate overrides of the strategies' defaults.
+        lr_sweep: candidate -> the peak learning rates it is trained at, one run each (training.sweep);
+            a candidate swept takes no ``lr`` override.
     """
 
     names: tuple[str, ...]
     drop: Drop = None
     scale: bool | None = None
     untie_head: bool = False
+    residual_score: str | None = None
+    refit: bool | None = None
     seed: int = 0
     data_id: str | None = None
     calib_tokens: int = CALIB_TOKENS
@@ -59,6 +66,7 @@ class CandidateSettings:
     distill_temperature: float = 2.0
     lr: Mapping[str, float] = field(default_factory=dict)
     weight_decay: Mapping[str, float] = field(default_factory=dict)
+    lr_sweep: LrGrid = field(default_factory=dict)
 
     def validate(self) -> None:
         """Refuse unknown or repeated names and a bad distillation setting, before any work."""
@@ -73,6 +81,10 @@ class CandidateSettings:
             for name in values:
                 if name not in self.names:
                     raise SubcloneError(f"{flag}: {name!r} is not a candidate; candidates: {', '.join(self.names)}")
+        check_lr_sweep(self.lr_sweep, self.names)
+        both = [name for name in self.lr_sweep if name in self.lr]
+        if both:
+            raise SubcloneError(f"{both[0]!r} has a learning rate and a learning-rate sweep; give it only one")
         if DISTILL in self.names:
             Candidate(DISTILL, None, distill_alpha=self.distill_alpha,
                       distill_temperature=self.distill_temperature).validate()
@@ -112,7 +124,8 @@ def shared_importance(parent: Parent, settings: CandidateSettings,
     """Calibrate once when any candidate needs it; every child then reuses the result."""
     if not needs_importance(settings):
         return None
-    return measure_importance(parent, settings.data_id, tokens=settings.calib_tokens, progress=progress)
+    return measure_importance(parent, settings.data_id, tokens=settings.calib_tokens, progress=progress,
+                              grams=settings.refit)
 
 
 def build_child(parent: Parent, target: Shape, strategy: str, settings: CandidateSettings,
@@ -126,7 +139,8 @@ def build_child(parent: Parent, target: Shape, strategy: str, settings: Candidat
     used = importance if needs_calibration(strategy, drop) else None
     return make_child(parent, target, strategy=strategy, drop=drop,
                       scale=settings.scale, untie_head=settings.untie_head, importance=used,
-                      data_id=settings.data_id, calib_tokens=settings.calib_tokens, seed=settings.seed)
+                      data_id=settings.data_id, calib_tokens=settings.calib_tokens, seed=settings.seed,
+                      residual_score=settings.residual_score, refit=settings.refit)
 
 
 def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings, *,
@@ -140,6 +154,10 @@ def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings,
         settings: names, block policy, scaling, seed, calibration, distillation, hyperparameters.
         importance: the parent's calibration (measured here once, when needed and not given).
         made: children the caller already built, by strategy (the app's child and random twin).
+
+    Returns:
+        (candidates, {run name: manifest}): one candidate per name, or one per learning rate of a candidate
+        swept (``settings.lr_sweep``; runs named like ``subclone@lr=1e-3``), all from the same initial weights.
     """
     settings.validate()
     children = dict(made or {})
@@ -151,16 +169,22 @@ def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings,
         if strategy not in children:
             children[strategy] = build_child(parent, target, strategy, settings, importance)
         child = children[strategy]
-        # a model is trained in place: copy the caller's children and any child a second candidate shares
-        shared = strategy in used or (made is not None and strategy in made)
-        used.add(strategy)
-        model = copy.deepcopy(child.model) if shared else child.model
-        candidates.append(Candidate(
-            name, model.train(), strategy=name, teacher=parent.model if name == DISTILL else None,
-            lr=settings.lr.get(name), weight_decay=settings.weight_decay.get(name),
-            distill_alpha=settings.distill_alpha, distill_temperature=settings.distill_temperature))
-        manifests[name] = child.manifest
+        for run, lr in sweep_runs(name, settings.lr_sweep, settings.lr.get(name)):
+            # a model is trained in place: copy the caller's children and any child a second run shares
+            shared = strategy in used or (made is not None and strategy in made)
+            used.add(strategy)
+            model = copy.deepcopy(child.model) if shared else child.model
+            candidates.append(_candidate(run, name, lr, model, parent, settings))
+            manifests[run] = child.manifest
     return candidates, manifests
+
+
+def _candidate(run: str, name: str, lr: float | None, model: Any, parent: Parent,
+               settings: CandidateSettings) -> Candidate:
+    """One run of candidate ``name`` (its defaults, distillation and overrides) at peak ``lr``."""
+    return Candidate(run, model.train(), strategy=name, teacher=parent.model if name == DISTILL else None,
+                     lr=lr, weight_decay=settings.weight_decay.get(name), distill_alpha=settings.distill_alpha,
+                     distill_temperature=settings.distill_temperature)
 
 
 def training_examples(config: TrainConfig) -> int:

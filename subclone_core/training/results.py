@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,25 @@ class RunResult:
             "unit": self.unit,
             "saved_to": str(self.saved_to) if self.saved_to else None,
         }
+
+
+def _same_name(run: str) -> str:
+    return run
+
+
+def _every_run(results: Mapping[str, RunResult]) -> Collection[str]:
+    return set(results)
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """Which finished runs a training call saves, and under which folder names.
+
+    Attributes:
+        folder: run name -> its folder name under the save folder.
+        choose: the settled results (every run's) -> the names of the runs to save; of those, only the
+            finished ones ("done") are saved. Decided on every process alike (validation is all-reduced).
+    """
+
+    folder: Callable[[str], str] = _same_name
+    choose: Callable[[Mapping[str, RunResult]], Collection[str]] = _every_run

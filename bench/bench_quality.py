@@ -1,0 +1,626 @@
+"""Children of every embedded real parent against random init: step-0 loss over a grid of shapes, then a
+short matched training run at the aggressive shape.
+
+For each real parent (``default`` = SmolLM2-135M, Llama family; ``gemma3-270m`` = Gemma 3 270M; a parent id
+that is not installed is skipped with a printed note):
+
+1. calibrate once (importance and the Gram matrices the least-squares refit needs);
+2. over a grid of shapes (hidden at about 100/80/60/40% with heads, KV heads and FFN following where a valid
+   shape exists, each at full depth and at two thirds of it, plus the aggressive shape of the other
+   benchmarks), build the child under each of VARIANTS and take its validation loss at step 0, with its
+   parameter count and the parent's own loss;
+3. train the default child and random init at the aggressive shape, each at three learning rates, on the
+   identical batches (one engine call per run, all with the same seed, so the same batch order), and report
+   each arm's best run, whether that lr sits at the edge of its grid, and the loss random init reaches
+   against the one the child starts at.
+
+Sizes: ``smoke`` (seconds, a tiny random parent; the test runs it), ``cpu`` (both real parents on 2 cores;
+see SIZES for the plan; tokens/s are printed to tune the step counts). Writes docs/quality.json,
+docs/bench_quality.png and the "quality" section of docs/BENCHMARKS.md (smoke: a temporary folder unless
+--out-dir is given).
+
+    .venv/bin/python bench/bench_quality.py [--smoke] [--parents default,gemma3-270m] [--skip-training]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._report import DOC, fmt_value, machine, table, write_atomic, write_section
+from bench.bench_training import AGGRESSIVE, lr_text, progress_printer
+from subclone_core.errors import SubcloneError
+from subclone_core.evaluate import evaluate
+from subclone_core.shape import Shape, nearest_valid_shape, suggested_shape
+from subclone_core.sources import Parent, load_parent, make_data
+from subclone_core.speedup import best_value
+from subclone_core.strategies import plan_shape, subclone_model
+from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
+from subclone_core.workflow import measure_importance
+
+DATA = "default"
+SMOKE_PARENT = "tiny"  # the smoke size's parent: bench_scale's tiny random Llama, written into the work folder
+WIDTH_KEYS = ("hidden", "heads", "kv_heads", "ffn")
+# variant -> (label, subclone_model options); "default" passes none: the family's defaults, whatever they are
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "before": ("before (paper ranking, slice only)", {"residual_score": "written", "refit": False}),
+    "read": ("read ranking, slice only", {"residual_score": "read", "refit": False}),
+    "default": ("default (family defaults)", {}),
+    "random": ("random init", {"strategy": "random"}),
+}
+ARMS = ("default", "random")  # the training part: the default child against random init
+STRATEGY_OF = {"default": "subclone", "random": "random"}  # the key of each arm's default weight decay
+NAT_MARGIN = 1.0  # the report says whether the default child starts at least this far below random init
+
+# Width rows of the real parents at about 100/80/60/40% of the hidden size. Heads follow where a valid KV
+# count exists: SmolLM2's 3 KV heads (3 queries each at most) allow 9, 6, 4 or 3 heads but not 7 or 8, and
+# a Llama-family config needs hidden to be a multiple of heads (Gemma's 3 heads: hidden 516, not 512).
+# Any other parent: nearest_valid_shape at the size's width_ratios.
+WIDTHS: dict[str, tuple[dict[str, int], ...]] = {
+    "default": ({"hidden": 576, "heads": 9, "kv_heads": 3, "ffn": 1536},
+                {"hidden": 480, "heads": 6, "kv_heads": 2, "ffn": 1280},
+                {"hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024},
+                {"hidden": 256, "heads": 4, "kv_heads": 2, "ffn": 640}),
+    "gemma3-270m": ({"hidden": 640, "heads": 4, "kv_heads": 1, "ffn": 2048},
+                    {"hidden": 516, "heads": 3, "kv_heads": 1, "ffn": 1664},
+                    {"hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
+                    {"hidden": 256, "heads": 2, "kv_heads": 1, "ffn": 768}),
+}
+# The aggressive shape of the other benchmarks per parent; any other parent: suggested_shape's first guess.
+AGGRESSIVE_SHAPES: dict[str, dict[str, int]] = {
+    "default": AGGRESSIVE,
+    "gemma3-270m": {"layers": 12, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
+}
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The matched training run of one parent at its aggressive shape.
+
+    Attributes:
+        batch_size: sequences per step (of Size.seq_len tokens).
+        steps: optimizer steps per run.
+        lrs: arm -> the learning rates it is trained at (each run on the identical batches).
+        evals: evaluations after step 0, spaced evenly in log(step).
+        precision: the engine's mixed_precision ("bf16": autocast, also on the CPU).
+    """
+
+    batch_size: int
+    steps: int
+    lrs: dict[str, tuple[float, ...]]
+    evals: int
+    precision: str = "bf16"
+
+
+@dataclass(frozen=True)
+class Size:
+    """Everything one size runs.
+
+    Attributes:
+        parents: the parent ids run when --parents is not given.
+        calib_tokens: calibration tokens (train split), measured once per parent.
+        val_tokens: the fixed validation set (validation split), the same for every loss.
+        width_ratios: hidden shares of the grid for a parent without a WIDTHS row.
+        depth_ratios: block shares of the grid (rounded to whole blocks).
+        training: parent id -> its training plan; "*" for any other parent.
+        seq_len: tokens per sequence, everywhere.
+        eval_batch: sequences per validation batch.
+    """
+
+    parents: tuple[str, ...]
+    calib_tokens: int
+    val_tokens: int
+    width_ratios: tuple[float, ...]
+    depth_ratios: tuple[float, ...]
+    training: dict[str, TrainPlan]
+    seq_len: int = 128
+    eval_batch: int = 8
+
+    def plan_for(self, parent_id: str) -> TrainPlan:
+        return self.training.get(parent_id) or self.training["*"]
+
+
+RANDOM_LRS = (1e-3, 2e-3, 4e-3)
+CHILD_LRS = (3e-4, 1e-3, 2e-3)
+SIZES = {
+    "smoke": Size((SMOKE_PARENT,), calib_tokens=512, val_tokens=512, width_ratios=(1.0, 0.5),
+                  depth_ratios=(1.0, 2 / 3),
+                  training={"*": TrainPlan(2, 4, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=2)}),
+    # 2 cores: Gemma's 262,144-word head makes each of its steps costly (tokens/s are printed: tune the steps
+    # so that each parent's six runs take about 10 minutes).
+    "cpu": Size(("default", "gemma3-270m"), calib_tokens=4096, val_tokens=2048, width_ratios=(1.0, 0.8, 0.6, 0.4),
+                depth_ratios=(1.0, 2 / 3),
+                training={"default": TrainPlan(8, 150, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=8),
+                          "gemma3-270m": TrainPlan(4, 40, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=5),
+                          "*": TrainPlan(8, 100, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=6)}),
+}
+
+
+# --- the grid of shapes ---------------------------------------------------------------------------------
+
+
+def derived_widths(parent: Parent, ratios: tuple[float, ...]) -> list[dict[str, int]]:
+    """Width rows for a parent without a WIDTHS row: every width at each ratio, nearest valid shape."""
+    base = Shape.of(parent.model.config)
+    rows = []
+    for ratio in ratios:
+        want = {k: max(1, round(getattr(base, k) * ratio)) for k in WIDTH_KEYS}
+        shape = nearest_valid_shape(parent.model, want)
+        rows.append({k: getattr(shape, k) for k in WIDTH_KEYS})
+    return rows
+
+
+def aggressive_sizes(parent: Parent, key: str) -> dict[str, int]:
+    """The aggressive shape of the other benchmarks, or suggested_shape's first guess for another parent."""
+    if key in AGGRESSIVE_SHAPES:
+        return dict(AGGRESSIVE_SHAPES[key])
+    return sizes_of(suggested_shape(parent.model))
+
+
+def sizes_of(shape: Shape) -> dict[str, int]:
+    """The plan_shape keywords of a shape (head_dim never changes)."""
+    return {"layers": shape.layers, **{k: getattr(shape, k) for k in WIDTH_KEYS}}
+
+
+def shape_grid(parent: Parent, key: str, size: Size) -> list[dict[str, Any]]:
+    """Each width at each depth (widest and deepest first), then the aggressive shape where it is new;
+    every shape validated by plan_shape. Rows: {"sizes", "aggressive", "grid"} (grid: a width x depth row)."""
+    base = Shape.of(parent.model.config)
+    widths = WIDTHS.get(key) or derived_widths(parent, size.width_ratios)
+    depths = sorted({max(1, round(base.layers * r)) for r in size.depth_ratios}, reverse=True)
+    grid = [sizes_of(plan_shape(parent.model, layers=d, **w)) for w in widths for d in depths]
+    grid = [dict(t) for t in dict.fromkeys(tuple(s.items()) for s in grid)]  # derived ratios may coincide
+    aggressive = sizes_of(plan_shape(parent.model, **aggressive_sizes(parent, key)))
+    rows = [{"sizes": s, "aggressive": s == aggressive, "grid": True} for s in grid]
+    if aggressive not in grid:
+        rows.append({"sizes": aggressive, "aggressive": True, "grid": False})
+    return rows
+
+
+def shape_text(sizes: dict[str, int]) -> str:
+    """E.g. "20 x 384 (6 heads / 2 KV, FFN 1024)"."""
+    heads = f"{sizes['heads']} head{'s' if sizes['heads'] != 1 else ''}"
+    return f"{sizes['layers']} x {sizes['hidden']} ({heads} / {sizes['kv_heads']} KV, FFN {sizes['ffn']})"
+
+
+def parameter_total(model: torch.nn.Module) -> int:
+    """Parameters of a model, a tied head counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- step-0 losses --------------------------------------------------------------------------------------
+
+
+def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any], size: Size) -> dict[str, Any]:
+    """The step-0 validation loss of every variant of one shape, and the child's parameter count."""
+    start = time.perf_counter()
+    base = Shape.of(parent.model.config)
+    sizes = row["sizes"]
+    target = plan_shape(parent.model, **sizes)
+    losses, params = {}, 0
+    for key, (_, options) in VARIANTS.items():
+        child = subclone_model(parent.model, target, importance=importance, **options).model
+        losses[key] = evaluate(child, val.batches(size.eval_batch))["loss"]
+        params = params or parameter_total(child)
+        del child
+    result = {"key": "-".join(str(sizes[k]) for k in ("layers", *WIDTH_KEYS)), "text": shape_text(sizes),
+              "sizes": sizes, "aggressive": row["aggressive"], "grid": row["grid"], "width_share": sizes["hidden"] / base.hidden,
+              "depth_share": sizes["layers"] / base.layers, "params": params, "losses": losses,
+              "seconds": time.perf_counter() - start}
+    print(f"  {result['text']}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) +
+          f" ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return result
+
+
+# --- the matched training run ---------------------------------------------------------------------------
+
+
+def log_eval_steps(steps: int, count: int) -> tuple[int, ...]:
+    """About ``count`` evaluation steps from 1 to ``steps`` (exclusive), evenly spaced in log(step)."""
+    if steps < 2 or count < 1:
+        return ()
+    points = np.unique(np.round(np.geomspace(1, steps, count + 1)).astype(int))
+    return tuple(int(s) for s in points if 1 <= s < steps)
+
+
+def train_config(plan: TrainPlan, size: Size, val_len: int) -> TrainConfig:
+    """The plan's steps with log-spaced evaluations on the whole validation set; 5% warmup then cosine."""
+    return TrainConfig(steps=plan.steps, batch_size=plan.batch_size, eval_every=plan.steps,
+                       eval_at=log_eval_steps(plan.steps, plan.evals),
+                       eval_batches=max(1, math.ceil(val_len / size.eval_batch)), eval_batch_size=size.eval_batch,
+                       warmup=0.05, seed=0, device="auto", mixed_precision=plan.precision)
+
+
+def run_json(run: RunResult, seconds: float) -> dict[str, Any]:
+    """A run's lr, status, validation curve against tokens, start/best/final loss and throughput."""
+    losses = [p.loss for p in run.evals]
+    return {"lr": run.lr, "status": run.status, "message": run.message, "steps": [p.step for p in run.evals],
+            "tokens": [p.seen for p in run.evals], "val_loss": losses, "start": losses[0] if losses else None,
+            "best": best_value(run.curve("loss")), "final": losses[-1] if losses else None,
+            "tokens_per_s": run.throughput, "seconds": seconds}
+
+
+def train_one(cand: Candidate, data: tuple[Any, Any], config: TrainConfig, tag: str, runs: Path) -> dict[str, Any]:
+    """One run through the library's engine (its own call: one model's optimizer state in memory at a
+    time; the seed alone fixes the batch order, so every run sees the identical batches)."""
+    start = time.perf_counter()
+    result = train_candidates([cand], data[0], data[1], config, callbacks=[progress_printer(tag, config.steps)],
+                              metrics_path=runs / f"{tag}-{cand.name}.jsonl")[cand.name]
+    row = run_json(result, time.perf_counter() - start)
+    print(f"[{tag}] {cand.name}: {row['tokens_per_s']:.0f} tokens/s of training, best loss "
+          f"{fmt_value(row['best'])} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return row
+
+
+def chosen_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished run with the lowest best validation loss (None when every run diverged)."""
+    scored = [r for r in runs if r["status"] == "done" and r["best"] is not None]
+    return min(scored, key=lambda r: r["best"]) if scored else None
+
+
+def edge_of(lr: float, lrs: tuple[float, ...]) -> str | None:
+    """"low" or "high" when the chosen lr is the lowest or highest of a grid of several, else None."""
+    if len(lrs) < 2:
+        return None
+    return "low" if lr == min(lrs) else "high" if lr == max(lrs) else None
+
+
+def arm_json(runs: list[dict[str, Any]], lrs: tuple[float, ...]) -> dict[str, Any]:
+    """An arm's runs, its chosen lr (the lowest best loss) and whether that lr is at the edge of the grid."""
+    best = chosen_run(runs)
+    return {"lrs": list(lrs), "runs": runs, "chosen_lr": best["lr"] if best else None,
+            "edge": edge_of(best["lr"], lrs) if best else None}
+
+
+def comparison(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Where the default child starts against what random init's best run reaches, and when it got there."""
+    child = chosen_run(arms["default"]["runs"])
+    random = chosen_run(arms["random"]["runs"])
+    if child is None or random is None:
+        return {"child_start": None, "random_best": None, "random_reached_at": None}
+    start = child["start"]
+    reached = next((t for t, v in zip(random["tokens"], random["val_loss"]) if v is not None and v <= start), None)
+    return {"child_start": start, "child_best": child["best"], "child_final": child["final"],
+            "random_start": random["start"], "random_best": random["best"], "random_final": random["final"],
+            "random_reached_at": reached, "tokens": random["tokens"][-1] if random["tokens"] else 0}
+
+
+def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int], size: Size, key: str,
+               runs: Path) -> dict[str, Any]:
+    """Every arm at every lr of the parent's plan on the identical batches, at the aggressive shape."""
+    plan = size.plan_for(key)
+    target = plan_shape(parent.model, **sizes)
+    models = {arm: subclone_model(parent.model, target, importance=importance, **VARIANTS[arm][1]).model
+              for arm in ARMS}
+    data = (make_data(parent, DATA, "train", seq_len=size.seq_len), val)
+    config = train_config(plan, size, len(val))
+    print(f"[{key}] training {shape_text(sizes)}: {plan.steps} steps of {plan.batch_size} x {size.seq_len} tokens "
+          f"per run, {sum(len(plan.lrs[a]) for a in ARMS)} runs", file=sys.stderr, flush=True)
+    arms = {}
+    for arm in ARMS:
+        rows = [train_one(Candidate(f"{arm}-lr{lr_text(lr)}", copy.deepcopy(models[arm]), lr=lr,
+                                    weight_decay=default_hparams(STRATEGY_OF[arm])["weight_decay"],
+                                    strategy=STRATEGY_OF[arm]), data, config, safe_name(key), runs)
+                for lr in plan.lrs[arm]]
+        arms[arm] = arm_json(rows, plan.lrs[arm])
+    return {"shape": sizes, "text": shape_text(sizes), "plan": asdict(plan), "seq_len": size.seq_len,
+            "arms": arms, "comparison": comparison(arms)}
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe tag of a parent id (which may be a path)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-60:]
+
+
+# --- one parent -----------------------------------------------------------------------------------------
+
+
+def open_parent(key: str, work: Path) -> tuple[Parent | None, str | None]:
+    """The parent in float32, or None and why (also printed) when its id is not installed or not loadable."""
+    parent_id = key
+    if key == SMOKE_PARENT:
+        from bench.bench_scale import write_parent
+
+        parent_id = str(work / "tiny-parent")
+        write_parent(Path(parent_id), "tiny")
+    try:
+        return load_parent(parent_id, dtype="float32"), None
+    except SubcloneError as err:
+        print(f"note: skipping parent {key!r}: {err}", file=sys.stderr, flush=True)
+        return None, str(err)
+
+
+def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: Path) -> dict[str, Any]:
+    """Calibrate, measure the grid, train at the aggressive shape; everything of one parent as JSON."""
+    seconds = {}
+    start = time.perf_counter()
+    importance = measure_importance(parent, DATA, tokens=size.calib_tokens, grams=True)
+    seconds["calibration"] = time.perf_counter() - start
+    val = make_data(parent, DATA, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
+    vocab = int(parent.model.config.vocab_size)
+    result = {"id": key, "label": parent.label, "shape": Shape.of(parent.model.config).as_dict(),
+              "params": parameter_total(parent.model), "vocab": vocab, "ln_vocab": math.log(vocab),
+              "loss": evaluate(parent.model, val.batches(size.eval_batch))["loss"],
+              "calib_tokens": importance.tokens, "val_tokens": int(val.tokens.numel())}
+    print(f"[{key}] {parent.label}: loss {result['loss']:.3f}, calibrated in {seconds['calibration']:.0f} s",
+          file=sys.stderr, flush=True)
+    begin = time.perf_counter()
+    result["shapes"] = [measure_shape(parent, importance, val, row, size) for row in shape_grid(parent, key, size)]
+    seconds["grid"] = time.perf_counter() - begin
+    result["training"] = None
+    if not skip_training:
+        begin = time.perf_counter()
+        aggressive = next(s["sizes"] for s in result["shapes"] if s["aggressive"])
+        result["training"] = train_arms(parent, importance, val, aggressive, size, key, runs)
+        seconds["training"] = time.perf_counter() - begin
+    result["seconds"] = seconds
+    return result
+
+
+# --- the report -----------------------------------------------------------------------------------------
+
+
+def below_random(row: dict[str, Any]) -> float:
+    """How far (nats) the default child starts below random init of the same shape."""
+    return row["losses"]["random"] - row["losses"]["default"]
+
+
+def quality_table(result: dict[str, Any]) -> str:
+    """One row per shape: parameters, each variant's step-0 loss, and the margin of the default child."""
+    header = ["child shape", "params", *(VARIANTS[k][0] for k in VARIANTS), f">= {NAT_MARGIN:g} nat below random?"]
+    rows = []
+    for s in result["shapes"]:
+        name = s["text"] + (" (aggressive)" if s["aggressive"] else "")
+        margin = below_random(s)
+        rows.append([name, f"{s['params'] / 1e6:.1f}M", *(fmt_value(s["losses"][k]) for k in VARIANTS),
+                     f"{'yes' if margin >= NAT_MARGIN else 'no'} ({margin:+.2f})"])
+    return table(header, rows)
+
+
+def margin_line(result: dict[str, Any]) -> str:
+    """Whether the default child starts at least NAT_MARGIN below random init, at every shape or which not."""
+    misses = [s["text"] for s in result["shapes"] if below_random(s) < NAT_MARGIN]
+    total = len(result["shapes"])
+    if not misses:
+        return f"The default child starts at least {NAT_MARGIN:g} nat below random init at all {total} shapes."
+    return (f"The default child starts at least {NAT_MARGIN:g} nat below random init at {total - len(misses)} of "
+            f"{total} shapes; not at: {'; '.join(misses)}.")
+
+
+def variant_line(result: dict[str, Any]) -> str:
+    """At how many shapes each slicing variant gives the lowest step-0 loss (random init included)."""
+    wins = {k: 0 for k in VARIANTS}
+    for s in result["shapes"]:
+        wins[min(s["losses"], key=s["losses"].get)] += 1
+    return "Lowest step-0 loss per shape: " + ", ".join(f"{VARIANTS[k][0]} {n}" for k, n in wins.items()) + "."
+
+
+def training_table(training: dict[str, Any]) -> str:
+    """Every run of both arms: lr (chosen marked), start, best and final loss, tokens/s, status."""
+    rows = []
+    for arm, data in training["arms"].items():
+        for r in data["runs"]:
+            mark = " (chosen)" if r["lr"] == data["chosen_lr"] else ""
+            rows.append([VARIANTS[arm][0], f"{r['lr']:g}{mark}", fmt_value(r["start"]), fmt_value(r["best"]),
+                         fmt_value(r["final"]), f"{r['tokens_per_s']:.0f}", r["status"]])
+    return table(["arm", "lr", "step-0 loss", "best loss", "final loss", "tokens/s", "status"], rows)
+
+
+def edge_text(arm: str, data: dict[str, Any]) -> str:
+    if data["chosen_lr"] is None:
+        return f"{VARIANTS[arm][0]}: every run stopped (non-finite loss)."
+    where = {"low": "the lowest of its grid: a lower lr may be better",
+             "high": "the highest of its grid: a higher lr may be better"}.get(data["edge"], "inside its grid")
+    return f"{VARIANTS[arm][0]}: best lr {data['chosen_lr']:g}, {where}."
+
+
+def comparison_text(training: dict[str, Any]) -> str:
+    """Where the child starts against where random init's best run ends, and when random init got there."""
+    c = training["comparison"]
+    if c["child_start"] is None:
+        return "No comparison: an arm has no finished run."
+    reached = (f"random init reached the child's starting loss after {c['random_reached_at']:,} tokens"
+               if c["random_reached_at"] is not None else
+               f"random init did not reach the child's starting loss in {c['tokens']:,} tokens")
+    return (f"The default child starts at {fmt_value(c['child_start'])} (random init at "
+            f"{fmt_value(c['random_start'])}) and ends at {fmt_value(c['child_final'])} (best "
+            f"{fmt_value(c['child_best'])}); random init's best run ends at {fmt_value(c['random_final'])} (best "
+            f"{fmt_value(c['random_best'])}): {reached}.")
+
+
+def training_part(training: dict[str, Any]) -> list[str]:
+    """The training subsection of one parent."""
+    plan = training["plan"]
+    tokens = plan["steps"] * plan["batch_size"] * training["seq_len"]
+    head = (f"Training at the aggressive shape {training['text']}: {plan['steps']} steps of {plan['batch_size']} x "
+            f"{training['seq_len']} tokens ({tokens:,} tokens) per run, {plan['precision']} autocast, identical "
+            "batches for every run; each arm's chosen lr is its lowest best validation loss.")
+    edges = " ".join(edge_text(arm, data) for arm, data in training["arms"].items())
+    return [head, training_table(training), edges, comparison_text(training)]
+
+
+def parent_part(result: dict[str, Any]) -> list[str]:
+    """The subsection of one parent: its numbers, the grid table, the verdict lines and its training."""
+    shape = result["shape"]
+    parts = [f"### {result['label']}",
+             f"Parent: {shape_text(shape)}, {result['params'] / 1e6:.1f}M parameters, validation loss "
+             f"{fmt_value(result['loss'])} (a uniform guess over its {result['vocab']:,} words scores "
+             f"{fmt_value(result['ln_vocab'])}). Calibration {result['calib_tokens']:,} tokens, validation "
+             f"{result['val_tokens']:,} tokens; " + ", ".join(f"{k} {v / 60:.1f} min"
+                                                               for k, v in result["seconds"].items()) + ".",
+             quality_table(result), margin_line(result), variant_line(result)]
+    if result["training"]:
+        parts += training_part(result["training"])
+    return parts
+
+
+HOW_TO_READ = (
+    "How to read it: every loss is the mean validation loss per token on the same fixed validation set, of the "
+    "child as built (step 0) unless it says otherwise; lower is better. The variants differ only in how the "
+    "residual stream is ranked (what the blocks write, the paper's, or what they read) and in whether the "
+    "weights whose input shrank are sliced or refit by least squares on the calibration data; \"default\" is "
+    "whatever the family's defaults are when the script runs. The training runs are short: they say which "
+    "start leads early, not which model is better after a full budget (see the budget section).")
+
+
+def section_markdown(results: dict[str, Any], plot: Path) -> str:
+    """The "quality" section of docs/BENCHMARKS.md."""
+    make = " (`make bench-quality`)" if results["size"] == "cpu" else ""
+    parts = ["## Children of every embedded real parent against random init (`bench/bench_quality.py`)",
+             (f"Size `{results['size']}`{make}, {results['minutes']:.1f} min. Machine: {results['machine']}. "
+              f"Data: the `{results['data']}` text.")]
+    for result in results["parents"].values():
+        parts += parent_part(result)
+    parts += [f"Skipped {key}: {reason}" for key, reason in results["skipped"].items()]
+    parts += [f"![step-0 loss against width, and the training curves]({plot.name})", HOW_TO_READ]
+    return "\n\n".join(parts)
+
+
+COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "default": "#1f77b4", "random": "#d62728"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_grid(ax: Any, result: dict[str, Any]) -> None:
+    """Step-0 loss against the kept hidden share: one line per variant and depth (random init dashed, the
+    shallower grid dotted, or dash-dotted for random init), the aggressive shape as stars, the parent's loss
+    as a grey line."""
+    grid = [s for s in result["shapes"] if s["grid"]]
+    depths = sorted({s["depth_share"] for s in grid}, reverse=True)
+    for key, (label, _) in VARIANTS.items():
+        for i, depth in enumerate(depths):
+            points = sorted((s["width_share"], s["losses"][key]) for s in grid if s["depth_share"] == depth)
+            style = ("-." if i else "--") if key == "random" else ":" if i else "-"
+            ax.plot(*zip(*points), style, marker=".", color=COLORS[key],
+                    label=f"{label}, {depth:.0%} depth")
+        for s in result["shapes"]:
+            if s["aggressive"]:
+                ax.plot(s["width_share"], s["losses"][key], "*", markersize=10, color=COLORS[key])
+    ax.axhline(result["loss"], color="grey", linewidth=1, label="parent")
+    ax.set(title=f"{result['label']}: step 0 (stars: aggressive shape)", xlabel="kept hidden share",
+           ylabel="validation loss")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+
+
+def plot_training(ax: Any, result: dict[str, Any]) -> None:
+    """Validation loss against tokens of every run (the chosen run of each arm bold)."""
+    for arm, data in result["training"]["arms"].items():
+        for r in data["runs"]:
+            chosen = r["lr"] == data["chosen_lr"]
+            ax.plot(r["tokens"], r["val_loss"], "--" if arm == "random" else "-", color=COLORS[arm],
+                    linewidth=2 if chosen else 0.8, alpha=1 if chosen else 0.5, marker=".",
+                    label=f"{VARIANTS[arm][0]}, lr {r['lr']:g}")
+    ax.set(title=f"{result['label']}: {result['training']['text']}", xlabel="training tokens",
+           ylabel="validation loss")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Per parent a column: the step-0 grid on top, the training curves below (when trained)."""
+    plt = _pyplot()
+    parents = list(results["parents"].values())
+    trained = any(r["training"] for r in parents)
+    rows, cols = (2 if trained else 1), max(1, len(parents))
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    for col, result in enumerate(parents):
+        plot_grid(axes[0][col], result)
+        if result["training"]:
+            plot_training(axes[1][col], result)
+        elif trained:
+            axes[1][col].set_axis_off()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def outputs(name: str, out: Path | None) -> dict[str, Path]:
+    """docs/ for the cpu size, a temporary folder for the smoke size, or --out-dir."""
+    folder = out or (Path(tempfile.mkdtemp(prefix="subclone-quality-")) if name == "smoke" else DOC.parent)
+    return {"json": folder / "quality.json", "plot": folder / "bench_quality.png", "doc": folder / DOC.name}
+
+
+def write_all(results: dict[str, Any], paths: dict[str, Path]) -> None:
+    """The JSON, the plot and the BENCHMARKS.md section."""
+    write_atomic(paths["json"], json.dumps(results, indent=1, default=_json_default))
+    if results["parents"]:
+        plot(results, paths["plot"])
+    write_section("quality", section_markdown(results, paths["plot"]), paths["doc"])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="seconds, on a tiny random parent (the test's size)")
+    parser.add_argument("--parents", help="comma-separated parent ids (default: the size's: default,gemma3-270m)")
+    parser.add_argument("--skip-training", action="store_true", help="step-0 losses only")
+    parser.add_argument("--out-dir", type=Path, help="folder for quality.json, the plot and BENCHMARKS.md "
+                        "(default docs/; smoke: a temporary folder)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    parser.add_argument("--from-json", type=Path, help="redraw the plot and the section from a quality.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one size end to end; returns what it wrote to the JSON."""
+    args = parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        write_all(results, outputs(results["size"], args.out_dir))
+        return results
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    name = "smoke" if args.smoke else "cpu"
+    size, paths = SIZES[name], outputs(name, args.out_dir)
+    work = Path(tempfile.mkdtemp(prefix=f"subclone-quality-{name}-"))
+    start = time.perf_counter()
+    results: dict[str, Any] = {"size": name, "machine": machine(), "data": DATA, "settings": asdict(size),
+                               "parents": {}, "skipped": {}}
+    for key in args.parents.split(",") if args.parents else size.parents:
+        parent, reason = open_parent(key, work)
+        if parent is None:
+            results["skipped"][key] = reason
+            continue
+        results["parents"][key] = run_parent(parent, key, size, args.skip_training, work)
+        del parent
+    results["minutes"] = (time.perf_counter() - start) / 60
+    write_all(results, paths)
+    print("\n" + section_markdown(results, paths["plot"]))
+    print(f"\nwrote {paths['json']}, {paths['plot']} and {paths['doc']}; run metrics in {work}; "
+          f"total {results['minutes']:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`bench/bench_quality.py` at the smoke size on a tiny random parent: every variant of every shape, the
+training part's lr choice, the report and the plot (written into a temporary folder, never docs/)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import bench_quality
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One smoke run (about half a minute on one thread); a parent id that cannot be loaded is skipped."""
+    out = tmp_path_factory.mktemp("quality")
+    missing = str(out / "no-such-parent")
+    bench_quality.main(["--smoke", "--parents", f"{bench_quality.SMOKE_PARENT},{missing}", "--out-dir", str(out),
+                        "--threads", "1"])
+    return {"out": out, "results": json.loads((out / "quality.json").read_text()), "missing": missing}
+
+
+def test_every_variant_of_every_shape_has_a_finite_loss(run):
+    results = run["results"]
+    assert list(results["parents"]) == [bench_quality.SMOKE_PARENT]
+    parent = results["parents"][bench_quality.SMOKE_PARENT]
+    shapes = parent["shapes"]
+    assert len(shapes) >= 4 and sum(s["aggressive"] for s in shapes) == 1
+    assert len({s["key"] for s in shapes}) == len(shapes)
+    for shape in shapes:
+        assert set(shape["losses"]) == set(bench_quality.VARIANTS)
+        assert all(math.isfinite(v) for v in shape["losses"].values())
+        assert shape["params"] > 0 and 0 < shape["width_share"] <= 1 and 0 < shape["depth_share"] <= 1
+    assert math.isfinite(parent["loss"])
+
+
+def test_random_init_scores_about_a_uniform_guess(run):
+    parent = run["results"]["parents"][bench_quality.SMOKE_PARENT]
+    assert parent["ln_vocab"] == pytest.approx(math.log(parent["vocab"]))
+    for shape in parent["shapes"]:
+        assert shape["losses"]["random"] == pytest.approx(parent["ln_vocab"], abs=0.3)
+
+
+def test_each_arm_chose_its_lowest_best_loss_lr(run):
+    training = run["results"]["parents"][bench_quality.SMOKE_PARENT]["training"]
+    plan = bench_quality.SIZES["smoke"].plan_for(bench_quality.SMOKE_PARENT)
+    assert set(training["arms"]) == set(bench_quality.ARMS)
+    for arm, data in training["arms"].items():
+        assert [r["lr"] for r in data["runs"]] == list(plan.lrs[arm])
+        done = [r for r in data["runs"] if r["status"] == "done"]
+        assert done, f"{arm}: every run stopped"
+        assert data["chosen_lr"] == min(done, key=lambda r: r["best"])["lr"]
+        assert data["edge"] == bench_quality.edge_of(data["chosen_lr"], plan.lrs[arm])
+        for r in data["runs"]:
+            assert r["steps"][0] == 0 and r["steps"][-1] == plan.steps and r["tokens_per_s"] > 0
+            assert r["best"] == min(r["val_loss"]) and math.isfinite(r["best"])
+    assert training["comparison"]["child_start"] == training["arms"]["default"]["runs"][0]["start"]
+
+
+def test_report_plot_and_skipped_parent(run):
+    out, results = run["out"], run["results"]
+    assert set(results["skipped"]) == {run["missing"]} and results["skipped"][run["missing"]]
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "<!-- begin quality -->" in text and "(`bench/bench_quality.py`)" in text
+    assert "nat below random init" in text and results["machine"] in text
+    for label, _ in bench_quality.VARIANTS.values():
+        assert label in text
+    assert "](bench_quality.png)" in text
+    assert (out / "bench_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_redrawing_from_the_json_gives_the_same_section(run, tmp_path):
+    bench_quality.main(["--from-json", str(run["out"] / "quality.json"), "--out-dir", str(tmp_path)])
+    assert (tmp_path / "BENCHMARKS.md").read_text() == (run["out"] / "BENCHMARKS.md").read_text()
+
+
+def test_chosen_run_and_edges_without_training():
+    runs = [{"lr": 1e-3, "status": "done", "best": 5.0}, {"lr": 2e-3, "status": "stopped", "best": 1.0},
+            {"lr": 4e-3, "status": "done", "best": 4.0}]
+    assert bench_quality.chosen_run(runs)["lr"] == 4e-3  # a stopped run never wins
+    assert bench_quality.chosen_run([runs[1]]) is None
+    assert bench_quality.edge_of(4e-3, (1e-3, 2e-3, 4e-3)) == "high"
+    assert bench_quality.edge_of(1e-3, (1e-3, 2e-3, 4e-3)) == "low"
+    assert bench_quality.edge_of(2e-3, (1e-3, 2e-3, 4e-3)) is None
+    assert bench_quality.edge_of(1e-3, (1e-3,)) is None
