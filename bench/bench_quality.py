@@ -58,6 +58,7 @@ WIDTH_KEYS = ("hidden", "heads", "kv_heads", "ffn")
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "before": ("before (paper ranking, slice only)", {"residual_score": "written", "refit": False}),
     "read": ("read ranking, slice only", {"residual_score": "read", "refit": False}),
+    "written-refit": ("paper ranking, refit", {"residual_score": "written", "refit": True}),
     "default": ("default (family defaults)", {}),
     "random": ("random init", {"strategy": "random"}),
 }

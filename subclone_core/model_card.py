@@ -40,16 +40,24 @@ pretrained ones" (arXiv:2312.09299). It is an initialization meant for further t
 
 - Removed blocks: {manifest.get('removed_blocks') or 'none'}
 - Weight scaling by sqrt(fan-in ratio): {'on' if manifest.get('scale') else 'off'}
+- Residual ranking: {manifest.get('residual_score') or '-'}; least-squares refit: {'on' if manifest.get('refit') else 'off'}
 - Calibration: {calib.get('tokens', 0)} tokens of `{calib.get('data', '-')}`
 - Parent weights sha256: `{parent.get('weights_sha256', 'unknown')}`
 {_training_line(manifest.get('training'))}
-`subclone.json` records the kept residual dimensions, heads and FFN neurons of every block.
+{_licence_line(parent.get('licence'))}`subclone.json` records the kept residual dimensions, heads and FFN neurons of every block.
 
 ```python
 from transformers import {loader}
 model = {loader}.from_pretrained("path/to/this/folder")
 ```
 """
+
+
+def _licence_line(licence: dict | None) -> str:
+    """The parent's licence, which a derived model comes under too ("" when unknown)."""
+    if not licence:
+        return ""
+    return f"\nLicence: [{licence['name']}]({licence['url']}). {licence.get('notice', '')}\n\n"
 
 
 def _training_line(training: dict | None) -> str:

@@ -78,8 +78,7 @@ def subclone_model(
     untie_head: bool = False,
     seed: int = 0,
     parent_tensors: Mapping[str, Tensor] | None = None,
-    residual_score: str | None = None,
-    refit: bool | None = None,
+    residual_score: str | None = None, refit: bool | None = None,
 ) -> Child:
     """Build a child of shape `target` from a loaded parent model; the parent is never modified.
 
@@ -88,27 +87,20 @@ def subclone_model(
         target: the child's shape (validated here again).
         strategy: one of STRATEGIES.
         importance: calibration result; required by "subclone" and by drop="magnitude".
-        drop: block policy ("middle", "magnitude", "first") or a list of parent blocks to drop;
-            None uses the strategy's default.
+        drop: block policy ("middle", "magnitude", "first"), parent blocks to drop, or None (the default).
         scale: scale sliced linear weights by sqrt(fan-in ratio); None uses the family's measured default.
         untie_head: give a tied parent's child its own scaled head instead of sharing the embedding.
         seed: seed of the random initialization (strategy "random").
-        parent_tensors: the parent's tensors read from its checkpoint (streaming.checkpoint_tensors) instead of
-            its state_dict in memory, for a parent spread over devices or offloaded to disk.
-        residual_score: how the residual stream is ranked, "read" or "written" (Importance.residual_ranking);
-            None uses the family's measured default. Only the importance order uses it.
-        refit: refit linear weights whose input shrank by least squares on the calibration data
-            (slicing.refit_input) instead of slicing them; None uses the family's default where the
-            importance has the Gram matrices, else no refit. Only the importance order uses it.
+        parent_tensors: the parent's tensors streamed from its checkpoint (streaming.checkpoint_tensors), for a
+            parent spread over devices or offloaded to disk.
+        residual_score, refit: the residual ranking ("read" or "written", Importance.residual_ranking) and the
+            least-squares refit (slicing.refit_input) of the importance order; None: the family's defaults.
     """
     check_strategy(strategy)
-    arch = arch_for(parent_model.config.model_type)
-    parent = Shape.of(parent_model.config)
+    arch, parent, order = arch_for(parent_model.config.model_type), Shape.of(parent_model.config), STRATEGIES[strategy]
     validate_target(parent, target, arch)
     scale = arch.scale_default if scale is None else scale
-    order = STRATEGIES[strategy]
-    residual_score = (residual_score or arch.residual_score) if order == "importance" else None
-    refit = _refit_choice(refit, arch, importance) if order == "importance" else False
+    residual_score, refit = _ranking_options(order, arch, residual_score, refit, importance)
     if order is None:
         sel, policy, blocks = None, None, list(range(target.layers))
         model = _random_model(parent_model, arch, target, seed)
@@ -135,6 +127,15 @@ def _sliced_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target
     sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head, grams=grams,
                           ridge=arch.refit_ridge)
     return build_model(type(parent_model), type(parent_model.config).from_dict(cfg), sd)
+
+
+def _ranking_options(order: str | None, arch, residual_score: str | None, refit: bool | None,
+                     importance: Importance | None) -> tuple[str | None, bool]:
+    """The residual ranking and whether to refit: the importance order's (as asked, else the family's
+    defaults); other orders use neither."""
+    if order != "importance":
+        return None, False
+    return residual_score or arch.residual_score, _refit_choice(refit, arch, importance)
 
 
 def _refit_choice(refit: bool | None, arch, importance: Importance | None) -> bool:

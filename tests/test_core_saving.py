@@ -89,3 +89,19 @@ def test_non_empty_output_is_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
     save_model_folder(parent, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "notes.txt").exists() and (tmp_path / "out" / "config.json").exists()
+
+
+def test_a_child_card_names_its_parents_licence_and_how_it_was_built():
+    from subclone_core.sources.embedded import EMBEDDED
+
+    gemma = EMBEDDED["gemma3-270m"]
+    manifest = {"parent": {"id": "gemma3-270m", "shape": {}, "licence": {"name": gemma.licence.name,
+                "url": gemma.licence.url, "notice": gemma.licence.notice}}, "child": {"shape": {}},
+                "strategy": "subclone", "residual_score": "read", "refit": True}
+    manifest["parent"]["shape"] = manifest["child"]["shape"] = dict.fromkeys(
+        ("layers", "hidden", "heads", "kv_heads", "ffn", "head_dim"), 1)
+    card = model_card(manifest, "causal-lm")
+    assert f"Licence: [{gemma.licence.name}]({gemma.licence.url})" in card and gemma.licence.notice in card
+    assert "Residual ranking: read; least-squares refit: on" in card
+    manifest["parent"]["licence"] = None
+    assert "Licence:" not in model_card(manifest, "causal-lm")

@@ -27,7 +27,7 @@ def add_parent_args(parser: argparse.ArgumentParser, *, required: bool = True, d
             then places the parent too).
     """
     parser.add_argument("--parent", required=required,
-                        help="'default', 'default-vit', a local model folder, a .gguf file or a Hub id")
+                        help="'default', 'gemma3-270m', 'default-vit', a local model folder, a .gguf file or a Hub id")
     add_placement_args(parser, device=device)
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickled .bin weights (they can run code: trusted files only)")

@@ -42,7 +42,7 @@ def inspect(args: argparse.Namespace, out: Path) -> int:
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
     check_calib_tokens(parent, args.tokens)
-    importance = measure_importance(parent, args.data, tokens=args.tokens)
+    importance = measure_importance(parent, args.data, tokens=args.tokens, grams=False)  # the JSON has none
     report = {"parent": args.parent, "shape": Shape.of(parent.model.config).as_dict(), **importance.to_json()}
     with building_file(out) as tmp:
         tmp.write_text(json.dumps(json_safe(report), allow_nan=False))
