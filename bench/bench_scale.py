@@ -126,10 +126,10 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process: calibrate, build and save, with peak memory sampled."""
     import torch
 
-    from subclone_core.shape import Shape
+    from subclone_core.core.shape import Shape
+    from subclone_core.core.strategies import plan_shape
     from subclone_core.sources.parents import load_parent
-    from subclone_core.strategies import plan_shape
-    from subclone_core.workflow import make_child, measure_importance, save_child
+    from subclone_core.workflow.children import make_child, measure_importance, save_child
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     with PeakMemory() as peak:
@@ -152,7 +152,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 def cli_worker(argv: list[str]) -> dict:
     """`subclone make ARGV` in this process, with peak RssAnon sampled (the acceptance check)."""
-    from subclone_core.cli import main
+    from subclone_core.cli.main import main
 
     with PeakMemory() as peak:
         code = main(argv)

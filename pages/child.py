@@ -16,10 +16,10 @@ from subclone_core.app.longsteps import (
     result_key,
 )
 from subclone_core.app.steps import child_settings, save_child_folder
-from subclone_core.archs import arch_for
-from subclone_core.errors import SubcloneError
-from subclone_core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
-from subclone_core.strategies import DEFAULT_DROP, parameter_count, plan_shape
+from subclone_core.core.archs import arch_for
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
+from subclone_core.core.strategies import DEFAULT_DROP, parameter_count, plan_shape
 
 EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}

@@ -8,7 +8,7 @@ import html
 import streamlit as st
 import torch
 
-from subclone_core.analysis import generate_text
+from subclone_core.analysis.probes import generate_text
 from subclone_core.app import ui
 from subclone_core.app.analysis import available_bytes
 from subclone_core.app.charts import perplexity_text
@@ -21,7 +21,7 @@ from subclone_core.app.longsteps import (
 )
 from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.steps import store_upload
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 from subclone_core.sources import Parent
 from subclone_core.sources.embedded import EMBEDDED, Licence
 from subclone_core.sources.parents import default_vit_built, describe

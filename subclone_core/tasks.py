@@ -2,7 +2,7 @@
 
 One `TaskSpec` per task holds the auto model class, the preprocessor, the data factory, the loss and its
 evaluation, the metric and its unit, the default data and the wording shown to users. An architecture
-table (`subclone_core.archs`) names its task; every other module asks this registry and never branches
+table (`subclone_core.core.archs`) names its task; every other module asks this registry and never branches
 on a task name. Adding a task (a sequence classifier, a masked LM) is one more TaskSpec plus tables.
 """
 
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from subclone_core.archs import arch_for
+from subclone_core.core.archs import arch_for
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data.images import IMAGE_IDS, VALID_IMAGE_IDS, ImageData
 from subclone_core.data.text import VALID_TEXT_IDS, TokenData
-from subclone_core.errors import SubcloneError
 
 IGNORE_INDEX = -100  # Hugging Face's label value for positions without a target (padding)
 
