@@ -38,9 +38,10 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, machine, table, write_atomic, write_section
+from bench._report import DOC, fmt_value, machine, table, write_section
 from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, progress_printer
 from subclone_core.core.strategies import plan_shape
+from subclone_core.io.atomic import write_text
 from subclone_core.io.saving import load_manifest
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
@@ -648,7 +649,7 @@ def replace_marked(path: Path, name: str, text: str) -> bool:
     if begin not in content or end not in content.split(begin, 1)[1]:
         return False
     head, rest = content.split(begin, 1)
-    write_atomic(path, head + begin + text + end + rest.split(end, 1)[1])
+    write_text(path, head + begin + text + end + rest.split(end, 1)[1])
     return True
 
 
@@ -677,7 +678,7 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
     """The JSON, both plots, the BENCHMARKS.md section and (where it has the markers) the README line."""
     suffix = "-gpu" if results["size"] == "gpu" else ""
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(paths["json"], json.dumps(results, indent=1, default=_json_default))
+    write_text(paths["json"], json.dumps(results, indent=1, default=_json_default))
     plot_curves(results, paths["curves"])
     plot_speedup(results, paths["speedup"])
     write_section(f"budget{suffix}", section_markdown(results, size, paths), paths["doc"])

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._report import table, write_atomic, write_section
+from bench._report import table, write_section
+from subclone_core.io.atomic import write_text
 
 DOCS = ROOT / "docs"
 # name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
@@ -283,7 +284,7 @@ def main() -> int:
     report = {"rows": rows, "slopes": {mode: {label: slope(rows, lambda r, k=key, m=mode: r[m][k])
                                               for label, key in COSTS.items()} for mode in ("memory", "offload")},
               "acceptance": acceptance(work), "machine": _machine()}
-    write_atomic(DOCS / "scale.json", json.dumps(report, indent=1))
+    write_text(DOCS / "scale.json", json.dumps(report, indent=1))
     write_report(report)
     return 0
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from bench._report import table, write_atomic
+from bench._report import table
+from subclone_core.io.atomic import write_text
 
 # (device, dtype of the check, training batch, sequence length, calibration tokens, child shape)
 FULL = {"device": "cuda", "batch": 64, "seq_len": 512, "tokens": 4096, "probe_steps": 10, "eval_tokens": 8192,
@@ -237,8 +238,8 @@ def main() -> int:
     text = report(result, dry_run=args.dry_run)
     out = args.out or (None if args.dry_run else str(ROOT / "docs" / "GPU.md"))
     if out:
-        write_atomic(Path(out), text)
-        write_atomic(Path(out).with_suffix(".json"), json.dumps(result, indent=1))
+        write_text(Path(out), text)
+        write_text(Path(out).with_suffix(".json"), json.dumps(result, indent=1))
     print(text)
     shutil.rmtree(work, ignore_errors=True)
     return 0

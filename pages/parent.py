@@ -11,7 +11,6 @@ import torch
 from subclone_core.analysis.probes import generate_text
 from subclone_core.app import ui
 from subclone_core.app.analysis import available_bytes
-from subclone_core.app.charts import perplexity_text
 from subclone_core.app.longsteps import (
     STEP0_TOKENS,
     VIT_BUILD_MINUTES,
@@ -168,12 +167,9 @@ def show_validation(parent: Parent) -> None:
         return
     left, middle, right = st.columns(3)
     left.metric("Validation loss", f"{metrics['loss']:.3f}")
-    if "perplexity" in metrics:
-        middle.metric("Perplexity", perplexity_text(metrics["perplexity"]))
-        right.metric("Tokens scored", f"{metrics['tokens']:,}")
-    else:
-        middle.metric("Accuracy", f"{metrics['accuracy']:.1%}")
-        right.metric("Images scored", f"{metrics['images']:,}")
+    task = parent.task_spec
+    middle.metric(task.headline.capitalize(), task.headline_text(metrics))
+    right.metric(f"{task.unit_name.capitalize()} scored", f"{metrics[task.unit_name]:,}")
 
 
 def show_generation(parent: Parent) -> None:

@@ -390,7 +390,7 @@ def test_make_refuses_an_output_another_live_run_is_writing(llama_dir, text_file
 
 
 def test_two_claims_on_one_output_exactly_one_wins(tmp_path):
-    from subclone_core.io.outputs import claim_output
+    from subclone_core.io.atomic import claim_output
 
     results, barrier = [], threading.Barrier(8)
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
+from subclone_core.tasks import task_of_model
 from subclone_core.training.evaluate import evaluate
 
 Progress = Callable[[int, int], None]
@@ -219,6 +220,6 @@ def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progr
             if progress:
                 progress(i + 2, total)
     out = {"base": base["loss"], "losses": [r["loss"] for r in removed]}
-    if "accuracy" in base:
+    if task_of_model(model).headline == "accuracy":
         out.update(base_accuracy=base["accuracy"], accuracies=[r["accuracy"] for r in removed])
     return out

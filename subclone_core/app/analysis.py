@@ -32,9 +32,14 @@ from subclone_core.training.sweep import (
 # --- training -----------------------------------------------------------------------------------------
 
 
-def live_summary(events: list[dict], baseline: str = "random") -> list[dict]:
-    """One row per candidate from a run's events so far: step, losses, throughput, speedup so far."""
-    metric = "accuracy" if any("accuracy" in e for e in events if e.get("event") == "eval") else "loss"
+def live_summary(events: list[dict], metric: str = "loss", baseline: str = "random") -> list[dict]:
+    """One row per candidate from a run's events so far: step, losses, throughput, speedup so far.
+
+    Args:
+        events: the run's events.
+        metric: the validation value compared, the task's (TaskSpec.metric).
+        baseline: the candidate the speedup is measured against.
+    """
     evals = curves(events, kind="eval", key=metric)
     last_step: dict[str, dict] = {}
     for event in events:

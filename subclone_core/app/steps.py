@@ -21,8 +21,8 @@ from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import Child
 from subclone_core.data.text import TEXT_SUFFIXES, documents
+from subclone_core.io.atomic import claim_output
 from subclone_core.io.devices import resolve_device
-from subclone_core.io.outputs import claim_output
 from subclone_core.sources import Parent, make_data
 from subclone_core.training import Candidate, TrainConfig, train_candidates
 from subclone_core.training.evaluate import evaluate

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
+from subclone_core.io.atomic import building_file
 from subclone_core.io.saving import MANIFEST_NAME
 
 K = gguf.Keys.LLM
@@ -224,7 +224,7 @@ def _check_output_path(out_path: str | Path, *, overwrite: bool) -> Path:
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bool) -> None:
-    """Claim `out` (so a second export cannot take it), write a sibling temporary file, rename it into place."""
+    """Claim `out` (so a second export cannot take it), then write it whole (io.atomic.building_file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     claimed = False
     if not out.exists():
@@ -235,12 +235,10 @@ def _write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bo
             raise SubcloneError(f"output {str(out)!r} was just created by someone else; choose a new path") from None
     elif not overwrite:
         raise SubcloneError(f"output {str(out)!r} exists; choose a new path or pass --overwrite")
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        write(tmp)
-        os.replace(tmp, out)
+        with building_file(out) as tmp:
+            write(tmp)
     except BaseException:
-        tmp.unlink(missing_ok=True)
         if claimed:
             out.unlink(missing_ok=True)
         raise

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from subclone_core.cli.commands._options import print_json, require_finite
 from subclone_core.core.errors import SubcloneError
-from subclone_core.io.outputs import staged_folder
+from subclone_core.io.atomic import staged_folder
 from subclone_core.tasks import task_spec
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
 from subclone_core.training.metrics_log import json_safe

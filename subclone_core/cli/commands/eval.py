@@ -8,6 +8,7 @@ import time
 
 from subclone_core.cli.commands._options import add_placement_args, placement_kwargs, require_positive
 from subclone_core.sources import default_data_id, load_parent, make_data
+from subclone_core.tasks import task_spec
 from subclone_core.training.evaluate import evaluate
 
 
@@ -91,10 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _text(result: dict) -> str:
-    if "perplexity" in result:
-        scored = f"{result['tokens']} tokens"
-        score = f"loss {result['loss']:.4f}   perplexity {result['perplexity']:.3f}"
-    else:
-        scored = f"{result['images']} images"
-        score = f"loss {result['loss']:.4f}   accuracy {result['accuracy']:.2%}"
+    task = task_spec(result["task"])
+    scored = f"{result[task.unit_name]} {task.unit_name}"
+    score = f"loss {result['loss']:.4f}   {task.headline} {task.headline_text(result, precise=True)}"
     return f"{result['label']}\n{result['data']} ({result['split']}, {scored}): {score}"

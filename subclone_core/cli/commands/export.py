@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from subclone_core.cli.commands._options import print_json
+from subclone_core.io.atomic import FILE, claim_output
 from subclone_core.io.gguf_export import QTYPES, export_gguf, verify_gguf
-from subclone_core.io.outputs import FILE, claim_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -19,7 +19,7 @@ from subclone_core.cli.commands._options import (
 )
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import needs_calibration, plan_shape
-from subclone_core.io.outputs import claim_output
+from subclone_core.io.atomic import claim_output
 from subclone_core.io.saving import DEFAULT_SHARD_SIZE, shard_size
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import make_child, save_child
