@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from subclone_core.io.atomic import write_text
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun it to refresh the numbers.\n"
 
@@ -42,14 +44,6 @@ def fmt_value(value: float | None, metric: str = "loss") -> str:
     return f"{value:.1%}" if metric == "accuracy" else f"{value:.2f}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file renamed into place: readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
     """Replace (or append) the section between this name's markers, leaving the others as they are."""
     text = doc.read_text() if doc.exists() else HEADER
@@ -57,4 +51,4 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
     block = f"{begin}\n{markdown.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    write_atomic(doc, text)
+    write_text(doc, text)

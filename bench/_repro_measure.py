@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from bench.bench_training import Budget, lr_text, progress_printer, train_config
-from subclone_core.analysis import block_ablation, off_diagonal_mean, rank_correlation
-from subclone_core.calibration import Importance, calibrate
-from subclone_core.evaluate import evaluate
+from subclone_core.analysis.probes import block_ablation, off_diagonal_mean, rank_correlation
+from subclone_core.core.calibration import Importance, calibrate
+from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import Parent, make_data
-from subclone_core.speedup import HIGHER_IS_BETTER, best_value, speedup
-from subclone_core.strategies import plan_shape
 from subclone_core.training import Candidate, default_hparams, train_candidates
-from subclone_core.workflow import CALIB_BATCH, CALIB_SEQ_LEN, make_child
+from subclone_core.training.evaluate import evaluate
+from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value, speedup
+from subclone_core.workflow.children import CALIB_BATCH, CALIB_SEQ_LEN, make_child
 
 CALIB_POOL = 4  # a seed's calibration sample is drawn from this many times the budget of training data
 

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from subclone_core.io.atomic import building_file
+
 DPI = 72
 NAMES = {"lm": "language model", "vit": "ViT"}
 
@@ -21,10 +23,9 @@ def _parts(results: dict, keys: tuple[str, ...] = ("lm", "vit")) -> list[tuple[s
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=DPI)
+    with building_file(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip("."))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _panels(n: int, width: float = 4.6, height: float = 3.2) -> tuple[Any, list[Any]]:

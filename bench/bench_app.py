@@ -31,17 +31,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import machine, table, write_section
-from subclone_core.analysis import generate_text
+from subclone_core.analysis.inspector import outsized_dimensions
+from subclone_core.analysis.probes import generate_text
 from subclone_core.app import charts, longsteps
 from subclone_core.app.analysis import live_summary
 from subclone_core.app.jobs import BackgroundJob
 from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.steps import TrainRequest, child_settings, make_children, training_work
-from subclone_core.inspector import outsized_dimensions
-from subclone_core.shape import suggested_shape
+from subclone_core.core.shape import suggested_shape
+from subclone_core.core.strategies import parameter_count
 from subclone_core.sources.parents import load_parent
-from subclone_core.strategies import parameter_count
-from subclone_core.workflow import CALIB_TOKENS, measure_importance, save_child
+from subclone_core.workflow.children import CALIB_TOKENS, measure_importance, save_child
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQ_LEN, EVAL_EVERY = 8, 128, 10  # the Train page's defaults

@@ -3,7 +3,7 @@
 The short budgets of bench_training.py (40-300 steps) measure the head start inherited weights give.
 The paper's claim is about training to the same perplexity, so this benchmark trains the aggressive
 child (6 blocks x 192, 3 heads / 1 KV, FFN 512) of the embedded default for at least 1.5M tokens per
-arm and reports the iso-loss speedup (subclone_core.speedup.iso_loss): at every loss random init
+arm and reports the iso-loss speedup (subclone_core.training.speedup.iso_loss): at every loss random init
 reaches, random init's tokens over the candidate's, interpolated between evaluations, never
 extrapolated. Each arm is compared at its own best learning rate at the budget reported: the first stage
 trains every arm at every lr of its grid for the full budget, side by side on identical batches, and
@@ -38,21 +38,22 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, machine, table, write_atomic, write_section
+from bench._report import DOC, fmt_value, machine, table, write_section
 from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, progress_printer
-from subclone_core.saving import load_manifest
+from subclone_core.core.strategies import plan_shape
+from subclone_core.io.atomic import write_text
+from subclone_core.io.saving import load_manifest
 from subclone_core.sources import Parent, load_parent, make_data
-from subclone_core.speedup import (
+from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
+from subclone_core.training.speedup import (
     DROP_FRACTIONS,
     IsoLoss,
     best_value,
     iso_loss,
     result_track,
 )
-from subclone_core.strategies import plan_shape
-from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
 from subclone_core.training.sweep import candidate_of, edge_note, lr_text, parse_lr_sweep, run_name
-from subclone_core.workflow import make_child, measure_importance
+from subclone_core.workflow.children import make_child, measure_importance
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -648,7 +649,7 @@ def replace_marked(path: Path, name: str, text: str) -> bool:
     if begin not in content or end not in content.split(begin, 1)[1]:
         return False
     head, rest = content.split(begin, 1)
-    write_atomic(path, head + begin + text + end + rest.split(end, 1)[1])
+    write_text(path, head + begin + text + end + rest.split(end, 1)[1])
     return True
 
 
@@ -677,7 +678,7 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
     """The JSON, both plots, the BENCHMARKS.md section and (where it has the markers) the README line."""
     suffix = "-gpu" if results["size"] == "gpu" else ""
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(paths["json"], json.dumps(results, indent=1, default=_json_default))
+    write_text(paths["json"], json.dumps(results, indent=1, default=_json_default))
     plot_curves(results, paths["curves"])
     plot_speedup(results, paths["speedup"])
     write_section(f"budget{suffix}", section_markdown(results, size, paths), paths["doc"])

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import machine, table, write_section
-from subclone_core.calibration import calibrate
+from subclone_core.core.calibration import calibrate
+from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.sources import make_data
 from subclone_core.sources.parents import load_parent
-from subclone_core.strategies import plan_shape, subclone_model
-from subclone_core.workflow import save_child
+from subclone_core.workflow.children import save_child
 
 SHAPES = {"paper-like": {"layers": 20, "hidden": 384, "ffn": 1024}, "aggressive": {"layers": 6, "hidden": 192, "ffn": 512}}
 

@@ -40,16 +40,17 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, machine, table, write_atomic, write_section
+from bench._report import DOC, fmt_value, machine, table, write_section
 from bench.bench_training import AGGRESSIVE, lr_text, progress_printer
-from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
-from subclone_core.shape import Shape, nearest_valid_shape, suggested_shape
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
+from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent, make_data
-from subclone_core.speedup import best_value
-from subclone_core.strategies import plan_shape, subclone_model
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
-from subclone_core.workflow import measure_importance
+from subclone_core.training.evaluate import evaluate
+from subclone_core.training.speedup import best_value
+from subclone_core.workflow.children import measure_importance
 
 DATA = "default"
 SMOKE_PARENT = "tiny"  # the smoke size's parent: bench_scale's tiny random Llama, written into the work folder
@@ -568,7 +569,7 @@ def outputs(name: str, out: Path | None) -> dict[str, Path]:
 
 def write_all(results: dict[str, Any], paths: dict[str, Path]) -> None:
     """The JSON, the plot and the BENCHMARKS.md section."""
-    write_atomic(paths["json"], json.dumps(results, indent=1, default=_json_default))
+    write_text(paths["json"], json.dumps(results, indent=1, default=_json_default))
     if results["parents"]:
         plot(results, paths["plot"])
     write_section("quality", section_markdown(results, paths["plot"]), paths["doc"])

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._report import table, write_atomic, write_section
+from bench._report import table, write_section
+from subclone_core.io.atomic import write_text
 
 DOCS = ROOT / "docs"
 # name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
@@ -126,10 +127,10 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process: calibrate, build and save, with peak memory sampled."""
     import torch
 
-    from subclone_core.shape import Shape
+    from subclone_core.core.shape import Shape
+    from subclone_core.core.strategies import plan_shape
     from subclone_core.sources.parents import load_parent
-    from subclone_core.strategies import plan_shape
-    from subclone_core.workflow import make_child, measure_importance, save_child
+    from subclone_core.workflow.children import make_child, measure_importance, save_child
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     with PeakMemory() as peak:
@@ -152,7 +153,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 def cli_worker(argv: list[str]) -> dict:
     """`subclone make ARGV` in this process, with peak RssAnon sampled (the acceptance check)."""
-    from subclone_core.cli import main
+    from subclone_core.cli.main import main
 
     with PeakMemory() as peak:
         code = main(argv)
@@ -283,7 +284,7 @@ def main() -> int:
     report = {"rows": rows, "slopes": {mode: {label: slope(rows, lambda r, k=key, m=mode: r[m][k])
                                               for label, key in COSTS.items()} for mode in ("memory", "offload")},
               "acceptance": acceptance(work), "machine": _machine()}
-    write_atomic(DOCS / "scale.json", json.dumps(report, indent=1))
+    write_text(DOCS / "scale.json", json.dumps(report, indent=1))
     write_report(report)
     return 0
 

@@ -28,12 +28,12 @@ from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import DOC, fmt_value, machine, table, write_section
-from subclone_core.shape import Shape
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import Parent, load_parent, make_data
-from subclone_core.speedup import HIGHER_IS_BETTER, best_value, speedup_table
-from subclone_core.strategies import plan_shape
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
-from subclone_core.workflow import make_child, measure_importance
+from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value, speedup_table
+from subclone_core.workflow.children import make_child, measure_importance
 
 PAPER_SPEEDUP = 4.0  # the paper's headline: about 4x fewer steps than random init
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from bench._report import table, write_atomic
+from bench._report import table
+from subclone_core.io.atomic import write_text
 
 # (device, dtype of the check, training batch, sequence length, calibration tokens, child shape)
 FULL = {"device": "cuda", "batch": 64, "seq_len": 512, "tokens": 4096, "probe_steps": 10, "eval_tokens": 8192,
@@ -56,9 +57,9 @@ def overlap(a: list[int], b: list[int]) -> float:
 
 def compare_rankings(parent, gpu_imp, cpu_imp, child: dict) -> dict:
     """How the GPU bf16 calibration's choices agree with the CPU float32 one's, for the check's child."""
-    from subclone_core.selection import pick_blocks, select
-    from subclone_core.shape import Shape
-    from subclone_core.strategies import plan_shape
+    from subclone_core.core.selection import pick_blocks, select
+    from subclone_core.core.shape import Shape
+    from subclone_core.core.strategies import plan_shape
 
     target, shape = plan_shape(parent.model, **child), Shape.of(parent.model.config)
     sels = []
@@ -75,9 +76,9 @@ def compare_rankings(parent, gpu_imp, cpu_imp, child: dict) -> dict:
 
 def calibrations(parent_id: str, plan: dict) -> tuple[dict, object]:
     """Calibrate on the check's device in bf16 and on the CPU in float32; time both; make the child."""
+    from subclone_core.core.strategies import plan_shape
     from subclone_core.sources.parents import load_parent
-    from subclone_core.strategies import plan_shape
-    from subclone_core.workflow import make_child, measure_importance
+    from subclone_core.workflow.children import make_child, measure_importance
 
     out = {}
     cpu = load_parent(parent_id, device="cpu", dtype="float32")
@@ -127,7 +128,7 @@ def train_for(parent_id: str, plan: dict, minutes: float, work: Path) -> dict:
 
 def _compare(argv: list[str]) -> None:
     """`subclone compare` in this process (so peak GPU memory is readable), its JSON line kept off stdout."""
-    from subclone_core.cli import main
+    from subclone_core.cli.main import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
@@ -193,7 +194,7 @@ def _num(value) -> str:
 
 def suggested_child(parent_id: str) -> dict:
     """The library's suggested child shape for a parent (a fifth of the blocks, a third of every width)."""
-    from subclone_core.shape import suggested_shape
+    from subclone_core.core.shape import suggested_shape
     from subclone_core.sources.parents import load_parent
 
     sizes = suggested_shape(load_parent(parent_id).model).as_dict()
@@ -237,8 +238,8 @@ def main() -> int:
     text = report(result, dry_run=args.dry_run)
     out = args.out or (None if args.dry_run else str(ROOT / "docs" / "GPU.md"))
     if out:
-        write_atomic(Path(out), text)
-        write_atomic(Path(out).with_suffix(".json"), json.dumps(result, indent=1))
+        write_text(Path(out), text)
+        write_text(Path(out).with_suffix(".json"), json.dumps(result, indent=1))
     print(text)
     shutil.rmtree(work, ignore_errors=True)
     return 0

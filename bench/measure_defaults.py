@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import machine, table, write_section
-from subclone_core.evaluate import evaluate
+from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.sources import make_data
 from subclone_core.sources.parents import load_parent
-from subclone_core.strategies import plan_shape, subclone_model
-from subclone_core.workflow import measure_importance
+from subclone_core.training.evaluate import evaluate
+from subclone_core.workflow.children import measure_importance
 
 SHAPES = {
     "paper-like 20 x 384 (6 heads / 2 KV, FFN 1024)": {"layers": 20, "hidden": 384, "ffn": 1024},

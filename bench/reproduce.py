@@ -27,11 +27,12 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine, write_atomic
+from bench._report import machine
 from bench._repro_measure import Arm, Study, analyze_parent, run_study, step0_table, validation_batches
 from bench._repro_plots import draw_all
 from bench._repro_report import render
 from bench.bench_training import Budget
+from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -187,9 +188,9 @@ def main(argv: list[str] | None = None) -> Path:
         results = json.loads(args.from_json.read_text())
     else:
         results = measure(args)
-        write_atomic(figures / "results.json", json.dumps(results, indent=None, separators=(",", ":")))
+        write_text(figures / "results.json", json.dumps(results, indent=None, separators=(",", ":")))
     draw_all(results, figures)
-    write_atomic(args.out, render(with_budget(results, args.budget), figures.name))
+    write_text(args.out, render(with_budget(results, args.budget), figures.name))
     print(f"wrote {args.out} and {figures}/ ({results['minutes']:.1f} min)", file=sys.stderr)
     return args.out
 

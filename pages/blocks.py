@@ -14,8 +14,8 @@ from subclone_core.app.longsteps import (
     forward_rate,
     result_key,
 )
-from subclone_core.selection import pick_blocks
-from subclone_core.shape import Shape, suggested_layers
+from subclone_core.core.selection import pick_blocks
+from subclone_core.core.shape import Shape, suggested_layers
 
 POLICIES = {"magnitude": "Magnitude: drop the blocks that change the stream least",
             "middle": "Middle: drop a contiguous span in the middle", "manual": "Manual pick"}

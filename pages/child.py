@@ -16,10 +16,10 @@ from subclone_core.app.longsteps import (
     result_key,
 )
 from subclone_core.app.steps import child_settings, save_child_folder
-from subclone_core.archs import arch_for
-from subclone_core.errors import SubcloneError
-from subclone_core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
-from subclone_core.strategies import DEFAULT_DROP, parameter_count, plan_shape
+from subclone_core.core.archs import arch_for
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
+from subclone_core.core.strategies import DEFAULT_DROP, parameter_count, plan_shape
 
 EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
@@ -133,13 +133,11 @@ def remedies(manifest: dict) -> list[str]:
 
 
 def show_report(step0: dict[str, dict]) -> None:
-    """Step-0 loss and perplexity (or accuracy) of the child, its random twin and the parent."""
+    """Step-0 loss and the task's headline value (perplexity, accuracy) of the child, its random twin and the parent."""
+    task = parent.task_spec
     for column, (name, metrics) in zip(st.columns(3), step0.items()):
         column.metric(f"{name}: validation loss", f"{metrics['loss']:.3f}")
-        if "perplexity" in metrics:
-            column.metric(f"{name}: perplexity", charts.perplexity_text(metrics["perplexity"]))
-        else:
-            column.metric(f"{name}: accuracy", f"{metrics['accuracy']:.1%}")
+        column.metric(f"{name}: {task.headline}", task.headline_text(metrics))
     expectation(step0)
     st.plotly_chart(charts.comparison_bars(step0), key="chart_step0")
     if ws.samples:

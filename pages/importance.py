@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from subclone_core.analysis import off_diagonal_mean, rank_correlation, topk_overlap
+from subclone_core.analysis.inspector import Unit, hit_rows, outsized_dimensions
+from subclone_core.analysis.probes import off_diagonal_mean, rank_correlation, topk_overlap
 from subclone_core.app import charts, ui
 from subclone_core.app.inputs import duration_text
 from subclone_core.app.longsteps import (
@@ -15,9 +16,8 @@ from subclone_core.app.longsteps import (
     inspector_work,
     result_key,
 )
-from subclone_core.calibration import Importance
-from subclone_core.inspector import Unit, hit_rows, outsized_dimensions
-from subclone_core.shape import Shape
+from subclone_core.core.calibration import Importance
+from subclone_core.core.shape import Shape
 
 ws = ui.workspace()
 st.title("2. Importance")

@@ -8,10 +8,9 @@ import html
 import streamlit as st
 import torch
 
-from subclone_core.analysis import generate_text
+from subclone_core.analysis.probes import generate_text
 from subclone_core.app import ui
 from subclone_core.app.analysis import available_bytes
-from subclone_core.app.charts import perplexity_text
 from subclone_core.app.longsteps import (
     STEP0_TOKENS,
     VIT_BUILD_MINUTES,
@@ -21,7 +20,7 @@ from subclone_core.app.longsteps import (
 )
 from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.steps import store_upload
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 from subclone_core.sources import Parent
 from subclone_core.sources.embedded import EMBEDDED, Licence
 from subclone_core.sources.parents import default_vit_built, describe
@@ -168,12 +167,9 @@ def show_validation(parent: Parent) -> None:
         return
     left, middle, right = st.columns(3)
     left.metric("Validation loss", f"{metrics['loss']:.3f}")
-    if "perplexity" in metrics:
-        middle.metric("Perplexity", perplexity_text(metrics["perplexity"]))
-        right.metric("Tokens scored", f"{metrics['tokens']:,}")
-    else:
-        middle.metric("Accuracy", f"{metrics['accuracy']:.1%}")
-        right.metric("Images scored", f"{metrics['images']:,}")
+    task = parent.task_spec
+    middle.metric(task.headline.capitalize(), task.headline_text(metrics))
+    right.metric(f"{task.unit_name.capitalize()} scored", f"{metrics[task.unit_name]:,}")
 
 
 def show_generation(parent: Parent) -> None:

@@ -116,7 +116,7 @@ def show_results(job: BackgroundJob) -> None:
     left.plotly_chart(charts.loss_chart(events, faint=view.faint), key="chart_loss")
     right.plotly_chart(iso_loss_chart_from_events(view.events, metric=task.metric,
                                                   higher_is_better=task.higher_is_better), key="chart_iso_loss")
-    summary = live_summary(view.events)
+    summary = live_summary(view.events, task.metric)
     if summary:
         st.dataframe(pd.DataFrame(summary), hide_index=True, key="table_summary")
     if view.rows:

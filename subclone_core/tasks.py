@@ -2,7 +2,7 @@
 
 One `TaskSpec` per task holds the auto model class, the preprocessor, the data factory, the loss and its
 evaluation, the metric and its unit, the default data and the wording shown to users. An architecture
-table (`subclone_core.archs`) names its task; every other module asks this registry and never branches
+table (`subclone_core.core.archs`) names its task; every other module asks this registry and never branches
 on a task name. Adding a task (a sequence classifier, a masked LM) is one more TaskSpec plus tables.
 """
 
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from subclone_core.archs import arch_for
+from subclone_core.core.archs import arch_for
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data.images import IMAGE_IDS, VALID_IMAGE_IDS, ImageData
 from subclone_core.data.text import VALID_TEXT_IDS, TokenData
-from subclone_core.errors import SubcloneError
 
 IGNORE_INDEX = -100  # Hugging Face's label value for positions without a target (padding)
 
@@ -99,6 +99,7 @@ class TaskSpec:
         preprocessor_files: files whose presence says a folder has the preprocessor.
         unit_name: what one example's units are counted in ("tokens", "images").
         metric: the validation value compared across candidates ("loss" or "accuracy").
+        headline: the value shown beside the loss ("perplexity" or "accuracy").
         default_data: the data id used when none is given.
         data_choices: built-in data ids and their labels.
         local_data_label: how a user's own data of this task is described.
@@ -116,6 +117,7 @@ class TaskSpec:
     preprocessor_files: tuple[str, ...]
     unit_name: str
     metric: str
+    headline: str
     default_data: str
     data_choices: dict[str, str]
     local_data_label: str
@@ -132,6 +134,17 @@ class TaskSpec:
     @property
     def higher_is_better(self) -> bool:
         return self.metric == "accuracy"
+
+    def headline_text(self, result: dict[str, Any], *, precise: bool = False) -> str:
+        """The headline value of an evaluation result as shown to users (more digits when precise)."""
+        value = result[self.headline]
+        if self.headline == "accuracy":
+            return f"{value:.2%}" if precise else f"{value:.1%}"
+        return f"{value:.3f}" if precise else f"{value:,.1f}"
+
+    def scored_text(self, result: dict[str, Any]) -> str:
+        """How much an evaluation scored, e.g. "2,048 tokens"."""
+        return f"{result[self.unit_name]:,} {self.unit_name}"
 
     def auto_model(self) -> type:
         return getattr(transformers, self.model_class)
@@ -158,7 +171,7 @@ CAUSAL_LM = TaskSpec(
     name="causal-lm", model_class="AutoModelForCausalLM", preprocessor_class="AutoTokenizer",
     preprocessor_name="tokenizer",
     preprocessor_files=("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),
-    unit_name="tokens", metric="loss", default_data="default",
+    unit_name="tokens", metric="loss", headline="perplexity", default_data="default",
     data_choices={"default": "Embedded Wikipedia text"}, local_data_label="Local text file or folder",
     sequences=True, batch_sums=text_batch_sums, make_data=_text_data, config_facts=_text_facts,
 )
@@ -166,7 +179,7 @@ IMAGE_CLASSIFICATION = TaskSpec(
     name="image-classification", model_class="AutoModelForImageClassification",
     preprocessor_class="AutoImageProcessor", preprocessor_name="image processor",
     preprocessor_files=("preprocessor_config.json",), unit_name="images", metric="accuracy",
-    default_data="fashion-mnist",
+    headline="accuracy", default_data="fashion-mnist",
     data_choices={"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits (8x8)"},
     local_data_label="Local folder of class subfolders", sequences=False, batch_sums=image_batch_sums,
     make_data=_image_data, config_facts=_image_facts,

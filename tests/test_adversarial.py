@@ -22,8 +22,8 @@ import pytest
 import torch
 import transformers
 
-from subclone_core.cli import main
-from subclone_core.errors import SubcloneError
+from subclone_core.cli.main import main
+from subclone_core.core.errors import SubcloneError
 from tests import tiny_models as tm
 
 FAST = ["--steps", 2, "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--eval-tokens", 64, "--quiet"]
@@ -156,8 +156,8 @@ def test_two_sessions_asking_for_the_same_run_name_get_different_folders(tmp_pat
 def test_replace_existing_never_replaces_another_sessions_child(llama_dir, tmp_path):
     from subclone_core.app.settings import AppSettings
     from subclone_core.app.steps import save_child_folder
-    from subclone_core.shape import Shape
-    from subclone_core.strategies import subclone_model
+    from subclone_core.core.shape import Shape
+    from subclone_core.core.strategies import subclone_model
 
     model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
     child = subclone_model(model, Shape.of(model.config), strategy="random", seed=0)
@@ -335,7 +335,7 @@ def test_a_malformed_subclone_json_given_to_train_is_one_line(llama_dir, text_fi
 def refuse_loading(monkeypatch):
     """Make any parent load fail the test: output checks must come first."""
     for module in ("make", "inspect"):
-        monkeypatch.setattr(f"subclone_core.commands.{module}.load_parent",
+        monkeypatch.setattr(f"subclone_core.cli.commands.{module}.load_parent",
                             lambda *a, **k: pytest.fail("loaded the parent before checking the output"))
 
 
@@ -361,7 +361,7 @@ def test_a_full_disk_at_the_final_write_is_one_line_and_leaves_nothing(llama_dir
 
 
 def test_an_unexpected_bug_is_one_line_but_shows_its_traceback_with_debug(llama_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("subclone_core.commands.info.load_parent",
+    monkeypatch.setattr("subclone_core.cli.commands.info.load_parent",
                         lambda *a, **k: (_ for _ in ()).throw(KeyError("bug")))
     code, _, err = run_cli(["info", "--parent", llama_dir])
     assert code == 1 and len(err.strip().splitlines()) == 1 and "--debug" in err
@@ -390,7 +390,7 @@ def test_make_refuses_an_output_another_live_run_is_writing(llama_dir, text_file
 
 
 def test_two_claims_on_one_output_exactly_one_wins(tmp_path):
-    from subclone_core.outputs import claim_output
+    from subclone_core.io.atomic import claim_output
 
     results, barrier = [], threading.Barrier(8)
 
@@ -479,7 +479,7 @@ def test_errors_naming_user_paths_are_shown_as_plain_text():
 
     def page():
         from subclone_core.app import ui
-        from subclone_core.errors import SubcloneError
+        from subclone_core.core.errors import SubcloneError
 
         with ui.errors_shown("loading the parent"):
             raise SubcloneError("parent '[x](http://evil.example) :smile:' is no folder")

@@ -7,8 +7,8 @@ import pytest
 import tiny_models
 from test_app_pages import chart_titles, errors, run, settle, start_app, workdir  # noqa: F401 (workdir: a fixture)
 
-from subclone_core.explore import parameter_count, width_shapes  # wherever the library keeps it
-from subclone_core.shape import Shape
+from subclone_core.analysis.explore import parameter_count, width_shapes  # wherever the library keeps it
+from subclone_core.core.shape import Shape
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXPLORER_TITLE = "Child shapes near the budget: loss before training (click a point to use it)"

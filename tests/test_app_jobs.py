@@ -15,11 +15,11 @@ from subclone_core.app import analysis, charts
 from subclone_core.app.jobs import BackgroundJob, JobLimiter, ServerBusy
 from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.app.steps import TrainRequest, child_settings, make_children, store_upload, training_work
-from subclone_core.calibration import Importance
-from subclone_core.errors import SubcloneError
-from subclone_core.shape import Shape
+from subclone_core.core.calibration import Importance
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import load_parent
-from subclone_core.strategies import plan_shape
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -169,7 +169,7 @@ def test_block_ablation_replaying_the_blocks_before_matches_recomputing_them(mon
     import tiny_models
     import torch
 
-    from subclone_core import analysis
+    from subclone_core.analysis import probes as analysis
 
     model = tiny_models.make("llama").eval()
     batches = [{"input_ids": torch.randint(0, 50, (2, 16)), "labels": torch.randint(0, 50, (2, 16))}
@@ -228,7 +228,7 @@ def test_the_vit_parent_is_pretrained_in_the_background_then_loaded(monkeypatch,
 
 
 def test_cancelling_the_vit_pretraining_saves_nothing(tmp_path):
-    from subclone_core.errors import SubcloneError
+    from subclone_core.core.errors import SubcloneError
     from subclone_core.sources import vit_pretrain
 
     cancel = threading.Event()

@@ -16,7 +16,7 @@ from test_app_pages import (  # noqa: F401 (workdir: a fixture)
     workdir,
 )
 
-from subclone_core.speedup import iso_loss_by_candidate, tracks_from_events
+from subclone_core.training.speedup import iso_loss_by_candidate, tracks_from_events
 from subclone_core.training.sweep import (
     candidate_of,
     chosen_events,

@@ -78,7 +78,7 @@ def test_the_sweep_runs_every_lr_at_the_full_budget_and_each_arm_is_its_best_run
 
 
 def test_a_saved_child_trains_without_its_parent(tmp_path, counting_text_file, llama_dir, capsys):
-    from subclone_core.cli import main as cli
+    from subclone_core.cli.main import main as cli
 
     child = tmp_path / "child"
     sizes = bench_budget.SMOKE_SHAPES["aggressive"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from subclone_core.cli import main
+from subclone_core.cli.main import main
 from tests import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

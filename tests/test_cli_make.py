@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from subclone_core.cli import main
-from subclone_core.saving import load_manifest
+from subclone_core.cli.main import main
+from subclone_core.io.saving import load_manifest
 from tests import tiny_models as tm
 
 

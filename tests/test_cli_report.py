@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from subclone_core.metrics_log import read_metrics
-from subclone_core.speedup import speedup
 from subclone_core.training import trackers
+from subclone_core.training.metrics_log import read_metrics
+from subclone_core.training.speedup import speedup
 from subclone_core.training.trackers import TrackerCallback
 from tests.test_cli_train import FAST, ROOT, run_cli
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
 
-from subclone_core.cli import main
-from subclone_core.metrics_log import read_metrics
-from subclone_core.saving import load_manifest
+from subclone_core.cli.main import main
+from subclone_core.io.saving import load_manifest
+from subclone_core.training.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", 6, "--eval-every", 3, "--batch-size", 4, "--seq-len", 16, "--quiet"]

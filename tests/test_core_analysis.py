@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from subclone_core import analysis
-from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
-from subclone_core.shape import SIZE_ROLES, nearest_valid_shape, suggested_shape
+from subclone_core.analysis import probes as analysis
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import SIZE_ROLES, nearest_valid_shape, suggested_shape
+from subclone_core.core.strategies import parameter_count, plan_shape, subclone_model
 from subclone_core.sources import load_parent
-from subclone_core.strategies import parameter_count, plan_shape, subclone_model
+from subclone_core.training.evaluate import evaluate
 from tests import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

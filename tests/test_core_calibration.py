@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subclone_core.calibration import Importance, calibrate
+from subclone_core.core.calibration import Importance, calibrate
 from tests import tiny_models as tm
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subclone_core.archs import arch_for
-from subclone_core.calibration import calibrate
-from subclone_core.selection import Selection
-from subclone_core.shape import Shape
-from subclone_core.strategies import plan_shape, subclone_model
+from subclone_core.core.archs import arch_for
+from subclone_core.core.calibration import calibrate
+from subclone_core.core.selection import Selection
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import plan_shape, subclone_model
 from tests import tiny_models as tm
 
 ALL = list(tm.FAMILIES)

@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 
-from subclone_core.calibration import calibrate
-from subclone_core.errors import SubcloneError
-from subclone_core.explore import (
+from subclone_core.analysis.explore import (
     candidate_shapes,
     explore_shapes,
     parameter_count,
@@ -17,8 +15,10 @@ from subclone_core.explore import (
     parse_param_count,
     width_shapes,
 )
-from subclone_core.shape import Shape
-from subclone_core.strategies import plan_shape, subclone_model
+from subclone_core.core.calibration import calibrate
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import plan_shape, subclone_model
 from tests import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subclone_core.archs import arch_for
-from subclone_core.calibration import calibrate
-from subclone_core.errors import SubcloneError
-from subclone_core.inspector import Unit, context_text, outsized_dimensions, top_activations
+from subclone_core.analysis.inspector import Unit, context_text, outsized_dimensions, top_activations
+from subclone_core.core.archs import arch_for
+from subclone_core.core.calibration import calibrate
+from subclone_core.core.errors import SubcloneError
 from tests import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subclone_core.archs import arch_for
-from subclone_core.calibration import Importance, calibrate
-from subclone_core.errors import SubcloneError
-from subclone_core.slicing import refit_input
-from subclone_core.strategies import plan_shape, subclone_model
+from subclone_core.core.archs import arch_for
+from subclone_core.core.calibration import Importance, calibrate
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.slicing import refit_input
+from subclone_core.core.strategies import plan_shape, subclone_model
 from tests import tiny_models as tm
 
 ATOL = 1e-5  # RMSNorm computes in float32 even for float64 models
@@ -147,9 +147,9 @@ def test_importance_json_keeps_the_read_ranking_and_rejects_unknown_scores(tmp_p
 
 def _step0_losses(parent, shapes: list[dict], tokens: int = 2048) -> list[tuple[float, float, float]]:
     """(default child, slice-only child with the paper's ranking, random init) validation losses per shape."""
-    from subclone_core.evaluate import evaluate
     from subclone_core.sources import make_data
-    from subclone_core.workflow import measure_importance
+    from subclone_core.training.evaluate import evaluate
+    from subclone_core.workflow.children import measure_importance
 
     imp = measure_importance(parent, "default", tokens=tokens)
     val = make_data(parent, "default", "validation", seq_len=128, max_tokens=tokens)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subclone_core.errors import SubcloneError
-from subclone_core.selection import pick, pick_blocks, pick_heads
-from subclone_core.shape import Shape
-from subclone_core.strategies import plan_shape
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.selection import pick, pick_blocks, pick_heads
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import plan_shape
 from tests import tiny_models as tm
 
 PARENT = Shape(layers=4, hidden=64, heads=8, kv_heads=2, ffn=48, head_dim=8)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from subclone_core.metrics_log import read_metrics
+from subclone_core.training.metrics_log import read_metrics
 
 SCRIPT = Path(__file__).with_name("dist_train_script.py")
 ROOT = SCRIPT.parent.parent

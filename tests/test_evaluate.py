@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from subclone_core.cli import main
+from subclone_core.cli.main import main
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data.text import TokenData
-from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
 from subclone_core.sources import load_parent
+from subclone_core.training.evaluate import evaluate
 
 
 class ConstantLogits(torch.nn.Module):

@@ -23,9 +23,9 @@ from transformers import (
     Qwen3Config,
 )
 
-from subclone_core.cli import main
-from subclone_core.errors import SubcloneError
-from subclone_core.gguf_export import SAMPLE_TEXT, export_gguf, exportable_model_types, verify_gguf
+from subclone_core.cli.main import main
+from subclone_core.core.errors import SubcloneError
+from subclone_core.io.gguf_export import SAMPLE_TEXT, export_gguf, exportable_model_types, verify_gguf
 
 SENTENCES = [
     "The river rises in the hills north of the town and flows to the sea.",
@@ -206,10 +206,10 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, bpe, capsys):
 @pytest.mark.default_parent
 @pytest.mark.slow
 def test_default_parents_child_exports_f32_exactly_and_q8_0_closely(tmp_path):
+    from subclone_core.core.strategies import plan_shape
     from subclone_core.sources import load_parent
-    from subclone_core.strategies import plan_shape
-    from subclone_core.workflow import make_child
-    from subclone_core.workflow import save_child as save
+    from subclone_core.workflow.children import make_child
+    from subclone_core.workflow.children import save_child as save
 
     parent = load_parent("default")
     target = plan_shape(parent.model, layers=6, hidden=192, ffn=512)

@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycles, task knowledge only in the task registry, small functions.
+"""The shape of the code: a pure core, no import cycles, task knowledge only in the task registry, one module
+that renames files into place, small functions.
 
 These read the source as text; each names the module, import or function that breaks the rule.
 """
@@ -6,6 +7,8 @@ These read the source as text; each names the module, import or function that br
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +67,7 @@ def test_no_import_cycles():
 
 
 def test_task_names_and_units_live_only_in_the_task_registry_and_the_arch_tables():
-    allowed = {PACKAGE / "tasks.py", *(PACKAGE / "archs").glob("*.py")}
+    allowed = {PACKAGE / "tasks.py", *(PACKAGE / "core" / "archs").glob("*.py")}
     files = [*PACKAGE.rglob("*.py"), *(ROOT / "pages").glob("*.py"), ROOT / "app.py"]
     found = [f"{p.relative_to(ROOT)}: {word}" for p in files if p not in allowed
              for word in TASK_WORDS if word in p.read_text()]
@@ -77,3 +80,94 @@ def test_no_function_over_50_lines():
             for p in files for n in ast.walk(ast.parse(p.read_text()))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 50]
     assert not long, long
+
+
+# --- layers -----------------------------------------------------------------------------------------------
+CORE = PACKAGE / "core"
+CORE_MAY_IMPORT = {"torch", "transformers", "safetensors", "accelerate", "numpy"}
+
+
+def _imported_names(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a file, function-level ones included."""
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            names += [(node.lineno, module)] + [(node.lineno, f"{module}.{a.name}") for a in node.names]
+    return names
+
+
+def test_the_core_imports_nothing_else_of_the_project():
+    allowed = CORE_MAY_IMPORT | set(sys.stdlib_module_names)
+    found = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p in CORE.rglob("*.py")
+             for line, name in _imported_names(p)
+             if not (name == "subclone_core.core" or name.startswith("subclone_core.core."))
+             and (name.startswith("subclone_core") or name.split(".")[0] not in allowed)
+             and not _is_imported_attribute(name)]
+    assert not found, found
+
+
+def _is_imported_attribute(name: str) -> bool:
+    """`from torch import nn` lists torch.nn; `from subclone_core.core import x` lists ...core.x: both fine."""
+    return name.split(".")[0] in CORE_MAY_IMPORT | set(sys.stdlib_module_names)
+
+
+def _layer(module: str) -> str | None:
+    """The subpackage (or top-level module) a project module belongs to; None for the package itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else None
+
+
+def test_no_import_cycle_between_subpackages():
+    graph: dict[str, set[str]] = {}
+    for name, deps in _graph().items():
+        layer = _layer(name)
+        if layer is not None:
+            graph.setdefault(layer, set()).update(d for d in map(_layer, deps) if d not in (None, layer))
+    cycles = [c for c in (_cycle_from(m, graph) for m in sorted(graph)) if c]
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+# --- one place for each kind of knowledge -------------------------------------------------------------------
+KEY_TEST = re.compile(r"""["'](perplexity|accuracy)["']\s+(not\s+)?in\b""")
+
+
+def _sources() -> list[Path]:
+    return [*PACKAGE.rglob("*.py"), *(ROOT / "pages").glob("*.py"), ROOT / "app.py", *(ROOT / "bench").glob("*.py")]
+
+
+def test_only_the_task_registry_tests_result_keys_for_a_metric():
+    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in _sources() if p != PACKAGE / "tasks.py"
+             for n, line in enumerate(p.read_text().splitlines(), 1) if KEY_TEST.search(line)]
+    assert not found, "read the metric from the TaskSpec instead: " + "; ".join(found)
+
+
+def _renames(path: Path) -> list[str]:
+    """Calls that rename a file: os.replace/os.rename, and Path.replace/Path.rename (one positional argument,
+    no keywords: str.replace takes two, dataclasses.replace and datetime.replace take keywords)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        attr, owner = node.func.attr, node.func.value
+        if attr in ("replace", "rename") and isinstance(owner, ast.Name) and owner.id == "os":
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} os.{attr}")
+        elif attr in ("replace", "rename") and len(node.args) == 1 and not node.keywords:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{attr}()")
+    return found
+
+
+def test_exactly_one_module_renames_files_into_place():
+    renames = {p: _renames(p) for p in _sources()}
+    others = [r for p, found in renames.items() if p != ATOMIC for r in found]
+    assert not others, f"use {ATOMIC.relative_to(ROOT)} (building, building_file, write_text): {others}"
+    assert renames[ATOMIC], "the atomic-write module no longer renames anything: update this test"
+
+
+ATOMIC = PACKAGE / "io" / "atomic.py"

@@ -8,9 +8,9 @@ import json
 import pytest
 from test_cli_train import FAST, bad_input, run_cli
 
-from subclone_core.commands._training import format_report
-from subclone_core.metrics_log import read_metrics
-from subclone_core.saving import load_manifest
+from subclone_core.cli.commands._training import format_report
+from subclone_core.io.saving import load_manifest
+from subclone_core.training.metrics_log import read_metrics
 from subclone_core.training.sweep import (
     SweptRun,
     choose_runs,
@@ -134,7 +134,7 @@ def test_only_each_candidates_chosen_run_is_saved_under_the_candidates_name(swee
 
 
 def test_without_a_sweep_the_summary_has_none():
-    from subclone_core.commands._training import build_summary
+    from subclone_core.cli.commands._training import build_summary
     from subclone_core.training import EvalPoint, RunResult, TrainConfig
 
     results = {name: RunResult(name, name, 1e-3, 0.0, status="done", evals=[EvalPoint(0, 0, 5.0), EvalPoint(2, 8, v)])

@@ -10,10 +10,10 @@ import pytest
 from bench import _repro_report as report_rules
 from bench import reproduce
 from bench._repro_measure import calibrate_seed, validation_batches
-from subclone_core.evaluate import evaluate
+from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import load_parent
-from subclone_core.strategies import plan_shape
-from subclone_core.workflow import make_child
+from subclone_core.training.evaluate import evaluate
+from subclone_core.workflow.children import make_child
 from tests.conftest import save_tiny_vit
 
 VERDICT = re.compile(r"\*\*Verdict: (holds|holds partly|does not hold|within noise|learning rate: [^*]*|open[^*]*)\.\*\*")

@@ -13,13 +13,13 @@ from accelerate import dispatch_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from subclone_core import streaming
-from subclone_core.cli import main
-from subclone_core.placement import memory_by_device, parse_max_memory
-from subclone_core.shape import Shape
+from subclone_core.cli.main import main
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import subclone_model
+from subclone_core.io import streaming
+from subclone_core.io.placement import memory_by_device, parse_max_memory
 from subclone_core.sources.parents import describe, load_parent
-from subclone_core.strategies import subclone_model
-from subclone_core.workflow import make_child, save_child
+from subclone_core.workflow.children import make_child, save_child
 from tests import tiny_models as tm
 
 TARGET = Shape(layers=3, hidden=16, heads=4, kv_heads=2, head_dim=8, ffn=24)

@@ -10,11 +10,11 @@ import torch
 import transformers
 from PIL import Image
 
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data import images
 from subclone_core.data.images import FASHION_DIR, ImageData
-from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
 from subclone_core.sources import load_parent, make_data, parents, vit_pretrain
+from subclone_core.training.evaluate import evaluate
 
 HAS_FASHION = (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file()
 

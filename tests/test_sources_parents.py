@@ -12,9 +12,9 @@ import pytest
 import torch
 import transformers
 
-from subclone_core.cli import main
+from subclone_core.cli.main import main
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data import packaged
-from subclone_core.errors import SubcloneError
 from subclone_core.sources import embedded, gguf, hub, load_parent, parents
 from subclone_core.sources.cache import MARKER, cache_is_valid, read_marker
 from subclone_core.sources.parents import DEFAULT_LABEL

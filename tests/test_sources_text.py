@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data import packaged
 from subclone_core.data.text import (
     TokenData,
@@ -17,7 +18,6 @@ from subclone_core.data.text import (
     tokenize_documents,
     validation_indices,
 )
-from subclone_core.errors import SubcloneError
 from subclone_core.sources import make_data
 
 WORDS = [

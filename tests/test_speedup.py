@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from subclone_core.speedup import (
+from subclone_core.training.speedup import (
     DROP_FRACTIONS,
     IsoLoss,
     best_value,

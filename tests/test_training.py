@@ -12,8 +12,7 @@ import torch
 from dist_train_script import PatternData, QuadrantImages, tiny_llama, tiny_vit, weights_hash
 from transformers import AutoModelForCausalLM
 
-from subclone_core.errors import SubcloneError
-from subclone_core.metrics_log import read_metrics
+from subclone_core.core.errors import SubcloneError
 from subclone_core.training import (
     Candidate,
     TrainConfig,
@@ -25,6 +24,7 @@ from subclone_core.training import (
     train_candidates,
 )
 from subclone_core.training.distill import distill_mask
+from subclone_core.training.metrics_log import read_metrics
 
 
 def record_training_inputs(model) -> list[list[list[int]]]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from subclone_core.app.steps import TrainRequest, build_request_candidates, child_settings, make_children
-from subclone_core.cli import build_parser
-from subclone_core.commands.compare import calibrate_with_progress, candidate_settings
-from subclone_core.errors import SubcloneError
+from subclone_core.cli.commands.compare import calibrate_with_progress, candidate_settings
+from subclone_core.cli.main import build_parser
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.strategies import DEFAULT_DROP, plan_shape
 from subclone_core.sources import load_parent
-from subclone_core.strategies import DEFAULT_DROP, plan_shape
 from subclone_core.training import TrainConfig
-from subclone_core.training.job import (
+from subclone_core.workflow.jobs import (
     CandidateSettings,
     block_policy,
     build_candidates,

@@ -1,8 +1,8 @@
 """What the app shows about training runs and files: live summaries of a run's events, memory checks
 before a run, and a saved child as a zip. Pure functions; no Streamlit.
 
-Analyses of models (generation, ranking consistency, block removal) live in ``subclone_core.analysis``;
-shape search and parameter counts in ``subclone_core.shape``.
+Analyses of models (generation, ranking consistency, block removal) live in ``subclone_core.analysis.probes``;
+shape search and parameter counts in ``subclone_core.core.shape``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from subclone_core.errors import SubcloneError
-from subclone_core.metrics_log import curves
-from subclone_core.shape import Shape
-from subclone_core.speedup import HIGHER_IS_BETTER, speedup
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
+from subclone_core.training.metrics_log import curves
+from subclone_core.training.speedup import HIGHER_IS_BETTER, speedup
 from subclone_core.training.sweep import (
     choose_runs,
     chosen_events,
@@ -32,9 +32,14 @@ from subclone_core.training.sweep import (
 # --- training -----------------------------------------------------------------------------------------
 
 
-def live_summary(events: list[dict], baseline: str = "random") -> list[dict]:
-    """One row per candidate from a run's events so far: step, losses, throughput, speedup so far."""
-    metric = "accuracy" if any("accuracy" in e for e in events if e.get("event") == "eval") else "loss"
+def live_summary(events: list[dict], metric: str = "loss", baseline: str = "random") -> list[dict]:
+    """One row per candidate from a run's events so far: step, losses, throughput, speedup so far.
+
+    Args:
+        events: the run's events.
+        metric: the validation value compared, the task's (TaskSpec.metric).
+        baseline: the candidate the speedup is measured against.
+    """
     evals = curves(events, kind="eval", key=metric)
     last_step: dict[str, dict] = {}
     for event in events:

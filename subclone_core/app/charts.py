@@ -9,9 +9,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from subclone_core.calibration import Importance
-from subclone_core.explore import Exploration
-from subclone_core.metrics_log import curves
+from subclone_core.analysis.explore import Exploration
+from subclone_core.core.calibration import Importance
+from subclone_core.training.metrics_log import curves
 from subclone_core.training.sweep import candidate_of
 
 KEPT, DROPPED, BASE = "#1f77b4", "#d62728", "#7f7f7f"

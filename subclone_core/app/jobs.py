@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 
 logger = logging.getLogger(__name__)
 

@@ -14,18 +14,18 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from subclone_core.analysis import block_ablation, evaluate_shared, exclusive, generate_text
+from subclone_core.analysis.explore import explore_shapes, validation_sample
+from subclone_core.analysis.inspector import Unit, inspect_units
+from subclone_core.analysis.probes import block_ablation, evaluate_shared, exclusive, generate_text
 from subclone_core.app.jobs import Emit, JobCancelled, Work, cancellable
 from subclone_core.app.steps import make_children, validation_batches
-from subclone_core.calibration import Importance, Progress
-from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
-from subclone_core.explore import explore_shapes, validation_sample
-from subclone_core.inspector import Unit, inspect_units
-from subclone_core.shape import Shape
+from subclone_core.core.calibration import Importance, Progress
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
 from subclone_core.sources import Parent, vit_pretrain
-from subclone_core.training.job import CandidateSettings
-from subclone_core.workflow import measure_importance
+from subclone_core.training.evaluate import evaluate
+from subclone_core.workflow.children import measure_importance
+from subclone_core.workflow.jobs import CandidateSettings
 
 ABLATION_TOKENS = 256  # per removed block: a few hundred tokens rank the blocks; 31 x 1,024 took 11 min
 STEP0_TOKENS = 2048  # the Parent page's default validation budget: the parent's score is reused

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from subclone_core.calibration import Importance
-from subclone_core.strategies import Child
-from subclone_core.training.job import CandidateSettings
-from subclone_core.workflow import CALIB_TOKENS
+from subclone_core.core.calibration import Importance
+from subclone_core.core.strategies import Child
+from subclone_core.workflow.children import CALIB_TOKENS
+from subclone_core.workflow.jobs import CandidateSettings
 
 DEFAULT_PROMPT = "The history of the city"
 

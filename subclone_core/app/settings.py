@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 
 ENV_PREFIX = "SUBCLONE_"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

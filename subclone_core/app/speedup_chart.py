@@ -8,7 +8,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from subclone_core.app.charts import _LAYOUT, COLORS
-from subclone_core.speedup import IsoLoss, iso_loss_by_candidate, tracks_from_events
+from subclone_core.training.speedup import IsoLoss, iso_loss_by_candidate, tracks_from_events
 
 # A lower bound (the candidate was already there at step 0) is drawn as an upward triangle: "at least this".
 _MARKERS = {False: "circle", True: "triangle-up"}

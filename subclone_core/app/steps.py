@@ -12,21 +12,23 @@ from pathlib import Path
 
 import torch
 
-from subclone_core.analysis import evaluate_shared, exclusive, first_batches, generate_text
+from subclone_core.analysis.probes import evaluate_shared, exclusive, first_batches, generate_text
 from subclone_core.app.analysis import available_bytes, check_memory, training_bytes
 from subclone_core.app.jobs import Emit, Work
 from subclone_core.app.settings import AppSettings, safe_name
-from subclone_core.calibration import Importance, Progress
+from subclone_core.core.calibration import Importance, Progress
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import Child
 from subclone_core.data.text import TEXT_SUFFIXES, documents
-from subclone_core.devices import resolve_device
-from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
-from subclone_core.outputs import claim_output
-from subclone_core.shape import Shape
+from subclone_core.io.atomic import claim_output
+from subclone_core.io.devices import resolve_device
 from subclone_core.sources import Parent, make_data
-from subclone_core.strategies import Child
 from subclone_core.training import Candidate, TrainConfig, train_candidates
-from subclone_core.training.job import (
+from subclone_core.training.evaluate import evaluate
+from subclone_core.training.sweep import LrGrid, save_plan
+from subclone_core.workflow.children import save_child
+from subclone_core.workflow.jobs import (
     BASELINE,
     CandidateSettings,
     build_candidates,
@@ -34,8 +36,6 @@ from subclone_core.training.job import (
     shared_importance,
     training_data,
 )
-from subclone_core.training.sweep import LrGrid, save_plan
-from subclone_core.workflow import save_child
 
 EVAL_SEQ_LEN = 128
 EVAL_BATCH = 8

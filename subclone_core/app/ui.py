@@ -21,8 +21,8 @@ from subclone_core.app.inputs import app_words, range_label, range_problem
 from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob, JobLimiter, Work
 from subclone_core.app.session import Workspace
 from subclone_core.app.settings import AppSettings
-from subclone_core.devices import resolve_device
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
+from subclone_core.io.devices import resolve_device
 from subclone_core.sources import Parent, load_parent
 from subclone_core.sources.parents import SPECIAL_IDS
 

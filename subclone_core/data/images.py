@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data.text import SPLITS, row_batches
-from subclone_core.errors import SubcloneError
 
 logger = logging.getLogger(__name__)
 

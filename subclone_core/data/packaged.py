@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 
 
 def packaged_file(

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data.packaged import packaged_file
-from subclone_core.errors import SubcloneError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The cache of converted parents and the pretrained ViT: where it lives, and completion markers.
 
-A cache folder is published whole (subclone_core.atomic) with a marker written last that records what it
+A cache folder is published whole (subclone_core.io.atomic) with a marker written last that records what it
 was built from and every file's size, modification time and sha256. A folder whose marker is missing,
 names another source, or disagrees with its files is rebuilt rather than trusted; a file whose time
 changed is hashed again, so an edit of the same size is caught without hashing on every load.

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from subclone_core.atomic import temporary_sibling
+from subclone_core.core.errors import SubcloneError
 from subclone_core.data.packaged import packaged_file
-from subclone_core.errors import SubcloneError
+from subclone_core.io.atomic import temporary_sibling
 
 
 @dataclass(frozen=True)

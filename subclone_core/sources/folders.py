@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import transformers
 
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 from subclone_core.tasks import TaskSpec, task_of_config
 
 

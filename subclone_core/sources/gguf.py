@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from subclone_core.atomic import building
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
+from subclone_core.io.atomic import building
 from subclone_core.sources.cache import cache_dir, cache_is_valid, write_marker
 from subclone_core.sources.embedded import EMBEDDED, EmbeddedParent, joined_gguf, locate_pieces
 from subclone_core.sources.folders import first_line

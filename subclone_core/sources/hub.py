@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 from subclone_core.sources.embedded import EMBEDDED
 from subclone_core.sources.folders import first_line
 

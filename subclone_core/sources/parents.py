@@ -20,11 +20,11 @@ from typing import Any
 import torch
 import transformers
 
-from subclone_core.archs import arch_for
-from subclone_core.errors import SubcloneError
-from subclone_core.placement import Placement, memory_by_device, remove_with
-from subclone_core.saving import MANIFEST_NAME
-from subclone_core.shape import Shape
+from subclone_core.core.archs import arch_for
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
+from subclone_core.io.placement import Placement, memory_by_device, remove_with
+from subclone_core.io.saving import MANIFEST_NAME
 from subclone_core.sources.cache import cache_dir, cache_is_valid, file_sha256
 from subclone_core.sources.embedded import EMBEDDED, Licence, licence_of
 from subclone_core.sources.folders import load_folder, weight_files

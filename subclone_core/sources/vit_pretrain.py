@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from subclone_core.atomic import building
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.rng import seeded
 from subclone_core.data.images import FASHION_LABELS, ImageData, load_images
-from subclone_core.devices import resolve_device
-from subclone_core.errors import SubcloneError
-from subclone_core.rng import seeded
+from subclone_core.io.atomic import building
+from subclone_core.io.devices import resolve_device
 from subclone_core.sources.cache import cache_dir, write_marker
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 
 
 def shard(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:

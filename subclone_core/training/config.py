@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 
 # Peak learning rate and AdamW weight decay per strategy, used when a candidate gives none.
 # The paper (Table 1) trains subcloned models at lr 1e-4 with low weight decay. On this project's default

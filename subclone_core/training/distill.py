@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from subclone_core.errors import SubcloneError
+from subclone_core.core.errors import SubcloneError
 from subclone_core.tasks import IGNORE_INDEX
 
 

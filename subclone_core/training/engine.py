@@ -22,17 +22,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from subclone_core.calibration import no_cache_kwargs
-from subclone_core.devices import resolve_device
-from subclone_core.errors import SubcloneError
-from subclone_core.evaluate import evaluate
-from subclone_core.metrics_log import MetricsLog, json_safe
-from subclone_core.model_card import model_card
-from subclone_core.saving import check_output_dir, save_model_folder
+from subclone_core.core.calibration import no_cache_kwargs
+from subclone_core.core.errors import SubcloneError
+from subclone_core.io.devices import resolve_device
+from subclone_core.io.model_card import model_card
+from subclone_core.io.saving import check_output_dir, save_model_folder
 from subclone_core.tasks import TaskSpec, perplexity, task_of_model
 from subclone_core.training import batches as B
 from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.distill import distillation_loss
+from subclone_core.training.evaluate import evaluate
+from subclone_core.training.metrics_log import MetricsLog, json_safe
 from subclone_core.training.results import EvalPoint, RunResult, SavePlan
 from subclone_core.training.schedule import make_scheduler
 from subclone_core.training.support import Callback, Emitter, RngSlot
@@ -396,7 +396,7 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
         train_data: an object with ``batches(batch_size, *, shuffle, seed, epochs)`` (TokenData, ImageData).
         val_data: the same protocol; its first ``eval_batches`` batches are the validation set.
         config: steps, batch size, schedule, evaluation, device.
-        callbacks: called with every event dict (see subclone_core.metrics_log for the kinds).
+        callbacks: called with every event dict (see subclone_core.training.metrics_log for the kinds).
         metrics_path: a JSONL file the events are appended to, one flushed line each.
         cancel: set it (from another thread) to stop after the current round.
         save_dir: when given, each finished candidate is saved to ``save_dir/<name>`` (complete or absent).

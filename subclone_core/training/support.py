@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from subclone_core.metrics_log import MetricsLog, json_safe
-from subclone_core.rng import GLOBAL_RNG_LOCK
+from subclone_core.core.rng import GLOBAL_RNG_LOCK
+from subclone_core.training.metrics_log import MetricsLog, json_safe
 
 Callback = Callable[[dict[str, Any]], None]
 

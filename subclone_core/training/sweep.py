@@ -18,11 +18,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from subclone_core.errors import SubcloneError
-from subclone_core.metrics_log import curves
-from subclone_core.speedup import best_value
+from subclone_core.core.errors import SubcloneError
 from subclone_core.training.config import DEFAULT_HPARAMS
+from subclone_core.training.metrics_log import curves
 from subclone_core.training.results import RunResult, SavePlan
+from subclone_core.training.speedup import best_value
 
 LrGrid = Mapping[str, tuple[float, ...]]  # candidate name -> the peak learning rates it is trained at
 

@@ -25,8 +25,8 @@ from typing import Any
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
-from subclone_core.errors import SubcloneError
-from subclone_core.speedup import speedup
+from subclone_core.core.errors import SubcloneError
+from subclone_core.training.speedup import speedup
 
 TENSORBOARD_DIR = "tensorboard"
 _SKIPPED = {"event", "candidate", "time", "step"}  # bookkeeping, not curves

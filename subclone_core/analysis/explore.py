@@ -1,0 +1,198 @@
+"""The shape explorer: which child shapes near a parameter budget start lowest when subcloned.
+
+For every width the parent allows (one per attention-head count, with hidden, KV heads and FFN following
+the parent's ratios), a few depths put the child near the budget. Each shape is subcloned and its
+validation loss measured before any training (step 0); one randomly initialized child gives the
+reference a subcloned child must beat. The Pareto front (no other shape is both smaller and lower) is
+marked: those are the shapes worth training.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from subclone_core.analysis.probes import first_batches
+from subclone_core.core.archs import arch_for
+from subclone_core.core.calibration import Importance
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape, target_shape, validate_target
+from subclone_core.core.strategies import parameter_count, subclone_model
+from subclone_core.sources import Parent, make_data
+from subclone_core.training.evaluate import evaluate
+
+Progress = Callable[[int, int], None]
+EVAL_TOKENS = 384  # shapes are compared on the same tokens: a few hundred rank them (paired differences)
+DEPTHS_PER_WIDTH = 3
+SPREAD = 1.5  # shapes between budget / SPREAD and budget x SPREAD parameters count as near the budget
+EVAL_SEQ_LEN, EVAL_BATCH = 128, 8
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+@dataclass(frozen=True)
+class ShapePoint:
+    """One explored child: its shape, exact parameter count, step-0 validation loss, and whether it is on
+    the Pareto front (no other explored shape has fewer or as many parameters and a lower or equal loss)."""
+
+    shape: Shape
+    params: int
+    loss: float
+    pareto: bool = False
+
+    def to_json(self) -> dict:
+        return {**self.shape.as_dict(), "params": self.params, "loss": self.loss, "pareto": self.pareto}
+
+
+@dataclass
+class Exploration:
+    """The explored grid and its reference: a randomly initialized child of the smallest explored shape.
+
+    Attributes:
+        budget: the parameter budget asked for.
+        points: the explored shapes, narrowest first, shallowest first.
+        random_shape: the shape of the random reference child.
+        random_metrics: that child's validation metrics (loss, and perplexity and tokens, or accuracy
+            and images, as ``evaluate`` gives them).
+    """
+
+    budget: int
+    points: list[ShapePoint]
+    random_shape: Shape
+    random_metrics: dict
+
+    @property
+    def random_loss(self) -> float:
+        return float(self.random_metrics["loss"])
+
+    @property
+    def front(self) -> list[ShapePoint]:
+        """The Pareto-optimal shapes, fewest parameters first."""
+        return [p for p in self.points if p.pareto]
+
+    def to_json(self) -> dict:
+        return {"budget": self.budget, "random": {**self.random_shape.as_dict(), **self.random_metrics},
+                "shapes": [p.to_json() for p in self.points]}
+
+
+def parse_param_count(text: str) -> int:
+    """'30M', '1.5B', '800k' or '30000000' as a number of parameters.
+
+    Raises:
+        SubcloneError: anything else, or a count that is not positive.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", text)
+    if match is None:
+        raise SubcloneError(f"parameter budget {text!r} is not a number like 30M, 1.5B or 800k")
+    count = int(float(match[1]) * _SUFFIXES[match[2].lower()])
+    if count <= 0:
+        raise SubcloneError(f"parameter budget {text!r} must be positive")
+    return count
+
+
+def width_shapes(parent_model: nn.Module) -> list[Shape]:
+    """One valid full-depth shape per head count: hidden, KV heads and FFN scaled at the parent's ratios."""
+    parent = Shape.of(parent_model.config)
+    arch = arch_for(parent_model.config.model_type)
+    shapes = []
+    for heads in range(1, parent.heads + 1):
+        hidden = _multiple(parent.hidden * heads / parent.heads, heads)
+        ffn = _multiple(parent.ffn * hidden / parent.hidden, 8)  # multiples of 8 suit vector units
+        shape = target_shape(parent, hidden=hidden, heads=heads, ffn=min(ffn, parent.ffn))
+        try:
+            validate_target(parent, shape, arch)
+        except SubcloneError:
+            continue  # e.g. a head count no KV grouping of the parent's allows
+        shapes.append(shape)
+    return shapes
+
+
+def _multiple(value: float, multiple: int) -> int:
+    """The multiple of ``multiple`` nearest ``value`` (at least ``multiple``)."""
+    return max(multiple, round(value / multiple) * multiple)
+
+
+def candidate_shapes(parent_model: nn.Module, budget: int, *, depths_per_width: int = DEPTHS_PER_WIDTH,
+                     spread: float = SPREAD) -> list[tuple[Shape, int]]:
+    """Shapes near the budget with their exact parameter counts, narrowest first, shallowest first.
+
+    For each width the depth that lands nearest the budget and its neighbours (a tenth of the parent's
+    depth apart) are kept when their count lies within a factor ``spread`` of the budget.
+
+    Raises:
+        SubcloneError: no shape of the parent comes within that factor of the budget.
+    """
+    parent_layers = Shape.of(parent_model.config).layers
+    shallowest = min(2, parent_layers)  # the block policies keep the first and the last block
+    step = max(1, parent_layers // 10)
+    found, sizes = [], []
+    for width in width_shapes(parent_model):
+        one, two = (parameter_count(parent_model, replace(width, layers=n)) for n in (1, min(2, parent_layers)))
+        per_block = max(two - one, 1)  # parameters grow linearly with depth
+        best = round((budget - one) / per_block) + 1
+        offsets = range(-(depths_per_width // 2), depths_per_width - depths_per_width // 2)
+        for depth in sorted({min(parent_layers, max(shallowest, best + k * step)) for k in offsets}):
+            params = one + (depth - 1) * per_block
+            sizes.append(params)
+            if budget / spread <= params <= budget * spread:
+                found.append((replace(width, layers=depth), params))
+    if not found:
+        raise SubcloneError(f"no child of this parent has about {budget:,} parameters: shapes range from "
+                            f"{min(sizes):,} to {max(sizes):,}; choose a budget in that range")
+    return found
+
+
+def pareto_flags(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (size, loss) points, whether each is Pareto-optimal: no other point is at most as large and at
+    most as lossy while being strictly better in one of the two."""
+    def dominated(i: int) -> bool:
+        size, loss = points[i]
+        return any(s <= size and v <= loss and (s < size or v < loss) for s, v in points)
+
+    return [not dominated(i) for i in range(len(points))]
+
+
+def explore_shapes(parent_model: nn.Module, importance: Importance, budget: int, batches: Sequence[dict], *,
+                   depths_per_width: int = DEPTHS_PER_WIDTH, spread: float = SPREAD, seed: int = 0,
+                   progress: Progress | None = None) -> Exploration:
+    """Subclone every candidate shape near the budget and measure its step-0 validation loss.
+
+    Args:
+        parent_model: the parent; never modified (and never run: only its weights are read).
+        importance: a calibration of the parent (the subclone strategy and block choice need it).
+        budget: the target number of parameters.
+        batches: fixed validation batches (a few hundred tokens suffice to rank shapes).
+        depths_per_width, spread: as in ``candidate_shapes``.
+        seed: the seed of the random reference child.
+        progress: called with (children evaluated, children to evaluate) after each one.
+    """
+    candidates = candidate_shapes(parent_model, budget, depths_per_width=depths_per_width, spread=spread)
+    total = len(candidates) + 1
+    losses = []
+    for done, (shape, _) in enumerate(candidates, start=1):
+        child = subclone_model(parent_model, shape, importance=importance)
+        losses.append(evaluate(child.model, batches)["loss"])
+        del child  # one child in memory at a time
+        if progress:
+            progress(done, total)
+    # a random child's step-0 loss hardly depends on its shape (its logits are near zero: about ln(vocab)),
+    # so the cheapest shape to initialize stands for all of them
+    reference = min(candidates, key=lambda c: c[1])[0]
+    random_metrics = evaluate(subclone_model(parent_model, reference, strategy="random", seed=seed).model,
+                              batches)
+    if progress:
+        progress(total, total)
+    flags = pareto_flags([(params, loss) for (_, params), loss in zip(candidates, losses)])
+    points = [ShapePoint(shape, params, loss, flag)
+              for (shape, params), loss, flag in zip(candidates, losses, flags)]
+    return Exploration(budget=budget, points=points, random_shape=reference, random_metrics=random_metrics)
+
+
+def validation_sample(parent: Parent, data_id: str | None = None, tokens: int = EVAL_TOKENS) -> list[dict]:
+    """Fixed validation batches of about ``tokens`` tokens (for images: tokens / 64 images, at least one
+    batch) of a data set (None: the parent task's default), to compare shapes on."""
+    images = max(EVAL_BATCH, tokens // 64)
+    data = make_data(parent, data_id, "validation", seq_len=EVAL_SEQ_LEN, max_tokens=tokens, max_images=images)
+    return first_batches(data.batches(EVAL_BATCH), max(1, -(-len(data) // EVAL_BATCH)))

@@ -1,0 +1,70 @@
+"""`subclone explore`: child shapes near a parameter budget and their validation loss before training."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from subclone_core.analysis.explore import (
+    EVAL_TOKENS,
+    Exploration,
+    explore_shapes,
+    parse_param_count,
+    validation_sample,
+)
+from subclone_core.cli.commands._options import (
+    add_data_args,
+    add_parent_args,
+    placement_kwargs,
+    print_json,
+    require_positive,
+)
+from subclone_core.sources.parents import load_parent
+from subclone_core.workflow.children import measure_importance
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `explore` subcommand."""
+    p = sub.add_parser("explore", help="child shapes near a parameter budget, ranked by step-0 loss",
+                       description="Subclone a grid of child shapes (blocks x width) near a parameter budget, "
+                                   "measure each one's validation loss before training, mark the Pareto front "
+                                   "and compare with a randomly initialized child.")
+    add_parent_args(p)
+    p.add_argument("--params", required=True, metavar="N", help="parameter budget, e.g. 30M, 1.5B, 800k")
+    add_data_args(p)
+    p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, metavar="N",
+                   help=f"validation tokens each shape is scored on (default {EVAL_TOKENS})")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate, explore, print the grid (text table or JSON)."""
+    budget = parse_param_count(args.params)
+    require_positive("--calib-tokens", args.tokens)
+    require_positive("--eval-tokens", args.eval_tokens)
+    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                         **placement_kwargs(args))
+    importance = measure_importance(parent, args.data, tokens=args.tokens)
+    batches = validation_sample(parent, args.data, args.eval_tokens)
+    start = time.perf_counter()
+    result = explore_shapes(parent.model, importance, budget, batches)
+    seconds = round(time.perf_counter() - start, 2)
+    if args.json:
+        print_json({"parent": args.parent, **result.to_json(), "seconds": seconds})
+    else:
+        print(table(result))
+        print(f"{len(result.points)} shapes in {seconds} s; * marks the Pareto front (fewest parameters, lowest loss)")
+    return 0
+
+
+def table(result: Exploration) -> str:
+    """The grid as aligned text, one shape per line, and the random reference."""
+    lines = [f"{'blocks':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'ffn':>6} {'params':>9} {'step-0 loss':>11}"]
+    for point in result.points:
+        s = point.shape
+        lines.append(f"{s.layers:>6} {s.hidden:>6} {s.heads:>5} {s.kv_heads:>3} {s.ffn:>6} "
+                     f"{point.params / 1e6:>8.2f}M {point.loss:>11.3f}{' *' if point.pareto else ''}")
+    r = result.random_shape
+    lines.append(f"random init ({r.layers} x {r.hidden}): {result.random_loss:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""`subclone inspect`: measure neuron, head and block importance and write them to JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from subclone_core.cli.commands._options import (
+    add_data_args,
+    add_parent_args,
+    check_calib_tokens,
+    placement_kwargs,
+    require_positive,
+)
+from subclone_core.core.shape import Shape
+from subclone_core.io.atomic import FILE, building_file, claim_output
+from subclone_core.sources.parents import load_parent
+from subclone_core.training.metrics_log import json_safe
+from subclone_core.workflow.children import measure_importance
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="measure neuron, head and block importance on calibration data",
+                       description="Write per-layer importance scores and block statistics to a JSON file.")
+    add_parent_args(p)
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_positive("--calib-tokens", args.tokens)
+    with claim_output(args.out, overwrite=args.overwrite, kind=FILE) as out:  # a doomed write fails now
+        return inspect(args, out)
+
+
+def inspect(args: argparse.Namespace, out: Path) -> int:
+    """Calibrate the parent and write the report to the claimed --out file (whole, or not at all)."""
+    parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                         **placement_kwargs(args))
+    check_calib_tokens(parent, args.tokens)
+    importance = measure_importance(parent, args.data, tokens=args.tokens, grams=False)  # the JSON has none
+    report = {"parent": args.parent, "shape": Shape.of(parent.model.config).as_dict(), **importance.to_json()}
+    with building_file(out) as tmp:
+        tmp.write_text(json.dumps(json_safe(report), allow_nan=False))
+    rel = importance.rel_magnitude
+    print(f"wrote {out}: {importance.tokens} tokens; lowest relative magnitude at block "
+          f"{int(rel.argmin())} ({float(rel.min()):.3f}), highest at block {int(rel.argmax())} "
+          f"({float(rel.max()):.3f})")
+    return 0

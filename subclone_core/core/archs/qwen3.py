@@ -1,0 +1,18 @@
+"""Qwen3: the Llama layout plus per-head RMSNorms on queries and keys (sized head_dim, kept whole)."""
+
+from dataclasses import replace
+
+from subclone_core.core.archs.llama import ARCH as LLAMA
+from subclone_core.core.archs.spec import plain
+
+ARCH = replace(
+    LLAMA,
+    name="Qwen3",
+    model_types=("qwen3",),
+    block_params={
+        **LLAMA.block_params,
+        # normalizes each head's vector over head_dim, which never shrinks: every entry stays
+        "self_attn.q_norm.weight": plain("keep"),
+        "self_attn.k_norm.weight": plain("keep"),
+    },
+)

@@ -1,0 +1,342 @@
+"""Calibration: run the parent on data and measure neuron, head and block importance.
+
+Hooks keep running sums only (never activations), so memory is O(layers x width) whatever the
+number of tokens. Scores follow the paper: the mean |activation| over batch and tokens.
+
+With ``grams=True`` calibration also sums the Gram matrix x^T x of every linear layer's input, which a
+least-squares refit of the child needs (slicing.refit_input): O(layers x width^2) memory, float32, and only
+then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from subclone_core.core.archs import arch_for
+from subclone_core.core.archs.spec import ArchSpec
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Importance:
+    """Per-neuron, per-head and per-block statistics of a parent, from calibration.
+
+    Attributes:
+        residual_embed: (D,) mean |embedding output|, the input of the first block.
+        residual_attn: (L, D) mean |attention output projection| per block.
+        residual_ffn: (L, D) mean |FFN down projection| per block.
+        residual_block: (L, D) mean |block output| per block.
+        ffn: (L, F) mean |FFN hidden neuron| (input of the down projection).
+        heads: (L, H) mean |head output| (input of the attention output projection, per head).
+        rel_magnitude: (L,) mean over tokens of ||f(x)|| / ||x + f(x)||.
+        one_minus_cos: (L,) mean over tokens of 1 - cos(x, x + f(x)).
+        tokens: number of token positions measured.
+        data: a description of the calibration data.
+        residual_read: (D,) the residual stream as the model reads it: the mean |input| of every linear
+            layer that reads the stream (after the pre-norms), summed. None in results saved before it existed.
+        grams: module path -> (in, in) sum of x^T x over the tokens of that linear layer's input, divided by
+            the tokens; modules that read the same tensor (q, k and v) share one matrix under several names.
+            None unless calibration was asked for them.
+    """
+
+    residual_embed: Tensor
+    residual_attn: Tensor
+    residual_ffn: Tensor
+    residual_block: Tensor
+    ffn: Tensor
+    heads: Tensor
+    rel_magnitude: Tensor
+    one_minus_cos: Tensor
+    tokens: int
+    data: str = ""
+    residual_read: Tensor | None = None
+    grams: dict[str, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def residual(self) -> Tensor:
+        """(D,) the residual stream as written: the sum of the mean |x| of every output that joins the stream."""
+        return self.residual_embed + self.residual_attn.sum(0) + self.residual_ffn.sum(0) + self.residual_block.sum(0)
+
+    def residual_ranking(self, score: str) -> Tensor:
+        """(D,) the one shared ranking score of the residual stream: "written" (the outputs that join it, the
+        paper's) or "read" (the inputs of the layers that read it, after the pre-norms)."""
+        if score == "written":
+            return self.residual
+        if score != "read":
+            raise SubcloneError(f"unknown residual score {score!r}; valid: {', '.join(RESIDUAL_SCORES)}")
+        if self.residual_read is None:
+            raise SubcloneError("this importance has no 'read' residual scores (measured by an older version); "
+                                "calibrate again, or use the residual score 'written'")
+        return self.residual_read
+
+    def to_json(self) -> dict:
+        """A plain-JSON dict (lists of floats); the Gram matrices are not saved."""
+        out = {name: getattr(self, name).tolist() for name in _TENSOR_FIELDS}
+        out.update(residual=self.residual.tolist(), tokens=self.tokens, data=self.data)
+        if self.residual_read is not None:
+            out["residual_read"] = self.residual_read.tolist()
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Importance:
+        tensors = {name: torch.tensor(obj[name], dtype=torch.float64) for name in _TENSOR_FIELDS}
+        read = obj.get("residual_read")
+        return cls(**tensors, tokens=int(obj["tokens"]), data=obj.get("data", ""),
+                   residual_read=None if read is None else torch.tensor(read, dtype=torch.float64))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Importance:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+RESIDUAL_SCORES = ("read", "written")
+_TENSOR_FIELDS = ("residual_embed", "residual_attn", "residual_ffn", "residual_block", "ffn", "heads",
+                  "rel_magnitude", "one_minus_cos")
+
+
+@dataclass
+class _Sums:
+    """Running sums, float64, on one accumulator device (the CPU), wherever the modules run: a parent spread
+    over GPUs or offloaded to disk adds into the same sums, in the same order, as one on a single device."""
+
+    shape: Shape
+    device: torch.device
+    tokens: int = 0
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    grams: dict[str, Tensor] | None = None  # module path -> sum of x^T x (float32), when asked for
+    gram_alias: dict[str, str] = field(default_factory=dict)  # module path -> path whose matrix it shares
+
+    def __post_init__(self) -> None:
+        s, z = self.shape, lambda *size: torch.zeros(*size, dtype=torch.float64, device=self.device)
+        self.sums = {
+            "residual_embed": z(s.hidden), "residual_read": z(s.hidden), "residual_attn": z(s.layers, s.hidden),
+            "residual_ffn": z(s.layers, s.hidden), "residual_block": z(s.layers, s.hidden),
+            "ffn": z(s.layers, s.ffn), "heads": z(s.layers, s.heads * s.head_dim),
+            "rel_magnitude": z(s.layers), "one_minus_cos": z(s.layers),
+        }
+
+    def add(self, name: str, layer: int | None, value: Tensor) -> None:
+        target = self.sums[name] if layer is None else self.sums[name][layer]
+        target += value.to(self.device, torch.float64)
+
+    def add_gram(self, name: str, x: Tensor) -> None:
+        """Add x^T x of (N, in) rows to the module's Gram matrix (computed where x is, summed on the CPU)."""
+        x = x.float()
+        gram = (x.T @ x).to(self.device)
+        if name in self.grams:
+            self.grams[name] += gram
+        else:
+            self.grams[name] = gram
+
+    def result(self, data: str) -> Importance:
+        n = max(self.tokens, 1)
+        mean = {k: (v / n).cpu() for k, v in self.sums.items()}
+        heads = mean.pop("heads").view(self.shape.layers, self.shape.heads, self.shape.head_dim).mean(-1)
+        grams = None
+        if self.grams is not None:
+            means = {k: v / n for k, v in self.grams.items()}
+            grams = {**means, **{alias: means[owner] for alias, owner in self.gram_alias.items()}}
+        return Importance(**mean, heads=heads, tokens=self.tokens, data=data, grams=grams)
+
+
+class _Recorder:
+    """Forward hooks that add each batch's statistics to running sums; the mask marks real tokens."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec, sums: _Sums) -> None:
+        self.model, self.arch, self.sums = model, arch, sums
+        self.mask: Tensor | None = None  # (B, T) bool, None when every position is a real token
+        self.handles: list = []
+        self.seen: dict[tuple, tuple[str, Tensor]] = {}  # input tensors of this block's linear layers
+
+    def valid(self, x: Tensor) -> Tensor:
+        """Flatten (B, T, ...) to (N, ...) real-token rows."""
+        return x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask.to(x.device)]
+
+    def abs_sum(self, x: Tensor) -> Tensor:
+        return self.valid(x).abs().sum(0, dtype=torch.float32)
+
+    def attach(self) -> None:
+        blocks = self.model.get_submodule(self.arch.blocks)
+        global_readers, block_readers = self.arch.residual_readers
+        for i, block in enumerate(blocks):
+            self.handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
+            # heads and FFN neurons are the inputs of the output projections; the residual outputs are
+            # what joins the residual stream (after a post-norm where the family has one)
+            for path, name in ((self.arch.attn_out, "heads"), (self.arch.ffn_down, "ffn")):
+                self._hook(block.get_submodule(path), self._input_hook(i, name))
+            for path, name in ((self.arch.attn_residual, "residual_attn"), (self.arch.ffn_residual, "residual_ffn")):
+                self._hook(block.get_submodule(path), self._output_hook(i, name))
+            for path in block_readers:
+                self._hook(block.get_submodule(path), self._input_hook(None, "residual_read"))
+        for path in global_readers:
+            if (module := _submodule(self.model, path)) is not None:
+                self._hook(module, self._input_hook(None, "residual_read"))
+        if self.sums.grams is not None:
+            self._attach_grams(blocks)
+
+    def _attach_grams(self, blocks: nn.ModuleList) -> None:
+        """A Gram hook on every linear layer. Layers of one block that read the same tensor (q, k, v; gate, up)
+        share one matrix: the tensors seen in a block are held until the next block starts, so a later input
+        can never reuse a held one's memory and be mistaken for it."""
+        global_paths, block_paths = self.arch.linear_modules
+        for i, block in enumerate(blocks):
+            self.handles.append(block.register_forward_pre_hook(lambda *_: self.seen.clear()))
+            for path in block_paths:
+                self._hook(block.get_submodule(path), self._gram_hook(f"{self.arch.blocks}.{i}.{path}"))
+        for path in global_paths:
+            if (module := _submodule(self.model, path)) is not None:
+                self._hook(module, self._gram_hook(path))
+
+    def _gram_hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            owner = self.seen.get(key, (None, None))[0]
+            if owner is None:
+                self.seen[key] = (name, x)  # held: see _attach_grams
+                self.sums.add_gram(name, self.valid(x))
+            elif owner != name:
+                self.sums.gram_alias[name] = owner
+        return hook
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, module: nn.Module, hook) -> None:
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _input_hook(self, layer: int | None, name: str):
+        def hook(module, args, output):
+            self.sums.add(name, layer, self.abs_sum(args[0]))
+        return hook
+
+    def _output_hook(self, layer: int, name: str):
+        def hook(module, args, output):
+            self.sums.add(name, layer, self.abs_sum(output))
+        return hook
+
+    def _block_hook(self, layer: int):
+        # f(x) = block(x) - x is what the block adds to the residual stream, whatever happens inside it
+        # (pre-norms, post-norms as in OLMo 2 and Gemma 3, or GPT-NeoX's parallel attention and FFN)
+        def hook(module, args, kwargs, output):
+            y = output[0] if isinstance(output, tuple) else output
+            # the hook sees the input as the caller passed it: under a device map, before accelerate moved it
+            x = (args[0] if args else kwargs["hidden_states"]).to(y.device)
+            if layer == 0:
+                self.sums.add("residual_embed", None, self.abs_sum(x))
+                self.sums.tokens += self.valid(x).shape[0]
+            self.sums.add("residual_block", layer, self.abs_sum(y))
+            x, y = self.valid(x).float(), self.valid(y).float()  # (N, D)
+            rel = (y - x).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
+            cos = nn.functional.cosine_similarity(x, y, dim=-1)
+            self.sums.add("rel_magnitude", layer, rel.sum())
+            self.sums.add("one_minus_cos", layer, (1 - cos).sum())
+        return hook
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted path, or None where this model has none (a table lists every variant's modules)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, sums: _Sums) -> Iterator[_Recorder]:
+    """Attach the hooks for the duration of the block and always remove them."""
+    recorder = _Recorder(model, arch_for(model.config.model_type), sums)
+    try:
+        recorder.attach()
+        yield recorder
+    finally:
+        recorder.detach()
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device of its first placed module when accelerate spread it over
+    devices (hf_device_map; "disk" runs on the CPU), else the device of its first parameter."""
+    placement = getattr(model, "hf_device_map", None)
+    if placement:
+        first = next(iter(placement.values()))
+        return torch.device("cpu" if first == "disk" else f"cuda:{first}" if isinstance(first, int) else first)
+    return next(model.parameters()).device
+
+
+def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
+    """Forward kwargs that turn off the KV cache where the model's forward takes `use_cache`.
+
+    A forward pass over whole sequences (calibration, evaluation, training) never reuses keys and values,
+    and building the cache costs memory; image models have no such argument.
+    """
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+def real_token_mask(batch: dict[str, Tensor]) -> Tensor | None:
+    """The (B, T) bool mask of real tokens, or None when every position is real (image models, no padding)."""
+    mask = batch.get("attention_mask")
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.bool()
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    max_tokens: int | None = None,
+    progress: Progress | None = None,
+    data: str = "",
+    grams: bool = False,
+) -> Importance:
+    """Measure importance on calibration batches, on the model's own devices and dtype.
+
+    A model placed by accelerate (several GPUs, CPU offload, disk offload) is measured the same way: each hook
+    reduces its values where they are computed and adds them into float64 sums on the CPU, so the same dtype
+    on one device, split over devices, or offloaded gives the same kept indices.
+
+    Args:
+        model: the parent; it is not modified (hooks are removed on exit, even on error).
+        batches: dicts of model inputs: input_ids and attention_mask, or pixel_values.
+        max_tokens: stop once this many token positions were seen (for a ViT every patch and the
+            cls token of every image count).
+        progress: called with (token positions done, max_tokens or 0) after each batch.
+        data: a description of the data, kept in the result.
+        grams: also record the Gram matrix of every linear layer's input (for a least-squares refit).
+    """
+    device = input_device(model)
+    sums = _Sums(Shape.of(model.config), torch.device("cpu"), grams={} if grams else None)
+    extra = no_cache_kwargs(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with recording(model, sums) as recorder:
+            for batch in batches:
+                mask = real_token_mask(batch)
+                recorder.mask = None if mask is None else mask.to(device)
+                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, **extra)
+                recorder.seen.clear()
+                if progress:
+                    progress(sums.tokens, max_tokens or 0)
+                if max_tokens and sums.tokens >= max_tokens:
+                    break
+    finally:
+        model.train(was_training)
+    return sums.result(data)

@@ -1,0 +1,1 @@
+"""Files and devices: atomic writes, output claims, model folders, streaming, GGUF export, placement."""

@@ -1,0 +1,542 @@
+"""Export a child folder to one GGUF file for llama.cpp, Ollama and LM Studio, and check it reads back.
+
+Everything GGUF-specific comes from the `gguf` package (llama.cpp's own Python library): the writer, the
+tensor-name maps, the metadata key names, the special-token reader and the Q8_0 quantizer. This module
+adds one small table per family (`FAMILIES`: the llama.cpp architecture, which config value goes under
+which metadata key, and the few tensor layout changes llama.cpp expects) and generic code that reads it.
+
+A family is exportable when the gguf package maps its tensors AND transformers' GGUF loader can read the
+file back, so that every export can be verified without llama.cpp (`verify_gguf`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from subclone_core.core.archs import arch_for
+from subclone_core.core.errors import SubcloneError
+from subclone_core.io.atomic import building_file
+from subclone_core.io.saving import MANIFEST_NAME
+
+K = gguf.Keys.LLM
+A = gguf.Keys.Attention
+R = gguf.Keys.Rope
+
+
+def _rope_theta(config) -> float:
+    """The rotary base, from `rope_parameters` (transformers 5) or a flat `rope_theta`."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params:  # per-layer-type settings (Gemma 3): the global layers' base
+        params = params["full_attention"]
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rotary_dims(config) -> int:
+    """Rotated dimensions per head: all of them unless a partial rotary factor says otherwise."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return int(_head_dim(config) * params.get("partial_rotary_factor", 1.0))
+
+
+Getter = Callable[[object], "int | float | None"]
+
+# config values every rotary decoder family states the same way (GGUF key template -> value)
+ROTARY_DECODER: dict[str, Getter] = {
+    K.CONTEXT_LENGTH: lambda c: c.max_position_embeddings,
+    K.EMBEDDING_LENGTH: lambda c: c.hidden_size,
+    K.BLOCK_COUNT: lambda c: c.num_hidden_layers,
+    K.FEED_FORWARD_LENGTH: lambda c: c.intermediate_size,
+    K.VOCAB_SIZE: lambda c: c.vocab_size,
+    A.HEAD_COUNT: lambda c: c.num_attention_heads,
+    A.HEAD_COUNT_KV: lambda c: c.num_key_value_heads,
+    A.KEY_LENGTH: _head_dim,
+    A.VALUE_LENGTH: _head_dim,
+    A.LAYERNORM_RMS_EPS: lambda c: c.rms_norm_eps,
+    R.FREQ_BASE: _rope_theta,
+    R.DIMENSION_COUNT: _rotary_dims,
+}
+
+GPT2_METADATA: dict[str, Getter] = {
+    K.CONTEXT_LENGTH: lambda c: c.n_positions,
+    K.EMBEDDING_LENGTH: lambda c: c.n_embd,
+    K.BLOCK_COUNT: lambda c: c.n_layer,
+    K.FEED_FORWARD_LENGTH: lambda c: c.n_inner or 4 * c.n_embd,  # None means 4 x width in GPT-2
+    K.VOCAB_SIZE: lambda c: c.vocab_size,
+    A.HEAD_COUNT: lambda c: c.n_head,
+    A.LAYERNORM_EPS: lambda c: c.layer_norm_epsilon,
+}
+
+
+@dataclass(frozen=True)
+class GgufFamily:
+    """What llama.cpp calls a family and how its file differs from the Hugging Face checkpoint."""
+
+    arch: gguf.MODEL_ARCH
+    metadata: dict[str, Getter]
+    # llama.cpp's LLAMA rope rotates adjacent pairs (2i, 2i+1), HF rotates halves (i, i + d/2): these
+    # tensors' rows are interleaved per head (transformers' GGUF loader undoes it for arch "llama")
+    rotary_interleave: dict[str, Callable[[object], int]] = field(default_factory=dict)
+    transposed: tuple[str, ...] = ()  # GPT-2's Conv1D stores (in, out); GGUF wants (out, in)
+    extra: dict[str, Getter] = field(default_factory=dict)
+    # what llama.cpp assumes and the file cannot say: {description: check}; a child that breaks one is refused
+    requires: dict[str, Callable[[object], bool]] = field(default_factory=dict)
+
+
+LLAMA_ROTARY = {"attn_q": lambda c: c.num_attention_heads, "attn_k": lambda c: c.num_key_value_heads}
+
+FAMILIES: dict[str, GgufFamily] = {
+    "llama": GgufFamily(gguf.MODEL_ARCH.LLAMA, ROTARY_DECODER, rotary_interleave=LLAMA_ROTARY),
+    # llama.cpp runs Mistral as "llama" (its sliding window equals full attention up to the window)
+    "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, ROTARY_DECODER, rotary_interleave=LLAMA_ROTARY),
+    "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, ROTARY_DECODER),
+    "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, ROTARY_DECODER),
+    "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, ROTARY_DECODER,
+                       extra={A.SLIDING_WINDOW: lambda c: c.sliding_window}),
+    "gemma3_text": GgufFamily(gguf.MODEL_ARCH.GEMMA3, ROTARY_DECODER,
+                              extra={A.SLIDING_WINDOW: lambda c: c.sliding_window},
+                              requires={"query_pre_attn_scalar == head_dim":
+                                        lambda c: c.query_pre_attn_scalar == _head_dim(c)}),
+    "gpt2": GgufFamily(gguf.MODEL_ARCH.GPT2, GPT2_METADATA,
+                       transposed=("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")),
+}
+
+# families the gguf package maps but transformers' GGUF loader cannot read back: refused, with the reason
+NOT_READ_BACK = ("smollm3", "olmo2", "gpt_neox")
+
+QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+          "q8_0": gguf.GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+@dataclass
+class ExportResult:
+    """What `export_gguf` wrote."""
+
+    path: Path
+    arch: str
+    qtype: str
+    bytes: int
+    tensors: int
+    seconds: float
+    fallback_f16: list[str] = field(default_factory=list)  # q8_0 tensors whose rows are not 32-aligned
+
+    def as_dict(self) -> dict:
+        return {"path": str(self.path), "arch": self.arch, "type": self.qtype, "bytes": self.bytes,
+                "tensors": self.tensors, "seconds": round(self.seconds, 2), "fallback_f16": self.fallback_f16}
+
+
+def exportable_model_types() -> list[str]:
+    """The config.model_type values `export_gguf` writes."""
+    return sorted(FAMILIES)
+
+
+def family_for(model_type: str) -> GgufFamily:
+    """The family table for a model_type, or a one-line error listing the exportable ones."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    why = (" (llama.cpp reads it, but transformers' GGUF loader cannot read it back to verify the file)"
+           if model_type in NOT_READ_BACK else "")
+    raise SubcloneError(f"cannot export model_type={model_type!r} to GGUF{why}; "
+                        f"exportable: {', '.join(exportable_model_types())}")
+
+
+def export_gguf(model_dir: str | Path, out_path: str | Path, *, qtype: str = "f32",
+                overwrite: bool = False) -> ExportResult:
+    """Write a child folder as one GGUF file, atomically.
+
+    Args:
+        model_dir: a Hugging Face causal-LM folder (config.json, model.safetensors, tokenizer.json).
+        out_path: the `.gguf` file to write.
+        qtype: "f32", "f16" or "q8_0" for the matrices (norms and biases stay float32, as llama.cpp does).
+        overwrite: replace an existing file.
+
+    Returns:
+        What was written: path, size, tensor count, seconds.
+
+    Raises:
+        SubcloneError: unknown type, unsupported family or tokenizer, or an existing output without overwrite.
+    """
+    start = time.perf_counter()
+    if qtype not in QTYPES:
+        raise SubcloneError(f"type={qtype!r} is not a GGUF export type; use one of {', '.join(QTYPES)}")
+    out = _check_output_path(out_path, overwrite=overwrite)
+    model, family = load_child(model_dir)
+    writer_ref: dict = {}
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch])
+        writer_ref["fallback"] = _write_model(writer, family, model, Path(model_dir), qtype)
+        writer_ref["tensors"] = len(writer.tensors[0])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    _write_atomically(out, write, overwrite=overwrite)
+    return ExportResult(out, gguf.MODEL_ARCH_NAMES[family.arch], qtype, out.stat().st_size,
+                        writer_ref["tensors"], time.perf_counter() - start, writer_ref["fallback"])
+
+
+def load_child(model_dir: str | Path):
+    """The child in float32 and its family table; never runs code shipped with the folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise SubcloneError(f"model folder {str(path)!r} has no config.json; give a folder saved by "
+                            "`subclone make` or `save_pretrained`")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    family = family_for(config.model_type)
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type != "default":  # scaled rope needs extra tensors and keys this exporter does not write
+        raise SubcloneError(f"cannot export rope_type={rope_type!r} to GGUF; only rope_type='default' is supported")
+    for rule, holds in family.requires.items():
+        if not holds(config):
+            raise SubcloneError(f"cannot export this {config.model_type} child to GGUF: llama.cpp assumes {rule}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
+                                                 use_safetensors=True)
+    return model.eval(), family
+
+
+def _check_output_path(out_path: str | Path, *, overwrite: bool) -> Path:
+    out = Path(out_path)
+    if out.suffix != ".gguf":
+        raise SubcloneError(f"output {str(out)!r} does not end in .gguf; give a path like child.gguf")
+    if out.is_dir():
+        raise SubcloneError(f"output {str(out)!r} is a folder; give a file path like {out / 'child.gguf'}")
+    if out.exists() and not overwrite:
+        raise SubcloneError(f"output {str(out)!r} exists; choose a new path or pass --overwrite")
+    return out
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bool) -> None:
+    """Claim `out` (so a second export cannot take it), then write it whole (io.atomic.building_file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    claimed = False
+    if not out.exists():
+        try:
+            os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            claimed = True
+        except FileExistsError:
+            raise SubcloneError(f"output {str(out)!r} was just created by someone else; choose a new path") from None
+    elif not overwrite:
+        raise SubcloneError(f"output {str(out)!r} exists; choose a new path or pass --overwrite")
+    try:
+        with building_file(out) as tmp:
+            write(tmp)
+    except BaseException:
+        if claimed:
+            out.unlink(missing_ok=True)
+        raise
+
+
+def _write_model(writer: gguf.GGUFWriter, family: GgufFamily, model, model_dir: Path, qtype: str) -> list[str]:
+    """Metadata, tokenizer and tensors into the writer; returns the tensors that fell back to f16."""
+    _add_metadata(writer, family, model.config)
+    _add_general(writer, model_dir, qtype)
+    add_tokenizer(writer, model_dir, model.config.vocab_size)
+    return _add_tensors(writer, family, model, qtype)
+
+
+def _add_metadata(writer: gguf.GGUFWriter, family: GgufFamily, config) -> None:
+    """The family's config values under llama.cpp's key names; a value the config lacks is left out."""
+    arch = writer.arch
+    for template, getter in {**family.metadata, **family.extra}.items():
+        try:
+            value = getter(config)
+        except AttributeError:
+            continue
+        if value is None:
+            continue
+        key = template.format(arch=arch)
+        if isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, int(value))
+
+
+def _add_general(writer: gguf.GGUFWriter, model_dir: Path, qtype: str) -> None:
+    """Name, file type and the subclone manifest's key facts (parent, strategy, shape) in general.*."""
+    # never a bare word: transformers' reader takes a general.name of exactly "mistral" as an architecture
+    writer.add_name(f"{model_dir.resolve().name} (subclone export)")
+    writer.add_file_type(FILE_TYPES[qtype])
+    if qtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    manifest_path = model_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return
+    manifest = json.loads(manifest_path.read_text())
+    for key, value in manifest_facts(manifest).items():
+        writer.add_string(f"general.subclone.{key}", value)
+    parent = manifest.get("parent", {})
+    writer.add_base_model_count(1)
+    writer.add_base_model_name(0, str(parent.get("label") or parent.get("id", "unknown")))
+    writer.add_description(f"Subcloned from {parent.get('id', '?')} ({manifest.get('strategy', '?')}) "
+                           f"by subclone {manifest.get('library_version', '?')}")
+
+
+def manifest_facts(manifest: dict) -> dict[str, str]:
+    """The manifest's key facts as strings (the kept-index lists stay in subclone.json: too long)."""
+    parent = manifest.get("parent", {})
+    facts = {"parent": parent.get("id"), "parent_label": parent.get("label"),
+             "parent_sha256": parent.get("weights_sha256") or parent.get("sha256"),
+             "strategy": manifest.get("strategy"), "order": manifest.get("order"), "drop": manifest.get("drop"),
+             "scale": manifest.get("scale"), "removed_blocks": manifest.get("removed_blocks"),
+             "child_shape": (manifest.get("child") or {}).get("shape"),
+             "calibration": manifest.get("calibration"), "library_version": manifest.get("library_version"),
+             "created": manifest.get("created")}
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items() if v is not None}
+
+
+# ---- tensors ---------------------------------------------------------------------------------------
+
+
+def _add_tensors(writer: gguf.GGUFWriter, family: GgufFamily, model, qtype: str) -> list[str]:
+    """Every parameter under its GGUF name, in the requested type; returns the q8_0 -> f16 fallbacks."""
+    config = model.config
+    name_map = gguf.get_tensor_name_map(family.arch, _block_count(config))
+    state = model.state_dict()
+    fallback = []
+    for hf_name, tensor in state.items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reuses token_embd when the file has no output.weight
+        name = _gguf_name(name_map, hf_name)
+        data = _to_llama_cpp_layout(family, config, name, tensor.detach().to(torch.float32).numpy())
+        data, raw_type, fell_back = _encode(data, qtype)
+        if fell_back:
+            fallback.append(name)
+        writer.add_tensor(name, data, raw_dtype=raw_type)
+    return fallback
+
+
+def _block_count(config) -> int:
+    return getattr(config, "num_hidden_layers", None) or config.n_layer
+
+
+def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`, or an error naming the tensor."""
+    name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:  # nothing is dropped silently: a tensor the map does not know stops the export
+        raise SubcloneError(f"tensor {hf_name!r} has no GGUF name in the gguf package's map for this family")
+    return name
+
+
+def _to_llama_cpp_layout(family: GgufFamily, config, name: str, data: np.ndarray) -> np.ndarray:
+    """The family's layout changes: Conv1D transposed, rotary rows interleaved, norms stored as offsets
+    (Gemma's (offset + w) x, from its architecture table) written as the factor llama.cpp multiplies by."""
+    leaf = name.split(".", 2)[-1] if name.startswith("blk.") else name
+    if leaf in family.transposed:
+        data = np.ascontiguousarray(data.T)
+    role = leaf.rsplit(".", 1)[0]
+    if role in family.rotary_interleave:
+        data = interleave_rotary_halves(data, family.rotary_interleave[role](config))
+    offset = arch_for(config.model_type).norm_offset
+    if offset and leaf.endswith("norm.weight"):
+        data = data + np.float32(offset)
+    return data
+
+
+def interleave_rotary_halves(data: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder each head's rows from (first half, second half) to interleaved pairs.
+
+    HF's rotary embedding pairs dimension i with i + d/2; llama.cpp's LLAMA rope pairs 2i with 2i+1.
+    Row j of half h goes to row 2j + h, so the same rotation applies to the same pair of values.
+    """
+    shape = data.shape
+    head_dim = shape[0] // heads
+    halves = data.reshape(heads, 2, head_dim // 2, *shape[1:])  # (H, half, Dh/2, in)
+    return np.ascontiguousarray(halves.swapaxes(1, 2).reshape(shape))  # (H, Dh/2, half, in) -> rows
+
+
+def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType, bool]:
+    """(bytes or values, GGML type, fell back to f16): vectors stay float32, as llama.cpp's converter does."""
+    if data.ndim == 1 or qtype == "f32":
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32, False
+    if qtype == "f16":
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16, False
+    try:
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(data.astype(np.float32), q8), q8, False
+    except gguf.QuantError:  # rows not a multiple of Q8_0's 32-value block
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16, True
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------
+
+# llama.cpp names the pre-tokenizer (the regex split before BPE); the key is the tokenizer.json
+# pre_tokenizer with its irrelevant flags removed. Unknown ones are refused rather than guessed.
+_GPT2_REGEX = {"type": "ByteLevel", "use_regex": True}
+PRE_TOKENIZERS: dict[str, str] = {
+    json.dumps(_GPT2_REGEX, sort_keys=True): "gpt-2",
+    json.dumps({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                      _GPT2_REGEX]}, sort_keys=True): "smollm",
+}
+_SPLIT_NAMES = {"llama-bpe": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}",
+                "qwen2": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|"}
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+    """Vocabulary, merges, special tokens and chat template from the child's tokenizer.json.
+
+    Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) becomes llama.cpp's "gpt2" model; BPE with byte
+    fallback (Llama 2, Mistral, Gemma: SentencePiece converted by transformers) becomes its "llama" model.
+    """
+    tok_json = _read_tokenizer_json(model_dir)
+    kind = _tokenizer_kind(tok_json)
+    tokens, types = _token_table(tok_json, vocab_size, byte_tokens=kind == "llama")
+    writer.add_tokenizer_model(kind)
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json) if kind == "gpt2" else "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if kind == "llama":
+        writer.add_token_scores(_merge_rank_scores(tok_json, tokens))
+        writer.add_add_space_prefix(_prepends_space(tok_json))
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token.update(_adds_special(model_dir))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _read_tokenizer_json(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise SubcloneError(f"model folder {str(model_dir)!r} has no tokenizer.json; GGUF export needs the "
+                            "fast tokenizer that `subclone make` saves with the child")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _tokenizer_kind(tok_json: dict) -> str:
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise SubcloneError(f"tokenizer model {model.get('type')!r} cannot be exported to GGUF; "
+                            "supported: BPE (byte-level or with byte fallback)")
+    if model.get("byte_fallback"):
+        return "llama"
+    if (tok_json.get("decoder") or {}).get("type") == "ByteLevel":
+        return "gpt2"
+    raise SubcloneError("BPE tokenizer is neither byte-level nor byte-fallback; cannot export it to GGUF")
+
+
+def _pre_tokenizer_name(tok_json: dict) -> str:
+    pre = tok_json.get("pre_tokenizer") or {}
+    key = json.dumps(_strip_flags(pre), sort_keys=True)
+    if key in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[key]
+    text = json.dumps(pre)
+    for name, regex_start in _SPLIT_NAMES.items():
+        if json.dumps(regex_start)[1:-1] in text:
+            return name
+    raise SubcloneError(f"pre-tokenizer {text[:120]} has no llama.cpp name known here; "
+                        f"known: {', '.join(sorted({*PRE_TOKENIZERS.values(), *_SPLIT_NAMES}))}")
+
+
+def _strip_flags(node):
+    """Keep what changes the split (types, regexes, digit rules); drop offset and prefix-space flags."""
+    if isinstance(node, list):
+        return [_strip_flags(n) for n in node]
+    if isinstance(node, dict):
+        return {k: _strip_flags(v) for k, v in node.items()
+                if k not in ("add_prefix_space", "trim_offsets", "prepend_scheme")}
+    return node
+
+
+def _token_table(tok_json: dict, vocab_size: int, *, byte_tokens: bool) -> tuple[list[str], list[int]]:
+    """Tokens by id (model vocab + added tokens, padded to the model's vocab size) and their GGUF types."""
+    by_id: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in tok_json["model"]["vocab"].items()}
+    for added in tok_json.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], kind)
+    if by_id and max(by_id) >= vocab_size:
+        raise SubcloneError(f"tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))  # llama.cpp's filler name
+        if byte_tokens and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            kind = gguf.TokenType.BYTE
+        tokens.append(token)
+        types.append(int(kind))
+    return tokens, types
+
+
+def _merge_rank_scores(tok_json: dict, tokens: list[str]) -> list[float]:
+    """SentencePiece scores from BPE merge order: llama.cpp's "llama" tokenizer merges highest score first."""
+    rank = {}
+    for i, merge in enumerate(tok_json["model"].get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, i)
+    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+
+
+def _prepends_space(tok_json: dict) -> bool:
+    """Whether the tokenizer adds a leading "▁" (Metaspace or a Prepend normalizer)."""
+    text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")])
+    return '"Prepend"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text)
+
+
+def _adds_special(model_dir: Path) -> dict[str, bool]:
+    """Whether the child's own tokenizer adds BOS/EOS, measured rather than parsed from its files."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return {"bos": tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id],
+            "eos": tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]}
+
+
+# ---- verification without llama.cpp ----------------------------------------------------------------
+
+SAMPLE_TEXT = ("The river rises in the hills north of the town and flows 42 km to the sea. In 1887 a stone "
+               "bridge replaced the old ferry; it still carries the main road today. Fishing, farming and, "
+               "since the 1990s, tourism are the local economy's mainstays.")
+
+
+def verify_gguf(model_dir: str | Path, gguf_path: str | Path, *, text: str = SAMPLE_TEXT) -> dict:
+    """Read the file back with transformers' own GGUF loader and compare it with the child.
+
+    Returns:
+        `max_rel_logit_diff`: max |logits_gguf - logits_child| / max |logits_child| on `text`;
+        `max_abs_logit_diff`; `tokens`: how many tokens `text` encodes to; `same_token_ids`: whether the
+        tokenizer rebuilt from the GGUF encodes `text` to the child tokenizer's ids.
+    """
+    from transformers import AutoTokenizer
+
+    model, _ = load_child(model_dir)
+    child_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    gguf_tok = _load_gguf(AutoTokenizer, gguf_path)
+    ids = child_tok(text, return_tensors="pt")["input_ids"]
+    back = _load_gguf(_causal_lm_class(), gguf_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        got = back(input_ids=ids).logits
+    diff = (got - expected).abs().max().item()
+    return {"max_rel_logit_diff": diff / expected.abs().max().item(), "max_abs_logit_diff": diff,
+            "tokens": ids.shape[1], "same_token_ids": gguf_tok(text)["input_ids"] == ids[0].tolist()}
+
+
+def _causal_lm_class():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def _load_gguf(auto_class, gguf_path: str | Path, **kwargs):
+    """`from_pretrained(folder, gguf_file=name)`, with transformers' refusal turned into a one-line error."""
+    path = Path(gguf_path).resolve()
+    try:
+        return auto_class.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SubcloneError(f"transformers could not read {str(path)!r} back: {first}") from err

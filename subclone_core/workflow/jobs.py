@@ -1,0 +1,213 @@
+"""One training path for the command line and the app: which candidates, built how, on how much data.
+
+`subclone compare`, `subclone train` and the app's Train page all come here: the same request builds the
+same children (one block rule, below), reads the same data budget, and runs on the same engine.
+
+The block rule: every candidate taken from the parent removes blocks by the request's policy (`--drop`,
+or the Blocks page's choice); without one, each strategy uses its own default, except first-k. first-k is
+the paper's no-reordering ablation of subclone (Fig. 14), so it always takes the blocks subclone takes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from subclone_core.core.calibration import Importance, Progress
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import DEFAULT_DROP, STRATEGIES, Child, needs_calibration
+from subclone_core.sources import Parent, make_data
+from subclone_core.training.config import Candidate, TrainConfig
+from subclone_core.training.sweep import LrGrid, check_lr_sweep, sweep_runs
+from subclone_core.workflow.children import CALIB_TOKENS, make_child, measure_importance
+
+BASELINE = "random"  # random init: the speedup's reference
+DISTILL = "subclone+distill"  # the subcloned child trained with the parent as its teacher
+CANDIDATES = (*STRATEGIES, DISTILL)
+
+Drop = str | list[int] | None
+
+
+@dataclass(frozen=True)
+class CandidateSettings:
+    """How to build the candidates of one run (the shape is given separately).
+
+    Attributes:
+        names: candidate names, from CANDIDATES, in order.
+        drop: the block policy ("magnitude", "middle", "first" or parent blocks to drop); None: defaults.
+        scale: sqrt(fan-in) weight scaling; None: the family's default.
+        untie_head: give a tied parent's child its own scaled head.
+        residual_score, refit: the residual ranking and the least-squares refit (strategies.subclone_model);
+            None: the family's defaults.
+        seed: seed of random init (and the data order, in TrainConfig).
+        data_id: calibration data (None: the task's default).
+        calib_tokens: calibration budget.
+        distill_alpha, distill_temperature: the distillation loss of subclone+distill.
+        lr, weight_decay: per-candidate overrides of the strategies' defaults.
+        lr_sweep: candidate -> the peak learning rates it is trained at, one run each (training.sweep);
+            a candidate swept takes no ``lr`` override.
+    """
+
+    names: tuple[str, ...]
+    drop: Drop = None
+    scale: bool | None = None
+    untie_head: bool = False
+    residual_score: str | None = None
+    refit: bool | None = None
+    seed: int = 0
+    data_id: str | None = None
+    calib_tokens: int = CALIB_TOKENS
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    lr: Mapping[str, float] = field(default_factory=dict)
+    weight_decay: Mapping[str, float] = field(default_factory=dict)
+    lr_sweep: LrGrid = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Refuse unknown or repeated names and a bad distillation setting, before any work."""
+        if not self.names:
+            raise SubcloneError(f"no candidates; valid: {', '.join(CANDIDATES)}")
+        for name in self.names:
+            if name not in CANDIDATES:
+                raise SubcloneError(f"unknown strategy {name!r}; valid: {', '.join(CANDIDATES)}")
+            if self.names.count(name) > 1:
+                raise SubcloneError(f"strategy {name!r} is listed twice")
+        for flag, values in (("--lr", self.lr), ("--wd", self.weight_decay)):
+            for name in values:
+                if name not in self.names:
+                    raise SubcloneError(f"{flag}: {name!r} is not a candidate; candidates: {', '.join(self.names)}")
+        check_lr_sweep(self.lr_sweep, self.names)
+        both = [name for name in self.lr_sweep if name in self.lr]
+        if both:
+            raise SubcloneError(f"{both[0]!r} has a learning rate and a learning-rate sweep; give it only one")
+        if DISTILL in self.names:
+            Candidate(DISTILL, None, distill_alpha=self.distill_alpha,
+                      distill_temperature=self.distill_temperature).validate()
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """The candidate names of a comma-separated list such as "subclone,random" (checked by validate)."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise SubcloneError(f"the list of strategies is empty; valid: {', '.join(CANDIDATES)}")
+    return names
+
+
+def base_strategy(name: str) -> str:
+    """The strategy that builds a candidate's initial weights."""
+    return "subclone" if name == DISTILL else name
+
+
+def block_policy(strategy: str, drop: Drop) -> Drop:
+    """The block rule of the module docstring: random init has no blocks to choose; first-k takes the
+    blocks subclone takes; every other strategy takes the request's policy, or its own default."""
+    if strategy == BASELINE:
+        return None
+    if strategy == "first-k" and drop is None:
+        return DEFAULT_DROP["subclone"]
+    return drop
+
+
+def needs_importance(settings: CandidateSettings) -> bool:
+    """Whether any candidate needs importance measured on data (then it is measured once, for all)."""
+    return any(needs_calibration(base_strategy(n), block_policy(base_strategy(n), settings.drop))
+               for n in settings.names)
+
+
+def shared_importance(parent: Parent, settings: CandidateSettings,
+                      progress: Progress | None = None) -> Importance | None:
+    """Calibrate once when any candidate needs it; every child then reuses the result."""
+    if not needs_importance(settings):
+        return None
+    return measure_importance(parent, settings.data_id, tokens=settings.calib_tokens, progress=progress,
+                              grams=settings.refit)
+
+
+def build_child(parent: Parent, target: Shape, strategy: str, settings: CandidateSettings,
+                importance: Importance | None) -> Child:
+    """One child of a strategy, by the block rule (calibrating when it needs importance and has none).
+
+    Importance goes only to a child that uses it, so a manifest names calibration data only when the
+    child's weights or blocks were chosen by it.
+    """
+    drop = block_policy(strategy, settings.drop)
+    used = importance if needs_calibration(strategy, drop) else None
+    return make_child(parent, target, strategy=strategy, drop=drop,
+                      scale=settings.scale, untie_head=settings.untie_head, importance=used,
+                      data_id=settings.data_id, calib_tokens=settings.calib_tokens, seed=settings.seed,
+                      residual_score=settings.residual_score, refit=settings.refit)
+
+
+def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings, *,
+                     importance: Importance | None = None,
+                     made: Mapping[str, Child] | None = None) -> tuple[list[Candidate], dict[str, dict]]:
+    """One candidate per name, with its manifest; the caller's children are copied, never trained.
+
+    Args:
+        parent: the (shared, never modified) parent.
+        target: the children's shape.
+        settings: names, block policy, scaling, seed, calibration, distillation, hyperparameters.
+        importance: the parent's calibration (measured here once, when needed and not given).
+        made: children the caller already built, by strategy (the app's child and random twin).
+
+    Returns:
+        (candidates, {run name: manifest}): one candidate per name, or one per learning rate of a candidate
+        swept (``settings.lr_sweep``; runs named like ``subclone@lr=1e-3``), all from the same initial weights.
+    """
+    settings.validate()
+    children = dict(made or {})
+    if importance is None and any(base_strategy(n) not in children for n in settings.names):
+        importance = shared_importance(parent, settings)
+    candidates, manifests, used = [], {}, set()
+    for name in settings.names:
+        strategy = base_strategy(name)
+        if strategy not in children:
+            children[strategy] = build_child(parent, target, strategy, settings, importance)
+        child = children[strategy]
+        for run, lr in sweep_runs(name, settings.lr_sweep, settings.lr.get(name)):
+            # a model is trained in place: copy the caller's children and any child a second run shares
+            shared = strategy in used or (made is not None and strategy in made)
+            used.add(strategy)
+            model = copy.deepcopy(child.model) if shared else child.model
+            candidates.append(_candidate(run, name, lr, model, parent, settings))
+            manifests[run] = child.manifest
+    return candidates, manifests
+
+
+def _candidate(run: str, name: str, lr: float | None, model: Any, parent: Parent,
+               settings: CandidateSettings) -> Candidate:
+    """One run of candidate ``name`` (its defaults, distillation and overrides) at peak ``lr``."""
+    return Candidate(run, model.train(), strategy=name, teacher=parent.model if name == DISTILL else None,
+                     lr=lr, weight_decay=settings.weight_decay.get(name), distill_alpha=settings.distill_alpha,
+                     distill_temperature=settings.distill_temperature)
+
+
+def training_examples(config: TrainConfig) -> int:
+    """The run's data budget, in sequences or images: exactly what its steps consume (one pass)."""
+    return config.steps * config.grad_accum * config.batch_size
+
+
+def training_data(parent: Parent, data_id: str | None, config: TrainConfig, *, seq_len: int,
+                  eval_tokens: int, eval_images: int) -> tuple[Any, Any, TrainConfig]:
+    """Training data for the whole budget and the fixed validation set (each task reads its own unit).
+
+    Returns:
+        (train, validation, config with eval_batches covering the whole validation set).
+
+    Raises:
+        SubcloneError: a validation budget smaller than one sequence, or data that does not fit the task.
+    """
+    if parent.task_spec.sequences and eval_tokens < seq_len:
+        raise SubcloneError(f"the validation budget ({eval_tokens} tokens) must be at least one sequence "
+                            f"({seq_len} tokens)")
+    train = make_data(parent, data_id, "train", seq_len=seq_len, examples=training_examples(config))
+    val = make_data(parent, data_id, "validation", seq_len=seq_len, max_tokens=eval_tokens,
+                    max_images=eval_images)
+    eval_batches = max(1, math.ceil(len(val) / config.batch_size))
+    return train, val, dataclasses.replace(config, eval_batches=eval_batches)
+
