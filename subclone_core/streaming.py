@@ -33,12 +33,14 @@ class CheckpointTensors(Mapping):
     def __init__(self, files: dict[str, Path], dtype: torch.dtype, *, aliases: dict[str, str], tied: bool) -> None:
         self.files, self.dtype, self.aliases, self.tied = files, dtype, aliases, tied
         self.reads = 0  # tensors read so far (tests check one read per tensor)
+        self.bytes_read = 0  # bytes of those tensors as stored in the files
 
     def __getitem__(self, name: str) -> Tensor:
         source = self.aliases.get(name, name)
         with safe_open(str(self.files[source]), framework="pt") as f:
             tensor = f.get_tensor(source)
         self.reads += 1
+        self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def __iter__(self) -> Iterator[str]:
