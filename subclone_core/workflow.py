@@ -93,6 +93,7 @@ def make_child(
     progress: Progress | None = None,
     residual_score: str | None = None,
     refit: bool | None = None,
+    sequential: bool | None = None,
 ) -> Child:
     """Make a child of a loaded parent, calibrating first when the strategy needs importance.
 
@@ -102,10 +103,11 @@ def make_child(
         strategy, drop, scale, untie_head, seed, residual_score, refit: as in strategies.subclone_model.
         importance: reuse an earlier calibration instead of measuring again.
         data_id, calib_tokens, progress: the calibration data, budget and progress callback.
+        sequential: calibrate block by block from the parent's files (measure_importance).
     """
     if importance is None and needs_calibration(strategy, drop):
         importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress,
-                                        grams=refit)
+                                        grams=refit, sequential=sequential)
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,
                            scale=scale, untie_head=untie_head, seed=seed, parent_tensors=parent_tensors(parent),
                            residual_score=residual_score, refit=refit)

@@ -3,8 +3,11 @@ default only for a parent whose memory budget did not hold it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from subclone_core import workflow
@@ -95,3 +98,26 @@ def test_default_is_sequential_only_when_the_budget_did_not_hold_the_parent(tmp_
     _assert_same(ref, forced)
     workflow.measure_importance(offloaded, str(counting_text_file), sequential=False, **{**kwargs, "tokens": 128})
     assert used == [1, 1]
+
+
+def test_cli_sequential_flag_gives_the_same_report_and_child(tmp_path, counting_text_file):
+    from subclone_core.cli import main
+
+    parent = tmp_path / "parent"
+    tm.save_parent_folder("qwen3", parent)
+    common = ["--parent", str(parent), "--data", str(counting_text_file), "--calib-tokens", "256"]
+    reports = {}
+    for flag in ("--sequential", "--no-sequential"):
+        out = tmp_path / f"{flag}.json"
+        assert main(["inspect", *common, flag, "--out", str(out)]) == 0
+        reports[flag] = json.loads(out.read_text())
+    for name in (*_TENSOR_FIELDS, "residual_read"):
+        torch.testing.assert_close(torch.tensor(reports["--sequential"][name]),
+                                   torch.tensor(reports["--no-sequential"][name]), rtol=1e-6, atol=1e-12)
+    shape = ["--layers", "3", "--hidden", "16"]
+    for flag in ("--sequential", "--no-sequential"):
+        assert main(["make", *common, *shape, flag, "--out", str(tmp_path / f"child{flag}")]) == 0
+    a, b = (load_file(tmp_path / f"child{flag}" / "model.safetensors") for flag in ("--sequential", "--no-sequential"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
