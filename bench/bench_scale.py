@@ -46,7 +46,7 @@ TOKENS = {"0.1B": 2048, "0.5B": 1024, "1B": 512, "3B": 256, "tiny": 512}
 SECTION = "## Parents at real scale (bench_scale.py)"
 SEQ_SECTION = "## Sequential calibration of a parent larger than its budget (bench_scale.py --sequential)"
 # the sequential bench: several batches, so that plain offload's per-batch re-reads show
-SEQ_TOKENS, SEQ_BATCH = {"tiny": 512, "1B": 1024}, 2
+SEQ_TOKENS, SEQ_BATCH = {"tiny": (512,), "1B": (1024, 4096)}, 2
 SEQ_MODES = {"memory": (False, False), "offload": (True, False), "sequential": (True, True)}  # (budget, sequential)
 
 
@@ -239,18 +239,21 @@ def sequential_bench(size: str, work: Path, smoke: bool) -> dict:
     quarter = f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
     hidden, blocks = SIZES[size][:2]
     report = {"size": size, **facts, "quarter": quarter, "hidden": hidden, "blocks": blocks,
-              "tokens": SEQ_TOKENS[size], "batch_size": SEQ_BATCH, "seq_len": 128, "machine": _machine()}
-    for mode in SEQ_MODES:
-        report[mode] = run_child("--calib-worker", "--mode", mode, "--parent", str(parent), "--max-memory", quarter,
-                                 "--tokens", str(SEQ_TOKENS[size]))
-        r = report[mode]
-        print(f"{size} {mode}: calibration {r['calib_s']:.1f} s, read {r['read_bytes'] / 2**30:.2f} GiB, "
-              f"peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
-    report["same_rankings"] = all(report[m]["ffn_top"] == report["memory"]["ffn_top"]
-                                  and report[m]["residual_top"] == report["memory"]["residual_top"] for m in SEQ_MODES)
-    for mode in SEQ_MODES:
-        report[mode].pop("ffn_top")
-        report[mode].pop("residual_top")
+              "batch_size": SEQ_BATCH, "seq_len": 128, "machine": _machine(), "runs": []}
+    for tokens in SEQ_TOKENS[size]:
+        run = {"tokens": tokens}
+        for mode in SEQ_MODES:
+            run[mode] = r = run_child("--calib-worker", "--mode", mode, "--parent", str(parent), "--max-memory",
+                                      quarter, "--tokens", str(tokens))
+            print(f"{size} {tokens} tokens {mode}: calibration {r['calib_s']:.1f} s, read "
+                  f"{r['read_bytes'] / 2**30:.2f} GiB, peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
+        run["same_rankings"] = all(run[m]["ffn_top"] == run["memory"]["ffn_top"]
+                                   and run[m]["residual_top"] == run["memory"]["residual_top"] for m in SEQ_MODES)
+        for mode in SEQ_MODES:
+            run[mode].pop("ffn_top")
+            run[mode].pop("residual_top")
+        report["runs"].append(run)
+    report["same_rankings"] = all(run["same_rankings"] for run in report["runs"])
     if not smoke:
         write_atomic(DOCS / "sequential.json", json.dumps(report, indent=1))
         write_section("bench_sequential", sequential_markdown(report))
@@ -261,15 +264,18 @@ def sequential_markdown(report: dict) -> str:
     gib = report["bytes"] / 2**30
     body = [[mode, "-" if mode == "memory" else report["quarter"], r["calib_tokens"], r["batches"],
              f"{r['calib_s']:.1f}", f"{r['read_bytes'] / 2**30:.2f}", f"{r['read_bytes'] / report['bytes']:.2f}",
-             f"{r['peak_rss_gib']:.2f}", f"{r['peak_anon_gib']:.2f}"] for mode, r in
-            ((m, report[m]) for m in SEQ_MODES)]
-    stored = report["tokens"] * report["hidden"] * 2
+             f"{r['peak_rss_gib']:.2f}", f"{r['peak_anon_gib']:.2f}"]
+            for run in report["runs"] for mode, r in ((m, run[m]) for m in SEQ_MODES)]
+    tokens = report["runs"][-1]["tokens"]
+    budgets = " and ".join(f"{run['tokens']:,}" for run in report["runs"])
+    stored = tokens * report["hidden"] * 2
     return "\n".join([
         SEQ_SECTION, "",
         (f"The synthetic {report['size']} Llama-shaped parent of the section above ({report['parameters'] / 1e9:.2f}B "
          f"parameters, {gib:.2f} GiB in bf16, {report['blocks']} blocks, hidden {report['hidden']}), loaded with "
-         f"`--dtype bfloat16`; calibration only, {report['tokens']:,} tokens in batches of {report['batch_size']} x "
-         f"{report['seq_len']}. *offload*: `--max-memory {report['quarter']}` (a quarter of the parent) and "
+         f"`--dtype bfloat16`; calibration only, "
+         f"{budgets} tokens in batches of "
+         f"{report['batch_size']} x {report['seq_len']}. *offload*: `--max-memory {report['quarter']}` (a quarter of the parent) and "
          "accelerate's plain disk offload; *sequential*: the same budget with `--sequential` (the default when the "
          "budget does not hold the parent): the model is built on the meta device and each block is read once from "
          "the shards, every batch run through it, its outputs kept as the next block's inputs. Bytes read: the "
@@ -285,7 +291,7 @@ def sequential_markdown(report: dict) -> str:
          "grow with the calibration budget (batches x about three quarters of the parent); sequential reads the whole "
          "parent once, whatever the budget (it re-reads the quarter that the budget had loaded, as it works from "
          "the files). Sequential's extra memory is the stored block inputs: batches x batch size x sequence length "
-         f"x hidden x bytes per element (4 in float32, 2 in bf16), here {report['tokens']:,} x {report['hidden']:,} x "
+         f"x hidden x bytes per element (4 in float32, 2 in bf16), here {tokens:,} x {report['hidden']:,} x "
          f"2 = {stored / 2**20:.0f} MiB, and one block's weights; the embedding, final norm and head stay loaded."),
     ])
 

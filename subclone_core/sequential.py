@@ -7,8 +7,9 @@ calibration do: the model is built on the meta device from its config, and
 1. the modules outside the blocks (embeddings, rotary embedding, final norm, head) are read from the
    checkpoint's safetensors files once and stay; every calibration batch runs up to the first block, where a
    stand-in forward of each block records the exact args and kwargs that block receives (attention masks,
-   position ids, position embeddings, per layer type where a family has several) and a private exception
-   stops the forward at the last block;
+   position ids, position embeddings) and a private exception stops the forward at the last block. Every
+   block gets a stand-in, not only the first one a pre-hook would catch, since a block's kwargs may depend on
+   its layer type (Gemma 3 passes sliding-window or full masks and position embeddings per layer);
 2. each block in turn is read from the files (streaming.CheckpointTensors) onto the device, every batch's
    hidden states run through it under the same hooks and float64 sums as calibration.calibrate, its outputs
    (kept on the CPU) become the next block's inputs, and its weights go back to the meta device;
@@ -16,9 +17,10 @@ calibration do: the model is built on the meta device from its config, and
    outputs, so the final norm and head read the stream exactly as in memory (the head's residual_read and
    Gram hooks).
 
-Memory: the modules outside the blocks, one block, and the stored block inputs, batches x tokens x hidden x
-4 bytes in float32 (x 2 in bfloat16) -- 4,096 tokens of a 4,096-wide parent are 64 MiB in float32. The result
-equals calibrate's on the same batches up to float64 summation order.
+Memory: the modules outside the blocks, one block, and the stored block inputs, batches x tokens per batch x
+hidden x bytes per element (4 in float32, 2 in bfloat16) -- 4,096 tokens of a 4,096-wide parent are 64 MiB in
+float32 -- plus each block's recorded kwargs (masks and position embeddings, mostly shared between blocks). The
+result equals calibrate's on the same batches up to the order of float64 additions.
 """
 
 from __future__ import annotations
