@@ -171,7 +171,7 @@ def _prepare(folder, config, model_class, device: torch.device, dtype):
         dtype = getattr(torch, dtype)
     arch = arch_for(config.model_type)
     model = skeleton(config, model_class, dtype)
-    tensors = checkpoint_tensors(model, Path(folder))
+    tensors = checkpoint_tensors(model, Path(folder), renames=True)
     if tensors is None:
         raise SubcloneError(f"sequential calibration of a {arch.name} parent reads its safetensors files, but "
                             f"{folder} has none whose tensor names match the model's; calibrate it in memory "

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 from subclone_core import workflow
 from subclone_core.calibration import _TENSOR_FIELDS, calibrate
@@ -19,10 +19,9 @@ from subclone_core.strategies import plan_shape, subclone_model
 from subclone_core.streaming import tensor_files
 from tests import tiny_models as tm
 
-CAUSAL = [f for f in tm.FAMILIES if f != "vit"]
-# GPT-NeoX checkpoints name the head embed_out.weight, which transformers renames to lm_head.weight on loading:
-# the files cannot be read by the model's own names, so sequential calibration refuses it (tested below)
-REFUSED = {"gpt_neox"}
+# every family, GPT-NeoX and ViT included: their checkpoints keep names transformers renames on loading
+# (embed_out, encoder.layer), which the sequential reader follows
+FAMILIES = list(tm.FAMILIES)
 
 
 def _batches(model):
@@ -39,12 +38,11 @@ def _assert_same(ref, got):
         torch.testing.assert_close(got.grams[name], ref.grams[name], rtol=1e-6, atol=1e-9, msg=name)
 
 
-@pytest.mark.parametrize("family", [f if f not in REFUSED else pytest.param(
-    f, marks=pytest.mark.skip(reason="checkpoint names converted on loading: refused, see test below"))
-    for f in CAUSAL])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sequential_equals_in_memory_and_keeps_the_same_indices(family, tmp_path):
     tm.save_parent_folder(family, tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    auto = AutoModelForImageClassification if family == "vit" else AutoModelForCausalLM
+    model = auto.from_pretrained(tmp_path).eval()
     batches = _batches(model)
     ref = calibrate(model, batches, grams=True)
     stats = {}
@@ -52,7 +50,9 @@ def test_sequential_equals_in_memory_and_keeps_the_same_indices(family, tmp_path
     _assert_same(ref, got)
     # every tensor of the checkpoint is read exactly once
     assert stats["tensors_read"] == len(tensor_files(tmp_path))
-    shape = plan_shape(model, hidden=model.config.hidden_size // 2, layers=model.config.num_hidden_layers - 1)
+    # the image model's hidden size must stay a multiple of its heads
+    shape = plan_shape(model, hidden=model.config.hidden_size // 2, heads=model.config.num_attention_heads // 2,
+                       layers=model.config.num_hidden_layers - 1)
     kept = [subclone_model(model, shape, importance=imp, refit=False).selection for imp in (ref, got)]
     assert kept[0] == kept[1]
 
@@ -70,10 +70,10 @@ def test_token_budget_and_progress_match(tmp_path):
     assert seen == [((i + 1) * ref.tokens, layers * ref.tokens) for i in range(layers)]
 
 
-def test_refused_family_is_a_clear_error(tmp_path):
-    tm.save_parent_folder("gpt_neox", tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with pytest.raises(SubcloneError, match="GPT-NeoX"):
+def test_a_folder_without_safetensors_is_a_clear_error(tmp_path):
+    model = tm.save_parent_folder("qwen3", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(SubcloneError, match="Qwen3 parent reads its safetensors files"):
         calibrate_sequential(tmp_path, _batches(model))
 
 
