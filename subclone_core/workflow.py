@@ -68,7 +68,7 @@ def needs_sequential(parent: Parent) -> bool:
         return False
     if "disk" not in set((getattr(parent.model, "hf_device_map", None) or {}).values()):
         return False
-    return checkpoint_tensors(parent.model, parent.source) is not None
+    return checkpoint_tensors(parent.model, parent.source, renames=True) is not None
 
 
 def gram_bytes(shape: Shape) -> int:
