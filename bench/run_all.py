@@ -1,6 +1,7 @@
 """Run every benchmark in turn; each writes its own section of docs/BENCHMARKS.md.
 
-Run: make bench (about 45 minutes on 2 CPU cores, plus bench_scale.py's synthetic 0.1-3B parents; pass --gpu through to the training benchmark on a GPU).
+Run: make bench (about 45 minutes on 2 CPU cores, plus bench_scale.py's synthetic 0.1-3B parents and its
+sequential calibration of the 1B one, about 3 minutes; pass --gpu through to the training benchmark on a GPU).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py", "bench_scale.py"]
+SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py", "bench_scale.py", "bench_scale.py --sequential"]
 
 
 def main() -> int:
     for script in SCRIPTS:
-        extra = sys.argv[1:] if script == "bench_training.py" else []
+        name, *flags = script.split()
+        extra = sys.argv[1:] if name == "bench_training.py" else []
         print(f"== {script}", flush=True)
-        code = subprocess.call([sys.executable, str(HERE / script), *extra])
+        code = subprocess.call([sys.executable, str(HERE / name), *flags, *extra])
         if code:
             print(f"{script} failed with exit status {code}", file=sys.stderr)
             return code

@@ -44,3 +44,10 @@ def test_bench_scale_smoke_keeps_the_same_indices_offloaded():
     done = run_script("bench/bench_scale.py", "--smoke")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tiny offload" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_scale_sequential_smoke_keeps_the_same_rankings():
+    done = run_script("bench/bench_scale.py", "--sequential", "--smoke")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tiny 512 tokens sequential" in done.stdout

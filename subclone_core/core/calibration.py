@@ -171,35 +171,39 @@ class _Recorder:
 
     def attach(self) -> None:
         blocks = self.model.get_submodule(self.arch.blocks)
-        global_readers, block_readers = self.arch.residual_readers
         for i, block in enumerate(blocks):
-            self.handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
-            # heads and FFN neurons are the inputs of the output projections; the residual outputs are
-            # what joins the residual stream (after a post-norm where the family has one)
-            for path, name in ((self.arch.attn_out, "heads"), (self.arch.ffn_down, "ffn")):
-                self._hook(block.get_submodule(path), self._input_hook(i, name))
-            for path, name in ((self.arch.attn_residual, "residual_attn"), (self.arch.ffn_residual, "residual_ffn")):
-                self._hook(block.get_submodule(path), self._output_hook(i, name))
-            for path in block_readers:
-                self._hook(block.get_submodule(path), self._input_hook(None, "residual_read"))
-        for path in global_readers:
+            self.attach_block(i, block)
+        self.attach_globals()
+
+    def attach_block(self, i: int, block: nn.Module) -> None:
+        """The hooks of one block (calibration.sequential attaches one block at a time)."""
+        _, block_readers = self.arch.residual_readers
+        self.handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
+        # heads and FFN neurons are the inputs of the output projections; the residual outputs are
+        # what joins the residual stream (after a post-norm where the family has one)
+        for path, name in ((self.arch.attn_out, "heads"), (self.arch.ffn_down, "ffn")):
+            self._hook(block.get_submodule(path), self._input_hook(i, name))
+        for path, name in ((self.arch.attn_residual, "residual_attn"), (self.arch.ffn_residual, "residual_ffn")):
+            self._hook(block.get_submodule(path), self._output_hook(i, name))
+        for path in block_readers:
+            self._hook(block.get_submodule(path), self._input_hook(None, "residual_read"))
+        if self.sums.grams is not None:
+            # Layers of one block that read the same tensor (q, k, v; gate, up) share one matrix: the tensors
+            # seen in a block are held until the next block starts, so a later input can never reuse a held
+            # one's memory and be mistaken for it.
+            self.handles.append(block.register_forward_pre_hook(lambda *_: self.seen.clear()))
+            for path in self.arch.linear_modules[1]:
+                self._hook(block.get_submodule(path), self._gram_hook(f"{self.arch.blocks}.{i}.{path}"))
+
+    def attach_globals(self) -> None:
+        """The hooks of the layers outside the blocks that read the residual stream (the output head)."""
+        for path in self.arch.residual_readers[0]:
             if (module := _submodule(self.model, path)) is not None:
                 self._hook(module, self._input_hook(None, "residual_read"))
         if self.sums.grams is not None:
-            self._attach_grams(blocks)
-
-    def _attach_grams(self, blocks: nn.ModuleList) -> None:
-        """A Gram hook on every linear layer. Layers of one block that read the same tensor (q, k, v; gate, up)
-        share one matrix: the tensors seen in a block are held until the next block starts, so a later input
-        can never reuse a held one's memory and be mistaken for it."""
-        global_paths, block_paths = self.arch.linear_modules
-        for i, block in enumerate(blocks):
-            self.handles.append(block.register_forward_pre_hook(lambda *_: self.seen.clear()))
-            for path in block_paths:
-                self._hook(block.get_submodule(path), self._gram_hook(f"{self.arch.blocks}.{i}.{path}"))
-        for path in global_paths:
-            if (module := _submodule(self.model, path)) is not None:
-                self._hook(module, self._gram_hook(path))
+            for path in self.arch.linear_modules[0]:
+                if (module := _submodule(self.model, path)) is not None:
+                    self._hook(module, self._gram_hook(path))
 
     def _gram_hook(self, name: str):
         def hook(module, args, output):

@@ -30,15 +30,19 @@ class CheckpointTensors(Mapping):
             tensors read from files never share storage).
     """
 
-    def __init__(self, files: dict[str, Path], dtype: torch.dtype, *, aliases: dict[str, str], tied: bool) -> None:
+    def __init__(self, files: dict[str, Path], dtype: torch.dtype, *, aliases: dict[str, str], tied: bool,
+                 keys: dict[str, str] | None = None) -> None:
         self.files, self.dtype, self.aliases, self.tied = files, dtype, aliases, tied
+        self.keys = keys or {}  # model name -> the tensor's name in its file, where transformers renames it
         self.reads = 0  # tensors read so far (tests check one read per tensor)
+        self.bytes_read = 0  # bytes of those tensors as stored in the files
 
     def __getitem__(self, name: str) -> Tensor:
         source = self.aliases.get(name, name)
         with safe_open(str(self.files[source]), framework="pt") as f:
-            tensor = f.get_tensor(source)
+            tensor = f.get_tensor(self.keys.get(source, source))
         self.reads += 1
+        self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def __iter__(self) -> Iterator[str]:
@@ -63,21 +67,44 @@ def tensor_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def checkpoint_tensors(model: nn.Module, folder: Path | None) -> CheckpointTensors | None:
+def checkpoint_tensors(model: nn.Module, folder: Path | None, *, renames: bool = False) -> CheckpointTensors | None:
     """The model's tensors as read from its checkpoint in ``folder``, or None when they cannot be: no folder,
     no safetensors files, or names that differ from the model's state_dict (a checkpoint transformers renamed
     or converted while loading), where only the model in memory has the right tensors.
+
+    With ``renames``, a checkpoint whose names transformers only renames on loading (GPT-NeoX's embed_out,
+    ViT's encoder.layer) is read under the model's names too.
     """
     files = tensor_files(folder) if folder is not None else {}
     if not files:
         return None
     names = set(model.state_dict())  # names only: an offloaded parent's tensors here are on the meta device
+    keys: dict[str, str] = {}
+    if renames and not set(files) <= names:
+        keys = _renamed_keys(model, files)
+        files = {name: files[key] for name, key in keys.items()} if keys else files
     ties = tied_names(model)
     aliases = {head: source for head, source in ties.items() if head not in files and source in files}
     if set(files) | set(aliases) != names:
         return None
     dtype = next(model.parameters()).dtype
-    return CheckpointTensors(files, dtype, aliases=aliases, tied=bool(ties))
+    return CheckpointTensors(files, dtype, aliases=aliases, tied=bool(ties), keys=keys)
+
+
+def _renamed_keys(model: nn.Module, files: dict[str, Path]) -> dict[str, str]:
+    """Model name -> checkpoint name under transformers' own loading renames, or {} when its conversions do
+    more than rename (merged or split tensors) or cannot be read."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        if not all(isinstance(t, WeightRenaming) for t in transforms):
+            return {}
+        meta = model.state_dict()
+        return {rename_source_key(key, transforms, [], model.base_model_prefix, meta)[0]: key for key in files}
+    except Exception:  # noqa: BLE001 - private transformers API: without it, the names simply do not match
+        return {}
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from subclone_core.core.calibration import Importance, Progress, calibrate
+from subclone_core.core.calibration import Importance, Progress, calibrate, input_device
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import Child, needs_calibration, subclone_model
 from subclone_core.io.model_card import model_card
 from subclone_core.io.saving import DEFAULT_SHARD_SIZE, save_model_folder
+from subclone_core.io.sequential import calibrate_sequential
 from subclone_core.io.streaming import checkpoint_tensors
 from subclone_core.sources import default_data_id, make_data
 from subclone_core.sources.parents import Parent
@@ -28,13 +29,17 @@ GRAM_BUDGET = 2 * 2**30
 
 def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = CALIB_TOKENS,
                        batch_size: int = CALIB_BATCH, progress: Progress | None = None,
-                       grams: bool | None = None) -> Importance:
+                       grams: bool | None = None, sequential: bool | None = None) -> Importance:
     """Calibrate the parent on the training split of a data set (None: the task's default), up to a
     budget of token positions (for a ViT, each patch and cls token of each image counts).
 
     Args:
         grams: record the Gram matrices a least-squares refit needs; None records them when they fit
             GRAM_BUDGET (gram_bytes), which the embedded parents do (about 0.4 GB each).
+        sequential: calibrate one block at a time from the parent's safetensors files, each weight read once
+            (subclone_core.sequential); None does so only when the parent's memory budget did not hold it
+            (part of it offloaded to disk: see needs_sequential), where accelerate's offload would read every
+            offloaded weight once per batch.
     """
     data_id = data_id or default_data_id(parent.task)
     if grams is None:
@@ -42,8 +47,29 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
     # an image yields at least one patch plus the cls token: never more images than tokens / 2
     data = make_data(parent, data_id, "train", seq_len=CALIB_SEQ_LEN, max_tokens=tokens,
                      max_images=max(1, tokens // 2))
+    if sequential is None:
+        sequential = needs_sequential(parent)
+    if sequential:
+        if parent.source is None:
+            raise SubcloneError(f"parent {parent.id!r} has no folder on disk to calibrate sequentially from; "
+                                "calibrate it in memory (without --sequential)")
+        return calibrate_sequential(parent.source, data.batches(batch_size), config=parent.model.config,
+                                    model_class=type(parent.model), device=input_device(parent.model),
+                                    dtype=parent.dtype, max_tokens=tokens, progress=progress, data=data_id,
+                                    grams=grams)
     return calibrate(parent.model, data.batches(batch_size), max_tokens=tokens, progress=progress,
                      data=data_id, grams=grams)
+
+
+def needs_sequential(parent: Parent) -> bool:
+    """Whether calibration goes block by block by default: only for a parent loaded with a memory budget
+    (--max-memory) that did not hold it, so that accelerate offloaded part of it to disk, and whose safetensors
+    files can be read by the model's own tensor names."""
+    if parent.placement.max_memory is None or parent.source is None:
+        return False
+    if "disk" not in set((getattr(parent.model, "hf_device_map", None) or {}).values()):
+        return False
+    return checkpoint_tensors(parent.model, parent.source, renames=True) is not None
 
 
 def gram_bytes(shape: Shape) -> int:
@@ -68,6 +94,7 @@ def make_child(
     progress: Progress | None = None,
     residual_score: str | None = None,
     refit: bool | None = None,
+    sequential: bool | None = None,
 ) -> Child:
     """Make a child of a loaded parent, calibrating first when the strategy needs importance.
 
@@ -77,10 +104,11 @@ def make_child(
         strategy, drop, scale, untie_head, seed, residual_score, refit: as in strategies.subclone_model.
         importance: reuse an earlier calibration instead of measuring again.
         data_id, calib_tokens, progress: the calibration data, budget and progress callback.
+        sequential: calibrate block by block from the parent's files (measure_importance).
     """
     if importance is None and needs_calibration(strategy, drop):
         importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress,
-                                        grams=refit)
+                                        grams=refit, sequential=sequential)
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,
                            scale=scale, untie_head=untie_head, seed=seed, parent_tensors=parent_tensors(parent),
                            residual_score=residual_score, refit=refit)

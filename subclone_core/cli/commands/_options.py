@@ -57,12 +57,17 @@ def placement_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_data_args(parser: argparse.ArgumentParser, *, tokens_flag: str = "--calib-tokens",
-                  tokens_default: int = 4096) -> None:
+                  tokens_default: int = 4096, sequential: bool = False) -> None:
     parser.add_argument("--data", default=None,
                         help="'default' (Wikipedia text), a .txt/.md/.jsonl file or folder; for images "
                              "'fashion-mnist' (the default), 'digits' or a folder of class folders")
     parser.add_argument(tokens_flag, type=int, default=tokens_default, dest="tokens",
                         help=f"token positions to measure (default {tokens_default})")
+    if sequential:
+        parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                            help="calibrate one block at a time from the parent's safetensors files, each weight "
+                                 "read once (for parents larger than memory); default: only when --max-memory "
+                                 "did not hold the parent (part of it offloaded to disk)")
 
 
 def add_shape_args(parser: argparse.ArgumentParser) -> None:

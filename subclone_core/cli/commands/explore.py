@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and compare with a randomly initialized child.")
     add_parent_args(p)
     p.add_argument("--params", required=True, metavar="N", help="parameter budget, e.g. 30M, 1.5B, 800k")
-    add_data_args(p)
+    add_data_args(p, sequential=True)
     p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, metavar="N",
                    help=f"validation tokens each shape is scored on (default {EVAL_TOKENS})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     require_positive("--eval-tokens", args.eval_tokens)
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
-    importance = measure_importance(parent, args.data, tokens=args.tokens)
+    importance = measure_importance(parent, args.data, tokens=args.tokens, sequential=args.sequential)
     batches = validation_sample(parent, args.data, args.eval_tokens)
     start = time.perf_counter()
     result = explore_shapes(parent.model, importance, budget, batches)

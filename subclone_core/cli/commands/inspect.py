@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="measure neuron, head and block importance on calibration data",
                        description="Write per-layer importance scores and block statistics to a JSON file.")
     add_parent_args(p)
-    add_data_args(p)
+    add_data_args(p, sequential=True)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
@@ -41,7 +41,8 @@ def inspect(args: argparse.Namespace, out: Path) -> int:
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
     check_calib_tokens(parent, args.tokens)
-    importance = measure_importance(parent, args.data, tokens=args.tokens, grams=False)  # the JSON has none
+    importance = measure_importance(parent, args.data, tokens=args.tokens, grams=False,  # the JSON has none
+                                    sequential=args.sequential)
     report = {"parent": args.parent, "shape": Shape.of(parent.model.config).as_dict(), **importance.to_json()}
     with building_file(out) as tmp:
         tmp.write_text(json.dumps(json_safe(report), allow_nan=False))

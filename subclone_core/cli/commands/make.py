@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(default {DEFAULT_SHARD_SIZE}, as transformers)")
     add_shape_args(p)
     add_child_args(p)
-    add_data_args(p)
+    add_data_args(p, sequential=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -59,7 +59,8 @@ def make(args: argparse.Namespace, max_shard: int) -> int:
     start = time.perf_counter()
     child = make_child(parent, target, strategy=args.strategy, drop=args.drop, scale=args.scale,
                        untie_head=args.untie_head, data_id=args.data, calib_tokens=args.tokens, seed=args.seed,
-                       residual_score=args.residual_score, refit=args.refit)
+                       residual_score=args.residual_score, refit=args.refit,
+                       sequential=args.sequential)
     out = save_child(child, args.out, task=parent.task, overwrite=args.overwrite, max_shard_size=max_shard)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in child.model.parameters())

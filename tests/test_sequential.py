@@ -1,0 +1,123 @@
+"""Sequential (block-by-block) calibration equals the in-memory one, reads each weight once, and is chosen by
+default only for a parent whose memory budget did not hold it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+from subclone_core.core.calibration import _TENSOR_FIELDS, calibrate
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.io.sequential import calibrate_sequential
+from subclone_core.io.streaming import tensor_files
+from subclone_core.sources.parents import load_parent
+from subclone_core.workflow import children as workflow
+from tests import tiny_models as tm
+
+# every family, GPT-NeoX and ViT included: their checkpoints keep names transformers renames on loading
+# (embed_out, encoder.layer), which the sequential reader follows
+FAMILIES = list(tm.FAMILIES)
+
+
+def _batches(model):
+    # three batches, one with left padding, so masks and per-batch kwargs both matter
+    return [tm.inputs(model, batch=3, seq=7, seed=s, pad=2 if s == 1 else 0) for s in range(3)]
+
+
+def _assert_same(ref, got):
+    for name in (*_TENSOR_FIELDS, "residual_read"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-6, atol=1e-12, msg=name)
+    assert got.tokens == ref.tokens
+    assert ref.grams is not None and got.grams is not None and sorted(got.grams) == sorted(ref.grams)
+    for name in ref.grams:
+        torch.testing.assert_close(got.grams[name], ref.grams[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_equals_in_memory_and_keeps_the_same_indices(family, tmp_path):
+    tm.save_parent_folder(family, tmp_path)
+    auto = AutoModelForImageClassification if family == "vit" else AutoModelForCausalLM
+    model = auto.from_pretrained(tmp_path).eval()
+    batches = _batches(model)
+    ref = calibrate(model, batches, grams=True)
+    stats = {}
+    got = calibrate_sequential(tmp_path, batches, dtype=model.dtype, grams=True, stats=stats)
+    _assert_same(ref, got)
+    # every tensor of the checkpoint is read exactly once
+    assert stats["tensors_read"] == len(tensor_files(tmp_path))
+    # the image model's hidden size must stay a multiple of its heads
+    shape = plan_shape(model, hidden=model.config.hidden_size // 2, heads=model.config.num_attention_heads // 2,
+                       layers=model.config.num_hidden_layers - 1)
+    kept = [subclone_model(model, shape, importance=imp, refit=False).selection for imp in (ref, got)]
+    assert kept[0] == kept[1]
+
+
+def test_token_budget_and_progress_match(tmp_path):
+    tm.save_parent_folder("llama", tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    batches = _batches(model)
+    ref = calibrate(model, batches, max_tokens=25)
+    seen = []
+    got = calibrate_sequential(tmp_path, batches, max_tokens=25, progress=lambda d, t: seen.append((d, t)))
+    assert got.tokens == ref.tokens < sum(b["attention_mask"].sum() for b in batches)
+    torch.testing.assert_close(got.ffn, ref.ffn, rtol=1e-6, atol=1e-12)
+    layers = model.config.num_hidden_layers
+    assert seen == [((i + 1) * ref.tokens, layers * ref.tokens) for i in range(layers)]
+
+
+def test_a_folder_without_safetensors_is_a_clear_error(tmp_path):
+    model = tm.save_parent_folder("qwen3", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(SubcloneError, match="Qwen3 parent reads its safetensors files"):
+        calibrate_sequential(tmp_path, _batches(model))
+
+
+def test_default_is_sequential_only_when_the_budget_did_not_hold_the_parent(tmp_path, counting_text_file,
+                                                                            monkeypatch):
+    tm.save_parent_folder("llama", tmp_path)
+    in_memory = load_parent(str(tmp_path))
+    offloaded = load_parent(str(tmp_path), max_memory="24KB")
+    assert not workflow.needs_sequential(in_memory)
+    assert workflow.needs_sequential(offloaded)
+    used = []
+    real = workflow.calibrate_sequential
+    monkeypatch.setattr(workflow, "calibrate_sequential", lambda *a, **k: used.append(1) or real(*a, **k))
+    kwargs = {"tokens": 512, "batch_size": 2, "grams": True}
+    ref = workflow.measure_importance(in_memory, str(counting_text_file), **kwargs)
+    assert not used
+    got = workflow.measure_importance(offloaded, str(counting_text_file), **kwargs)
+    assert used == [1]
+    _assert_same(ref, got)
+    forced = workflow.measure_importance(in_memory, str(counting_text_file), sequential=True, **kwargs)
+    assert used == [1, 1]
+    _assert_same(ref, forced)
+    workflow.measure_importance(offloaded, str(counting_text_file), sequential=False, **{**kwargs, "tokens": 128})
+    assert used == [1, 1]
+
+
+def test_cli_sequential_flag_gives_the_same_report_and_child(tmp_path, counting_text_file):
+    from subclone_core.cli.main import main
+
+    parent = tmp_path / "parent"
+    tm.save_parent_folder("qwen3", parent)
+    common = ["--parent", str(parent), "--data", str(counting_text_file), "--calib-tokens", "256"]
+    reports = {}
+    for flag in ("--sequential", "--no-sequential"):
+        out = tmp_path / f"{flag}.json"
+        assert main(["inspect", *common, flag, "--out", str(out)]) == 0
+        reports[flag] = json.loads(out.read_text())
+    for name in (*_TENSOR_FIELDS, "residual_read"):
+        torch.testing.assert_close(torch.tensor(reports["--sequential"][name]),
+                                   torch.tensor(reports["--no-sequential"][name]), rtol=1e-6, atol=1e-12)
+    shape = ["--layers", "3", "--hidden", "16"]
+    for flag in ("--sequential", "--no-sequential"):
+        assert main(["make", *common, *shape, flag, "--out", str(tmp_path / f"child{flag}")]) == 0
+    a, b = (load_file(tmp_path / f"child{flag}" / "model.safetensors") for flag in ("--sequential", "--no-sequential"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
