@@ -118,7 +118,7 @@ def vit_arms(lrs: dict[str, tuple[float, ...]]) -> tuple[Arm, ...]:
         Arm("subclone", "subclone (scaling on)", "subclone", {"scale": True}, lrs=lrs["subclone"]),
         Arm("unscaled", "subclone, scaling off", "subclone", {"scale": False}),
         Arm("subclone-wd", f"subclone, weight decay {HIGH_WD:g}", "subclone", {"scale": True}, weight_decay=HIGH_WD),
-        Arm("first-k", "first-k (no reordering), scaling on", "first-k", {"scale": True}),
+        Arm("first-k", "first-k (no reordering), scaling on", "first-k", {"scale": True, "drop": "middle"}),
         Arm("uniform", "uniform (weight selection)", "uniform", {"scale": False}),
     )
 

@@ -19,15 +19,14 @@ from subclone_core.app.steps import child_settings, save_child_folder
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
-from subclone_core.core.strategies import DEFAULT_DROP, parameter_count, plan_shape
+from subclone_core.core.strategies import STRATEGY_SPECS, parameter_count, plan_shape
+from subclone_core.workflow.jobs import block_policy_text
 
 EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
 RANKING_LABELS = {"read": "what reads it (the inputs of the layers after the pre-norms)",
                   "written": "what is written to it (the outputs that join it, the paper's)"}
-STRATEGY_LABELS = {"subclone": "subclone: neurons and heads in importance order (the paper)",
-                   "first-k": "first-k: the first neurons and heads, no reordering (ablation)",
-                   "uniform": "uniform: evenly strided neurons, first blocks (weight selection)"}
+STRATEGY_LABELS = {name: spec.label for name, spec in STRATEGY_SPECS.items() if spec.in_app}
 
 ws = ui.workspace()
 st.title("4. Child")
@@ -235,7 +234,7 @@ if target is not None:
     use_blocks = ws.drop is not None and st.checkbox(
         f"Remove the blocks chosen on the Blocks page ({ws.drop})", key=ui.keep("use_block_choice", True))
     drop = ws.drop if use_blocks else None
-    st.caption(f"Block policy: {drop if drop is not None else DEFAULT_DROP[strategy] + ' (the default)'}")
+    st.caption(f"Block policy: {block_policy_text(strategy, drop)}")
     arch = arch_for(parent.model.config.model_type)
     scale = st.toggle("Scale sliced weights by sqrt(fan-in ratio)", key=ui.keep("scale", arch.scale_default))
     refit = st.toggle("Refit weights whose inputs shrank (least squares on the calibration data)",

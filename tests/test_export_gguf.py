@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from subclone_core.cli.main import main
+from subclone_core.core.archs import arch_for, supported_model_types
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.gguf_export import SAMPLE_TEXT, export_gguf, exportable_model_types, verify_gguf
 
@@ -164,6 +165,21 @@ def test_metadata_carries_the_manifest_chat_template_and_the_rope_layout(tmp_pat
     q_gguf = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight").data
     np.testing.assert_array_equal(q_gguf[1], q_hf[4])
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(path).tensors}  # tied head
+
+
+def test_each_family_table_names_its_gguf_export():
+    """The GGUF tables live in the families' files: keyed by the family's own model_types, naming a
+    llama.cpp architecture and metadata keys the gguf package knows; a refused family says why."""
+    known_keys = {v for group in (gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope)
+                  for k, v in vars(group).items() if k.isupper() and isinstance(v, str)}
+    for model_type in supported_model_types():
+        spec = arch_for(model_type)
+        assert set(spec.gguf) <= set(spec.model_types), spec.name
+        for table in spec.gguf.values():
+            assert table.arch in gguf.MODEL_ARCH.__members__, table.arch
+            assert set(table.metadata) | set(table.extra) <= known_keys, spec.name
+    assert exportable_model_types() == sorted(mt for mt in supported_model_types() if mt in arch_for(mt).gguf)
+    assert arch_for("olmo2").gguf_refused and not arch_for("olmo2").gguf
 
 
 def test_refuses_unsupported_families_with_the_list(tmp_path, bpe):

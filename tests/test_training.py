@@ -296,7 +296,7 @@ def test_bad_candidates_are_user_errors():
         train_candidates([Candidate("random", model), Candidate("random", tiny_llama(2))], data, data, config())
     with pytest.raises(SubcloneError, match="share one model"):
         train_candidates([Candidate("random", model), Candidate("subclone", model)], data, data, config())
-    with pytest.raises(SubcloneError, match="no default learning rate.*known: random"):
+    with pytest.raises(SubcloneError, match="no default learning rate.*known: subclone, .*random"):
         train_candidates([Candidate("mine", model)], data, data, config())
     with pytest.raises(SubcloneError, match="name"):
         train_candidates([Candidate("a/b", model, lr=1e-3, weight_decay=0.0)], data, data, config())

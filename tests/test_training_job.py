@@ -9,12 +9,13 @@ from subclone_core.app.steps import TrainRequest, build_request_candidates, chil
 from subclone_core.cli.commands.compare import calibrate_with_progress, candidate_settings
 from subclone_core.cli.main import build_parser
 from subclone_core.core.errors import SubcloneError
-from subclone_core.core.strategies import DEFAULT_DROP, plan_shape
+from subclone_core.core.strategies import STRATEGY_SPECS, plan_shape
 from subclone_core.sources import load_parent
 from subclone_core.training import TrainConfig
 from subclone_core.workflow.jobs import (
     CandidateSettings,
     block_policy,
+    block_policy_text,
     build_candidates,
     training_data,
     training_examples,
@@ -60,14 +61,30 @@ def test_app_and_cli_build_identical_candidates(tiny_llama_dir, counting_text_fi
         assert _without_time(cli[name]) == _without_time(app[name]), name
     # the block rule: first-k takes subclone's blocks; uniform keeps its own default unless told
     assert cli["first-k"]["removed_blocks"] == cli["subclone"]["removed_blocks"]
-    assert cli["uniform"]["drop"] == (drop or DEFAULT_DROP["uniform"])
+    assert cli["uniform"]["drop"] == (drop or STRATEGY_SPECS["uniform"].default_drop)
 
 
 def test_block_rule():
     assert block_policy("random", "middle") is None
-    assert block_policy("first-k", None) == DEFAULT_DROP["subclone"]
+    assert block_policy("first-k", None) == STRATEGY_SPECS["subclone"].default_drop
     assert block_policy("first-k", [1, 2]) == [1, 2]
-    assert block_policy("uniform", None) is None  # its own default, the first N blocks
+    assert block_policy("uniform", None) == "first"  # its own default, the first N blocks
+    assert block_policy("subclone+distill", None) == STRATEGY_SPECS["subclone"].default_drop
+
+
+@pytest.mark.parametrize("drop", [None, "middle"])
+def test_the_child_pages_block_caption_states_the_policy_the_child_is_built_with(tiny_llama_dir,
+                                                                                  counting_text_file, drop):
+    parent = load_parent(str(tiny_llama_dir))
+    target = plan_shape(parent.model, layers=2, hidden=16, heads=2, kv_heads=1, ffn=24)
+    for name, spec in STRATEGY_SPECS.items():
+        if not spec.in_app:
+            continue
+        settings = child_settings(name, drop, None, str(counting_text_file), 256)
+        child, _ = make_children(parent, target, settings, importance=None)
+        caption = block_policy_text(name, drop)
+        assert caption.split(" (")[0] == str(child.manifest["drop"]), (name, caption, child.manifest["drop"])
+        assert caption.endswith("(the default)") == (drop is None)
 
 
 def test_settings_refuse_bad_names_before_any_work():

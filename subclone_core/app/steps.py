@@ -19,7 +19,7 @@ from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import Child
+from subclone_core.core.strategies import DEFAULT_STRATEGY, STRATEGY_SPECS, Child
 from subclone_core.data.text import TEXT_SUFFIXES, documents
 from subclone_core.io.atomic import claim_output
 from subclone_core.io.devices import resolve_device
@@ -39,7 +39,8 @@ from subclone_core.workflow.jobs import (
 
 EVAL_SEQ_LEN = 128
 EVAL_BATCH = 8
-EXTRA_STRATEGIES = ("first-k", "uniform")
+# what the Train page can add to subclone and random init: the app's other strategies
+EXTRA_STRATEGIES = tuple(name for name, spec in STRATEGY_SPECS.items() if spec.in_app and name != DEFAULT_STRATEGY)
 
 
 def validation_batches(parent: Parent, data_id: str | None, tokens: int,

@@ -2,8 +2,9 @@
 
 Everything GGUF-specific comes from the `gguf` package (llama.cpp's own Python library): the writer, the
 tensor-name maps, the metadata key names, the special-token reader and the Q8_0 quantizer. This module
-adds one small table per family (`FAMILIES`: the llama.cpp architecture, which config value goes under
-which metadata key, and the few tensor layout changes llama.cpp expects) and generic code that reads it.
+adds generic code that reads each family's GGUF table (`ArchSpec.gguf`, a `GgufSpec` per model_type in the
+family's file under core/archs: the llama.cpp architecture, which config value goes under which metadata
+key, and the few tensor layout changes llama.cpp expects).
 
 A family is exportable when the gguf package maps its tensors AND transformers' GGUF loader can read the
 file back, so that every export can be verified without llama.cpp (`verify_gguf`).
@@ -23,98 +24,11 @@ import gguf
 import numpy as np
 import torch
 
-from subclone_core.core.archs import arch_for
+from subclone_core.core.archs import REGISTRY, arch_for
+from subclone_core.core.archs.gguf_tables import GgufSpec
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.atomic import building_file
 from subclone_core.io.saving import MANIFEST_NAME
-
-K = gguf.Keys.LLM
-A = gguf.Keys.Attention
-R = gguf.Keys.Rope
-
-
-def _rope_theta(config) -> float:
-    """The rotary base, from `rope_parameters` (transformers 5) or a flat `rope_theta`."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if "full_attention" in params:  # per-layer-type settings (Gemma 3): the global layers' base
-        params = params["full_attention"]
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _rotary_dims(config) -> int:
-    """Rotated dimensions per head: all of them unless a partial rotary factor says otherwise."""
-    params = getattr(config, "rope_parameters", None) or {}
-    return int(_head_dim(config) * params.get("partial_rotary_factor", 1.0))
-
-
-Getter = Callable[[object], "int | float | None"]
-
-# config values every rotary decoder family states the same way (GGUF key template -> value)
-ROTARY_DECODER: dict[str, Getter] = {
-    K.CONTEXT_LENGTH: lambda c: c.max_position_embeddings,
-    K.EMBEDDING_LENGTH: lambda c: c.hidden_size,
-    K.BLOCK_COUNT: lambda c: c.num_hidden_layers,
-    K.FEED_FORWARD_LENGTH: lambda c: c.intermediate_size,
-    K.VOCAB_SIZE: lambda c: c.vocab_size,
-    A.HEAD_COUNT: lambda c: c.num_attention_heads,
-    A.HEAD_COUNT_KV: lambda c: c.num_key_value_heads,
-    A.KEY_LENGTH: _head_dim,
-    A.VALUE_LENGTH: _head_dim,
-    A.LAYERNORM_RMS_EPS: lambda c: c.rms_norm_eps,
-    R.FREQ_BASE: _rope_theta,
-    R.DIMENSION_COUNT: _rotary_dims,
-}
-
-GPT2_METADATA: dict[str, Getter] = {
-    K.CONTEXT_LENGTH: lambda c: c.n_positions,
-    K.EMBEDDING_LENGTH: lambda c: c.n_embd,
-    K.BLOCK_COUNT: lambda c: c.n_layer,
-    K.FEED_FORWARD_LENGTH: lambda c: c.n_inner or 4 * c.n_embd,  # None means 4 x width in GPT-2
-    K.VOCAB_SIZE: lambda c: c.vocab_size,
-    A.HEAD_COUNT: lambda c: c.n_head,
-    A.LAYERNORM_EPS: lambda c: c.layer_norm_epsilon,
-}
-
-
-@dataclass(frozen=True)
-class GgufFamily:
-    """What llama.cpp calls a family and how its file differs from the Hugging Face checkpoint."""
-
-    arch: gguf.MODEL_ARCH
-    metadata: dict[str, Getter]
-    # llama.cpp's LLAMA rope rotates adjacent pairs (2i, 2i+1), HF rotates halves (i, i + d/2): these
-    # tensors' rows are interleaved per head (transformers' GGUF loader undoes it for arch "llama")
-    rotary_interleave: dict[str, Callable[[object], int]] = field(default_factory=dict)
-    transposed: tuple[str, ...] = ()  # GPT-2's Conv1D stores (in, out); GGUF wants (out, in)
-    extra: dict[str, Getter] = field(default_factory=dict)
-    # what llama.cpp assumes and the file cannot say: {description: check}; a child that breaks one is refused
-    requires: dict[str, Callable[[object], bool]] = field(default_factory=dict)
-
-
-LLAMA_ROTARY = {"attn_q": lambda c: c.num_attention_heads, "attn_k": lambda c: c.num_key_value_heads}
-
-FAMILIES: dict[str, GgufFamily] = {
-    "llama": GgufFamily(gguf.MODEL_ARCH.LLAMA, ROTARY_DECODER, rotary_interleave=LLAMA_ROTARY),
-    # llama.cpp runs Mistral as "llama" (its sliding window equals full attention up to the window)
-    "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, ROTARY_DECODER, rotary_interleave=LLAMA_ROTARY),
-    "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, ROTARY_DECODER),
-    "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, ROTARY_DECODER),
-    "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, ROTARY_DECODER,
-                       extra={A.SLIDING_WINDOW: lambda c: c.sliding_window}),
-    "gemma3_text": GgufFamily(gguf.MODEL_ARCH.GEMMA3, ROTARY_DECODER,
-                              extra={A.SLIDING_WINDOW: lambda c: c.sliding_window},
-                              requires={"query_pre_attn_scalar == head_dim":
-                                        lambda c: c.query_pre_attn_scalar == _head_dim(c)}),
-    "gpt2": GgufFamily(gguf.MODEL_ARCH.GPT2, GPT2_METADATA,
-                       transposed=("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")),
-}
-
-# families the gguf package maps but transformers' GGUF loader cannot read back: refused, with the reason
-NOT_READ_BACK = ("smollm3", "olmo2", "gpt_neox")
 
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -141,15 +55,15 @@ class ExportResult:
 
 def exportable_model_types() -> list[str]:
     """The config.model_type values `export_gguf` writes."""
-    return sorted(FAMILIES)
+    return sorted(mt for mt, spec in REGISTRY.items() if mt in spec.gguf)
 
 
-def family_for(model_type: str) -> GgufFamily:
-    """The family table for a model_type, or a one-line error listing the exportable ones."""
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
-    why = (" (llama.cpp reads it, but transformers' GGUF loader cannot read it back to verify the file)"
-           if model_type in NOT_READ_BACK else "")
+def family_for(model_type: str) -> GgufSpec:
+    """The family's GGUF table for a model_type, or a one-line error listing the exportable ones."""
+    spec = REGISTRY.get(model_type)
+    if spec is not None and model_type in spec.gguf:
+        return spec.gguf[model_type]
+    why = f" ({spec.gguf_refused})" if spec is not None and spec.gguf_refused else ""
     raise SubcloneError(f"cannot export model_type={model_type!r} to GGUF{why}; "
                         f"exportable: {', '.join(exportable_model_types())}")
 
@@ -178,7 +92,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, qtype: str = "f3
     writer_ref: dict = {}
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch])
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
         writer_ref["fallback"] = _write_model(writer, family, model, Path(model_dir), qtype)
         writer_ref["tensors"] = len(writer.tensors[0])
         writer.write_header_to_file()
@@ -187,7 +101,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, qtype: str = "f3
         writer.close()
 
     _write_atomically(out, write, overwrite=overwrite)
-    return ExportResult(out, gguf.MODEL_ARCH_NAMES[family.arch], qtype, out.stat().st_size,
+    return ExportResult(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]], qtype, out.stat().st_size,
                         writer_ref["tensors"], time.perf_counter() - start, writer_ref["fallback"])
 
 
@@ -244,7 +158,7 @@ def _write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bo
         raise
 
 
-def _write_model(writer: gguf.GGUFWriter, family: GgufFamily, model, model_dir: Path, qtype: str) -> list[str]:
+def _write_model(writer: gguf.GGUFWriter, family: GgufSpec, model, model_dir: Path, qtype: str) -> list[str]:
     """Metadata, tokenizer and tensors into the writer; returns the tensors that fell back to f16."""
     _add_metadata(writer, family, model.config)
     _add_general(writer, model_dir, qtype)
@@ -252,7 +166,7 @@ def _write_model(writer: gguf.GGUFWriter, family: GgufFamily, model, model_dir: 
     return _add_tensors(writer, family, model, qtype)
 
 
-def _add_metadata(writer: gguf.GGUFWriter, family: GgufFamily, config) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, family: GgufSpec, config) -> None:
     """The family's config values under llama.cpp's key names; a value the config lacks is left out."""
     arch = writer.arch
     for template, getter in {**family.metadata, **family.extra}.items():
@@ -305,10 +219,10 @@ def manifest_facts(manifest: dict) -> dict[str, str]:
 # ---- tensors ---------------------------------------------------------------------------------------
 
 
-def _add_tensors(writer: gguf.GGUFWriter, family: GgufFamily, model, qtype: str) -> list[str]:
+def _add_tensors(writer: gguf.GGUFWriter, family: GgufSpec, model, qtype: str) -> list[str]:
     """Every parameter under its GGUF name, in the requested type; returns the q8_0 -> f16 fallbacks."""
     config = model.config
-    name_map = gguf.get_tensor_name_map(family.arch, _block_count(config))
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch], _block_count(config))
     state = model.state_dict()
     fallback = []
     for hf_name, tensor in state.items():
@@ -335,7 +249,7 @@ def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
     return name
 
 
-def _to_llama_cpp_layout(family: GgufFamily, config, name: str, data: np.ndarray) -> np.ndarray:
+def _to_llama_cpp_layout(family: GgufSpec, config, name: str, data: np.ndarray) -> np.ndarray:
     """The family's layout changes: Conv1D transposed, rotary rows interleaved, norms stored as offsets
     (Gemma's (offset + w) x, from its architecture table) written as the factor llama.cpp multiplies by."""
     leaf = name.split(".", 2)[-1] if name.startswith("blk.") else name

@@ -8,23 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from subclone_core.core.errors import SubcloneError
-
-# Peak learning rate and AdamW weight decay per strategy, used when a candidate gives none.
-# The paper (Table 1) trains subcloned models at lr 1e-4 with low weight decay. On this project's default
-# parent (SmolLM2-135M -> 6 x 192 child, batch 8 x 128, 100-500 steps on CPU) the prototype measured
-# otherwise: random init is best at lr 1e-3, and the subcloned child at 1e-4 is slower than random
-# init while at 1e-3 it reaches random init's best loss 3.3x sooner. So both start at 1e-3 here; the
-# weight decay keeps the paper's split (high for random init, low for inherited weights so that
-# training does not pull them towards zero). first-k, uniform and distillation are unmeasured and use
-# the subcloned child's values. Override per candidate (Candidate.lr / .weight_decay). Weight decay
-# applies to weight matrices only, never to norm gains or biases.
-DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
-    "random": {"lr": 1e-3, "weight_decay": 0.1},
-    "subclone": {"lr": 1e-3, "weight_decay": 1e-3},
-    "subclone+distill": {"lr": 1e-3, "weight_decay": 1e-3},
-    "first-k": {"lr": 1e-3, "weight_decay": 1e-3},
-    "uniform": {"lr": 1e-3, "weight_decay": 1e-3},
-}
+from subclone_core.core.strategies import STRATEGY_SPECS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@=-]*$")  # "@=": runs of a sweep, e.g. subclone@lr=1e-3
 _DEVICES = ("auto", "cpu", "cuda")
@@ -35,7 +19,7 @@ def default_hparams(strategy: str) -> dict[str, float]:
     """The default peak learning rate and weight decay of a strategy.
 
     Args:
-        strategy: a key of DEFAULT_HPARAMS, e.g. "subclone" or "random".
+        strategy: a strategy or training candidate of STRATEGY_SPECS, e.g. "subclone" or "random".
 
     Returns:
         A new dict with "lr" and "weight_decay".
@@ -43,12 +27,12 @@ def default_hparams(strategy: str) -> dict[str, float]:
     Raises:
         SubcloneError: for a strategy with no defaults.
     """
-    if strategy not in DEFAULT_HPARAMS:
+    if strategy not in STRATEGY_SPECS:
         raise SubcloneError(
-            f"no default learning rate for strategy {strategy!r}; known: {', '.join(DEFAULT_HPARAMS)} "
+            f"no default learning rate for strategy {strategy!r}; known: {', '.join(STRATEGY_SPECS)} "
             "(or give lr and weight_decay explicitly)"
         )
-    return dict(DEFAULT_HPARAMS[strategy])
+    return dict(STRATEGY_SPECS[strategy].hparams)
 
 
 @dataclass
@@ -58,8 +42,8 @@ class Candidate:
     Attributes:
         name: label in events, results and the save folder name (letters, digits, ``._+-@=``).
         model: a Hugging Face model that computes its own loss from ``labels``; trained in place.
-        lr: peak learning rate; None takes DEFAULT_HPARAMS[strategy].
-        weight_decay: AdamW weight decay; None takes DEFAULT_HPARAMS[strategy].
+        lr: peak learning rate; None takes the strategy's default (StrategySpec.hparams).
+        weight_decay: AdamW weight decay; None takes the strategy's default (StrategySpec.hparams).
         teacher: a frozen model with the same vocabulary / labels; adds the distillation loss.
         distill_alpha: weight of the distillation term, loss = (1 - a) CE + a T^2 KL.
         distill_temperature: softmax temperature T of the distillation term.

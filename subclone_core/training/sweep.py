@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from subclone_core.core.errors import SubcloneError
-from subclone_core.training.config import DEFAULT_HPARAMS
+from subclone_core.core.strategies import STRATEGY_SPECS
 from subclone_core.training.metrics_log import curves
 from subclone_core.training.results import RunResult, SavePlan
 from subclone_core.training.speedup import best_value
@@ -128,9 +128,9 @@ def sweep_runs(name: str, grid: LrGrid, lr: float | None) -> list[tuple[str, flo
 
 
 def default_lr_grid(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
-    """A small grid around each strategy's default learning rate (DEFAULT_HPARAMS x DEFAULT_FACTORS)."""
-    return {name: tuple(DEFAULT_HPARAMS[name]["lr"] * f for f in DEFAULT_FACTORS)
-            for name in names if name in DEFAULT_HPARAMS}
+    """A small grid around each strategy's default learning rate (StrategySpec.hparams x DEFAULT_FACTORS)."""
+    return {name: tuple(STRATEGY_SPECS[name].hparams["lr"] * f for f in DEFAULT_FACTORS)
+            for name in names if name in STRATEGY_SPECS}
 
 
 def format_lr_sweep(grid: LrGrid) -> str:

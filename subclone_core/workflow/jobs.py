@@ -4,8 +4,9 @@
 same children (one block rule, below), reads the same data budget, and runs on the same engine.
 
 The block rule: every candidate taken from the parent removes blocks by the request's policy (`--drop`,
-or the Blocks page's choice); without one, each strategy uses its own default, except first-k. first-k is
-the paper's no-reordering ablation of subclone (Fig. 14), so it always takes the blocks subclone takes.
+or the Blocks page's choice); without one, each strategy uses its own default (StrategySpec.default_drop:
+first-k, the paper's no-reordering ablation of subclone (Fig. 14), takes the blocks subclone takes), and the
+app's caption states the same rule (block_policy_text).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import DEFAULT_DROP, STRATEGIES, Child, needs_calibration
+from subclone_core.core.strategies import STRATEGY_SPECS, Child, needs_calibration
 from subclone_core.sources import Parent, make_data
 from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.sweep import LrGrid, check_lr_sweep, sweep_runs
@@ -28,7 +29,7 @@ from subclone_core.workflow.children import CALIB_TOKENS, make_child, measure_im
 
 BASELINE = "random"  # random init: the speedup's reference
 DISTILL = "subclone+distill"  # the subcloned child trained with the parent as its teacher
-CANDIDATES = (*STRATEGIES, DISTILL)
+CANDIDATES = tuple(STRATEGY_SPECS)  # every strategy, and subclone+distill
 
 Drop = str | list[int] | None
 
@@ -100,17 +101,24 @@ def parse_names(text: str) -> tuple[str, ...]:
 
 def base_strategy(name: str) -> str:
     """The strategy that builds a candidate's initial weights."""
-    return "subclone" if name == DISTILL else name
+    return STRATEGY_SPECS[name].builds_as or name
 
 
 def block_policy(strategy: str, drop: Drop) -> Drop:
-    """The block rule of the module docstring: random init has no blocks to choose; first-k takes the
-    blocks subclone takes; every other strategy takes the request's policy, or its own default."""
-    if strategy == BASELINE:
+    """The block rule of the module docstring: the request's policy, else the strategy's own default
+    (StrategySpec.default_drop); None for random init, which has no blocks to choose."""
+    default = STRATEGY_SPECS[base_strategy(strategy)].default_drop
+    if default is None:
         return None
-    if strategy == "first-k" and drop is None:
-        return DEFAULT_DROP["subclone"]
-    return drop
+    return default if drop is None else drop
+
+
+def block_policy_text(strategy: str, drop: Drop) -> str:
+    """The block policy a child of this strategy is built with (block_policy), as the app states it."""
+    policy = block_policy(strategy, drop)
+    if policy is None:
+        return "none (random init builds its blocks afresh)"
+    return f"{policy} (the default)" if drop is None else str(policy)
 
 
 def needs_importance(settings: CandidateSettings) -> bool:

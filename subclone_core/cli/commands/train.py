@@ -16,10 +16,10 @@ from subclone_core.cli.commands._training import (
 )
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import subclone_model
+from subclone_core.core.strategies import STRATEGY_SPECS, subclone_model
 from subclone_core.io.saving import load_manifest
 from subclone_core.sources import default_data_id, load_parent
-from subclone_core.training import DEFAULT_HPARAMS, Candidate
+from subclone_core.training import Candidate
 from subclone_core.workflow.jobs import BASELINE, training_data
 
 
@@ -42,7 +42,7 @@ def child_candidate(model, manifest: dict | None, with_baseline: bool) -> Candid
     pretrained); a random-init child next to a random baseline is called "child" to keep names unique.
     """
     strategy = (manifest or {}).get("strategy")
-    if strategy not in DEFAULT_HPARAMS:
+    if strategy not in STRATEGY_SPECS:
         strategy = "subclone"
     name = "child" if strategy == BASELINE and with_baseline else strategy
     return Candidate(name, model, strategy=strategy)

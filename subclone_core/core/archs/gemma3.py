@@ -3,6 +3,7 @@ and the FFN, an embedding multiplied by sqrt(hidden), sliding-window and full la
 
 from dataclasses import replace
 
+from subclone_core.core.archs.gguf_tables import ROTARY_DECODER, SLIDING_WINDOW, GgufSpec, head_dim
 from subclone_core.core.archs.llama import ARCH as LLAMA
 from subclone_core.core.archs.spec import plain, scaled_embedding
 
@@ -23,4 +24,7 @@ ARCH = replace(
     attn_post_norm="post_attention_layernorm",
     ffn_post_norm="post_feedforward_layernorm",
     norm_offset=1.0,
+    gguf={"gemma3_text": GgufSpec("GEMMA3", ROTARY_DECODER, extra=SLIDING_WINDOW,
+                                  requires={"query_pre_attn_scalar == head_dim":
+                                            lambda c: c.query_pre_attn_scalar == head_dim(c)})},
 )

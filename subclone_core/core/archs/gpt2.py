@@ -1,6 +1,17 @@
 """GPT-2: Conv1D weights stored (in, out), fused c_attn, learned positions, LayerNorm with bias, tied head."""
 
+from subclone_core.core.archs.gguf_tables import GgufSpec
 from subclone_core.core.archs.spec import ArchSpec, conv1d, linear, plain
+
+GPT2_METADATA = {
+    "{arch}.context_length": lambda c: c.n_positions,
+    "{arch}.embedding_length": lambda c: c.n_embd,
+    "{arch}.block_count": lambda c: c.n_layer,
+    "{arch}.feed_forward_length": lambda c: c.n_inner or 4 * c.n_embd,  # None means 4 x width in GPT-2
+    "{arch}.vocab_size": lambda c: c.vocab_size,
+    "{arch}.attention.head_count": lambda c: c.n_head,
+    "{arch}.attention.layer_norm_epsilon": lambda c: c.layer_norm_epsilon,
+}
 
 ARCH = ArchSpec(
     name="GPT-2",
@@ -33,4 +44,6 @@ ARCH = ArchSpec(
     config_keys={"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "ffn": "n_inner"},
     ffn_default_multiple=4,
     tied_head=("lm_head.weight", "transformer.wte.weight"),
+    gguf={"gpt2": GgufSpec("GPT2", GPT2_METADATA,
+                           transposed=("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight"))},
 )

@@ -1,6 +1,7 @@
 """GPT-NeoX (Pythia): fused query_key_value interleaved per head, partial rotary positions, LayerNorm with
 bias, parallel attention and FFN (x + attn(ln1 x) + mlp(ln2 x)), untied head by default."""
 
+from subclone_core.core.archs.gguf_tables import READ_BACK_REFUSAL
 from subclone_core.core.archs.spec import ArchSpec, linear, plain
 
 ARCH = ArchSpec(
@@ -36,4 +37,5 @@ ARCH = ArchSpec(
                  "ffn": "intermediate_size"},
     tied_head=("lm_head.weight", "gpt_neox.embed_in.weight"),
     scale_default=False,
+    gguf_refused=READ_BACK_REFUSAL,
 )

@@ -1,5 +1,6 @@
 """Llama-layout decoders: separate q/k/v/o, grouped-query attention, RMSNorm, gated FFN, rotary positions."""
 
+from subclone_core.core.archs.gguf_tables import LLAMA_ROTARY, ROTARY_DECODER, GgufSpec
 from subclone_core.core.archs.spec import ArchSpec, linear, plain
 
 ARCH = ArchSpec(
@@ -40,4 +41,10 @@ ARCH = ArchSpec(
     tied_head=("lm_head.weight", "model.embed_tokens.weight"),
     per_layer_config_keys=("layer_types",),
     scale_default=False,
+    gguf={
+        "llama": GgufSpec("LLAMA", ROTARY_DECODER, rotary_interleave=LLAMA_ROTARY),
+        # llama.cpp runs Mistral as "llama" (its sliding window equals full attention up to the window)
+        "mistral": GgufSpec("LLAMA", ROTARY_DECODER, rotary_interleave=LLAMA_ROTARY),
+        "qwen2": GgufSpec("QWEN2", ROTARY_DECODER),
+    },
 )

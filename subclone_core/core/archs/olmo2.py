@@ -3,6 +3,7 @@ projection width (all heads at once), sliced with the kept heads."""
 
 from dataclasses import replace
 
+from subclone_core.core.archs.gguf_tables import READ_BACK_REFUSAL
 from subclone_core.core.archs.llama import ARCH as LLAMA
 from subclone_core.core.archs.spec import plain
 
@@ -21,4 +22,6 @@ ARCH = replace(
     per_layer_config_keys=(),
     attn_post_norm="post_attention_layernorm",
     ffn_post_norm="post_feedforward_layernorm",
+    gguf={},
+    gguf_refused=READ_BACK_REFUSAL,
 )

@@ -3,6 +3,7 @@
 
 from dataclasses import replace
 
+from subclone_core.core.archs.gguf_tables import ROTARY_DECODER, SLIDING_WINDOW, GgufSpec
 from subclone_core.core.archs.llama import ARCH as LLAMA
 from subclone_core.core.archs.spec import linear, plain
 
@@ -22,4 +23,5 @@ ARCH = replace(
     # so a child keeps hidden = heads x head_dim.
     config_keys={k: v for k, v in LLAMA.config_keys.items() if k != "head_dim"},
     per_layer_config_keys=(),
+    gguf={"phi3": GgufSpec("PHI3", ROTARY_DECODER, extra=SLIDING_WINDOW)},
 )

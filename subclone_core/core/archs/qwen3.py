@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+from subclone_core.core.archs.gguf_tables import ROTARY_DECODER, GgufSpec
 from subclone_core.core.archs.llama import ARCH as LLAMA
 from subclone_core.core.archs.spec import plain
 
@@ -15,4 +16,5 @@ ARCH = replace(
         "self_attn.q_norm.weight": plain("keep"),
         "self_attn.k_norm.weight": plain("keep"),
     },
+    gguf={"qwen3": GgufSpec("QWEN3", ROTARY_DECODER)},
 )

@@ -5,6 +5,7 @@ The config has no head_dim field, but the model reads one when present: the chil
 
 from dataclasses import replace
 
+from subclone_core.core.archs.gguf_tables import READ_BACK_REFUSAL
 from subclone_core.core.archs.llama import ARCH as LLAMA
 
 ARCH = replace(
@@ -12,4 +13,6 @@ ARCH = replace(
     name="SmolLM3",
     model_types=("smollm3",),
     per_layer_config_keys=("no_rope_layers", "layer_types"),
+    gguf={},
+    gguf_refused=READ_BACK_REFUSAL,
 )

@@ -20,7 +20,9 @@ needs no field: block statistics are taken at the block boundary, f(x) = block(x
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from subclone_core.core.archs.gguf_tables import GgufSpec
 
 AXES = ("keep", "residual", "q", "kv", "qkv", "qkv_per_head", "ffn", "gate_up")
 
@@ -118,6 +120,8 @@ class ArchSpec:
     residual_score: str = "read"
     refit_default: bool = True
     refit_ridge: float = 0.1
+    gguf: dict[str, GgufSpec] = field(default_factory=dict)
+    gguf_refused: str | None = None
 
     @property
     def linear_modules(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
