@@ -491,7 +491,7 @@ def section_markdown(results: dict[str, Any], plot: Path) -> str:
     return "\n\n".join(parts)
 
 
-COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "default": "#1f77b4", "random": "#d62728"}
+COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "written-refit": "#9467bd", "default": "#1f77b4", "random": "#d62728"}
 
 
 def _pyplot():
