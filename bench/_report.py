@@ -30,6 +30,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def json_default(value: object) -> None:
+    """json.dumps' fallback for the benchmarks' results: a non-finite float is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
 def table(header: list[str], rows: list[list[object]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, machine, table, write_section
+from bench._report import DOC, fmt_value, json_default, machine, table, write_section
 from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, progress_printer
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
@@ -678,7 +677,7 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
     """The JSON, both plots, the BENCHMARKS.md section and (where it has the markers) the README line."""
     suffix = "-gpu" if results["size"] == "gpu" else ""
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    write_text(paths["json"], json.dumps(results, indent=1, default=_json_default))
+    write_text(paths["json"], json.dumps(results, indent=1, default=json_default))
     plot_curves(results, paths["curves"])
     plot_speedup(results, paths["speedup"])
     write_section(f"budget{suffix}", section_markdown(results, size, paths), paths["doc"])
@@ -688,12 +687,6 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
     for marker, text in texts.items():
         if not replace_marked(readme, marker, text):
             print(f"note: {readme} has no <!-- begin {marker} --> markers; that text is not updated", file=sys.stderr)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -40,7 +40,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, machine, table, write_section
+from bench._report import DOC, fmt_value, json_default, machine, table, write_section
 from bench.bench_training import AGGRESSIVE, lr_text, progress_printer
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
@@ -569,16 +569,10 @@ def outputs(name: str, out: Path | None) -> dict[str, Path]:
 
 def write_all(results: dict[str, Any], paths: dict[str, Path]) -> None:
     """The JSON, the plot and the BENCHMARKS.md section."""
-    write_text(paths["json"], json.dumps(results, indent=1, default=_json_default))
+    write_text(paths["json"], json.dumps(results, indent=1, default=json_default))
     if results["parents"]:
         plot(results, paths["plot"])
     write_section("quality", section_markdown(results, paths["plot"]), paths["doc"])
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
