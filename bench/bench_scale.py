@@ -181,7 +181,7 @@ class ReadCounter:
     def install(self) -> None:
         from accelerate.utils import offload
 
-        from subclone_core import streaming
+        from subclone_core.io import streaming
 
         real, counter = offload.safe_open, self
 
