@@ -107,7 +107,7 @@ def refit_input(weight: Tensor, dim: int, kept: Tensor, gram: Tensor, ridge: flo
     cross[kept, torch.arange(len(kept))] += lam  # G[:, k] + lam S
     mapping = torch.linalg.solve(g_kk + lam * torch.eye(len(kept), dtype=torch.float64), cross.T).T  # (in, k)
     w = weight.double().movedim(dim, -1).to(mapping.device)  # (..., in)
-    return (w @ mapping).movedim(-1, dim).to(weight.dtype)
+    return (w @ mapping).movedim(-1, dim).to(weight.device, weight.dtype)
 
 
 def _block_param(name: str, arch: ArchSpec) -> tuple[int, str] | None:
