@@ -8,6 +8,7 @@ import platform
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from subclone_core.io.atomic import write_text
@@ -28,6 +29,14 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def log_eval_steps(steps: int, count: int) -> tuple[int, ...]:
+    """About ``count`` evaluation steps from 1 to ``steps``, evenly spaced in log(step) (for a log x axis)."""
+    if steps < 2:
+        return ()
+    points = np.unique(np.round(np.geomspace(1, steps, count)).astype(int))
+    return tuple(int(s) for s in points if 1 <= s < steps)
 
 
 def json_default(value: object) -> None:

@@ -32,12 +32,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, json_default, machine, table, write_section
+from bench._report import DOC, fmt_value, json_default, log_eval_steps, machine, table, write_section
 from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, progress_printer
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
@@ -51,7 +50,7 @@ from subclone_core.training.speedup import (
     iso_loss,
     result_track,
 )
-from subclone_core.training.sweep import candidate_of, edge_note, lr_text, parse_lr_sweep, run_name
+from subclone_core.training.sweep import candidate_of, edge_note, grid_edge, lr_text, parse_lr_sweep, run_name
 from subclone_core.workflow.children import make_child, measure_importance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,14 +167,6 @@ class Context:
     from_child: bool = False  # the "parent" is a saved subcloned child: trained as is, random init of its config
 
 
-def log_eval_steps(steps: int, count: int) -> tuple[int, ...]:
-    """About ``count`` evaluation steps from 1 to ``steps``, evenly spaced in log(step) (for a log x axis)."""
-    if steps < 2:
-        return ()
-    points = np.unique(np.round(np.geomspace(1, steps, count)).astype(int))
-    return tuple(int(s) for s in points if 1 <= s < steps)
-
-
 def train_config(size: Size, tokens: int, seed: int, val_len: int, evals: int) -> TrainConfig:
     """Steps for the budget, log-spaced evaluations, the size's precision; 5% warmup then cosine to 0."""
     steps = max(1, tokens // size.step_tokens)
@@ -265,8 +256,7 @@ def sweep(ctx: Context, stage: Stage) -> tuple[list[dict[str, Any]], dict[str, f
         mine = {name: r for name, r in runs.items() if candidate_of(name) == arm}
         winners[arm] = winning_lr(mine, lrs[arm])
         chosen[arm] = mine[run_name(arm, winners[arm])]
-        edge = "lowest" if winners[arm] == min(lrs[arm]) else "highest" if winners[arm] == max(lrs[arm]) else None
-        note = edge_note(arm, winners[arm], edge if len(lrs[arm]) > 1 else None)
+        note = edge_note(arm, winners[arm], grid_edge(winners[arm], lrs[arm]))
         rows += [{**sweep_row(arm, r, stage.tokens), "chosen": r is chosen[arm], "note": note} for r in mine.values()]
     return rows, winners, chosen
 

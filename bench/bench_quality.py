@@ -35,12 +35,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, json_default, machine, table, write_section
+from bench._report import DOC, fmt_value, json_default, log_eval_steps, machine, table, write_section
 from bench.bench_training import AGGRESSIVE, lr_text, progress_printer
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
@@ -50,6 +49,7 @@ from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
 from subclone_core.training.evaluate import evaluate
 from subclone_core.training.speedup import best_value
+from subclone_core.training.sweep import grid_edge
 from subclone_core.workflow.children import measure_importance
 
 DATA = "default"
@@ -230,18 +230,10 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
 # --- the matched training run ---------------------------------------------------------------------------
 
 
-def log_eval_steps(steps: int, count: int) -> tuple[int, ...]:
-    """About ``count`` evaluation steps from 1 to ``steps`` (exclusive), evenly spaced in log(step)."""
-    if steps < 2 or count < 1:
-        return ()
-    points = np.unique(np.round(np.geomspace(1, steps, count + 1)).astype(int))
-    return tuple(int(s) for s in points if 1 <= s < steps)
-
-
 def train_config(plan: TrainPlan, size: Size, val_len: int) -> TrainConfig:
     """The plan's steps with log-spaced evaluations on the whole validation set; 5% warmup then cosine."""
     return TrainConfig(steps=plan.steps, batch_size=plan.batch_size, eval_every=plan.steps,
-                       eval_at=log_eval_steps(plan.steps, plan.evals),
+                       eval_at=log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else (),  # + the last step
                        eval_batches=max(1, math.ceil(val_len / size.eval_batch)), eval_batch_size=size.eval_batch,
                        warmup=0.05, seed=0, device="auto", mixed_precision=plan.precision)
 
@@ -275,9 +267,7 @@ def chosen_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def edge_of(lr: float, lrs: tuple[float, ...]) -> str | None:
     """"low" or "high" when the chosen lr is the lowest or highest of a grid of several, else None."""
-    if len(lrs) < 2:
-        return None
-    return "low" if lr == min(lrs) else "high" if lr == max(lrs) else None
+    return {"lowest": "low", "highest": "high"}.get(grid_edge(lr, lrs))
 
 
 def arm_json(runs: list[dict[str, Any]], lrs: tuple[float, ...]) -> dict[str, Any]:

@@ -216,7 +216,11 @@ def edge_of(runs: Sequence[SweptRun], chosen: str) -> str | None:
     """Where the chosen run's rate sits in its candidate's grid: "lowest" or "highest" at an end of a grid
     of two or more rates, else None."""
     lrs = [r.lr for r in runs if r.candidate == candidate_of(chosen)]
-    lr = next(r.lr for r in runs if r.run == chosen)
+    return grid_edge(next(r.lr for r in runs if r.run == chosen), lrs)
+
+
+def grid_edge(lr: float, lrs: Sequence[float]) -> str | None:
+    """"lowest" or "highest" when ``lr`` is at an end of a grid of two or more rates, else None."""
     if len(lrs) < 2:
         return None
     return "lowest" if lr == min(lrs) else "highest" if lr == max(lrs) else None
