@@ -50,7 +50,16 @@ from subclone_core.training.speedup import (
     iso_loss,
     result_track,
 )
-from subclone_core.training.sweep import candidate_of, edge_note, grid_edge, lr_text, parse_lr_sweep, run_name
+from subclone_core.training.sweep import (
+    candidate_of,
+    choose_runs,
+    edge_note,
+    grid_edge,
+    lr_text,
+    parse_lr_sweep,
+    run_name,
+    runs_from_results,
+)
 from subclone_core.workflow.children import make_child, measure_importance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,11 +260,12 @@ def sweep(ctx: Context, stage: Stage) -> tuple[list[dict[str, Any]], dict[str, f
     cands = [candidate(ctx, stage.shape, arm, lr, stage.seed, run_name(arm, lr)) for arm in stage.arms
              for lr in lrs[arm]]
     runs = train(ctx, cands, stage.tokens, stage.seed, stage.key, stage.evals or ctx.size.evals)
+    picks = choose_runs(runs_from_results(runs, "loss", higher_is_better=False), higher_is_better=False)
     rows, winners, chosen = [], {}, {}
     for arm in stage.arms:
         mine = {name: r for name, r in runs.items() if candidate_of(name) == arm}
-        winners[arm] = winning_lr(mine, lrs[arm])
-        chosen[arm] = mine[run_name(arm, winners[arm])]
+        chosen[arm] = runs[picks[arm]]
+        winners[arm] = chosen[arm].lr
         note = edge_note(arm, winners[arm], grid_edge(winners[arm], lrs[arm]))
         rows += [{**sweep_row(arm, r, stage.tokens), "chosen": r is chosen[arm], "note": note} for r in mine.values()]
     return rows, winners, chosen
@@ -265,13 +275,6 @@ def sweep_row(arm: str, run: RunResult, tokens: int) -> dict[str, Any]:
     curve = run.curve("loss")
     return {"arm": arm, "lr": run.lr, "tokens": tokens, "status": run.status,
             "best": best_value(curve), "final": curve[-1][1] if curve else None}
-
-
-def winning_lr(runs: dict[str, RunResult], lrs: tuple[float, ...]) -> float:
-    """The lr of the lowest best validation loss; the lowest lr when every run diverged."""
-    scored = [(best_value(r.curve("loss")), r.lr) for r in runs.values() if r.status == "done"]
-    scored = [(value, lr) for value, lr in scored if value is not None]
-    return min(scored)[1] if scored else min(lrs)
 
 
 def run_stage(ctx: Context, stage: Stage, lrs: dict[str, float]) -> dict[str, RunResult]:
