@@ -40,7 +40,7 @@ from subclone_core.io.atomic import write_text
 
 DOCS = ROOT / "docs"
 # name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
-SIZES = {"0.1B": (768, 12, 12, 4, 2048), "0.5B": (1024, 24, 16, 4, 5120), "1B": (2048, 20, 32, 8, 5632),
+SIZES = {"0.1B": (768, 12, 12, 4, 2048), "0.25B": (1024, 16, 16, 4, 2816), "0.5B": (1024, 24, 16, 4, 5120), "1B": (2048, 20, 32, 8, 5632),
          "3B": (3072, 28, 24, 8, 8192), "tiny": (64, 4, 4, 2, 128)}
 # calibration tokens per size: what fits in minutes on 2 shared cores (times are reported per 1,000 tokens)
 TOKENS = {"0.1B": 2048, "0.5B": 1024, "1B": 512, "3B": 256, "tiny": 512}

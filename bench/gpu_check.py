@@ -6,6 +6,10 @@
 3. Subclone vs random init, each trained for a fixed number of minutes with bf16 autocast at a GPU-sized batch:
    tokens/s, peak GPU memory, the speedup (`subclone compare`, the one training path).
 4. When more than one GPU is visible, the same under torchrun on two GPUs.
+5. Sequential calibration (`--sequential`: one block at a time from the parent's files) on the check's device
+   against the in-memory calibration of step 1: the same rankings, and the time.
+6. Sharded training (`--fsdp`, FSDP2) under torchrun on up to two GPUs against a plain run of as many steps:
+   the final losses, the time, and the saved child loading as a plain Hugging Face model.
 
     python bench/gpu_check.py [--minutes 1.5] [--out docs/GPU.md] [--parent P]
     python bench/gpu_check.py --dry-run      # tiny random parent on the CPU, seconds (CI runs it)
@@ -159,6 +163,43 @@ def two_gpus(parent_id: str, plan: dict, steps: int, work: Path) -> dict | None:
     return summarize(json.loads((run / "summary.json").read_text()), steps, seconds, plan, 0)
 
 
+def sequential_check(parent_id: str, plan: dict, memory_imp) -> dict:
+    """Sequential calibration of the bf16 parent on the check's device against the in-memory one (step 1)."""
+    from subclone_core.sources.parents import load_parent
+    from subclone_core.workflow.children import measure_importance
+
+    parent = load_parent(parent_id, device=plan["device"], dtype="bfloat16")
+    start = time.perf_counter()
+    imp = measure_importance(parent, tokens=plan["tokens"], sequential=True)
+    out = {"sequential_calib_s": time.perf_counter() - start}
+    out.update(compare_rankings(parent, imp, memory_imp, plan["child"]))
+    return out
+
+
+def fsdp_check(parent_id: str, plan: dict, steps: int, work: Path) -> dict:
+    """`subclone compare --fsdp` under torchrun (two processes: two GPUs, or two CPU processes in a dry run;
+    one process on a single GPU) against the same comparison in this process."""
+    from transformers import AutoModelForCausalLM
+
+    procs = 2 if plan["device"] == "cpu" else max(1, min(2, torch.cuda.device_count()))
+    plain, sharded = work / "plain", work / "fsdp"
+    start = time.perf_counter()
+    _compare(compare_argv(parent_id, plan, steps, plain))
+    plain_s = time.perf_counter() - start
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if plan["device"] == "cpu" else None
+    start = time.perf_counter()
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(procs), "-m", "subclone_core.cli",
+                    *compare_argv(parent_id, plan, steps, sharded), "--fsdp"], check=True, env=env)
+    fsdp_s = time.perf_counter() - start
+    final = {name: {r["name"]: r["final"] for r in json.loads((run / "summary.json").read_text())["rows"]}
+             for name, run in (("plain", plain), ("fsdp", sharded))}
+    loads = type(AutoModelForCausalLM.from_pretrained(sharded / "subclone")).__name__
+    return {"processes": procs, "steps": steps, "plain_s": plain_s, "fsdp_s": fsdp_s, "final": final,
+            "max_rel_diff": max(abs(final["fsdp"][n] - v) / abs(v) for n, v in final["plain"].items()),
+            "saved_class": loads}
+
+
 def report(result: dict, *, dry_run: bool) -> str:
     c, t, two = result["calibration"], result["training"], result.get("two_gpus")
     where = "a CPU dry run on a tiny random parent" if dry_run else result["device_name"]
@@ -178,7 +219,28 @@ def report(result: dict, *, dry_run: bool) -> str:
              "\n## Training: subclone vs random init, bf16 autocast, the same minutes each\n",
              table(["run", "steps each", "tokens/s", "peak GPU GiB", "speedup", "final loss subclone / random"],
                    [_row("one device", t), *([_row("two GPUs (torchrun)", two)] if two else [])])]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _scale_lines(result)) + "\n"
+
+
+def _scale_lines(result: dict) -> list[str]:
+    """The sections of the two paths for parents and children larger than one device (steps 5 and 6)."""
+    seq, fsdp = result["sequential"], result["fsdp"]
+    final = fsdp["final"]
+    return ["\n## Sequential calibration (`--sequential`) against in memory, both bf16 on the check's device\n",
+            table(["measure", "value"], [
+                ["Spearman of the residual scores", f"{seq['spearman_residual']:.4f}"],
+                ["kept residual dimensions / FFN neurons / heads in common",
+                 f"{seq['residual_overlap']:.1%} / {seq['ffn_overlap']:.1%} / {seq['head_overlap']:.1%}"],
+                ["same kept blocks", str(seq["same_blocks"])],
+                ["calibration seconds, sequential / in memory",
+                 f"{seq['sequential_calib_s']:.1f} / {result['calibration']['bf16_calib_s']:.1f}"]]),
+            f"\n## Sharded training (`--fsdp`) on {fsdp['processes']} process(es) against one plain process\n",
+            table(["run", "steps", "seconds", "final loss subclone / random"], [
+                [name, fsdp["steps"], f"{fsdp[name + '_s']:.1f}",
+                 f"{_num(final[name].get('subclone'))} / {_num(final[name].get('random'))}"]
+                for name in ("plain", "fsdp")]),
+            (f"\nLargest relative difference of the final losses: {fsdp['max_rel_diff']:.2e}; the sharded run's "
+             f"saved child loads as {fsdp['saved_class']}.")]
 
 
 def _row(name: str, t: dict) -> list:
@@ -228,10 +290,12 @@ def main() -> int:
     parent_id = dry_parent(work) if args.dry_run else args.parent
     if parent_id != "default" and not args.dry_run:
         plan = {**plan, "child": suggested_child(parent_id)}
-    calibration, _ = calibrations(parent_id, plan)
+    calibration, gpu_imp = calibrations(parent_id, plan)
     training = train_for(parent_id, plan, minutes, work)
     result = {"calibration": calibration, "training": training, "seconds": 0.0,
               "two_gpus": two_gpus(parent_id, plan, training["steps"] // 2 or 1, work),
+              "sequential": sequential_check(parent_id, plan, gpu_imp),
+              "fsdp": fsdp_check(parent_id, plan, 2 * plan["probe_steps"], work),
               "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "parent": "a tiny random parent" if args.dry_run else parent_id, "child": plan["child"]}
     result["seconds"] = time.perf_counter() - start

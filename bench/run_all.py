@@ -1,7 +1,8 @@
 """Run every benchmark in turn; each writes its own section of docs/BENCHMARKS.md.
 
 Run: make bench (about 45 minutes on 2 CPU cores, plus bench_scale.py's synthetic 0.1-3B parents and its
-sequential calibration of the 1B one, about 3 minutes; pass --gpu through to the training benchmark on a GPU).
+sequential calibration of the 1B one, about 3 minutes, and bench_fsdp.py's sharded training of 0.25B and 1B
+children, about 10 minutes; pass --gpu through to the training benchmark on a GPU).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py", "bench_scale.py", "bench_scale.py --sequential"]
+SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py", "bench_scale.py", "bench_scale.py --sequential",
+           "bench_fsdp.py"]
 
 
 def main() -> int:

@@ -31,6 +31,12 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert result["calibration"]["child_dtype"] == "bfloat16"
     assert result["training"]["steps"] >= 1 and result["training"]["tokens_per_s"] > 0
     assert -1.0 <= result["calibration"]["spearman_residual"] <= 1.0
+    # the two paths for parents and children larger than one device
+    assert "Sequential calibration" in text and "Sharded training" in text
+    assert result["sequential"]["spearman_residual"] == pytest.approx(1.0) and result["sequential"]["same_blocks"]
+    fsdp = result["fsdp"]
+    assert fsdp["processes"] == 2 and fsdp["saved_class"] == "LlamaForCausalLM"
+    assert fsdp["max_rel_diff"] < 1e-4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
@@ -51,3 +57,10 @@ def test_bench_scale_sequential_smoke_keeps_the_same_rankings():
     done = run_script("bench/bench_scale.py", "--sequential", "--smoke")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tiny 512 tokens sequential" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_fsdp_smoke_trains_replicated_and_sharded_to_the_same_loss():
+    done = run_script("bench/bench_fsdp.py", "--smoke")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tiny ddp" in done.stdout and "tiny fsdp" in done.stdout

@@ -103,6 +103,9 @@ class TrainConfig:
         device: "auto" (CUDA when available), "cpu" or "cuda".
         mixed_precision: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "no".
         log_every: emit a step event every this many steps.
+        fsdp: shard each candidate's parameters, gradients and optimizer state across the processes of
+            ``torchrun`` (FSDP2) instead of keeping a full replica in each; needs a torchrun launch (or a
+            process group the caller started).
     """
 
     steps: int = 100
@@ -119,6 +122,7 @@ class TrainConfig:
     device: str = "auto"
     mixed_precision: str = "auto"
     log_every: int = 1
+    fsdp: bool = False
 
     def warmup_steps(self) -> int:
         """The warmup length in steps."""

@@ -3,7 +3,8 @@
 Every candidate gets its own iterator over the training data built from the same seed, and its own
 torch RNG stream (dropout) seeded the same way, so interleaving changes nothing: a candidate trains
 exactly as it would alone, and a live chart shows all curves growing together. The same code runs on
-CPU, on one GPU (bf16 autocast) and data-parallel under ``torchrun`` through HF accelerate.
+CPU, on one GPU (bf16 autocast), and under ``torchrun`` either data-parallel (DDP through HF accelerate)
+or sharded (``fsdp``: FSDP2, see subclone_core.training.parallel).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.distill import distillation_loss
 from subclone_core.training.evaluate import evaluate
 from subclone_core.training.metrics_log import MetricsLog, json_safe
+from subclone_core.training.parallel import DataParallel, Sharded, clip_gradients, make_parallel
 from subclone_core.training.results import EvalPoint, RunResult, SavePlan
 from subclone_core.training.schedule import make_scheduler
 from subclone_core.training.support import Callback, Emitter, RngSlot
@@ -47,8 +49,10 @@ class _Context:
     config: TrainConfig
     emit: Emitter
     val_batches: list[dict]  # this process's share of the fixed validation set
+    idle_batches: list[dict]  # run unscored, so that a sharded forward finds every process (see parallel.py)
     bf16: bool
     task: TaskSpec
+    parallel: DataParallel | Sharded
 
     @property
     def device(self) -> torch.device:
@@ -81,8 +85,9 @@ class _Runner:
         cfg = ctx.config
         lr, wd = cand.hparams()
         self.cand, self.ctx, self.teacher = cand, ctx, teacher
-        self.model = ctx.accelerator.prepare_model(_float32_weights(cand.model))
-        self.extra = no_cache_kwargs(ctx.accelerator.unwrap_model(self.model))
+        self.plain_class = type(cand.model)  # what the trained model is gathered into (sharding renames it)
+        self.model = ctx.parallel.wrap(_float32_weights(cand.model))
+        self.extra = no_cache_kwargs(ctx.parallel.inner(self.model))
         self.teacher_extra = no_cache_kwargs(teacher) if teacher is not None else {}
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, wd), lr=lr)
         self.scheduler = make_scheduler(
@@ -129,7 +134,7 @@ class _Runner:
             batch = B.to_device(B.shard(global_batch, acc.process_index, acc.num_processes), self.ctx.device)
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = micro == cfg.grad_accum - 1
-            with nullcontext() if sync else acc.no_sync(self.model):
+            with nullcontext() if sync else self.ctx.parallel.no_sync(self.model):
                 with self.ctx.autocast():
                     loss, parts = self._loss(batch)
                 keys = list(parts)
@@ -158,9 +163,9 @@ class _Runner:
         return loss, {"loss": loss.detach(), "ce": out.loss.detach(), "kl": kl.detach()}
 
     def _clip(self) -> float:
-        """Clip the (already all-reduced) gradients; returns the norm before clipping."""
+        """Clip the gradients (already reduced over the processes); returns the norm before clipping."""
         max_norm = self.ctx.config.max_grad_norm or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        return clip_gradients(list(self.model.parameters()), max_norm)
 
     def _record_step(self, step: int, stats: dict[str, float], lr: float, grad_norm: float) -> None:
         self.result.steps_done = step
@@ -175,9 +180,13 @@ class _Runner:
     def evaluate(self, step: int) -> None:
         """Validate on the fixed set (this process's share, summed over processes) and emit an event."""
         sums = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss_sum, count, correct
+        model = self.ctx.parallel.inner(self.model)
+        if self.ctx.idle_batches:
+            with self.ctx.autocast():
+                evaluate(model, self.ctx.idle_batches)
         if self.ctx.val_batches:  # with more processes than batches a process may hold none
             with self.ctx.autocast():
-                stats = evaluate(self.ctx.accelerator.unwrap_model(self.model), self.ctx.val_batches)
+                stats = evaluate(model, self.ctx.val_batches)
             count = stats[self.ctx.task.unit_name]
             sums += torch.tensor([stats["loss"] * count, count, stats.get("accuracy", 0.0) * count],
                                  dtype=torch.float64, device=self.ctx.device)
@@ -303,6 +312,7 @@ def _training_info(runner: _Runner, ctx: _Context) -> dict[str, Any]:
         "seen": result.seen,
         "unit": ctx.task.unit_name,
         "world_size": ctx.accelerator.num_processes,
+        "parallel": ctx.parallel.name,
         "device": ctx.device.type,
         "bf16_autocast": ctx.bf16,
         "distill": {"alpha": cand.distill_alpha, "temperature": cand.distill_temperature}
@@ -316,14 +326,14 @@ def _save(runner: _Runner, ctx: _Context, folder: Path, preprocessor: Any, base:
     """Save one finished candidate as a complete model folder (written atomically by saving.py)."""
     manifest = dict(base or {})
     manifest["training"] = _training_info(runner, ctx)
-    model = ctx.accelerator.unwrap_model(runner.model)
     card = model_card(manifest, ctx.task.name) if "child" in manifest else None
-    return Path(save_model_folder(model, folder, preprocessor=preprocessor,
+    return Path(save_model_folder(runner.result.model, folder, preprocessor=preprocessor,
                                   manifest=manifest, model_card=card, overwrite=overwrite))
 
 
 def _settle(runners: list[_Runner], ctx: _Context, cancelled_at: int | None) -> None:
-    """Every candidate's final status (and its model, unwrapped, in eval mode)."""
+    """Every candidate's final status and its model: unwrapped (gathered, when sharded, into the main
+    process; None elsewhere), in eval mode. Every process calls this."""
     if cancelled_at is not None:
         message = f"cancelled before step {cancelled_at}; metrics so far are kept, no model was saved"
         ctx.emit("cancelled", None, step=cancelled_at, message=message)
@@ -332,7 +342,8 @@ def _settle(runners: list[_Runner], ctx: _Context, cancelled_at: int | None) -> 
         if result.status == "running":
             result.status = "done" if cancelled_at is None else "cancelled"
             result.message = None if cancelled_at is None else message
-        result.model = ctx.accelerator.unwrap_model(runner.model).eval()
+        model = ctx.parallel.gather(runner.model, runner.plain_class)
+        result.model = model.eval() if model is not None else None
 
 
 def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, save_dir: Path | None,
@@ -357,12 +368,14 @@ def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, sav
 
 
 def _context(acc: Accelerator, config: TrainConfig, emit: Emitter, val_data: Any, task: TaskSpec) -> _Context:
-    """The run-wide state: this process's share of the validation set, autocast, the task."""
+    """The run-wide state: this process's share of the validation set, autocast, the task, replicas or shards."""
     all_val = _validation_batches(val_data, config)
     # this process's share; with more processes than batches a process may hold none
     val_batches = all_val[acc.process_index :: acc.num_processes]
     bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and acc.device.type == "cuda")
-    return _Context(acc, config, emit, val_batches, bf16, task)
+    parallel = make_parallel(acc, config.fsdp)
+    idle = parallel.idle_batches(all_val, len(val_batches))
+    return _Context(acc, config, emit, val_batches, idle, bf16, task, parallel)
 
 
 def _start(candidates: Sequence[Candidate], ctx: _Context, train_data: Any) -> list[_Runner]:
@@ -373,7 +386,8 @@ def _start(candidates: Sequence[Candidate], ctx: _Context, train_data: Any) -> l
                for c in candidates]
     ctx.emit("start", None, candidates=[{"name": r.result.name, "strategy": r.result.strategy, "lr": r.result.lr,
              "weight_decay": r.result.weight_decay, "distill": r.teacher is not None} for r in runners],
-             config=ctx.config.to_dict(), world_size=ctx.accelerator.num_processes, device=ctx.device.type,
+             config=ctx.config.to_dict(), world_size=ctx.accelerator.num_processes, parallel=ctx.parallel.name,
+             device=ctx.device.type,
              unit=ctx.task.unit, metric=ctx.task.metric, higher_is_better=ctx.task.higher_is_better)
     return runners
 
@@ -389,7 +403,9 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
     accumulation and clipping); validation at step 0, every ``eval_every`` steps and at the end, on the
     same fixed batches for all. A non-finite loss or gradient stops that candidate alone; cancellation
     (between rounds) keeps the metrics and saves no model. Under ``torchrun`` every process runs this
-    call on its slice of every batch; only the main process writes, calls callbacks and saves.
+    call on its slice of every batch; only the main process writes, calls callbacks and saves. With
+    ``config.fsdp`` each candidate is sharded across the processes (FSDP2) and gathered into the main
+    process at the end (the other processes' results then hold no model).
 
     Args:
         candidates: the models to train (trained in place), with unique names.

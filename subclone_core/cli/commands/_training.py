@@ -24,6 +24,7 @@ from subclone_core.io.atomic import staged_folder
 from subclone_core.tasks import task_spec
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
 from subclone_core.training.metrics_log import json_safe
+from subclone_core.training.parallel import check_launch
 from subclone_core.training.speedup import (
     HIGHER_IS_BETTER,
     format_iso_loss,
@@ -79,6 +80,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, out_required: bool, se
                         help="validation loss (accuracy for images) to reach (default: random init's best)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: CUDA (bf16 autocast) when available (default auto)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun, shard each candidate's weights, gradients and AdamW state across "
+                             "the processes (FSDP2) instead of a full copy in each; the saved child is gathered "
+                             "into one plain folder")
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="seed of the data order and random init (default 0)")
     parser.add_argument("--report-to", metavar="TRACKER", help=f"also log the curves to {', '.join(REPORT_TO)} "
@@ -92,6 +97,11 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def world_size() -> int:
+    """The number of processes torchrun started (1 for a plain command), known before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def training_config(args: argparse.Namespace) -> TrainConfig:
     """The engine's settings from the flags, validated now so that bad input fails before any loading.
 
@@ -101,8 +111,10 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
     require_finite("--target", args.target)
     eval_every = args.eval_every if args.eval_every is not None else max(1, args.steps // 20)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         warmup=args.warmup, eval_every=eval_every, seed=args.seed, device=args.device)
-    config.validate()
+                         warmup=args.warmup, eval_every=eval_every, seed=args.seed, device=args.device,
+                         fsdp=args.fsdp)
+    config.validate(world_size())
+    check_launch(config.fsdp)
     if args.seq_len < 2:
         raise SubcloneError(f"--seq-len={args.seq_len} must be at least 2")
     if args.eval_images < 1:
