@@ -7,11 +7,11 @@ RSS of the largest torchrun process (the launcher's getrusage(RUSAGE_CHILDREN), 
 largest descendant's peak), the wall time and the final validation loss. Expected: the training state
 (float32 weights, gradients and AdamW's two moments: 16 bytes per parameter) is replicated in every process
 under DDP (plus DDP's gradient buckets, 4 bytes per parameter) and split N ways under FSDP. A mode whose
-training state alone, over all processes, exceeds the machine's memory is not run; its estimate is reported.
+estimated peak over all processes exceeds the machine's memory is not run; its estimate is reported.
 
 Writes docs/fsdp.json and a section of docs/BENCHMARKS.md.
 
-    python bench/bench_fsdp.py [--sizes 0.25B,1B] [--budget-gib 4.5] [--procs 2] [--steps 3] [--work DIR] [--smoke]
+    python bench/bench_fsdp.py [--sizes 0.25B,0.5B] [--budget-gib G] [--procs 2] [--steps 3] [--work DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ MODES = {"ddp": [], "fsdp": ["--fsdp"]}
 BATCH, SEQ_LEN, EVAL_TOKENS = 2, 256, 512
 STATE_BYTES = 16  # float32 weights, gradients, AdamW exp_avg and exp_avg_sq per parameter
 DDP_BUCKET_BYTES = 4  # DDP's flat gradient buckets, another float32 copy of the gradients
+LOAD_BYTES = 4  # every process first holds the whole float32 child (the allocator keeps most of it after sharding)
+RUNTIME_GIB = 1.0  # torch, transformers, the tokenizer and the data, per process
 
 
 def train_argv(child: Path, out: Path, steps: int) -> list[str]:
@@ -89,16 +91,25 @@ def state_gib(mode: str, params: int, procs: int) -> float:
     return params * per_param / 2**30
 
 
+def estimated_peak_gib(mode: str, params: int, procs: int) -> float:
+    """A process's peak: the runtime, the whole float32 child it loads, and its training state."""
+    return RUNTIME_GIB + params * LOAD_BYTES / 2**30 + state_gib(mode, params, procs)
+
+
+def machine_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def measure(size: str, procs: int, steps: int, work: Path, budget_gib: float) -> list[dict]:
-    """Train one child replicated and sharded; a mode whose training state alone would not fit this machine's
-    memory (all processes together) is not run, only its estimate reported."""
+    """Train one child replicated and sharded; a mode whose estimated peak over all processes exceeds 90% of
+    this machine's memory is not run (the kernel would kill it), only its estimate reported."""
     child = write_child(size, work)
-    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rows = []
     for mode, flags in MODES.items():
         row = {"size": size, "parameters": child["parameters"], "mode": mode,
-               "state_gib": state_gib(mode, child["parameters"], procs), "budget_gib": budget_gib}
-        if row["state_gib"] * procs < total_gib:
+               "state_gib": state_gib(mode, child["parameters"], procs), "budget_gib": budget_gib,
+               "estimated_peak_gib": estimated_peak_gib(mode, child["parameters"], procs)}
+        if row["estimated_peak_gib"] * procs < 0.9 * machine_gib():
             argv = [*train_argv(child["folder"], work / f"run-{size}-{mode}", steps), "--overwrite", *flags]
             row.update(run_fresh(procs, argv))
             print(f"{size} {mode}: peak RSS {row['peak_rss_gib']:.2f} GiB per process (largest), training state "
@@ -112,8 +123,9 @@ def _cells(row: dict) -> list[str]:
     hidden, blocks, heads, kv, ffn = SIZES[row["size"]]
     shape = f"{row['parameters'] / 1e9:.2f}B ({blocks} x {hidden}, {heads} heads / {kv} KV, FFN {ffn})"
     if "peak_rss_gib" not in row:
-        return [shape, row["mode"], "not run: more than this machine's memory", f"{row['state_gib']:.2f}", "-", "-",
-                "-"]
+        estimate = row["estimated_peak_gib"]
+        return [shape, row["mode"], f"not run: about {estimate:.1f} (estimate)", f"{row['state_gib']:.2f}",
+                "yes" if estimate <= row["budget_gib"] else "no", "-", "-"]
     fits = "yes" if row["peak_rss_gib"] <= row["budget_gib"] else "no"
     return [shape, row["mode"], f"{row['peak_rss_gib']:.2f}", f"{row['state_gib']:.2f}", fits,
             f"{row['seconds']:.0f}", f"{row['row']['final']:.4f}"]
@@ -129,11 +141,13 @@ def markdown(report: dict) -> str:
          f"of {report['batch_size']} x {report['seq_len']} tokens on the CPU, replicated (DDP) and with `--fsdp`. "
          "Peak RSS: the largest process's (getrusage of the launcher's children). Training state: float32 weights, "
          "gradients and AdamW's two moments, 16 bytes per parameter, in every process under DDP (plus 4 for its "
-         f"gradient buckets) and split {procs} ways under FSDP. Budget: {budget:g} GiB per process. "
-         f"{report['machine']}."),
+         f"gradient buckets) and split {procs} ways under FSDP. Budget: each process's share of this machine's "
+         f"{report['machine_gib']:.0f} GiB, {budget:.1f} GiB. A mode whose estimated peak (1 GiB of runtime, the "
+         "whole float32 child every process loads first, and the training state) over all processes exceeds 90% "
+         f"of the machine is not run: its estimate is shown. {report['machine']}."),
         "",
         table(["child", "mode", "peak RSS per process (GiB)", "training state per process (GiB)",
-               f"fits {budget:g} GiB", "seconds", "final loss"], [_cells(r) for r in report["rows"]]),
+               f"fits {budget:.1f} GiB", "seconds", "final loss"], [_cells(r) for r in report["rows"]]),
         "",
         ("Every process loads the whole child before sharding it (each reads the folder, as `subclone compare` "
          "builds the child in each), so the peak under FSDP is at least the float32 model plus the runtime; what "
@@ -153,8 +167,9 @@ def losses_agree(rows: list[dict]) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="0.25B,1B", help="children of bench_scale.py's SIZES")
-    parser.add_argument("--budget-gib", type=float, default=4.5, help="the per-process budget shown (GiB)")
+    parser.add_argument("--sizes", default="0.25B,0.5B", help="children of bench_scale.py's SIZES")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="the per-process budget shown (default: the machine's memory / --procs)")
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", default=None, help="where the child is written (default: a temporary folder)")
@@ -166,9 +181,10 @@ def main() -> int:
         return 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-fsdp-"))
     sizes = ["tiny"] if args.smoke else args.sizes.split(",")
+    budget = args.budget_gib or machine_gib() / args.procs
     report = {"procs": args.procs, "steps": args.steps, "batch_size": BATCH, "seq_len": SEQ_LEN,
-              "budget_gib": args.budget_gib, "machine": machine(),
-              "rows": [row for size in sizes for row in measure(size, args.procs, args.steps, work, args.budget_gib)]}
+              "budget_gib": budget, "machine_gib": machine_gib(), "machine": machine(),
+              "rows": [row for size in sizes for row in measure(size, args.procs, args.steps, work, budget)]}
     if not args.smoke:
         write_text(DOCS / "fsdp.json", json.dumps(report, indent=1))
         write_section("bench_fsdp", markdown(report))

@@ -201,11 +201,16 @@ class _Runner:
         fields = {k: v for k, v in point.__dict__.items() if v is not None}
         self.ctx.emit("eval", self.cand.name, **fields)
 
+    def release_optimizer(self) -> None:
+        """Free the gradients and the optimizer state: the candidate never steps again."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer = None
+
     def stop(self, step: int, message: str) -> None:
         """Stop this candidate for good (the others go on) and say why."""
         self.result.status, self.result.message = "stopped", message
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer = None  # free its state; the candidate never steps again
+        self.release_optimizer()
         logger.warning("%s: %s", self.cand.name, message)
         self.ctx.emit("error", self.cand.name, step=step, message=message)
 
@@ -342,6 +347,7 @@ def _settle(runners: list[_Runner], ctx: _Context, cancelled_at: int | None) -> 
         if result.status == "running":
             result.status = "done" if cancelled_at is None else "cancelled"
             result.message = None if cancelled_at is None else message
+        runner.release_optimizer()  # before a sharded model is gathered: its full copy needs the room
         model = ctx.parallel.gather(runner.model, runner.plain_class)
         result.model = model.eval() if model is not None else None
 
