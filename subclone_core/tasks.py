@@ -1,9 +1,12 @@
 """The task registry: everything that differs between a causal language model and an image classifier.
 
 One `TaskSpec` per task holds the auto model class, the preprocessor, the data factory, the loss and its
-evaluation, the metric and its unit, the default data and the wording shown to users. An architecture
-table (`subclone_core.core.archs`) names its task; every other module asks this registry and never branches
-on a task name. Adding a task (a sequence classifier, a masked LM) is one more TaskSpec plus tables.
+evaluation, the metric and its unit, the default data and the wording shown to users. A checkpoint's task
+is the one whose model class its architecture class names (`LlamaForSequenceClassification` ends like
+`AutoModelForSequenceClassification`); a config that names none takes its family's default task from the
+architecture table (`subclone_core.core.archs`), which also lays out each task's head. Every other module
+asks this registry and never branches on a task name. Adding a task (a sequence classifier, a masked LM) is
+one more TaskSpec (`register_task`) plus the family table's head entry for it.
 """
 
 from __future__ import annotations
@@ -127,6 +130,11 @@ class TaskSpec:
     config_facts: Callable[[Any], dict[str, Any]] = field(repr=False)
 
     @property
+    def class_suffix(self) -> str:
+        """How the names of this task's model classes end: AutoModelForCausalLM -> "ForCausalLM"."""
+        return self.model_class.removeprefix("AutoModel")
+
+    @property
     def unit(self) -> str:
         """Throughput unit, e.g. "tokens/s"."""
         return f"{self.unit_name}/s"
@@ -187,6 +195,22 @@ IMAGE_CLASSIFICATION = TaskSpec(
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (CAUSAL_LM, IMAGE_CLASSIFICATION)}
 
 
+def register_task(spec: TaskSpec) -> None:
+    """Add a task to the registry: models whose class ends like its model class are then loaded, fed, scored
+    and shown as it says (their family's table needs a head entry for it, ArchSpec.task_heads).
+
+    Raises:
+        SubcloneError: a task of that name, or of that model class, is already registered.
+    """
+    if spec.name in TASKS:
+        raise SubcloneError(f"task {spec.name!r} is already registered; registered: {', '.join(TASKS)}")
+    same_class = [t.name for t in TASKS.values() if t.model_class == spec.model_class]
+    if same_class:
+        raise SubcloneError(f"task {same_class[0]!r} already loads {spec.model_class}; "
+                            f"one task per model class (task {spec.name!r})")
+    TASKS[spec.name] = spec
+
+
 def task_spec(name: str) -> TaskSpec:
     """The spec of a task by name, or an error listing the known tasks."""
     try:
@@ -195,12 +219,30 @@ def task_spec(name: str) -> TaskSpec:
         raise SubcloneError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
 
 
+def task_of_class(class_name: str) -> TaskSpec | None:
+    """The registered task whose model classes end like ``class_name`` (LlamaForCausalLM: causal LM), or None."""
+    matches = [spec for spec in TASKS.values() if class_name.endswith(spec.class_suffix)]
+    return max(matches, key=lambda spec: len(spec.class_suffix), default=None)
+
+
 def task_of_config(config) -> TaskSpec:
-    """The task of a model config, from its family's architecture table."""
-    return task_spec(arch_for(config.model_type).task)
+    """The task of a model config: the one its architecture class (``architectures[0]``) names, else (none named,
+    or a class no registered task loads) its family's default task from the architecture table."""
+    names = getattr(config, "architectures", None) or []
+    return (task_of_class(names[0]) if names else None) or task_spec(arch_for(config.model_type).task)
 
 
 def task_of_model(model: torch.nn.Module) -> TaskSpec:
-    """The task of a loaded model (a DDP or compiled wrapper is looked through)."""
-    inner = getattr(model, "module", model)
-    return task_of_config(inner.config)
+    """The task of a loaded model: the one its class names, else its config's (DDP, FSDP and compiled wrappers
+    are looked through; FSDP2 names a sharded model's class FSDP<class>)."""
+    inner = unwrapped(model)
+    return task_of_class(type(inner).__name__.removeprefix("FSDP")) or task_of_config(inner.config)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / FSDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    for attribute in ("_orig_mod", "module"):
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, torch.nn.Module):
+            return unwrapped(inner)
+    return model

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from subclone_core.core.archs import arch_for
+from subclone_core.core.archs import arch_of_model
 from subclone_core.core.archs.spec import ArchSpec
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
@@ -265,7 +265,7 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
 @contextlib.contextmanager
 def recording(model: nn.Module, sums: _Sums) -> Iterator[_Recorder]:
     """Attach the hooks for the duration of the block and always remove them."""
-    recorder = _Recorder(model, arch_for(model.config.model_type), sums)
+    recorder = _Recorder(model, arch_of_model(model), sums)
     try:
         recorder.attach()
         yield recorder

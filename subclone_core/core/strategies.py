@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from subclone_core.core import __version__
-from subclone_core.core.archs import arch_for
+from subclone_core.core.archs import arch_of_model
 from subclone_core.core.building import build_model
 from subclone_core.core.calibration import Importance
 from subclone_core.core.errors import SubcloneError
@@ -118,7 +118,7 @@ def plan_shape(parent_model: nn.Module, **sizes: int | None) -> Shape:
     """The validated child shape for the given sizes (a size not given keeps the parent's value)."""
     parent = Shape.of(parent_model.config)
     child = target_shape(parent, **sizes)
-    validate_target(parent, child, arch_for(parent_model.config.model_type))
+    validate_target(parent, child, arch_of_model(parent_model))
     return child
 
 
@@ -159,7 +159,7 @@ def subclone_model(
             least-squares refit (slicing.refit_input) of the importance order; None: the family's defaults.
     """
     check_strategy(strategy)
-    arch, parent, order = arch_for(parent_model.config.model_type), Shape.of(parent_model.config), \
+    arch, parent, order = arch_of_model(parent_model), Shape.of(parent_model.config), \
         STRATEGY_SPECS[strategy].order
     validate_target(parent, target, arch)
     scale = arch.scale_default if scale is None else scale
@@ -191,7 +191,7 @@ def _kept(parent: Shape, target: Shape, order: str, policy: str | list[int], imp
 def _sliced_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, sel: Selection, *,
                   scale: bool, untie_head: bool, grams: Mapping[str, Tensor] | None) -> nn.Module:
     """The child model: its config from the parent's with the target sizes, its weights sliced (or refit)."""
-    arch, parent = arch_for(parent_model.config.model_type), Shape.of(parent_model.config)
+    arch, parent = arch_of_model(parent_model), Shape.of(parent_model.config)
     cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
     sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head, grams=grams,
                           ridge=arch.refit_ridge)
@@ -219,7 +219,7 @@ def _refit_choice(refit: bool | None, arch, importance: Importance | None) -> bo
 
 def shape_config(parent_model: nn.Module, target: Shape):
     """The config of a child of shape ``target`` (the first blocks' per-layer settings)."""
-    arch = arch_for(parent_model.config.model_type)
+    arch = arch_of_model(parent_model)
     dummy = Selection(residual=[], blocks=list(range(target.layers)), heads=[], kv_heads=[], ffn=[])
     cfg = child_config_dict(parent_model.config, arch, target, dummy, tie_head=True)
     return type(parent_model.config).from_dict(cfg)

@@ -29,6 +29,7 @@ from subclone_core.core.archs.gguf_tables import GgufSpec
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.atomic import building_file
 from subclone_core.io.saving import MANIFEST_NAME
+from subclone_core.tasks import task_of_config
 
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -58,9 +59,12 @@ def exportable_model_types() -> list[str]:
     return sorted(mt for mt, spec in REGISTRY.items() if mt in spec.gguf)
 
 
-def family_for(model_type: str) -> GgufSpec:
-    """The family's GGUF table for a model_type, or a one-line error listing the exportable ones."""
+def family_for(model_type: str, task: str | None = None) -> GgufSpec:
+    """The family's GGUF table for a model_type (its models of ``task``; None: of its default task), or a one-line
+    error listing the exportable ones."""
     spec = REGISTRY.get(model_type)
+    if spec is not None and task is not None:
+        spec = spec.for_task(task)  # another task's head has no GGUF layout
     if spec is not None and model_type in spec.gguf:
         return spec.gguf[model_type]
     why = f" ({spec.gguf_refused})" if spec is not None and spec.gguf_refused else ""
@@ -114,7 +118,7 @@ def load_child(model_dir: str | Path):
         raise SubcloneError(f"model folder {str(path)!r} has no config.json; give a folder saved by "
                             "`subclone make` or `save_pretrained`")
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    family = family_for(config.model_type)
+    family = family_for(config.model_type, task_of_config(config).name)
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type != "default":  # scaled rope needs extra tensors and keys this exporter does not write
         raise SubcloneError(f"cannot export rope_type={rope_type!r} to GGUF; only rope_type='default' is supported")

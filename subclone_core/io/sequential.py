@@ -34,7 +34,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import Tensor, nn
 
-from subclone_core.core.archs import arch_for
+from subclone_core.core.archs import arch_for, arch_of_model
 from subclone_core.core.calibration import (
     Importance,
     Progress,
@@ -46,7 +46,7 @@ from subclone_core.core.calibration import (
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.io.streaming import CheckpointTensors, checkpoint_tensors, tied_names
-from subclone_core.tasks import task_spec
+from subclone_core.tasks import task_of_config
 
 
 class _Stop(Exception):
@@ -67,12 +67,7 @@ def skeleton(config, model_class: type[nn.Module] | None = None, dtype: torch.dt
     """The model built from its config with every parameter on the meta device (buffers computed in the
     constructor, such as rotary frequencies, are real), in eval mode."""
     config = copy.deepcopy(config)
-    if model_class is None:
-        import transformers
-        auto = getattr(transformers, task_spec(arch_for(config.model_type).task).model_class)
-        build = auto.from_config
-    else:
-        build = model_class._from_config
+    build = task_of_config(config).auto_model().from_config if model_class is None else model_class._from_config
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with init_empty_weights():
         model = build(config, **kwargs)
@@ -123,7 +118,7 @@ def calibrate_sequential(
         folder: the parent's folder with its safetensors checkpoint (one file or sharded with an index).
         batches: dicts of model inputs, as for calibrate.
         config: the parent's config (default: read from ``folder``).
-        model_class: the transformers class to build (default: the Auto class of the family's task).
+        model_class: the transformers class to build (default: the Auto class of the config's task).
         device: where each block runs; its stored inputs stay on the CPU between blocks.
         dtype: the dtype the weights are cast to (default: the config's own).
         max_tokens, data, grams: as for calibrate.
@@ -136,7 +131,7 @@ def calibrate_sequential(
     model, blocks, loader, block_names = _prepare(folder, config, model_class, torch.device(device), dtype)
     device = loader.device
     sums = _Sums(Shape.of(model.config), torch.device("cpu"), grams={} if grams else None)
-    recorder = _Recorder(model, arch_for(model.config.model_type), sums)
+    recorder = _Recorder(model, arch_of_model(model), sums)
     extra = no_cache_kwargs(model)
     masks, calls, hidden, inputs = _record_block_inputs(model, blocks, batches, device, extra, max_tokens)
     tokens = sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1] for m, h in zip(masks, hidden))

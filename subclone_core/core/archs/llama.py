@@ -41,6 +41,9 @@ ARCH = ArchSpec(
     tied_head=("lm_head.weight", "model.embed_tokens.weight"),
     per_layer_config_keys=("layer_types",),
     scale_default=False,
+    head="lm_head",
+    # a sequence classifier (LlamaForSequenceClassification): one score per label from the residual stream
+    task_heads={"sequence-classification": {"score.weight": linear("keep", "residual")}},
     gguf={
         "llama": GgufSpec("LLAMA", ROTARY_DECODER, rotary_interleave=LLAMA_ROTARY),
         # llama.cpp runs Mistral as "llama" (its sliding window equals full attention up to the window)

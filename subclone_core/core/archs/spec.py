@@ -20,9 +20,10 @@ needs no field: block statistics are taken at the block boundary, f(x) = block(x
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from subclone_core.core.archs.gguf_tables import GgufSpec
+from subclone_core.core.errors import SubcloneError
 
 AXES = ("keep", "residual", "q", "kv", "qkv", "qkv_per_head", "ffn", "gate_up")
 
@@ -73,7 +74,7 @@ class ArchSpec:
     Attributes:
         name: family name shown to users.
         model_types: the `config.model_type` values this table serves.
-        task: "causal-lm" or "image-classification".
+        task: the family's default task ("causal-lm" or "image-classification"), whose head global_params holds.
         blocks: dotted path of the ModuleList of transformer blocks.
         attn_out: path, inside a block, of the attention output projection (its input holds the heads).
         ffn_down: path, inside a block, of the FFN down projection (its input holds the FFN neurons).
@@ -99,6 +100,11 @@ class ArchSpec:
             calibration data by default (slicing.refit_input), chosen by measurement.
         refit_ridge: how strongly the refit is pulled towards the plain slice, relative to the mean kept
             diagonal of the Gram matrix (slicing.refit_input), chosen by measurement.
+        gguf: model_type -> how llama.cpp names and lays out the family (io.gguf_export).
+        gguf_refused: why the family has no GGUF layout, where it has none.
+        head: module path of the default task's head (its parameters are the global_params under it).
+        task_heads: task -> the parameters of that task's head (e.g. a sequence classifier's ``score.weight``),
+            which replace the default head's in that task's table (for_task).
     """
 
     name: str
@@ -122,6 +128,23 @@ class ArchSpec:
     refit_ridge: float = 0.1
     gguf: dict[str, GgufSpec] = field(default_factory=dict)
     gguf_refused: str | None = None
+    head: str | None = None
+    task_heads: dict[str, dict[str, Param]] = field(default_factory=dict)
+
+    def for_task(self, task: str) -> ArchSpec:
+        """The table of this family's models of one task: this table for the default task; for another, the
+        default head's parameters replaced by that task's head (tied to the embedding only where the head's
+        parameters include the tied one's name; no GGUF layout)."""
+        if task == self.task:
+            return self
+        if task not in self.task_heads or self.head is None:
+            raise SubcloneError(f"the {self.name} table has no head for task {task!r}; "
+                                f"known: {', '.join([self.task, *self.task_heads])}")
+        head = self.task_heads[task]
+        body = {name: p for name, p in self.global_params.items() if not name.startswith(f"{self.head}.")}
+        tied = self.tied_head if self.tied_head and self.tied_head[0] in head else None
+        return replace(self, task=task, global_params={**body, **head}, tied_head=tied, gguf={},
+                       gguf_refused=f"a {task} head has no GGUF layout")
 
     @property
     def linear_modules(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
