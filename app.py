@@ -44,7 +44,7 @@ def session_summary() -> None:
     lines = [f"**Parent:** {ui.plain(ws.parent_id or 'none yet')}", f"**Data:** {ui.plain(ws.data_label)}"]
     if ws.child is not None:
         shape = ws.child.shape
-        lines.append(f"**Child:** {shape.layers} blocks x {shape.hidden} ({ws.child.manifest['strategy']})")
+        lines.append(f"**Child:** {shape.layers} blocks x {shape.hidden} ({ws.child.manifest.strategy})")
     st.markdown("  \n".join(lines))
 
 

@@ -82,7 +82,7 @@ def calibrate_seed(parent: Parent, data_id: str, tokens: int, seed: int) -> Impo
 
 def validation_batches(parent: Parent, data_id: str, tokens: int, images: int) -> list[dict]:
     val = make_data(parent, data_id, "validation", seq_len=128, max_tokens=tokens, max_images=images)
-    return list(val.batches(8 if parent.task == "causal-lm" else 100))
+    return list(val.batches(8 if parent.task_spec.sequences else 100))
 
 
 def _rounded(values: torch.Tensor | list[float], digits: int = 5) -> list[float]:
@@ -147,6 +147,7 @@ def _scatter_pairs(layers: int) -> list[tuple[int, int]]:
 def step0_table(parent: Parent, importances: dict[int, Importance], shapes: dict[str, dict[str, int]],
                 arms: tuple[Arm, ...], batches: list[dict]) -> list[dict[str, Any]]:
     """Validation loss (and accuracy) of every arm's untrained child, per child shape and calibration seed."""
+    metric = parent.task_spec.metric  # "loss", or "accuracy" beside it
     rows = []
     for shape_key, sizes in shapes.items():
         target = plan_shape(parent.model, **sizes)
@@ -156,7 +157,7 @@ def step0_table(parent: Parent, importances: dict[int, Importance], shapes: dict
                                    **arm.options)
                 result = evaluate(child.model, batches)
                 rows.append({"shape": shape_key, "seed": seed, "arm": arm.name, "loss": result["loss"],
-                             "accuracy": result.get("accuracy"), "removed_blocks": child.manifest.get("removed_blocks")})
+                             metric: result[metric], "removed_blocks": child.manifest.removed_blocks})
                 del child
     return rows
 
@@ -191,7 +192,7 @@ class _StudyRun:
 
     def __init__(self, parent: Parent, study: Study, importances: dict[int, Importance], runs_dir: Any) -> None:
         self.parent, self.study, self.importances, self.runs_dir = parent, study, importances, runs_dir
-        self.metric = "loss" if parent.task == "causal-lm" else "accuracy"
+        self.metric = parent.task_spec.metric
         self.target = plan_shape(parent.model, **study.sizes)
         b = study.budget
         self.train_data = make_data(parent, study.data_id, "train", seq_len=b.seq_len,

@@ -40,7 +40,7 @@ from bench._report import DOC, fmt_value, json_default, log_eval_steps, machine,
 from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, progress_printer
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
-from subclone_core.io.saving import load_manifest
+from subclone_core.io.saving import read_manifest
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
 from subclone_core.training.speedup import (
@@ -720,7 +720,8 @@ def context(args: argparse.Namespace, size: Size, name: str) -> Context:
     parent = load_parent(str(args.from_child) if args.from_child else args.parent)
     importance = None if args.from_child else measure_importance(parent, args.data, tokens=size.calib_tokens)
     if args.from_child:
-        made_from = load_manifest(args.from_child).get("parent", {}).get("label", "a parent")
+        manifest = read_manifest(args.from_child)
+        made_from = (manifest.parent.label if manifest and manifest.parent else None) or "a parent"
         parent.label = f"{parent.label}: a child of {made_from}, saved by `subclone make`"
     return Context(parent, importance, args.data, size, Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")),
                    args.threads, from_child=bool(args.from_child))

@@ -159,7 +159,7 @@ def worker(args: argparse.Namespace) -> dict:
     return {"load_s": loaded - start, "calib_s": calibrated - loaded, "calib_tokens": importance.tokens,
             "calib_s_per_1k": 1000 * (calibrated - loaded) / importance.tokens, "build_save_s": done - calibrated,
             "peak_rss_gib": peak.rss, "peak_anon_gib": peak.anon,
-            "selection": child.manifest["selection"], "kept_blocks": child.manifest["kept_blocks"]}
+            "selection": child.manifest.selection, "kept_blocks": child.manifest.kept_blocks}
 
 
 def cli_worker(argv: list[str]) -> dict:
@@ -348,6 +348,8 @@ def acceptance(work: Path) -> dict:
     """Issue 11's check: peak RssAnon of `make --dtype bfloat16 --max-memory 256MiB` on the 0.5B parent (two
     shards) against the same command on a tiny parent plus three quarters of the parent's size; same indices
     as the in-memory run."""
+    from subclone_core.io.saving import read_manifest  # late: this process stays free of torch
+
     results = {}
     for name, size, budget in (("baseline", "tiny", "256MiB"), ("offload", "0.5B", "256MiB"), ("memory", "0.5B", None)):
         parent = work / f"parent-{size}"
@@ -357,7 +359,7 @@ def acceptance(work: Path) -> dict:
         argv = ["make", "--parent", str(parent), "--dtype", "bfloat16", "--out", str(out), "--overwrite",
                 "--calib-tokens", "512", *child_flags(size), *(["--max-memory", budget] if budget else [])]
         results[name] = run_child("--cli", json.dumps(argv))
-        results[name]["selection"] = json.loads((out / "subclone.json").read_text())["selection"]
+        results[name]["selection"] = read_manifest(out).selection
         print(f"acceptance {name}: peak RssAnon {results[name]['peak_anon_gib']:.2f} GiB", flush=True)
     parent_gib = _facts(work / "parent-0.5B")["bytes"] / 2**30
     limit = results["baseline"]["peak_anon_gib"] + 0.75 * parent_gib

@@ -32,6 +32,7 @@ from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
+from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent
 from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value, speedup_table
 from subclone_core.workflow.children import make_child, measure_importance
 
@@ -185,14 +186,19 @@ def lr_text(lr: float) -> str:
 
 
 def progress_printer(tag: str, steps: int):
-    """An engine callback that prints each validation result to stderr."""
-    def show(event: dict) -> None:
-        if event.get("event") == "eval":
-            value = event.get("accuracy", event.get("loss"))
-            print(f"[{tag}] step {event['step']}/{steps} {event['candidate']}: {value:.4f} "
-                  f"({event['time']:.0f} s)", file=sys.stderr, flush=True)
-        elif event.get("event") == "error":
-            print(f"[{tag}] {event.get('candidate')}: {event.get('message')}", file=sys.stderr, flush=True)
+    """An engine callback that prints each validation result (the task's metric, named by the start event)
+    to stderr."""
+    metric = {"name": "loss"}
+
+    def show(event: Event) -> None:
+        if isinstance(event, StartEvent):
+            metric["name"] = event.metric
+        elif isinstance(event, EvalEvent):
+            value = event.value(metric["name"])
+            print(f"[{tag}] step {event.step}/{steps} {event.candidate}: "
+                  f"{'?' if value is None else f'{value:.4f}'} ({event.time:.0f} s)", file=sys.stderr, flush=True)
+        elif isinstance(event, ErrorEvent):
+            print(f"[{tag}] {event.candidate}: {event.message}", file=sys.stderr, flush=True)
     return show
 
 
@@ -244,7 +250,7 @@ def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: st
                 for v in exp.variants}
     train, val = load_splits(parent, data_id, exp.budget)
     config = train_config(exp.budget, len(val))
-    metric = "loss" if parent.task == "causal-lm" else "accuracy"
+    metric = parent.task_spec.metric
     stages = {"sweep": [v for v in exp.variants if v.lrs], "variants": [v for v in exp.variants if not v.lrs]}
     runs: dict[str, RunResult] = {}
     chosen: dict[str, RunResult | None] = {}
@@ -382,7 +388,7 @@ def settings_text(parent: Parent, outcomes: list[Outcome], calib_tokens: int | N
         lines.append(f"Calibration: {calib_tokens} token positions, measured once and shared by every child.")
     for o in outcomes:
         b = o.experiment.budget
-        val = f"{b.val_tokens} tokens" if parent.task == "causal-lm" else f"{b.val_images} images"
+        val = f"{b.val_tokens} tokens" if parent.task_spec.sequences else f"{b.val_images} images"
         lines.append(f"{o.experiment.key}: {b.steps} steps of {b.units(parent.task)}, AdamW, 5% warmup then "
                      f"cosine to 0, validation on {val} every {b.eval_every} steps; {o.seconds / 60:.1f} min.")
     lines.append("Every candidate sees the identical batches in the identical order (seed 0). Each swept "

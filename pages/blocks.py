@@ -7,6 +7,7 @@ import streamlit as st
 
 from subclone_core.app import charts, ui
 from subclone_core.app.inputs import duration_text
+from subclone_core.app.jobs import BlockEvent
 from subclone_core.app.longsteps import (
     ABLATION_TOKENS,
     ablation_work,
@@ -16,6 +17,7 @@ from subclone_core.app.longsteps import (
 )
 from subclone_core.core.selection import pick_blocks
 from subclone_core.core.shape import Shape, suggested_layers
+from subclone_core.training.events import Event, of_kind
 
 POLICIES = {"magnitude": "Magnitude: drop the blocks that change the stream least",
             "middle": "Middle: drop a contiguous span in the middle", "manual": "Manual pick"}
@@ -56,9 +58,9 @@ st.plotly_chart(charts.block_bars(importance, removed), key="chart_blocks")
 
 
 
-def partial_bars(events: list[dict]) -> None:
+def partial_bars(events: list[Event]) -> None:
     """The bars known so far, while the other blocks are still being evaluated."""
-    known = {e["index"]: e["loss"] for e in events if e.get("event") == "block"}
+    known = {e.index: e.loss for e in of_kind(events, BlockEvent)}
     if known:
         losses = [known.get(i) for i in range(layers)]
         st.plotly_chart(charts.ablation_bars(known.get(-1), losses, removed), key="chart_ablation_partial")

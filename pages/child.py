@@ -18,6 +18,7 @@ from subclone_core.app.longsteps import (
 from subclone_core.app.steps import child_settings, save_child_folder
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
 from subclone_core.core.strategies import STRATEGY_SPECS, parameter_count, plan_shape
 from subclone_core.workflow.jobs import block_policy_text
@@ -120,13 +121,13 @@ def expectation(step0: dict[str, dict]) -> None:
                    "training.", icon=":material/warning:")
 
 
-def remedies(manifest: dict) -> list[str]:
+def remedies(manifest: Manifest) -> list[str]:
     """What helps a child that starts worse than random init, most effective first (docs/BENCHMARKS.md,
     real-parent quality), leaving out what this child already has."""
     helps = []
-    if manifest.get("order") == "importance" and not manifest.get("refit"):
+    if manifest.order == "importance" and not manifest.refit:
         helps.append("the least-squares refit (the largest gain on both real parents)")
-    if manifest.get("order") == "importance" and manifest.get("residual_score") != "read":
+    if manifest.order == "importance" and manifest.residual_score != "read":
         helps.append("ranking the residual stream by what reads it")
     return [*helps, "more blocks or width", "the magnitude block policy", "no weight scaling"]
 
@@ -249,7 +250,7 @@ if target is None:
 if ws.child is not None:
     st.divider()
     shape = ws.child.shape
-    st.subheader(f"The child: {shape.layers} blocks x {shape.hidden} ({ws.child.manifest['strategy']})")
+    st.subheader(f"The child: {shape.layers} blocks x {shape.hidden} ({ws.child.manifest.strategy})")
     if ws.step0 is not None:
         show_report(ws.step0)
     save_and_download(parent.task)

@@ -12,6 +12,7 @@ from subclone_core.app.inputs import app_words, duration_text
 from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob
 from subclone_core.app.speedup_chart import iso_loss_chart_from_events
 from subclone_core.app.steps import EXTRA_STRATEGIES, TrainRequest, fresh_folder, training_work
+from subclone_core.training.events import StartEvent, of_kind
 from subclone_core.training.sweep import default_lr_grid, format_lr_sweep, parse_lr_sweep
 
 POLL_SECONDS = 1.0
@@ -93,7 +94,7 @@ def show_status(job: BackgroundJob) -> None:
     else:
         why = " because no page polled it for a minute (its tab was closed)" if job.orphaned else ""
         st.success(f"Training {job.status}{why} after {job.elapsed():.0f} s.", icon=":material/check_circle:")
-    every = next((e["config"].get("eval_every") for e in job.events() if e.get("event") == "start"), None)
+    every = next((e.config.get("eval_every") for e in of_kind(job.events(), StartEvent)), None)
     if every:
         st.caption(f"Speedups are read at the validation points, every {every} steps: \"1.0x\" means the child "
                    f"reached random init's best loss within {every} steps of it, not that they are level. Until "

@@ -167,6 +167,10 @@ class TaskSpec:
         mask = batch.get("attention_mask")
         return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
+    def correct(self, result: dict[str, Any]) -> float:
+        """The correct predictions behind an evaluation result (0 for a task scored by its loss alone)."""
+        return result["accuracy"] * result[self.unit_name] if self.metric == "accuracy" else 0.0
+
     def result(self, loss_sum: float, count: int, correct: int) -> dict[str, float]:
         """The evaluation dict: {"loss", "perplexity", "tokens"} or {"loss", "accuracy", "images"}."""
         loss = loss_sum / count

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from subclone_core.app import analysis, charts
-from subclone_core.app.jobs import BackgroundJob, JobLimiter, ServerBusy
+from subclone_core.app.jobs import BackgroundJob, FailedEvent, JobLimiter, ServerBusy, StatusEvent
 from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.app.steps import TrainRequest, child_settings, make_children, store_upload, training_work
 from subclone_core.core.calibration import Importance
@@ -20,6 +20,7 @@ from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import load_parent
+from subclone_core.training.events import EvalEvent, StartEvent, StepEvent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +92,7 @@ def test_output_paths_and_allowed_roots(tmp_path):
 def waiting_work(release: threading.Event):
     """Work that emits one event, then waits for `release` (or a cancel) and returns how it ended."""
     def work(emit, cancel):
-        emit({"event": "status", "message": "working"})
+        emit(StatusEvent(message="working"))
         while not (release.is_set() or cancel.is_set()):
             time.sleep(0.01)
         return "released" if release.is_set() else "cancelled"
@@ -143,7 +144,7 @@ def test_job_events_are_its_own_and_failures_end_with_a_message():
     for work, expected in ((user_error, "batch_size"), (oom, "out of memory"), (bug, "KeyError")):
         job = BackgroundJob(work, limiter=limiter).start()
         assert job.wait(10) and job.status == "failed"
-        assert expected in job.error and job.events()[-1]["event"] == "failed"
+        assert expected in job.error and isinstance(job.events()[-1], FailedEvent)
     release = threading.Event()
     a, b = (BackgroundJob(waiting_work(release), limiter=limiter).start() for _ in range(2))
     wait_until(lambda: a.events() and b.events())
@@ -166,15 +167,14 @@ def test_a_job_starts_only_once():
 
 def test_live_summary_gives_speedup_and_throughput():
     evals = {"random": [(0, 5.0), (10, 4.0), (20, 3.0)], "subclone": [(0, 4.0), (10, 3.0)]}
-    events = [{"event": "eval", "candidate": name, "step": step, "loss": loss}
-              for name, curve in evals.items() for step, loss in curve]
-    events.append({"event": "step", "candidate": "subclone", "step": 10, "loss": 3.1, "throughput": 100.0,
-                   "unit": "tokens/s"})
+    events = [EvalEvent(candidate=name, step=step, loss=loss) for name, curve in evals.items() for step, loss in curve]
+    events.append(StepEvent(candidate="subclone", step=10, loss=3.1, throughput=100.0, unit="tokens/s"))
     rows = {r["model"]: r for r in analysis.live_summary(events)}
     assert rows["subclone"]["speedup vs random"] == "2.0x" and rows["subclone"]["tokens/s"] == 100.0
     assert rows["random"]["speedup vs random"] == "baseline"
     assert len(analysis.metrics_rows(events)) == len(events)
-    assert analysis.run_progress([{"event": "start", "config": {"steps": 50}}, *events]) == (10, 50)
+    assert analysis.metrics_rows(events)[-1]["throughput"] == 100.0
+    assert analysis.run_progress([StartEvent(config={"steps": 50}), *events]) == (10, 50)
 
 
 def test_memory_check_and_zip(tmp_path):
@@ -211,9 +211,8 @@ def test_score_curve_block_bars_and_loss_chart():
     assert (len(kept.x), len(dropped.x)) == (4, 2) and kept.y[0] >= kept.y[-1] >= dropped.y[0]
     bars = charts.block_bars(imp, removed=[1])
     assert list(bars.data[0].marker.color) == [charts.KEPT, charts.DROPPED, charts.KEPT]
-    events = [{"event": "step", "candidate": "subclone", "step": 1, "loss": 3.0},
-              {"event": "eval", "candidate": "subclone", "step": 0, "loss": 4.0},
-              {"event": "eval", "candidate": "random", "step": 0, "loss": 5.0}]
+    events = [StepEvent(candidate="subclone", step=1, loss=3.0), EvalEvent(candidate="subclone", step=0, loss=4.0),
+              EvalEvent(candidate="random", step=0, loss=5.0)]
     names = [trace.name for trace in charts.loss_chart(events).data]
     assert names == ["subclone train", "subclone validation", "random validation"]
     assert charts.ablation_bars(2.0, [2.5, 3.0], [1]).data[0].marker.color == (charts.KEPT, charts.DROPPED)
@@ -247,7 +246,7 @@ def test_training_work_trains_copies_side_by_side_and_saves(parent, text_file, t
     assert job.wait(120), job.status
     assert job.status == "done", job.error
     events = job.events()
-    evals = {(e["candidate"], e["step"]) for e in events if e["event"] == "eval"}
+    evals = {(e.candidate, e.step) for e in events if isinstance(e, EvalEvent)}
     assert evals == {(c, s) for c in ("subclone", "random", "first-k") for s in (0, 2, 4)}
     statuses = {name: r.status for name, r in job.result.items()}
     assert statuses == dict.fromkeys(("subclone", "random", "first-k"), "done")

@@ -11,7 +11,8 @@ import pytest
 from test_app_pages import APP, TIMEOUT, errors, run, settle, start_app, train_on_page, workdir  # noqa: F401 (workdir: a fixture)
 
 from subclone_core.app.inputs import app_words, duration_text, range_label, range_problem, without_suggestion
-from subclone_core.app.jobs import BackgroundJob, JobLimiter, cancellable
+from subclone_core.app.jobs import BackgroundJob, JobLimiter, ProgressEvent, cancellable
+from subclone_core.training.events import StepEvent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,7 +22,7 @@ def _steps_until_cancelled(emit, cancel: threading.Event) -> int:
     step = 0
     while not cancel.is_set():
         step += 1
-        emit({"event": "step", "step": step})
+        emit(StepEvent(step=step, loss=None))
         time.sleep(0.01)
     return step
 
@@ -30,8 +31,8 @@ def test_a_job_nobody_polls_is_cancelled_and_keeps_its_events():
     limiter = JobLimiter(max_running=1, max_queued=2)
     job = BackgroundJob(_steps_until_cancelled, name="orphan", limiter=limiter, orphan_after=0.4).start()
     assert job.wait(10) and job.status == "cancelled" and job.orphaned
-    steps = [e for e in job.events() if e.get("event") == "step"]
-    assert len(steps) > 5 and job.result == steps[-1]["step"]  # the metrics stay readable
+    steps = [e for e in job.events() if isinstance(e, StepEvent)]
+    assert len(steps) > 5 and job.result == steps[-1].step  # the metrics stay readable
     assert limiter.snapshot()["running"] == 0  # the slot is free for the next session
 
 
@@ -93,7 +94,7 @@ def test_a_cancelled_progress_callback_stops_the_work():
 
     job = BackgroundJob(work).start()
     assert job.wait(5) and job.status == "cancelled" and job.result is None
-    assert [e["done"] for e in job.events()] == [1, 2, 3]
+    assert [e.done for e in job.events()] == [1, 2, 3]
 
 
 def test_messages_and_ranges_in_the_apps_words():
@@ -160,7 +161,7 @@ def test_an_orphaned_training_job_is_cancelled_and_frees_the_slot(workdir, monke
     assert job.orphan_after is not None
     # the tab is closed: nothing polls any more
     assert job.wait(30) and job.status == "cancelled" and job.orphaned
-    assert any(e.get("event") == "step" for e in job.events())  # its metrics are kept
+    assert any(isinstance(e, StepEvent) for e in job.events())  # its metrics are kept
     run(at)  # the session comes back: the page says what happened
     assert any("no page polled it" in s.value for s in at.success)
 
@@ -221,7 +222,7 @@ def test_the_vit_parent_is_pretrained_in_the_background_then_loaded(monkeypatch,
     run(at)
     job, _ = at.session_state["workspace"].steps["build-vit"]
     assert job.wait(120) and job.status == "done", job.error
-    assert any(e.get("event") == "progress" for e in job.events())  # the bar had something to show
+    assert any(isinstance(e, ProgressEvent) for e in job.events())  # the bar had something to show
     run(at)
     assert at.session_state["workspace"].parent_id == "default-vit"
     assert not errors(at)

@@ -16,6 +16,7 @@ from test_app_pages import (  # noqa: F401 (workdir: a fixture)
     workdir,
 )
 
+from subclone_core.training.events import DoneEvent, EvalEvent, StartEvent, StepEvent
 from subclone_core.training.speedup import iso_loss_by_candidate, tracks_from_events
 from subclone_core.training.sweep import (
     candidate_of,
@@ -93,14 +94,14 @@ def validation_losses(events) -> dict[str, list[tuple[int, float]]]:
     """Each run's (step, validation loss) points, straight from the job's events."""
     out: dict[str, list[tuple[int, float]]] = {}
     for event in events:
-        if event.get("event") == "eval":
-            out.setdefault(event["candidate"], []).append((event["step"], event["loss"]))
+        if isinstance(event, EvalEvent):
+            out.setdefault(event.candidate, []).append((event.step, event.loss))
     return out
 
 
 def expected_choice(events) -> dict[str, str]:
     """Each candidate's run with the lowest best validation loss (ties: the lower lr), computed here."""
-    lrs = {c["name"]: c["lr"] for c in next(e for e in events if e.get("event") == "start")["candidates"]}
+    lrs = {c.name: c.lr for c in next(e for e in events if isinstance(e, StartEvent)).candidates}
     best = {swept: min(loss for _, loss in points) for swept, points in validation_losses(events).items()}
     out: dict[str, str] = {}
     for swept, value in best.items():
@@ -167,16 +168,16 @@ def test_the_train_page_sweeps_learning_rates_and_charts_each_models_best_run(wo
     # every (candidate, lr) pair was its own run, trained all the way
     grid = parse_lr_sweep(SWEEP, names)
     runs = [run_name(name, lr) for name, lrs in grid.items() for lr in lrs]
-    start = next(e for e in events if e.get("event") == "start")
-    assert sorted(c["name"] for c in start["candidates"]) == sorted(runs)
-    assert {c["name"]: c["lr"] for c in start["candidates"]} == {
+    start = next(e for e in events if isinstance(e, StartEvent))
+    assert sorted(c.name for c in start.candidates) == sorted(runs)
+    assert {c.name: c.lr for c in start.candidates} == {
         run_name(name, lr): pytest.approx(lr) for name, lrs in grid.items() for lr in lrs}
-    done = {e["candidate"]: e["status"] for e in events if e.get("event") == "done"}
+    done = {e.candidate: e.status for e in events if isinstance(e, DoneEvent)}
     assert done == dict.fromkeys(runs, "done")
     last_step = {}
     for event in events:
-        if event.get("event") == "step":
-            last_step[event["candidate"]] = event["step"]
+        if isinstance(event, StepEvent):
+            last_step[event.candidate] = event.step
     assert last_step == dict.fromkeys(runs, 6)
     losses = validation_losses(events)
     assert {swept: [s for s, _ in points] for swept, points in losses.items()} == {r: [0, 2, 4, 6]

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from subclone_core.cli.main import main
-from subclone_core.io.saving import load_manifest
+from subclone_core.core.manifest import CalibrationRecord
+from subclone_core.io.saving import read_manifest
 from tests import tiny_models as tm
 
 
@@ -43,10 +44,10 @@ def test_make_writes_a_plain_hugging_face_folder(llama_dir, text_file, tmp_path,
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 3 and model.config.num_key_value_heads == 1
     assert AutoTokenizer.from_pretrained(out)("w5 w6")["input_ids"] == [5, 6]
-    manifest = load_manifest(out)
-    assert manifest["parent"]["id"] == str(llama_dir) and len(manifest["parent"]["weights_sha256"]) == 64
-    assert manifest["calibration"] == {"data": str(text_file), "tokens": 512}
-    assert len(manifest["removed_blocks"]) == 1 and manifest["removed_blocks"][0] not in (0, 3)
+    manifest = read_manifest(out)
+    assert manifest.parent.id == str(llama_dir) and len(manifest.parent.weights_sha256) == 64
+    assert manifest.calibration == CalibrationRecord(str(text_file), 512)
+    assert len(manifest.removed_blocks) == 1 and manifest.removed_blocks[0] not in (0, 3)
     assert "subclone" in (out / "README.md").read_text()
 
 
@@ -89,9 +90,9 @@ def test_data_free_strategy_needs_no_data(llama_dir, tmp_path, capsys):
     code, _, err = run_cli(["make", "--parent", llama_dir, "--out", tmp_path / "u", "--strategy", "uniform",
                                  "--layers", 2, "--json"], capsys)
     assert code == 0, err
-    manifest = load_manifest(tmp_path / "u")
-    assert manifest["calibration"] is None and manifest["kept_blocks"] == [0, 1]
-    assert manifest["selection"]["residual"] == list(range(64))
+    manifest = read_manifest(tmp_path / "u")
+    assert manifest.calibration is None and manifest.kept_blocks == [0, 1]
+    assert manifest.selection["residual"] == list(range(64))
 
 
 def test_inspect_writes_importance_and_block_statistics(llama_dir, text_file, tmp_path, capsys):

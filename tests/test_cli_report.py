@@ -16,7 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from subclone_core.training import trackers
-from subclone_core.training.metrics_log import read_metrics
+from subclone_core.training.events import parse_event
 from subclone_core.training.speedup import speedup
 from subclone_core.training.trackers import TrackerCallback
 from tests.test_cli_train import FAST, ROOT, run_cli
@@ -42,6 +42,11 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     reader = EventAccumulator(str(run_dir))
     reader.Reload()
     return {tag: {e.step: e.value for e in reader.Scalars(tag)} for tag in reader.Tags()["scalars"]}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl as its raw JSON objects (what the trackers must agree with, read independently)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def expected_scalars(events: list[dict], candidate: str) -> dict[str, dict[int, float]]:
@@ -98,11 +103,13 @@ def test_compare_summary_holds_the_iso_loss_curve_and_the_table_prints_its_level
 
 def feed(callback: TrackerCallback, order: list[str], curves: dict[str, list[float]]) -> None:
     """Start and evaluation events as the engine sends them: candidates in ``order`` at steps 0, 10, 20..."""
-    callback({"event": "start", "candidate": None, "candidates": [{"name": n, "lr": 1e-3} for n in order],
-              "config": {"steps": 10 * (len(curves["random"]) - 1)}, "metric": "loss", "higher_is_better": False})
+    callback(parse_event({"event": "start", "candidate": None, "candidates": [{"name": n, "lr": 1e-3} for n in order],
+                          "config": {"steps": 10 * (len(curves["random"]) - 1)}, "metric": "loss",
+                          "higher_is_better": False}))
     for i in range(len(curves["random"])):
         for name in order:
-            callback({"event": "eval", "candidate": name, "step": 10 * i, "seen": 100 * i, "loss": curves[name][i]})
+            callback(parse_event({"event": "eval", "candidate": name, "step": 10 * i, "seen": 100 * i,
+                                  "loss": curves[name][i]}))
 
 
 @pytest.mark.parametrize("order", [["child", "random"], ["random", "child"]])

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
 
 from subclone_core.cli.main import main
-from subclone_core.io.saving import load_manifest
-from subclone_core.training.metrics_log import read_metrics
+from subclone_core.io.saving import read_manifest
+from subclone_core.training.events import DoneEvent, EvalEvent, StartEvent, StepEvent, read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", 6, "--eval-every", 3, "--batch-size", 4, "--seq-len", 16, "--quiet"]
@@ -78,23 +78,23 @@ def test_compare_json_has_one_row_per_strategy_with_the_table_fields(compare_run
 
 def test_compare_writes_metrics_and_a_summary_and_saves_loadable_models(compare_run):
     out, summary = compare_run["out"], compare_run["summary"]
-    events = read_metrics(out / "metrics.jsonl")
-    assert events[0]["event"] == "start" and len(events[0]["candidates"]) == 5
-    assert [c["distill"] for c in events[0]["candidates"]] == [False, True, False, False, False]
-    assert len([e for e in events if e["event"] == "step"]) == 5 * 6
-    evals = [e for e in events if e["event"] == "eval" and e["candidate"] == "random"]
-    assert [e["step"] for e in evals] == [0, 3, 6]
-    assert [e["final"]["loss"] for e in events if e["event"] == "done"] == [r["final"] for r in summary["rows"]]
+    events = read_events(out / "metrics.jsonl")
+    assert isinstance(events[0], StartEvent) and len(events[0].candidates) == 5
+    assert [c.distill for c in events[0].candidates] == [False, True, False, False, False]
+    assert len([e for e in events if isinstance(e, StepEvent)]) == 5 * 6
+    evals = [e for e in events if isinstance(e, EvalEvent) and e.candidate == "random"]
+    assert [e.step for e in evals] == [0, 3, 6]
+    assert [e.final.loss for e in events if isinstance(e, DoneEvent)] == [r["final"] for r in summary["rows"]]
     assert json.loads((out / "summary.json").read_text()) == summary
     for name in ("subclone+distill", "random"):
         folder = out / name
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 24
         assert AutoTokenizer.from_pretrained(folder)("w5 w6")["input_ids"] == [5, 6]
-        manifest = load_manifest(folder)
-        assert manifest["training"]["steps_done"] == 6
-    assert load_manifest(out / "subclone+distill")["training"]["distill"]["alpha"] == 0.5
-    assert load_manifest(out / "subclone")["strategy"] == "subclone"
+        manifest = read_manifest(folder)
+        assert manifest.training.steps_done == 6
+    assert read_manifest(out / "subclone+distill").training.distill["alpha"] == 0.5
+    assert read_manifest(out / "subclone").strategy == "subclone"
 
 
 def test_train_child_beside_its_random_twin_prints_the_table(child_dir, text_file, tmp_path):
@@ -111,9 +111,10 @@ def test_train_child_beside_its_random_twin_prints_the_table(child_dir, text_fil
     child, twin = (AutoModelForCausalLM.from_pretrained(out / name) for name in ("subclone", "random"))
     assert child.config.to_dict()["num_hidden_layers"] == twin.config.num_hidden_layers == 3
     assert sum(p.numel() for p in child.parameters()) == sum(p.numel() for p in twin.parameters())
-    manifest = load_manifest(out / "subclone")
-    assert manifest["parent"]["id"] == load_manifest(child_dir)["parent"]["id"]  # provenance kept
-    assert load_manifest(out / "random")["strategy"] == "random"
+    manifest = read_manifest(out / "subclone")
+    assert manifest.parent.id == read_manifest(child_dir).parent.id  # provenance kept
+    assert read_manifest(out / "random").strategy == "random"
+    assert read_manifest(out / "random").parent.twin_of == str(child_dir)
 
 
 def test_train_without_a_baseline_has_no_speedup_and_says_why(child_dir, text_file, tmp_path):
@@ -226,9 +227,9 @@ def test_compare_runs_unchanged_under_torchrun_with_two_processes(llama_dir, tex
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # only the main process prints
-    events = read_metrics(out / "metrics.jsonl")
-    assert [e["event"] for e in events].count("start") == 1 and events[0]["world_size"] == 2
-    assert len([e for e in events if e["event"] == "step"]) == 2 * 6  # one event per step, not per process
+    events = read_events(out / "metrics.jsonl")
+    assert [e.event for e in events].count("start") == 1 and events[0].world_size == 2
+    assert len([e for e in events if isinstance(e, StepEvent)]) == 2 * 6  # one event per step, not per process
     assert all(r["seen"] == 6 * 4 * 16 for r in summaries[0]["rows"])  # the global batch, split in two
     for name in ("subclone", "random"):
-        assert load_manifest(out / name)["training"]["world_size"] == 2
+        assert read_manifest(out / name).training.world_size == 2

@@ -103,7 +103,7 @@ def test_removing_a_block_equals_skipping_it(family):
     handle = block.register_forward_hook(lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"],
                                          with_kwargs=True)
     assert_matches_parent_with_hooks(parent, child, [handle])
-    assert child.manifest["removed_blocks"] == [1]
+    assert child.manifest.removed_blocks == [1]
 
 
 def test_scaling_multiplies_linear_weights_by_sqrt_fan_in_ratio():

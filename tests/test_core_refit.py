@@ -39,7 +39,7 @@ def test_full_size_child_with_refit_reproduces_parent(family):
     child = subclone_model(parent, plan_shape(parent), importance=calibration(parent), refit=True, scale=False)
     batch = tm.inputs(parent)
     torch.testing.assert_close(tm.output(child.model, batch), tm.output(parent, batch), atol=ATOL, rtol=0)
-    assert child.manifest["refit"] is True
+    assert child.manifest.refit is True
 
 
 def test_refit_recovers_a_removed_input_that_the_kept_ones_determine():
@@ -99,7 +99,7 @@ def test_residual_rankings_choose_the_kept_dimensions():
     target = plan_shape(parent, hidden=16, heads=2, kv_heads=1)
     child = subclone_model(parent, target, importance=imp, residual_score="read", refit=False)
     assert child.selection.residual == list(range(hidden - 1, hidden - 17, -1))
-    assert child.manifest["residual_score"] == "read"
+    assert child.manifest.residual_score == "read"
     written = subclone_model(parent, target, importance=imp, residual_score="written", refit=False)
     assert written.selection.residual == imp.residual.argsort(descending=True, stable=True)[:16].tolist()
 
@@ -122,14 +122,14 @@ def test_refit_defaults_follow_the_family_and_the_calibration():
     parent = tm.make("llama")
     target = plan_shape(parent, hidden=16, heads=2, kv_heads=1)
     with_grams = subclone_model(parent, target, importance=calibration(parent))
-    assert with_grams.manifest["refit"] is arch_for("llama").refit_default
-    assert with_grams.manifest["refit_ridge"] == arch_for("llama").refit_ridge
+    assert with_grams.manifest.refit is arch_for("llama").refit_default
+    assert with_grams.manifest.refit_ridge == arch_for("llama").refit_ridge
     without = subclone_model(parent, target, importance=calibration(parent, grams=False))
-    assert without.manifest["refit"] is False and without.manifest["refit_ridge"] is None
+    assert without.manifest.refit is False and without.manifest.refit_ridge is None
     with pytest.raises(SubcloneError, match="refit needs the Gram matrices"):
         subclone_model(parent, target, importance=calibration(parent, grams=False), refit=True)
     random = subclone_model(parent, target, strategy="random")
-    assert random.manifest["refit"] is False and random.manifest["residual_score"] is None
+    assert random.manifest.refit is False and random.manifest.residual_score is None
 
 
 def test_importance_json_keeps_the_read_ranking_and_rejects_unknown_scores(tmp_path):

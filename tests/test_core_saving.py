@@ -11,10 +11,11 @@ import torch
 
 from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest, ParentRecord
 from subclone_core.core.selection import Selection
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.io.model_card import model_card
-from subclone_core.io.saving import load_manifest, save_model_folder
+from subclone_core.io.saving import read_manifest, save_model_folder
 from tests import tiny_models as tm
 
 AUTO = {"vit": "AutoModelForImageClassification"}
@@ -50,13 +51,13 @@ def test_manifest_round_trips(tmp_path):
     child = subclone_model(parent, plan_shape(parent, heads=4, kv_heads=1, ffn=24, layers=3),
                            importance=calibrate(parent, [tm.inputs(parent)]))
     save_model_folder(child.model, tmp_path / "c", manifest=child.manifest)
-    manifest = load_manifest(tmp_path / "c")
-    assert manifest == json.loads(json.dumps(child.manifest))
-    assert Selection.from_json(manifest["selection"]) == child.selection
-    assert manifest["removed_blocks"] == child.selection.removed_blocks(4) and len(manifest["removed_blocks"]) == 1
-    assert manifest["child"]["shape"] == {"layers": 3, "hidden": 32, "heads": 4, "kv_heads": 1, "ffn": 24,
-                                          "head_dim": 8}
-    assert manifest["calibration"]["tokens"] == 21 and manifest["strategy"] == "subclone"
+    manifest = read_manifest(tmp_path / "c")
+    assert manifest.to_json() == json.loads(json.dumps(child.manifest.to_json()))
+    assert json.loads((tmp_path / "c" / "subclone.json").read_text()) == manifest.to_json()
+    assert Selection.from_json(manifest.selection) == child.selection
+    assert manifest.removed_blocks == child.selection.removed_blocks(4) and len(manifest.removed_blocks) == 1
+    assert manifest.child_shape == {"layers": 3, "hidden": 32, "heads": 4, "kv_heads": 1, "ffn": 24, "head_dim": 8}
+    assert manifest.calibration.tokens == 21 and manifest.strategy == "subclone"
 
 
 class Boom(RuntimeError):
@@ -74,10 +75,10 @@ def test_failed_save_leaves_nothing_and_keeps_an_existing_folder(tmp_path):
         save_model_folder(parent, tmp_path / "new", preprocessor=FailingPreprocessor())
     assert list(tmp_path.iterdir()) == []
     old = tmp_path / "old"
-    save_model_folder(parent, old, manifest={"n": 1})
+    save_model_folder(parent, old, manifest=Manifest(note="n"))
     with pytest.raises(Boom):
         save_model_folder(parent, old, preprocessor=FailingPreprocessor(), overwrite=True)
-    assert load_manifest(old) == {"n": 1} and [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert read_manifest(old) == Manifest(note="n") and [p.name for p in tmp_path.iterdir()] == ["old"]
 
 
 def test_non_empty_output_is_refused_unless_overwrite(tmp_path):
@@ -95,13 +96,12 @@ def test_a_child_card_names_its_parents_licence_and_how_it_was_built():
     from subclone_core.sources.embedded import EMBEDDED
 
     gemma = EMBEDDED["gemma3-270m"]
-    manifest = {"parent": {"id": "gemma3-270m", "shape": {}, "licence": {"name": gemma.licence.name,
-                "url": gemma.licence.url, "notice": gemma.licence.notice}}, "child": {"shape": {}},
-                "strategy": "subclone", "residual_score": "read", "refit": True}
-    manifest["parent"]["shape"] = manifest["child"]["shape"] = dict.fromkeys(
-        ("layers", "hidden", "heads", "kv_heads", "ffn", "head_dim"), 1)
+    shape = dict.fromkeys(("layers", "hidden", "heads", "kv_heads", "ffn", "head_dim"), 1)
+    licence = {"name": gemma.licence.name, "url": gemma.licence.url, "notice": gemma.licence.notice}
+    manifest = Manifest(parent=ParentRecord(shape=shape, id="gemma3-270m", licence=licence), child_shape=shape,
+                        strategy="subclone", residual_score="read", refit=True)
     card = model_card(manifest, "causal-lm")
     assert f"Licence: [{gemma.licence.name}]({gemma.licence.url})" in card and gemma.licence.notice in card
     assert "Residual ranking: read; least-squares refit: on" in card
-    manifest["parent"]["licence"] = None
+    manifest.parent.licence = None
     assert "Licence:" not in model_card(manifest, "causal-lm")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from subclone_core.training.metrics_log import read_metrics
+from subclone_core.training.events import StepEvent, read_events
 
 SCRIPT = Path(__file__).with_name("dist_train_script.py")
 ROOT = SCRIPT.parent.parent
@@ -62,10 +62,10 @@ def test_each_rank_trains_on_its_half_of_the_same_global_batches(runs):
 
 @pytest.mark.slow
 def test_only_the_main_process_writes_metrics_and_saves(runs):
-    events = read_metrics(runs["dir"] / "metrics.jsonl")
-    assert [e["event"] for e in events].count("start") == 1
-    assert len([e for e in events if e["event"] == "step"]) == 8 * 2
-    assert events[0]["world_size"] == 2
+    events = read_events(runs["dir"] / "metrics.jsonl")
+    assert [e.event for e in events].count("start") == 1
+    assert len([e for e in events if isinstance(e, StepEvent)]) == 8 * 2
+    assert events[0].world_size == 2
     saved = sorted(p.name for p in (runs["dir"] / "models").iterdir())
     assert saved == ["random", "subclone"]  # and no temporary folders left behind
     manifest = json.loads((runs["dir"] / "models" / "random" / "subclone.json").read_text())

@@ -142,10 +142,24 @@ def _sources() -> list[Path]:
     return [*PACKAGE.rglob("*.py"), *(ROOT / "pages").glob("*.py"), ROOT / "app.py", *(ROOT / "bench").glob("*.py")]
 
 
+KEY_READ = re.compile(r"""\.get\(\s*["'](perplexity|accuracy)["']""")
+EVENT_READ = re.compile(r"""(\.get\(\s*|\[\s*)["']event["']""")
+EVENTS = PACKAGE / "training" / "events.py"
+
+
+def _lines_matching(pattern: re.Pattern, allowed: Path) -> list[str]:
+    return [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in _sources() if p != allowed
+            for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+
+
 def test_only_the_task_registry_tests_result_keys_for_a_metric():
-    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in _sources() if p != PACKAGE / "tasks.py"
-             for n, line in enumerate(p.read_text().splitlines(), 1) if KEY_TEST.search(line)]
+    found = _lines_matching(KEY_TEST, PACKAGE / "tasks.py") + _lines_matching(KEY_READ, PACKAGE / "tasks.py")
     assert not found, "read the metric from the TaskSpec instead: " + "; ".join(found)
+
+
+def test_only_the_events_module_reads_an_events_kind_from_its_json():
+    found = _lines_matching(EVENT_READ, EVENTS)
+    assert not found, "use the typed events (training.events.parse_event, isinstance): " + "; ".join(found)
 
 
 def _renames(path: Path) -> list[str]:

@@ -9,8 +9,8 @@ import pytest
 from test_cli_train import FAST, bad_input, run_cli
 
 from subclone_core.cli.commands._training import format_report
-from subclone_core.io.saving import load_manifest
-from subclone_core.training.metrics_log import read_metrics
+from subclone_core.io.saving import read_manifest
+from subclone_core.training.events import DoneEvent, EvalEvent, StepEvent, read_events
 from subclone_core.training.sweep import (
     SweptRun,
     choose_runs,
@@ -35,21 +35,21 @@ def sweep_run(llama_dir, counting_text_file, tmp_path_factory):
                                  "--eval-tokens", 64, "--strategies", "subclone,first-k,random", "--lr", "2e-3",
                                  "--lr-sweep", SPEC, "--out", out, "--json", *FAST])
     assert code == 0, err
-    return {"summary": json.loads(stdout), "out": out, "events": read_metrics(out / "metrics.jsonl")}
+    return {"summary": json.loads(stdout), "out": out, "events": read_events(out / "metrics.jsonl")}
 
 
 def evals_by_run(events) -> dict[str, list[float]]:
     """Validation losses per run, in step order, straight from metrics.jsonl."""
     out: dict[str, list[float]] = {}
     for event in events:
-        if event["event"] == "eval":
-            out.setdefault(event["candidate"], []).append(event["loss"])
+        if isinstance(event, EvalEvent):
+            out.setdefault(event.candidate, []).append(event.loss)
     return out
 
 
 def expected_choice(events) -> dict[str, str]:
     """Each candidate's run with the lowest best validation loss (ties: the lower lr), computed here."""
-    lrs = {c["name"]: c["lr"] for c in events[0]["candidates"]}
+    lrs = {c.name: c.lr for c in events[0].candidates}
     best = {run: min(losses) for run, losses in evals_by_run(events).items()}
     out: dict[str, str] = {}
     for run, value in best.items():
@@ -61,16 +61,16 @@ def expected_choice(events) -> dict[str, str]:
 
 def test_each_candidate_trains_once_per_swept_lr_and_the_others_keep_their_single_lr(sweep_run):
     start = sweep_run["events"][0]
-    assert [c["name"] for c in start["candidates"]] == RUNS
-    assert [c["lr"] for c in start["candidates"]] == [1e-3, 3e-2, 2e-3, 1e-2, 3e-2, 1e-1]
-    assert [c["strategy"] for c in start["candidates"]] == ["subclone", "subclone", "first-k", *["random"] * 3]
+    assert [c.name for c in start.candidates] == RUNS
+    assert [c.lr for c in start.candidates] == [1e-3, 3e-2, 2e-3, 1e-2, 3e-2, 1e-1]
+    assert [c.strategy for c in start.candidates] == ["subclone", "subclone", "first-k", *["random"] * 3]
     assert sweep_run["summary"]["lr_sweep"] == {"random": [1e-2, 3e-2, 1e-1], "subclone": [1e-3, 3e-2]}
 
 
 def test_runs_of_one_candidate_start_alike_and_see_identical_batches(sweep_run):
     events = sweep_run["events"]
     evals = evals_by_run(events)
-    first_step = {e["candidate"]: e["loss"] for e in events if e["event"] == "step" and e["step"] == 1}
+    first_step = {e.candidate: e.loss for e in events if isinstance(e, StepEvent) and e.step == 1}
     for name in ("subclone", "random"):
         runs = [r for r in RUNS if r.startswith(name + "@")]
         # the same initial weights on the same validation set, and the same first batch before any update
@@ -83,7 +83,7 @@ def test_runs_of_one_candidate_start_alike_and_see_identical_batches(sweep_run):
 def test_each_candidate_is_reported_by_its_run_with_the_lowest_best_loss(sweep_run):
     summary, events = sweep_run["summary"], sweep_run["events"]
     chosen = expected_choice(events)
-    lrs = {c["name"]: c["lr"] for c in events[0]["candidates"]}
+    lrs = {c.name: c.lr for c in events[0].candidates}
     best = {run: min(losses) for run, losses in evals_by_run(events).items()}
     assert [r["name"] for r in summary["rows"]] == ["subclone", "first-k", "random"]
     for row in summary["rows"]:
@@ -102,7 +102,7 @@ def test_each_candidate_is_reported_by_its_run_with_the_lowest_best_loss(sweep_r
 
 def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged(sweep_run):
     summary, events = sweep_run["summary"], sweep_run["events"]
-    lrs = {c["name"]: c["lr"] for c in events[0]["candidates"]}
+    lrs = {c.name: c.lr for c in events[0].candidates}
     for c in summary["sweep"]:
         grid = [lrs[r["run"]] for r in c["runs"]]
         edge = None if len(grid) < 2 else "lowest" if c["lr"] == min(grid) else \
@@ -128,8 +128,8 @@ def test_only_each_candidates_chosen_run_is_saved_under_the_candidates_name(swee
     assert sorted(p.name for p in out.iterdir()) == ["first-k", "metrics.jsonl", "random", "subclone", "summary.json"]
     for row in summary["rows"]:
         assert row["saved_to"] == str(out / row["name"])
-        assert load_manifest(out / row["name"])["training"]["lr"] == row["lr"]
-    done = {e["candidate"]: e["saved_to"] for e in sweep_run["events"] if e["event"] == "done"}
+        assert read_manifest(out / row["name"]).training.lr == row["lr"]
+    done = {e.candidate: e.saved_to for e in sweep_run["events"] if isinstance(e, DoneEvent)}
     assert sorted(run for run, saved in done.items() if saved) == sorted(r["run"] for r in summary["rows"])
 
 

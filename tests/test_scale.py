@@ -48,7 +48,7 @@ def text_file(tmp_path_factory):
 
 def child_of(parent, text_file):
     child = make_child(parent, TARGET, data_id=str(text_file), calib_tokens=512)
-    manifest = {k: v for k, v in child.manifest.items() if k != "created"}
+    manifest = {k: v for k, v in child.manifest.to_json().items() if k != "created"}
     return manifest, child.model.state_dict(), child.importance
 
 

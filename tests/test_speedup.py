@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
+from subclone_core.training.events import EvalEvent, StartEvent, StepEvent
 from subclone_core.training.speedup import (
     DROP_FRACTIONS,
     IsoLoss,
@@ -231,10 +233,10 @@ def test_nan_evaluations_never_count_and_are_not_interpolated_from():
 def test_tracks_from_results_and_events_feed_the_per_candidate_summary():
     evals = [SimpleNamespace(step=s, seen=t, value=lambda m, v=v: v) for s, t, v in BASE]
     assert result_track(SimpleNamespace(evals=evals), "loss") == list(BASE)
-    events = [{"event": "start"}]
+    events = [StartEvent()]
     for name, points in (("random", BASE), ("subclone", track([(0, 7.0), (100, 5.5), (200, 4.0)]))):
-        events += [{"event": "eval", "candidate": name, "step": s, "seen": t, "loss": v} for s, t, v in points]
-    events.append({"event": "step", "candidate": "subclone", "step": 1, "loss": 3.0})
+        events += [EvalEvent(candidate=name, step=s, seen=t, loss=v) for s, t, v in points]
+    events.append(StepEvent(candidate="subclone", step=1, loss=3.0))
     tracks = tracks_from_events(events, "loss")
     assert tracks["random"] == list(BASE) and list(tracks) == ["random", "subclone"]
     by_name = iso_loss_by_candidate(tracks, higher_is_better=False)
@@ -272,7 +274,7 @@ def test_the_apps_iso_loss_chart_draws_exact_points_as_lines_and_lower_bounds_as
 
     events = []
     for name, points in (("random", BASE), ("subclone", track([(0, 7.0), (100, 5.5), (200, 4.0)]))):
-        events += [{"event": "eval", "candidate": name, "step": s, "seen": t, "loss": v} for s, t, v in points]
+        events += [EvalEvent(candidate=name, step=s, seen=t, loss=v) for s, t, v in points]
     fig = iso_loss_chart_from_events(events)
     traces = {trace.name: trace for trace in fig.data}
     assert set(traces) == {"subclone", "subclone (at least: there at step 0)"}
@@ -283,6 +285,6 @@ def test_the_apps_iso_loss_chart_draws_exact_points_as_lines_and_lower_bounds_as
     assert fig.layout.xaxis.autorange == "reversed" and fig.layout.yaxis.type == "log"
     waiting = iso_loss_chart_from_events(events[:1] + events[5:6])  # random's step 0 only: no level yet
     assert not waiting.data and "Waiting" in waiting.layout.annotations[-1].text
-    accuracy = iso_loss_chart_from_events([{**e, "accuracy": e["loss"]} for e in events], metric="accuracy",
+    accuracy = iso_loss_chart_from_events([replace(e, accuracy=e.loss) for e in events], metric="accuracy",
                                           higher_is_better=True)
     assert accuracy.layout.xaxis.autorange is True

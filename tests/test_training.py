@@ -13,6 +13,7 @@ from dist_train_script import PatternData, QuadrantImages, tiny_llama, tiny_vit,
 from transformers import AutoModelForCausalLM
 
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest
 from subclone_core.training import (
     Candidate,
     TrainConfig,
@@ -24,7 +25,7 @@ from subclone_core.training import (
     train_candidates,
 )
 from subclone_core.training.distill import distill_mask
-from subclone_core.training.metrics_log import read_metrics
+from subclone_core.training.events import ErrorEvent, Event, StepEvent, read_events
 
 
 def record_training_inputs(model) -> list[list[list[int]]]:
@@ -47,7 +48,7 @@ def pair_run(tmp_path_factory):
     # Children usually arrive in eval mode: the engine must switch them to training mode.
     models = {"subclone": tiny_llama(1).eval(), "random": tiny_llama(2).eval()}
     seen = {name: record_training_inputs(m) for name, m in models.items()}
-    events: list[dict] = []
+    events: list[Event] = []
     data = PatternData(seed=0, pad=3)
     results = train_candidates(
         [Candidate(n, m) for n, m in models.items()], data, PatternData(rows=16, seed=9), config(),
@@ -76,16 +77,17 @@ def test_loss_goes_down_on_a_learnable_task(pair_run):
 
 
 def test_metrics_file_and_callbacks_get_the_same_events(pair_run):
-    from_file = read_metrics(pair_run["path"])
+    from_file = read_events(pair_run["path"])
     assert from_file == pair_run["events"]
-    kinds = [e["event"] for e in from_file]
+    kinds = [e.event for e in from_file]
     assert kinds[0] == "start" and kinds.count("step") == 60 and kinds.count("eval") == 8
     assert kinds[-2:] == ["done", "done"]
-    steps = [e for e in from_file if e["event"] == "step" and e["candidate"] == "random"]
-    assert [e["step"] for e in steps] == list(range(1, 31))
-    assert {"loss", "lr", "grad_norm", "throughput", "unit", "seen"} <= set(steps[0])
+    steps = [e for e in from_file if isinstance(e, StepEvent) and e.candidate == "random"]
+    assert [e.step for e in steps] == list(range(1, 31))
+    assert {"loss", "lr", "grad_norm", "throughput", "unit", "seen"} <= set(steps[0].to_json())
+    assert None not in (steps[0].lr, steps[0].grad_norm, steps[0].throughput, steps[0].unit, steps[0].seen)
     # Interleaved: step events alternate between candidates, so live curves grow together.
-    order = [e["candidate"] for e in from_file if e["event"] == "step"][:4]
+    order = [e.candidate for e in from_file if isinstance(e, StepEvent)][:4]
     assert order == ["subclone", "random", "subclone", "random"]
 
 
@@ -140,7 +142,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
 
 
 def test_the_logged_lr_follows_the_schedule(pair_run):
-    lrs = [e["lr"] for e in pair_run["events"] if e["event"] == "step" and e["candidate"] == "subclone"]
+    lrs = [e.lr for e in pair_run["events"] if isinstance(e, StepEvent) and e.candidate == "subclone"]
     expected = [1e-3 * lr_factor(s, total=30, warmup=3) for s in range(30)]
     assert lrs == pytest.approx(expected)
 
@@ -151,7 +153,7 @@ def test_non_finite_loss_stops_that_candidate_and_the_others_go_on(tmp_path):
         nan_model.model.norm.weight.fill_(float("nan"))
     cands = [Candidate("subclone", tiny_llama(1)), Candidate("random", tiny_llama(2), lr=1e30),
              Candidate("first-k", nan_model)]
-    events: list[dict] = []
+    events: list[Event] = []
     results = train_candidates(cands, PatternData(), PatternData(rows=16, seed=9), config(steps=8, eval_every=4),
                                callbacks=[events.append], save_dir=tmp_path / "models")
     assert results["subclone"].status == "done" and results["subclone"].steps_done == 8
@@ -160,8 +162,8 @@ def test_non_finite_loss_stops_that_candidate_and_the_others_go_on(tmp_path):
         assert "non-finite" in results[name].message and "lower the learning rate" in results[name].message
         assert results[name].steps_done < 8 and results[name].saved_to is None
     assert results["first-k"].steps_done == 0
-    errors = [e for e in events if e["event"] == "error"]
-    assert {e["candidate"] for e in errors} == {"random", "first-k"}
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert {e.candidate for e in errors} == {"random", "first-k"}
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["subclone"]
 
 
@@ -169,7 +171,7 @@ def test_cancel_keeps_the_metrics_and_saves_nothing(tmp_path):
     cancel = threading.Event()
 
     def cancel_at_step_3(event):
-        if event["event"] == "step" and event["step"] == 3 and event["candidate"] == "random":
+        if isinstance(event, StepEvent) and event.step == 3 and event.candidate == "random":
             cancel.set()
 
     path = tmp_path / "metrics.jsonl"
@@ -179,9 +181,9 @@ def test_cancel_keeps_the_metrics_and_saves_nothing(tmp_path):
                                save_dir=tmp_path / "models")
     assert {r.status for r in results.values()} == {"cancelled"}
     assert all(r.steps_done == 3 and r.saved_to is None for r in results.values())
-    events = read_metrics(path)
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 1, 2, 2, 3, 3]
-    assert [e["event"] for e in events][-3:] == ["cancelled", "done", "done"]
+    events = read_events(path)
+    assert [e.step for e in events if isinstance(e, StepEvent)] == [1, 1, 2, 2, 3, 3]
+    assert [e.event for e in events][-3:] == ["cancelled", "done", "done"]
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
@@ -189,11 +191,11 @@ def test_saved_children_are_complete_model_folders_with_training_info(tmp_path):
     model = tiny_llama(1)
     results = train_candidates([Candidate("subclone", model)], PatternData(), PatternData(rows=16, seed=9),
                                config(steps=4, eval_every=2), save_dir=tmp_path,
-                               manifest_for=lambda name: {"strategy": name, "parent": "tiny"})
+                               manifest_for=lambda name: Manifest(strategy=name, note="tiny"))
     folder = results["subclone"].saved_to
     assert folder == tmp_path / "subclone"
     manifest = json.loads((folder / "subclone.json").read_text())
-    assert manifest["parent"] == "tiny" and manifest["training"]["steps_done"] == 4
+    assert manifest["note"] == "tiny" and manifest["training"]["steps_done"] == 4
     assert [p["step"] for p in manifest["training"]["evals"]] == [0, 2, 4]
     assert manifest["training"]["lr"] == default_hparams("subclone")["lr"]
     loaded = AutoModelForCausalLM.from_pretrained(folder)
@@ -230,12 +232,12 @@ def test_training_with_distillation_runs_and_leaves_the_teacher_alone():
     teacher = tiny_llama(7).train()
     before = weights_hash(teacher)
     cand = Candidate("subclone+distill", tiny_llama(1), teacher=teacher, distill_alpha=0.5, distill_temperature=2.0)
-    events: list[dict] = []
+    events: list[Event] = []
     result = train_candidates([cand], PatternData(), PatternData(rows=16, seed=9), config(steps=10, eval_every=5),
                               callbacks=[events.append])["subclone+distill"]
     assert result.status == "done" and result.evals[-1].loss < result.evals[0].loss
-    step = next(e for e in events if e["event"] == "step")
-    assert step["loss"] == pytest.approx(0.5 * step["ce"] + 0.5 * step["kl"], rel=1e-5) and step["kl"] > 0
+    step = next(e for e in events if isinstance(e, StepEvent))
+    assert step.loss == pytest.approx(0.5 * step.ce + 0.5 * step.kl, rel=1e-5) and step.kl > 0
     assert weights_hash(teacher) == before and teacher.training  # copied, not put in eval mode in place
 
 
@@ -277,7 +279,7 @@ def test_extra_evaluation_steps_join_the_regular_grid():
 def test_an_occupied_save_folder_fails_before_training(tmp_path):
     (tmp_path / "random").mkdir()
     (tmp_path / "random" / "keep.txt").write_text("user data")
-    events: list[dict] = []
+    events: list[Event] = []
     with pytest.raises(SubcloneError, match="not empty"):
         train_candidates([Candidate("random", tiny_llama(1))], PatternData(), PatternData(), config(),
                          save_dir=tmp_path, callbacks=[events.append])

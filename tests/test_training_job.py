@@ -9,6 +9,7 @@ from subclone_core.app.steps import TrainRequest, build_request_candidates, chil
 from subclone_core.cli.commands.compare import calibrate_with_progress, candidate_settings
 from subclone_core.cli.main import build_parser
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest
 from subclone_core.core.strategies import STRATEGY_SPECS, plan_shape
 from subclone_core.sources import load_parent
 from subclone_core.training import TrainConfig
@@ -24,11 +25,11 @@ from subclone_core.workflow.jobs import (
 NAMES = ("subclone", "random", "first-k", "uniform")
 
 
-def _without_time(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k != "created"}
+def _without_time(manifest: Manifest) -> dict:
+    return {k: v for k, v in manifest.to_json().items() if k != "created"}
 
 
-def _cli_manifests(parent_dir: str, text_file: str, drop: list[str]) -> dict[str, dict]:
+def _cli_manifests(parent_dir: str, text_file: str, drop: list[str]) -> dict[str, Manifest]:
     """What `subclone compare` builds, through its own flag parsing and calibration."""
     args = build_parser().parse_args(
         ["compare", "--parent", parent_dir, "--layers", "2", "--hidden", "16", "--heads", "2", "--kv-heads", "1",
@@ -41,7 +42,7 @@ def _cli_manifests(parent_dir: str, text_file: str, drop: list[str]) -> dict[str
     return build_candidates(parent, target, settings, importance=importance)[1]
 
 
-def _app_manifests(parent_dir: str, text_file: str, drop: str | None) -> dict[str, dict]:
+def _app_manifests(parent_dir: str, text_file: str, drop: str | None) -> dict[str, Manifest]:
     """What the Child page makes and the Train page adds to it (first-k and uniform)."""
     parent = load_parent(parent_dir)
     target = plan_shape(parent.model, layers=2, hidden=16, heads=2, kv_heads=1, ffn=24)
@@ -60,8 +61,8 @@ def test_app_and_cli_build_identical_candidates(tiny_llama_dir, counting_text_fi
     for name in NAMES:
         assert _without_time(cli[name]) == _without_time(app[name]), name
     # the block rule: first-k takes subclone's blocks; uniform keeps its own default unless told
-    assert cli["first-k"]["removed_blocks"] == cli["subclone"]["removed_blocks"]
-    assert cli["uniform"]["drop"] == (drop or STRATEGY_SPECS["uniform"].default_drop)
+    assert cli["first-k"].removed_blocks == cli["subclone"].removed_blocks
+    assert cli["uniform"].drop == (drop or STRATEGY_SPECS["uniform"].default_drop)
 
 
 def test_block_rule():
@@ -83,7 +84,7 @@ def test_the_child_pages_block_caption_states_the_policy_the_child_is_built_with
         settings = child_settings(name, drop, None, str(counting_text_file), 256)
         child, _ = make_children(parent, target, settings, importance=None)
         caption = block_policy_text(name, drop)
-        assert caption.split(" (")[0] == str(child.manifest["drop"]), (name, caption, child.manifest["drop"])
+        assert caption.split(" (")[0] == str(child.manifest.drop), (name, caption, child.manifest.drop)
         assert caption.endswith("(the default)") == (drop is None)
 
 

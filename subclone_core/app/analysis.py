@@ -18,7 +18,7 @@ from torch import nn
 
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.training.metrics_log import curves
+from subclone_core.training.events import EvalEvent, Event, StartEvent, StepEvent, curves, of_kind
 from subclone_core.training.speedup import HIGHER_IS_BETTER, speedup
 from subclone_core.training.sweep import (
     choose_runs,
@@ -32,7 +32,7 @@ from subclone_core.training.sweep import (
 # --- training -----------------------------------------------------------------------------------------
 
 
-def live_summary(events: list[dict], metric: str = "loss", baseline: str = "random") -> list[dict]:
+def live_summary(events: list[Event], metric: str = "loss", baseline: str = "random") -> list[dict]:
     """One row per candidate from a run's events so far: step, losses, throughput, speedup so far.
 
     Args:
@@ -40,17 +40,13 @@ def live_summary(events: list[dict], metric: str = "loss", baseline: str = "rand
         metric: the validation value compared, the task's (TaskSpec.metric).
         baseline: the candidate the speedup is measured against.
     """
-    evals = curves(events, kind="eval", key=metric)
-    last_step: dict[str, dict] = {}
-    for event in events:
-        if event.get("event") == "step":
-            last_step[event["candidate"]] = event
+    evals = curves(events, kind=EvalEvent, key=metric)
+    last_step = {event.candidate: event for event in of_kind(events, StepEvent)}
     rows = []
     for name in dict.fromkeys([*evals, *last_step]):
-        step, curve = last_step.get(name, {}), evals.get(name, [])
-        row = {"model": name, "step": step.get("step", 0), "train loss": step.get("loss"),
-               f"val {metric}": curve[-1][1] if curve else None,
-               step.get("unit", "throughput"): step.get("throughput")}
+        step, curve = last_step.get(name, StepEvent(step=0, loss=None)), evals.get(name, [])
+        row = {"model": name, "step": step.step, "train loss": step.loss,
+               f"val {metric}": curve[-1][1] if curve else None, step.unit or "throughput": step.throughput}
         if name == baseline:
             row["speedup vs random"] = "baseline"
         elif baseline in evals and curve:
@@ -71,13 +67,13 @@ class SweepView:
         notes: a chosen learning rate at the edge of its grid, with the rate to add.
     """
 
-    events: list[dict]
+    events: list[Event]
     faint: set[str] = field(default_factory=set)
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-def sweep_view(events: list[dict], metric: str, higher_is_better: bool) -> SweepView:
+def sweep_view(events: list[Event], metric: str, higher_is_better: bool) -> SweepView:
     """Each candidate's chosen run so far (training.sweep's rule, as the command line's) and the sweep table.
 
     Args:
@@ -96,18 +92,20 @@ def sweep_view(events: list[dict], metric: str, higher_is_better: bool) -> Sweep
                      [c["note"] for c in report if c["note"]])
 
 
-def run_progress(events: list[dict]) -> tuple[int, int]:
+def run_progress(events: list[Event]) -> tuple[int, int]:
     """(last step reported by any candidate, the run's total steps; 0 before the run has started)."""
-    total = next((e["config"]["steps"] for e in events if e.get("event") == "start"), 0)
-    done = max((e["step"] for e in events if e.get("event") == "step"), default=0)
+    total = next((e.config["steps"] for e in of_kind(events, StartEvent)), 0)
+    done = max((e.step for e in of_kind(events, StepEvent)), default=0)
     return done, total
 
 
-def metrics_rows(events: list[dict]) -> list[dict]:
+ROW_FIELDS = ("event", "candidate", "step", "time", "loss", "perplexity", "accuracy", "lr", "grad_norm",
+              "throughput", "seen")  # the fields of step and eval events (None where an event has none)
+
+
+def metrics_rows(events: list[Event]) -> list[dict]:
     """Step and evaluation events as flat rows (a table and its CSV)."""
-    keys = ("event", "candidate", "step", "time", "loss", "perplexity", "accuracy", "lr", "grad_norm",
-            "throughput", "seen")
-    return [{k: e.get(k) for k in keys} for e in events if e.get("event") in ("step", "eval")]
+    return [{k: getattr(e, k, None) for k in ROW_FIELDS} for e in events if isinstance(e, (StepEvent, EvalEvent))]
 
 
 def training_bytes(models: Sequence[nn.Module], batch_size: int, seq_len: int) -> int:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from subclone_core.analysis.explore import Exploration
 from subclone_core.core.calibration import Importance
-from subclone_core.training.metrics_log import curves
+from subclone_core.training.events import EvalEvent, Event, StepEvent, curves
 from subclone_core.training.sweep import candidate_of
 
 KEPT, DROPPED, BASE = "#1f77b4", "#d62728", "#7f7f7f"
@@ -211,7 +211,7 @@ def _faint_trace(fig: go.Figure, name: str, points: list[tuple], color: str | No
                              legendgroup=candidate_of(name), line={"color": color, "width": 1, "dash": "dot"}))
 
 
-def loss_chart(events: list[dict], metric: str = "loss", faint: Collection[str] = ()) -> go.Figure:
+def loss_chart(events: list[Event], metric: str = "loss", faint: Collection[str] = ()) -> go.Figure:
     """Training loss (thin lines) and validation loss (markers) of every candidate, from run events.
 
     Args:
@@ -220,7 +220,7 @@ def loss_chart(events: list[dict], metric: str = "loss", faint: Collection[str] 
         faint: runs drawn faintly (validation only): a learning-rate sweep's runs that were not chosen.
     """
     fig = go.Figure()
-    train, val = curves(events, kind="step", key="loss"), curves(events, kind="eval", key=metric)
+    train, val = curves(events, kind=StepEvent, key="loss"), curves(events, kind=EvalEvent, key=metric)
     for name in dict.fromkeys([*val, *train]):
         color = COLORS.get(candidate_of(name))  # the runs of a sweep share their candidate's colour
         if name in faint:

@@ -1,7 +1,9 @@
 """Background jobs for the app: a job object that runs work in a thread, and a server-wide limiter.
 
 A job never calls Streamlit: it keeps its own thread-safe list of events, a cancel flag, a status and
-a result, and the page polls it (``@st.fragment(run_every=...)``). Each browser session keeps its own
+a result, and the page polls it (``@st.fragment(run_every=...)``). Its events are typed records: the
+training engine's (subclone_core.training.events) and the job's own kinds below (progress, status, block,
+failed; "cancelled" is the engine's CancelledEvent). Each browser session keeps its own
 job in its session state, so sessions never see or stop each other's runs. The limiter is shared by
 the whole server: at most ``max_running`` jobs run at once, the others wait in a FIFO queue whose
 positions the pages show, and beyond ``max_queued`` waiting jobs a request is refused with a message.
@@ -15,15 +17,53 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from subclone_core.core.errors import SubcloneError
+from subclone_core.training.events import CancelledEvent, Event
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[[dict[str, Any]], None]
+
+@dataclass(frozen=True, kw_only=True)
+class ProgressEvent(Event):
+    """``done`` of ``total`` units of a long step; ``time`` is wall-clock seconds (time.time())."""
+
+    event: ClassVar[str] = "progress"
+    done: int
+    total: int
+    stage: str | None = None  # what the units belong to, when a job has several stages
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusEvent(Event):
+    """What the job is doing before its first progress report."""
+
+    event: ClassVar[str] = "status"
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockEvent(Event):
+    """The parent's validation loss without block ``index`` (block ablation)."""
+
+    event: ClassVar[str] = "block"
+    index: int
+    loss: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailedEvent(Event):
+    """The job failed; the message says what went wrong and what to do."""
+
+    event: ClassVar[str] = "failed"
+    message: str
+
+
+Emit = Callable[[Event], None]
 Work = Callable[[Emit, threading.Event], Any]
 FINISHED = ("done", "cancelled", "failed")
 ORPHAN_SECONDS = 60.0  # a job whose page has not polled for this long is cancelled (its tab was closed)
@@ -39,7 +79,7 @@ def cancellable(cancel: threading.Event, emit: Emit) -> Callable[[int, int], Non
     def progress(done: int, total: int) -> None:
         if cancel.is_set():
             raise JobCancelled
-        emit({"event": "progress", "done": done, "total": total, "time": time.time()})
+        emit(ProgressEvent(done=done, total=total, time=time.time()))
 
     return progress
 
@@ -152,7 +192,7 @@ class BackgroundJob:
         self.error: str | None = None
         self.created, self.started, self.finished = time.time(), None, None
         self.orphan_after, self.orphaned, self.last_seen = orphan_after, False, time.time()
-        self._events: list[dict[str, Any]] = []
+        self._events: list[Event] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -202,12 +242,12 @@ class BackgroundJob:
         """1-based place in the server's queue while waiting, else None."""
         return self.limiter.position(self.id) if self.status == "queued" else None
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: Event) -> None:
         """Record one event (called from the job's thread; any thread may read)."""
         with self._lock:
-            self._events.append(dict(event))
+            self._events.append(event)
 
-    def events(self, since: int = 0) -> list[dict[str, Any]]:
+    def events(self, since: int = 0) -> list[Event]:
         """A copy of the events recorded so far, from index ``since``."""
         with self._lock:
             return list(self._events[since:])
@@ -224,7 +264,7 @@ class BackgroundJob:
         try:
             if not self.limiter.wait_turn(self.id, self.cancel_event):
                 self.status = "cancelled"
-                self.emit({"event": "cancelled", "message": "stopped while waiting in the queue"})
+                self.emit(CancelledEvent(message="stopped while waiting in the queue"))
                 return
             self.status, self.started = "running", time.time()
             self.limiter.note_started(self.id)
@@ -250,12 +290,12 @@ class BackgroundJob:
             time.sleep(min(5.0, self.orphan_after / 4))
             if not self.done and time.time() - self.last_seen > self.orphan_after:
                 self.orphaned = True
-                self.emit({"event": "cancelled", "message": f"no page polled the job for "
-                           f"{self.orphan_after:.0f} s (its tab was closed); cancelled, metrics kept"})
+                self.emit(CancelledEvent(message=f"no page polled the job for {self.orphan_after:.0f} s "
+                                         "(its tab was closed); cancelled, metrics kept"))
                 self.stop()
                 return
 
     def _fail(self, message: str) -> None:
         self.error = message
         self.status = "failed"
-        self.emit({"event": "failed", "message": message})
+        self.emit(FailedEvent(message=message))

@@ -12,12 +12,13 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from subclone_core.analysis.explore import explore_shapes, validation_sample
 from subclone_core.analysis.inspector import Unit, inspect_units
 from subclone_core.analysis.probes import block_ablation, evaluate_shared, exclusive, generate_text
-from subclone_core.app.jobs import Emit, JobCancelled, Work, cancellable
+from subclone_core.app.jobs import BlockEvent, Emit, JobCancelled, ProgressEvent, Work, cancellable
 from subclone_core.app.steps import make_children, validation_batches
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
@@ -108,7 +109,7 @@ def ablation_work(parent: Parent, data_id: str | None, tokens: int) -> Work:
         progress = cancellable(cancel, emit)
 
         def on_block(index: int, metrics: dict) -> None:
-            emit({"event": "block", "index": index, "loss": metrics["loss"]})
+            emit(BlockEvent(index=index, loss=metrics["loss"]))
 
         return block_ablation(parent.model, batches, progress=progress, on_block=on_block)
 
@@ -151,7 +152,7 @@ def vit_build_work() -> Work:
     def work(emit: Emit, cancel: threading.Event) -> Any:
         def progress(event: dict) -> None:
             if "loss" in event:  # the training steps; the final accuracy event needs no bar
-                emit({"event": "progress", "done": event["step"], "total": event["steps"], "time": time.time()})
+                emit(ProgressEvent(done=event["step"], total=event["steps"], time=time.time()))
 
         try:
             return vit_pretrain.pretrain_vit(progress=progress, cancel=cancel)
@@ -165,7 +166,7 @@ def vit_build_work() -> Work:
 
 def staged(emit: Emit, stage: str) -> Emit:
     """An emit that labels progress events with the stage they belong to."""
-    return lambda event: emit({**event, "stage": stage} if event.get("event") == "progress" else event)
+    return lambda event: emit(replace(event, stage=stage) if isinstance(event, ProgressEvent) else event)
 
 
 def child_work(parent: Parent, target: Shape, settings: CandidateSettings, importance: Importance | None,

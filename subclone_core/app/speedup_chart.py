@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import plotly.graph_objects as go
 
 from subclone_core.app.charts import _LAYOUT, COLORS
+from subclone_core.training.events import Event
 from subclone_core.training.speedup import IsoLoss, iso_loss_by_candidate, tracks_from_events
 
 # A lower bound (the candidate was already there at step 0) is drawn as an upward triangle: "at least this".
@@ -68,12 +68,12 @@ def _hover(row: IsoLoss) -> list[str]:
     return [f"speedup {row.text()}", needed]
 
 
-def iso_loss_chart_from_events(events: Sequence[Mapping[str, Any]], *, metric: str = "loss",
+def iso_loss_chart_from_events(events: Sequence[Event], *, metric: str = "loss",
                                higher_is_better: bool = False, baseline: str = "random") -> go.Figure:
     """iso_loss_chart of a run's events so far (the live chart of the Train page).
 
     Args:
-        events: engine events (a job's events or metrics.jsonl).
+        events: engine events (a job's events, or read_events of a metrics.jsonl).
         metric: "loss", "perplexity" or "accuracy".
         higher_is_better: True for accuracy.
         baseline: the random-init candidate's name.

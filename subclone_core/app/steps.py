@@ -14,7 +14,7 @@ import torch
 
 from subclone_core.analysis.probes import evaluate_shared, exclusive, first_batches, generate_text
 from subclone_core.app.analysis import available_bytes, check_memory, training_bytes
-from subclone_core.app.jobs import Emit, Work
+from subclone_core.app.jobs import Emit, StatusEvent, Work
 from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
@@ -265,7 +265,7 @@ def training_work(request: TrainRequest, *,
     config = request.config()
 
     def work(emit: Emit, cancel: threading.Event) -> dict:
-        emit({"event": "status", "message": "building the models and preparing the data"})
+        emit(StatusEvent(message="building the models and preparing the data"))
         candidates, manifests = build_request_candidates(request)
         need = training_bytes([c.model for c in candidates], request.batch_size, request.seq_len)
         check_memory(need, memory(resolve_device(config.device)))

@@ -18,13 +18,14 @@ import streamlit as st
 import torch
 
 from subclone_core.app.inputs import app_words, range_label, range_problem
-from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob, JobLimiter, Work
+from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob, JobLimiter, ProgressEvent, Work
 from subclone_core.app.session import Workspace
 from subclone_core.app.settings import AppSettings
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.devices import resolve_device
 from subclone_core.sources import Parent, load_parent
 from subclone_core.sources.parents import SPECIAL_IDS
+from subclone_core.training.events import Event, of_kind
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def start_step(name: str, work: Work, apply: Callable[[Any], None]) -> None:
     workspace().start_step(name, job, apply)
 
 
-def step_panel(name: str, label: str, partial: Callable[[list[dict]], None] | None = None) -> bool:
+def step_panel(name: str, label: str, partial: Callable[[list[Event]], None] | None = None) -> bool:
     """The step's progress bar and Cancel button (polled) while it runs, or its note once; whether it runs.
 
     Args:
@@ -240,7 +241,7 @@ def step_panel(name: str, label: str, partial: Callable[[list[dict]], None] | No
     return True
 
 
-def _poll_step(name: str, label: str, partial: Callable[[list[dict]], None] | None) -> None:
+def _poll_step(name: str, label: str, partial: Callable[[list[Event]], None] | None) -> None:
     job = workspace().running(name)
     if job is None:
         if name in workspace().unshown:  # the full rerun asked for below never came: ask again
@@ -251,11 +252,11 @@ def _poll_step(name: str, label: str, partial: Callable[[list[dict]], None] | No
         workspace().collect()  # apply the result here: a fragment rerun does not run app.py
         st.rerun(scope="app")
     events = job.events()
-    ticks = [e for e in events if e.get("event") == "progress"]
-    last = ticks[-1] if ticks else {"done": 0, "total": 0}
-    done, total, stage = last["done"], last["total"], last.get("stage", label)
+    ticks = of_kind(events, ProgressEvent)
+    last = ticks[-1] if ticks else ProgressEvent(done=0, total=0)
+    done, total, stage = last.done, last.total, last.stage or label
     text = f"{stage.capitalize()}: {done:,} of {total:,}" if total else f"{label.capitalize()}: starting"
-    began = next((e["time"] for e in ticks if e.get("stage") == last.get("stage")), None)
+    began = next((e.time for e in ticks if e.stage == last.stage), None)
     if done and began is not None and total > done:
         text += f", about {max(1, round((time.time() - began) * (total - done) / done))} s left"
     st.progress(min(1.0, done / total) if total else 0.0, text=text)

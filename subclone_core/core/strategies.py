@@ -24,12 +24,11 @@ from subclone_core.core.archs import arch_of_model
 from subclone_core.core.building import build_model
 from subclone_core.core.calibration import Importance
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import FORMAT, CalibrationRecord, Manifest, ParentRecord
 from subclone_core.core.rng import seeded
 from subclone_core.core.selection import Selection, pick_blocks, select
 from subclone_core.core.shape import Shape, target_shape, validate_target
 from subclone_core.core.slicing import child_config_dict, slice_state_dict
-
-FORMAT = "subclone-manifest/1"
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class Child:
 
     model: nn.Module
     shape: Shape
-    manifest: dict
+    manifest: Manifest
     selection: Selection | None = None
     preprocessor: object | None = None
     importance: Importance | None = field(default=None, repr=False)
@@ -241,17 +240,17 @@ def _random_model(parent_model: nn.Module, arch, target: Shape, seed: int) -> nn
 
 
 def build_manifest(parent: Shape, child: Shape, blocks: list[int], sel: Selection | None,
-                   importance: Importance | None, settings: dict) -> dict:
+                   importance: Importance | None, settings: dict) -> Manifest:
     """The subclone.json record: what was kept, how, and from which data."""
-    return {
-        "format": FORMAT,
-        "library_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "parent": {"shape": parent.as_dict()},
-        "child": {"shape": child.as_dict()},
+    return Manifest(
+        format=FORMAT,
+        library_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        parent=ParentRecord(shape=parent.as_dict()),
+        child_shape=child.as_dict(),
         **settings,
-        "kept_blocks": blocks,
-        "removed_blocks": [] if sel is None else sel.removed_blocks(parent.layers),
-        "selection": sel.to_json() if sel else None,
-        "calibration": ({"data": importance.data, "tokens": importance.tokens} if importance else None),
-    }
+        kept_blocks=blocks,
+        removed_blocks=[] if sel is None else sel.removed_blocks(parent.layers),
+        selection=sel.to_json() if sel else None,
+        calibration=CalibrationRecord(importance.data, importance.tokens) if importance else None,
+    )

@@ -17,7 +17,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import gguf
@@ -27,8 +27,9 @@ import torch
 from subclone_core.core.archs import REGISTRY, arch_for
 from subclone_core.core.archs.gguf_tables import GgufSpec
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest, ParentRecord
 from subclone_core.io.atomic import building_file
-from subclone_core.io.saving import MANIFEST_NAME
+from subclone_core.io.saving import read_manifest
 from subclone_core.tasks import task_of_config
 
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -194,29 +195,27 @@ def _add_general(writer: gguf.GGUFWriter, model_dir: Path, qtype: str) -> None:
     writer.add_file_type(FILE_TYPES[qtype])
     if qtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    manifest_path = model_dir / MANIFEST_NAME
-    if not manifest_path.is_file():
+    manifest = read_manifest(model_dir)
+    if manifest is None:
         return
-    manifest = json.loads(manifest_path.read_text())
     for key, value in manifest_facts(manifest).items():
         writer.add_string(f"general.subclone.{key}", value)
-    parent = manifest.get("parent", {})
+    parent = manifest.parent or ParentRecord()
     writer.add_base_model_count(1)
-    writer.add_base_model_name(0, str(parent.get("label") or parent.get("id", "unknown")))
-    writer.add_description(f"Subcloned from {parent.get('id', '?')} ({manifest.get('strategy', '?')}) "
-                           f"by subclone {manifest.get('library_version', '?')}")
+    writer.add_base_model_name(0, str(parent.label or parent.id or "unknown"))
+    writer.add_description(f"Subcloned from {parent.id or '?'} ({manifest.strategy or '?'}) "
+                           f"by subclone {manifest.library_version or '?'}")
 
 
-def manifest_facts(manifest: dict) -> dict[str, str]:
+def manifest_facts(manifest: Manifest) -> dict[str, str]:
     """The manifest's key facts as strings (the kept-index lists stay in subclone.json: too long)."""
-    parent = manifest.get("parent", {})
-    facts = {"parent": parent.get("id"), "parent_label": parent.get("label"),
-             "parent_sha256": parent.get("weights_sha256") or parent.get("sha256"),
-             "strategy": manifest.get("strategy"), "order": manifest.get("order"), "drop": manifest.get("drop"),
-             "scale": manifest.get("scale"), "removed_blocks": manifest.get("removed_blocks"),
-             "child_shape": (manifest.get("child") or {}).get("shape"),
-             "calibration": manifest.get("calibration"), "library_version": manifest.get("library_version"),
-             "created": manifest.get("created")}
+    parent = manifest.parent or ParentRecord()
+    facts = {"parent": parent.id, "parent_label": parent.label, "parent_sha256": parent.weights_sha256,
+             "strategy": manifest.strategy, "order": manifest.order, "drop": manifest.drop,
+             "scale": manifest.scale, "removed_blocks": manifest.removed_blocks,
+             "child_shape": manifest.child_shape,
+             "calibration": asdict(manifest.calibration) if manifest.calibration else None,
+             "library_version": manifest.library_version, "created": manifest.created}
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items() if v is not None}
 
 

@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
+from subclone_core.core.manifest import Manifest, TrainingInfo
 from subclone_core.core.shape import ROLES
 from subclone_core.tasks import task_spec
 
 
-def model_card(manifest: dict, task: str) -> str:
+def model_card(manifest: Manifest, task: str) -> str:
     """A short Markdown card: where the weights came from, the shapes, and how to load the folder.
 
     Args:
-        manifest: the child's subclone.json content.
+        manifest: the child's subclone.json record.
         task: the model's task name (subclone_core.tasks), which names the auto class that loads it.
     """
-    parent, child = manifest["parent"], manifest["child"]
-    rows = "\n".join(
-        f"| {role} | {parent['shape'][role]} | {child['shape'][role]} |" for role in ROLES
-    )
+    parent, child_shape = manifest.parent, manifest.child_shape
+    rows = "\n".join(f"| {role} | {parent.shape[role]} | {child_shape[role]} |" for role in ROLES)
     loader = task_spec(task).model_class
-    calib = manifest.get("calibration") or {}
+    calib = manifest.calibration
     origin = (
-        f"initialized from `{parent.get('id', 'a parent model')}` by weight subcloning "
-        f"(strategy `{manifest['strategy']}`)"
-        if manifest["strategy"] != "random"
+        f"initialized from `{parent.id or 'a parent model'}` by weight subcloning "
+        f"(strategy `{manifest.strategy}`)"
+        if manifest.strategy != "random"
         else "randomly initialized with the shape of a subcloned child"
     )
     return f"""---
 library_name: transformers
 tags: [subclone, weight-subcloning]
 ---
-# {parent.get('label') or parent.get('id', 'child')} child: {child['shape']['layers']} blocks x {child['shape']['hidden']}
+# {parent.label or parent.id or 'child'} child: {child_shape['layers']} blocks x {child_shape['hidden']}
 
 This model was {origin}. See "Weight subcloning: direct initialization of transformers using larger
 pretrained ones" (arXiv:2312.09299). It is an initialization meant for further training.
@@ -38,13 +37,13 @@ pretrained ones" (arXiv:2312.09299). It is an initialization meant for further t
 |---|---|---|
 {rows}
 
-- Removed blocks: {manifest.get('removed_blocks') or 'none'}
-- Weight scaling by sqrt(fan-in ratio): {'on' if manifest.get('scale') else 'off'}
-- Residual ranking: {manifest.get('residual_score') or '-'}; least-squares refit: {'on' if manifest.get('refit') else 'off'}
-- Calibration: {calib.get('tokens', 0)} tokens of `{calib.get('data', '-')}`
-- Parent weights sha256: `{parent.get('weights_sha256', 'unknown')}`
-{_training_line(manifest.get('training'))}
-{_licence_line(parent.get('licence'))}`subclone.json` records the kept residual dimensions, heads and FFN neurons of every block.
+- Removed blocks: {manifest.removed_blocks or 'none'}
+- Weight scaling by sqrt(fan-in ratio): {'on' if manifest.scale else 'off'}
+- Residual ranking: {manifest.residual_score or '-'}; least-squares refit: {'on' if manifest.refit else 'off'}
+- Calibration: {calib.tokens if calib else 0} tokens of `{calib.data if calib else '-'}`
+- Parent weights sha256: `{parent.weights_sha256 or 'unknown'}`
+{_training_line(manifest.training)}
+{_licence_line(parent.licence)}`subclone.json` records the kept residual dimensions, heads and FFN neurons of every block.
 
 ```python
 from transformers import {loader}
@@ -60,8 +59,9 @@ def _licence_line(licence: dict | None) -> str:
     return f"\nLicence: [{licence['name']}]({licence['url']}). {licence.get('notice', '')}\n\n"
 
 
-def _training_line(training: dict | None) -> str:
+def _training_line(training: TrainingInfo | None) -> str:
     """One line on the training a saved candidate received, or nothing for a freshly made child."""
-    if not training:
+    if training is None:
         return ""
-    return f"- Trained after initialization: {training.get('steps_done', '?')} steps (see `subclone.json`)\n"
+    steps = "?" if training.steps_done is None else training.steps_done
+    return f"- Trained after initialization: {steps} steps (see `subclone.json`)\n"

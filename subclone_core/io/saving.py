@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest
 from subclone_core.io.atomic import building
 from subclone_core.io.placement import parse_size
 
@@ -46,7 +47,7 @@ def save_model_folder(
     out_dir: str | Path,
     *,
     preprocessor=None,
-    manifest: dict | None = None,
+    manifest: Manifest | None = None,
     model_card: str | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
@@ -68,14 +69,29 @@ def save_model_folder(
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
         if manifest is not None:
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
         if model_card is not None:
             (tmp / "README.md").write_text(model_card)
     log.info("saved %s", out)
     return out
 
 
-def load_manifest(model_dir: str | Path) -> dict | None:
-    """The subclone.json of a child folder, or None for a folder without one."""
+def read_manifest(model_dir: str | Path) -> Manifest | None:
+    """The subclone.json of a model folder, or None for a folder without one.
+
+    Raises:
+        SubcloneError: the file is not valid JSON, or holds something other than a JSON object.
+    """
     path = Path(model_dir) / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise SubcloneError(f"{path} is not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise SubcloneError(f"{path} must hold a JSON object, not {type(data).__name__}; fix or remove it")
+    try:
+        return Manifest.from_json(data)
+    except (TypeError, AttributeError) as err:  # an entry of the wrong type, e.g. "calibration": 3
+        raise SubcloneError(f"{path} is not a subclone manifest ({err}); fix or remove it") from None

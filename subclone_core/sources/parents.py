@@ -10,7 +10,6 @@ folder under `cache_dir()`.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.io.placement import Placement, memory_by_device, remove_with
-from subclone_core.io.saving import MANIFEST_NAME
+from subclone_core.io.saving import read_manifest
 from subclone_core.sources.cache import cache_dir, cache_is_valid, file_sha256
 from subclone_core.sources.embedded import EMBEDDED, Licence, licence_of
 from subclone_core.sources.folders import load_folder, weight_files
@@ -164,13 +163,14 @@ def _looks_like_path(text: str) -> bool:
 
 def _folder_origin(folder: Path) -> tuple[str, Licence | None]:
     """A local folder's label and, for a child of an embedded parent (its subclone.json says), that licence."""
-    meta = folder / MANIFEST_NAME
     try:
-        parent = json.loads(meta.read_text()).get("parent", {})
-        parent = parent.get("id") if isinstance(parent, dict) else parent
-        return f"{folder.name} (subcloned from {parent})", licence_of(parent if isinstance(parent, str) else None)
-    except (OSError, ValueError, AttributeError):
+        manifest = read_manifest(folder)
+    except (OSError, SubcloneError):
+        manifest = None
+    if manifest is None:
         return f"{folder.name} (local folder)", None
+    parent = manifest.parent.id if manifest.parent is not None else None
+    return f"{folder.name} (subcloned from {parent})", licence_of(parent)
 
 
 def default_vit_built() -> bool:

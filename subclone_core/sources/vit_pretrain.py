@@ -25,6 +25,7 @@ from subclone_core.io.atomic import building
 from subclone_core.io.devices import resolve_device
 from subclone_core.sources.cache import cache_dir, write_marker
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
+from subclone_core.training.events import Event, StepEvent
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +190,11 @@ def _train_config(recipe: VitRecipe, train_images: int, test_images: int, device
     return config
 
 
-def _progress_events(progress: Callable[[dict], None] | None, steps: int, start: float) -> Callable[[dict], None]:
+def _progress_events(progress: Callable[[dict], None] | None, steps: int, start: float) -> Callable[[Event], None]:
     """The engine's step events as this module's progress dicts."""
-    def forward(event: dict) -> None:
-        if progress is not None and event.get("event") == "step":
-            progress({"step": event["step"], "steps": steps, "loss": event["loss"], "lr": event["lr"],
+    def forward(event: Event) -> None:
+        if progress is not None and isinstance(event, StepEvent):
+            progress({"step": event.step, "steps": steps, "loss": event.loss, "lr": event.lr,
                       "seconds": time.perf_counter() - start})
     return forward
 

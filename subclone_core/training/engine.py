@@ -15,7 +15,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from subclone_core.core.calibration import no_cache_kwargs
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest, TrainingInfo
 from subclone_core.io.devices import resolve_device
 from subclone_core.io.model_card import model_card
 from subclone_core.io.saving import check_output_dir, save_model_folder
@@ -33,6 +34,15 @@ from subclone_core.training import batches as B
 from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.distill import distillation_loss
 from subclone_core.training.evaluate import evaluate
+from subclone_core.training.events import (
+    CancelledEvent,
+    CandidatePlan,
+    DoneEvent,
+    ErrorEvent,
+    EvalEvent,
+    StartEvent,
+    StepEvent,
+)
 from subclone_core.training.metrics_log import MetricsLog, json_safe
 from subclone_core.training.parallel import DataParallel, Sharded, clip_gradients, make_parallel
 from subclone_core.training.results import EvalPoint, RunResult, SavePlan
@@ -172,10 +182,10 @@ class _Runner:
         self.result.train_loss.append((step, stats["loss"]))
         self.result.throughput = self.result.seen / max(self.train_time, 1e-9)
         if step % self.ctx.config.log_every == 0 or step == self.ctx.config.steps:
-            self.ctx.emit(
-                "step", self.cand.name, step=step, lr=lr, grad_norm=grad_norm, seen=self.result.seen,
+            self.ctx.emit(StepEvent(
+                candidate=self.cand.name, step=step, lr=lr, grad_norm=grad_norm, seen=self.result.seen,
                 throughput=round(self.result.throughput, 2), unit=self.ctx.task.unit, **stats,
-            )
+            ))
 
     def evaluate(self, step: int) -> None:
         """Validate on the fixed set (this process's share, summed over processes) and emit an event."""
@@ -188,7 +198,7 @@ class _Runner:
             with self.ctx.autocast():
                 stats = evaluate(model, self.ctx.val_batches)
             count = stats[self.ctx.task.unit_name]
-            sums += torch.tensor([stats["loss"] * count, count, stats.get("accuracy", 0.0) * count],
+            sums += torch.tensor([stats["loss"] * count, count, self.ctx.task.correct(stats)],
                                  dtype=torch.float64, device=self.ctx.device)
         loss_sum, count, correct = self.ctx.accelerator.reduce(sums, reduction="sum").tolist()
         loss = loss_sum / max(count, 1.0)
@@ -198,8 +208,7 @@ class _Runner:
         else:
             point.perplexity = perplexity(loss)
         self.result.evals.append(point)
-        fields = {k: v for k, v in point.__dict__.items() if v is not None}
-        self.ctx.emit("eval", self.cand.name, **fields)
+        self.ctx.emit(EvalEvent.of(self.cand.name, point))
 
     def release_optimizer(self) -> None:
         """Free the gradients and the optimizer state: the candidate never steps again."""
@@ -212,7 +221,7 @@ class _Runner:
         self.result.status, self.result.message = "stopped", message
         self.release_optimizer()
         logger.warning("%s: %s", self.cand.name, message)
-        self.ctx.emit("error", self.cand.name, step=step, message=message)
+        self.ctx.emit(ErrorEvent(candidate=self.cand.name, step=step, message=message))
 
 
 def _make_accelerator(config: TrainConfig) -> Accelerator:
@@ -303,10 +312,10 @@ def _loop(runners: list[_Runner], ctx: _Context, cancel: threading.Event | None)
     return None
 
 
-def _training_info(runner: _Runner, ctx: _Context) -> dict[str, Any]:
+def _training_info(runner: _Runner, ctx: _Context) -> TrainingInfo:
     """What goes into the saved manifest's "training" entry."""
     result, cand = runner.result, runner.cand
-    return json_safe({
+    return TrainingInfo(**json_safe({
         "engine": "subclone_core.training",
         "strategy": result.strategy,
         "lr": result.lr,
@@ -322,16 +331,15 @@ def _training_info(runner: _Runner, ctx: _Context) -> dict[str, Any]:
         "bf16_autocast": ctx.bf16,
         "distill": {"alpha": cand.distill_alpha, "temperature": cand.distill_temperature}
         if cand.teacher is not None else None,
-        "evals": [p.__dict__ for p in result.evals],
-    })
+        "evals": [asdict(p) for p in result.evals],
+    }))
 
 
-def _save(runner: _Runner, ctx: _Context, folder: Path, preprocessor: Any, base: dict | None,
+def _save(runner: _Runner, ctx: _Context, folder: Path, preprocessor: Any, base: Manifest | None,
           overwrite: bool) -> Path:
     """Save one finished candidate as a complete model folder (written atomically by saving.py)."""
-    manifest = dict(base or {})
-    manifest["training"] = _training_info(runner, ctx)
-    card = model_card(manifest, ctx.task.name) if "child" in manifest else None
+    manifest = replace(base or Manifest(), training=_training_info(runner, ctx))
+    card = model_card(manifest, ctx.task.name) if manifest.is_child else None
     return Path(save_model_folder(runner.result.model, folder, preprocessor=preprocessor,
                                   manifest=manifest, model_card=card, overwrite=overwrite))
 
@@ -341,7 +349,7 @@ def _settle(runners: list[_Runner], ctx: _Context, cancelled_at: int | None) -> 
     process; None elsewhere), in eval mode. Every process calls this."""
     if cancelled_at is not None:
         message = f"cancelled before step {cancelled_at}; metrics so far are kept, no model was saved"
-        ctx.emit("cancelled", None, step=cancelled_at, message=message)
+        ctx.emit(CancelledEvent(step=cancelled_at, message=message))
     for runner in runners:
         result = runner.result
         if result.status == "running":
@@ -353,7 +361,7 @@ def _settle(runners: list[_Runner], ctx: _Context, cancelled_at: int | None) -> 
 
 
 def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, save_dir: Path | None,
-            preprocessor: Any, manifest_for: Callable[[str], dict | None] | None, overwrite: bool,
+            preprocessor: Any, manifest_for: Callable[[str], Manifest | None] | None, overwrite: bool,
             plan: SavePlan) -> None:
     """Settle every candidate's status, save the finished ones the plan chooses (main process only) and
     emit "done"."""
@@ -369,8 +377,9 @@ def _finish(runners: list[_Runner], ctx: _Context, cancelled_at: int | None, sav
                 _save(runner, ctx, folder, preprocessor, base, overwrite)
             result.saved_to = folder
         acc.wait_for_everyone()  # other ranks return only once the folder exists
-        ctx.emit("done", result.name, step=result.steps_done, status=result.status, message=result.message,
-                 final=result.summary()["final_eval"], saved_to=str(result.saved_to) if result.saved_to else None)
+        ctx.emit(DoneEvent(candidate=result.name, step=result.steps_done, status=result.status,
+                           message=result.message, final=result.evals[-1] if result.evals else None,
+                           saved_to=str(result.saved_to) if result.saved_to else None))
 
 
 def _context(acc: Accelerator, config: TrainConfig, emit: Emitter, val_data: Any, task: TaskSpec) -> _Context:
@@ -390,18 +399,18 @@ def _start(candidates: Sequence[Candidate], ctx: _Context, train_data: Any) -> l
     runners = [_Runner(c, ctx, train_data,
                        None if c.teacher is None else _teacher_on(c.teacher, ctx.device, teachers))
                for c in candidates]
-    ctx.emit("start", None, candidates=[{"name": r.result.name, "strategy": r.result.strategy, "lr": r.result.lr,
-             "weight_decay": r.result.weight_decay, "distill": r.teacher is not None} for r in runners],
-             config=ctx.config.to_dict(), world_size=ctx.accelerator.num_processes, parallel=ctx.parallel.name,
-             device=ctx.device.type,
-             unit=ctx.task.unit, metric=ctx.task.metric, higher_is_better=ctx.task.higher_is_better)
+    ctx.emit(StartEvent(candidates=[CandidatePlan(r.result.name, r.result.strategy, r.result.lr,
+                                                  r.result.weight_decay, r.teacher is not None) for r in runners],
+                        config=ctx.config.to_dict(), world_size=ctx.accelerator.num_processes,
+                        parallel=ctx.parallel.name, device=ctx.device.type, unit=ctx.task.unit,
+                        metric=ctx.task.metric, higher_is_better=ctx.task.higher_is_better))
     return runners
 
 
 def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data: Any, config: TrainConfig, *,
                      callbacks: Iterable[Callback] = (), metrics_path: str | Path | None = None,
                      cancel: threading.Event | None = None, save_dir: str | Path | None = None,
-                     preprocessor: Any = None, manifest_for: Callable[[str], dict | None] | None = None,
+                     preprocessor: Any = None, manifest_for: Callable[[str], Manifest | None] | None = None,
                      overwrite: bool = False, save_plan: SavePlan | None = None) -> dict[str, RunResult]:
     """Train candidates of one child shape side by side on the identical data order and seed.
 
@@ -418,7 +427,7 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
         train_data: an object with ``batches(batch_size, *, shuffle, seed, epochs)`` (TokenData, ImageData).
         val_data: the same protocol; its first ``eval_batches`` batches are the validation set.
         config: steps, batch size, schedule, evaluation, device.
-        callbacks: called with every event dict (see subclone_core.training.metrics_log for the kinds).
+        callbacks: called with every event (subclone_core.training.events names the kinds).
         metrics_path: a JSONL file the events are appended to, one flushed line each.
         cancel: set it (from another thread) to stop after the current round.
         save_dir: when given, each finished candidate is saved to ``save_dir/<name>`` (complete or absent).
@@ -444,7 +453,7 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
         _finish(runners, ctx, cancelled_at, Path(save_dir) if save_dir is not None else None,
                 preprocessor, manifest_for, overwrite, plan)
     except Exception as err:
-        emit("error", None, message=f"{type(err).__name__}: {err}")
+        emit(ErrorEvent(message=f"{type(err).__name__}: {err}"))
         raise
     finally:
         if log is not None:

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from subclone_core.training.events import EvalEvent, Event, of_kind
+
 Curve = Sequence[tuple[float, float | None]]  # (step, value) evaluation points in step order
 
 HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "accuracy": True}
@@ -415,17 +417,17 @@ def result_track(result: Any, metric: str) -> list[tuple[int, int, float | None]
     return [(p.step, p.seen, p.value(metric)) for p in result.evals]
 
 
-def tracks_from_events(events: Sequence[Mapping[str, Any]], metric: str) -> dict[str, list[tuple]]:
-    """Per-candidate (step, seen, value) points from training events (metrics.jsonl or live callbacks).
+def tracks_from_events(events: Sequence[Event], metric: str) -> dict[str, list[tuple]]:
+    """Per-candidate (step, seen, value) points from training events (read_events or live callbacks).
 
     Args:
-        events: engine events; only "eval" events that carry ``metric`` count.
+        events: engine events; only evaluations that carry ``metric`` count.
         metric: "loss", "perplexity" or "accuracy".
     """
     out: dict[str, list[tuple]] = {}
-    for event in events:
-        if event.get("event") == "eval" and event.get(metric) is not None:
-            out.setdefault(event["candidate"], []).append((event["step"], event.get("seen"), event[metric]))
+    for event in of_kind(events, EvalEvent):
+        if event.value(metric) is not None:
+            out.setdefault(event.candidate, []).append((event.step, event.seen, event.value(metric)))
     return out
 
 

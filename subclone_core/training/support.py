@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from time import perf_counter
-from typing import Any
 
 import torch
 
 from subclone_core.core.rng import GLOBAL_RNG_LOCK
+from subclone_core.training.events import Event, parse_event
 from subclone_core.training.metrics_log import MetricsLog, json_safe
 
-Callback = Callable[[dict[str, Any]], None]
+Callback = Callable[[Event], None]
 
 
 class Emitter:
@@ -21,11 +21,11 @@ class Emitter:
         self.callbacks, self.log, self.enabled = list(callbacks), log, enabled
         self.t0 = perf_counter()
 
-    def __call__(self, kind: str, candidate: str | None = None, **fields: Any) -> None:
+    def __call__(self, event: Event) -> None:
+        """Stamp the event with the run's clock and send it, as the file holds it (non-finite values None)."""
         if not self.enabled:
             return
-        event = json_safe({"event": kind, "candidate": candidate, "time": round(perf_counter() - self.t0, 3)})
-        event.update(json_safe(fields))
+        event = parse_event(json_safe({**event.to_json(), "time": round(perf_counter() - self.t0, 3)}))
         if self.log is not None:
             self.log.write(event)
         for callback in self.callbacks:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.strategies import STRATEGY_SPECS
-from subclone_core.training.metrics_log import curves
+from subclone_core.training.events import DoneEvent, ErrorEvent, EvalEvent, Event, StartEvent, curves, of_kind
 from subclone_core.training.results import RunResult, SavePlan
 from subclone_core.training.speedup import best_value
 
@@ -175,19 +175,18 @@ def runs_from_results(results: Mapping[str, RunResult], metric: str, *,
     return out
 
 
-def runs_from_events(events: Sequence[Mapping[str, Any]], metric: str, *,
-                     higher_is_better: bool) -> list[SweptRun]:
-    """One SweptRun per run of a run's events so far (the app's live view); [] before the "start" event."""
-    start = next((e for e in events if e.get("event") == "start"), None)
+def runs_from_events(events: Sequence[Event], metric: str, *, higher_is_better: bool) -> list[SweptRun]:
+    """One SweptRun per run of a run's events so far (the app's live view); [] before the start event."""
+    start = next(iter(of_kind(events, StartEvent)), None)
     if start is None:
         return []
-    evals = curves(list(events), kind="eval", key=metric)
-    status = {e["candidate"]: "stopped" for e in events if e.get("event") == "error" and e.get("candidate")}
-    status.update({e["candidate"]: e.get("status", "done") for e in events if e.get("event") == "done"})
+    evals = curves(events, kind=EvalEvent, key=metric)
+    status = {e.candidate: "stopped" for e in of_kind(events, ErrorEvent) if e.candidate}
+    status.update({e.candidate: e.status for e in of_kind(events, DoneEvent)})
     out = []
-    for cand in start["candidates"]:
-        curve = evals.get(cand["name"], [])
-        out.append(SweptRun(cand["name"], cand["lr"], status.get(cand["name"], "running"),
+    for cand in start.candidates:
+        curve = evals.get(cand.name, [])
+        out.append(SweptRun(cand.name, cand.lr, status.get(cand.name, "running"),
                             best_value(curve, higher_is_better=higher_is_better), curve[-1][1] if curve else None))
     return out
 
@@ -253,17 +252,16 @@ def chosen_results(results: Mapping[str, RunResult], chosen: Mapping[str, str]) 
     return {name: results[run] for name, run in chosen.items()}
 
 
-def chosen_events(events: Sequence[Mapping[str, Any]], chosen: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The events of the chosen runs, each named after its candidate (the run's name kept under "run"),
-    plus the run-wide ones; the live charts and tables then read them as an ordinary run."""
+def chosen_events(events: Sequence[Event], chosen: Mapping[str, str]) -> list[Event]:
+    """The events of the chosen runs, each renamed after its candidate, plus the run-wide ones; the live
+    charts and tables then read them as an ordinary run."""
     candidate = {run: name for name, run in chosen.items()}
     out = []
     for event in events:
-        name = event.get("candidate")
-        if name is None:
-            out.append(dict(event))
-        elif name in candidate:
-            out.append({**event, "candidate": candidate[name], "run": name})
+        if event.candidate is None:
+            out.append(event)
+        elif event.candidate in candidate:
+            out.append(replace(event, candidate=candidate[event.candidate]))
     return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracke
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
 from subclone_core.core.errors import SubcloneError
+from subclone_core.training.events import CandidatePlan, EvalEvent, Event, StartEvent, StepEvent
 from subclone_core.training.speedup import speedup
 
 TENSORBOARD_DIR = "tensorboard"
@@ -102,13 +103,12 @@ def parse_report_to(text: str | None, run_dir: str | Path | None) -> tuple[str, 
     return names
 
 
-def _flat_config(event: dict[str, Any], candidate: dict[str, Any] | None) -> dict[str, Any]:
+def _flat_config(event: StartEvent, candidate: CandidatePlan | None) -> dict[str, Any]:
     """Hyperparameters as flat scalars (what trackers' config tables take)."""
-    flat = {f"config/{k}": v for k, v in (event.get("config") or {}).items() if isinstance(v, (int, float, str, bool))}
-    for key in ("world_size", "device", "unit", "metric"):
-        flat[key] = event.get(key)
+    flat = {f"config/{k}": v for k, v in event.config.items() if isinstance(v, (int, float, str, bool))}
+    flat.update(world_size=event.world_size, device=event.device, unit=event.unit, metric=event.metric)
     if candidate is not None:
-        flat.update({k: v for k, v in candidate.items() if k != "name"}, candidate=candidate["name"])
+        flat.update({k: v for k, v in asdict(candidate).items() if k != "name"}, candidate=candidate.name)
     return flat
 
 
@@ -133,24 +133,22 @@ class TrackerCallback:
         self.metric, self.higher_is_better = "loss", False
         self.closed = False
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         """Take one engine event (start, step and eval are logged; the others carry no curve)."""
-        handler = {"start": self._start, "step": self._step, "eval": self._eval}.get(event.get("event"))
+        handler = {StartEvent: self._start, StepEvent: self._step, EvalEvent: self._eval}.get(type(event))
         if handler is not None and not self.closed:
             handler(event)
 
-    def _start(self, event: dict[str, Any]) -> None:
-        self.metric = event.get("metric") or "loss"
-        self.higher_is_better = bool(event.get("higher_is_better"))
+    def _start(self, event: StartEvent) -> None:
+        self.metric, self.higher_is_better = event.metric, event.higher_is_better
         for kind in self.report_to:
             if not _KINDS[kind].per_candidate:
                 self.shared.append(_KINDS[kind].open(self.run_dir, self.project, self.project,
                                                      _flat_config(event, None)))
                 continue
-            for cand in event.get("candidates", []):
-                config = _flat_config(event, cand)
-                self.runs.setdefault(cand["name"], []).append(
-                    _KINDS[kind].open(self.run_dir, self.project, cand["name"], config))
+            for cand in event.candidates:
+                self.runs.setdefault(cand.name, []).append(
+                    _KINDS[kind].open(self.run_dir, self.project, cand.name, _flat_config(event, cand)))
 
     def _log(self, candidate: str, values: dict[str, float], step: int) -> None:
         if not values:
@@ -160,13 +158,13 @@ class TrackerCallback:
         for tracker in self.shared:
             tracker.log({f"{candidate}/{key}": value for key, value in values.items()}, step=step)
 
-    def _step(self, event: dict[str, Any]) -> None:
-        self._log(event["candidate"], _numbers(event, "train"), event["step"])
+    def _step(self, event: StepEvent) -> None:
+        self._log(event.candidate, _numbers(event, "train"), event.step)
 
-    def _eval(self, event: dict[str, Any]) -> None:
-        self._log(event["candidate"], _numbers(event, "val"), event["step"])
-        self.curves.setdefault(event["candidate"], []).append((event["step"], event.get(self.metric)))
-        self._speedups(event["step"])
+    def _eval(self, event: EvalEvent) -> None:
+        self._log(event.candidate, _numbers(event, "val"), event.step)
+        self.curves.setdefault(event.candidate, []).append((event.step, event.value(self.metric)))
+        self._speedups(event.step)
 
     def _speedups(self, step: int) -> None:
         """Log the speedup so far of every candidate evaluated at ``step`` once the baseline is too.
@@ -194,7 +192,7 @@ class TrackerCallback:
             tracker.finish()
 
 
-def _numbers(event: dict[str, Any], prefix: str) -> dict[str, float]:
+def _numbers(event: Event, prefix: str) -> dict[str, float]:
     """The event's finite numbers as ``prefix/key`` (non-finite values arrive as None and are skipped)."""
-    return {f"{prefix}/{key}": value for key, value in event.items()
+    return {f"{prefix}/{key}": value for key, value in event.to_json().items()
             if key not in _SKIPPED and isinstance(value, (int, float)) and not isinstance(value, bool)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -113,8 +113,8 @@ def make_child(
                            scale=scale, untie_head=untie_head, seed=seed, parent_tensors=parent_tensors(parent),
                            residual_score=residual_score, refit=refit)
     child.model.to(home_device(parent.model))
-    child.manifest["parent"].update(id=parent.id, label=parent.label, model_type=parent.model.config.model_type,
-                                    weights_sha256=parent.weights_sha256(),
+    child.manifest.parent = replace(child.manifest.parent, id=parent.id, label=parent.label,
+                                    model_type=parent.model.config.model_type, weights_sha256=parent.weights_sha256(),
                                     licence=asdict(parent.licence) if parent.licence else None)
     child.preprocessor = parent.preprocessor
     return child

@@ -20,6 +20,7 @@ from typing import Any
 
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import STRATEGY_SPECS, Child, needs_calibration
 from subclone_core.sources import Parent, make_data
@@ -153,7 +154,7 @@ def build_child(parent: Parent, target: Shape, strategy: str, settings: Candidat
 
 def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings, *,
                      importance: Importance | None = None,
-                     made: Mapping[str, Child] | None = None) -> tuple[list[Candidate], dict[str, dict]]:
+                     made: Mapping[str, Child] | None = None) -> tuple[list[Candidate], dict[str, Manifest]]:
     """One candidate per name, with its manifest; the caller's children are copied, never trained.
 
     Args:

@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 from subclone_core.cli.commands._options import print_json, require_finite
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest
 from subclone_core.io.atomic import staged_folder
 from subclone_core.tasks import task_spec
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
+from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent, StepEvent
 from subclone_core.training.metrics_log import json_safe
 from subclone_core.training.parallel import check_launch
 from subclone_core.training.speedup import (
@@ -191,23 +193,26 @@ def hparam_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, di
 
 
 class TrainingProgress:
-    """A tqdm bar on stderr fed by the engine's events: one tick per candidate step, last losses shown."""
+    """A tqdm bar on stderr fed by the engine's events: one tick per candidate step, the last validation
+    value of each (the task's metric, which the start event names) shown."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = tqdm(total=total, desc="training", unit="step", file=sys.stderr, disable=not enabled,
                         dynamic_ncols=True, mininterval=0.5)
         self.last: dict[str, str] = {}
+        self.metric = "loss"
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind, name = event.get("event"), event.get("candidate")
-        if kind == "step":
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StartEvent):
+            self.metric = event.metric
+        elif isinstance(event, StepEvent):
             self.bar.update(1)
-        elif kind == "eval":
-            value = event.get("accuracy", event.get("loss"))
-            self.last[name] = f"{value:.3f}" if value is not None else "?"
+        elif isinstance(event, EvalEvent):
+            value = event.value(self.metric)
+            self.last[event.candidate] = f"{value:.3f}" if value is not None else "?"
             self.bar.set_postfix_str(" ".join(f"{n} {v}" for n, v in self.last.items()), refresh=False)
-        elif kind == "error" and not self.bar.disable:
-            tqdm.write(f"{name or 'run'}: {event.get('message')}", file=sys.stderr)
+        elif isinstance(event, ErrorEvent) and not self.bar.disable:
+            tqdm.write(f"{event.candidate or 'run'}: {event.message}", file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
@@ -215,7 +220,7 @@ class TrainingProgress:
 
 def train_and_report(candidates: list[Candidate], train: Any, val: Any, config: TrainConfig, *,
                      args: argparse.Namespace, out: Path | None, preprocessor: Any,
-                     manifests: dict[str, dict], context: dict[str, Any]) -> int:
+                     manifests: dict[str, Manifest], context: dict[str, Any]) -> int:
     """Train every candidate on the same data order, then print (main process only) the result table.
 
     Args:
@@ -225,7 +230,7 @@ def train_and_report(candidates: list[Candidate], train: Any, val: Any, config: 
         args: the parsed flags (target, json, quiet).
         out: the run folder, or None to save nothing.
         preprocessor: the tokenizer or image processor saved with each model.
-        manifests: name -> the subclone.json content of that candidate (training info is added).
+        manifests: name -> the subclone.json record of that candidate (training info is added).
         context: what the summary says about the run besides the results (command, parent, shape...).
     """
     start = time.perf_counter()

@@ -65,9 +65,9 @@ def make(args: argparse.Namespace, max_shard: int) -> int:
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in child.model.parameters())
     summary = {"out": str(out), "shape": target.as_dict(), "parameters": params,
-               "removed_blocks": child.manifest["removed_blocks"], "strategy": args.strategy,
-               "scale": child.manifest["scale"], "refit": child.manifest["refit"],
-               "residual_score": child.manifest["residual_score"], "seconds": round(seconds, 2)}
+               "removed_blocks": child.manifest.removed_blocks, "strategy": args.strategy,
+               "scale": child.manifest.scale, "refit": child.manifest.refit,
+               "residual_score": child.manifest.residual_score, "seconds": round(seconds, 2)}
     if args.json:
         print_json(summary)
     else:

@@ -14,10 +14,10 @@ from subclone_core.cli.commands._training import (
     train_and_report,
     training_config,
 )
-from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import STRATEGY_SPECS, subclone_model
-from subclone_core.io.saving import load_manifest
+from subclone_core.io.saving import read_manifest
 from subclone_core.sources import default_data_id, load_parent
 from subclone_core.training import Candidate
 from subclone_core.workflow.jobs import BASELINE, training_data
@@ -35,13 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def child_candidate(model, manifest: dict | None, with_baseline: bool) -> Candidate:
+def child_candidate(model, manifest: Manifest, with_baseline: bool) -> Candidate:
     """The model folder as a candidate named after the strategy that made it (e.g. "subclone").
 
     A folder made with another tool is trained with the subcloned child's defaults (its weights are
     pretrained); a random-init child next to a random baseline is called "child" to keep names unique.
     """
-    strategy = (manifest or {}).get("strategy")
+    strategy = manifest.strategy
     if strategy not in STRATEGY_SPECS:
         strategy = "subclone"
     name = "child" if strategy == BASELINE and with_baseline else strategy
@@ -54,29 +54,22 @@ def run(args: argparse.Namespace) -> int:
         return train(args, config, out)
 
 
-def read_manifest(model_dir: str) -> dict:
-    """The folder's subclone.json, or a note for a folder made elsewhere; a malformed one is named."""
-    try:
-        manifest = load_manifest(model_dir)
-    except ValueError as err:
-        raise SubcloneError(f"{model_dir}/subclone.json is not valid JSON ({err}); fix or remove it") from None
-    if manifest is not None and not isinstance(manifest, dict):
-        raise SubcloneError(f"{model_dir}/subclone.json must hold a JSON object, not {type(manifest).__name__}; "
-                            "fix or remove it")
-    return manifest or {"parent": None, "note": f"trained from {model_dir}"}
+def folder_manifest(model_dir: str) -> Manifest:
+    """The folder's subclone.json, or a note for a folder made elsewhere (a malformed one is named)."""
+    return read_manifest(model_dir) or Manifest(note=f"trained from {model_dir}")
 
 
 def train(args: argparse.Namespace, config, out) -> int:
     """Load the model folder (and make its twin), train them into the claimed run folder, report."""
     child = load_parent(args.model, dtype="float32")  # float32 master weights; bf16 comes from autocast on GPUs
     check_seq_len(child.model, args.seq_len)
-    manifest = read_manifest(args.model)
+    manifest = folder_manifest(args.model)
     candidates = [child_candidate(child.model, manifest, bool(args.baseline))]
     manifests = {candidates[0].name: manifest}
     if args.baseline:
         shape = Shape.of(child.model.config)
         twin = subclone_model(child.model, shape, strategy="random", seed=args.seed)
-        twin.manifest["parent"].update(twin_of=str(args.model))
+        twin.manifest.parent.twin_of = str(args.model)
         candidates.append(Candidate(BASELINE, twin.model, strategy=BASELINE))
         manifests[BASELINE] = twin.manifest
     overrides = hparam_overrides(args, [c.name for c in candidates])
