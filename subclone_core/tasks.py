@@ -231,9 +231,19 @@ def task_of_class(class_name: str) -> TaskSpec | None:
 
 def task_of_config(config) -> TaskSpec:
     """The task of a model config: the one its architecture class (``architectures[0]``) names, else (none named,
-    or a class no registered task loads) its family's default task from the architecture table."""
+    or a bare backbone such as LlamaModel) its family's default task from the architecture table.
+
+    Raises:
+        SubcloneError: the class names a task head no registered task loads (LlamaForTokenClassification):
+            loading it as the family's default task would replace that head with a random one.
+    """
     names = getattr(config, "architectures", None) or []
-    return (task_of_class(names[0]) if names else None) or task_spec(arch_for(config.model_type).task)
+    task = task_of_class(names[0]) if names else None
+    if task is None and names and "For" in names[0]:
+        known = ", ".join(f"{spec.class_suffix} ({spec.name})" for spec in TASKS.values())
+        raise SubcloneError(f"architecture {names[0]!r} is a task no registered task handles; known: {known} "
+                            "(register one with subclone_core.tasks.register_task)")
+    return task or task_spec(arch_for(config.model_type).task)
 
 
 def task_of_model(model: torch.nn.Module) -> TaskSpec:

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from subclone_core.io.saving import load_manifest
-from subclone_core.training.metrics_log import read_metrics
+from subclone_core.io.saving import read_manifest
+from subclone_core.training.events import StartEvent, of_kind, read_events
 from tests.test_cli_train import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,14 +66,13 @@ def test_sharded_run_reaches_the_one_process_losses(runs):
 def test_sharded_run_writes_one_run_folder_with_plain_children(runs):
     one, two = runs["dir"] / "one", runs["dir"] / "two"
     assert sorted(p.name for p in two.iterdir()) == ["metrics.jsonl", "random", "subclone", "summary.json"]
-    events = read_metrics(two / "metrics.jsonl")
-    assert [e["event"] for e in events].count("start") == 1
-    assert events[0]["world_size"] == 2 and events[0]["parallel"] == "fsdp"
+    starts = of_kind(read_events(two / "metrics.jsonl"), StartEvent)
+    assert len(starts) == 1 and (starts[0].world_size, starts[0].parallel) == (2, "fsdp")
     for name in ("subclone", "random"):
         model = AutoModelForCausalLM.from_pretrained(two / name)
         assert type(model).__name__ == "LlamaForCausalLM" and model.config.architectures == ["LlamaForCausalLM"]
-        training = load_manifest(two / name)["training"]
-        assert (training["world_size"], training["parallel"], training["config"]["fsdp"]) == (2, "fsdp", True)
+        training = read_manifest(two / name).training
+        assert (training.world_size, training.parallel, training.config["fsdp"]) == (2, "fsdp", True)
         sharded, single = load_file(two / name / "model.safetensors"), load_file(one / name / "model.safetensors")
         assert sorted(sharded) == sorted(single)
         for key, tensor in single.items():

@@ -24,7 +24,7 @@ from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.data.text import row_batches
 from subclone_core.io.gguf_export import export_gguf
-from subclone_core.io.saving import load_manifest
+from subclone_core.io.saving import read_manifest
 from subclone_core.io.sequential import calibrate_sequential
 from subclone_core.tasks import TASKS, TaskSpec, register_task, task_of_config, task_of_model
 from tests import tiny_models as tm
@@ -117,10 +117,17 @@ def test_the_architecture_class_picks_the_task(registered):
     assert task_of_config(ViTConfig(architectures=["ViTForImageClassification"])).name == "image-classification"
 
 
-@pytest.mark.parametrize("architectures", [None, [], ["LlamaModel"], ["LlamaForSomethingElse"]])
-def test_no_known_class_falls_back_to_the_family_default(architectures):
+@pytest.mark.parametrize("architectures", [None, [], ["LlamaModel"]])
+def test_no_task_class_falls_back_to_the_family_default(architectures):
     assert task_of_config(LlamaConfig(architectures=architectures)).name == arch_for("llama").task
     assert task_of_config(ViTConfig(architectures=architectures)).name == arch_for("vit").task
+
+
+@pytest.mark.parametrize("name", ["LlamaForSequenceClassification", "LlamaForTokenClassification"])
+def test_a_task_class_no_registered_task_handles_is_refused_not_loaded_as_the_default(name):
+    # (unregistered here) as a causal LM its score head would be dropped for a random lm_head
+    with pytest.raises(SubcloneError, match=f"{name}.*ForCausalLM .causal-lm.*register_task"):
+        task_of_config(LlamaConfig(architectures=[name]))
 
 
 def test_a_loaded_model_is_known_by_its_class_through_wrappers(registered):
@@ -191,7 +198,8 @@ def test_make_and_eval_a_narrower_classifier(registered, classifier_dir, tmp_pat
     assert child.config.architectures == ["LlamaForSequenceClassification"]
     assert child.config.hidden_size == 32 and child.config.num_labels == LABELS
     assert child.score.weight.shape == (LABELS, 32)
-    assert load_manifest(out)["calibration"] == {"data": "synthetic", "tokens": 512}
+    calibration = read_manifest(out).calibration
+    assert (calibration.data, calibration.tokens) == ("synthetic", 512)
     result = run_cli(["eval", "--model", out, "--seq-len", 16, "--tokens", 256, "--json"], capsys)
     assert result["task"] == TASK and result["data"] == "synthetic" and result["sequences"] == 16
     assert 0.0 <= result["accuracy"] <= 1.0 and "perplexity" not in result
@@ -205,7 +213,7 @@ def test_a_full_size_child_reproduces_the_parents_logits(registered, classifier_
     parent = AutoModelForSequenceClassification.from_pretrained(classifier_dir, dtype=torch.float64).eval()
     child = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float64).eval()
     assert Shape.of(child.config) == Shape.of(parent.config)
-    residual = load_manifest(out)["selection"]["residual"]
+    residual = read_manifest(out).selection["residual"]
     assert residual != sorted(residual)  # a real permutation of the residual stream, not the identity
     batch = tm.inputs(parent, batch=4, seq=9)
     torch.testing.assert_close(tm.output(child, batch), tm.output(parent, batch), atol=ATOL, rtol=0)

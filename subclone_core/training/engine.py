@@ -284,6 +284,14 @@ def _check_folders(candidates: Sequence[Candidate], save_dir: str | Path | None,
         check_output_dir(Path(save_dir) / folder, overwrite=overwrite)
 
 
+def _checked_plan(candidates: Sequence[Candidate], save_dir: str | Path | None, plan: SavePlan,
+                  overwrite: bool) -> SavePlan:
+    """The save plan, once the candidates and every folder it may write are checked (before any training)."""
+    _check_candidates(candidates)
+    _check_folders(candidates, save_dir, plan, overwrite)
+    return plan
+
+
 def _cancel_requested(cancel: threading.Event | None, acc: Accelerator) -> bool:
     """Whether to stop; under several processes the main process decides for all (no rank hangs)."""
     flag = bool(cancel is not None and cancel.is_set())
@@ -419,8 +427,7 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
     same fixed batches for all. A non-finite loss or gradient stops that candidate alone; cancellation
     (between rounds) keeps the metrics and saves no model. Under ``torchrun`` every process runs this
     call on its slice of every batch; only the main process writes, calls callbacks and saves. With
-    ``config.fsdp`` each candidate is sharded across the processes (FSDP2) and gathered into the main
-    process at the end (the other processes' results then hold no model).
+    ``config.fsdp`` a candidate is sharded (FSDP2); only the main process's result then holds its model.
 
     Args:
         candidates: the models to train (trained in place), with unique names.
@@ -439,9 +446,7 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
     Returns:
         {name: RunResult} in the order of ``candidates``; SubcloneError for bad settings, names or data.
     """
-    _check_candidates(candidates)
-    plan = save_plan or SavePlan()
-    _check_folders(candidates, save_dir, plan, overwrite)
+    plan = _checked_plan(candidates, save_dir, save_plan or SavePlan(), overwrite)
     acc = _make_accelerator(config)
     config.validate(acc.num_processes)
     log = MetricsLog(metrics_path) if metrics_path is not None and acc.is_main_process else None
