@@ -13,6 +13,7 @@ import torch
 
 from subclone_core.app import analysis, charts
 from subclone_core.app.jobs import BackgroundJob, FailedEvent, JobLimiter, ServerBusy, StatusEvent
+from subclone_core.app.longsteps import evaluate_parent, forward_rate
 from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.app.steps import TrainRequest, child_settings, make_children, store_upload, training_work
 from subclone_core.core.calibration import Importance
@@ -265,3 +266,10 @@ def test_training_work_refuses_a_run_that_does_not_fit_in_memory(parent, text_fi
     assert "GiB" in job.error and "batch size" in job.error
     with pytest.raises(SubcloneError, match="steps"):
         TrainRequest(parent=parent, data_id=None, child=child, twin=twin, settings=settings, steps=0).config()
+
+
+def test_the_parents_forward_rate_counts_the_tasks_unit(parent, text_file):
+    metrics = evaluate_parent(parent, str(text_file), 256)
+    assert metrics["tokens"] > 0 and metrics["seconds"] > 0
+    assert forward_rate(metrics) == pytest.approx(metrics["tokens"] / metrics["seconds"])
+    assert forward_rate(None) is None  # not measured yet

@@ -28,11 +28,6 @@ def _title(text: str) -> dict:
     return {**_TITLE, "text": text}
 
 
-def perplexity_text(value: float) -> str:
-    """Perplexity as every page prints it: thousands separated, one decimal."""
-    return f"{value:,.1f}"
-
-
 def _log10(values: np.ndarray) -> np.ndarray:
     return np.log10(np.clip(values, 1e-12, None))
 

@@ -24,6 +24,7 @@ from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.sources import Parent, vit_pretrain
+from subclone_core.tasks import task_spec
 from subclone_core.training.evaluate import evaluate
 from subclone_core.workflow.children import measure_importance
 from subclone_core.workflow.jobs import CandidateSettings
@@ -63,14 +64,14 @@ def evaluate_parent(parent: Parent, data_id: str | None, tokens: int,
     batches = validation_batches(parent, data_id, tokens)
     start = time.perf_counter()
     metrics = evaluate_shared(parent.model, list(ticking(batches, progress, len(batches))))
-    return {**metrics, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    units = metrics[task_spec(parent.task).unit_name]  # tokens, or images
+    return {**metrics, "seconds": seconds, "forward_rate": units / seconds if seconds > 0 else None}
 
 
 def forward_rate(metrics: dict | None) -> float | None:
     """Tokens (or images) per second of the parent's forward pass, from ``evaluate_parent``'s result."""
-    if not metrics or not metrics.get("seconds"):
-        return None
-    return (metrics.get("tokens") or metrics.get("images") or 0) / metrics["seconds"] or None
+    return metrics["forward_rate"] if metrics else None
 
 
 def estimate_seconds(kind: str, tokens: int, rate: float | None, blocks: int = 0) -> float | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from subclone_core.analysis.probes import evaluate_shared, exclusive, first_batches, generate_text
+from subclone_core.analysis.probes import exclusive, first_batches
 from subclone_core.app.analysis import available_bytes, check_memory, training_bytes
 from subclone_core.app.jobs import Emit, StatusEvent, Work
 from subclone_core.app.settings import AppSettings, safe_name
@@ -25,7 +25,6 @@ from subclone_core.io.atomic import claim_output
 from subclone_core.io.devices import resolve_device
 from subclone_core.sources import Parent, make_data
 from subclone_core.training import Candidate, TrainConfig, train_candidates
-from subclone_core.training.evaluate import evaluate
 from subclone_core.training.sweep import LrGrid, save_plan
 from subclone_core.workflow.children import save_child
 from subclone_core.workflow.jobs import (
@@ -51,11 +50,6 @@ def validation_batches(parent: Parent, data_id: str | None, tokens: int,
     return first_batches(data.batches(EVAL_BATCH), max(1, -(-len(data) // EVAL_BATCH)))
 
 
-def evaluate_parent(parent: Parent, data_id: str | None, tokens: int) -> dict:
-    """The parent's validation loss and perplexity (or accuracy) on about ``tokens`` tokens."""
-    return evaluate_shared(parent.model, validation_batches(parent, data_id, tokens))
-
-
 def child_settings(strategy: str, drop: str | list[int] | None, scale: bool | None, data_id: str | None,
                    calib_tokens: int, seed: int = 0, *, residual_score: str | None = None,
                    refit: bool | None = None) -> CandidateSettings:
@@ -74,25 +68,6 @@ def make_children(parent: Parent, target: Shape, settings: CandidateSettings, *,
             importance = shared_importance(parent, settings, progress)
         child = build_child(parent, target, strategy, settings, importance)
     return child, build_child(parent, target, BASELINE, settings, None)
-
-
-def step0_report(parent: Parent, child: Child, twin: Child, data_id: str | None,
-                 tokens: int) -> dict[str, dict]:
-    """Validation metrics before any training: the subcloned child, its random twin, and the parent."""
-    batches = validation_batches(parent, data_id, tokens)
-    return {
-        "subclone": evaluate(child.model, batches),
-        "random": evaluate(twin.model, batches),
-        "parent": evaluate_shared(parent.model, batches),
-    }
-
-
-def sample_generations(parent: Parent, child: Child, twin: Child, prompt: str,
-                       max_new_tokens: int) -> dict[str, str]:
-    """Each model's greedy continuation of the prompt (text parents only)."""
-    models = {"parent": parent.model, "subclone": child.model, "random": twin.model}
-    tokenizer = parent.preprocessor
-    return {name: generate_text(model, tokenizer, prompt, max_new_tokens) for name, model in models.items()}
 
 
 def fresh_folder(path: Path) -> Path:
