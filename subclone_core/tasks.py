@@ -237,13 +237,14 @@ def task_of_config(config) -> TaskSpec:
         SubcloneError: the class names a task head no registered task loads (LlamaForTokenClassification):
             loading it as the family's default task would replace that head with a random one.
     """
+    default = arch_for(config.model_type).task  # an unsupported family is refused first, by name
     names = getattr(config, "architectures", None) or []
     task = task_of_class(names[0]) if names else None
     if task is None and names and "For" in names[0]:
         known = ", ".join(f"{spec.class_suffix} ({spec.name})" for spec in TASKS.values())
         raise SubcloneError(f"architecture {names[0]!r} is a task no registered task handles; known: {known} "
                             "(register one with subclone_core.tasks.register_task)")
-    return task or task_spec(arch_for(config.model_type).task)
+    return task or task_spec(default)
 
 
 def task_of_model(model: torch.nn.Module) -> TaskSpec:
