@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import machine, table, write_section
+from subclone_core.analysis import probes
 from subclone_core.analysis.inspector import outsized_dimensions
 from subclone_core.analysis.probes import generate_text
 from subclone_core.app import charts, longsteps
@@ -85,8 +86,8 @@ def action_rows() -> list[list[object]]:
     units = outsized_dimensions(importance)
     measure("Importance", f"Inspector: What do they fire on? ({len(units)} dimensions)", lambda: run_work(
         longsteps.inspector_work(parent, units, None, CALIB_TOKENS)))
-    measure("Blocks", f"Compute loss without each block, {longsteps.ABLATION_TOKENS} tokens each",
-            lambda: run_work(longsteps.ablation_work(parent, None, longsteps.ABLATION_TOKENS)))
+    measure("Blocks", f"Compute loss without each block, {probes.ABLATION_TOKENS} tokens each",
+            lambda: run_work(longsteps.ablation_work(parent, None, probes.ABLATION_TOKENS)))
     shape = suggested_shape(parent.model)
     budget = parameter_count(parent.model, shape)
     measure("Child", f"Explore shapes, budget {budget / 1e6:.1f} M", lambda: run_work(

@@ -11,12 +11,18 @@ Writes docs/scale.json, docs/bench_scale.png and a section of docs/BENCHMARKS.md
 
 With --sequential: calibration only, on one parent (default 1B) with --max-memory at a quarter of its size,
 plain accelerate offload (every offloaded weight read back once per batch) against sequential calibration
-(subclone_core.sequential: each block read once) and against the parent in memory: wall time, bytes read from
+(subclone_core.io.sequential: each block read once) and against the parent in memory: wall time, bytes read from
 the checkpoint's safetensors files during calibration (counted by wrapping safe_open's get_tensor) and peak
 memory; writes docs/sequential.json and its own section of docs/BENCHMARKS.md.
 
+With --ablation: block ablation (the loss without each block, `subclone inspect --ablation`) of the same parent
+on 256 validation tokens, in memory, with plain offload at a quarter budget, and block by block (each weight read
+once, one stream of hidden states per removed block): wall time, bytes read, peak memory, and whether the losses
+agree; writes docs/ablation.json and its own section of docs/BENCHMARKS.md.
+
     python bench/bench_scale.py [--sizes 0.1B,0.5B,1B,3B] [--smoke]
     python bench/bench_scale.py --sequential [--size 1B] [--work DIR] [--smoke]
+    python bench/bench_scale.py --ablation [--size 1B] [--work DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ SEQ_SECTION = "## Sequential calibration of a parent larger than its budget (ben
 # the sequential bench: several batches, so that plain offload's per-batch re-reads show
 SEQ_TOKENS, SEQ_BATCH = {"tiny": (512,), "1B": (1024, 4096)}, 2
 SEQ_MODES = {"memory": (False, False), "offload": (True, False), "sequential": (True, True)}  # (budget, sequential)
+ABL_SECTION = "## Block ablation of a parent larger than its budget (bench_scale.py --ablation)"
+ABL_TOKENS = 256  # subclone inspect's --ablation-tokens default
 
 
 class PeakMemory:
@@ -208,12 +216,12 @@ class ReadCounter:
         offload.safe_open = streaming.safe_open = Counting
 
 
-def calib_worker(args: argparse.Namespace) -> dict:
-    """Sequential bench, one mode in this (fresh) process: load, then calibrate with read bytes counted."""
+def _timed_worker(args: argparse.Namespace, seconds_key: str, work) -> tuple[object, dict]:
+    """One mode of the sequential and ablation benches in this (fresh) process: load the parent as the mode says,
+    then ``work(parent, sequential)`` with the bytes read from its files, peak memory and seconds counted."""
     import torch
 
     from subclone_core.sources.parents import load_parent
-    from subclone_core.workflow.children import measure_importance
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     counter = ReadCounter()
@@ -223,14 +231,82 @@ def calib_worker(args: argparse.Namespace) -> dict:
     parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory if budget else None)
     loaded, before = time.perf_counter(), counter.bytes
     with PeakMemory() as peak:
-        importance = measure_importance(parent, tokens=args.tokens, batch_size=SEQ_BATCH, sequential=sequential,
-                                        grams=False)
-    done = time.perf_counter()
-    return {"load_s": loaded - start, "calib_s": done - loaded, "calib_tokens": importance.tokens,
-            "batches": -(-importance.tokens // (SEQ_BATCH * 128)), "read_bytes": counter.bytes - before,
-            "peak_rss_gib": peak.rss, "peak_anon_gib": peak.anon,
+        result = work(parent, sequential)
+    return result, {"load_s": loaded - start, seconds_key: time.perf_counter() - loaded,
+                    "read_bytes": counter.bytes - before, "peak_rss_gib": peak.rss, "peak_anon_gib": peak.anon}
+
+
+def calib_worker(args: argparse.Namespace) -> dict:
+    """Sequential bench, one mode: calibrate with read bytes counted."""
+    from subclone_core.workflow.children import measure_importance
+
+    importance, measured = _timed_worker(args, "calib_s", lambda parent, sequential: measure_importance(
+        parent, tokens=args.tokens, batch_size=SEQ_BATCH, sequential=sequential, grams=False))
+    return {**measured, "calib_tokens": importance.tokens, "batches": -(-importance.tokens // (SEQ_BATCH * 128)),
             "ffn_top": [row.argsort(descending=True)[:16].tolist() for row in importance.ffn],
             "residual_top": importance.residual_ranking("read").argsort(descending=True)[:64].tolist()}
+
+
+def ablation_worker(args: argparse.Namespace) -> dict:
+    """Ablation bench, one mode: ablate every block with read bytes counted."""
+    from subclone_core.analysis.probes import ablate_parent
+
+    ablation, measured = _timed_worker(args, "ablation_s", lambda parent, sequential: ablate_parent(
+        parent, None, args.tokens, sequential=sequential))
+    return {**measured, "base": ablation["base"], "losses": ablation["losses"]}
+
+
+def ablation_bench(size: str, work: Path, smoke: bool) -> dict:
+    """The three modes of the ablation bench on one parent, each in a fresh process."""
+    parent = work / f"parent-{size}"
+    facts = write_parent(parent, size) if not (parent / "config.json").exists() else _facts(parent)
+    quarter = f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
+    report = {"size": size, **facts, "quarter": quarter, "hidden": SIZES[size][0], "blocks": SIZES[size][1],
+              "tokens": ABL_TOKENS, "machine": _machine(), "modes": {}}
+    for mode in SEQ_MODES:
+        r = report["modes"][mode] = run_child("--ablation-worker", "--mode", mode, "--parent", str(parent),
+                                              "--max-memory", quarter, "--tokens", str(ABL_TOKENS))
+        print(f"{size} ablation {mode}: {r['ablation_s']:.1f} s, read {r['read_bytes'] / 2**30:.2f} GiB, "
+              f"peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
+    ref = report["modes"]["memory"]
+    report["max_loss_difference"] = max(abs(a - b) for r in report["modes"].values()
+                                        for a, b in zip([r["base"], *r["losses"]], [ref["base"], *ref["losses"]]))
+    report["same_order"] = all(sorted(range(len(r["losses"])), key=r["losses"].__getitem__)
+                               == sorted(range(len(ref["losses"])), key=ref["losses"].__getitem__)
+                               for r in report["modes"].values())
+    if not smoke:
+        write_text(DOCS / "ablation.json", json.dumps(report, indent=1))
+        write_section("bench_ablation", ablation_markdown(report))
+    return report
+
+
+def ablation_markdown(report: dict) -> str:
+    body = [[mode, "-" if mode == "memory" else report["quarter"], f"{r['ablation_s']:.1f}",
+             f"{r['read_bytes'] / 2**30:.2f}", f"{r['read_bytes'] / report['bytes']:.2f}",
+             f"{r['peak_rss_gib']:.2f}", f"{r['peak_anon_gib']:.2f}"] for mode, r in report["modes"].items()]
+    streams = (report["blocks"] + 1) * report["tokens"] * report["hidden"] * 2
+    memory = report["modes"]["memory"]["ablation_s"]
+    ratios = ", ".join(f"{mode} {r['ablation_s'] / memory:.2f}x" for mode, r in report["modes"].items()
+                       if mode != "memory")
+    return "\n".join([
+        ABL_SECTION, "",
+        (f"The synthetic {report['size']} parent of the section above ({report['blocks']} blocks, hidden "
+         f"{report['hidden']}, {report['bytes'] / 2**30:.2f} GiB in bf16), `subclone inspect --ablation`'s work: the "
+         f"validation loss of the intact parent and of the parent without each block, on {report['tokens']} tokens "
+         "of the default text. *offload*: `--max-memory` at a quarter of the parent and accelerate's plain offload "
+         "(each of the blocks + 1 evaluations reads again the offloaded blocks it runs; those before the removed "
+         "block replay the intact run's outputs); *sequential*: the same budget, block by block from the shards, one "
+         "stream of hidden states per removed block. Bytes read are counted as in the section above. Each row is a "
+         f"fresh process on {report['machine']['cores']} shared cores."), "",
+        table(["placement", "budget", "ablation s", "GiB read", "x parent", "peak RSS GiB", "peak RssAnon GiB"],
+              body), "",
+        (f"Largest loss difference from the in-memory run: {report['max_loss_difference']:.2g}; same order of "
+         f"blocks: {'yes' if report['same_order'] else 'NO'}. Wall time against memory: {ratios}. Sequential "
+         f"stores blocks + 1 streams of hidden states: {report['blocks'] + 1} x {report['tokens']} x "
+         f"{report['hidden']:,} x 2 bytes = {streams / 2**20:.0f} MiB here (`--activation-memory` sends what "
+         "does not fit to disk). The shards sat in the page cache, so offload's extra reads cost memory bandwidth "
+         "here; on a parent larger than RAM they are disk reads, once per batch and evaluation."),
+    ])
 
 
 def sequential_bench(size: str, work: Path, smoke: bool) -> dict:
@@ -414,6 +490,8 @@ def main() -> int:
     parser.add_argument("--cli", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sequential", action="store_true", help="the sequential calibration bench (see above)")
     parser.add_argument("--calib-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ablation", action="store_true", help="the block ablation bench (see above)")
+    parser.add_argument("--ablation-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     for flag in ("--size", "--parent", "--out", "--max-memory"):
         parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
@@ -425,8 +503,14 @@ def main() -> int:
     if args.calib_worker:
         print(json.dumps(calib_worker(args)))
         return 0
+    if args.ablation_worker:
+        print(json.dumps(ablation_worker(args)))
+        return 0
     if args.cli:
         print(json.dumps(cli_worker(json.loads(args.cli))))
+        return 0
+    if args.report_only and args.ablation:
+        write_section("bench_ablation", ablation_markdown(json.loads((DOCS / "ablation.json").read_text())))
         return 0
     if args.report_only and args.sequential:
         write_section("bench_sequential", sequential_markdown(json.loads((DOCS / "sequential.json").read_text())))
@@ -436,6 +520,9 @@ def main() -> int:
         return 0
     sizes = ["tiny"] if args.smoke else args.sizes.split(",")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    if args.ablation:
+        report = ablation_bench("tiny" if args.smoke else args.size or "1B", work, args.smoke)
+        return 0 if report["same_order"] else 1
     if args.sequential:
         report = sequential_bench("tiny" if args.smoke else args.size or "1B", work, args.smoke)
         return 0 if report["same_rankings"] else 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py", "bench_scale.py", "bench_scale.py --sequential",
-           "bench_fsdp.py"]
+           "bench_scale.py --ablation", "bench_fsdp.py"]
 
 
 def main() -> int:

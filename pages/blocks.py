@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from subclone_core.analysis.probes import ABLATION_TOKENS
 from subclone_core.app import charts, ui
 from subclone_core.app.inputs import duration_text
 from subclone_core.app.jobs import BlockEvent
 from subclone_core.app.longsteps import (
-    ABLATION_TOKENS,
     ablation_work,
     estimate_seconds,
     forward_rate,

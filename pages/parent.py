@@ -10,7 +10,6 @@ import torch
 
 from subclone_core.analysis.probes import generate_text
 from subclone_core.app import ui
-from subclone_core.app.analysis import available_bytes
 from subclone_core.app.longsteps import (
     STEP0_TOKENS,
     VIT_BUILD_MINUTES,
@@ -21,6 +20,7 @@ from subclone_core.app.longsteps import (
 from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.steps import store_upload
 from subclone_core.core.errors import SubcloneError
+from subclone_core.io.devices import available_bytes
 from subclone_core.sources import Parent
 from subclone_core.sources.embedded import EMBEDDED, Licence
 from subclone_core.sources.parents import default_vit_built, describe

@@ -171,6 +171,14 @@ class TaskSpec:
         """The correct predictions behind an evaluation result (0 for a task scored by its loss alone)."""
         return result["accuracy"] * result[self.unit_name] if self.metric == "accuracy" else 0.0
 
+    def ablation_summary(self, base: dict[str, Any], removed: list[dict[str, Any]]) -> dict[str, Any]:
+        """Block ablation's record from the intact model's evaluation and each removed block's: {"base",
+        "losses"}, and where the task is compared by accuracy also {"base_accuracy", "accuracies"}."""
+        out: dict[str, Any] = {"base": base["loss"], "losses": [r["loss"] for r in removed]}
+        if self.metric == "accuracy":
+            out.update(base_accuracy=base["accuracy"], accuracies=[r["accuracy"] for r in removed])
+        return out
+
     def result(self, loss_sum: float, count: int, correct: int) -> dict[str, float]:
         """The evaluation dict: {"loss", "perplexity", "tokens"} or {"loss", "accuracy", "images"}."""
         loss = loss_sum / count

@@ -60,6 +60,13 @@ def test_bench_scale_sequential_smoke_keeps_the_same_rankings():
 
 
 @pytest.mark.slow
+def test_bench_scale_ablation_smoke_orders_the_blocks_alike_in_every_placement():
+    done = run_script("bench/bench_scale.py", "--ablation", "--smoke")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tiny ablation sequential" in done.stdout
+
+
+@pytest.mark.slow
 def test_bench_fsdp_smoke_trains_replicated_and_sharded_to_the_same_loss():
     done = run_script("bench/bench_fsdp.py", "--smoke")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -146,12 +146,22 @@ def test_dtype_flag_sets_the_child_dtype(bf16_parent_dir, text_file, tmp_path):
     (["--max-memory", "gpu7=3GiB"], "'gpu7'"),
     (["--max-shard-size", "big"], "'big'"),
     (["--device", "tpu"], "'tpu'"),
+    (["--activation-memory", "half"], "'half'"),
 ])
 def test_bad_placement_values_are_one_line_errors(flags, named, bf16_parent_dir, tmp_path, capsys):
     code = main(["make", "--parent", str(bf16_parent_dir), "--out", str(tmp_path / "c"), *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and named in err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "explore"])
+def test_a_bad_activation_memory_is_refused_before_loading(command, tmp_path, capsys):
+    extra = {"inspect": ["--out", tmp_path / "i.json"], "explore": ["--params", "10k"]}[command]
+    code = main([str(a) for a in [command, "--parent", tmp_path / "missing", "--activation-memory", "0MB", *extra]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--activation-memory '0MB'" in err
+    assert not (tmp_path / "i.json").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")

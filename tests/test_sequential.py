@@ -1,5 +1,6 @@
-"""Sequential (block-by-block) calibration equals the in-memory one, reads each weight once, and is chosen by
-default only for a parent whose memory budget did not hold it."""
+"""Sequential (block-by-block) calibration and block ablation equal the in-memory ones, read each weight once,
+keep what memory does not hold on disk, and are chosen by default only for a parent whose memory budget did not
+hold it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
+from subclone_core.analysis import probes
+from subclone_core.analysis.probes import block_ablation
 from subclone_core.core.calibration import _TENSOR_FIELDS, calibrate
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.strategies import plan_shape, subclone_model
-from subclone_core.io.sequential import calibrate_sequential
+from subclone_core.io.activations import ActivationStore
+from subclone_core.io.sequential import ablate_sequential, calibrate_sequential
 from subclone_core.io.streaming import tensor_files
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow import children as workflow
@@ -121,3 +125,101 @@ def test_cli_sequential_flag_gives_the_same_report_and_child(tmp_path, counting_
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- hidden states on disk ------------------------------------------------------------------------------
+
+
+def test_the_store_keeps_what_its_budget_holds_in_memory_and_the_rest_on_disk(tmp_path):
+    a, b, c = (torch.full((2, 3), float(i)) for i in range(3))  # 24 bytes each
+    with ActivationStore(budget=50, root=tmp_path / "spill") as store:
+        store[(0, 0)], store[(0, 1)], store[(1, 0)] = a, b, c
+        assert set(store.memory) == {(0, 0), (0, 1)} and store.on_disk == {(1, 0)}
+        assert store.bytes_in_memory == 48 and store.bytes_written == 24
+        assert torch.equal(store[(1, 0)], c) and torch.equal(store[(0, 1)], b)
+        folder = next((tmp_path / "spill").iterdir())
+        store.discard_stream(1)
+        assert (1, 0) not in store and not list(folder.iterdir())
+        store[(2, 0)] = c  # memory still holds 48 bytes: to disk
+        assert store.on_disk == {(2, 0)}
+        store.discard((0, 0))
+        store[(2, 0)] = a  # replacing a key frees its old place first
+        assert (2, 0) in store.memory and not store.on_disk
+    assert not folder.exists()  # closing removes the folder
+
+
+def test_calibration_with_every_hidden_state_on_disk_is_the_same(tmp_path):
+    model = tm.save_parent_folder("gemma3", tmp_path / "parent")
+    batches = _batches(model)
+    ref = calibrate_sequential(tmp_path / "parent", batches, grams=True)
+    stats = {}
+    got = calibrate_sequential(tmp_path / "parent", batches, grams=True, stats=stats, activation_memory=0,
+                               activation_root=tmp_path / "spill")
+    _assert_same(ref, got)
+    per_block = sum(b["attention_mask"].numel() for b in batches) * model.config.hidden_size * 4
+    assert stats["activation_bytes_on_disk"] == per_block * (model.config.num_hidden_layers + 1)
+    assert not list((tmp_path / "spill").iterdir())  # removed afterwards
+
+
+# --- block ablation ---------------------------------------------------------------------------------
+
+
+def _labelled(model):
+    batches = _batches(model)
+    for batch in batches:
+        if "pixel_values" in batch:
+            batch["labels"] = torch.arange(batch["pixel_values"].shape[0]) % model.config.num_labels
+        else:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batches
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_block_ablation_equals_the_in_memory_one(family, tmp_path):
+    tm.save_parent_folder(family, tmp_path / "parent")
+    auto = AutoModelForImageClassification if family == "vit" else AutoModelForCausalLM
+    model = auto.from_pretrained(tmp_path / "parent").eval()
+    batches = _labelled(model)
+    ref = block_ablation(model, batches)
+    stats, seen = {}, []
+    got = ablate_sequential(tmp_path / "parent", batches, dtype=model.dtype, stats=stats,
+                            on_block=lambda i, metrics: seen.append(i),
+                            activation_memory=0 if family == "llama" else None, activation_root=tmp_path)
+    assert got.keys() == ref.keys()
+    for name, value in ref.items():
+        torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(value), rtol=1e-6, atol=1e-7, msg=name)
+    assert stats["tensors_read"] == len(tensor_files(tmp_path / "parent"))  # every weight read once
+    assert seen == list(range(-1, model.config.num_hidden_layers))
+
+
+def test_inspect_ablation_block_by_block_gives_the_in_memory_losses(tmp_path, counting_text_file):
+    from subclone_core.cli.main import main
+
+    parent = tmp_path / "parent"
+    tm.save_parent_folder("qwen3", parent)
+    common = ["--parent", str(parent), "--data", str(counting_text_file), "--calib-tokens", "256", "--ablation",
+              "--ablation-tokens", "128"]
+    runs = {"memory": ["--no-sequential"], "offloaded": ["--max-memory", "24KB", "--activation-memory", "4KB"]}
+    reports = {}
+    for name, flags in runs.items():
+        out = tmp_path / f"{name}.json"
+        assert main(["inspect", *common, *flags, "--out", str(out)]) == 0
+        reports[name] = json.loads(out.read_text())["ablation"]
+    layers = json.loads((parent / "config.json").read_text())["num_hidden_layers"]
+    assert len(reports["memory"]["losses"]) == layers
+    torch.testing.assert_close(torch.tensor([reports["offloaded"]["base"], *reports["offloaded"]["losses"]]),
+                               torch.tensor([reports["memory"]["base"], *reports["memory"]["losses"]]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_ablate_parent_goes_block_by_block_when_calibration_would(tmp_path, counting_text_file, monkeypatch):
+    tm.save_parent_folder("llama", tmp_path)
+    used = []
+    real = probes.ablate_sequential
+    monkeypatch.setattr(probes, "ablate_sequential", lambda *a, **k: used.append(1) or real(*a, **k))
+    in_memory = probes.ablate_parent(load_parent(str(tmp_path)), str(counting_text_file), 128)
+    assert not used
+    offloaded = probes.ablate_parent(load_parent(str(tmp_path), max_memory="24KB"), str(counting_text_file), 128)
+    assert used == [1]
+    torch.testing.assert_close(torch.tensor(offloaded["losses"]), torch.tensor(in_memory["losses"]), rtol=1e-5,
+                               atol=1e-6)

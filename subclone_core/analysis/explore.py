@@ -15,20 +15,17 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from subclone_core.analysis.probes import first_batches
 from subclone_core.core.archs import arch_for
 from subclone_core.core.calibration import Importance
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, target_shape, validate_target
 from subclone_core.core.strategies import parameter_count, subclone_model
-from subclone_core.sources import Parent, make_data
 from subclone_core.training.evaluate import evaluate
 
 Progress = Callable[[int, int], None]
 EVAL_TOKENS = 384  # shapes are compared on the same tokens: a few hundred rank them (paired differences)
 DEPTHS_PER_WIDTH = 3
 SPREAD = 1.5  # shapes between budget / SPREAD and budget x SPREAD parameters count as near the budget
-EVAL_SEQ_LEN, EVAL_BATCH = 128, 8
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
 
@@ -189,10 +186,3 @@ def explore_shapes(parent_model: nn.Module, importance: Importance, budget: int,
               for (shape, params), loss, flag in zip(candidates, losses, flags)]
     return Exploration(budget=budget, points=points, random_shape=reference, random_metrics=random_metrics)
 
-
-def validation_sample(parent: Parent, data_id: str | None = None, tokens: int = EVAL_TOKENS) -> list[dict]:
-    """Fixed validation batches of about ``tokens`` tokens (for images: tokens / 64 images, at least one
-    batch) of a data set (None: the parent task's default), to compare shapes on."""
-    images = max(EVAL_BATCH, tokens // 64)
-    data = make_data(parent, data_id, "validation", seq_len=EVAL_SEQ_LEN, max_tokens=tokens, max_images=images)
-    return first_batches(data.batches(EVAL_BATCH), max(1, -(-len(data) // EVAL_BATCH)))

@@ -19,10 +19,15 @@ from torch import Tensor, nn
 
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
+from subclone_core.io.sequential import ablate_sequential
+from subclone_core.sources import Parent, make_data
 from subclone_core.tasks import task_of_model
 from subclone_core.training.evaluate import evaluate
+from subclone_core.workflow.children import needs_sequential, sequential_kwargs
 
 Progress = Callable[[int, int], None]
+EVAL_SEQ_LEN, EVAL_BATCH = 128, 8
+ABLATION_TOKENS = 256  # per removed block: a few hundred tokens rank the blocks; 31 x 1,024 took 11 min
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -40,6 +45,14 @@ def exclusive(model: nn.Module) -> Iterator[nn.Module]:
 def first_batches(batches: Iterator[dict], n: int) -> list[dict]:
     """The first n batches as a list (reused for several evaluations)."""
     return list(islice(batches, n))
+
+
+def validation_sample(parent: Parent, data_id: str | None, tokens: int) -> list[dict]:
+    """Fixed validation batches of about ``tokens`` tokens (for images: tokens / 64 images, at least one
+    batch) of a data set (None: the parent task's default), to compare models on."""
+    images = max(EVAL_BATCH, tokens // 64)
+    data = make_data(parent, data_id, "validation", seq_len=EVAL_SEQ_LEN, max_tokens=tokens, max_images=images)
+    return first_batches(data.batches(EVAL_BATCH), max(1, -(-len(data) // EVAL_BATCH)))
 
 
 # --- generation and evaluation ----------------------------------------------------------------------
@@ -219,7 +232,26 @@ def block_ablation(model: nn.Module, batches: Sequence[dict], *, progress: Progr
                 on_block(i, removed[-1])
             if progress:
                 progress(i + 2, total)
-    out = {"base": base["loss"], "losses": [r["loss"] for r in removed]}
-    if task_of_model(model).headline == "accuracy":
-        out.update(base_accuracy=base["accuracy"], accuracies=[r["accuracy"] for r in removed])
-    return out
+    return task_of_model(model).ablation_summary(base, removed)
+
+
+def ablate_parent(parent: Parent, data_id: str | None, tokens: int, *, sequential: bool | None = None,
+                  activation_memory: int | None = None, progress: Progress | None = None,
+                  on_block: Callable[[int, dict], None] | None = None) -> dict:
+    """block_ablation of a parent on about ``tokens`` validation tokens of a data set (None: its task's default).
+
+    Args:
+        sequential: run it block by block from the parent's safetensors files, each weight read once
+            (io.sequential.ablate_sequential); None does so when calibration would (needs_sequential: a memory
+            budget that did not hold the parent), where offload would read the parent once per batch and block.
+        activation_memory: as for measure_importance; the stored hidden states are blocks + 1 times
+            calibration's on the same tokens.
+        progress, on_block: as for block_ablation.
+    """
+    batches = validation_sample(parent, data_id, tokens)
+    if sequential is None:
+        sequential = needs_sequential(parent)
+    if sequential:
+        return ablate_sequential(parent.source, batches, progress=progress, on_block=on_block,
+                                 **sequential_kwargs(parent, activation_memory))
+    return block_ablation(parent.model, batches, progress=progress, on_block=on_block)

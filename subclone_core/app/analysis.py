@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from subclone_core.core.errors import SubcloneError
@@ -117,15 +116,6 @@ def training_bytes(models: Sequence[nn.Module], batch_size: int, seq_len: int) -
     width = getattr(widest.config, "vocab_size", None) or getattr(widest.config, "num_labels", 1)
     activations = batch_size * seq_len * (shape.layers * (12 * shape.hidden + 2 * shape.ffn) + 4 * width)
     return 16 * params + 4 * activations
-
-
-def available_bytes(device: torch.device | str | None = None) -> int:
-    """Free memory where training would run: the GPU's, or the machine's available RAM."""
-    if torch.device(device or "cpu").type == "cuda":
-        return int(torch.cuda.mem_get_info()[0])
-    import psutil  # an accelerate dependency
-
-    return int(psutil.virtual_memory().available)
 
 
 def check_memory(need: int, free: int, headroom: float = 0.8) -> None:

@@ -15,11 +15,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from subclone_core.analysis.explore import explore_shapes, validation_sample
+from subclone_core.analysis.explore import EVAL_TOKENS, explore_shapes
 from subclone_core.analysis.inspector import Unit, inspect_units
-from subclone_core.analysis.probes import block_ablation, evaluate_shared, exclusive, generate_text
+from subclone_core.analysis.probes import (
+    ablate_parent,
+    evaluate_shared,
+    exclusive,
+    generate_text,
+    validation_sample,
+)
 from subclone_core.app.jobs import BlockEvent, Emit, JobCancelled, ProgressEvent, Work, cancellable
-from subclone_core.app.steps import make_children, validation_batches
+from subclone_core.app.steps import make_children
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
@@ -29,7 +35,6 @@ from subclone_core.training.evaluate import evaluate
 from subclone_core.workflow.children import measure_importance
 from subclone_core.workflow.jobs import CandidateSettings
 
-ABLATION_TOKENS = 256  # per removed block: a few hundred tokens rank the blocks; 31 x 1,024 took 11 min
 STEP0_TOKENS = 2048  # the Parent page's default validation budget: the parent's score is reused
 SAMPLE_TOKENS = 30  # new tokens of each step-0 sample
 CALIB_OVERHEAD = 1.3  # calibration hooks cost about this much over a plain forward pass
@@ -61,7 +66,7 @@ def evaluate_parent(parent: Parent, data_id: str | None, tokens: int,
                     progress: Progress | None = None) -> dict:
     """The parent's validation metrics on about ``tokens`` tokens, plus the seconds the forward passes took
     (the estimates of the longer steps are scaled from it)."""
-    batches = validation_batches(parent, data_id, tokens)
+    batches = validation_sample(parent, data_id, tokens)
     start = time.perf_counter()
     metrics = evaluate_shared(parent.model, list(ticking(batches, progress, len(batches))))
     seconds = time.perf_counter() - start
@@ -106,13 +111,12 @@ def ablation_work(parent: Parent, data_id: str | None, tokens: int) -> Work:
     as it is known, so the page fills the bars in while the rest run."""
 
     def work(emit: Emit, cancel: threading.Event) -> dict:
-        batches = validation_batches(parent, data_id, tokens)
         progress = cancellable(cancel, emit)
 
         def on_block(index: int, metrics: dict) -> None:
             emit(BlockEvent(index=index, loss=metrics["loss"]))
 
-        return block_ablation(parent.model, batches, progress=progress, on_block=on_block)
+        return ablate_parent(parent, data_id, tokens, progress=progress, on_block=on_block)
 
     return work
 
@@ -125,7 +129,7 @@ def explorer_work(parent: Parent, importance: Importance | None, data_id: str | 
         measured = importance
         if measured is None:
             measured = calibration_work(parent, data_id, calib_tokens)(staged(emit, "calibrating"), cancel)
-        batches = validation_sample(parent, data_id)
+        batches = validation_sample(parent, data_id, EVAL_TOKENS)
         progress = cancellable(cancel, staged(emit, "subcloning and scoring shapes"))
         return measured, explore_shapes(parent.model, measured, budget, batches, progress=progress)
 
@@ -182,7 +186,7 @@ def child_work(parent: Parent, target: Shape, settings: CandidateSettings, impor
     def work(emit: Emit, cancel: threading.Event) -> dict:
         progress = cancellable(cancel, staged(emit, "calibrating the parent"))
         child, twin = make_children(parent, target, settings, importance=importance, progress=progress)
-        batches = validation_batches(parent, settings.data_id, STEP0_TOKENS)
+        batches = validation_sample(parent, settings.data_id, STEP0_TOKENS)
         tick = cancellable(cancel, staged(emit, "scoring the child, its twin and the parent"))
         step0 = {"subclone": evaluate(child.model, ticking(batches, tick, len(batches))),
                  "random": evaluate(twin.model, batches)}

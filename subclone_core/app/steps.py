@@ -1,4 +1,4 @@
-"""The app's multi-call steps over the library: validation data, the child and its random twin,
+"""The app's multi-call steps over the library: the child and its random twin,
 step-0 comparisons, saving, uploads, and the training job's work. No Streamlit here."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from subclone_core.analysis.probes import exclusive, first_batches
-from subclone_core.app.analysis import available_bytes, check_memory, training_bytes
+from subclone_core.analysis.probes import exclusive
+from subclone_core.app.analysis import check_memory, training_bytes
 from subclone_core.app.jobs import Emit, StatusEvent, Work
 from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.core.calibration import Importance, Progress
@@ -22,8 +22,8 @@ from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import DEFAULT_STRATEGY, STRATEGY_SPECS, Child
 from subclone_core.data.text import TEXT_SUFFIXES, documents
 from subclone_core.io.atomic import claim_output
-from subclone_core.io.devices import resolve_device
-from subclone_core.sources import Parent, make_data
+from subclone_core.io.devices import available_bytes, resolve_device
+from subclone_core.sources import Parent
 from subclone_core.training import Candidate, TrainConfig, train_candidates
 from subclone_core.training.sweep import LrGrid, save_plan
 from subclone_core.workflow.children import save_child
@@ -36,18 +36,8 @@ from subclone_core.workflow.jobs import (
     training_data,
 )
 
-EVAL_SEQ_LEN = 128
-EVAL_BATCH = 8
 # what the Train page can add to subclone and random init: the app's other strategies
 EXTRA_STRATEGIES = tuple(name for name, spec in STRATEGY_SPECS.items() if spec.in_app and name != DEFAULT_STRATEGY)
-
-
-def validation_batches(parent: Parent, data_id: str | None, tokens: int,
-                       seq_len: int = EVAL_SEQ_LEN) -> list[dict]:
-    """Fixed validation batches of about ``tokens`` tokens (or tokens / 64 images) of the chosen data."""
-    images = max(EVAL_BATCH, tokens // 64)
-    data = make_data(parent, data_id, "validation", seq_len=seq_len, max_tokens=tokens, max_images=images)
-    return first_batches(data.batches(EVAL_BATCH), max(1, -(-len(data) // EVAL_BATCH)))
 
 
 def child_settings(strategy: str, drop: str | list[int] | None, scale: bool | None, data_id: str | None,

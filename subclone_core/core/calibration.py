@@ -176,7 +176,7 @@ class _Recorder:
         self.attach_globals()
 
     def attach_block(self, i: int, block: nn.Module) -> None:
-        """The hooks of one block (calibration.sequential attaches one block at a time)."""
+        """The hooks of one block (io.sequential attaches one block at a time)."""
         _, block_readers = self.arch.residual_readers
         self.handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
         # heads and FFN neurons are the inputs of the output projections; the residual outputs are

@@ -30,3 +30,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         if device.index is not None and device.index >= count:
             raise SubcloneError(f"device {name!r}: only {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})")
     return device
+
+
+def available_bytes(device: torch.device | str | None = None) -> int:
+    """Free memory on a device: the GPU's, or the machine's available RAM."""
+    if torch.device(device or "cpu").type == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil  # an accelerate dependency
+
+    return int(psutil.virtual_memory().available)

@@ -1,4 +1,4 @@
-"""Sequential ("layer-by-layer") calibration: a parent larger than memory, each weight read once.
+"""Sequential ("layer-by-layer") calibration and block ablation: a parent larger than memory, each weight read once.
 
 accelerate's plain disk offload runs every batch through every layer, so it reads every offloaded weight once
 per batch. Here the two loops are swapped, as llm-compressor's sequential onloading and ModelOpt's layerwise
@@ -12,7 +12,8 @@ calibration do: the model is built on the meta device from its config, and
    its layer type (Gemma 3 passes sliding-window or full masks and position embeddings per layer);
 2. each block in turn is read from the files (streaming.CheckpointTensors) onto the device, every batch's
    hidden states run through it under the same hooks and float64 sums as calibration.calibrate, its outputs
-   (kept on the CPU) become the next block's inputs, and its weights go back to the meta device;
+   (kept on the CPU, or on disk beyond a memory budget: io.activations) become the next block's inputs, and its
+   weights go back to the meta device;
 3. the model's forward runs once more per batch with stand-in blocks that hand back the last block's stored
    outputs, so the final norm and head read the stream exactly as in memory (the head's residual_read and
    Gram hooks).
@@ -21,12 +22,18 @@ Memory: the modules outside the blocks, one block, and the stored block inputs, 
 hidden x bytes per element (4 in float32, 2 in bfloat16) -- 4,096 tokens of a 4,096-wide parent are 64 MiB in
 float32 -- plus each block's recorded kwargs (masks and position embeddings, mostly shared between blocks). The
 result equals calibrate's on the same batches up to the order of float64 additions.
+
+Block ablation (ablate_sequential) runs on the same pass with one stream of hidden states per model: the
+intact parent and the parent without each block, each block read once and run on every stream that has
+reached it; the head then scores each stream as training.evaluate would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,8 +52,9 @@ from subclone_core.core.calibration import (
 )
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
+from subclone_core.io.activations import ActivationStore, default_budget
 from subclone_core.io.streaming import CheckpointTensors, checkpoint_tensors, tied_names
-from subclone_core.tasks import task_of_config
+from subclone_core.tasks import TaskSpec, task_of_config, task_of_model
 
 
 class _Stop(Exception):
@@ -97,6 +105,46 @@ class _Loader:
             set_module_tensor_to_device(self.model, name, "meta")
 
 
+@dataclass
+class _Pass:
+    """A sequential pass once every batch has run up to the blocks: the skeleton and its loader, the blocks and
+    each block's tensor names, and per batch its real-token mask, the (args, kwargs) each block receives (the
+    hidden states left out) and the batch itself on the device; the store holds stream 0, each batch's input
+    to the next block of the intact model."""
+
+    model: nn.Module
+    blocks: nn.ModuleList
+    loader: _Loader
+    block_names: list[list[str]]
+    extra: dict
+    masks: list[Tensor | None]
+    calls: list[list[tuple[tuple, dict]]]
+    batches: list[dict[str, Tensor]]
+    store: ActivationStore
+
+    @property
+    def device(self) -> torch.device:
+        return self.loader.device
+
+    @property
+    def tokens(self) -> int:
+        """Real token positions (or patches and cls tokens) over all batches."""
+        return sum(int(m.sum()) if m is not None else self.store[(0, b)].shape[0] * self.store[(0, b)].shape[1]
+                   for b, m in enumerate(self.masks))
+
+    def stats(self) -> dict[str, int]:
+        return {"bytes_read": self.loader.tensors.bytes_read, "tensors_read": self.loader.tensors.reads,
+                "activation_bytes_on_disk": self.store.bytes_written}
+
+
+def _open(folder, batches: Iterable[dict[str, Tensor]], store: ActivationStore, *, config, model_class,
+          device, dtype, max_tokens: int | None) -> _Pass:
+    model, blocks, loader, block_names = _prepare(folder, config, model_class, torch.device(device), dtype)
+    extra = no_cache_kwargs(model)
+    masks, calls, kept = _record_block_inputs(model, blocks, batches, loader.device, extra, max_tokens, store)
+    return _Pass(model, blocks, loader, block_names, extra, masks, calls, kept, store)
+
+
 @torch.no_grad()
 def calibrate_sequential(
     folder: str | Path,
@@ -111,6 +159,8 @@ def calibrate_sequential(
     data: str = "",
     grams: bool = False,
     stats: dict | None = None,
+    activation_memory: int | None = None,
+    activation_root: str | Path | None = None,
 ) -> Importance:
     """Measure importance like calibration.calibrate, one block at a time from the checkpoint's files.
 
@@ -123,40 +173,128 @@ def calibrate_sequential(
         dtype: the dtype the weights are cast to (default: the config's own).
         max_tokens, data, grams: as for calibrate.
         progress: called with (token-block passes done, token positions x blocks) after each block.
-        stats: if given, filled with "bytes_read" and "tensors_read" from the checkpoint.
+        stats: if given, filled with "bytes_read" and "tensors_read" from the checkpoint and
+            "activation_bytes_on_disk" (hidden states the memory budget did not hold).
+        activation_memory: bytes of stored hidden states kept in memory, the rest in files under
+            ``activation_root`` (default: half of the memory available; see io.activations).
 
     Raises:
         SubcloneError: no safetensors checkpoint in ``folder`` whose tensor names match the model's.
     """
-    model, blocks, loader, block_names = _prepare(folder, config, model_class, torch.device(device), dtype)
-    device = loader.device
-    sums = _Sums(Shape.of(model.config), torch.device("cpu"), grams={} if grams else None)
-    recorder = _Recorder(model, arch_of_model(model), sums)
-    extra = no_cache_kwargs(model)
-    masks, calls, hidden, inputs = _record_block_inputs(model, blocks, batches, device, extra, max_tokens)
-    tokens = sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1] for m, h in zip(masks, hidden))
-
-    for i, block in enumerate(blocks):
-        loader.load(block_names[i])
-        _run_block(i, block, recorder, calls, masks, hidden, device)
-        loader.free(block_names[i])
-        if progress:
-            progress((i + 1) * tokens, len(blocks) * tokens)
-    _read_head(model, blocks, recorder, masks, hidden, inputs, extra, device)
-    if stats is not None:
-        stats.update(bytes_read=loader.tensors.bytes_read, tensors_read=loader.tensors.reads)
+    with _store(activation_memory, activation_root) as store:
+        p = _open(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
+                  max_tokens=max_tokens)
+        sums = _Sums(Shape.of(p.model.config), torch.device("cpu"), grams={} if grams else None)
+        recorder = _Recorder(p.model, arch_of_model(p.model), sums)
+        tokens = p.tokens
+        for i in range(len(p.blocks)):
+            with _loaded(p, i) as block:
+                _calibrate_block(p, i, block, recorder)
+            if progress:
+                progress((i + 1) * tokens, len(p.blocks) * tokens)
+        _read_head(p, recorder)
+        if stats is not None:
+            stats.update(p.stats())
     return sums.result(data)
 
 
-def _run_block(i: int, block: nn.Module, recorder: _Recorder, calls, masks, hidden: list[Tensor], device) -> None:
-    """Every batch's stored inputs through block i under its hooks; its outputs replace them (on the CPU)."""
+@torch.no_grad()
+def ablate_sequential(
+    folder: str | Path,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    config=None,
+    model_class: type[nn.Module] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
+    on_block: Callable[[int, dict], None] | None = None,
+    stats: dict | None = None,
+    activation_memory: int | None = None,
+    activation_root: str | Path | None = None,
+) -> dict:
+    """The loss with each single block removed, as analysis.probes.block_ablation, each weight read once.
+
+    One stream of hidden states per model: stream 0 the intact parent, stream i + 1 the parent without block
+    i, which starts as stream 0's input to block i (a removed block passes its input on) and runs through every
+    later block. Each block is read once and runs on every stream that has reached it, so the work is the
+    in-memory ablation's (blocks x (blocks + 1) / 2 block passes per batch) and the stored hidden states grow
+    to blocks + 1 times calibration's. The head then scores each stream with the task's loss.
+
+    Args:
+        folder, batches, config, model_class, device, dtype, stats, activation_memory, activation_root: as
+            for calibrate_sequential (the batches carry their labels, as for evaluate).
+        progress: called with (blocks done, blocks + 1) after each block and after the scoring.
+        on_block: called with (i, metrics) for each model once scored (-1: the intact parent).
+
+    Returns:
+        As block_ablation: {"base", "losses"}, and for image classifiers "base_accuracy" and "accuracies".
+    """
+    with _store(activation_memory, activation_root) as store:
+        p = _open(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
+                  max_tokens=None)
+        layers = len(p.blocks)
+        for i in range(layers):
+            with _loaded(p, i) as block:
+                _ablate_block(p, i, block)
+            if progress:
+                progress(i + 1, layers + 1)
+        task = task_of_model(p.model)
+        results = _score_streams(p, task, on_block)
+        if progress:
+            progress(layers + 1, layers + 1)
+        if stats is not None:
+            stats.update(p.stats())
+    return task.ablation_summary(results[0], results[1:])
+
+
+def _ablate_block(p: _Pass, i: int, block: nn.Module) -> None:
+    """Start stream i + 1 (the model without block i) and run block i on every stream that has reached it."""
+    for b in range(len(p.batches)):
+        p.store[(i + 1, b)] = p.store[(0, b)]  # without block i: its input passes on unchanged
+        for stream in range(i + 1):  # the intact model and those without an earlier block
+            _forward(p, i, block, b, stream)
+
+
+def _score_streams(p: _Pass, task: TaskSpec, on_block: Callable[[int, dict], None] | None) -> list[dict]:
+    """Each stream's evaluation in turn (its hidden states dropped once scored)."""
+    results = []
+    for stream in range(len(p.blocks) + 1):
+        results.append(_score(p, task, stream))
+        p.store.discard_stream(stream)
+        if on_block:
+            on_block(stream - 1, results[-1])
+    return results
+
+
+def _store(budget: int | None, root: str | Path | None) -> ActivationStore:
+    return ActivationStore(default_budget() if budget is None else budget, root)
+
+
+@contextlib.contextmanager
+def _loaded(p: _Pass, i: int) -> Iterator[nn.Module]:
+    """Block i with its weights read from the files onto the device, back on the meta device afterwards."""
+    p.loader.load(p.block_names[i])
+    try:
+        yield p.blocks[i]
+    finally:
+        p.loader.free(p.block_names[i])
+
+
+def _forward(p: _Pass, i: int, block: nn.Module, b: int, stream: int) -> None:
+    """Batch b of a stream through block i: its stored input is replaced by the block's output (on the CPU)."""
+    args, kwargs = _with_hidden(*p.calls[b][i], p.store[(stream, b)].to(p.device))
+    y = block(*args, **kwargs)
+    p.store[(stream, b)] = (y[0] if isinstance(y, tuple) else y).to("cpu")
+
+
+def _calibrate_block(p: _Pass, i: int, block: nn.Module, recorder: _Recorder) -> None:
+    """Every batch of the intact stream through block i under its calibration hooks."""
     recorder.attach_block(i, block)
     try:
-        for b, x in enumerate(hidden):
-            recorder.mask = masks[b]
-            args, kwargs = _with_hidden(*calls[b][i], x.to(device))
-            y = block(*args, **kwargs)
-            hidden[b] = (y[0] if isinstance(y, tuple) else y).to("cpu")
+        for b in range(len(p.batches)):
+            recorder.mask = p.masks[b]
+            _forward(p, i, block, b, 0)
             recorder.seen.clear()
     finally:
         recorder.detach()
@@ -190,10 +328,10 @@ def _prepare(folder, config, model_class, device: torch.device, dtype):
     return model, blocks, loader, block_names
 
 
-def _record_block_inputs(model, blocks, batches, device, extra, max_tokens):
+def _record_block_inputs(model, blocks, batches, device, extra, max_tokens, store: ActivationStore):
     """Run each batch up to the blocks; return per batch its real-token mask, the (args, kwargs) each block
-    receives, the first block's input (on the CPU) and the model inputs (for the head's pass)."""
-    masks, calls, hidden, inputs = [], [], [], []
+    receives and the batch on the device; the store gets each batch's input to the first block (stream 0)."""
+    masks, calls, kept = [], [], []
     current: list = []
 
     def stand_in(i: int):
@@ -210,33 +348,37 @@ def _record_block_inputs(model, blocks, batches, device, extra, max_tokens):
     try:
         for batch in batches:
             mask = real_token_mask(batch)
-            model_inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
             current = []
             try:
-                model(**model_inputs, **extra)
+                model(**_model_inputs(batch), **extra)
             except _Stop:
                 pass
             else:
                 raise SubcloneError("sequential calibration: the forward pass never reached the last block")
-            first_args, first_kwargs = current[0]
-            x = _hidden(first_args, first_kwargs)
+            x = _hidden(*current[0])
             calls.append([_with_hidden(a, k, None) for a, k in current])  # hidden states are kept apart
-            hidden.append(x.to("cpu"))
+            store[(0, len(kept))] = x.to("cpu")
             masks.append(None if mask is None else mask.to(device))
-            inputs.append(model_inputs)
+            kept.append(batch)
             seen += int(mask.sum()) if mask is not None else x.shape[0] * x.shape[1]
             if max_tokens and seen >= max_tokens:
                 break
     finally:
         for block in blocks:
             del block.forward
-    return masks, calls, hidden, inputs
+    return masks, calls, kept
 
 
-def _read_head(model, blocks, recorder, masks, hidden, inputs, extra, device) -> None:
-    """Run the model once more per batch with stand-in blocks, the last handing back its stored output, so the
-    modules after the blocks read the stream as in memory, under the head's hooks."""
-    last = len(blocks) - 1
+def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _through_head(p: _Pass, stream: int, run: Callable[[int], None]) -> None:
+    """Call ``run(b)`` for each batch while the blocks are stand-ins, the last handing back the stream's stored
+    output, so a forward of the whole model runs the modules after the blocks on that stream exactly as in
+    memory."""
+    last = len(p.blocks) - 1
     stored: list[Tensor] = []
 
     def stand_in(i: int):
@@ -244,16 +386,40 @@ def _read_head(model, blocks, recorder, masks, hidden, inputs, extra, device) ->
             return stored[0] if i == last else _hidden(args, kwargs)
         return forward
 
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(p.blocks):
         block.forward = stand_in(i)
+    try:
+        for b in range(len(p.batches)):
+            stored[:] = [p.store[(stream, b)].to(p.device)]
+            run(b)
+    finally:
+        for block in p.blocks:
+            del block.forward
+
+
+def _read_head(p: _Pass, recorder: _Recorder) -> None:
+    """The head's calibration hooks (residual_read, Gram) over the intact stream."""
+
+    def run(b: int) -> None:
+        recorder.mask = p.masks[b]
+        p.model(**_model_inputs(p.batches[b]), **p.extra)
+        recorder.seen.clear()
+
     recorder.attach_globals()
     try:
-        for b, model_inputs in enumerate(inputs):
-            recorder.mask = masks[b]
-            stored[:] = [hidden[b].to(device)]
-            model(**model_inputs, **extra)
-            recorder.seen.clear()
+        _through_head(p, 0, run)
     finally:
         recorder.detach()
-        for block in blocks:
-            del block.forward
+
+
+def _score(p: _Pass, task: TaskSpec, stream: int) -> dict:
+    """The task's evaluation (as training.evaluate) of one stream: the head and loss on its stored outputs."""
+    sums = [0.0, 0, 0]  # loss sum, units scored, correct
+
+    def run(b: int) -> None:
+        sums[:] = [a + c for a, c in zip(sums, task.batch_sums(p.model, p.batches[b], **p.extra))]
+
+    _through_head(p, stream, run)
+    if sums[1] == 0:
+        raise SubcloneError("nothing to evaluate: the data gave no batches (or no labelled tokens)")
+    return task.result(*sums)

@@ -17,7 +17,7 @@ from subclone_core.io.model_card import model_card
 from subclone_core.io.saving import DEFAULT_SHARD_SIZE, save_model_folder
 from subclone_core.io.sequential import calibrate_sequential
 from subclone_core.io.streaming import checkpoint_tensors
-from subclone_core.sources import default_data_id, make_data
+from subclone_core.sources import cache_dir, default_data_id, make_data
 from subclone_core.sources.parents import Parent
 
 CALIB_SEQ_LEN = 128
@@ -29,7 +29,8 @@ GRAM_BUDGET = 2 * 2**30
 
 def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = CALIB_TOKENS,
                        batch_size: int = CALIB_BATCH, progress: Progress | None = None,
-                       grams: bool | None = None, sequential: bool | None = None) -> Importance:
+                       grams: bool | None = None, sequential: bool | None = None,
+                       activation_memory: int | None = None) -> Importance:
     """Calibrate the parent on the training split of a data set (None: the task's default), up to a
     budget of token positions (for a ViT, each patch and cls token of each image counts).
 
@@ -37,9 +38,11 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
         grams: record the Gram matrices a least-squares refit needs; None records them when they fit
             GRAM_BUDGET (gram_bytes), which the embedded parents do (about 0.4 GB each).
         sequential: calibrate one block at a time from the parent's safetensors files, each weight read once
-            (subclone_core.sequential); None does so only when the parent's memory budget did not hold it
+            (io.sequential); None does so only when the parent's memory budget did not hold it
             (part of it offloaded to disk: see needs_sequential), where accelerate's offload would read every
             offloaded weight once per batch.
+        activation_memory: bytes of hidden states a sequential pass keeps in memory, the rest on disk under
+            the cache (default: half of the RAM available; io.activations).
     """
     data_id = data_id or default_data_id(parent.task)
     if grams is None:
@@ -50,13 +53,8 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
     if sequential is None:
         sequential = needs_sequential(parent)
     if sequential:
-        if parent.source is None:
-            raise SubcloneError(f"parent {parent.id!r} has no folder on disk to calibrate sequentially from; "
-                                "calibrate it in memory (without --sequential)")
-        return calibrate_sequential(parent.source, data.batches(batch_size), config=parent.model.config,
-                                    model_class=type(parent.model), device=input_device(parent.model),
-                                    dtype=parent.dtype, max_tokens=tokens, progress=progress, data=data_id,
-                                    grams=grams)
+        return calibrate_sequential(parent.source, data.batches(batch_size), max_tokens=tokens, progress=progress,
+                                    data=data_id, grams=grams, **sequential_kwargs(parent, activation_memory))
     return calibrate(parent.model, data.batches(batch_size), max_tokens=tokens, progress=progress,
                      data=data_id, grams=grams)
 
@@ -70,6 +68,22 @@ def needs_sequential(parent: Parent) -> bool:
     if "disk" not in set((getattr(parent.model, "hf_device_map", None) or {}).values()):
         return False
     return checkpoint_tensors(parent.model, parent.source, renames=True) is not None
+
+
+def sequential_kwargs(parent: Parent, activation_memory: int | None = None) -> dict:
+    """The arguments a block-by-block pass over the parent's files takes (io.sequential): its config, class,
+    device and dtype, and where its hidden states go (in memory up to ``activation_memory``, then under the
+    cache, on the disk that already holds parents).
+
+    Raises:
+        SubcloneError: the parent has no folder on disk.
+    """
+    if parent.source is None:
+        raise SubcloneError(f"parent {parent.id!r} has no folder on disk to read block by block; "
+                            "run it in memory (without --sequential)")
+    return {"config": parent.model.config, "model_class": type(parent.model), "device": input_device(parent.model),
+            "dtype": parent.dtype, "activation_memory": activation_memory,
+            "activation_root": cache_dir() / "activations"}
 
 
 def gram_bytes(shape: Shape) -> int:
@@ -95,6 +109,7 @@ def make_child(
     residual_score: str | None = None,
     refit: bool | None = None,
     sequential: bool | None = None,
+    activation_memory: int | None = None,
 ) -> Child:
     """Make a child of a loaded parent, calibrating first when the strategy needs importance.
 
@@ -104,11 +119,11 @@ def make_child(
         strategy, drop, scale, untie_head, seed, residual_score, refit: as in strategies.subclone_model.
         importance: reuse an earlier calibration instead of measuring again.
         data_id, calib_tokens, progress: the calibration data, budget and progress callback.
-        sequential: calibrate block by block from the parent's files (measure_importance).
+        sequential, activation_memory: calibrate block by block from the parent's files (measure_importance).
     """
     if importance is None and needs_calibration(strategy, drop):
         importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress,
-                                        grams=refit, sequential=sequential)
+                                        grams=refit, sequential=sequential, activation_memory=activation_memory)
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,
                            scale=scale, untie_head=untie_head, seed=seed, parent_tensors=parent_tensors(parent),
                            residual_score=residual_score, refit=refit)

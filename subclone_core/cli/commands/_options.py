@@ -10,7 +10,7 @@ import sys
 from subclone_core.core.calibration import RESIDUAL_SCORES
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.strategies import STRATEGIES
-from subclone_core.io.placement import DTYPES, Placement
+from subclone_core.io.placement import DTYPES, Placement, parse_size
 from subclone_core.training.metrics_log import json_safe
 
 SHAPE_FLAGS = {"layers": "blocks", "hidden": "hidden (residual) size", "heads": "attention heads",
@@ -68,6 +68,16 @@ def add_data_args(parser: argparse.ArgumentParser, *, tokens_flag: str = "--cali
                             help="calibrate one block at a time from the parent's safetensors files, each weight "
                                  "read once (for parents larger than memory); default: only when --max-memory "
                                  "did not hold the parent (part of it offloaded to disk)")
+        parser.add_argument("--activation-memory", default=None, metavar="SIZE",
+                            help="in a sequential pass, the most memory the stored hidden states may take, e.g. "
+                                 "4GiB; the rest go to disk under the cache (default: half of the free RAM)")
+
+
+def sequential_args(args: argparse.Namespace) -> dict:
+    """measure_importance's sequential and activation_memory from the flags, checked before any loading."""
+    text = args.activation_memory
+    return {"sequential": args.sequential,
+            "activation_memory": None if text is None else parse_size(text, "--activation-memory")}
 
 
 def add_shape_args(parser: argparse.ArgumentParser) -> None:

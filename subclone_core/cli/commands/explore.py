@@ -10,14 +10,15 @@ from subclone_core.analysis.explore import (
     Exploration,
     explore_shapes,
     parse_param_count,
-    validation_sample,
 )
+from subclone_core.analysis.probes import validation_sample
 from subclone_core.cli.commands._options import (
     add_data_args,
     add_parent_args,
     placement_kwargs,
     print_json,
     require_positive,
+    sequential_args,
 )
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import measure_importance
@@ -43,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_param_count(args.params)
     require_positive("--calib-tokens", args.tokens)
     require_positive("--eval-tokens", args.eval_tokens)
+    sequential = sequential_args(args)
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
-    importance = measure_importance(parent, args.data, tokens=args.tokens, sequential=args.sequential)
+    importance = measure_importance(parent, args.data, tokens=args.tokens, **sequential)
     batches = validation_sample(parent, args.data, args.eval_tokens)
     start = time.perf_counter()
     result = explore_shapes(parent.model, importance, budget, batches)

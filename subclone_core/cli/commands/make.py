@@ -16,6 +16,7 @@ from subclone_core.cli.commands._options import (
     placement_kwargs,
     print_json,
     require_positive,
+    sequential_args,
 )
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import needs_calibration, plan_shape
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_positive("--calib-tokens", args.tokens)
+    sequential_args(args)
     check_shape_flags(args)
     max_shard = shard_size(args.max_shard_size)
     with claim_output(args.out, overwrite=args.overwrite):  # one writer; a doomed write fails now
@@ -60,7 +62,7 @@ def make(args: argparse.Namespace, max_shard: int) -> int:
     child = make_child(parent, target, strategy=args.strategy, drop=args.drop, scale=args.scale,
                        untie_head=args.untie_head, data_id=args.data, calib_tokens=args.tokens, seed=args.seed,
                        residual_score=args.residual_score, refit=args.refit,
-                       sequential=args.sequential)
+                       **sequential_args(args))
     out = save_child(child, args.out, task=parent.task, overwrite=args.overwrite, max_shard_size=max_shard)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in child.model.parameters())
