@@ -12,7 +12,7 @@ one more TaskSpec (`register_task`) plus the family table's head entry for it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,20 @@ class TaskSpec:
         if self.metric == "accuracy":
             out.update(base_accuracy=base["accuracy"], accuracies=[r["accuracy"] for r in removed])
         return out
+
+    def score(self, model: torch.nn.Module, batches: Iterable[dict], **extra: Any) -> dict[str, float]:
+        """The evaluation dict of a model over batches already on its device: each batch scored by batch_sums,
+        the sums over all batches turned into ``result``.
+
+        Raises:
+            SubcloneError: the batches scored nothing.
+        """
+        sums = [0.0, 0, 0]  # loss sum, units scored, correct
+        for batch in batches:
+            sums = [a + b for a, b in zip(sums, self.batch_sums(model, batch, **extra))]
+        if sums[1] == 0:
+            raise SubcloneError("nothing to evaluate: the data gave no batches (or no labelled tokens)")
+        return self.result(*sums)
 
     def result(self, loss_sum: float, count: int, correct: int) -> dict[str, float]:
         """The evaluation dict: {"loss", "perplexity", "tokens"} or {"loss", "accuracy", "images"}."""

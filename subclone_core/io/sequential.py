@@ -109,8 +109,9 @@ class _Loader:
 class _Pass:
     """A sequential pass once every batch has run up to the blocks: the skeleton and its loader, the blocks and
     each block's tensor names, and per batch its real-token mask, the (args, kwargs) each block receives (the
-    hidden states left out) and the batch itself on the device; the store holds stream 0, each batch's input
-    to the next block of the intact model."""
+    hidden states left out) and the batch itself on the device; the real token positions (or patches and cls
+    tokens) over all batches; the store holds stream 0, each batch's input to the next block of the intact
+    model."""
 
     model: nn.Module
     blocks: nn.ModuleList
@@ -120,17 +121,12 @@ class _Pass:
     masks: list[Tensor | None]
     calls: list[list[tuple[tuple, dict]]]
     batches: list[dict[str, Tensor]]
+    tokens: int
     store: ActivationStore
 
     @property
     def device(self) -> torch.device:
         return self.loader.device
-
-    @property
-    def tokens(self) -> int:
-        """Real token positions (or patches and cls tokens) over all batches."""
-        return sum(int(m.sum()) if m is not None else self.store[(0, b)].shape[0] * self.store[(0, b)].shape[1]
-                   for b, m in enumerate(self.masks))
 
     def stats(self) -> dict[str, int]:
         return {"bytes_read": self.loader.tensors.bytes_read, "tensors_read": self.loader.tensors.reads,
@@ -141,8 +137,9 @@ def _open(folder, batches: Iterable[dict[str, Tensor]], store: ActivationStore, 
           device, dtype, max_tokens: int | None) -> _Pass:
     model, blocks, loader, block_names = _prepare(folder, config, model_class, torch.device(device), dtype)
     extra = no_cache_kwargs(model)
-    masks, calls, kept = _record_block_inputs(model, blocks, batches, loader.device, extra, max_tokens, store)
-    return _Pass(model, blocks, loader, block_names, extra, masks, calls, kept, store)
+    masks, calls, kept, tokens = _record_block_inputs(model, blocks, batches, loader.device, extra, max_tokens,
+                                                      store)
+    return _Pass(model, blocks, loader, block_names, extra, masks, calls, kept, tokens, store)
 
 
 @torch.no_grad()
@@ -186,12 +183,11 @@ def calibrate_sequential(
                   max_tokens=max_tokens)
         sums = _Sums(Shape.of(p.model.config), torch.device("cpu"), grams={} if grams else None)
         recorder = _Recorder(p.model, arch_of_model(p.model), sums)
-        tokens = p.tokens
         for i in range(len(p.blocks)):
             with _loaded(p, i) as block:
                 _calibrate_block(p, i, block, recorder)
             if progress:
-                progress((i + 1) * tokens, len(p.blocks) * tokens)
+                progress((i + 1) * p.tokens, len(p.blocks) * p.tokens)
         _read_head(p, recorder)
         if stats is not None:
             stats.update(p.stats())
@@ -330,7 +326,8 @@ def _prepare(folder, config, model_class, device: torch.device, dtype):
 
 def _record_block_inputs(model, blocks, batches, device, extra, max_tokens, store: ActivationStore):
     """Run each batch up to the blocks; return per batch its real-token mask, the (args, kwargs) each block
-    receives and the batch on the device; the store gets each batch's input to the first block (stream 0)."""
+    receives, the batch on the device, and the real token positions seen; the store gets each batch's input to
+    the first block (stream 0)."""
     masks, calls, kept = [], [], []
     current: list = []
 
@@ -367,17 +364,18 @@ def _record_block_inputs(model, blocks, batches, device, extra, max_tokens, stor
     finally:
         for block in blocks:
             del block.forward
-    return masks, calls, kept
+    return masks, calls, kept, seen
 
 
 def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _through_head(p: _Pass, stream: int, run: Callable[[int], None]) -> None:
-    """Call ``run(b)`` for each batch while the blocks are stand-ins, the last handing back the stream's stored
-    output, so a forward of the whole model runs the modules after the blocks on that stream exactly as in
-    memory."""
+@contextlib.contextmanager
+def _head_on(p: _Pass, stream: int) -> Iterator[Iterator[int]]:
+    """Stand-in blocks, the last handing back the stream's stored output of the current batch, so a forward of
+    the whole model runs the modules after the blocks on that stream exactly as in memory. Yields the batch
+    indices in order; each becomes the current batch as it is yielded."""
     last = len(p.blocks) - 1
     stored: list[Tensor] = []
 
@@ -386,12 +384,15 @@ def _through_head(p: _Pass, stream: int, run: Callable[[int], None]) -> None:
             return stored[0] if i == last else _hidden(args, kwargs)
         return forward
 
+    def order() -> Iterator[int]:
+        for b in range(len(p.batches)):
+            stored[:] = [p.store[(stream, b)].to(p.device)]
+            yield b
+
     for i, block in enumerate(p.blocks):
         block.forward = stand_in(i)
     try:
-        for b in range(len(p.batches)):
-            stored[:] = [p.store[(stream, b)].to(p.device)]
-            run(b)
+        yield order()
     finally:
         for block in p.blocks:
             del block.forward
@@ -399,27 +400,18 @@ def _through_head(p: _Pass, stream: int, run: Callable[[int], None]) -> None:
 
 def _read_head(p: _Pass, recorder: _Recorder) -> None:
     """The head's calibration hooks (residual_read, Gram) over the intact stream."""
-
-    def run(b: int) -> None:
-        recorder.mask = p.masks[b]
-        p.model(**_model_inputs(p.batches[b]), **p.extra)
-        recorder.seen.clear()
-
     recorder.attach_globals()
     try:
-        _through_head(p, 0, run)
+        with _head_on(p, 0) as order:
+            for b in order:
+                recorder.mask = p.masks[b]
+                p.model(**_model_inputs(p.batches[b]), **p.extra)
+                recorder.seen.clear()
     finally:
         recorder.detach()
 
 
 def _score(p: _Pass, task: TaskSpec, stream: int) -> dict:
     """The task's evaluation (as training.evaluate) of one stream: the head and loss on its stored outputs."""
-    sums = [0.0, 0, 0]  # loss sum, units scored, correct
-
-    def run(b: int) -> None:
-        sums[:] = [a + c for a, c in zip(sums, task.batch_sums(p.model, p.batches[b], **p.extra))]
-
-    _through_head(p, stream, run)
-    if sums[1] == 0:
-        raise SubcloneError("nothing to evaluate: the data gave no batches (or no labelled tokens)")
-    return task.result(*sums)
+    with _head_on(p, stream) as order:
+        return task.score(p.model, (p.batches[b] for b in order), **p.extra)

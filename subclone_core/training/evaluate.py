@@ -8,7 +8,6 @@ from itertools import islice
 import torch
 
 from subclone_core.core.calibration import input_device, no_cache_kwargs
-from subclone_core.core.errors import SubcloneError
 from subclone_core.tasks import task_of_model
 
 
@@ -31,14 +30,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], *, max_batches: in
     was_training = model.training
     device = input_device(model)  # a parent placed by accelerate may have its first weights on disk
     model.eval()
-    sums = [0.0, 0, 0]  # loss sum, units scored, correct
+    on_device = ({k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+                 for batch in islice(batches, max_batches))
     try:
         with torch.no_grad():
-            for batch in islice(batches, max_batches):
-                batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-                sums = [a + b for a, b in zip(sums, task.batch_sums(model, batch, **extra))]
+            return task.score(model, on_device, **extra)
     finally:
         model.train(was_training)
-    if sums[1] == 0:
-        raise SubcloneError("nothing to evaluate: the data gave no batches (or no labelled tokens)")
-    return task.result(*sums)
