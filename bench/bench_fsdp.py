@@ -4,19 +4,25 @@ Synthetic Llama-shaped children (bench_scale.py's writer: random bf16 weights, t
 never downloaded) are trained by the command users run, `torchrun --nproc_per_node 2 subclone train --model
 CHILD`, with and without --fsdp, for a few steps on the CPU. Per run, in a fresh launcher process: the peak
 RSS of the largest torchrun process (the launcher's getrusage(RUSAGE_CHILDREN), which Linux keeps as the
-largest descendant's peak), the wall time and the final validation loss. Expected: the training state
-(float32 weights, gradients and AdamW's two moments: 16 bytes per parameter) is replicated in every process
-under DDP (plus DDP's gradient buckets, 4 bytes per parameter) and split N ways under FSDP. A mode whose
-estimated peak over all processes exceeds the machine's memory is not run; its estimate is reported.
+largest descendant's peak) and of each rank (its VmHWM, sampled until it exits), the wall time and the final
+validation loss. Expected: the training state (float32 weights, gradients and AdamW's two moments: 16 bytes
+per parameter) is replicated in every process under DDP (plus DDP's gradient buckets, 4 bytes per parameter)
+and split N ways under FSDP, where the child is built on the meta device and each process reads only its own
+shards from the child's files (it never exists whole in one process until the main process gathers the trained
+child to save it). A mode whose estimated peak over all processes exceeds the machine's memory is not run; its
+estimate is reported. Rows of docs/fsdp.json that a run does not remeasure (another size or mode, the same
+settings) are kept.
 
 Writes docs/fsdp.json and a section of docs/BENCHMARKS.md.
 
-    python bench/bench_fsdp.py [--sizes 0.25B,0.5B] [--budget-gib 8] [--procs 2] [--steps 3] [--work DIR] [--smoke]
+    python bench/bench_fsdp.py [--sizes 0.25B,0.5B,1B] [--modes ddp,fsdp] [--budget-gib 8] [--procs 2] [--steps 3]
+                               [--work DIR] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,10 +44,13 @@ from subclone_core.io.atomic import write_text
 DOCS = ROOT / "docs"
 MODES = {"ddp": [], "fsdp": ["--fsdp"]}
 BATCH, SEQ_LEN, EVAL_TOKENS = 2, 256, 512
+VOCAB = 49152  # bench_scale.write_parent's children: the default tokenizer's vocabulary, a tied head
 STATE_BYTES = 16  # float32 weights, gradients, AdamW exp_avg and exp_avg_sq per parameter
 DDP_BUCKET_BYTES = 4  # DDP's flat gradient buckets, another float32 copy of the gradients
-LOAD_BYTES = 4  # under FSDP every process first holds the whole float32 child (the allocator keeps most of it)
+ROOT_BYTES = 8  # FSDP2 keeps the root's parameters whole through forward and backward, with their whole gradient
+GATHER_BYTES = 4  # under FSDP the main process holds the whole trained float32 child at the end, to save it
 RUNTIME_GIB = 1.0  # torch, transformers, the tokenizer and the data, per process
+SAMPLE_S = 0.2  # how often each rank's VmHWM (its peak so far) is read while the run lasts
 
 
 def train_argv(child: Path, out: Path, steps: int) -> list[str]:
@@ -51,19 +60,47 @@ def train_argv(child: Path, out: Path, steps: int) -> list[str]:
 
 
 def launch(procs: int, argv: list[str]) -> dict:
-    """One torchrun run in this (fresh) process: its summary, seconds and the largest process's peak RSS."""
+    """One torchrun run in this (fresh) process: its summary, seconds, the largest process's peak RSS and each
+    rank's (sampled: a peak reached in the last SAMPLE_S seconds of a rank's life may be missed there)."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     subclone = shutil.which("subclone", path=str(Path(sys.executable).parent)) or "subclone"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(procs), subclone, *argv], env=env,
-                          capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"torchrun {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    start, ranks = time.perf_counter(), {}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", str(procs), subclone, *argv],
+                                env=env, stdout=out, stderr=err, text=True)
+        while proc.poll() is None:
+            for rank, kib in rank_peaks_kib(proc.pid).items():
+                ranks[rank] = max(ranks.get(rank, 0), kib)
+            time.sleep(SAMPLE_S)
+        seconds = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun {' '.join(argv)} failed:\n{stderr[-3000:]}")
+    summary = json.loads(next(line for line in stdout.splitlines() if line.startswith("{")))
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": seconds, "peak_rss_gib": peak_kib / 2**20, "row": summary["rows"][0]}
+    return {"seconds": seconds, "peak_rss_gib": peak_kib / 2**20, "row": summary["rows"][0],
+            "rank_peak_rss_gib": [ranks[r] / 2**20 for r in sorted(ranks)]}
+
+
+def rank_peaks_kib(root: int) -> dict[int, int]:
+    """The VmHWM (peak resident set, KiB) of every torchrun worker under process ``root``, by its RANK."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next(int(v[5:]) for v in env if v.startswith(b"RANK="))
+            status = Path(f"/proc/{pid}/status").read_text()
+            found[rank] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    return found
 
 
 def run_fresh(procs: int, argv: list[str]) -> dict:
@@ -91,33 +128,40 @@ def state_gib(mode: str, params: int, procs: int) -> float:
     return params * per_param / 2**30
 
 
-def estimated_peak_gib(mode: str, params: int, procs: int) -> float:
-    """A process's peak: the runtime and its training state (replicated weights are the ones it loaded), plus,
-    when sharded, the whole float32 child it loads before sharding (0.23B child: 5.3 and 3.6 GiB estimated,
-    5.4 and 3.6 measured)."""
-    loaded = params * LOAD_BYTES / 2**30 if mode == "fsdp" else 0.0
-    return RUNTIME_GIB + loaded + state_gib(mode, params, procs)
+def estimated_peak_gib(mode: str, params: int, procs: int, root: int) -> float:
+    """The largest process's peak: the runtime and its training state (replicated weights are the ones it
+    loaded). Sharded, nothing is loaded whole (each process reads its shards from the files); a process peaks in
+    training, when the root's parameters (the tied embedding and head: ``root``) are whole with their gradient
+    from the first forward to the last backward, or, the main process, at the end, when, its gradients and AdamW
+    state freed, it gathers the whole trained child beside its own shards to save it."""
+    if mode == "ddp":
+        return RUNTIME_GIB + state_gib(mode, params, procs)
+    training = state_gib(mode, params, procs) + root * ROOT_BYTES / 2**30
+    gather = params * (GATHER_BYTES + 4 / procs) / 2**30
+    return RUNTIME_GIB + max(training, gather)
 
 
 def machine_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
-def measure(size: str, procs: int, steps: int, work: Path, budget_gib: float) -> list[dict]:
+def measure(size: str, modes: list[str], procs: int, steps: int, work: Path, budget_gib: float) -> list[dict]:
     """Train one child replicated and sharded; a mode whose estimated peak over all processes exceeds 90% of
     this machine's memory is not run (the kernel would kill it), only its estimate reported."""
     child = write_child(size, work)
     rows = []
-    for mode, flags in MODES.items():
+    for mode in modes:
+        flags = MODES[mode]
         row = {"size": size, "parameters": child["parameters"], "mode": mode,
                "state_gib": state_gib(mode, child["parameters"], procs), "budget_gib": budget_gib,
-               "estimated_peak_gib": estimated_peak_gib(mode, child["parameters"], procs)}
+               "estimated_peak_gib": estimated_peak_gib(mode, child["parameters"], procs, VOCAB * SIZES[size][0])}
         if row["estimated_peak_gib"] * procs < 0.9 * machine_gib():
             argv = [*train_argv(child["folder"], work / f"run-{size}-{mode}", steps), "--overwrite", *flags]
             row.update(run_fresh(procs, argv))
-            print(f"{size} {mode}: peak RSS {row['peak_rss_gib']:.2f} GiB per process (largest), training state "
-                  f"{row['state_gib']:.2f} GiB, {row['seconds']:.0f} s, final loss {row['row']['final']:.4f}",
-                  flush=True)
+            ranks = " / ".join(f"{g:.2f}" for g in row["rank_peak_rss_gib"])
+            print(f"{size} {mode}: peak RSS {row['peak_rss_gib']:.2f} GiB per process (largest; by rank {ranks}), "
+                  f"estimated {row['estimated_peak_gib']:.2f}, training state {row['state_gib']:.2f} GiB, "
+                  f"{row['seconds']:.0f} s, final loss {row['row']['final']:.4f}", flush=True)
         rows.append(row)
     return rows
 
@@ -127,10 +171,13 @@ def _cells(row: dict) -> list[str]:
     shape = f"{row['parameters'] / 1e9:.2f}B ({blocks} x {hidden}, {heads} heads / {kv} KV, FFN {ffn})"
     if "peak_rss_gib" not in row:
         estimate = row["estimated_peak_gib"]
-        return [shape, row["mode"], f"not run: about {estimate:.1f} (estimate)", f"{row['state_gib']:.2f}",
+        return [shape, row["mode"], "not run", f"{estimate:.2f}", f"{row['state_gib']:.2f}",
                 "yes" if estimate <= row["budget_gib"] else "no", "-", "-"]
     fits = "yes" if row["peak_rss_gib"] <= row["budget_gib"] else "no"
-    return [shape, row["mode"], f"{row['peak_rss_gib']:.2f}", f"{row['state_gib']:.2f}", fits,
+    peak = f"{row['peak_rss_gib']:.2f}"
+    if row.get("rank_peak_rss_gib"):
+        peak += " (" + " / ".join(f"{g:.2f}" for g in row["rank_peak_rss_gib"]) + ")"
+    return [shape, row["mode"], peak, f"{row['estimated_peak_gib']:.2f}", f"{row['state_gib']:.2f}", fits,
             f"{row['seconds']:.0f}", f"{row['row']['final']:.4f}"]
 
 
@@ -142,21 +189,29 @@ def markdown(report: dict) -> str:
         (f"Synthetic Llama-shaped children (random weights, the default tokenizer's 49,152-token tied embedding), "
          f"trained by `torchrun --nproc_per_node {procs} subclone train --model CHILD` for {report['steps']} steps "
          f"of {report['batch_size']} x {report['seq_len']} tokens on the CPU, replicated (DDP) and with `--fsdp`. "
-         "Peak RSS: the largest process's (getrusage of the launcher's children). Training state: float32 weights, "
-         "gradients and AdamW's two moments, 16 bytes per parameter, in every process under DDP (plus 4 for its "
-         f"gradient buckets) and split {procs} ways under FSDP. Budget: {budget:g} GiB per process (as on an "
-         f"{budget:g} GB accelerator; this machine has {report['machine_gib']:.0f} GiB for all {procs} processes). A mode "
-         "whose estimated peak (1 GiB of runtime and the training state, plus under FSDP the whole float32 child "
-         "every process loads before sharding) over all processes exceeds 90% of the machine is not run: its "
-         f"estimate is shown. {report['machine']}."),
+         "Peak RSS: the largest process's (getrusage of the launcher's children), and in brackets each rank's "
+         "(its VmHWM sampled every 0.2 s while it runs; rows measured before that sampling show the largest only). "
+         "Training state: float32 weights, gradients and AdamW's two moments, 16 bytes per parameter, in every "
+         f"process under DDP (plus 4 for its gradient buckets) and split {procs} ways under FSDP. Estimated peak: "
+         "1 GiB of runtime plus, under DDP, the training state; under FSDP the larger of the training state with "
+         "the root's tied embedding and head, which FSDP2 keeps whole with their gradient through forward and "
+         "backward (8 bytes per root parameter), and the end of the run, when the main process, its gradients and "
+         "AdamW state freed, gathers the whole float32 child (4 bytes per parameter) beside its own shards to "
+         "save it. "
+         f"Budget: {budget:g} GiB per process (as on an {budget:g} GB accelerator; this machine has "
+         f"{report['machine_gib']:.0f} GiB for all {procs} processes). A mode whose estimated peak over all "
+         f"processes exceeds 90% of the machine is not run: its estimate is shown. {report['machine']}."),
         "",
-        table(["child", "mode", "peak RSS per process (GiB)", "training state per process (GiB)",
-               f"fits {budget:.1f} GiB", "seconds", "final loss"], [_cells(r) for r in report["rows"]]),
+        table(["child", "mode", "peak RSS per process (GiB)", "estimated peak (GiB)",
+               "training state per process (GiB)", f"fits {budget:.1f} GiB", "seconds", "final loss"],
+              [_cells(r) for r in report["rows"]]),
         "",
-        ("Every process loads the whole child before sharding it (each reads the folder, as `subclone compare` "
-         "builds the child in each), so the peak under FSDP is at least the float32 model plus the runtime; what "
-         "sharding removes is the replicated gradients and optimizer state. Where both ran, the final losses agree "
-         "to float summation order (tests/test_fsdp.py checks a tiny child against a one-process run to rtol 1e-5)."),
+        ("Under `--fsdp` the child is built on the meta device from its config and each process allocates and "
+         "reads from the child's safetensors only the rows of its own shards (`subclone_core.training.materialize`"
+         "), so no process ever holds the whole child until the main process gathers the trained one to save it. "
+         "What sharding removes is then the whole memory of a replica, not only the replicated gradients and "
+         "optimizer state. Where both modes ran, the final losses agree to float summation order "
+         "(tests/test_fsdp.py checks a tiny child against a one-process run to rtol 1e-5)."),
     ])
 
 
@@ -169,9 +224,27 @@ def losses_agree(rows: list[dict]) -> bool:
     return all(math.isclose(min(v), max(v), rel_tol=1e-4) for v in finals.values())
 
 
+def kept_rows(report: dict, measured: list[dict]) -> list[dict]:
+    """The rows of the previous docs/fsdp.json that this run did not remeasure, when its settings were the same."""
+    path = DOCS / "fsdp.json"
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    same = all(previous.get(k) == report[k] for k in ("procs", "steps", "batch_size", "seq_len", "budget_gib"))
+    done = {(r["size"], r["mode"]) for r in measured}
+    return [r for r in previous["rows"] if (r["size"], r["mode"]) not in done] if same else []
+
+
+def ordered(rows: list[dict]) -> list[dict]:
+    """Rows by child size, then DDP before FSDP."""
+    sizes, modes = list(SIZES), list(MODES)
+    return sorted(rows, key=lambda r: (sizes.index(r["size"]), modes.index(r["mode"])))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="0.25B,0.5B", help="children of bench_scale.py's SIZES")
+    parser.add_argument("--sizes", default="0.25B,0.5B,1B", help="children of bench_scale.py's SIZES")
+    parser.add_argument("--modes", default="ddp,fsdp", help="ddp, fsdp or both (default both)")
     parser.add_argument("--budget-gib", type=float, default=8.0,
                         help="the per-process memory budget the table checks (default 8, an 8 GB accelerator)")
     parser.add_argument("--procs", type=int, default=2)
@@ -185,10 +258,11 @@ def main() -> int:
         return 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-fsdp-"))
     sizes = ["tiny"] if args.smoke else args.sizes.split(",")
-    budget = args.budget_gib
+    modes = [m for m in MODES if m in args.modes.split(",")]
     report = {"procs": args.procs, "steps": args.steps, "batch_size": BATCH, "seq_len": SEQ_LEN,
-              "budget_gib": budget, "machine_gib": machine_gib(), "machine": machine(),
-              "rows": [row for size in sizes for row in measure(size, args.procs, args.steps, work, budget)]}
+              "budget_gib": args.budget_gib, "machine_gib": machine_gib(), "machine": machine()}
+    measured = [row for size in sizes for row in measure(size, modes, args.procs, args.steps, work, args.budget_gib)]
+    report["rows"] = measured if args.smoke else ordered(measured + kept_rows(report, measured))
     if not args.smoke:
         write_text(DOCS / "fsdp.json", json.dumps(report, indent=1))
         write_section("bench_fsdp", markdown(report))

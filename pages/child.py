@@ -7,7 +7,7 @@ import streamlit as st
 
 from subclone_core.app import charts, ui
 from subclone_core.app.analysis import zip_folder
-from subclone_core.app.inputs import without_suggestion
+from subclone_core.app.inputs import app_words, without_suggestion
 from subclone_core.app.longsteps import (
     SAMPLE_TOKENS,
     STEP0_TOKENS,
@@ -15,13 +15,13 @@ from subclone_core.app.longsteps import (
     explorer_work,
     result_key,
 )
-from subclone_core.app.steps import child_settings, save_child_folder
+from subclone_core.app.steps import child_plan, child_settings, save_child_folder
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
 from subclone_core.core.strategies import STRATEGY_SPECS, parameter_count, plan_shape
-from subclone_core.workflow.jobs import block_policy_text
+from subclone_core.workflow.jobs import CandidateSettings, block_policy_text
 
 EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
@@ -100,13 +100,34 @@ def use_children(result: dict) -> None:
     ws.step0, ws.samples = result["step0"], result["samples"]
 
 
-def generate(target: Shape, strategy: str, drop, scale: bool, ranking: str, refit: bool) -> None:
+def generate(target: Shape, settings: CandidateSettings) -> None:
     """Make the child and its twin in the background, then score all three and sample text from them."""
-    settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens, residual_score=ranking,
-                              refit=refit)
     metrics, text = parent_step0()
     work = child_work(parent, target, settings, ws.importance, metrics, ws.prompt, text)
     ui.start_step("child", lambda emit, cancel: {**work(emit, cancel), "settings": settings}, use_children)
+
+
+def show_plan(settings: CandidateSettings, target: Shape) -> list[str]:
+    """The plan of the child Generate would build, in one line, and a warning for anything a visitor would
+    expect that it leaves off; returns the warnings shown."""
+    with ui.errors_shown("planning the child"):
+        plan = child_plan(parent, settings, target)
+        st.caption(ui.plain(plan.line()))
+        for warning in plan.warnings():
+            st.warning(ui.plain(app_words(warning)), icon=":material/warning:")
+        return plan.warnings()
+    return []
+
+
+def show_child_plan(manifest: Manifest, shown: list[str]) -> None:
+    """The plan the child was built by (a child made by an older version has none), and its warnings that the
+    plan above does not show already."""
+    plan = manifest.plan or {}
+    if plan.get("line"):
+        st.caption(f"Built by the {ui.plain(plan['line'])}")
+    for warning in plan.get("warnings", []):
+        if warning not in shown:
+            st.warning(ui.plain(app_words(warning)), icon=":material/warning:")
 
 
 def expectation(step0: dict[str, dict]) -> None:
@@ -227,6 +248,7 @@ st.subheader("Shape")
 with st.expander("Explore shapes near a parameter budget", expanded=ws.exploration is not None):
     show_explorer()
 target = shape_inputs()
+planned: list[str] = []  # the warnings of the plan shown above Generate
 if target is not None:
     show_size(target)
     st.subheader("How")
@@ -242,8 +264,11 @@ if target is not None:
                       key=ui.keep("refit", arch.refit_default), disabled=strategy != "subclone")
     ranking = st.selectbox("Rank the residual stream by", list(RANKING_LABELS), format_func=RANKING_LABELS.get,
                            key=ui.keep("residual_score", arch.residual_score), disabled=strategy != "subclone")
+    settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens, residual_score=ranking,
+                              refit=refit)
+    planned = show_plan(settings, target)
     if st.button("Generate", type="primary", key="generate_child", disabled=ws.running("child") is not None):
-        generate(target, strategy, drop, scale, ranking, refit)
+        generate(target, settings)
 ui.step_panel("child", "generating the child")
 if target is None:
     st.caption("Generate is blocked until the shape above is valid.")
@@ -251,6 +276,7 @@ if ws.child is not None:
     st.divider()
     shape = ws.child.shape
     st.subheader(f"The child: {shape.layers} blocks x {shape.hidden} ({ws.child.manifest.strategy})")
+    show_child_plan(ws.child.manifest, planned)
     if ws.step0 is not None:
         show_report(ws.step0)
     save_and_download(parent.task)

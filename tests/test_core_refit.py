@@ -1,23 +1,36 @@
-"""The residual stream ranked as read, and the least-squares refit of weights whose inputs shrank."""
+"""The residual stream ranked as read, and the least-squares refit of weights whose inputs shrank: block by block
+(io.refitting) it equals a refit from every Gram matrix of the parent at once."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from subclone_core.core.archs import arch_for
+from subclone_core.core.archs import arch_for, arch_of_model
 from subclone_core.core.calibration import Importance, calibrate
 from subclone_core.core.errors import SubcloneError
-from subclone_core.core.slicing import refit_input
+from subclone_core.core.shape import Shape
+from subclone_core.core.slicing import TensorSlicer, refit_input, slice_state_dict
 from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.io.refitting import refit_items
 from tests import tiny_models as tm
 
 ATOL = 1e-5  # RMSNorm computes in float32 even for float64 models
 BATCHES = [0, 1, 2]
 
 
-def calibration(model, grams: bool = True) -> Importance:
-    return calibrate(model, [tm.inputs(model, seed=s) for s in BATCHES], grams=grams)
+def calibration(model) -> Importance:
+    return calibrate(model, [tm.inputs(model, seed=s) for s in BATCHES])
+
+
+def items_of(model, stats: dict | None = None):
+    """The block-by-block refit's reads of an in-memory parent on the calibration batches."""
+    batches = [tm.inputs(model, seed=s) for s in BATCHES]
+    return lambda slicer, child_config: refit_items(
+        model.state_dict(), batches, slicer, config=model.config, child_config=child_config, model_class=type(model),
+        dtype=next(model.parameters()).dtype, stats=stats)
 
 
 def inputs_of(model, paths: list[str]) -> dict[str, torch.Tensor]:
@@ -33,10 +46,28 @@ def inputs_of(model, paths: list[str]) -> dict[str, torch.Tensor]:
     return {p: torch.cat(xs) for p, xs in seen.items()}
 
 
+def full_grams(model) -> dict[str, torch.Tensor]:
+    """Every linear layer's full Gram matrix x^T x / N at once: the reference the block-by-block pass must equal."""
+    arch = arch_of_model(model)
+    outer, inner = arch.linear_modules
+    paths = [p for p in outer if _has(model, p)]
+    paths += [f"{arch.blocks}.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in inner]
+    return {p: x.double().T @ x.double() / len(x) for p, x in inputs_of(model, paths).items()}
+
+
+def _has(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 @pytest.mark.parametrize("family", [f for f in tm.FAMILIES if f != "vit"] + ["vit"])
 def test_full_size_child_with_refit_reproduces_parent(family):
     parent = tm.make(family)
-    child = subclone_model(parent, plan_shape(parent), importance=calibration(parent), refit=True, scale=False)
+    child = subclone_model(parent, plan_shape(parent), importance=calibration(parent), refit=True, scale=False,
+                           refit_items=items_of(parent))
     batch = tm.inputs(parent)
     torch.testing.assert_close(tm.output(child.model, batch), tm.output(parent, batch), atol=ATOL, rtol=0)
     assert child.manifest.refit is True
@@ -61,23 +92,63 @@ def test_refit_brings_a_narrow_child_closer_to_the_parent_than_slicing():
     expected = torch.cat([tm.output(parent, b) for b in batches])
 
     def error(refit: bool) -> float:
-        child = subclone_model(parent, target, importance=imp, refit=refit)
+        child = subclone_model(parent, target, importance=imp, refit=refit, refit_items=items_of(parent))
         return float((torch.cat([tm.output(child.model, b) for b in batches]) - expected).norm())
 
     assert error(True) < 0.8 * error(False)
 
 
-def test_grams_are_shared_by_layers_that_read_one_tensor_and_equal_x_transpose_x():
-    parent = tm.make("llama")
+def narrow_sizes(family: str, shape: Shape) -> dict[str, int]:
+    """A child narrower in every dimension and one block shallower (the tiny ViT keeps hidden a multiple of heads)."""
+    if family == "vit":
+        return {"hidden": 16, "heads": 2, "ffn": 20, "layers": 2}
+    return {"hidden": shape.hidden // 2, "heads": shape.heads // 2, "ffn": shape.ffn // 2, "layers": shape.layers - 1}
+
+
+@pytest.mark.parametrize("family", list(tm.FAMILIES))
+def test_block_by_block_refit_equals_the_refit_from_every_gram_matrix_at_once(family, monkeypatch):
+    parent = tm.make(family)
+    with_refit_inputs(monkeypatch, parent, "parent")
     imp = calibration(parent)
-    block = "model.layers.1."
-    q, k, v = (imp.grams[block + f"self_attn.{n}_proj"] for n in "qkv")
-    assert q is k is v and imp.grams[block + "mlp.gate_proj"] is imp.grams[block + "mlp.up_proj"]
-    assert imp.grams[block + "mlp.gate_proj"] is not q
-    paths = [block + "self_attn.q_proj", block + "mlp.down_proj", "lm_head"]
-    for path, x in inputs_of(parent, paths).items():
-        torch.testing.assert_close(imp.grams[path].double(), x.T @ x / len(x), rtol=1e-5, atol=1e-6)
-    assert calibration(parent, grams=False).grams is None
+    shape = Shape.of(parent.config)
+    sizes = narrow_sizes(family, shape)
+    target = plan_shape(parent, **sizes)
+    stats = {}
+    child = subclone_model(parent, target, importance=imp, refit=True, refit_items=items_of(parent, stats))
+    arch = arch_of_model(parent)
+    reference = slice_state_dict(parent.state_dict(), arch, shape, child.selection, scale=False,
+                                 grams=full_grams(parent), ridge=arch.refit_ridge)
+    got = child.model.state_dict()
+    assert sorted(got) == sorted(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-8, msg=name)
+    sliced = subclone_model(parent, target, importance=imp, refit=False).model.state_dict()
+    assert any(not torch.allclose(got[n], sliced[n]) for n in got)  # something was refit
+    assert stats["bytes_read"] == 0  # an in-memory parent's pass reads no file
+
+
+def test_the_pass_sums_each_shared_input_once_and_only_the_kept_columns(monkeypatch):
+    parent = tm.make("llama")
+    with_refit_inputs(monkeypatch, parent, "parent")
+    imp = calibration(parent)
+    target = plan_shape(parent, hidden=16, heads=2, kv_heads=1, ffn=24, layers=3)
+    sel = subclone_model(parent, target, importance=imp, refit=False).selection
+    slicer = TensorSlicer(arch_for("llama"), Shape.of(parent.config), sel, scale=False)
+    got = {name: gram for name, _, gram in items_of(parent)(slicer, None) if gram is not None}
+    b = sel.blocks[1]
+    block = f"model.layers.{b}."
+    q, k, v = (got[block + f"self_attn.{n}_proj.weight"] for n in "qkv")
+    assert q is k is v and got[block + "mlp.gate_proj.weight"] is got[block + "mlp.up_proj.weight"]
+    assert got[block + "mlp.gate_proj.weight"] is not q
+    kept = {"self_attn.q_proj": sel.residual, "mlp.down_proj": sel.ffn[1], "self_attn.o_proj": None}
+    for path, x in inputs_of(parent, [block + p for p in kept] + ["lm_head"]).items():
+        columns = kept.get(path.removeprefix(block), sel.residual)
+        if columns is None:  # o_proj: whole heads
+            columns = [h * 8 + d for h in sel.heads[1] for d in range(8)]
+        torch.testing.assert_close(got[path + ".weight"], x.T @ x[:, columns] / len(x), rtol=1e-6, atol=1e-9)
+        assert got[path + ".weight"].shape == (x.shape[1], len(columns))  # kept columns only
+    removed = sel.removed_blocks(parent.config.num_hidden_layers)[0]
+    assert not any(name.startswith(f"model.layers.{removed}.") for name in got)  # nothing summed for a removed block
 
 
 def test_residual_read_is_the_mean_abs_input_of_every_layer_reading_the_stream():
@@ -104,30 +175,33 @@ def test_residual_rankings_choose_the_kept_dimensions():
     assert written.selection.residual == imp.residual.argsort(descending=True, stable=True)[:16].tolist()
 
 
-def test_a_tied_child_with_refit_shares_one_matrix_the_refit_head():
+def test_a_tied_child_with_refit_shares_one_matrix_the_refit_head(monkeypatch):
     parent = tm.make("llama")
+    with_refit_inputs(monkeypatch, parent, "parent")  # the head refit on the parent's inputs: one reference
     imp = calibration(parent)
     target = plan_shape(parent, hidden=16, heads=2, kv_heads=1)
-    child = subclone_model(parent, target, importance=imp, refit=True)
+    child = subclone_model(parent, target, importance=imp, refit=True, refit_items=items_of(parent))
     head, embedding = child.model.lm_head.weight, child.model.model.embed_tokens.weight
     assert head is embedding
     sliced = parent.model.embed_tokens.weight[:, child.selection.residual]
     assert not torch.allclose(head, sliced)  # the head's least-squares fit, not the plain slice
     kept = torch.tensor(child.selection.residual)
-    expected = refit_input(parent.lm_head.weight.detach(), 1, kept, imp.grams["lm_head"], arch_for("llama").refit_ridge)
+    gram = full_grams(parent)["lm_head"]
+    expected = refit_input(parent.lm_head.weight.detach(), 1, kept, gram, arch_for("llama").refit_ridge)
     torch.testing.assert_close(head.detach(), expected)
 
 
-def test_refit_defaults_follow_the_family_and_the_calibration():
+def test_refit_defaults_follow_the_family_at_any_size_and_need_the_calibration_data():
     parent = tm.make("llama")
     target = plan_shape(parent, hidden=16, heads=2, kv_heads=1)
-    with_grams = subclone_model(parent, target, importance=calibration(parent))
-    assert with_grams.manifest.refit is arch_for("llama").refit_default
-    assert with_grams.manifest.refit_ridge == arch_for("llama").refit_ridge
-    without = subclone_model(parent, target, importance=calibration(parent, grams=False))
+    imp = calibration(parent)
+    default = subclone_model(parent, target, importance=imp, refit_items=items_of(parent))
+    assert default.manifest.refit is arch_for("llama").refit_default
+    assert default.manifest.refit_ridge == arch_for("llama").refit_ridge
+    without = subclone_model(parent, target, importance=imp)
     assert without.manifest.refit is False and without.manifest.refit_ridge is None
-    with pytest.raises(SubcloneError, match="refit needs the Gram matrices"):
-        subclone_model(parent, target, importance=calibration(parent, grams=False), refit=True)
+    with pytest.raises(SubcloneError, match="the refit reads the parent's inputs on calibration data"):
+        subclone_model(parent, target, importance=imp, refit=True)
     random = subclone_model(parent, target, strategy="random")
     assert random.manifest.refit is False and random.manifest.residual_score is None
 
@@ -137,7 +211,6 @@ def test_importance_json_keeps_the_read_ranking_and_rejects_unknown_scores(tmp_p
     imp.save(tmp_path / "imp.json")
     back = Importance.load(tmp_path / "imp.json")
     torch.testing.assert_close(back.residual_read, imp.residual_read)
-    assert back.grams is None
     with pytest.raises(SubcloneError, match="unknown residual score 'loudest'; valid: read, written"):
         back.residual_ranking("loudest")
     back.residual_read = None
@@ -149,7 +222,7 @@ def _step0_losses(parent, shapes: list[dict], tokens: int = 2048) -> list[tuple[
     """(default child, slice-only child with the paper's ranking, random init) validation losses per shape."""
     from subclone_core.sources import make_data
     from subclone_core.training.evaluate import evaluate
-    from subclone_core.workflow.children import measure_importance
+    from subclone_core.workflow.children import make_child, measure_importance
 
     imp = measure_importance(parent, "default", tokens=tokens)
     val = make_data(parent, "default", "validation", seq_len=128, max_tokens=tokens)
@@ -157,8 +230,9 @@ def _step0_losses(parent, shapes: list[dict], tokens: int = 2048) -> list[tuple[
     for sizes in shapes:
         target = plan_shape(parent.model, **sizes)
         options = ({}, {"residual_score": "written", "refit": False}, {"strategy": "random"})
-        losses.append(tuple(evaluate(subclone_model(parent.model, target, importance=imp, **o).model,
-                                     val.batches(8))["loss"] for o in options))
+        children = (make_child(parent, target, importance=imp, data_id="default", calib_tokens=tokens, **o)
+                    for o in options)
+        losses.append(tuple(evaluate(child.model, val.batches(8))["loss"] for child in children))
     return losses
 
 
@@ -176,3 +250,72 @@ def test_smollm2_children_start_no_worse_with_the_defaults(default_parent):
               {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}]
     for default, sliced, random in _step0_losses(default_parent, shapes):
         assert default < sliced < random + 0.5, (default, sliced, random)
+
+
+def with_refit_inputs(monkeypatch, model, inputs: str) -> None:
+    """The model's family table with the refit fit on the parent's or the child's inputs."""
+    import dataclasses
+
+    from subclone_core.core import archs
+
+    mt = model.config.model_type
+    monkeypatch.setitem(archs.REGISTRY, mt, dataclasses.replace(archs.REGISTRY[mt], refit_inputs=inputs))
+
+
+@pytest.mark.parametrize("family", list(tm.FAMILIES))
+def test_the_refit_on_the_childs_inputs_solves_its_normal_equations_on_the_finished_child(family, monkeypatch):
+    """Each refit weight W' of the child fits the parent layer's outputs from the child's own inputs: with X the
+    parent layer's inputs and Y the finished child layer's (recorded by whole-model forwards, not by the block pass),
+    W' = W (X^T Y + lam S)(Y^T Y + lam I)^-1. Layers are fit in the order they run, so the child's inputs to a
+    layer are already final when it is fit."""
+    parent = tm.make(family)
+    with_refit_inputs(monkeypatch, parent, "child")
+    imp = calibration(parent)
+    shape = Shape.of(parent.config)
+    sizes = narrow_sizes(family, shape)
+    child = subclone_model(parent, plan_shape(parent, **sizes), importance=imp, refit=True,
+                           refit_items=items_of(parent))
+    arch, sel = arch_of_model(parent), child.selection
+    slicer = TensorSlicer(arch, shape, sel, scale=False, ridge=arch.refit_ridge)
+    outer, inner = arch.linear_modules
+    pairs = [(p, p) for p in outer if _has(parent, p)]
+    pairs += [(f"{arch.blocks}.{i}.{p}", f"{arch.blocks}.{j}.{p}") for j, i in enumerate(sel.blocks) for p in inner]
+    x_all = inputs_of(parent, [a for a, _ in pairs])
+    y_all = inputs_of(fit_time(child.model, parent, slicer), [b for _, b in pairs])
+    got, checked = child.model.state_dict(), 0
+    for (path, child_path) in pairs:
+        weight = parent.get_submodule(path).weight
+        if slicer.kept_inputs(f"{path}.weight", weight) is None:
+            continue
+        x, y = x_all[path], y_all[child_path]
+        _, expected = slicer(f"{path}.weight", weight.detach(), (x.T @ y / len(x), y.T @ y / len(x)))
+        # rtol 1e-4: Gemma 3 computes its norms in float32 even in a float64 model
+        torch.testing.assert_close(got[f"{child_path}.weight"], expected, rtol=1e-4, atol=1e-7, msg=path)
+        checked += 1
+    assert checked >= len(sel.blocks)  # every kept block has narrowed layers
+
+
+def fit_time(child, parent, slicer):
+    """The child as its layers were fit: a tied child's one matrix is the head's refit, which the embedding takes
+    over only once every block has been fit on the stream of the plainly sliced embedding."""
+    arch = arch_of_model(parent)
+    if not (arch.tied_head and getattr(child.config, "tie_word_embeddings", False)):
+        return child
+    probe, name = copy.deepcopy(child), arch.tied_head[1]
+    module, _, leaf = name.rpartition(".")
+    setattr(probe.get_submodule(module), leaf, torch.nn.Parameter(slicer(name, parent.get_parameter(name).detach())[1]))
+    return probe
+
+
+def test_the_refit_on_the_childs_inputs_brings_the_child_closer_to_the_parent(monkeypatch):
+    parent = tm.make("llama-untied")
+    imp = calibration(parent)
+    target = plan_shape(parent, hidden=32, heads=4, kv_heads=2, ffn=24, layers=3)
+    batches = [tm.inputs(parent, seed=s) for s in BATCHES]
+    expected = torch.cat([tm.output(parent, b) for b in batches])
+    errors = {}
+    for inputs in ("parent", "child"):
+        with_refit_inputs(monkeypatch, parent, inputs)
+        child = subclone_model(parent, target, importance=imp, refit=True, refit_items=items_of(parent))
+        errors[inputs] = float((torch.cat([tm.output(child.model, b) for b in batches]) - expected).norm())
+    assert errors["child"] < 0.9 * errors["parent"], errors

@@ -46,16 +46,16 @@ def text_file(tmp_path_factory):
     return path
 
 
-def child_of(parent, text_file):
-    child = make_child(parent, TARGET, data_id=str(text_file), calib_tokens=512)
+def child_of(parent, text_file, **options):
+    child = make_child(parent, TARGET, data_id=str(text_file), calib_tokens=512, **options)
     manifest = {k: v for k, v in child.manifest.to_json().items() if k != "created"}
     return manifest, child.model.state_dict(), child.importance
 
 
 def test_streamed_child_equals_the_in_memory_slicer(bf16_parent_dir, text_file):
     parent = load_parent(str(bf16_parent_dir), dtype="float32")  # streamed bf16 tensors are cast as loaded
-    _, streamed, importance = child_of(parent, text_file)
-    in_memory = subclone_model(parent.model, TARGET, importance=importance).model.state_dict()
+    _, streamed, importance = child_of(parent, text_file, refit=False)  # sliced from the files, tensor by tensor
+    in_memory = subclone_model(parent.model, TARGET, importance=importance, refit=False).model.state_dict()
     assert all(torch.equal(streamed[k], in_memory[k]) for k in in_memory)
     assert {t.dtype for t in streamed.values()} == {torch.float32}
 
@@ -100,7 +100,7 @@ def test_streaming_reads_each_parent_tensor_once_and_lets_it_go(bf16_parent_dir,
 
     monkeypatch.setattr(streaming.CheckpointTensors, "__getitem__", counted)
     monkeypatch.setattr(type(parent.model), "state_dict", _refuse_values(type(parent.model).state_dict))
-    make_child(parent, TARGET, data_id=str(text_file), calib_tokens=256)
+    make_child(parent, TARGET, data_id=str(text_file), calib_tokens=256, refit=False)  # the slicing builder
     assert most[0] == 1  # never two parent tensors in memory at once, let alone the whole state dict
 
 

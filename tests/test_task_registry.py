@@ -21,9 +21,11 @@ from subclone_core.core.archs import arch_for, arch_for_task, arch_of_model
 from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
+from subclone_core.core.slicing import TensorSlicer
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.data.text import row_batches
 from subclone_core.io.gguf_export import export_gguf
+from subclone_core.io.refitting import refit_items
 from subclone_core.io.saving import read_manifest
 from subclone_core.io.sequential import calibrate_sequential
 from subclone_core.tasks import TASKS, TaskSpec, register_task, task_of_config, task_of_model
@@ -177,13 +179,22 @@ def test_a_narrower_classifier_slices_the_score_on_its_input():
     torch.testing.assert_close(child.model.score.weight, parent.score.weight[:, kept], atol=0, rtol=0)
 
 
-def test_calibration_reads_the_classifiers_head_in_memory_and_block_by_block(registered, classifier_dir):
+def test_calibration_and_the_refit_read_the_classifiers_head_in_memory_and_block_by_block(registered,
+                                                                                         classifier_dir):
     data = LabelledSequences("train", 16, 8)
-    in_memory = calibrate(classifier(), data.batches(4), grams=True)
-    sequential = calibrate_sequential(classifier_dir, data.batches(4), grams=True, dtype=torch.float64)
-    assert "score" in in_memory.grams and "lm_head" not in in_memory.grams
-    torch.testing.assert_close(sequential.grams["score"], in_memory.grams["score"])
+    model = classifier()
+    in_memory = calibrate(model, data.batches(4))
+    sequential = calibrate_sequential(classifier_dir, data.batches(4), dtype=torch.float64)
     torch.testing.assert_close(sequential.residual_read, in_memory.residual_read)
+    sel = subclone_model(model, plan_shape(model, hidden=32), importance=in_memory, refit=False).selection
+    arch = replace(arch_of_model(model), refit_inputs="parent")  # the parent's inputs: the same sums either way
+    slicer = TensorSlicer(arch, Shape.of(model.config), sel, scale=False)
+    grams = [{name: gram for name, _, gram in refit_items(source, data.batches(4), slicer,
+                                                          config=model.config, model_class=type(model),
+                                                          dtype=torch.float64) if gram is not None}
+             for source in (model.state_dict(), classifier_dir)]
+    assert "score.weight" in grams[0] and "lm_head.weight" not in grams[0]
+    torch.testing.assert_close(grams[1]["score.weight"], grams[0]["score.weight"])
 
 
 # --- make and eval end to end through the command line -----------------------------------------------------

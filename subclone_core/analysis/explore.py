@@ -19,7 +19,7 @@ from subclone_core.core.archs import arch_for
 from subclone_core.core.calibration import Importance
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, target_shape, validate_target
-from subclone_core.core.strategies import parameter_count, subclone_model
+from subclone_core.core.strategies import RefitItems, parameter_count, subclone_model
 from subclone_core.training.evaluate import evaluate
 
 Progress = Callable[[int, int], None]
@@ -153,23 +153,25 @@ def pareto_flags(points: Sequence[tuple[float, float]]) -> list[bool]:
 
 def explore_shapes(parent_model: nn.Module, importance: Importance, budget: int, batches: Sequence[dict], *,
                    depths_per_width: int = DEPTHS_PER_WIDTH, spread: float = SPREAD, seed: int = 0,
-                   progress: Progress | None = None) -> Exploration:
+                   progress: Progress | None = None, refit_items: RefitItems | None = None) -> Exploration:
     """Subclone every candidate shape near the budget and measure its step-0 validation loss.
 
     Args:
-        parent_model: the parent; never modified (and never run: only its weights are read).
+        parent_model: the parent; never modified.
         importance: a calibration of the parent (the subclone strategy and block choice need it).
         budget: the target number of parameters.
         batches: fixed validation batches (a few hundred tokens suffice to rank shapes).
         depths_per_width, spread: as in ``candidate_shapes``.
         seed: the seed of the random reference child.
         progress: called with (children evaluated, children to evaluate) after each one.
+        refit_items: the refit's block-by-block reads of the parent on the calibration data
+            (workflow.children.refit_source), so that each shape is made as `make` makes it; None: sliced only.
     """
     candidates = candidate_shapes(parent_model, budget, depths_per_width=depths_per_width, spread=spread)
     total = len(candidates) + 1
     losses = []
     for done, (shape, _) in enumerate(candidates, start=1):
-        child = subclone_model(parent_model, shape, importance=importance)
+        child = subclone_model(parent_model, shape, importance=importance, refit_items=refit_items)
         losses.append(evaluate(child.model, batches)["loss"])
         del child  # one child in memory at a time
         if progress:

@@ -29,10 +29,10 @@ from subclone_core.app.steps import make_children
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.sources import Parent, vit_pretrain
+from subclone_core.sources import Parent, default_data_id, vit_pretrain
 from subclone_core.tasks import task_spec
 from subclone_core.training.evaluate import evaluate
-from subclone_core.workflow.children import measure_importance
+from subclone_core.workflow.children import measure_importance, refit_source
 from subclone_core.workflow.jobs import CandidateSettings
 
 STEP0_TOKENS = 2048  # the Parent page's default validation budget: the parent's score is reused
@@ -131,7 +131,8 @@ def explorer_work(parent: Parent, importance: Importance | None, data_id: str | 
             measured = calibration_work(parent, data_id, calib_tokens)(staged(emit, "calibrating"), cancel)
         batches = validation_sample(parent, data_id, EVAL_TOKENS)
         progress = cancellable(cancel, staged(emit, "subcloning and scoring shapes"))
-        return measured, explore_shapes(parent.model, measured, budget, batches, progress=progress)
+        refit = refit_source(parent, data_id or default_data_id(parent.task), calib_tokens)
+        return measured, explore_shapes(parent.model, measured, budget, batches, progress=progress, refit_items=refit)
 
     return work
 

@@ -32,9 +32,13 @@ from subclone_core.workflow.jobs import (
     CandidateSettings,
     build_candidates,
     build_child,
+    calibration_plan,
+    candidate_plan,
+    candidate_plans,
     shared_importance,
     training_data,
 )
+from subclone_core.workflow.plan import Plan
 
 # what the Train page can add to subclone and random init: the app's other strategies
 EXTRA_STRATEGIES = tuple(name for name, spec in STRATEGY_SPECS.items() if spec.in_app and name != DEFAULT_STRATEGY)
@@ -48,16 +52,24 @@ def child_settings(strategy: str, drop: str | list[int] | None, scale: bool | No
                              calib_tokens=calib_tokens, residual_score=residual_score, refit=refit)
 
 
+def child_plan(parent: Parent, settings: CandidateSettings, target: Shape | None = None) -> Plan:
+    """The plan of the child that make_children would build now (the settings' first strategy), for the Child
+    page to show before Generate."""
+    return candidate_plan(parent, settings.names[0], settings, target)
+
+
 def make_children(parent: Parent, target: Shape, settings: CandidateSettings, *,
                   importance: Importance | None, progress: Progress | None = None) -> tuple[Child, Child]:
     """The child of the settings' first strategy and a randomly initialized twin of the same shape, built as
-    the training job builds them (calibrating the shared parent first, under its lock, when needed)."""
+    the training job builds them, each by its plan (recorded in its manifest), calibrating the shared parent
+    first, under its lock, when needed."""
     strategy = settings.names[0]
+    plans = candidate_plans(parent, settings, target)
     with exclusive(parent.model):
         if importance is None:
-            importance = shared_importance(parent, settings, progress)
-        child = build_child(parent, target, strategy, settings, importance)
-    return child, build_child(parent, target, BASELINE, settings, None)
+            importance = shared_importance(parent, settings, progress, plan=calibration_plan(plans))
+        child = build_child(parent, target, strategy, settings, importance, plans[strategy])
+    return child, build_child(parent, target, BASELINE, settings, None, plans[BASELINE])
 
 
 def fresh_folder(path: Path) -> Path:

@@ -3,9 +3,8 @@
 Hooks keep running sums only (never activations), so memory is O(layers x width) whatever the
 number of tokens. Scores follow the paper: the mean |activation| over batch and tokens.
 
-With ``grams=True`` calibration also sums the Gram matrix x^T x of every linear layer's input, which a
-least-squares refit of the child needs (slicing.refit_input): O(layers x width^2) memory, float32, and only
-then.
+The least-squares refit of a child needs second moments of the parent's layer inputs too; those are taken in a
+second pass, block by block, once the selection is known (io.refitting), never here for the whole parent.
 """
 
 from __future__ import annotations
@@ -45,9 +44,6 @@ class Importance:
         data: a description of the calibration data.
         residual_read: (D,) the residual stream as the model reads it: the mean |input| of every linear
             layer that reads the stream (after the pre-norms), summed. None in results saved before it existed.
-        grams: module path -> (in, in) sum of x^T x over the tokens of that linear layer's input, divided by
-            the tokens; modules that read the same tensor (q, k and v) share one matrix under several names.
-            None unless calibration was asked for them.
     """
 
     residual_embed: Tensor
@@ -61,7 +57,6 @@ class Importance:
     tokens: int
     data: str = ""
     residual_read: Tensor | None = None
-    grams: dict[str, Tensor] | None = field(default=None, repr=False)
 
     @property
     def residual(self) -> Tensor:
@@ -81,7 +76,7 @@ class Importance:
         return self.residual_read
 
     def to_json(self) -> dict:
-        """A plain-JSON dict (lists of floats); the Gram matrices are not saved."""
+        """A plain-JSON dict (lists of floats)."""
         out = {name: getattr(self, name).tolist() for name in _TENSOR_FIELDS}
         out.update(residual=self.residual.tolist(), tokens=self.tokens, data=self.data)
         if self.residual_read is not None:
@@ -117,8 +112,6 @@ class _Sums:
     device: torch.device
     tokens: int = 0
     sums: dict[str, Tensor] = field(default_factory=dict)
-    grams: dict[str, Tensor] | None = None  # module path -> sum of x^T x (float32), when asked for
-    gram_alias: dict[str, str] = field(default_factory=dict)  # module path -> path whose matrix it shares
 
     def __post_init__(self) -> None:
         s, z = self.shape, lambda *size: torch.zeros(*size, dtype=torch.float64, device=self.device)
@@ -133,24 +126,11 @@ class _Sums:
         target = self.sums[name] if layer is None else self.sums[name][layer]
         target += value.to(self.device, torch.float64)
 
-    def add_gram(self, name: str, x: Tensor) -> None:
-        """Add x^T x of (N, in) rows to the module's Gram matrix (computed where x is, summed on the CPU)."""
-        x = x.float()
-        gram = (x.T @ x).to(self.device)
-        if name in self.grams:
-            self.grams[name] += gram
-        else:
-            self.grams[name] = gram
-
     def result(self, data: str) -> Importance:
         n = max(self.tokens, 1)
         mean = {k: (v / n).cpu() for k, v in self.sums.items()}
         heads = mean.pop("heads").view(self.shape.layers, self.shape.heads, self.shape.head_dim).mean(-1)
-        grams = None
-        if self.grams is not None:
-            means = {k: v / n for k, v in self.grams.items()}
-            grams = {**means, **{alias: means[owner] for alias, owner in self.gram_alias.items()}}
-        return Importance(**mean, heads=heads, tokens=self.tokens, data=data, grams=grams)
+        return Importance(**mean, heads=heads, tokens=self.tokens, data=data)
 
 
 class _Recorder:
@@ -160,7 +140,6 @@ class _Recorder:
         self.model, self.arch, self.sums = model, arch, sums
         self.mask: Tensor | None = None  # (B, T) bool, None when every position is a real token
         self.handles: list = []
-        self.seen: dict[tuple, tuple[str, Tensor]] = {}  # input tensors of this block's linear layers
 
     def valid(self, x: Tensor) -> Tensor:
         """Flatten (B, T, ...) to (N, ...) real-token rows."""
@@ -187,35 +166,12 @@ class _Recorder:
             self._hook(block.get_submodule(path), self._output_hook(i, name))
         for path in block_readers:
             self._hook(block.get_submodule(path), self._input_hook(None, "residual_read"))
-        if self.sums.grams is not None:
-            # Layers of one block that read the same tensor (q, k, v; gate, up) share one matrix: the tensors
-            # seen in a block are held until the next block starts, so a later input can never reuse a held
-            # one's memory and be mistaken for it.
-            self.handles.append(block.register_forward_pre_hook(lambda *_: self.seen.clear()))
-            for path in self.arch.linear_modules[1]:
-                self._hook(block.get_submodule(path), self._gram_hook(f"{self.arch.blocks}.{i}.{path}"))
 
     def attach_globals(self) -> None:
         """The hooks of the layers outside the blocks that read the residual stream (the output head)."""
         for path in self.arch.residual_readers[0]:
             if (module := _submodule(self.model, path)) is not None:
                 self._hook(module, self._input_hook(None, "residual_read"))
-        if self.sums.grams is not None:
-            for path in self.arch.linear_modules[0]:
-                if (module := _submodule(self.model, path)) is not None:
-                    self._hook(module, self._gram_hook(path))
-
-    def _gram_hook(self, name: str):
-        def hook(module, args, output):
-            x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            owner = self.seen.get(key, (None, None))[0]
-            if owner is None:
-                self.seen[key] = (name, x)  # held: see _attach_grams
-                self.sums.add_gram(name, self.valid(x))
-            elif owner != name:
-                self.sums.gram_alias[name] = owner
-        return hook
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -308,7 +264,6 @@ def calibrate(
     max_tokens: int | None = None,
     progress: Progress | None = None,
     data: str = "",
-    grams: bool = False,
 ) -> Importance:
     """Measure importance on calibration batches, on the model's own devices and dtype.
 
@@ -323,10 +278,9 @@ def calibrate(
             cls token of every image count).
         progress: called with (token positions done, max_tokens or 0) after each batch.
         data: a description of the data, kept in the result.
-        grams: also record the Gram matrix of every linear layer's input (for a least-squares refit).
     """
     device = input_device(model)
-    sums = _Sums(Shape.of(model.config), torch.device("cpu"), grams={} if grams else None)
+    sums = _Sums(Shape.of(model.config), torch.device("cpu"))
     extra = no_cache_kwargs(model)
     was_training = model.training
     model.eval()
@@ -336,7 +290,6 @@ def calibrate(
                 mask = real_token_mask(batch)
                 recorder.mask = None if mask is None else mask.to(device)
                 model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, **extra)
-                recorder.seen.clear()
                 if progress:
                     progress(sums.tokens, max_tokens or 0)
                 if max_tokens and sums.tokens >= max_tokens:

@@ -3,9 +3,10 @@
 On disk it is one JSON object: "format", "library_version", "created", "parent" (shape, id, label,
 model_type, weights_sha256, licence, twin_of), "child" ({"shape": ...}), the strategy's choices ("strategy",
 "order", "drop", "scale", "untie_head", "seed", "residual_score", "refit", "refit_ridge"), "kept_blocks",
-"removed_blocks", "selection" (Selection.to_json), "calibration" ({"data", "tokens"}), and, once trained,
-"training". A folder made elsewhere and trained here has only "note" and "training". Keys this
-version does not know are kept and written back unchanged.
+"removed_blocks", "selection" (Selection.to_json), "calibration" ({"data", "tokens"}), "plan" (every default
+resolved before the child was made, with its one-line summary and warnings: workflow.plan.Plan.to_json; absent
+from older manifests), and, once trained, "training". A folder made elsewhere and trained here has only "note"
+and "training". Keys this version does not know are kept and written back unchanged.
 
 ``Manifest.from_json`` is the one reader of that object (``io.saving.read_manifest`` reads the file);
 ``Manifest.to_json`` writes it back in the same format.
@@ -119,6 +120,7 @@ class Manifest:
         kept_blocks, removed_blocks: the parent blocks kept and removed.
         selection: the kept indices (Selection.to_json()), None for a random child.
         calibration: the data importance was measured on, None when none was measured.
+        plan: the resolved plan the child was made by (workflow.plan.Plan.to_json), None in older manifests.
         training: how it was trained, once it has been.
         note: what is known of a model folder made elsewhere.
         extra: keys this version does not know, written back unchanged.
@@ -142,6 +144,7 @@ class Manifest:
     removed_blocks: list[int] | None = None
     selection: dict[str, Any] | None = None
     calibration: CalibrationRecord | None = None
+    plan: dict[str, Any] | None = None
     training: TrainingInfo | None = None
     note: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -175,9 +178,10 @@ class Manifest:
             **{name: getattr(self, name) for name in _CHOICES},
             "kept_blocks": self.kept_blocks, "removed_blocks": self.removed_blocks, "selection": self.selection,
             "calibration": asdict(self.calibration) if self.calibration is not None else None,
+            "plan": self.plan,
             "training": self.training.to_json() if self.training is not None else None,
             "note": self.note,
         }
-        always = set(entries) - {"training", "note"} if self.is_child else set()
+        always = set(entries) - {"plan", "training", "note"} if self.is_child else set()
         return {**{k: v for k, v in entries.items() if v is not None or k in always}, **self.extra}
 

@@ -7,7 +7,7 @@ removed blocks are the only ones left out, and the selection says which blocks t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -49,28 +49,31 @@ def _axis_indices(sel: Selection, child_block: int | None, parent: Shape) -> dic
     return idx
 
 
+Gram = Tensor | tuple[Tensor, Tensor]  # G[:, k] (or all of G), or (cross-moments (in, k), child Gram (k, k))
+
+
 def slice_tensor(tensor: Tensor, param: Param, indices: dict[str, Tensor], scale: bool,
-                 gram: Tensor | None = None, ridge: float = 0.0) -> Tensor:
+                 gram: Gram | None = None, ridge: float = 0.0, toward: str = "slice") -> Tensor:
     """Index every sliced axis of one tensor, then scale a linear weight whose fan-in shrank.
 
-    With a ``gram`` (the Gram matrix of the linear layer's input in the parent), an input axis that lost
-    entries is refit by least squares instead of indexed (refit_input), and not scaled: the refit already
-    gives the outputs their size. An input axis that lost nothing is only reordered, so a full-size child
-    stays exact.
+    With a ``gram`` (the Gram matrix of the linear layer's input in the parent: (in, in), or only its kept
+    columns (in, k)), an input axis that lost entries is refit by least squares instead of indexed
+    (refit_input), and not scaled: the refit already gives the outputs their size. An input axis that lost
+    nothing is only reordered, so a full-size child stays exact.
 
     A tensor whose output the model multiplies by sqrt(width) from the config (Param.sqrt_width_gain) is
     multiplied by sqrt(parent width / child width) whatever `scale` says: the child's config gives a
     smaller multiplier, and this keeps the parent's outputs.
     """
-    refit = gram is not None and param.fan_in is not None and \
-        indices[param.axes[param.fan_in]].numel() < tensor.shape[param.fan_in]
+    kept_in = refit_axis(tensor, param, indices)
+    refit = gram is not None and kept_in is not None
     out = tensor
     for dim, axis in enumerate(param.axes):
         if axis != "keep" and not (refit and dim == param.fan_in):
             out = out.index_select(dim, indices[axis].to(out.device))
     factor = 1.0
     if refit:
-        out = refit_input(out, param.fan_in, indices[param.axes[param.fan_in]], gram, ridge)
+        out = refit_input(out, param.fan_in, kept_in, gram, ridge, toward)
     elif scale and param.fan_in is not None:
         factor *= math.sqrt(tensor.shape[param.fan_in] / out.shape[param.fan_in])
     if param.sqrt_width_gain is not None:
@@ -82,7 +85,16 @@ def slice_tensor(tensor: Tensor, param: Param, indices: dict[str, Tensor], scale
     return tensor.clone() if out is tensor else out.contiguous()
 
 
-def refit_input(weight: Tensor, dim: int, kept: Tensor, gram: Tensor, ridge: float) -> Tensor:
+def refit_axis(tensor: Tensor, param: Param, indices: dict[str, Tensor]) -> Tensor | None:
+    """The kept input indices of a linear weight whose input lost entries (what a refit compensates), else
+    None: not a linear weight, or an input that is only reordered."""
+    if param.fan_in is None:
+        return None
+    kept = indices[param.axes[param.fan_in]]
+    return kept if kept.numel() < tensor.shape[param.fan_in] else None
+
+
+def refit_input(weight: Tensor, dim: int, kept: Tensor, gram: Gram, ridge: float, toward: str = "slice") -> Tensor:
     """The weight over the kept inputs that best reproduces the parent's outputs on the calibration data.
 
     With X the parent's inputs (tokens x in), G = X^T X / N and S the (in, k) matrix that selects the kept
@@ -90,24 +102,47 @@ def refit_input(weight: Tensor, dim: int, kept: Tensor, gram: Tensor, ridge: flo
     lam = ridge * mean(diag G[k, k]): a removed input's part of the output is carried by the kept inputs it
     correlates with, instead of being dropped, while the penalty pulls W' towards the plain slice W S (lam -> 0:
     pure least squares, which overfits the calibration tokens and compounds over blocks; lam -> inf: the plain
-    slice). Pulling towards the slice rather than towards zero keeps the weights' size (measured better on both
-    real parents, docs/BENCHMARKS.md).
+    slice). ``toward="zero"`` penalizes ||W'||^2 instead (a plain ridge, as GRAIL does): W G[:, k] (G[k, k] +
+    lam I)^-1. When the child's own inputs Y (tokens x k) stand for X[:, k] (io.refitting's "child" inputs),
+    ``gram`` is (X^T Y / N, Y^T Y / N) and the same formula fits the parent's outputs from the child's inputs.
 
     Args:
         weight: the tensor with every other axis already sliced; ``dim`` is its input axis, still full.
         dim: the input (fan-in) axis.
         kept: the kept input indices, in the child's order.
-        gram: (in, in) mean x^T x of the parent layer's input.
+        gram: the mean x^T x of the parent layer's input: (in, in), or only the kept columns G[:, k] (in, k),
+            which is all the refit reads (G[k, k] is its kept rows); or (cross-moments, child Gram).
         ridge: the regularization, relative to the mean kept diagonal.
+        toward: what the penalty pulls towards, "slice" or "zero" (REFIT_TARGETS).
     """
-    kept = kept.to(gram.device)
-    g_kk = gram.index_select(0, kept).index_select(1, kept).double()  # (k, k)
-    cross = gram.index_select(1, kept).double()  # (in, k), a copy
+    cross, g_kk = _moments(gram, kept)
     lam = ridge * float(g_kk.diagonal().mean().clamp_min(1e-30))
-    cross[kept, torch.arange(len(kept))] += lam  # G[:, k] + lam S
-    mapping = torch.linalg.solve(g_kk + lam * torch.eye(len(kept), dtype=torch.float64), cross.T).T  # (in, k)
+    eye = torch.eye(len(kept), dtype=torch.float64, device=cross.device)
+    target = cross.clone()
+    if toward == "slice":
+        target[kept.to(cross.device), torch.arange(len(kept), device=cross.device)] += lam  # G[:, k] + lam S
+    mapping = _spd_solve(g_kk + lam * eye, target.T).T  # (in, k)
     w = weight.double().movedim(dim, -1).to(mapping.device)  # (..., in)
     return (w @ mapping).movedim(-1, dim).to(weight.device, weight.dtype)
+
+
+REFIT_TARGETS = ("slice", "zero")
+
+
+def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """matrix^-1 rhs for a symmetric positive definite matrix (a Gram matrix plus the ridge): by Cholesky, about
+    twice as fast as a general solve; a general solve where rounding left it not positive definite."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    return torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(matrix, rhs)
+
+
+def _moments(gram: Gram, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """(cross-moments (in, k), Gram of the kept inputs (k, k)), float64."""
+    if isinstance(gram, tuple):
+        return gram[0].double(), gram[1].double()
+    kept = kept.to(gram.device)
+    cross = (gram if gram.shape[1] == len(kept) else gram.index_select(1, kept)).double()  # (in, k)
+    return cross, cross.index_select(0, kept)
 
 
 def _block_param(name: str, arch: ArchSpec) -> tuple[int, str] | None:
@@ -121,45 +156,65 @@ def _block_param(name: str, arch: ArchSpec) -> tuple[int, str] | None:
 
 class TensorSlicer:
     """Maps one parent tensor at a time to the child's name and tensor: all that a builder streaming a
-    checkpoint shard by shard needs (a child tensor depends only on its parent tensor and the selection).
+    checkpoint shard by shard, or a refit pass going block by block, needs (a child tensor depends only on its
+    parent tensor, the selection and, when refit, the Gram matrix of its layer's input).
 
     Args:
         arch: the family's table.
         parent: the parent's shape.
         sel: what to keep.
         scale: multiply each linear weight whose fan-in shrank by sqrt(fan_in_parent / fan_in_child).
-        grams: module path -> Gram matrix of its input in the parent (Importance.grams): linear weights whose
-            input shrank are refit by least squares (refit_input) instead of sliced and scaled.
         ridge: the refit's regularization (relative to the mean kept diagonal).
     """
 
-    def __init__(self, arch: ArchSpec, parent: Shape, sel: Selection, *, scale: bool,
-                 grams: Mapping[str, Tensor] | None = None, ridge: float = 0.0) -> None:
-        self.arch, self.scale, self.grams, self.ridge = arch, scale, grams or {}, ridge
+    def __init__(self, arch: ArchSpec, parent: Shape, sel: Selection, *, scale: bool, ridge: float = 0.0) -> None:
+        self.arch, self.scale, self.ridge = arch, scale, ridge
         self.child_of = {b: j for j, b in enumerate(sel.blocks)}
         self.globals_idx = _axis_indices(sel, None, parent)
         self.block_idx = {j: _axis_indices(sel, j, parent) for j in range(len(sel.blocks))}
+        self._kept: dict[tuple[str, int], tuple[str, Tensor]] = {}
 
-    def _slice(self, name: str, tensor: Tensor, param: Param, indices: dict[str, Tensor]) -> Tensor:
-        gram = self.grams.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
-        return slice_tensor(tensor, param, indices, self.scale, gram, self.ridge)
-
-    def __call__(self, name: str, tensor: Tensor) -> tuple[str, Tensor] | None:
-        """(child name, child tensor), or None for a tensor of a removed block.
-
-        Raises:
-            SubcloneError: the table has no rule for this tensor.
-        """
+    def _locate(self, name: str) -> tuple[str, Param, dict[str, Tensor]] | None:
+        """(child name, rule, indices) of a parent tensor; None for a tensor of a removed block."""
         located = _block_param(name, self.arch)
         if located is None:
-            param = _rule(self.arch.global_params, name, self.arch)
-            return name, self._slice(name, tensor, param, self.globals_idx)
+            return name, _rule(self.arch.global_params, name, self.arch), self.globals_idx
         block, inner = located
         param = _rule(self.arch.block_params, inner, self.arch, full_name=name)
         if block not in self.child_of:
             return None
         j = self.child_of[block]
-        return f"{self.arch.blocks}.{j}.{inner}", self._slice(name, tensor, param, self.block_idx[j])
+        return f"{self.arch.blocks}.{j}.{inner}", param, self.block_idx[j]
+
+    def kept_inputs(self, name: str, weight: Tensor) -> Tensor | None:
+        """The kept input indices of a parent linear weight whose input loses entries in the child (the Gram
+        columns its refit reads), None where nothing is refit (a removed block, an intact input, no weight)."""
+        located = self._locate(name)
+        return None if located is None else refit_axis(weight, located[1], located[2])
+
+    def __call__(self, name: str, tensor: Tensor, gram: Gram | None = None, *,
+                 keep: bool = False) -> tuple[str, Tensor] | None:
+        """(child name, child tensor), or None for a tensor of a removed block; ``gram`` refits a linear weight
+        whose input shrank (slice_tensor). With ``keep``, a refit result is also kept until the same name and
+        moments are asked for once more (a pass that needs the child's weights before slice_items does: the
+        solve runs once).
+
+        Raises:
+            SubcloneError: the table has no rule for this tensor.
+        """
+        if gram is not None and (name, id(gram)) in self._kept:
+            return self._kept.pop((name, id(gram)))
+        located = self._locate(name)
+        if located is None:
+            return None
+        child_name, param, indices = located
+        out = child_name, slice_tensor(tensor, param, indices, self.scale, gram, self.ridge, self.arch.refit_toward)
+        if keep and gram is not None:
+            self._kept[(name, id(gram))] = out
+        return out
+
+
+ChildTensors = Iterable[tuple[str, Tensor, "Tensor | None"]]  # (parent name, parent tensor, Gram or None)
 
 
 def slice_state_dict(
@@ -184,20 +239,33 @@ def slice_state_dict(
         scale: multiply each linear weight whose fan-in shrank by sqrt(fan_in_parent / fan_in_child).
         untie_head: for a tied head, give the child its own (scaled) head instead of sharing the
             (unscaled) embedding. Ignored for untied parents, whose head is always sliced on its own.
-        grams, ridge: refit linear weights whose input shrank by least squares (TensorSlicer).
+        grams, ridge: module path -> Gram matrix of its input ((in, in) or its kept columns): refit linear
+            weights whose input shrank by least squares (TensorSlicer).
     """
-    slicer = TensorSlicer(arch, parent, sel, scale=scale, grams=grams, ridge=ridge)
-    out = {}
-    for name in parent_sd:
-        # read by name inside the call: a streamed parent tensor is let go before the next one is read
-        if (mapped := slicer(name, parent_sd[name])) is not None:
+    grams = grams or {}
+    # read by name inside the generator: a streamed parent tensor is let go before the next one is read
+    items = ((name, parent_sd[name], grams.get(name.removesuffix(".weight")) if name.endswith(".weight") else None)
+             for name in parent_sd)
+    slicer = TensorSlicer(arch, parent, sel, scale=scale, ridge=ridge)
+    return slice_items(items, slicer, arch, parent, sel, tied=is_tied(parent_sd, arch), untie_head=untie_head)
+
+
+def slice_items(items: ChildTensors, slicer: TensorSlicer, arch: ArchSpec, parent: Shape, sel: Selection, *,
+                tied: bool, untie_head: bool) -> dict[str, Tensor]:
+    """The child's state dict from (name, parent tensor, Gram or None) items as they come: each is sliced (or
+    refit) at once, so a producer going block by block can let a block go before the next (io.refitting)."""
+    out, refit = {}, set()
+    for name, tensor, gram in items:
+        if (mapped := slicer(name, tensor, gram)) is not None:
             out[mapped[0]] = mapped[1]
-    if is_tied(parent_sd, arch) and not untie_head:
+            if gram is not None:
+                refit.add(mapped[0])
+        del tensor, gram  # let the parent tensor go before the next one is read
+    if tied and not untie_head:
         head, embedding = arch.tied_head
         # one matrix for both: the head's refit where the head was refit (its logits suffer most from a
         # narrower stream; measured better than the sliced embedding), else the sliced embedding
-        shared = out[head] if grams and head.removesuffix(".weight") in grams and len(sel.residual) < parent.hidden \
-            else out[embedding]
+        shared = out[head] if head in refit and len(sel.residual) < parent.hidden else out[embedding]
         out[head] = out[embedding] = shared
     return out
 

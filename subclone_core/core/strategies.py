@@ -13,7 +13,7 @@ training defaults and the app read it from there.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +28,17 @@ from subclone_core.core.manifest import FORMAT, CalibrationRecord, Manifest, Par
 from subclone_core.core.rng import seeded
 from subclone_core.core.selection import Selection, pick_blocks, select
 from subclone_core.core.shape import Shape, target_shape, validate_target
-from subclone_core.core.slicing import child_config_dict, slice_state_dict
+from subclone_core.core.slicing import (
+    ChildTensors,
+    TensorSlicer,
+    child_config_dict,
+    is_tied,
+    slice_items,
+    slice_state_dict,
+)
+
+# (the child's slicer, the child's config) -> every parent tensor with its refit moments: io.refitting.refit_items
+RefitItems = Callable[[TensorSlicer, object], ChildTensors]
 
 
 @dataclass(frozen=True)
@@ -139,7 +149,7 @@ def subclone_model(
     untie_head: bool = False,
     seed: int = 0,
     parent_tensors: Mapping[str, Tensor] | None = None,
-    residual_score: str | None = None, refit: bool | None = None,
+    residual_score: str | None = None, refit: bool | None = None, refit_items: RefitItems | None = None,
 ) -> Child:
     """Build a child of shape `target` from a loaded parent model; the parent is never modified.
 
@@ -156,13 +166,14 @@ def subclone_model(
             parent spread over devices or offloaded to disk.
         residual_score, refit: the residual ranking ("read" or "written", Importance.residual_ranking) and the
             least-squares refit (slicing.refit_input) of the importance order; None: the family's defaults.
+        refit_items: what the refit reads (required by it): given the child's slicer and config, every parent
+            tensor with the moments of a narrowed linear weight's input (io.refitting.refit_items, block by block).
     """
     check_strategy(strategy)
-    arch, parent, order = arch_of_model(parent_model), Shape.of(parent_model.config), \
-        STRATEGY_SPECS[strategy].order
+    arch, parent, order = arch_of_model(parent_model), Shape.of(parent_model.config), STRATEGY_SPECS[strategy].order
     validate_target(parent, target, arch)
     scale = arch.scale_default if scale is None else scale
-    residual_score, refit = _ranking_options(order, arch, residual_score, refit, importance)
+    residual_score, refit = _ranking_options(order, arch, residual_score, refit, refit_items is not None)
     if order is None:
         sel, policy, blocks = None, None, list(range(target.layers))
         model = _random_model(parent_model, arch, target, seed)
@@ -171,12 +182,12 @@ def subclone_model(
         blocks, sel = _kept(parent, target, order, policy, importance, residual_score)
         tensors = parent_model.state_dict() if parent_tensors is None else parent_tensors
         model = _sliced_model(parent_model, tensors, target, sel, scale=scale, untie_head=untie_head,
-                              grams=importance.grams if refit else None)
+                              refit_items=refit_items if refit else None)
     settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
                 "untie_head": untie_head, "seed": seed, "residual_score": residual_score, "refit": refit,
                 "refit_ridge": arch.refit_ridge if refit else None}
-    manifest = build_manifest(parent, target, blocks, sel, importance, settings)
-    return Child(model=model, shape=target, manifest=manifest, selection=sel, importance=importance)
+    return Child(model=model, shape=target, manifest=build_manifest(parent, target, blocks, sel, importance, settings),
+                 selection=sel, importance=importance)
 
 
 def _kept(parent: Shape, target: Shape, order: str, policy: str | list[int], importance: Importance | None,
@@ -188,32 +199,40 @@ def _kept(parent: Shape, target: Shape, order: str, policy: str | list[int], imp
 
 
 def _sliced_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, sel: Selection, *,
-                  scale: bool, untie_head: bool, grams: Mapping[str, Tensor] | None) -> nn.Module:
-    """The child model: its config from the parent's with the target sizes, its weights sliced (or refit)."""
+                  scale: bool, untie_head: bool, refit_items: RefitItems | None) -> nn.Module:
+    """The child model: its config from the parent's with the target sizes, its weights sliced, or refit where
+    refit_items gives the Gram columns (block by block: each block's tensors sliced as they come)."""
     arch, parent = arch_of_model(parent_model), Shape.of(parent_model.config)
-    cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
-    sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head, grams=grams,
-                          ridge=arch.refit_ridge)
-    return build_model(type(parent_model), type(parent_model.config).from_dict(cfg), sd)
+    config = type(parent_model.config).from_dict(
+        child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head))
+    slicer = TensorSlicer(arch, parent, sel, scale=scale, ridge=arch.refit_ridge)
+    if refit_items is not None and _narrows_any(parent_model, sel, scale):
+        sd = slice_items(refit_items(slicer, config), slicer, arch, parent, sel, tied=is_tied(tensors, arch),
+                         untie_head=untie_head)
+    else:
+        sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head)
+    return build_model(type(parent_model), config, sd)
+
+
+def _narrows_any(parent_model: nn.Module, sel: Selection, scale: bool) -> bool:
+    """Whether the child narrows any linear weight's input (else a refit has nothing to do: a full-size child is
+    sliced, exactly). Shapes only: an offloaded parent's tensors are on the meta device."""
+    slicer = TensorSlicer(arch_of_model(parent_model), Shape.of(parent_model.config), sel, scale=scale)
+    return any(slicer.kept_inputs(name, t) is not None for name, t in parent_model.named_parameters())
 
 
 def _ranking_options(order: str | None, arch, residual_score: str | None, refit: bool | None,
-                     importance: Importance | None) -> tuple[str | None, bool]:
+                     has_items: bool) -> tuple[str | None, bool]:
     """The residual ranking and whether to refit: the importance order's (as asked, else the family's
-    defaults); other orders use neither."""
+    defaults, whatever the parent's size); other orders use neither. The refit reads the calibration data
+    (refit_items): without it the default is off and asking for it is an error."""
     if order != "importance":
         return None, False
-    return residual_score or arch.residual_score, _refit_choice(refit, arch, importance)
-
-
-def _refit_choice(refit: bool | None, arch, importance: Importance | None) -> bool:
-    """Whether to refit: as asked, or the family's default where the calibration recorded Gram matrices
-    (calibration skips them for parents whose matrices would not fit its memory budget)."""
-    has_grams = importance is not None and importance.grams is not None
-    if refit and not has_grams:
-        raise SubcloneError("refit needs the Gram matrices of a calibration that recorded them "
-                            "(measure_importance(..., grams=True)); calibrate again or turn refit off")
-    return arch.refit_default and has_grams if refit is None else refit
+    if refit and not has_items:
+        raise SubcloneError("the refit reads the parent's inputs on calibration data (refit_items: "
+                            "io.refitting.refit_items, as workflow.children.make_child passes it); give it or "
+                            "turn the refit off")
+    return residual_score or arch.residual_score, (arch.refit_default and has_items) if refit is None else refit
 
 
 def shape_config(parent_model: nn.Module, target: Shape):

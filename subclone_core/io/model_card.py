@@ -42,7 +42,7 @@ pretrained ones" (arXiv:2312.09299). It is an initialization meant for further t
 - Residual ranking: {manifest.residual_score or '-'}; least-squares refit: {'on' if manifest.refit else 'off'}
 - Calibration: {calib.tokens if calib else 0} tokens of `{calib.data if calib else '-'}`
 - Parent weights sha256: `{parent.weights_sha256 or 'unknown'}`
-{_training_line(manifest.training)}
+{_plan_line(manifest.plan)}{_training_line(manifest.training)}
 {_licence_line(parent.licence)}`subclone.json` records the kept residual dimensions, heads and FFN neurons of every block.
 
 ```python
@@ -57,6 +57,13 @@ def _licence_line(licence: dict | None) -> str:
     if not licence:
         return ""
     return f"\nLicence: [{licence['name']}]({licence['url']}). {licence.get('notice', '')}\n\n"
+
+
+def _plan_line(plan: dict | None) -> str:
+    """The resolved plan the child was made by, as `subclone make` printed it ("" in older manifests)."""
+    if not plan or not plan.get("line"):
+        return ""
+    return f"- Plan: `{plan['line'].removeprefix('plan: ')}`\n"
 
 
 def _training_line(training: TrainingInfo | None) -> str:

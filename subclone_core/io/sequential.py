@@ -10,13 +10,13 @@ calibration do: the model is built on the meta device from its config, and
    position ids, position embeddings) and a private exception stops the forward at the last block. Every
    block gets a stand-in, not only the first one a pre-hook would catch, since a block's kwargs may depend on
    its layer type (Gemma 3 passes sliding-window or full masks and position embeddings per layer);
-2. each block in turn is read from the files (streaming.CheckpointTensors) onto the device, every batch's
+2. each block in turn is read from the files (streaming.CheckpointTensors), or taken from a parent in memory (its
+   state dict: io.refitting's pass over an in-memory parent), onto the device, every batch's
    hidden states run through it under the same hooks and float64 sums as calibration.calibrate, its outputs
    (kept on the CPU, or on disk beyond a memory budget: io.activations) become the next block's inputs, and its
    weights go back to the meta device;
 3. the model's forward runs once more per batch with stand-in blocks that hand back the last block's stored
-   outputs, so the final norm and head read the stream exactly as in memory (the head's residual_read and
-   Gram hooks).
+   outputs, so the final norm and head read the stream exactly as in memory (the head's residual_read hook).
 
 Memory: the modules outside the blocks, one block, and the stored block inputs, batches x tokens per batch x
 hidden x bytes per element (4 in float32, 2 in bfloat16) -- 4,096 tokens of a 4,096-wide parent are 64 MiB in
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import Tensor, nn
 
-from subclone_core.core.archs import arch_for, arch_of_model
+from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import (
     Importance,
     Progress,
@@ -57,7 +57,7 @@ from subclone_core.io.streaming import CheckpointTensors, checkpoint_tensors, ti
 from subclone_core.tasks import TaskSpec, task_of_config, task_of_model
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by the last block's stand-in to end a forward pass once every block's inputs are recorded."""
 
 
@@ -65,7 +65,7 @@ def _hidden(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+def with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
@@ -88,7 +88,8 @@ class _Loader:
     def __init__(self, model: nn.Module, tensors: CheckpointTensors, device: torch.device) -> None:
         self.model, self.tensors, self.device = model, tensors, device
         self.names = list(model.state_dict())
-        self.ties = {head: source for head, source in tied_names(model).items() if head in tensors.aliases}
+        aliases = getattr(tensors, "aliases", {})  # tensors in memory (a state dict) list tied names twice
+        self.ties = {head: source for head, source in tied_names(model).items() if head in aliases}
 
     def load(self, names: list[str]) -> None:
         for name in names:
@@ -106,7 +107,7 @@ class _Loader:
 
 
 @dataclass
-class _Pass:
+class Pass:
     """A sequential pass once every batch has run up to the blocks: the skeleton and its loader, the blocks and
     each block's tensor names, and per batch its real-token mask, the (args, kwargs) each block receives (the
     hidden states left out) and the batch itself on the device; the real token positions (or patches and cls
@@ -129,22 +130,25 @@ class _Pass:
         return self.loader.device
 
     def stats(self) -> dict[str, int]:
-        return {"bytes_read": self.loader.tensors.bytes_read, "tensors_read": self.loader.tensors.reads,
+        tensors = self.loader.tensors
+        return {"bytes_read": getattr(tensors, "bytes_read", 0), "tensors_read": getattr(tensors, "reads", 0),
                 "activation_bytes_on_disk": self.store.bytes_written}
 
 
-def _open(folder, batches: Iterable[dict[str, Tensor]], store: ActivationStore, *, config, model_class,
-          device, dtype, max_tokens: int | None) -> _Pass:
-    model, blocks, loader, block_names = _prepare(folder, config, model_class, torch.device(device), dtype)
+def open_pass(source: str | Path | Mapping[str, Tensor], batches: Iterable[dict[str, Tensor]],
+              store: ActivationStore, *, config, model_class, device, dtype, max_tokens: int | None) -> Pass:
+    """Run every batch up to the blocks over the parent from ``source`` (its folder, or its tensors in memory):
+    the pass that then goes block by block."""
+    model, blocks, loader, block_names = _prepare(source, config, model_class, torch.device(device), dtype)
     extra = no_cache_kwargs(model)
     masks, calls, kept, tokens = _record_block_inputs(model, blocks, batches, loader.device, extra, max_tokens,
                                                       store)
-    return _Pass(model, blocks, loader, block_names, extra, masks, calls, kept, tokens, store)
+    return Pass(model, blocks, loader, block_names, extra, masks, calls, kept, tokens, store)
 
 
 @torch.no_grad()
 def calibrate_sequential(
-    folder: str | Path,
+    folder: str | Path | Mapping[str, Tensor],
     batches: Iterable[dict[str, Tensor]],
     *,
     config=None,
@@ -154,7 +158,6 @@ def calibrate_sequential(
     max_tokens: int | None = None,
     progress: Progress | None = None,
     data: str = "",
-    grams: bool = False,
     stats: dict | None = None,
     activation_memory: int | None = None,
     activation_root: str | Path | None = None,
@@ -162,13 +165,14 @@ def calibrate_sequential(
     """Measure importance like calibration.calibrate, one block at a time from the checkpoint's files.
 
     Args:
-        folder: the parent's folder with its safetensors checkpoint (one file or sharded with an index).
+        folder: the parent's folder with its safetensors checkpoint (one file or sharded with an index), or its
+            tensors (a state dict, or io.streaming.PlacedTensors: those in memory, the offloaded ones from files).
         batches: dicts of model inputs, as for calibrate.
         config: the parent's config (default: read from ``folder``).
         model_class: the transformers class to build (default: the Auto class of the config's task).
         device: where each block runs; its stored inputs stay on the CPU between blocks.
         dtype: the dtype the weights are cast to (default: the config's own).
-        max_tokens, data, grams: as for calibrate.
+        max_tokens, data: as for calibrate.
         progress: called with (token-block passes done, token positions x blocks) after each block.
         stats: if given, filled with "bytes_read" and "tensors_read" from the checkpoint and
             "activation_bytes_on_disk" (hidden states the memory budget did not hold).
@@ -178,13 +182,13 @@ def calibrate_sequential(
     Raises:
         SubcloneError: no safetensors checkpoint in ``folder`` whose tensor names match the model's.
     """
-    with _store(activation_memory, activation_root) as store:
-        p = _open(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
+    with activation_store(activation_memory, activation_root) as store:
+        p = open_pass(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
                   max_tokens=max_tokens)
-        sums = _Sums(Shape.of(p.model.config), torch.device("cpu"), grams={} if grams else None)
+        sums = _Sums(Shape.of(p.model.config), torch.device("cpu"))
         recorder = _Recorder(p.model, arch_of_model(p.model), sums)
         for i in range(len(p.blocks)):
-            with _loaded(p, i) as block:
+            with loaded_block(p, i) as block:
                 _calibrate_block(p, i, block, recorder)
             if progress:
                 progress((i + 1) * p.tokens, len(p.blocks) * p.tokens)
@@ -226,12 +230,12 @@ def ablate_sequential(
     Returns:
         As block_ablation: {"base", "losses"}, and for image classifiers "base_accuracy" and "accuracies".
     """
-    with _store(activation_memory, activation_root) as store:
-        p = _open(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
+    with activation_store(activation_memory, activation_root) as store:
+        p = open_pass(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
                   max_tokens=None)
         layers = len(p.blocks)
         for i in range(layers):
-            with _loaded(p, i) as block:
+            with loaded_block(p, i) as block:
                 _ablate_block(p, i, block)
             if progress:
                 progress(i + 1, layers + 1)
@@ -244,15 +248,15 @@ def ablate_sequential(
     return task.ablation_summary(results[0], results[1:])
 
 
-def _ablate_block(p: _Pass, i: int, block: nn.Module) -> None:
+def _ablate_block(p: Pass, i: int, block: nn.Module) -> None:
     """Start stream i + 1 (the model without block i) and run block i on every stream that has reached it."""
     for b in range(len(p.batches)):
         p.store[(i + 1, b)] = p.store[(0, b)]  # without block i: its input passes on unchanged
         for stream in range(i + 1):  # the intact model and those without an earlier block
-            _forward(p, i, block, b, stream)
+            forward_block(p, i, block, b, stream)
 
 
-def _score_streams(p: _Pass, task: TaskSpec, on_block: Callable[[int, dict], None] | None) -> list[dict]:
+def _score_streams(p: Pass, task: TaskSpec, on_block: Callable[[int, dict], None] | None) -> list[dict]:
     """Each stream's evaluation in turn (its hidden states dropped once scored)."""
     results = []
     for stream in range(len(p.blocks) + 1):
@@ -263,12 +267,12 @@ def _score_streams(p: _Pass, task: TaskSpec, on_block: Callable[[int, dict], Non
     return results
 
 
-def _store(budget: int | None, root: str | Path | None) -> ActivationStore:
+def activation_store(budget: int | None, root: str | Path | None) -> ActivationStore:
     return ActivationStore(default_budget() if budget is None else budget, root)
 
 
 @contextlib.contextmanager
-def _loaded(p: _Pass, i: int) -> Iterator[nn.Module]:
+def loaded_block(p: Pass, i: int) -> Iterator[nn.Module]:
     """Block i with its weights read from the files onto the device, back on the meta device afterwards."""
     p.loader.load(p.block_names[i])
     try:
@@ -277,51 +281,58 @@ def _loaded(p: _Pass, i: int) -> Iterator[nn.Module]:
         p.loader.free(p.block_names[i])
 
 
-def _forward(p: _Pass, i: int, block: nn.Module, b: int, stream: int) -> None:
+def forward_block(p: Pass, i: int, block: nn.Module, b: int, stream: int) -> None:
     """Batch b of a stream through block i: its stored input is replaced by the block's output (on the CPU)."""
-    args, kwargs = _with_hidden(*p.calls[b][i], p.store[(stream, b)].to(p.device))
+    args, kwargs = with_hidden(*p.calls[b][i], p.store[(stream, b)].to(p.device))
     y = block(*args, **kwargs)
     p.store[(stream, b)] = (y[0] if isinstance(y, tuple) else y).to("cpu")
 
 
-def _calibrate_block(p: _Pass, i: int, block: nn.Module, recorder: _Recorder) -> None:
+def _calibrate_block(p: Pass, i: int, block: nn.Module, recorder: _Recorder) -> None:
     """Every batch of the intact stream through block i under its calibration hooks."""
     recorder.attach_block(i, block)
     try:
         for b in range(len(p.batches)):
             recorder.mask = p.masks[b]
-            _forward(p, i, block, b, 0)
-            recorder.seen.clear()
+            forward_block(p, i, block, b, 0)
     finally:
         recorder.detach()
 
 
-def _prepare(folder, config, model_class, device: torch.device, dtype):
+def _prepare(source, config, model_class, device: torch.device, dtype):
     """The skeleton with everything outside the blocks loaded on ``device``, its loader, its blocks and each
-    block's tensor names."""
+    block's tensor names. ``source``: the parent's folder (its safetensors files) or its tensors in memory (a
+    state dict: each block's tensors are then shared, not copied, while it runs on their own device)."""
     if config is None:
         from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(source)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    arch = arch_for(config.model_type)
     model = skeleton(config, model_class, dtype)
-    tensors = checkpoint_tensors(model, Path(folder), renames=True)
-    if tensors is None:
-        raise SubcloneError(f"sequential calibration of a {arch.name} parent reads its safetensors files, but "
-                            f"{folder} has none whose tensor names match the model's; calibrate it in memory "
-                            "(without --sequential)")
-    tensors.dtype = dtype
+    tensors = source if isinstance(source, Mapping) else _file_tensors(model, Path(source), dtype)
     loader = _Loader(model, tensors, device)
-    blocks = model.get_submodule(arch.blocks)
-    block_names = [[n for n in loader.names if n.startswith(f"{arch.blocks}.{i}.")] for i in range(len(blocks))]
+    path = arch_of_model(model).blocks
+    blocks = model.get_submodule(path)
+    block_names = [[n for n in loader.names if n.startswith(f"{path}.{i}.")] for i in range(len(blocks))]
     in_blocks = {n for names in block_names for n in names}
     for name, buffer in list(model.named_buffers()):
         if not buffer.is_meta:  # computed in a constructor (rotary frequencies, embedding scales)
             set_module_tensor_to_device(model, name, device)
     loader.load([n for n in loader.names if n not in in_blocks])
     return model, blocks, loader, block_names
+
+
+def _file_tensors(model: nn.Module, folder: Path, dtype: torch.dtype) -> CheckpointTensors:
+    """The skeleton's tensors as read from the safetensors files in ``folder``, cast to ``dtype``."""
+    tensors = checkpoint_tensors(model, folder, renames=True)
+    if tensors is None:
+        arch = arch_of_model(model)
+        raise SubcloneError(f"sequential calibration of a {arch.name} parent reads its safetensors files, but "
+                            f"{folder} has none whose tensor names match the model's; calibrate it in memory "
+                            "(without --sequential)")
+    tensors.dtype = dtype
+    return tensors
 
 
 def _record_block_inputs(model, blocks, batches, device, extra, max_tokens, store: ActivationStore):
@@ -335,7 +346,7 @@ def _record_block_inputs(model, blocks, batches, device, extra, max_tokens, stor
         def forward(*args, **kwargs):
             current.append((args, kwargs))
             if i == len(blocks) - 1:
-                raise _Stop
+                raise StopForward
             return _hidden(args, kwargs)
         return forward
 
@@ -348,13 +359,13 @@ def _record_block_inputs(model, blocks, batches, device, extra, max_tokens, stor
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
             current = []
             try:
-                model(**_model_inputs(batch), **extra)
-            except _Stop:
+                model(**model_inputs(batch), **extra)
+            except StopForward:
                 pass
             else:
                 raise SubcloneError("sequential calibration: the forward pass never reached the last block")
             x = _hidden(*current[0])
-            calls.append([_with_hidden(a, k, None) for a, k in current])  # hidden states are kept apart
+            calls.append([with_hidden(a, k, None) for a, k in current])  # hidden states are kept apart
             store[(0, len(kept))] = x.to("cpu")
             masks.append(None if mask is None else mask.to(device))
             kept.append(batch)
@@ -367,12 +378,18 @@ def _record_block_inputs(model, blocks, batches, device, extra, max_tokens, stor
     return masks, calls, kept, seen
 
 
-def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def module_tensor(model: nn.Module, name: str) -> Tensor:
+    """The parameter or buffer at a dotted state-dict name, detached."""
+    module, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(module) if module else model, leaf).detach()
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
 @contextlib.contextmanager
-def _head_on(p: _Pass, stream: int) -> Iterator[Iterator[int]]:
+def head_on(p: Pass, stream: int) -> Iterator[Iterator[int]]:
     """Stand-in blocks, the last handing back the stream's stored output of the current batch, so a forward of
     the whole model runs the modules after the blocks on that stream exactly as in memory. Yields the batch
     indices in order; each becomes the current batch as it is yielded."""
@@ -398,20 +415,19 @@ def _head_on(p: _Pass, stream: int) -> Iterator[Iterator[int]]:
             del block.forward
 
 
-def _read_head(p: _Pass, recorder: _Recorder) -> None:
-    """The head's calibration hooks (residual_read, Gram) over the intact stream."""
+def _read_head(p: Pass, recorder: _Recorder) -> None:
+    """The head's calibration hooks (residual_read) over the intact stream."""
     recorder.attach_globals()
     try:
-        with _head_on(p, 0) as order:
+        with head_on(p, 0) as order:
             for b in order:
                 recorder.mask = p.masks[b]
-                p.model(**_model_inputs(p.batches[b]), **p.extra)
-                recorder.seen.clear()
+                p.model(**model_inputs(p.batches[b]), **p.extra)
     finally:
         recorder.detach()
 
 
-def _score(p: _Pass, task: TaskSpec, stream: int) -> dict:
+def _score(p: Pass, task: TaskSpec, stream: int) -> dict:
     """The task's evaluation (as training.evaluate) of one stream: the head and loss on its stored outputs."""
-    with _head_on(p, stream) as order:
+    with head_on(p, stream) as order:
         return task.score(p.model, (p.batches[b] for b in order), **p.extra)

@@ -114,3 +114,39 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     forward pass, which unties them in memory while the model still ties them.
     """
     return dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+class PlacedTensors(Mapping):
+    """A parent's tensors where accelerate placed them: those it holds in memory as they are (shared, not copied),
+    the offloaded ones (on the meta device in the model) read from the checkpoint's files. A block-by-block pass
+    over a parent loaded under --max-memory then holds the budget's part once, not twice.
+
+    Attributes:
+        files: the checkpoint's tensors (CheckpointTensors), which count what is read.
+    """
+
+    def __init__(self, memory: Mapping[str, Tensor], files: CheckpointTensors) -> None:
+        self.memory, self.files = memory, files
+
+    def __getitem__(self, name: str) -> Tensor:
+        tensor = self.memory[name]
+        return self.files[name] if tensor.is_meta else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.memory)
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied names (a tied head is its embedding: tied once loaded, never read twice)."""
+        return self.files.aliases
+
+    @property
+    def reads(self) -> int:
+        return self.files.reads
+
+    @property
+    def bytes_read(self) -> int:
+        return self.files.bytes_read

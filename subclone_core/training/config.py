@@ -48,6 +48,9 @@ class Candidate:
         distill_alpha: weight of the distillation term, loss = (1 - a) CE + a T^2 KL.
         distill_temperature: softmax temperature T of the distillation term.
         strategy: key for the default hyperparameters; None uses ``name``.
+        weights: for a model built on the meta device (training.materialize.meta_init), where each process
+            fills its part from once the model is placed or sharded: FolderWeights or RandomWeights. None for a
+            model that holds its weights.
     """
 
     name: str
@@ -58,6 +61,7 @@ class Candidate:
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
     strategy: str | None = None
+    weights: Any = None
 
     def hparams(self) -> tuple[float, float]:
         """The (lr, weight_decay) this candidate trains with, defaults filled in."""

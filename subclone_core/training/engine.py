@@ -96,7 +96,7 @@ class _Runner:
         lr, wd = cand.hparams()
         self.cand, self.ctx, self.teacher = cand, ctx, teacher
         self.plain_class = type(cand.model)  # what the trained model is gathered into (sharding renames it)
-        self.model = ctx.parallel.wrap(_float32_weights(cand.model))
+        self.model = ctx.parallel.wrap(_float32_weights(cand.model), cand.weights)
         self.extra = no_cache_kwargs(ctx.parallel.inner(self.model))
         self.teacher_extra = no_cache_kwargs(teacher) if teacher is not None else {}
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, wd), lr=lr)

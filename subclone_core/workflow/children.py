@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -12,51 +12,54 @@ from torch import Tensor, nn
 from subclone_core.core.calibration import Importance, Progress, calibrate, input_device
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import Child, needs_calibration, subclone_model
+from subclone_core.core.strategies import Child, RefitItems, needs_calibration, subclone_model
 from subclone_core.io.model_card import model_card
+from subclone_core.io.refitting import refit_items
 from subclone_core.io.saving import DEFAULT_SHARD_SIZE, save_model_folder
 from subclone_core.io.sequential import calibrate_sequential
-from subclone_core.io.streaming import checkpoint_tensors
+from subclone_core.io.streaming import PlacedTensors, checkpoint_tensors
 from subclone_core.sources import cache_dir, default_data_id, make_data
 from subclone_core.sources.parents import Parent
 
 CALIB_SEQ_LEN = 128
 CALIB_BATCH = 8
 CALIB_TOKENS = 4096  # default calibration budget (token positions)
-# Gram matrices are recorded by default up to this size: a 1B parent's fit, a 7B parent's (~20 GB) do not
-GRAM_BUDGET = 2 * 2**30
 
 
 def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = CALIB_TOKENS,
                        batch_size: int = CALIB_BATCH, progress: Progress | None = None,
-                       grams: bool | None = None, sequential: bool | None = None,
-                       activation_memory: int | None = None) -> Importance:
+                       sequential: bool | None = None, activation_memory: int | None = None,
+                       stats: dict | None = None) -> Importance:
     """Calibrate the parent on the training split of a data set (None: the task's default), up to a
     budget of token positions (for a ViT, each patch and cls token of each image counts).
 
     Args:
-        grams: record the Gram matrices a least-squares refit needs; None records them when they fit
-            GRAM_BUDGET (gram_bytes), which the embedded parents do (about 0.4 GB each).
         sequential: calibrate one block at a time from the parent's safetensors files, each weight read once
             (io.sequential); None does so only when the parent's memory budget did not hold it
             (part of it offloaded to disk: see needs_sequential), where accelerate's offload would read every
             offloaded weight once per batch.
         activation_memory: bytes of hidden states a sequential pass keeps in memory, the rest on disk under
             the cache (default: half of the RAM available; io.activations).
+        stats: if given, a sequential pass fills it with what it read (io.sequential.calibrate_sequential).
     """
     data_id = data_id or default_data_id(parent.task)
-    if grams is None:
-        grams = gram_bytes(Shape.of(parent.model.config)) <= GRAM_BUDGET
-    # an image yields at least one patch plus the cls token: never more images than tokens / 2
-    data = make_data(parent, data_id, "train", seq_len=CALIB_SEQ_LEN, max_tokens=tokens,
-                     max_images=max(1, tokens // 2))
+    batches = calibration_batches(parent, data_id, tokens, batch_size)
     if sequential is None:
         sequential = needs_sequential(parent)
     if sequential:
-        return calibrate_sequential(parent.source, data.batches(batch_size), max_tokens=tokens, progress=progress,
-                                    data=data_id, grams=grams, **sequential_kwargs(parent, activation_memory))
-    return calibrate(parent.model, data.batches(batch_size), max_tokens=tokens, progress=progress,
-                     data=data_id, grams=grams)
+        kwargs = sequential_kwargs(parent, activation_memory)  # refuses a parent with no folder on disk
+        return calibrate_sequential(pass_source(parent) or parent.source, batches, max_tokens=tokens,
+                                    progress=progress, data=data_id, stats=stats, **kwargs)
+    return calibrate(parent.model, batches, max_tokens=tokens, progress=progress, data=data_id)
+
+
+def calibration_batches(parent: Parent, data_id: str, tokens: int, batch_size: int = CALIB_BATCH) -> Iterable:
+    """The calibration batches of the training split (the same ones every time: the refit reads the very
+    batches the selection was measured on)."""
+    # an image yields at least one patch plus the cls token: never more images than tokens / 2
+    data = make_data(parent, data_id, "train", seq_len=CALIB_SEQ_LEN, max_tokens=tokens,
+                     max_images=max(1, tokens // 2))
+    return data.batches(batch_size)
 
 
 def needs_sequential(parent: Parent) -> bool:
@@ -81,16 +84,14 @@ def sequential_kwargs(parent: Parent, activation_memory: int | None = None) -> d
     if parent.source is None:
         raise SubcloneError(f"parent {parent.id!r} has no folder on disk to read block by block; "
                             "run it in memory (without --sequential)")
+    return pass_kwargs(parent, activation_memory)
+
+
+def pass_kwargs(parent: Parent, activation_memory: int | None = None) -> dict:
+    """A block-by-block pass's model (config, class), device, dtype and hidden-state budget for this parent."""
     return {"config": parent.model.config, "model_class": type(parent.model), "device": input_device(parent.model),
             "dtype": parent.dtype, "activation_memory": activation_memory,
             "activation_root": cache_dir() / "activations"}
-
-
-def gram_bytes(shape: Shape) -> int:
-    """About the memory of a calibration's Gram matrices (float32): per block the attention and FFN inputs
-    (hidden^2 each), the heads (heads x head_dim)^2 and the FFN neurons ffn^2, plus the head's input."""
-    attn = (shape.heads * shape.head_dim) ** 2
-    return 4 * (shape.layers * (2 * shape.hidden**2 + attn + shape.ffn**2) + shape.hidden**2)
 
 
 def make_child(
@@ -110,6 +111,7 @@ def make_child(
     refit: bool | None = None,
     sequential: bool | None = None,
     activation_memory: int | None = None,
+    stats: dict | None = None,
 ) -> Child:
     """Make a child of a loaded parent, calibrating first when the strategy needs importance.
 
@@ -119,20 +121,61 @@ def make_child(
         strategy, drop, scale, untie_head, seed, residual_score, refit: as in strategies.subclone_model.
         importance: reuse an earlier calibration instead of measuring again.
         data_id, calib_tokens, progress: the calibration data, budget and progress callback.
-        sequential, activation_memory: calibrate block by block from the parent's files (measure_importance).
+        sequential, activation_memory: calibrate block by block from the parent's files (measure_importance);
+            the stored hidden states of the refit's pass keep to the same budget.
+        stats: if given, filled with what each block-by-block pass read from the parent's files: "calibration"
+            (a sequential calibration) and "refit" (the refit's pass), each {"bytes_read", "tensors_read",
+            "activation_bytes_on_disk"}; a pass over the parent in memory reads no file.
     """
     if importance is None and needs_calibration(strategy, drop):
-        importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress,
-                                        grams=refit, sequential=sequential, activation_memory=activation_memory)
+        importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress, sequential=sequential,
+                                        activation_memory=activation_memory, stats=_part(stats, "calibration"))
+    items = refit_source(parent, data_id or default_data_id(parent.task), calib_tokens, progress=progress,
+                         activation_memory=activation_memory, stats=_part(stats, "refit"))
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,
                            scale=scale, untie_head=untie_head, seed=seed, parent_tensors=parent_tensors(parent),
-                           residual_score=residual_score, refit=refit)
+                           residual_score=residual_score, refit=refit, refit_items=items)
     child.model.to(home_device(parent.model))
     child.manifest.parent = replace(child.manifest.parent, id=parent.id, label=parent.label,
                                     model_type=parent.model.config.model_type, weights_sha256=parent.weights_sha256(),
                                     licence=asdict(parent.licence) if parent.licence else None)
     child.preprocessor = parent.preprocessor
     return child
+
+
+def _part(stats: dict | None, name: str) -> dict | None:
+    """The entry of one pass in a stats dict (created empty), or None when no stats were asked for."""
+    return None if stats is None else stats.setdefault(name, {})
+
+
+def refit_source(parent: Parent, data_id: str, tokens: int, *, progress: Progress | None = None,
+                 activation_memory: int | None = None, stats: dict | None = None) -> RefitItems | None:
+    """The refit's reads bound to this parent and its calibration batches (io.refitting.refit_items): the
+    parent's blocks one at a time, from memory, or from its files where it is offloaded; None where an offloaded
+    parent's files cannot be read under the model's names (the plan refuses to build such a child)."""
+    source = pass_source(parent)
+    if source is None:
+        return None
+    kwargs = {**pass_kwargs(parent, activation_memory), "stats": stats}
+
+    def items(slicer, child_config):
+        return refit_items(source, calibration_batches(parent, data_id, tokens), slicer, child_config=child_config,
+                           max_tokens=tokens, progress=progress, **kwargs)
+    return items
+
+
+def pass_source(parent: Parent) -> Mapping[str, Tensor] | None:
+    """The tensors a block-by-block pass reads: the parent's own in memory, and, where accelerate offloaded part
+    of it to disk, those parts from its files (PlacedTensors); None where those files cannot be read under the
+    model's names."""
+    state = parent.model.state_dict()
+    if not any(t.is_meta for t in state.values()):
+        return state
+    files = checkpoint_tensors(parent.model, parent.source, renames=True)
+    if files is None:
+        return None
+    files.dtype = parent.dtype
+    return PlacedTensors(state, files)
 
 
 def parent_tensors(parent: Parent) -> Mapping[str, Tensor] | None:
@@ -142,7 +185,7 @@ def parent_tensors(parent: Parent) -> Mapping[str, Tensor] | None:
     Raises:
         SubcloneError: the parent is partly offloaded (not in memory) and its files cannot be streamed.
     """
-    tensors = checkpoint_tensors(parent.model, parent.source)
+    tensors = checkpoint_tensors(parent.model, parent.source, renames=True)
     if tensors is None and any(p.is_meta for p in parent.model.parameters()):
         raise SubcloneError(f"parent {parent.id!r} is offloaded to disk but its checkpoint's tensor names differ "
                             "from the model's, so a child cannot be read from its files; load it without "

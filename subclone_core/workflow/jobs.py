@@ -6,7 +6,8 @@ same children (one block rule, below), reads the same data budget, and runs on t
 The block rule: every candidate taken from the parent removes blocks by the request's policy (`--drop`,
 or the Blocks page's choice); without one, each strategy uses its own default (StrategySpec.default_drop:
 first-k, the paper's no-reordering ablation of subclone (Fig. 14), takes the blocks subclone takes), and the
-app's caption states the same rule (block_policy_text).
+app's caption states the same rule (block_policy_text). Each child is built by its plan (candidate_plan:
+workflow.plan resolves every default before any work; the plan is recorded in the child's manifest).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from subclone_core.core.strategies import STRATEGY_SPECS, Child, needs_calibrati
 from subclone_core.sources import Parent, make_data
 from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.sweep import LrGrid, check_lr_sweep, sweep_runs
-from subclone_core.workflow.children import CALIB_TOKENS, make_child, measure_importance
+from subclone_core.workflow.children import CALIB_TOKENS, measure_importance
+from subclone_core.workflow.plan import Plan, make_planned_child, resolve_plan
 
 BASELINE = "random"  # random init: the speedup's reference
 DISTILL = "subclone+distill"  # the subcloned child trained with the parent as its teacher
@@ -128,33 +130,59 @@ def needs_importance(settings: CandidateSettings) -> bool:
                for n in settings.names)
 
 
-def shared_importance(parent: Parent, settings: CandidateSettings,
-                      progress: Progress | None = None) -> Importance | None:
-    """Calibrate once when any candidate needs it; every child then reuses the result."""
+def candidate_plan(parent: Parent, strategy: str, settings: CandidateSettings, target: Shape | None = None) -> Plan:
+    """The resolved plan of one candidate's child (workflow.plan), by the block rule: the request's block
+    policy, else the strategy's own (checked against ``target``'s depth when given); the residual ranking and
+    the refit only for the importance order, which alone has them (the other candidates of a run that asks for
+    them are built without)."""
+    strategy = base_strategy(strategy)
+    importance_order = STRATEGY_SPECS[strategy].order == "importance"
+    return resolve_plan(parent, strategy=strategy, drop=settings.drop, scale=settings.scale,
+                        untie_head=settings.untie_head,
+                        residual_score=settings.residual_score if importance_order else None,
+                        refit=settings.refit if importance_order else None, data_id=settings.data_id,
+                        calib_tokens=settings.calib_tokens, seed=settings.seed, target=target)
+
+
+def candidate_plans(parent: Parent, settings: CandidateSettings, target: Shape | None = None) -> dict[str, Plan]:
+    """The plan of every strategy the settings build (subclone+distill trains subclone's child), in order."""
+    strategies = dict.fromkeys(base_strategy(name) for name in settings.names)
+    return {strategy: candidate_plan(parent, strategy, settings, target) for strategy in strategies}
+
+
+def calibration_plan(plans: Mapping[str, Plan]) -> Plan | None:
+    """The plan of a run's shared calibration: that of its first candidate that calibrates (they all share the
+    parent, the data and the budget), or None when none does."""
+    return next((plan for plan in plans.values() if plan.calibrate), None)
+
+
+def shared_importance(parent: Parent, settings: CandidateSettings, progress: Progress | None = None,
+                      plan: Plan | None = None) -> Importance | None:
+    """Calibrate once when any candidate needs it; every child then reuses the result. ``plan``
+    (calibration_plan) gives the calibration's mode and hidden-state budget (None: the defaults)."""
     if not needs_importance(settings):
         return None
+    placement = {} if plan is None else {"sequential": plan.sequential, "activation_memory": plan.activation_memory}
     return measure_importance(parent, settings.data_id, tokens=settings.calib_tokens, progress=progress,
-                              grams=settings.refit)
+                              **placement)
 
 
 def build_child(parent: Parent, target: Shape, strategy: str, settings: CandidateSettings,
-                importance: Importance | None) -> Child:
-    """One child of a strategy, by the block rule (calibrating when it needs importance and has none).
+                importance: Importance | None, plan: Plan | None = None) -> Child:
+    """One child of a strategy, by its plan (candidate_plan, resolved here when not given), calibrating when
+    it needs importance and has none; the plan is recorded in its manifest.
 
     Importance goes only to a child that uses it, so a manifest names calibration data only when the
     child's weights or blocks were chosen by it.
     """
-    drop = block_policy(strategy, settings.drop)
-    used = importance if needs_calibration(strategy, drop) else None
-    return make_child(parent, target, strategy=strategy, drop=drop,
-                      scale=settings.scale, untie_head=settings.untie_head, importance=used,
-                      data_id=settings.data_id, calib_tokens=settings.calib_tokens, seed=settings.seed,
-                      residual_score=settings.residual_score, refit=settings.refit)
+    plan = plan or candidate_plan(parent, strategy, settings, target)
+    used = importance if plan.calibrate else None
+    return make_planned_child(parent, target, plan, importance=used)
 
 
 def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings, *,
-                     importance: Importance | None = None,
-                     made: Mapping[str, Child] | None = None) -> tuple[list[Candidate], dict[str, Manifest]]:
+                     importance: Importance | None = None, made: Mapping[str, Child] | None = None,
+                     plans: Mapping[str, Plan] | None = None) -> tuple[list[Candidate], dict[str, Manifest]]:
     """One candidate per name, with its manifest; the caller's children are copied, never trained.
 
     Args:
@@ -163,6 +191,7 @@ def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings,
         settings: names, block policy, scaling, seed, calibration, distillation, hyperparameters.
         importance: the parent's calibration (measured here once, when needed and not given).
         made: children the caller already built, by strategy (the app's child and random twin).
+        plans: the plans of the strategies to build (candidate_plans; resolved here when not given).
 
     Returns:
         (candidates, {run name: manifest}): one candidate per name, or one per learning rate of a candidate
@@ -170,13 +199,14 @@ def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings,
     """
     settings.validate()
     children = dict(made or {})
+    plans = dict(candidate_plans(parent, settings, target) if plans is None else plans)
     if importance is None and any(base_strategy(n) not in children for n in settings.names):
-        importance = shared_importance(parent, settings)
+        importance = shared_importance(parent, settings, plan=calibration_plan(plans))
     candidates, manifests, used = [], {}, set()
     for name in settings.names:
         strategy = base_strategy(name)
         if strategy not in children:
-            children[strategy] = build_child(parent, target, strategy, settings, importance)
+            children[strategy] = build_child(parent, target, strategy, settings, importance, plans.get(strategy))
         child = children[strategy]
         for run, lr in sweep_runs(name, settings.lr_sweep, settings.lr.get(name)):
             # a model is trained in place: copy the caller's children and any child a second run shares

@@ -105,7 +105,7 @@ def add_child_args(parser: argparse.ArgumentParser, *, strategy: bool = True) ->
     refit = parser.add_mutually_exclusive_group()
     refit.add_argument("--refit", dest="refit", action="store_true", default=None,
                        help="refit weights whose inputs shrank by least squares on the calibration data "
-                            "(the default where the calibration's Gram matrices fit in memory)")
+                            "(the family's default, at every parent size: block by block inside the memory budget)")
     refit.add_argument("--no-refit", dest="refit", action="store_false", help="slice weights only")
     parser.add_argument("--seed", type=int, default=0, help="seed for random choices (default 0)")
 

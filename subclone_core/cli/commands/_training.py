@@ -16,15 +16,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
 from tqdm import tqdm
 
 from subclone_core.cli.commands._options import print_json, require_finite
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import Child, subclone_model
 from subclone_core.io.atomic import staged_folder
-from subclone_core.tasks import task_spec
+from subclone_core.sources import Parent, load_parent
+from subclone_core.sources.folders import _load_preprocessor, first_line
+from subclone_core.sources.parents import _folder_origin
+from subclone_core.tasks import task_of_config, task_spec
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
 from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent, StepEvent
+from subclone_core.training.materialize import FolderWeights, RandomWeights, WeightSource, meta_init
 from subclone_core.training.metrics_log import json_safe
 from subclone_core.training.parallel import check_launch
 from subclone_core.training.speedup import (
@@ -123,6 +131,46 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         raise SubcloneError(f"--eval-images={args.eval_images} must be a positive integer")
     parse_report_to(args.report_to, args.out)
     return config
+
+
+def load_training_child(model_id: str, *, fsdp: bool) -> tuple[Parent, WeightSource | None]:
+    """The model to train, with float32 master weights (bf16 comes from autocast on GPUs), and the source of
+    its values when it has none yet.
+
+    Under --fsdp a model folder with safetensors weights is built on the meta device from its config alone: the
+    engine shards it there and each process reads only its own shards from the files (FolderWeights), so no
+    process ever holds the whole child. Anything else (no --fsdp, a GGUF file, a Hub id, pickle weights) is
+    loaded whole in every process, as before.
+
+    Raises:
+        SubcloneError: not a loadable model folder (as load_parent says it).
+    """
+    folder = Path(model_id)
+    if not (fsdp and folder.is_dir() and any(folder.glob("*.safetensors"))):
+        return load_parent(model_id, dtype="float32"), None
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - a malformed config fails in many ways
+        raise SubcloneError(f"{folder}/config.json is not a usable model config: {first_line(err)}") from None
+    task = task_of_config(config)
+    with meta_init():
+        model = task.auto_model().from_config(config, dtype=torch.float32)
+    label, licence = _folder_origin(folder)
+    parent = Parent(id=model_id, model=model.eval(), preprocessor=_load_preprocessor(folder, task, False),
+                    task=task.name, source=folder, label=label, licence=licence)
+    return parent, FolderWeights(folder)
+
+
+def random_twin(child_model: Any, seed: int, *, meta: bool) -> tuple[Child, WeightSource | None]:
+    """The random-init twin of a child's shape (strategy "random"), and the source of its values when it has
+    none yet: beside a child built on the meta device (--fsdp) the twin is built there too, and each process
+    draws only its own shards (RandomWeights: seeded, the same for any number of processes)."""
+    shape = Shape.of(child_model.config)
+    if not meta:
+        return subclone_model(child_model, shape, strategy="random", seed=seed), None
+    with meta_init():
+        twin = subclone_model(child_model, shape, strategy="random", seed=seed)
+    return twin, RandomWeights(seed)
 
 
 @contextlib.contextmanager

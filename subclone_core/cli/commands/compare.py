@@ -29,6 +29,7 @@ from subclone_core.cli.commands._training import (
     train_and_report,
     training_config,
 )
+from subclone_core.cli.commands.make import say_plan
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import default_data_id, load_parent
@@ -39,6 +40,8 @@ from subclone_core.workflow.jobs import (
     DISTILL,
     CandidateSettings,
     build_candidates,
+    calibration_plan,
+    candidate_plans,
     needs_importance,
     parse_names,
     shared_importance,
@@ -96,12 +99,14 @@ def candidate_settings(args: argparse.Namespace) -> CandidateSettings:
     return settings
 
 
-def calibrate_with_progress(parent, settings: CandidateSettings, quiet: bool):
-    """The shared calibration (None when no candidate needs it), with a progress bar on stderr."""
+def calibrate_with_progress(parent, settings: CandidateSettings, quiet: bool, plans: dict | None = None):
+    """The shared calibration (None when no candidate needs it), by the run's plans (None: the defaults), with a
+    progress bar on stderr."""
     bar = tqdm(total=settings.calib_tokens, desc="calibrating", unit="tok", file=sys.stderr,
                disable=quiet or not is_main_process())
     try:
-        return shared_importance(parent, settings, progress=lambda done, _total: bar.update(done - bar.n))
+        return shared_importance(parent, settings, progress=lambda done, _total: bar.update(done - bar.n),
+                                 plan=calibration_plan(plans or {}))
     finally:
         bar.close()
 
@@ -121,14 +126,19 @@ def compare(args: argparse.Namespace, config, settings: CandidateSettings, out) 
     if needs_importance(settings):
         check_calib_tokens(parent, args.tokens)
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
+    plans = candidate_plans(parent, settings, target)
     train, val, config = training_data(parent, args.data, config, seq_len=args.seq_len,
                                        eval_tokens=args.eval_tokens, eval_images=args.eval_images)
-    importance = calibrate_with_progress(parent, settings, args.quiet)
-    candidates, manifests = build_candidates(parent, target, settings, importance=importance)
+    if is_main_process():
+        say_plan(list(plans.values()), as_json=args.json)
+    importance = calibrate_with_progress(parent, settings, args.quiet, plans)
+    candidates, manifests = build_candidates(parent, target, settings, importance=importance, plans=plans)
     context = {"command": "compare", "parent": args.parent, "label": parent.label, "task": parent.task,
                "data": args.data or default_data_id(parent.task), "seq_len": args.seq_len,
                "parent_shape": Shape.of(parent.model.config).as_dict(), "shape": target.as_dict(),
                "strategies": list(settings.names), "calibration_tokens": importance.tokens if importance else None,
-               "lr_sweep": {name: list(lrs) for name, lrs in settings.lr_sweep.items()} or None}
+               "lr_sweep": {name: list(lrs) for name, lrs in settings.lr_sweep.items()} or None,
+               "plan": {name: plan.to_json() for name, plan in plans.items()},
+               "warnings": list(dict.fromkeys(w for plan in plans.values() for w in plan.warnings()))}
     return train_and_report(candidates, train, val, config, args=args, out=out, preprocessor=parent.preprocessor,
                             manifests=manifests, context=context)

@@ -8,6 +8,7 @@ import time
 from subclone_core.analysis.explore import (
     EVAL_TOKENS,
     Exploration,
+    candidate_shapes,
     explore_shapes,
     parse_param_count,
 )
@@ -20,8 +21,11 @@ from subclone_core.cli.commands._options import (
     require_positive,
     sequential_args,
 )
+from subclone_core.cli.commands.make import say_plan
+from subclone_core.core.errors import SubcloneError
 from subclone_core.sources.parents import load_parent
-from subclone_core.workflow.children import measure_importance
+from subclone_core.workflow.children import measure_importance, refit_source
+from subclone_core.workflow.plan import Plan, resolve_plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,17 +51,38 @@ def run(args: argparse.Namespace) -> int:
     sequential = sequential_args(args)
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
-    importance = measure_importance(parent, args.data, tokens=args.tokens, **sequential)
+    plan = explore_plan(parent, args, sequential)
+    candidate_shapes(parent.model, budget)  # a budget no shape comes near is refused before any work
+    say_plan([plan], as_json=args.json)
+    importance = measure_importance(parent, plan.data_id, tokens=plan.calib_tokens, sequential=plan.sequential,
+                                    activation_memory=plan.activation_memory)
     batches = validation_sample(parent, args.data, args.eval_tokens)
+    refit = refit_source(parent, plan.data_id, plan.calib_tokens, activation_memory=plan.activation_memory) \
+        if plan.refit else None
     start = time.perf_counter()
-    result = explore_shapes(parent.model, importance, budget, batches)
+    result = explore_shapes(parent.model, importance, budget, batches, refit_items=refit)
     seconds = round(time.perf_counter() - start, 2)
     if args.json:
-        print_json({"parent": args.parent, **result.to_json(), "seconds": seconds})
+        print_json({"parent": args.parent, **result.to_json(), "seconds": seconds, "plan": plan.to_json(),
+                    "warnings": plan.warnings()})
     else:
         print(table(result))
         print(f"{len(result.points)} shapes in {seconds} s; * marks the Pareto front (fewest parameters, lowest loss)")
     return 0
+
+
+def explore_plan(parent, args: argparse.Namespace, sequential: dict) -> Plan:
+    """The plan of the calibration and of the shapes explore builds: each as `make` builds it by default (the
+    subclone strategy with the family's defaults, refit included), from the parent in memory.
+
+    Raises:
+        SubcloneError: the parent is offloaded to disk (the shapes are sliced from the weights in memory).
+    """
+    plan = resolve_plan(parent, data_id=args.data, calib_tokens=args.tokens, child_flags=False, **sequential)
+    if plan.offloaded:
+        raise SubcloneError(f"explore slices its shapes from the parent's weights in memory, but --max-memory "
+                            f"{plan.max_memory} left part of parent {args.parent!r} on disk; give it more memory")
+    return plan
 
 
 def table(result: Exploration) -> str:

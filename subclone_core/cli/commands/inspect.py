@@ -52,8 +52,7 @@ def inspect(args: argparse.Namespace, out: Path) -> int:
                          **placement_kwargs(args))
     check_calib_tokens(parent, args.tokens)
     sequential = sequential_args(args)
-    importance = measure_importance(parent, args.data, tokens=args.tokens, grams=False,  # the JSON has none
-                                    **sequential)
+    importance = measure_importance(parent, args.data, tokens=args.tokens, **sequential)
     report = {"parent": args.parent, "shape": Shape.of(parent.model.config).as_dict(), **importance.to_json()}
     if args.ablation:
         report["ablation"] = ablate_parent(parent, args.data, args.ablation_tokens, **sequential)

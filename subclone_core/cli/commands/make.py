@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from subclone_core.cli.commands._options import (
@@ -19,11 +20,12 @@ from subclone_core.cli.commands._options import (
     sequential_args,
 )
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import needs_calibration, plan_shape
+from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import claim_output
 from subclone_core.io.saving import DEFAULT_SHARD_SIZE, shard_size
 from subclone_core.sources.parents import load_parent
-from subclone_core.workflow.children import make_child, save_child
+from subclone_core.workflow.children import save_child
+from subclone_core.workflow.plan import Plan, make_planned_child, resolve_plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,28 +54,51 @@ def run(args: argparse.Namespace) -> int:
 
 
 def make(args: argparse.Namespace, max_shard: int) -> int:
-    """Load, calibrate, build and save the child into the claimed --out; print the summary."""
+    """Load the parent, resolve and print the plan, then calibrate, build and save the child into the claimed
+    --out; print the summary."""
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
-    if needs_calibration(args.strategy, args.drop):
-        check_calib_tokens(parent, args.tokens)
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
+    plan = resolve_plan(parent, strategy=args.strategy, drop=args.drop, scale=args.scale, untie_head=args.untie_head,
+                        residual_score=args.residual_score, refit=args.refit, data_id=args.data,
+                        calib_tokens=args.tokens, seed=args.seed, target=target, **sequential_args(args))
+    if plan.calibrate:
+        check_calib_tokens(parent, args.tokens)
+    say_plan([plan], as_json=args.json)
     start = time.perf_counter()
-    child = make_child(parent, target, strategy=args.strategy, drop=args.drop, scale=args.scale,
-                       untie_head=args.untie_head, data_id=args.data, calib_tokens=args.tokens, seed=args.seed,
-                       residual_score=args.residual_score, refit=args.refit,
-                       **sequential_args(args))
+    stats: dict = {}
+    child = make_planned_child(parent, target, plan, stats=stats)
     out = save_child(child, args.out, task=parent.task, overwrite=args.overwrite, max_shard_size=max_shard)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in child.model.parameters())
     summary = {"out": str(out), "shape": target.as_dict(), "parameters": params,
                "removed_blocks": child.manifest.removed_blocks, "strategy": args.strategy,
                "scale": child.manifest.scale, "refit": child.manifest.refit,
-               "residual_score": child.manifest.residual_score, "seconds": round(seconds, 2)}
+               "residual_score": child.manifest.residual_score, "seconds": round(seconds, 2),
+               "plan": plan.to_json(), "warnings": plan.warnings(),
+               "parent_bytes_read": {name: part.get("bytes_read", 0) for name, part in stats.items()}}
     if args.json:
         print_json(summary)
     else:
         print(f"saved {out}: {target.layers} blocks x {target.hidden}, {target.heads} heads / "
               f"{target.kv_heads} KV, FFN {target.ffn}, {params / 1e6:.1f}M parameters "
-              f"(removed blocks {summary['removed_blocks'] or 'none'}) in {seconds:.1f} s")
+              f"(removed blocks {summary['removed_blocks'] or 'none'}) in {seconds:.1f} s{_reads(stats)}")
     return 0
+
+
+def say_plan(plans: list[Plan], *, as_json: bool) -> None:
+    """Say the plans before the work starts: each line on stdout (not with --json, whose object holds them),
+    flushed so that it shows while calibration runs; each warning once, on stderr."""
+    if not as_json:
+        print("\n".join(plan.line() for plan in plans), flush=True)
+    for warning in dict.fromkeys(w for plan in plans for w in plan.warnings()):
+        print(f"Warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _reads(stats: dict) -> str:
+    """What the block-by-block passes read from the parent's files, where they read any."""
+    reads = {name: part["bytes_read"] for name, part in stats.items() if part.get("bytes_read")}
+    if not reads:
+        return ""
+    return "; read " + ", ".join(f"{b / 2**30:.2f} GiB for the {name}" for name, b in reads.items()) + \
+        " from the parent's files"

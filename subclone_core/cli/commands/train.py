@@ -10,15 +10,17 @@ from subclone_core.cli.commands._training import (
     add_training_args,
     check_seq_len,
     hparam_overrides,
+    load_training_child,
     prepare_output,
+    random_twin,
     train_and_report,
     training_config,
 )
 from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import STRATEGY_SPECS, subclone_model
+from subclone_core.core.strategies import STRATEGY_SPECS
 from subclone_core.io.saving import read_manifest
-from subclone_core.sources import default_data_id, load_parent
+from subclone_core.sources import default_data_id
 from subclone_core.training import Candidate
 from subclone_core.workflow.jobs import BASELINE, training_data
 
@@ -61,16 +63,16 @@ def folder_manifest(model_dir: str) -> Manifest:
 
 def train(args: argparse.Namespace, config, out) -> int:
     """Load the model folder (and make its twin), train them into the claimed run folder, report."""
-    child = load_parent(args.model, dtype="float32")  # float32 master weights; bf16 comes from autocast on GPUs
+    child, weights = load_training_child(args.model, fsdp=config.fsdp)  # --fsdp: on the meta device
     check_seq_len(child.model, args.seq_len)
     manifest = folder_manifest(args.model)
     candidates = [child_candidate(child.model, manifest, bool(args.baseline))]
+    candidates[0].weights = weights
     manifests = {candidates[0].name: manifest}
     if args.baseline:
-        shape = Shape.of(child.model.config)
-        twin = subclone_model(child.model, shape, strategy="random", seed=args.seed)
+        twin, twin_weights = random_twin(child.model, args.seed, meta=weights is not None)
         twin.manifest.parent.twin_of = str(args.model)
-        candidates.append(Candidate(BASELINE, twin.model, strategy=BASELINE))
+        candidates.append(Candidate(BASELINE, twin.model, strategy=BASELINE, weights=twin_weights))
         manifests[BASELINE] = twin.manifest
     overrides = hparam_overrides(args, [c.name for c in candidates])
     for cand in candidates:

@@ -100,6 +100,11 @@ class ArchSpec:
             calibration data by default (slicing.refit_input), chosen by measurement.
         refit_ridge: how strongly the refit is pulled towards the plain slice, relative to the mean kept
             diagonal of the Gram matrix (slicing.refit_input), chosen by measurement.
+        refit_toward: what the refit's penalty pulls towards: "slice" (the plain slice) or "zero" (a plain ridge),
+            chosen by measurement (docs/BENCHMARKS.md, refit variants).
+        refit_inputs: whose inputs each refit layer is fit on: "parent" (the parent's own, on the parent's
+            stream) or "child" (the child's, so each layer also corrects the blocks before it, as sequential
+            reconstruction does), chosen by measurement (io.refitting).
         gguf: model_type -> how llama.cpp names and lays out the family (io.gguf_export).
         gguf_refused: why the family has no GGUF layout, where it has none.
         head: module path of the default task's head (its parameters are the global_params under it).
@@ -126,6 +131,10 @@ class ArchSpec:
     residual_score: str = "read"
     refit_default: bool = True
     refit_ridge: float = 0.1
+    refit_toward: str = "slice"
+    # measured on the real parents (docs/BENCHMARKS.md, refit variants): the child's inputs start SmolLM2's
+    # children 1.0-1.3 nats lower; families with no real checkpoint here keep this Llama default
+    refit_inputs: str = "child"
     gguf: dict[str, GgufSpec] = field(default_factory=dict)
     gguf_refused: str | None = None
     head: str | None = None
@@ -149,7 +158,7 @@ class ArchSpec:
     @property
     def linear_modules(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Module paths of the linear layers, (outside the blocks, inside a block): their input axes are what a
-        least-squares refit of a child compensates (calibration records the Gram matrix of each one's input)."""
+        least-squares refit of a child compensates (io.refitting sums the Gram columns of each one's input)."""
         def paths(table: dict[str, Param]) -> tuple[str, ...]:
             return tuple(name.removesuffix(".weight") for name, p in table.items() if p.fan_in is not None)
         return paths(self.global_params), paths(self.block_params)

@@ -1,0 +1,186 @@
+"""The refit on the child's own inputs ("sequential reconstruction", as GPTQ and SparseGPT feed each layer):
+each narrowed linear layer of the child is fit so that, on the child's inputs, it reproduces the parent layer's
+outputs on the parent's inputs; the layers are fit in the order they run, so each one also corrects the error of
+everything before it in the child.
+
+Two streams of hidden states go block by block side by side: the parent's (io.sequential's pass over the parent)
+and the child's (the same pass over a child built on the meta device from its config, whose tensors are the
+slices made so far). In a kept block, the layers whose inputs shrink are grouped by the tensor they read (q, k
+and v; gate and up), and each group in turn gets, per batch, the parent's input X (tokens x in) and the child's
+input Y (tokens x k) of its first layer, summed as X^T Y and Y^T Y in float64; its layers are then refit
+(core.slicing.refit_input with these moments) and loaded into the child's block before the next group runs.
+io.refitting's "parent" inputs are the special case Y = X[:, k].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from subclone_core.core.archs import arch_of_model
+from subclone_core.core.slicing import TensorSlicer
+from subclone_core.io.sequential import (
+    Pass,
+    StopForward,
+    forward_block,
+    head_on,
+    loaded_block,
+    model_inputs,
+    module_tensor,
+    open_pass,
+    with_hidden,
+)
+
+Moments = tuple[Tensor, Tensor]
+
+
+def _capture(root: nn.Module, path: str, run: Callable[[], object]) -> Tensor:
+    """The input of the module at ``path`` under ``root`` when ``run`` runs; the forward stops there."""
+    seen: list[Tensor] = []
+
+    def hook(module, args):
+        seen.append(args[0])
+        raise StopForward
+
+    handle = root.get_submodule(path).register_forward_pre_hook(hook)
+    try:
+        with contextlib.suppress(StopForward):
+            run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    rows = x.reshape(-1, x.shape[-1]) if mask is None else x[mask.to(x.device)]  # (N, width)
+    return rows.double() if rows.dtype == torch.float64 else rows.float()
+
+
+def _run_block(p: Pass, i: int, block: nn.Module, b: int) -> Callable[[], object]:
+    """Block i on batch b of the pass's stream, its output dropped."""
+    def run() -> object:
+        args, kwargs = with_hidden(*p.calls[b][i], p.store[(0, b)].to(p.device))
+        return block(*args, **kwargs)
+    return run
+
+
+def _moments(p: Pass, c: Pass, pairs: Callable[[int], tuple[Tensor, Tensor]]) -> Moments:
+    """(X^T Y, Y^T Y) / tokens over every batch, from each batch's (parent input X, child input Y)."""
+    cross = inner = None
+    for b in range(len(p.batches)):
+        x, y = (_rows(t, p.masks[b]) for t in pairs(b))
+        xy, yy = (x.T @ y).double(), (y.T @ y).double()
+        cross, inner = (xy, yy) if cross is None else (cross + xy, inner + yy)
+    return cross / max(p.tokens, 1), inner / max(p.tokens, 1)
+
+
+def _stages(c: Pass, j: int, block: nn.Module, paths: list[str]) -> list[list[str]]:
+    """The narrowed layers of child block j grouped by the tensor they read, in the order they run."""
+    order: list[tuple[str, Tensor]] = []  # the inputs are held, so no later one can reuse their memory
+    handles = [block.get_submodule(path).register_forward_pre_hook(
+        lambda m, args, path=path: order.append((path, args[0]))) for path in paths]
+    try:
+        _run_block(c, j, block, 0)()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[int, list[str]] = {}
+    for path, x in order:
+        groups.setdefault(x.data_ptr(), []).append(path)
+    return list(groups.values())
+
+
+class Reconstruction:
+    """The child's stream beside the parent's, and the child's tensors made so far (by child name)."""
+
+    def __init__(self, p: Pass, slicer: TensorSlicer, child_config, store) -> None:
+        self.p, self.slicer = p, slicer
+        self.blocks_path = arch_of_model(p.model).blocks
+        in_blocks = {n for names in p.block_names for n in names}
+        self.tensors: dict[str, Tensor] = {}
+        for name in p.loader.names:
+            if name not in in_blocks:  # the globals, sliced (the head is refit at the end)
+                self._put(name, module_tensor(p.model, name), None)
+        self.c = open_pass(self.tensors, p.batches, store, config=child_config, model_class=type(p.model),
+                       device=p.device, dtype=next(iter(self.tensors.values())).dtype, max_tokens=None)
+
+    def _put(self, name: str, tensor: Tensor, moments: Moments | None) -> str:
+        child_name, child = self.slicer(name, tensor, moments, keep=True)  # slice_items takes it, not a 2nd solve
+        self.tensors[child_name] = child
+        return child_name
+
+    def fit_block(self, i: int, block: nn.Module) -> dict[str, Moments]:
+        """Child block j = the kept parent block i, its narrowed layers fit group by group on the child's
+        inputs; then both streams move past the block."""
+        p, c, j = self.p, self.c, self.slicer.child_of[i]
+        for name in p.block_names[i]:
+            self._put(name, module_tensor(p.model, name), None)
+        c.loader.load(c.block_names[j])
+        child = c.blocks[j]
+        paths = [path for path in arch_of_model(p.model).linear_modules[1] if self.slicer.kept_inputs(
+            f"{self.blocks_path}.{i}.{path}.weight", block.get_submodule(path).weight) is not None]
+        fitted: dict[str, Moments] = {}
+        for stage in _stages(c, j, child, paths):
+            moments = _moments(p, c, lambda b, s=stage[0]: (_capture(block, s, _run_block(p, i, block, b)),
+                                                             _capture(child, s, _run_block(c, j, child, b))))
+            for path in stage:
+                name = f"{self.blocks_path}.{i}.{path}.weight"
+                fitted[name] = moments
+                c.loader.load([self._put(name, module_tensor(p.model, name), moments)])
+        for b in range(len(p.batches)):
+            forward_block(p, i, block, b, 0)
+            forward_block(c, j, child, b, 0)
+        c.loader.free(c.block_names[j])
+        for name in c.block_names[j]:
+            self.tensors.pop(name)
+        return fitted
+
+    def fit_head(self, paths: list[str]) -> dict[str, Moments]:
+        """The head's moments: its input after each model's final norm, on the parent's and the child's stream."""
+        p, c, fitted = self.p, self.c, {}
+        for path in paths:
+            fitted[f"{path}.weight"] = _moments(p, c, lambda b, s=path: self._head_inputs(s, b))
+        return fitted
+
+    def _head_inputs(self, path: str, b: int) -> tuple[Tensor, Tensor]:
+        inputs = []
+        for run in (self.p, self.c):
+            with head_on(run, 0) as order:
+                for index in order:
+                    if index == b:
+                        inputs.append(_capture(run.model, path, lambda r=run: r.model(
+                            **model_inputs(r.batches[b]), **r.extra)))
+                        break
+        return inputs[0], inputs[1]
+
+
+def reconstruct(p: Pass, slicer: TensorSlicer, child_config, store):
+    """(parent name, parent tensor, moments or None) block by block, each kept block fit on the child's inputs."""
+    rec = Reconstruction(p, slicer, child_config, store)
+    for i in range(len(p.blocks)):
+        with loaded_block(p, i) as block:
+            if i not in slicer.child_of:
+                for b in range(len(p.batches)):
+                    forward_block(p, i, block, b, 0)
+                continue
+            fitted = rec.fit_block(i, block)
+            for name in p.block_names[i]:
+                yield name, module_tensor(p.model, name), fitted.get(name)
+    heads = [path for path in arch_of_model(p.model).linear_modules[0] if _has(p.model, path) and
+             slicer.kept_inputs(f"{path}.weight", p.model.get_submodule(path).weight) is not None]
+    fitted = rec.fit_head(heads)
+    in_blocks = {n for names in p.block_names for n in names}
+    for name in p.loader.names:
+        if name not in in_blocks:
+            yield name, module_tensor(p.model, name), fitted.get(name)
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
