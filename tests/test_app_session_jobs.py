@@ -141,13 +141,13 @@ def test_invalid_numbers_say_why_and_block_the_action(workdir):  # noqa: F811
 
 
 def test_an_orphaned_training_job_is_cancelled_and_frees_the_slot(workdir, monkeypatch):  # noqa: F811
-    monkeypatch.setattr("subclone_core.app.jobs.ORPHAN_SECONDS", 1.0)
-    monkeypatch.setattr("subclone_core.app.ui.ORPHAN_SECONDS", 1.0)
     at = start_app(workdir / "parent", workdir / "text.txt")
     at.switch_page("pages/child.py")
     run(at)
     at.button(key="generate_child").click()
-    settle(at)
+    settle(at)  # settle waits without polling: the child's job must not be orphaned in the meantime
+    monkeypatch.setattr("subclone_core.app.jobs.ORPHAN_SECONDS", 1.0)
+    monkeypatch.setattr("subclone_core.app.ui.ORPHAN_SECONDS", 1.0)
     at.switch_page("pages/train.py")
     run(at)
     for key, value in (("keep_steps", 100_000), ("keep_batch", 1), ("keep_seq_len", 8)):
