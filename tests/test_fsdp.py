@@ -265,6 +265,9 @@ def _shard_report(folder: Path, out: Path) -> None:
         "twin": {n: _checksum(p.full_tensor()) for n, p in twin_model.named_parameters()},
     }
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(report))
+    # leave together: a process that exits while its peer is still in gloo's last collective aborts it
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
