@@ -15,9 +15,8 @@ io.refitting's "parent" inputs are the special case Y = X[:, k].
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
-import torch
 from torch import Tensor, nn
 
 from subclone_core.core.archs import arch_of_model
@@ -31,6 +30,7 @@ from subclone_core.io.sequential import (
     model_inputs,
     module_tensor,
     open_pass,
+    token_rows,
     with_hidden,
 )
 
@@ -54,11 +54,6 @@ def _capture(root: nn.Module, path: str, run: Callable[[], object]) -> Tensor:
     return seen[0]
 
 
-def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
-    rows = x.reshape(-1, x.shape[-1]) if mask is None else x[mask.to(x.device)]  # (N, width)
-    return rows.double() if rows.dtype == torch.float64 else rows.float()
-
-
 def _run_block(p: Pass, i: int, block: nn.Module, b: int) -> Callable[[], object]:
     """Block i on batch b of the pass's stream, its output dropped."""
     def run() -> object:
@@ -67,11 +62,12 @@ def _run_block(p: Pass, i: int, block: nn.Module, b: int) -> Callable[[], object
     return run
 
 
-def _moments(p: Pass, c: Pass, pairs: Callable[[int], tuple[Tensor, Tensor]]) -> Moments:
-    """(X^T Y, Y^T Y) / tokens over every batch, from each batch's (parent input X, child input Y)."""
+def _moments(p: Pass, pairs: Iterable[tuple[Tensor, Tensor]]) -> Moments:
+    """(X^T Y, Y^T Y) / tokens over every batch, from each batch's (parent input X, child input Y), in batch
+    order."""
     cross = inner = None
-    for b in range(len(p.batches)):
-        x, y = (_rows(t, p.masks[b]) for t in pairs(b))
+    for b, pair in enumerate(pairs):
+        x, y = (token_rows(t, p.masks[b]) for t in pair)
         xy, yy = (x.T @ y).double(), (y.T @ y).double()
         cross, inner = (xy, yy) if cross is None else (cross + xy, inner + yy)
     return cross / max(p.tokens, 1), inner / max(p.tokens, 1)
@@ -99,11 +95,9 @@ class Reconstruction:
     def __init__(self, p: Pass, slicer: TensorSlicer, child_config, store) -> None:
         self.p, self.slicer = p, slicer
         self.blocks_path = arch_of_model(p.model).blocks
-        in_blocks = {n for names in p.block_names for n in names}
         self.tensors: dict[str, Tensor] = {}
-        for name in p.loader.names:
-            if name not in in_blocks:  # the globals, sliced (the head is refit at the end)
-                self._put(name, module_tensor(p.model, name), None)
+        for name in p.global_names:  # sliced (the head is refit at the end)
+            self._put(name, module_tensor(p.model, name), None)
         self.c = open_pass(self.tensors, p.batches, store, config=child_config, model_class=type(p.model),
                        device=p.device, dtype=next(iter(self.tensors.values())).dtype, max_tokens=None)
 
@@ -124,8 +118,9 @@ class Reconstruction:
             f"{self.blocks_path}.{i}.{path}.weight", block.get_submodule(path).weight) is not None]
         fitted: dict[str, Moments] = {}
         for stage in _stages(c, j, child, paths):
-            moments = _moments(p, c, lambda b, s=stage[0]: (_capture(block, s, _run_block(p, i, block, b)),
-                                                             _capture(child, s, _run_block(c, j, child, b))))
+            moments = _moments(p, ((_capture(block, stage[0], _run_block(p, i, block, b)),
+                                    _capture(child, stage[0], _run_block(c, j, child, b)))
+                                   for b in range(len(p.batches))))
             for path in stage:
                 name = f"{self.blocks_path}.{i}.{path}.weight"
                 fitted[name] = moments
@@ -139,22 +134,16 @@ class Reconstruction:
         return fitted
 
     def fit_head(self, paths: list[str]) -> dict[str, Moments]:
-        """The head's moments: its input after each model's final norm, on the parent's and the child's stream."""
-        p, c, fitted = self.p, self.c, {}
-        for path in paths:
-            fitted[f"{path}.weight"] = _moments(p, c, lambda b, s=path: self._head_inputs(s, b))
-        return fitted
+        """The head's moments: its input after each model's final norm, on the parent's and the child's stream
+        (both streams' batches replayed side by side)."""
+        return {f"{path}.weight": _moments(self.p, self._head_inputs(path)) for path in paths}
 
-    def _head_inputs(self, path: str, b: int) -> tuple[Tensor, Tensor]:
-        inputs = []
-        for run in (self.p, self.c):
-            with head_on(run, 0) as order:
-                for index in order:
-                    if index == b:
-                        inputs.append(_capture(run.model, path, lambda r=run: r.model(
-                            **model_inputs(r.batches[b]), **r.extra)))
-                        break
-        return inputs[0], inputs[1]
+    def _head_inputs(self, path: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """Per batch, the head's input in the parent and in the child."""
+        with head_on(self.p, 0) as parent_order, head_on(self.c, 0) as child_order:
+            for b, _ in zip(parent_order, child_order):
+                yield tuple(_capture(run.model, path, lambda r=run, b=b: r.model(**model_inputs(r.batches[b]), **r.extra))
+                            for run in (self.p, self.c))
 
 
 def reconstruct(p: Pass, slicer: TensorSlicer, child_config, store):
@@ -172,10 +161,8 @@ def reconstruct(p: Pass, slicer: TensorSlicer, child_config, store):
     heads = [path for path in arch_of_model(p.model).linear_modules[0] if _has(p.model, path) and
              slicer.kept_inputs(f"{path}.weight", p.model.get_submodule(path).weight) is not None]
     fitted = rec.fit_head(heads)
-    in_blocks = {n for names in p.block_names for n in names}
-    for name in p.loader.names:
-        if name not in in_blocks:
-            yield name, module_tensor(p.model, name), fitted.get(name)
+    for name in p.global_names:
+        yield name, module_tensor(p.model, name), fitted.get(name)
 
 
 def _has(model: nn.Module, path: str) -> bool:

@@ -38,6 +38,7 @@ from subclone_core.io.sequential import (
     model_inputs,
     module_tensor,
     open_pass,
+    token_rows,
 )
 
 KeptInputs = Callable[[str, Tensor], "Tensor | None"]  # (weight name, weight) -> kept input indices or None
@@ -76,8 +77,7 @@ class _KeptGrams:
             self.owner[name] = self.seen[key][0]
             return
         self.seen[key] = (name, x)
-        rows = x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask.to(x.device)]  # (N, in)
-        rows = rows.double() if rows.dtype == torch.float64 else rows.float()  # bf16/fp16 products in float32
+        rows = token_rows(x, self.mask)  # (N, in)
         gram = rows.T @ rows.index_select(1, kept.to(rows.device))  # (in, k), summed below in float64
         if name in self.sums:
             self.sums[name] += gram
@@ -137,10 +137,8 @@ def _global_items(p: Pass, kept_inputs: KeptInputs) -> ChildItems:
                     p.model(**model_inputs(p.batches[b]), **p.extra)
                 grams.end_batch()
     means = grams.means(p.tokens)
-    in_blocks = {name for names in p.block_names for name in names}
-    for name in p.loader.names:
-        if name not in in_blocks:
-            yield name, module_tensor(p.model, name), means.get(name)
+    for name in p.global_names:
+        yield name, module_tensor(p.model, name), means.get(name)
 
 
 def _parent_items(p: Pass, kept_inputs: KeptInputs, progress: Progress | None) -> ChildItems:

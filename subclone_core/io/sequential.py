@@ -129,6 +129,11 @@ class Pass:
     def device(self) -> torch.device:
         return self.loader.device
 
+    @property
+    def global_names(self) -> list[str]:
+        """The state-dict names outside the blocks (embeddings, final norm, head), in the model's order."""
+        return _outside(self.loader.names, self.block_names)
+
     def stats(self) -> dict[str, int]:
         tensors = self.loader.tensors
         return {"bytes_read": getattr(tensors, "bytes_read", 0), "tensors_read": getattr(tensors, "reads", 0),
@@ -315,11 +320,10 @@ def _prepare(source, config, model_class, device: torch.device, dtype):
     path = arch_of_model(model).blocks
     blocks = model.get_submodule(path)
     block_names = [[n for n in loader.names if n.startswith(f"{path}.{i}.")] for i in range(len(blocks))]
-    in_blocks = {n for names in block_names for n in names}
     for name, buffer in list(model.named_buffers()):
         if not buffer.is_meta:  # computed in a constructor (rotary frequencies, embedding scales)
             set_module_tensor_to_device(model, name, device)
-    loader.load([n for n in loader.names if n not in in_blocks])
+    loader.load(_outside(loader.names, block_names))
     return model, blocks, loader, block_names
 
 
@@ -376,6 +380,18 @@ def _record_block_inputs(model, blocks, batches, device, extra, max_tokens, stor
         for block in blocks:
             del block.forward
     return masks, calls, kept, seen
+
+
+def _outside(names: list[str], block_names: list[list[str]]) -> list[str]:
+    in_blocks = {n for names_ in block_names for n in names_}
+    return [n for n in names if n not in in_blocks]
+
+
+def token_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, T, ..., width) -> (N, width) real-token rows, at least float32 (bf16/fp16 products in float32, a
+    float64 model's in float64), for moments summed in float64."""
+    rows = x.reshape(-1, x.shape[-1]) if mask is None else x[mask.to(x.device)]  # (N, width)
+    return rows.double() if rows.dtype == torch.float64 else rows.float()
 
 
 def module_tensor(model: nn.Module, name: str) -> Tensor:
