@@ -16,10 +16,9 @@ cache; a parent id that is not installed or cannot be fetched is skipped with a 
    against the one the child starts at.
 
 The coder parent runs twice, each run calibrated and scored on its own data: on the default text, and on Python
-code (the standard library's own source, bench/_coder_parent.py); its grid is the 60% width at full depth and
-at two thirds of it (plus the aggressive shape), step 0 only (no training: a 1.78B parent is too slow on 2
-cores), and its calibration records Gram matrices only where they fit (the library's default: they would take
-about 10 GB here), so a variant that needs them shows no loss.
+code (the standard library's own source, bench/_coder_parent.py); its grid is the 60% width at full depth (also
+its aggressive shape), step 0 only (no training: a 1.78B parent is too slow on 2 cores), with the variants of
+VARIANTS_OF (each of its makes takes minutes); the others show "-".
 
 Sizes: ``smoke`` (seconds, a tiny random parent; the test runs it), ``cpu`` (the three real parents on 2 cores;
 see SIZES for the plan; tokens/s are printed to tune the step counts). Writes docs/quality.json,
@@ -51,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._coder_parent import LABEL as CODER_LABEL
 from bench._coder_parent import coder_data, coder_parent_gguf
 from bench._report import DOC, fmt_value, json_default, log_eval_steps, machine, table, write_section
+from bench.bench_refit import with_table
 from bench.bench_training import AGGRESSIVE, lr_text, progress_printer
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
@@ -77,8 +77,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "read": ("read ranking, slice only", {"residual_score": "read", "refit": False}),
     "written-refit": ("paper ranking, refit", {"residual_score": "written", "refit": True}),
     "default": ("default (family defaults)", {}),
+    "parent-inputs": ("refit on the parent's inputs", {"refit": True, "refit_inputs": "parent"}),
     "random": ("random init", {"strategy": "random"}),
 }
+# the variants a parent runs where not all: each of the 1.78B coder parent's makes takes minutes; its default (the
+# Llama table's refit on the child's inputs) is checked against the parent's inputs on a parent the default was
+# not chosen on
+VARIANTS_OF: dict[str, tuple[str, ...]] = {CODER: ("read", "default", "parent-inputs", "random")}
+SKIPPED = "not run for this parent (see VARIANTS_OF in bench/bench_quality.py)"
 ARMS = ("default", "random")  # the training part: the default child against random init
 STRATEGY_OF = {"default": "subclone", "random": "random"}  # the key of each arm's default weight decay
 NAT_MARGIN = 1.0  # the report says whether the default child starts at least this far below random init
@@ -100,10 +106,12 @@ WIDTHS: dict[str, tuple[dict[str, int], ...]] = {
     # 60% of hidden and FFN with 8 heads / 2 KV (hidden a multiple of 8). One width: each shape costs minutes.
     CODER: ({"hidden": 920, "heads": 8, "kv_heads": 2, "ffn": 5376},),
 }
+DEPTHS_OF: dict[str, tuple[float, ...]] = {CODER: (1.0,)}  # any other parent: the size's depth_ratios
 # The aggressive shape of the other benchmarks per parent; any other parent: suggested_shape's first guess.
 AGGRESSIVE_SHAPES: dict[str, dict[str, int]] = {
     "default": AGGRESSIVE,
     "gemma3-270m": {"layers": 12, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
+    CODER: {"layers": 28, "hidden": 920, "heads": 8, "kv_heads": 2, "ffn": 5376},  # its one grid shape
 }
 
 
@@ -203,7 +211,7 @@ def shape_grid(parent: Parent, key: str, size: Size) -> list[dict[str, Any]]:
     every shape validated by plan_shape. Rows: {"sizes", "aggressive", "grid"} (grid: a width x depth row)."""
     base = Shape.of(parent.model.config)
     widths = WIDTHS.get(key) or derived_widths(parent, size.width_ratios)
-    depths = sorted({max(1, round(base.layers * r)) for r in size.depth_ratios}, reverse=True)
+    depths = sorted({max(1, round(base.layers * r)) for r in DEPTHS_OF.get(key, size.depth_ratios)}, reverse=True)
     grid = [sizes_of(plan_shape(parent.model, layers=d, **w)) for w in widths for d in depths]
     grid = [dict(t) for t in dict.fromkeys(tuple(s.items()) for s in grid)]  # derived ratios may coincide
     aggressive = sizes_of(plan_shape(parent.model, **aggressive_sizes(parent, key)))
@@ -227,7 +235,13 @@ def parameter_total(model: torch.nn.Module) -> int:
 # --- step-0 losses --------------------------------------------------------------------------------------
 
 
-def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any], size: Size) -> dict[str, Any]:
+def variants_of(key: str) -> tuple[str, ...]:
+    """The variants one parent runs (VARIANTS_OF)."""
+    return VARIANTS_OF.get(key, tuple(VARIANTS))
+
+
+def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any], size: Size,
+                  key: str = "") -> dict[str, Any]:
     """The step-0 validation loss of every variant of one shape, and the child's parameter count; a variant
     that the calibration cannot serve (a refit without Gram matrices) has loss None and its reason."""
     start = time.perf_counter()
@@ -235,13 +249,16 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
     sizes = row["sizes"]
     target = plan_shape(parent.model, **sizes)
     losses, params, missing = {}, 0, {}
-    for key, (_, options) in VARIANTS.items():
+    for name, (_, options) in VARIANTS.items():
+        if name not in variants_of(key):
+            losses[name], missing[name] = None, SKIPPED
+            continue
         try:
             child = variant_child(parent, target, importance, size, options)
         except SubcloneError as err:
-            losses[key], missing[key] = None, str(err)
+            losses[name], missing[name] = None, str(err)
             continue
-        losses[key] = evaluate(child, val.batches(size.eval_batch))["loss"]
+        losses[name] = evaluate(child, val.batches(size.eval_batch))["loss"]
         params = params or parameter_total(child)
         del child
     result = {"key": "-".join(str(sizes[k]) for k in ("layers", *WIDTH_KEYS)), "text": shape_text(sizes),
@@ -257,9 +274,12 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
 
 def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, options: dict[str, Any]):
     """One variant's child as `make` builds it (workflow.children.make_child: the refit reads the parent block by
-    block on the calibration's own data)."""
-    return make_child(parent, target, importance=importance, data_id=importance.data, calib_tokens=size.calib_tokens,
-                      **options).model
+    block on the calibration's own data); a "refit_inputs" option replaces the family table's for this child."""
+    options = dict(options)
+    table_fields = {"refit_inputs": options.pop("refit_inputs")} if "refit_inputs" in options else {}
+    with with_table(parent.model.config.model_type, table_fields):
+        return make_child(parent, target, importance=importance, data_id=importance.data,
+                          calib_tokens=size.calib_tokens, **options).model
 
 
 # --- the matched training run ---------------------------------------------------------------------------
@@ -411,7 +431,7 @@ def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: 
     print(f"[{key}] {label}: loss {result['loss']:.3f}, calibrated in {seconds['calibration']:.0f} s",
           file=sys.stderr, flush=True)
     begin = time.perf_counter()
-    result["shapes"] = [measure_shape(parent, importance, val, row, size) for row in shape_grid(parent, key, size)]
+    result["shapes"] = [measure_shape(parent, importance, val, row, size, key) for row in shape_grid(parent, key, size)]
     seconds["grid"] = time.perf_counter() - begin
     result["training"] = None
     if not skip_training and size.plan_for(key) is not None:
@@ -438,7 +458,7 @@ def quality_table(result: dict[str, Any]) -> str:
     for s in result["shapes"]:
         name = s["text"] + (" (aggressive)" if s["aggressive"] else "")
         margin = below_random(s)
-        rows.append([name, f"{s['params'] / 1e6:.1f}M", *(fmt_value(s["losses"][k]) for k in VARIANTS),
+        rows.append([name, f"{s['params'] / 1e6:.1f}M", *(fmt_value(s["losses"].get(k)) for k in VARIANTS),
                      f"{'yes' if margin >= NAT_MARGIN else 'no'} ({margin:+.2f})"])
     return table(header, rows)
 
@@ -558,7 +578,8 @@ def section_markdown(results: dict[str, Any], plot: Path) -> str:
     return "\n\n".join(parts)
 
 
-COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "written-refit": "#9467bd", "default": "#1f77b4", "random": "#d62728"}
+COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "written-refit": "#9467bd", "default": "#1f77b4",
+          "parent-inputs": "#8c564b", "random": "#d62728"}
 
 
 def _pyplot():
@@ -579,14 +600,14 @@ def plot_grid(ax: Any, result: dict[str, Any]) -> None:
     for key, (label, _) in VARIANTS.items():
         for i, depth in enumerate(depths):
             points = sorted((s["width_share"], s["losses"][key]) for s in grid
-                            if s["depth_share"] == depth and s["losses"][key] is not None)
+                            if s["depth_share"] == depth and s["losses"].get(key) is not None)
             if not points:
                 continue
             style = ("-." if i else "--") if key == "random" else ":" if i else "-"
             ax.plot(*zip(*points), style, marker=".", color=COLORS[key],
                     label=f"{label}, {depth:.0%} depth")
         for s in result["shapes"]:
-            if s["aggressive"] and s["losses"][key] is not None:
+            if s["aggressive"] and s["losses"].get(key) is not None:
                 ax.plot(s["width_share"], s["losses"][key], "*", markersize=10, color=COLORS[key])
     ax.axhline(result["loss"], color="grey", linewidth=1, label="parent")
     title = f"{result['label']}: step 0 (stars: aggressive shape)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from accelerate import init_empty_weights
 from torch import Tensor, nn
 
@@ -17,9 +18,18 @@ def build_model(model_class: type, config, state_dict: dict[str, Tensor]) -> nn.
     sqrt(hidden) is then computed in float64, not rounded to float32 first).
     """
     dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
-    with init_empty_weights(include_buffers=False):
-        model = model_class._from_config(config, dtype=dtype)
+    model = empty_model(model_class, config, dtype)
     model.load_state_dict(state_dict, strict=True, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # one Parameter for head and embedding, as from_pretrained would give
     return model.eval()
+
+
+def empty_model(model_class: type, config, dtype: torch.dtype | None) -> nn.Module:
+    """`model_class(config)` with its parameters on the meta device (shapes and dtype only, no memory) and its
+    buffers computed from the config (see build_model)."""
+    with init_empty_weights(include_buffers=False):
+        model = model_class._from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # one Parameter for head and embedding: a saved tied model holds it once
+    return model

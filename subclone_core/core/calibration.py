@@ -170,7 +170,7 @@ class _Recorder:
     def attach_globals(self) -> None:
         """The hooks of the layers outside the blocks that read the residual stream (the output head)."""
         for path in self.arch.residual_readers[0]:
-            if (module := _submodule(self.model, path)) is not None:
+            if (module := optional_submodule(self.model, path)) is not None:
                 self._hook(module, self._input_hook(None, "residual_read"))
 
     def detach(self) -> None:
@@ -210,7 +210,7 @@ class _Recorder:
         return hook
 
 
-def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+def optional_submodule(model: nn.Module, path: str) -> nn.Module | None:
     """The module at a dotted path, or None where this model has none (a table lists every variant's modules)."""
     try:
         return model.get_submodule(path)

@@ -7,7 +7,7 @@ removed blocks are the only ones left out, and the selection says which blocks t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -215,6 +215,7 @@ class TensorSlicer:
 
 
 ChildTensors = Iterable[tuple[str, Tensor, "Tensor | None"]]  # (parent name, parent tensor, Gram or None)
+TensorSink = Callable[[str, Tensor], None]  # takes each finished child tensor, by its name
 
 
 def slice_state_dict(
@@ -227,6 +228,7 @@ def slice_state_dict(
     untie_head: bool = False,
     grams: Mapping[str, Tensor] | None = None,
     ridge: float = 0.0,
+    sink: TensorSink | None = None,
 ) -> dict[str, Tensor]:
     """Build the child's state dict; the parent's tensors are read, never modified.
 
@@ -241,32 +243,47 @@ def slice_state_dict(
             (unscaled) embedding. Ignored for untied parents, whose head is always sliced on its own.
         grams, ridge: module path -> Gram matrix of its input ((in, in) or its kept columns): refit linear
             weights whose input shrank by least squares (TensorSlicer).
+        sink: each child tensor goes to it as it is made instead of into the returned dict (slice_items).
     """
     grams = grams or {}
     # read by name inside the generator: a streamed parent tensor is let go before the next one is read
     items = ((name, parent_sd[name], grams.get(name.removesuffix(".weight")) if name.endswith(".weight") else None)
              for name in parent_sd)
     slicer = TensorSlicer(arch, parent, sel, scale=scale, ridge=ridge)
-    return slice_items(items, slicer, arch, parent, sel, tied=is_tied(parent_sd, arch), untie_head=untie_head)
+    return slice_items(items, slicer, arch, parent, sel, tied=is_tied(parent_sd, arch), untie_head=untie_head,
+                       sink=sink)
 
 
 def slice_items(items: ChildTensors, slicer: TensorSlicer, arch: ArchSpec, parent: Shape, sel: Selection, *,
-                tied: bool, untie_head: bool) -> dict[str, Tensor]:
+                tied: bool, untie_head: bool, sink: TensorSink | None = None) -> dict[str, Tensor]:
     """The child's state dict from (name, parent tensor, Gram or None) items as they come: each is sliced (or
-    refit) at once, so a producer going block by block can let a block go before the next (io.refitting)."""
+    refit) at once, so a producer going block by block can let a block go before the next (io.refitting).
+
+    Args:
+        sink: if given, each finished child tensor goes to it at once instead of into the returned dict (a
+            writer to disk: the child never exists whole in memory); a tied head and embedding are held until
+            both are known and go to it once, under the embedding's name (as a saved tied model has them).
+    """
     out, refit = {}, set()
+    held = set(arch.tied_head) if tied and not untie_head else set()
     for name, tensor, gram in items:
         if (mapped := slicer(name, tensor, gram)) is not None:
-            out[mapped[0]] = mapped[1]
             if gram is not None:
                 refit.add(mapped[0])
+            if sink is None or mapped[0] in held:
+                out[mapped[0]] = mapped[1]
+            else:
+                sink(*mapped)
         del tensor, gram  # let the parent tensor go before the next one is read
-    if tied and not untie_head:
+    if held:
         head, embedding = arch.tied_head
         # one matrix for both: the head's refit where the head was refit (its logits suffer most from a
         # narrower stream; measured better than the sliced embedding), else the sliced embedding
         shared = out[head] if head in refit and len(sel.residual) < parent.hidden else out[embedding]
         out[head] = out[embedding] = shared
+        if sink is not None:
+            sink(embedding, shared)
+            return {}
     return out
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from subclone_core.core import __version__
 from subclone_core.core.archs import arch_of_model
-from subclone_core.core.building import build_model
+from subclone_core.core.building import build_model, empty_model
 from subclone_core.core.calibration import Importance
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import FORMAT, CalibrationRecord, Manifest, ParentRecord
@@ -30,6 +30,7 @@ from subclone_core.core.selection import Selection, pick_blocks, select
 from subclone_core.core.shape import Shape, target_shape, validate_target
 from subclone_core.core.slicing import (
     ChildTensors,
+    TensorSink,
     TensorSlicer,
     child_config_dict,
     is_tied,
@@ -39,6 +40,7 @@ from subclone_core.core.slicing import (
 
 # (the child's slicer, the child's config) -> every parent tensor with its refit moments: io.refitting.refit_items
 RefitItems = Callable[[TensorSlicer, object], ChildTensors]
+OpenSink = Callable[[nn.Module], TensorSink]  # the child's empty model -> where its tensors go
 
 
 @dataclass(frozen=True)
@@ -139,18 +141,11 @@ def needs_calibration(strategy: str, drop: str | list[int] | None) -> bool:
 
 
 def subclone_model(
-    parent_model: nn.Module,
-    target: Shape,
-    *,
-    strategy: str = "subclone",
-    importance: Importance | None = None,
-    drop: str | list[int] | None = None,
-    scale: bool | None = None,
-    untie_head: bool = False,
-    seed: int = 0,
+    parent_model: nn.Module, target: Shape, *, strategy: str = "subclone", importance: Importance | None = None,
+    drop: str | list[int] | None = None, scale: bool | None = None, untie_head: bool = False, seed: int = 0,
     parent_tensors: Mapping[str, Tensor] | None = None,
     residual_score: str | None = None, refit: bool | None = None, refit_items: RefitItems | None = None,
-) -> Child:
+    open_sink: OpenSink | None = None) -> Child:
     """Build a child of shape `target` from a loaded parent model; the parent is never modified.
 
     Args:
@@ -168,6 +163,8 @@ def subclone_model(
             least-squares refit (slicing.refit_input) of the importance order; None: the family's defaults.
         refit_items: what the refit reads (required by it): given the child's slicer and config, every parent
             tensor with the moments of a narrowed linear weight's input (io.refitting.refit_items, block by block).
+        open_sink: given a sliced child's empty model (on the meta device), where its tensors go as they are made
+            (io.saving.StreamedWeights); the child's model then stays on the meta device, never whole in memory.
     """
     check_strategy(strategy)
     arch, parent, order = arch_of_model(parent_model), Shape.of(parent_model.config), STRATEGY_SPECS[strategy].order
@@ -182,7 +179,7 @@ def subclone_model(
         blocks, sel = _kept(parent, target, order, policy, importance, residual_score)
         tensors = parent_model.state_dict() if parent_tensors is None else parent_tensors
         model = _sliced_model(parent_model, tensors, target, sel, scale=scale, untie_head=untie_head,
-                              refit_items=refit_items if refit else None)
+                              refit_items=refit_items if refit else None, open_sink=open_sink)
     settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
                 "untie_head": untie_head, "seed": seed, "residual_score": residual_score, "refit": refit,
                 "refit_ridge": arch.refit_ridge if refit else None}
@@ -199,19 +196,25 @@ def _kept(parent: Shape, target: Shape, order: str, policy: str | list[int], imp
 
 
 def _sliced_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, sel: Selection, *,
-                  scale: bool, untie_head: bool, refit_items: RefitItems | None) -> nn.Module:
+                  scale: bool, untie_head: bool, refit_items: RefitItems | None,
+                  open_sink: OpenSink | None = None) -> nn.Module:
     """The child model: its config from the parent's with the target sizes, its weights sliced, or refit where
-    refit_items gives the Gram columns (block by block: each block's tensors sliced as they come)."""
+    refit_items gives the Gram columns (block by block: each block's tensors sliced as they come); with
+    open_sink, its tensors go to the sink and the model returned is the empty one on the meta device."""
     arch, parent = arch_of_model(parent_model), Shape.of(parent_model.config)
     config = type(parent_model.config).from_dict(
         child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head))
     slicer = TensorSlicer(arch, parent, sel, scale=scale, ridge=arch.refit_ridge)
+    empty = sink = None
+    if open_sink is not None:
+        empty = empty_model(type(parent_model), config, next(parent_model.parameters()).dtype)
+        sink = open_sink(empty)
     if refit_items is not None and _narrows_any(parent_model, sel, scale):
         sd = slice_items(refit_items(slicer, config), slicer, arch, parent, sel, tied=is_tied(tensors, arch),
-                         untie_head=untie_head)
+                         untie_head=untie_head, sink=sink)
     else:
-        sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head)
-    return build_model(type(parent_model), config, sd)
+        sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head, sink=sink)
+    return empty if empty is not None else build_model(type(parent_model), config, sd)
 
 
 def _narrows_any(parent_model: nn.Module, sel: Selection, scale: bool) -> bool:

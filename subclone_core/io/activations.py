@@ -4,7 +4,8 @@ A sequential pass (io.sequential) holds every calibration batch's hidden states 
 blocks: batches x tokens per batch x hidden x bytes per element per stream (one stream for calibration, one
 per block plus the intact one for block ablation). A large calibration budget or a block ablation of a deep
 parent may not fit in memory; what the budget does not hold goes to safetensors files in a temporary folder,
-which the store removes when it is closed.
+which the store removes when it is closed. The folder's name records its owner
+(``activations-<pid>-<host>-<random>``), so that one left by a killed pass is removed by the next store.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from subclone_core.core.errors import SubcloneError
+from subclone_core.io.atomic import fault_point, owned_folder
 from subclone_core.io.devices import available_bytes
 
 Key = tuple[int, int]  # (stream, batch)
+FOLDER_PREFIX = "activations-"
 
 
 def default_budget() -> int:
@@ -93,10 +96,9 @@ class ActivationStore:
     def _path(self, key: Key) -> Path:
         if self._folder is None:
             try:
-                if self.root is not None:
-                    Path(self.root).mkdir(parents=True, exist_ok=True)
-                self._folder = Path(tempfile.mkdtemp(prefix="activations-", dir=self.root))
+                self._folder = owned_folder(self.root or tempfile.gettempdir(), FOLDER_PREFIX)
             except OSError as e:
                 raise SubcloneError(f"cannot keep hidden states on disk under {self.root or tempfile.gettempdir()}"
                                     f": {e.strerror or e}") from e
+            fault_point("activations.after-create")
         return self._folder / f"{key[0]}-{key[1]}.safetensors"

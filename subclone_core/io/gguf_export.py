@@ -13,7 +13,7 @@ file back, so that every export can be verified without llama.cpp (`verify_gguf`
 from __future__ import annotations
 
 import json
-import os
+import math
 import re
 import time
 from collections.abc import Callable
@@ -28,7 +28,7 @@ from subclone_core.core.archs import REGISTRY, arch_for
 from subclone_core.core.archs.gguf_tables import GgufSpec
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest, ParentRecord
-from subclone_core.io.atomic import building_file
+from subclone_core.io.atomic import building_file, fault_point
 from subclone_core.io.saving import read_manifest
 from subclone_core.tasks import task_of_config
 
@@ -101,6 +101,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, qtype: str = "f3
         writer_ref["fallback"] = _write_model(writer, family, model, Path(model_dir), qtype)
         writer_ref["tensors"] = len(writer.tensors[0])
         writer.write_header_to_file()
+        fault_point("export.after-header")
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
@@ -143,24 +144,15 @@ def _check_output_path(out_path: str | Path, *, overwrite: bool) -> Path:
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bool) -> None:
-    """Claim `out` (so a second export cannot take it), then write it whole (io.atomic.building_file)."""
+    """Write `out` whole through a hidden temporary file (io.atomic.building_file): nothing stands at `out`
+    until the file is complete, so a killed export leaves no placeholder. One writer per file is the
+    caller's claim (the command line's claim_output lock); without overwrite, a file that appeared
+    meanwhile is never replaced."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    claimed = False
-    if not out.exists():
-        try:
-            os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            claimed = True
-        except FileExistsError:
-            raise SubcloneError(f"output {str(out)!r} was just created by someone else; choose a new path") from None
-    elif not overwrite:
+    if out.exists() and not overwrite:
         raise SubcloneError(f"output {str(out)!r} exists; choose a new path or pass --overwrite")
-    try:
-        with building_file(out) as tmp:
-            write(tmp)
-    except BaseException:
-        if claimed:
-            out.unlink(missing_ok=True)
-        raise
+    with building_file(out, replace=overwrite, step="export") as tmp:
+        write(tmp)
 
 
 def _write_model(writer: gguf.GGUFWriter, family: GgufSpec, model, model_dir: Path, qtype: str) -> list[str]:
@@ -343,6 +335,10 @@ def _tokenizer_kind(tok_json: dict) -> str:
     if model.get("byte_fallback"):
         return "llama"
     if (tok_json.get("decoder") or {}).get("type") == "ByteLevel":
+        if not model.get("merges"):  # llama.cpp's "gpt2" model needs merges; GGUF cannot store an empty list
+            raise SubcloneError("the byte-level BPE tokenizer in tokenizer.json has no merges, which a GGUF "
+                                "file cannot hold (llama.cpp reads merges for byte-level BPE); export a model "
+                                "whose tokenizer has at least one merge")
         return "gpt2"
     raise SubcloneError("BPE tokenizer is neither byte-level nor byte-fallback; cannot export it to GGUF")
 
@@ -420,13 +416,23 @@ SAMPLE_TEXT = ("The river rises in the hills north of the town and flows 42 km t
                "since the 1990s, tourism are the local economy's mainstays.")
 
 
+# The largest max |logit difference| / max |logit| a read-back may show: f32 is exact up to summation order
+# (measured < 1e-5); f16 and q8_0 round the matrices (measured < 2e-3 and < 5e-2 on tiny and real children).
+TOLERANCES = {"f32": 1e-4, "f16": 1e-2, "q8_0": 1e-1}
+
+
 def verify_gguf(model_dir: str | Path, gguf_path: str | Path, *, text: str = SAMPLE_TEXT) -> dict:
     """Read the file back with transformers' own GGUF loader and compare it with the child.
 
     Returns:
         `max_rel_logit_diff`: max |logits_gguf - logits_child| / max |logits_child| on `text`;
-        `max_abs_logit_diff`; `tokens`: how many tokens `text` encodes to; `same_token_ids`: whether the
-        tokenizer rebuilt from the GGUF encodes `text` to the child tokenizer's ids.
+        `max_abs_logit_diff`; `tolerance`: the most `max_rel_logit_diff` the file's type allows;
+        `tokens`: how many tokens `text` encodes to; `same_token_ids`: whether the tokenizer rebuilt from
+        the GGUF encodes `text` to the child tokenizer's ids.
+
+    Raises:
+        SubcloneError: the read-back logits are not finite, differ by more than the tolerance, or the token
+            ids differ (the file is written but does not stand for the child).
     """
     from transformers import AutoTokenizer
 
@@ -439,8 +445,33 @@ def verify_gguf(model_dir: str | Path, gguf_path: str | Path, *, text: str = SAM
         expected = model(input_ids=ids).logits
         got = back(input_ids=ids).logits
     diff = (got - expected).abs().max().item()
-    return {"max_rel_logit_diff": diff / expected.abs().max().item(), "max_abs_logit_diff": diff,
-            "tokens": ids.shape[1], "same_token_ids": gguf_tok(text)["input_ids"] == ids[0].tolist()}
+    check = {"max_rel_logit_diff": diff / expected.abs().max().item(), "max_abs_logit_diff": diff,
+             "tolerance": TOLERANCES[_file_qtype(gguf_path)], "tokens": ids.shape[1],
+             "same_token_ids": gguf_tok(text)["input_ids"] == ids[0].tolist()}
+    require_verified(check, gguf_path)
+    return check
+
+
+def require_verified(check: dict, gguf_path: str | Path) -> None:
+    """Refuse a read-back that is not finite, not within its tolerance, or tokenizes differently."""
+    rel, tolerance = check["max_rel_logit_diff"], check["tolerance"]
+    if not math.isfinite(rel):
+        why = f"its logits are not finite (relative difference {rel})"
+    elif rel > tolerance:
+        why = f"its logits differ from the child's by {rel:.2e} relative, more than the {tolerance:g} its type allows"
+    elif not check["same_token_ids"]:
+        why = "its tokenizer encodes the sample text to other token ids than the child's"
+    else:
+        return
+    raise SubcloneError(f"verification failed: {gguf_path} was written but does not read back as the child: {why}; "
+                        "do not use it (export again; --no-verify skips this check)")
+
+
+def _file_qtype(gguf_path: str | Path) -> str:
+    """The export type recorded in a GGUF's general.file_type ("q8_0", the loosest, when it is missing)."""
+    field = gguf.GGUFReader(gguf_path).fields.get("general.file_type")
+    by_value = {int(v): name for name, v in FILE_TYPES.items()}
+    return by_value.get(field.contents() if field is not None else None, "q8_0")
 
 
 def _causal_lm_class():

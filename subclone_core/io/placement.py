@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ from accelerate.utils import convert_file_size_to_int
 from torch import nn
 
 from subclone_core.core.errors import SubcloneError
+from subclone_core.io.atomic import fault_point, owned_folder
 from subclone_core.io.devices import DEVICE_CHOICES, resolve_device
 
 DTYPES: dict[str, torch.dtype | None] = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                                          "float16": torch.float16}
 MEMORY_EXAMPLE = "a size like 12GiB or 500MB, or per device like cuda:0=20GiB,cpu=30GiB"
+OFFLOAD_PREFIX = "parent-"
 _MEMORY_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|\d+)$")
 
 
@@ -141,9 +142,11 @@ class Placement:
 
 def offload_folder(root: Path) -> Path:
     """A fresh folder under ``root`` for weights accelerate must rewrite to disk (safetensors checkpoints are
-    read in place and need none)."""
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="parent-", dir=root))
+    read in place and need none). Its name records its owner (``parent-<pid>-<host>-<random>``): the
+    folders that killed processes left under ``root`` are removed here."""
+    folder = owned_folder(root, OFFLOAD_PREFIX)
+    fault_point("offload.after-create")
+    return folder
 
 
 def remove_with(owner: object, folder: str | Path) -> None:

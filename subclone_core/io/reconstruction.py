@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from torch import Tensor, nn
 
 from subclone_core.core.archs import arch_of_model
+from subclone_core.core.calibration import optional_submodule
 from subclone_core.core.slicing import TensorSlicer
 from subclone_core.io.sequential import (
     Pass,
@@ -158,16 +159,9 @@ def reconstruct(p: Pass, slicer: TensorSlicer, child_config, store):
             fitted = rec.fit_block(i, block)
             for name in p.block_names[i]:
                 yield name, module_tensor(p.model, name), fitted.get(name)
-    heads = [path for path in arch_of_model(p.model).linear_modules[0] if _has(p.model, path) and
-             slicer.kept_inputs(f"{path}.weight", p.model.get_submodule(path).weight) is not None]
+    heads = [path for path in arch_of_model(p.model).linear_modules[0]
+             if (module := optional_submodule(p.model, path)) is not None and
+             slicer.kept_inputs(f"{path}.weight", module.weight) is not None]
     fitted = rec.fit_head(heads)
     for name in p.global_names:
         yield name, module_tensor(p.model, name), fitted.get(name)
-
-
-def _has(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False

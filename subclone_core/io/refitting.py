@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from subclone_core.core.archs import arch_of_model
-from subclone_core.core.calibration import Progress
+from subclone_core.core.calibration import Progress, optional_submodule
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.slicing import TensorSlicer
 from subclone_core.io.reconstruction import reconstruct
@@ -101,9 +101,7 @@ def _hook_linears(root: nn.Module, prefix: str, paths: Iterable[str], kept_input
     """Hooks on the linear layers under ``root`` whose inputs the child narrows."""
     grams = _KeptGrams(stop)
     for path in paths:
-        try:
-            module = root.get_submodule(path)
-        except AttributeError:
+        if (module := optional_submodule(root, path)) is None:
             continue  # a table lists every variant's modules (a head this task has not)
         name = f"{prefix}{path}.weight"
         kept = kept_inputs(name, module.weight)

@@ -9,6 +9,7 @@ downloaded, and no unverified or half-written GGUF is ever left under a real nam
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,9 @@ from pathlib import Path
 from subclone_core.core.errors import SubcloneError
 from subclone_core.data.packaged import packaged_file
 from subclone_core.io.atomic import temporary_sibling
+from subclone_core.sources.cache import MARKER, cache_is_valid, file_sha256, read_marker
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,3 +147,40 @@ def join_files(pieces: list[Path], out: Path) -> str:
                     digest.update(chunk)
                     sink.write(chunk)
     return digest.hexdigest()
+
+
+# Cache folders whose every file was hashed against its marker in this process. The size and time check
+# of cache_is_valid misses a change that keeps both (a flipped bit on disk, a copy that restores times);
+# a full sha256 of the embedded parents (0.5-1 GB, about 1 s) once per process catches it for the price
+# of a fraction of a load, and a process that loads a parent once (every CLI command; the app, which
+# keeps it cached) never pays twice.
+_VERIFIED: set[Path] = set()
+
+
+def verified_cache(folder: Path, source: dict) -> bool:
+    """Whether a converted embedded parent may be used as it is: complete, built from ``source``, and (once
+    per process) every file's content equal to the sha256 its marker recorded.
+
+    A folder whose content differs loses its marker, so the conversion runs again (with one warning).
+    """
+    folder = Path(folder)
+    if not cache_is_valid(folder, source):
+        return False
+    if folder in _VERIFIED:
+        return True
+    damaged = _first_changed_file(folder)
+    if damaged is not None:
+        logger.warning("cache %s is damaged (%s differs from its recorded sha256); rebuilding it", folder, damaged)
+        (folder / MARKER).unlink(missing_ok=True)
+        return False
+    _VERIFIED.add(folder)
+    return True
+
+
+def _first_changed_file(folder: Path) -> str | None:
+    """The first file of a cache folder whose sha256 differs from its marker's record, or None."""
+    marker = read_marker(folder) or {"files": {}}
+    for name, meta in marker["files"].items():
+        if file_sha256(folder / name) != meta.get("sha256"):
+            return name
+    return None

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from subclone_core.core.errors import SubcloneError
+from subclone_core.sources.checks import check_config_fits_weights, check_loading_info
 from subclone_core.tasks import TaskSpec, task_of_config
 
 
@@ -32,7 +33,9 @@ def load_folder(
 
     Raises:
         SubcloneError: not a model folder, unsupported architecture, pickle-only weights without
-            allow_pickle, or no tokenizer/image processor.
+            allow_pickle, sizes the weight files cannot hold (checked before anything is allocated),
+            tensors missing, unexpected or of another shape than the config says, or no tokenizer/image
+            processor.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -48,21 +51,25 @@ def load_folder(
         ) from None
     task = task_of_config(config)
     use_safetensors = _check_weights(folder, allow_pickle)
+    check_config_fits_weights(folder, config, weight_files(folder))  # before transformers allocates anything
+    model = _load_model(folder, config, task, dtype=dtype, use_safetensors=use_safetensors,
+                        trust_remote_code=trust_remote_code, placement=placement)
+    model.eval()
+    return model, _load_preprocessor(folder, task, trust_remote_code), task.name
+
+
+def _load_model(folder: Path, config, task: TaskSpec, *, placement: dict | None, **kwargs) -> transformers.PreTrainedModel:
+    """from_pretrained, with every tensor the config expects found in the files by name and shape."""
     try:
-        model = task.auto_model().from_pretrained(
-            folder,
-            config=config,
-            dtype=dtype,
-            use_safetensors=use_safetensors,
-            trust_remote_code=trust_remote_code,
-            **(placement or {}),
-        )
+        # mismatched shapes come back by name in the loading info (checked below) rather than as a report
+        model, info = task.auto_model().from_pretrained(folder, config=config, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True, **kwargs, **(placement or {}))
     except Exception as err:  # noqa: BLE001 - damaged weights fail in many ways (SafetensorError, UnpicklingError...)
         names = ", ".join(p.name for p in weight_files(folder)) or "no weight files"
         raise SubcloneError(f"cannot load the model in {folder} ({names}): {first_line(err)}; "
                             "the files may be damaged or incomplete: copy or save them again") from None
-    model.eval()
-    return model, _load_preprocessor(folder, task, trust_remote_code), task.name
+    check_loading_info(info, folder)  # a missing block would otherwise be silently random
+    return model
 
 
 def weight_files(folder: Path) -> list[Path]:

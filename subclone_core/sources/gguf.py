@@ -13,9 +13,16 @@ import torch
 import transformers
 
 from subclone_core.core.errors import SubcloneError
-from subclone_core.io.atomic import building
+from subclone_core.io.atomic import building, fault_point, remove_stale_in
 from subclone_core.sources.cache import cache_dir, cache_is_valid, write_marker
-from subclone_core.sources.embedded import EMBEDDED, EmbeddedParent, joined_gguf, locate_pieces
+from subclone_core.sources.checks import check_gguf_header, check_loading_info
+from subclone_core.sources.embedded import (
+    EMBEDDED,
+    EmbeddedParent,
+    joined_gguf,
+    locate_pieces,
+    verified_cache,
+)
 from subclone_core.sources.folders import first_line
 from subclone_core.tasks import task_of_config
 
@@ -32,7 +39,7 @@ def embedded_folder(entry: EmbeddedParent) -> Path:
     target = cache_dir() / "parents" / entry.id
     # identified by packages and size, not path: every virtual environment shares one conversion
     source = {"kind": "gguf", "package": entry.install, "file": entry.file, "size": entry.size}
-    if cache_is_valid(target, source):
+    if verified_cache(target, source):
         return target
     with joined_gguf(entry, pieces, target) as gguf:
         return gguf_folder(gguf, target, source=source)
@@ -57,12 +64,16 @@ def gguf_folder(gguf: Path, target: Path | None = None, *, source: dict | None =
     if target is None:
         key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
         target = cache_dir() / "parents" / f"{gguf.stem}-{key}"
+    if target.parent.is_dir():  # what killed conversions left: their temporaries, a stale folder moved aside
+        remove_stale_in(target.parent)
     if cache_is_valid(target, source):
         return target
+    check_gguf_header(gguf)  # before transformers builds a model of the header's sizes
     logger.warning("converting %s to float32 safetensors in %s (20 s to 2 min, once)", gguf.name, target)
     start = time.perf_counter()
-    with building(target, keep_theirs=True) as tmp:
+    with building(target, keep_theirs=True, step="gguf-cache") as tmp:
         _convert_gguf(gguf, tmp)
+        fault_point("gguf-cache.after-convert")
         write_marker(tmp, source, {"seconds": round(time.perf_counter() - start, 1)})
     return target
 
@@ -77,7 +88,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     task = task_of_config(config)
     if not task.sequences:
         raise SubcloneError(f"{gguf}: GGUF parents must be causal LMs, got model_type={config.model_type!r}")
-    model = task.auto_model().from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    model, info = task.auto_model().from_pretrained(gguf.parent, dtype=torch.float32, output_loading_info=True,
+                                                    ignore_mismatched_sizes=True, **kwargs)
+    check_loading_info(info, gguf)  # a tensor the header promises but the file lacks is an error, not random
     tokenizer = task.auto_preprocessor().from_pretrained(gguf.parent, **kwargs)
     # transformers 5.x refuses to save a model it believes is quantized; the weights are float32 now.
     model.hf_quantizer = None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,13 +13,22 @@ from torch import Tensor, nn
 from subclone_core.core.calibration import Importance, Progress, calibrate, input_device
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import Child, RefitItems, needs_calibration, subclone_model
+from subclone_core.core.slicing import TensorSink
+from subclone_core.core.strategies import Child, OpenSink, RefitItems, needs_calibration, subclone_model
+from subclone_core.io.atomic import building
 from subclone_core.io.model_card import model_card
 from subclone_core.io.refitting import refit_items
-from subclone_core.io.saving import DEFAULT_SHARD_SIZE, save_model_folder
+from subclone_core.io.saving import (
+    DEFAULT_SHARD_SIZE,
+    StreamedWeights,
+    check_output_dir,
+    save_model_folder,
+    write_model_files,
+)
 from subclone_core.io.sequential import calibrate_sequential
 from subclone_core.io.streaming import PlacedTensors, checkpoint_tensors
 from subclone_core.sources import cache_dir, default_data_id, make_data
+from subclone_core.sources.checks import first_nonfinite, refuse_nonfinite
 from subclone_core.sources.parents import Parent
 
 CALIB_SEQ_LEN = 128
@@ -112,7 +122,7 @@ def make_child(
     sequential: bool | None = None,
     activation_memory: int | None = None,
     stats: dict | None = None,
-) -> Child:
+    open_sink: OpenSink | None = None) -> Child:
     """Make a child of a loaded parent, calibrating first when the strategy needs importance.
 
     Args:
@@ -126,6 +136,7 @@ def make_child(
         stats: if given, filled with what each block-by-block pass read from the parent's files: "calibration"
             (a sequential calibration) and "refit" (the refit's pass), each {"bytes_read", "tensors_read",
             "activation_bytes_on_disk"}; a pass over the parent in memory reads no file.
+        open_sink: where a sliced child's tensors go as made (subclone_model; make_child_into_folder's disk).
     """
     if importance is None and needs_calibration(strategy, drop):
         importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress, sequential=sequential,
@@ -134,8 +145,9 @@ def make_child(
                          activation_memory=activation_memory, stats=_part(stats, "refit"))
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,
                            scale=scale, untie_head=untie_head, seed=seed, parent_tensors=parent_tensors(parent),
-                           residual_score=residual_score, refit=refit, refit_items=items)
-    child.model.to(home_device(parent.model))
+                           residual_score=residual_score, refit=refit, refit_items=items, open_sink=open_sink)
+    if not on_meta(child.model):
+        child.model.to(home_device(parent.model))
     child.manifest.parent = replace(child.manifest.parent, id=parent.id, label=parent.label,
                                     model_type=parent.model.config.model_type, weights_sha256=parent.weights_sha256(),
                                     licence=asdict(parent.licence) if parent.licence else None)
@@ -199,6 +211,11 @@ def home_device(model: nn.Module) -> torch.device:
     return devices.pop() if len(devices) == 1 and next(iter(devices)).type != "meta" else torch.device("cpu")
 
 
+def on_meta(model: nn.Module) -> bool:
+    """Whether a model's parameters are all on the meta device (a child whose weights went to disk)."""
+    return all(p.is_meta for p in model.parameters())
+
+
 def save_child(child: Child, out_dir: str | Path, *, task: str, overwrite: bool = False,
                max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
     """Save a child as a plain Hugging Face folder with its tokenizer or image processor, card and manifest;
@@ -206,3 +223,42 @@ def save_child(child: Child, out_dir: str | Path, *, task: str, overwrite: bool 
     return save_model_folder(child.model, out_dir, preprocessor=child.preprocessor, manifest=child.manifest,
                              model_card=model_card(child.manifest, task), overwrite=overwrite,
                              max_shard_size=max_shard_size)
+
+
+def make_child_into_folder(make: Callable[..., Child], out_dir: str | Path, *, task: str, overwrite: bool = False,
+                           max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+                           allow_nonfinite: bool = False) -> tuple[Child, Path]:
+    """Make a child and save it as save_child does, its weights written to the folder's files as each tensor
+    is made (io.saving.StreamedWeights), so that the child never exists whole in memory (a random-init child,
+    built whole, is saved as it is).
+
+    Args:
+        make: make_child (or a function calling it) with every argument but open_sink bound.
+        out_dir, task, overwrite, max_shard_size: as in save_child.
+        allow_nonfinite: write a child tensor holding NaN or infinity (refused by default, by the tensor's name:
+            the parent's weights where it was sliced from them; checked as each tensor is written, so an
+            offloaded parent's files are not read once more for it).
+
+    Returns:
+        The child (its model on the meta device where its weights were streamed) and the output folder.
+    """
+    out = check_output_dir(out_dir, overwrite=overwrite)
+    with building(out) as tmp:
+        writers: list[StreamedWeights] = []
+
+        def open_sink(model: nn.Module) -> TensorSink:
+            writers.append(StreamedWeights(tmp, model, max_shard_size))
+            return writers[-1] if allow_nonfinite else partial(_write_finite, writers[-1])
+        child = make(open_sink=open_sink)
+        for writer in writers:
+            writer.close()
+        write_model_files(child.model, tmp, preprocessor=child.preprocessor, manifest=child.manifest,
+                          model_card=model_card(child.manifest, task), max_shard_size=max_shard_size,
+                          weights_written=bool(writers))
+    return child, out
+
+
+def _write_finite(writer: TensorSink, name: str, tensor: Tensor) -> None:
+    """Write a child tensor, refusing one with NaN or infinite values."""
+    refuse_nonfinite("the child", first_nonfinite([(name, tensor)]))
+    writer(name, tensor)

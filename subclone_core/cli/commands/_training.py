@@ -25,7 +25,7 @@ from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import Child, subclone_model
-from subclone_core.io.atomic import staged_folder
+from subclone_core.io.atomic import fault_point, staged_folder
 from subclone_core.sources import Parent, load_parent
 from subclone_core.sources.folders import _load_preprocessor, first_line
 from subclone_core.sources.parents import _folder_origin
@@ -176,10 +176,11 @@ def random_twin(child_model: Any, seed: int, *, meta: bool) -> tuple[Child, Weig
 @contextlib.contextmanager
 def prepare_output(out: str | None, overwrite: bool) -> Iterator[Path | None]:
     """Claim the run folder before any work and yield where this run writes: a fresh folder of the same name
-    in a hidden sibling, swapped in whole at the end. --overwrite thus never loses the previous run to
-    one that fails on bad input, and an old run's candidate folders never linger beside the new summary;
-    a run that fails after training began still publishes its metrics. Other torchrun processes, which
-    write nothing, get the final path."""
+    in a hidden sibling, swapped in whole once the run has succeeded. --overwrite thus never loses the
+    previous run to one that fails on bad input, is interrupted (Ctrl-C, a crashed process, a full disk) or
+    killed, and an old run's candidate folders never linger beside the new summary. A run that fails after
+    training began still keeps its metrics: in the run folder when it was empty, else beside it in
+    ``<RUN>.interrupted-<time>``. Other torchrun processes, which write nothing, get the final path."""
     if out is None or not is_main_process():
         yield None if out is None else Path(out)
         return
@@ -301,6 +302,7 @@ def train_and_report(candidates: list[Candidate], train: Any, val: Any, config: 
     if out is not None:
         relocate_paths(out / METRICS_FILE, out, final)
         (out / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
+        fault_point("run.after-summary")
     if args.json:
         print_json(summary)
     else:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import sys
 import time
 
-from subclone_core.cli.commands._options import add_placement_args, placement_kwargs, require_positive
+from subclone_core.cli.commands._options import (
+    add_placement_args,
+    placement_kwargs,
+    print_json,
+    require_positive,
+)
 from subclone_core.sources import default_data_id, load_parent, make_data
+from subclone_core.sources.checks import nonfinite_in_folder
+from subclone_core.sources.folders import weight_files
 from subclone_core.tasks import task_spec
 from subclone_core.training.evaluate import evaluate
 
@@ -85,10 +93,20 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - start, 2),
     }
     if args.json:
-        print(json.dumps(result))
+        print_json(result)  # strict JSON: a NaN loss is null
     else:
         print(_text(result))
+    if not math.isfinite(result["loss"]):
+        print(f"Warning: {_nonfinite_note(parent)}", file=sys.stderr)
     return 0
+
+
+def _nonfinite_note(parent) -> str:
+    """Why a loss is not finite, in words: the first non-finite weight when there is one."""
+    name = nonfinite_in_folder(weight_files(parent.source) if parent.source else [], parent.model)
+    where = f"its weights hold NaN or infinite values (first in {name})" if name else \
+        "its weights are finite, so its activations overflowed (try --dtype float32)"
+    return f"the loss is not finite: the model's outputs are NaN or infinite, and {where}"
 
 
 def _text(result: dict) -> str:

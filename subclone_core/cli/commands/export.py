@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from subclone_core.cli.commands._options import print_json
 from subclone_core.io.atomic import FILE, claim_output
 from subclone_core.io.gguf_export import QTYPES, export_gguf, verify_gguf
+from subclone_core.sources.checks import NONFINITE_FLAG, nonfinite_in_folder, refuse_nonfinite
+from subclone_core.sources.folders import weight_files
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reading the file back with transformers and comparing logits and token ids")
+    p.add_argument(NONFINITE_FLAG, dest="allow_nonfinite", action="store_true",
+                   help="export even if the weights hold NaN or infinite values (refused by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -32,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """Write the claimed --to file, verify it unless told not to, and print what was written."""
+    if not args.allow_nonfinite:  # refused before anything is written
+        refuse_nonfinite(f"the model {args.model!r}", nonfinite_in_folder(weight_files(Path(args.model))))
     result = export_gguf(args.model, args.to, qtype=args.qtype, overwrite=args.overwrite).as_dict()
     if args.verify:
         result["verify"] = verify_gguf(args.model, args.to)

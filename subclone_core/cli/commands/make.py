@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 
 from subclone_core.cli.commands._options import (
     add_child_args,
@@ -23,8 +24,9 @@ from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import claim_output
 from subclone_core.io.saving import DEFAULT_SHARD_SIZE, shard_size
+from subclone_core.sources.checks import NONFINITE_FLAG, first_nonfinite, refuse_nonfinite
 from subclone_core.sources.parents import load_parent
-from subclone_core.workflow.children import save_child
+from subclone_core.workflow.children import make_child_into_folder
 from subclone_core.workflow.plan import Plan, make_planned_child, resolve_plan
 
 
@@ -40,14 +42,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_shape_args(p)
     add_child_args(p)
     add_data_args(p, sequential=True)
+    p.add_argument(NONFINITE_FLAG, dest="allow_nonfinite", action="store_true",
+                   help="build from a parent whose weights hold NaN or infinite values (refused by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check every flag that can be checked without the parent, then claim --out and make the child: a run
+    refused for its flags never holds the output that a concurrent valid run is about to write."""
     require_positive("--calib-tokens", args.tokens)
-    sequential_args(args)
     check_shape_flags(args)
+    placement_kwargs(args)  # --device, --dtype, --max-memory
     max_shard = shard_size(args.max_shard_size)
     with claim_output(args.out, overwrite=args.overwrite):  # one writer; a doomed write fails now
         return make(args, max_shard)
@@ -58,6 +64,9 @@ def make(args: argparse.Namespace, max_shard: int) -> int:
     --out; print the summary."""
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
+    if not args.allow_nonfinite:  # a child sliced from NaN weights is NaN: say so before calibrating where
+        # the parent is in memory; its offloaded part is checked as the child is written (no extra read)
+        refuse_nonfinite(f"the parent {args.parent!r}", first_nonfinite(parent.model.state_dict().items()))
     target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
     plan = resolve_plan(parent, strategy=args.strategy, drop=args.drop, scale=args.scale, untie_head=args.untie_head,
                         residual_score=args.residual_score, refit=args.refit, data_id=args.data,
@@ -67,8 +76,9 @@ def make(args: argparse.Namespace, max_shard: int) -> int:
     say_plan([plan], as_json=args.json)
     start = time.perf_counter()
     stats: dict = {}
-    child = make_planned_child(parent, target, plan, stats=stats)
-    out = save_child(child, args.out, task=parent.task, overwrite=args.overwrite, max_shard_size=max_shard)
+    child, out = make_child_into_folder(partial(make_planned_child, parent, target, plan, stats=stats), args.out,
+                                        task=parent.task, overwrite=args.overwrite, max_shard_size=max_shard,
+                                        allow_nonfinite=args.allow_nonfinite)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in child.model.parameters())
     summary = {"out": str(out), "shape": target.as_dict(), "parameters": params,

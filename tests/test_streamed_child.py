@@ -1,0 +1,94 @@
+"""A child written to disk tensor by tensor as it is made (io.saving.StreamedWeights): the folder equals what
+save_pretrained writes of the same child in memory, for every family, tied or not, in one file or in shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from subclone_core.core.errors import SubcloneError
+from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.io.saving import StreamedWeights, write_model_files
+from tests import tiny_models as tm
+from tests.test_core_refit import calibration, items_of, narrow_sizes
+
+
+def tensors_of(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder's safetensors files, by name."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    return out
+
+
+def streamed_child(parent, target, imp, folder, *, refit: bool, max_shard_size="5GB", untie_head=False):
+    """The child of subclone_model with its tensors streamed into `folder` and its config files written."""
+    writers = []
+
+    def open_sink(model):
+        writers.append(StreamedWeights(folder, model, max_shard_size))
+        return writers[-1]
+    child = subclone_model(parent, target, importance=imp, refit=refit, refit_items=items_of(parent),
+                           untie_head=untie_head, open_sink=open_sink)
+    for w in writers:
+        w.close()
+    write_model_files(child.model, folder, weights_written=True)
+    return child, writers
+
+
+@pytest.mark.parametrize("family", list(tm.FAMILIES))
+def test_a_streamed_child_is_the_folder_save_pretrained_writes_of_the_child_in_memory(family, tmp_path):
+    parent = tm.make(family, dtype=torch.float32)
+    imp = calibration(parent)
+    target = plan_shape(parent, **narrow_sizes(family, Shape.of(parent.config)))
+    for refit in (False, True):
+        memory = subclone_model(parent, target, importance=imp, refit=refit, refit_items=items_of(parent)).model
+        saved, streamed = tmp_path / f"saved-{refit}", tmp_path / f"streamed-{refit}"
+        memory.save_pretrained(saved)
+        streamed.mkdir()
+        child, writers = streamed_child(parent, target, imp, streamed, refit=refit)
+        assert writers and all(p.is_meta for p in child.model.parameters())  # never built in memory
+        want, got = tensors_of(saved), tensors_of(streamed)
+        assert sorted(got) == sorted(want)
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), name
+        assert json.loads((streamed / "config.json").read_text()) == json.loads((saved / "config.json").read_text())
+        assert sorted(p.name for p in streamed.iterdir()) == sorted(p.name for p in saved.iterdir())
+        reloaded = type(memory).from_pretrained(streamed).eval()
+        batch = tm.inputs(memory)
+        torch.testing.assert_close(tm.output(reloaded, batch), tm.output(memory, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-untied"])
+def test_a_streamed_child_in_shards_has_the_index_save_pretrained_writes(family, tmp_path):
+    parent = tm.make(family, dtype=torch.float32)
+    imp = calibration(parent)
+    target = plan_shape(parent, **narrow_sizes(family, Shape.of(parent.config)))
+    memory = subclone_model(parent, target, importance=imp, refit=True, refit_items=items_of(parent)).model
+    memory.save_pretrained(tmp_path / "saved", max_shard_size=20_000)
+    (tmp_path / "streamed").mkdir()
+    streamed_child(parent, target, imp, tmp_path / "streamed", refit=True, max_shard_size=20_000)
+    index = [json.loads((tmp_path / f / "model.safetensors.index.json").read_text()) for f in ("saved", "streamed")]
+    assert index[1] == index[0] and len(set(index[0]["weight_map"].values())) > 1
+    assert tensors_of(tmp_path / "streamed").keys() == tensors_of(tmp_path / "saved").keys()
+
+
+def test_streamed_weights_refuse_a_wrong_tensor_and_a_missing_one(tmp_path):
+    model = tm.make("llama", dtype=torch.float32)
+    config = AutoConfig.for_model(**model.config.to_dict())
+    from subclone_core.core.building import empty_model
+    empty = empty_model(type(model), config, torch.float32)
+    writer = StreamedWeights(tmp_path, empty)
+    with pytest.raises(SubcloneError, match="the model's is"):
+        writer("model.norm.weight", torch.zeros(3))
+    with pytest.raises(SubcloneError, match="not one of the model's"):
+        writer("model.nothing", torch.zeros(3))
+    writer("model.norm.weight", torch.ones(model.config.hidden_size))
+    with pytest.raises(SubcloneError, match="never written"):
+        writer.close()
