@@ -70,22 +70,27 @@ def jobs_status() -> None:
     for name in ws.steps:
         st.markdown(f"**Running:** {name}")
     queue = ui.limiter().snapshot()
-    st.caption(f"Server: {queue['running']}/{queue['max_running']} training job(s) running, "
+    st.caption(f"Server: {queue['running']}/{queue['max_running']} job(s) running (training and long steps), "
                f"{queue['queued']} waiting. Files go to `{ui.settings().output_dir}`. "
                "Parent on {}, {}.".format(*ui.placement()))
 
 
 navigation = st.navigation(PAGES)
 ui.keep_widget_state()
+def sidebar(summary: st.delta_generator.DeltaGenerator, jobs: st.delta_generator.DeltaGenerator) -> None:
+    """The session's summary and jobs, and the server's queue; polled while this session has a job."""
+    with summary.container():
+        session_summary()
+    with jobs.container():
+        st.fragment(jobs_status, run_every=JOB_POLL_SECONDS if ui.workspace().jobs() else None)()
+
+
 with st.sidebar:
-    summary = st.empty()
+    summary, jobs = st.empty(), st.empty()
 with ui.errors_shown("reading the server settings"):
     open_parent()
     ui.workspace().collect()  # results of page steps that finished since the last run
-    with st.sidebar:
-        st.fragment(jobs_status, run_every=JOB_POLL_SECONDS if ui.workspace().jobs() else None)()
-    with summary.container():
-        session_summary()
+    sidebar(summary, jobs)
 navigation.run()
-with summary.container():
-    session_summary()
+with ui.errors_shown("reading the server settings"):
+    sidebar(summary, jobs)  # again: the page may have started a job or a step (a page that stops keeps the first)

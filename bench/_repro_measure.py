@@ -90,7 +90,7 @@ def _rounded(values: torch.Tensor | list[float], digits: int = 5) -> list[float]
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two equally long vectors."""
+    """Spearman rank correlation of two equally long vectors, ties at their average rank (the library's)."""
     return float(rank_correlation(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 

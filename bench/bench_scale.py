@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +151,7 @@ def worker(args: argparse.Namespace) -> dict:
     from subclone_core.core.shape import Shape
     from subclone_core.core.strategies import plan_shape
     from subclone_core.sources.parents import load_parent
-    from subclone_core.workflow.children import make_child, measure_importance, save_child
+    from subclone_core.workflow.children import make_child, make_child_into_folder, measure_importance
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     counter = ReadCounter()
@@ -163,8 +164,8 @@ def worker(args: argparse.Namespace) -> dict:
         calibrated = time.perf_counter()
         flags = dict(zip(child_flags(args.size)[::2], map(int, child_flags(args.size)[1::2])))
         target = plan_shape(parent.model, **{k.strip("-").replace("-", "_"): v for k, v in flags.items()})
-        child = make_child(parent, target, importance=importance)
-        save_child(child, Path(args.out), task=parent.task)
+        child, _ = make_child_into_folder(partial(make_child, parent, target, importance=importance), Path(args.out),
+                                          task=parent.task)  # as `make` does: each child tensor straight to disk
         done = time.perf_counter()
     assert isinstance(target, Shape)
     return {"load_s": loaded - start, "calib_s": calibrated - loaded, "calib_tokens": importance.tokens,

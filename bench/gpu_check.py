@@ -48,10 +48,10 @@ DRY = {"device": "cpu", "batch": 4, "seq_len": 32, "tokens": 256, "probe_steps":
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rank correlation of two score vectors (Pearson correlation of their ranks)."""
-    ra, rb = (x.double().argsort().argsort().double() for x in (a, b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+    """Spearman's rank correlation of two score vectors, ties at their average rank (the library's)."""
+    from subclone_core.analysis.probes import rank_correlation
+
+    return float(rank_correlation(torch.stack([a.flatten().double().cpu(), b.flatten().double().cpu()]))[0, 1])
 
 
 def overlap(a: list[int], b: list[int]) -> float:

@@ -16,8 +16,9 @@ from subclone_core.app.longsteps import (
     result_key,
 )
 from subclone_core.core.selection import pick_blocks
-from subclone_core.core.shape import Shape, suggested_layers
+from subclone_core.core.shape import Shape
 from subclone_core.training.events import Event, of_kind
+from subclone_core.workflow.shapes import starting_shape
 
 POLICIES = {"magnitude": "Magnitude: drop the blocks that change the stream least",
             "middle": "Middle: drop a contiguous span in the middle", "manual": "Manual pick"}
@@ -41,7 +42,7 @@ if policy == "manual":
     child_layers = layers - len(dropped)
     drop: str | list[int] = sorted(dropped)
 else:
-    default = ws.child_layers or suggested_layers(layers)
+    default = ws.child_layers or starting_shape(parent.model).layers
     child_layers = ui.checked_number("Blocks in the child", 1, layers, "child_layers", default, step=1)
     drop = policy
 
@@ -66,8 +67,8 @@ def partial_bars(events: list[Event]) -> None:
         st.plotly_chart(charts.ablation_bars(known.get(-1), losses, removed), key="chart_ablation_partial")
 
 
-def use_ablation(key: tuple, result: dict) -> None:
-    ws.ablation = ui.remember(key, result)
+def use_ablation(key: tuple, tokens: int, result: dict) -> None:
+    ws.ablation = ui.remember(key, {**result, "tokens": tokens})
 
 
 st.subheader("Loss with one block removed")
@@ -85,7 +86,12 @@ if st.button("Compute", key="run_ablation", disabled=tokens is None or running):
     ws.ablation = ui.cached(key)
     if ws.ablation is None:
         ui.start_step("ablation", ablation_work(parent, ws.data_id, int(tokens)),
-                      lambda result: use_ablation(key, result))
+                      lambda result: use_ablation(key, int(tokens), result), key=key, estimate=seconds)
 if not ui.step_panel("ablation", "evaluating without each block", partial_bars) and ws.ablation is not None:
     figure = charts.ablation_bars(ws.ablation["base"], ws.ablation["losses"], removed)
     st.plotly_chart(figure, key="chart_ablation")
+    measured = ws.parent_metrics or {}
+    if "tokens" in measured and "tokens" in ws.ablation and measured["tokens"] != ws.ablation["tokens"]:
+        st.caption(f"The intact parent's loss here ({ws.ablation['base']:.3f}) is measured on the "
+                   f"{ws.ablation['tokens']:,} validation tokens of each evaluation above; the Parent page's "
+                   f"({measured['loss']:.3f}) on {int(measured['tokens']):,}, so the two differ a little.")

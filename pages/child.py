@@ -19,9 +19,10 @@ from subclone_core.app.steps import child_plan, child_settings, save_child_folde
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
-from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape, suggested_shape
+from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape
 from subclone_core.core.strategies import STRATEGY_SPECS, parameter_count, plan_shape
 from subclone_core.workflow.jobs import CandidateSettings, block_policy_text
+from subclone_core.workflow.shapes import starting_shape
 
 EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
@@ -46,9 +47,10 @@ def set_shape(shape: Shape) -> None:
 
 
 def init_shape() -> None:
-    """Start from a suggested shape (with the Blocks page's block count); reset when the parent changes."""
+    """Start from the parent's starting shape (workflow.shapes: measured to start below random init; with the
+    Blocks page's block count); reset when the parent changes."""
     if st.session_state.get("shape_parent") != parent.id:
-        set_shape(suggested_shape(parent.model, ws.child_layers))
+        set_shape(starting_shape(parent.model, ws.child_layers))
         st.session_state["shape_parent"] = parent.id
     if ws.child_layers and st.session_state.get("shape_blocks_seen") != ws.child_layers:
         st.session_state[shape_keys()["layers"]] = ws.child_layers
@@ -104,7 +106,9 @@ def generate(target: Shape, settings: CandidateSettings) -> None:
     """Make the child and its twin in the background, then score all three and sample text from them."""
     metrics, text = parent_step0()
     work = child_work(parent, target, settings, ws.importance, metrics, ws.prompt, text)
-    ui.start_step("child", lambda emit, cancel: {**work(emit, cancel), "settings": settings}, use_children)
+    # sessions asking for the same child (same calibration, prompt and settings) share one job
+    key = result_key("child", ws.parent_id, ws.data_id, repr(target), repr(settings), id(ws.importance), ws.prompt)
+    ui.start_step("child", lambda emit, cancel: {**work(emit, cancel), "settings": settings}, use_children, key=key)
 
 
 def show_plan(settings: CandidateSettings, target: Shape) -> list[str]:
@@ -153,12 +157,21 @@ def remedies(manifest: Manifest) -> list[str]:
     return [*helps, "more blocks or width", "the magnitude block policy", "no weight scaling"]
 
 
+def headline_value(task, metrics: dict) -> str:
+    """The task's headline value, short enough for a metric tile: a perplexity in the billions (a child cut
+    hard, before training) as 3.5e+10 rather than a number cut off at the tile's edge."""
+    value = metrics.get(task.headline)
+    if isinstance(value, float) and abs(value) >= 1e6:
+        return f"{value:.2g}"
+    return task.headline_text(metrics)
+
+
 def show_report(step0: dict[str, dict]) -> None:
     """Step-0 loss and the task's headline value (perplexity, accuracy) of the child, its random twin and the parent."""
     task = parent.task_spec
     for column, (name, metrics) in zip(st.columns(3), step0.items()):
         column.metric(f"{name}: validation loss", f"{metrics['loss']:.3f}")
-        column.metric(f"{name}: {task.headline}", task.headline_text(metrics))
+        column.metric(f"{name}: {task.headline}", headline_value(task, metrics))
     expectation(step0)
     st.plotly_chart(charts.comparison_bars(step0), key="chart_step0")
     if ws.samples:
@@ -167,11 +180,21 @@ def show_report(step0: dict[str, dict]) -> None:
             st.markdown(f"- **{name}:** {ui.plain(ws.samples[name])}")
 
 
+def save_name_key(shape: Shape) -> str:
+    """The folder name input's key, its value following each new child's shape (child-<blocks>x<hidden>)
+    unless the visitor typed a name of their own."""
+    automatic = f"child-{shape.layers}x{shape.hidden}"
+    key = ui.keep("save_name", automatic)
+    previous = st.session_state.get("save_name_automatic")
+    if previous != automatic and st.session_state[key] in (previous, ""):
+        st.session_state[key] = automatic
+    st.session_state["save_name_automatic"] = automatic
+    return key
+
+
 def save_and_download(task: str) -> None:
     """Save under the output folder; then offer the folder as a zip."""
-    shape = ws.child.shape
-    name = st.text_input("Folder name (letters, digits, . _ -)", key=ui.keep("save_name",
-                                                                             f"child-{shape.layers}x{shape.hidden}"))
+    name = st.text_input("Folder name (letters, digits, . _ -)", key=save_name_key(ws.child.shape))
     overwrite = st.checkbox("Replace an existing folder of that name", key="save_overwrite")
     if st.button("Save", key="save_child"):
         with ui.errors_shown("saving the child"):
@@ -201,7 +224,7 @@ def run_explorer(budget: int) -> None:
         if ws.importance is None:
             ws.importance = importance
 
-    ui.start_step("explorer", explorer_work(parent, ws.importance, ws.data_id, ws.calib_tokens, budget), use)
+    ui.start_step("explorer", explorer_work(parent, ws.importance, ws.data_id, ws.calib_tokens, budget), use, key=key)
 
 
 def use_clicked_shape() -> None:
@@ -221,7 +244,7 @@ def shape_label(index: int) -> str:
 
 def show_explorer() -> None:
     """The explorer: a budget, the scatter of shapes (click one to use it), and a picker of the same."""
-    default = round(parameter_count(parent.model, suggested_shape(parent.model, ws.child_layers)) / 1e6, 3)
+    default = round(parameter_count(parent.model, starting_shape(parent.model, ws.child_layers)) / 1e6, 3)
     largest = round(sum(p.numel() for p in parent.model.parameters()) / 1e6, 3)
     budget = ui.checked_number("Parameter budget (millions)", 0.001, largest, "explore_budget", default,
                                step=1.0, format="%.3f")
@@ -235,6 +258,9 @@ def show_explorer() -> None:
     st.plotly_chart(charts.explorer_scatter(ws.exploration), key=EXPLORE_CHART, on_select=use_clicked_shape,
                     selection_mode="points")
     front = [i for i, p in enumerate(ws.exploration.points) if p.pareto]
+    if not front:
+        st.warning("None of these shapes starts below random init, so none is marked best: try a larger "
+                   "budget (more blocks or width).", icon=":material/warning:")
     left, right = st.columns([4, 1], vertical_alignment="bottom")
     index = left.selectbox("Explored shape", front + [i for i in range(len(ws.exploration.points))
                                                       if i not in front], format_func=shape_label,

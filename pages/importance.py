@@ -52,7 +52,7 @@ def calibration_controls() -> None:
             ws.set_importance(known)
         else:
             ui.start_step("calibration", calibration_work(parent, ws.data_id, int(tokens)),
-                          lambda result: use_calibration(key, result))
+                          lambda result: use_calibration(key, result), key=key, estimate=seconds)
     ui.step_panel("calibration", "calibrating")
 
 
@@ -97,7 +97,8 @@ def run_inspector(units: list[Unit]) -> None:
     def use(result: dict) -> None:
         ws.inspection = ui.remember(key, result)
 
-    ui.start_step("inspector", inspector_work(parent, units, ws.data_id, tokens), use)
+    ui.start_step("inspector", inspector_work(parent, units, ws.data_id, tokens), use, key=key,
+                  estimate=estimate_seconds("inspector", tokens, forward_rate(ws.parent_metrics)))
 
 
 def show_hits() -> None:

@@ -61,7 +61,8 @@ def choose_parent() -> None:
     choose_placement()
     if st.button("Load parent", type="primary", key="load_parent", disabled=ws.running(VIT_STEP) is not None):
         if parent_id == "default-vit" and not default_vit_built():
-            ui.start_step(VIT_STEP, vit_build_work(), lambda _folder: load_parent_now("default-vit"))
+            ui.start_step(VIT_STEP, vit_build_work(), lambda _folder: load_parent_now("default-vit"),
+                          key=("vit-build",))
         else:
             load_parent_now(parent_id)
     low, high = VIT_BUILD_MINUTES

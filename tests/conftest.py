@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import transformers
@@ -12,15 +14,78 @@ EOS = "<|endoftext|>"
 
 
 REAL_PARENT_FIXTURES = ("default_parent", "gemma_parent")  # each marks its tests with a marker of its name
+TIERS = ("integration", "slow", "browser")  # a test with none of these is `unit`
+# A test whose own code, a helper or a fixture it uses names one of these runs another process or the whole
+# app: `subprocess` (the CLI, torchrun, a fresh interpreter) and Streamlit's `AppTest`.
+INTEGRATION_NAMES = frozenset({"subprocess", "AppTest"})
 
 
 def pytest_collection_modifyitems(items):
-    """Mark every test that uses a real embedded parent, so `-m "not default_parent"` (or `gemma_parent`)
-    skips them all."""
+    """Give every test its tiers from what it uses, so `pytest -m unit` is the fast loop: a real embedded
+    parent (fixture or marker) -> slow, a subprocess or AppTest anywhere in its calls -> integration, none
+    of the tiers -> unit. Tiers written on a test add to these (`slow` on a long in-process test);
+    `@pytest.mark.unit` keeps a test that starts a trivial process in the unit tier."""
     for item in items:
         for name in REAL_PARENT_FIXTURES:
-            if name in getattr(item, "fixturenames", ()):
+            if name in _fixtures_used(item):
                 item.add_marker(getattr(pytest.mark, name))
+        if item.get_closest_marker("unit"):
+            continue
+        for tier in _found_tiers(item) - {mark.name for mark in item.iter_markers()}:
+            item.add_marker(getattr(pytest.mark, tier))
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
+def _fixtures_used(item) -> set[str]:
+    """Fixture names a test requests, and those a parameter names for `request.getfixturevalue`."""
+    callspec = getattr(item, "callspec", None)
+    named = {value for value in (callspec.params.values() if callspec else ()) if isinstance(value, str)}
+    return set(getattr(item, "fixturenames", ())) | named
+
+
+def _found_tiers(item) -> set[str]:
+    """The tiers a test's markers, fixtures and calls show: `slow` for a real parent, `integration`."""
+    tiers = {"slow"} if any(item.get_closest_marker(name) for name in REAL_PARENT_FIXTURES) else set()
+    fixtures = getattr(item, "_fixtureinfo", None)
+    funcs = [getattr(item, "function", None)]
+    funcs += [defs[-1].func for defs in (fixtures.name2fixturedefs.values() if fixtures else ()) if defs]
+    seen: set = set()
+    if any(_reaches_integration(func, seen) for func in funcs if func is not None):
+        tiers.add("integration")
+    return tiers
+
+
+def _code_names(code) -> set[str]:
+    """Global and attribute names a code object uses, its nested functions and comprehensions included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return names
+
+
+def _is_test_code(obj) -> bool:
+    module = getattr(obj, "__module__", None) or getattr(obj, "__name__", "")
+    return module.split(".")[-1].startswith(("test_", "tiny_models", "dist_train", "conftest"))
+
+
+def _reaches_integration(func, seen: set) -> bool:
+    """Whether func, or a helper of the test suite it calls (followed through modules like `tm.helper`),
+    names subprocess or AppTest. Library and bench code is not followed (it would drag most tests along
+    through imports); a test whose process starts there carries `@pytest.mark.integration` itself."""
+    func = getattr(func, "__wrapped__", func)
+    code = getattr(func, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = _code_names(code)
+    if names & INTEGRATION_NAMES:
+        return True
+    scope = getattr(func, "__globals__", {})
+    modules = [value for value in scope.values() if isinstance(value, types.ModuleType) and _is_test_code(value)]
+    callees = [scope.get(name) for name in names] + [getattr(m, name, None) for m in modules for name in names]
+    return any(_reaches_integration(c, seen) for c in callees if callable(c) and _is_test_code(c))
 
 
 @pytest.fixture

@@ -30,10 +30,14 @@ FAST = ["--steps", 2, "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--
 
 
 def run_cli(args) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
+    """Run the CLI in this process: (exit code, stdout, stderr); argparse's exit (a flag refused while
+    parsing) counts as the exit code."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as stop:
+            code = stop.code
     return code, out.getvalue(), err.getvalue()
 
 
@@ -353,11 +357,14 @@ def test_a_full_disk_at_the_final_write_is_one_line_and_leaves_nothing(llama_dir
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # make writes a sliced child tensor by tensor (io.saving.StreamedWeights), a random-init one by save_pretrained
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
-    out = tmp_path / "child"
-    assert_one_line_error(["make", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 256, "--out", out],
-                   "No space left")
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr("subclone_core.io.saving.StreamedWeights.__call__", full)
+    for strategy in ("subclone", "random"):
+        out = tmp_path / "child"
+        assert_one_line_error(["make", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 256, "--out", out,
+                               "--strategy", strategy], "No space left")
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unexpected_bug_is_one_line_but_shows_its_traceback_with_debug(llama_dir, tmp_path, monkeypatch):
@@ -500,7 +507,7 @@ def test_json_output_is_strict_json(llama_dir, text_file):
 
 
 @pytest.mark.parametrize("flags, needles, refused", [
-    (["--heads", 0], ["heads=0"], "hidden"),
+    (["--heads", 0], ["--heads", "'0' is not a positive integer"], "hidden"),
     (["--calib-tokens", 0], ["--calib-tokens"], "max_tokens"),
     (["--calib-tokens", 1], ["--calib-tokens"], "--seq-len"),
 ])

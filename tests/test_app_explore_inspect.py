@@ -26,7 +26,9 @@ def test_explorer_scores_shapes_and_a_picked_shape_fills_the_shape_inputs(workdi
     settle(at)
     assert not errors(at)
     exploration = at.session_state["workspace"].exploration
-    assert exploration is not None and exploration.front
+    assert exploration is not None and exploration.points
+    # the tiny parent is random: its children may all start worse than random init, and then none is on the front
+    assert all(p.loss < exploration.random_loss for p in exploration.front)
     spec = chart_titles(at)[EXPLORER_TITLE]
     front = next(trace for trace in spec["data"] if trace["name"] == "Pareto front")
     assert len(front["x"]) == len(exploration.front)

@@ -186,12 +186,10 @@ def test_block_ablation_replaying_the_blocks_before_matches_recomputing_them(mon
 
 def test_results_are_kept_per_parent_placement(monkeypatch):
     """A bfloat16 parent's scores are not a float32 parent's: the session's placement is part of the key."""
-    import threading
-    from collections import OrderedDict
-
     from subclone_core.app import ui
+    from subclone_core.app.sharing import ResultStore
 
-    store = (OrderedDict(), threading.Lock())
+    store = ResultStore(2**20)
     monkeypatch.setattr(ui, "_results", lambda: store)
     monkeypatch.setattr(ui, "placement", lambda: ("cpu", "float32"))
     key = ("parent-eval", "default", None, 2048)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models
 from test_app_pages import (  # noqa: F401 (workdir: a fixture)
     chart_titles,
     errors,
@@ -16,6 +17,7 @@ from test_app_pages import (  # noqa: F401 (workdir: a fixture)
     workdir,
 )
 
+from subclone_core.core.shape import SIZE_ROLES, suggested_shape
 from subclone_core.training.events import DoneEvent, EvalEvent, StartEvent, StepEvent
 from subclone_core.training.speedup import iso_loss_by_candidate, tracks_from_events
 from subclone_core.training.sweep import (
@@ -45,6 +47,12 @@ def generate_child(at, timeout: float = 120, *, refit: bool | None = None,
     """
     at.switch_page("pages/child.py")
     run(at)
+    # the small shape these speedups were measured at (a fifth of the blocks, a third of the widths), not the
+    # page's default
+    small = suggested_shape(tiny_models.make("llama"))
+    for role in SIZE_ROLES:
+        at.number_input(key=f"keep_shape_{role}").set_value(getattr(small, role))
+        run(at)
     if refit is not None:
         at.toggle(key="keep_refit").set_value(refit)
         run(at)

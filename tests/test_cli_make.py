@@ -26,7 +26,10 @@ def text_file(tmp_path_factory):
 
 
 def run_cli(args, capsys):
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:  # a flag refused while parsing (argparse exits)
+        code = stop.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -53,7 +56,7 @@ def test_make_writes_a_plain_hugging_face_folder(llama_dir, text_file, tmp_path,
 
 @pytest.mark.parametrize("flags,message", [
     (["--layers", 9], "layers=9 is larger than the parent's 4; use at most 4"),
-    (["--hidden", 0], "hidden=0 must be a positive integer"),
+    (["--hidden", 0], "--hidden: '0' is not a positive integer"),
     (["--heads", 5, "--kv-heads", 2], "nearest valid heads=4"),
     (["--heads", 8, "--kv-heads", 1], "use kv_heads>=2 or heads<=4"),
     (["--drop", "1,9"], "out of range; valid blocks are 0..3"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import scipy.stats
 import torch
 
 from subclone_core.analysis import probes as analysis
@@ -32,6 +33,18 @@ def test_rank_consistency_measures():
     assert analysis.rank_correlation(reversed_rows)[0, 1] == pytest.approx(-1.0)
     assert analysis.topk_overlap(reversed_rows, shared, 2).tolist() == [1.0, 0.0]
     assert analysis.off_diagonal_mean(analysis.rank_correlation(reversed_rows)) == pytest.approx(-1.0)
+
+
+def test_rank_correlation_gives_tied_scores_their_average_rank_as_scipy_does():
+    scores = torch.tensor([[1.0, 2, 2, 3, 5, 5, 5, 0], [4.0, 1, 1, 1, 9, 2, 2, 7], [3.0, 3, 3, 3, 3, 3, 3, 3]])
+    matrix = analysis.rank_correlation(scores)
+    for i, j in ((0, 1), (1, 0)):
+        expected = scipy.stats.spearmanr(scores[i].numpy(), scores[j].numpy()).statistic
+        assert matrix[i, j].item() == pytest.approx(expected, abs=1e-12)
+    # no shared order beyond the ties: 0 (ties broken by position would rank both 0, 1, 2, 3 and say 0.8)
+    halves = torch.tensor([[1.0, 1, 2, 2], [1.0, 2, 1, 2]])
+    assert analysis.rank_correlation(halves)[0, 1].item() == pytest.approx(0.0, abs=1e-12)
+    assert matrix[2, :2].tolist() == [0.0, 0.0] and matrix.diagonal().tolist() == [1.0, 1.0, 1.0]  # constant row
 
 
 def test_block_ablation_leaves_the_model_as_it_was(parent):
@@ -78,8 +91,32 @@ def test_parameter_count_and_nearest_valid_shape(parent):
     assert suggested_shape(parent.model).layers == 2
 
 
-def test_generate_text_and_its_errors(parent):
-    text = analysis.generate_text(parent.model, parent.preprocessor, "the cat", max_new_tokens=5)
-    assert isinstance(text, str)
+def _greedy_ids(model, ids: torch.Tensor, steps: int, eos: int) -> torch.Tensor:
+    """The greedy continuation by hand: append the argmax token `steps` times, stopping at EOS."""
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(input_ids=ids).logits[0, -1].argmax()  # logits: (1, T, V)
+            if int(token) == eos:
+                break
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return ids
+
+
+def test_generate_text_is_the_greedy_continuation_of_the_prompt(parent):
+    model, tokenizer = parent.model, parent.preprocessor
+    prompt_ids = tokenizer("the cat", return_tensors="pt")["input_ids"]
+    expected = _greedy_ids(model, prompt_ids, 5, tokenizer.eos_token_id)
+    assert expected.shape[1] > prompt_ids.shape[1], "the tiny model stops at once: pick another prompt"
+    seen = []
+    text = analysis.generate_text(model, tokenizer, "the cat", max_new_tokens=5,
+                                  progress=lambda done, total: seen.append((done, total)))
+    assert text == tokenizer.decode(expected[0, prompt_ids.shape[1]:])  # the new text only, not the prompt
+    assert seen[-1] == (expected.shape[1] - prompt_ids.shape[1], 5)
+
+
+def test_generate_text_refuses_an_empty_prompt_and_one_that_fills_the_context(parent):
     with pytest.raises(SubcloneError, match="empty"):
         analysis.generate_text(parent.model, parent.preprocessor, "", max_new_tokens=5)
+    context = parent.model.config.max_position_embeddings  # one byte is one token in the tiny tokenizer
+    with pytest.raises(SubcloneError, match=f"as many as the model's context \\({context}\\)"):
+        analysis.generate_text(parent.model, parent.preprocessor, "a" * context, max_new_tokens=5)

@@ -45,9 +45,10 @@ def cli_in_subprocess(args, env_extra: dict | None = None) -> tuple[int, str]:
 
 
 def one_line(stderr: str) -> str:
-    """The one error line of stderr, leaving out warnings and progress bars (the GGUF reader's tqdm)."""
+    """The one error line of stderr, leaving out warnings and the line announcing a GGUF conversion that began
+    (no progress bar: the GGUF reader's own tqdm bar is hidden as transformers' are)."""
     lines = [line for line in stderr.strip().splitlines()
-             if line.strip() and "Warning" not in line and "\r" not in line and "it/s]" not in line]
+             if line.strip() and "Warning" not in line and not line.startswith("converting ")]
     assert len(lines) == 1, stderr[-2000:]
     return lines[0]
 

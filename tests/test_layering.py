@@ -1,15 +1,18 @@
-"""The shape of the code: a pure core, no import cycles, task knowledge only in the task registry, one module
-that renames files into place, small functions.
+"""The shape of the code: layers in README's "Code layout" order (import-linter's contracts in
+pyproject.toml), no import cycles, task knowledge only in the task registry, one module that renames files
+into place, small functions; and how tests/conftest.py tells an integration test from a unit test.
 
-These read the source as text; each names the module, import or function that breaks the rule.
+Each failure names the module, import or function that breaks the rule.
 """
 
 from __future__ import annotations
 
 import ast
 import re
-import sys
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "subclone_core"
@@ -83,55 +86,35 @@ def test_no_function_over_50_lines():
 
 
 # --- layers -----------------------------------------------------------------------------------------------
-CORE = PACKAGE / "core"
-CORE_MAY_IMPORT = {"torch", "transformers", "safetensors", "accelerate", "numpy"}
+def test_each_layer_imports_only_the_layers_below_it(capsys):
+    """pyproject.toml's [tool.importlinter] contracts: core -> data -> tasks -> io -> training -> sources ->
+    workflow -> analysis -> cli | app, every import counted (a late one inside a function too), and a core
+    that needs no app, plotting, data-set or file-format library."""
+    from importlinter.cli import lint_imports
+
+    code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
+    assert code == 0, capsys.readouterr().out
 
 
-def _imported_names(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in a file, function-level ones included."""
-    package = _module_name(path).split(".")
-    if path.name != "__init__.py":
-        package = package[:-1]
-    names = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
-            module = ".".join([*base, node.module] if node.module else base)
-            names += [(node.lineno, module)] + [(node.lineno, f"{module}.{a.name}") for a in node.names]
-    return names
+# --- test tiers (tests/conftest.py) ---------------------------------------------------------------------------
+def _starts_a_process() -> object:
+    return subprocess.run
 
 
-def test_the_core_imports_nothing_else_of_the_project():
-    allowed = CORE_MAY_IMPORT | set(sys.stdlib_module_names)
-    found = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p in CORE.rglob("*.py")
-             for line, name in _imported_names(p)
-             if not (name == "subclone_core.core" or name.startswith("subclone_core.core."))
-             and (name.startswith("subclone_core") or name.split(".")[0] not in allowed)
-             and not _is_imported_attribute(name)]
-    assert not found, found
+def _calls_a_helper_that_starts_one() -> object:
+    return _starts_a_process()
 
 
-def _is_imported_attribute(name: str) -> bool:
-    """`from torch import nn` lists torch.nn; `from subclone_core.core import x` lists ...core.x: both fine."""
-    return name.split(".")[0] in CORE_MAY_IMPORT | set(sys.stdlib_module_names)
+def _stays_in_process() -> object:
+    return ast.parse("x = 1")
 
 
-def _layer(module: str) -> str | None:
-    """The subpackage (or top-level module) a project module belongs to; None for the package itself."""
-    parts = module.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 else None
+@pytest.mark.unit  # it only names subprocess, through the helpers above: the hook alone would say integration
+def test_the_tier_hook_sees_a_subprocess_through_the_helpers_a_test_calls():
+    from tests.conftest import _reaches_integration
 
-
-def test_no_import_cycle_between_subpackages():
-    graph: dict[str, set[str]] = {}
-    for name, deps in _graph().items():
-        layer = _layer(name)
-        if layer is not None:
-            graph.setdefault(layer, set()).update(d for d in map(_layer, deps) if d not in (None, layer))
-    cycles = [c for c in (_cycle_from(m, graph) for m in sorted(graph)) if c]
-    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles[:5])
+    assert _reaches_integration(_calls_a_helper_that_starts_one, set())
+    assert not _reaches_integration(_stays_in_process, set())
 
 
 # --- one place for each kind of knowledge -------------------------------------------------------------------

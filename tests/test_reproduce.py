@@ -45,6 +45,7 @@ def _budget(rows: list[tuple[float, float | None, bool]]) -> dict:
             "arms": {"subclone": {"val_loss": [9.0, 3.5]}}}
 
 
+@pytest.mark.slow  # the module's `run` fixture runs bench/reproduce.py end to end (minutes)
 def test_report_covers_every_finding_with_a_computed_verdict(run):
     text = run["text"]
     for number, title, *_ in report_rules.FINDINGS:
@@ -58,6 +59,7 @@ def test_report_covers_every_finding_with_a_computed_verdict(run):
     assert "the iso-loss speedup at random init's final loss (4.00) is **4.6x**" in text
 
 
+@pytest.mark.slow
 def test_every_linked_plot_exists_as_a_png(run):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", run["text"])
     assert len(links) == len(report_rules.FINDINGS)
@@ -66,6 +68,7 @@ def test_every_linked_plot_exists_as_a_png(run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, link
 
 
+@pytest.mark.slow
 def test_reported_numbers_come_from_the_models(run):
     """Relative magnitude and a step-0 loss recomputed independently match what the run reported."""
     results = run["results"]["lm"]
@@ -81,6 +84,7 @@ def test_reported_numbers_come_from_the_models(run):
     assert row["loss"] == pytest.approx(evaluate(child.model, batches)["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_training_ran_every_arm_with_swept_learning_rates(run):
     training = run["results"]["lm"]["training"]
     assert set(training["runs"]) == {a.name for a in reproduce.lm_arms(reproduce.SIZES["smoke"].lm_lrs)}
@@ -92,6 +96,7 @@ def test_training_ran_every_arm_with_swept_learning_rates(run):
     assert vit["metric"] == "accuracy" and "subclone" in vit["speedups"]
 
 
+@pytest.mark.slow
 def test_redrawing_from_the_json_gives_the_same_report(run, tmp_path):
     out = tmp_path / "REPRODUCTION.md"
     (tmp_path / "reproduction").mkdir()

@@ -34,9 +34,9 @@ def conversions(monkeypatch):
     calls = []
     original = gguf._convert_gguf
 
-    def counting(gguf, out):
+    def counting(gguf, out, *rest):
         calls.append(gguf)
-        original(gguf, out)
+        original(gguf, out, *rest)
 
     monkeypatch.setattr(gguf, "_convert_gguf", counting)
     return calls

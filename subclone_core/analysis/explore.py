@@ -116,29 +116,40 @@ def candidate_shapes(parent_model: nn.Module, budget: int, *, depths_per_width: 
     """Shapes near the budget with their exact parameter counts, narrowest first, shallowest first.
 
     For each width the depth that lands nearest the budget and its neighbours (a tenth of the parent's
-    depth apart) are kept when their count lies within a factor ``spread`` of the budget.
+    depth apart) are kept when their count lies within a factor ``spread`` of the budget. A budget inside
+    the parent's range that falls in a gap between shapes gets the nearest shape on each side.
 
     Raises:
-        SubcloneError: no shape of the parent comes within that factor of the budget.
+        SubcloneError: the budget is outside the range of the parent's shapes (which the message names).
     """
     parent_layers = Shape.of(parent_model.config).layers
     shallowest = min(2, parent_layers)  # the block policies keep the first and the last block
     step = max(1, parent_layers // 10)
-    found, sizes = [], []
+    offsets = range(-(depths_per_width // 2), depths_per_width - depths_per_width // 2)
+    grid, found = [], []
     for width in width_shapes(parent_model):
         one, two = (parameter_count(parent_model, replace(width, layers=n)) for n in (1, min(2, parent_layers)))
         per_block = max(two - one, 1)  # parameters grow linearly with depth
+        grid += [(replace(width, layers=n), one + (n - 1) * per_block) for n in range(shallowest, parent_layers + 1)]
         best = round((budget - one) / per_block) + 1
-        offsets = range(-(depths_per_width // 2), depths_per_width - depths_per_width // 2)
         for depth in sorted({min(parent_layers, max(shallowest, best + k * step)) for k in offsets}):
             params = one + (depth - 1) * per_block
-            sizes.append(params)
             if budget / spread <= params <= budget * spread:
                 found.append((replace(width, layers=depth), params))
-    if not found:
+    return found or _nearest_either_side(grid, budget)
+
+
+def _nearest_either_side(grid: list[tuple[Shape, int]], budget: int) -> list[tuple[Shape, int]]:
+    """The largest shape below the budget and the smallest above it (narrowest first), for a budget that falls
+    in a gap of the grid; refused when the budget is below or above every shape."""
+    below = [point for point in grid if point[1] <= budget]
+    above = [point for point in grid if point[1] >= budget]
+    if not below or not above:
+        sizes = [params for _, params in grid]
         raise SubcloneError(f"no child of this parent has about {budget:,} parameters: shapes range from "
                             f"{min(sizes):,} to {max(sizes):,}; choose a budget in that range")
-    return found
+    nearest = {max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])}
+    return sorted(nearest, key=lambda p: (p[0].hidden, p[0].layers))
 
 
 def pareto_flags(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -184,7 +195,9 @@ def explore_shapes(parent_model: nn.Module, importance: Importance, budget: int,
     if progress:
         progress(total, total)
     flags = pareto_flags([(params, loss) for (_, params), loss in zip(candidates, losses)])
-    points = [ShapePoint(shape, params, loss, flag)
-              for (shape, params), loss, flag in zip(candidates, losses, flags)]
+    # a shape that starts no better than random init is never worth offering, however small it is
+    worse = [loss >= random_metrics["loss"] for loss in losses]
+    points = [ShapePoint(shape, params, loss, flag and not bad)
+              for (shape, params), loss, flag, bad in zip(candidates, losses, flags, worse)]
     return Exploration(budget=budget, points=points, random_shape=reference, random_metrics=random_metrics)
 

@@ -8,12 +8,11 @@ anything here that attaches hooks or runs it goes through ``exclusive(model)``.
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
+import scipy.stats
 import torch
 from torch import Tensor, nn
 
@@ -24,23 +23,11 @@ from subclone_core.sources import Parent, make_data
 from subclone_core.tasks import task_of_model
 from subclone_core.training.evaluate import evaluate
 from subclone_core.workflow.children import needs_sequential, sequential_kwargs
+from subclone_core.workflow.locks import exclusive
 
 Progress = Callable[[int, int], None]
 EVAL_SEQ_LEN, EVAL_BATCH = 128, 8
 ABLATION_TOKENS = 256  # per removed block: a few hundred tokens rank the blocks; 31 x 1,024 took 11 min
-
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-@contextlib.contextmanager
-def exclusive(model: nn.Module) -> Iterator[nn.Module]:
-    """Hold the model's own lock: hooks one caller attaches must never see another caller's forward."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.setdefault(model, threading.RLock())
-    with lock:
-        yield model
-
 
 def first_batches(batches: Iterator[dict], n: int) -> list[dict]:
     """The first n batches as a list (reused for several evaluations)."""
@@ -116,11 +103,15 @@ def evaluate_shared(model: nn.Module, batches: Sequence[dict], max_batches: int 
 
 
 def rank_correlation(scores: Tensor) -> Tensor:
-    """Spearman rank correlation between the rows of (L, D) scores: (L, L), 1 on the diagonal."""
-    ranks = scores.double().argsort(dim=1).argsort(dim=1).double()  # (L, D) rank of each neuron per row
+    """Spearman rank correlation between the rows of (L, D) scores: (L, L) float64, 1 on the diagonal.
+
+    Tied scores share their average rank, so two rows correlate exactly as ``scipy.stats.spearmanr`` says
+    (Pearson correlation of the ranks). A constant row has no order: 0 against every other row.
+    """
+    ranks = torch.from_numpy(scipy.stats.rankdata(scores.detach().double().cpu().numpy(), axis=1))  # (L, D)
     ranks = ranks - ranks.mean(dim=1, keepdim=True)
     ranks = ranks / ranks.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return ranks @ ranks.T
+    return (ranks @ ranks.T).fill_diagonal_(1.0)
 
 
 def topk_overlap(scores: Tensor, shared: Tensor, k: int) -> Tensor:

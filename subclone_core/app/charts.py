@@ -246,7 +246,9 @@ def explorer_scatter(exploration: Exploration) -> go.Figure:
     (the page maps a clicked point back to its shape)."""
     fig = go.Figure()
     for on_front, name, color in ((False, "other shapes", BASE), (True, "Pareto front", KEPT)):
-        index = [i for i, p in enumerate(exploration.points) if p.pareto == on_front]
+        # in parameter order, so that the front's line runs left to right instead of zigzagging
+        index = sorted((i for i, p in enumerate(exploration.points) if p.pareto == on_front),
+                       key=lambda i: exploration.points[i].params)
         points = [exploration.points[i] for i in index]
         fig.add_trace(go.Scatter(
             x=[p.params / 1e6 for p in points], y=[p.loss for p in points], customdata=index, name=name,

@@ -5,8 +5,9 @@ a result, and the page polls it (``@st.fragment(run_every=...)``). Its events ar
 training engine's (subclone_core.training.events) and the job's own kinds below (progress, status, block,
 failed; "cancelled" is the engine's CancelledEvent). Each browser session keeps its own
 job in its session state, so sessions never see or stop each other's runs. The limiter is shared by
-the whole server: at most ``max_running`` jobs run at once, the others wait in a FIFO queue whose
-positions the pages show, and beyond ``max_queued`` waiting jobs a request is refused with a message.
+the whole server, for every long step and every training job: at most ``max_running`` jobs run at once,
+the others wait in a FIFO queue whose positions (and, where the jobs ahead have estimates, the wait) the
+pages show, and beyond ``max_queued`` waiting jobs a request is refused with a message.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,7 +116,7 @@ class JobLimiter:
             # together are all still "queued" when the next one is admitted
             if len(self._queue) + len(self._running) >= self.max_running + self.max_queued:
                 raise ServerBusy(
-                    f"the server is busy: {len(self._running)} training job(s) running and "
+                    f"the server is busy: {len(self._running)} job(s) running and "
                     f"{len(self._queue)} waiting (at most {self.max_queued}); try again when one has finished"
                 )
             self._queue.append(job_id)
@@ -139,6 +141,18 @@ class JobLimiter:
             self._running.discard(job_id)
             self._since.pop(job_id, None)
             self._discard(job_id)
+            self._cond.notify_all()
+
+    def ahead(self, job_id: str) -> list[str]:
+        """The ids of the jobs a waiting job waits for: those running, then those before it in the queue."""
+        with self._cond:
+            if job_id not in self._queue:
+                return []
+            return [*self._running, *list(self._queue)[: self._queue.index(job_id)]]
+
+    def wake(self) -> None:
+        """Let waiting jobs look at their cancel flags now rather than at their next poll."""
+        with self._cond:
             self._cond.notify_all()
 
     def position(self, job_id: str) -> int | None:
@@ -168,6 +182,14 @@ class JobLimiter:
             self._queue.remove(job_id)
 
 
+_STARTED: weakref.WeakValueDictionary[str, BackgroundJob] = weakref.WeakValueDictionary()
+
+
+def started_job(job_id: str) -> BackgroundJob | None:
+    """A started job by its id (the limiter knows only ids), while anything still holds it."""
+    return _STARTED.get(job_id)
+
+
 class BackgroundJob:
     """Run ``work(emit, cancel)`` in a daemon thread once the limiter gives it a slot.
 
@@ -179,10 +201,12 @@ class BackgroundJob:
         error: a message saying what went wrong and what to do (after "failed").
         orphan_after: seconds without a ``heartbeat`` after which the job cancels itself (None: never).
         orphaned: whether it was cancelled that way.
+        estimate: seconds the work should take once running (None: unknown); the queue's wait is summed
+            from the estimates of the jobs ahead.
     """
 
     def __init__(self, work: Work, *, name: str = "job", limiter: JobLimiter | None = None,
-                 orphan_after: float | None = None) -> None:
+                 orphan_after: float | None = None, estimate: float | None = None) -> None:
         self.id = uuid.uuid4().hex
         self.name, self.work = name, work
         self.limiter = limiter or JobLimiter(max_running=1, max_queued=0)
@@ -192,6 +216,7 @@ class BackgroundJob:
         self.error: str | None = None
         self.created, self.started, self.finished = time.time(), None, None
         self.orphan_after, self.orphaned, self.last_seen = orphan_after, False, time.time()
+        self.estimate = estimate
         self._events: list[Event] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -208,6 +233,7 @@ class BackgroundJob:
             raise SubcloneError(f"job {self.name!r} was already started (status {self.status})")
         self.limiter.submit(self.id)
         self.status = "queued"
+        _STARTED[self.id] = self
         name = f"subclone-{self.name}-{self.id[:6]}"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -216,10 +242,13 @@ class BackgroundJob:
         return self
 
     def stop(self) -> None:
-        """Ask the job to stop: a waiting job leaves the queue, a running one stops after its current step."""
+        """Ask the job to stop: a waiting job leaves the queue, a running one stops after its current step.
+
+        Only the job's own thread frees its place: a job that ``wait_turn`` has just let in still reads
+        "queued" for a moment, and freeing its slot from here would let a second job run beside it.
+        """
         self.cancel_event.set()
-        if self.status == "queued":
-            self.limiter.release(self.id)
+        self.limiter.wake()
 
     def heartbeat(self) -> None:
         """The page that owns the job is still open (it calls this whenever it polls)."""
@@ -258,6 +287,29 @@ class BackgroundJob:
             return 0.0
         return (self.finished or time.time()) - self.started
 
+    def remaining(self) -> float | None:
+        """Seconds until the job should end: from its progress so far while running, else its estimate;
+        None when neither is known."""
+        if self.done:
+            return 0.0
+        ticks = [e for e in self.events() if isinstance(e, ProgressEvent) and e.total]
+        if self.status == "running" and ticks and ticks[-1].done:
+            last = ticks[-1]
+            began = next(e.time for e in ticks if e.stage == last.stage)
+            return (time.time() - began) * (last.total - last.done) / last.done
+        if self.estimate is None:
+            return None
+        return max(0.0, self.estimate - self.elapsed())
+
+    def wait_seconds(self) -> float | None:
+        """Seconds until a waiting job should get its slot (the jobs ahead's ``remaining``, spread over the
+        server's slots); None when any job ahead has no estimate."""
+        ahead = [started_job(job_id) for job_id in self.limiter.ahead(self.id)]
+        left = [job.remaining() if job is not None else None for job in ahead]
+        if not left or None in left:
+            return None
+        return sum(left) / self.limiter.max_running
+
     # --- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -265,6 +317,9 @@ class BackgroundJob:
             if not self.limiter.wait_turn(self.id, self.cancel_event):
                 self.status = "cancelled"
                 self.emit(CancelledEvent(message="stopped while waiting in the queue"))
+                return
+            if self.cancel_event.is_set():  # stopped in the moment between getting the slot and starting
+                self.status = "cancelled"
                 return
             self.status, self.started = "running", time.time()
             self.limiter.note_started(self.id)

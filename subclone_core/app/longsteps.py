@@ -132,7 +132,9 @@ def explorer_work(parent: Parent, importance: Importance | None, data_id: str | 
         batches = validation_sample(parent, data_id, EVAL_TOKENS)
         progress = cancellable(cancel, staged(emit, "subcloning and scoring shapes"))
         refit = refit_source(parent, data_id or default_data_id(parent.task), calib_tokens)
-        return measured, explore_shapes(parent.model, measured, budget, batches, progress=progress, refit_items=refit)
+        with exclusive(parent.model):  # the refit runs the shared parent on calibration batches
+            return measured, explore_shapes(parent.model, measured, budget, batches, progress=progress,
+                                            refit_items=refit)
 
     return work
 

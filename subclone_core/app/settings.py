@@ -6,8 +6,9 @@ Settings come from environment variables first, then from a ``[subclone]`` table
 - ``SUBCLONE_OUTPUT_DIR`` (``output_dir``): the one folder the app writes to (default ``outputs``).
 - ``SUBCLONE_ALLOWED_ROOTS`` (``allowed_roots``): folders that local parents and data must lie under,
   separated by ``os.pathsep`` (a list in secrets.toml). Empty (the default): any local path.
-- ``SUBCLONE_MAX_JOBS`` (``max_jobs``): training jobs running at once on this server (default 1).
-- ``SUBCLONE_MAX_QUEUE`` (``max_queue``): training jobs waiting at most; more are refused (default 4).
+- ``SUBCLONE_MAX_JOBS`` (``max_jobs``): jobs (training and long page steps) running at once on this server
+  (default 1).
+- ``SUBCLONE_MAX_QUEUE`` (``max_queue``): jobs waiting at most; more are refused (default 20: a class).
 - ``SUBCLONE_ALLOW_HUB`` (``allow_hub``): whether Hub ids may be downloaded (default on).
 - ``SUBCLONE_MAX_UPLOAD_MB`` (``max_upload_mb``): the largest text upload accepted (default 10).
 - ``SUBCLONE_OPEN_PARENT`` (``open_parent``): the parent a new session opens with (default ``default``;
@@ -38,8 +39,8 @@ class AppSettings:
     Attributes:
         output_dir: every file the app writes goes under this folder.
         allowed_roots: local parents and data must lie under one of these; empty allows any path.
-        max_jobs: training jobs running at once on this server.
-        max_queue: training jobs allowed to wait; further requests are refused with a message.
+        max_jobs: jobs (training and long page steps) running at once on this server.
+        max_queue: jobs allowed to wait; further requests are refused with a message.
         allow_hub: accept Hugging Face Hub ids as parents.
         max_upload_mb: the largest uploaded text file accepted.
         open_parent: the parent id a new session loads on its first run ("" for none).
@@ -48,7 +49,7 @@ class AppSettings:
     output_dir: Path = Path("outputs")
     allowed_roots: tuple[Path, ...] = field(default_factory=tuple)
     max_jobs: int = 1
-    max_queue: int = 4
+    max_queue: int = 20
     allow_hub: bool = True
     max_upload_mb: int = 10  # about 2.5M tokens of text, more than the default corpus; reading stops at the budget
     open_parent: str = "default"

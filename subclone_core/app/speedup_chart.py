@@ -33,8 +33,11 @@ def iso_loss_chart(rows_by_candidate: Mapping[str, Sequence[IsoLoss]], *, metric
     for name, rows in rows_by_candidate.items():
         for bound in (False, True):
             _add_points(fig, name, [r for r in rows if r.speedup is not None and r.lower_bound == bound], bound)
-    fig.add_hline(y=1.0, line={"color": COLORS["random"], "dash": "dash", "width": 1},
-                  annotation_text="as fast as random init", annotation_position="bottom left")
+    fig.add_hline(y=1.0, line={"color": COLORS["random"], "dash": "dash", "width": 1})
+    # on a log axis an annotation's y is log10 of the value: 0 puts the label at 1x (add_hline's own label
+    # lands at 10x)
+    fig.add_annotation(text="as fast as random init", x=0, xref="paper", y=0, yref="y", showarrow=False,
+                       xanchor="left", yanchor="top")
     fig.update_layout(title=f"Speedup at every {metric} level random init reached",
                       xaxis={"title": f"validation {metric} (random init's curve)",
                              "autorange": True if higher_is_better else "reversed"},

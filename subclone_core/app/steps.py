@@ -232,8 +232,9 @@ class TrainRequest:
 def build_request_candidates(request: TrainRequest) -> tuple[list[Candidate], dict[str, dict]]:
     """Copies of the child and its twin, plus the extra strategies built by the training job's rule."""
     made = {request.settings.names[0]: request.child, BASELINE: request.twin}
-    return build_candidates(request.parent, request.child.shape, request.candidate_settings(),
-                            importance=request.child.importance, made=made)
+    with exclusive(request.parent.model):  # calibration and the refit run the parent other sessions share
+        return build_candidates(request.parent, request.child.shape, request.candidate_settings(),
+                                importance=request.child.importance, made=made)
 
 
 def training_work(request: TrainRequest, *,

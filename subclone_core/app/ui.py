@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,10 @@ import streamlit as st
 import torch
 
 from subclone_core.app.inputs import app_words, range_label, range_problem
-from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob, JobLimiter, ProgressEvent, Work
+from subclone_core.app.jobs import ORPHAN_SECONDS, JobLimiter, ProgressEvent, Work
 from subclone_core.app.session import Workspace
 from subclone_core.app.settings import AppSettings
+from subclone_core.app.sharing import ResultStore, SharedSteps, step_text
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.devices import resolve_device
 from subclone_core.sources import Parent, load_parent
@@ -99,7 +98,8 @@ def _limiter(max_running: int, max_queued: int) -> JobLimiter:
 
 
 def limiter() -> JobLimiter:
-    """The server-wide training job limiter (one per setting of max jobs and queue length)."""
+    """The server-wide job limiter of training jobs and long page steps (one per setting of max jobs and
+    queue length)."""
     config = settings()
     return _limiter(config.max_jobs, config.max_queue)
 
@@ -144,12 +144,18 @@ def current_parent() -> Parent:
     st.stop()
 
 
+# GitHub's autolinks need no Markdown punctuation: "www." and "name@host" start one. A zero-width space after
+# "www" and after "@" breaks them; URLs ("http://", "ftp://", "mailto:") are broken at their colon.
+_AUTOLINK_STARTS = re.compile(r"(?i)(www(?=\\?\.)|@)")
+
+
 def plain(text: str) -> str:
     """Text from a user or a model (a path, a name, a generation, an error) made safe to show as Markdown:
     Markdown's punctuation is escaped (no link, image, emphasis or code), and a zero-width space after
-    every colon breaks Streamlit's ``:emoji:``, ``:material/icon:`` and ``:color[...]`` codes and URLs."""
+    every colon breaks Streamlit's ``:emoji:``, ``:material/icon:`` and ``:color[...]`` codes and URLs, and
+    one after "www" and "@" GitHub's autolinks of web and e-mail addresses."""
     escaped = re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", str(text)).replace("\n", " ")
-    return escaped.replace(":", ":\u200b")
+    return _AUTOLINK_STARTS.sub("\\1\u200b", escaped.replace(":", ":\u200b"))
 
 
 def progress_bar(text: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -186,12 +192,17 @@ def errors_shown(what: str) -> Iterator[None]:
 # --- results kept for every session; page steps in the background ------------------------------------
 
 STEP_POLL_SECONDS = 0.5
-RESULTS_KEPT = 256
+RESULTS_BYTES = 2 * 2**30  # results kept for every session: their tensors' bytes at most
 
 
 @st.cache_resource(show_spinner=False)
-def _results() -> tuple[OrderedDict, threading.Lock]:
-    return OrderedDict(), threading.Lock()
+def _results() -> ResultStore:
+    return ResultStore(RESULTS_BYTES)
+
+
+@st.cache_resource(show_spinner=False)
+def _shared_steps() -> SharedSteps:
+    return SharedSteps()
 
 
 def cached(key: tuple) -> Any:
@@ -200,26 +211,25 @@ def cached(key: tuple) -> Any:
     The session's parent placement (device, dtype) is part of every key: a bfloat16 parent's scores are
     not a float32 parent's.
     """
-    store, lock = _results()
-    with lock:
-        return store.get((*placement(), *key))
+    return _results().get((*placement(), *key))
 
 
 def remember(key: tuple, value: Any) -> Any:
-    """Keep a result for every session of this server (the oldest go beyond RESULTS_KEPT); returns it."""
-    store, lock = _results()
-    with lock:
-        store[(*placement(), *key)] = value
-        while len(store) > RESULTS_KEPT:
-            store.popitem(last=False)
-    return value
+    """Keep a result for every session of this server (the least recently used go beyond RESULTS_BYTES);
+    returns it."""
+    return _results().put((*placement(), *key), value)
 
 
-def start_step(name: str, work: Work, apply: Callable[[Any], None]) -> None:
-    """Run a page step in the background; ``apply(result)`` runs on the next rerun after it is done. The
-    step is cancelled when no page of the session has polled it for ORPHAN_SECONDS (a closed tab)."""
-    job = BackgroundJob(work, name=name, orphan_after=ORPHAN_SECONDS).start()
-    workspace().start_step(name, job, apply)
+def start_step(name: str, work: Work, apply: Callable[[Any], None], key: tuple | None = None,
+               estimate: float | None = None) -> None:
+    """Run a page step in the server's queue; ``apply(result)`` runs on the next rerun after it is done.
+    Sessions asking for the same ``key`` (ids and settings; the placement is added) share one job. The
+    step is cancelled when no page has polled it for ORPHAN_SECONDS (a closed tab)."""
+    shared = None if key is None else (name, *placement(), *key)
+    with errors_shown(f"starting {name}"):
+        handle = _shared_steps().start(shared, name, work, limiter(), orphan_after=ORPHAN_SECONDS,
+                                       estimate=estimate)
+        workspace().start_step(name, handle, apply)
 
 
 def step_panel(name: str, label: str, partial: Callable[[list[Event]], None] | None = None) -> bool:
@@ -255,7 +265,7 @@ def _poll_step(name: str, label: str, partial: Callable[[list[Event]], None] | N
     ticks = of_kind(events, ProgressEvent)
     last = ticks[-1] if ticks else ProgressEvent(done=0, total=0)
     done, total, stage = last.done, last.total, last.stage or label
-    text = f"{stage.capitalize()}: {done:,} of {total:,}" if total else f"{label.capitalize()}: starting"
+    text = f"{stage.capitalize()}: {done:,} of {total:,}" if total else step_text(job, label)
     began = next((e.time for e in ticks if e.stage == last.stage), None)
     if done and began is not None and total > done:
         text += f", about {max(1, round((time.time() - began) * (total - done) / done))} s left"

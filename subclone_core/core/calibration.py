@@ -1,7 +1,10 @@
 """Calibration: run the parent on data and measure neuron, head and block importance.
 
 Hooks keep running sums only (never activations), so memory is O(layers x width) whatever the
-number of tokens. Scores follow the paper: the mean |activation| over batch and tokens.
+number of tokens. Scores follow the paper: the mean |activation| over batch and tokens. Beside them, the
+inputs of the output projections and of the layers that read the stream get the per-channel statistics that
+other published methods score by (``INPUT_STATS``: Wanda-sp's and FLAP's moments, Minitron's per-sequence
+means), a few reductions of tensors the hooks already hold.
 
 The least-squares refit of a child needs second moments of the parent's layer inputs too; those are taken in a
 second pass, block by block, once the selection is known (io.refitting), never here for the whole parent.
@@ -44,6 +47,10 @@ class Importance:
         data: a description of the calibration data.
         residual_read: (D,) the residual stream as the model reads it: the mean |input| of every linear
             layer that reads the stream (after the pre-norms), summed. None in results saved before it existed.
+        input_stats: per-channel statistics of layer inputs, by the names of INPUT_STATS (empty in results saved
+            before they existed): "heads_*" over the attention output projection's input (L, H x Dh), "ffn_*"
+            over the FFN down projection's (L, F), "read_seq" over the input of each sublayer's first reader of
+            the stream (L, sublayers, D).
     """
 
     residual_embed: Tensor
@@ -57,6 +64,7 @@ class Importance:
     tokens: int
     data: str = ""
     residual_read: Tensor | None = None
+    input_stats: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def residual(self) -> Tensor:
@@ -65,9 +73,12 @@ class Importance:
 
     def residual_ranking(self, score: str) -> Tensor:
         """(D,) the one shared ranking score of the residual stream: "written" (the outputs that join it, the
-        paper's) or "read" (the inputs of the layers that read it, after the pre-norms)."""
+        paper's), "read" (the inputs of the layers that read it, after the pre-norms) or "minitron" (NVIDIA
+        ModelOpt's: per sublayer, the L2 norm over sequences of each sequence's mean |normed input|, summed)."""
         if score == "written":
             return self.residual
+        if score == "minitron":
+            return self.stat("read_seq").sum((0, 1))
         if score != "read":
             raise SubcloneError(f"unknown residual score {score!r}; valid: {', '.join(RESIDUAL_SCORES)}")
         if self.residual_read is None:
@@ -75,30 +86,49 @@ class Importance:
                                 "calibrate again, or use the residual score 'written'")
         return self.residual_read
 
-    def to_json(self) -> dict:
-        """A plain-JSON dict (lists of floats)."""
+    def stat(self, name: str) -> Tensor:
+        """One of the input statistics (INPUT_STATS), or an error saying to calibrate again."""
+        if name not in self.input_stats:
+            raise SubcloneError(f"this importance has no input statistic {name!r} (measured by an older version, "
+                                "or without input statistics); calibrate again with them")
+        return self.input_stats[name]
+
+    def to_json(self, *, input_stats: bool = False) -> dict:
+        """A plain-JSON dict (lists of floats); the input statistics (per channel of every layer: large) only when
+        asked, as save keeps them."""
         out = {name: getattr(self, name).tolist() for name in _TENSOR_FIELDS}
         out.update(residual=self.residual.tolist(), tokens=self.tokens, data=self.data)
         if self.residual_read is not None:
             out["residual_read"] = self.residual_read.tolist()
+        if input_stats and self.input_stats:
+            out["input_stats"] = {name: t.tolist() for name, t in self.input_stats.items()}
         return out
 
     @classmethod
     def from_json(cls, obj: dict) -> Importance:
         tensors = {name: torch.tensor(obj[name], dtype=torch.float64) for name in _TENSOR_FIELDS}
         read = obj.get("residual_read")
+        stats = {name: torch.tensor(v, dtype=torch.float64) for name, v in obj.get("input_stats", {}).items()}
         return cls(**tensors, tokens=int(obj["tokens"]), data=obj.get("data", ""),
-                   residual_read=None if read is None else torch.tensor(read, dtype=torch.float64))
+                   residual_read=None if read is None else torch.tensor(read, dtype=torch.float64), input_stats=stats)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json()))
+        Path(path).write_text(json.dumps(self.to_json(input_stats=True)))
 
     @classmethod
     def load(cls, path: str | Path) -> Importance:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-RESIDUAL_SCORES = ("read", "written")
+RESIDUAL_SCORES = ("read", "written", "minitron")
+# name -> (the module whose input it is measured on: ArchSpec.attn_out or .ffn_down, the reduction over tokens):
+# "sq" the mean x^2 and "mean" the mean x of each channel over real tokens (Wanda-sp's input norm, FLAP's
+# fluctuation and baseline); "seq" the L2 norm over sequences of each sequence's mean |x| (Minitron's)
+INPUT_STATS: dict[str, tuple[str, str]] = {
+    "heads_sq": ("attn_out", "sq"), "heads_mean": ("attn_out", "mean"), "heads_seq": ("attn_out", "seq"),
+    "ffn_sq": ("ffn_down", "sq"), "ffn_mean": ("ffn_down", "mean"), "ffn_seq": ("ffn_down", "seq"),
+}
+_SEQ_STATS = ("heads_seq", "ffn_seq", "read_seq")  # sums of squares over sequences: their square roots
 _TENSOR_FIELDS = ("residual_embed", "residual_attn", "residual_ffn", "residual_block", "ffn", "heads",
                   "rel_magnitude", "one_minus_cos")
 
@@ -112,6 +142,7 @@ class _Sums:
     device: torch.device
     tokens: int = 0
     sums: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)  # the input statistics (INPUT_STATS, "read_seq")
 
     def __post_init__(self) -> None:
         s, z = self.shape, lambda *size: torch.zeros(*size, dtype=torch.float64, device=self.device)
@@ -121,23 +152,36 @@ class _Sums:
             "ffn": z(s.layers, s.ffn), "heads": z(s.layers, s.heads * s.head_dim),
             "rel_magnitude": z(s.layers), "one_minus_cos": z(s.layers),
         }
+        widths = {"attn_out": s.heads * s.head_dim, "ffn_down": s.ffn}
+        self.stats = {name: z(s.layers, widths[where]) for name, (where, _) in INPUT_STATS.items()}
 
-    def add(self, name: str, layer: int | None, value: Tensor) -> None:
-        target = self.sums[name] if layer is None else self.sums[name][layer]
+    def add(self, name: str, layer: int | tuple[int, int] | None, value: Tensor) -> None:
+        sums = self.stats if name in self.stats else self.sums
+        target = sums[name] if layer is None else sums[name][layer]
         target += value.to(self.device, torch.float64)
+
+    def add_read(self, layer: int, sublayer: int, sublayers: int, value: Tensor) -> None:
+        """Add to the per-sublayer reader statistic, sized on first use (the recorder knows the sublayers)."""
+        if "read_seq" not in self.stats:
+            self.stats["read_seq"] = torch.zeros(self.shape.layers, sublayers, value.numel(), dtype=torch.float64,
+                                                 device=self.device)
+        self.add("read_seq", (layer, sublayer), value)
 
     def result(self, data: str) -> Importance:
         n = max(self.tokens, 1)
         mean = {k: (v / n).cpu() for k, v in self.sums.items()}
         heads = mean.pop("heads").view(self.shape.layers, self.shape.heads, self.shape.head_dim).mean(-1)
-        return Importance(**mean, heads=heads, tokens=self.tokens, data=data)
+        stats = {k: (v.sqrt() if k in _SEQ_STATS else v / n).cpu() for k, v in self.stats.items()}
+        return Importance(**mean, heads=heads, tokens=self.tokens, data=data, input_stats=stats)
 
 
 class _Recorder:
     """Forward hooks that add each batch's statistics to running sums; the mask marks real tokens."""
 
-    def __init__(self, model: nn.Module, arch: ArchSpec, sums: _Sums) -> None:
-        self.model, self.arch, self.sums = model, arch, sums
+    def __init__(self, model: nn.Module, arch: ArchSpec, sums: _Sums, *, input_stats: bool = False) -> None:
+        self.model, self.arch, self.sums, self.input_stats = model, arch, sums, input_stats
+        if not input_stats:
+            sums.stats.clear()  # none measured: the result has none, and a strategy reading them says so
         self.mask: Tensor | None = None  # (B, T) bool, None when every position is a real token
         self.handles: list = []
 
@@ -147,6 +191,22 @@ class _Recorder:
 
     def abs_sum(self, x: Tensor) -> Tensor:
         return self.valid(x).abs().sum(0, dtype=torch.float32)
+
+    def channel_stats(self, x: Tensor) -> dict[str, Tensor]:
+        """The INPUT_STATS reductions of (B, T, C) inputs, each (C,): over the real tokens the sum of x^2 ("sq")
+        and of x ("mean"), and over the sequences the sum of (mean |x| over the sequence)^2 ("seq"). Computed in
+        float32 at least, where the hook holds the tensor (the float64 sums add the batches)."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        rows = self.valid(x)  # (N, C)
+        return {"sq": (rows * rows).sum(0), "mean": rows.sum(0), "seq": self.seq_means(x).square().sum(0)}
+
+    def seq_means(self, x: Tensor) -> Tensor:
+        """(B, C) each sequence's mean |x| over its real tokens."""
+        x = x.reshape(-1, *x.shape[-2:]).abs()  # (B, T, C)
+        if self.mask is None:
+            return x.mean(1)
+        mask = self.mask.to(x.device, x.dtype)[..., None]  # (B, T, 1)
+        return (x * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def attach(self) -> None:
         blocks = self.model.get_submodule(self.arch.blocks)
@@ -166,6 +226,13 @@ class _Recorder:
             self._hook(block.get_submodule(path), self._output_hook(i, name))
         for path in block_readers:
             self._hook(block.get_submodule(path), self._input_hook(None, "residual_read"))
+        if not self.input_stats:
+            return
+        for role in dict.fromkeys(role for role, _ in INPUT_STATS.values()):
+            self._hook(block.get_submodule(getattr(self.arch, role)), self._stat_hook(i, role))
+        readers = sublayer_readers(self.arch)
+        for j, path in enumerate(readers):
+            self._hook(block.get_submodule(path), self._read_hook(i, j, len(readers)))
 
     def attach_globals(self) -> None:
         """The hooks of the layers outside the blocks that read the residual stream (the output head)."""
@@ -184,6 +251,20 @@ class _Recorder:
     def _input_hook(self, layer: int | None, name: str):
         def hook(module, args, output):
             self.sums.add(name, layer, self.abs_sum(args[0]))
+        return hook
+
+    def _stat_hook(self, layer: int, role: str):
+        def hook(module, args, output):
+            stats = self.channel_stats(args[0])
+            for name, (where, how) in INPUT_STATS.items():
+                if where == role:
+                    self.sums.add(name, layer, stats[how])
+        return hook
+
+    def _read_hook(self, layer: int, sublayer: int, sublayers: int):
+        def hook(module, args, output):
+            x = args[0].to(torch.promote_types(args[0].dtype, torch.float32))
+            self.sums.add_read(layer, sublayer, sublayers, self.seq_means(x).square().sum(0))
         return hook
 
     def _output_hook(self, layer: int, name: str):
@@ -210,6 +291,16 @@ class _Recorder:
         return hook
 
 
+def sublayer_readers(arch: ArchSpec) -> tuple[str, ...]:
+    """Inside a block, the first linear layer reading the stream in each sublayer (q of the attention, gate or
+    up of the FFN): its input is that sublayer's normed stream, the one Minitron scores the hidden size by
+    (the other readers of a sublayer read the same tensor)."""
+    first: dict[str, str] = {}
+    for path in arch.residual_readers[1]:
+        first.setdefault(path.rpartition(".")[0], path)
+    return tuple(first.values())
+
+
 def optional_submodule(model: nn.Module, path: str) -> nn.Module | None:
     """The module at a dotted path, or None where this model has none (a table lists every variant's modules)."""
     try:
@@ -219,9 +310,9 @@ def optional_submodule(model: nn.Module, path: str) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module, sums: _Sums) -> Iterator[_Recorder]:
+def recording(model: nn.Module, sums: _Sums, *, input_stats: bool = False) -> Iterator[_Recorder]:
     """Attach the hooks for the duration of the block and always remove them."""
-    recorder = _Recorder(model, arch_of_model(model), sums)
+    recorder = _Recorder(model, arch_of_model(model), sums, input_stats=input_stats)
     try:
         recorder.attach()
         yield recorder
@@ -264,6 +355,7 @@ def calibrate(
     max_tokens: int | None = None,
     progress: Progress | None = None,
     data: str = "",
+    input_stats: bool = False,
 ) -> Importance:
     """Measure importance on calibration batches, on the model's own devices and dtype.
 
@@ -278,6 +370,9 @@ def calibrate(
             cls token of every image count).
         progress: called with (token positions done, max_tokens or 0) after each batch.
         data: a description of the data, kept in the result.
+        input_stats: also record INPUT_STATS (what wanda-sp, flap and minitron score by; strategies.
+            needs_input_stats); off by default: their reductions took 15-30% of a calibration's time on a 2-core
+            CPU (SmolLM2-sized model), wasted where no such strategy reads them.
     """
     device = input_device(model)
     sums = _Sums(Shape.of(model.config), torch.device("cpu"))
@@ -285,7 +380,7 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        with recording(model, sums) as recorder:
+        with recording(model, sums, input_stats=input_stats) as recorder:
             for batch in batches:
                 mask = real_token_mask(batch)
                 recorder.mask = None if mask is None else mask.to(device)

@@ -14,6 +14,7 @@ and "training". Keys this version does not know are kept and written back unchan
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -185,3 +186,13 @@ class Manifest:
         always = set(entries) - {"plan", "training", "note"} if self.is_child else set()
         return {**{k: v for k, v in entries.items() if v is not None or k in always}, **self.extra}
 
+
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats (not valid JSON) with None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value

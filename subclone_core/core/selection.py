@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -10,8 +11,13 @@ from torch import Tensor
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 
-ORDERS = ("importance", "first", "uniform")
-BLOCK_POLICIES = ("middle", "magnitude", "first")
+ORDERS = ("importance", "first", "uniform", "keep")
+# policy -> (the Importance field that ranks blocks, lowest dropped first; whether the first and last stay):
+# "magnitude" the paper's relative magnitude, inner blocks only; "influence" ShortGPT's block influence
+# 1 - cos(x, x + f(x)) (also Minitron's depth ranking), over every block, as both rank them
+BLOCK_SCORES: dict[str, tuple[str, bool]] = {"magnitude": ("rel_magnitude", True),
+                                             "influence": ("one_minus_cos", False)}
+BLOCK_POLICIES = ("middle", "magnitude", "first", "influence")
 
 
 @dataclass
@@ -49,9 +55,14 @@ def pick(n_keep: int, scores: Tensor | None, order: str) -> list[int]:
     Args:
         n_keep: how many to keep.
         scores: (N,) importance scores; only their length is used for "first" and "uniform".
-        order: one of ORDERS.
+        order: one of ORDERS ("keep": all of them, in place, for strategies that change depth only).
     """
     n = scores.numel()
+    if order == "keep":
+        if n_keep != n:
+            raise SubcloneError(f"this strategy removes blocks only and keeps every width: keep {n} of {n}, "
+                                f"not {n_keep} (leave the width flags out)")
+        return list(range(n))
     if order == "importance":
         # stable sort so ties keep index order and the result is deterministic
         return torch.sort(scores, descending=True, stable=True).indices[:n_keep].tolist()
@@ -90,8 +101,10 @@ def pick_blocks(parent_layers: int, child_layers: int, policy: str | list[int],
         child_layers: blocks in the child.
         policy: "middle" (drop a contiguous span centred in the middle, keep the first and last),
             "magnitude" (drop the blocks of lowest relative magnitude, never the first or last),
+            "influence" (drop the blocks of lowest 1 - cos, any of them: ShortGPT),
             "first" (keep the first child_layers blocks), or an explicit list of blocks to drop.
-        rel_magnitude: (L,) per-block relative magnitude, needed by "magnitude".
+        rel_magnitude: (L,) the per-block scores of the policy (BLOCK_SCORES), needed by "magnitude" and
+            "influence".
     """
     n_drop = parent_layers - child_layers
     if isinstance(policy, list):
@@ -100,7 +113,8 @@ def pick_blocks(parent_layers: int, child_layers: int, policy: str | list[int],
         return list(range(child_layers))
     if policy not in BLOCK_POLICIES:
         raise SubcloneError(f"unknown block policy {policy!r}; valid: {', '.join(BLOCK_POLICIES)} or I,J,...")
-    if child_layers < 2:
+    keep_ends = BLOCK_SCORES[policy][1] if policy in BLOCK_SCORES else True
+    if keep_ends and child_layers < 2:
         raise SubcloneError(f"layers={child_layers} cannot keep both the first and last block with "
                             f"--drop {policy}; use layers>=2 or --drop first")
     if policy == "middle":
@@ -108,9 +122,10 @@ def pick_blocks(parent_layers: int, child_layers: int, policy: str | list[int],
         dropped = set(range(start, start + n_drop))
     else:
         if rel_magnitude is None:
-            raise SubcloneError("--drop magnitude needs calibration data for block statistics")
-        inner = rel_magnitude[1:-1]
-        dropped = {1 + i for i in torch.sort(inner, stable=True).indices[:n_drop].tolist()}
+            raise SubcloneError(f"--drop {policy} needs calibration data for block statistics")
+        first = 1 if keep_ends else 0
+        ranked = rel_magnitude[first:parent_layers - first]
+        dropped = {first + i for i in torch.sort(ranked, stable=True).indices[:n_drop].tolist()}
     return [i for i in range(parent_layers) if i not in dropped]
 
 
@@ -137,7 +152,7 @@ def select(parent: Shape, child: Shape, importance, order: str, blocks: list[int
         importance: an Importance (needed for order "importance"; may be None otherwise).
         order: one of ORDERS.
         blocks: kept parent blocks, from pick_blocks.
-        residual_score: "written" or "read": which residual ranking of the importance to use.
+        residual_score: which residual ranking of the importance to use (calibration.RESIDUAL_SCORES).
     """
     if order == "importance" and importance is None:
         raise SubcloneError("ordering by importance needs calibration data")
@@ -150,6 +165,63 @@ def select(parent: Shape, child: Shape, importance, order: str, blocks: list[int
         kv_heads=[list(k) for k in kv],
         ffn=[pick(child.ffn, src.ffn[b], order) for b in blocks],
     )
+
+
+@dataclass
+class Scores:
+    """What one scoring rule ranks by (method_scores): (L, H) head and (L, F) FFN neuron scores, and the (D,)
+    residual ranking, already chosen (select reads it through residual_ranking like an Importance's)."""
+
+    heads: Tensor
+    ffn: Tensor
+    residual: Tensor
+
+    def residual_ranking(self, score: str) -> Tensor:
+        return self.residual
+
+
+ReaderWeight = Callable[[int, str], Tensor]  # (block, "attn_out" or "ffn_down") -> its weight, (out, in)
+
+# rule -> the score of each input channel of an output projection, from the channel statistics of its input
+# (calibration.INPUT_STATS without the "heads_"/"ffn_" prefix) and its weight W (out, in):
+# - wanda-sp (FLAP's prune_wanda_sp): mean over output rows of |W_ij| x ||x_j||, the L2 norm over tokens
+# - flap (its WIFV metric): the input's fluctuation (variance over tokens) x the squared column norm of W
+# - minitron (NVIDIA ModelOpt): the L2 norm over sequences of each sequence's mean |x_j|; no weights
+_CHANNEL_METRICS: dict[str, Callable[[dict[str, Tensor], Tensor | None], Tensor]] = {
+    "wanda-sp": lambda s, w: (w.abs() * s["sq"].sqrt()).mean(0),
+    "flap": lambda s, w: (s["sq"] - s["mean"].square()) * w.square().sum(0),
+    "minitron": lambda s, w: s["seq"],
+}
+# rule -> a head's score from its channels' (..., head_dim): as each code does (FLAP squares the attention metric)
+_HEAD_POOLS: dict[str, Callable[[Tensor], Tensor]] = {
+    "wanda-sp": lambda c: c.sum(-1),
+    "flap": lambda c: c.square().sum(-1),
+    "minitron": lambda c: c.norm(dim=-1),
+}
+_WEIGHTED = ("wanda-sp", "flap")
+SCORE_RULES = ("paper", *_CHANNEL_METRICS)
+
+
+def method_scores(rule: str, importance, parent: Shape, residual_score: str,
+                  weight: ReaderWeight | None = None) -> Scores:
+    """The head, FFN neuron and residual scores of one rule (SCORE_RULES): "paper" (the mean |activation|), or
+    a published method's score of the output projections' input channels, from calibration's input statistics
+    and the projections' weights. The residual stream is ranked by ``residual_score`` whatever the rule."""
+    residual = importance.residual_ranking(residual_score)
+    if rule == "paper":
+        return Scores(importance.heads, importance.ffn, residual)
+    if rule not in _CHANNEL_METRICS:
+        raise SubcloneError(f"unknown score rule {rule!r}; valid: {', '.join(SCORE_RULES)}")
+    if rule in _WEIGHTED and weight is None:
+        raise SubcloneError(f"the {rule} score reads the output projections' weights; give them")
+
+    def channels(prefix: str, role: str) -> Tensor:  # (L, C)
+        metric = _CHANNEL_METRICS[rule]
+        return torch.stack([metric({how: importance.stat(f"{prefix}_{how}")[b] for how in ("sq", "mean", "seq")},
+                                   weight(b, role).double() if rule in _WEIGHTED else None)
+                            for b in range(parent.layers)])
+    heads = _HEAD_POOLS[rule](channels("heads", "attn_out").view(parent.layers, parent.heads, parent.head_dim))
+    return Scores(heads, channels("ffn", "ffn_down"), residual)
 
 
 class _EqualScores:

@@ -6,6 +6,16 @@
 - ``random``: a fresh random initialization of the child's config.
 - ``subclone+distill``: a training candidate, not a builder: subclone's child trained with the parent as teacher.
 
+Published ways to cut a small model out of a big one, each as its selection and weight rule (the rest shared):
+
+- ``shortgpt`` (Men et al., 2024): depth only; the blocks of lowest block influence 1 - cos(x, x + f(x)) go.
+- ``wanda-sp`` (structured Wanda, as in FLAP's code): heads and FFN neurons by sum |W_ij| x ||x_j|| over the
+  output projection's columns; sliced, no refit.
+- ``flap`` (An et al., AAAI 2024): heads and FFN neurons by the fluctuation of their input x the squared column
+  norm of the weight reading it; what a removed input carried on average is added to the projection's bias.
+- ``minitron`` (NVIDIA ModelOpt): heads, FFN neurons and the residual stream by activations (mean over the
+  sequence, L2 over the batch); blocks by 1 - cos; sliced only (no refit, no distillation here).
+
 Everything known about a strategy is one ``StrategySpec`` in ``STRATEGY_SPECS``; the command line, the
 training defaults and the app read it from there.
 """
@@ -26,13 +36,21 @@ from subclone_core.core.calibration import Importance
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import FORMAT, CalibrationRecord, Manifest, ParentRecord
 from subclone_core.core.rng import seeded
-from subclone_core.core.selection import Selection, pick_blocks, select
+from subclone_core.core.selection import (
+    BLOCK_SCORES,
+    ReaderWeight,
+    Selection,
+    method_scores,
+    pick_blocks,
+    select,
+)
 from subclone_core.core.shape import Shape, target_shape, validate_target
 from subclone_core.core.slicing import (
     ChildTensors,
     TensorSink,
     TensorSlicer,
     child_config_dict,
+    head_rows,
     is_tied,
     slice_items,
     slice_state_dict,
@@ -58,6 +76,12 @@ class StrategySpec:
         hparams: its default peak learning rate and weight decay (training.config.default_hparams).
         in_app: the app's Child page offers it (and the Train page as an extra candidate).
         builds_as: the strategy that builds its initial weights when it is a training variant of another.
+        scores: the rule that scores heads and FFN neurons for the importance order (selection.SCORE_RULES).
+        residual_score: its own ranking of the residual stream (calibration.RESIDUAL_SCORES); None: the family's.
+        refit: False where the method's weight rule is its own (no least-squares refit, asking for it is an
+            error); None: the family's default.
+        scale: the sqrt(fan-in) scaling when none is asked; None: the family's default.
+        bias_compensation: add the mean contribution of removed inputs to the output projections' biases (FLAP).
     """
 
     name: str
@@ -68,6 +92,11 @@ class StrategySpec:
     hparams: Mapping[str, float] = field(default_factory=dict)
     in_app: bool = False
     builds_as: str | None = None
+    scores: str = "paper"
+    residual_score: str | None = None
+    refit: bool | None = None
+    scale: bool | None = None
+    bias_compensation: bool = False
 
 
 # hparams: peak learning rate and AdamW weight decay, used when a candidate gives none.
@@ -94,6 +123,19 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
                  uses_importance=False, hparams={"lr": 1e-3, "weight_decay": 0.1}),
     StrategySpec("subclone+distill", "subclone+distill: subclone's child trained with the parent as teacher",
                  "importance", "magnitude", uses_importance=True, hparams=_INHERITED, builds_as="subclone"),
+    # Published methods, slice only (their own weight rules; no sqrt(fan-in) scaling, which none of them uses).
+    # Wanda-sp and FLAP prune widths only: a shallower child drops blocks by our default rule (shown in the plan).
+    StrategySpec("shortgpt", "shortgpt: remove the blocks of lowest influence 1 - cos, widths kept (ShortGPT)",
+                 "keep", "influence", uses_importance=False, hparams=_INHERITED, scale=False),
+    StrategySpec("wanda-sp", "wanda-sp: heads and FFN neurons by |W| x input norm (structured Wanda)",
+                 "importance", "magnitude", uses_importance=True, hparams=_INHERITED, scores="wanda-sp",
+                 refit=False, scale=False),
+    StrategySpec("flap", "flap: heads and FFN neurons by input fluctuation, bias compensation (FLAP)",
+                 "importance", "magnitude", uses_importance=True, hparams=_INHERITED, scores="flap",
+                 refit=False, scale=False, bias_compensation=True),
+    StrategySpec("minitron", "minitron: activation importance, blocks by 1 - cos, slice only (NVIDIA Minitron)",
+                 "importance", "influence", uses_importance=True, hparams=_INHERITED, scores="minitron",
+                 residual_score="minitron", refit=False, scale=False),
 )}
 DEFAULT_STRATEGY = "subclone"
 # the strategies that build a child (subclone+distill trains subclone's child)
@@ -133,11 +175,17 @@ def plan_shape(parent_model: nn.Module, **sizes: int | None) -> Shape:
     return child
 
 
+def needs_input_stats(strategy: str) -> bool:
+    """Whether the strategy scores by the layer-input statistics calibration records only on request
+    (calibration.INPUT_STATS: the other published methods' scores)."""
+    return STRATEGY_SPECS[strategy].scores != "paper"
+
+
 def needs_calibration(strategy: str, drop: str | list[int] | None) -> bool:
     """Whether this strategy with this block policy needs importance measured on data."""
     check_strategy(strategy)
     policy = STRATEGY_SPECS[strategy].default_drop if drop is None else drop
-    return STRATEGY_SPECS[strategy].uses_importance or policy == "magnitude"
+    return STRATEGY_SPECS[strategy].uses_importance or (isinstance(policy, str) and policy in BLOCK_SCORES)
 
 
 def subclone_model(
@@ -167,19 +215,24 @@ def subclone_model(
             (io.saving.StreamedWeights); the child's model then stays on the meta device, never whole in memory.
     """
     check_strategy(strategy)
-    arch, parent, order = arch_of_model(parent_model), Shape.of(parent_model.config), STRATEGY_SPECS[strategy].order
+    spec = STRATEGY_SPECS[strategy]
+    arch, parent, order = arch_of_model(parent_model), Shape.of(parent_model.config), spec.order
     validate_target(parent, target, arch)
-    scale = arch.scale_default if scale is None else scale
-    residual_score, refit = _ranking_options(order, arch, residual_score, refit, refit_items is not None)
+    scale = (arch.scale_default if spec.scale is None else spec.scale) if scale is None else scale
+    residual_score, refit = _ranking_options(spec, arch, residual_score, refit, refit_items is not None)
     if order is None:
         sel, policy, blocks = None, None, list(range(target.layers))
         model = _random_model(parent_model, arch, target, seed)
     else:
-        policy = STRATEGY_SPECS[strategy].default_drop if drop is None else drop
-        blocks, sel = _kept(parent, target, order, policy, importance, residual_score)
+        policy = spec.default_drop if drop is None else drop
         tensors = parent_model.state_dict() if parent_tensors is None else parent_tensors
+        weight = _reader_weight(tensors, arch)
+        blocks, sel = _kept(parent, target, spec, policy, importance, residual_score, weight)
+        compensation = _Compensation(importance, weight, bias_switches(
+            arch, parent_model.config.model_type, tensors, parent, target)) if spec.bias_compensation else None
         model = _sliced_model(parent_model, tensors, target, sel, scale=scale, untie_head=untie_head,
-                              refit_items=refit_items if refit else None, open_sink=open_sink)
+                              refit_items=refit_items if refit else None, open_sink=open_sink,
+                              compensation=compensation)
     settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
                 "untie_head": untie_head, "seed": seed, "residual_score": residual_score, "refit": refit,
                 "refit_ridge": arch.refit_ridge if refit else None}
@@ -187,34 +240,122 @@ def subclone_model(
                  selection=sel, importance=importance)
 
 
-def _kept(parent: Shape, target: Shape, order: str, policy: str | list[int], importance: Importance | None,
-          residual_score: str | None) -> tuple[list[int], Selection]:
-    """The parent blocks the child keeps (by the block policy) and what it keeps inside them (by the order)."""
-    rel = importance.rel_magnitude if importance is not None else None
-    blocks = pick_blocks(parent.layers, target.layers, policy, rel)
-    return blocks, select(parent, target, importance, order, blocks, residual_score=residual_score)
+def _kept(parent: Shape, target: Shape, spec: StrategySpec, policy: str | list[int], importance: Importance | None,
+          residual_score: str | None, weight: ReaderWeight) -> tuple[list[int], Selection]:
+    """The parent blocks the child keeps (by the block policy and its block scores) and what it keeps inside them
+    (by the order, under the strategy's score rule)."""
+    ranked = isinstance(policy, str) and policy in BLOCK_SCORES and importance is not None
+    blocks = pick_blocks(parent.layers, target.layers, policy,
+                         getattr(importance, BLOCK_SCORES[policy][0]) if ranked else None)
+    scores = importance
+    if spec.order == "importance" and importance is not None:
+        scores = method_scores(spec.scores, importance, parent, residual_score, weight)
+    return blocks, select(parent, target, scores, spec.order, blocks, residual_score=residual_score)
+
+
+def _reader_weight(tensors: Mapping[str, Tensor], arch) -> ReaderWeight:
+    """The weight of a block's attention or FFN output projection as (out, in), whatever the family's layout."""
+    def weight(block: int, role: str) -> Tensor:
+        path = getattr(arch, role)
+        param = arch.block_params[f"{path}.weight"]
+        return tensors[f"{arch.blocks}.{block}.{path}.weight"].movedim(param.fan_in, -1)
+    return weight
 
 
 def _sliced_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, sel: Selection, *,
                   scale: bool, untie_head: bool, refit_items: RefitItems | None,
-                  open_sink: OpenSink | None = None) -> nn.Module:
+                  open_sink: OpenSink | None = None, compensation: _Compensation | None = None) -> nn.Module:
     """The child model: its config from the parent's with the target sizes, its weights sliced, or refit where
-    refit_items gives the Gram columns (block by block: each block's tensors sliced as they come); with
-    open_sink, its tensors go to the sink and the model returned is the empty one on the meta device."""
+    refit_items gives the Gram columns (block by block: each block's tensors sliced as they come), or sliced
+    and bias-compensated (compensation); with open_sink, its tensors go to the sink and the model returned is
+    the empty one on the meta device."""
     arch, parent = arch_of_model(parent_model), Shape.of(parent_model.config)
-    config = type(parent_model.config).from_dict(
-        child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head))
+    cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
+    config = type(parent_model.config).from_dict({**cfg, **(compensation.switches if compensation else {})})
     slicer = TensorSlicer(arch, parent, sel, scale=scale, ridge=arch.refit_ridge)
     empty = sink = None
-    if open_sink is not None:
+    if open_sink is not None or compensation is not None:
         empty = empty_model(type(parent_model), config, next(parent_model.parameters()).dtype)
-        sink = open_sink(empty)
+        sink = open_sink(empty) if open_sink is not None else None
+    if compensation is not None:
+        sd = compensation.apply(slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head),
+                                empty, arch, parent, sel)
+        if sink is None:
+            return build_model(type(parent_model), config, sd)
+        _to_sink(sd, sink, arch, tied=is_tied(tensors, arch) and not untie_head)
+        return empty
     if refit_items is not None and _narrows_any(parent_model, sel, scale):
         sd = slice_items(refit_items(slicer, config), slicer, arch, parent, sel, tied=is_tied(tensors, arch),
                          untie_head=untie_head, sink=sink)
     else:
         sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head, sink=sink)
     return empty if empty is not None else build_model(type(parent_model), config, sd)
+
+
+# role -> whether a child narrows that output projection's input (its heads, its FFN neurons)
+_NARROWED: dict[str, Callable[[Shape, Shape], bool]] = {
+    "attn_out": lambda parent, child: child.heads < parent.heads,
+    "ffn_down": lambda parent, child: child.ffn < parent.ffn,
+}
+
+
+def bias_switches(arch, model_type: str, tensors: Mapping[str, Tensor], parent: Shape, target: Shape) -> dict:
+    """The child's config switches that give a bias to each output projection whose inputs shrink and which
+    has none in the parent (ArchSpec.bias_switches), for FLAP's compensation.
+
+    Raises:
+        SubcloneError: the family cannot give that projection a bias (no config switch adds one).
+    """
+    switches = {}
+    for role, narrowed in _NARROWED.items():
+        path = getattr(arch, role)
+        if not narrowed(parent, target) or f"{arch.blocks}.0.{path}.bias" in tensors:
+            continue
+        key = arch.bias_switches.get(model_type, {}).get(role)
+        if key is None:
+            size = "--heads" if role == "attn_out" else "--ffn"
+            raise SubcloneError(f"strategy 'flap' adds what removed inputs carried on average to the bias of {path}, "
+                                f"and {arch.name} ({model_type}) has no config switch that gives it a bias; keep "
+                                f"{size} at the parent's or use another strategy")
+        switches[key] = True
+    return switches
+
+
+@dataclass
+class _Compensation:
+    """FLAP's bias compensation: an output projection whose inputs lost channels adds, to its bias, what the
+    removed channels carried on average over the calibration tokens, W[:, removed] @ mean(x[removed])."""
+
+    importance: Importance
+    weight: ReaderWeight
+    switches: dict
+
+    def apply(self, sd: dict[str, Tensor], empty: nn.Module, arch, parent: Shape, sel: Selection) -> dict:
+        """The sliced state dict with the compensated biases; a bias the switches newly created (q, k, v, gate,
+        up along with o and down) starts at zero."""
+        out = dict(sd)
+        for name, t in empty.state_dict().items():
+            if name not in out:
+                out[name] = torch.zeros(t.shape, dtype=t.dtype)
+        for j, b in enumerate(sel.blocks):
+            kept = {"attn_out": head_rows(sel.heads[j], parent.head_dim), "ffn_down": torch.tensor(sel.ffn[j])}
+            for role, prefix in (("attn_out", "heads"), ("ffn_down", "ffn")):
+                mean = self.importance.stat(f"{prefix}_mean")[b]  # (C,)
+                removed = torch.ones(mean.numel(), dtype=torch.bool)
+                removed[kept[role]] = False
+                if removed.any():
+                    w = self.weight(b, role).double().cpu()  # (D, C)
+                    extra = (w[:, removed] @ mean[removed])[sel.residual]  # (D',)
+                    name = f"{arch.blocks}.{j}.{getattr(arch, role)}.bias"
+                    out[name] = out[name] + extra.to(out[name].device, out[name].dtype)
+        return out
+
+
+def _to_sink(sd: dict[str, Tensor], sink: TensorSink, arch, *, tied: bool) -> None:
+    """Send a finished state dict to a sink, a tied head once under the embedding's name (as slice_items does)."""
+    for name, t in sd.items():
+        if not (tied and name == arch.tied_head[0]):
+            sink(name, t)
 
 
 def _narrows_any(parent_model: nn.Module, sel: Selection, scale: bool) -> bool:
@@ -224,13 +365,20 @@ def _narrows_any(parent_model: nn.Module, sel: Selection, scale: bool) -> bool:
     return any(slicer.kept_inputs(name, t) is not None for name, t in parent_model.named_parameters())
 
 
-def _ranking_options(order: str | None, arch, residual_score: str | None, refit: bool | None,
+def _ranking_options(spec: StrategySpec, arch, residual_score: str | None, refit: bool | None,
                      has_items: bool) -> tuple[str | None, bool]:
-    """The residual ranking and whether to refit: the importance order's (as asked, else the family's
-    defaults, whatever the parent's size); other orders use neither. The refit reads the calibration data
-    (refit_items): without it the default is off and asking for it is an error."""
-    if order != "importance":
+    """The residual ranking and whether to refit: the importance order's (as asked, else the strategy's, else the
+    family's defaults, whatever the parent's size); other orders use neither; a strategy with its own weight rule
+    never refits. The refit reads the calibration data (refit_items): without it the default is off and asking for
+    it is an error."""
+    if spec.order != "importance":
         return None, False
+    residual_score = residual_score or spec.residual_score
+    if spec.refit is False:
+        if refit:
+            raise SubcloneError(f"strategy {spec.name!r} has its own weight rule, without the least-squares refit; "
+                                "leave --refit out")
+        return residual_score or arch.residual_score, False
     if refit and not has_items:
         raise SubcloneError("the refit reads the parent's inputs on calibration data (refit_items: "
                             "io.refitting.refit_items, as workflow.children.make_child passes it); give it or "

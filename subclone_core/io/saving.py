@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers.core_model_loading import revert_weight_conversion
 
 from subclone_core.core.errors import SubcloneError
-from subclone_core.core.manifest import Manifest
+from subclone_core.core.manifest import Manifest, json_safe
 from subclone_core.io.atomic import building
 from subclone_core.io.placement import parse_size
 
@@ -92,7 +92,7 @@ def write_model_files(model: nn.Module, folder: Path, *, preprocessor=None, mani
     if preprocessor is not None:
         preprocessor.save_pretrained(folder)
     if manifest is not None:
-        (folder / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
+        (folder / MANIFEST_NAME).write_text(json.dumps(json_safe(manifest.to_json()), indent=1, allow_nan=False))
     if model_card is not None:
         (folder / "README.md").write_text(model_card)
 

@@ -166,6 +166,7 @@ def calibrate_sequential(
     stats: dict | None = None,
     activation_memory: int | None = None,
     activation_root: str | Path | None = None,
+    input_stats: bool = False,
 ) -> Importance:
     """Measure importance like calibration.calibrate, one block at a time from the checkpoint's files.
 
@@ -183,6 +184,7 @@ def calibrate_sequential(
             "activation_bytes_on_disk" (hidden states the memory budget did not hold).
         activation_memory: bytes of stored hidden states kept in memory, the rest in files under
             ``activation_root`` (default: half of the memory available; see io.activations).
+        input_stats: as for calibrate.
 
     Raises:
         SubcloneError: no safetensors checkpoint in ``folder`` whose tensor names match the model's.
@@ -191,7 +193,7 @@ def calibrate_sequential(
         p = open_pass(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
                   max_tokens=max_tokens)
         sums = _Sums(Shape.of(p.model.config), torch.device("cpu"))
-        recorder = _Recorder(p.model, arch_of_model(p.model), sums)
+        recorder = _Recorder(p.model, arch_of_model(p.model), sums, input_stats=input_stats)
         for i in range(len(p.blocks)):
             with loaded_block(p, i) as block:
                 _calibrate_block(p, i, block, recorder)

@@ -3,14 +3,18 @@ into a cache folder."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
+from transformers.utils import logging as hf_logging
 
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.atomic import building, fault_point, remove_stale_in
@@ -69,17 +73,17 @@ def gguf_folder(gguf: Path, target: Path | None = None, *, source: dict | None =
     if cache_is_valid(target, source):
         return target
     check_gguf_header(gguf)  # before transformers builds a model of the header's sizes
-    logger.warning("converting %s to float32 safetensors in %s (20 s to 2 min, once)", gguf.name, target)
     start = time.perf_counter()
     with building(target, keep_theirs=True, step="gguf-cache") as tmp:
-        _convert_gguf(gguf, tmp)
+        _convert_gguf(gguf, tmp, target)
         fault_point("gguf-cache.after-convert")
         write_marker(tmp, source, {"seconds": round(time.perf_counter() - start, 1)})
     return target
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF causal LM (and its tokenizer) into a Hugging Face folder."""
+def _convert_gguf(gguf: Path, out: Path, target: Path) -> None:
+    """Dequantize a GGUF causal LM (and its tokenizer) into a Hugging Face folder (``out``, renamed to ``target``
+    once complete); the conversion is announced only once its header was read (a bad file gets its error alone)."""
     kwargs = {"gguf_file": gguf.name}
     try:
         config = transformers.AutoConfig.from_pretrained(gguf.parent, **kwargs)
@@ -88,8 +92,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     task = task_of_config(config)
     if not task.sequences:
         raise SubcloneError(f"{gguf}: GGUF parents must be causal LMs, got model_type={config.model_type!r}")
-    model, info = task.auto_model().from_pretrained(gguf.parent, dtype=torch.float32, output_loading_info=True,
-                                                    ignore_mismatched_sizes=True, **kwargs)
+    logger.warning("converting %s to float32 safetensors in %s (20 s to 2 min, once)", gguf.name, target)
+    with bars_like_transformers():
+        model, info = task.auto_model().from_pretrained(gguf.parent, dtype=torch.float32, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True, **kwargs)
     check_loading_info(info, gguf)  # a tensor the header promises but the file lacks is an error, not random
     tokenizer = task.auto_preprocessor().from_pretrained(gguf.parent, **kwargs)
     # transformers 5.x refuses to save a model it believes is quantized; the weights are float32 now.
@@ -98,3 +104,20 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config  # else reloads (and children) inherit a GGUF quant config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def bars_like_transformers() -> Iterator[None]:
+    """Hide the GGUF reader's progress bar while transformers' own bars are hidden: it is drawn with tqdm
+    directly, which transformers' disable_progress_bar does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    if hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    bar = reader.tqdm
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar

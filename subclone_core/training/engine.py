@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from subclone_core.core.calibration import no_cache_kwargs
 from subclone_core.core.errors import SubcloneError
-from subclone_core.core.manifest import Manifest, TrainingInfo
+from subclone_core.core.manifest import Manifest, TrainingInfo, json_safe
 from subclone_core.io.devices import resolve_device
 from subclone_core.io.model_card import model_card
 from subclone_core.io.saving import check_output_dir, save_model_folder
@@ -43,7 +43,7 @@ from subclone_core.training.events import (
     StartEvent,
     StepEvent,
 )
-from subclone_core.training.metrics_log import MetricsLog, json_safe
+from subclone_core.training.metrics_log import MetricsLog
 from subclone_core.training.parallel import DataParallel, Sharded, clip_gradients, make_parallel
 from subclone_core.training.results import EvalPoint, RunResult, SavePlan
 from subclone_core.training.schedule import make_scheduler

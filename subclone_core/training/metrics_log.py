@@ -6,23 +6,12 @@ The events and their kinds are subclone_core.training.events, whose ``read_event
 from __future__ import annotations
 
 import json
-import math
 import threading
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
+from subclone_core.core.manifest import json_safe
 from subclone_core.training.events import Event
-
-
-def json_safe(value: Any) -> Any:
-    """Replace non-finite floats (not valid JSON) with None, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 class MetricsLog:
@@ -40,7 +29,7 @@ class MetricsLog:
 
     def write(self, event: Event) -> None:
         """Append one event as one line and flush it (non-finite values are written as null)."""
-        line = json.dumps(json_safe(event.to_json()), default=str)
+        line = json.dumps(json_safe(event.to_json()), default=str, allow_nan=False)
         with self._lock:
             if self._file is None:
                 raise ValueError(f"metrics log {self.path} is closed")

@@ -7,9 +7,10 @@ from time import perf_counter
 
 import torch
 
+from subclone_core.core.manifest import json_safe
 from subclone_core.core.rng import GLOBAL_RNG_LOCK
 from subclone_core.training.events import Event, parse_event
-from subclone_core.training.metrics_log import MetricsLog, json_safe
+from subclone_core.training.metrics_log import MetricsLog
 
 Callback = Callable[[Event], None]
 

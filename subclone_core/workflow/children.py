@@ -14,7 +14,14 @@ from subclone_core.core.calibration import Importance, Progress, calibrate, inpu
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.slicing import TensorSink
-from subclone_core.core.strategies import Child, OpenSink, RefitItems, needs_calibration, subclone_model
+from subclone_core.core.strategies import (
+    Child,
+    OpenSink,
+    RefitItems,
+    needs_calibration,
+    needs_input_stats,
+    subclone_model,
+)
 from subclone_core.io.atomic import building
 from subclone_core.io.model_card import model_card
 from subclone_core.io.refitting import refit_items
@@ -39,7 +46,7 @@ CALIB_TOKENS = 4096  # default calibration budget (token positions)
 def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = CALIB_TOKENS,
                        batch_size: int = CALIB_BATCH, progress: Progress | None = None,
                        sequential: bool | None = None, activation_memory: int | None = None,
-                       stats: dict | None = None) -> Importance:
+                       stats: dict | None = None, input_stats: bool = False) -> Importance:
     """Calibrate the parent on the training split of a data set (None: the task's default), up to a
     budget of token positions (for a ViT, each patch and cls token of each image counts).
 
@@ -51,6 +58,7 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
         activation_memory: bytes of hidden states a sequential pass keeps in memory, the rest on disk under
             the cache (default: half of the RAM available; io.activations).
         stats: if given, a sequential pass fills it with what it read (io.sequential.calibrate_sequential).
+        input_stats: also record what the other methods score by (strategies.needs_input_stats).
     """
     data_id = data_id or default_data_id(parent.task)
     batches = calibration_batches(parent, data_id, tokens, batch_size)
@@ -59,8 +67,9 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
     if sequential:
         kwargs = sequential_kwargs(parent, activation_memory)  # refuses a parent with no folder on disk
         return calibrate_sequential(pass_source(parent) or parent.source, batches, max_tokens=tokens,
-                                    progress=progress, data=data_id, stats=stats, **kwargs)
-    return calibrate(parent.model, batches, max_tokens=tokens, progress=progress, data=data_id)
+                                    progress=progress, data=data_id, stats=stats, input_stats=input_stats, **kwargs)
+    return calibrate(parent.model, batches, max_tokens=tokens, progress=progress, data=data_id,
+                     input_stats=input_stats)
 
 
 def calibration_batches(parent: Parent, data_id: str, tokens: int, batch_size: int = CALIB_BATCH) -> Iterable:
@@ -140,7 +149,8 @@ def make_child(
     """
     if importance is None and needs_calibration(strategy, drop):
         importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress, sequential=sequential,
-                                        activation_memory=activation_memory, stats=_part(stats, "calibration"))
+                                        activation_memory=activation_memory, stats=_part(stats, "calibration"),
+                                        input_stats=needs_input_stats(strategy))
     items = refit_source(parent, data_id or default_data_id(parent.task), calib_tokens, progress=progress,
                          activation_memory=activation_memory, stats=_part(stats, "refit"))
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,

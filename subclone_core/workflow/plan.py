@@ -115,10 +115,15 @@ class Plan:
         if self.order is None:
             return f"{self.strategy} (fresh init, seed {self.seed})"
         drop = self.drop if isinstance(self.drop, str) else ",".join(map(str, self.drop))
+        spec = strategy_spec(self.strategy)
         items = [self.strategy, self._mark("drop", f"drop {drop}")]
+        if self.order == "keep":
+            items.append("widths kept")
         if self.order == "importance":
             items.append(self._mark("residual_score", f"{self.residual_score} ranking"))
             refit = f"refit on {self.refit_inputs} inputs, block by block" if self.refit else "no refit"
+            if spec.refit is False:  # the method's own weight rule: say what it is instead
+                refit = "bias compensation, no refit" if spec.bias_compensation else "slice only, no refit"
             items.append(self._mark("refit", refit))
         items.append(self._mark("scale", "scaling" if self.scale else "no scaling"))
         if self.untie_head:
@@ -140,11 +145,13 @@ class Plan:
     def warnings(self) -> list[str]:
         """One line for each thing a user would expect and is not getting, naming the flag that turns it on
         (or saying that none can); the user's own choices are never warned about."""
-        found = []
-        if self.child_flags and self.order in PAPER_ORDERS and not self.scale and "scale" not in self.asked:
+        found, spec = [], strategy_spec(self.strategy)
+        paper = self.order in PAPER_ORDERS and spec.scores == "paper"  # published methods never scale
+        if self.child_flags and paper and not self.scale and "scale" not in self.asked:
             found.append(f"weight scaling is off: the {self.family}'s measured default (the paper scales sliced "
                          "weights by sqrt(fan-in ratio)); --scale turns it on")
-        if self.child_flags and self.order == "importance" and not self.refit and "refit" not in self.asked:
+        if (self.child_flags and self.order == "importance" and spec.refit is None and not self.refit
+                and "refit" not in self.asked):
             found.append(f"the least-squares refit is off: the {self.family}'s measured default; "
                          "--refit turns it on")
         if self.calibrate and self.block_readable is False and not self.sequential and "sequential" not in self.asked:
@@ -192,7 +199,7 @@ def resolve_plan(parent: Parent, *, strategy: str = "subclone", drop: str | list
     spec, arch, places = strategy_spec(strategy), arch_of_model(parent.model), memory_by_device(parent.model)
     policy = _policy(spec, drop)  # random init chooses no blocks, so it never calibrates for them
     calibrate = needs_calibration(strategy, list(policy) if isinstance(policy, tuple) else policy)
-    ranking, refit_on = _ranking(strategy, spec.order, arch, residual_score, refit, builds)
+    ranking, refit_on = _ranking(spec, arch, residual_score, refit, builds)
     seq = _sequential(parent, sequential, calibrate)
     _check_blocks(parent, target, policy)
     if builds and "disk" in places:
@@ -203,7 +210,7 @@ def resolve_plan(parent: Parent, *, strategy: str = "subclone", drop: str | list
     plan = Plan(
         strategy=strategy, order=spec.order, drop=policy, residual_score=ranking, refit=refit_on,
         refit_inputs=arch.refit_inputs if refit_on else None,
-        scale=(arch.scale_default if scale is None else scale) and spec.order is not None,
+        scale=_default_scale(spec, arch) if scale is None else scale and spec.order is not None,
         untie_head=untie_head, seed=seed, calibrate=calibrate, data_id=data_id or default_data_id(parent.task),
         calib_tokens=calib_tokens, sequential=seq, device=_device(places),
         dtype=str(parent.dtype).removeprefix("torch."), max_memory=parent.placement.max_memory,
@@ -214,24 +221,40 @@ def resolve_plan(parent: Parent, *, strategy: str = "subclone", drop: str | list
     return replace(plan, changed=_changed(plan, parent, arch, spec))
 
 
-def _ranking(strategy: str, order: str | None, arch, residual_score: str | None, refit: bool | None,
-             builds: bool) -> tuple[str | None, bool]:
-    """The residual ranking and the refit: the importance order's (as asked, else the family's; no refit where
-    no child is built); other orders have neither, and asking for them there is an error (they would be
-    silently ignored)."""
-    if order != "importance":
+def _ranking(spec, arch, residual_score: str | None, refit: bool | None, builds: bool) -> tuple[str | None, bool]:
+    """The residual ranking and the refit: the importance order's (as asked, else the strategy's, else the
+    family's; no refit where no child is built, nor for a method with its own weight rule); other orders have
+    neither, and asking for them there is an error (they would be silently ignored)."""
+    if spec.order != "importance":
         for flag, value in (("--refit", refit), ("--residual-score", residual_score)):
             if value:
                 raise SubcloneError(f"{flag} applies to the importance order (strategy subclone), not to "
-                                    f"strategy {strategy!r}: leave {flag} out")
+                                    f"strategy {spec.name!r}: leave {flag} out")
         return None, False
-    return residual_score or arch.residual_score, builds and (arch.refit_default if refit is None else refit)
+    if spec.refit is False and refit:
+        raise SubcloneError(f"strategy {spec.name!r} has its own weight rule, without the least-squares refit; "
+                            "leave --refit out")
+    return residual_score or _default_ranking(spec, arch), builds and (_default_refit(spec, arch) if refit is None
+                                                                       else refit)
+
+
+def _default_ranking(spec, arch) -> str:
+    return spec.residual_score or arch.residual_score
+
+
+def _default_refit(spec, arch) -> bool:
+    return arch.refit_default if spec.refit is None else spec.refit
+
+
+def _default_scale(spec, arch) -> bool:
+    """The strategy's scaling (published methods: none), else the family's; random init takes no weights."""
+    return (arch.scale_default if spec.scale is None else spec.scale) and spec.order is not None
 
 
 def _changed(plan: Plan, parent: Parent, arch, spec) -> tuple[str, ...]:
     """The asked choices whose value differs from the default's (an activation budget asked always does)."""
-    defaults = {"drop": _policy(spec, None), "scale": arch.scale_default and spec.order is not None,
-                "residual_score": arch.residual_score, "refit": arch.refit_default,
+    defaults = {"drop": _policy(spec, None), "scale": _default_scale(spec, arch),
+                "residual_score": _default_ranking(spec, arch), "refit": _default_refit(spec, arch),
                 "sequential": plan.calibrate and needs_sequential(parent), "data_id": default_data_id(parent.task)}
     return tuple(name for name in plan.asked if getattr(plan, name) != defaults.get(name, object()))
 

@@ -9,9 +9,10 @@ import sys
 
 from subclone_core.core.calibration import RESIDUAL_SCORES
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.manifest import json_safe
+from subclone_core.core.selection import BLOCK_POLICIES
 from subclone_core.core.strategies import STRATEGIES
 from subclone_core.io.placement import DTYPES, Placement, parse_size
-from subclone_core.training.metrics_log import json_safe
 
 SHAPE_FLAGS = {"layers": "blocks", "hidden": "hidden (residual) size", "heads": "attention heads",
                "kv_heads": "key/value heads", "ffn": "FFN hidden size"}
@@ -68,22 +69,42 @@ def add_data_args(parser: argparse.ArgumentParser, *, tokens_flag: str = "--cali
                             help="calibrate one block at a time from the parent's safetensors files, each weight "
                                  "read once (for parents larger than memory); default: only when --max-memory "
                                  "did not hold the parent (part of it offloaded to disk)")
-        parser.add_argument("--activation-memory", default=None, metavar="SIZE",
+        parser.add_argument("--activation-memory", type=activation_size, default=None, metavar="SIZE",
                             help="in a sequential pass, the most memory the stored hidden states may take, e.g. "
                                  "4GiB; the rest go to disk under the cache (default: half of the free RAM)")
 
 
+def activation_size(text: str) -> int:
+    """--activation-memory in bytes: one size (the stored hidden states live in RAM, so there is no per-device
+    form, unlike --max-memory's)."""
+    try:
+        return parse_size(text, "--activation-memory")
+    except SubcloneError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size; use one size like 4GiB or 500MB") from None
+
+
 def sequential_args(args: argparse.Namespace) -> dict:
-    """measure_importance's sequential and activation_memory from the flags, checked before any loading."""
-    text = args.activation_memory
-    return {"sequential": args.sequential,
-            "activation_memory": None if text is None else parse_size(text, "--activation-memory")}
+    """measure_importance's sequential and activation_memory (bytes, parsed by activation_size) from the flags."""
+    return {"sequential": args.sequential, "activation_memory": args.activation_memory}
 
 
 def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """--layers, --hidden, --heads, --kv-heads, --ffn: positive integers, refused at parse time (before torch
+    builds anything of size zero)."""
     for role, what in SHAPE_FLAGS.items():
-        parser.add_argument(f"--{role.replace('_', '-')}", type=int, dest=role,
+        parser.add_argument(f"--{role.replace('_', '-')}", type=positive_size, dest=role,
                             help=f"child {what} (default: the parent's)")
+
+
+def positive_size(text: str) -> int:
+    """A child size: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (omit the flag to keep the parent's)")
+    return value
 
 
 def add_child_args(parser: argparse.ArgumentParser, *, strategy: bool = True) -> None:
@@ -92,7 +113,8 @@ def add_child_args(parser: argparse.ArgumentParser, *, strategy: bool = True) ->
         parser.add_argument("--strategy", default="subclone", choices=list(STRATEGIES),
                             help="how to build the child (default: subclone)")
     parser.add_argument("--drop", type=parse_drop, default=None,
-                        help="blocks to remove: 'middle', 'magnitude', 'first' or a list I,J,...")
+                        help="blocks to remove: 'middle', 'magnitude', 'influence' (lowest 1 - cos, "
+                             "ShortGPT's), 'first' or a list I,J,...")
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--scale", dest="scale", action="store_true", default=None,
                        help="scale sliced weights by sqrt(parent fan-in / child fan-in)")
@@ -123,8 +145,8 @@ def child_sizes(args: argparse.Namespace, parent_layers: int) -> dict[str, int |
 
 
 def parse_drop(value: str) -> str | list[int]:
-    """'middle' / 'magnitude' / 'first', or a comma-separated list of block indices."""
-    if value in ("middle", "magnitude", "first"):
+    """A block policy (selection.BLOCK_POLICIES), or a comma-separated list of block indices."""
+    if value in BLOCK_POLICIES:
         return value
     try:
         blocks = [int(part) for part in value.split(",") if part.strip()]
@@ -132,7 +154,7 @@ def parse_drop(value: str) -> str | list[int]:
         blocks = None
     if not blocks:  # not a list of numbers, or one that names no block at all (e.g. ",")
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not a block policy; use middle, magnitude, first or indices like 3,4,5")
+            f"{value!r} is not a block policy; use {', '.join(BLOCK_POLICIES)} or indices like 3,4,5")
     return blocks
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from subclone_core.cli.commands._options import print_json, require_finite
 from subclone_core.core.errors import SubcloneError
-from subclone_core.core.manifest import Manifest
+from subclone_core.core.manifest import Manifest, json_safe
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import Child, subclone_model
 from subclone_core.io.atomic import fault_point, staged_folder
@@ -33,7 +33,6 @@ from subclone_core.tasks import task_of_config, task_spec
 from subclone_core.training import Candidate, RunResult, TrainConfig, train_candidates
 from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent, StepEvent
 from subclone_core.training.materialize import FolderWeights, RandomWeights, WeightSource, meta_init
-from subclone_core.training.metrics_log import json_safe
 from subclone_core.training.parallel import check_launch
 from subclone_core.training.speedup import (
     HIGHER_IS_BETTER,

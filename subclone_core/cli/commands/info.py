@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from subclone_core.cli.commands._options import add_parent_args, placement_kwargs
+from subclone_core.cli.commands._options import add_parent_args, placement_kwargs, print_json
 from subclone_core.sources import load_parent
 from subclone_core.sources.parents import describe
 
@@ -28,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
                          **placement_kwargs(args))
     info = describe(parent)
     if args.json:
-        print(json.dumps(info))
+        print_json(info)
         return 0
     shown_info = {k: v for k, v in info.items() if v is not None}  # e.g. no licence line for a Hub model
     width = max(len(k) for k in shown_info)

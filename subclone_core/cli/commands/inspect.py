@@ -16,10 +16,10 @@ from subclone_core.cli.commands._options import (
     require_positive,
     sequential_args,
 )
+from subclone_core.core.manifest import json_safe
 from subclone_core.core.shape import Shape
 from subclone_core.io.atomic import FILE, building_file, claim_output
 from subclone_core.sources.parents import load_parent
-from subclone_core.training.metrics_log import json_safe
 from subclone_core.workflow.children import measure_importance
 
 

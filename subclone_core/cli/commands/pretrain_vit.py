@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from subclone_core.cli.commands._options import print_json
 from subclone_core.sources.vit_pretrain import pretrain_vit, recipe_with
 
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(last.get("seconds", 0.0), 1),
     }
     if args.json:
-        print(json.dumps(result))
+        print_json(result)
     else:
         print(
             f"saved {folder}: test accuracy {result['test_accuracy']:.2%} after {result['steps']} steps "

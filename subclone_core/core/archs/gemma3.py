@@ -24,6 +24,7 @@ ARCH = replace(
     attn_post_norm="post_attention_layernorm",
     ffn_post_norm="post_feedforward_layernorm",
     norm_offset=1.0,
+    bias_switches={"gemma3_text": {"attn_out": "attention_bias"}},  # its FFN has no bias switch
     # measured (docs/BENCHMARKS.md, refit variants): on the child's inputs Gemma 3 270M's children start 0.25 nats
     # higher than on the parent's, where SmolLM2's start 1.0-1.3 nats lower; why is not known
     refit_inputs="parent",

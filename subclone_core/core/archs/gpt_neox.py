@@ -37,5 +37,6 @@ ARCH = ArchSpec(
                  "ffn": "intermediate_size"},
     tied_head=("lm_head.weight", "gpt_neox.embed_in.weight"),
     scale_default=False,
+    bias_switches={"gpt_neox": {"attn_out": "attention_bias"}},  # dense_4h_to_h always has a bias
     gguf_refused=READ_BACK_REFUSAL,
 )

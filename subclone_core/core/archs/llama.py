@@ -27,6 +27,10 @@ ARCH = ArchSpec(
         "mlp.gate_proj.weight": linear("ffn", "residual"),
         "mlp.up_proj.weight": linear("ffn", "residual"),
         "mlp.down_proj.weight": linear("residual", "ffn"),
+        # present where the config's mlp_bias is on (Llama, SmolLM3)
+        "mlp.gate_proj.bias": plain("ffn"),
+        "mlp.up_proj.bias": plain("ffn"),
+        "mlp.down_proj.bias": plain("residual"),
         "input_layernorm.weight": plain("residual"),
         "post_attention_layernorm.weight": plain("residual"),
     },
@@ -42,6 +46,9 @@ ARCH = ArchSpec(
     per_layer_config_keys=("layer_types",),
     scale_default=False,
     head="lm_head",
+    # Llama's attention_bias / mlp_bias add biases to q, k, v, o / gate, up, down; Mistral and Qwen2 have no such
+    # switch for o_proj and down_proj (Qwen2's q, k, v biases are fixed on, its o_proj's off)
+    bias_switches={"llama": {"attn_out": "attention_bias", "ffn_down": "mlp_bias"}},
     # a sequence classifier (LlamaForSequenceClassification): one score per label from the residual stream
     task_heads={"sequence-classification": {"score.weight": linear("keep", "residual")}},
     gguf={

@@ -20,6 +20,7 @@ ARCH = replace(
         "post_feedforward_layernorm.weight": plain("residual"),
     },
     per_layer_config_keys=(),
+    bias_switches={"olmo2": {"attn_out": "attention_bias"}},  # its FFN has no bias switch
     attn_post_norm="post_attention_layernorm",
     ffn_post_norm="post_feedforward_layernorm",
     gguf={},

@@ -23,5 +23,6 @@ ARCH = replace(
     # so a child keeps hidden = heads x head_dim.
     config_keys={k: v for k, v in LLAMA.config_keys.items() if k != "head_dim"},
     per_layer_config_keys=(),
+    bias_switches={},  # no bias switch for o_proj or down_proj: FLAP's compensation is refused
     gguf={"phi3": GgufSpec("PHI3", ROTARY_DECODER, extra=SLIDING_WINDOW)},
 )

@@ -16,5 +16,6 @@ ARCH = replace(
         "self_attn.q_norm.weight": plain("keep"),
         "self_attn.k_norm.weight": plain("keep"),
     },
+    bias_switches={"qwen3": {"attn_out": "attention_bias"}},  # its FFN has no bias switch
     gguf={"qwen3": GgufSpec("QWEN3", ROTARY_DECODER)},
 )

@@ -13,6 +13,7 @@ ARCH = replace(
     name="SmolLM3",
     model_types=("smollm3",),
     per_layer_config_keys=("no_rope_layers", "layer_types"),
+    bias_switches={"smollm3": {"attn_out": "attention_bias", "ffn_down": "mlp_bias"}},
     gguf={},
     gguf_refused=READ_BACK_REFUSAL,
 )

@@ -110,6 +110,9 @@ class ArchSpec:
         head: module path of the default task's head (its parameters are the global_params under it).
         task_heads: task -> the parameters of that task's head (e.g. a sequence classifier's ``score.weight``),
             which replace the default head's in that task's table (for_task).
+        bias_switches: model_type -> {"attn_out" or "ffn_down": the config key that gives that output projection a
+            bias} (``attention_bias``, ``mlp_bias``): where FLAP's bias compensation can add one the parent lacks.
+            A projection that always has a bias needs none; one that can have none refuses the compensation.
     """
 
     name: str
@@ -139,6 +142,7 @@ class ArchSpec:
     gguf_refused: str | None = None
     head: str | None = None
     task_heads: dict[str, dict[str, Param]] = field(default_factory=dict)
+    bias_switches: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def for_task(self, task: str) -> ArchSpec:
         """The table of this family's models of one task: this table for the default task; for another, the
