@@ -177,10 +177,12 @@ def test_a_zero_size_is_refused_while_parsing_before_any_work(flag, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
-def test_accelerates_meta_device_notice_is_silenced_unless_verbose(caplog):
+def test_accelerates_meta_device_notice_is_silenced_unless_verbose(caplog, monkeypatch):
     notice = "Some parameters are on the meta device because they were offloaded to the cpu and disk."
     log = logging.getLogger("accelerate.big_modeling")
-    with caplog.at_level(logging.WARNING):
+    monkeypatch.setattr(log, "propagate", True)  # whatever earlier tests' library setup did to this logger
+    monkeypatch.setattr(log, "disabled", False)
+    with caplog.at_level(logging.WARNING, logger="accelerate.big_modeling"):
         quiet_transformers(False)
         quiet_transformers(False)
         log.warning(notice)

@@ -12,11 +12,13 @@ file back, so that every export can be verified without llama.cpp (`verify_gguf`
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -484,7 +486,26 @@ def _load_gguf(auto_class, gguf_path: str | Path, **kwargs):
     """`from_pretrained(folder, gguf_file=name)`, with transformers' refusal turned into a one-line error."""
     path = Path(gguf_path).resolve()
     try:
-        return auto_class.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        with hidden_gguf_bar():
+            return auto_class.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     except (ValueError, NotImplementedError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SubcloneError(f"transformers could not read {str(path)!r} back: {first}") from err
+
+
+@contextlib.contextmanager
+def hidden_gguf_bar() -> Iterator[None]:
+    """Hide transformers' GGUF reader's progress bar while transformers' own bars are hidden (without
+    --verbose): the reader draws it with tqdm directly, which transformers' disable_progress_bar does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    bar = reader.tqdm
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar

@@ -178,13 +178,12 @@ def calibrate_sequential(
         model_class: the transformers class to build (default: the Auto class of the config's task).
         device: where each block runs; its stored inputs stay on the CPU between blocks.
         dtype: the dtype the weights are cast to (default: the config's own).
-        max_tokens, data: as for calibrate.
+        max_tokens, data, input_stats: as for calibrate.
         progress: called with (token-block passes done, token positions x blocks) after each block.
         stats: if given, filled with "bytes_read" and "tensors_read" from the checkpoint and
             "activation_bytes_on_disk" (hidden states the memory budget did not hold).
         activation_memory: bytes of stored hidden states kept in memory, the rest in files under
             ``activation_root`` (default: half of the memory available; see io.activations).
-        input_stats: as for calibrate.
 
     Raises:
         SubcloneError: no safetensors checkpoint in ``folder`` whose tensor names match the model's.

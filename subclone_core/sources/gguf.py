@@ -3,21 +3,18 @@ into a cache folder."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
-from transformers.utils import logging as hf_logging
 
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.atomic import building, fault_point, remove_stale_in
+from subclone_core.io.gguf_export import hidden_gguf_bar
 from subclone_core.sources.cache import cache_dir, cache_is_valid, write_marker
 from subclone_core.sources.checks import check_gguf_header, check_loading_info
 from subclone_core.sources.embedded import (
@@ -93,7 +90,7 @@ def _convert_gguf(gguf: Path, out: Path, target: Path) -> None:
     if not task.sequences:
         raise SubcloneError(f"{gguf}: GGUF parents must be causal LMs, got model_type={config.model_type!r}")
     logger.warning("converting %s to float32 safetensors in %s (20 s to 2 min, once)", gguf.name, target)
-    with bars_like_transformers():
+    with hidden_gguf_bar():
         model, info = task.auto_model().from_pretrained(gguf.parent, dtype=torch.float32, output_loading_info=True,
                                                         ignore_mismatched_sizes=True, **kwargs)
     check_loading_info(info, gguf)  # a tensor the header promises but the file lacks is an error, not random
@@ -104,20 +101,3 @@ def _convert_gguf(gguf: Path, out: Path, target: Path) -> None:
         del model.config.quantization_config  # else reloads (and children) inherit a GGUF quant config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-@contextlib.contextmanager
-def bars_like_transformers() -> Iterator[None]:
-    """Hide the GGUF reader's progress bar while transformers' own bars are hidden: it is drawn with tqdm
-    directly, which transformers' disable_progress_bar does not reach."""
-    from transformers import modeling_gguf_pytorch_utils as reader
-
-    if hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    bar = reader.tqdm
-    reader.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        reader.tqdm = bar
