@@ -254,3 +254,10 @@ def test_make_refuses_nan_weights_of_an_offloaded_parent_as_the_child_is_written
     line = refused(["make", "--parent", nan_parent, "--out", out, "--layers", 3, "--strategy", "first-k",
                     "--max-memory", "24KB"], "the child", "self_attn.o_proj.weight", "--allow-nonfinite")
     assert "NaN" in line and not out.exists()
+
+
+def test_export_refuses_a_child_folder_missing_a_tensor(exportable_child, tmp_path):
+    edit_weights(exportable_child, lambda state: state.pop("model.layers.0.mlp.up_proj.weight"))
+    out = tmp_path / "child.gguf"
+    refused(["export", "--model", exportable_child, "--to", out], "missing tensors model.layers.0.mlp.up_proj.weight")
+    assert not out.exists()

@@ -28,6 +28,7 @@ import torch
 
 from subclone_core.core.archs import REGISTRY, arch_for
 from subclone_core.core.archs.gguf_tables import GgufSpec
+from subclone_core.core.building import check_loading_info
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest, ParentRecord
 from subclone_core.io.atomic import building_file, fault_point
@@ -129,8 +130,10 @@ def load_child(model_dir: str | Path):
     for rule, holds in family.requires.items():
         if not holds(config):
             raise SubcloneError(f"cannot export this {config.model_type} child to GGUF: llama.cpp assumes {rule}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
-                                                 use_safetensors=True)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
+                                                       use_safetensors=True, output_loading_info=True,
+                                                       ignore_mismatched_sizes=True)
+    check_loading_info(info, path)  # a damaged child would export random tensors in place of the missing ones
     return model.eval(), family
 
 

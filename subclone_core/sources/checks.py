@@ -207,38 +207,6 @@ def _gguf_int(reader, key: str):
 # ---- every tensor by name ------------------------------------------------------------------------------
 
 
-def check_loading_info(info: dict, folder: Path) -> None:
-    """Refuse a load where the files lack tensors the config expects, hold extra ones, or differ in shape.
-
-    ``info`` is what transformers' ``from_pretrained(..., output_loading_info=True)`` returns; it loads
-    with ``ignore_mismatched_sizes=True`` so that mismatched shapes arrive here by name instead of as a
-    multi-line report.
-    """
-    problems = [_names("missing", info.get("missing_keys")), _names("unexpected", info.get("unexpected_keys")),
-                _mismatches(info.get("mismatched_keys"))]
-    problems = [p for p in problems if p]
-    if problems:
-        raise SubcloneError(f"the weights in {folder} do not match its config.json: {'; '.join(problems)}; the "
-                            "files may be damaged, incomplete or from another model: copy or save them again")
-
-
-def _names(kind: str, keys: Iterable[str] | None, shown: int = 3) -> str:
-    keys = sorted(keys or ())
-    if not keys:
-        return ""
-    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-    return f"{kind} tensors {', '.join(keys[:shown])}{more}"
-
-
-def _mismatches(items: Iterable[tuple] | None, shown: int = 3) -> str:
-    items = sorted(items or ())
-    if not items:
-        return ""
-    text = ", ".join(f"{name} is {tuple(ckpt)} in the files but {tuple(model)} by the config"
-                     for name, ckpt, model in items[:shown])
-    return f"{text}{f' and {len(items) - shown} more' if len(items) > shown else ''}"
-
-
 # ---- finite weights ------------------------------------------------------------------------------------
 
 

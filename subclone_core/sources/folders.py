@@ -9,8 +9,9 @@ from typing import Any
 import torch
 import transformers
 
+from subclone_core.core.building import check_loading_info
 from subclone_core.core.errors import SubcloneError
-from subclone_core.sources.checks import check_config_fits_weights, check_loading_info
+from subclone_core.sources.checks import check_config_fits_weights
 from subclone_core.tasks import TaskSpec, task_of_config
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 import transformers
 
+from subclone_core.core.building import check_loading_info
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.atomic import building, fault_point, remove_stale_in
 from subclone_core.io.gguf_export import hidden_gguf_bar
 from subclone_core.sources.cache import cache_dir, cache_is_valid, write_marker
-from subclone_core.sources.checks import check_gguf_header, check_loading_info
+from subclone_core.sources.checks import check_gguf_header
 from subclone_core.sources.embedded import (
     EMBEDDED,
     EmbeddedParent,
