@@ -22,27 +22,17 @@ import transformers.modeling_utils
 from safetensors import SafetensorError
 
 from subclone_core.analysis.explore import candidate_shapes
-from subclone_core.cli.main import build_parser, describe_error, for_command, main, quiet_transformers
+from subclone_core.cli.main import build_parser, describe_error, for_command, quiet_transformers
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import parameter_count
 from subclone_core.training.events import StepEvent
 from subclone_core.training.metrics_log import MetricsLog
 from tests import tiny_models as tm
+from tests.test_adversarial import run_cli  # the CLI in this process, argparse's exit as its code
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ["--steps", 1, "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--eval-tokens", 64, "--quiet"]
 FULL = 'Error while serializing: I/O error: No space left on device (os error 28) at path "{}/.tmpXYZ"'
-
-
-def run_cli(args) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit code, stdout, stderr); argparse's exit counts as the exit code."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as stop:
-            code = stop.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_error_line(args) -> str:
