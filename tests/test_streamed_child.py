@@ -3,7 +3,10 @@ save_pretrained writes of the same child in memory, for every family, tied or no
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -92,3 +95,32 @@ def test_streamed_weights_refuse_a_wrong_tensor_and_a_missing_one(tmp_path):
     writer("model.norm.weight", torch.ones(model.config.hidden_size))
     with pytest.raises(SubcloneError, match="never written"):
         writer.close()
+
+
+def test_a_bfloat16_parent_is_refit_in_float32_on_the_cpu_and_its_child_stays_bfloat16(llama_dir, tmp_path):
+    """CPUs without native bfloat16 matrix products run a bfloat16 forward several times slower than float32:
+    the refit pass upcasts each block while it runs. The child of a bfloat16 parent is then, to the bit, the
+    child of the same weights in float32 cast back to bfloat16, whether built in memory or streamed to disk."""
+    from subclone_core.sources.parents import load_parent
+    from subclone_core.workflow.children import make_child, make_child_into_folder, measure_importance, refit_dtype
+    from subclone_core.workflow.plan import resolve_plan
+
+    half = load_parent(str(llama_dir), dtype="bfloat16")
+    wide = dataclasses.replace(half, model=copy.deepcopy(half.model).float())  # the same weights, upcast exactly
+    assert refit_dtype(half) == torch.float32 and refit_dtype(wide) == torch.float32
+    plan = resolve_plan(half)
+    assert "refit on child inputs, block by block in float32" in plan.line() and "cpu, bfloat16" in plan.line()
+    assert "block by block in" not in resolve_plan(wide).line()  # said only where it differs from the parent's
+    imp = measure_importance(wide, tokens=256)
+    target = plan_shape(half.model, **narrow_sizes("llama", Shape.of(half.model.config)))
+    kwargs = {"importance": imp, "calib_tokens": 256, "refit": True}
+    child = make_child(half, target, **kwargs).model
+    want = {k: t.to(torch.bfloat16) for k, t in make_child(wide, target, **kwargs).model.state_dict().items()}
+    assert next(child.parameters()).dtype == torch.bfloat16
+    for name, tensor in child.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    make_child_into_folder(partial(make_child, half, target, **kwargs), tmp_path / "streamed", task=half.task)
+    streamed = tensors_of(tmp_path / "streamed")
+    assert streamed and all(t.dtype == torch.bfloat16 for t in streamed.values())
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, child.state_dict()[name]), name

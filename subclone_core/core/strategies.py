@@ -285,11 +285,22 @@ def _sliced_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target
         _to_sink(sd, sink, arch, tied=is_tied(tensors, arch) and not untie_head)
         return empty
     if refit_items is not None and _narrows_any(parent_model, sel, scale):
-        sd = slice_items(refit_items(slicer, config), slicer, arch, parent, sel, tied=is_tied(tensors, arch),
-                         untie_head=untie_head, sink=sink)
+        # the refit pass may run wider than the parent (float32 on the CPU); the child keeps the parent's dtype
+        dtype = next(parent_model.parameters()).dtype
+        into = None if sink is None else (lambda name, tensor: sink(name, tensor.to(dtype)))
+        sd = _cast(slice_items(refit_items(slicer, config), slicer, arch, parent, sel, tied=is_tied(tensors, arch),
+                               untie_head=untie_head, sink=into), dtype)
     else:
         sd = slice_state_dict(tensors, arch, parent, sel, scale=scale, untie_head=untie_head, sink=sink)
     return empty if empty is not None else build_model(type(parent_model), config, sd)
+
+
+def _cast(state_dict: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The state dict in ``dtype``, a tensor shared by two names (a tied head) still shared."""
+    done: dict[int, Tensor] = {}
+    for tensor in state_dict.values():
+        done.setdefault(id(tensor), tensor.to(dtype))
+    return {name: done[id(tensor)] for name, tensor in state_dict.items()}
 
 
 # role -> whether a child narrows that output projection's input (its heads, its FFN neurons)

@@ -10,6 +10,8 @@ passes the resolved values to ``children.make_child`` explicitly (``make_planned
   each chosen by measurement per family (the refit applies to the importance order only);
 - the parent's placement: calibration goes block by block only where ``--max-memory`` left part of the parent
   on disk and its checkpoint can be read block by block (``children.needs_sequential``);
+- the parent's dtype and device: the refit pass runs a half-precision parent's blocks in float32 on the CPU
+  (``children.refit_dtype``);
 - the machine: the stored hidden states of a block-by-block pass (sequential calibration, the refit) keep to
   half of the available RAM (``io.activations.default_budget``).
 """
@@ -31,7 +33,7 @@ from subclone_core.io.activations import default_budget
 from subclone_core.io.placement import memory_by_device
 from subclone_core.io.streaming import checkpoint_tensors
 from subclone_core.sources import Parent, default_data_id
-from subclone_core.workflow.children import CALIB_TOKENS, make_child, needs_sequential, parent_tensors
+from subclone_core.workflow.children import CALIB_TOKENS, make_child, needs_sequential, parent_tensors, refit_dtype
 
 # the orders of the paper (arXiv:2312.09299), which scales sliced weights: its method and its Fig. 14 ablation
 PAPER_ORDERS = ("importance", "first")
@@ -54,6 +56,7 @@ class Plan:
         refit_inputs: whose inputs the refit fits each layer on ("parent" or "child", the family's table); None
             without a refit. The refit runs block by block (io.refitting) from memory, or from the parent's files
             where it is offloaded.
+        refit_dtype: the dtype the refit pass runs the blocks in (children.refit_dtype); None without a refit.
         scale: the sqrt(fan-in ratio) scaling of sliced weights.
         untie_head, seed: as in strategies.subclone_model.
         calibrate: whether importance is measured on data; data_id, calib_tokens: on which data, how much.
@@ -74,6 +77,7 @@ class Plan:
     residual_score: str | None
     refit: bool
     refit_inputs: str | None
+    refit_dtype: str | None
     scale: bool
     untie_head: bool
     seed: int
@@ -121,7 +125,8 @@ class Plan:
             items.append("widths kept")
         if self.order == "importance":
             items.append(self._mark("residual_score", f"{self.residual_score} ranking"))
-            refit = f"refit on {self.refit_inputs} inputs, block by block" if self.refit else "no refit"
+            wider = f" in {self.refit_dtype}" if self.refit_dtype != self.dtype else ""
+            refit = f"refit on {self.refit_inputs} inputs, block by block{wider}" if self.refit else "no refit"
             if spec.refit is False:  # the method's own weight rule: say what it is instead
                 refit = "bias compensation, no refit" if spec.bias_compensation else "slice only, no refit"
             items.append(self._mark("refit", refit))
@@ -210,6 +215,7 @@ def resolve_plan(parent: Parent, *, strategy: str = "subclone", drop: str | list
     plan = Plan(
         strategy=strategy, order=spec.order, drop=policy, residual_score=ranking, refit=refit_on,
         refit_inputs=arch.refit_inputs if refit_on else None,
+        refit_dtype=str(refit_dtype(parent)).removeprefix("torch.") if refit_on else None,
         scale=_default_scale(spec, arch) if scale is None else scale and spec.order is not None,
         untie_head=untie_head, seed=seed, calibrate=calibrate, data_id=data_id or default_data_id(parent.task),
         calib_tokens=calib_tokens, sequential=seq, device=_device(places),
