@@ -353,13 +353,18 @@ def test_make_builds_each_method_and_its_plan_line_names_it(strategy, shape, met
 
 
 def test_compare_takes_the_methods_and_says_each_plan(llama_dir, counting_text_file, capsys):
-    names = ["shortgpt", "wanda-sp", "flap", "minitron"]
+    """--refit applies to the candidates that can take it; the methods with their own weight rule are built by
+    that rule beside them (asking a run for the refit is not an error for them)."""
+    names = ["subclone", "shortgpt", "wanda-sp", "flap", "minitron"]
     code, out, err = run_cli(["compare", "--parent", llama_dir, "--layers", 2, "--data", counting_text_file,
-                              "--calib-tokens", 256, "--strategies", ",".join(names), "--steps", 1,
+                              "--calib-tokens", 256, "--strategies", ",".join(names), "--refit", "--steps", 1,
                               "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--eval-tokens", 32, "--quiet"],
                              capsys)
     assert code == 0, err
-    assert [line.split(",")[0].split(" ")[1] for line in out.splitlines()[:4]] == names
+    lines = out.splitlines()[:5]
+    assert [line.split(",")[0].split(" ")[1] for line in lines] == names
+    assert "refit on child inputs, block by block," in lines[0]
+    assert "slice only, no refit" in lines[2] and "bias compensation, no refit" in lines[3]
 
 
 def test_refit_asked_of_a_method_with_its_own_weight_rule_is_an_error(llama_dir, counting_text_file, tmp_path,

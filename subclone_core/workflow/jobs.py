@@ -133,15 +133,17 @@ def needs_importance(settings: CandidateSettings) -> bool:
 
 def candidate_plan(parent: Parent, strategy: str, settings: CandidateSettings, target: Shape | None = None) -> Plan:
     """The resolved plan of one candidate's child (workflow.plan), by the block rule: the request's block
-    policy, else the strategy's own (checked against ``target``'s depth when given); the residual ranking and
-    the refit only for the importance order, which alone has them (the other candidates of a run that asks for
-    them are built without)."""
+    policy, else the strategy's own (checked against ``target``'s depth when given); the residual ranking only
+    for the importance order, which alone has one, and the refit only for those of its strategies without a
+    weight rule of their own (the other candidates of a run that asks for them are built without)."""
     strategy = base_strategy(strategy)
-    importance_order = STRATEGY_SPECS[strategy].order == "importance"
+    spec = STRATEGY_SPECS[strategy]
+    importance_order = spec.order == "importance"
     return resolve_plan(parent, strategy=strategy, drop=settings.drop, scale=settings.scale,
                         untie_head=settings.untie_head,
                         residual_score=settings.residual_score if importance_order else None,
-                        refit=settings.refit if importance_order else None, data_id=settings.data_id,
+                        refit=settings.refit if importance_order and spec.refit is not False else None,
+                        data_id=settings.data_id,
                         calib_tokens=settings.calib_tokens, seed=settings.seed, target=target)
 
 
