@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from subclone_core.cli.main import main
 from tests import tiny_models as tm
+from tests.cli_runner import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,15 +24,9 @@ def text_file(tmp_path_factory):
     return path
 
 
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_explore_prints_one_json_object_with_the_grid(llama_dir, text_file, capsys):
+def test_explore_prints_one_json_object_with_the_grid(llama_dir, text_file):
     code, out, err = run_cli(["explore", "--parent", llama_dir, "--params", "20k", "--data", text_file,
-                              "--calib-tokens", 256, "--eval-tokens", 128, "--json"], capsys)
+                              "--calib-tokens", 256, "--eval-tokens", 128, "--json"])
     assert code == 0, err
     result = json.loads(out)
     assert result["budget"] == 20_000 and result["shapes"]
@@ -42,9 +36,9 @@ def test_explore_prints_one_json_object_with_the_grid(llama_dir, text_file, caps
     assert all(s["loss"] < result["random"]["loss"] for s in result["shapes"] if s["pareto"])
 
 
-def test_explore_prints_a_table(llama_dir, text_file, capsys):
+def test_explore_prints_a_table(llama_dir, text_file):
     code, out, err = run_cli(["explore", "--parent", llama_dir, "--params", "20000", "--data", text_file,
-                              "--calib-tokens", 256, "--eval-tokens", 128], capsys)
+                              "--calib-tokens", 256, "--eval-tokens", 128])
     assert code == 0, err
     assert "step-0 loss" in out and "random init" in out and " *" in out
 
@@ -55,8 +49,8 @@ def test_explore_prints_a_table(llama_dir, text_file, capsys):
     (["--params", "1B"], "shapes range from"),
     (["--params", "20k", "--eval-tokens", 0], "--eval-tokens=0 must be a positive integer"),
 ])
-def test_bad_input_exits_2_with_one_line(llama_dir, text_file, capsys, flags, message):
+def test_bad_input_exits_2_with_one_line(llama_dir, text_file, flags, message):
     code, out, err = run_cli(["explore", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 128,
-                              *flags], capsys)
+                              *flags])
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1

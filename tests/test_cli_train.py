@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -15,20 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
 
-from subclone_core.cli.main import main
 from subclone_core.io.saving import read_manifest
 from subclone_core.training.events import DoneEvent, EvalEvent, StartEvent, StepEvent, read_events
+from tests.cli_runner import run_cli  # also imported from here by test_cli_report, test_fsdp, test_lr_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", 6, "--eval-every", 3, "--batch-size", 4, "--seq-len", 16, "--quiet"]
-
-
-def run_cli(args) -> tuple[int, str, str]:
-    """Run the CLI in this process; (exit code, stdout, stderr). Usable in module-scoped fixtures."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +182,9 @@ def test_train_needs_a_model_folder(tmp_path):
 
 def help_text(args) -> str:
     """What `subclone ARGS` prints for --help (argparse exits with status 0)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 0
-    return out.getvalue()
+    code, out, err = run_cli(args)
+    assert code == 0, err
+    return out
 
 
 def test_every_subcommand_says_what_it_does_in_one_line():

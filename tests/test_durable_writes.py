@@ -23,7 +23,8 @@ from subclone_core.core.errors import SubcloneError
 from subclone_core.io import atomic
 from subclone_core.io.atomic import FAULT_POINTS, HOST, OLD_TAG, TMP_TAG
 from subclone_core.sources.cache import MARKER
-from tests.test_adversarial import FAST, dead_pid, run_cli
+from tests.cli_runner import run_cli
+from tests.test_adversarial import FAST, dead_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPORARY = (TMP_TAG, OLD_TAG, ".lock", "activations-", "parent-")  # names only a write in progress carries
@@ -204,6 +205,28 @@ def test_an_old_folder_beside_a_target_that_did_not_replace_it_is_kept(tmp_path)
     old = old_folder(tmp_path / f".child{OLD_TAG}{dead_pid()}-{HOST}-0badf00d.i1", {"config.json": "{}"})
     atomic.remove_stale_siblings(target, legacy=True)
     assert old.is_dir() and (target / "config.json").read_text() == "someone else's"
+
+
+def test_a_second_claim_is_refused_naming_the_holder_and_the_lock_goes_with_the_first(tmp_path):
+    with atomic.claim_output(tmp_path / "child"):
+        assert json.loads((tmp_path / ".child.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(SubcloneError, match=f"another subclone run \\(pid {os.getpid()} on "), \
+                atomic.claim_output(tmp_path / "child"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    with atomic.claim_output(tmp_path / "child"):  # free again
+        pass
+
+
+def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_no_lock_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(SubcloneError, match="No space left on device.*free some space"), \
+            atomic.claim_output(tmp_path / "child"):
+        pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_only_temporaries_of_dead_owners_on_this_host_are_removed(tmp_path):

@@ -23,10 +23,10 @@ from transformers import (
     Qwen3Config,
 )
 
-from subclone_core.cli.main import main
 from subclone_core.core.archs import arch_for, supported_model_types
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.gguf_export import SAMPLE_TEXT, export_gguf, exportable_model_types, verify_gguf
+from tests.cli_runner import run_cli
 
 SENTENCES = [
     "The river rises in the hills north of the town and flows to the sea.",
@@ -192,31 +192,30 @@ def test_refuses_unsupported_families_with_the_list(tmp_path, bpe):
     assert exportable_model_types() == ["gemma3_text", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3"]
 
 
-def test_cli_exports_verifies_and_refuses_to_overwrite(tmp_path, bpe, capsys):
+def test_cli_exports_verifies_and_refuses_to_overwrite(tmp_path, bpe):
     child = save_child(tmp_path, "mistral", bpe)
     out = tmp_path / "out" / "child.gguf"
-    assert main(["export", "--model", str(child), "--to", str(out), "--type", "q8_0", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    code, stdout, err = run_cli(["export", "--model", child, "--to", out, "--type", "q8_0", "--json"])
+    assert code == 0, err
+    result = json.loads(stdout)
     assert result["type"] == "q8_0" and result["verify"]["same_token_ids"] and out.stat().st_size == result["bytes"]
     before = out.read_bytes()
-    assert main(["export", "--model", str(child), "--to", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.endswith("exists; choose a new path or pass --overwrite") and "\n" not in err
+    code, _, err = run_cli(["export", "--model", child, "--to", out])
+    assert code == 2 and err.strip().endswith("exists; choose a new path or pass --overwrite") and "\n" not in err.strip()
     assert out.read_bytes() == before
-    assert main(["export", "--model", str(child), "--to", str(out), "--overwrite", "--no-verify"]) == 0
+    assert run_cli(["export", "--model", child, "--to", out, "--overwrite", "--no-verify"])[0] == 0
     assert out.stat().st_size > len(before)  # f32 replaced q8_0
     assert [p.name for p in out.parent.iterdir()] == ["child.gguf"]  # no temporary file left behind
 
 
-def test_cli_bad_input_exits_2_with_one_line(tmp_path, bpe, capsys):
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, bpe):
     child = save_child(tmp_path, "llama", bpe)
-    assert main(["export", "--model", str(child), "--to", str(tmp_path / "child.bin")]) == 2
-    assert capsys.readouterr().err.strip().endswith("does not end in .gguf; give a path like child.gguf")
-    assert main(["export", "--model", str(tmp_path / "nowhere"), "--to", str(tmp_path / "c.gguf")]) == 2
-    assert "has no config.json" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:  # argparse refuses an unknown type by itself
-        main(["export", "--model", str(child), "--to", str(tmp_path / "c.gguf"), "--type", "q4_0"])
-    assert exit_info.value.code == 2 and not (tmp_path / "c.gguf").exists()
+    code, _, err = run_cli(["export", "--model", child, "--to", tmp_path / "child.bin"])
+    assert code == 2 and err.strip().endswith("does not end in .gguf; give a path like child.gguf")
+    code, _, err = run_cli(["export", "--model", tmp_path / "nowhere", "--to", tmp_path / "c.gguf"])
+    assert code == 2 and "has no config.json" in err
+    code, _, _ = run_cli(["export", "--model", child, "--to", tmp_path / "c.gguf", "--type", "q4_0"])
+    assert code == 2 and not (tmp_path / "c.gguf").exists()  # argparse refuses an unknown type by itself
 
 
 @pytest.mark.default_parent

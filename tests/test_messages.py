@@ -28,7 +28,7 @@ from subclone_core.core.strategies import parameter_count
 from subclone_core.training.events import StepEvent
 from subclone_core.training.metrics_log import MetricsLog
 from tests import tiny_models as tm
-from tests.test_adversarial import run_cli  # the CLI in this process, argparse's exit as its code
+from tests.cli_runner import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ["--steps", 1, "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--eval-tokens", 64, "--quiet"]

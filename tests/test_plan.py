@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 from test_app_pages import run, start_app, workdir  # noqa: F401 (workdir: a fixture)
 
-from subclone_core.cli.main import main
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.saving import read_manifest
@@ -21,25 +20,20 @@ from subclone_core.sources.parents import load_parent
 from subclone_core.workflow import plan as plan_module
 from subclone_core.workflow.plan import resolve_plan
 from tests import tiny_models as tm
+from tests.cli_runner import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = ["--layers", 3, "--hidden", 16]
 SCALE_WARNING = "Warning: weight scaling is off"
 
 
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def make(llama_dir, text_file, out, *flags, capsys):
+def make(llama_dir, text_file, out, *flags):
     return run_cli(["make", "--parent", llama_dir, "--out", out, *SHAPE, "--data", text_file,
-                    "--calib-tokens", 256, *flags], capsys)
+                    "--calib-tokens", 256, *flags])
 
 
-def test_make_prints_the_plan_first_and_records_it(llama_dir, counting_text_file, tmp_path, capsys):
-    code, out, err = make(llama_dir, counting_text_file, tmp_path / "child", capsys=capsys)
+def test_make_prints_the_plan_first_and_records_it(llama_dir, counting_text_file, tmp_path):
+    code, out, err = make(llama_dir, counting_text_file, tmp_path / "child")
     assert code == 0, err
     first = out.splitlines()[0]
     assert first.startswith("plan: subclone, drop magnitude, read ranking, refit on child inputs, block by block, no scaling | ")
@@ -55,8 +49,8 @@ def test_make_prints_the_plan_first_and_records_it(llama_dir, counting_text_file
     assert reread["plan"]["warnings"] == manifest.plan["warnings"]
 
 
-def test_json_holds_the_plan_and_its_warnings(llama_dir, counting_text_file, tmp_path, capsys):
-    code, out, err = make(llama_dir, counting_text_file, tmp_path / "child", "--no-refit", "--json", capsys=capsys)
+def test_json_holds_the_plan_and_its_warnings(llama_dir, counting_text_file, tmp_path):
+    code, out, err = make(llama_dir, counting_text_file, tmp_path / "child", "--no-refit", "--json")
     assert code == 0, err
     summary = json.loads(out)  # one object: the line is not printed on its own
     plan = summary["plan"]
@@ -66,14 +60,14 @@ def test_json_holds_the_plan_and_its_warnings(llama_dir, counting_text_file, tmp
 
 
 def test_a_default_that_turns_off_what_the_paper_does_warns_and_names_the_flag(llama_dir, counting_text_file,
-                                                                              tmp_path, capsys):
-    code, out, err = make(llama_dir, counting_text_file, tmp_path / "default", capsys=capsys)
+                                                                              tmp_path):
+    code, out, err = make(llama_dir, counting_text_file, tmp_path / "default")
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("Warning: ")]
     assert len(warnings) == 1 and warnings[0].startswith(SCALE_WARNING) and "--scale turns it on" in warnings[0]
     assert "--scale" not in out  # warnings never mix into the output
     for flag, said in (("--scale", ", scaling (asked) |"), ("--no-scale", ", no scaling |")):
-        code, out, err = make(llama_dir, counting_text_file, tmp_path / flag, flag, capsys=capsys)
+        code, out, err = make(llama_dir, counting_text_file, tmp_path / flag, flag)
         assert code == 0 and "Warning" not in err, err  # the user's own choice: no warning either way
         assert said in out.splitlines()[0]  # marked only where it differs from the default
 
@@ -101,22 +95,20 @@ def test_strategies_without_an_order_or_data_plan_only_what_they_use(llama_dir):
         resolve_plan(parent, drop=[1, 9], target=plan_shape(parent.model, layers=2))  # before any calibration
 
 
-def test_compare_says_one_plan_per_strategy(llama_dir, counting_text_file, capsys):
+def test_compare_says_one_plan_per_strategy(llama_dir, counting_text_file):
     code, out, err = run_cli(["compare", "--parent", llama_dir, *SHAPE, "--data", counting_text_file,
                               "--calib-tokens", 256, "--strategies", "subclone,first-k,random", "--steps", 2,
-                              "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--eval-tokens", 64, "--quiet"],
-                             capsys)
+                              "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--eval-tokens", 64, "--quiet"])
     assert code == 0, err
     lines = out.splitlines()
     assert [line.split(",")[0].split(" ")[1] for line in lines[:3]] == ["subclone", "first-k", "random"]
     assert err.count(SCALE_WARNING) == 1  # said once for the two strategies it applies to
 
 
-def test_refit_or_ranking_asked_of_a_strategy_without_them_is_an_error(llama_dir, counting_text_file, tmp_path,
-                                                                      capsys):
+def test_refit_or_ranking_asked_of_a_strategy_without_them_is_an_error(llama_dir, counting_text_file, tmp_path):
     for flags, named in ((["--strategy", "first-k", "--refit"], "--refit"),
                          (["--strategy", "uniform", "--residual-score", "written"], "--residual-score")):
-        code, out, err = make(llama_dir, counting_text_file, tmp_path / "c", *flags, capsys=capsys)
+        code, out, err = make(llama_dir, counting_text_file, tmp_path / "c", *flags)
         assert code == 2 and out == "" and named in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "c").exists()
 
@@ -133,8 +125,7 @@ def pickled_parent(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:loading pickle weights")
-def test_an_offloaded_parent_that_cannot_be_read_block_by_block(pickled_parent, counting_text_file, tmp_path,
-                                                                capsys):
+def test_an_offloaded_parent_that_cannot_be_read_block_by_block(pickled_parent, counting_text_file, tmp_path):
     parent = load_parent(str(pickled_parent), allow_pickle=True, max_memory="24KB")
     plan = resolve_plan(parent, builds=False)  # a caller that only calibrates
     assert plan.offloaded and plan.block_readable is False and not plan.sequential
@@ -145,13 +136,13 @@ def test_an_offloaded_parent_that_cannot_be_read_block_by_block(pickled_parent, 
     with pytest.raises(SubcloneError, match="cannot be read from its files"):
         resolve_plan(parent)  # make reads a child from the files: refused before any calibration
     code, out, err = run_cli(["make", "--parent", pickled_parent, "--allow-pickle", "--max-memory", "24KB",
-                              "--out", tmp_path / "c", *SHAPE, "--data", counting_text_file], capsys)
+                              "--out", tmp_path / "c", *SHAPE, "--data", counting_text_file])
     assert code == 2 and out == "" and "cannot be read from its files" in err
 
 
-def test_an_offloaded_readable_parent_plans_block_by_block(llama_dir, counting_text_file, tmp_path, capsys):
+def test_an_offloaded_readable_parent_plans_block_by_block(llama_dir, counting_text_file, tmp_path):
     code, out, err = make(llama_dir, counting_text_file, tmp_path / "c", "--max-memory", "24KB",
-                          "--activation-memory", "4KiB", capsys=capsys)
+                          "--activation-memory", "4KiB")
     assert code == 0, err
     first = out.splitlines()[0]
     assert "calibration block by block" in first and "parent on disk under --max-memory 24KB" in first
@@ -160,9 +151,9 @@ def test_an_offloaded_readable_parent_plans_block_by_block(llama_dir, counting_t
     assert not any("offloaded" in line for line in err.splitlines())
 
 
-def test_explore_says_its_plan(llama_dir, counting_text_file, capsys):
+def test_explore_says_its_plan(llama_dir, counting_text_file):
     code, out, err = run_cli(["explore", "--parent", llama_dir, "--params", "20k", "--data", counting_text_file,
-                              "--calib-tokens", 256, "--eval-tokens", 128, "--json"], capsys)
+                              "--calib-tokens", 256, "--eval-tokens", 128, "--json"])
     assert code == 0, err
     plan = json.loads(out)["plan"]  # the shapes are made as make makes them; explore has no flags to warn about
     assert plan["refit"] is True and "read ranking, refit on child inputs, block by block, no scaling" in plan["line"] and plan["warnings"] == []

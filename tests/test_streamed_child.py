@@ -102,7 +102,12 @@ def test_a_bfloat16_parent_is_refit_in_float32_on_the_cpu_and_its_child_stays_bf
     the refit pass upcasts each block while it runs. The child of a bfloat16 parent is then, to the bit, the
     child of the same weights in float32 cast back to bfloat16, whether built in memory or streamed to disk."""
     from subclone_core.sources.parents import load_parent
-    from subclone_core.workflow.children import make_child, make_child_into_folder, measure_importance, refit_dtype
+    from subclone_core.workflow.children import (
+        make_child,
+        make_child_into_folder,
+        measure_importance,
+        refit_dtype,
+    )
     from subclone_core.workflow.plan import resolve_plan
 
     half = load_parent(str(llama_dir), dtype="bfloat16")

@@ -3,7 +3,6 @@ TaskSpec plus its family table's head entry (here a Llama sequence classifier, m
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -16,7 +15,6 @@ from transformers import (
     ViTConfig,
 )
 
-from subclone_core.cli.main import main
 from subclone_core.core.archs import arch_for, arch_for_task, arch_of_model
 from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
@@ -30,6 +28,7 @@ from subclone_core.io.saving import read_manifest
 from subclone_core.io.sequential import calibrate_sequential
 from subclone_core.tasks import TASKS, TaskSpec, register_task, task_of_config, task_of_model
 from tests import tiny_models as tm
+from tests.cli_runner import run_cli_json
 
 TASK = "sequence-classification"
 LABELS = 3
@@ -102,13 +101,6 @@ def classifier_dir(tmp_path_factory):
     classifier().save_pretrained(path)
     tm.tokenizer().save_pretrained(path)
     return path
-
-
-def run_cli(args, capsys) -> dict:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
 
 
 # --- detection -----------------------------------------------------------------------------------------------
@@ -199,10 +191,10 @@ def test_calibration_and_the_refit_read_the_classifiers_head_in_memory_and_block
 
 # --- make and eval end to end through the command line -----------------------------------------------------
 
-def test_make_and_eval_a_narrower_classifier(registered, classifier_dir, tmp_path, capsys):
+def test_make_and_eval_a_narrower_classifier(registered, classifier_dir, tmp_path):
     out = tmp_path / "child"
-    summary = run_cli(["make", "--parent", classifier_dir, "--out", out, "--layers", 3, "--hidden", 32,
-                       "--calib-tokens", 512, "--json"], capsys)
+    summary = run_cli_json(["make", "--parent", classifier_dir, "--out", out, "--layers", 3, "--hidden", 32,
+                       "--calib-tokens", 512, "--json"])
     assert summary["shape"]["hidden"] == 32 and summary["shape"]["layers"] == 3
     child = AutoModelForSequenceClassification.from_pretrained(out)
     assert type(child) is LlamaForSequenceClassification
@@ -211,16 +203,16 @@ def test_make_and_eval_a_narrower_classifier(registered, classifier_dir, tmp_pat
     assert child.score.weight.shape == (LABELS, 32)
     calibration = read_manifest(out).calibration
     assert (calibration.data, calibration.tokens) == ("synthetic", 512)
-    result = run_cli(["eval", "--model", out, "--seq-len", 16, "--tokens", 256, "--json"], capsys)
+    result = run_cli_json(["eval", "--model", out, "--seq-len", 16, "--tokens", 256, "--json"])
     assert result["task"] == TASK and result["data"] == "synthetic" and result["sequences"] == 16
     assert 0.0 <= result["accuracy"] <= 1.0 and "perplexity" not in result
     with pytest.raises(SubcloneError, match="sequence-classification head has no GGUF layout"):
         export_gguf(out, tmp_path / "child.gguf")
 
 
-def test_a_full_size_child_reproduces_the_parents_logits(registered, classifier_dir, tmp_path, capsys):
+def test_a_full_size_child_reproduces_the_parents_logits(registered, classifier_dir, tmp_path):
     out = tmp_path / "child"
-    run_cli(["make", "--parent", classifier_dir, "--out", out, "--calib-tokens", 512, "--json"], capsys)
+    run_cli_json(["make", "--parent", classifier_dir, "--out", out, "--calib-tokens", 512, "--json"])
     parent = AutoModelForSequenceClassification.from_pretrained(classifier_dir, dtype=torch.float64).eval()
     child = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float64).eval()
     assert Shape.of(child.config) == Shape.of(parent.config)
@@ -228,7 +220,7 @@ def test_a_full_size_child_reproduces_the_parents_logits(registered, classifier_
     assert residual != sorted(residual)  # a real permutation of the residual stream, not the identity
     batch = tm.inputs(parent, batch=4, seq=9)
     torch.testing.assert_close(tm.output(child, batch), tm.output(parent, batch), atol=ATOL, rtol=0)
-    parent_eval = run_cli(["eval", "--model", classifier_dir, "--seq-len", 16, "--tokens", 256, "--json"], capsys)
-    child_eval = run_cli(["eval", "--model", out, "--seq-len", 16, "--tokens", 256, "--json"], capsys)
+    parent_eval = run_cli_json(["eval", "--model", classifier_dir, "--seq-len", 16, "--tokens", 256, "--json"])
+    child_eval = run_cli_json(["eval", "--model", out, "--seq-len", 16, "--tokens", 256, "--json"])
     assert child_eval["accuracy"] == parent_eval["accuracy"]
     assert child_eval["loss"] == pytest.approx(parent_eval["loss"], abs=1e-6)

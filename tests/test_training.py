@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 from dist_train_script import PatternData, QuadrantImages, tiny_llama, tiny_vit, weights_hash
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
 
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
@@ -20,7 +20,6 @@ from subclone_core.training import (
     default_hparams,
     distillation_loss,
     kl_to_teacher,
-    lr_factor,
     make_scheduler,
     train_candidates,
 )
@@ -123,28 +122,42 @@ def test_runs_in_concurrent_threads_keep_their_own_dropout_streams():
     assert results[0] == results[1] == alone.train_loss
 
 
-def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
-    total, warm = 100, 10
-    f = [lr_factor(s, total=total, warmup=warm, min_ratio=0.1) for s in range(total)]
-    assert f[:warm] == pytest.approx([(s + 1) / warm for s in range(warm)])
-    assert f[warm] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))
-    assert f[-1] == pytest.approx(0.1)
-    mid = warm + (total - 1 - warm) / 2
-    assert lr_factor(int(mid), total=total, warmup=warm, min_ratio=0.1) == pytest.approx(0.55, abs=0.02)
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
-    sched, lrs = make_scheduler(opt, total=total, warmup=warm, min_ratio=0.1), []
+def scheduled_lrs(total: int, warmup: int, min_ratio: float = 0.0, peak: float = 1.0) -> list[float]:
+    """The lr of each of ``total`` optimizer steps under make_scheduler."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched, lrs = make_scheduler(opt, total=total, warmup=warmup, min_ratio=min_ratio), []
     for _ in range(total):
         lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([2e-3 * x for x in f])
+    return lrs
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
+    total, warm = 100, 10
+    f = [lr / 2e-3 for lr in scheduled_lrs(total, warm, min_ratio=0.1, peak=2e-3)]
+    assert f[:warm] == pytest.approx([(s + 1) / warm for s in range(warm)])  # no step at lr 0
+    assert all(a >= b for a, b in zip(f[warm - 1:], f[warm:]))
+    assert f[-1] == pytest.approx(0.1)
+    assert f[(warm - 1 + total - 1) // 2] == pytest.approx(0.55)  # halfway from the peak to the last step
+    assert scheduled_lrs(6, 0, min_ratio=0.1)[0] == 1.0  # no warmup: the first step at the peak
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 10), (30, 3), (30, 0), (6, 1)])
+def test_lr_schedule_is_transformers_cosine_with_min_lr(total, warmup):
+    """make_scheduler is transformers' schedule, one step in when there is a warmup (its first is at lr 0)."""
+    start = 1 if warmup else 0
+    library = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=warmup,
+        num_training_steps=total - 1 + start, min_lr_rate=0.1).lr_lambdas[0]
+    ours = scheduled_lrs(total, warmup, min_ratio=0.1)
+    for step in {0, warmup // 2, warmup, total // 2, total - 1}:
+        assert ours[step] == pytest.approx(library(step + start)), step
 
 
 def test_the_logged_lr_follows_the_schedule(pair_run):
     lrs = [e.lr for e in pair_run["events"] if isinstance(e, StepEvent) and e.candidate == "subclone"]
-    expected = [1e-3 * lr_factor(s, total=30, warmup=3) for s in range(30)]
-    assert lrs == pytest.approx(expected)
+    assert lrs == pytest.approx(scheduled_lrs(30, 3, peak=1e-3))
 
 
 def test_non_finite_loss_stops_that_candidate_and_the_others_go_on(tmp_path):

@@ -16,13 +16,13 @@ folder is removed only once the target standing there is the very folder that re
 Claiming an output path before any work: one writer per path, a doomed write fails in the first second.
 
 ``claim_output`` checks the path (a folder where a folder is expected, a file where a file is, nothing
-replaced without overwrite), creates its parent folder, and takes ``.<name>.lock`` next to it: an
-exclusive ``flock`` held while the command runs, which the kernel releases when the process ends, so a
-killed run never leaves a lock that blocks the next one. Writing the lock (a few bytes, flushed to disk)
-also proves the folder is writable and not full. Under the claim, an orphaned old folder is recovered and
-the temporaries that killed runs left behind are removed. ``staged_folder`` builds a whole run folder in a
-hidden sibling and swaps it in only when the run succeeded, so that ``--overwrite`` never loses the
-previous run to a run that fails, is interrupted or runs out of disk.
+replaced without overwrite), creates its parent folder, and takes ``.<name>.lock`` next to it: an exclusive
+``flock`` (``filelock.FileLock``) held while the command runs, which the kernel releases when the process
+ends, so a killed run never leaves a lock that blocks the next one. Writing the lock (a few bytes, flushed
+to disk) also proves the folder is writable and not full. Under the claim, an orphaned old folder is
+recovered and the temporaries that killed runs left behind are removed. ``staged_folder`` builds a whole run
+folder in a hidden sibling and swaps it in only when the run succeeded, so that ``--overwrite`` never loses
+the previous run to a run that fails, is interrupted or runs out of disk.
 
 Fault injection: ``SUBCLONE_FAULT=<point>`` (one of FAULT_POINTS) makes the process die (exit status 137,
 as under SIGKILL) at that step, so the tests can check that every step survives a kill.
@@ -30,7 +30,7 @@ as under SIGKILL) at that step, so the tests can check that every step survives 
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from subclone_core.core.errors import SubcloneError
 
@@ -398,13 +400,14 @@ def claim_output(path: str | Path, *, overwrite: bool = False, kind: str = FOLDE
     target = Path(path).expanduser()
     check_target(target, overwrite=overwrite, kind=kind, flag=flag, hint=hint)
     make_parent(target, flag)
-    lock = _acquire(target, flag)
+    claim = _Claim(target, flag)
+    claim.acquire()
     try:
         if remove_stale_siblings(target, legacy=True):  # an old folder put back counts as existing
             check_target(target, overwrite=overwrite, kind=kind, flag=flag, hint=hint)
         yield target
     finally:
-        _release(lock, target)
+        claim.release()
 
 
 def check_target(target: Path, *, overwrite: bool, kind: str, flag: str, hint: str = "pass --overwrite") -> None:
@@ -445,66 +448,75 @@ def lock_path(target: Path) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
-def _acquire(target: Path, flag: str) -> int:
-    """Open and flock the target's lock file; refuse when another process holds it."""
-    path = lock_path(target)
-    while True:
+class _Claim:
+    """The claim on a target: filelock's flock on ``.<name>.lock``, taken without waiting (a second writer is
+    refused, not queued); the holder's pid and host written in it for that refusal; the file removed when
+    released, so that a finished run leaves nothing beside its output."""
+
+    def __init__(self, target: Path, flag: str) -> None:
+        self.target, self.flag, self.path = target, flag, lock_path(target)
+        self.inode: int | None = None  # the locked file's, so that release never removes another run's file
+        self.lock = FileLock(self.path, timeout=0, thread_local=False, on_acquired=self._write_owner)
+
+    def acquire(self) -> None:
+        """Take the lock; refuse (one line) when another process holds it or the place takes no writes."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            while True:
+                try:
+                    self.lock.acquire()
+                except Timeout:
+                    if self.path.exists():
+                        raise
+                    continue  # its holder removed the file just as we tried it: lock the new one
+                if self._holds_the_file():
+                    break
+                self.lock.release()  # locked a file its holder unlinked on release: the claim is the new one
+        except Timeout:
+            raise SubcloneError(f"{self.flag} {str(self.target)!r} is being written by another subclone run"
+                                f"{self._holder()}; wait for it to finish or choose another path") from None
         except OSError as err:
-            raise SubcloneError(f"{flag} {str(target)!r}: cannot write in {str(target.parent)!r} "
-                                f"({err.strerror}); choose a writable place") from None
+            raise SubcloneError(f"{self.flag} {str(self.target)!r}: cannot write in "
+                                f"{str(self.target.parent)!r} ({err.strerror}); free some space or choose a "
+                                "writable place") from None
+
+    def _write_owner(self, fd: int) -> None:
+        """Record who holds the claim (filelock calls this holding the lock); writing and syncing it also
+        proves the disk takes writes."""
+        self.inode = os.fstat(fd).st_ino
+        payload = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "target": str(self.target)})
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _owner(fd)
-            os.close(fd)
-            raise SubcloneError(f"{flag} {str(target)!r} is being written by another subclone run{owner}; "
-                                "wait for it to finish or choose another path") from None
-        if _same_file(fd, path):  # else the holder removed it meanwhile: lock the new one
-            break
-        os.close(fd)
-    _write_owner(fd, target, flag)
-    return fd
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, payload.encode(), 0)
+            os.fsync(fd)
+        except OSError:
+            self._remove_file()  # still held, so surely ours; filelock then unlocks it
+            raise
 
+    def _holds_the_file(self) -> bool:
+        try:
+            return self.path.stat().st_ino == self.inode
+        except FileNotFoundError:
+            return False
 
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_bytes() or b"{}")
+            return f" (pid {int(info['pid'])} on {info['host']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
 
+    def release(self) -> None:
+        """Remove the lock file while still holding it (a run that opened it meanwhile finds it unlinked and
+        locks a new one), then let go."""
+        try:
+            self._remove_file()
+        finally:
+            self.lock.release()
 
-def _owner(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f" (pid {int(info['pid'])} on {info['host']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-
-
-def _write_owner(fd: int, target: Path, flag: str) -> None:
-    """Record who holds the claim; writing and syncing it also proves the disk takes writes."""
-    payload = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "target": str(target)}).encode()
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, payload, 0)
-        os.fsync(fd)
-    except OSError as err:
-        _release(fd, target)
-        raise SubcloneError(f"{flag} {str(target)!r}: cannot write in {str(target.parent)!r} "
-                            f"({err.strerror}); free some space or choose another place") from None
-
-
-def _release(fd: int, target: Path) -> None:
-    """Remove the lock file while still holding it (a waiting process then re-checks), and let go."""
-    try:
-        if _same_file(fd, lock_path(target)):
-            lock_path(target).unlink()
-    except OSError:
-        pass  # a lock file that cannot be removed is harmless: it is free once closed
-    finally:
-        os.close(fd)
+    def _remove_file(self) -> None:
+        with contextlib.suppress(OSError):  # one that cannot be removed is harmless: it is free once released
+            if self.path.stat().st_ino == self.inode:
+                self.path.unlink()
 
 
 @contextmanager

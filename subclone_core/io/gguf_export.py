@@ -371,6 +371,11 @@ def _strip_flags(node):
     return node
 
 
+# Not gguf.vocab's BpeVocab / LlamaHfVocab (gguf 0.19.0; measured on tests/test_export_gguf.py's tokenizers):
+# neither pads to the model's vocab_size (llama.cpp needs one token per embedding row); BpeVocab types special
+# tokens that sit in the base vocab (<|endoftext|>, <|im_start|>, ...) NORMAL, not CONTROL, and refuses added
+# ids that do not follow the vocab; LlamaHfVocab scores every token -1000 (a placeholder), while llama.cpp's
+# "llama" tokenizer merges by score (our _merge_rank_scores). gguf.SpecialVocab does serve add_tokenizer.
 def _token_table(tok_json: dict, vocab_size: int, *, byte_tokens: bool) -> tuple[list[str], list[int]]:
     """Tokens by id (model vocab + added tokens, padded to the model's vocab size) and their GGUF types."""
     by_id: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in tok_json["model"]["vocab"].items()}

@@ -4,7 +4,7 @@ from subclone_core.training.config import Candidate, TrainConfig, default_hparam
 from subclone_core.training.distill import distillation_loss, kl_to_teacher
 from subclone_core.training.engine import train_candidates
 from subclone_core.training.results import EvalPoint, RunResult
-from subclone_core.training.schedule import lr_factor, make_scheduler
+from subclone_core.training.schedule import make_scheduler
 
 __all__ = [
     "Candidate",
@@ -14,7 +14,6 @@ __all__ = [
     "default_hparams",
     "distillation_loss",
     "kl_to_teacher",
-    "lr_factor",
     "make_scheduler",
     "train_candidates",
 ]
