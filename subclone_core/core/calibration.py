@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from subclone_core.core.archs import arch_of_model
 from subclone_core.core.archs.spec import ArchSpec
 from subclone_core.core.errors import SubcloneError
+from subclone_core.core.rotation import stream_norms
 from subclone_core.core.shape import Shape
 
 Progress = Callable[[int, int], None]
@@ -50,7 +51,7 @@ class Importance:
         input_stats: per-channel statistics of layer inputs, by the names of INPUT_STATS (empty in results saved
             before they existed): "heads_*" over the attention output projection's input (L, H x Dh), "ffn_*"
             over the FFN down projection's (L, F), "read_seq" over the input of each sublayer's first reader of
-            the stream (L, sublayers, D).
+            the stream (L, sublayers, D); "residual_cov" (RESIDUAL_COV), where asked, the stream's mean x^T x (D, D).
     """
 
     residual_embed: Tensor
@@ -128,6 +129,9 @@ INPUT_STATS: dict[str, tuple[str, str]] = {
     "heads_sq": ("attn_out", "sq"), "heads_mean": ("attn_out", "mean"), "heads_seq": ("attn_out", "seq"),
     "ffn_sq": ("ffn_down", "sq"), "ffn_mean": ("ffn_down", "mean"), "ffn_seq": ("ffn_down", "seq"),
 }
+# the residual stream's second moment x^T x (D, D), over the input of every norm that reads it (each block's
+# sublayers and the final norm): SliceGPT's PCA basis (core.rotation), recorded only on request
+RESIDUAL_COV = "residual_cov"
 _SEQ_STATS = ("heads_seq", "ffn_seq", "read_seq")  # sums of squares over sequences: their square roots
 _TENSOR_FIELDS = ("residual_embed", "residual_attn", "residual_ffn", "residual_block", "ffn", "heads",
                   "rel_magnitude", "one_minus_cos")
@@ -167,6 +171,13 @@ class _Sums:
                                                  device=self.device)
         self.add("read_seq", (layer, sublayer), value)
 
+    def add_cov(self, value: Tensor) -> None:
+        """Add to the residual stream's second moment, sized on first use (recorded only on request)."""
+        if RESIDUAL_COV not in self.stats:
+            d = value.shape[-1]
+            self.stats[RESIDUAL_COV] = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        self.stats[RESIDUAL_COV] += value.to(self.device, torch.float64)
+
     def result(self, data: str) -> Importance:
         n = max(self.tokens, 1)
         mean = {k: (v / n).cpu() for k, v in self.sums.items()}
@@ -178,8 +189,10 @@ class _Sums:
 class _Recorder:
     """Forward hooks that add each batch's statistics to running sums; the mask marks real tokens."""
 
-    def __init__(self, model: nn.Module, arch: ArchSpec, sums: _Sums, *, input_stats: bool = False) -> None:
+    def __init__(self, model: nn.Module, arch: ArchSpec, sums: _Sums, *, input_stats: bool = False,
+                 residual_cov: bool = False) -> None:
         self.model, self.arch, self.sums, self.input_stats = model, arch, sums, input_stats
+        self.residual_cov = residual_cov
         if not input_stats:
             sums.stats.clear()  # none measured: the result has none, and a strategy reading them says so
         self.mask: Tensor | None = None  # (B, T) bool, None when every position is a real token
@@ -226,6 +239,9 @@ class _Recorder:
             self._hook(block.get_submodule(path), self._output_hook(i, name))
         for path in block_readers:
             self._hook(block.get_submodule(path), self._input_hook(None, "residual_read"))
+        if self.residual_cov:
+            for norm, _ in stream_norms(self.arch).block:
+                self._hook(block.get_submodule(norm), self._cov_hook())
         if not self.input_stats:
             return
         for role in dict.fromkeys(role for role, _ in INPUT_STATS.values()):
@@ -239,6 +255,9 @@ class _Recorder:
         for path in self.arch.residual_readers[0]:
             if (module := optional_submodule(self.model, path)) is not None:
                 self._hook(module, self._input_hook(None, "residual_read"))
+        final = stream_norms(self.arch).outside
+        if self.residual_cov and final and (module := optional_submodule(self.model, final[0])) is not None:
+            self._hook(module, self._cov_hook())
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -259,6 +278,14 @@ class _Recorder:
             for name, (where, how) in INPUT_STATS.items():
                 if where == role:
                     self.sums.add(name, layer, stats[how])
+        return hook
+
+    def _cov_hook(self):
+        # x^T x of the stream entering a norm, in float64 where the hook holds it: the PCA's eigenvectors of
+        # small directions would drown in float32 rounding of sums over many tokens
+        def hook(module, args, output):
+            x = self.valid(args[0]).double()  # (N, D)
+            self.sums.add_cov(x.T @ x)
         return hook
 
     def _read_hook(self, layer: int, sublayer: int, sublayers: int):
@@ -310,9 +337,10 @@ def optional_submodule(model: nn.Module, path: str) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module, sums: _Sums, *, input_stats: bool = False) -> Iterator[_Recorder]:
+def recording(model: nn.Module, sums: _Sums, *, input_stats: bool = False,
+              residual_cov: bool = False) -> Iterator[_Recorder]:
     """Attach the hooks for the duration of the block and always remove them."""
-    recorder = _Recorder(model, arch_of_model(model), sums, input_stats=input_stats)
+    recorder = _Recorder(model, arch_of_model(model), sums, input_stats=input_stats, residual_cov=residual_cov)
     try:
         recorder.attach()
         yield recorder
@@ -356,6 +384,7 @@ def calibrate(
     progress: Progress | None = None,
     data: str = "",
     input_stats: bool = False,
+    residual_cov: bool = False,
 ) -> Importance:
     """Measure importance on calibration batches, on the model's own devices and dtype.
 
@@ -373,6 +402,8 @@ def calibrate(
         input_stats: also record INPUT_STATS (what wanda-sp, flap and minitron score by; strategies.
             needs_input_stats); off by default: their reductions took 15-30% of a calibration's time on a 2-core
             CPU (SmolLM2-sized model), wasted where no such strategy reads them.
+        residual_cov: also record the residual stream's second moment (RESIDUAL_COV, (D, D) float64: what
+            slicegpt rotates by; strategies.needs_residual_cov); off by default: D^2 per token and norm.
     """
     device = input_device(model)
     sums = _Sums(Shape.of(model.config), torch.device("cpu"))
@@ -380,7 +411,7 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        with recording(model, sums, input_stats=input_stats) as recorder:
+        with recording(model, sums, input_stats=input_stats, residual_cov=residual_cov) as recorder:
             for batch in batches:
                 mask = real_token_mask(batch)
                 recorder.mask = None if mask is None else mask.to(device)

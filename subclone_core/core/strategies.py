@@ -15,6 +15,9 @@ Published ways to cut a small model out of a big one, each as its selection and 
   norm of the weight reading it; what a removed input carried on average is added to the projection's bias.
 - ``minitron`` (NVIDIA ModelOpt): heads, FFN neurons and the residual stream by activations (mean over the
   sequence, L2 over the batch); blocks by 1 - cos; sliced only (no refit, no distillation here).
+- ``slicegpt`` (Ashkboos et al., ICLR 2024): the hidden size only: norms folded into their readers, the residual
+  stream rotated into its PCA basis, the first dimensions kept (core.rotation). One rotation for every block:
+  SliceGPT's per-block ones need Q_l^T Q_(l+1) matrices on the shortcuts, which a plain model cannot hold.
 
 Everything known about a strategy is one ``StrategySpec`` in ``STRATEGY_SPECS``; the command line, the
 training defaults and the app read it from there.
@@ -32,10 +35,11 @@ from torch import Tensor, nn
 from subclone_core.core import __version__
 from subclone_core.core.archs import arch_of_model
 from subclone_core.core.building import build_model, empty_model
-from subclone_core.core.calibration import Importance
+from subclone_core.core.calibration import RESIDUAL_COV, Importance
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import FORMAT, CalibrationRecord, Manifest, ParentRecord
 from subclone_core.core.rng import seeded
+from subclone_core.core.rotation import RotatedTensors, check_rotatable, pca_basis
 from subclone_core.core.selection import (
     BLOCK_SCORES,
     ReaderWeight,
@@ -82,6 +86,8 @@ class StrategySpec:
             error); None: the family's default.
         scale: the sqrt(fan-in) scaling when none is asked; None: the family's default.
         bias_compensation: add the mean contribution of removed inputs to the output projections' biases (FLAP).
+        rotation: slice the parent rotated into the PCA basis of its residual stream (SliceGPT, core.rotation),
+            the hidden size only; needs the stream's covariance from calibration (needs_residual_cov).
     """
 
     name: str
@@ -97,6 +103,7 @@ class StrategySpec:
     refit: bool | None = None
     scale: bool | None = None
     bias_compensation: bool = False
+    rotation: bool = False
 
 
 # hparams: peak learning rate and AdamW weight decay, used when a candidate gives none.
@@ -136,6 +143,10 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec("minitron", "minitron: activation importance, blocks by 1 - cos, slice only (NVIDIA Minitron)",
                  "importance", "influence", uses_importance=True, hparams=_INHERITED, scores="minitron",
                  residual_score="minitron", refit=False, scale=False),
+    # order "rotate": the first dimensions of the rotated stream; a shallower child drops blocks by our default
+    StrategySpec("slicegpt", "slicegpt: hidden size by PCA of the residual stream, one rotation (SliceGPT)",
+                 "rotate", "magnitude", uses_importance=True, hparams=_INHERITED, refit=False, scale=False,
+                 rotation=True),
 )}
 DEFAULT_STRATEGY = "subclone"
 # the strategies that build a child (subclone+distill trains subclone's child)
@@ -167,9 +178,13 @@ def check_strategy(strategy: str) -> None:
         raise SubcloneError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
 
 
-def plan_shape(parent_model: nn.Module, **sizes: int | None) -> Shape:
-    """The validated child shape for the given sizes (a size not given keeps the parent's value)."""
+def plan_shape(parent_model: nn.Module, strategy: str | None = None, **sizes: int | None) -> Shape:
+    """The validated child shape for the given sizes (a size not given keeps the parent's value; for a strategy
+    that cuts only the hidden size, the heads and FFN never follow it)."""
     parent = Shape.of(parent_model.config)
+    if strategy is not None and STRATEGY_SPECS[strategy].rotation:
+        sizes = {**{role: getattr(parent, role) for role in ("heads", "kv_heads", "ffn")},
+                 **{role: size for role, size in sizes.items() if size is not None}}
     child = target_shape(parent, **sizes)
     validate_target(parent, child, arch_of_model(parent_model))
     return child
@@ -179,6 +194,12 @@ def needs_input_stats(strategy: str) -> bool:
     """Whether the strategy scores by the layer-input statistics calibration records only on request
     (calibration.INPUT_STATS: the other published methods' scores)."""
     return STRATEGY_SPECS[strategy].scores != "paper"
+
+
+def needs_residual_cov(strategy: str) -> bool:
+    """Whether the strategy rotates by the residual stream's covariance, which calibration records only on
+    request (calibrate(..., residual_cov=True): D x D per token and norm, wasted on every other strategy)."""
+    return STRATEGY_SPECS[strategy].rotation
 
 
 def needs_calibration(strategy: str, drop: str | list[int] | None) -> bool:
@@ -226,18 +247,42 @@ def subclone_model(
     else:
         policy = spec.default_drop if drop is None else drop
         tensors = parent_model.state_dict() if parent_tensors is None else parent_tensors
-        weight = _reader_weight(tensors, arch)
-        blocks, sel = _kept(parent, target, spec, policy, importance, residual_score, weight)
-        compensation = _Compensation(importance, weight, bias_switches(
-            arch, parent_model.config.model_type, tensors, parent, target)) if spec.bias_compensation else None
-        model = _sliced_model(parent_model, tensors, target, sel, scale=scale, untie_head=untie_head,
-                              refit_items=refit_items if refit else None, open_sink=open_sink,
-                              compensation=compensation)
+        build = _rotated_child if spec.rotation else _ordered_child
+        blocks, sel, model = build(parent_model, tensors, target, spec, policy, importance, residual_score,
+                                   scale=scale, untie_head=untie_head, refit_items=refit_items if refit else None,
+                                   open_sink=open_sink)
     settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
                 "untie_head": untie_head, "seed": seed, "residual_score": residual_score, "refit": refit,
                 "refit_ridge": arch.refit_ridge if refit else None}
     return Child(model=model, shape=target, manifest=build_manifest(parent, target, blocks, sel, importance, settings),
                  selection=sel, importance=importance)
+
+
+def _ordered_child(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, spec: StrategySpec,
+                   policy: str | list[int], importance: Importance | None, residual_score: str | None, *,
+                   scale: bool, untie_head: bool, refit_items: RefitItems | None,
+                   open_sink: OpenSink | None) -> tuple[list[int], Selection, nn.Module]:
+    """(kept blocks, selection, child) of a strategy that slices the parent's own coordinates in its order, refit
+    where refit_items is given, bias-compensated where the strategy says (FLAP)."""
+    arch, parent = arch_of_model(parent_model), Shape.of(parent_model.config)
+    weight = _reader_weight(tensors, arch)
+    blocks, sel = _kept(parent, target, spec, policy, importance, residual_score, weight)
+    compensation = _Compensation(importance, weight, bias_switches(
+        arch, parent_model.config.model_type, tensors, parent, target)) if spec.bias_compensation else None
+    model = _sliced_model(parent_model, tensors, target, sel, scale=scale, untie_head=untie_head,
+                          refit_items=refit_items, open_sink=open_sink, compensation=compensation)
+    return blocks, sel, model
+
+
+def _rotated_child(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, spec: StrategySpec,
+                   policy: str | list[int], importance: Importance | None, residual_score: str | None, *,
+                   scale: bool, untie_head: bool, refit_items: RefitItems | None,
+                   open_sink: OpenSink | None) -> tuple[list[int], Selection, nn.Module]:
+    """(kept blocks, selection, child) of SliceGPT: the parent rotated into its stream's PCA basis, then sliced
+    to its first dimensions (no ranking, refit or scaling: those arguments are the other builders')."""
+    sel = _rotated_selection(parent_model, target, policy, importance)
+    return sel.blocks, sel, _rotated_model(parent_model, tensors, target, sel, importance, untie_head=untie_head,
+                                           open_sink=open_sink)
 
 
 def _kept(parent: Shape, target: Shape, spec: StrategySpec, policy: str | list[int], importance: Importance | None,
@@ -251,6 +296,48 @@ def _kept(parent: Shape, target: Shape, spec: StrategySpec, policy: str | list[i
     if spec.order == "importance" and importance is not None:
         scores = method_scores(spec.scores, importance, parent, residual_score, weight)
     return blocks, select(parent, target, scores, spec.order, blocks, residual_score=residual_score)
+
+
+def _rotated_selection(parent_model: nn.Module, target: Shape, policy: str | list[int],
+                       importance: Importance | None) -> Selection:
+    """SliceGPT's selection in the rotated basis: the first target.hidden dimensions, every head and FFN neuron,
+    the blocks of the block policy. Refuses a family whose stream cannot be rotated, a cut of any width but the
+    hidden size, and a calibration without the stream's covariance."""
+    arch, parent = arch_of_model(parent_model), Shape.of(parent_model.config)
+    check_rotatable(arch, parent_model.config.model_type)
+    cut = [f"{role}={getattr(target, role)}" for role in ("heads", "kv_heads", "ffn")
+           if getattr(target, role) != getattr(parent, role)]
+    if cut:
+        raise SubcloneError(f"strategy 'slicegpt' slices the hidden size only (and blocks by --drop), not "
+                            f"{', '.join(cut)}; keep heads={parent.heads}, kv_heads={parent.kv_heads}, "
+                            f"ffn={parent.ffn} (the parent's) or use another strategy")
+    if importance is None or RESIDUAL_COV not in importance.input_stats:
+        raise SubcloneError("strategy 'slicegpt' rotates by the residual stream's covariance, which this "
+                            "calibration did not record; calibrate with residual_cov=True (needs_residual_cov)")
+    ranked = isinstance(policy, str) and policy in BLOCK_SCORES
+    blocks = pick_blocks(parent.layers, target.layers, policy,
+                         getattr(importance, BLOCK_SCORES[policy][0]) if ranked else None)
+    every = lambda n: [list(range(n)) for _ in blocks]
+    return Selection(residual=list(range(target.hidden)), blocks=blocks, heads=every(parent.heads),
+                     kv_heads=every(parent.kv_heads), ffn=every(parent.ffn))
+
+
+def _rotated_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, sel: Selection,
+                   importance: Importance, *, untie_head: bool, open_sink: OpenSink | None) -> nn.Module:
+    """The child of the rotated parent (norms folded, stream in its PCA basis), sliced to its first dimensions:
+    a plain model of the family, its head untied where the final norm's weight was folded into it."""
+    arch, parent = arch_of_model(parent_model), Shape.of(parent_model.config)
+    q = pca_basis(importance.stat(RESIDUAL_COV))
+    rotated = RotatedTensors(tensors, arch, q, target.hidden, tied=is_tied(tensors, arch))
+    tie = rotated.tied and not untie_head
+    config = type(parent_model.config).from_dict(
+        child_config_dict(parent_model.config, arch, target, sel, tie_head=tie))
+    if open_sink is None:
+        return build_model(type(parent_model), config,
+                           slice_state_dict(rotated, arch, parent, sel, scale=False, untie_head=untie_head))
+    empty = empty_model(type(parent_model), config, next(parent_model.parameters()).dtype)
+    slice_state_dict(rotated, arch, parent, sel, scale=False, untie_head=untie_head, sink=open_sink(empty))
+    return empty
 
 
 def _reader_weight(tensors: Mapping[str, Tensor], arch) -> ReaderWeight:

@@ -164,9 +164,8 @@ def calibrate_sequential(
     progress: Progress | None = None,
     data: str = "",
     stats: dict | None = None,
-    activation_memory: int | None = None,
-    activation_root: str | Path | None = None,
-    input_stats: bool = False,
+    activation_memory: int | None = None, activation_root: str | Path | None = None,
+    input_stats: bool = False, residual_cov: bool = False,
 ) -> Importance:
     """Measure importance like calibration.calibrate, one block at a time from the checkpoint's files.
 
@@ -178,7 +177,7 @@ def calibrate_sequential(
         model_class: the transformers class to build (default: the Auto class of the config's task).
         device: where each block runs; its stored inputs stay on the CPU between blocks.
         dtype: the dtype the weights are cast to (default: the config's own).
-        max_tokens, data, input_stats: as for calibrate.
+        max_tokens, data, input_stats, residual_cov: as for calibrate.
         progress: called with (token-block passes done, token positions x blocks) after each block.
         stats: if given, filled with "bytes_read" and "tensors_read" from the checkpoint and
             "activation_bytes_on_disk" (hidden states the memory budget did not hold).
@@ -192,7 +191,8 @@ def calibrate_sequential(
         p = open_pass(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
                   max_tokens=max_tokens)
         sums = _Sums(Shape.of(p.model.config), torch.device("cpu"))
-        recorder = _Recorder(p.model, arch_of_model(p.model), sums, input_stats=input_stats)
+        recorder = _Recorder(p.model, arch_of_model(p.model), sums, input_stats=input_stats,
+                             residual_cov=residual_cov)
         for i in range(len(p.blocks)):
             with loaded_block(p, i) as block:
                 _calibrate_block(p, i, block, recorder)

@@ -20,6 +20,7 @@ from subclone_core.core.strategies import (
     RefitItems,
     needs_calibration,
     needs_input_stats,
+    needs_residual_cov,
     subclone_model,
 )
 from subclone_core.io.atomic import building
@@ -46,7 +47,8 @@ CALIB_TOKENS = 4096  # default calibration budget (token positions)
 def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = CALIB_TOKENS,
                        batch_size: int = CALIB_BATCH, progress: Progress | None = None,
                        sequential: bool | None = None, activation_memory: int | None = None,
-                       stats: dict | None = None, input_stats: bool = False) -> Importance:
+                       stats: dict | None = None, input_stats: bool = False,
+                       residual_cov: bool = False) -> Importance:
     """Calibrate the parent on the training split of a data set (None: the task's default), up to a
     budget of token positions (for a ViT, each patch and cls token of each image counts).
 
@@ -59,6 +61,7 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
             the cache (default: half of the RAM available; io.activations).
         stats: if given, a sequential pass fills it with what it read (io.sequential.calibrate_sequential).
         input_stats: also record what the other methods score by (strategies.needs_input_stats).
+        residual_cov: also record the residual stream's covariance, SliceGPT's basis (strategies.needs_residual_cov).
     """
     data_id = data_id or default_data_id(parent.task)
     batches = calibration_batches(parent, data_id, tokens, batch_size)
@@ -67,9 +70,18 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
     if sequential:
         kwargs = sequential_kwargs(parent, activation_memory)  # refuses a parent with no folder on disk
         return calibrate_sequential(pass_source(parent) or parent.source, batches, max_tokens=tokens,
-                                    progress=progress, data=data_id, stats=stats, input_stats=input_stats, **kwargs)
+                                    progress=progress, data=data_id, stats=stats, input_stats=input_stats,
+                                    residual_cov=residual_cov, **kwargs)
     return calibrate(parent.model, batches, max_tokens=tokens, progress=progress, data=data_id,
-                     input_stats=input_stats)
+                     input_stats=input_stats, residual_cov=residual_cov)
+
+
+def recorded_statistics(strategies: Iterable[str]) -> dict[str, bool]:
+    """measure_importance's switches for the optional statistics these strategies read (none for the paper's
+    method: they cost calibration time that nothing else uses)."""
+    names = list(strategies)
+    return {"input_stats": any(needs_input_stats(s) for s in names),
+            "residual_cov": any(needs_residual_cov(s) for s in names)}
 
 
 def calibration_batches(parent: Parent, data_id: str, tokens: int, batch_size: int = CALIB_BATCH) -> Iterable:
@@ -150,7 +162,7 @@ def make_child(
     if importance is None and needs_calibration(strategy, drop):
         importance = measure_importance(parent, data_id, tokens=calib_tokens, progress=progress, sequential=sequential,
                                         activation_memory=activation_memory, stats=_part(stats, "calibration"),
-                                        input_stats=needs_input_stats(strategy))
+                                        **recorded_statistics([strategy]))
     items = refit_source(parent, data_id or default_data_id(parent.task), calib_tokens, progress=progress,
                          activation_memory=activation_memory, stats=_part(stats, "refit"))
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,

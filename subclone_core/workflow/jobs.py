@@ -23,11 +23,11 @@ from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import STRATEGY_SPECS, Child, needs_calibration, needs_input_stats
+from subclone_core.core.strategies import STRATEGY_SPECS, Child, needs_calibration
 from subclone_core.sources import Parent, make_data
 from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.sweep import LrGrid, check_lr_sweep, sweep_runs
-from subclone_core.workflow.children import CALIB_TOKENS, measure_importance
+from subclone_core.workflow.children import CALIB_TOKENS, measure_importance, recorded_statistics
 from subclone_core.workflow.locks import exclusive
 from subclone_core.workflow.plan import Plan, make_planned_child, resolve_plan
 
@@ -168,7 +168,7 @@ def shared_importance(parent: Parent, settings: CandidateSettings, progress: Pro
     placement = {} if plan is None else {"sequential": plan.sequential, "activation_memory": plan.activation_memory}
     with exclusive(parent.model):  # calibration hooks the parent, which the app shares between sessions
         return measure_importance(parent, settings.data_id, tokens=settings.calib_tokens, progress=progress,
-                                  input_stats=any(needs_input_stats(base_strategy(n)) for n in settings.names),
+                                  **recorded_statistics(base_strategy(n) for n in settings.names),
                                   **placement)
 
 

@@ -33,7 +33,13 @@ from subclone_core.io.activations import default_budget
 from subclone_core.io.placement import memory_by_device
 from subclone_core.io.streaming import checkpoint_tensors
 from subclone_core.sources import Parent, default_data_id
-from subclone_core.workflow.children import CALIB_TOKENS, make_child, needs_sequential, parent_tensors, refit_dtype
+from subclone_core.workflow.children import (
+    CALIB_TOKENS,
+    make_child,
+    needs_sequential,
+    parent_tensors,
+    refit_dtype,
+)
 
 # the orders of the paper (arXiv:2312.09299), which scales sliced weights: its method and its Fig. 14 ablation
 PAPER_ORDERS = ("importance", "first")
@@ -123,6 +129,8 @@ class Plan:
         items = [self.strategy, self._mark("drop", f"drop {drop}")]
         if self.order == "keep":
             items.append("widths kept")
+        if self.order == "rotate":
+            items.append("one PCA rotation of the stream, slice only")
         if self.order == "importance":
             items.append(self._mark("residual_score", f"{self.residual_score} ranking"))
             wider = f" in {self.refit_dtype}" if self.refit_dtype != self.dtype else ""

@@ -67,7 +67,7 @@ def make(args: argparse.Namespace, max_shard: int) -> int:
     if not args.allow_nonfinite:  # a child sliced from NaN weights is NaN: say so before calibrating where
         # the parent is in memory; its offloaded part is checked as the child is written (no extra read)
         refuse_nonfinite(f"the parent {args.parent!r}", first_nonfinite(parent.model.state_dict().items()))
-    target = plan_shape(parent.model, **child_sizes(args, Shape.of(parent.model.config).layers))
+    target = plan_shape(parent.model, args.strategy, **child_sizes(args, Shape.of(parent.model.config).layers))
     plan = resolve_plan(parent, strategy=args.strategy, drop=args.drop, scale=args.scale, untie_head=args.untie_head,
                         residual_score=args.residual_score, refit=args.refit, data_id=args.data,
                         calib_tokens=args.tokens, seed=args.seed, target=target, **sequential_args(args))
