@@ -59,16 +59,18 @@ def jobs_status() -> None:
         st.rerun(scope="app")
     job = ws.job
     if job is not None:
-        if job.status == "queued":
-            state = f"waiting, place {job.position} in the queue"
+        if job.cancelling:
+            state = "cancelling..."
+        elif job.status == "queued":
+            state = f"waiting, place {job.position} in the queue" if job.position else "starting"
         elif job.status == "running":
             done, total = run_progress(job.events())
             state = f"running, step {done} of {total or '?'}"
         else:
             state = job.status
         st.markdown(f"**Training:** {state}")
-    for name in ws.steps:
-        st.markdown(f"**Running:** {name}")
+    for name, (step, _) in ws.steps.items():
+        st.markdown(f"**{'Cancelling' if step.cancelling else 'Running'}:** {name}")
     queue = ui.limiter().snapshot()
     st.caption(f"Server: {queue['running']}/{queue['max_running']} job(s) running (training and long steps), "
                f"{queue['queued']} waiting. Files go to `{ui.settings().output_dir}`. "

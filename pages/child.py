@@ -7,7 +7,7 @@ import streamlit as st
 
 from subclone_core.app import charts, ui
 from subclone_core.app.analysis import zip_folder
-from subclone_core.app.inputs import app_words, without_suggestion
+from subclone_core.app.inputs import app_words, without_markup, without_suggestion
 from subclone_core.app.longsteps import (
     SAMPLE_TOKENS,
     STEP0_TOKENS,
@@ -177,7 +177,7 @@ def show_report(step0: dict[str, dict]) -> None:
     if ws.samples:
         st.markdown(f"**Samples** (greedy, prompt: _{ui.plain(ws.samples['prompt'])}_)")
         for name in ("parent", "subclone", "random"):
-            st.markdown(f"- **{name}:** {ui.plain(ws.samples[name])}")
+            st.markdown(f"- **{name}:** {ui.plain(without_markup(ws.samples[name]))}")
 
 
 def save_name_key(shape: Shape) -> str:

@@ -10,6 +10,7 @@ import torch
 
 from subclone_core.analysis.probes import generate_text
 from subclone_core.app import ui
+from subclone_core.app.inputs import without_markup
 from subclone_core.app.longsteps import (
     STEP0_TOKENS,
     VIT_BUILD_MINUTES,
@@ -197,7 +198,7 @@ def continuation_html(prompt: str, continuation: str) -> str:
     """The prompt, then the model's words in bold, joined as the model wrote them ("city's", not
     "city 's"). HTML with every character escaped: Markdown cannot start bold inside a word ("city**'s")."""
     return (f"<blockquote style='margin:0;padding-left:1em;border-left:3px solid #ccc'>{html.escape(prompt)}"
-            f"<b>{html.escape(continuation)}</b></blockquote>")
+            f"<b>{html.escape(without_markup(continuation))}</b></blockquote>")
 
 
 choose_parent()

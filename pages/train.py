@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
+import torch
 
-from subclone_core.app import charts, ui
-from subclone_core.app.analysis import live_summary, metrics_rows, run_progress, sweep_view
+from subclone_core.app import charts, sizing, ui
+from subclone_core.app.analysis import ending_notes, live_summary, metrics_rows, run_progress, sweep_view
 from subclone_core.app.inputs import app_words, duration_text
 from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob
 from subclone_core.app.speedup_chart import iso_loss_chart_from_events
@@ -30,12 +31,16 @@ if ws.child is None:
 
 def request_form() -> TrainRequest | None:
     """The training settings; None while one of them is out of its range (the input says which)."""
+    text = parent.task_spec.sequences
+    rate = sizing.example_rate(ws.child.model, ui.device().split(":")[0], torch.get_num_threads(), text)
+    size = sizing.size_run(rate, sequences=text)  # the first defaults: a run of about two minutes here
     cols = st.columns(5)
-    values = [ui.checked_number("Steps", 1, 1_000_000, "steps", 100, column=cols[0], step=1),
-              ui.checked_number("Batch size", 1, 1024, "batch", 8, column=cols[1], step=1),
-              ui.checked_number("Sequence length", 8, 8192, "seq_len", 128, column=cols[2], step=8,
-                                disabled=not parent.task_spec.sequences),
-              ui.checked_number("Validate every (steps)", 1, 100_000, "eval_every", 10, column=cols[3], step=1),
+    values = [ui.checked_number("Steps", 1, 1_000_000, "steps", size.steps, column=cols[0], step=1),
+              ui.checked_number("Batch size", 1, 1024, "batch", size.batch_size, column=cols[1], step=1),
+              ui.checked_number("Sequence length", 8, 8192, "seq_len", max(size.seq_len, 8), column=cols[2],
+                                step=8, disabled=not text),
+              ui.checked_number("Validate every (steps)", 1, 100_000, "eval_every", size.eval_every,
+                                column=cols[3], step=1),
               ui.checked_number("Learning rate (0: defaults)", 0.0, 1.0, "lr", 0.0, column=cols[4], format="%.5f")]
     if None in values:
         return None
@@ -43,6 +48,12 @@ def request_form() -> TrainRequest | None:
     lr = float(values[4])
     extra = st.multiselect("Also train", EXTRA_STRATEGIES, key=ui.keep("extra", []))
     sweep = lr_sweep_form((*ws.child_settings.names, *extra))
+    models = sum(len(sweep.get(name, (None,))) for name in (*ws.child_settings.names, *extra))
+    seconds = sizing.run_seconds(rate, models, steps, batch, seq_len if text else 1, eval_every,
+                                 TrainRequest.eval_batches)
+    st.caption(f"Estimated time: {duration_text(seconds)} for {models} model(s), each training at about "
+               f"{rate:,.0f} {parent.task_spec.unit} here (estimated from its size; the first settings are "
+               f"sized for {duration_text(sizing.TARGET_SECONDS).removeprefix('about ')}).")
     save = st.checkbox("Save the trained models under the output folder", key=ui.keep("save_trained", True))
     run_name = st.text_input("Run name", key=ui.keep("run_name", "run"), disabled=not save)
     save_dir = ui.settings().output_path(run_name, "runs") if save else None
@@ -73,6 +84,8 @@ def start(request: TrainRequest) -> None:
 
 def queue_text(job: BackgroundJob) -> str:
     """Where a waiting job stands, and how long the job ahead of it has run."""
+    if job.position is None:  # it has its slot; its thread is about to start
+        return "Starting the training job..."
     ahead = ui.limiter().running_seconds()
     running = f"; the job ahead has run for {duration_text(ahead[0]).removeprefix('about ')}" if ahead else ""
     return f"Waiting for a free training slot: place {job.position} in the server's queue{running}."
@@ -80,7 +93,10 @@ def queue_text(job: BackgroundJob) -> str:
 
 def show_status(job: BackgroundJob) -> None:
     """Status line, what the speedup can resolve, and the Stop button."""
-    if job.status == "queued":
+    if job.cancelling:
+        st.warning("Cancelling... the training stops at its next layer, within a second or two; the metrics "
+                   "so far are kept.", icon=":material/hourglass_empty:")
+    elif job.status == "queued":
         st.warning(queue_text(job), icon=":material/hourglass_empty:")
     elif job.status == "running":
         done, total = run_progress(job.events())
@@ -94,13 +110,15 @@ def show_status(job: BackgroundJob) -> None:
     else:
         why = " because no page polled it for a minute (its tab was closed)" if job.orphaned else ""
         st.success(f"Training {job.status}{why} after {job.elapsed():.0f} s.", icon=":material/check_circle:")
+    for note in ending_notes(job.events()) if job.done else ():
+        st.info(note, icon=":material/info:")
     every = next((e.config.get("eval_every") for e in of_kind(job.events(), StartEvent)), None)
     if every:
         st.caption(f"Speedups are read at the validation points, every {every} steps: \"1.0x\" means the child "
                    f"reached random init's best loss within {every} steps of it, not that they are level. Until "
                    "random init improves on its step-0 loss there is no target, and the speedup reads n/a.")
-    if not job.done and st.button("Stop", key="stop_job"):
-        job.stop()
+    if not job.done and not job.cancelling:  # the click's callback runs first: the rerun says "Cancelling..."
+        st.button("Stop", key="stop_job", on_click=job.stop)
 
 
 def metrics_csv(job: BackgroundJob) -> str:

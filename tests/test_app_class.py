@@ -117,6 +117,7 @@ def test_identical_requests_share_one_job_and_cancel_lets_go_of_it_only(workdir,
     assert mine.job is theirs.job and mine.position == 1  # one computation for both sessions
     second.button(key="cancel_calibration").click()
     run(second)
+    assert any("cancelled" in i.value for i in second.info)  # said in the run of the click (a callback)
     assert theirs.done and theirs.status == "cancelled" and not mine.done  # the other session still waits
     assert mine.job.status == "queued"
     release.set()
@@ -125,7 +126,6 @@ def test_identical_requests_share_one_job_and_cancel_lets_go_of_it_only(workdir,
     run(second)
     assert first.session_state["workspace"].importance is mine.result
     assert second.session_state["workspace"].importance is None
-    assert any("cancelled" in i.value for i in second.info)
 
 
 def test_stopping_a_job_the_queue_has_just_let_in_keeps_its_slot():

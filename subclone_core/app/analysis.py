@@ -15,9 +15,18 @@ from pathlib import Path
 
 from torch import nn
 
+from subclone_core.app.jobs import NoteEvent
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.training.events import EvalEvent, Event, StartEvent, StepEvent, curves, of_kind
+from subclone_core.training.events import (
+    CancelledEvent,
+    EvalEvent,
+    Event,
+    StartEvent,
+    StepEvent,
+    curves,
+    of_kind,
+)
 from subclone_core.training.speedup import HIGHER_IS_BETTER, speedup
 from subclone_core.training.sweep import (
     choose_runs,
@@ -100,6 +109,11 @@ def run_progress(events: list[Event]) -> tuple[int, int]:
 
 ROW_FIELDS = ("event", "candidate", "step", "time", "loss", "perplexity", "accuracy", "lr", "grad_norm",
               "throughput", "seen")  # the fields of step and eval events (None where an event has none)
+
+
+def ending_notes(events: list[Event]) -> list[str]:
+    """What a finished run says beyond its status: why it was cancelled, what happened to its folder."""
+    return [e.message for e in events if isinstance(e, (CancelledEvent, NoteEvent)) and e.message]
 
 
 def metrics_rows(events: list[Event]) -> list[dict]:

@@ -203,7 +203,8 @@ def _faint_trace(fig: go.Figure, name: str, points: list[tuple], color: str | No
     """A run not chosen by a learning-rate sweep: its validation curve only, thin, dotted and pale."""
     steps, values = zip(*points)
     fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=f"{name} (not chosen)", opacity=0.35,
-                             legendgroup=candidate_of(name), line={"color": color, "width": 1, "dash": "dot"}))
+                             legendgroup=candidate_of(name), showlegend=False,
+                             line={"color": color, "width": 1, "dash": "dot"}))
 
 
 def loss_chart(events: list[Event], metric: str = "loss", faint: Collection[str] = ()) -> go.Figure:
@@ -225,13 +226,17 @@ def loss_chart(events: list[Event], metric: str = "loss", faint: Collection[str]
         if name in train:
             steps, values = zip(*train[name])
             fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=f"{name} train", legendgroup=name,
-                                     line={"color": color, "width": 1}, opacity=0.6))
+                                     showlegend=False, line={"color": color, "width": 1}, opacity=0.6))
         if name in val:
             steps, values = zip(*val[name])
             fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=f"{name} validation",
                                      legendgroup=name, line={"color": color, "width": 3}))
+    # one legend entry per model (its validation curve; a click hides its group): a sweep's eight entries
+    # wrapped into rows below the plot and squeezed it; the other lines are named by the legend's title
+    how = "thin: training" + (", dotted: learning rates not chosen" if faint else "")
     fig.update_layout(title=_title("Training and validation loss"), xaxis_title="step", yaxis_title=metric,
-                      legend={"orientation": "h", "y": -0.2}, **{**_LAYOUT, "height": 440})
+                      legend={"orientation": "h", "y": -0.2, "title": {"text": f"({how})"}},
+                      **{**_LAYOUT, "height": 440})
     if not fig.data:  # no step yet: say so instead of empty axes from -1 to 4
         fig.add_annotation(text="Waiting for the first training step (the models and data are being "
                                 "prepared)...", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)

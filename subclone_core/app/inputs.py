@@ -7,6 +7,7 @@ name the range in the label, and check the value here: a problem blocks the acti
 
 from __future__ import annotations
 
+import html
 import re
 
 _NEAREST = re.compile(r"[;,:]?\s*(the )?nearest valid.*$", re.IGNORECASE)
@@ -65,3 +66,15 @@ _FLAG = re.compile(r"(?:a smaller |pass )?(--[a-z][a-z-]*)")
 def app_words(message: str) -> str:
     """A library message with its command-line flags replaced by the app's controls."""
     return _FLAG.sub(lambda m: FLAG_NAMES.get(m.group(1), m.group(0)), message)
+
+
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)\b[^<>]*>")
+_BREAKS = {"br", "p", "div", "li", "ul", "ol", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote"}
+
+
+def without_markup(text: str) -> str:
+    """A model's text without the HTML tags web text taught it (Gemma writes ``<strong>``): the words stay,
+    the tags go (a block tag leaves a space), entities such as ``&amp;`` read as their character. Shown
+    text is escaped afterwards all the same (ui.plain, html.escape)."""
+    words = _TAG.sub(lambda m: " " if m.group(2).lower() in _BREAKS else "", text)
+    return html.unescape(words)

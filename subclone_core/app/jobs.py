@@ -26,6 +26,7 @@ import torch
 
 from subclone_core.core.errors import SubcloneError
 from subclone_core.training.events import CancelledEvent, Event
+from subclone_core.training.interrupt import Interrupted, interruptible
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ class BlockEvent(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class NoteEvent(Event):
+    """Something the page says once the job has ended (e.g. that an empty run folder was removed)."""
+
+    event: ClassVar[str] = "note"
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class FailedEvent(Event):
     """The job failed; the message says what went wrong and what to do."""
 
@@ -71,8 +80,9 @@ FINISHED = ("done", "cancelled", "failed")
 ORPHAN_SECONDS = 60.0  # a job whose page has not polled for this long is cancelled (its tab was closed)
 
 
-class JobCancelled(Exception):
-    """Raised inside a job's work (e.g. from a progress callback) when the job was asked to stop."""
+class JobCancelled(Interrupted):
+    """Raised inside a job's work (e.g. from a progress callback) when the job was asked to stop; the
+    module hooks of training.interrupt raise its base class between progress reports."""
 
 
 def cancellable(cancel: threading.Event, emit: Emit) -> Callable[[int, int], None]:
@@ -119,12 +129,19 @@ class JobLimiter:
                     f"the server is busy: {len(self._running)} job(s) running and "
                     f"{len(self._queue)} waiting (at most {self.max_queued}); try again when one has finished"
                 )
-            self._queue.append(job_id)
+            if not self._queue and len(self._running) < self.max_running:
+                # a free slot and nobody waiting: the job holds the slot from now, so a page drawn right
+                # after Start counts it as running (it read "0 running, 1 waiting" until its thread woke)
+                self._running.add(job_id)
+            else:
+                self._queue.append(job_id)
             self._cond.notify_all()
 
     def wait_turn(self, job_id: str, cancel: threading.Event, poll: float = 0.1) -> bool:
         """Block until the job is first in line and a slot is free; False if cancelled while waiting."""
         with self._cond:
+            if job_id in self._running:  # admitted by ``submit``; the caller reads its cancel flag next
+                return True
             while not (self._queue and self._queue[0] == job_id and len(self._running) < self.max_running):
                 if cancel.is_set() or job_id not in self._queue:
                     self._discard(job_id)
@@ -242,7 +259,8 @@ class BackgroundJob:
         return self
 
     def stop(self) -> None:
-        """Ask the job to stop: a waiting job leaves the queue, a running one stops after its current step.
+        """Ask the job to stop: a waiting job leaves the queue, a running one at its next module's forward or
+        backward or its next progress report (training.interrupt), well within 2 s.
 
         Only the job's own thread frees its place: a job that ``wait_turn`` has just let in still reads
         "queued" for a moment, and freeing its slot from here would let a second job run beside it.
@@ -265,6 +283,11 @@ class BackgroundJob:
     @property
     def done(self) -> bool:
         return self.status in FINISHED
+
+    @property
+    def cancelling(self) -> bool:
+        """Stop was asked and the work has not stopped yet (the page says "Cancelling...")."""
+        return self.cancel_event.is_set() and not self.done
 
     @property
     def position(self) -> int | None:
@@ -323,21 +346,30 @@ class BackgroundJob:
                 return
             self.status, self.started = "running", time.time()
             self.limiter.note_started(self.id)
-            self.result = self.work(self.emit, self.cancel_event)
+            with interruptible(self.cancel_event):  # Cancel is felt at the work's next module, not its next report
+                self.result = self.work(self.emit, self.cancel_event)
             self.status = "cancelled" if self.cancel_event.is_set() else "done"
-        except JobCancelled:
+        except Interrupted:
             self.status = "cancelled"
-        except SubcloneError as err:
-            self._fail(str(err))
-        except (MemoryError, torch.OutOfMemoryError):
-            self._fail("out of memory: lower the batch size, the sequence length or the number of models, "
-                       "or wait until other jobs on this server have finished")
-        except Exception as err:
-            logger.exception("job %s failed", self.name)
-            self._fail(f"{type(err).__name__}: {err} (an unexpected error; the server log has the traceback)")
+        except Exception as err:  # noqa: BLE001 - every failure of the work ends as a message on its page
+            self._failed(err)
         finally:
             self.finished = time.time()
             self.limiter.release(self.id)
+
+    def _failed(self, err: Exception) -> None:
+        """Say what went wrong and what to do. An error met after Cancel is the cancel's: a library call cut
+        short at a module may wrap what it met in its own error."""
+        if self.cancel_event.is_set():
+            self.status = "cancelled"
+        elif isinstance(err, SubcloneError):
+            self._fail(str(err))
+        elif isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+            self._fail("out of memory: lower the batch size, the sequence length or the number of models, "
+                       "or wait until other jobs on this server have finished")
+        else:
+            logger.exception("job %s failed", self.name, exc_info=err)
+            self._fail(f"{type(err).__name__}: {err} (an unexpected error; the server log has the traceback)")
 
     def _watch(self) -> None:
         """Cancel the job once its page has stopped polling: a closed tab must not hold a slot forever."""

@@ -43,7 +43,13 @@ class StepHandle:
 
     @property
     def done(self) -> bool:
-        return self.left or self.job.done
+        """Finished, or let go of while other sessions keep the job; a job this session's Cancel stops
+        is done only once it has stopped (until then the page says "Cancelling...")."""
+        return self.job.done or (self.left and not self.job.cancel_event.is_set())
+
+    @property
+    def cancelling(self) -> bool:
+        return self.left and self.job.cancelling
 
     @property
     def result(self) -> Any:
@@ -68,7 +74,7 @@ class StepHandle:
         self.job.heartbeat()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.left or self.job.wait(timeout)
+        return self.done or self.job.wait(timeout)
 
     def stop(self) -> None:
         """This session no longer wants the result; the job stops when nobody else does either."""

@@ -14,7 +14,7 @@ import torch
 
 from subclone_core.analysis.probes import exclusive
 from subclone_core.app.analysis import check_memory, training_bytes
-from subclone_core.app.jobs import Emit, StatusEvent, Work
+from subclone_core.app.jobs import Emit, NoteEvent, StatusEvent, Work
 from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
@@ -251,9 +251,30 @@ def training_work(request: TrainRequest, *,
         train, val, run_config = training_data(request.parent, request.data_id, config, seq_len=request.seq_len,
                                                eval_tokens=per_eval * request.seq_len, eval_images=per_eval)
         task = request.parent.task_spec
-        return train_candidates(candidates, train, val, run_config, callbacks=[emit], cancel=cancel,
-                                save_dir=request.save_dir, preprocessor=request.parent.preprocessor,
-                                manifest_for=manifests.get,
-                                save_plan=save_plan(task.metric, higher_is_better=task.higher_is_better))
+        try:
+            return train_candidates(candidates, train, val, run_config, callbacks=[emit], cancel=cancel,
+                                    save_dir=request.save_dir, preprocessor=request.parent.preprocessor,
+                                    manifest_for=manifests.get,
+                                    save_plan=save_plan(task.metric, higher_is_better=task.higher_is_better))
+        finally:
+            _drop_unused_folder(request.save_dir, emit)
 
     return work
+
+
+def remove_if_empty(folder: Path | None) -> bool:
+    """Remove ``folder`` when it exists and holds nothing; whether it did."""
+    try:
+        if folder is None or any(folder.iterdir()):
+            return False
+        folder.rmdir()
+        return True
+    except OSError:  # gone already, or written to meanwhile: leave it
+        return False
+
+
+def _drop_unused_folder(save_dir: Path | None, emit: Emit) -> None:
+    """A run stopped (or failed) before anything was saved must not leave its folder empty and unexplained:
+    the page made it when the run started (fresh_folder), so remove it and say so."""
+    if remove_if_empty(save_dir):
+        emit(NoteEvent(message=f"No model was saved, so the empty run folder {save_dir.name!r} was removed."))

@@ -269,9 +269,11 @@ def _poll_step(name: str, label: str, partial: Callable[[list[Event]], None] | N
     began = next((e.time for e in ticks if e.stage == last.stage), None)
     if done and began is not None and total > done:
         text += f", about {max(1, round((time.time() - began) * (total - done) / done))} s left"
+    if job.cancelling:  # until the work has stopped: a second click would seem to do nothing
+        text = f"Cancelling... ({label} stops within a second or two)"
     st.progress(min(1.0, done / total) if total else 0.0, text=text)
-    if st.button("Cancel", key=f"cancel_{name}"):
-        job.stop()
+    if not job.cancelling:  # the click's callback runs before the rerun, which then says "Cancelling..."
+        st.button("Cancel", key=f"cancel_{name}", on_click=job.stop)
     if partial is not None:
         partial(events)
 

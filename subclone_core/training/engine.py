@@ -43,6 +43,7 @@ from subclone_core.training.events import (
     StartEvent,
     StepEvent,
 )
+from subclone_core.training.interrupt import Interrupted, interruptible
 from subclone_core.training.metrics_log import MetricsLog
 from subclone_core.training.parallel import DataParallel, Sharded, clip_gradients, make_parallel
 from subclone_core.training.results import EvalPoint, RunResult, SavePlan
@@ -303,7 +304,21 @@ def _cancel_requested(cancel: threading.Event | None, acc: Accelerator) -> bool:
 
 
 def _loop(runners: list[_Runner], ctx: _Context, cancel: threading.Event | None) -> int | None:
-    """Train round-robin, one step of each active candidate per round; the step cancelled at, or None."""
+    """Train round-robin, one step of each active candidate per round; the step cancelled at, or None.
+
+    In one process a cancel also interrupts the step or validation under way (training.interrupt): one
+    step of a large model on a few CPU cores can take half a minute, and a Stop must be felt at once. Under
+    several processes it is read between rounds only, where every process stops at the same point.
+    """
+    try:
+        with interruptible(cancel if ctx.accelerator.num_processes == 1 else None):
+            return _rounds(runners, ctx, cancel)
+    except Interrupted:  # the models keep their last finished step; the step under way is dropped
+        return 1 + min((r.result.steps_done for r in runners if r.active), default=0)
+
+
+def _rounds(runners: list[_Runner], ctx: _Context, cancel: threading.Event | None) -> int | None:
+    """Step 0's validation, then the rounds; the step cancelled at (checked between rounds), or None."""
     eval_steps = set(ctx.config.eval_steps())
     for runner in runners:
         runner.evaluate(0)
@@ -424,10 +439,10 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
 
     One optimizer step of every running candidate per round (AdamW, linear warmup + cosine, gradient
     accumulation and clipping); validation at step 0, every ``eval_every`` steps and at the end, on the
-    same fixed batches for all. A non-finite loss or gradient stops that candidate alone; cancellation
-    (between rounds) keeps the metrics and saves no model. Under ``torchrun`` every process runs this
-    call on its slice of every batch; only the main process writes, calls callbacks and saves. With
-    ``config.fsdp`` a candidate is sharded (FSDP2); only the main process's result then holds its model.
+    same fixed batches for all. A non-finite loss or gradient stops that candidate alone; cancellation (at
+    the next module; between rounds under torchrun) keeps the metrics and saves no model. Under ``torchrun``
+    every process runs this call on its slice of every batch; only the main process writes, calls callbacks
+    and saves. With ``config.fsdp`` a candidate is sharded (FSDP2); only the main process's result holds it.
 
     Args:
         candidates: the models to train (trained in place), with unique names.
@@ -436,7 +451,7 @@ def train_candidates(candidates: Sequence[Candidate], train_data: Any, val_data:
         config: steps, batch size, schedule, evaluation, device.
         callbacks: called with every event (subclone_core.training.events names the kinds).
         metrics_path: a JSONL file the events are appended to, one flushed line each.
-        cancel: set it (from another thread) to stop after the current round.
+        cancel: set it (from another thread) to stop at the next module's forward or backward (see _loop).
         save_dir: when given, each finished candidate is saved to ``save_dir/<name>`` (complete or absent).
         preprocessor: tokenizer or image processor saved with each model.
         manifest_for: name -> the candidate's manifest (e.g. Child.manifest); "training" is added to it.
