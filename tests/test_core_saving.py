@@ -105,3 +105,15 @@ def test_a_child_card_names_its_parents_licence_and_how_it_was_built():
     assert "Residual ranking: read; least-squares refit: on" in card
     manifest.parent.licence = None
     assert "Licence:" not in model_card(manifest, "causal-lm")
+
+
+def test_saved_weights_take_the_permissions_of_the_other_files(tmp_path):
+    """safetensors creates its files 0600 whatever the umask: a child saved for a class would be unreadable to
+    everyone but the one who made it, while its config.json is readable."""
+    parent = tm.make("llama", dtype=torch.float32)
+    out = save_model_folder(parent, tmp_path / "child", max_shard_size=20_000)
+    weights = sorted(out.glob("*.safetensors"))
+    assert len(weights) > 1
+    want = (out / "config.json").stat().st_mode & 0o777
+    assert want & 0o044  # the umask here lets others read
+    assert [(p.name, p.stat().st_mode & 0o777) for p in weights] == [(p.name, want) for p in weights]

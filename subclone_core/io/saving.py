@@ -95,6 +95,15 @@ def write_model_files(model: nn.Module, folder: Path, *, preprocessor=None, mani
         (folder / MANIFEST_NAME).write_text(json.dumps(json_safe(manifest.to_json()), indent=1, allow_nan=False))
     if model_card is not None:
         (folder / "README.md").write_text(model_card)
+    _weights_like_config(folder)
+
+
+def _weights_like_config(folder: Path) -> None:
+    """Give the weight files config.json's permissions: safetensors creates them 0600 whatever the umask, so a
+    child saved for a group or a class would be unreadable to everyone but its writer."""
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for path in folder.glob("*.safetensors"):
+        path.chmod(mode)
 
 
 def read_manifest(model_dir: str | Path) -> Manifest | None:
