@@ -15,6 +15,7 @@ from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import STRATEGY_SPECS, needs_input_stats, plan_shape, subclone_model
 from tests import tiny_models as tm
+from tests.cli_runner import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ("llama", "gpt2", "gpt_neox", "olmo2", "phi3", "smollm3", "vit")
@@ -310,12 +311,6 @@ def test_flap_ranks_heads_by_the_squared_metric():
 # ---------------------------------------------------------------- the command line
 
 
-def run_cli(args, capsys):  # the call sites still pass capsys; the shared runner captures on its own
-    from tests.cli_runner import run_cli as run_cli_in_process
-
-    return run_cli_in_process(args)
-
-
 @pytest.mark.parametrize(("strategy", "shape", "method"), [
     ("shortgpt", ["--layers", 2], "shortgpt, drop influence, widths kept, no scaling"),
     ("wanda-sp", ["--layers", 3, "--hidden", 32, "--ffn", 24], ("wanda-sp, drop magnitude, read ranking, slice only, "
@@ -326,14 +321,14 @@ def run_cli(args, capsys):  # the call sites still pass capsys; the shared runne
                                                                 "slice only, no refit, no scaling")),
 ])
 def test_make_builds_each_method_and_its_plan_line_names_it(strategy, shape, method, llama_dir, counting_text_file,
-                                                            tmp_path, capsys):
+                                                            tmp_path):
     from transformers import AutoModelForCausalLM
 
     from subclone_core.io.saving import read_manifest
 
     out_dir = tmp_path / "child"
     code, out, err = run_cli(["make", "--parent", llama_dir, "--out", out_dir, *shape, "--strategy", strategy,
-                              "--data", counting_text_file, "--calib-tokens", 256], capsys)
+                              "--data", counting_text_file, "--calib-tokens", 256])
     assert code == 0, err
     assert out.splitlines()[0].startswith(f"plan: {method} | "), out
     assert "Warning" not in err  # nothing a user of the method would expect is off
@@ -350,14 +345,13 @@ def test_make_builds_each_method_and_its_plan_line_names_it(strategy, shape, met
             assert not layer.mlp.up_proj.bias.any() and not layer.self_attn.q_proj.bias.any()
 
 
-def test_compare_takes_the_methods_and_says_each_plan(llama_dir, counting_text_file, capsys):
+def test_compare_takes_the_methods_and_says_each_plan(llama_dir, counting_text_file):
     """--refit applies to the candidates that can take it; the methods with their own weight rule are built by
     that rule beside them (asking a run for the refit is not an error for them)."""
     names = ["subclone", "shortgpt", "wanda-sp", "flap", "minitron"]
     code, out, err = run_cli(["compare", "--parent", llama_dir, "--layers", 2, "--data", counting_text_file,
                               "--calib-tokens", 256, "--strategies", ",".join(names), "--refit", "--steps", 1,
-                              "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--eval-tokens", 32, "--quiet"],
-                             capsys)
+                              "--eval-every", 1, "--batch-size", 2, "--seq-len", 16, "--eval-tokens", 32, "--quiet"])
     assert code == 0, err
     lines = out.splitlines()[:5]
     assert [line.split(",")[0].split(" ")[1] for line in lines] == names
@@ -365,10 +359,9 @@ def test_compare_takes_the_methods_and_says_each_plan(llama_dir, counting_text_f
     assert "slice only, no refit" in lines[2] and "bias compensation, no refit" in lines[3]
 
 
-def test_refit_asked_of_a_method_with_its_own_weight_rule_is_an_error(llama_dir, counting_text_file, tmp_path,
-                                                                      capsys):
+def test_refit_asked_of_a_method_with_its_own_weight_rule_is_an_error(llama_dir, counting_text_file, tmp_path):
     code, out, err = run_cli(["make", "--parent", llama_dir, "--out", tmp_path / "c", "--ffn", 24, "--strategy",
-                              "minitron", "--refit", "--data", counting_text_file, "--calib-tokens", 256], capsys)
+                              "minitron", "--refit", "--data", counting_text_file, "--calib-tokens", 256])
     assert code == 2 and out == "" and "own weight rule" in err and not (tmp_path / "c").exists()
 
 
@@ -395,3 +388,45 @@ def test_a_saved_importance_keeps_the_input_statistics(tmp_path):
         a = subclone_model(parent, target, strategy=strategy, importance=importance).selection
         b = subclone_model(parent, target, strategy=strategy, importance=again).selection
         assert a == b
+
+
+# ---------------------------------------------------------------- GRAIL
+
+
+def test_grail_is_our_selection_refit_by_its_ridge_towards_zero_on_the_parents_inputs(monkeypatch):
+    """GRAIL's compensation: W' = W G[:, k] (G[k, k] + lam I)^-1, lam = 1e-3 x the mean kept diagonal, on the
+    parent's inputs: the child equals subclone's selection refit by exactly that rule (the family's table
+    swapped for it), and differs from our default refit towards the slice."""
+    import dataclasses
+
+    from subclone_core.core import archs
+    from subclone_core.core.strategies import refit_table
+    from tests.test_core_refit import calibration, items_of
+
+    parent = tm.make("llama", dtype=torch.float64)
+    imp = calibration(parent)
+    target = plan_shape(parent, hidden=24, heads=2, ffn=40)
+    grail = subclone_model(parent, target, strategy="grail", importance=imp, refit_items=items_of(parent))
+    assert grail.manifest.refit is True and grail.manifest.scale is False
+    table = refit_table(arch_of_model(parent), "grail")
+    assert (table.refit_toward, table.refit_ridge, table.refit_inputs) == ("zero", 1e-3, "parent")
+    mt = parent.config.model_type
+    monkeypatch.setitem(archs.REGISTRY, mt, dataclasses.replace(archs.REGISTRY[mt], refit_toward="zero",
+                                                                 refit_ridge=1e-3, refit_inputs="parent"))
+    want = subclone_model(parent, target, importance=imp, scale=False, refit=True, refit_items=items_of(parent))
+    monkeypatch.undo()
+    ours = subclone_model(parent, target, importance=imp, scale=False, refit=True, refit_items=items_of(parent))
+    got, same, other = (m.model.state_dict() for m in (grail, want, ours))
+    assert got.keys() == same.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], same[name], rtol=0, atol=0)
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(got[down], other[down])
+
+
+def test_grail_plan_line_names_its_rule(llama_dir, counting_text_file, tmp_path):
+    code, out, err = run_cli(["make", "--parent", llama_dir, "--out", tmp_path / "c", "--ffn", 24, "--strategy",
+                              "grail", "--data", counting_text_file, "--calib-tokens", 256])
+    assert code == 0, err
+    assert ("grail, drop magnitude, read ranking, refit on parent inputs with a ridge towards zero, block by block"
+            in out.splitlines()[0])

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from subclone_core.core import __version__
 from subclone_core.core.archs import arch_of_model
+from subclone_core.core.archs.spec import ArchSpec
 from subclone_core.core.building import build_model, empty_model
 from subclone_core.core.calibration import RESIDUAL_COV, Importance
 from subclone_core.core.errors import SubcloneError
@@ -83,7 +84,9 @@ class StrategySpec:
         scores: the rule that scores heads and FFN neurons for the importance order (selection.SCORE_RULES).
         residual_score: its own ranking of the residual stream (calibration.RESIDUAL_SCORES); None: the family's.
         refit: False where the method's weight rule is its own (no least-squares refit, asking for it is an
-            error); None: the family's default.
+            error); True: on unless turned off; None: the family's default.
+        refit_rule: the family table's refit fields (ArchSpec.refit_*) the method replaces with its own rule
+            (GRAIL's ridge towards zero on the parent's inputs); empty: the family's.
         scale: the sqrt(fan-in) scaling when none is asked; None: the family's default.
         bias_compensation: add the mean contribution of removed inputs to the output projections' biases (FLAP).
         rotation: slice the parent rotated into the PCA basis of its residual stream (SliceGPT, core.rotation),
@@ -104,6 +107,7 @@ class StrategySpec:
     scale: bool | None = None
     bias_compensation: bool = False
     rotation: bool = False
+    refit_rule: tuple[tuple[str, object], ...] = ()
 
 
 # hparams: peak learning rate and AdamW weight decay, used when a candidate gives none.
@@ -147,6 +151,11 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec("slicegpt", "slicegpt: hidden size by PCA of the residual stream, one rotation (SliceGPT)",
                  "rotate", "magnitude", uses_importance=True, hparams=_INHERITED, refit=False, scale=False,
                  rotation=True),
+    # GRAIL (arXiv:2602.23795)'s compensation on our selection: beside our refit, the same least squares with
+    # its ridge, 1e-3 of the mean kept diagonal, towards zero instead of the slice, on the parent's inputs
+    StrategySpec("grail", "grail: subclone's neurons and heads, refit as GRAIL: a ridge towards zero",
+                 "importance", "magnitude", uses_importance=True, hparams=_INHERITED, refit=True, scale=False,
+                 refit_rule=(("refit_toward", "zero"), ("refit_ridge", 1e-3), ("refit_inputs", "parent"))),
 )}
 DEFAULT_STRATEGY = "subclone"
 # the strategies that build a child (subclone+distill trains subclone's child)
@@ -188,6 +197,11 @@ def plan_shape(parent_model: nn.Module, strategy: str | None = None, **sizes: in
     child = target_shape(parent, **sizes)
     validate_target(parent, child, arch_of_model(parent_model))
     return child
+
+
+def refit_table(arch: ArchSpec, strategy: str) -> ArchSpec:
+    """The family's table with the strategy's own refit rule in place of the family's (StrategySpec.refit_rule)."""
+    return replace(arch, **dict(STRATEGY_SPECS[strategy].refit_rule))
 
 
 def needs_input_stats(strategy: str) -> bool:
@@ -253,7 +267,7 @@ def subclone_model(
                                    open_sink=open_sink)
     settings = {"strategy": strategy, "order": order, "drop": policy, "scale": scale and order is not None,
                 "untie_head": untie_head, "seed": seed, "residual_score": residual_score, "refit": refit,
-                "refit_ridge": arch.refit_ridge if refit else None}
+                "refit_ridge": refit_table(arch, strategy).refit_ridge if refit else None}
     return Child(model=model, shape=target, manifest=build_manifest(parent, target, blocks, sel, importance, settings),
                  selection=sel, importance=importance)
 
@@ -270,7 +284,8 @@ def _ordered_child(parent_model: nn.Module, tensors: Mapping[str, Tensor], targe
     compensation = _Compensation(importance, weight, bias_switches(
         arch, parent_model.config.model_type, tensors, parent, target)) if spec.bias_compensation else None
     model = _sliced_model(parent_model, tensors, target, sel, scale=scale, untie_head=untie_head,
-                          refit_items=refit_items, open_sink=open_sink, compensation=compensation)
+                          refit_items=refit_items, open_sink=open_sink, compensation=compensation,
+                          table=refit_table(arch, spec.name))
     return blocks, sel, model
 
 
@@ -351,15 +366,17 @@ def _reader_weight(tensors: Mapping[str, Tensor], arch) -> ReaderWeight:
 
 def _sliced_model(parent_model: nn.Module, tensors: Mapping[str, Tensor], target: Shape, sel: Selection, *,
                   scale: bool, untie_head: bool, refit_items: RefitItems | None,
-                  open_sink: OpenSink | None = None, compensation: _Compensation | None = None) -> nn.Module:
+                  open_sink: OpenSink | None = None, compensation: _Compensation | None = None,
+                  table: ArchSpec | None = None) -> nn.Module:
     """The child model: its config from the parent's with the target sizes, its weights sliced, or refit where
-    refit_items gives the Gram columns (block by block: each block's tensors sliced as they come), or sliced
-    and bias-compensated (compensation); with open_sink, its tensors go to the sink and the model returned is
-    the empty one on the meta device."""
+    refit_items gives the Gram columns (block by block: each block's tensors sliced as they come) by ``table``'s
+    refit rule (default: the family's), or sliced and bias-compensated (compensation); with open_sink, its
+    tensors go to the sink and the model returned is the empty one on the meta device."""
     arch, parent = arch_of_model(parent_model), Shape.of(parent_model.config)
     cfg = child_config_dict(parent_model.config, arch, target, sel, tie_head=not untie_head)
     config = type(parent_model.config).from_dict({**cfg, **(compensation.switches if compensation else {})})
-    slicer = TensorSlicer(arch, parent, sel, scale=scale, ridge=arch.refit_ridge)
+    table = table or arch
+    slicer = TensorSlicer(table, parent, sel, scale=scale, ridge=table.refit_ridge)
     empty = sink = None
     if open_sink is not None or compensation is not None:
         empty = empty_model(type(parent_model), config, next(parent_model.parameters()).dtype)
@@ -481,7 +498,8 @@ def _ranking_options(spec: StrategySpec, arch, residual_score: str | None, refit
         raise SubcloneError("the refit reads the parent's inputs on calibration data (refit_items: "
                             "io.refitting.refit_items, as workflow.children.make_child passes it); give it or "
                             "turn the refit off")
-    return residual_score or arch.residual_score, (arch.refit_default and has_items) if refit is None else refit
+    default = arch.refit_default if spec.refit is None else spec.refit
+    return residual_score or arch.residual_score, (default and has_items) if refit is None else refit
 
 
 def shape_config(parent_model: nn.Module, target: Shape):

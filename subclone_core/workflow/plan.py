@@ -28,7 +28,7 @@ from subclone_core.core.archs import arch_of_model
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.selection import pick_blocks
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import Child, needs_calibration, strategy_spec
+from subclone_core.core.strategies import Child, needs_calibration, refit_table, strategy_spec
 from subclone_core.io.activations import default_budget
 from subclone_core.io.placement import memory_by_device
 from subclone_core.io.streaming import checkpoint_tensors
@@ -134,7 +134,8 @@ class Plan:
         if self.order == "importance":
             items.append(self._mark("residual_score", f"{self.residual_score} ranking"))
             wider = f" in {self.refit_dtype}" if self.refit_dtype != self.dtype else ""
-            refit = f"refit on {self.refit_inputs} inputs, block by block{wider}" if self.refit else "no refit"
+            rule = " with a ridge towards zero" if dict(spec.refit_rule).get("refit_toward") == "zero" else ""
+            refit = f"refit on {self.refit_inputs} inputs{rule}, block by block{wider}" if self.refit else "no refit"
             if spec.refit is False:  # the method's own weight rule: say what it is instead
                 refit = "bias compensation, no refit" if spec.bias_compensation else "slice only, no refit"
             items.append(self._mark("refit", refit))
@@ -222,7 +223,7 @@ def resolve_plan(parent: Parent, *, strategy: str = "subclone", drop: str | list
              "sequential": sequential, "activation_memory": activation_memory, "data_id": data_id}
     plan = Plan(
         strategy=strategy, order=spec.order, drop=policy, residual_score=ranking, refit=refit_on,
-        refit_inputs=arch.refit_inputs if refit_on else None,
+        refit_inputs=refit_table(arch, strategy).refit_inputs if refit_on else None,
         refit_dtype=str(refit_dtype(parent)).removeprefix("torch.") if refit_on else None,
         scale=_default_scale(spec, arch) if scale is None else scale and spec.order is not None,
         untie_head=untie_head, seed=seed, calibrate=calibrate, data_id=data_id or default_data_id(parent.task),
