@@ -25,6 +25,7 @@ from subclone_core.core.slicing import TensorSlicer
 from subclone_core.io.sequential import (
     Pass,
     StopForward,
+    block_inputs,
     forward_block,
     head_on,
     loaded_block,
@@ -32,7 +33,6 @@ from subclone_core.io.sequential import (
     module_tensor,
     open_pass,
     token_rows,
-    with_hidden,
 )
 
 Moments = tuple[Tensor, Tensor]
@@ -58,7 +58,7 @@ def _capture(root: nn.Module, path: str, run: Callable[[], object]) -> Tensor:
 def _run_block(p: Pass, i: int, block: nn.Module, b: int) -> Callable[[], object]:
     """Block i on batch b of the pass's stream, its output dropped."""
     def run() -> object:
-        args, kwargs = with_hidden(*p.calls[b][i], p.store[(0, b)].to(p.device))
+        args, kwargs = block_inputs(p, i, b, p.store[(0, b)])
         return block(*args, **kwargs)
     return run
 
@@ -100,7 +100,8 @@ class Reconstruction:
         for name in p.global_names:  # sliced (the head is refit at the end)
             self._put(name, module_tensor(p.model, name), None)
         self.c = open_pass(self.tensors, p.batches, store, config=child_config, model_class=type(p.model),
-                       device=p.device, dtype=next(iter(self.tensors.values())).dtype, max_tokens=None)
+                           device=p.device, dtype=next(iter(self.tensors.values())).dtype, max_tokens=None,
+                           block_dtype=p.block_dtype)
 
     def _put(self, name: str, tensor: Tensor, moments: Moments | None) -> str:
         child_name, child = self.slicer(name, tensor, moments, keep=True)  # slice_items takes it, not a 2nd solve

@@ -161,6 +161,7 @@ def refit_items(
     model_class: type[nn.Module] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    block_dtype: torch.dtype | None = None,
     max_tokens: int | None = None,
     progress: Progress | None = None,
     stats: dict | None = None,
@@ -180,12 +181,14 @@ def refit_items(
             ``child_config`` to run the child beside the parent).
         config, model_class, device, dtype, max_tokens, activation_memory, activation_root: as for
             io.sequential.calibrate_sequential.
+        block_dtype: the dtype the blocks (the parent's and the child's) run in, where it differs from
+            ``dtype`` (io.sequential.open_pass); the stream between blocks keeps ``dtype``.
         progress: called with (blocks done, blocks + 1) after each block and after the head.
         stats: if given, filled as calibrate_sequential's once the pass ends.
     """
     with activation_store(activation_memory, activation_root) as store:
         p = open_pass(source, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
-                  max_tokens=max_tokens)
+                      max_tokens=max_tokens, block_dtype=block_dtype)
         if slicer.arch.refit_inputs == "child":
             if child_config is None:
                 raise SubcloneError("the refit on the child's inputs runs the child: give child_config")

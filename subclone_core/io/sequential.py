@@ -71,6 +71,17 @@ def with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def _cast(value, dtype: torch.dtype):
+    """``value`` with every floating tensor in it (nested in tuples, lists and dicts) in ``dtype``."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
 def skeleton(config, model_class: type[nn.Module] | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """The model built from its config with every parameter on the meta device (buffers computed in the
     constructor, such as rotary frequencies, are real), in eval mode."""
@@ -124,6 +135,7 @@ class Pass:
     batches: list[dict[str, Tensor]]
     tokens: int
     store: ActivationStore
+    block_dtype: torch.dtype | None = None
 
     @property
     def device(self) -> torch.device:
@@ -141,14 +153,20 @@ class Pass:
 
 
 def open_pass(source: str | Path | Mapping[str, Tensor], batches: Iterable[dict[str, Tensor]],
-              store: ActivationStore, *, config, model_class, device, dtype, max_tokens: int | None) -> Pass:
+              store: ActivationStore, *, config, model_class, device, dtype, max_tokens: int | None,
+              block_dtype: torch.dtype | None = None) -> Pass:
     """Run every batch up to the blocks over the parent from ``source`` (its folder, or its tensors in memory):
-    the pass that then goes block by block."""
+    the pass that then goes block by block. With ``block_dtype``, each block's weights are cast to it as they
+    are loaded and each block runs in it, while the stream between blocks and everything outside the blocks
+    keep ``dtype`` (the embedding and head are not copied: a float32 block of a bfloat16 parent costs one
+    block's float32 weights)."""
     model, blocks, loader, block_names = _prepare(source, config, model_class, torch.device(device), dtype)
+    if block_dtype is not None:
+        blocks.to(block_dtype)  # on the meta device: each tensor loaded later is cast to its parameter's dtype
     extra = no_cache_kwargs(model)
     masks, calls, kept, tokens = _record_block_inputs(model, blocks, batches, loader.device, extra, max_tokens,
                                                       store)
-    return Pass(model, blocks, loader, block_names, extra, masks, calls, kept, tokens, store)
+    return Pass(model, blocks, loader, block_names, extra, masks, calls, kept, tokens, store, block_dtype)
 
 
 @torch.no_grad()
@@ -287,11 +305,20 @@ def loaded_block(p: Pass, i: int) -> Iterator[nn.Module]:
         p.loader.free(p.block_names[i])
 
 
+def block_inputs(p: Pass, i: int, b: int, hidden: Tensor) -> tuple[tuple, dict]:
+    """The (args, kwargs) of block i on batch b with ``hidden`` as its input, on the device, everything in the
+    pass's block dtype where it has one."""
+    args, kwargs = with_hidden(*p.calls[b][i], hidden.to(p.device))
+    return (args, kwargs) if p.block_dtype is None else (_cast(args, p.block_dtype), _cast(kwargs, p.block_dtype))
+
+
 def forward_block(p: Pass, i: int, block: nn.Module, b: int, stream: int) -> None:
-    """Batch b of a stream through block i: its stored input is replaced by the block's output (on the CPU)."""
-    args, kwargs = with_hidden(*p.calls[b][i], p.store[(stream, b)].to(p.device))
+    """Batch b of a stream through block i: its stored input is replaced by the block's output (on the CPU, in
+    the stream's dtype)."""
+    hidden = p.store[(stream, b)]
+    args, kwargs = block_inputs(p, i, b, hidden)
     y = block(*args, **kwargs)
-    p.store[(stream, b)] = (y[0] if isinstance(y, tuple) else y).to("cpu")
+    p.store[(stream, b)] = (y[0] if isinstance(y, tuple) else y).to("cpu", hidden.dtype)
 
 
 def _calibrate_block(p: Pass, i: int, block: nn.Module, recorder: _Recorder) -> None:

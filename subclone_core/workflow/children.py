@@ -190,7 +190,7 @@ def refit_source(parent: Parent, data_id: str, tokens: int, *, progress: Progres
     source = pass_source(parent)
     if source is None:
         return None
-    kwargs = {**pass_kwargs(parent, activation_memory), "dtype": refit_dtype(parent), "stats": stats}
+    kwargs = {**pass_kwargs(parent, activation_memory), "block_dtype": refit_dtype(parent), "stats": stats}
 
     def items(slicer, child_config):
         return refit_items(source, calibration_batches(parent, data_id, tokens), slicer, child_config=child_config,
@@ -202,7 +202,8 @@ def refit_dtype(parent: Parent) -> torch.dtype:
     """The dtype the refit pass runs the parent's (and the child's) blocks in: float32 for a bfloat16 or float16
     parent whose blocks run on the CPU, where most processors have no native half-precision matrix product
     (bfloat16 ran 6x slower than float32 on this project's AVX2 machines); each block is upcast while it runs,
-    and the child keeps the parent's dtype. Elsewhere the parent's own dtype."""
+    the stream between blocks, the embedding and the head keep the parent's dtype (and memory), and so does
+    the child. Elsewhere the parent's own dtype."""
     half = parent.dtype in (torch.bfloat16, torch.float16)
     return torch.float32 if half and input_device(parent.model).type == "cpu" else parent.dtype
 
