@@ -1,20 +1,34 @@
-"""Shared by the benchmarks: the machine description and section updates of docs/BENCHMARKS.md."""
+"""Shared by the benchmarks: the machine description, the child shapes they share, report templates,
+plots, the command-line flags they have in common, and section updates of docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from subclone_core.io.atomic import write_text
+from subclone_core.io.atomic import building_file, write_text
+from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+DOC = DOCS / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun it to refresh the numbers.\n"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+PAPER_SPEEDUP = 4.0  # the paper's headline: about 4x fewer steps than random init
+# The two child shapes of the default parent (SmolLM2-135M: 30 x 576, 9 heads / 3 KV, FFN 1536) that the
+# benchmarks share: the paper's ratio, and a much smaller child.
+PAPER_LIKE = {"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024}
+AGGRESSIVE = {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}
 
 
 def machine() -> str:
@@ -68,3 +82,89 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     write_text(doc, text)
+
+
+def replace_marked(path: Path, name: str, text: str) -> bool:
+    """Replace the text between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` in a file that has them.
+
+    Unlike write_section it never appends: a README without the markers is left alone (returns False).
+    """
+    if not path.is_file():
+        return False
+    content = path.read_text()
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    if begin not in content or end not in content.split(begin, 1)[1]:
+        return False
+    head, rest = content.split(begin, 1)
+    write_text(path, head + begin + text + end + rest.split(end, 1)[1])
+    return True
+
+
+def render(name: str, **values: Any) -> str:
+    """The report template bench/templates/NAME.md filled in with str.format (``{value:.2f}`` works; a literal
+    brace is doubled). The file holds the Markdown exactly as written, one paragraph per line; its final
+    newline is not part of the text."""
+    return (TEMPLATES / f"{name}.md").read_text().removesuffix("\n").format(**values)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (imported late: only the plotting paths need it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 90) -> None:
+    """Lay out, write and close a figure; the file appears whole or not at all (the project's rule for
+    outputs), in a folder created if needed."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with building_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip("."))
+    pyplot().close(fig)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally long score vectors, ties at their average rank (the library's
+    analysis.probes.rank_correlation, as scipy.stats.spearmanr)."""
+    from subclone_core.analysis.probes import rank_correlation
+
+    return float(rank_correlation(torch.stack([a.flatten().double().cpu(), b.flatten().double().cpu()]))[0, 1])
+
+
+THREADS_HELP = "torch CPU threads (default: one per core)"
+
+
+def bench_parser(doc: str | None, *, smoke: str | None = None, threads: str | None = None,
+                 report_only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark script (described by its docstring's first line) with the flags they
+    share, each added when its help is given: ``--smoke`` (a tiny, fast run), ``--threads`` (torch CPU threads;
+    THREADS_HELP) and ``--report-only`` (rewrite the report from the saved results, running nothing)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    if smoke:
+        parser.add_argument("--smoke", action="store_true", help=smoke)
+    if threads:
+        parser.add_argument("--threads", type=int, help=threads)
+    if report_only:
+        parser.add_argument("--report-only", action="store_true", help=report_only)
+    return parser
+
+
+def progress_printer(tag: str, steps: int) -> Callable[[Event], None]:
+    """An engine callback that prints each validation result (the task's metric, named by the start event)
+    to stderr."""
+    metric = {"name": "loss"}
+
+    def show(event: Event) -> None:
+        if isinstance(event, StartEvent):
+            metric["name"] = event.metric
+        elif isinstance(event, EvalEvent):
+            value = event.value(metric["name"])
+            print(f"[{tag}] step {event.step}/{steps} {event.candidate}: "
+                  f"{'?' if value is None else f'{value:.4f}'} ({event.time:.0f} s)", file=sys.stderr, flush=True)
+        elif isinstance(event, ErrorEvent):
+            print(f"[{tag}] {event.candidate}: {event.message}", file=sys.stderr, flush=True)
+    return show

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from bench.bench_training import Budget, lr_text, progress_printer, train_config
+from bench._report import progress_printer, spearman
+from bench.bench_training import Budget, best_runs, train_config
 from subclone_core.analysis.probes import block_ablation, off_diagonal_mean, rank_correlation
 from subclone_core.core.calibration import Importance, calibrate
 from subclone_core.core.strategies import plan_shape
@@ -24,6 +25,7 @@ from subclone_core.sources import Parent, make_data
 from subclone_core.training import Candidate, default_hparams, train_candidates
 from subclone_core.training.evaluate import evaluate
 from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value, speedup
+from subclone_core.training.sweep import candidate_of, run_name
 from subclone_core.workflow.children import CALIB_BATCH, CALIB_SEQ_LEN, make_child
 
 CALIB_POOL = 4  # a seed's calibration sample is drawn from this many times the budget of training data
@@ -87,11 +89,6 @@ def validation_batches(parent: Parent, data_id: str, tokens: int, images: int) -
 
 def _rounded(values: torch.Tensor | list[float], digits: int = 5) -> list[float]:
     return [float(f"{float(v):.{digits}g}") for v in (values.tolist() if torch.is_tensor(values) else values)]
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two equally long vectors, ties at their average rank (the library's)."""
-    return float(rank_correlation(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
 def top_share(scores: torch.Tensor, fraction: float = 0.01) -> float:
@@ -211,30 +208,27 @@ class _StudyRun:
             arm = self.arms[name]
             child = make_child(self.parent, self.target, strategy=arm.strategy, importance=self.importances[seed],
                                seed=seed, **arm.options).model
-            cands += [Candidate(f"{name}-lr{lr_text(lr)}", copy.deepcopy(child), lr=lr, weight_decay=arm.decay(),
+            cands += [Candidate(run_name(name, lr), copy.deepcopy(child), lr=lr, weight_decay=arm.decay(),
                                 strategy=arm.strategy) for lr in lr_of[name]]
         label = f"{self.study.key} {tag}"
         print(f"[{label}] {', '.join(c.name for c in cands)}: {self.config.steps} steps", file=sys.stderr, flush=True)
         results = train_candidates(cands, self.train_data, self.val_data, replace(self.config, seed=seed),
                                    callbacks=[progress_printer(label, self.config.steps)],
                                    metrics_path=self.runs_dir / f"{self.study.key}-{tag}.jsonl")
+        chosen = best_runs(results, self.metric)  # the library's rule, as every sweep of the benchmarks
         for name in names:
-            self._record(name, [r for n, r in results.items() if n.rsplit("-lr", 1)[0] == name], seed)
+            self._record(name, [r for n, r in results.items() if candidate_of(n) == name], seed, chosen.get(name))
 
-    def _record(self, name: str, runs: list[Any], seed: int) -> None:
+    def _record(self, name: str, runs: list[Any], seed: int, chosen: Any) -> None:
+        """Every run of one arm into the sweep table, and its chosen run (if any) as the arm's run of the seed."""
         higher = HIGHER_IS_BETTER[self.metric]
-
-        def best(run: Any) -> float | None:
-            return best_value(run.curve(self.metric), higher_is_better=higher)
-
         for r in runs:
             curve = r.curve(self.metric)
             self.sweep.append({"arm": name, "seed": seed, "lr": r.lr, "weight_decay": r.weight_decay,
-                               "status": r.status, "best": best(r), "final": curve[-1][1] if curve else None})
-        scored = [r for r in runs if best(r) is not None]
-        if scored:
-            top = (max if higher else min)(scored, key=best)
-            self.chosen.setdefault(name, {})[str(seed)] = _run_summary(top, self.metric)
+                               "status": r.status, "best": best_value(curve, higher_is_better=higher),
+                               "final": curve[-1][1] if curve else None})
+        if chosen is not None:
+            self.chosen.setdefault(name, {})[str(seed)] = _run_summary(chosen, self.metric)
 
 
 def _run_summary(run: Any, metric: str) -> dict[str, Any]:

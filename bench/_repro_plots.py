@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from bench._report import pyplot, save_figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from subclone_core.io.atomic import building_file
+plt = pyplot()
 
 DPI = 72
 NAMES = {"lm": "language model", "vit": "ViT"}
@@ -18,14 +15,6 @@ NAMES = {"lm": "language model", "vit": "ViT"}
 
 def _parts(results: dict, keys: tuple[str, ...] = ("lm", "vit")) -> list[tuple[str, dict]]:
     return [(k, results[k]) for k in keys if results.get(k)]
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with building_file(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip("."))
-    plt.close(fig)
 
 
 def _panels(n: int, width: float = 4.6, height: float = 3.2) -> tuple[Any, list[Any]]:
@@ -42,7 +31,7 @@ def rel_magnitude(results: dict, path: Path) -> None:
         ax.set(title=f"{NAMES[key]}: relative magnitude", xlabel="block", ylabel="||f(x)|| / ||x + f(x)||")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path, DPI)
 
 
 def block_removal(results: dict, path: Path) -> None:
@@ -62,7 +51,7 @@ def block_removal(results: dict, path: Path) -> None:
         if not image:
             ax.set_ylim(bottom=min(values + [base]) * 0.9)
         ax.legend(fontsize=7, title="orange: removed by 'magnitude'" if removed else None, title_fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path, DPI)
 
 
 def _removed(part: dict) -> list[int]:
@@ -91,7 +80,7 @@ def consistency(results: dict, path: Path) -> None:
         row[3].grid(alpha=0.3)
     for ax in axes.flat:
         ax.title.set_fontsize(9)
-    _save(fig, path)
+    save_figure(fig, path, DPI)
 
 
 def curves(results: dict, path: Path, comparison: str, title: str) -> None:
@@ -118,7 +107,7 @@ def curves(results: dict, path: Path, comparison: str, title: str) -> None:
             ax.set_ylim(top=min(12.0, ax.get_ylim()[1]))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path, DPI)
 
 
 def lr_sweep(results: dict, path: Path) -> None:
@@ -140,7 +129,7 @@ def lr_sweep(results: dict, path: Path) -> None:
                ylabel=f"best validation {t['metric']}", xscale="log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path, DPI)
 
 
 def draw_all(results: dict[str, Any], folder: Path) -> list[Path]:

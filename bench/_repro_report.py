@@ -10,12 +10,13 @@ from __future__ import annotations
 from statistics import mean
 from typing import Any
 
+from bench._report import PAPER_SPEEDUP, table
 from bench._report import fmt_value as fmt
-from bench._report import table
+from bench._report import render as render_template
+from subclone_core.training.sweep import lr_text
 
 HOLDS, PARTLY, FAILS, NOISE = "holds", "holds partly", "does not hold", "within noise"
 UNMEASURABLE = "not measurable with fewer than 3 blocks"
-PAPER_SPEEDUP = 4.0
 TIE = {"loss": 0.01, "accuracy": 0.002}  # best values closer than this count as a tie (0.2% = 1 of 500 images)
 
 
@@ -257,7 +258,7 @@ def finding_lr(part: dict, high_wd: float) -> dict[str, str]:
     best_lr = {arm: trained(part, arm).get("0", {}).get("lr") for arm in ("random", "subclone")}
     edge = [arm for arm in ("random", "subclone") if best_lr[arm] is not None and len(swept[arm]) > 1
             and best_lr[arm] in (min(swept[arm]), max(swept[arm]))]
-    lr_result, lr_text = lr_verdict(part)
+    lr_result, lr_said = lr_verdict(part)
     win, _, per_seed = trained_winner(part, ("subclone", "subclone-wd"))
     wd_verdict = NOISE if win is None else HOLDS if win == "subclone" else FAILS
     verdict = f"learning rate: {lr_result}; weight decay: {wd_verdict}"
@@ -269,7 +270,7 @@ def finding_lr(part: dict, high_wd: float) -> dict[str, str]:
     child_lr = best_lr["subclone"] or 0.0
     # AdamW's decoupled decay multiplies weights by (1 - lr_t * wd) each step; the cosine averages lr_t to ~lr / 2
     shrink = 1 - (1 - child_lr / 2 * high_wd) ** t["budget"]["steps"]
-    text = (f"{lr_text} Best {m} per lr, seed 0: {sweep}.{edge_text} Weight decay at the child's lr, {num(wd)} vs "
+    text = (f"{lr_said} Best {m} per lr, seed 0: {sweep}.{edge_text} Weight decay at the child's lr, {num(wd)} vs "
             f"{high_wd:g}: {seeds_text(part, per_seed) or 'not trained'}. At this budget and lr, decay {high_wd:g} can "
             f"shrink the weights by only about {shrink:.2%} in all.")
     return {"verdict": verdict, "text": text}
@@ -356,10 +357,11 @@ def finding_budget(budget: dict) -> dict[str, str]:
 
 
 def _lr_text(budget: dict) -> str:
-    """", each arm at its best lr at this budget: random 1e-3 of 5e-4, 1e-3, 2e-3; ..." where the JSON has a grid."""
+    """", each arm at its best lr at this budget: random 1e-3 of 5e-4, 1e-3, 2e-3; ..." where the JSON has a grid
+    (rates as sweeps name them: 2.5e-4, not a rounded 3e-04)."""
     grid = budget.get("plan", {}).get("sweep_lrs", {})
-    picks = [f"{arm} {lr:.0e} of {', '.join(f'{x:.0e}' for x in grid[arm])}" for arm, lr in budget.get("lrs", {}).items()
-             if len(grid.get(arm, ())) > 1]
+    picks = [f"{arm} {lr_text(lr)} of {', '.join(lr_text(x) for x in grid[arm])}"
+             for arm, lr in budget.get("lrs", {}).items() if len(grid.get(arm, ())) > 1]
     return f", each arm at its best lr at this budget: {'; '.join(picks)}" if picks else ""
 
 
@@ -517,15 +519,8 @@ def names(parts: dict) -> str:
 
 
 def header(results: dict, parts: dict) -> str:
-    lines = ["# Reproducing weight subcloning on the embedded defaults",
-             ("Samragh et al., *Weight subcloning: direct initialization of transformers using larger pretrained "
-             "ones* (arXiv:2312.09299), checked on the parents this project ships: SmolLM2-135M-Instruct with "
-             "English Wikipedia text, and a ViT this project pretrains on Fashion-MNIST. Regenerate with "
-             "`make reproduce` (writes this file and the plots in `docs/reproduction/`; "
-             f"`results.json` there holds every number). This run: size `{results['size']}`, "
-             f"{results['minutes']:.0f} min on {results['machine']} (load average {results['load_average']:.1f} at the "
-             f"start, {results.get('load_average_end', float('nan')):.1f} at the end).")]
-    return "\n\n".join(lines)
+    """The title and what was checked, on which run."""
+    return render_template("repro_header", **{"load_average_end": float("nan"), **results})
 
 
 def summary_table(found: dict, parts: dict) -> str:
@@ -572,13 +567,5 @@ def settings(results: dict, parts: dict) -> str:
             f"and every {b['eval_every']}. Arms without their own sweep train at the subcloned child's best lr "
             f"({t['child_lr']:g}). Second seed: {', '.join(t['reruns']) or 'none'} (comparisons whose best values were "
             f"within {fmt(t['close'], t['metric'])} on seed 0). {part['minutes']:.1f} min.")
-    lines.append(
-        f"- Seeds {', '.join(map(str, results['seeds']))}: a seed picks the calibration sample, the training data "
-        "order and random init's weights; the validation data is the same fixed slice for every run.")
-    lines.append(
-        "- These budgets are tiny next to the paper's (10-40 ImageNet epochs; long GPT-2 runs on the Pile): random "
-        "init is far from converged, which favours any pretrained start. The speedups say how far ahead a child "
-        "starts; they are not what it saves over a full training run (finding 9's longer budget, when "
-        "docs/speedup_vs_budget.json exists, measures that). Differences of a few hundredths in loss (or "
-        "under a point of accuracy) are within what one seed can resolve.")
+    lines.append(render_template("repro_caveats", seeds=", ".join(map(str, results["seeds"]))))
     return "\n".join(lines)

@@ -16,7 +16,6 @@ docs/BENCHMARKS.md unless --no-write).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine, table, write_section
+from bench._report import ROOT, bench_parser, machine, render, table, write_section
 from subclone_core.analysis import probes
 from subclone_core.analysis.inspector import outsized_dimensions
 from subclone_core.analysis.probes import generate_text
@@ -44,7 +43,6 @@ from subclone_core.core.strategies import parameter_count
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import CALIB_TOKENS, measure_importance, save_child
 
-ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQ_LEN, EVAL_EVERY = 8, 128, 10  # the Train page's defaults
 
 
@@ -171,26 +169,8 @@ def training_rows(steps: int) -> list[list[object]]:
     return rows
 
 
-NOTE = """Every action is timed as its page runs it, with the page's defaults, on the embedded default parent
-(SmolLM2-135M, float32) and the default text, in the order a visitor clicks through the pages. Wall seconds
-include waiting for a core; CPU seconds are user + system time of all threads (above the wall time where
-torch's 2 threads overlap). Run it on an otherwise idle machine: on one shared with other work the wall time
-overstates what 2 idle cores take. The goal is every action under 20 s of wall time on 2 idle cores. The
-page steps that run in the background (calibration, inspector, loss without
-each block, explorer, Generate) show a progress bar, an estimate and Cancel; every result is kept per parent,
-data and settings for every session, so repeating an action with the same settings takes no time. The "app"
-rows drive app.py itself through Streamlit's AppTest: a page switch is the server's script run only (the
-browser's drawing comes on top)."""
-
-TRAINING_NOTE = """Training throughput of the default child (6 x 192, the Child page's suggestion) and its random twin,
-batch 8 x 128, validation every 10 steps: the app's path (a BackgroundJob running the Train page's work while a
-poller draws the live chart and summary once a second, as the page's fragment does) against `subclone train`
-on the same saved child with the same settings, in turns (app, CLI, app, CLI) so that both see the same load.
-tokens/s is each run's own report for the child (training steps only, evaluation excluded)."""
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
     parser.add_argument("--only", choices=("actions", "training"), help="run one part only")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
@@ -201,10 +181,10 @@ def main() -> None:
     if args.only in (None, "actions"):
         rows = action_rows()
         rows += page_rows()
-        parts += [NOTE, table(["page", "action (default settings)", "wall s", "CPU s"], rows)]
+        parts += [render("app_actions"), table(["page", "action (default settings)", "wall s", "CPU s"], rows)]
     if args.only in (None, "training"):
         rows = training_rows(args.steps)
-        parts += [TRAINING_NOTE,
+        parts += [render("app_training"),
                   table(["path", "child", "steps x batch x seq", "tokens/s (each run)", "best"], rows)]
     text = "\n\n".join(parts)
     print(text)

@@ -36,8 +36,26 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, json_default, log_eval_steps, machine, table, write_section
-from bench.bench_training import AGGRESSIVE, PAPER_LIKE, PAPER_SPEEDUP, progress_printer
+from bench._report import (
+    AGGRESSIVE,
+    DOC,
+    PAPER_LIKE,
+    PAPER_SPEEDUP,
+    ROOT,
+    THREADS_HELP,
+    bench_parser,
+    fmt_value,
+    json_default,
+    log_eval_steps,
+    machine,
+    progress_printer,
+    pyplot,
+    render,
+    replace_marked,
+    save_figure,
+    table,
+    write_section,
+)
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
 from subclone_core.io.saving import read_manifest
@@ -62,7 +80,6 @@ from subclone_core.training.sweep import (
 )
 from subclone_core.workflow.children import make_child, measure_importance
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 ARMS = ("random", "subclone", "subclone+distill")
 LABELS = {"random": "random init",
@@ -471,11 +488,8 @@ def readme_line(results: dict[str, Any]) -> str:
     loss = fmt_value(final["loss"]) if final else "-"
     gpu = results["machine"].split(", ")[2] if ", " in results["machine"] else "no GPU"
     where = "CPU" if gpu == "no GPU" else gpu
-    return (f"At a {fmt_tokens(results['random_tokens'])}-token budget ({results['size']} size on {where}, the aggressive "
-            f"child, {lr_choices(results)}), the subcloned child reaches random init's final validation loss "
-            f"({loss}) **{text}** sooner in tokens; that, not the short-budget head start above, is the number to "
-            f"set against the paper's ~{PAPER_SPEEDUP:.0f}x "
-            "([details](docs/BENCHMARKS.md#speedup-at-a-longer-budget-benchbench_budgetpy)).")
+    return render("budget_readme", tokens=fmt_tokens(results["random_tokens"]), size=results["size"], where=where,
+                  lrs=lr_choices(results), loss=loss, text=text, paper=PAPER_SPEEDUP)
 
 
 def lr_choices(results: dict[str, Any]) -> str:
@@ -496,42 +510,26 @@ def readme_cell(results: dict[str, Any]) -> str:
 
 
 def settings(results: dict[str, Any], size: Size) -> str:
+    """The section's list of settings: machine, data, batches, the lr grids, and every stage with its minutes."""
     grid = {arm: results["plan"]["sweep_lrs"][arm] for arm in results["stages"][size.stages[0].key]["arms"]}
-    lines = [f"Machine: {results['machine']}.",
-             (f"Parent: {results['parent']}; data: {results['data']} ({results['train_tokens']:,} training tokens in "
-             "the train split, repeated when a budget is longer; validation on a fixed "
-             f"{size.val_tokens:,}-token slice of the validation split)."),
-             (f"Batches of {size.batch_size} x {size.seq_len} tokens, AdamW, 5% warmup then cosine to 0, precision "
-             f"`{size.precision}`; {size.evals} evaluations per run spaced evenly in log(tokens), plus step 0."),
-             ("Learning rates: each arm at every lr of its grid for the full budget of the first stage, side by "
-              f"side ({'; '.join(f'{a} ' + ', '.join(f'{lr:g}' for lr in lrs) for a, lrs in grid.items())}"
-              "); each arm's lowest best loss is its lr in every stage (the table below lists every run)."),
-             ("Stages (each trains its arms side by side on identical batches; one seed = one batch order, so a "
-             "shorter run sees exactly the first batches of a longer one):")]
-    lines += [f"  {key}: {s['shape']} child, seed {s['seed']}, {fmt_tokens(s['tokens'])} tokens per arm "
-              f"({', '.join(s['arms'])}); {s['minutes']} min" for key, s in results["stages"].items()]
-    lines.append(f"Calibration and stages: {sum(results['minutes'].values()):.1f} min.")
-    lines += results.get("left_out", [])
-    return "\n".join(f"- {line}" if not line.startswith("  ") else f"  - {line.strip()}" for line in lines)
+    head = render("budget_settings", **{**results, "val_tokens": size.val_tokens, "batch_size": size.batch_size,
+                                        "seq_len": size.seq_len, "precision": size.precision, "evals": size.evals,
+                                        "grid": "; ".join(f"{a} " + ", ".join(f"{lr:g}" for lr in lrs)
+                                                          for a, lrs in grid.items())})
+    lines = [f"  - {key}: {s['shape']} child, seed {s['seed']}, {fmt_tokens(s['tokens'])} tokens per arm "
+             f"({', '.join(s['arms'])}); {s['minutes']} min" for key, s in results["stages"].items()]
+    lines.append(f"- Calibration and stages: {sum(results['minutes'].values()):.1f} min.")
+    lines += [f"- {line}" for line in results.get("left_out", [])]
+    return "\n".join([head, *lines])
 
 
 COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca02c"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(results: dict[str, Any], path: Path) -> None:
     """Validation loss against tokens (log x, so step 0 is left out), one panel per child shape; later seeds dashed."""
-    plt = _pyplot()
     shapes = list(dict.fromkeys(s["shape"] for s in results["stages"].values()))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5.6 * len(shapes), 3.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(shapes), figsize=(5.6 * len(shapes), 3.8), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         for key, stage in results["stages"].items():
             if stage["shape"] != shape:
@@ -547,16 +545,12 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         ax.set(title=f"{shape} child", xlabel="training tokens", ylabel="validation loss")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_speedup(results: dict[str, Any], path: Path) -> None:
     """Iso-loss speedup against the loss level random init reached (x reversed: training goes right)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.0))
     for key, stage in results["stages"].items():
         for arm, rows in stage["iso_loss"].items():
             exact = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None and not r["lower_bound"]]
@@ -580,9 +574,7 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
            title="Iso-loss speedup (triangles: lower bounds, there at step 0)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def spread_text(rows: list[dict[str, Any]]) -> str:
@@ -616,33 +608,8 @@ def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]
               f"![iso-loss speedup]({plots['speedup'].name})",
               ("Learning-rate sweep (every run at the full budget of the first stage; each arm's chosen lr is "
                "its lowest best loss):"),
-              sweep_table(results["sweep"], results["lrs"]), HOW_TO_READ]
+              sweep_table(results["sweep"], results["lrs"]), render("budget_how_to_read")]
     return "\n\n".join(parts)
-
-
-HOW_TO_READ = (
-    "How to read it: the iso-loss speedup at a validation loss is random init's training tokens to reach it "
-    "over the arm's, each placed by linear interpolation between evaluations and never extrapolated past the "
-    "end of a run: a level an arm never reached says so, and one it was already below at step 0 gets a lower "
-    "bound (random init's tokens over the arm's first evaluation after step 0, marked `<=`). The levels come "
-    "from random init's own curve; 100% of its loss drop is its final (best) loss. Every number is in "
-    "`speedup_vs_budget.json` (every level, not just these four).")
-
-
-def replace_marked(path: Path, name: str, text: str) -> bool:
-    """Replace the text between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` in a file that has them.
-
-    Unlike write_section it never appends: a README without the markers is left alone (returns False).
-    """
-    if not path.is_file():
-        return False
-    content = path.read_text()
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    if begin not in content or end not in content.split(begin, 1)[1]:
-        return False
-    head, rest = content.split(begin, 1)
-    write_text(path, head + begin + text + end + rest.split(end, 1)[1])
-    return True
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -683,7 +650,7 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, threads=THREADS_HELP)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_true", help="a minute on a tiny parent (give --parent, --data)")
     group.add_argument("--gpu", action="store_true", help="100M+ tokens per arm; give --data a large corpus")
@@ -692,7 +659,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="folder for the JSON, plots and BENCHMARKS.md (default docs/)")
     parser.add_argument("--readme", type=Path, help="README whose marked budget line to rewrite (default: "
                         "README.md for the cpu and gpu sizes, none for smoke)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     parser.add_argument("--from-json", type=Path, help="redraw the plots, report and README text from a "
                         "speedup_vs_budget.json (trains nothing)")
     parser.add_argument("--lrs", help="the first stage's lr grid instead of the size's, e.g. "

@@ -7,7 +7,6 @@ Run: .venv/bin/python bench/bench_core.py [--tokens 4096] (writes a section of d
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -17,14 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine, table, write_section
+from bench._report import AGGRESSIVE, PAPER_LIKE, bench_parser, machine, render, table, write_section
 from subclone_core.core.calibration import calibrate
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.sources import make_data
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import save_child
 
-SHAPES = {"paper-like": {"layers": 20, "hidden": 384, "ffn": 1024}, "aggressive": {"layers": 6, "hidden": 192, "ffn": 512}}
+SHAPES = {"paper-like": PAPER_LIKE, "aggressive": AGGRESSIVE}
 
 
 def rss_mb(field: str) -> float:
@@ -57,7 +56,7 @@ def best_of_alternating(first, second, repeats: int = 3) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
     load_avg = os.getloadavg()[0]  # other work on the machine slows the hooks' many small ops most
@@ -87,23 +86,15 @@ def main() -> None:
         rows.append([name, f"{slice_s:.2f}", f"{save_s:.2f}", f"{slice_s + save_s:.2f}",
                      f"{peak - before_load:.0f}", f"{(peak - before_load) / param_mb:.2f}x"])
         del child
-    report = f"""## Core: calibration, slicing, saving (`bench/bench_core.py`)
-
-Machine: {machine()}; load average {load_avg:.1f} when the run started. Parent: SmolLM2-135M-Instruct, float32, {param_mb:.0f} MB of parameters;
-loaded from the cache in {load_s:.2f} s. Calibration data: {sum(b['input_ids'].numel() for b in batches)} tokens
-of the default text in batches of 8 x 128. Times are the best of 3, forward and calibration in turns.
-
-{table(["step", "seconds", "target"], [
-    ["plain forward pass over the tokens", f"{forward_s:.2f}", ""],
-    ["calibration (same tokens, with hooks)", f"{calib_s:.2f}", f"{calib_s / forward_s:.2f}x forward (target <= 1.2x)"],
-])}
-
-{table(["child", "slice s", "save s", "slice + save s (target < 2)", "peak MB above start", "peak / parent size (target < 2x)"], rows)}
-
-Resident memory after loading the parent and calibrating: {after_load - before_load:.0f} MB above the interpreter
-with torch imported. The peak column counts everything the process holds above that start (the parent
-included) while slicing and saving one child.
-"""
+    steps = table(["step", "seconds", "target"], [
+        ["plain forward pass over the tokens", f"{forward_s:.2f}", ""],
+        ["calibration (same tokens, with hooks)", f"{calib_s:.2f}", f"{calib_s / forward_s:.2f}x forward (target <= 1.2x)"],
+    ])
+    children = table(["child", "slice s", "save s", "slice + save s (target < 2)", "peak MB above start",
+                      "peak / parent size (target < 2x)"], rows)
+    report = render("core", machine=machine(), load_avg=load_avg, param_mb=param_mb, load_s=load_s,
+                    tokens=sum(b["input_ids"].numel() for b in batches), steps_table=steps,
+                    children_table=children, resident=after_load - before_load)
     print(report)
     write_section("core", report)
 

@@ -34,14 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import machine, table, write_section
+from bench._report import DOCS, bench_parser, machine, render, table, write_section
 from bench.bench_scale import SIZES, write_parent
 from subclone_core.io.atomic import write_text
 
-DOCS = ROOT / "docs"
 MODES = {"ddp": [], "fsdp": ["--fsdp"]}
 BATCH, SEQ_LEN, EVAL_TOKENS = 2, 256, 512
 VOCAB = 49152  # bench_scale.write_parent's children: the default tokenizer's vocabulary, a tied head
@@ -185,42 +183,13 @@ def _cells(row: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    procs, budget = report["procs"], report["budget_gib"]
-    return "\n".join([
-        "## Sharded training of a child (bench_fsdp.py)",
-        "",
-        (f"Synthetic Llama-shaped children (random weights, the default tokenizer's 49,152-token tied embedding), "
-         f"trained by `torchrun --nproc_per_node {procs} subclone train --model CHILD` for {report['steps']} steps "
-         f"of {report['batch_size']} x {report['seq_len']} tokens on the CPU, replicated (DDP) and with `--fsdp`. "
-         "Peak RSS: the largest process's (getrusage of the launcher's children), and in brackets each rank's "
-         "(its VmHWM sampled every 0.2 s while it runs; rows measured before that sampling show the largest only). "
-         "Training state: float32 weights, gradients and AdamW's two moments, 16 bytes per parameter, in every "
-         f"process under DDP (plus 4 for its gradient buckets) and split {procs} ways under FSDP. Estimated peak: "
-         "1 GiB of runtime plus, under DDP, the training state; under FSDP the larger of the training state with "
-         "the root's tied embedding and head, which FSDP2 keeps whole with their gradient through forward and "
-         "backward (8 bytes per root parameter), and the end of the run, when the main process, its gradients and "
-         "AdamW state freed, gathers the whole float32 child (4 bytes per parameter) beside its own shards and "
-         "writes it (safetensors serializes it into another 4 bytes per parameter). "
-         f"Budget: {budget:g} GiB per process (as on an {budget:g} GB accelerator; this machine has "
-         f"{report['machine_gib']:.0f} GiB for all {procs} processes). A mode whose estimated peak over all "
-         f"processes exceeds 90% of the machine is not run: its estimate is shown. {report['machine']}."),
-        "",
-        table(["child", "mode", "peak RSS per process (GiB)", "estimated peak (GiB)",
-               "training state per process (GiB)", f"fits {budget:.1f} GiB", "seconds", "final loss"],
-              [_cells(r) for r in report["rows"]]),
-        "",
-        *([report["note"], ""] if report.get("note") else []),
-        ("Under `--fsdp` the child is built on the meta device from its config and each process allocates and "
-         "reads from the child's safetensors only the rows of its own shards (`subclone_core.training.materialize`"
-         "), so no process ever holds the whole child until the main process gathers the trained one to save it. "
-         "What sharding removes is then the whole memory of a replica, not only the replicated gradients and "
-         "optimizer state; the main process's peak (the first bracketed number) comes at the end, from the gathered "
-         "child and its serialized copy. On the CPU, `--fsdp` fixes glibc's mmap threshold at 1 MiB "
-         "(`parallel.return_freed_memory`): without it the block-sized buffers FSDP2 allocates and frees at every "
-         "forward and backward fragment the heap, and a 0.49B child peaked at 6.54 GiB per process instead of "
-         "5.58. Where both modes ran, the final losses agree to float summation order (tests/test_fsdp.py checks "
-         "a tiny child against a one-process run to rtol 1e-5)."),
-    ])
+    """The "bench_fsdp" section of docs/BENCHMARKS.md (template bench/templates/bench_fsdp.md)."""
+    budget = report["budget_gib"]
+    rows = table(["child", "mode", "peak RSS per process (GiB)", "estimated peak (GiB)",
+                  "training state per process (GiB)", f"fits {budget:.1f} GiB", "seconds", "final loss"],
+                 [_cells(r) for r in report["rows"]])
+    note = f"{report['note']}\n\n" if report.get("note") else ""
+    return render("bench_fsdp", **{**report, "budget": budget, "table": rows, "note": note})
 
 
 def losses_agree(rows: list[dict]) -> bool:
@@ -249,7 +218,7 @@ def ordered(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (sizes.index(r["size"]), modes.index(r["mode"])))
 
 
-def render(note: str | None) -> int:
+def report_again(note: str | None) -> int:
     """docs/fsdp.json's rows again, with this version's estimates (and the note, when given), into both files."""
     report = json.loads((DOCS / "fsdp.json").read_text())
     for row in report["rows"]:
@@ -262,7 +231,8 @@ def render(note: str | None) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, smoke="the tiny child, nothing written to docs/",
+                          report_only="rewrite the section from docs/fsdp.json (estimates recomputed), running nothing")
     parser.add_argument("--sizes", default="0.25B,0.5B,1B", help="children of bench_scale.py's SIZES")
     parser.add_argument("--modes", default="ddp,fsdp", help="ddp, fsdp or both (default both)")
     parser.add_argument("--budget-gib", type=float, default=8.0,
@@ -270,17 +240,14 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", default=None, help="where the child is written (default: a temporary folder)")
-    parser.add_argument("--smoke", action="store_true", help="the tiny child, nothing written to docs/")
     parser.add_argument("--note", default=None, help="a sentence printed under the table (e.g. the machine's load)")
-    parser.add_argument("--render", action="store_true",
-                        help="rewrite the section from docs/fsdp.json (estimates recomputed), running nothing")
     parser.add_argument("--launch", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.launch:
         print(json.dumps(launch(*json.loads(args.launch))))
         return 0
-    if args.render:
-        return render(args.note)
+    if args.report_only:
+        return report_again(args.note)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-fsdp-"))
     sizes = ["tiny"] if args.smoke else args.sizes.split(",")
     modes = [m for m in MODES if m in args.modes.split(",")]

@@ -49,9 +49,23 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._coder_parent import LABEL as CODER_LABEL
 from bench._coder_parent import coder_data, coder_parent_gguf
-from bench._report import DOC, fmt_value, json_default, log_eval_steps, machine, table, write_section
+from bench._report import (
+    AGGRESSIVE,
+    DOC,
+    THREADS_HELP,
+    bench_parser,
+    fmt_value,
+    json_default,
+    log_eval_steps,
+    machine,
+    progress_printer,
+    pyplot,
+    render,
+    save_figure,
+    table,
+    write_section,
+)
 from bench.bench_refit import with_table
-from bench.bench_training import AGGRESSIVE, lr_text, progress_printer
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
 from subclone_core.core.strategies import plan_shape
@@ -60,7 +74,7 @@ from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
 from subclone_core.training.evaluate import evaluate
 from subclone_core.training.speedup import best_value
-from subclone_core.training.sweep import grid_edge
+from subclone_core.training.sweep import SweptRun, choose_runs, grid_edge, run_name
 from subclone_core.workflow.children import make_child, measure_importance
 
 DATA = "default"
@@ -315,9 +329,12 @@ def train_one(cand: Candidate, data: tuple[Any, Any], config: TrainConfig, tag: 
 
 
 def chosen_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The finished run with the lowest best validation loss (None when every run diverged)."""
-    scored = [r for r in runs if r["status"] == "done" and r["best"] is not None]
-    return min(scored, key=lambda r: r["best"]) if scored else None
+    """One arm's chosen run by the library's rule (training.sweep.choose_runs: the lowest best validation loss
+    among the runs not stopped by a non-finite loss, ties to the lower lr); None when every run diverged."""
+    swept = [SweptRun(run_name("arm", r["lr"]), r["lr"], r["status"], r["best"], r.get("final")) for r in runs]
+    pick = choose_runs(swept, higher_is_better=False).get("arm")
+    chosen = next((r for r, s in zip(runs, swept) if s.run == pick), None)
+    return chosen if chosen is not None and chosen["status"] != "stopped" and chosen["best"] is not None else None
 
 
 def edge_of(lr: float, lrs: tuple[float, ...]) -> str | None:
@@ -357,7 +374,7 @@ def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int],
           f"per run, {sum(len(plan.lrs[a]) for a in ARMS)} runs", file=sys.stderr, flush=True)
     arms = {}
     for arm in ARMS:
-        rows = [train_one(Candidate(f"{arm}-lr{lr_text(lr)}", copy.deepcopy(models[arm]), lr=lr,
+        rows = [train_one(Candidate(run_name(arm, lr), copy.deepcopy(models[arm]), lr=lr,
                                     weight_decay=default_hparams(STRATEGY_OF[arm])["weight_decay"],
                                     strategy=STRATEGY_OF[arm]), data, config, safe_name(key), runs)
                 for lr in plan.lrs[arm]]
@@ -551,15 +568,6 @@ def missing_lines(result: dict[str, Any]) -> list[str]:
     return [f"No loss for {VARIANTS[key][0]}: {reason}" for key, reason in reasons.items()]
 
 
-HOW_TO_READ = (
-    "How to read it: every loss is the mean validation loss per token on the same fixed validation set, of the "
-    "child as built (step 0) unless it says otherwise; lower is better. The variants differ only in how the "
-    "residual stream is ranked (what the blocks write, the paper's, or what they read) and in whether the "
-    "weights whose input shrank are sliced or refit by least squares on the calibration data; \"default\" is "
-    "whatever the family's defaults are when the script runs. The training runs are short: they say which "
-    "start leads early, not which model is better after a full budget (see the budget section).")
-
-
 def section_markdown(results: dict[str, Any], plot: Path) -> str:
     """The "quality" section of docs/BENCHMARKS.md."""
     make = " (`make bench-quality`)" if results["size"] == "cpu" else ""
@@ -574,21 +582,12 @@ def section_markdown(results: dict[str, Any], plot: Path) -> str:
     for result in results["parents"].values():
         parts += parent_part(result)
     parts += [f"Skipped {key}: {reason}" for key, reason in results["skipped"].items()]
-    parts += [f"![step-0 loss against width, and the training curves]({plot.name})", HOW_TO_READ]
+    parts += [f"![step-0 loss against width, and the training curves]({plot.name})", render("quality_how_to_read")]
     return "\n\n".join(parts)
 
 
 COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "written-refit": "#9467bd", "default": "#1f77b4",
           "parent-inputs": "#8c564b", "random": "#d62728"}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_grid(ax: Any, result: dict[str, Any]) -> None:
@@ -633,21 +632,17 @@ def plot_training(ax: Any, result: dict[str, Any]) -> None:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Per parent a column: the step-0 grid on top, the training curves below (when trained)."""
-    plt = _pyplot()
     parents = list(results["parents"].values())
     trained = any(r["training"] for r in parents)
     rows, cols = (2 if trained else 1), max(1, len(parents))
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
     for col, result in enumerate(parents):
         plot_grid(axes[0][col], result)
         if result["training"]:
             plot_training(axes[1][col], result)
         elif trained:
             axes[1][col].set_axis_off()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -683,14 +678,12 @@ def carry_over(results: dict[str, Any], path: Path, ran: list[str]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds, on a tiny random parent (the test's size)")
+    parser = bench_parser(__doc__, smoke="seconds, on a tiny random parent (the test's size)", threads=THREADS_HELP)
     parser.add_argument("--parents", help="comma-separated parent ids (default: the size's: default,gemma3-270m,"
                         "coder); the others' results are kept from the JSON already in the output folder")
     parser.add_argument("--skip-training", action="store_true", help="step-0 losses only")
     parser.add_argument("--out-dir", type=Path, help="folder for quality.json, the plot and BENCHMARKS.md "
                         "(default docs/; smoke: a temporary folder)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     parser.add_argument("--from-json", type=Path, help="redraw the plot and the section from a quality.json")
     return parser.parse_args(argv)
 

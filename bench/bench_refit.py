@@ -13,22 +13,18 @@ Writes docs/refit_variants.json and a section of docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import machine, table, write_section
+from bench._report import AGGRESSIVE, DOCS, PAPER_LIKE, bench_parser, machine, render, table, write_section
 from subclone_core.core import archs
 from subclone_core.io.atomic import write_text
 
-DOCS = ROOT / "docs"
-SECTION = "## Refit variants on the real parents (bench_refit.py)"
 # variant: (label, table fields); None: the refit off
 VARIANTS = {
     "parent-slice": ("parent inputs, towards the slice", {"refit_inputs": "parent", "refit_toward": "slice"}),
@@ -38,8 +34,7 @@ VARIANTS = {
     "slice": ("slice only (no refit)", None),
 }
 SHAPES = {  # the shapes of the quality bench: 60% width, and a narrow or shallow one
-    "default": [{"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024},
-                {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}],
+    "default": [PAPER_LIKE, AGGRESSIVE],
     "gemma3-270m": [{"layers": 18, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
                     {"layers": 12, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024}],
 }
@@ -87,6 +82,7 @@ def measure_parent(parent_id: str, tokens: int, shapes: list[dict]) -> dict:
 
 
 def markdown(report: dict) -> str:
+    """The "bench_refit" section of docs/BENCHMARKS.md (template bench/templates/bench_refit.md)."""
     names = [*VARIANTS, "random"]
     labels = [VARIANTS[n][0] if n in VARIANTS else "random init" for n in names]
     body = []
@@ -95,25 +91,15 @@ def markdown(report: dict) -> str:
             s = row["shape"]
             shape = f"{s['layers']} x {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, FFN {s['ffn']}"
             body.append([result["label"], shape, *(f"{row[n]['loss']:.2f}" for n in names)])
-    return "\n".join([
-        SECTION, "",
-        (f"Validation loss at step 0 (held-out default text, {report['tokens']:,} tokens) of children made by "
-         f"`make` with each refit variant, from one calibration on {report['tokens']:,} tokens of the training split. "
-         "*child inputs*: each narrowed layer is fit on the child's own inputs (the child's stream, through the "
-         "layers fit before it) to reproduce the parent layer's outputs, as sequential reconstruction does; "
-         "*towards zero*: the penalty is a plain ridge instead of pulling towards the plain slice. Machine: "
-         f"{report['machine']}."), "",
-        table(["parent", "child", *labels], body), "",
-        report.get("notes", ""),
-    ])
+    return render("bench_refit", tokens=report["tokens"], machine=report["machine"],
+                  table=table(["parent", "child", *labels], body), notes=report.get("notes", ""))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, smoke="one shape of the default parent, 512 tokens, no docs",
+                          report_only="rewrite the section from docs/refit_variants.json")
     parser.add_argument("--parents", default="default,gemma3-270m")
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--smoke", action="store_true", help="one shape of the default parent, 512 tokens, no docs")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the section from docs/refit_variants.json")
     args = parser.parse_args()
     if args.report_only:
         write_section("bench_refit", markdown(json.loads((DOCS / "refit_variants.json").read_text())))

@@ -40,13 +40,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import table, write_section
+from bench._report import DOCS, bench_parser, pyplot, save_figure, table, write_section
 from subclone_core.io.atomic import write_text
 
-DOCS = ROOT / "docs"
 # name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
 SIZES = {"0.1B": (768, 12, 12, 4, 2048), "0.25B": (1024, 16, 16, 4, 2816), "0.5B": (1024, 24, 16, 4, 5120), "1B": (2048, 20, 32, 8, 5632),
          "3B": (3072, 28, 24, 8, 8192), "tiny": (64, 4, 4, 2, 128)}
@@ -458,12 +456,8 @@ COSTS = {"calibration s / 1k tokens": "calib_s_per_1k", "refit+build+save s": "b
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(COSTS), figsize=(4 * len(COSTS), 3.4))
+    """Each cost against the parent's parameters, log-log, in memory and offloaded, with the fitted slopes."""
+    fig, axes = pyplot().subplots(1, len(COSTS), figsize=(4 * len(COSTS), 3.4))
     for ax, (label, key) in zip(axes, COSTS.items()):
         xs = [r["parameters"] / 1e9 for r in rows]
         for mode, style in (("memory", "o-"), ("offload", "s--")):
@@ -473,17 +467,14 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("parent parameters (billions)")
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, smoke="only the tiny parent, nothing written to docs/",
+                          report_only="rewrite the plot and section from docs/scale.json")
     parser.add_argument("--sizes", default="0.1B,0.5B,1B,3B")
-    parser.add_argument("--smoke", action="store_true", help="only the tiny parent, nothing written to docs/")
     parser.add_argument("--work", default=None, help="where parents are written (default: a temporary folder)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the plot and section from docs/scale.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cli", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sequential", action="store_true", help="the sequential calibration bench (see above)")
@@ -593,8 +584,8 @@ def growth_text(report: dict) -> str:
         "token grow with the parameters; the slope stays under 1 because the smaller parents spend a larger share "
         "on the fixed 49,152-word head and on per-batch overhead. Offloading adds a re-read of the offloaded three "
         "quarters of the weights per batch: here the shards sit in the page cache (24 GB of RAM), so it costs "
-        "little; on a parent larger than RAM it becomes disk bandwidth, which is why DESIGN.md names layer-by-layer "
-        "onloading as the next step (sequential calibration, the default under a budget that offloads). "
+        "little; on a parent larger than RAM it becomes disk bandwidth, which sequential calibration (layer-by-layer "
+        "onloading, the default under a budget that offloads) avoids: see the sequential section. "
         "**Refit+build+save** "
         f"(slope {s['memory']['refit+build+save s']:.2f} / {s['offload']['refit+build+save s']:.2f}) is the "
         "refit's second pass (every calibration batch through every block once more, plus x^T x[:, k] of each "

@@ -12,7 +12,6 @@ Sizes: ``--smoke`` (seconds; writes under /tmp only), the default CPU size (abou
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -27,16 +26,28 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import DOC, fmt_value, machine, table, write_section
+from bench._report import (
+    AGGRESSIVE,
+    DOC,
+    PAPER_LIKE,
+    PAPER_SPEEDUP,
+    bench_parser,
+    fmt_value,
+    machine,
+    progress_printer,
+    pyplot,
+    render,
+    save_figure,
+    table,
+    write_section,
+)
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
-from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent
 from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value, speedup_table
+from subclone_core.training.sweep import choose_runs, run_name, runs_from_results
 from subclone_core.workflow.children import make_child, measure_importance
-
-PAPER_SPEEDUP = 4.0  # the paper's headline: about 4x fewer steps than random init
 
 
 @dataclass(frozen=True)
@@ -129,10 +140,6 @@ def vit_variants(sweep_random: tuple, sweep_child: tuple) -> tuple[Variant, ...]
             Variant("subclone-unscaled", "subclone, scaling off", "subclone", {"scale": False}))
 
 
-PAPER_LIKE = {"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024}
-AGGRESSIVE = {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}
-
-
 def size_plan(size: str) -> dict[str, Any]:
     """Budgets and sweeps of a size: "smoke", "cpu" or "gpu"."""
     if size == "smoke":
@@ -179,29 +186,6 @@ def vit_experiment(plan: dict[str, Any], parent: Parent) -> Experiment:
 # --- running --------------------------------------------------------------------------------------------
 
 
-def lr_text(lr: float) -> str:
-    """1e-3 -> "1e-3" (candidate-name safe)."""
-    mantissa, exponent = f"{lr:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def progress_printer(tag: str, steps: int):
-    """An engine callback that prints each validation result (the task's metric, named by the start event)
-    to stderr."""
-    metric = {"name": "loss"}
-
-    def show(event: Event) -> None:
-        if isinstance(event, StartEvent):
-            metric["name"] = event.metric
-        elif isinstance(event, EvalEvent):
-            value = event.value(metric["name"])
-            print(f"[{tag}] step {event.step}/{steps} {event.candidate}: "
-                  f"{'?' if value is None else f'{value:.4f}'} ({event.time:.0f} s)", file=sys.stderr, flush=True)
-        elif isinstance(event, ErrorEvent):
-            print(f"[{tag}] {event.candidate}: {event.message}", file=sys.stderr, flush=True)
-    return show
-
-
 def train_config(budget: Budget, val_len: int) -> TrainConfig:
     eval_bs = budget.eval_batch_size or budget.batch_size
     return TrainConfig(steps=budget.steps, batch_size=budget.batch_size, eval_every=budget.eval_every,
@@ -221,25 +205,24 @@ def load_splits(parent: Parent, data_id: str, budget: Budget) -> tuple[Any, Any]
 
 def candidates_for(variants: list[Variant], children: dict[str, Any], parent: Parent,
                    lr_of: dict[str, tuple[float, ...]]) -> list[Candidate]:
-    """A fresh copy of each variant's child per learning rate, named "<variant>-lr<lr>"."""
+    """A fresh copy of each variant's child per learning rate, named as a sweep's runs ("subclone@lr=1e-3")."""
     out = []
     for v in variants:
         for lr in lr_of[v.name]:
-            out.append(Candidate(f"{v.name}-lr{lr_text(lr)}", copy.deepcopy(children[v.name]), lr=lr,
+            out.append(Candidate(run_name(v.name, lr), copy.deepcopy(children[v.name]), lr=lr,
                                  weight_decay=default_hparams(v.hparam_key)["weight_decay"],
                                  strategy=v.hparam_key, teacher=parent.model if v.distill else None))
     return out
 
 
-def best_run(runs: dict[str, RunResult], prefix: str, metric: str) -> RunResult | None:
-    """The run of one variant with the best validation value (None when every lr diverged)."""
+def best_runs(runs: dict[str, RunResult], metric: str) -> dict[str, RunResult]:
+    """Each variant's chosen run by the library's rule (training.sweep.choose_runs: the best validation value
+    among the runs not stopped by a non-finite loss); a variant whose every lr diverged has none."""
     higher = HIGHER_IS_BETTER[metric]
-    scored = [(best_value(r.curve(metric), higher_is_better=higher), r) for name, r in runs.items()
-              if name.rsplit("-lr", 1)[0] == prefix]
-    scored = [(value, r) for value, r in scored if value is not None]
-    if not scored:
-        return None
-    return (max if higher else min)(scored, key=lambda pair: pair[0])[1]
+    swept = runs_from_results(runs, metric, higher_is_better=higher)
+    eligible = {r.run for r in swept if r.status != "stopped" and r.best is not None}
+    picks = choose_runs(swept, higher_is_better=higher)
+    return {name: runs[pick] for name, pick in picks.items() if pick in eligible}
 
 
 def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: str, runs_dir: Path) -> Outcome:
@@ -253,7 +236,7 @@ def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: st
     metric = parent.task_spec.metric
     stages = {"sweep": [v for v in exp.variants if v.lrs], "variants": [v for v in exp.variants if not v.lrs]}
     runs: dict[str, RunResult] = {}
-    chosen: dict[str, RunResult | None] = {}
+    chosen: dict[str, RunResult] = {}
     for stage, variants in stages.items():
         if not variants:
             continue
@@ -261,13 +244,12 @@ def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: st
         done = _train(variants, children, parent, lr_of, train, val, config, f"{exp.key} {stage}",
                       runs_dir / f"{exp.key}-{stage}.jsonl")
         runs.update(done)
-        chosen.update({v.name: best_run(done, v.name, metric) for v in variants})
-    chosen = {name: run for name, run in chosen.items() if run is not None}
+        chosen.update(best_runs(done, metric))
     rows = speedup_table(chosen, baseline="random", metric=metric)
     return Outcome(exp, target, chosen, sweep_rows(runs, metric), rows, metric, time.perf_counter() - start)
 
 
-def child_lr(exp: Experiment, chosen: dict[str, RunResult | None]) -> float:
+def child_lr(exp: Experiment, chosen: dict[str, RunResult]) -> float:
     """The subcloned child's best lr (its lowest swept one if every lr diverged): what the ablations use."""
     run = chosen.get("subclone")
     return run.lr if run is not None else min(next(v.lrs for v in exp.variants if v.name == "subclone"))
@@ -397,15 +379,9 @@ def settings_text(parent: Parent, outcomes: list[Outcome], calib_tokens: int | N
 
 
 def caveats(outcomes: list[Outcome]) -> str:
-    what = outcomes[0].metric
+    """How to read the section: the target, lower bounds, and what tiny budgets can say."""
     points = max(len(v.lrs or ()) for o in outcomes for v in o.experiment.variants)
-    return (f"How to read it: the target is random init's best validation {what} within the budget; the "
-            "speedup is random init's steps to it over the child's, on the evaluation grid (no interpolation). A "
-            "child already at the target at its first evaluation gets a lower bound (random init's steps / the "
-            "first evaluation step after 0). Budgets here are tiny next to the paper's (10-40 ImageNet epochs for the "
-            "ViT, long runs on the Pile for GPT-2): random init is far from converged, which favours any pretrained start, so these speedups say how far "
-            f"ahead the child starts, not what it saves over a full training run. Sweeps have up to {points} "
-            "learning rates per swept candidate, and there is one seed: differences of a few percent are noise.")
+    return render("training_caveats", metric=outcomes[0].metric, points=points)
 
 
 def section_markdown(title: str, script_note: str, parent: Parent, outcomes: list[Outcome], plot: str,
@@ -424,12 +400,7 @@ def section_markdown(title: str, script_note: str, parent: Parent, outcomes: lis
 
 def plot_curves(outcomes: list[Outcome], path: Path) -> None:
     """One panel per experiment: the validation curve of each candidate's best run, the target dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(outcomes), figsize=(5.2 * len(outcomes), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(outcomes), figsize=(5.2 * len(outcomes), 3.6), squeeze=False)
     for ax, o in zip(axes[0], outcomes):
         for name, run in o.chosen.items():
             steps, values = zip(*run.curve(o.metric)) if run.curve(o.metric) else ((), ())
@@ -445,10 +416,7 @@ def plot_curves(outcomes: list[Outcome], path: Path) -> None:
             ax.set_ylim(top=min(12.0, ax.get_ylim()[1]))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def outcome_json(o: Outcome) -> dict[str, Any]:
@@ -507,15 +475,14 @@ def outputs(size: str, doc: Path | None) -> dict[str, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, threads="torch CPU threads (default: one per core); on a busy machine 1 is "
+                          "much faster than 2, whose threads wait on each other")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_true", help="a few steps of everything (seconds); writes to /tmp")
     group.add_argument("--gpu", action="store_true", help="longer budgets and wider sweeps, for a GPU")
     parser.add_argument("--only", choices=("lm", "vit"), help="run one of the two benchmarks")
     parser.add_argument("--vit-parent", default=None, help="the ViT parent (default: default-vit)")
     parser.add_argument("--doc", type=Path, help=f"the Markdown file to update (default {DOC})")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core); on a busy "
-                        "machine 1 is much faster than 2, whose threads wait on each other")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,26 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench._report import table
+from bench._report import PAPER_LIKE, ROOT, spearman, table
 from subclone_core.io.atomic import write_text
 
 # (device, dtype of the check, training batch, sequence length, calibration tokens, child shape)
 FULL = {"device": "cuda", "batch": 64, "seq_len": 512, "tokens": 4096, "probe_steps": 10, "eval_tokens": 8192,
-        "child": {"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024}}
+        "child": PAPER_LIKE}
 DRY = {"device": "cpu", "batch": 4, "seq_len": 32, "tokens": 256, "probe_steps": 1, "eval_tokens": 64,
        "child": {"layers": 2, "hidden": 32, "heads": 2, "kv_heads": 1, "ffn": 64}}
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rank correlation of two score vectors, ties at their average rank (the library's)."""
-    from subclone_core.analysis.probes import rank_correlation
-
-    return float(rank_correlation(torch.stack([a.flatten().double().cpu(), b.flatten().double().cpu()]))[0, 1])
 
 
 def overlap(a: list[int], b: list[int]) -> float:

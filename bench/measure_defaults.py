@@ -7,14 +7,13 @@ Run: .venv/bin/python bench/measure_defaults.py (writes a section of docs/BENCHM
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine, table, write_section
+from bench._report import AGGRESSIVE, PAPER_LIKE, bench_parser, machine, render, table, write_section
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.sources import make_data
 from subclone_core.sources.parents import load_parent
@@ -22,8 +21,8 @@ from subclone_core.training.evaluate import evaluate
 from subclone_core.workflow.children import measure_importance
 
 SHAPES = {
-    "paper-like 20 x 384 (6 heads / 2 KV, FFN 1024)": {"layers": 20, "hidden": 384, "ffn": 1024},
-    "aggressive 6 x 192 (3 heads / 1 KV, FFN 512)": {"layers": 6, "hidden": 192, "ffn": 512},
+    "paper-like 20 x 384 (6 heads / 2 KV, FFN 1024)": PAPER_LIKE,
+    "aggressive 6 x 192 (3 heads / 1 KV, FFN 512)": AGGRESSIVE,
 }
 VARIANTS = {
     "subclone, no scaling, tied head, drop magnitude": {"strategy": "subclone", "scale": False, "drop": "magnitude"},
@@ -38,7 +37,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--calib-tokens", type=int, default=4096)
     parser.add_argument("--val-tokens", type=int, default=8192)
     args = parser.parse_args()
@@ -55,15 +54,9 @@ def main() -> None:
             loss = evaluate(child.model, val.batches(8))["loss"]
             rows.append([shape_name, name, f"{loss:.2f}", f"{math.exp(min(loss, 50)):.0f}"])
             print(rows[-1], flush=True)
-    report = f"""## Slicing options at step 0 (`bench/measure_defaults.py`)
-
-Machine: {machine()}. Parent: SmolLM2-135M-Instruct (validation loss {parent_loss:.2f}). Calibration:
-{importance.tokens} tokens of the default text (train split); validation: {val.num_tokens} tokens (validation
-split). Lower is better; a uniform guess over the 49,152-word vocabulary scores {math.log(49152):.2f}.
-Evaluated in {time.perf_counter() - start:.0f} s.
-
-{table(["child shape", "initialization", "step-0 validation loss", "perplexity"], rows)}
-"""
+    report = render("defaults", machine=machine(), parent_loss=parent_loss, calib_tokens=importance.tokens,
+                    val_tokens=val.num_tokens, uniform=math.log(49152), seconds=time.perf_counter() - start,
+                    table=table(["child shape", "initialization", "step-0 validation loss", "perplexity"], rows))
     print(report)
     write_section("defaults", report)
 

@@ -27,7 +27,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine
+from bench._report import AGGRESSIVE, DOCS, PAPER_LIKE, THREADS_HELP, bench_parser, machine
 from bench._repro_measure import Arm, Study, analyze_parent, run_study, step0_table, validation_batches
 from bench._repro_plots import draw_all
 from bench._repro_report import render
@@ -35,7 +35,6 @@ from bench.bench_training import Budget
 from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 SEEDS = (0, 1)
 
 
@@ -56,8 +55,6 @@ class Size:
     max_reruns: int
 
 
-PAPER_LIKE = {"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024}
-AGGRESSIVE = {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}
 
 SIZES = {
     # 2 CPU cores: the paper-like child trains at ~1.2 s per 4 x 128-token step (its 49,152-word head
@@ -171,7 +168,7 @@ def run_vit(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, threads=THREADS_HELP)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--parent", default="default", help="the language-model parent (default: default)")
     parser.add_argument("--data", default="default", help="its text data (default: default)")
@@ -179,7 +176,6 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--image-data", default="fashion-mnist", help="its image data (default: fashion-mnist)")
     parser.add_argument("--out", type=Path, default=DOCS / "REPRODUCTION.md", help="the report to write")
     parser.add_argument("--from-json", type=Path, help="redraw the report and plots from a results.json")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     parser.add_argument("--budget", type=Path, default=DOCS / "speedup_vs_budget.json",
                         help="bench_budget.py's results, for finding 9 at a longer budget (skipped if absent)")
     args = parser.parse_args(argv)

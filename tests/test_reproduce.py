@@ -115,6 +115,14 @@ def test_the_longer_budget_verdict_compares_the_final_level_with_the_papers_4x()
     assert verdict([(5.0, 3.0, False), (4.0, None, False)]) == report_rules.FAILS  # never got there
 
 
+def test_the_longer_budget_finding_names_each_learning_rate_as_swept():
+    """The rates were printed with "{:.0e}": 2.5e-4 read "2e-04", a rate that was never trained."""
+    budget = {"plan": {"sweep_lrs": {"random": [5e-4, 1e-3], "subclone": [2.5e-4, 1e-3]}},
+              "lrs": {"random": 1e-3, "subclone": 2.5e-4}}
+    assert report_rules._lr_text(budget) == (", each arm at its best lr at this budget: random 1e-3 of 5e-4, 1e-3; "
+                                             "subclone 2.5e-4 of 2.5e-4, 1e-3")
+
+
 # --- verdict rules on hand-made measurements ------------------------------------------------------------
 
 
