@@ -115,20 +115,30 @@ def refit_input(weight: Tensor, dim: int, kept: Tensor, gram: Gram, ridge: float
         ridge: the regularization, relative to the mean kept diagonal.
         toward: what the penalty pulls towards, "slice" or "zero" (REFIT_TARGETS).
     """
-    cross, g_kk = _moments(gram, kept)
-    lam = ridge * float(g_kk.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(len(kept), dtype=torch.float64, device=cross.device)
-    target = cross.clone()
-    if toward == "slice":
-        target[kept.to(cross.device), torch.arange(len(kept), device=cross.device)] += lam  # G[:, k] + lam S
-    mapping = _spd_solve(g_kk + lam * eye, target.T).T  # (in, k)
+    mapping_t = _refit_mapping(*_moments(gram, kept), kept, ridge, toward)  # (k, in)
     w = weight.movedim(dim, -1)  # (..., in)
     rows = w.reshape(-1, w.shape[-1])
-    out = torch.empty(rows.shape[0], mapping.shape[1], dtype=weight.dtype, device=weight.device)
+    out = torch.empty(rows.shape[0], mapping_t.shape[0], dtype=weight.dtype, device=weight.device)
     for start in range(0, rows.shape[0], _REFIT_ROWS):  # float64 a slab of output rows at a time
-        slab = rows[start:start + _REFIT_ROWS].to(mapping.device, torch.float64)
-        out[start:start + _REFIT_ROWS] = (slab @ mapping).to(out.device, out.dtype)
-    return out.reshape(*w.shape[:-1], mapping.shape[1]).movedim(-1, dim)
+        slab = rows[start:start + _REFIT_ROWS].to(mapping_t.device, torch.float64)
+        out[start:start + _REFIT_ROWS] = (slab @ mapping_t.T).to(out.device, out.dtype)
+    return out.reshape(*w.shape[:-1], mapping_t.shape[0]).movedim(-1, dim)
+
+
+def _refit_mapping(cross: Tensor, g_kk: Tensor, kept: Tensor, ridge: float, toward: str) -> Tensor:
+    """The refit's (G[k, k] + lam I)^-1 (G[:, k] + lam S)^T, (k, in) float64, built in place where it can be
+    (the moments of a wide FFN are hundreds of MB in float64: no identity matrix, no second copy of them)."""
+    lam = ridge * float(g_kk.diagonal().mean().clamp_min(1e-30))
+    rhs = cross.T.contiguous()  # (k, in): (G[:, k] + lam S)^T, S^T's ones at (j, kept[j])
+    if toward == "slice":
+        rhs[torch.arange(len(kept), device=rhs.device), kept.to(rhs.device)] += lam
+    return _spd_solve(_plus_ridge(g_kk, lam), rhs)  # no reference kept here: the solve lets it go for its factor
+
+
+def _plus_ridge(g_kk: Tensor, lam: float) -> Tensor:
+    matrix = g_kk.clone()
+    matrix.diagonal().add_(lam)
+    return matrix
 
 
 REFIT_TARGETS = ("slice", "zero")
@@ -141,7 +151,10 @@ def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
     """matrix^-1 rhs for a symmetric positive definite matrix (a Gram matrix plus the ridge): by Cholesky, about
     twice as fast as a general solve; a general solve where rounding left it not positive definite."""
     factor, info = torch.linalg.cholesky_ex(matrix)
-    return torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(matrix, rhs)
+    if int(info) != 0:
+        return torch.linalg.solve(matrix, rhs)
+    del matrix  # the factor is all the solve needs
+    return torch.cholesky_solve(rhs, factor)
 
 
 def _moments(gram: Gram, kept: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,7 +193,7 @@ class TensorSlicer:
         self.child_of = {b: j for j, b in enumerate(sel.blocks)}
         self.globals_idx = _axis_indices(sel, None, parent)
         self.block_idx = {j: _axis_indices(sel, j, parent) for j in range(len(sel.blocks))}
-        self._kept: dict[tuple[str, int], tuple[str, Tensor]] = {}
+        self._kept: dict[str, tuple[str, Tensor]] = {}
 
     def _locate(self, name: str) -> tuple[str, Param, dict[str, Tensor]] | None:
         """(child name, rule, indices) of a parent tensor; None for a tensor of a removed block."""
@@ -203,22 +216,22 @@ class TensorSlicer:
     def __call__(self, name: str, tensor: Tensor, gram: Gram | None = None, *,
                  keep: bool = False) -> tuple[str, Tensor] | None:
         """(child name, child tensor), or None for a tensor of a removed block; ``gram`` refits a linear weight
-        whose input shrank (slice_tensor). With ``keep``, a refit result is also kept until the same name and
-        moments are asked for once more (a pass that needs the child's weights before slice_items does: the
-        solve runs once).
+        whose input shrank (slice_tensor). With ``keep``, a refit result is also kept until the same name is
+        asked for once more with any ``gram`` (a pass that needs the child's weights before slice_items does: the
+        solve runs once, and the moments can go before slice_items asks).
 
         Raises:
             SubcloneError: the table has no rule for this tensor.
         """
-        if gram is not None and (name, id(gram)) in self._kept:
-            return self._kept.pop((name, id(gram)))
+        if gram is not None and name in self._kept:
+            return self._kept.pop(name)
         located = self._locate(name)
         if located is None:
             return None
         child_name, param, indices = located
         out = child_name, slice_tensor(tensor, param, indices, self.scale, gram, self.ridge, self.arch.refit_toward)
         if keep and gram is not None:
-            self._kept[(name, id(gram))] = out
+            self._kept[name] = out
         return out
 
 

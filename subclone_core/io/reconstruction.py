@@ -36,6 +36,8 @@ from subclone_core.io.sequential import (
 )
 
 Moments = tuple[Tensor, Tensor]
+# what a fit block's refit weights carry in place of their moments: the slicer already holds the solved weight
+SOLVED = object()
 
 
 def _capture(root: nn.Module, path: str, run: Callable[[], object]) -> Tensor:
@@ -69,9 +71,13 @@ def _moments(p: Pass, pairs: Iterable[tuple[Tensor, Tensor]]) -> Moments:
     cross = inner = None
     for b, pair in enumerate(pairs):
         x, y = (token_rows(t, p.masks[b]) for t in pair)
-        xy, yy = (x.T @ y).double(), (y.T @ y).double()
-        cross, inner = (xy, yy) if cross is None else (cross + xy, inner + yy)
-    return cross / max(p.tokens, 1), inner / max(p.tokens, 1)
+        xy, yy = x.T @ y, y.T @ y  # summed in place: a float64 copy of each product would double the peak
+        if cross is None:
+            cross, inner = xy.double(), yy.double()
+        else:
+            cross.add_(xy)
+            inner.add_(yy)
+    return cross.div_(max(p.tokens, 1)), inner.div_(max(p.tokens, 1))
 
 
 def _stages(c: Pass, j: int, block: nn.Module, paths: list[str]) -> list[list[str]]:
@@ -108,9 +114,9 @@ class Reconstruction:
         self.tensors[child_name] = child
         return child_name
 
-    def fit_block(self, i: int, block: nn.Module) -> dict[str, Moments]:
+    def fit_block(self, i: int, block: nn.Module) -> dict[str, object]:
         """Child block j = the kept parent block i, its narrowed layers fit group by group on the child's
-        inputs; then both streams move past the block."""
+        inputs; then both streams move past the block. Returns SOLVED for each refit weight's name."""
         p, c, j = self.p, self.c, self.slicer.child_of[i]
         for name in p.block_names[i]:
             self._put(name, module_tensor(p.model, name), None)
@@ -118,14 +124,14 @@ class Reconstruction:
         child = c.blocks[j]
         paths = [path for path in arch_of_model(p.model).linear_modules[1] if self.slicer.kept_inputs(
             f"{self.blocks_path}.{i}.{path}.weight", block.get_submodule(path).weight) is not None]
-        fitted: dict[str, Moments] = {}
+        fitted: dict[str, object] = {}
         for stage in _stages(c, j, child, paths):
             moments = _moments(p, ((_capture(block, stage[0], _run_block(p, i, block, b)),
                                     _capture(child, stage[0], _run_block(c, j, child, b)))
                                    for b in range(len(p.batches))))
             for path in stage:
                 name = f"{self.blocks_path}.{i}.{path}.weight"
-                fitted[name] = moments
+                fitted[name] = SOLVED  # the slicer keeps the child's weight: the moments can go now
                 c.loader.load([self._put(name, module_tensor(p.model, name), moments)])
         for b in range(len(p.batches)):
             forward_block(p, i, block, b, 0)
