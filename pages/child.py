@@ -15,12 +15,12 @@ from subclone_core.app.longsteps import (
     explorer_work,
     result_key,
 )
-from subclone_core.app.steps import child_plan, child_settings, save_child_folder
+from subclone_core.app.steps import STRATEGY_LABELS, child_plan, child_settings, save_child_folder
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape
-from subclone_core.core.strategies import STRATEGY_SPECS, parameter_count, plan_shape
+from subclone_core.core.strategies import parameter_count, plan_shape
 from subclone_core.workflow.jobs import CandidateSettings, block_policy_text
 from subclone_core.workflow.shapes import starting_shape
 
@@ -28,7 +28,6 @@ EXPLORE_CHART = "chart_explore"
 LABELS = {"layers": "Blocks", "hidden": "Hidden", "heads": "Heads", "kv_heads": "KV heads", "ffn": "FFN"}
 RANKING_LABELS = {"read": "what reads it (the inputs of the layers after the pre-norms)",
                   "written": "what is written to it (the outputs that join it, the paper's)"}
-STRATEGY_LABELS = {name: spec.label for name, spec in STRATEGY_SPECS.items() if spec.in_app}
 
 ws = ui.workspace()
 st.title("4. Child")

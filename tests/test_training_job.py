@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from subclone_core.app.steps import TrainRequest, build_request_candidates, child_settings, make_children
+from subclone_core.app.steps import (
+    STRATEGY_LABELS,
+    TrainRequest,
+    build_request_candidates,
+    child_settings,
+    make_children,
+)
 from subclone_core.cli.commands.compare import calibrate_with_progress, candidate_settings
 from subclone_core.cli.main import build_parser
 from subclone_core.core.errors import SubcloneError
@@ -78,9 +84,7 @@ def test_the_child_pages_block_caption_states_the_policy_the_child_is_built_with
                                                                                   counting_text_file, drop):
     parent = load_parent(str(tiny_llama_dir))
     target = plan_shape(parent.model, layers=2, hidden=16, heads=2, kv_heads=1, ffn=24)
-    for name, spec in STRATEGY_SPECS.items():
-        if not spec.in_app:
-            continue
+    for name in STRATEGY_LABELS:
         settings = child_settings(name, drop, None, str(counting_text_file), 256)
         child, _ = make_children(parent, target, settings, importance=None)
         caption = block_policy_text(name, drop)

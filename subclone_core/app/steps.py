@@ -19,7 +19,7 @@ from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import DEFAULT_STRATEGY, STRATEGY_SPECS, Child
+from subclone_core.core.strategies import DEFAULT_STRATEGY, Child
 from subclone_core.data.text import TEXT_SUFFIXES, documents
 from subclone_core.io.atomic import claim_output
 from subclone_core.io.devices import available_bytes, resolve_device
@@ -41,7 +41,11 @@ from subclone_core.workflow.jobs import (
 from subclone_core.workflow.plan import Plan
 
 # what the Train page can add to subclone and random init: the app's other strategies
-EXTRA_STRATEGIES = tuple(name for name, spec in STRATEGY_SPECS.items() if spec.in_app and name != DEFAULT_STRATEGY)
+# the strategies the Child page offers (the Train page as extra candidates), as its picker describes them
+STRATEGY_LABELS = {"subclone": "subclone: neurons and heads in importance order (the paper)",
+                   "first-k": "first-k: the first neurons and heads, no reordering (ablation)",
+                   "uniform": "uniform: evenly strided neurons, first blocks (weight selection)"}
+EXTRA_STRATEGIES = tuple(name for name in STRATEGY_LABELS if name != DEFAULT_STRATEGY)
 
 
 def child_settings(strategy: str, drop: str | list[int] | None, scale: bool | None, data_id: str | None,

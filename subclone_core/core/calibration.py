@@ -138,7 +138,7 @@ _TENSOR_FIELDS = ("residual_embed", "residual_attn", "residual_ffn", "residual_b
 
 
 @dataclass
-class _Sums:
+class Sums:
     """Running sums, float64, on one accumulator device (the CPU), wherever the modules run: a parent spread
     over GPUs or offloaded to disk adds into the same sums, in the same order, as one on a single device."""
 
@@ -186,10 +186,10 @@ class _Sums:
         return Importance(**mean, heads=heads, tokens=self.tokens, data=data, input_stats=stats)
 
 
-class _Recorder:
+class Recorder:
     """Forward hooks that add each batch's statistics to running sums; the mask marks real tokens."""
 
-    def __init__(self, model: nn.Module, arch: ArchSpec, sums: _Sums, *, input_stats: bool = False,
+    def __init__(self, model: nn.Module, arch: ArchSpec, sums: Sums, *, input_stats: bool = False,
                  residual_cov: bool = False) -> None:
         self.model, self.arch, self.sums, self.input_stats = model, arch, sums, input_stats
         self.residual_cov = residual_cov
@@ -337,10 +337,10 @@ def optional_submodule(model: nn.Module, path: str) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module, sums: _Sums, *, input_stats: bool = False,
-              residual_cov: bool = False) -> Iterator[_Recorder]:
+def recording(model: nn.Module, sums: Sums, *, input_stats: bool = False,
+              residual_cov: bool = False) -> Iterator[Recorder]:
     """Attach the hooks for the duration of the block and always remove them."""
-    recorder = _Recorder(model, arch_of_model(model), sums, input_stats=input_stats, residual_cov=residual_cov)
+    recorder = Recorder(model, arch_of_model(model), sums, input_stats=input_stats, residual_cov=residual_cov)
     try:
         recorder.attach()
         yield recorder
@@ -406,7 +406,7 @@ def calibrate(
             slicegpt rotates by; strategies.needs_residual_cov); off by default: D^2 per token and norm.
     """
     device = input_device(model)
-    sums = _Sums(Shape.of(model.config), torch.device("cpu"))
+    sums = Sums(Shape.of(model.config), torch.device("cpu"))
     extra = no_cache_kwargs(model)
     was_training = model.training
     model.eval()

@@ -19,8 +19,9 @@ Published ways to cut a small model out of a big one, each as its selection and 
   stream rotated into its PCA basis, the first dimensions kept (core.rotation). One rotation for every block:
   SliceGPT's per-block ones need Q_l^T Q_(l+1) matrices on the shortcuts, which a plain model cannot hold.
 
-Everything known about a strategy is one ``StrategySpec`` in ``STRATEGY_SPECS``; the command line, the
-training defaults and the app read it from there.
+Everything the method knows about a strategy is one ``StrategySpec`` in ``STRATEGY_SPECS``, which the command
+line reads; its training defaults live with training (``training.config.HPARAMS``), its label in the app
+(``app.steps.STRATEGY_LABELS``).
 """
 
 from __future__ import annotations
@@ -72,14 +73,11 @@ class StrategySpec:
 
     Attributes:
         name: the id users type (``--strategy``, ``--strategies``).
-        label: how the app's strategy picker describes it.
         order: how neurons and heads are ordered before slicing ("importance", "first", "uniform");
             None: no weights are taken from the parent.
         default_drop: the block policy when none is given ("magnitude", "middle", "first"); None: no
             blocks are chosen (random init builds the child's config afresh).
         uses_importance: its neuron and head order needs importance measured on data.
-        hparams: its default peak learning rate and weight decay (training.config.default_hparams).
-        in_app: the app's Child page offers it (and the Train page as an extra candidate).
         builds_as: the strategy that builds its initial weights when it is a training variant of another.
         scores: the rule that scores heads and FFN neurons for the importance order (selection.SCORE_RULES).
         residual_score: its own ranking of the residual stream (calibration.RESIDUAL_SCORES); None: the family's.
@@ -94,12 +92,9 @@ class StrategySpec:
     """
 
     name: str
-    label: str
     order: str | None
     default_drop: str | None
     uses_importance: bool
-    hparams: Mapping[str, float] = field(default_factory=dict)
-    in_app: bool = False
     builds_as: str | None = None
     scores: str = "paper"
     residual_score: str | None = None
@@ -110,51 +105,30 @@ class StrategySpec:
     refit_rule: tuple[tuple[str, object], ...] = ()
 
 
-# hparams: peak learning rate and AdamW weight decay, used when a candidate gives none.
-# The paper (Table 1) trains subcloned models at lr 1e-4 with low weight decay. On this project's default
-# parent (SmolLM2-135M -> 6 x 192 child, batch 8 x 128, 100-500 steps on CPU) the prototype measured
-# otherwise: random init is best at lr 1e-3, and the subcloned child at 1e-4 is slower than random
-# init while at 1e-3 it reaches random init's best loss 3.3x sooner. So both start at 1e-3 here; the
-# weight decay keeps the paper's split (high for random init, low for inherited weights so that
-# training does not pull them towards zero). first-k, uniform and distillation are unmeasured and use
-# the subcloned child's values. Override per candidate (Candidate.lr / .weight_decay). Weight decay
-# applies to weight matrices only, never to norm gains or biases.
 # default_drop: subclone's "magnitude" started lower than "middle" on the default parent
 # (docs/BENCHMARKS.md); first-k is subclone without reordering, so it takes the same blocks; uniform
 # takes the first N blocks, as in weight selection.
-_INHERITED = {"lr": 1e-3, "weight_decay": 1e-3}
 STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
-    StrategySpec("subclone", "subclone: neurons and heads in importance order (the paper)", "importance",
-                 "magnitude", uses_importance=True, hparams=_INHERITED, in_app=True),
-    StrategySpec("first-k", "first-k: the first neurons and heads, no reordering (ablation)", "first",
-                 "magnitude", uses_importance=False, hparams=_INHERITED, in_app=True),
-    StrategySpec("uniform", "uniform: evenly strided neurons, first blocks (weight selection)", "uniform",
-                 "first", uses_importance=False, hparams=_INHERITED, in_app=True),
-    StrategySpec("random", "random: a fresh random initialization (the baseline)", None, None,
-                 uses_importance=False, hparams={"lr": 1e-3, "weight_decay": 0.1}),
-    StrategySpec("subclone+distill", "subclone+distill: subclone's child trained with the parent as teacher",
-                 "importance", "magnitude", uses_importance=True, hparams=_INHERITED, builds_as="subclone"),
+    StrategySpec("subclone", "importance", "magnitude", uses_importance=True),
+    StrategySpec("first-k", "first", "magnitude", uses_importance=False),
+    StrategySpec("uniform", "uniform", "first", uses_importance=False),
+    StrategySpec("random", None, None, uses_importance=False),
+    StrategySpec("subclone+distill", "importance", "magnitude", uses_importance=True, builds_as="subclone"),
     # Published methods, slice only (their own weight rules; no sqrt(fan-in) scaling, which none of them uses).
     # Wanda-sp and FLAP prune widths only: a shallower child drops blocks by our default rule (shown in the plan).
-    StrategySpec("shortgpt", "shortgpt: remove the blocks of lowest influence 1 - cos, widths kept (ShortGPT)",
-                 "keep", "influence", uses_importance=False, hparams=_INHERITED, scale=False),
-    StrategySpec("wanda-sp", "wanda-sp: heads and FFN neurons by |W| x input norm (structured Wanda)",
-                 "importance", "magnitude", uses_importance=True, hparams=_INHERITED, scores="wanda-sp",
+    StrategySpec("shortgpt", "keep", "influence", uses_importance=False, scale=False),
+    StrategySpec("wanda-sp", "importance", "magnitude", uses_importance=True, scores="wanda-sp",
                  refit=False, scale=False),
-    StrategySpec("flap", "flap: heads and FFN neurons by input fluctuation, bias compensation (FLAP)",
-                 "importance", "magnitude", uses_importance=True, hparams=_INHERITED, scores="flap",
+    StrategySpec("flap", "importance", "magnitude", uses_importance=True, scores="flap",
                  refit=False, scale=False, bias_compensation=True),
-    StrategySpec("minitron", "minitron: activation importance, blocks by 1 - cos, slice only (NVIDIA Minitron)",
-                 "importance", "influence", uses_importance=True, hparams=_INHERITED, scores="minitron",
+    StrategySpec("minitron", "importance", "influence", uses_importance=True, scores="minitron",
                  residual_score="minitron", refit=False, scale=False),
     # order "rotate": the first dimensions of the rotated stream; a shallower child drops blocks by our default
-    StrategySpec("slicegpt", "slicegpt: hidden size by PCA of the residual stream, one rotation (SliceGPT)",
-                 "rotate", "magnitude", uses_importance=True, hparams=_INHERITED, refit=False, scale=False,
+    StrategySpec("slicegpt", "rotate", "magnitude", uses_importance=True, refit=False, scale=False,
                  rotation=True),
     # GRAIL (arXiv:2602.23795)'s compensation on our selection: beside our refit, the same least squares with
     # its ridge, 1e-3 of the mean kept diagonal, towards zero instead of the slice, on the parent's inputs
-    StrategySpec("grail", "grail: subclone's neurons and heads, refit as GRAIL: a ridge towards zero",
-                 "importance", "magnitude", uses_importance=True, hparams=_INHERITED, refit=True, scale=False,
+    StrategySpec("grail", "importance", "magnitude", uses_importance=True, refit=True, scale=False,
                  refit_rule=(("refit_toward", "zero"), ("refit_ridge", 1e-3), ("refit_inputs", "parent"))),
 )}
 DEFAULT_STRATEGY = "subclone"

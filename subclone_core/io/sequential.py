@@ -45,8 +45,8 @@ from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import (
     Importance,
     Progress,
-    _Recorder,
-    _Sums,
+    Recorder,
+    Sums,
     no_cache_kwargs,
     real_token_mask,
 )
@@ -208,8 +208,8 @@ def calibrate_sequential(
     with activation_store(activation_memory, activation_root) as store:
         p = open_pass(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
                   max_tokens=max_tokens)
-        sums = _Sums(Shape.of(p.model.config), torch.device("cpu"))
-        recorder = _Recorder(p.model, arch_of_model(p.model), sums, input_stats=input_stats,
+        sums = Sums(Shape.of(p.model.config), torch.device("cpu"))
+        recorder = Recorder(p.model, arch_of_model(p.model), sums, input_stats=input_stats,
                              residual_cov=residual_cov)
         for i in range(len(p.blocks)):
             with loaded_block(p, i) as block:
@@ -321,7 +321,7 @@ def forward_block(p: Pass, i: int, block: nn.Module, b: int, stream: int) -> Non
     p.store[(stream, b)] = (y[0] if isinstance(y, tuple) else y).to("cpu", hidden.dtype)
 
 
-def _calibrate_block(p: Pass, i: int, block: nn.Module, recorder: _Recorder) -> None:
+def _calibrate_block(p: Pass, i: int, block: nn.Module, recorder: Recorder) -> None:
     """Every batch of the intact stream through block i under its calibration hooks."""
     recorder.attach_block(i, block)
     try:
@@ -459,7 +459,7 @@ def head_on(p: Pass, stream: int) -> Iterator[Iterator[int]]:
             del block.forward
 
 
-def _read_head(p: Pass, recorder: _Recorder) -> None:
+def _read_head(p: Pass, recorder: Recorder) -> None:
     """The head's calibration hooks (residual_read) over the intact stream."""
     recorder.attach_globals()
     try:

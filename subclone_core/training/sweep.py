@@ -20,6 +20,7 @@ from typing import Any
 
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.strategies import STRATEGY_SPECS
+from subclone_core.training.config import default_hparams
 from subclone_core.training.events import DoneEvent, ErrorEvent, EvalEvent, Event, StartEvent, curves, of_kind
 from subclone_core.training.results import RunResult, SavePlan
 from subclone_core.training.speedup import best_value
@@ -128,8 +129,8 @@ def sweep_runs(name: str, grid: LrGrid, lr: float | None) -> list[tuple[str, flo
 
 
 def default_lr_grid(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
-    """A small grid around each strategy's default learning rate (StrategySpec.hparams x DEFAULT_FACTORS)."""
-    return {name: tuple(STRATEGY_SPECS[name].hparams["lr"] * f for f in DEFAULT_FACTORS)
+    """A small grid around each strategy's default learning rate (config.HPARAMS x DEFAULT_FACTORS)."""
+    return {name: tuple(default_hparams(name)["lr"] * f for f in DEFAULT_FACTORS)
             for name in names if name in STRATEGY_SPECS}
 
 
