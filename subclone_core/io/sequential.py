@@ -53,6 +53,7 @@ from subclone_core.core.calibration import (
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.io.activations import ActivationStore, default_budget
+from subclone_core.io.devices import return_freed_memory
 from subclone_core.io.streaming import CheckpointTensors, checkpoint_tensors, tied_names
 from subclone_core.tasks import TaskSpec, task_of_config, task_of_model
 
@@ -160,6 +161,8 @@ def open_pass(source: str | Path | Mapping[str, Tensor], batches: Iterable[dict[
     are loaded and each block runs in it, while the stream between blocks and everything outside the blocks
     keep ``dtype`` (the embedding and head are not copied: a float32 block of a bfloat16 parent costs one
     block's float32 weights)."""
+    if torch.device(device).type == "cpu":
+        return_freed_memory()  # each block's buffers are allocated and freed in turn: keep the heap from growing
     model, blocks, loader, block_names = _prepare(source, config, model_class, torch.device(device), dtype)
     if block_dtype is not None:
         blocks.to(block_dtype)  # on the meta device: each tensor loaded later is cast to its parameter's dtype

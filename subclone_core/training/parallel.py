@@ -20,7 +20,6 @@ joins each collective of a sharded forward) and ``gather`` the trained model as 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -32,10 +31,10 @@ from torch import nn
 
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
+from subclone_core.io.devices import return_freed_memory
 from subclone_core.training.materialize import WeightSource, is_meta, materialize, tie_on_meta
 
 TORCHRUN_ENV = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"}  # what init_process_group reads
-M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 1 << 20  # glibc's mallopt parameter, and the size we fix it at
 
 
 class DataParallel:
@@ -131,22 +130,6 @@ class Sharded:
 
 
 PARALLEL = {"ddp": DataParallel, "fsdp": Sharded}
-
-
-def return_freed_memory() -> bool:
-    """Serve every CPU allocation of 1 MiB or more from its own mapping, given back to the system when freed
-    (glibc's malloc; elsewhere nothing changes). Returns whether it took effect.
-
-    FSDP2 allocates and frees each block's whole weights and gradients at every forward and backward. glibc
-    raises its mmap threshold to the largest block freed so far (up to 32 MiB), after which such buffers come
-    from the heap, whose freed space fragments and stays in the process: a sharded 0.5B child's processes held
-    about 4 bytes per parameter more than was live (bench_fsdp.py). A fixed threshold keeps each process at what
-    it uses, for about 15% more CPU time in page faults.
-    """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator is left as it is
-        return False
 
 
 def check_launch(fsdp: bool) -> None:
