@@ -52,7 +52,7 @@ def rows_of(parent: Parent, ratios: tuple[float, ...]) -> list[dict[str, Any]]:
         want = {k: max(1, round(getattr(base, k) * ratio)) for k in ("hidden", "heads", "kv_heads", "ffn")}
         rows.append(("width", ratio, _sizes(nearest_valid_shape(parent.model, want)), WIDTH_METHODS))
     for ratio in ratios:
-        hidden = max(base.head_dim, round(base.hidden * ratio / 8) * 8)
+        hidden = max(base.heads, round(base.hidden * ratio / base.heads) * base.heads)  # transformers: heads | hidden
         rows.append(("hidden", ratio, _sizes(plan_shape(parent.model, "slicegpt", hidden=hidden)), HIDDEN_METHODS))
     depth = _sizes(plan_shape(parent.model, layers=max(1, round(base.layers * 2 / 3))))
     rows.append(("depth", 2 / 3, depth, DEPTH_METHODS))
