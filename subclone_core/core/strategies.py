@@ -377,7 +377,8 @@ def _cast(state_dict: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor
     """The state dict in ``dtype``, a tensor shared by two names (a tied head) still shared."""
     done: dict[int, Tensor] = {}
     for tensor in state_dict.values():
-        done.setdefault(id(tensor), tensor.to(dtype))
+        if id(tensor) not in done:  # a tied head's second name: cast once, not twice
+            done[id(tensor)] = tensor.to(dtype)
     return {name: done[id(tensor)] for name, tensor in state_dict.items()}
 
 
