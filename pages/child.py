@@ -20,7 +20,7 @@ from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
 from subclone_core.core.shape import SIZE_ROLES, Shape, nearest_valid_shape
-from subclone_core.core.strategies import parameter_count, plan_shape
+from subclone_core.core.strategies import parameter_count, plan_shape, strategy_shape
 from subclone_core.workflow.jobs import CandidateSettings, block_policy_text
 from subclone_core.workflow.shapes import starting_shape
 
@@ -291,9 +291,14 @@ if target is not None:
                            key=ui.keep("residual_score", arch.residual_score), disabled=strategy != "subclone")
     settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens, residual_score=ranking,
                               refit=refit)
-    planned = show_plan(settings, target)
+    built = strategy_shape(parent.model, strategy, target)
+    if built != target:  # a depth-only method keeps every width; a rotation keeps the heads and FFN
+        text = ", ".join(f"{LABELS[r].lower()} {getattr(built, r)}" for r in SIZE_ROLES)
+        st.info(f"{STRATEGY_LABELS[strategy].split(':')[0]} builds this shape instead: {text} "
+                f"({parameter_count(parent.model, built) / 1e6:.2f} M parameters).", icon=":material/info:")
+    planned = show_plan(settings, built)
     if st.button("Generate", type="primary", key="generate_child", disabled=ws.running("child") is not None):
-        generate(target, settings)
+        generate(built, settings)
 ui.step_panel("child", "generating the child")
 if target is None:
     st.caption("Generate is blocked until the shape above is valid.")

@@ -16,7 +16,7 @@ from subclone_core.cli.commands.compare import calibrate_with_progress, candidat
 from subclone_core.cli.main import build_parser
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest
-from subclone_core.core.strategies import STRATEGY_SPECS, plan_shape
+from subclone_core.core.strategies import STRATEGY_SPECS, plan_shape, strategy_shape
 from subclone_core.sources import load_parent
 from subclone_core.training import TrainConfig
 from subclone_core.workflow.jobs import (
@@ -86,7 +86,7 @@ def test_the_child_pages_block_caption_states_the_policy_the_child_is_built_with
     target = plan_shape(parent.model, layers=2, hidden=16, heads=2, kv_heads=1, ffn=24)
     for name in STRATEGY_LABELS:
         settings = child_settings(name, drop, None, str(counting_text_file), 256)
-        child, _ = make_children(parent, target, settings, importance=None)
+        child, _ = make_children(parent, strategy_shape(parent.model, name, target), settings, importance=None)
         caption = block_policy_text(name, drop)
         assert caption.split(" (")[0] == str(child.manifest.drop), (name, caption, child.manifest.drop)
         assert caption.endswith("(the default)") == (drop is None)

@@ -26,7 +26,7 @@ from subclone_core.io.devices import available_bytes, resolve_device
 from subclone_core.sources import Parent
 from subclone_core.training import Candidate, TrainConfig, train_candidates
 from subclone_core.training.sweep import LrGrid, save_plan
-from subclone_core.workflow.children import save_child
+from subclone_core.workflow.children import has_statistics, save_child
 from subclone_core.workflow.jobs import (
     BASELINE,
     CandidateSettings,
@@ -44,7 +44,13 @@ from subclone_core.workflow.plan import Plan
 # the strategies the Child page offers (the Train page as extra candidates), as its picker describes them
 STRATEGY_LABELS = {"subclone": "subclone: neurons and heads in importance order (the paper)",
                    "first-k": "first-k: the first neurons and heads, no reordering (ablation)",
-                   "uniform": "uniform: evenly strided neurons, first blocks (weight selection)"}
+                   "uniform": "uniform: evenly strided neurons, first blocks (weight selection)",
+                   "minitron": "Minitron: activation importance, blocks by 1 - cos (NVIDIA)",
+                   "shortgpt": "ShortGPT: removes blocks by 1 - cos only; keep every width",
+                   "flap": "FLAP: input fluctuation, with bias compensation",
+                   "wanda-sp": "Wanda-sp: |W| x ||x|| per neuron and head",
+                   "slicegpt": "SliceGPT: rotates the stream (PCA), cuts its hidden size only",
+                   "grail": "GRAIL: our selection, refit with a ridge towards zero"}
 EXTRA_STRATEGIES = tuple(name for name in STRATEGY_LABELS if name != DEFAULT_STRATEGY)
 
 
@@ -70,7 +76,7 @@ def make_children(parent: Parent, target: Shape, settings: CandidateSettings, *,
     strategy = settings.names[0]
     plans = candidate_plans(parent, settings, target)
     with exclusive(parent.model):
-        if importance is None:
+        if importance is None or not has_statistics(importance, [strategy]):  # e.g. FLAP after the paper's
             importance = shared_importance(parent, settings, progress, plan=calibration_plan(plans))
         child = build_child(parent, target, strategy, settings, importance, plans[strategy])
     return child, build_child(parent, target, BASELINE, settings, None, plans[BASELINE])

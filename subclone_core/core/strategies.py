@@ -50,7 +50,7 @@ from subclone_core.core.selection import (
     pick_blocks,
     select,
 )
-from subclone_core.core.shape import Shape, target_shape, validate_target
+from subclone_core.core.shape import SIZE_ROLES, Shape, target_shape, validate_target
 from subclone_core.core.slicing import (
     ChildTensors,
     TensorSink,
@@ -171,6 +171,16 @@ def plan_shape(parent_model: nn.Module, strategy: str | None = None, **sizes: in
     child = target_shape(parent, **sizes)
     validate_target(parent, child, arch_of_model(parent_model))
     return child
+
+
+def strategy_shape(parent_model: nn.Module, strategy: str, target: Shape) -> Shape:
+    """The shape a strategy builds when ``target`` is asked for: a depth-only strategy (ShortGPT) keeps every
+    width of the parent, a rotation (SliceGPT) keeps its heads and FFN; the others build ``target`` itself."""
+    spec, parent = STRATEGY_SPECS[strategy], Shape.of(parent_model.config)
+    pinned = SIZE_ROLES[1:] if spec.order == "keep" else ("heads", "kv_heads", "ffn") if spec.rotation else ()
+    if not pinned:
+        return target
+    return plan_shape(parent_model, **{r: getattr(parent if r in pinned else target, r) for r in SIZE_ROLES})
 
 
 def refit_table(arch: ArchSpec, strategy: str) -> ArchSpec:

@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from subclone_core.core.calibration import Importance, Progress, calibrate, input_device
+from subclone_core.core.calibration import (
+    INPUT_STATS,
+    RESIDUAL_COV,
+    Importance,
+    Progress,
+    calibrate,
+    input_device,
+)
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.slicing import TensorSink
@@ -82,6 +89,14 @@ def recorded_statistics(strategies: Iterable[str]) -> dict[str, bool]:
     names = list(strategies)
     return {"input_stats": any(needs_input_stats(s) for s in names),
             "residual_cov": any(needs_residual_cov(s) for s in names)}
+
+
+def has_statistics(importance: Importance, strategies: Iterable[str]) -> bool:
+    """Whether a calibration recorded every optional statistic these strategies read (one measured for the
+    paper's method alone has neither the other published methods' input statistics nor SliceGPT's covariance)."""
+    recorded = {"input_stats": all(name in importance.input_stats for name in INPUT_STATS),
+                "residual_cov": RESIDUAL_COV in importance.input_stats}
+    return all(recorded[name] for name, wanted in recorded_statistics(strategies).items() if wanted)
 
 
 def calibration_batches(parent: Parent, data_id: str, tokens: int, batch_size: int = CALIB_BATCH) -> Iterable:

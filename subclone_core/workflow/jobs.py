@@ -27,7 +27,12 @@ from subclone_core.core.strategies import STRATEGY_SPECS, Child, needs_calibrati
 from subclone_core.sources import Parent, make_data
 from subclone_core.training.config import Candidate, TrainConfig
 from subclone_core.training.sweep import LrGrid, check_lr_sweep, sweep_runs
-from subclone_core.workflow.children import CALIB_TOKENS, measure_importance, recorded_statistics
+from subclone_core.workflow.children import (
+    CALIB_TOKENS,
+    has_statistics,
+    measure_importance,
+    recorded_statistics,
+)
 from subclone_core.workflow.locks import exclusive
 from subclone_core.workflow.plan import Plan, make_planned_child, resolve_plan
 
@@ -205,7 +210,8 @@ def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings,
     settings.validate()
     children = dict(made or {})
     plans = dict(candidate_plans(parent, settings, target) if plans is None else plans)
-    if importance is None and any(base_strategy(n) not in children for n in settings.names):
+    to_build = [base_strategy(n) for n in settings.names if base_strategy(n) not in children]
+    if to_build and (importance is None or not has_statistics(importance, to_build)):
         importance = shared_importance(parent, settings, plan=calibration_plan(plans))
     candidates, manifests, used = [], {}, set()
     for name in settings.names:
