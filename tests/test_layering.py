@@ -8,6 +8,7 @@ Each failure names the module, import or function that breaks the rule.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 from pathlib import Path
@@ -19,6 +20,12 @@ PACKAGE = ROOT / "subclone_core"
 TASK_WORDS = ('"causal-lm"', '"image-classification"', '"tokens/s"', '"images/s"')
 
 
+@functools.cache
+def _nodes(path: Path) -> tuple[ast.AST, ...]:
+    """Every node of a source file's syntax tree, parsed and walked once per run (several rules read them)."""
+    return tuple(ast.walk(ast.parse(path.read_text())))
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -28,7 +35,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     """Project modules a file imports, anywhere in it (a late import inside a function counts too);
     importing a submodule also runs its package's __init__."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _nodes(path):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -80,7 +87,7 @@ def test_task_names_and_units_live_only_in_the_task_registry_and_the_arch_tables
 def test_no_function_over_50_lines():
     files = [*PACKAGE.rglob("*.py"), *(ROOT / "pages").glob("*.py"), ROOT / "app.py"]
     long = [f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
-            for p in files for n in ast.walk(ast.parse(p.read_text()))
+            for p in files for n in _nodes(p)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 50]
     assert not long, long
 
@@ -149,7 +156,7 @@ def _renames(path: Path) -> list[str]:
     """Calls that rename a file: os.replace/os.rename, and Path.replace/Path.rename (one positional argument,
     no keywords: str.replace takes two, dataclasses.replace and datetime.replace take keywords)."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _nodes(path):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
         attr, owner = node.func.attr, node.func.value

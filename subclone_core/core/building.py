@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from accelerate import init_empty_weights
 from torch import Tensor, nn
+from transformers.initialization import no_init_weights
 
 from subclone_core.core.errors import SubcloneError
 
@@ -31,8 +32,9 @@ def build_model(model_class: type, config, state_dict: dict[str, Tensor]) -> nn.
 
 def empty_model(model_class: type, config, dtype: torch.dtype | None) -> nn.Module:
     """`model_class(config)` with its parameters on the meta device (shapes and dtype only, no memory) and its
-    buffers computed from the config (see build_model)."""
-    with init_empty_weights(include_buffers=False):
+    buffers computed from the config (see build_model). Initialization is skipped: run on meta tensors it draws
+    nothing, yet costs more than building the model (torch decomposes each init op in Python on meta)."""
+    with init_empty_weights(include_buffers=False), no_init_weights():
         model = model_class._from_config(config, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # one Parameter for head and embedding: a saved tied model holds it once

@@ -40,6 +40,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import Tensor, nn
+from transformers.initialization import no_init_weights
 
 from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import (
@@ -85,11 +86,12 @@ def _cast(value, dtype: torch.dtype):
 
 def skeleton(config, model_class: type[nn.Module] | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """The model built from its config with every parameter on the meta device (buffers computed in the
-    constructor, such as rotary frequencies, are real), in eval mode."""
+    constructor, such as rotary frequencies, are real), in eval mode; no initialization is run on the meta
+    parameters (see core.building.empty_model)."""
     config = copy.deepcopy(config)
     build = task_of_config(config).auto_model().from_config if model_class is None else model_class._from_config
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    with init_empty_weights():
+    with init_empty_weights(), no_init_weights():
         model = build(config, **kwargs)
     return model.eval()
 
