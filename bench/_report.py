@@ -29,6 +29,7 @@ PAPER_SPEEDUP = 4.0  # the paper's headline: about 4x fewer steps than random in
 # benchmarks share: the paper's ratio, and a much smaller child.
 PAPER_LIKE = {"layers": 20, "hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024}
 AGGRESSIVE = {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}
+SHAPES = {"paper-like": PAPER_LIKE, "aggressive": AGGRESSIVE}
 
 
 def machine() -> str:

@@ -8,52 +8,29 @@ Nothing here writes files or decides verdicts: `_repro_report.py` does that from
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
-from bench._report import progress_printer, spearman
-from bench.bench_training import Budget, best_runs, train_config
+from bench import _harness as h
+from bench._harness import Budget
+from bench._report import spearman
 from subclone_core.analysis.probes import block_ablation, off_diagonal_mean, rank_correlation
 from subclone_core.core.calibration import Importance, calibrate
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import Parent, make_data
-from subclone_core.training import Candidate, default_hparams, train_candidates
 from subclone_core.training.evaluate import evaluate
-from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value, speedup
-from subclone_core.training.sweep import candidate_of, run_name
+from subclone_core.training.speedup import HIGHER_IS_BETTER, speedup
+from subclone_core.training.sweep import candidate_of
 from subclone_core.workflow.children import CALIB_BATCH, CALIB_SEQ_LEN, make_child
 
 CALIB_POOL = 4  # a seed's calibration sample is drawn from this many times the budget of training data
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One way to initialize and train the child.
-
-    Attributes:
-        name: short id (candidate-name safe).
-        label: what the report calls it.
-        strategy: the make_child strategy.
-        options: make_child options (scale, drop, untie_head).
-        weight_decay: None for the strategy's default.
-        lrs: learning rates to sweep; None trains at the subcloned child's best one.
-    """
-
-    name: str
-    label: str
-    strategy: str
-    options: dict = field(default_factory=dict)
-    weight_decay: float | None = None
-    lrs: tuple[float, ...] | None = None
-
-    def decay(self) -> float:
-        """The weight decay it trains with."""
-        return self.weight_decay if self.weight_decay is not None else default_hparams(self.strategy)["weight_decay"]
+Arm = h.Arm
 
 
 @dataclass(frozen=True)
@@ -167,12 +144,8 @@ def run_study(parent: Parent, study: Study, importances: dict[int, Importance], 
     """Sweep, ablate, and rerun close comparisons with the second seed; curves of every chosen run."""
     run = _StudyRun(parent, study, importances, runs_dir)
     first = seeds[0]
-    swept = [a.name for a in study.arms if a.lrs]
-    run.train(swept, {n: run.arms[n].lrs for n in swept}, first, "sweep")
-    child_lr = _child_lr(run.chosen, run.arms, first)
-    rest = [a.name for a in study.arms if not a.lrs]
-    if rest:
-        run.train(rest, {n: (child_lr,) for n in rest}, first, "ablations")
+    _, _, child_lr = h.sweep_then_rest(study.arms, lambda arms, lr_of, tag: run.train(
+        [a.name for a in arms], lr_of, first, tag), run.metric, "ablations")
     reruns = _close_arms(run.chosen, study, run.metric, first) if len(seeds) > 1 else []
     if reruns:
         run.train(reruns, {n: (run.chosen[n][str(first)]["lr"],) for n in reruns}, seeds[1], "second seed")
@@ -191,59 +164,38 @@ class _StudyRun:
         self.parent, self.study, self.importances, self.runs_dir = parent, study, importances, runs_dir
         self.metric = parent.task_spec.metric
         self.target = plan_shape(parent.model, **study.sizes)
-        b = study.budget
-        self.train_data = make_data(parent, study.data_id, "train", seq_len=b.seq_len,
-                                    max_tokens=b.steps * b.batch_size * b.seq_len, max_images=b.steps * b.batch_size)
-        self.val_data = make_data(parent, study.data_id, "validation", seq_len=b.seq_len, max_tokens=b.val_tokens,
-                                  max_images=b.val_images)
-        self.config = replace(train_config(b, len(self.val_data)), eval_at=study.eval_at)
+        self.train_data, self.val_data = study.budget.splits(parent, study.data_id)
+        self.config = study.budget.config(len(self.val_data), eval_at=study.eval_at)
         self.arms = {a.name: a for a in study.arms}
         self.sweep: list[dict[str, Any]] = []
         self.chosen: dict[str, dict[str, dict]] = {}  # arm -> str(seed) -> run summary (JSON keys are strings)
 
-    def train(self, names: list[str], lr_of: dict[str, tuple[float, ...]], seed: int, tag: str) -> None:
-        """Train the named arms side by side, one candidate per lr, and keep each arm's best run."""
+    def train(self, names: list[str], lr_of: dict[str, tuple[float, ...]], seed: int, tag: str) -> dict[str, Any]:
+        """Train the named arms side by side, one candidate per lr, and keep each arm's best run; returns the runs."""
         cands = []
         for name in names:
             arm = self.arms[name]
             child = make_child(self.parent, self.target, strategy=arm.strategy, importance=self.importances[seed],
                                seed=seed, **arm.options).model
-            cands += [Candidate(run_name(name, lr), copy.deepcopy(child), lr=lr, weight_decay=arm.decay(),
-                                strategy=arm.strategy) for lr in lr_of[name]]
-        label = f"{self.study.key} {tag}"
-        print(f"[{label}] {', '.join(c.name for c in cands)}: {self.config.steps} steps", file=sys.stderr, flush=True)
-        results = train_candidates(cands, self.train_data, self.val_data, replace(self.config, seed=seed),
-                                   callbacks=[progress_printer(label, self.config.steps)],
-                                   metrics_path=self.runs_dir / f"{self.study.key}-{tag}.jsonl")
-        chosen = best_runs(results, self.metric)  # the library's rule, as every sweep of the benchmarks
+            cands += arm.candidates(child, lr_of[name])
+        tag_ = f"{self.study.key} {tag}"
+        results = h.train(cands, self.train_data, self.val_data, replace(self.config, seed=seed), tag_,
+                          self.runs_dir / f"{self.study.key}-{tag}.jsonl")
+        chosen = h.best_runs(results, self.metric)  # the library's rule, as every sweep of the benchmarks
         for name in names:
             self._record(name, [r for n, r in results.items() if candidate_of(n) == name], seed, chosen.get(name))
+        return results
 
     def _record(self, name: str, runs: list[Any], seed: int, chosen: Any) -> None:
         """Every run of one arm into the sweep table, and its chosen run (if any) as the arm's run of the seed."""
-        higher = HIGHER_IS_BETTER[self.metric]
         for r in runs:
-            curve = r.curve(self.metric)
-            self.sweep.append({"arm": name, "seed": seed, "lr": r.lr, "weight_decay": r.weight_decay,
-                               "status": r.status, "best": best_value(curve, higher_is_better=higher),
-                               "final": curve[-1][1] if curve else None})
+            self.sweep.append({"arm": name, "seed": seed, **h.pick(h.facts(r, self.metric), "lr", "weight_decay",
+                                                                   "status", "best", "final")})
         if chosen is not None:
-            self.chosen.setdefault(name, {})[str(seed)] = _run_summary(chosen, self.metric)
-
-
-def _run_summary(run: Any, metric: str) -> dict[str, Any]:
-    higher = HIGHER_IS_BETTER[metric]
-    curve = run.curve(metric)
-    return {"lr": run.lr, "weight_decay": run.weight_decay, "status": run.status, "curve": curve,
-            "start": curve[0][1] if curve else None, "final": curve[-1][1] if curve else None,
-            "best": best_value(curve, higher_is_better=higher), "throughput": round(run.throughput, 1),
-            "unit": run.unit}
-
-
-def _child_lr(chosen: dict, arms: dict[str, Arm], seed: int) -> float:
-    """The subcloned child's best lr (its lowest swept one if every lr diverged)."""
-    run = chosen.get("subclone", {}).get(str(seed))
-    return run["lr"] if run else min(arms["subclone"].lrs)
+            f = h.facts(chosen, self.metric)
+            self.chosen.setdefault(name, {})[str(seed)] = {
+                **h.pick(f, "lr", "weight_decay", "status", "curve", "start", "final", "best"),
+                "throughput": round(f["throughput"], 1), "unit": f["unit"]}
 
 
 def _close_arms(chosen: dict, study: Study, metric: str, seed: int) -> list[str]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench._report import pyplot, save_figure
-
-plt = pyplot()
+from bench._harness import finish, panels
+from bench._report import save_figure
 
 DPI = 72
 NAMES = {"lm": "language model", "vit": "ViT"}
@@ -18,7 +17,7 @@ def _parts(results: dict, keys: tuple[str, ...] = ("lm", "vit")) -> list[tuple[s
 
 
 def _panels(n: int, width: float = 4.6, height: float = 3.2) -> tuple[Any, list[Any]]:
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    fig, axes = panels(n, width, height)
     return fig, list(axes[0])
 
 
@@ -28,9 +27,7 @@ def rel_magnitude(results: dict, path: Path) -> None:
     for ax, (key, part) in zip(axes, parts):
         for seed, values in part["analysis"]["rel_magnitude"].items():
             ax.plot(range(len(values)), values, marker=".", label=f"calibration seed {seed}")
-        ax.set(title=f"{NAMES[key]}: relative magnitude", xlabel="block", ylabel="||f(x)|| / ||x + f(x)||")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        finish(ax, title=f"{NAMES[key]}: relative magnitude", xlabel="block", ylabel="||f(x)|| / ||x + f(x)||")
     save_figure(fig, path, DPI)
 
 
@@ -63,7 +60,7 @@ def _removed(part: dict) -> list[int]:
 
 def consistency(results: dict, path: Path) -> None:
     parts = _parts(results)
-    fig, axes = plt.subplots(len(parts), 4, figsize=(16, 3.4 * len(parts)), squeeze=False)
+    fig, axes = panels(4, 4, 3.4, len(parts))
     for row, (key, part) in zip(axes, parts):
         a = part["analysis"]
         for ax, pair in zip(row[:2], a["scatter"] + a["scatter"][:1] * (2 - len(a["scatter"]))):
@@ -105,8 +102,7 @@ def curves(results: dict, path: Path, comparison: str, title: str) -> None:
         ax.set(title=f"{NAMES[key]}: {title}", xlabel="step", ylabel=f"validation {t['metric']}")
         if t["metric"] == "loss":
             ax.set_ylim(top=min(12.0, ax.get_ylim()[1]))
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        finish(ax)
     save_figure(fig, path, DPI)
 
 
@@ -127,8 +123,7 @@ def lr_sweep(results: dict, path: Path) -> None:
                            label=f"subclone, weight decay {r['weight_decay']:g}")
         ax.set(title=f"{NAMES[key]}: best validation {t['metric']} per learning rate", xlabel="peak learning rate",
                ylabel=f"best validation {t['metric']}", xscale="log")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        finish(ax)
     save_figure(fig, path, DPI)
 
 

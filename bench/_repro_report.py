@@ -13,7 +13,7 @@ from typing import Any
 from bench._report import PAPER_SPEEDUP, table
 from bench._report import fmt_value as fmt
 from bench._report import render as render_template
-from subclone_core.training.sweep import lr_text
+from bench.bench_budget import lr_picks
 
 HOLDS, PARTLY, FAILS, NOISE = "holds", "holds partly", "does not hold", "within noise"
 UNMEASURABLE = "not measurable with fewer than 3 blocks"
@@ -345,23 +345,17 @@ def finding_budget(budget: dict) -> dict[str, str]:
     early, final = rows[0], rows[-1]
     speedup = final["speedup"]
     verdict = FAILS if speedup is None or speedup <= 1 else HOLDS if speedup >= PAPER_SPEEDUP else PARTLY
-    tokens = budget["random_tokens"]
-    text = (f"at {tokens / 1e6:.2f}M training tokens per arm (`make bench-budget`, size `{budget['size']}`, the "
-            f"aggressive child{_lr_text(budget)}), the iso-loss speedup at random init's final loss ({fmt(final['loss'], 'loss')}) is "
-            f"**{final['text']}**; at 25% of random init's loss drop ({fmt(early['loss'], 'loss')}) it is "
-            f"{early['text']}; the subcloned child ends at {fmt(budget['arms']['subclone']['val_loss'][-1], 'loss')}."
-            f"{_seed_text(budget)} This is the number to set against the paper's "
-            f"~{PAPER_SPEEDUP:.0f}x, which is about training to the same loss; the short-budget speedup above "
-            "measures how far ahead the child starts. Curves and every level: docs/BENCHMARKS.md.")
+    text = render_template("repro_budget", tokens=budget["random_tokens"] / 1e6, size=budget["size"],
+                           lrs=_lr_text(budget), final_loss=fmt(final["loss"], "loss"), final=final["text"],
+                           early_loss=fmt(early["loss"], "loss"), early=early["text"], seeds=_seed_text(budget),
+                           child_end=fmt(budget["arms"]["subclone"]["val_loss"][-1], "loss"), paper=PAPER_SPEEDUP)
     return {"verdict": verdict, "text": text}
 
 
 def _lr_text(budget: dict) -> str:
     """", each arm at its best lr at this budget: random 1e-3 of 5e-4, 1e-3, 2e-3; ..." where the JSON has a grid
     (rates as sweeps name them: 2.5e-4, not a rounded 3e-04)."""
-    grid = budget.get("plan", {}).get("sweep_lrs", {})
-    picks = [f"{arm} {lr_text(lr)} of {', '.join(lr_text(x) for x in grid[arm])}"
-             for arm, lr in budget.get("lrs", {}).items() if len(grid.get(arm, ())) > 1]
+    picks = lr_picks(budget)
     return f", each arm at its best lr at this budget: {'; '.join(picks)}" if picks else ""
 
 
@@ -553,19 +547,14 @@ def extra_tables(number: str, parts: dict) -> list[str]:
 def settings(results: dict, parts: dict) -> str:
     lines = ["## Settings, seeds and caveats"]
     for key, part in parts.items():
-        t, a = part["training"], part["analysis"]
-        b = t["budget"]
-        unit = f"{b['batch_size']} x {b['seq_len']} tokens" if key == "lm" else f"{b['batch_size']} images"
-        val = f"{b['val_tokens']} validation tokens" if key == "lm" else f"{b['val_images']} validation images"
-        shape = t["shape"]
-        lines.append(
-            f"- {PART_NAMES[key]}: parent {part['parent']}, data `{part['data']}`. Calibration: {a['calib_tokens']} "
-            f"token positions per seed, drawn from the train split by the seed. Trained child "
-            f"({t['shape_key']}): {shape['layers']} blocks x {shape['hidden']}, {shape['heads']} heads / "
-            f"{shape['kv_heads']} KV, FFN {shape['ffn']}. Training: {b['steps']} steps of {unit}, AdamW, 5% warmup "
-            f"then cosine to 0, gradient clipping 1.0; validation on {val} at steps 0, {', '.join(map(str, b['eval_at']))} "
-            f"and every {b['eval_every']}. Arms without their own sweep train at the subcloned child's best lr "
-            f"({t['child_lr']:g}). Second seed: {', '.join(t['reruns']) or 'none'} (comparisons whose best values were "
-            f"within {fmt(t['close'], t['metric'])} on seed 0). {part['minutes']:.1f} min.")
+        t, b = part["training"], part["training"]["budget"]
+        lm = key == "lm"
+        lines.append(render_template("repro_settings", **{
+            **t["shape"], **b, "part": PART_NAMES[key], "parent": part["parent"], "data": part["data"],
+            "calib_tokens": part["analysis"]["calib_tokens"], "shape_key": t["shape_key"],
+            "unit": f"{b['batch_size']} x {b['seq_len']} tokens" if lm else f"{b['batch_size']} images",
+            "val": f"{b['val_tokens']} validation tokens" if lm else f"{b['val_images']} validation images",
+            "eval_at": ", ".join(map(str, b["eval_at"])), "child_lr": t["child_lr"], "minutes": part["minutes"],
+            "reruns": ", ".join(t["reruns"]) or "none", "close": fmt(t["close"], t["metric"])}))
     lines.append(render_template("repro_caveats", seeds=", ".join(map(str, results["seeds"]))))
     return "\n".join(lines)

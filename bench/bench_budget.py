@@ -23,7 +23,6 @@ docs/BENCHMARKS.md and the README's marked budget line (``--gpu``: the same name
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -32,24 +31,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers.utils import logging as hf_logging
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import _harness as h
+from bench._harness import SMOKE_SHAPES
 from bench._report import (
-    AGGRESSIVE,
     DOC,
-    PAPER_LIKE,
     PAPER_SPEEDUP,
     ROOT,
+    SHAPES,
     THREADS_HELP,
     bench_parser,
     fmt_value,
     json_default,
     log_eval_steps,
     machine,
-    progress_printer,
-    pyplot,
     render,
     replace_marked,
     save_figure,
@@ -60,24 +55,9 @@ from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
 from subclone_core.io.saving import read_manifest
 from subclone_core.sources import Parent, load_parent, make_data
-from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
-from subclone_core.training.speedup import (
-    DROP_FRACTIONS,
-    IsoLoss,
-    best_value,
-    iso_loss,
-    result_track,
-)
-from subclone_core.training.sweep import (
-    candidate_of,
-    choose_runs,
-    edge_note,
-    grid_edge,
-    lr_text,
-    parse_lr_sweep,
-    run_name,
-    runs_from_results,
-)
+from subclone_core.training import Candidate, RunResult
+from subclone_core.training.speedup import DROP_FRACTIONS, IsoLoss, iso_loss, result_track
+from subclone_core.training.sweep import candidate_of, edge_note, grid_edge, lr_text, parse_lr_sweep, run_name
 from subclone_core.workflow.children import make_child, measure_importance
 
 README = ROOT / "README.md"
@@ -143,9 +123,6 @@ class Size:
         return self.batch_size * self.seq_len
 
 
-SMOKE_SHAPES = {"aggressive": {"layers": 2, "hidden": 16, "heads": 2, "kv_heads": 1, "ffn": 16},
-                "paper-like": {"layers": 3, "hidden": 24, "heads": 3, "kv_heads": 1, "ffn": 32}}
-REAL_SHAPES = {"aggressive": AGGRESSIVE, "paper-like": PAPER_LIKE}
 
 SIZES = {
     "smoke": Size(SMOKE_SHAPES, batch_size=4, seq_len=32, val_tokens=256, evals=4, calib_tokens=256,
@@ -160,12 +137,12 @@ SIZES = {
     # paper-like ratio moved to the gpu size. On one H200 the same seven runs take 2.8 minutes. Both grids
     # bracket their arm's best lr at this budget, measured: random init 1e-3 (2.5e-4 and 4e-3 were worse
     # too), the refit child 4e-3.
-    "cpu": Size(REAL_SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, calib_tokens=4096,
+    "cpu": Size(SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, calib_tokens=4096,
                 sweep_lrs={"random": (5e-4, 1e-3, 2e-3), "subclone": (1e-3, 2e-3, 4e-3, 8e-3)},
                 stages=(Stage("final", "aggressive", ("random", "subclone"), 1_501_184),),
                 precision="bf16", minutes=80),
     # One H200-class GPU: 100M+ tokens per arm at the paper-like ratio, two seeds of every final arm.
-    "gpu": Size(REAL_SHAPES, batch_size=64, seq_len=512, val_tokens=65_536, evals=40, calib_tokens=8192,
+    "gpu": Size(SHAPES, batch_size=64, seq_len=512, val_tokens=65_536, evals=40, calib_tokens=8192,
                 sweep_lrs={"random": (1e-3, 2e-3, 4e-3), "subclone": (3e-4, 1e-3, 2e-3),
                            "subclone+distill": (3e-4, 1e-3)},
                 stages=(Stage("final", "aggressive", ARMS, 104_857_600),
@@ -188,17 +165,8 @@ class Context:
     data: str
     size: Size
     runs: Path
-    threads: int | None = None
     children: dict[tuple[str, str, int], Any] = field(default_factory=dict)
     from_child: bool = False  # the "parent" is a saved subcloned child: trained as is, random init of its config
-
-
-def train_config(size: Size, tokens: int, seed: int, val_len: int, evals: int) -> TrainConfig:
-    """Steps for the budget, log-spaced evaluations, the size's precision; 5% warmup then cosine to 0."""
-    steps = max(1, tokens // size.step_tokens)
-    return TrainConfig(steps=steps, batch_size=size.batch_size, eval_every=steps,
-                       eval_at=log_eval_steps(steps, evals), eval_batches=max(1, val_len // size.batch_size),
-                       warmup=0.05, seed=seed, device="auto", mixed_precision=size.precision)
 
 
 def child_for(ctx: Context, shape: str, arm: str, seed: int) -> Any:
@@ -226,29 +194,22 @@ def without_parent(size: Size) -> tuple[Size, list[str]]:
 
 def candidate(ctx: Context, shape: str, arm: str, lr: float, seed: int, name: str) -> Candidate:
     """A fresh copy of the arm's child at ``lr`` with its strategy's default weight decay."""
-    return Candidate(name, copy.deepcopy(child_for(ctx, shape, arm, seed)), lr=lr,
-                     weight_decay=default_hparams(arm)["weight_decay"], strategy=arm,
-                     teacher=ctx.parent.model if arm == "subclone+distill" else None)
+    return h.candidate(name, child_for(ctx, shape, arm, seed), lr, arm,
+                       teacher=ctx.parent.model if arm == "subclone+distill" else None)
 
 
 def train(ctx: Context, cands: list[Candidate], tokens: int, seed: int, tag: str,
           evals: int) -> dict[str, RunResult]:
     """Train candidates side by side on the identical batches; curves kept, weights freed."""
-    if ctx.threads:
-        torch.set_num_threads(ctx.threads)
     size = ctx.size
     # The whole split for every stage: the batch order then depends on the seed alone, so a shorter run
     # (a sweep, the distillation arm) sees exactly the first batches of the longer runs of its seed.
     train_data = make_data(ctx.parent, ctx.data, "train", seq_len=size.seq_len)
     val = make_data(ctx.parent, ctx.data, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
-    config = train_config(size, tokens, seed, len(val), evals)
-    print(f"[{tag}] {', '.join(c.name for c in cands)}: {config.steps} steps of {size.batch_size} x "
-          f"{size.seq_len} tokens", file=sys.stderr, flush=True)
-    results = train_candidates(cands, train_data, val, config, callbacks=[progress_printer(tag, config.steps)],
-                               metrics_path=ctx.runs / f"{tag}.jsonl")
-    for result in results.values():
-        result.model = None
-    return results
+    steps = max(1, tokens // size.step_tokens)
+    config = h.train_config(steps, size.batch_size, len(val), round_down=True, eval_at=log_eval_steps(steps, evals),
+                            seed=seed, precision=size.precision)
+    return h.train(cands, train_data, val, config, tag, ctx.runs / f"{tag}.jsonl")
 
 
 @dataclass
@@ -277,11 +238,10 @@ def sweep(ctx: Context, stage: Stage) -> tuple[list[dict[str, Any]], dict[str, f
     cands = [candidate(ctx, stage.shape, arm, lr, stage.seed, run_name(arm, lr)) for arm in stage.arms
              for lr in lrs[arm]]
     runs = train(ctx, cands, stage.tokens, stage.seed, stage.key, stage.evals or ctx.size.evals)
-    picks = choose_runs(runs_from_results(runs, "loss", higher_is_better=False), higher_is_better=False)
-    rows, winners, chosen = [], {}, {}
+    chosen = h.best_runs(runs, "loss", always=True)
+    rows, winners = [], {}
     for arm in stage.arms:
         mine = {name: r for name, r in runs.items() if candidate_of(name) == arm}
-        chosen[arm] = runs[picks[arm]]
         winners[arm] = chosen[arm].lr
         note = edge_note(arm, winners[arm], grid_edge(winners[arm], lrs[arm]))
         rows += [{**sweep_row(arm, r, stage.tokens), "chosen": r is chosen[arm], "note": note} for r in mine.values()]
@@ -289,9 +249,7 @@ def sweep(ctx: Context, stage: Stage) -> tuple[list[dict[str, Any]], dict[str, f
 
 
 def sweep_row(arm: str, run: RunResult, tokens: int) -> dict[str, Any]:
-    curve = run.curve("loss")
-    return {"arm": arm, "lr": run.lr, "tokens": tokens, "status": run.status,
-            "best": best_value(curve), "final": curve[-1][1] if curve else None}
+    return {"arm": arm, "lr": run.lr, "tokens": tokens, **h.pick(h.facts(run), "status", "best", "final")}
 
 
 def run_stage(ctx: Context, stage: Stage, lrs: dict[str, float]) -> dict[str, RunResult]:
@@ -320,8 +278,7 @@ def run_size(ctx: Context, name: str) -> Outcome:
 
 def arm_json(run: RunResult) -> dict[str, Any]:
     """A run's validation curve against tokens (and steps), its lr and status."""
-    return {"tokens": [p.seen for p in run.evals], "steps": [p.step for p in run.evals],
-            "val_loss": [p.loss for p in run.evals], "lr": run.lr, "status": run.status,
+    return {**h.pick(h.facts(run), "tokens", "steps", "val_loss", "lr", "status"),
             "throughput": round(run.throughput, 1)}
 
 
@@ -492,11 +449,17 @@ def readme_line(results: dict[str, Any]) -> str:
                   lrs=lr_choices(results), loss=loss, text=text, paper=PAPER_SPEEDUP)
 
 
+def lr_picks(results: dict[str, Any], sep: str = ", ", name: Any = str) -> list[str]:
+    """"random 1e-3 of 5e-4, 1e-3, 2e-3", ...: each arm's chosen lr of its grid (rates as sweeps name them:
+    2.5e-4, not a rounded 3e-04), for the arms whose grid has several."""
+    grid = results.get("plan", {}).get("sweep_lrs", {})
+    return [f"{name(arm)} {lr_text(lr)} of {sep.join(lr_text(x) for x in grid[arm])}"
+            for arm, lr in results.get("lrs", {}).items() if len(grid.get(arm, ())) > 1]
+
+
 def lr_choices(results: dict[str, Any]) -> str:
     """"each arm at its best lr of its grid: random init 1e-3 of 5e-4/1e-3/2e-3, ...", from the results."""
-    grid = results["plan"]["sweep_lrs"]
-    picks = [f"{LABELS[arm].split(' (')[0]} {lr_text(lr)} of {'/'.join(lr_text(x) for x in grid[arm])}"
-             for arm, lr in results["lrs"].items() if arm in grid and len(grid[arm]) > 1]
+    picks = lr_picks(results, "/", lambda arm: LABELS[arm].split(" (")[0])
     return "each arm at its best lr at this budget: " + ", ".join(picks)
 
 
@@ -529,7 +492,7 @@ COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca0
 def plot_curves(results: dict[str, Any], path: Path) -> None:
     """Validation loss against tokens (log x, so step 0 is left out), one panel per child shape; later seeds dashed."""
     shapes = list(dict.fromkeys(s["shape"] for s in results["stages"].values()))
-    fig, axes = pyplot().subplots(1, len(shapes), figsize=(5.6 * len(shapes), 3.8), squeeze=False)
+    fig, axes = h.panels(len(shapes), 5.6, 3.8)
     for ax, shape in zip(axes[0], shapes):
         for key, stage in results["stages"].items():
             if stage["shape"] != shape:
@@ -542,15 +505,14 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(lambda value, _: fmt_tokens(value))  # "10k", "1.00M": no crowded powers
         ax.xaxis.set_minor_formatter(lambda value, _: "")
-        ax.set(title=f"{shape} child", xlabel="training tokens", ylabel="validation loss")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, which="both")
+        h.finish(ax, which="both", title=f"{shape} child", xlabel="training tokens", ylabel="validation loss")
     save_figure(fig, path)
 
 
 def plot_speedup(results: dict[str, Any], path: Path) -> None:
     """Iso-loss speedup against the loss level random init reached (x reversed: training goes right)."""
-    fig, ax = pyplot().subplots(figsize=(6.4, 4.0))
+    fig, axes = h.panels(1, 6.4, 4.0)
+    ax = axes[0][0]
     for key, stage in results["stages"].items():
         for arm, rows in stage["iso_loss"].items():
             exact = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None and not r["lower_bound"]]
@@ -570,10 +532,9 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
     ax.yaxis.set_major_formatter(lambda value, _: f"{value:g}x")
     ax.yaxis.set_minor_formatter(lambda value, _: "")
     ax.invert_xaxis()
-    ax.set(xlabel="validation loss level (random init's curve)", ylabel="speedup (random init's tokens / arm's)",
-           title="Iso-loss speedup (triangles: lower bounds, there at step 0)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
+    h.finish(ax, which="both", xlabel="validation loss level (random init's curve)",
+             ylabel="speedup (random init's tokens / arm's)",
+             title="Iso-loss speedup (triangles: lower bounds, there at step 0)")
     save_figure(fig, path)
 
 
@@ -618,7 +579,7 @@ def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]
 def outputs(name: str, out: Path | None) -> dict[str, Path]:
     """Where everything goes: docs/ for real sizes, a temporary folder for the smoke size (unless --out)."""
     suffix = "-gpu" if name == "gpu" else ""
-    folder = out or (Path(tempfile.mkdtemp(prefix="subclone-budget-")) if name == "smoke" else DOC.parent)
+    folder = h.folder(name, out, "subclone-budget-")
     return {"json": folder / f"speedup_vs_budget{suffix}.json", "curves": folder / f"bench_budget_curves{suffix}.png",
             "speedup": folder / f"bench_budget_speedup{suffix}.png", "doc": folder / DOC.name}
 
@@ -651,9 +612,8 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = bench_parser(__doc__, threads=THREADS_HELP)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--smoke", action="store_true", help="a minute on a tiny parent (give --parent, --data)")
-    group.add_argument("--gpu", action="store_true", help="100M+ tokens per arm; give --data a large corpus")
+    h.size_flags(parser, "a minute on a tiny parent (give --parent, --data)",
+                 "100M+ tokens per arm; give --data a large corpus")
     parser.add_argument("--parent", default="default", help="parent id (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data", default="default", help="data id (default: the embedded Wikipedia text)")
     parser.add_argument("--out", type=Path, help="folder for the JSON, plots and BENCHMARKS.md (default docs/)")
@@ -690,7 +650,7 @@ def context(args: argparse.Namespace, size: Size, name: str) -> Context:
         made_from = (manifest.parent.label if manifest and manifest.parent else None) or "a parent"
         parent.label = f"{parent.label}: a child of {made_from}, saved by `subclone make`"
     return Context(parent, importance, args.data, size, Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")),
-                   args.threads, from_child=bool(args.from_child))
+                   from_child=bool(args.from_child))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -698,10 +658,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.from_json:
         return redraw(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hf_logging.disable_progress_bar()
-    name = "smoke" if args.smoke else "gpu" if args.gpu else "cpu"
+    h.start(args)
+    name = h.size_name(args)
     size, paths = SIZES[name], outputs(name, args.out)
     if args.lrs:
         size = replace(size, sweep_lrs={**size.sweep_lrs, **parse_lr_sweep(args.lrs, ARMS, "--lrs")})

@@ -16,14 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import AGGRESSIVE, PAPER_LIKE, bench_parser, machine, render, table, write_section
+from bench._report import SHAPES, bench_parser, machine, render, table, write_section
 from subclone_core.core.calibration import calibrate
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.sources import make_data
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import save_child
-
-SHAPES = {"paper-like": PAPER_LIKE, "aggressive": AGGRESSIVE}
 
 
 def rss_mb(field: str) -> float:

@@ -32,7 +32,6 @@ there, so that one parent can be rerun alone (``--parents coder``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -44,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import _harness as h
 from bench._coder_parent import LABEL as CODER_LABEL
 from bench._coder_parent import coder_data, coder_parent_gguf
 from bench._report import (
@@ -58,8 +57,6 @@ from bench._report import (
     json_default,
     log_eval_steps,
     machine,
-    progress_printer,
-    pyplot,
     render,
     save_figure,
     table,
@@ -71,10 +68,9 @@ from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent, make_data
-from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
+from subclone_core.training import Candidate, RunResult
 from subclone_core.training.evaluate import evaluate
-from subclone_core.training.speedup import best_value
-from subclone_core.training.sweep import SweptRun, choose_runs, grid_edge, run_name
+from subclone_core.training.sweep import grid_edge, run_name
 from subclone_core.workflow.children import make_child, measure_importance
 
 DATA = "default"
@@ -299,42 +295,24 @@ def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, op
 # --- the matched training run ---------------------------------------------------------------------------
 
 
-def train_config(plan: TrainPlan, size: Size, val_len: int) -> TrainConfig:
-    """The plan's steps with log-spaced evaluations on the whole validation set; 5% warmup then cosine."""
-    return TrainConfig(steps=plan.steps, batch_size=plan.batch_size, eval_every=plan.steps,
-                       eval_at=log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else (),  # + the last step
-                       eval_batches=max(1, math.ceil(val_len / size.eval_batch)), eval_batch_size=size.eval_batch,
-                       warmup=0.05, seed=0, device="auto", mixed_precision=plan.precision)
-
-
 def run_json(run: RunResult, seconds: float) -> dict[str, Any]:
     """A run's lr, status, validation curve against tokens, start/best/final loss and throughput."""
-    losses = [p.loss for p in run.evals]
-    return {"lr": run.lr, "status": run.status, "message": run.message, "steps": [p.step for p in run.evals],
-            "tokens": [p.seen for p in run.evals], "val_loss": losses, "start": losses[0] if losses else None,
-            "best": best_value(run.curve("loss")), "final": losses[-1] if losses else None,
+    f = h.facts(run)
+    losses = f["val_loss"]
+    return {**h.pick(f, "lr", "status", "message", "steps", "tokens", "val_loss"),
+            "start": losses[0] if losses else None, "best": f["best"], "final": losses[-1] if losses else None,
             "tokens_per_s": run.throughput, "seconds": seconds}
 
 
-def train_one(cand: Candidate, data: tuple[Any, Any], config: TrainConfig, tag: str, runs: Path) -> dict[str, Any]:
+def train_one(cand: Candidate, data: tuple[Any, Any], config: Any, tag: str, runs: Path) -> tuple[RunResult, dict]:
     """One run through the library's engine (its own call: one model's optimizer state in memory at a
-    time; the seed alone fixes the batch order, so every run sees the identical batches)."""
+    time; the seed alone fixes the batch order, so every run sees the identical batches); with its JSON."""
     start = time.perf_counter()
-    result = train_candidates([cand], data[0], data[1], config, callbacks=[progress_printer(tag, config.steps)],
-                              metrics_path=runs / f"{tag}-{cand.name}.jsonl")[cand.name]
+    result = h.train([cand], data[0], data[1], config, tag, runs / f"{tag}-{cand.name}.jsonl")[cand.name]
     row = run_json(result, time.perf_counter() - start)
     print(f"[{tag}] {cand.name}: {row['tokens_per_s']:.0f} tokens/s of training, best loss "
           f"{fmt_value(row['best'])} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    return row
-
-
-def chosen_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """One arm's chosen run by the library's rule (training.sweep.choose_runs: the lowest best validation loss
-    among the runs not stopped by a non-finite loss, ties to the lower lr); None when every run diverged."""
-    swept = [SweptRun(run_name("arm", r["lr"]), r["lr"], r["status"], r["best"], r.get("final")) for r in runs]
-    pick = choose_runs(swept, higher_is_better=False).get("arm")
-    chosen = next((r for r, s in zip(runs, swept) if s.run == pick), None)
-    return chosen if chosen is not None and chosen["status"] != "stopped" and chosen["best"] is not None else None
+    return result, row
 
 
 def edge_of(lr: float, lrs: tuple[float, ...]) -> str | None:
@@ -342,17 +320,22 @@ def edge_of(lr: float, lrs: tuple[float, ...]) -> str | None:
     return {"lowest": "low", "highest": "high"}.get(grid_edge(lr, lrs))
 
 
-def arm_json(runs: list[dict[str, Any]], lrs: tuple[float, ...]) -> dict[str, Any]:
-    """An arm's runs, its chosen lr (the lowest best loss) and whether that lr is at the edge of the grid."""
-    best = chosen_run(runs)
-    return {"lrs": list(lrs), "runs": runs, "chosen_lr": best["lr"] if best else None,
-            "edge": edge_of(best["lr"], lrs) if best else None}
+def arm_json(runs: dict[str, tuple[RunResult, dict]], lrs: tuple[float, ...]) -> dict[str, Any]:
+    """An arm's runs, its chosen lr (the library's rule: the lowest best loss of the runs that did not diverge)
+    and whether that lr is at the edge of the grid."""
+    best = next(iter(h.best_runs({name: r for name, (r, _) in runs.items()}, "loss").values()), None)
+    return {"lrs": list(lrs), "runs": [row for _, row in runs.values()], "chosen_lr": best.lr if best else None,
+            "edge": edge_of(best.lr, lrs) if best else None}
+
+
+def chosen_run(data: dict[str, Any]) -> dict[str, Any] | None:
+    """An arm's chosen run (JSON), None when every run diverged."""
+    return next((r for r in data["runs"] if r["lr"] == data["chosen_lr"]), None)
 
 
 def comparison(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Where the default child starts against what random init's best run reaches, and when it got there."""
-    child = chosen_run(arms["default"]["runs"])
-    random = chosen_run(arms["random"]["runs"])
+    child, random = chosen_run(arms["default"]), chosen_run(arms["random"])
     if child is None or random is None:
         return {"child_start": None, "random_best": None, "random_reached_at": None}
     start = child["start"]
@@ -369,16 +352,15 @@ def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int],
     target = plan_shape(parent.model, **sizes)
     models = {arm: variant_child(parent, target, importance, size, VARIANTS[arm][1]) for arm in ARMS}
     data = (make_data(parent, data_id, "train", seq_len=size.seq_len), val)
-    config = train_config(plan, size, len(val))
+    config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=size.eval_batch,
+                            eval_at=log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else (),  # + the last
+                            precision=plan.precision)
     print(f"[{key}] training {shape_text(sizes)}: {plan.steps} steps of {plan.batch_size} x {size.seq_len} tokens "
           f"per run, {sum(len(plan.lrs[a]) for a in ARMS)} runs", file=sys.stderr, flush=True)
     arms = {}
     for arm in ARMS:
-        rows = [train_one(Candidate(run_name(arm, lr), copy.deepcopy(models[arm]), lr=lr,
-                                    weight_decay=default_hparams(STRATEGY_OF[arm])["weight_decay"],
-                                    strategy=STRATEGY_OF[arm]), data, config, safe_name(key), runs)
-                for lr in plan.lrs[arm]]
-        arms[arm] = arm_json(rows, plan.lrs[arm])
+        cands = [h.candidate(run_name(arm, lr), models[arm], lr, STRATEGY_OF[arm]) for lr in plan.lrs[arm]]
+        arms[arm] = arm_json({c.name: train_one(c, data, config, safe_name(key), runs) for c in cands}, plan.lrs[arm])
     return {"shape": sizes, "text": shape_text(sizes), "plan": asdict(plan), "seq_len": size.seq_len,
             "arms": arms, "comparison": comparison(arms)}
 
@@ -422,11 +404,6 @@ def data_id_of(data: str) -> str:
     return str(coder_data()) if data == CODE else data
 
 
-def calibrate_parent(parent: Parent, key: str, data_id: str, size: Size) -> Any:
-    """The parent's calibration (the refit then reads the parent again, block by block, on the same data)."""
-    return measure_importance(parent, data_id, tokens=size.calib_tokens)
-
-
 def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: Path,
                data: str = DATA) -> dict[str, Any]:
     """Calibrate, measure the grid, train at the aggressive shape (where the size plans it); everything of one
@@ -434,7 +411,7 @@ def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: 
     seconds = {}
     start = time.perf_counter()
     data_id = data_id_of(data)
-    importance = calibrate_parent(parent, key, data_id, size)
+    importance = measure_importance(parent, data_id, tokens=size.calib_tokens)  # the refit reads the parent again
     seconds["calibration"] = time.perf_counter() - start
     val = make_data(parent, data_id, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
     vocab = int(parent.model.config.vocab_size)
@@ -526,32 +503,26 @@ def comparison_text(training: dict[str, Any]) -> str:
     reached = (f"random init reached the child's starting loss after {c['random_reached_at']:,} tokens"
                if c["random_reached_at"] is not None else
                f"random init did not reach the child's starting loss in {c['tokens']:,} tokens")
-    return (f"The default child starts at {fmt_value(c['child_start'])} (random init at "
-            f"{fmt_value(c['random_start'])}) and ends at {fmt_value(c['child_final'])} (best "
-            f"{fmt_value(c['child_best'])}); random init's best run ends at {fmt_value(c['random_final'])} (best "
-            f"{fmt_value(c['random_best'])}): {reached}.")
+    return render("quality_comparison", reached=reached, **{k: fmt_value(c[k]) for k in (
+        "child_start", "random_start", "child_final", "child_best", "random_final", "random_best")})
 
 
 def training_part(training: dict[str, Any]) -> list[str]:
     """The training subsection of one parent."""
     plan = training["plan"]
-    tokens = plan["steps"] * plan["batch_size"] * training["seq_len"]
-    head = (f"Training at the aggressive shape {training['text']}: {plan['steps']} steps of {plan['batch_size']} x "
-            f"{training['seq_len']} tokens ({tokens:,} tokens) per run, {plan['precision']} autocast, identical "
-            "batches for every run; each arm's chosen lr is its lowest best validation loss.")
+    head = render("quality_training", text=training["text"], seq_len=training["seq_len"], **plan,
+                  tokens=plan["steps"] * plan["batch_size"] * training["seq_len"])
     edges = " ".join(edge_text(arm, data) for arm, data in training["arms"].items())
     return [head, training_table(training), edges, comparison_text(training)]
 
 
 def parent_part(result: dict[str, Any]) -> list[str]:
     """The subsection of one parent: its numbers, the grid table, the verdict lines and its training."""
-    shape = result["shape"]
+    minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["seconds"].items())
     parts = [f"### {result['label']}",
-             f"Parent: {shape_text(shape)}, {result['params'] / 1e6:.1f}M parameters, validation loss "
-             f"{fmt_value(result['loss'])} (a uniform guess over its {result['vocab']:,} words scores "
-             f"{fmt_value(result['ln_vocab'])}). Calibration {result['calib_tokens']:,} tokens, validation "
-             f"{result['val_tokens']:,} tokens; " + ", ".join(f"{k} {v / 60:.1f} min"
-                                                               for k, v in result["seconds"].items()) + ".",
+             render("quality_parent", shape=shape_text(result["shape"]), params=result["params"] / 1e6,
+                    loss=fmt_value(result["loss"]), ln_vocab=fmt_value(result["ln_vocab"]), minutes=minutes,
+                    **{k: result[k] for k in ("vocab", "calib_tokens", "val_tokens")}),
              quality_table(result), margin_line(result), variant_line(result)]
     parts += missing_lines(result)
     if result["training"]:
@@ -610,10 +581,8 @@ def plot_grid(ax: Any, result: dict[str, Any]) -> None:
                 ax.plot(s["width_share"], s["losses"][key], "*", markersize=10, color=COLORS[key])
     ax.axhline(result["loss"], color="grey", linewidth=1, label="parent")
     title = f"{result['label']}: step 0 (stars: aggressive shape)"
-    ax.set(title=title if len(title) <= 80 else textwrap.fill(title, 60),  # the coder's labels name their data
-           xlabel="kept hidden share", ylabel="validation loss")
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
+    h.finish(ax, legend=6, title=title if len(title) <= 80 else textwrap.fill(title, 60),  # the coder's: data
+             xlabel="kept hidden share", ylabel="validation loss")
 
 
 def plot_training(ax: Any, result: dict[str, Any]) -> None:
@@ -624,10 +593,8 @@ def plot_training(ax: Any, result: dict[str, Any]) -> None:
             ax.plot(r["tokens"], r["val_loss"], "--" if arm == "random" else "-", color=COLORS[arm],
                     linewidth=2 if chosen else 0.8, alpha=1 if chosen else 0.5, marker=".",
                     label=f"{VARIANTS[arm][0]}, lr {r['lr']:g}")
-    ax.set(title=f"{result['label']}: {result['training']['text']}", xlabel="training tokens",
-           ylabel="validation loss")
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
+    h.finish(ax, legend=6, title=f"{result['label']}: {result['training']['text']}", xlabel="training tokens",
+             ylabel="validation loss")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -635,7 +602,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     parents = list(results["parents"].values())
     trained = any(r["training"] for r in parents)
     rows, cols = (2 if trained else 1), max(1, len(parents))
-    fig, axes = pyplot().subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    fig, axes = h.panels(cols, 6.4, 4.2, rows)
     for col, result in enumerate(parents):
         plot_grid(axes[0][col], result)
         if result["training"]:
@@ -650,7 +617,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def outputs(name: str, out: Path | None) -> dict[str, Path]:
     """docs/ for the cpu size, a temporary folder for the smoke size, or --out-dir."""
-    folder = out or (Path(tempfile.mkdtemp(prefix="subclone-quality-")) if name == "smoke" else DOC.parent)
+    folder = h.folder(name, out, "subclone-quality-")
     return {"json": folder / "quality.json", "plot": folder / "bench_quality.png", "doc": folder / DOC.name}
 
 
@@ -695,9 +662,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = json.loads(args.from_json.read_text())
         write_all(results, outputs(results["size"], args.out_dir))
         return results
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hf_logging.disable_progress_bar()
+    h.start(args)
     name = "smoke" if args.smoke else "cpu"
     size, paths = SIZES[name], outputs(name, args.out_dir)
     work = Path(tempfile.mkdtemp(prefix=f"subclone-quality-{name}-"))

@@ -23,15 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers.utils import logging as hf_logging
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import AGGRESSIVE, DOCS, PAPER_LIKE, THREADS_HELP, bench_parser, machine
+from bench import _harness as h
+from bench._harness import Budget
+from bench._report import DOCS, SHAPES, THREADS_HELP, bench_parser, machine
 from bench._repro_measure import Arm, Study, analyze_parent, run_study, step0_table, validation_batches
 from bench._repro_plots import draw_all
 from bench._repro_report import render
-from bench.bench_training import Budget
 from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent
 
@@ -55,23 +53,19 @@ class Size:
     max_reruns: int
 
 
-
 SIZES = {
     # 2 CPU cores: the paper-like child trains at ~1.2 s per 4 x 128-token step (its 49,152-word head
     # dominates), so each LM run is 40 steps; evaluations at steps 1-3 resolve how fast a child gets ahead.
     "cpu": Size(calib_tokens=4096, analysis_tokens=2048, analysis_images=1000,
                 lm=Budget(steps=40, eval_every=5, batch_size=4, seq_len=128, val_tokens=2048),
-                lm_eval_at=(1, 2, 3), lm_shapes={"paper-like": PAPER_LIKE, "aggressive": AGGRESSIVE},
+                lm_eval_at=(1, 2, 3), lm_shapes=SHAPES,
                 vit=Budget(steps=200, eval_every=10, batch_size=64, val_images=500, eval_batch_size=250),
                 vit_eval_at=(2, 5),
                 lm_lrs={"random": (1e-3, 3e-3), "subclone": (1e-4, 3e-4, 1e-3, 3e-3)},
                 vit_lrs={"random": (1e-3, 2e-3), "subclone": (1e-4, 3e-4, 1e-3)}, max_reruns=6),
     "smoke": Size(calib_tokens=256, analysis_tokens=256, analysis_images=64,
                   lm=Budget(steps=4, eval_every=2, batch_size=2, seq_len=32, val_tokens=128),
-                  lm_eval_at=(1,), lm_shapes={"paper-like": {"layers": 3, "hidden": 24, "heads": 3, "kv_heads": 1,
-                                                             "ffn": 32},
-                                              "aggressive": {"layers": 2, "hidden": 16, "heads": 2, "kv_heads": 1,
-                                                             "ffn": 16}},
+                  lm_eval_at=(1,), lm_shapes=h.SMOKE_SHAPES,
                   vit=Budget(steps=4, eval_every=2, batch_size=16, val_images=64), vit_eval_at=(1,),
                   lm_lrs={"random": (1e-3,), "subclone": (1e-4, 1e-3)},
                   vit_lrs={"random": (1e-3,), "subclone": (1e-4, 1e-3)}, max_reruns=6),
@@ -200,9 +194,7 @@ def with_budget(results: dict[str, Any], budget: Path) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hf_logging.disable_progress_bar()
+    h.start(args)
     size = SIZES[args.size]
     start = time.perf_counter()
     runs_dir = Path(tempfile.mkdtemp(prefix="subclone-reproduce-"))

@@ -78,10 +78,9 @@ def test_redrawing_from_the_json_gives_the_same_section(run, tmp_path):
 
 
 def test_chosen_run_and_edges_without_training():
-    runs = [{"lr": 1e-3, "status": "done", "best": 5.0}, {"lr": 2e-3, "status": "stopped", "best": 1.0},
-            {"lr": 4e-3, "status": "done", "best": 4.0}]
-    assert bench_quality.chosen_run(runs)["lr"] == 4e-3  # a stopped run never wins
-    assert bench_quality.chosen_run([runs[1]]) is None
+    data = {"chosen_lr": 4e-3, "runs": [{"lr": 1e-3, "best": 5.0}, {"lr": 4e-3, "best": 4.0}]}
+    assert bench_quality.chosen_run(data)["best"] == 4.0
+    assert bench_quality.chosen_run({**data, "chosen_lr": None}) is None  # every run diverged
     assert bench_quality.edge_of(4e-3, (1e-3, 2e-3, 4e-3)) == "high"
     assert bench_quality.edge_of(1e-3, (1e-3, 2e-3, 4e-3)) == "low"
     assert bench_quality.edge_of(2e-3, (1e-3, 2e-3, 4e-3)) is None

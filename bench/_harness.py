@@ -1,0 +1,204 @@
+"""The benchmarks' training harness: data splits, training settings, candidates, one engine call with progress
+lines, each candidate's chosen run by the library's sweep rule, run summaries for the JSON, the common flags,
+output folders and the plot helpers. bench_training, bench_budget, bench_quality and reproduce run on it;
+every run goes through the library's own training (`training.train_candidates`, `training.sweep.choose_runs`)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from bench._report import DOCS, progress_printer, pyplot
+from subclone_core.sources import Parent, make_data
+from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
+from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value
+from subclone_core.training.sweep import choose_runs, run_name, runs_from_results
+
+# Stand-ins for the two child shapes of the default parent (bench/_report.SHAPES) on the tiny smoke parents.
+SMOKE_SHAPES = {"paper-like": {"layers": 3, "hidden": 24, "heads": 3, "kv_heads": 1, "ffn": 32},
+                "aggressive": {"layers": 2, "hidden": 16, "heads": 2, "kv_heads": 1, "ffn": 16}}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to initialize and train the child: candidate name (letters, digits, ._+-), report label,
+    make_child strategy and options, its lrs to sweep (None: trained at the subcloned child's best lr), its
+    weight decay (None: the strategy's default) and whether the parent teaches it (distillation)."""
+
+    name: str
+    label: str
+    strategy: str
+    options: dict = field(default_factory=dict)
+    lrs: tuple[float, ...] | None = None
+    weight_decay: float | None = None
+    distill: bool = False
+
+    @property
+    def hparam_key(self) -> str:
+        """The key of its default hyperparameters (weight decay)."""
+        return "subclone+distill" if self.distill else self.strategy
+
+    def candidates(self, model: torch.nn.Module, lrs: Iterable[float], teacher: torch.nn.Module | None = None
+                   ) -> list[Candidate]:
+        """A fresh copy of ``model`` per learning rate, named as a sweep's runs ("subclone@lr=1e-3")."""
+        return [candidate(run_name(self.name, lr), model, lr, self.hparam_key, weight_decay=self.weight_decay,
+                          teacher=teacher if self.distill else None) for lr in lrs]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training settings shared by every candidate of one experiment (short budgets, a fixed validation set)."""
+
+    steps: int
+    eval_every: int
+    batch_size: int
+    seq_len: int = 128  # text
+    val_tokens: int = 4096  # text: the fixed validation set
+    val_images: int = 1000  # images: the fixed validation set
+    eval_batch_size: int | None = None
+
+    def units(self, task: str) -> str:
+        """Training data per step in words, e.g. "8 x 128 tokens"."""
+        return f"{self.batch_size} x {self.seq_len} tokens" if task == "causal-lm" else f"{self.batch_size} images"
+
+    def splits(self, parent: Parent, data_id: str) -> tuple[Any, Any]:
+        """One pass of training data for the budget (repeats if the split is smaller) and the validation set."""
+        train = make_data(parent, data_id, "train", seq_len=self.seq_len,
+                          max_tokens=self.steps * self.batch_size * self.seq_len,
+                          max_images=self.steps * self.batch_size)
+        val = make_data(parent, data_id, "validation", seq_len=self.seq_len, max_tokens=self.val_tokens,
+                        max_images=self.val_images)
+        return train, val
+
+    def config(self, val_len: int, **extra: Any) -> TrainConfig:
+        """Its TrainConfig: the whole validation set in batches rounded up, evaluations every eval_every."""
+        return train_config(self.steps, self.batch_size, val_len, eval_batch=self.eval_batch_size or self.batch_size,
+                            eval_every=self.eval_every, **extra)
+
+
+def train_config(steps: int, batch_size: int, val_len: int, *, eval_batch: int | None = None, round_down: bool = False,
+                 eval_every: int | None = None, eval_at: Iterable[int] = (), seed: int = 0,
+                 precision: str = "auto") -> TrainConfig:
+    """The benchmarks' TrainConfig: AdamW with 5% warmup then cosine to 0, every validation on the whole fixed set
+    (``val_len`` items in batches of ``eval_batch``, default the training batch; the last partial batch counted
+    unless ``round_down``: bench_budget's choice), on the best device."""
+    size = eval_batch or batch_size
+    batches = val_len // size if round_down else math.ceil(val_len / size)
+    return TrainConfig(steps=steps, batch_size=batch_size, eval_every=eval_every or steps, eval_at=tuple(eval_at),
+                       eval_batches=max(1, batches), eval_batch_size=eval_batch, warmup=0.05, seed=seed,
+                       device="auto", mixed_precision=precision)
+
+
+def candidate(name: str, model: torch.nn.Module, lr: float, strategy: str, *, weight_decay: float | None = None,
+              teacher: torch.nn.Module | None = None) -> Candidate:
+    """A fresh copy of ``model`` at ``lr``, with the strategy's default weight decay unless one is given."""
+    decay = default_hparams(strategy)["weight_decay"] if weight_decay is None else weight_decay
+    return Candidate(name, copy.deepcopy(model), lr=lr, weight_decay=decay, strategy=strategy, teacher=teacher)
+
+
+def train(cands: list[Candidate], train_data: Any, val: Any, config: TrainConfig, tag: str,
+          metrics: Path) -> dict[str, RunResult]:
+    """Train candidates side by side on the identical batches (progress on stderr, metrics to ``metrics``);
+    the curves are kept, the weights freed."""
+    print(f"[{tag}] {', '.join(c.name for c in cands)}: {config.steps} steps, batch {config.batch_size}",
+          file=sys.stderr, flush=True)
+    results = train_candidates(cands, train_data, val, config, callbacks=[progress_printer(tag, config.steps)],
+                               metrics_path=metrics)
+    for result in results.values():
+        result.model = None
+    return results
+
+
+def best_runs(runs: dict[str, RunResult], metric: str, *, always: bool = False) -> dict[str, RunResult]:
+    """Each candidate's chosen run by the library's rule (training.sweep.choose_runs: the best validation value
+    among the runs not stopped by a non-finite loss); a candidate whose every lr diverged has none, unless
+    ``always`` (bench_budget: then its lowest lr's run)."""
+    higher = HIGHER_IS_BETTER[metric]
+    swept = runs_from_results(runs, metric, higher_is_better=higher)
+    eligible = {r.run for r in swept if always or (r.status != "stopped" and r.best is not None)}
+    return {name: runs[pick] for name, pick in choose_runs(swept, higher_is_better=higher).items() if pick in eligible}
+
+
+def sweep_then_rest(arms: Iterable[Arm], train_stage: Callable[[list[Arm], dict[str, tuple[float, ...]], str],
+                                                           dict[str, RunResult]],
+                    metric: str, rest: str) -> tuple[dict[str, RunResult], dict[str, RunResult], float]:
+    """The swept arms at every lr of their grids (stage "sweep"), then the others (stage ``rest``) at the subcloned
+    child's best lr (its lowest swept lr if every one diverged). ``train_stage(arms, lr_of, stage)`` trains one
+    stage. Returns every run, each arm's chosen run and that lr."""
+    arms = list(arms)
+    runs = train_stage([a for a in arms if a.lrs], {a.name: a.lrs for a in arms if a.lrs}, "sweep")
+    chosen = best_runs(runs, metric)
+    child = chosen.get("subclone")
+    lr = child.lr if child is not None else min(next(a.lrs for a in arms if a.name == "subclone"))
+    if others := [a for a in arms if not a.lrs]:
+        done = train_stage(others, {a.name: (lr,) for a in others}, rest)
+        runs, chosen = {**runs, **done}, {**chosen, **best_runs(done, metric)}
+    return runs, chosen, lr
+
+
+def facts(run: RunResult, metric: str = "loss") -> dict[str, Any]:
+    """Everything the benchmarks' JSON says about one run; each script keeps the keys of its schema."""
+    curve = run.curve(metric)
+    return {"lr": run.lr, "weight_decay": run.weight_decay, "status": run.status, "message": run.message,
+            "curve": curve, "steps": [p.step for p in run.evals], "tokens": [p.seen for p in run.evals],
+            "val_loss": [p.loss for p in run.evals], "start": curve[0][1] if curve else None,
+            "best": best_value(curve, higher_is_better=HIGHER_IS_BETTER[metric]),
+            "final": curve[-1][1] if curve else None, "throughput": run.throughput, "unit": run.unit}
+
+
+def pick(values: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The named entries of a dict, in that order."""
+    return {k: values[k] for k in keys}
+
+
+# --- command line and outputs ---------------------------------------------------------------------------
+
+
+def start(args: argparse.Namespace) -> None:
+    """What every benchmark does first: its torch CPU threads (--threads), our own progress lines only."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+
+
+def size_flags(parser: argparse.ArgumentParser, smoke: str, gpu: str | None = None) -> None:
+    """--smoke and (where a script has one) --gpu, mutually exclusive; the default size is "cpu"."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--smoke", action="store_true", help=smoke)
+    if gpu:
+        group.add_argument("--gpu", action="store_true", help=gpu)
+
+
+def size_name(args: argparse.Namespace) -> str:
+    return "smoke" if args.smoke else "gpu" if getattr(args, "gpu", False) else "cpu"
+
+
+def folder(size: str, out: Path | None, prefix: str) -> Path:
+    """Where a size writes: the given folder, else a temporary one for the smoke size, else docs/."""
+    return out or (Path(tempfile.mkdtemp(prefix=prefix)) if size == "smoke" else DOCS)
+
+
+# --- plots ----------------------------------------------------------------------------------------------
+
+
+def panels(cols: int, width: float, height: float, rows: int = 1) -> tuple[Any, Any]:
+    """A figure of rows x cols panels of the given size each; axes always 2-D."""
+    return pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def finish(ax: Any, *, legend: float = 7, which: str = "major", **labels: Any) -> None:
+    """Titles and labels (``ax.set``), a legend of the given font size and a light grid."""
+    if labels:
+        ax.set(**labels)
+    ax.legend(fontsize=legend)
+    ax.grid(alpha=0.3, which=which)
