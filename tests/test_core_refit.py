@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from subclone_core.core import slicing
 from subclone_core.core.archs import arch_for, arch_of_model
 from subclone_core.core.calibration import Importance, calibrate
 from subclone_core.core.errors import SubcloneError
@@ -319,3 +320,23 @@ def test_the_refit_on_the_childs_inputs_brings_the_child_closer_to_the_parent(mo
         child = subclone_model(parent, target, importance=imp, refit=True, refit_items=items_of(parent))
         errors[inputs] = float((torch.cat([tm.output(child.model, b) for b in batches]) - expected).norm())
     assert errors["child"] < 0.9 * errors["parent"], errors
+
+
+@pytest.mark.parametrize("toward", ["slice", "zero"])
+@pytest.mark.parametrize("moments", ["gram", "cross"])
+def test_a_layer_with_fewer_outputs_than_inputs_is_solved_for_its_weight_the_same(toward, moments):
+    """W' solved directly (out right-hand sides) equals W times the mapping (in right-hand sides), the path a
+    layer with more outputs than inputs (a head) takes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    kept = torch.tensor([7, 0, 3, 11, 5, 2, 9])
+    y = x[:, kept] + 0.1 * torch.randn(200, 7, generator=g, dtype=torch.float64)  # "child" inputs
+    gram = x.T @ x / 200 if moments == "gram" else (x.T @ y / 200, y.T @ y / 200)
+    weight = torch.randn(5, 12, generator=g, dtype=torch.float64)  # 5 outputs < 12 inputs: solved directly
+    direct = refit_input(weight, 1, kept, gram, 0.1, toward)
+    cross, g_kk = slicing._moments(gram, kept)
+    through_mapping = weight @ slicing._refit_mapping(cross, g_kk, kept, 0.1, toward).T
+    torch.testing.assert_close(direct, through_mapping, rtol=1e-10, atol=1e-12)
+    tall = torch.randn(20, 12, generator=g, dtype=torch.float64)  # 20 outputs > 12 inputs: through the mapping
+    torch.testing.assert_close(refit_input(tall, 1, kept, gram, 0.1, toward)[:5],
+                               refit_input(tall[:5], 1, kept, gram, 0.1, toward), rtol=1e-10, atol=1e-12)
