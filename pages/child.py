@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from subclone_core.analysis.explore import REFIT_TOKENS
 from subclone_core.app import charts, ui
 from subclone_core.app.analysis import zip_folder
 from subclone_core.app.inputs import app_words, without_markup, without_suggestion
@@ -248,7 +249,9 @@ def show_explorer() -> None:
     budget = ui.checked_number("Parameter budget (millions)", 0.001, largest, "explore_budget", default,
                                step=1.0, format="%.3f")
     st.caption("Subclones a grid of shapes (blocks x width, heads, KV heads and FFN at the parent's ratios) "
-               "near the budget and measures each one's validation loss before training.")
+               "near the budget and measures each one's validation loss before training. Each shape is refit on "
+               f"{min(ws.calib_tokens, REFIT_TOKENS):,} of the calibration tokens (the same ranking as all of them); "
+               "Generate refits the shape you use on all of them.")
     running = ws.running("explorer") is not None
     if st.button("Explore shapes", key="run_explore", disabled=budget is None or running):
         run_explorer(int(budget * 1e6))

@@ -30,6 +30,7 @@ def test_explore_prints_one_json_object_with_the_grid(llama_dir, text_file):
     assert code == 0, err
     result = json.loads(out)
     assert result["budget"] == 20_000 and result["shapes"]
+    assert result["refit_tokens"] == 256  # the default 1,024, at most the calibration's tokens
     assert {"layers", "hidden", "heads", "kv_heads", "ffn", "params", "loss", "pareto"} <= set(result["shapes"][0])
     assert result["random"]["loss"] > 0  # the front holds only shapes that start below random init (a tiny
     # random parent may have none)

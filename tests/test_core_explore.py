@@ -10,6 +10,7 @@ import torch
 from subclone_core.analysis.explore import (
     candidate_shapes,
     explore_shapes,
+    explored_widths,
     parameter_count,
     pareto_flags,
     parse_param_count,
@@ -19,6 +20,7 @@ from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.workflow.shapes import starting_shape
 from tests import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,3 +99,14 @@ def test_explore_scores_every_shape_marks_the_front_and_a_random_reference():
     assert abs(result.random_loss - math.log(tm.VOCAB)) < 1.0  # a random child predicts near-uniformly
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert result.to_json()["shapes"][0]["params"] == result.points[0].params
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_explorer_always_tries_the_starting_childs_width(family):
+    model = tm.make(family, dtype=torch.float32)
+    start = starting_shape(model)
+    widths = explored_widths(model)
+    assert any((w.hidden, w.heads, w.ffn) == (start.hidden, start.heads, start.ffn) for w in widths)
+    assert {w.hidden for w in width_shapes(model)} <= {w.hidden for w in widths}
+    budget = parameter_count(model, start)
+    assert start in [shape for shape, _ in candidate_shapes(model, budget)]

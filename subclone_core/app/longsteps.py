@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from subclone_core.analysis.explore import EVAL_TOKENS, explore_shapes
+from subclone_core.analysis.explore import EVAL_TOKENS, REFIT_TOKENS, explore_shapes
 from subclone_core.analysis.inspector import Unit, inspect_units
 from subclone_core.analysis.probes import (
     ablate_parent,
@@ -131,7 +131,8 @@ def explorer_work(parent: Parent, importance: Importance | None, data_id: str | 
             measured = calibration_work(parent, data_id, calib_tokens)(staged(emit, "calibrating"), cancel)
         batches = validation_sample(parent, data_id, EVAL_TOKENS)
         progress = cancellable(cancel, staged(emit, "subcloning and scoring shapes"))
-        refit = refit_source(parent, data_id or default_data_id(parent.task), calib_tokens)
+        # each shape refit on fewer tokens than Generate's (the same ranking, measured: explore.REFIT_TOKENS)
+        refit = refit_source(parent, data_id or default_data_id(parent.task), min(calib_tokens, REFIT_TOKENS))
         with exclusive(parent.model):  # the refit runs the shared parent on calibration batches
             return measured, explore_shapes(parent.model, measured, budget, batches, progress=progress,
                                             refit_items=refit)

@@ -7,6 +7,7 @@ import time
 
 from subclone_core.analysis.explore import (
     EVAL_TOKENS,
+    REFIT_TOKENS,
     Exploration,
     candidate_shapes,
     explore_shapes,
@@ -39,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p, sequential=True)
     p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, metavar="N",
                    help=f"validation tokens each shape is scored on (default {EVAL_TOKENS})")
+    p.add_argument("--refit-tokens", type=int, default=REFIT_TOKENS, metavar="N",
+                   help=f"calibration tokens each shape is refit on, at most --calib-tokens (default {REFIT_TOKENS}: "
+                        "the same ranking as all of them, measured; make refits the chosen shape on all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_param_count(args.params)
     require_positive("--calib-tokens", args.tokens)
     require_positive("--eval-tokens", args.eval_tokens)
+    require_positive("--refit-tokens", args.refit_tokens)
     sequential = sequential_args(args)
     parent = load_parent(args.parent, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **placement_kwargs(args))
@@ -57,17 +62,21 @@ def run(args: argparse.Namespace) -> int:
     importance = measure_importance(parent, plan.data_id, tokens=plan.calib_tokens, sequential=plan.sequential,
                                     activation_memory=plan.activation_memory)
     batches = validation_sample(parent, args.data, args.eval_tokens)
-    refit = refit_source(parent, plan.data_id, plan.calib_tokens, activation_memory=plan.activation_memory) \
+    refit_tokens = min(args.refit_tokens, plan.calib_tokens) if plan.refit else 0
+    refit = refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory) \
         if plan.refit else None
     start = time.perf_counter()
     result = explore_shapes(parent.model, importance, budget, batches, refit_items=refit)
     seconds = round(time.perf_counter() - start, 2)
     if args.json:
-        print_json({"parent": args.parent, **result.to_json(), "seconds": seconds, "plan": plan.to_json(),
+        print_json({"parent": args.parent, **result.to_json(), "seconds": seconds, "refit_tokens": refit_tokens,
+                    "plan": plan.to_json(),
                     "warnings": plan.warnings()})
     else:
         print(table(result))
-        print(f"{len(result.points)} shapes in {seconds} s; * marks the Pareto front (fewest parameters, lowest loss)")
+        refit_text = f", each refit on {refit_tokens:,} calibration tokens" if refit_tokens else ""
+        print(f"{len(result.points)} shapes in {seconds} s{refit_text}; * marks the Pareto front (fewest parameters, "
+              "lowest loss)")
     return 0
 
 
