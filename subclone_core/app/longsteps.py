@@ -37,9 +37,13 @@ from subclone_core.workflow.jobs import CandidateSettings
 
 STEP0_TOKENS = 2048  # the Parent page's default validation budget: the parent's score is reused
 SAMPLE_TOKENS = 30  # new tokens of each step-0 sample
-CALIB_OVERHEAD = 1.3  # calibration hooks cost about this much over a plain forward pass
-INSPECT_OVERHEAD = 1.5  # the inspector's top-k bookkeeping over a plain forward pass
-ABLATION_REPLAYED = 0.65  # an evaluation without one block, the blocks before it replayed (measured: 25 s vs 38 s)
+# Each step's seconds over a validation pass of the parent on as many tokens (forward_rate), measured with the
+# app's defaults on both embedded parents on 2 idle cores (bench_app): calibration 1.03 (SmolLM2-135M) and 0.85
+# (Gemma 3 270M, whose validation pays a loss over a 262k-token vocabulary that calibration does not), the
+# inspector 0.94 and 0.84, each evaluation without one block 0.74 and 1.02 of a block's share (blocks replayed)
+CALIB_OVERHEAD = 0.95
+INSPECT_OVERHEAD = 0.9
+ABLATION_REPLAYED = 0.85
 
 
 def data_key(data_id: str | None) -> tuple[str, int]:
