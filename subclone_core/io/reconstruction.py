@@ -65,11 +65,16 @@ def _run_block(p: Pass, i: int, block: nn.Module, b: int) -> Callable[[], object
     return run
 
 
-def _parent_inputs(p: Pass, i: int, block: nn.Module, paths: list[str]) -> None:
-    """Parent block i once per batch: the input of each layer of ``paths`` kept in the pass's store as streams 1,
-    2, ... (within its memory budget, as the hidden states are), and the parent's stream moved past the block.
-    The parent's inputs do not depend on the child, so one run serves every stage of the fit (running the block up
-    to each stage's layer again took 60% more block forwards than the whole fit needs)."""
+def _parent_inputs(p: Pass, i: int, block: nn.Module, paths: list[str]) -> Callable[[int, int], Tensor]:
+    """``(s, b) ->`` the input of layer ``paths[s - 1]`` of parent block i on batch b.
+
+    The parent's inputs do not depend on the child, so for a parent in memory block i runs once per batch: each
+    layer's input is kept in the pass's store as stream s (within its budget, as the hidden states are) and the
+    parent's stream moves past the block here (running the block up to each stage's layer again took 60% more
+    block forwards). For a parent read from its files memory comes first: the block runs up to the layer again
+    for each stage, and the caller moves the stream on."""
+    if p.reads_files:
+        return lambda s, b: _capture(block, paths[s - 1], _run_block(p, i, block, b))
     for b in range(len(p.batches)):
         seen: dict[str, Tensor] = {}
         handles = [block.get_submodule(path).register_forward_pre_hook(
@@ -81,6 +86,7 @@ def _parent_inputs(p: Pass, i: int, block: nn.Module, paths: list[str]) -> None:
                 handle.remove()
         for s, path in enumerate(paths, start=1):
             p.store[(s, b)] = seen[path].to("cpu")
+    return lambda s, b: p.store[(s, b)].to(p.device)
 
 
 def _moments(p: Pass, pairs: Iterable[tuple[Tensor, Tensor]]) -> Moments:
@@ -144,9 +150,9 @@ class Reconstruction:
             f"{self.blocks_path}.{i}.{path}.weight", block.get_submodule(path).weight) is not None]
         fitted: dict[str, object] = {}
         stages = _stages(c, j, child, paths)
-        _parent_inputs(p, i, block, [stage[0] for stage in stages])  # the parent block runs once per batch
+        parent_input = _parent_inputs(p, i, block, [stage[0] for stage in stages])
         for s, stage in enumerate(stages, start=1):
-            moments = _moments(p, ((p.store[(s, b)].to(p.device), _capture(child, stage[0], _run_block(c, j, child, b)))
+            moments = _moments(p, ((parent_input(s, b), _capture(child, stage[0], _run_block(c, j, child, b)))
                                    for b in range(len(p.batches))))
             p.store.discard_stream(s)
             for path in stage:
@@ -154,6 +160,8 @@ class Reconstruction:
                 fitted[name] = SOLVED  # the slicer keeps the child's weight: the moments can go now
                 c.loader.load([self._put(name, module_tensor(p.model, name), moments)])
         for b in range(len(p.batches)):
+            if p.reads_files:
+                forward_block(p, i, block, b, 0)
             forward_block(c, j, child, b, 0)
         c.loader.free(c.block_names[j])
         for name in c.block_names[j]:

@@ -145,6 +145,11 @@ class Pass:
         return self.loader.device
 
     @property
+    def reads_files(self) -> bool:
+        """Whether blocks' weights are read from the checkpoint's files (an offloaded parent), not from memory."""
+        return hasattr(self.loader.tensors, "bytes_read")
+
+    @property
     def global_names(self) -> list[str]:
         """The state-dict names outside the blocks (embeddings, final norm, head), in the model's order."""
         return _outside(self.loader.names, self.block_names)
