@@ -35,13 +35,17 @@ from subclone_core.analysis.inspector import outsized_dimensions
 from subclone_core.analysis.probes import generate_text
 from subclone_core.app import charts, longsteps
 from subclone_core.app.analysis import live_summary
-from subclone_core.app.jobs import BackgroundJob
+from subclone_core.app.jobs import BackgroundJob, JobLimiter
+from subclone_core.app.longsteps import estimate_seconds, forward_rate
 from subclone_core.app.session import DEFAULT_PROMPT
+from subclone_core.app.settings import AppSettings
 from subclone_core.app.steps import TrainRequest, child_settings, make_children, training_work
+from subclone_core.core.archs import arch_for
 from subclone_core.core.shape import suggested_shape
 from subclone_core.core.strategies import parameter_count
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import CALIB_TOKENS, measure_importance, save_child
+from subclone_core.workflow.shapes import starting_shape
 
 BATCH, SEQ_LEN, EVAL_EVERY = 8, 128, 10  # the Train page's defaults
 
@@ -64,39 +68,71 @@ def run_work(work) -> Any:
     return work(lambda event: None, threading.Event())
 
 
-def action_rows() -> list[list[object]]:
-    """Each page action with its default settings, in the order a visitor clicks: wall and CPU seconds."""
+PARENTS = ("default", "gemma3-270m")  # the two embedded real parents
+TARGETS = {"default": 15.0, "gemma3-270m": 30.0}  # seconds a lesson can wait for one step, on 2 idle cores
+
+
+def action_rows(parent_id: str) -> list[list[object]]:
+    """Each page action with its default settings, in the order a visitor clicks: wall and CPU seconds, and the
+    estimate the page shows before the step starts (where it shows one)."""
     rows, state = [], {}
 
-    def measure(page: str, action: str, fn: Callable[[], Any]) -> Any:
+    def measure(page: str, action: str, fn: Callable[[], Any], estimate: float | None = None) -> Any:
         result, wall, cpu = timed(fn)
-        rows.append([page, action, f"{wall:.1f}", f"{cpu:.1f}"])
-        print(f"{page}: {action}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        shown = "" if estimate is None else f"{estimate:.1f}"
+        rows.append([page, action, f"{wall:.1f}", f"{cpu:.1f}", shown, "yes" if wall <= TARGETS[parent_id] else "no"])
+        print(f"{parent_id}: {page}: {action}: {wall:.1f} s wall, {cpu:.1f} s CPU, estimate {shown or '-'}",
+              flush=True)
         return result
 
-    parent = measure("Parent", "open the default parent (converted once before)", lambda: load_parent("default"))
+    parent = measure("Parent", "open the parent (converted once before)", lambda: load_parent(parent_id))
     state["metrics"] = measure("Parent", "validation, 2,048 tokens", lambda: longsteps.evaluate_parent(
         parent, None, longsteps.STEP0_TOKENS))
+    rate, layers = forward_rate(state["metrics"]), parent.model.config.num_hidden_layers
     text = measure("Parent", "Generate, 30 tokens", lambda: generate_text(
         parent.model, parent.preprocessor, DEFAULT_PROMPT, longsteps.SAMPLE_TOKENS))
     importance = measure("Importance", f"Run calibration, {CALIB_TOKENS:,} tokens", lambda: run_work(
-        longsteps.calibration_work(parent, None, CALIB_TOKENS)))
+        longsteps.calibration_work(parent, None, CALIB_TOKENS)), estimate_seconds("calibration", CALIB_TOKENS, rate))
     units = outsized_dimensions(importance)
     measure("Importance", f"Inspector: What do they fire on? ({len(units)} dimensions)", lambda: run_work(
-        longsteps.inspector_work(parent, units, None, CALIB_TOKENS)))
+        longsteps.inspector_work(parent, units, None, CALIB_TOKENS)), estimate_seconds("inspector", CALIB_TOKENS, rate))
     measure("Blocks", f"Compute loss without each block, {probes.ABLATION_TOKENS} tokens each",
-            lambda: run_work(longsteps.ablation_work(parent, None, probes.ABLATION_TOKENS)))
-    shape = suggested_shape(parent.model)
+            lambda: run_work(longsteps.ablation_work(parent, None, probes.ABLATION_TOKENS)),
+            estimate_seconds("ablation", probes.ABLATION_TOKENS, rate, blocks=layers))
+    shape = starting_shape(parent.model)
     budget = parameter_count(parent.model, shape)
     measure("Child", f"Explore shapes, budget {budget / 1e6:.1f} M", lambda: run_work(
         longsteps.explorer_work(parent, importance, None, CALIB_TOKENS, budget)))
-    settings = child_settings("subclone", None, None, None, CALIB_TOKENS)
+    arch = arch_for(parent.model.config.model_type)  # the Child page's defaults are the family's
+    settings = child_settings("subclone", None, arch.scale_default, None, CALIB_TOKENS,
+                              residual_score=arch.residual_score, refit=arch.refit_default)
     made = measure("Child", f"Generate {shape.layers} x {shape.hidden} (child, twin, scores, samples)",
                    lambda: run_work(longsteps.child_work(parent, shape, settings, importance, state["metrics"],
                                                          DEFAULT_PROMPT, text)))
     with tempfile.TemporaryDirectory() as tmp:
         measure("Child", "Save", lambda: save_child(made["child"], Path(tmp) / "child", task=parent.task))
     return rows
+
+
+def queue_rows(parent_id: str, budgets: tuple[int, ...] = (1024, 1152, 1280)) -> list[list[object]]:
+    """Three sessions calibrating at once (three budgets, so three computations) through the server's queue,
+    against the same three run one after another: the places in line each one was shown, and the wall times."""
+    parent = load_parent(parent_id)
+    alone = [timed(lambda t=t: run_work(longsteps.calibration_work(parent, None, t)))[1] for t in budgets]
+    config = AppSettings.load()
+    limiter = JobLimiter(max_running=config.max_jobs, max_queued=config.max_queue)
+    start = time.perf_counter()
+    jobs = [BackgroundJob(longsteps.calibration_work(parent, None, t), name=f"calibration-{t}",
+                          limiter=limiter).start() for t in budgets]
+    places = [job.position for job in jobs]  # read at once: the first runs, the others wait in line
+    for job in jobs:
+        job.wait()
+    together = time.perf_counter() - start
+    if any(job.status != "done" for job in jobs):
+        raise RuntimeError([job.error for job in jobs])
+    return [[parent_id, ", ".join(f"{t:,}" for t in budgets), ", ".join(f"{s:.1f}" for s in alone),
+             f"{sum(alone):.1f}", f"{together:.1f}", f"{together / sum(alone):.2f}",
+             ", ".join("running" if p is None else f"{p} in line" for p in places)]]
 
 
 def page_rows() -> list[list[object]]:
@@ -106,7 +142,9 @@ def page_rows() -> list[list[object]]:
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
     _, wall, cpu = timed(at.run)
-    rows = [["app", "open (default parent loaded and scored)", f"{wall:.1f}", f"{cpu:.1f}"]]
+    target = TARGETS["default"]
+    rows = [["app", "open (default parent loaded and scored)", f"{wall:.1f}", f"{cpu:.1f}", "",
+             "yes" if wall <= target else "no"]]
     at.switch_page("pages/importance.py").run()
     for page, button in (("importance", "run_calibration"), ("child", "generate_child")):
         at.switch_page(f"pages/{page}.py").run()
@@ -116,7 +154,8 @@ def page_rows() -> list[list[object]]:
         at.run()
     for page in ("parent", "importance", "blocks", "child", "train"):
         _, wall, cpu = timed(at.switch_page(f"pages/{page}.py").run)
-        rows.append(["app", f"switch to the {page.capitalize()} page", f"{wall:.2f}", f"{cpu:.2f}"])
+        rows.append(["app", f"switch to the {page.capitalize()} page", f"{wall:.2f}", f"{cpu:.2f}", "",
+                     "yes" if wall <= target else "no"])
         print(rows[-1], flush=True)
     if at.exception:
         raise RuntimeError([e.value for e in at.exception])
@@ -169,27 +208,46 @@ def training_rows(steps: int) -> list[list[object]]:
     return rows
 
 
+SECTIONS = {"queue": "## Three sessions at once in the app's queue (`bench/bench_app.py`)",
+            "actions": "## The app's actions on the embedded parents (`bench/bench_app.py`)",
+            "training": "## The app's training throughput (`bench/bench_app.py`)"}
+
+
+def part_text(part: str, parents: list[str], steps: int) -> str:
+    """One part of the report: the three sessions in the queue, every page action, or training throughput."""
+    if part == "queue":  # first, in a fresh process: nothing else of the app's has run in it yet
+        rows = [row for parent_id in parents for row in queue_rows(parent_id)]
+        return "\n\n".join([render("app_queue"), table(["parent", "calibration tokens", "each alone, s",
+                                                        "one after another, s", "three at once, s", "ratio",
+                                                        "shown at the start"], rows)])
+    if part == "actions":
+        texts = [render("app_actions")]
+        for parent_id in parents:
+            rows = action_rows(parent_id) + (page_rows() if parent_id == "default" else [])
+            texts += [f"**{parent_id}** (target: every action under {TARGETS[parent_id]:.0f} s)",
+                      table(["page", "action (default settings)", "wall s", "CPU s", "estimate s", "in target"],
+                            rows)]
+        return "\n\n".join(texts)
+    rows = training_rows(steps)
+    return "\n\n".join([render("app_training"), table(["path", "child", "steps x batch x seq",
+                                                       "tokens/s (each run)", "best"], rows)])
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
-    parser.add_argument("--only", choices=("actions", "training"), help="run one part only")
+    parser.add_argument("--only", choices=tuple(SECTIONS), help="run one part only")
+    parser.add_argument("--parents", default=",".join(PARENTS), help="embedded parents, comma-separated")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
-    load = os.getloadavg()[0]
+    load = os.getloadavg()[0]  # before any part: later, the parts before raise it themselves
     shared = " (other work shared the 2 cores: these numbers are pessimistic)" if load > 1.0 else " (idle)"
-    parts = [f"Machine: {machine()}; load average {load:.1f} when the run started{shared}."]
-    if args.only in (None, "actions"):
-        rows = action_rows()
-        rows += page_rows()
-        parts += [render("app_actions"), table(["page", "action (default settings)", "wall s", "CPU s"], rows)]
-    if args.only in (None, "training"):
-        rows = training_rows(args.steps)
-        parts += [render("app_training"),
-                  table(["path", "child", "steps x batch x seq", "tokens/s (each run)", "best"], rows)]
-    text = "\n\n".join(parts)
-    print(text)
-    if not args.no_write:
-        write_section("app", f"## The app's actions on the default parent (`bench/bench_app.py`)\n\n{text}")
+    for part in (args.only,) if args.only else tuple(SECTIONS):
+        text = f"Machine: {machine()}; load average {load:.1f} when the benchmark started{shared}.\n\n" + part_text(
+            part, args.parents.split(","), args.steps)
+        print(text, flush=True)
+        if not args.no_write:
+            write_section(f"app-{part}" if part != "actions" else "app", f"{SECTIONS[part]}\n\n{text}")
 
 
 if __name__ == "__main__":

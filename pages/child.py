@@ -111,6 +111,21 @@ def generate(target: Shape, settings: CandidateSettings) -> None:
     ui.start_step("child", lambda emit, cancel: {**work(emit, cancel), "settings": settings}, use_children, key=key)
 
 
+def shape_of_strategy(strategy: str, target: Shape) -> Shape | None:
+    """The shape the strategy builds for the target, said when it differs (a depth-only method keeps every width,
+    a rotation the heads and FFN); None, with the reason, where the strategy is not defined for this family."""
+    try:
+        built = strategy_shape(parent.model, strategy, target)
+    except SubcloneError as err:
+        st.error(ui.plain(str(err)), icon=":material/error:")
+        return None
+    if built != target:
+        text = ", ".join(f"{LABELS[r].lower()} {getattr(built, r)}" for r in SIZE_ROLES)
+        st.info(f"{STRATEGY_LABELS[strategy].split(':')[0]} builds this shape instead: {text} "
+                f"({parameter_count(parent.model, built) / 1e6:.2f} M parameters).", icon=":material/info:")
+    return built
+
+
 def show_plan(settings: CandidateSettings, target: Shape) -> list[str]:
     """The plan of the child Generate would build, in one line, and a warning for anything a visitor would
     expect that it leaves off; returns the warnings shown."""
@@ -294,13 +309,10 @@ if target is not None:
                            key=ui.keep("residual_score", arch.residual_score), disabled=strategy != "subclone")
     settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens, residual_score=ranking,
                               refit=refit)
-    built = strategy_shape(parent.model, strategy, target)
-    if built != target:  # a depth-only method keeps every width; a rotation keeps the heads and FFN
-        text = ", ".join(f"{LABELS[r].lower()} {getattr(built, r)}" for r in SIZE_ROLES)
-        st.info(f"{STRATEGY_LABELS[strategy].split(':')[0]} builds this shape instead: {text} "
-                f"({parameter_count(parent.model, built) / 1e6:.2f} M parameters).", icon=":material/info:")
-    planned = show_plan(settings, built)
-    if st.button("Generate", type="primary", key="generate_child", disabled=ws.running("child") is not None):
+    built = shape_of_strategy(strategy, target)
+    planned = show_plan(settings, built) if built is not None else []
+    if st.button("Generate", type="primary", key="generate_child",
+                 disabled=built is None or ws.running("child") is not None):
         generate(built, settings)
 ui.step_panel("child", "generating the child")
 if target is None:

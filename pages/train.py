@@ -13,13 +13,12 @@ from subclone_core.app.inputs import app_words, duration_text
 from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob
 from subclone_core.app.speedup_chart import iso_loss_chart_from_events
 from subclone_core.app.steps import (
-    EXTRA_STRATEGIES,
     STRATEGY_LABELS,
     TrainRequest,
+    extra_strategies,
     fresh_folder,
     training_work,
 )
-from subclone_core.core.strategies import strategy_shape
 from subclone_core.training.events import StartEvent, of_kind
 from subclone_core.training.sweep import default_lr_grid, format_lr_sweep, parse_lr_sweep
 
@@ -53,8 +52,7 @@ def request_form() -> TrainRequest | None:
         return None
     steps, batch, seq_len, eval_every = (int(v) for v in values[:4])
     lr = float(values[4])
-    # only the strategies that build the child's own shape (a depth-only method cannot narrow a width)
-    fits = [s for s in EXTRA_STRATEGIES if strategy_shape(parent.model, s, ws.child.shape) == ws.child.shape]
+    fits = extra_strategies(parent.model, ws.child.shape)
     key = ui.keep("extra", [])
     st.session_state[key] = [s for s in st.session_state[key] if s in fits]  # chosen for an earlier child
     extra = st.multiselect("Also train", fits, format_func=lambda s: STRATEGY_LABELS[s].split(":")[0], key=key)

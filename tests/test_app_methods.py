@@ -4,9 +4,11 @@ Importance page's calibration did not record calibrates again instead of failing
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from subclone_core.app.steps import STRATEGY_LABELS, child_settings, make_children
+from subclone_core.app.steps import STRATEGY_LABELS, child_settings, extra_strategies, make_children
+from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import STRATEGY_SPECS, plan_shape, strategy_shape
 from subclone_core.sources import load_parent
@@ -42,3 +44,15 @@ def test_a_method_reading_statistics_the_pages_calibration_lacks_calibrates_agai
     assert has_statistics(child.importance, ["flap"])
     for (name, mine), theirs in zip(child.model.state_dict().items(), fresh.model.state_dict().values()):
         assert torch.equal(mine, theirs), name
+
+
+def test_the_train_page_offers_the_strategies_that_build_the_childs_shape():
+    import tiny_models as tm
+
+    llama, gemma = tm.make("llama", dtype=torch.float32), tm.make("gemma3", dtype=torch.float32)
+    narrow = plan_shape(llama, layers=2, hidden=Shape.of(llama.config).hidden // 2)
+    assert "shortgpt" not in extra_strategies(llama, narrow) and "flap" in extra_strategies(llama, narrow)
+    assert {"shortgpt", "slicegpt"} <= set(extra_strategies(llama, plan_shape(llama, layers=2)))
+    with pytest.raises(SubcloneError, match="slicegpt"):  # Gemma 3's post-norms do not fold
+        strategy_shape(gemma, "slicegpt", plan_shape(gemma, layers=2))
+    assert "slicegpt" not in extra_strategies(gemma, plan_shape(gemma, layers=2))

@@ -19,7 +19,7 @@ from subclone_core.app.settings import AppSettings, safe_name
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
-from subclone_core.core.strategies import DEFAULT_STRATEGY, Child
+from subclone_core.core.strategies import DEFAULT_STRATEGY, Child, strategy_shape
 from subclone_core.data.text import TEXT_SUFFIXES, documents
 from subclone_core.io.atomic import claim_output
 from subclone_core.io.devices import available_bytes, resolve_device
@@ -52,6 +52,17 @@ STRATEGY_LABELS = {"subclone": "subclone: neurons and heads in importance order 
                    "slicegpt": "SliceGPT: rotates the stream (PCA), cuts its hidden size only",
                    "grail": "GRAIL: our selection, refit with a ridge towards zero"}
 EXTRA_STRATEGIES = tuple(name for name in STRATEGY_LABELS if name != DEFAULT_STRATEGY)
+
+
+def extra_strategies(parent_model: torch.nn.Module, shape: Shape) -> list[str]:
+    """The extra strategies that build a child of exactly this shape (a depth-only method cannot narrow a width;
+    a strategy refusing the shape for this family is left out too), to train beside the child."""
+    def builds(strategy: str) -> bool:
+        try:
+            return strategy_shape(parent_model, strategy, shape) == shape
+        except SubcloneError:
+            return False
+    return [strategy for strategy in EXTRA_STRATEGIES if builds(strategy)]
 
 
 def child_settings(strategy: str, drop: str | list[int] | None, scale: bool | None, data_id: str | None,

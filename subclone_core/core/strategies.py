@@ -175,8 +175,14 @@ def plan_shape(parent_model: nn.Module, strategy: str | None = None, **sizes: in
 
 def strategy_shape(parent_model: nn.Module, strategy: str, target: Shape) -> Shape:
     """The shape a strategy builds when ``target`` is asked for: a depth-only strategy (ShortGPT) keeps every
-    width of the parent, a rotation (SliceGPT) keeps its heads and FFN; the others build ``target`` itself."""
+    width of the parent, a rotation (SliceGPT) keeps its heads and FFN; the others build ``target`` itself.
+
+    Raises:
+        SubcloneError: the strategy is not defined for this family (a rotation where the norms do not fold).
+    """
     spec, parent = STRATEGY_SPECS[strategy], Shape.of(parent_model.config)
+    if spec.rotation:
+        check_rotatable(arch_of_model(parent_model), parent_model.config.model_type)
     pinned = SIZE_ROLES[1:] if spec.order == "keep" else ("heads", "kv_heads", "ffn") if spec.rotation else ()
     if not pinned:
         return target
