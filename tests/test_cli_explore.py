@@ -49,6 +49,7 @@ def test_explore_prints_a_table(llama_dir, text_file):
     (["--params", "5T"], "is not a number like 30M"),
     (["--params", "1B"], "shapes range from"),
     (["--params", "20k", "--eval-tokens", 0], "--eval-tokens=0 must be a positive integer"),
+    (["--params", "20k", "--refit-tokens", 0], "--refit-tokens=0 must be a positive integer"),
 ])
 def test_bad_input_exits_2_with_one_line(llama_dir, text_file, flags, message):
     code, out, err = run_cli(["explore", "--parent", llama_dir, "--data", text_file, "--calib-tokens", 128,
