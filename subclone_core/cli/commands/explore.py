@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     batches = validation_sample(parent, args.data, args.eval_tokens)
     refit_tokens = min(args.refit_tokens, plan.calib_tokens) if plan.refit else 0
     refit = refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory) \
-        if plan.refit else None
+        if refit_tokens else None
     start = time.perf_counter()
     result = explore_shapes(parent.model, importance, budget, batches, refit_items=refit)
     seconds = round(time.perf_counter() - start, 2)
