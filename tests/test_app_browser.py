@@ -107,17 +107,32 @@ def _assert_server_idle(pid: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def page(app_url, request):
+    """A Chromium tab; when a test using it failed, what the tab showed and the server's log are kept under
+    test-artifacts/ (CI keeps no temporary folder)."""
     from playwright.sync_api import sync_playwright
 
+    failed_before = request.session.testsfailed
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         context = browser.new_context(viewport=VIEWPORT)
         tab = context.new_page()
         tab.set_default_timeout(SLOW)
         yield tab
+        if request.session.testsfailed > failed_before:
+            _keep_failure(tab, app_url[1] / "streamlit.log")
         context.close()
         browser.close()
+
+
+def _keep_failure(page, log: Path) -> None:
+    """The failed page's screenshot and text, and the server log, under test-artifacts/."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "failed.png"), full_page=True)
+    (SHOTS.parent / "failed-page.txt").write_text(page.inner_text("body"))
+    if log.exists():
+        (SHOTS.parent / "failed-streamlit.log").write_text(log.read_text())
+    print(f"the failed page and the server log are in {SHOTS.parent}")
 
 
 def _idle(page) -> None:
@@ -127,6 +142,17 @@ def _idle(page) -> None:
         const state = document.querySelector('[data-testid="stApp"]')?.getAttribute('data-test-script-state');
         return state && !['running', 'rerunRequested', 'initial'].includes(state);
     }""", timeout=SLOW)
+
+
+def _wait_quietly(page, predicate: str) -> None:
+    """Wait until the JavaScript ``predicate`` holds, up to 30 s; on timeout return and let the asserts say what
+    the page shows instead."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        page.wait_for_function(predicate, timeout=30_000)
+    except PlaywrightTimeoutError:
+        pass
 
 
 def _number_box(page, label: str):
@@ -309,9 +335,13 @@ def test_every_page_in_a_real_browser(app_url, page):
     page.get_by_text("Training done").wait_for()
     _idle(page)
     _no_errors(page)
-    traces = page.evaluate("""() => Object.fromEntries(
+    read_traces = """() => Object.fromEntries(
         document.querySelector('.js-plotly-plot').data.map(t => [t.name, Array.from(t.x)])
-    )""")
+    )"""
+    # the status line and the chart arrive as separate deltas and Plotly redraws asynchronously: wait for the
+    # chart to catch up with "Training done" (its last validation point) before reading it
+    _wait_quietly(page, f"() => ({read_traces})()['random validation']?.at(-1) === 10")
+    traces = page.evaluate(read_traces)
     assert {"subclone validation", "random validation"} <= set(traces), traces  # two models, two curves
     assert traces["subclone validation"] == traces["random validation"] == [0, 5, 10]
     assert traces["subclone train"][-1] == 10
