@@ -26,7 +26,7 @@ from subclone_core.io.devices import available_bytes, resolve_device
 from subclone_core.sources import Parent
 from subclone_core.training import Candidate, TrainConfig, train_candidates
 from subclone_core.training.sweep import LrGrid, save_plan
-from subclone_core.workflow.children import has_statistics, save_child
+from subclone_core.workflow.children import save_child
 from subclone_core.workflow.jobs import (
     BASELINE,
     CandidateSettings,
@@ -35,7 +35,7 @@ from subclone_core.workflow.jobs import (
     calibration_plan,
     candidate_plan,
     candidate_plans,
-    shared_importance,
+    importance_for,
     training_data,
 )
 from subclone_core.workflow.plan import Plan
@@ -87,8 +87,7 @@ def make_children(parent: Parent, target: Shape, settings: CandidateSettings, *,
     strategy = settings.names[0]
     plans = candidate_plans(parent, settings, target)
     with exclusive(parent.model):
-        if importance is None or not has_statistics(importance, [strategy]):  # e.g. FLAP after the paper's
-            importance = shared_importance(parent, settings, progress, plan=calibration_plan(plans))
+        importance = importance_for(parent, settings, [strategy], importance, progress, calibration_plan(plans))
         child = build_child(parent, target, strategy, settings, importance, plans[strategy])
     return child, build_child(parent, target, BASELINE, settings, None, plans[BASELINE])
 

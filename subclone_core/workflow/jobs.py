@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +177,17 @@ def shared_importance(parent: Parent, settings: CandidateSettings, progress: Pro
                                   **placement)
 
 
+def importance_for(parent: Parent, settings: CandidateSettings, strategies: Iterable[str],
+                   importance: Importance | None, progress: Progress | None = None,
+                   plan: Plan | None = None) -> Importance | None:
+    """``importance`` when it holds every statistic ``strategies`` read, else a new calibration for the settings
+    (shared_importance): one measured for the paper's method alone lacks e.g. FLAP's input statistics."""
+    strategies = list(strategies)
+    if not strategies or (importance is not None and has_statistics(importance, strategies)):
+        return importance
+    return shared_importance(parent, settings, progress, plan=plan)
+
+
 def build_child(parent: Parent, target: Shape, strategy: str, settings: CandidateSettings,
                 importance: Importance | None, plan: Plan | None = None) -> Child:
     """One child of a strategy, by its plan (candidate_plan, resolved here when not given), calibrating when
@@ -211,8 +222,7 @@ def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings,
     children = dict(made or {})
     plans = dict(candidate_plans(parent, settings, target) if plans is None else plans)
     to_build = [base_strategy(n) for n in settings.names if base_strategy(n) not in children]
-    if to_build and (importance is None or not has_statistics(importance, to_build)):
-        importance = shared_importance(parent, settings, plan=calibration_plan(plans))
+    importance = importance_for(parent, settings, to_build, importance, plan=calibration_plan(plans))
     candidates, manifests, used = [], {}, set()
     for name in settings.names:
         strategy = base_strategy(name)
