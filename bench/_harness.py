@@ -1,7 +1,7 @@
 """The benchmarks' training harness: data splits, training settings, candidates, one engine call with progress
-lines, each candidate's chosen run by the library's sweep rule, run summaries for the JSON, the common flags,
-output folders and the plot helpers. bench_training, bench_budget, bench_quality and reproduce run on it;
-every run goes through the library's own training (`training.train_candidates`, `training.sweep.choose_runs`)."""
+lines, each candidate's chosen run by the library's sweep rule, run summaries for the JSON, the size a script's
+flags name and its output folder. bench_training, bench_budget, bench_quality and reproduce run on it; every
+run goes through the library's own training (`training.train_candidates`, `training.sweep.choose_runs`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from bench._report import DOCS, progress_printer, pyplot
+from bench._report import DOCS, progress_printer
 from subclone_core.sources import Parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
 from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value
@@ -171,14 +171,6 @@ def start(args: argparse.Namespace) -> None:
     hf_logging.disable_progress_bar()
 
 
-def size_flags(parser: argparse.ArgumentParser, smoke: str, gpu: str | None = None) -> None:
-    """--smoke and (where a script has one) --gpu, mutually exclusive; the default size is "cpu"."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--smoke", action="store_true", help=smoke)
-    if gpu:
-        group.add_argument("--gpu", action="store_true", help=gpu)
-
-
 def size_name(args: argparse.Namespace) -> str:
     return "smoke" if args.smoke else "gpu" if getattr(args, "gpu", False) else "cpu"
 
@@ -186,19 +178,3 @@ def size_name(args: argparse.Namespace) -> str:
 def folder(size: str, out: Path | None, prefix: str) -> Path:
     """Where a size writes: the given folder, else a temporary one for the smoke size, else docs/."""
     return out or (Path(tempfile.mkdtemp(prefix=prefix)) if size == "smoke" else DOCS)
-
-
-# --- plots ----------------------------------------------------------------------------------------------
-
-
-def panels(cols: int, width: float, height: float, rows: int = 1) -> tuple[Any, Any]:
-    """A figure of rows x cols panels of the given size each; axes always 2-D."""
-    return pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-
-
-def finish(ax: Any, *, legend: float = 7, which: str = "major", **labels: Any) -> None:
-    """Titles and labels (``ax.set``), a legend of the given font size and a light grid."""
-    if labels:
-        ax.set(**labels)
-    ax.legend(fontsize=legend)
-    ax.grid(alpha=0.3, which=which)

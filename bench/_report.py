@@ -1,5 +1,5 @@
-"""Shared by the benchmarks: the machine description, the child shapes they share, report templates,
-plots, the command-line flags they have in common, and section updates of docs/BENCHMARKS.md."""
+"""Shared by the benchmarks: the machine description, the child shapes they share, report templates, plot
+helpers, the command-line flags they have in common, and section updates of docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -118,6 +119,19 @@ def pyplot() -> Any:
     return plt
 
 
+def panels(cols: int, width: float, height: float, rows: int = 1) -> tuple[Any, Any]:
+    """A figure of rows x cols panels of the given size each; axes always 2-D."""
+    return pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def finish(ax: Any, *, legend: float = 7, which: str = "major", **labels: Any) -> None:
+    """Titles and labels (``ax.set``), a legend of the given font size and a light grid."""
+    if labels:
+        ax.set(**labels)
+    ax.legend(fontsize=legend)
+    ax.grid(alpha=0.3, which=which)
+
+
 def save_figure(fig: Any, path: Path, dpi: int = 90) -> None:
     """Lay out, write and close a figure; the file appears whole or not at all (the project's rule for
     outputs), in a folder created if needed."""
@@ -136,17 +150,26 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(rank_correlation(torch.stack([a.flatten().double().cpu(), b.flatten().double().cpu()]))[0, 1])
 
 
+def venv_tool(name: str) -> str:
+    """The path of a console script installed beside this Python (torchrun, subclone), else its bare name."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
 THREADS_HELP = "torch CPU threads (default: one per core)"
 
 
-def bench_parser(doc: str | None, *, smoke: str | None = None, threads: str | None = None,
+def bench_parser(doc: str | None, *, smoke: str | None = None, gpu: str | None = None, threads: str | None = None,
                  report_only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of a benchmark script (described by its docstring's first line) with the flags they
-    share, each added when its help is given: ``--smoke`` (a tiny, fast run), ``--threads`` (torch CPU threads;
-    THREADS_HELP) and ``--report-only`` (rewrite the report from the saved results, running nothing)."""
+    share, each added when its help is given: ``--smoke`` (a tiny, fast run) and ``--gpu`` (the GPU size; the two
+    exclusive), ``--threads`` (torch CPU threads; THREADS_HELP) and ``--report-only`` (rewrite the report from the
+    saved results, running nothing)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    sizes = parser.add_mutually_exclusive_group()
     if smoke:
-        parser.add_argument("--smoke", action="store_true", help=smoke)
+        sizes.add_argument("--smoke", action="store_true", help=smoke)
+    if gpu:
+        sizes.add_argument("--gpu", action="store_true", help=gpu)
     if threads:
         parser.add_argument("--threads", type=int, help=threads)
     if report_only:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench._harness import finish, panels
-from bench._report import save_figure
+from bench._report import finish, panels, save_figure
 
 DPI = 72
 NAMES = {"lm": "language model", "vit": "ViT"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from statistics import mean
 from typing import Any
 
-from bench._report import PAPER_SPEEDUP, table
+from bench._report import PAPER_SPEEDUP, TEMPLATES, table
 from bench._report import fmt_value as fmt
 from bench._report import render as render_template
 from bench.bench_budget import lr_picks
@@ -367,38 +367,9 @@ def _seed_text(budget: dict) -> str:
                    f"loss {fmt(r['loss'], 'loss')}): {r['text']} (seed 0 at that loss: {r['text_seed0']})." for r in rows)
 
 
-FINDINGS = [
-    ("1", "Relative magnitude per block", "||f(x)|| / ||x + f(x)|| is lowest in the middle blocks (Fig. 2 top).",
-     "rel_magnitude", ("lm", "vit")),
-    ("2", "Removing one block", "removing a middle block changes the untrained loss least (Fig. 2 bottom).",
-     "block_removal", ("lm", "vit")),
-    ("3", "Consistent neuron importance", ("neurons important in one block are important in the others; a few "
-     "neurons dominate (Fig. 3, 5, 6, 8)."), "consistency", ("lm", "vit")),
-    ("4", "Weight scaling", "multiplying sliced weights by sqrt(d/d') speeds up convergence (Fig. 12).", "scaling",
-     ("lm", "vit")),
-    ("5", "Reordering by importance", ("importance-ordered slicing beats taking the first d' neurons (Fig. 14); "
-     "also compared: weight selection and random init."), "reordering", ("lm", "vit")),
-    ("6", "Learning rate and weight decay", ("the subcloned child wants a lower learning rate and lower weight "
-     "decay than random init (Fig. 11, Table 1)."), "lr", ("lm", "vit")),
-    ("7", "Block removal policy", ("left open by the paper: drop a middle span, the lowest-magnitude blocks, or "
-     "keep the first N."), "block_policy", ("lm",)),
-    ("8", "Tied embeddings", ("left open by the paper: keep the head tied to the embedding (unscaled) or untie it "
-     "and scale it like any linear layer."), "tied_head", ("lm",)),
-    ("9", "Headline speedup", "the subcloned child reaches random init's best about 4x sooner (Fig. 1, 9, 10).",
-     "headline", ("lm", "lm-budget", "vit")),
-]
-
-
-def evaluate_findings(results: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
-    """(finding number, part) -> {"verdict", "text"} for every finding that applies to a part that ran."""
-    out = {}
-    for number, _, _, _, parts in FINDINGS:
-        for key in parts:
-            part = results.get(key)
-            if part is None:
-                continue
-            out[(number, key)] = _finding(number, key, part, results)
-    return out
+# (number, title, the paper's claim, figure, parts) per finding, one a line in bench/templates/repro_findings.md
+FINDINGS = [(number, title, claim, figure, tuple(parts.split(","))) for number, title, figure, parts, claim in
+            (line.split(" | ", 4) for line in (TEMPLATES / "repro_findings.md").read_text().splitlines() if line)]
 
 
 def finding_block_policy(part: dict) -> dict[str, str]:
@@ -414,13 +385,14 @@ def finding_tied_head(part: dict) -> dict[str, str]:
     return open_question(part, {"scaled": "tied unscaled head", "scaled-untied": "untied scaled head"})
 
 
-def _finding(number: str, key: str, part: dict, results: dict) -> dict[str, str]:
-    if key == "lm-budget":  # bench_budget.py's results: their own schema
-        return finding_budget(part)
+def evaluate_findings(results: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
+    """(finding number, part) -> {"verdict", "text"} for every finding that applies to a part that ran
+    (bench_budget.py's results, part "lm-budget", have their own schema and rule)."""
     rules = {"1": finding_magnitude, "2": finding_removal, "3": finding_consistency, "4": finding_scaling,
              "5": finding_reordering, "6": lambda p: finding_lr(p, results["high_wd"]), "7": finding_block_policy,
              "8": finding_tied_head, "9": finding_headline}
-    return rules[number](part)
+    return {(number, key): (finding_budget if key == "lm-budget" else rules[number])(results[key])
+            for number, _, _, _, parts in FINDINGS for key in parts if results.get(key) is not None}
 
 
 # --- tables ---------------------------------------------------------------------------------------------
@@ -489,7 +461,8 @@ def render(results: dict[str, Any], figures: str) -> str:
     """The whole report as Markdown; ``figures`` is the plots' folder relative to the report."""
     found = evaluate_findings(results)
     parts = {k: results[k] for k in ("lm", "vit") if results.get(k)}
-    out = [header(results, parts), "## Summary", summary_table(found, parts), names(parts)]
+    head = render_template("repro_header", **{"load_average_end": float("nan"), **results})
+    out = [head, "## Summary", summary_table(found), names(parts)]
     for number, title, claim, fig, part_keys in FINDINGS:
         out.append(f"## {number}. {title}")
         out.append(f"**Paper:** {claim}")
@@ -512,12 +485,7 @@ def names(parts: dict) -> str:
     return "\n\n".join(lines)
 
 
-def header(results: dict, parts: dict) -> str:
-    """The title and what was checked, on which run."""
-    return render_template("repro_header", **{"load_average_end": float("nan"), **results})
-
-
-def summary_table(found: dict, parts: dict) -> str:
+def summary_table(found: dict) -> str:
     rows = []
     for number, title, _, _, part_keys in FINDINGS:
         for key in part_keys:
@@ -526,22 +494,21 @@ def summary_table(found: dict, parts: dict) -> str:
     return table(["#", "finding", "model", "verdict"], rows)
 
 
+# finding -> the caption ({name}: the part, {metric}: its metric) and the table shown under it for each part
+EXTRA_TABLES = {
+    "2": ("Per block, {name}:", ablation_markdown),
+    "5": (("Step-0 {metric} of every initialization, {name} (one value per calibration seed; random init: one per "
+           "initialization seed):"), step0_markdown),
+    "6": ("Learning-rate sweep, {name} (every run, full budget):", sweep_markdown),
+    "9": ("Every trained initialization, {name}:", training_markdown),
+}
+
+
 def extra_tables(number: str, parts: dict) -> list[str]:
-    out = []
-    if number == "2":
-        for key, part in parts.items():
-            out += [f"Per block, {PART_NAMES[key]}:", ablation_markdown(part)]
-    if number == "5":
-        for key, part in parts.items():
-            out += [(f"Step-0 {metric_of(part)} of every initialization, {PART_NAMES[key]} (one value per calibration "
-                    "seed; random init: one per initialization seed):"), step0_markdown(part)]
-    if number == "6":
-        for key, part in parts.items():
-            out += [f"Learning-rate sweep, {PART_NAMES[key]} (every run, full budget):", sweep_markdown(part)]
-    if number == "9":
-        for key, part in parts.items():
-            out += [f"Every trained initialization, {PART_NAMES[key]}:", training_markdown(part)]
-    return out
+    """The tables of a finding, each part's under its caption."""
+    caption, make = EXTRA_TABLES.get(number, ("", None))
+    return [text for key, part in parts.items() if make
+            for text in (caption.format(name=PART_NAMES[key], metric=metric_of(part)), make(part))]
 
 
 def settings(results: dict, parts: dict) -> str:

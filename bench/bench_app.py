@@ -1,21 +1,8 @@
-"""Every action of the app on both embedded parents, timed as the pages run it against a lesson's targets,
-three sessions calibrating at once through the server's queue, and the app's training throughput next to the
-command line's for the same child and settings.
+"""The app's actions on both embedded parents against a lesson's targets, three sessions in the server's queue,
+and the app's training throughput next to `subclone train` (see bench/README.md). Each part writes its own
+section of docs/BENCHMARKS.md unless --no-write.
 
-Each action calls the library functions its page calls (subclone_core.app.longsteps, steps), in the order a
-visitor clicks through the pages, with the page's default settings, beside the estimate the page shows before it
-starts. Wall and CPU seconds are both printed: on a shared machine the wall time includes waiting for the cores,
-CPU time does not.
-
-Queue: three calibrations of different sizes started together through a limiter with the server's settings, and
-the same three one after another; the queue part runs first, in a fresh process.
-
-Training: the app's path (a BackgroundJob running steps.training_work while a poller draws the page's live
-chart and summary once a second, as the Train page's fragment does) and `subclone train` on the same saved
-child, same batch, sequence length, steps and validation interval; tokens/s is each run's own report.
-
-Run: .venv/bin/python bench/bench_app.py [--parents default,gemma3-270m] [--steps 30]
-[--only queue|actions|training] (each part writes its own section of docs/BENCHMARKS.md unless --no-write).
+Run: python -m bench.bench_app [--parents default,gemma3-270m] [--steps 30] [--only queue|actions|training]
 """
 
 from __future__ import annotations
@@ -32,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import ROOT, bench_parser, machine, render, table, write_section
 from subclone_core.analysis import probes
 from subclone_core.analysis.inspector import outsized_dimensions

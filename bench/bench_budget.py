@@ -1,23 +1,8 @@
-"""The speedup at every loss level at a longer budget: random init, subclone and subclone+distill.
-
-The short budgets of bench_training.py (40-300 steps) measure the head start inherited weights give.
-The paper's claim is about training to the same perplexity, so this benchmark trains the aggressive
-child (6 blocks x 192, 3 heads / 1 KV, FFN 512) of the embedded default for at least 1.5M tokens per
-arm and reports the iso-loss speedup (subclone_core.training.speedup.iso_loss): at every loss random init
-reaches, random init's tokens over the candidate's, interpolated between evaluations, never
-extrapolated. Each arm is compared at its own best learning rate at the budget reported: the first stage
-trains every arm at every lr of its grid for the full budget, side by side on identical batches, and
-keeps each arm's run of lowest best loss (a chosen lr at the edge of its grid is flagged: extend the grid).
-Later stages (a second seed, distillation, the paper-like ratio) reuse those lrs. Evaluations are spaced
-evenly on a log scale of tokens.
-
-Sizes: ``smoke`` (a minute on a tiny parent; the test runs it), ``cpu`` (about an hour on 2 cores:
-``make bench-budget``; its device is "auto", so on a GPU machine the same plan runs there in minutes),
-``gpu`` (at least 100M tokens per arm at the paper-like ratio). ``--from-child DIR`` trains a child saved
-by ``subclone make`` (and random init of its config) without the parent: for a machine the parent cannot
-reach; the stages that need the parent (distillation, another shape) are left out and said so.
-Writes docs/speedup_vs_budget.json, docs/bench_budget_*.png, the "budget" section of
+"""The iso-loss speedup at a longer budget: random init, subclone and subclone+distill, each arm at its best lr
+(see bench/README.md). Writes docs/speedup_vs_budget.json, docs/bench_budget_*.png, the "budget" section of
 docs/BENCHMARKS.md and the README's marked budget line (``--gpu``: the same names with "-gpu").
+
+Run: python -m bench.bench_budget [--smoke | --gpu] [--from-json F | --from-child DIR] [--lrs GRID]
 """
 
 from __future__ import annotations
@@ -31,56 +16,31 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _harness as h
+from bench import _report as rp
 from bench._harness import SMOKE_SHAPES
-from bench._report import (
-    DOC,
-    PAPER_SPEEDUP,
-    ROOT,
-    SHAPES,
-    THREADS_HELP,
-    bench_parser,
-    fmt_value,
-    json_default,
-    log_eval_steps,
-    machine,
-    render,
-    replace_marked,
-    save_figure,
-    table,
-    write_section,
-)
+from bench._report import PAPER_SPEEDUP, fmt_value, log_eval_steps, render, table
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
 from subclone_core.io.saving import read_manifest
 from subclone_core.sources import Parent, load_parent, make_data
-from subclone_core.training import Candidate, RunResult
+from subclone_core.training import RunResult
 from subclone_core.training.speedup import DROP_FRACTIONS, IsoLoss, iso_loss, result_track
 from subclone_core.training.sweep import candidate_of, edge_note, grid_edge, lr_text, parse_lr_sweep, run_name
 from subclone_core.workflow.children import make_child, measure_importance
 
-README = ROOT / "README.md"
+README = rp.ROOT / "README.md"
 ARMS = ("random", "subclone", "subclone+distill")
-LABELS = {"random": "random init",
-          "subclone": "subclone (the defaults: read ranking, least-squares refit, no scaling, tied head, drop by "
-                      "magnitude)",
-          "subclone+distill": "subclone + distillation from the parent"}
-SUBCLONE_OPTIONS = {"scale": False, "drop": "magnitude"}  # the plain child of bench_training.py
+NAMES = {"random": "random init", "subclone": "subclone", "subclone+distill": "subclone + distillation from the parent"}
+SUBCLONE_OPTIONS = {"scale": False, "drop": "magnitude"}  # the plain child of bench_training
+COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca02c"}
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One call of the training engine: some arms of one child shape, one seed, one token budget.
-
-    Attributes:
-        key: names the stage in the report and the JSON ("final", "seed1", "distill", "paper-like").
-        shape: "aggressive" or "paper-like" (a key of Size.shapes).
-        arms: the arms trained side by side on the identical batches.
-        tokens: training tokens per arm (rounded down to whole steps).
-        seed: data order, dropout and random init's weights.
-        evals: evaluations after step 0; None takes the size's (fewer for costly or short stages).
-    """
+    """One call of the training engine: some arms of one child shape ("aggressive" or "paper-like"), one seed
+    (data order, dropout, random init's weights), one token budget per arm (whole steps). ``key`` names it in the
+    report and the JSON; ``evals`` (after step 0) None takes the size's."""
 
     key: str
     shape: str
@@ -92,20 +52,10 @@ class Stage:
 
 @dataclass(frozen=True)
 class Size:
-    """Everything one size runs.
-
-    Attributes:
-        shapes: child sizes per shape key (plan_shape keywords).
-        batch_size, seq_len: the training batch (tokens per step = batch_size x seq_len).
-        val_tokens: the fixed validation set, the same for every evaluation.
-        evals: evaluations per full-budget run after step 0, spaced evenly in log(tokens).
-        calib_tokens: calibration for the subcloned children, measured once.
-        sweep_lrs: the learning rates of each arm of the first stage, all trained at its full budget; the
-            lowest best loss is the arm's lr there and in every later stage.
-        stages: the runs at full budget, in order; the first is the sweep.
-        precision: the engine's mixed_precision ("no", "bf16" or "auto").
-        minutes: the planned wall time, for the report.
-    """
+    """Everything one size runs: child sizes per shape key, the batch, the fixed validation set, evaluations
+    per run (evenly in log(tokens)), calibration tokens, each arm's lr grid of the first stage (its lowest best
+    loss is its lr there and in every later stage), the stages in order (the first is the sweep), the engine's
+    mixed_precision and the planned minutes."""
 
     shapes: dict[str, dict[str, int]]
     batch_size: int
@@ -123,7 +73,6 @@ class Size:
         return self.batch_size * self.seq_len
 
 
-
 SIZES = {
     "smoke": Size(SMOKE_SHAPES, batch_size=4, seq_len=32, val_tokens=256, evals=4, calib_tokens=256,
                   sweep_lrs={"random": (1e-3, 2e-3, 3e-3), "subclone": (1e-3, 3e-3), "subclone+distill": (1e-3,)},
@@ -137,12 +86,12 @@ SIZES = {
     # paper-like ratio moved to the gpu size. On one H200 the same seven runs take 2.8 minutes. Both grids
     # bracket their arm's best lr at this budget, measured: random init 1e-3 (2.5e-4 and 4e-3 were worse
     # too), the refit child 4e-3.
-    "cpu": Size(SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, calib_tokens=4096,
+    "cpu": Size(rp.SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, calib_tokens=4096,
                 sweep_lrs={"random": (5e-4, 1e-3, 2e-3), "subclone": (1e-3, 2e-3, 4e-3, 8e-3)},
                 stages=(Stage("final", "aggressive", ("random", "subclone"), 1_501_184),),
                 precision="bf16", minutes=80),
     # One H200-class GPU: 100M+ tokens per arm at the paper-like ratio, two seeds of every final arm.
-    "gpu": Size(SHAPES, batch_size=64, seq_len=512, val_tokens=65_536, evals=40, calib_tokens=8192,
+    "gpu": Size(rp.SHAPES, batch_size=64, seq_len=512, val_tokens=65_536, evals=40, calib_tokens=8192,
                 sweep_lrs={"random": (1e-3, 2e-3, 4e-3), "subclone": (3e-4, 1e-3, 2e-3),
                            "subclone+distill": (3e-4, 1e-3)},
                 stages=(Stage("final", "aggressive", ARMS, 104_857_600),
@@ -158,7 +107,8 @@ SIZES = {
 
 @dataclass
 class Context:
-    """What every stage shares: the parent, its calibration, the data id and where run metrics go."""
+    """What every stage shares: the parent (or a saved subcloned child standing in for it, trained as is, with
+    random init of its config), its calibration, the data id, the size and where run metrics go."""
 
     parent: Parent
     importance: Any
@@ -166,7 +116,7 @@ class Context:
     size: Size
     runs: Path
     children: dict[tuple[str, str, int], Any] = field(default_factory=dict)
-    from_child: bool = False  # the "parent" is a saved subcloned child: trained as is, random init of its config
+    from_child: bool = False
 
 
 def child_for(ctx: Context, shape: str, arm: str, seed: int) -> Any:
@@ -192,37 +142,27 @@ def without_parent(size: Size) -> tuple[Size, list[str]]:
     return replace(size, stages=keep), notes
 
 
-def candidate(ctx: Context, shape: str, arm: str, lr: float, seed: int, name: str) -> Candidate:
-    """A fresh copy of the arm's child at ``lr`` with its strategy's default weight decay."""
-    return h.candidate(name, child_for(ctx, shape, arm, seed), lr, arm,
-                       teacher=ctx.parent.model if arm == "subclone+distill" else None)
-
-
-def train(ctx: Context, cands: list[Candidate], tokens: int, seed: int, tag: str,
-          evals: int) -> dict[str, RunResult]:
-    """Train candidates side by side on the identical batches; curves kept, weights freed."""
+def train(ctx: Context, stage: Stage, lrs: dict[str, tuple[float, ...]], name: Any) -> dict[str, RunResult]:
+    """The stage's arms at the given lrs (candidate names from ``name(arm, lr)``), side by side on identical
+    batches for its full budget; curves kept, weights freed."""
     size = ctx.size
+    cands = [h.candidate(name(arm, lr), child_for(ctx, stage.shape, arm, stage.seed), lr, arm,
+                         teacher=ctx.parent.model if arm == "subclone+distill" else None)
+             for arm in stage.arms for lr in lrs[arm]]
     # The whole split for every stage: the batch order then depends on the seed alone, so a shorter run
     # (a sweep, the distillation arm) sees exactly the first batches of the longer runs of its seed.
     train_data = make_data(ctx.parent, ctx.data, "train", seq_len=size.seq_len)
     val = make_data(ctx.parent, ctx.data, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
-    steps = max(1, tokens // size.step_tokens)
-    config = h.train_config(steps, size.batch_size, len(val), round_down=True, eval_at=log_eval_steps(steps, evals),
-                            seed=seed, precision=size.precision)
-    return h.train(cands, train_data, val, config, tag, ctx.runs / f"{tag}.jsonl")
+    steps = max(1, stage.tokens // size.step_tokens)
+    config = h.train_config(steps, size.batch_size, len(val), round_down=True, seed=stage.seed,
+                            eval_at=log_eval_steps(steps, stage.evals or size.evals), precision=size.precision)
+    return h.train(cands, train_data, val, config, stage.key, ctx.runs / f"{stage.key}.jsonl")
 
 
 @dataclass
 class Outcome:
-    """What a size produced.
-
-    Attributes:
-        size: its name.
-        sweep: one row per sweep run (arm, lr, best and final validation loss, status).
-        lrs: each arm's winning lr.
-        stages: {stage key: {arm: the run at full budget}}.
-        seconds: wall time per part ("calibration", then each stage key; the first stage is the sweep).
-    """
+    """What a size produced: one row per sweep run, each arm's winning lr, {stage key: {arm: its run}} and the
+    wall seconds per part ("calibration", then each stage key)."""
 
     size: str
     sweep: list[dict[str, Any]]
@@ -232,30 +172,18 @@ class Outcome:
 
 
 def sweep(ctx: Context, stage: Stage) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, RunResult]]:
-    """The first stage: each arm at every lr of its grid for the full budget, side by side on identical
-    batches. Returns the rows of every run, each arm's winning lr and each arm's winning run."""
+    """The first stage: each arm at every lr of its grid for the full budget. Returns the rows of every run,
+    each arm's winning lr and its winning run."""
     lrs = ctx.size.sweep_lrs
-    cands = [candidate(ctx, stage.shape, arm, lr, stage.seed, run_name(arm, lr)) for arm in stage.arms
-             for lr in lrs[arm]]
-    runs = train(ctx, cands, stage.tokens, stage.seed, stage.key, stage.evals or ctx.size.evals)
+    runs = train(ctx, stage, lrs, run_name)
     chosen = h.best_runs(runs, "loss", always=True)
     rows, winners = [], {}
     for arm in stage.arms:
-        mine = {name: r for name, r in runs.items() if candidate_of(name) == arm}
         winners[arm] = chosen[arm].lr
         note = edge_note(arm, winners[arm], grid_edge(winners[arm], lrs[arm]))
-        rows += [{**sweep_row(arm, r, stage.tokens), "chosen": r is chosen[arm], "note": note} for r in mine.values()]
+        rows += [{"arm": arm, "lr": r.lr, "tokens": stage.tokens, **h.pick(h.facts(r), "status", "best", "final"),
+                  "chosen": r is chosen[arm], "note": note} for n, r in runs.items() if candidate_of(n) == arm]
     return rows, winners, chosen
-
-
-def sweep_row(arm: str, run: RunResult, tokens: int) -> dict[str, Any]:
-    return {"arm": arm, "lr": run.lr, "tokens": tokens, **h.pick(h.facts(run), "status", "best", "final")}
-
-
-def run_stage(ctx: Context, stage: Stage, lrs: dict[str, float]) -> dict[str, RunResult]:
-    """The stage's arms at their winning lrs (the aggressive child's sweep) for the full budget."""
-    cands = [candidate(ctx, stage.shape, arm, lrs[arm], stage.seed, arm) for arm in stage.arms]
-    return train(ctx, cands, stage.tokens, stage.seed, stage.key, stage.evals or ctx.size.evals)
 
 
 def run_size(ctx: Context, name: str) -> Outcome:
@@ -268,7 +196,7 @@ def run_size(ctx: Context, name: str) -> Outcome:
     stages, seconds = {first.key: chosen}, {first.key: time.perf_counter() - start}
     for stage in later:
         begin = time.perf_counter()
-        stages[stage.key] = run_stage(ctx, stage, lrs)
+        stages[stage.key] = train(ctx, stage, {arm: (lr,) for arm, lr in lrs.items()}, lambda arm, _: arm)
         seconds[stage.key] = time.perf_counter() - begin
     return Outcome(name, rows, lrs, stages, seconds)
 
@@ -287,78 +215,60 @@ def iso_rows(base: RunResult, other: RunResult, *, fractions: tuple[float, ...] 
     return iso_loss(result_track(base, "loss"), result_track(other, "loss"), fractions=fractions)
 
 
-def iso_json(rows: list[IsoLoss], name: str) -> list[dict[str, Any]]:
-    """Rows in the JSON's schema: loss, random_tokens, <name>_tokens, speedup (= their ratio), and detail."""
+def iso_json(base: RunResult, other: RunResult, name: str, fractions: tuple[float, ...] | None = None
+             ) -> list[dict[str, Any]]:
+    """iso_rows in the JSON's schema: loss, random_tokens, <name>_tokens, speedup (= their ratio), and detail."""
     return [{"loss": r.level, "random_tokens": r.baseline_tokens, f"{name}_tokens": r.candidate_tokens,
              "speedup": r.speedup, "lower_bound": r.lower_bound, "at_start": r.at_start, "fraction": r.fraction,
-             "random_steps": r.baseline_steps, f"{name}_steps": r.candidate_steps, "text": r.text()} for r in rows]
+             "random_steps": r.baseline_steps, f"{name}_steps": r.candidate_steps, "text": r.text()}
+            for r in iso_rows(base, other, fractions=fractions)]
+
+
+def iso_by_arm(base: RunResult | None, runs: dict[str, RunResult]) -> dict[str, dict[str, list]]:
+    """Every level ("iso_loss") and the drop levels ("at_drop") of each arm but random init against ``base``."""
+    others = {arm: run for arm, run in runs.items() if arm != "random"}
+    return {"iso_loss": {arm: iso_json(base, run, arm) for arm, run in others.items()} if base else {},
+            "at_drop": {arm: iso_json(base, run, arm, DROP_FRACTIONS) for arm, run in others.items()} if base else {}}
 
 
 def baseline_of(outcome: Outcome, stage: Stage, size: Size) -> RunResult | None:
-    """Random init's run for a stage: its own, else that of another stage of the same shape and seed.
-
-    Stages of one seed see the same batches in the same order (see train), so a stage without random
-    init (the distillation arm) is compared with the random-init run of its seed on the same batches.
-    """
-    own = outcome.stages[stage.key].get("random")
-    if own is not None:
-        return own
-    for other in size.stages:
+    """Random init's run for a stage: its own, else that of another stage of the same shape and seed (stages of
+    one seed see the same batches in the same order, see train)."""
+    for other in (stage, *size.stages):
         runs = outcome.stages.get(other.key, {})
         if other.shape == stage.shape and other.seed == stage.seed and "random" in runs:
             return runs["random"]
     return None
 
 
-def stage_json(outcome: Outcome, stage: Stage, size: Size) -> dict[str, Any]:
-    """One stage's curves, and the iso-loss rows (every level, and the drop levels) of each arm."""
-    runs, base = outcome.stages[stage.key], baseline_of(outcome, stage, size)
-    others = {arm: run for arm, run in runs.items() if arm != "random"}
-    return {"shape": stage.shape, "shape_sizes": size.shapes[stage.shape], "seed": stage.seed,
-            "tokens": stage.tokens, "minutes": round(outcome.seconds[stage.key] / 60, 1),
-            "arms": {arm: arm_json(run) for arm, run in runs.items()},
-            "iso_loss": {arm: iso_json(iso_rows(base, run), arm) for arm, run in others.items()} if base else {},
-            "at_drop": {arm: iso_json(iso_rows(base, run, fractions=DROP_FRACTIONS), arm)
-                        for arm, run in others.items()} if base else {}}
-
-
-def main_runs(outcome: Outcome, size: Size) -> dict[str, RunResult]:
-    """Each arm's first run on the aggressive child with seed 0: the headline curves."""
-    out: dict[str, RunResult] = {}
+def results_json(outcome: Outcome, size: Size, meta: dict[str, Any]) -> dict[str, Any]:
+    """docs/speedup_vs_budget.json: each arm's first run on the aggressive child with seed 0 (the headline) at the
+    top, every stage below it."""
+    runs: dict[str, RunResult] = {}
     for stage in size.stages:
         if stage.shape == "aggressive" and stage.seed == 0:
             for arm, run in outcome.stages[stage.key].items():
-                out.setdefault(arm, run)
-    return out
-
-
-def results_json(outcome: Outcome, size: Size, meta: dict[str, Any]) -> dict[str, Any]:
-    """docs/speedup_vs_budget.json: the schema of issue 14 at the top, every stage below it."""
-    runs = main_runs(outcome, size)
+                runs.setdefault(arm, run)
+    stages = {s.key: {"shape": s.shape, "shape_sizes": size.shapes[s.shape], "seed": s.seed, "tokens": s.tokens,
+                      "minutes": round(outcome.seconds[s.key] / 60, 1),
+                      "arms": {arm: arm_json(run) for arm, run in outcome.stages[s.key].items()},
+                      **iso_by_arm(baseline_of(outcome, s, size), outcome.stages[s.key])} for s in size.stages}
     base = runs["random"]
-    stages = {stage.key: stage_json(outcome, stage, size) for stage in size.stages}
     return {**meta, "arms": {arm: arm_json(run) for arm, run in runs.items()}, "random_tokens": base.seen,
-            "iso_loss": iso_json(iso_rows(base, runs["subclone"]), "subclone"),
-            "at_drop": {arm: iso_json(iso_rows(base, run, fractions=DROP_FRACTIONS), arm)
-                        for arm, run in runs.items() if arm != "random"},
+            "iso_loss": iso_json(base, runs["subclone"], "subclone"), "at_drop": iso_by_arm(base, runs)["at_drop"],
             "lrs": outcome.lrs, "sweep": outcome.sweep, "stages": stages,
             "minutes": {part: round(s / 60, 1) for part, s in outcome.seconds.items()}}
 
 
 def seed_spread(outcome: Outcome, size: Size) -> list[dict[str, Any]]:
-    """The subcloned child's speedup for seed 0 and each other seed, at the other seed's drop levels.
-
-    A later seed may run a shorter budget than seed 0; its own random-init curve sets the levels, and
-    seed 0's speedup is read at the same levels, so the two numbers are comparable.
-    """
+    """The subcloned child's speedup for seed 0 and each other seed, at the other seed's drop levels: its own
+    random-init curve sets the levels (it may run a shorter budget), seed 0's speedup is read at the same levels."""
     out = []
     for stage in size.stages:
         runs = outcome.stages[stage.key]
-        if stage.seed == 0 or "random" not in runs or "subclone" not in runs:
-            continue
         first = next((s for s in size.stages if s.shape == stage.shape and s.seed == 0 and "subclone" in s.arms
                       and "random" in s.arms), None)
-        if first is None:
+        if stage.seed == 0 or "random" not in runs or "subclone" not in runs or first is None:
             continue
         zero = outcome.stages[first.key]
         for row in iso_rows(runs["random"], runs["subclone"], fractions=DROP_FRACTIONS):
@@ -368,6 +278,9 @@ def seed_spread(outcome: Outcome, size: Size) -> list[dict[str, Any]]:
                         "loss": row.level, "speedup_seed0": ref.speedup, "speedup": row.speedup,
                         "text_seed0": ref.text(), "text": row.text()})
     return out
+
+
+# --- the report -----------------------------------------------------------------------------------------
 
 
 def fmt_tokens(n: float | None) -> str:
@@ -438,17 +351,6 @@ def _trend(early: dict[str, Any], final: dict[str, Any]) -> str:
     return ": the lead grows as training goes on" if final["speedup"] > early["speedup"] * 1.1 else ", about the same"
 
 
-def readme_line(results: dict[str, Any]) -> str:
-    """One sentence for the README's budget line."""
-    final = final_row(results)
-    text = final["text"] if final else "n/a"
-    loss = fmt_value(final["loss"]) if final else "-"
-    gpu = results["machine"].split(", ")[2] if ", " in results["machine"] else "no GPU"
-    where = "CPU" if gpu == "no GPU" else gpu
-    return render("budget_readme", tokens=fmt_tokens(results["random_tokens"]), size=results["size"], where=where,
-                  lrs=lr_choices(results), loss=loss, text=text, paper=PAPER_SPEEDUP)
-
-
 def lr_picks(results: dict[str, Any], sep: str = ", ", name: Any = str) -> list[str]:
     """"random 1e-3 of 5e-4, 1e-3, 2e-3", ...: each arm's chosen lr of its grid (rates as sweeps name them:
     2.5e-4, not a rounded 3e-04), for the arms whose grid has several."""
@@ -457,19 +359,18 @@ def lr_picks(results: dict[str, Any], sep: str = ", ", name: Any = str) -> list[
             for arm, lr in results.get("lrs", {}).items() if len(grid.get(arm, ())) > 1]
 
 
-def lr_choices(results: dict[str, Any]) -> str:
-    """"each arm at its best lr of its grid: random init 1e-3 of 5e-4/1e-3/2e-3, ...", from the results."""
-    picks = lr_picks(results, "/", lambda arm: LABELS[arm].split(" (")[0])
-    return "each arm at its best lr at this budget: " + ", ".join(picks)
-
-
-def readme_cell(results: dict[str, Any]) -> str:
-    """The README benchmark table's cell for the aggressive child: the speedup at random init's final loss."""
+def readme_texts(results: dict[str, Any], suffix: str) -> dict[str, str]:
+    """The README's marked budget line and the benchmark table's cell for the aggressive child."""
     final = final_row(results)
-    if final is None:
-        return "no level (random init never improved)"
-    return (f"**{final['text']}** at {fmt_tokens(results['random_tokens'])} tokens (loss {fmt_value(final['loss'])}; "
+    gpu = results["machine"].split(", ")[2] if ", " in results["machine"] else "no GPU"
+    lrs = "each arm at its best lr at this budget: " + ", ".join(lr_picks(results, "/", NAMES.get))
+    line = render("budget_readme", tokens=fmt_tokens(results["random_tokens"]), size=results["size"],
+                  where="CPU" if gpu == "no GPU" else gpu, lrs=lrs, loss=fmt_value(final["loss"]) if final else "-",
+                  text=final["text"] if final else "n/a", paper=PAPER_SPEEDUP)
+    cell = ("no level (random init never improved)" if final is None else
+            f"**{final['text']}** at {fmt_tokens(results['random_tokens'])} tokens (loss {fmt_value(final['loss'])}; "
             "each arm at its best lr)")
+    return {f"budget-speedup{suffix}": line, f"budget-cell{suffix}": cell}
 
 
 def settings(results: dict[str, Any], size: Size) -> str:
@@ -486,90 +387,82 @@ def settings(results: dict[str, Any], size: Size) -> str:
     return "\n".join([head, *lines])
 
 
-COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca02c"}
+def _log_ticks(axis: Any, formatter: Any) -> None:
+    """A log axis whose major ticks read ``formatter(value)`` and whose minor ticks are unlabeled."""
+    axis.set_major_formatter(lambda value, _: formatter(value))
+    axis.set_minor_formatter(lambda value, _: "")
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:
     """Validation loss against tokens (log x, so step 0 is left out), one panel per child shape; later seeds dashed."""
     shapes = list(dict.fromkeys(s["shape"] for s in results["stages"].values()))
-    fig, axes = h.panels(len(shapes), 5.6, 3.8)
+    fig, axes = rp.panels(len(shapes), 5.6, 3.8)
     for ax, shape in zip(axes[0], shapes):
         for key, stage in results["stages"].items():
-            if stage["shape"] != shape:
-                continue
-            for arm, curve in stage["arms"].items():
+            for arm, curve in stage["arms"].items() if stage["shape"] == shape else ():
                 points = [(t, v) for t, v in zip(curve["tokens"], curve["val_loss"]) if t > 0]  # log x: no 0
                 if points:
                     ax.plot(*zip(*points), color=COLORS.get(arm), linestyle="-" if stage["seed"] == 0 else "--",
                             marker=".", markersize=3, label=f"{arm} (lr {curve['lr']:g}, {key})")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(lambda value, _: fmt_tokens(value))  # "10k", "1.00M": no crowded powers
-        ax.xaxis.set_minor_formatter(lambda value, _: "")
-        h.finish(ax, which="both", title=f"{shape} child", xlabel="training tokens", ylabel="validation loss")
-    save_figure(fig, path)
+        _log_ticks(ax.xaxis, fmt_tokens)  # "10k", "1.00M": no crowded powers
+        rp.finish(ax, which="both", title=f"{shape} child", xlabel="training tokens", ylabel="validation loss")
+    rp.save_figure(fig, path)
 
 
 def plot_speedup(results: dict[str, Any], path: Path) -> None:
     """Iso-loss speedup against the loss level random init reached (x reversed: training goes right)."""
-    fig, axes = h.panels(1, 6.4, 4.0)
+    fig, axes = rp.panels(1, 6.4, 4.0)
     ax = axes[0][0]
     for key, stage in results["stages"].items():
         for arm, rows in stage["iso_loss"].items():
-            exact = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None and not r["lower_bound"]]
-            bound = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None and r["lower_bound"]]
-            style = {"color": COLORS.get(arm), "linestyle": "-" if stage["seed"] == 0 else "--"}
-            if stage["shape"] != "aggressive":
-                style["linestyle"] = ":"
-            if exact:
-                ax.plot(*zip(*exact), marker=".", label=f"{arm} ({key}, {stage['shape']})", **style)
-            if bound:
-                ax.plot(*zip(*bound), marker="^", linestyle="none", color=style["color"])
+            style = {"color": COLORS.get(arm), "linestyle": ":" if stage["shape"] != "aggressive" else
+                     "-" if stage["seed"] == 0 else "--"}
+            for bound in (False, True):
+                points = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None
+                          and r["lower_bound"] == bound]
+                if points and bound:
+                    ax.plot(*zip(*points), marker="^", linestyle="none", color=style["color"])
+                elif points:
+                    ax.plot(*zip(*points), marker=".", label=f"{arm} ({key}, {stage['shape']})", **style)
     ax.axhline(1.0, color="grey", linewidth=1)
     ax.axhline(PAPER_SPEEDUP, color="black", linestyle=":", linewidth=1, label=f"paper's ~{PAPER_SPEEDUP:.0f}x")
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     ax.set_yticks([t for t in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128) if low <= t <= high])
-    ax.yaxis.set_major_formatter(lambda value, _: f"{value:g}x")
-    ax.yaxis.set_minor_formatter(lambda value, _: "")
+    _log_ticks(ax.yaxis, lambda value: f"{value:g}x")
     ax.invert_xaxis()
-    h.finish(ax, which="both", xlabel="validation loss level (random init's curve)",
+    rp.finish(ax, which="both", xlabel="validation loss level (random init's curve)",
              ylabel="speedup (random init's tokens / arm's)",
              title="Iso-loss speedup (triangles: lower bounds, there at step 0)")
-    save_figure(fig, path)
-
-
-def spread_text(rows: list[dict[str, Any]]) -> str:
-    """The seed spread as a table, or a sentence when only one seed ran."""
-    if not rows:
-        return "One seed only: no spread measured."
-    body = [[r["stage"], r["shape"], f"{r['fraction']:.0%}", fmt_value(r["loss"]), r["text_seed0"], r["text"]]
-            for r in rows]
-    return ("Seed spread of the subcloned child's speedup (levels from the later seed's own random-init curve, "
-            "seed 0 read at the same levels):\n\n" +
-            table(["stage", "child", "share of drop", "validation loss", "seed 0", "this seed"], body))
-
-
-def sweep_table(rows: list[dict[str, Any]], lrs: dict[str, float]) -> str:
-    """Every run of the sweep, the chosen ones marked, then the notes on chosen lrs at the edge of a grid."""
-    body = [[r["arm"], f"{r['lr']:g}" + (" (chosen)" if lrs.get(r["arm"]) == r["lr"] else ""),
-             fmt_tokens(r["tokens"]), fmt_value(r["best"]), fmt_value(r["final"]), r["status"]] for r in rows]
-    notes = sorted({r["note"] for r in rows if r.get("note")})
-    return "\n\n".join([table(["arm", "lr", "tokens", "best loss", "final loss", "status"], body),
-                        *(f"Note: {n}" for n in notes)])
+    rp.save_figure(fig, path)
 
 
 def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]) -> str:
-    """The "budget" section of docs/BENCHMARKS.md."""
+    """The "budget" section of docs/BENCHMARKS.md: headline, settings, each stage's drop table, the seed spread,
+    the plots and the sweep (every run, the chosen ones marked, notes on chosen lrs at the edge of a grid)."""
     parts = ["## Speedup at a longer budget (`bench/bench_budget.py`)",
              f"Size `{results['size']}` (`make bench-budget`). {headline(results)}", settings(results, size)]
     for key, stage in results["stages"].items():
         parts += [(f"### {key}: {stage['shape']} child, seed {stage['seed']}, {fmt_tokens(stage['tokens'])} tokens "
                   "per arm"), drop_table(stage)]
-    parts += [spread_text(results["seed_spread"]), f"![validation loss against tokens]({plots['curves'].name})",
+    spread = [[r["stage"], r["shape"], f"{r['fraction']:.0%}", fmt_value(r["loss"]), r["text_seed0"], r["text"]]
+              for r in results["seed_spread"]]
+    parts.append("One seed only: no spread measured." if not spread else
+                 ("Seed spread of the subcloned child's speedup (levels from the later seed's own random-init curve, "
+                  "seed 0 read at the same levels):\n\n" +
+                  table(["stage", "child", "share of drop", "validation loss", "seed 0", "this seed"], spread)))
+    lrs = results["lrs"]
+    sweep = [[r["arm"], f"{r['lr']:g}" + (" (chosen)" if lrs.get(r["arm"]) == r["lr"] else ""),
+              fmt_tokens(r["tokens"]), fmt_value(r["best"]), fmt_value(r["final"]), r["status"]]
+             for r in results["sweep"]]
+    notes = sorted({r["note"] for r in results["sweep"] if r.get("note")})
+    parts += [f"![validation loss against tokens]({plots['curves'].name})",
               f"![iso-loss speedup]({plots['speedup'].name})",
               ("Learning-rate sweep (every run at the full budget of the first stage; each arm's chosen lr is "
                "its lowest best loss):"),
-              sweep_table(results["sweep"], results["lrs"]), render("budget_how_to_read")]
+              "\n\n".join([table(["arm", "lr", "tokens", "best loss", "final loss", "status"], sweep),
+                           *(f"Note: {n}" for n in notes)]), render("budget_how_to_read")]
     return "\n\n".join(parts)
 
 
@@ -581,39 +474,25 @@ def outputs(name: str, out: Path | None) -> dict[str, Path]:
     suffix = "-gpu" if name == "gpu" else ""
     folder = h.folder(name, out, "subclone-budget-")
     return {"json": folder / f"speedup_vs_budget{suffix}.json", "curves": folder / f"bench_budget_curves{suffix}.png",
-            "speedup": folder / f"bench_budget_speedup{suffix}.png", "doc": folder / DOC.name}
-
-
-def meta(ctx: Context, name: str) -> dict[str, Any]:
-    """What the JSON and the report say about the setting."""
-    train = make_data(ctx.parent, ctx.data, "train", seq_len=ctx.size.seq_len)
-    return {"size": name, "machine": machine(), "parent": ctx.parent.label, "data": ctx.data,
-            "train_tokens": int(train.tokens.numel()), "batch": [ctx.size.batch_size, ctx.size.seq_len],
-            "precision": ctx.size.precision, "planned_minutes": ctx.size.minutes,
-            "plan": {"sweep_lrs": ctx.size.sweep_lrs,
-                     "stages": [asdict(s) for s in ctx.size.stages]}}
+            "speedup": folder / f"bench_budget_speedup{suffix}.png", "doc": folder / rp.DOC.name}
 
 
 def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readme: Path | None) -> None:
     """The JSON, both plots, the BENCHMARKS.md section and (where it has the markers) the README line."""
     suffix = "-gpu" if results["size"] == "gpu" else ""
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    write_text(paths["json"], json.dumps(results, indent=1, default=json_default))
+    write_text(paths["json"], json.dumps(results, indent=1, default=rp.json_default))
     plot_curves(results, paths["curves"])
     plot_speedup(results, paths["speedup"])
-    write_section(f"budget{suffix}", section_markdown(results, size, paths), paths["doc"])
-    if readme is None:
-        return
-    texts = {f"budget-speedup{suffix}": readme_line(results), f"budget-cell{suffix}": readme_cell(results)}
-    for marker, text in texts.items():
-        if not replace_marked(readme, marker, text):
+    rp.write_section(f"budget{suffix}", section_markdown(results, size, paths), paths["doc"])
+    for marker, text in readme_texts(results, suffix).items() if readme else ():
+        if not rp.replace_marked(readme, marker, text):
             print(f"note: {readme} has no <!-- begin {marker} --> markers; that text is not updated", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__, threads=THREADS_HELP)
-    h.size_flags(parser, "a minute on a tiny parent (give --parent, --data)",
-                 "100M+ tokens per arm; give --data a large corpus")
+    parser = rp.bench_parser(__doc__, smoke="a minute on a tiny parent (give --parent, --data)",
+                             gpu="100M+ tokens per arm; give --data a large corpus", threads=rp.THREADS_HELP)
     parser.add_argument("--parent", default="default", help="parent id (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data", default="default", help="data id (default: the embedded Wikipedia text)")
     parser.add_argument("--out", type=Path, help="folder for the JSON, plots and BENCHMARKS.md (default docs/)")
@@ -628,19 +507,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def readme_for(args: argparse.Namespace, name: str) -> Path | None:
-    """The README whose marked text to rewrite: --readme, else README.md for the real sizes, none for smoke."""
-    return args.readme if args.readme or name == "smoke" else README
-
-
-def redraw(args: argparse.Namespace) -> dict[str, Any]:
-    """The plots, the BENCHMARKS.md section and the README text again from a saved JSON."""
-    results = json.loads(args.from_json.read_text())
-    name = results["size"]
-    write_all(results, SIZES[name], outputs(name, args.out), readme_for(args, name))
-    return results
-
-
 def context(args: argparse.Namespace, size: Size, name: str) -> Context:
     """The parent and its calibration, or a saved child standing in for both (--from-child)."""
     parent = load_parent(str(args.from_child) if args.from_child else args.parent)
@@ -653,14 +519,10 @@ def context(args: argparse.Namespace, size: Size, name: str) -> Context:
                    from_child=bool(args.from_child))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run one size end to end; returns what it wrote to the JSON."""
-    args = parse_args(argv)
-    if args.from_json:
-        return redraw(args)
-    h.start(args)
-    name = h.size_name(args)
-    size, paths = SIZES[name], outputs(name, args.out)
+def measure(args: argparse.Namespace, name: str) -> tuple[dict[str, Any], Size, Path]:
+    """Calibrate and run the size's stages (the --lrs grid, without the stages a saved child cannot run);
+    returns the JSON, the size and the folder of run metrics."""
+    size = SIZES[name]
     if args.lrs:
         size = replace(size, sweep_lrs={**size.sweep_lrs, **parse_lr_sweep(args.lrs, ARMS, "--lrs")})
     size, left_out = without_parent(size) if args.from_child else (size, [])
@@ -669,12 +531,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     calibration = time.perf_counter() - start
     outcome = run_size(ctx, name)
     outcome.seconds = {"calibration": calibration, **outcome.seconds}
-    results = {**results_json(outcome, size, meta(ctx, name)), "left_out": left_out}
+    train_tokens = int(make_data(ctx.parent, ctx.data, "train", seq_len=size.seq_len).tokens.numel())
+    meta = {"size": name, "machine": rp.machine(), "parent": ctx.parent.label, "data": ctx.data,
+            "train_tokens": train_tokens, "batch": [size.batch_size, size.seq_len], "precision": size.precision,
+            "planned_minutes": size.minutes,
+            "plan": {"sweep_lrs": size.sweep_lrs, "stages": [asdict(s) for s in size.stages]}}
+    results = {**results_json(outcome, size, meta), "left_out": left_out}
     results["seed_spread"] = seed_spread(outcome, size)
-    write_all(results, size, paths, readme_for(args, name))
-    print(f"\n{headline(results)}\n\n" + "\n\n".join(drop_table(s) for s in results["stages"].values()))
-    print(f"\nwrote {paths['json']}, the plots and {paths['doc']}; run metrics in {ctx.runs}; "
-          f"total {(time.perf_counter() - start) / 60:.1f} min")
+    return results, size, ctx.runs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one size end to end (or redraw a saved JSON: --from-json); returns what it wrote to the JSON."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        name, size, runs = results["size"], SIZES[results["size"]], None
+    else:
+        h.start(args)
+        name = h.size_name(args)
+        results, size, runs = measure(args, name)
+    paths = outputs(name, args.out)
+    write_all(results, size, paths, args.readme if args.readme or name == "smoke" else README)
+    if runs:
+        print(f"\n{headline(results)}\n\n" + "\n\n".join(drop_table(s) for s in results["stages"].values()))
+        print(f"\nwrote {paths['json']}, the plots and {paths['doc']}; run metrics in {runs}; "
+              f"total {(time.perf_counter() - start) / 60:.1f} min")
     return results
 
 

@@ -2,20 +2,18 @@
 
 Targets: calibration at most 1.2x a plain forward pass over the same tokens; slicing and saving a child
 under 2 s once the parent is loaded; peak memory while subcloning under 2x the parent's float32 size.
-Run: .venv/bin/python bench/bench_core.py [--tokens 4096] (writes a section of docs/BENCHMARKS.md).
+Run: python -m bench.bench_core [--tokens 4096] (writes a section of docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import SHAPES, bench_parser, machine, render, table, write_section
 from subclone_core.core.calibration import calibrate
 from subclone_core.core.strategies import plan_shape, subclone_model

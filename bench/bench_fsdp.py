@@ -1,22 +1,8 @@
-"""Memory per process when a child trains sharded (--fsdp) against replicated (DDP), under torchrun.
+"""Memory per process when a child trains sharded (--fsdp) against replicated (DDP) under torchrun, on the CPU
+(see bench/README.md). Writes docs/fsdp.json and a section of docs/BENCHMARKS.md.
 
-Synthetic Llama-shaped children (bench_scale.py's writer: random bf16 weights, the default parent's tokenizer,
-never downloaded) are trained by the command users run, `torchrun --nproc_per_node 2 subclone train --model
-CHILD`, with and without --fsdp, for a few steps on the CPU. Per run, in a fresh launcher process: the peak
-RSS of the largest torchrun process (the launcher's getrusage(RUSAGE_CHILDREN), which Linux keeps as the
-largest descendant's peak) and of each rank (its VmHWM, sampled until it exits), the wall time and the final
-validation loss. Expected: the training state (float32 weights, gradients and AdamW's two moments: 16 bytes
-per parameter) is replicated in every process under DDP (plus DDP's gradient buckets, 4 bytes per parameter)
-and split N ways under FSDP, where the child is built on the meta device and each process reads only its own
-shards from the child's files (it never exists whole in one process until the main process gathers the trained
-child to save it). A mode whose estimated peak over all processes exceeds the machine's memory is not run; its
-estimate is reported. Rows of docs/fsdp.json that a run does not remeasure (another size or mode, the same
-settings) are kept.
-
-Writes docs/fsdp.json and a section of docs/BENCHMARKS.md.
-
-    python bench/bench_fsdp.py [--sizes 0.25B,0.5B,1B] [--modes ddp,fsdp] [--budget-gib 8] [--procs 2] [--steps 3]
-                               [--work DIR] [--smoke]
+Run: python -m bench.bench_fsdp [--sizes 0.25B,0.5B,1B] [--modes ddp,fsdp] [--budget-gib 8] [--procs 2] [--steps 3]
+[--work DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -27,16 +13,13 @@ import json
 import math
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._report import DOCS, bench_parser, machine, render, table, write_section
+from bench._report import DOCS, ROOT, bench_parser, machine, render, table, venv_tool, write_section
 from bench.bench_scale import SIZES, write_parent
 from subclone_core.io.atomic import write_text
 
@@ -62,12 +45,11 @@ def train_argv(child: Path, out: Path, steps: int) -> list[str]:
 def launch(procs: int, argv: list[str]) -> dict:
     """One torchrun run in this (fresh) process: its summary, seconds, the largest process's peak RSS and each
     rank's (sampled: a peak reached in the last SAMPLE_S seconds of a rank's life may be missed there)."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    subclone = shutil.which("subclone", path=str(Path(sys.executable).parent)) or "subclone"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     start, ranks = time.perf_counter(), {}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", str(procs), subclone, *argv],
+        proc = subprocess.Popen([venv_tool("torchrun"), "--standalone", "--nproc_per_node", str(procs),
+                                 venv_tool("subclone"), *argv],
                                 env=env, stdout=out, stderr=err, text=True)
         while proc.poll() is None:
             for rank, kib in rank_peaks_kib(proc.pid).items():
@@ -106,8 +88,8 @@ def rank_peaks_kib(root: int) -> dict[int, int]:
 def run_fresh(procs: int, argv: list[str]) -> dict:
     """launch() in a new process, so that each run's peak is its own."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, __file__, "--launch", json.dumps([procs, argv])], env=env,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-m", "bench.bench_fsdp", "--launch", json.dumps([procs, argv])], env=env,
+                          cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])

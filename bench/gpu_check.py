@@ -1,26 +1,11 @@
-"""The ready GPU check (make gpu-check): one GPU, under 8 minutes, writes docs/GPU.md.
+"""The ready GPU check (make gpu-check): one GPU, under 8 minutes, writes docs/GPU.md (see bench/README.md).
+``--parent`` checks another parent (e.g. a child saved by ``subclone make``) with the library's suggested shape.
 
-1. The default parent on CUDA in bf16: calibration rankings against the CPU float32 run (Spearman correlation
-   of the residual scores, overlap of the kept residual dimensions, FFN neurons and heads, same blocks).
-2. The paper-like child (20 blocks x 384, FFN 1024) made from the GPU parent: seconds.
-3. Subclone vs random init, each trained for a fixed number of minutes with bf16 autocast at a GPU-sized batch:
-   tokens/s, peak GPU memory, the speedup (`subclone compare`, the one training path).
-4. When more than one GPU is visible, the same under torchrun on two GPUs.
-5. Sequential calibration (`--sequential`: one block at a time from the parent's files) on the check's device
-   against the in-memory calibration of step 1: the same rankings, and the time.
-6. Sharded training (`--fsdp`, FSDP2) under torchrun on up to two GPUs against a plain run of as many steps:
-   the final losses, the time, and the saved child loading as a plain Hugging Face model.
-
-    python bench/gpu_check.py [--minutes 1.5] [--out docs/GPU.md] [--parent P]
-    python bench/gpu_check.py --dry-run      # tiny random parent on the CPU, seconds (CI runs it)
-
-``--parent`` checks another parent (a folder: e.g. a child saved by ``subclone make`` where the default parent
-cannot be copied); its check child is the library's suggested shape for it.
+Run: python -m bench.gpu_check [--minutes 1.5] [--out docs/GPU.md] [--parent P] | --dry-run (tiny, on the CPU)
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -32,11 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
-from bench._report import PAPER_LIKE, ROOT, spearman, table
+from bench._report import PAPER_LIKE, ROOT, bench_parser, render, spearman, table, venv_tool
 from subclone_core.io.atomic import write_text
 
 # (device, dtype of the check, training batch, sequence length, calibration tokens, child shape)
@@ -146,13 +129,17 @@ def two_gpus(parent_id: str, plan: dict, steps: int, work: Path) -> dict | None:
     """The same comparison data-parallel on two GPUs under torchrun (None with fewer than two GPUs)."""
     if torch.cuda.device_count() < 2:
         return None
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     run = work / "two"
-    start = time.perf_counter()
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "subclone_core.cli",
-                    *compare_argv(parent_id, {**plan, "device": "cuda"}, steps, run)], check=True)
-    seconds = time.perf_counter() - start
+    seconds = _torchrun(2, compare_argv(parent_id, {**plan, "device": "cuda"}, steps, run))
     return summarize(json.loads((run / "summary.json").read_text()), steps, seconds, plan, 0)
+
+
+def _torchrun(procs: int, argv: list[str], env: dict | None = None) -> float:
+    """`subclone ARGV` under torchrun on ``procs`` processes; its wall seconds."""
+    start = time.perf_counter()
+    subprocess.run([venv_tool("torchrun"), "--standalone", "--nproc_per_node", str(procs), "-m", "subclone_core.cli",
+                    *argv], check=True, env=env)
+    return time.perf_counter() - start
 
 
 def sequential_check(parent_id: str, plan: dict, memory_imp) -> dict:
@@ -178,12 +165,8 @@ def fsdp_check(parent_id: str, plan: dict, steps: int, work: Path) -> dict:
     start = time.perf_counter()
     _compare(compare_argv(parent_id, plan, steps, plain))
     plain_s = time.perf_counter() - start
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if plan["device"] == "cpu" else None
-    start = time.perf_counter()
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(procs), "-m", "subclone_core.cli",
-                    *compare_argv(parent_id, plan, steps, sharded), "--fsdp"], check=True, env=env)
-    fsdp_s = time.perf_counter() - start
+    fsdp_s = _torchrun(procs, [*compare_argv(parent_id, plan, steps, sharded), "--fsdp"], env)
     final = {name: {r["name"]: r["final"] for r in json.loads((run / "summary.json").read_text())["rows"]}
              for name, run in (("plain", plain), ("fsdp", sharded))}
     loads = type(AutoModelForCausalLM.from_pretrained(sharded / "subclone")).__name__
@@ -193,57 +176,27 @@ def fsdp_check(parent_id: str, plan: dict, steps: int, work: Path) -> dict:
 
 
 def report(result: dict, *, dry_run: bool) -> str:
-    c, t, two = result["calibration"], result["training"], result.get("two_gpus")
-    where = "a CPU dry run on a tiny random parent" if dry_run else result["device_name"]
-    lines = [(f"# GPU check\n\nRun by `make gpu-check` (bench/gpu_check.py) on {where}, "
-              f"{time.strftime('%Y-%m-%d')}, in {result['seconds']:.0f} s. Parent: {result['parent']}; check "
-              f"child: {', '.join(f'{k} {v}' for k, v in result['child'].items())}.\n"),
-             "## Calibration: bf16 on the check's device against float32 on the CPU\n",
-             table(["measure", "value"], [
-                 ["Spearman of the residual scores", f"{c['spearman_residual']:.4f}"],
-                 ["kept residual dimensions in common", f"{c['residual_overlap']:.1%}"],
-                 ["kept FFN neurons in common (mean over blocks)", f"{c['ffn_overlap']:.1%}"],
-                 ["kept heads in common (mean over blocks)", f"{c['head_overlap']:.1%}"],
-                 ["same kept blocks", str(c["same_blocks"])],
-                 ["calibration seconds, bf16 / CPU float32", f"{c['bf16_calib_s']:.1f} / {c['cpu_float32_calib_s']:.1f}"],
-                 ["child made from the bf16 parent (seconds, parameters, dtype)",
-                  f"{c['child_s']:.1f}, {c['child_parameters'] / 1e6:.1f}M, {c['child_dtype']}"]]),
-             "\n## Training: subclone vs random init, bf16 autocast, the same minutes each\n",
-             table(["run", "steps each", "tokens/s", "peak GPU GiB", "speedup", "final loss subclone / random"],
-                   [_row("one device", t), *([_row("two GPUs (torchrun)", two)] if two else [])])]
-    return "\n".join(lines + _scale_lines(result)) + "\n"
-
-
-def _scale_lines(result: dict) -> list[str]:
-    """The sections of the two paths for parents and children larger than one device (steps 5 and 6)."""
-    seq, fsdp = result["sequential"], result["fsdp"]
-    final = fsdp["final"]
-    return ["\n## Sequential calibration (`--sequential`) against in memory, both bf16 on the check's device\n",
-            table(["measure", "value"], [
-                ["Spearman of the residual scores", f"{seq['spearman_residual']:.4f}"],
-                ["kept residual dimensions / FFN neurons / heads in common",
-                 f"{seq['residual_overlap']:.1%} / {seq['ffn_overlap']:.1%} / {seq['head_overlap']:.1%}"],
-                ["same kept blocks", str(seq["same_blocks"])],
-                ["calibration seconds, sequential / in memory",
-                 f"{seq['sequential_calib_s']:.1f} / {result['calibration']['bf16_calib_s']:.1f}"]]),
-            f"\n## Sharded training (`--fsdp`) on {fsdp['processes']} process(es) against one plain process\n",
-            table(["run", "steps", "seconds", "final loss subclone / random"], [
-                [name, fsdp["steps"], f"{fsdp[name + '_s']:.1f}",
-                 f"{_num(final[name].get('subclone'))} / {_num(final[name].get('random'))}"]
-                for name in ("plain", "fsdp")]),
-            (f"\nLargest relative difference of the final losses: {fsdp['max_rel_diff']:.2e}; the sharded run's "
-             f"saved child loads as {fsdp['saved_class']}.")]
+    """docs/GPU.md (template bench/templates/gpu.md)."""
+    t, two, fsdp = result["training"], result.get("two_gpus"), result["fsdp"]
+    training = table(["run", "steps each", "tokens/s", "peak GPU GiB", "speedup", "final loss subclone / random"],
+                     [_row("one device", t), *([_row("two GPUs (torchrun)", two)] if two else [])])
+    sharded = table(["run", "steps", "seconds", "final loss subclone / random"], [
+        [name, fsdp["steps"], f"{fsdp[name + '_s']:.1f}", _finals(fsdp["final"][name])] for name in ("plain", "fsdp")])
+    return render("gpu", where="a CPU dry run on a tiny random parent" if dry_run else result["device_name"],
+                  date=time.strftime("%Y-%m-%d"), seconds=result["seconds"], parent=result["parent"],
+                  child_text=", ".join(f"{k} {v}" for k, v in result["child"].items()), c=result["calibration"],
+                  child_m=result["calibration"]["child_parameters"] / 1e6, seq=result["sequential"], fsdp=fsdp,
+                  training=training, sharded=sharded) + "\n"
 
 
 def _row(name: str, t: dict) -> list:
-    final = t["final"]
     return [name, t["steps"], f"{t['tokens_per_s']:,.0f}", f"{t['peak_gpu_gib']:.2f}",
-            "-" if t["speedup"] is None else f"{t['speedup']:.2f}x",
-            f"{_num(final.get('subclone'))} / {_num(final.get('random'))}"]
+            "-" if t["speedup"] is None else f"{t['speedup']:.2f}x", _finals(t["final"])]
 
 
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _finals(final: dict) -> str:
+    """"subclone / random" final losses, "-" for a missing one."""
+    return " / ".join("-" if final.get(k) is None else f"{final[k]:.3f}" for k in ("subclone", "random"))
 
 
 def suggested_child(parent_id: str) -> dict:
@@ -266,7 +219,7 @@ def dry_parent(work: Path) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--dry-run", action="store_true", help="tiny random parent on the CPU (seconds)")
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per candidate (1.5; dry 0.05)")
     parser.add_argument("--out", default=None, help="report file (default docs/GPU.md; dry run: not written)")

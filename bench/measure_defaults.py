@@ -2,17 +2,14 @@
 
 Chooses the defaults by measurement: weight scaling on or off, a tied unscaled head or an untied scaled
 one, and the block-removal policy, at two reduction ratios, against first-k, uniform and random init.
-Run: .venv/bin/python bench/measure_defaults.py (writes a section of docs/BENCHMARKS.md).
+Run: python -m bench.measure_defaults (writes a section of docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import AGGRESSIVE, PAPER_LIKE, bench_parser, machine, render, table, write_section
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.sources import make_data

@@ -1,14 +1,8 @@
-"""Reproduce the weight-subcloning paper's findings on the embedded defaults: docs/REPRODUCTION.md + plots.
+"""Reproduce the weight-subcloning paper's findings on the embedded defaults: docs/REPRODUCTION.md + plots, every
+number also in docs/reproduction/results.json, from which ``--from-json`` redraws both (see bench/README.md).
+Sizes: ``cpu`` (the default: about 27 minutes on 2 idle cores), ``smoke`` (seconds on tiny models).
 
-Runs the paper's analyses and ablations on the default SmolLM2-135M parent and the default Wikipedia
-text, and the ones that apply to vision on the self-pretrained ViT and Fashion-MNIST, then writes one
-report: for each finding the paper's claim, what this run measured, and whether the claim holds. Every
-number in the report comes from the run that wrote it (also saved as docs/reproduction/results.json,
-from which ``--from-json`` redraws the report and plots without rerunning anything).
-
-Sizes: ``cpu`` (the default: about 27 minutes on 2 idle cores, 21 of them for the language model),
-``smoke`` (seconds on tiny models; the test suite runs it).
-Run: make reproduce, or .venv/bin/python bench/reproduce.py [--size smoke ...]
+Run: make reproduce, or python -m bench.reproduce [--size smoke ...]
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _harness as h
 from bench._harness import Budget
 from bench._report import DOCS, SHAPES, THREADS_HELP, bench_parser, machine

@@ -1,27 +1,26 @@
 """Run every benchmark in turn; each writes its own section of docs/BENCHMARKS.md.
 
-Run: make bench (about 45 minutes on 2 CPU cores, plus bench_scale.py's synthetic 0.1-3B parents and its
-sequential calibration of the 1B one, about 3 minutes, and bench_fsdp.py's sharded training of 0.25B and 1B
-children, about 10 minutes; pass --gpu through to the training benchmark on a GPU).
+Run: make bench, or python -m bench.run_all [--gpu] (about 45 minutes on 2 CPU cores, plus about 13 for
+bench_scale's synthetic parents and bench_fsdp's sharded children; --gpu goes to the training benchmark).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_core.py", "measure_defaults.py", "bench_training.py", "bench_scale.py", "bench_scale.py --sequential",
-           "bench_scale.py --ablation", "bench_fsdp.py"]
+from bench._report import ROOT
+
+SCRIPTS = ["bench_core", "measure_defaults", "bench_training", "bench_scale", "bench_scale --sequential",
+           "bench_scale --ablation", "bench_fsdp"]
 
 
 def main() -> int:
     for script in SCRIPTS:
         name, *flags = script.split()
-        extra = sys.argv[1:] if name == "bench_training.py" else []
+        extra = sys.argv[1:] if name == "bench_training" else []
         print(f"== {script}", flush=True)
-        code = subprocess.call([sys.executable, str(HERE / name), *flags, *extra])
+        code = subprocess.call([sys.executable, "-m", f"bench.{name}", *flags, *extra], cwd=ROOT)
         if code:
             print(f"{script} failed with exit status {code}", file=sys.stderr)
             return code

@@ -23,7 +23,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_its_report(tmp_path):
     out = tmp_path / "GPU.md"
-    done = run_script("bench/gpu_check.py", "--dry-run", "--out", str(out))
+    done = run_script("-m", "bench.gpu_check", "--dry-run", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     assert "Spearman of the residual scores" in text and "subclone vs random init" in text
@@ -41,7 +41,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_gpu_check_without_a_gpu_says_so():
-    done = run_script("bench/gpu_check.py")
+    done = run_script("-m", "bench.gpu_check")
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr
 
 
@@ -76,13 +76,13 @@ def test_bench_scale_sequential_smoke_keeps_the_same_rankings(tmp_path):
 
 @pytest.mark.slow
 def test_bench_scale_ablation_smoke_orders_the_blocks_alike_in_every_placement():
-    done = run_script("bench/bench_scale.py", "--ablation", "--smoke")
+    done = run_script("-m", "bench.bench_scale", "--ablation", "--smoke")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tiny ablation sequential" in done.stdout
 
 
 @pytest.mark.slow
 def test_bench_fsdp_smoke_trains_replicated_and_sharded_to_the_same_loss():
-    done = run_script("bench/bench_fsdp.py", "--smoke")
+    done = run_script("-m", "bench.bench_fsdp", "--smoke")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tiny ddp" in done.stdout and "tiny fsdp" in done.stdout
