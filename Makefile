@@ -39,36 +39,38 @@ PORT ?= 8501
 run: setup
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE exec $(BIN)/streamlit run app.py --server.port $(PORT)
 
+# Two workers of one thread each, whole test files per worker, the longest files first (tests/conftest.py);
 # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when tests share 2 cores.
+TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all
 
 # The iso-loss speedup at a 1.5M-token budget, each arm at its best lr: docs/speedup_vs_budget.json, plots, a
 # BENCHMARKS.md section (~80 min on 2 cores, 3 min on one H200).
 bench-budget: setup
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bench_budget.py
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.bench_budget
 
 # Children of each embedded real parent (SmolLM2-135M, Gemma 3 270M) against random init: step-0 loss over a grid
 # of shapes and a short matched training run; docs/quality.json, docs/bench_quality.png, a BENCHMARKS.md section.
 bench-quality: setup
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bench_quality.py
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.bench_quality
 
 # The published methods (strategies shortgpt, wanda-sp, flap, minitron, slicegpt, grail) beside subclone and random
 # init on both embedded parents, step-0 losses at 128- and 2048-token windows: docs/methods.json, a BENCHMARKS.md section.
 bench-methods: setup
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bench_methods.py
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.bench_methods
 
 # The paper's findings on the embedded defaults: docs/REPRODUCTION.md and docs/reproduction/ (~27 min, 2 cores).
 reproduce: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/reproduce.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.reproduce
 
 # The ready GPU check: the default parent on CUDA in bf16, rankings vs CPU float32, the paper-like child, subclone vs
 # random init with bf16 autocast (and two GPUs under torchrun when visible); writes docs/GPU.md (<8 min, one GPU).
 gpu-check: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.gpu_check
 
 lint: setup
 	$(BIN)/ruff check subclone_core tests bench pages app.py

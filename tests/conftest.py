@@ -15,6 +15,7 @@ EOS = "<|endoftext|>"
 
 REAL_PARENT_FIXTURES = ("default_parent", "gemma_parent")  # each marks its tests with a marker of its name
 TIERS = ("integration", "slow", "browser")  # a test with none of these is `unit`
+TIERS_BY_COST = ("browser", "slow", "integration")
 # A test whose own code, a helper or a fixture it uses names one of these runs another process or the whole
 # app: `subprocess` (the CLI, torchrun, a fresh interpreter) and Streamlit's `AppTest`.
 INTEGRATION_NAMES = frozenset({"subprocess", "AppTest"})
@@ -35,6 +36,18 @@ def pytest_collection_modifyitems(items):
             item.add_marker(getattr(pytest.mark, tier))
         if not any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker(pytest.mark.unit)
+    items[:] = longest_files_first(items)
+
+
+def longest_files_first(items: list) -> list:
+    """The test files in order of their costliest tier (browser, slow, integration, unit), each file's tests kept
+    together and in order: `make test` hands whole files to its workers (pytest-xdist --dist loadfile), and the
+    long files started first keep both workers busy to the end instead of leaving one alone with a long file."""
+    cost = {}
+    for item in items:
+        rank = next((i for i, tier in enumerate(TIERS_BY_COST) if item.get_closest_marker(tier)), len(TIERS_BY_COST))
+        cost[item.path] = min(cost.get(item.path, rank), rank)
+    return sorted(items, key=lambda item: cost[item.path])  # stable: files and their tests keep their order
 
 
 def _fixtures_used(item) -> set[str]:

@@ -179,9 +179,10 @@ def default_child_against_random(parent) -> tuple[float, float]:
     return evaluate(child.model, batches)["loss"], evaluate(twin.model, batches)["loss"]
 
 
-@pytest.mark.parametrize("fixture", ["gemma_parent", "default_parent"])
-def test_the_default_child_of_each_real_parent_starts_below_random_init(fixture, request):
-    child, random = default_child_against_random(request.getfixturevalue(fixture))
+def test_the_default_child_of_gemma3_starts_below_random_init(gemma_parent):
+    # SmolLM2-135M's default child (its starting shape) is checked by test_core_refit's
+    # test_smollm2_children_start_no_worse_with_the_defaults
+    child, random = default_child_against_random(gemma_parent)
     assert child < random - 1, (child, random)  # measured: Gemma 3 7.5 vs 12.5, SmolLM2 6.6 vs 10.9
 
 
