@@ -43,7 +43,7 @@ run: setup
 # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when tests share 2 cores.
 TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all

@@ -29,7 +29,7 @@ from subclone_core.app.jobs import BackgroundJob, JobLimiter
 from subclone_core.app.longsteps import estimate_seconds, forward_rate
 from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.settings import AppSettings
-from subclone_core.app.steps import TrainRequest, child_settings, make_children, training_work
+from subclone_core.app.steps import TrainRequest, child_plan, child_settings, make_children, training_work
 from subclone_core.core.archs import arch_for
 from subclone_core.core.shape import suggested_shape
 from subclone_core.core.strategies import parameter_count
@@ -92,13 +92,16 @@ def action_rows(parent_id: str) -> list[list[object]]:
     shape = starting_shape(parent.model)
     budget = parameter_count(parent.model, shape)
     measure("Child", f"Explore shapes, budget {budget / 1e6:.1f} M", lambda: run_work(
-        longsteps.explorer_work(parent, importance, None, CALIB_TOKENS, budget)))
+        longsteps.explorer_work(parent, importance, None, CALIB_TOKENS, budget)),
+        longsteps.explorer_seconds(parent, state["metrics"], budget, CALIB_TOKENS, calibrated=True))
     arch = arch_for(parent.model.config.model_type)  # the Child page's defaults are the family's
     settings = child_settings("subclone", None, arch.scale_default, None, CALIB_TOKENS,
                               residual_score=arch.residual_score, refit=arch.refit_default)
     made = measure("Child", f"Generate {shape.layers} x {shape.hidden} (child, twin, scores, samples)",
                    lambda: run_work(longsteps.child_work(parent, shape, settings, importance, state["metrics"],
-                                                         DEFAULT_PROMPT, text)))
+                                                         DEFAULT_PROMPT, text)),
+                   longsteps.generate_seconds(parent, state["metrics"], child_plan(parent, settings, shape),
+                                              calibrated=True))
     with tempfile.TemporaryDirectory() as tmp:
         measure("Child", "Save", lambda: save_child(made["child"], Path(tmp) / "child", task=parent.task))
     return rows

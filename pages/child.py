@@ -8,12 +8,14 @@ import streamlit as st
 from subclone_core.analysis.explore import REFIT_TOKENS
 from subclone_core.app import charts, ui
 from subclone_core.app.analysis import zip_folder
-from subclone_core.app.inputs import app_words, without_markup, without_suggestion
+from subclone_core.app.inputs import app_words, duration_text, without_markup, without_suggestion
 from subclone_core.app.longsteps import (
     SAMPLE_TOKENS,
     STEP0_TOKENS,
     child_work,
+    explorer_seconds,
     explorer_work,
+    generate_seconds,
     result_key,
 )
 from subclone_core.app.steps import STRATEGY_LABELS, child_plan, child_settings, save_child_folder
@@ -102,13 +104,14 @@ def use_children(result: dict) -> None:
     ws.step0, ws.samples = result["step0"], result["samples"]
 
 
-def generate(target: Shape, settings: CandidateSettings) -> None:
+def generate(target: Shape, settings: CandidateSettings, seconds: float | None) -> None:
     """Make the child and its twin in the background, then score all three and sample text from them."""
     metrics, text = parent_step0()
     work = child_work(parent, target, settings, ws.importance, metrics, ws.prompt, text)
     # sessions asking for the same child (same calibration, prompt and settings) share one job
     key = result_key("child", ws.parent_id, ws.data_id, repr(target), repr(settings), id(ws.importance), ws.prompt)
-    ui.start_step("child", lambda emit, cancel: {**work(emit, cancel), "settings": settings}, use_children, key=key)
+    ui.start_step("child", lambda emit, cancel: {**work(emit, cancel), "settings": settings}, use_children, key=key,
+                  estimate=seconds)
 
 
 def shape_of_strategy(strategy: str, target: Shape) -> Shape | None:
@@ -126,16 +129,19 @@ def shape_of_strategy(strategy: str, target: Shape) -> Shape | None:
     return built
 
 
-def show_plan(settings: CandidateSettings, target: Shape) -> list[str]:
-    """The plan of the child Generate would build, in one line, and a warning for anything a visitor would
-    expect that it leaves off; returns the warnings shown."""
+def show_plan(settings: CandidateSettings, target: Shape) -> tuple[list[str], float | None]:
+    """The plan of the child Generate would build, in one line, a warning for anything a visitor would expect
+    that it leaves off, and how long Generate should take; returns the warnings shown and that estimate."""
     with ui.errors_shown("planning the child"):
         plan = child_plan(parent, settings, target)
         st.caption(ui.plain(plan.line()))
         for warning in plan.warnings():
             st.warning(ui.plain(app_words(warning)), icon=":material/warning:")
-        return plan.warnings()
-    return []
+        seconds = generate_seconds(parent, ws.parent_metrics, plan, calibrated=ws.importance is not None)
+        if seconds is not None:
+            st.caption(f"Generate: {duration_text(seconds)}, mostly the refit; in the background, Cancel stops it.")
+        return plan.warnings(), seconds
+    return [], None
 
 
 def show_child_plan(manifest: Manifest, shown: list[str]) -> None:
@@ -226,7 +232,7 @@ def save_and_download(task: str) -> None:
                            mime="application/zip", key="download_child", on_click="ignore")
 
 
-def run_explorer(budget: int) -> None:
+def run_explorer(budget: int, seconds: float | None) -> None:
     """Calibrate when needed, then subclone and score every shape near the budget, in the background."""
     key = result_key("explore", ws.parent_id, ws.data_id, ws.calib_tokens, budget)
     known = ui.cached(key)
@@ -239,7 +245,8 @@ def run_explorer(budget: int) -> None:
         if ws.importance is None:
             ws.importance = importance
 
-    ui.start_step("explorer", explorer_work(parent, ws.importance, ws.data_id, ws.calib_tokens, budget), use, key=key)
+    ui.start_step("explorer", explorer_work(parent, ws.importance, ws.data_id, ws.calib_tokens, budget), use, key=key,
+                  estimate=seconds)
 
 
 def use_clicked_shape() -> None:
@@ -267,9 +274,14 @@ def show_explorer() -> None:
                "near the budget and measures each one's validation loss before training. Each shape is refit on "
                f"{min(ws.calib_tokens, REFIT_TOKENS):,} of the calibration tokens (the same ranking as all of them); "
                "Generate refits the shape you use on all of them.")
+    seconds = None
+    if budget is not None:
+        seconds = explorer_seconds(parent, ws.parent_metrics, int(budget * 1e6), ws.calib_tokens,
+                                   calibrated=ws.importance is not None)
+        st.caption(f"Estimated time: {duration_text(seconds)}, in the background; Cancel stops it.")
     running = ws.running("explorer") is not None
     if st.button("Explore shapes", key="run_explore", disabled=budget is None or running):
-        run_explorer(int(budget * 1e6))
+        run_explorer(int(budget * 1e6), seconds)
     if ui.step_panel("explorer", "exploring shapes") or ws.exploration is None:
         return
     st.plotly_chart(charts.explorer_scatter(ws.exploration), key=EXPLORE_CHART, on_select=use_clicked_shape,
@@ -310,10 +322,10 @@ if target is not None:
     settings = child_settings(strategy, drop, scale, ws.data_id, ws.calib_tokens, residual_score=ranking,
                               refit=refit)
     built = shape_of_strategy(strategy, target)
-    planned = show_plan(settings, built) if built is not None else []
+    planned, seconds = show_plan(settings, built) if built is not None else ([], None)
     if st.button("Generate", type="primary", key="generate_child",
                  disabled=built is None or ws.running("child") is not None):
-        generate(built, settings)
+        generate(built, settings, seconds)
 ui.step_panel("child", "generating the child")
 if target is None:
     st.caption("Generate is blocked until the shape above is valid.")

@@ -204,3 +204,12 @@ def test_the_explorer_never_puts_a_shape_worse_than_random_init_on_its_front(mon
     assert not result.points[smallest].pareto  # the smallest is undominated, but worse than random
     assert result.front and all(p.loss < result.random_loss for p in result.front)
 
+
+
+def test_the_child_page_estimates_the_explorer_and_generate_before_they_start(workdir):  # noqa: F811
+    at = start_app(workdir / "parent", workdir / "text.txt")
+    at.switch_page("pages/child.py")
+    run(at)
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("Estimated time: about ") for c in captions), captions  # the explorer's
+    assert any(c.startswith("Generate: about ") for c in captions), captions  # the refit child's

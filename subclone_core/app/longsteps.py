@@ -15,7 +15,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from subclone_core.analysis.explore import EVAL_TOKENS, REFIT_TOKENS, explore_shapes
+from torch import nn
+
+from subclone_core.analysis.explore import EVAL_TOKENS, REFIT_TOKENS, candidate_shapes, explore_shapes
 from subclone_core.analysis.inspector import Unit, inspect_units
 from subclone_core.analysis.probes import (
     ablate_parent,
@@ -25,6 +27,7 @@ from subclone_core.analysis.probes import (
     validation_sample,
 )
 from subclone_core.app.jobs import BlockEvent, Emit, JobCancelled, ProgressEvent, Work, cancellable
+from subclone_core.app.sizing import matrix_weights
 from subclone_core.app.steps import make_children
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
@@ -34,6 +37,7 @@ from subclone_core.tasks import task_spec
 from subclone_core.training.evaluate import evaluate
 from subclone_core.workflow.children import measure_importance, refit_source
 from subclone_core.workflow.jobs import CandidateSettings
+from subclone_core.workflow.plan import Plan
 
 STEP0_TOKENS = 2048  # the Parent page's default validation budget: the parent's score is reused
 SAMPLE_TOKENS = 30  # new tokens of each step-0 sample
@@ -44,6 +48,12 @@ SAMPLE_TOKENS = 30  # new tokens of each step-0 sample
 CALIB_OVERHEAD = 0.95
 INSPECT_OVERHEAD = 0.9
 ABLATION_REPLAYED = 0.85
+# The explorer's seconds per shape and Generate's over a pass of the parent's blocks alone (blocks_rate: the
+# refit, which dominates both, runs no output layer) on the refit's tokens, measured the same way: the explorer
+# 3.4 to 3.6 (SmolLM2-135M) and 3.4 to 4.0 (Gemma 3 270M) per shape, Generate (the child's refit, its random
+# twin, three scores and samples) 5.0 to 5.2 and 4.5 to 4.7
+EXPLORE_PER_SHAPE = 3.7
+GENERATE_REFIT = 4.9
 
 
 def data_key(data_id: str | None) -> tuple[str, int]:
@@ -87,17 +97,49 @@ def estimate_seconds(kind: str, tokens: int, rate: float | None, blocks: int = 0
     """Seconds a step should take, scaled from the parent's measured forward rate (None: not measured yet).
 
     Args:
-        kind: "calibration", "inspector" or "ablation" (one evaluation per block plus the intact parent).
-        tokens: the step's token budget (for ablation: per evaluation).
-        rate: ``forward_rate`` of the parent.
+        kind: "calibration", "inspector", "ablation" (one evaluation per block plus the intact parent), "explore"
+            (the explorer after calibration) or "generate" (Generate of a refit child after calibration).
+        tokens: the step's token budget (for ablation: per evaluation; for explore: the refit tokens of every
+            shape together; for generate: the refit's).
+        rate: ``forward_rate`` of the parent; for explore and generate its ``blocks_rate``.
         blocks: the parent's blocks (ablation only).
     """
     if not rate:
         return None
     # ablation: one evaluation per block plus the intact one, the blocks before the removed one replayed
     factor = {"calibration": CALIB_OVERHEAD, "inspector": INSPECT_OVERHEAD,
-              "ablation": 1 + ABLATION_REPLAYED * blocks}[kind]
+              "ablation": 1 + ABLATION_REPLAYED * blocks, "explore": EXPLORE_PER_SHAPE,
+              "generate": GENERATE_REFIT}[kind]
     return factor * tokens / rate
+
+
+def blocks_rate(model: nn.Module, rate: float | None) -> float | None:
+    """Positions per second through the parent's blocks alone: ``forward_rate`` without the output layer's share
+    of the products (a quarter of SmolLM2-135M's, two thirds of Gemma 3 270M's with its 262k-token vocabulary)."""
+    head = model.get_output_embeddings()
+    total = matrix_weights(model)
+    head_weights = head.weight.numel() if isinstance(head, nn.Linear) else 0
+    return rate * total / max(1, total - head_weights) if rate else None
+
+
+def explorer_seconds(parent: Parent, metrics: dict | None, budget: int, calib_tokens: int,
+                     calibrated: bool) -> float | None:
+    """Seconds the explorer should take at this budget (its candidate shapes, each refit on REFIT_TOKENS), the
+    calibration first where none is known; None before the parent's validation speed is measured."""
+    rate = forward_rate(metrics)
+    shapes = len(candidate_shapes(parent.model, budget))
+    seconds = estimate_seconds("explore", shapes * min(calib_tokens, REFIT_TOKENS), blocks_rate(parent.model, rate))
+    return seconds if seconds is None or calibrated else seconds + estimate_seconds("calibration", calib_tokens, rate)
+
+
+def generate_seconds(parent: Parent, metrics: dict | None, plan: Plan, calibrated: bool) -> float | None:
+    """Seconds Generate should take for a refit child (the refit dominates; without one it takes a few seconds
+    and no estimate is given), the calibration first where none is known."""
+    rate = forward_rate(metrics)
+    seconds = estimate_seconds("generate", plan.calib_tokens, blocks_rate(parent.model, rate)) if plan.refit else None
+    if seconds is None or calibrated or not plan.calibrate:
+        return seconds
+    return seconds + estimate_seconds("calibration", plan.calib_tokens, rate)
 
 
 def calibration_work(parent: Parent, data_id: str | None, tokens: int) -> Work:

@@ -1,0 +1,55 @@
+"""The time estimates the Child page shows before the explorer and Generate start (app/longsteps.py): scaled
+from the parent's measured speed through its blocks alone, the calibration added where none is known."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from subclone_core.analysis.explore import REFIT_TOKENS, candidate_shapes
+from subclone_core.app import longsteps
+from subclone_core.app.sizing import matrix_weights
+from subclone_core.app.steps import child_plan, child_settings
+from subclone_core.core.shape import Shape
+from subclone_core.sources import Parent
+from tests import tiny_models as tm
+
+METRICS = {"forward_rate": 500.0}  # positions per second of a validation pass of the parent
+
+
+@pytest.fixture
+def parent() -> Parent:
+    return Parent(id="tiny", model=tm.make("llama"), preprocessor=tm.tokenizer(), task="causal-lm", source=None,
+                  label="tiny llama")
+
+
+def test_the_blocks_run_faster_than_the_whole_model_by_the_output_layers_share():
+    model = tm.make("llama")
+    head = model.get_output_embeddings()
+    assert isinstance(head, nn.Linear) and head.weight.numel() > 0
+    total = matrix_weights(model)
+    assert longsteps.blocks_rate(model, 100.0) == pytest.approx(100.0 * total / (total - head.weight.numel()))
+    assert longsteps.blocks_rate(model, None) is None  # the parent not scored yet
+
+
+def test_the_explorer_costs_a_refit_per_shape_and_the_calibration_when_none_is_known(parent):
+    budget = sum(p.numel() for p in parent.model.parameters()) // 2
+    shapes = len(candidate_shapes(parent.model, budget))
+    per_token = longsteps.EXPLORE_PER_SHAPE / longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
+    calibrated = longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True)
+    assert calibrated == pytest.approx(shapes * min(4096, REFIT_TOKENS) * per_token)
+    fresh = longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=False)
+    assert fresh == pytest.approx(calibrated + longsteps.estimate_seconds("calibration", 4096, METRICS["forward_rate"]))
+    assert longsteps.explorer_seconds(parent, None, budget, 4096, calibrated=True) is None
+
+
+def test_generate_is_estimated_for_a_refit_child_only(parent):
+    target = Shape.of(parent.model.config)
+    refit = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=True), target)
+    sliced = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=False), target)
+    assert refit.refit and not sliced.refit
+    rate = longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
+    seconds = longsteps.generate_seconds(parent, METRICS, refit, calibrated=True)
+    assert seconds == pytest.approx(longsteps.GENERATE_REFIT * 2048 / rate)
+    assert longsteps.generate_seconds(parent, METRICS, refit, calibrated=False) > seconds
+    assert longsteps.generate_seconds(parent, METRICS, sliced, calibrated=True) is None
