@@ -39,11 +39,12 @@ PORT ?= 8501
 run: setup
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE exec $(BIN)/streamlit run app.py --server.port $(PORT)
 
-# Two workers of one thread each, whole test files per worker, the longest files first (tests/conftest.py);
+# Two workers of one thread each, whole test files per worker, the longest files first (tests/conftest.py orders
+# them; --no-loadscope-reorder keeps that order instead of xdist's most-tests-first);
 # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when tests share 2 cores.
 TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all
