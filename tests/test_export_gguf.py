@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -25,7 +26,13 @@ from transformers import (
 
 from subclone_core.core.archs import arch_for, supported_model_types
 from subclone_core.core.errors import SubcloneError
-from subclone_core.io.gguf_export import SAMPLE_TEXT, export_gguf, exportable_model_types, verify_gguf
+from subclone_core.io.gguf_export import (
+    SAMPLE_TEXT,
+    export_gguf,
+    exportable_model_types,
+    parsed_once,
+    verify_gguf,
+)
 from tests.cli_runner import run_cli
 
 SENTENCES = [
@@ -122,6 +129,22 @@ def test_f32_export_reads_back_to_the_same_logits_and_token_ids(tmp_path, bpe, f
     check = verify_gguf(child, result.path)
     assert check["max_rel_logit_diff"] < 1e-5, check
     assert check["same_token_ids"] and check["tokens"] > 20
+
+
+def test_a_read_back_parses_the_file_once(tmp_path, bpe, monkeypatch):
+    """transformers makes a reader for the config, the tokenizer and the weights; the header (a whole vocabulary
+    walked in Python) is parsed once, and a reader of another file is made as usual."""
+    child = save_child(tmp_path, "llama", bpe)
+    path = export_gguf(child, tmp_path / "child.gguf").path
+    made, original = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda where, *a, **k: made.append(where) or original(where, *a, **k))
+    assert verify_gguf(child, path)["same_token_ids"]
+    assert [Path(p) for p in made] == [path] and gguf.GGUFReader is not original  # our counter is back in place
+    with parsed_once(path):
+        gguf.GGUFReader(path)
+        gguf.GGUFReader(path)
+        gguf.GGUFReader(export_gguf(child, tmp_path / "other.gguf").path)
+    assert [Path(p).name for p in made] == ["child.gguf", "child.gguf", "other.gguf"]
 
 
 @pytest.mark.parametrize("qtype,bound", [("f16", 2e-3), ("q8_0", 2e-2)])
