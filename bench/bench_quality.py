@@ -128,7 +128,7 @@ CHILD_LRS = (3e-4, 1e-3, 2e-3)
 SIZES = {
     "smoke": Size((SMOKE_PARENT,), calib_tokens=512, val_tokens=512, width_ratios=(1.0, 0.5),
                   depth_ratios=(1.0, 2 / 3),
-                  training={"*": TrainPlan(2, 4, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=2)}),
+                  training={"*": TrainPlan(2, 4, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=2, precision="no")}),
     # 2 cores: Gemma's 262,144-word head makes each of its steps costly (tokens/s are printed: tune the steps
     # so that each parent's six runs take about 10 minutes); the 1.78B coder parent is not trained at all.
     "cpu": Size(("default", "gemma3-270m", CODER), calib_tokens=4096, val_tokens=2048, width_ratios=(1.0, 0.8, 0.6, 0.4),

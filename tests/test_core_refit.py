@@ -240,10 +240,11 @@ def _step0_losses(parent, shapes: list[dict], tokens: int) -> list[tuple[float, 
 
 @pytest.mark.slow
 def test_gemma3_children_at_60_percent_width_start_a_nat_below_random_init(gemma_parent):
-    shapes = [{"layers": layers, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024} for layers in (18, 12)]
+    # the quality bench's aggressive Gemma shape (its 18-block sibling, measured there: 6.6 against 12.55)
+    shapes = [{"layers": 12, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024}]
     for default, sliced, random in _step0_losses(gemma_parent, shapes, tokens=1024):
-        assert default <= random - 1.0, (default, random)  # measured at 2,048 tokens: 6.6 and 7.2 against 12.55
-        assert sliced > random  # the paper's ranking, slice only: 17.9 and 19.6, worse than random init
+        assert default <= random - 1.0, (default, random)  # measured at 2,048 tokens: 7.2 against 12.55
+        assert sliced > random  # the paper's ranking, slice only: 19.6, worse than random init
 
 
 @pytest.mark.slow
