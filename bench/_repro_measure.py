@@ -19,8 +19,9 @@ from bench import _harness as h
 from bench._harness import Budget
 from bench._report import spearman
 from subclone_core.analysis.probes import block_ablation, off_diagonal_mean, rank_correlation
-from subclone_core.core.calibration import Importance, calibrate
+from subclone_core.core.calibration import Importance
 from subclone_core.core.strategies import plan_shape
+from subclone_core.pipeline.calibration import calibrate
 from subclone_core.sources import Parent, make_data
 from subclone_core.training.evaluate import evaluate
 from subclone_core.training.speedup import HIGHER_IS_BETTER, speedup

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from bench._report import SHAPES, bench_parser, machine, render, table, write_section
-from subclone_core.core.calibration import calibrate
 from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.pipeline.calibration import calibrate
 from subclone_core.sources import make_data
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import save_child

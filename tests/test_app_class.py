@@ -190,7 +190,7 @@ def test_the_explorer_never_puts_a_shape_worse_than_random_init_on_its_front(mon
     import tiny_models as tm
 
     from subclone_core.analysis import explore
-    from subclone_core.core.calibration import calibrate
+    from subclone_core.pipeline.calibration import calibrate
 
     model = tm.make("llama", dtype=torch.float32)
     importance = calibrate(model, [tm.inputs(model, batch=2, seq=16, seed=0)])

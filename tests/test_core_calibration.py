@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subclone_core.core.calibration import Importance, calibrate
+from subclone_core.core.calibration import Importance
+from subclone_core.pipeline.calibration import calibrate
 from tests import tiny_models as tm
 
 

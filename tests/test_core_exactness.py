@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from subclone_core.core.archs import arch_for
-from subclone_core.core.calibration import calibrate
 from subclone_core.core.selection import Selection
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.pipeline.calibration import calibrate
 from tests import tiny_models as tm
 
 ALL = list(tm.FAMILIES)

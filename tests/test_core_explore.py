@@ -16,10 +16,10 @@ from subclone_core.analysis.explore import (
     parse_param_count,
     width_shapes,
 )
-from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape, subclone_model
+from subclone_core.pipeline.calibration import calibrate
 from subclone_core.workflow.shapes import starting_shape
 from tests import tiny_models as tm
 

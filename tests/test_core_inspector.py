@@ -8,8 +8,8 @@ import torch
 
 from subclone_core.analysis.inspector import Unit, context_text, outsized_dimensions, top_activations
 from subclone_core.core.archs import arch_for
-from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
+from subclone_core.pipeline.calibration import calibrate
 from tests import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,5 @@
 """The residual stream ranked as read, and the least-squares refit of weights whose inputs shrank: block by block
-(io.refitting) it equals a refit from every Gram matrix of the parent at once."""
+(pipeline.refitting) it equals a refit from every Gram matrix of the parent at once."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import torch
 
 from subclone_core.core import slicing
 from subclone_core.core.archs import arch_for, arch_of_model
-from subclone_core.core.calibration import Importance, calibrate
+from subclone_core.core.calibration import Importance
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.slicing import TensorSlicer, refit_input, slice_state_dict
 from subclone_core.core.strategies import plan_shape, subclone_model
-from subclone_core.io.refitting import refit_items
+from subclone_core.pipeline.calibration import calibrate
+from subclone_core.pipeline.refitting import refit_items
 from subclone_core.workflow.shapes import starting_shape
 from tests import tiny_models as tm
 

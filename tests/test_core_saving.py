@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 
-from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.manifest import Manifest, ParentRecord
 from subclone_core.core.selection import Selection
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.io.model_card import model_card
 from subclone_core.io.saving import read_manifest, save_model_folder
+from subclone_core.pipeline.calibration import calibrate
 from tests import tiny_models as tm
 
 AUTO = {"vit": "AutoModelForImageClassification"}

@@ -17,12 +17,12 @@ import transformers
 from accelerate import init_empty_weights
 
 from subclone_core.core.archs import arch_for, supported_model_types
-from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.slicing import head_rows
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.io.saving import save_model_folder
+from subclone_core.pipeline.calibration import calibrate
 from tests import tiny_models as tm
 
 NEW = ["qwen3", "gemma3", "phi3", "smollm3", "olmo2", "gpt_neox"]

@@ -94,9 +94,9 @@ def test_no_function_over_50_lines():
 
 # --- layers -----------------------------------------------------------------------------------------------
 def test_each_layer_imports_only_the_layers_below_it(capsys):
-    """pyproject.toml's [tool.importlinter] contracts: core -> data -> tasks -> io -> training -> sources ->
-    workflow -> analysis -> cli | app, every import counted (a late one inside a function too), and a core
-    that needs no app, plotting, data-set or file-format library."""
+    """pyproject.toml's [tool.importlinter] contracts: core -> data -> tasks -> io -> pipeline -> training ->
+    sources -> workflow -> analysis -> cli | app, every import counted (a late one inside a function too), and a
+    core that needs no app, plotting, data-set or file-format library."""
     from importlinter.cli import lint_imports
 
     code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)

@@ -10,10 +10,10 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from subclone_core.core.archs import arch_of_model
-from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import STRATEGY_SPECS, needs_input_stats, plan_shape, subclone_model
+from subclone_core.pipeline.calibration import calibrate
 from tests import tiny_models as tm
 from tests.cli_runner import run_cli
 

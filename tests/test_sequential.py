@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 from subclone_core.analysis import probes
 from subclone_core.analysis.probes import block_ablation
-from subclone_core.core.calibration import _TENSOR_FIELDS, calibrate
+from subclone_core.core.calibration import _TENSOR_FIELDS
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.io.activations import ActivationStore
-from subclone_core.io.sequential import ablate_sequential, calibrate_sequential
 from subclone_core.io.streaming import tensor_files
+from subclone_core.pipeline.calibration import ablate_sequential, calibrate, calibrate_sequential
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow import children as workflow
 from tests import tiny_models as tm

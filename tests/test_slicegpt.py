@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from subclone_core.core.archs import arch_of_model
-from subclone_core.core.calibration import RESIDUAL_COV, calibrate
+from subclone_core.core.calibration import RESIDUAL_COV
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.rotation import pca_basis, stream_norms
 from subclone_core.core.shape import Shape
@@ -23,6 +23,7 @@ from subclone_core.core.strategies import (
     needs_residual_cov,
     subclone_model,
 )
+from subclone_core.pipeline.calibration import calibrate
 from tests import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -142,7 +142,7 @@ def test_a_pass_with_float32_blocks_shares_the_parents_other_tensors_and_keeps_i
     """open_pass(block_dtype=float32) over a bfloat16 parent in memory: the embedding and head are the parent's
     own tensors (not float32 copies: those would double their memory), a loaded block runs in float32 and the
     stored stream between blocks stays bfloat16."""
-    from subclone_core.io.sequential import (
+    from subclone_core.pipeline.passes import (
         activation_store,
         forward_block,
         loaded_block,

@@ -16,16 +16,15 @@ from transformers import (
 )
 
 from subclone_core.core.archs import arch_for, arch_for_task, arch_of_model
-from subclone_core.core.calibration import calibrate
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.slicing import TensorSlicer
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.data.text import row_batches
 from subclone_core.io.gguf_export import export_gguf
-from subclone_core.io.refitting import refit_items
 from subclone_core.io.saving import read_manifest
-from subclone_core.io.sequential import calibrate_sequential
+from subclone_core.pipeline.calibration import calibrate, calibrate_sequential
+from subclone_core.pipeline.refitting import refit_items
 from subclone_core.tasks import TASKS, TaskSpec, register_task, task_of_config, task_of_model
 from tests import tiny_models as tm
 from tests.cli_runner import run_cli_json

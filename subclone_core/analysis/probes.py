@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from subclone_core.core.archs import arch_for
 from subclone_core.core.errors import SubcloneError
-from subclone_core.io.sequential import ablate_sequential
+from subclone_core.pipeline.calibration import ablate_sequential
 from subclone_core.sources import Parent, make_data
 from subclone_core.tasks import task_of_model
 from subclone_core.training.evaluate import evaluate
@@ -233,8 +233,9 @@ def ablate_parent(parent: Parent, data_id: str | None, tokens: int, *, sequentia
 
     Args:
         sequential: run it block by block from the parent's safetensors files, each weight read once
-            (io.sequential.ablate_sequential); None does so when calibration would (needs_sequential: a memory
-            budget that did not hold the parent), where offload would read the parent once per batch and block.
+            (pipeline.calibration.ablate_sequential); None does so when calibration would (needs_sequential: a
+            memory budget that did not hold the parent), where offload would read the parent once per batch and
+            block.
         activation_memory: as for measure_importance; the stored hidden states are blocks + 1 times
             calibration's on the same tokens.
         progress, on_block: as for block_ablation.

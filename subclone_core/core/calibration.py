@@ -7,7 +7,8 @@ other published methods score by (``INPUT_STATS``: Wanda-sp's and FLAP's moments
 means), a few reductions of tensors the hooks already hold.
 
 The least-squares refit of a child needs second moments of the parent's layer inputs too; those are taken in a
-second pass, block by block, once the selection is known (io.refitting), never here for the whole parent.
+second pass, block by block, once the selection is known (pipeline.refitting), never here for the whole
+parent.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,7 +229,7 @@ class Recorder:
         self.attach_globals()
 
     def attach_block(self, i: int, block: nn.Module) -> None:
-        """The hooks of one block (io.sequential attaches one block at a time)."""
+        """The hooks of one block (pipeline.calibration.calibrate_sequential attaches one block at a time)."""
         _, block_readers = self.arch.residual_readers
         self.handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
         # heads and FFN neurons are the inputs of the output projections; the residual outputs are
@@ -373,53 +374,3 @@ def real_token_mask(batch: dict[str, Tensor]) -> Tensor | None:
     if mask is None or bool(mask.all()):
         return None
     return mask.bool()
-
-
-@torch.no_grad()
-def calibrate(
-    model: nn.Module,
-    batches: Iterable[dict[str, Tensor]],
-    *,
-    max_tokens: int | None = None,
-    progress: Progress | None = None,
-    data: str = "",
-    input_stats: bool = False,
-    residual_cov: bool = False,
-) -> Importance:
-    """Measure importance on calibration batches, on the model's own devices and dtype.
-
-    A model placed by accelerate (several GPUs, CPU offload, disk offload) is measured the same way: each hook
-    reduces its values where they are computed and adds them into float64 sums on the CPU, so the same dtype
-    on one device, split over devices, or offloaded gives the same kept indices.
-
-    Args:
-        model: the parent; it is not modified (hooks are removed on exit, even on error).
-        batches: dicts of model inputs: input_ids and attention_mask, or pixel_values.
-        max_tokens: stop once this many token positions were seen (for a ViT every patch and the
-            cls token of every image count).
-        progress: called with (token positions done, max_tokens or 0) after each batch.
-        data: a description of the data, kept in the result.
-        input_stats: also record INPUT_STATS (what wanda-sp, flap and minitron score by; strategies.
-            needs_input_stats); off by default: their reductions took 15-30% of a calibration's time on a 2-core
-            CPU (SmolLM2-sized model), wasted where no such strategy reads them.
-        residual_cov: also record the residual stream's second moment (RESIDUAL_COV, (D, D) float64: what
-            slicegpt rotates by; strategies.needs_residual_cov); off by default: D^2 per token and norm.
-    """
-    device = input_device(model)
-    sums = Sums(Shape.of(model.config), torch.device("cpu"))
-    extra = no_cache_kwargs(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with recording(model, sums, input_stats=input_stats, residual_cov=residual_cov) as recorder:
-            for batch in batches:
-                mask = real_token_mask(batch)
-                recorder.mask = None if mask is None else mask.to(device)
-                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, **extra)
-                if progress:
-                    progress(sums.tokens, max_tokens or 0)
-                if max_tokens and sums.tokens >= max_tokens:
-                    break
-    finally:
-        model.train(was_training)
-    return sums.result(data)

@@ -103,8 +103,9 @@ def refit_input(weight: Tensor, dim: int, kept: Tensor, gram: Gram, ridge: float
     correlates with, instead of being dropped, while the penalty pulls W' towards the plain slice W S (lam -> 0:
     pure least squares, which overfits the calibration tokens and compounds over blocks; lam -> inf: the plain
     slice). ``toward="zero"`` penalizes ||W'||^2 instead (a plain ridge, as GRAIL does): W G[:, k] (G[k, k] +
-    lam I)^-1. When the child's own inputs Y (tokens x k) stand for X[:, k] (io.refitting's "child" inputs),
-    ``gram`` is (X^T Y / N, Y^T Y / N) and the same formula fits the parent's outputs from the child's inputs.
+    lam I)^-1. When the child's own inputs Y (tokens x k) stand for X[:, k] (pipeline.refitting's "child"
+    inputs), ``gram`` is (X^T Y / N, Y^T Y / N) and the same formula fits the parent's outputs from the child's
+    inputs.
 
     Args:
         weight: the tensor with every other axis already sliced; ``dim`` is its input axis, still full.
@@ -295,7 +296,8 @@ def slice_state_dict(
 def slice_items(items: ChildTensors, slicer: TensorSlicer, arch: ArchSpec, parent: Shape, sel: Selection, *,
                 tied: bool, untie_head: bool, sink: TensorSink | None = None) -> dict[str, Tensor]:
     """The child's state dict from (name, parent tensor, Gram or None) items as they come: each is sliced (or
-    refit) at once, so a producer going block by block can let a block go before the next (io.refitting).
+    refit) at once, so a producer going block by block can let a block go before the next
+    (pipeline.refitting).
 
     Args:
         sink: if given, each finished child tensor goes to it at once instead of into the returned dict (a

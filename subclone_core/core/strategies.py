@@ -62,7 +62,8 @@ from subclone_core.core.slicing import (
     slice_state_dict,
 )
 
-# (the child's slicer, the child's config) -> every parent tensor with its refit moments: io.refitting.refit_items
+# (the child's slicer, the child's config) -> every parent tensor with its refit moments:
+# pipeline.refitting.refit_items
 RefitItems = Callable[[TensorSlicer, object], ChildTensors]
 OpenSink = Callable[[nn.Module], TensorSink]  # the child's empty model -> where its tensors go
 
@@ -235,7 +236,8 @@ def subclone_model(
         residual_score, refit: the residual ranking ("read" or "written", Importance.residual_ranking) and the
             least-squares refit (slicing.refit_input) of the importance order; None: the family's defaults.
         refit_items: what the refit reads (required by it): given the child's slicer and config, every parent
-            tensor with the moments of a narrowed linear weight's input (io.refitting.refit_items, block by block).
+            tensor with the moments of a narrowed linear weight's input (pipeline.refitting.refit_items, block by
+            block).
         open_sink: given a sliced child's empty model (on the meta device), where its tensors go as they are made
             (io.saving.StreamedWeights); the child's model then stays on the meta device, never whole in memory.
     """
@@ -487,8 +489,8 @@ def _ranking_options(spec: StrategySpec, arch, residual_score: str | None, refit
         return residual_score or arch.residual_score, False
     if refit and not has_items:
         raise SubcloneError("the refit reads the parent's inputs on calibration data (refit_items: "
-                            "io.refitting.refit_items, as workflow.children.make_child passes it); give it or "
-                            "turn the refit off")
+                            "pipeline.refitting.refit_items, as workflow.children.make_child passes it); give it "
+                            "or turn the refit off")
     default = arch.refit_default if spec.refit is None else spec.refit
     return residual_score or arch.residual_score, (default and has_items) if refit is None else refit
 

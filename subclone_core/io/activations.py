@@ -1,6 +1,6 @@
 """The hidden states a sequential pass keeps between blocks: in memory up to a byte budget, the rest on disk.
 
-A sequential pass (io.sequential) holds every calibration batch's hidden states while it works through the
+A sequential pass (pipeline.passes) holds every calibration batch's hidden states while it works through the
 blocks: batches x tokens per batch x hidden x bytes per element per stream (one stream for calibration, one
 per block plus the intact one for block ablation). A large calibration budget or a block ablation of a deep
 parent may not fit in memory; what the budget does not hold goes to safetensors files in a temporary folder,

@@ -15,7 +15,6 @@ from subclone_core.core.calibration import (
     RESIDUAL_COV,
     Importance,
     Progress,
-    calibrate,
     input_device,
 )
 from subclone_core.core.errors import SubcloneError
@@ -32,7 +31,6 @@ from subclone_core.core.strategies import (
 )
 from subclone_core.io.atomic import building
 from subclone_core.io.model_card import model_card
-from subclone_core.io.refitting import refit_items
 from subclone_core.io.saving import (
     DEFAULT_SHARD_SIZE,
     StreamedWeights,
@@ -40,8 +38,9 @@ from subclone_core.io.saving import (
     save_model_folder,
     write_model_files,
 )
-from subclone_core.io.sequential import calibrate_sequential
 from subclone_core.io.streaming import PlacedTensors, checkpoint_tensors
+from subclone_core.pipeline.calibration import calibrate, calibrate_sequential
+from subclone_core.pipeline.refitting import refit_items
 from subclone_core.sources import cache_dir, default_data_id, make_data
 from subclone_core.sources.checks import first_nonfinite, refuse_nonfinite
 from subclone_core.sources.parents import Parent
@@ -61,12 +60,13 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
 
     Args:
         sequential: calibrate one block at a time from the parent's safetensors files, each weight read once
-            (io.sequential); None does so only when the parent's memory budget did not hold it
-            (part of it offloaded to disk: see needs_sequential), where accelerate's offload would read every
-            offloaded weight once per batch.
+            (pipeline.calibration.calibrate_sequential); None does so only when the parent's memory budget did
+            not hold it (part of it offloaded to disk: see needs_sequential), where accelerate's offload would read
+            every offloaded weight once per batch.
         activation_memory: bytes of hidden states a sequential pass keeps in memory, the rest on disk under
             the cache (default: half of the RAM available; io.activations).
-        stats: if given, a sequential pass fills it with what it read (io.sequential.calibrate_sequential).
+        stats: if given, a sequential pass fills it with what it read
+            (pipeline.calibration.calibrate_sequential).
         input_stats: also record what the other methods score by (strategies.needs_input_stats).
         residual_cov: also record the residual stream's covariance, SliceGPT's basis (strategies.needs_residual_cov).
     """
@@ -120,7 +120,7 @@ def needs_sequential(parent: Parent) -> bool:
 
 
 def sequential_kwargs(parent: Parent, activation_memory: int | None = None) -> dict:
-    """The arguments a block-by-block pass over the parent's files takes (io.sequential): its config, class,
+    """The arguments a block-by-block pass over the parent's files takes (pipeline.passes): its config, class,
     device and dtype, and where its hidden states go (in memory up to ``activation_memory``, then under the
     cache, on the disk that already holds parents).
 
@@ -199,9 +199,9 @@ def _part(stats: dict | None, name: str) -> dict | None:
 
 def refit_source(parent: Parent, data_id: str, tokens: int, *, progress: Progress | None = None,
                  activation_memory: int | None = None, stats: dict | None = None) -> RefitItems | None:
-    """The refit's reads bound to this parent and its calibration batches (io.refitting.refit_items): the
-    parent's blocks one at a time, from memory, or from its files where it is offloaded; None where an offloaded
-    parent's files cannot be read under the model's names (the plan refuses to build such a child)."""
+    """The refit's reads bound to this parent and its calibration batches (pipeline.refitting.refit_items):
+    the parent's blocks one at a time, from memory, or from its files where it is offloaded; None where an
+    offloaded parent's files cannot be read under the model's names (the plan refuses to build such a child)."""
     source = pass_source(parent)
     if source is None:
         return None

@@ -60,8 +60,8 @@ class Plan:
         residual_score: the residual ranking ("read", "written"); None where the order is not "importance".
         refit: the least-squares refit of weights whose inputs shrank.
         refit_inputs: whose inputs the refit fits each layer on ("parent" or "child", the family's table); None
-            without a refit. The refit runs block by block (io.refitting) from memory, or from the parent's files
-            where it is offloaded.
+            without a refit. The refit runs block by block (pipeline.refitting) from memory, or from the parent's
+            files where it is offloaded.
         refit_dtype: the dtype the refit pass runs the blocks in (children.refit_dtype); None without a refit.
         scale: the sqrt(fan-in ratio) scaling of sliced weights.
         untie_head, seed: as in strategies.subclone_model.

@@ -104,7 +104,7 @@ class ArchSpec:
             chosen by measurement (docs/BENCHMARKS.md, refit variants).
         refit_inputs: whose inputs each refit layer is fit on: "parent" (the parent's own, on the parent's
             stream) or "child" (the child's, so each layer also corrects the blocks before it, as sequential
-            reconstruction does), chosen by measurement (io.refitting).
+            reconstruction does), chosen by measurement (pipeline.refitting).
         gguf: model_type -> how llama.cpp names and lays out the family (io.gguf_export).
         gguf_refused: why the family has no GGUF layout, where it has none.
         head: module path of the default task's head (its parameters are the global_params under it).
@@ -162,7 +162,8 @@ class ArchSpec:
     @property
     def linear_modules(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Module paths of the linear layers, (outside the blocks, inside a block): their input axes are what a
-        least-squares refit of a child compensates (io.refitting sums the Gram columns of each one's input)."""
+        least-squares refit of a child compensates (pipeline.refitting sums the Gram columns of each one's
+        input)."""
         def paths(table: dict[str, Param]) -> tuple[str, ...]:
             return tuple(name.removesuffix(".weight") for name, p in table.items() if p.fan_in is not None)
         return paths(self.global_params), paths(self.block_params)

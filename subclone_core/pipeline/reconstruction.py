@@ -3,13 +3,13 @@ each narrowed linear layer of the child is fit so that, on the child's inputs, i
 outputs on the parent's inputs; the layers are fit in the order they run, so each one also corrects the error of
 everything before it in the child.
 
-Two streams of hidden states go block by block side by side: the parent's (io.sequential's pass over the parent)
-and the child's (the same pass over a child built on the meta device from its config, whose tensors are the
-slices made so far). In a kept block, the layers whose inputs shrink are grouped by the tensor they read (q, k
+Two streams of hidden states go block by block side by side: the parent's (pipeline.passes' pass over the
+parent) and the child's (the same pass over a child built on the meta device from its config, whose tensors are
+the slices made so far). In a kept block, the layers whose inputs shrink are grouped by the tensor they read (q, k
 and v; gate and up), and each group in turn gets, per batch, the parent's input X (tokens x in) and the child's
 input Y (tokens x k) of its first layer, summed as X^T Y and Y^T Y in float64; its layers are then refit
 (core.slicing.refit_input with these moments) and loaded into the child's block before the next group runs.
-io.refitting's "parent" inputs are the special case Y = X[:, k].
+pipeline.refitting's "parent" inputs are the special case Y = X[:, k].
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import optional_submodule
 from subclone_core.core.slicing import TensorSlicer
-from subclone_core.io.sequential import (
+from subclone_core.pipeline.passes import (
     Pass,
     StopForward,
     block_inputs,

@@ -1,7 +1,7 @@
 """The least-squares refit of a child, block by block, inside the memory budget, at any parent size.
 
-Once calibration has fixed what the child keeps, a second pass over the parent (io.sequential's: the model built
-on the meta device, each block's weights onloaded in turn from memory or from the checkpoint's files, every
+Once calibration has fixed what the child keeps, a second pass over the parent (pipeline.passes: the model
+built on the meta device, each block's weights onloaded in turn from memory or from the checkpoint's files, every
 calibration batch run through it) accumulates, for each linear layer of a kept block whose input shrinks, only
 what its refit reads: the kept columns G[:, k] of the Gram matrix of its input, summed on the compute device in
 float64. Then that block's tensors are handed to the slicer (core.slicing.slice_items), which refits or slices
@@ -27,8 +27,7 @@ from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import Progress, optional_submodule
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.slicing import TensorSlicer
-from subclone_core.io.reconstruction import reconstruct
-from subclone_core.io.sequential import (
+from subclone_core.pipeline.passes import (
     Pass,
     StopForward,
     activation_store,
@@ -40,6 +39,7 @@ from subclone_core.io.sequential import (
     open_pass,
     token_rows,
 )
+from subclone_core.pipeline.reconstruction import reconstruct
 
 KeptInputs = Callable[[str, Tensor], "Tensor | None"]  # (weight name, weight) -> kept input indices or None
 ChildItems = Iterator[tuple[str, Tensor, "Tensor | None"]]  # (parent name, parent tensor, G[:, k] or None)
@@ -177,12 +177,12 @@ def refit_items(
         batches: the calibration batches (the same as the calibration's, so that the refit fits the data the
             selection was measured on).
         slicer: the child's slicer: its kept_inputs say which weights are refit and on which input columns; its
-            table's ``refit_inputs`` whose inputs they are fit on ("child": io.reconstruction, which needs
-            ``child_config`` to run the child beside the parent).
+            table's ``refit_inputs`` whose inputs they are fit on ("child": pipeline.reconstruction, which
+            needs ``child_config`` to run the child beside the parent).
         config, model_class, device, dtype, max_tokens, activation_memory, activation_root: as for
-            io.sequential.calibrate_sequential.
+            pipeline.calibration.calibrate_sequential.
         block_dtype: the dtype the blocks (the parent's and the child's) run in, where it differs from
-            ``dtype`` (io.sequential.open_pass); the stream between blocks keeps ``dtype``.
+            ``dtype`` (pipeline.passes.open_pass); the stream between blocks keeps ``dtype``.
         progress: called with (blocks done, blocks + 1) after each block and after the head.
         stats: if given, filled as calibrate_sequential's once the pass ends.
     """

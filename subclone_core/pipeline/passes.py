@@ -1,4 +1,4 @@
-"""Sequential ("layer-by-layer") calibration and block ablation: a parent larger than memory, each weight read once.
+"""The block-by-block ("layer-by-layer") pass over a parent: each weight read once, at any parent size.
 
 accelerate's plain disk offload runs every batch through every layer, so it reads every offloaded weight once
 per batch. Here the two loops are swapped, as llm-compressor's sequential onloading and ModelOpt's layerwise
@@ -10,29 +10,27 @@ calibration do: the model is built on the meta device from its config, and
    position ids, position embeddings) and a private exception stops the forward at the last block. Every
    block gets a stand-in, not only the first one a pre-hook would catch, since a block's kwargs may depend on
    its layer type (Gemma 3 passes sliding-window or full masks and position embeddings per layer);
-2. each block in turn is read from the files (streaming.CheckpointTensors), or taken from a parent in memory (its
-   state dict: io.refitting's pass over an in-memory parent), onto the device, every batch's
-   hidden states run through it under the same hooks and float64 sums as calibration.calibrate, its outputs
+2. each block in turn is read from the files (streaming.CheckpointTensors), or taken from a parent in memory
+   (its state dict: pipeline.refitting's pass over an in-memory parent), onto the device, every batch's hidden
+   states run through it (under the hooks of what the pass is for: calibration's, the refit's), its outputs
    (kept on the CPU, or on disk beyond a memory budget: io.activations) become the next block's inputs, and its
    weights go back to the meta device;
 3. the model's forward runs once more per batch with stand-in blocks that hand back the last block's stored
-   outputs, so the final norm and head read the stream exactly as in memory (the head's residual_read hook).
+   outputs, so the final norm and head read the stream exactly as in memory (head_on).
 
 Memory: the modules outside the blocks, one block, and the stored block inputs, batches x tokens per batch x
 hidden x bytes per element (4 in float32, 2 in bfloat16) -- 4,096 tokens of a 4,096-wide parent are 64 MiB in
-float32 -- plus each block's recorded kwargs (masks and position embeddings, mostly shared between blocks). The
-result equals calibrate's on the same batches up to the order of float64 additions.
+float32 -- plus each block's recorded kwargs (masks and position embeddings, mostly shared between blocks).
 
-Block ablation (ablate_sequential) runs on the same pass with one stream of hidden states per model: the
-intact parent and the parent without each block, each block read once and run on every stream that has
-reached it; the head then scores each stream as training.evaluate would.
+What runs on this pass: sequential calibration and block ablation (pipeline.calibration), the least-squares
+refit (pipeline.refitting) and its variant on the child's own inputs (pipeline.reconstruction).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,20 +41,12 @@ from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 
 from subclone_core.core.archs import arch_of_model
-from subclone_core.core.calibration import (
-    Importance,
-    Progress,
-    Recorder,
-    Sums,
-    no_cache_kwargs,
-    real_token_mask,
-)
+from subclone_core.core.calibration import no_cache_kwargs, real_token_mask
 from subclone_core.core.errors import SubcloneError
-from subclone_core.core.shape import Shape
 from subclone_core.io.activations import ActivationStore, default_budget
 from subclone_core.io.devices import return_freed_memory
 from subclone_core.io.streaming import CheckpointTensors, checkpoint_tensors, tied_names
-from subclone_core.tasks import TaskSpec, task_of_config, task_of_model
+from subclone_core.tasks import task_of_config
 
 
 class StopForward(Exception):
@@ -179,129 +169,9 @@ def open_pass(source: str | Path | Mapping[str, Tensor], batches: Iterable[dict[
     return Pass(model, blocks, loader, block_names, extra, masks, calls, kept, tokens, store, block_dtype)
 
 
-@torch.no_grad()
-def calibrate_sequential(
-    folder: str | Path | Mapping[str, Tensor],
-    batches: Iterable[dict[str, Tensor]],
-    *,
-    config=None,
-    model_class: type[nn.Module] | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    max_tokens: int | None = None,
-    progress: Progress | None = None,
-    data: str = "",
-    stats: dict | None = None,
-    activation_memory: int | None = None, activation_root: str | Path | None = None,
-    input_stats: bool = False, residual_cov: bool = False,
-) -> Importance:
-    """Measure importance like calibration.calibrate, one block at a time from the checkpoint's files.
-
-    Args:
-        folder: the parent's folder with its safetensors checkpoint (one file or sharded with an index), or its
-            tensors (a state dict, or io.streaming.PlacedTensors: those in memory, the offloaded ones from files).
-        batches: dicts of model inputs, as for calibrate.
-        config: the parent's config (default: read from ``folder``).
-        model_class: the transformers class to build (default: the Auto class of the config's task).
-        device: where each block runs; its stored inputs stay on the CPU between blocks.
-        dtype: the dtype the weights are cast to (default: the config's own).
-        max_tokens, data, input_stats, residual_cov: as for calibrate.
-        progress: called with (token-block passes done, token positions x blocks) after each block.
-        stats: if given, filled with "bytes_read" and "tensors_read" from the checkpoint and
-            "activation_bytes_on_disk" (hidden states the memory budget did not hold).
-        activation_memory: bytes of stored hidden states kept in memory, the rest in files under
-            ``activation_root`` (default: half of the memory available; see io.activations).
-
-    Raises:
-        SubcloneError: no safetensors checkpoint in ``folder`` whose tensor names match the model's.
-    """
-    with activation_store(activation_memory, activation_root) as store:
-        p = open_pass(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
-                  max_tokens=max_tokens)
-        sums = Sums(Shape.of(p.model.config), torch.device("cpu"))
-        recorder = Recorder(p.model, arch_of_model(p.model), sums, input_stats=input_stats,
-                             residual_cov=residual_cov)
-        for i in range(len(p.blocks)):
-            with loaded_block(p, i) as block:
-                _calibrate_block(p, i, block, recorder)
-            if progress:
-                progress((i + 1) * p.tokens, len(p.blocks) * p.tokens)
-        _read_head(p, recorder)
-        if stats is not None:
-            stats.update(p.stats())
-    return sums.result(data)
-
-
-@torch.no_grad()
-def ablate_sequential(
-    folder: str | Path,
-    batches: Iterable[dict[str, Tensor]],
-    *,
-    config=None,
-    model_class: type[nn.Module] | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    progress: Progress | None = None,
-    on_block: Callable[[int, dict], None] | None = None,
-    stats: dict | None = None,
-    activation_memory: int | None = None,
-    activation_root: str | Path | None = None,
-) -> dict:
-    """The loss with each single block removed, as analysis.probes.block_ablation, each weight read once.
-
-    One stream of hidden states per model: stream 0 the intact parent, stream i + 1 the parent without block
-    i, which starts as stream 0's input to block i (a removed block passes its input on) and runs through every
-    later block. Each block is read once and runs on every stream that has reached it, so the work is the
-    in-memory ablation's (blocks x (blocks + 1) / 2 block passes per batch) and the stored hidden states grow
-    to blocks + 1 times calibration's. The head then scores each stream with the task's loss.
-
-    Args:
-        folder, batches, config, model_class, device, dtype, stats, activation_memory, activation_root: as
-            for calibrate_sequential (the batches carry their labels, as for evaluate).
-        progress: called with (blocks done, blocks + 1) after each block and after the scoring.
-        on_block: called with (i, metrics) for each model once scored (-1: the intact parent).
-
-    Returns:
-        As block_ablation: {"base", "losses"}, and for image classifiers "base_accuracy" and "accuracies".
-    """
-    with activation_store(activation_memory, activation_root) as store:
-        p = open_pass(folder, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
-                  max_tokens=None)
-        layers = len(p.blocks)
-        for i in range(layers):
-            with loaded_block(p, i) as block:
-                _ablate_block(p, i, block)
-            if progress:
-                progress(i + 1, layers + 1)
-        task = task_of_model(p.model)
-        results = _score_streams(p, task, on_block)
-        if progress:
-            progress(layers + 1, layers + 1)
-        if stats is not None:
-            stats.update(p.stats())
-    return task.ablation_summary(results[0], results[1:])
-
-
-def _ablate_block(p: Pass, i: int, block: nn.Module) -> None:
-    """Start stream i + 1 (the model without block i) and run block i on every stream that has reached it."""
-    for b in range(len(p.batches)):
-        p.store[(i + 1, b)] = p.store[(0, b)]  # without block i: its input passes on unchanged
-        for stream in range(i + 1):  # the intact model and those without an earlier block
-            forward_block(p, i, block, b, stream)
-
-
-def _score_streams(p: Pass, task: TaskSpec, on_block: Callable[[int, dict], None] | None) -> list[dict]:
-    """Each stream's evaluation in turn (its hidden states dropped once scored)."""
-    results = []
-    for stream in range(len(p.blocks) + 1):
-        results.append(_score(p, task, stream))
-        p.store.discard_stream(stream)
-        if on_block:
-            on_block(stream - 1, results[-1])
-    return results
-
-
 def activation_store(budget: int | None, root: str | Path | None) -> ActivationStore:
+    """The store of a pass's hidden states: ``budget`` bytes in memory (None: io.activations.default_budget),
+    the rest in a temporary folder under ``root`` (None: the system's)."""
     return ActivationStore(default_budget() if budget is None else budget, root)
 
 
@@ -329,17 +199,6 @@ def forward_block(p: Pass, i: int, block: nn.Module, b: int, stream: int) -> Non
     args, kwargs = block_inputs(p, i, b, hidden)
     y = block(*args, **kwargs)
     p.store[(stream, b)] = (y[0] if isinstance(y, tuple) else y).to("cpu", hidden.dtype)
-
-
-def _calibrate_block(p: Pass, i: int, block: nn.Module, recorder: Recorder) -> None:
-    """Every batch of the intact stream through block i under its calibration hooks."""
-    recorder.attach_block(i, block)
-    try:
-        for b in range(len(p.batches)):
-            recorder.mask = p.masks[b]
-            forward_block(p, i, block, b, 0)
-    finally:
-        recorder.detach()
 
 
 def _prepare(source, config, model_class, device: torch.device, dtype):
@@ -469,19 +328,3 @@ def head_on(p: Pass, stream: int) -> Iterator[Iterator[int]]:
             del block.forward
 
 
-def _read_head(p: Pass, recorder: Recorder) -> None:
-    """The head's calibration hooks (residual_read) over the intact stream."""
-    recorder.attach_globals()
-    try:
-        with head_on(p, 0) as order:
-            for b in order:
-                recorder.mask = p.masks[b]
-                p.model(**model_inputs(p.batches[b]), **p.extra)
-    finally:
-        recorder.detach()
-
-
-def _score(p: Pass, task: TaskSpec, stream: int) -> dict:
-    """The task's evaluation (as training.evaluate) of one stream: the head and loss on its stored outputs."""
-    with head_on(p, stream) as order:
-        return task.score(p.model, (p.batches[b] for b in order), **p.extra)
