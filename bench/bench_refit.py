@@ -1,7 +1,9 @@
 """The least-squares refit's variants (whose inputs, towards what) on the embedded real parents, at step 0 (see
-bench/README.md). Writes docs/refit_variants.json and a section of docs/BENCHMARKS.md.
+bench/README.md). Writes docs/refit_variants.json and a section of docs/BENCHMARKS.md. With --refit-tokens, the
+family's own refit on fewer or more tokens than the calibration's instead (what a faster app step would cost):
+docs/refit_tokens.json and its section.
 
-Run: python -m bench.bench_refit [--parents default,gemma3-270m] [--tokens 4096] [--smoke]
+Run: python -m bench.bench_refit [--parents default,gemma3-270m] [--tokens 4096] [--refit-tokens 1024,...] [--smoke]
 """
 
 from __future__ import annotations
@@ -69,6 +71,55 @@ def measure_parent(parent_id: str, tokens: int, shapes: list[dict]) -> dict:
     return {"parent": parent_id, "label": parent.label, "tokens": tokens, "rows": rows}
 
 
+def measure_tokens(parent_id: str, tokens: int, refit_tokens: list[int], shapes: list[dict]) -> dict:
+    """Step-0 validation loss and build seconds of the family's default child refit on each token count (one
+    calibration on ``tokens`` chooses what every child keeps), per shape: the Child page's starting shape first."""
+    from subclone_core.core.strategies import plan_shape
+    from subclone_core.sources import load_parent, make_data
+    from subclone_core.training.evaluate import evaluate
+    from subclone_core.workflow.children import make_child, measure_importance
+    from subclone_core.workflow.shapes import starting_shape
+
+    parent = load_parent(parent_id)
+    importance = measure_importance(parent, "default", tokens=tokens)
+    val = make_data(parent, "default", "validation", seq_len=128, max_tokens=4096)
+    start = starting_shape(parent.model)
+    rows = []
+    for sizes in [{k: getattr(start, k) for k in SIZE_KEYS}, *shapes]:
+        target = plan_shape(parent.model, **sizes)
+        row = {"shape": sizes, "start": target == start}
+        for count in refit_tokens:
+            began = time.perf_counter()
+            child = make_child(parent, target, importance=importance, data_id="default", calib_tokens=count)
+            row[str(count)] = {"loss": evaluate(child.model, val.batches(8))["loss"],
+                               "seconds": time.perf_counter() - began}
+            print(f"{parent_id} {sizes} refit on {count}: {row[str(count)]['loss']:.3f} "
+                  f"({row[str(count)]['seconds']:.0f} s)", flush=True)
+        rows.append(row)
+    return {"parent": parent_id, "label": parent.label, "tokens": tokens, "rows": rows}
+
+
+SIZE_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn")
+
+
+def tokens_markdown(report: dict) -> str:
+    """The "bench_refit_tokens" section (template bench/templates/bench_refit_tokens.md): loss and seconds per
+    refit token count, and each count's difference from the calibration's own."""
+    counts, base = [str(c) for c in report["refit_tokens"]], str(report["tokens"])
+    body = []
+    for result in report["results"]:
+        for row in result["rows"]:
+            s = row["shape"]
+            shape = f"{s['layers']} x {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, FFN {s['ffn']}"
+            shape += " (the Child page's start)" if row["start"] else ""
+            body.append([result["label"], shape, *(
+                f"{row[c]['loss']:.2f} ({row[c]['loss'] - row[base]['loss']:+.2f}), {row[c]['seconds']:.0f} s"
+                if base in row else f"{row[c]['loss']:.2f}, {row[c]['seconds']:.0f} s" for c in counts)])
+    headers = ["parent", "child", *(f"refit on {int(c):,} tokens" for c in counts)]
+    return render("bench_refit_tokens", tokens=report["tokens"], machine=report["machine"],
+                  table=table(headers, body), notes=report.get("notes", ""))
+
+
 def markdown(report: dict) -> str:
     """The "bench_refit" section of docs/BENCHMARKS.md (template bench/templates/bench_refit.md)."""
     names = [*VARIANTS, "random"]
@@ -88,17 +139,38 @@ def main() -> int:
                           report_only="rewrite the section from docs/refit_variants.json")
     parser.add_argument("--parents", default="default,gemma3-270m")
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--refit-tokens", default=None, help="comma-separated refit token counts, e.g. 1024,4096")
     args = parser.parse_args()
+    parents = ["default"] if args.smoke else args.parents.split(",")
+    tokens = 512 if args.smoke else args.tokens
+    if args.refit_tokens is not None:
+        return refit_tokens_main(args, parents, tokens)
     if args.report_only:
         write_section("bench_refit", markdown(json.loads((DOCS / "refit_variants.json").read_text())))
         return 0
-    parents = ["default"] if args.smoke else args.parents.split(",")
-    tokens = 512 if args.smoke else args.tokens
     results = [measure_parent(p, tokens, SHAPES[p][-1:] if args.smoke else SHAPES[p]) for p in parents]
     report = {"tokens": tokens, "machine": machine(), "results": results}
     if not args.smoke:
         write_text(DOCS / "refit_variants.json", json.dumps(report, indent=1))
         write_section("bench_refit", markdown(report))
+    return 0
+
+
+def refit_tokens_main(args, parents: list[str], tokens: int) -> int:
+    """--refit-tokens: measure (or, with --report-only, redraw) docs/refit_tokens.json and its section."""
+    path = DOCS / "refit_tokens.json"
+    if args.report_only:
+        write_section("bench_refit_tokens", tokens_markdown(json.loads(path.read_text())))
+        return 0
+    try:
+        counts = [int(c) for c in args.refit_tokens.split(",")]
+    except ValueError:
+        raise SystemExit(f"--refit-tokens {args.refit_tokens!r} is not a list of counts like 1024,4096") from None
+    results = [measure_tokens(p, tokens, counts, [] if args.smoke else SHAPES[p]) for p in parents]
+    report = {"tokens": tokens, "refit_tokens": counts, "machine": machine(), "results": results}
+    if not args.smoke:
+        write_text(path, json.dumps(report, indent=1))
+        write_section("bench_refit_tokens", tokens_markdown(report))
     return 0
 
 
