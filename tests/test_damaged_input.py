@@ -128,7 +128,8 @@ def test_weights_that_do_not_match_the_config_are_refused_by_name(llama_dir, tmp
         edit_json(folder, "config.json", **config)
     if weights:
         edit_weights(folder, weights)
-    refused(["info", "--parent", folder], str(folder), *needles)
+    line = refused(["info", "--parent", folder], str(folder), *needles)
+    assert "error" in line.lower(), line  # said as an error, not a traceback
 
 
 def test_a_gguf_missing_a_block_tensor_is_refused_by_name(tmp_path, monkeypatch):
@@ -138,7 +139,8 @@ def test_a_gguf_missing_a_block_tensor_is_refused_by_name(tmp_path, monkeypatch)
                       lambda self, name, *a, **k: None if name == "blk.1.ffn_up.weight" else original(self, name, *a, **k))
         path = write_tiny_gguf(tmp_path / "holed.gguf")
     monkeypatch.setenv("SUBCLONE_CACHE", str(tmp_path / "cache"))
-    refused(["info", "--parent", path], "holed.gguf", "missing tensors model.layers.1.mlp.up_proj.weight")
+    line = refused(["info", "--parent", path], "holed.gguf", "missing tensors model.layers.1.mlp.up_proj.weight")
+    assert "blk.1.ffn_up.weight" not in line  # named as the model names it, not as the file does
 
 
 # --- 3. NaN and infinite weights -----------------------------------------------------------------------

@@ -306,6 +306,14 @@ def test_a_file_written_without_replace_never_replaces_one_that_appeared(tmp_pat
 
 
 def test_fault_points_are_inert_unless_named(monkeypatch):
+    exits = []
+    monkeypatch.setattr(atomic.os, "_exit", exits.append)  # recorded instead of ending the test process
     monkeypatch.setenv("SUBCLONE_FAULT", "some.other-step")
     for point in FAULT_POINTS:
-        atomic.fault_point(point)  # returns: the process is still here
+        atomic.fault_point(point)
+    assert exits == []
+    named = FAULT_POINTS[0]
+    monkeypatch.setenv("SUBCLONE_FAULT", named)
+    for point in FAULT_POINTS:
+        atomic.fault_point(point)
+    assert exits == [137]  # only the named step dies, as under SIGKILL
