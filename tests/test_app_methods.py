@@ -16,7 +16,7 @@ from subclone_core.workflow.children import has_statistics, measure_importance
 
 
 def test_every_published_method_is_offered_on_the_child_page():
-    published = {"minitron", "shortgpt", "flap", "wanda-sp", "slicegpt", "grail"}
+    published = {"minitron", "shortgpt", "flap", "wanda-sp", "slicegpt", "grail", "llm-pruner"}
     assert published <= set(STRATEGY_LABELS) <= set(STRATEGY_SPECS)
 
 

@@ -319,6 +319,8 @@ def test_flap_ranks_heads_by_the_squared_metric():
                                                             "no refit, no scaling")),
     ("minitron", ["--layers", 3, "--hidden", 32, "--ffn", 24], ("minitron, drop influence, minitron ranking, "
                                                                 "slice only, no refit, no scaling")),
+    ("llm-pruner", ["--layers", 3, "--ffn", 24, "--heads", 4, "--kv-heads", 1],
+     "llm-pruner, drop magnitude, read ranking, slice only, no refit, no scaling"),
 ])
 def test_make_builds_each_method_and_its_plan_line_names_it(strategy, shape, method, llama_dir, counting_text_file,
                                                             tmp_path):
@@ -388,6 +390,99 @@ def test_a_saved_importance_keeps_the_input_statistics(tmp_path):
         a = subclone_model(parent, target, strategy=strategy, importance=importance).selection
         b = subclone_model(parent, target, strategy=strategy, importance=again).selection
         assert a == b
+
+
+# ---------------------------------------------------------------- LLM-Pruner
+
+
+def labelled(model) -> list[dict[str, Tensor]]:
+    """The calibration batches with labels (the padding ignored), as the data sets give them."""
+    return [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in batches(model)]
+
+
+def gradients(model, batch_list) -> None:
+    """Plain autograd: d(sum over batches of the mean loss x the batch's real tokens)/dW into every .grad."""
+    model.zero_grad()
+    for batch in batch_list:
+        (model(**batch).loss * batch["attention_mask"].sum()).backward()
+
+
+LLAMA_LAYOUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def taylor_llama_layout(block: nn.Module, shape: Shape) -> tuple[Tensor, Tensor]:
+    """LLM-Pruner's param_first scores of one block: per head, |W * grad| summed over its q rows, its KV head's k
+    and v rows and its o columns; per FFN neuron, over its gate and up rows and its down column."""
+    sal = {p: (m.weight * m.weight.grad).abs() for p in LLAMA_LAYOUT if (m := block.get_submodule(p)) is not None}
+    q, k, v, o, gate, up, down = (sal[p] for p in LLAMA_LAYOUT)
+    group = shape.heads // shape.kv_heads
+    per_kv = (k.sum(1) + v.sum(1)).view(shape.kv_heads, shape.head_dim).sum(-1)
+    heads = (q.sum(1) + o.sum(0)).view(shape.heads, shape.head_dim).sum(-1) + per_kv.repeat_interleave(group)
+    return heads, gate.sum(1) + up.sum(1) + down.sum(0)
+
+
+def taylor_gpt2(block: nn.Module, shape: Shape) -> tuple[Tensor, Tensor]:
+    """The same for GPT-2's fused, transposed (Conv1D: (in, out)) layers: c_attn's columns [q | k | v]."""
+    sal = {p: (m.weight * m.weight.grad).abs() for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+           for m in [block.get_submodule(p)]}
+    qkv = sal["attn.c_attn"].sum(0).view(3, shape.heads, shape.head_dim).sum((0, 2))
+    heads = qkv + sal["attn.c_proj"].sum(1).view(shape.heads, shape.head_dim).sum(-1)
+    return heads, sal["mlp.c_fc"].sum(0) + sal["mlp.c_proj"].sum(1)
+
+
+TAYLOR_FAMILIES = {"llama": taylor_llama_layout, "olmo2": taylor_llama_layout, "smollm3": taylor_llama_layout,
+                   "gpt2": taylor_gpt2}
+
+
+@pytest.mark.parametrize("family", TAYLOR_FAMILIES)
+def test_llm_pruner_keeps_the_top_of_its_first_order_taylor_importance(family):
+    from subclone_core.pipeline.calibration import taylor_scores
+
+    parent = tm.make(family)
+    arch, shape = arch_of_model(parent), Shape.of(parent.config)
+    importance = calibrate(parent, batches(parent))
+    importance.input_stats.update(taylor_scores(parent, labelled(parent)))
+    assert all(p.grad is None for p in parent.parameters())  # the parent is left as it was
+    gradients(parent, labelled(parent))
+    blocks = parent.get_submodule(arch.blocks)
+    target = plan_shape(parent, ffn=shape.ffn // 2, heads=shape.heads // 2,
+                        kv_heads=max(1, shape.kv_heads // 2) if shape.kv_heads < shape.heads else None)
+    child = subclone_model(parent, target, strategy="llm-pruner", importance=importance)
+    sel = child.selection
+    for j, b in enumerate(sel.blocks):
+        heads, ffn = TAYLOR_FAMILIES[family](blocks[b], shape)
+        assert set(sel.ffn[j]) == top(ffn, target.ffn)
+        if shape.kv_heads == shape.heads:
+            assert set(sel.heads[j]) == top(heads, target.heads)
+        else:  # the top heads within each kept KV group
+            ratio, keep = shape.queries_per_kv, target.queries_per_kv
+            for g in sel.kv_heads[j]:
+                assert {h for h in sel.heads[j] if h // ratio == g} == {g * ratio + h for h in
+                                                                       top(heads[g * ratio:(g + 1) * ratio], keep)}
+    assert child.manifest.refit is False and child.manifest.scale is False  # slice only
+    full = subclone_model(parent, Shape.of(parent.config), strategy="llm-pruner", importance=importance)
+    batch = tm.inputs(parent)
+    # RMSNorm computes in float32 even in a float64 model: the project's tolerance for "the same" (test_core_exactness)
+    torch.testing.assert_close(tm.output(full.model, batch), tm.output(parent, batch), atol=1e-5, rtol=0)
+
+
+def test_llm_pruner_needs_the_taylor_scores_and_a_parent_in_memory(tiny_llama_dir, counting_text_file):
+    from subclone_core.core.strategies import needs_taylor
+    from subclone_core.sources import load_parent
+    from subclone_core.workflow.children import has_statistics, measure_importance, recorded_statistics
+
+    assert needs_taylor("llm-pruner") and not needs_input_stats("llm-pruner") and not needs_taylor("wanda-sp")
+    assert recorded_statistics(["llm-pruner"]) == {"input_stats": False, "residual_cov": False, "taylor": True}
+    parent = tm.make("llama")
+    with pytest.raises(SubcloneError, match="calibrate again with them"):
+        subclone_model(parent, plan_shape(parent, ffn=24), strategy="llm-pruner", importance=calibrate(
+            parent, batches(parent)))
+    loaded = load_parent(str(tiny_llama_dir))
+    measured = measure_importance(loaded, str(counting_text_file), tokens=256, taylor=True)
+    assert has_statistics(measured, ["llm-pruner"]) and measured.input_stats["ffn_taylor"].abs().sum() > 0
+    with pytest.raises(SubcloneError, match="gradients of the whole parent"):
+        measure_importance(loaded, str(counting_text_file), tokens=256, taylor=True, sequential=True)
 
 
 # ---------------------------------------------------------------- GRAIL

@@ -49,6 +49,7 @@ STRATEGY_LABELS = {"subclone": "subclone: neurons and heads in importance order 
                    "shortgpt": "ShortGPT: removes blocks by 1 - cos only; keep every width",
                    "flap": "FLAP: input fluctuation, with bias compensation",
                    "wanda-sp": "Wanda-sp: |W| x ||x|| per neuron and head",
+                   "llm-pruner": "LLM-Pruner: first-order Taylor |W x dL/dW| per neuron and head",
                    "slicegpt": "SliceGPT: rotates the stream (PCA), cuts its hidden size only",
                    "grail": "GRAIL: our selection, refit with a ridge towards zero"}
 EXTRA_STRATEGIES = tuple(name for name in STRATEGY_LABELS if name != DEFAULT_STRATEGY)

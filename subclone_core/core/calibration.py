@@ -133,6 +133,10 @@ INPUT_STATS: dict[str, tuple[str, str]] = {
 # the residual stream's second moment x^T x (D, D), over the input of every norm that reads it (each block's
 # sublayers and the final norm): SliceGPT's PCA basis (core.rotation), recorded only on request
 RESIDUAL_COV = "residual_cov"
+# LLM-Pruner's first-order Taylor scores ("param_first"): for each channel of the heads (L, H x Dh) and of the FFN
+# (L, F), the sum over the weights that write or read it of |W * dL/dW|, the gradient of the loss on the
+# calibration data; recorded only on request (a backward pass: pipeline.calibration.taylor_scores)
+TAYLOR_STATS = ("heads_taylor", "ffn_taylor")
 _SEQ_STATS = ("heads_seq", "ffn_seq", "read_seq")  # sums of squares over sequences: their square roots
 _TENSOR_FIELDS = ("residual_embed", "residual_attn", "residual_ffn", "residual_block", "ffn", "heads",
                   "rel_magnitude", "one_minus_cos")
@@ -317,6 +321,55 @@ class Recorder:
             self.sums.add("rel_magnitude", layer, rel.sum())
             self.sums.add("one_minus_cos", layer, (1 - cos).sum())
         return hook
+
+
+def taylor_channels(arch: ArchSpec, shape: Shape, block: nn.Module) -> dict[str, Tensor]:
+    """One block's LLM-Pruner scores from its weights' gradients (.grad): {"heads_taylor": (H x Dh,), "ffn_taylor":
+    (F,)}, float64. Every linear weight of the family's table adds |W * grad| summed over its other axes to the
+    channels along its head or FFN axis: a head channel gets its q row, its k and v rows (those of the KV head its
+    group reads, under grouped-query attention) and its o column; an FFN neuron its gate and up rows and its down
+    column (LLM-Pruner's dependency group, reduced by "sum")."""
+    out = {"heads": torch.zeros(shape.heads * shape.head_dim, dtype=torch.float64),
+           "ffn": torch.zeros(shape.ffn, dtype=torch.float64)}
+    for name, param in arch.block_params.items():
+        weight = optional_parameter(block, name)
+        if param.fan_in is None or weight is None or weight.grad is None:
+            continue
+        salience = (weight.detach().double() * weight.grad.double()).abs().cpu()
+        for dim, axis in enumerate(param.axes):
+            if axis in _CHANNEL_AXES:
+                other = tuple(d for d in range(salience.dim()) if d != dim)
+                kind, channels = _CHANNEL_AXES[axis](salience.sum(other), shape)
+                out[kind] += channels
+    return {f"{kind}_taylor": scores for kind, scores in out.items()}
+
+
+def _kv_to_heads(v: Tensor, s: Shape) -> Tensor:
+    """(K x Dh,) per KV channel -> (H x Dh,): each query head reads its group's KV head (consecutive groups)."""
+    return v.view(s.kv_heads, 1, s.head_dim).expand(s.kv_heads, s.queries_per_kv, s.head_dim).reshape(-1)
+
+
+def _fused_qkv(v: Tensor, s: Shape) -> Tensor:
+    """[q (H x Dh); k (K x Dh); v (K x Dh)] -> (H x Dh,)."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return v[:q] + _kv_to_heads(v[q:q + kv], s) + _kv_to_heads(v[q + kv:], s)
+
+
+# an axis kind of the family tables (archs.spec) -> (its channels' kind, the map of its sums onto those channels)
+_CHANNEL_AXES: dict[str, Callable[[Tensor, Shape], tuple[str, Tensor]]] = {
+    "q": lambda v, s: ("heads", v),
+    "kv": lambda v, s: ("heads", _kv_to_heads(v, s)),
+    "qkv": lambda v, s: ("heads", _fused_qkv(v, s)),
+    "qkv_per_head": lambda v, s: ("heads", v.view(s.heads, 3, s.head_dim).sum(1).reshape(-1)),
+    "ffn": lambda v, s: ("ffn", v),
+    "gate_up": lambda v, s: ("ffn", v[:s.ffn] + v[s.ffn:]),
+}
+
+
+def optional_parameter(module: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter at a dotted name inside a module, or None where this model has none (a bias switched off)."""
+    owner = optional_submodule(module, name.rpartition(".")[0]) if "." in name else module
+    return None if owner is None else getattr(owner, name.rpartition(".")[2], None)
 
 
 def sublayer_readers(arch: ArchSpec) -> tuple[str, ...]:

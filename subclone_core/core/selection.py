@@ -183,20 +183,27 @@ class Scores:
 ReaderWeight = Callable[[int, str], Tensor]  # (block, "attn_out" or "ffn_down") -> its weight, (out, in)
 
 # rule -> the score of each input channel of an output projection, from the channel statistics of its input
-# (calibration.INPUT_STATS without the "heads_"/"ffn_" prefix) and its weight W (out, in):
+# (calibration.INPUT_STATS and TAYLOR_STATS without the "heads_"/"ffn_" prefix) and its weight W (out, in):
 # - wanda-sp (FLAP's prune_wanda_sp): mean over output rows of |W_ij| x ||x_j||, the L2 norm over tokens
 # - flap (its WIFV metric): the input's fluctuation (variance over tokens) x the squared column norm of W
 # - minitron (NVIDIA ModelOpt): the L2 norm over sequences of each sequence's mean |x_j|; no weights
+# - llm-pruner (its "taylor", "param_first"): the channel's |W * dL/dW| over its whole group, measured as is
 _CHANNEL_METRICS: dict[str, Callable[[dict[str, Tensor], Tensor | None], Tensor]] = {
     "wanda-sp": lambda s, w: (w.abs() * s["sq"].sqrt()).mean(0),
     "flap": lambda s, w: (s["sq"] - s["mean"].square()) * w.square().sum(0),
     "minitron": lambda s, w: s["seq"],
+    "llm-pruner": lambda s, w: s["taylor"],
 }
-# rule -> a head's score from its channels' (..., head_dim): as each code does (FLAP squares the attention metric)
+# rule -> the statistics it reads (each recorded only on request: strategies.needs_input_stats, needs_taylor)
+SCORE_STATS: dict[str, tuple[str, ...]] = {"paper": (), "wanda-sp": ("sq",), "flap": ("sq", "mean"),
+                                           "minitron": ("seq",), "llm-pruner": ("taylor",)}
+# rule -> a head's score from its channels' (..., head_dim): as each code does (FLAP squares the attention metric,
+# LLM-Pruner sums the head's consecutive channels)
 _HEAD_POOLS: dict[str, Callable[[Tensor], Tensor]] = {
     "wanda-sp": lambda c: c.sum(-1),
     "flap": lambda c: c.square().sum(-1),
     "minitron": lambda c: c.norm(dim=-1),
+    "llm-pruner": lambda c: c.sum(-1),
 }
 _WEIGHTED = ("wanda-sp", "flap")
 SCORE_RULES = ("paper", *_CHANNEL_METRICS)
@@ -217,7 +224,7 @@ def method_scores(rule: str, importance, parent: Shape, residual_score: str,
 
     def channels(prefix: str, role: str) -> Tensor:  # (L, C)
         metric = _CHANNEL_METRICS[rule]
-        return torch.stack([metric({how: importance.stat(f"{prefix}_{how}")[b] for how in ("sq", "mean", "seq")},
+        return torch.stack([metric({how: importance.stat(f"{prefix}_{how}")[b] for how in SCORE_STATS[rule]},
                                    weight(b, role).double() if rule in _WEIGHTED else None)
                             for b in range(parent.layers)])
     heads = _HEAD_POOLS[rule](channels("heads", "attn_out").view(parent.layers, parent.heads, parent.head_dim))

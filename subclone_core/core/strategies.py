@@ -15,6 +15,9 @@ Published ways to cut a small model out of a big one, each as its selection and 
   norm of the weight reading it; what a removed input carried on average is added to the projection's bias.
 - ``minitron`` (NVIDIA ModelOpt): heads, FFN neurons and the residual stream by activations (mean over the
   sequence, L2 over the batch); blocks by 1 - cos; sliced only (no refit, no distillation here).
+- ``llm-pruner`` (Ma et al., NeurIPS 2023): heads and FFN neurons by first-order Taylor importance, |W x dL/dW|
+  summed over each one's group of weights (one backward pass over the calibration data); sliced, no refit
+  (LLM-Pruner's LoRA recovery is training, which the training runs do).
 - ``slicegpt`` (Ashkboos et al., ICLR 2024): the hidden size only: norms folded into their readers, the residual
   stream rotated into its PCA basis, the first dimensions kept (core.rotation). One rotation for every block:
   SliceGPT's per-block ones need Q_l^T Q_(l+1) matrices on the shortcuts, which a plain model cannot hold.
@@ -44,6 +47,7 @@ from subclone_core.core.rng import seeded
 from subclone_core.core.rotation import RotatedTensors, check_rotatable, pca_basis
 from subclone_core.core.selection import (
     BLOCK_SCORES,
+    SCORE_STATS,
     ReaderWeight,
     Selection,
     method_scores,
@@ -124,6 +128,10 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
                  refit=False, scale=False, bias_compensation=True),
     StrategySpec("minitron", "importance", "influence", uses_importance=True, scores="minitron",
                  residual_score="minitron", refit=False, scale=False),
+    # LLM-Pruner's block-wise mode leaves the first 3 and the last block of LLaMA-7B whole; here every block is cut
+    # alike, as the child's shape has one width
+    StrategySpec("llm-pruner", "importance", "magnitude", uses_importance=True, scores="llm-pruner",
+                 refit=False, scale=False),
     # order "rotate": the first dimensions of the rotated stream; a shallower child drops blocks by our default
     StrategySpec("slicegpt", "rotate", "magnitude", uses_importance=True, refit=False, scale=False,
                  rotation=True),
@@ -198,7 +206,13 @@ def refit_table(arch: ArchSpec, strategy: str) -> ArchSpec:
 def needs_input_stats(strategy: str) -> bool:
     """Whether the strategy scores by the layer-input statistics calibration records only on request
     (calibration.INPUT_STATS: the other published methods' scores)."""
-    return STRATEGY_SPECS[strategy].scores != "paper"
+    return bool(set(SCORE_STATS[STRATEGY_SPECS[strategy].scores]) & {"sq", "mean", "seq"})
+
+
+def needs_taylor(strategy: str) -> bool:
+    """Whether the strategy scores by LLM-Pruner's Taylor importance (calibration.TAYLOR_STATS), which needs a
+    backward pass over the calibration data: recorded only on request."""
+    return "taylor" in SCORE_STATS[STRATEGY_SPECS[strategy].scores]
 
 
 def needs_residual_cov(strategy: str) -> bool:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import (
+    TAYLOR_STATS,
     Importance,
     Progress,
     Recorder,
@@ -40,6 +41,7 @@ from subclone_core.core.calibration import (
     no_cache_kwargs,
     real_token_mask,
     recording,
+    taylor_channels,
 )
 from subclone_core.core.shape import Shape
 from subclone_core.pipeline.passes import (
@@ -102,6 +104,45 @@ def calibrate(
     finally:
         model.train(was_training)
     return sums.result(data)
+
+
+def taylor_scores(model: nn.Module, batches: Iterable[dict[str, Tensor]], *, max_tokens: int | None = None,
+                  progress: Progress | None = None) -> dict[str, Tensor]:
+    """LLM-Pruner's first-order Taylor scores of every block's heads and FFN neurons (calibration.TAYLOR_STATS:
+    "heads_taylor" (L, H x Dh), "ffn_taylor" (L, F)): the gradient of the loss summed over every scored token of
+    the batches (the model's own loss from the batch's labels, as training computes it), then per block
+    calibration.taylor_channels. The whole parent runs in memory with its gradients: a parent offloaded block by
+    block cannot give them. Gradients go only to the block weights (the embedding and head still pass them on),
+    and are let go after, as are the model's requires_grad flags restored.
+    """
+    arch, shape, task = arch_of_model(model), Shape.of(model.config), task_of_model(model)
+    blocks = model.get_submodule(arch.blocks)
+    wanted = {id(p) for p in blocks.parameters()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training, device, extra = model.training, input_device(model), no_cache_kwargs(model)
+    model.eval()  # dropout off: the scores of the model as it is
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+            p.grad = None
+        seen = 0
+        with torch.enable_grad():
+            for batch in batches:
+                units = task.count_units(batch)
+                loss = model(**{k: v.to(device) for k, v in batch.items()}, **extra).loss
+                (loss * units).backward()  # a batch's mean loss x its units: the sum over every scored token
+                seen += units
+                if progress:
+                    progress(seen, max_tokens or 0)
+                if max_tokens and seen >= max_tokens:
+                    break
+        scores = [taylor_channels(arch, shape, block) for block in blocks]
+        return {name: torch.stack([s[name] for s in scores]) for name in TAYLOR_STATS}
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 @torch.no_grad()

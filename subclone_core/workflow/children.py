@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from subclone_core.core.calibration import (
     INPUT_STATS,
     RESIDUAL_COV,
+    TAYLOR_STATS,
     Importance,
     Progress,
     input_device,
@@ -27,6 +28,7 @@ from subclone_core.core.strategies import (
     needs_calibration,
     needs_input_stats,
     needs_residual_cov,
+    needs_taylor,
     subclone_model,
 )
 from subclone_core.io.atomic import building
@@ -39,7 +41,7 @@ from subclone_core.io.saving import (
     write_model_files,
 )
 from subclone_core.io.streaming import PlacedTensors, checkpoint_tensors
-from subclone_core.pipeline.calibration import calibrate, calibrate_sequential
+from subclone_core.pipeline.calibration import calibrate, calibrate_sequential, taylor_scores
 from subclone_core.pipeline.refitting import refit_items
 from subclone_core.sources import cache_dir, default_data_id, make_data
 from subclone_core.sources.checks import first_nonfinite, refuse_nonfinite
@@ -54,7 +56,7 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
                        batch_size: int = CALIB_BATCH, progress: Progress | None = None,
                        sequential: bool | None = None, activation_memory: int | None = None,
                        stats: dict | None = None, input_stats: bool = False,
-                       residual_cov: bool = False) -> Importance:
+                       residual_cov: bool = False, taylor: bool = False) -> Importance:
     """Calibrate the parent on the training split of a data set (None: the task's default), up to a
     budget of token positions (for a ViT, each patch and cls token of each image counts).
 
@@ -69,18 +71,29 @@ def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: in
             (pipeline.calibration.calibrate_sequential).
         input_stats: also record what the other methods score by (strategies.needs_input_stats).
         residual_cov: also record the residual stream's covariance, SliceGPT's basis (strategies.needs_residual_cov).
+        taylor: also record LLM-Pruner's Taylor scores (strategies.needs_taylor): a backward pass over the same
+            batches, the whole parent in memory (refused block by block).
     """
     data_id = data_id or default_data_id(parent.task)
     batches = calibration_batches(parent, data_id, tokens, batch_size)
     if sequential is None:
         sequential = needs_sequential(parent)
+    if sequential and taylor:
+        raise SubcloneError("llm-pruner's Taylor scores need the gradients of the whole parent, which a "
+                            "block-by-block calibration does not hold: load the parent in memory (without "
+                            "--sequential, with a --max-memory that holds it) or choose another strategy")
     if sequential:
         kwargs = sequential_kwargs(parent, activation_memory)  # refuses a parent with no folder on disk
         return calibrate_sequential(pass_source(parent) or parent.source, batches, max_tokens=tokens,
                                     progress=progress, data=data_id, stats=stats, input_stats=input_stats,
                                     residual_cov=residual_cov, **kwargs)
-    return calibrate(parent.model, batches, max_tokens=tokens, progress=progress, data=data_id,
-                     input_stats=input_stats, residual_cov=residual_cov)
+    importance = calibrate(parent.model, batches, max_tokens=tokens, progress=progress, data=data_id,
+                           input_stats=input_stats, residual_cov=residual_cov)
+    if taylor:
+        importance.input_stats.update(taylor_scores(parent.model, calibration_batches(parent, data_id, tokens,
+                                                                                      batch_size),
+                                                    max_tokens=tokens, progress=progress))
+    return importance
 
 
 def recorded_statistics(strategies: Iterable[str]) -> dict[str, bool]:
@@ -88,14 +101,16 @@ def recorded_statistics(strategies: Iterable[str]) -> dict[str, bool]:
     method: they cost calibration time that nothing else uses)."""
     names = list(strategies)
     return {"input_stats": any(needs_input_stats(s) for s in names),
-            "residual_cov": any(needs_residual_cov(s) for s in names)}
+            "residual_cov": any(needs_residual_cov(s) for s in names),
+            "taylor": any(needs_taylor(s) for s in names)}
 
 
 def has_statistics(importance: Importance, strategies: Iterable[str]) -> bool:
     """Whether a calibration recorded every optional statistic these strategies read (one measured for the
     paper's method alone has neither the other published methods' input statistics nor SliceGPT's covariance)."""
     recorded = {"input_stats": all(name in importance.input_stats for name in INPUT_STATS),
-                "residual_cov": RESIDUAL_COV in importance.input_stats}
+                "residual_cov": RESIDUAL_COV in importance.input_stats,
+                "taylor": all(name in importance.input_stats for name in TAYLOR_STATS)}
     return all(recorded[name] for name, wanted in recorded_statistics(strategies).items() if wanted)
 
 
