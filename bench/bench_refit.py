@@ -85,7 +85,8 @@ def measure_tokens(parent_id: str, tokens: int, refit_tokens: list[int], shapes:
     val = make_data(parent, "default", "validation", seq_len=128, max_tokens=4096)
     start = starting_shape(parent.model)
     rows = []
-    for sizes in [{k: getattr(start, k) for k in SIZE_KEYS}, *shapes]:
+    starting = {k: getattr(start, k) for k in SIZE_KEYS}
+    for sizes in [starting, *(s for s in shapes if s != starting)]:  # SmolLM2's paper-like shape is its start
         target = plan_shape(parent.model, **sizes)
         row = {"shape": sizes, "start": target == start}
         for count in refit_tokens:
