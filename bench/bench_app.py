@@ -19,11 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench._report import ROOT, bench_parser, machine, render, table, write_section
 from subclone_core.analysis import probes
 from subclone_core.analysis.inspector import outsized_dimensions
 from subclone_core.analysis.probes import generate_text
-from subclone_core.app import charts, longsteps
+from subclone_core.app import charts, longsteps, sizing
 from subclone_core.app.analysis import live_summary
 from subclone_core.app.jobs import BackgroundJob, JobLimiter
 from subclone_core.app.longsteps import estimate_seconds, forward_rate
@@ -155,10 +157,11 @@ def page_rows() -> list[list[object]]:
     return rows
 
 
-def app_training(parent, child, twin, settings, steps: int) -> float:
+def app_training(parent, child, twin, settings, steps: int, batch: int = BATCH, seq_len: int = SEQ_LEN,
+                 eval_every: int = EVAL_EVERY) -> float:
     """The Train page's path: the job thread trains while the page's fragment polls once a second."""
     request = TrainRequest(parent=parent, data_id=None, child=child, twin=twin, settings=settings,
-                           steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, eval_every=EVAL_EVERY)
+                           steps=steps, batch_size=batch, seq_len=seq_len, eval_every=eval_every)
     job = BackgroundJob(training_work(request), name="bench-train").start()
     while not job.wait(1.0):
         events = job.events()
@@ -201,6 +204,27 @@ def training_rows(steps: int) -> list[list[object]]:
     return rows
 
 
+def default_run_row(parent_id: str) -> list[object]:
+    """The Train page's first defaults (app.sizing: steps, batch and length sized for the child on this machine)
+    for the Child page's default child of one parent, trained the app's way: the rate and the seconds the page
+    predicts against those measured."""
+    parent = load_parent(parent_id)
+    arch = arch_for(parent.model.config.model_type)
+    settings = child_settings("subclone", None, arch.scale_default, None, CALIB_TOKENS,
+                              residual_score=arch.residual_score, refit=arch.refit_default)
+    importance = measure_importance(parent, None, tokens=CALIB_TOKENS)
+    child, twin = make_children(parent, starting_shape(parent.model), settings, importance=importance)
+    rate = sizing.example_rate(child.model, "cpu", torch.get_num_threads(), True)
+    size = sizing.size_run(rate)
+    throughput, wall, _ = timed(lambda: app_training(parent, child, twin, settings, size.steps, size.batch_size,
+                                                     size.seq_len, size.eval_every))
+    row = [parent_id, f"{child.shape.layers} x {child.shape.hidden}",
+           f"{size.steps} x {size.batch_size} x {size.seq_len}, validation every {size.eval_every}",
+           f"{rate:.0f}", f"{throughput:.0f}", f"{size.seconds:.0f}", f"{wall:.0f}"]
+    print(row, flush=True)
+    return row
+
+
 SECTIONS = {"queue": "## Three sessions at once in the app's queue (`bench/bench_app.py`)",
             "actions": "## The app's actions on the embedded parents (`bench/bench_app.py`)",
             "training": "## The app's training throughput (`bench/bench_app.py`)"}
@@ -223,7 +247,10 @@ def part_text(part: str, parents: list[str], steps: int) -> str:
         return "\n\n".join(texts)
     rows = training_rows(steps)
     return "\n\n".join([render("app_training"), table(["path", "child", "steps x batch x seq",
-                                                       "tokens/s (each run)", "best"], rows)])
+                                                       "tokens/s (each run)", "best"], rows),
+                        render("app_training_defaults", target=sizing.TARGET_SECONDS),
+                        table(["parent", "default child", "the page's first run", "predicted tokens/s",
+                               "measured tokens/s", "predicted s", "measured s"], [default_run_row(p) for p in parents])])
 
 
 def main() -> None:
