@@ -1,5 +1,7 @@
 """`bench/bench_methods.py` at the smoke size on a tiny random parent: every method of every row built the way
-`make` builds it, scored at both windows, refusals recorded with their reason, and the report's table."""
+`make` builds it, scored at both windows, refusals recorded with their reason, and the report's table; the smallest
+width row's children trained matched, each arm's lr grid grown beyond an edge until its best lr is inside (or the
+cap says so), with iso-loss speedups against random init and subclone."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import math
 import pytest
 
 from bench import bench_methods
+from subclone_core.training import RunResult
+from subclone_core.training.results import EvalPoint
+from subclone_core.training.sweep import run_name
 
 pytestmark = pytest.mark.slow
 
@@ -46,4 +51,91 @@ def test_the_rows_cut_what_they_say(report):
 def test_the_report_has_a_table_per_parent(report):
     text = bench_methods.markdown(report)
     assert text.startswith(bench_methods.SECTION)
-    assert "| cut | ratio | shape | subclone | grail | wanda-sp | flap | minitron | random | slicegpt | shortgpt |" in text
+    assert ("| cut | ratio | shape | subclone | grail | wanda-sp | flap | minitron | llm-pruner | random | slicegpt | "
+            "shortgpt |") in text
+
+
+def test_every_trained_arm_has_its_lr_inside_its_grid_or_says_it_is_at_an_edge(report):
+    (parent,) = report["parents"]
+    training = parent["training"]
+    assert (training["kind"], training["ratio"]) == ("width", 0.5)  # the smoke size's one width row
+    assert list(training["arms"]) == list(bench_methods.WIDTH_METHODS)  # every method that builds there
+    for method, arm in training["arms"].items():
+        assert arm["chosen_lr"] in arm["lrs"] and arm["lrs"] == sorted(arm["lrs"]), method
+        assert arm["lrs"] == sorted([*arm["start_grid"], *arm["added"]])
+        at_edge = arm["chosen_lr"] in (min(arm["lrs"]), max(arm["lrs"]))
+        assert at_edge == (arm["edge"] is not None), (method, arm["chosen_lr"], arm["lrs"], arm["edge"])
+        # an arm left at an edge has used every extension it may
+        assert arm["edge"] is None or len(arm["added"]) == bench_methods.MAX_EXTENSIONS
+        plan = training["plan"]
+        for run in arm["runs"]:
+            assert run["steps"] == [0, *bench_methods.rp.log_eval_steps(plan["steps"], plan["evals"] + 1),
+                                    plan["steps"]]
+            assert len(run["tokens"]) == len(run["val_loss"]) == len(run["steps"])
+            assert all(math.isfinite(v) for v in run["val_loss"]) and run["tokens_per_s"] > 0
+        target = arm["target"]
+        assert target == min(bench_methods.chosen_run(training["arms"]["random"])["val_loss"])
+        assert set(arm["vs_random"]) >= {"speedup", "text", "candidate_tokens", "level"}
+        assert arm["vs_random"]["level"] == arm["vs_subclone"]["level"] == target
+        assert arm["tokens_to_target"] is None or arm["tokens_to_target"] >= 0
+
+
+def test_the_report_has_a_training_table_a_plot_and_says_where_subclone_is_not_best(report, tmp_path):
+    text = bench_methods.markdown(report)
+    assert "| method | lr chosen (of grid) | step 0 | best | final | tokens to random's best |" in text
+    assert "**Where subclone is not the best.**" in text and f"]({bench_methods.PLOT})" in text
+    bench_methods.plot(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def _fake_trainer(best_lr: float):
+    """A train_at whose runs end at a loss that grows with the distance (in log lr) from ``best_lr``."""
+    trained = []
+
+    def train_at(lr: float):
+        trained.append(lr)
+        loss = 5.0 + 0.1 * math.log(lr / best_lr) ** 2  # below the start (10) within the grids tried
+        result = RunResult(run_name("arm", lr), "random", lr, 0.1, status="done",
+                           evals=[EvalPoint(0, 0, 10.0), EvalPoint(4, 1024, loss)])
+        return result, {"lr": lr, "steps": [0, 4], "tokens": [0, 1024], "val_loss": [10.0, loss]}
+    return train_at, trained
+
+
+@pytest.mark.parametrize(("best_lr", "added", "chosen", "edge"), [
+    (1.5e-3, [], 2e-3, None),  # inside the grid: nothing added
+    (5e-3, [8e-3], 4e-3, None),  # at the top edge once: one lr above, then inside
+    (4.5e-4, [5e-4, 2.5e-4], 5e-4, None),  # twice at the bottom edge: two lrs below, then inside
+    (1.0, [8e-3, 1.6e-2], 1.6e-2, "high"),  # still at the edge after the cap: recorded
+])
+def test_the_grid_grows_beyond_an_edge_until_the_best_lr_is_inside(best_lr, added, chosen, edge):
+    train_at, trained = _fake_trainer(best_lr)
+    arm = bench_methods.extend_until_inside(train_at, (1e-3, 2e-3, 4e-3))
+    assert arm["added"] == trained[3:] == pytest.approx(added)
+    assert arm["chosen_lr"] == pytest.approx(chosen) and arm["edge"] == edge
+    assert arm["start_grid"] == [1e-3, 2e-3, 4e-3] and arm["lrs"] == sorted(arm["lrs"])
+
+
+def test_adding_a_method_measures_and_trains_it_alone_and_keeps_the_rest(report, tmp_path):
+    """--add-methods on a methods.json without llm-pruner: its step-0 rows and its trained arm come back as a full
+    run made them (the same calibration data and batches), every other number stays as it was."""
+    import copy
+
+    without = copy.deepcopy(report)
+    (entry,) = without["parents"]
+    for row in entry["rows"]:
+        row["results"].pop("llm-pruner", None)
+    entry["training"]["arms"].pop("llm-pruner")
+    (tmp_path / "methods.json").write_text(json.dumps(without))
+    assert bench_methods.main(["--smoke", "--out-dir", str(tmp_path), "--add-methods", "llm-pruner"]) == 0
+    (again,) = json.loads((tmp_path / "methods.json").read_text())["parents"]
+    (before,) = report["parents"]
+    for row, old in zip(again["rows"], before["rows"]):
+        assert list(row["results"]) == list(old["results"])  # in the rows' own order
+        for method, result in row["results"].items():
+            if method != "llm-pruner":
+                assert result == old["results"][method]
+    width = again["rows"][0]["results"]["llm-pruner"]["losses"]
+    assert width == pytest.approx(before["rows"][0]["results"]["llm-pruner"]["losses"], abs=1e-4)
+    arms, old_arms = again["training"]["arms"], before["training"]["arms"]
+    assert arms["llm-pruner"]["chosen_lr"] == old_arms["llm-pruner"]["chosen_lr"]
+    assert arms["llm-pruner"]["vs_random"] is not None and arms["subclone"]["runs"] == old_arms["subclone"]["runs"]
