@@ -59,8 +59,9 @@ bench-budget: setup
 bench-quality: setup
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.bench_quality
 
-# The published methods (strategies shortgpt, wanda-sp, flap, minitron, slicegpt, grail) beside subclone and random
-# init on both embedded parents, step-0 losses at 128- and 2048-token windows: docs/methods.json, a BENCHMARKS.md section.
+# The published methods (strategies shortgpt, wanda-sp, flap, minitron, slicegpt, grail, llm-pruner) beside subclone and
+# random init on both embedded parents: step-0 losses at 128- and 2048-token windows, then matched training of the
+# 0.4-width children, each at its best lr: docs/methods.json, methods_training.png, a BENCHMARKS.md section.
 bench-methods: setup
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.bench_methods
 

@@ -366,21 +366,24 @@ def _training_not_best(t: dict) -> str:
                 "final loss": lambda m: runs[m].get("final"),
                 "tokens to random init's best": lambda m: t["arms"][m]["tokens_to_target"],
                 "tokens to subclone's step-0 loss": lambda m: tokens_to(runs[m], start)}
-    found = []
+    found, ties = [], []
     for what, value in measures.items():
         ours = value(DEFAULT) if DEFAULT in runs else None
         ours = float("inf") if ours is None else ours
-        margin = 0 if what.startswith("tokens") else MARGIN
-        better = [m for m in runs if m != DEFAULT and value(m) is not None and value(m) <= ours - margin]
+        margin = 0 if what.startswith("tokens") else MARGIN  # token counts: strictly fewer (equal is a tie)
+        others = [m for m in runs if m != DEFAULT and value(m) is not None]
+        better = [m for m in others if value(m) < ours - margin or (margin and value(m) <= ours - margin)]
         show = (lambda v: f"{v:,.0f}") if what.startswith("tokens") else fmt_value
         if better:
             found.append(f"{what}: " + ", ".join(f"{m} {show(value(m))}" for m in sorted(better, key=value)) +
                          f" against subclone's {'none' if ours == float('inf') else show(ours)}")
+        ties += [f"{m} on {what} ({show(ours)})" for m in others if not margin and value(m) == ours]
     where = f"In training at {t['kind']} {t['ratio']:.2f}"
+    tied = f" Tied: {', '.join(ties)}." if ties else ""
     if found:
-        return f"{where}: {'; '.join(found)}."
-    return (f"{where}, subclone leads on every measure (step-0, best and final loss, tokens to random init's best "
-            "and to subclone's own step-0 loss).")
+        return f"{where}: {'; '.join(found)}.{tied}"
+    return (f"{where}, subclone {'leads or ties' if ties else 'leads'} on every measure (step-0, best and final "
+            f"loss, tokens to random init's best and to subclone's own step-0 loss).{tied}")
 
 
 def tokens_to(run: dict, level: float | None) -> float | None:
