@@ -80,6 +80,24 @@ def top(scores: Tensor, n: int) -> set[int]:
     return set(torch.argsort(scores, descending=True)[:n].tolist())
 
 
+def half_width(parent, shape: Shape) -> Shape:
+    """Half the FFN and the heads (and the KV heads where there are fewer than heads)."""
+    return plan_shape(parent, ffn=shape.ffn // 2, heads=shape.heads // 2,
+                      kv_heads=max(1, shape.kv_heads // 2) if shape.kv_heads < shape.heads else None)
+
+
+def assert_keeps_top_heads(sel, j: int, heads: Tensor, shape: Shape, target: Shape) -> None:
+    """Child block j keeps the top heads by ``heads`` (the parent block's head scores): overall with one head per
+    KV group, else the top heads within each kept KV group."""
+    if shape.kv_heads == shape.heads:
+        assert set(sel.heads[j]) == top(heads, target.heads)
+        return
+    ratio, keep = shape.queries_per_kv, target.queries_per_kv
+    for g in sel.kv_heads[j]:
+        assert {h for h in sel.heads[j] if h // ratio == g} == {g * ratio + h for h in
+                                                               top(heads[g * ratio:(g + 1) * ratio], keep)}
+
+
 # ---------------------------------------------------------------- ShortGPT
 
 
@@ -146,21 +164,14 @@ def test_wanda_sp_keeps_the_top_neurons_and_heads_of_its_score(family):
     parent = tm.make(family)
     arch, shape = arch_of_model(parent), Shape.of(parent.config)
     importance = calibrate(parent, batches(parent), input_stats=True)
-    target = plan_shape(parent, ffn=shape.ffn // 2, heads=shape.heads // 2,
-                        kv_heads=max(1, shape.kv_heads // 2) if shape.kv_heads < shape.heads else None)
+    target = half_width(parent, shape)
     child = subclone_model(parent, target, strategy="wanda-sp", importance=importance)
     sel = child.selection
     for j, b in enumerate(sel.blocks):
         ffn = wanda_sp(parent, batches(parent), arch.ffn_down, b)
         assert set(sel.ffn[j]) == top(ffn, target.ffn)
         heads = wanda_sp(parent, batches(parent), arch.attn_out, b, shape.head_dim)
-        if shape.kv_heads == shape.heads:  # one head per group: the top heads
-            assert set(sel.heads[j]) == top(heads, target.heads)
-        else:  # the top heads within each kept KV group
-            ratio, keep = shape.queries_per_kv, target.queries_per_kv
-            for g in sel.kv_heads[j]:
-                assert {h for h in sel.heads[j] if h // ratio == g} == {g * ratio + h for h in
-                                                                       top(heads[g * ratio:(g + 1) * ratio], keep)}
+        assert_keeps_top_heads(sel, j, heads, shape, target)
     # the residual stream: Wanda-sp does not cut it; our default ranking of the family
     assert child.manifest.residual_score == arch.residual_score and child.manifest.refit is False
 
@@ -235,8 +246,7 @@ def test_flap_keeps_the_top_of_its_fluctuation_and_compensates_in_the_bias(famil
     parent = tm.make(family)
     arch, shape = arch_of_model(parent), Shape.of(parent.config)
     importance = calibrate(parent, batches(parent), input_stats=True)
-    target = plan_shape(parent, ffn=shape.ffn // 2, heads=shape.heads // 2,
-                        kv_heads=max(1, shape.kv_heads // 2) if shape.kv_heads < shape.heads else None)
+    target = half_width(parent, shape)
     child = subclone_model(parent, target, strategy="flap", importance=importance)
     sel, blocks = child.selection, arch.blocks
     paths = [f"{blocks}.{b}.{p}" for b in range(shape.layers) for p in (arch.ffn_down, arch.attn_out)]
@@ -446,20 +456,13 @@ def test_llm_pruner_keeps_the_top_of_its_first_order_taylor_importance(family):
     assert all(p.grad is None for p in parent.parameters())  # the parent is left as it was
     gradients(parent, labelled(parent))
     blocks = parent.get_submodule(arch.blocks)
-    target = plan_shape(parent, ffn=shape.ffn // 2, heads=shape.heads // 2,
-                        kv_heads=max(1, shape.kv_heads // 2) if shape.kv_heads < shape.heads else None)
+    target = half_width(parent, shape)
     child = subclone_model(parent, target, strategy="llm-pruner", importance=importance)
     sel = child.selection
     for j, b in enumerate(sel.blocks):
         heads, ffn = TAYLOR_FAMILIES[family](blocks[b], shape)
         assert set(sel.ffn[j]) == top(ffn, target.ffn)
-        if shape.kv_heads == shape.heads:
-            assert set(sel.heads[j]) == top(heads, target.heads)
-        else:  # the top heads within each kept KV group
-            ratio, keep = shape.queries_per_kv, target.queries_per_kv
-            for g in sel.kv_heads[j]:
-                assert {h for h in sel.heads[j] if h // ratio == g} == {g * ratio + h for h in
-                                                                       top(heads[g * ratio:(g + 1) * ratio], keep)}
+        assert_keeps_top_heads(sel, j, heads, shape, target)
     assert child.manifest.refit is False and child.manifest.scale is False  # slice only
     full = subclone_model(parent, Shape.of(parent.config), strategy="llm-pruner", importance=importance)
     batch = tm.inputs(parent)
