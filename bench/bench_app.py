@@ -2,7 +2,8 @@
 and the app's training throughput next to `subclone train` (see bench/README.md). Each part writes its own
 section of docs/BENCHMARKS.md unless --no-write.
 
-Run: python -m bench.bench_app [--parents default,gemma3-270m] [--steps 30] [--only queue|actions|training]
+Run: python -m bench.bench_app [--parents default,gemma3-270m] [--steps 30]
+     [--only queue|actions|training|ablation]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bench._report import ROOT, bench_parser, machine, render, table, write_section
+from bench._report import ROOT, bench_parser, machine, render, spearman, table, write_section
 from subclone_core.analysis import probes
 from subclone_core.analysis.inspector import outsized_dimensions
 from subclone_core.analysis.probes import generate_text
@@ -225,9 +226,37 @@ def default_run_row(parent_id: str) -> list[object]:
     return row
 
 
+ABLATION_REFERENCE = 2048  # validation tokens per evaluation of the reference ranking of the blocks
+ABLATION_CANDIDATES = (128, 256, 512)
+LEAST, MOST = 5, 3  # the blocks a lesson points at: the least and the most important
+
+
+def ablation_token_rows(parent_id: str) -> list[list[object]]:
+    """The Blocks page's loss without each block on a few token counts against a reference on ABLATION_REFERENCE
+    tokens: seconds, the rank correlation of the losses with the reference's, and whether the LEAST blocks whose
+    removal costs least and the MOST that cost most are the reference's."""
+    parent = load_parent(parent_id)
+    runs = {tokens: timed(lambda t=tokens: probes.ablate_parent(parent, None, t))
+            for tokens in (ABLATION_REFERENCE, *ABLATION_CANDIDATES)}
+    reference = torch.tensor(runs[ABLATION_REFERENCE][0]["losses"])
+    rows = []
+    for tokens, (result, wall, _) in runs.items():
+        losses = torch.tensor(result["losses"])
+        order = losses.argsort().tolist()
+        rows.append([parent_id, f"{tokens:,}", f"{wall:.1f}", f"{spearman(losses, reference):.3f}",
+                     _blocks(order[:LEAST]), _blocks(order[-MOST:])])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _blocks(indices: list[int]) -> str:
+    return ", ".join(str(i) for i in sorted(indices))
+
+
 SECTIONS = {"queue": "## Three sessions at once in the app's queue (`bench/bench_app.py`)",
             "actions": "## The app's actions on the embedded parents (`bench/bench_app.py`)",
-            "training": "## The app's training throughput (`bench/bench_app.py`)"}
+            "training": "## The app's training throughput (`bench/bench_app.py`)",
+            "ablation": "## How many tokens the Blocks page's ablation needs (`bench/bench_app.py`)"}
 
 
 def part_text(part: str, parents: list[str], steps: int) -> str:
@@ -245,6 +274,13 @@ def part_text(part: str, parents: list[str], steps: int) -> str:
                       table(["page", "action (default settings)", "wall s", "CPU s", "estimate s", "in target"],
                             rows)]
         return "\n\n".join(texts)
+    if part == "ablation":
+        rows = [row for parent_id in parents for row in ablation_token_rows(parent_id)]
+        return "\n\n".join([render("app_ablation", reference=ABLATION_REFERENCE, least=LEAST, most=MOST,
+                                     default=probes.ABLATION_TOKENS),
+                              table(["parent", "tokens per evaluation", "seconds",
+                                     f"rank correlation with the {ABLATION_REFERENCE:,}-token losses",
+                                     f"{LEAST} least important blocks", f"{MOST} most important"], rows)])
     rows = training_rows(steps)
     return "\n\n".join([render("app_training"), table(["path", "child", "steps x batch x seq",
                                                        "tokens/s (each run)", "best"], rows),

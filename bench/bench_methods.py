@@ -3,7 +3,7 @@ then trained matched at one shape (see bench/README.md). Writes docs/methods.jso
 section of docs/BENCHMARKS.md.
 
 Run: python -m bench.bench_methods [--parents default,gemma3-270m] [--smoke] [--no-training]
-     [--training-from-json docs/methods.json]
+     [--training-from-json docs/methods.json] [--add-methods M,...] [--extend-edges N]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from subclone_core.core.shape import Shape, nearest_valid_shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent, make_data
-from subclone_core.training import RunResult
+from subclone_core.training import EvalPoint, RunResult
 from subclone_core.training.evaluate import evaluate
 from subclone_core.training.speedup import IsoLoss, iso_loss, steps_to_reach
 from subclone_core.training.sweep import lr_text, run_name
@@ -168,44 +168,59 @@ def train_row(parent: Parent, row: dict, children: dict[str, Any], plan: Plan, r
     """Every child of the row (the ones built in the step-0 stage) at every lr of its grid, each run a fresh copy
     on the identical batches; each arm's grid extended beyond an edge where its best lr sits
     (extend_until_inside); then each arm's iso-loss speedups."""
-    val = make_data(parent, "default", "validation", seq_len=plan.seq_len, max_tokens=plan.val_tokens)
-    data = (make_data(parent, "default", "train", seq_len=plan.seq_len), val)
-    config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=plan.eval_batch,
-                            eval_at=rp.log_eval_steps(plan.steps, plan.evals + 1), precision=plan.precision)
-    tag = f"{row['kind']}-{row['ratio']:.2f}"
     print(f"training {_shape(row['sizes'])}: {plan.steps} steps of {plan.batch_size} x {plan.seq_len} tokens, "
           f"{', '.join(children)}", file=sys.stderr, flush=True)
-    arms = {}
-    for method, model in children.items():
-        def train_at(lr: float, method: str = method, model: Any = model) -> tuple[RunResult, dict]:
-            return train_one(h.candidate(run_name(method, lr), model, lr, method), data, config, tag, runs)
-
-        arms[method] = extend_until_inside(train_at, plan.grid(method))
+    trainer = row_trainer(parent, row, plan, runs)
+    arms = {method: extend_until_inside(trainer(method, model), plan.grid(method))
+            for method, model in children.items()}
     children.clear()  # the models are no longer needed
     return {"kind": row["kind"], "ratio": row["ratio"], "sizes": row["sizes"], "plan": asdict(plan),
             "refused": [m for m, r in row["results"].items() if "refused" in r], "arms": with_speedups(arms)}
 
 
+def row_trainer(parent: Parent, row: dict, plan: Plan, runs: Path
+                ) -> Callable[[str, Any], Callable[[float], tuple[RunResult, dict]]]:
+    """``trainer(method, model)(lr)``: one run of the row's plan (fresh copy, the identical batches every time)."""
+    val = make_data(parent, "default", "validation", seq_len=plan.seq_len, max_tokens=plan.val_tokens)
+    data = (make_data(parent, "default", "train", seq_len=plan.seq_len), val)
+    config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=plan.eval_batch,
+                            eval_at=rp.log_eval_steps(plan.steps, plan.evals + 1), precision=plan.precision)
+    tag = f"{row['kind']}-{row['ratio']:.2f}"
+
+    def trainer(method: str, model: Any) -> Callable[[float], tuple[RunResult, dict]]:
+        return lambda lr: train_one(h.candidate(run_name(method, lr), model, lr, method), data, config, tag, runs)
+
+    return trainer
+
+
 def extend_until_inside(train_at: Callable[[float], tuple[RunResult, dict]], grid: tuple[float, ...],
-                        most: int = MAX_EXTENSIONS) -> dict[str, Any]:
+                        most: int = MAX_EXTENSIONS, done: dict[str, dict] | None = None) -> dict[str, Any]:
     """An arm trained at every lr of ``grid`` (``train_at(lr)``: its result and JSON row), then, while its chosen
     lr (bench_quality.arm_json: the library's rule) is the lowest or highest of the grid, at one more lr beyond
-    that edge (EXTEND), ``most`` times at most; every run diverged counts as the lowest edge. The arm's JSON:
+    that edge (EXTEND), ``most`` times at most; every run diverged counts as the lowest edge. ``done``: an arm's
+    JSON from an earlier run (its runs are kept, not trained again, and its extensions count). The arm's JSON:
     arm_json's, plus the starting grid and the lrs added; "edge" stays set when the cap left the best at an edge."""
-    runs = {}
-    lrs = sorted(grid)
-    for lr in lrs:
+    runs = {run_name("arm", r["lr"]): (result_of(r), r) for r in done["runs"]} if done else {}
+    lrs = sorted(done["lrs"]) if done else sorted(grid)
+    added: list[float] = list(done["added"]) if done else []
+    for lr in [lr for lr in lrs if run_name("arm", lr) not in runs]:
         result, row = train_at(lr)
-        runs[result.name] = (result, row)
-    added: list[float] = []
+        runs[run_name("arm", lr)] = (result, row)
     while True:
         arm = arm_json(dict(sorted(runs.items(), key=lambda kv: kv[1][0].lr)), tuple(lrs))
         lr = beyond(arm)
         if lr is None or len(added) >= most:
             return {**arm, "start_grid": list(grid), "added": added}
         result, row = train_at(lr)
-        runs[result.name] = (result, row)
+        runs[run_name("arm", lr)] = (result, row)
         lrs, added = sorted([*lrs, lr]), [*added, lr]
+
+
+def result_of(row: dict[str, Any]) -> RunResult:
+    """A run's JSON row as the RunResult the library's choice reads (lr, status, validation curve)."""
+    evals = [EvalPoint(step, seen, loss) for step, seen, loss in zip(row["steps"], row["tokens"], row["val_loss"])]
+    return RunResult(run_name("arm", row["lr"]), "arm", row["lr"], 0.0, status=row["status"],
+                     message=row["message"], evals=evals)
 
 
 def beyond(arm: dict[str, Any]) -> float | None:
@@ -314,7 +329,11 @@ def training_markdown(t: dict) -> str:
     edges = [f"{m} (best lr {lr_text(a['chosen_lr'])} is the {a['edge']}est of its grid after {len(a['added'])} "
              "extensions)" for m, a in t["arms"].items() if a["edge"]]
     inside = ("Every arm's chosen lr is inside its grid." if not edges else
-              f"Still at an edge of the grid after {MAX_EXTENSIONS} extensions: {'; '.join(edges)}.")
+              f"Still at an edge of the grid: {'; '.join(edges)}.")
+    more = {m: len(a["added"]) - MAX_EXTENSIONS for m, a in t["arms"].items() if len(a["added"]) > MAX_EXTENSIONS}
+    if more:  # bench_methods --extend-edges: runs kept, more lrs beyond the edge
+        inside += (" Given more lrs beyond the edge after the first " + str(MAX_EXTENSIONS) + " extensions "
+                   "(`--extend-edges`, the earlier runs kept): " + ", ".join(f"{m} {n}" for m, n in more.items()) + ".")
     return f"{head}\n\n{table(header, rows)}\n\n{inside}"
 
 
@@ -410,7 +429,8 @@ def plot(report: dict, path: Path) -> None:
         for offset, key, label in ((-0.2, "start", "step 0"), (0.2, "best", "best in training")):
             top.bar([i + offset for i in x], [r.get(key) or 0 for r in runs], 0.4, label=label)
         top.set_xticks(list(x), names)
-        rp.finish(top, title=f"{p['label']}: {_shape(p['training']['sizes'])}", ylabel="validation loss")
+        model_name = p["label"].split(" (")[0]  # the model's name; its provenance would overflow the panel
+        rp.finish(top, title=f"{model_name}: {_shape(p['training']['sizes'])}", ylabel="validation loss")
         tokens = [a["tokens_to_target"] for a in arms.values()]
         mid.bar(list(x), [t or 0 for t in tokens], 0.6, color="#1f77b4", label="tokens to random init's best")
         for i, t in enumerate(tokens):
@@ -440,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--add-methods", default=None, help="measure only these methods (comma-separated) into "
                         "the methods.json of --out-dir (docs/) for --parents, step 0 and the trained row, keeping "
                         "everything else")
+    parser.add_argument("--extend-edges", type=int, default=0, metavar="N",
+                        help="in the methods.json of --out-dir (docs/), give every trained arm of --parents whose "
+                        "best lr is still at an edge of its grid up to N more lrs beyond it, keeping its runs")
     parser.add_argument("--training-from-json", type=Path, default=None,
                         help="keep this methods.json's step-0 rows (same settings) and rebuild only the trained "
                         "row's children, then train them")
@@ -447,13 +470,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         return write_outputs(json.loads((DOCS / "methods.json").read_text()), DOCS)
     out = Path(args.out_dir) if args.out_dir else DOCS
-    if args.add_methods:
+    if args.add_methods or args.extend_edges:
         report = json.loads((out / "methods.json").read_text())
         runs = Path(tempfile.mkdtemp(prefix="subclone-methods-"))
-        added = args.add_methods.split(",")
         chosen = args.parents.split(",")
-        report["parents"] = [add_methods(p, added, report["tokens"], report["val_tokens"], runs)
-                             if p["parent"] in chosen or args.smoke else p for p in report["parents"]]
+        for i, p in enumerate(report["parents"]):
+            if p["parent"] in chosen or args.smoke:
+                if args.add_methods:
+                    p = add_methods(p, args.add_methods.split(","), report["tokens"], report["val_tokens"], runs)
+                report["parents"][i] = extend_edges(p, args.extend_edges, report["tokens"], runs)
         return write_outputs(report, out)
     parents = [_smoke_parent(out)] if args.smoke else args.parents.split(",")
     tokens, val_tokens = (512, 4096) if args.smoke else (args.tokens, args.val_tokens)
@@ -496,6 +521,30 @@ def add_methods(entry: dict, added: list[str], tokens: int, val_tokens: int, run
         row = next(r for r in entry["rows"] if (r["kind"], r["ratio"]) == (training["kind"], training["ratio"]))
         fresh = train_row(parent, row, children, Plan(**training["plan"]), runs)
         entry["training"] = {**training, "arms": with_speedups({**training["arms"], **fresh["arms"]})}
+    return entry
+
+
+def extend_edges(entry: dict, more: int, tokens: int, runs: Path) -> dict:
+    """One parent's entry of an earlier methods.json with every trained arm whose best lr is still at an edge of
+    its grid trained at up to ``more`` further lrs beyond it (its runs kept; the children built again from one
+    calibration, as the full run builds them), every arm's speedups recomputed."""
+    training = entry.get("training")
+    edged = [m for m, a in (training or {}).get("arms", {}).items() if a["edge"]] if more else []
+    if not edged:
+        return entry
+    parent = load_parent(entry["parent"], dtype="float32")
+    print(f"{parent.label}: {more} more lr(s) for {', '.join(edged)}", file=sys.stderr, flush=True)
+    importance = measure_importance(parent, tokens=tokens, **recorded_statistics(edged))
+    target = plan_shape(parent.model, **training["sizes"])
+    trainer = row_trainer(parent, training, Plan(**training["plan"]), runs)
+    arms = dict(training["arms"])
+    for method in edged:
+        model = make_child(parent, target, strategy=method, importance=importance, data_id=importance.data,
+                           calib_tokens=tokens).model
+        arm = arms[method]
+        arms[method] = extend_until_inside(trainer(method, model), tuple(arm["start_grid"]),
+                                           len(arm["added"]) + more, done=arm)
+    entry["training"] = {**training, "arms": with_speedups(arms)}
     return entry
 
 

@@ -30,7 +30,7 @@ TOKENS = {"0.1B": 2048, "0.5B": 1024, "1B": 512, "3B": 256, "tiny": 512}
 # the sequential bench: several batches, so that plain offload's per-batch re-reads show
 SEQ_TOKENS, SEQ_BATCH = {"tiny": (512,), "1B": (1024, 4096)}, 2
 SEQ_MODES = {"memory": (False, False), "offload": (True, False), "sequential": (True, True)}  # (budget, sequential)
-ABL_TOKENS = 256  # subclone inspect's --ablation-tokens default
+ABL_TOKENS = 256  # per evaluation, as in the published table (the app and CLI default, probes.ABLATION_TOKENS, is 128)
 COSTS = {"calibration s / 1k tokens": "calib_s_per_1k", "refit+build+save s": "build_save_s",
          "peak RSS GiB": "peak_rss_gib", "peak RssAnon GiB": "peak_anon_gib"}
 

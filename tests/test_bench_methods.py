@@ -97,7 +97,8 @@ def _fake_trainer(best_lr: float):
         loss = 5.0 + 0.1 * math.log(lr / best_lr) ** 2  # below the start (10) within the grids tried
         result = RunResult(run_name("arm", lr), "random", lr, 0.1, status="done",
                            evals=[EvalPoint(0, 0, 10.0), EvalPoint(4, 1024, loss)])
-        return result, {"lr": lr, "steps": [0, 4], "tokens": [0, 1024], "val_loss": [10.0, loss]}
+        return result, {"lr": lr, "status": "done", "message": None, "steps": [0, 4], "tokens": [0, 1024],
+                        "val_loss": [10.0, loss]}
     return train_at, trained
 
 
@@ -113,6 +114,44 @@ def test_the_grid_grows_beyond_an_edge_until_the_best_lr_is_inside(best_lr, adde
     assert arm["added"] == trained[3:] == pytest.approx(added)
     assert arm["chosen_lr"] == pytest.approx(chosen) and arm["edge"] == edge
     assert arm["start_grid"] == [1e-3, 2e-3, 4e-3] and arm["lrs"] == sorted(arm["lrs"])
+
+
+def test_an_arm_left_at_an_edge_resumes_from_its_json_and_trains_only_the_new_lrs():
+    train_at, trained = _fake_trainer(2.5e-2)
+    capped = bench_methods.extend_until_inside(train_at, (1e-3, 2e-3, 4e-3))
+    assert capped["edge"] == "high" and capped["added"] == pytest.approx([8e-3, 1.6e-2])
+    trained.clear()
+    arm = bench_methods.extend_until_inside(train_at, (1e-3, 2e-3, 4e-3), most=4, done=capped)
+    assert trained == pytest.approx([3.2e-2, 6.4e-2])  # the kept runs are not trained again
+    assert arm["chosen_lr"] == pytest.approx(3.2e-2)  # the closest to 2.5e-2 in log lr, now inside
+    assert arm["edge"] is None and arm["added"] == pytest.approx([8e-3, 1.6e-2, 3.2e-2, 6.4e-2])
+    assert [r["lr"] for r in arm["runs"]] == pytest.approx(arm["lrs"])
+
+
+def test_extending_an_arm_at_an_edge_trains_the_run_a_wider_grid_made(report, tmp_path):
+    """--extend-edges on a methods.json whose arm had its outermost lr's run taken away (so that its best lr sits
+    at that edge): the child is built again, the missing lr trained on the same batches, and its curve is the one
+    the full grid measured; the other arms stay as they were."""
+    import copy
+
+    edited = copy.deepcopy(report)
+    arms = edited["parents"][0]["training"]["arms"]
+    # the smoke grids grow by x2, so the outermost lr next to a best lr one step inside is the one beyond the edge
+    method, edge = next((m, e) for m, a in arms.items() for e, i, j in (("high", -1, -2), ("low", 0, 1))
+                        if len(a["lrs"]) >= 3 and a["chosen_lr"] == sorted(a["lrs"])[j])
+    arm = arms[method]
+    top = min(arm["lrs"]) if edge == "low" else max(arm["lrs"])
+    kept = [lr for lr in arm["lrs"] if lr != top]
+    arm.update(lrs=kept, start_grid=kept, added=[], edge=edge, runs=[r for r in arm["runs"] if r["lr"] != top])
+    (tmp_path / "methods.json").write_text(json.dumps(edited))
+    assert bench_methods.main(["--smoke", "--out-dir", str(tmp_path), "--extend-edges", "1"]) == 0
+    after = json.loads((tmp_path / "methods.json").read_text())["parents"][0]["training"]["arms"]
+    before = report["parents"][0]["training"]["arms"]
+    assert after[method]["added"] == [top] and after[method]["edge"] is None
+    new = next(r for r in after[method]["runs"] if r["lr"] == top)
+    old = next(r for r in before[method]["runs"] if r["lr"] == top)
+    assert new["val_loss"] == pytest.approx(old["val_loss"], abs=1e-4)
+    assert all(after[m]["runs"] == before[m]["runs"] for m in before if m != method)
 
 
 def test_adding_a_method_measures_and_trains_it_alone_and_keeps_the_rest(report, tmp_path):

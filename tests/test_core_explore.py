@@ -57,6 +57,30 @@ def test_candidate_parameter_counts_equal_the_built_childs(family):
         assert budget / 1.5 <= params <= budget * 1.5
 
 
+def test_candidate_shapes_are_counted_once_per_parent_and_budget_and_let_the_parent_go(monkeypatch):
+    import gc
+    import weakref
+
+    from subclone_core.analysis import explore
+
+    counted = []
+    real = explore.parameter_count
+    monkeypatch.setattr(explore, "parameter_count", lambda model, shape: counted.append(shape) or real(model, shape))
+    model = tm.make("llama", dtype=torch.float32)
+    budget = middle_budget(model)
+    first = candidate_shapes(model, budget)
+    calls = len(counted)
+    assert calls and candidate_shapes(model, budget) == first and len(counted) == calls  # a page rerun: no count
+    first.clear()  # the caller's list is its own
+    assert candidate_shapes(model, budget) and len(counted) == calls
+    candidate_shapes(model, budget * 2 // 3)
+    assert len(counted) > calls  # another budget is counted
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None  # the cache holds no parent alive
+
+
 def test_pareto_flags_on_hand_made_points():
     points = [(10, 5.0), (20, 4.0), (20, 4.5), (30, 4.0), (40, 3.0), (5, 9.0), (10, 5.0)]
     assert pareto_flags(points) == [True, True, False, False, True, True, True]

@@ -10,6 +10,7 @@ marked: those are the shapes worth training.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -134,11 +135,25 @@ def candidate_shapes(parent_model: nn.Module, budget: int, *, depths_per_width: 
 
     For each width the depth that lands nearest the budget and its neighbours (a tenth of the parent's
     depth apart) are kept when their count lies within a factor ``spread`` of the budget. A budget inside
-    the parent's range that falls in a gap between shapes gets the nearest shape on each side.
+    the parent's range that falls in a gap between shapes gets the nearest shape on each side. Computed once
+    per parent model and settings (counting takes about 0.1 s of meta-device models, which the Child page's
+    estimate would pay on every rerun); the cache lets the model go with its last other reference.
 
     Raises:
         SubcloneError: the budget is outside the range of the parent's shapes (which the message names).
     """
+    known = _CANDIDATES.setdefault(parent_model, {})
+    key = (budget, depths_per_width, spread)
+    if key not in known:
+        known[key] = tuple(_candidate_shapes(parent_model, budget, depths_per_width, spread))
+    return list(known[key])
+
+
+_CANDIDATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent model -> settings -> shapes
+
+
+def _candidate_shapes(parent_model: nn.Module, budget: int, depths_per_width: int,
+                      spread: float) -> list[tuple[Shape, int]]:
     parent_layers = Shape.of(parent_model.config).layers
     shallowest = min(2, parent_layers)  # the block policies keep the first and the last block
     step = max(1, parent_layers // 10)
