@@ -268,6 +268,23 @@ def test_training_work_refuses_a_run_that_does_not_fit_in_memory(parent, text_fi
         TrainRequest(parent=parent, data_id=None, child=child, twin=twin, settings=settings, steps=0).config()
 
 
+def test_the_forward_rate_is_timed_after_one_example_has_warmed_the_parent(parent, text_file, monkeypatch):
+    from subclone_core.app import longsteps
+
+    calls = []
+    real = longsteps.evaluate_shared
+
+    def recorded(model, batches):
+        calls.append([len(b["input_ids"]) for b in batches])
+        return real(model, batches)
+
+    monkeypatch.setattr(longsteps, "evaluate_shared", recorded)
+    metrics = evaluate_parent(parent, str(text_file), 256)
+    sample = longsteps.validation_sample(parent, str(text_file), 256)
+    assert calls == [[1], [len(b["input_ids"]) for b in sample]]  # one example first, untimed; then the sample
+    assert metrics["loss"] == pytest.approx(real(parent.model, sample)["loss"])  # the warm-up is not scored
+
+
 def test_the_parents_forward_rate_counts_the_tasks_unit(parent, text_file):
     metrics = evaluate_parent(parent, str(text_file), 256)
     assert metrics["tokens"] > 0 and metrics["seconds"] > 0

@@ -42,17 +42,17 @@ from subclone_core.workflow.plan import Plan
 STEP0_TOKENS = 2048  # the Parent page's default validation budget: the parent's score is reused
 SAMPLE_TOKENS = 30  # new tokens of each step-0 sample
 # Each step's seconds over a validation pass of the parent on as many tokens (forward_rate), measured with the
-# app's defaults on both embedded parents on 2 idle cores (bench_app): calibration 1.03 (SmolLM2-135M) and 0.85
+# app's defaults on both embedded parents on 2 idle cores (bench_app): calibration 1.05 (SmolLM2-135M) and 0.83
 # (Gemma 3 270M, whose validation pays a loss over a 262k-token vocabulary that calibration does not), the
-# inspector 0.94 and 0.84, each evaluation without one block 0.74 and 1.02 of a block's share (blocks replayed)
+# inspector 1.05 and 0.82, each evaluation without one block (128 tokens) 0.97 and 1.09 (blocks replayed)
 CALIB_OVERHEAD = 0.95
-INSPECT_OVERHEAD = 0.9
-ABLATION_REPLAYED = 0.85
+INSPECT_OVERHEAD = 0.93
+ABLATION_REPLAYED = 1.03
 # The explorer's seconds per shape and Generate's over a pass of the parent's blocks alone (blocks_rate: the
 # refit, which dominates both, runs no output layer) on the refit's tokens, measured the same way: the explorer
-# 3.4 to 3.6 (SmolLM2-135M) and 3.4 to 4.0 (Gemma 3 270M) per shape, Generate (the child's refit, its random
-# twin, three scores and samples) 5.0 to 5.2 and 4.5 to 4.7
-EXPLORE_PER_SHAPE = 3.7
+# 3.9 (SmolLM2-135M) and 4.0 (Gemma 3 270M) per shape, Generate (the child's refit, its random twin, three
+# scores and samples) 5.2 and 4.7
+EXPLORE_PER_SHAPE = 3.9
 GENERATE_REFIT = 4.9
 
 
@@ -79,8 +79,10 @@ def ticking(batches: Iterable[dict], progress: Progress | None, total: int) -> I
 def evaluate_parent(parent: Parent, data_id: str | None, tokens: int,
                     progress: Progress | None = None) -> dict:
     """The parent's validation metrics on about ``tokens`` tokens, plus the seconds the forward passes took
-    (the estimates of the longer steps are scaled from it)."""
+    (the estimates of the longer steps are scaled from it), timed after one example has run through once."""
     batches = validation_sample(parent, data_id, tokens)
+    if batches:  # the first forward after loading pays the weights' first touch (SmolLM2-135M's ran 25% slower)
+        evaluate_shared(parent.model, [{key: value[:1] for key, value in batches[0].items()}])
     start = time.perf_counter()
     metrics = evaluate_shared(parent.model, list(ticking(batches, progress, len(batches))))
     seconds = time.perf_counter() - start
