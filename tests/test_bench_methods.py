@@ -129,25 +129,29 @@ def test_an_arm_left_at_an_edge_resumes_from_its_json_and_trains_only_the_new_lr
 
 
 def test_extending_an_arm_at_an_edge_trains_the_run_a_wider_grid_made(report, tmp_path):
-    """--extend-edges on a methods.json whose arm had its outermost lr's run taken away (so that its best lr sits
-    at that edge): the child is built again, the missing lr trained on the same batches, and its curve is the one
-    the full grid measured; the other arms stay as they were."""
+    """--extend-edges on a methods.json whose arm had its last extension taken away (so it is back where that
+    extension found it, its best lr at an edge): the child is built again, the missing lr trained on the same
+    batches, and its curve is the one the full grid measured; the other arms stay as they were."""
     import copy
 
     edited = copy.deepcopy(report)
     arms = edited["parents"][0]["training"]["arms"]
-    # the smoke grids grow by x2, so the outermost lr next to a best lr one step inside is the one beyond the edge
-    method, edge = next((m, e) for m, a in arms.items() for e, i, j in (("high", -1, -2), ("low", 0, 1))
-                        if len(a["lrs"]) >= 3 and a["chosen_lr"] == sorted(a["lrs"])[j])
+    # the smoke grids have 2 lrs, so every arm's best sat at an edge once and was extended
+    method = next(m for m, a in arms.items() if a["added"])
     arm = arms[method]
-    top = min(arm["lrs"]) if edge == "low" else max(arm["lrs"])
+    top = arm["added"][-1]
     kept = [lr for lr in arm["lrs"] if lr != top]
-    arm.update(lrs=kept, start_grid=kept, added=[], edge=edge, runs=[r for r in arm["runs"] if r["lr"] != top])
+    edge = "high" if top > max(kept) else "low"
+    arm.update(lrs=kept, added=arm["added"][:-1], edge=edge, runs=[r for r in arm["runs"] if r["lr"] != top])
+    for other in arms.values():
+        if other is not arm:
+            other["edge"] = None  # left alone by --extend-edges, even those the cap left at an edge
     (tmp_path / "methods.json").write_text(json.dumps(edited))
     assert bench_methods.main(["--smoke", "--out-dir", str(tmp_path), "--extend-edges", "1"]) == 0
     after = json.loads((tmp_path / "methods.json").read_text())["parents"][0]["training"]["arms"]
     before = report["parents"][0]["training"]["arms"]
-    assert after[method]["added"] == [top] and after[method]["edge"] is None
+    assert after[method]["added"] == before[method]["added"]
+    assert (after[method]["chosen_lr"], after[method]["edge"]) == (before[method]["chosen_lr"], before[method]["edge"])
     new = next(r for r in after[method]["runs"] if r["lr"] == top)
     old = next(r for r in before[method]["runs"] if r["lr"] == top)
     assert new["val_loss"] == pytest.approx(old["val_loss"], abs=1e-4)
