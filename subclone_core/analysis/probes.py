@@ -29,8 +29,8 @@ Progress = Callable[[int, int], None]
 EVAL_SEQ_LEN, EVAL_BATCH = 128, 8
 # validation tokens per removed block: on both embedded parents 128 rank the blocks as well as 256 (rank
 # correlation with the losses on 2,048 tokens 0.915 against 0.917 on SmolLM2-135M, 0.946 against 0.957 on Gemma 3
-# 270M; both find the reference's 3 most important blocks and as many of its 5 least important), in half the
-# time (bench_app --only ablation, docs/BENCHMARKS.md)
+# 270M; both find the reference's 3 most important blocks, and 3 (SmolLM2) and 4 (Gemma 3) of its 5 least
+# important), in half the time (bench_app --only ablation, docs/BENCHMARKS.md)
 ABLATION_TOKENS = 128
 
 def first_batches(batches: Iterator[dict], n: int) -> list[dict]:
