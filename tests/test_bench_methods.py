@@ -106,7 +106,7 @@ def _fake_trainer(best_lr: float):
     (1.5e-3, [], 2e-3, None),  # inside the grid: nothing added
     (5e-3, [8e-3], 4e-3, None),  # at the top edge once: one lr above, then inside
     (4.5e-4, [5e-4, 2.5e-4], 5e-4, None),  # twice at the bottom edge: two lrs below, then inside
-    (1.0, [8e-3, 1.6e-2], 1.6e-2, "high"),  # still at the edge after the cap: recorded
+    (1.0, [8e-3, 1.6e-2, 3.2e-2], 3.2e-2, "high"),  # still at the edge after the cap: recorded
 ])
 def test_the_grid_grows_beyond_an_edge_until_the_best_lr_is_inside(best_lr, added, chosen, edge):
     train_at, trained = _fake_trainer(best_lr)
@@ -118,7 +118,7 @@ def test_the_grid_grows_beyond_an_edge_until_the_best_lr_is_inside(best_lr, adde
 
 def test_an_arm_left_at_an_edge_resumes_from_its_json_and_trains_only_the_new_lrs():
     train_at, trained = _fake_trainer(2.5e-2)
-    capped = bench_methods.extend_until_inside(train_at, (1e-3, 2e-3, 4e-3))
+    capped = bench_methods.extend_until_inside(train_at, (1e-3, 2e-3, 4e-3), most=2)
     assert capped["edge"] == "high" and capped["added"] == pytest.approx([8e-3, 1.6e-2])
     trained.clear()
     arm = bench_methods.extend_until_inside(train_at, (1e-3, 2e-3, 4e-3), most=4, done=capped)
