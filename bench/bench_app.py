@@ -233,8 +233,8 @@ LEAST, MOST = 5, 3  # the blocks a lesson points at: the least and the most impo
 
 def ablation_token_rows(parent_id: str) -> list[list[object]]:
     """The Blocks page's loss without each block on a few token counts against a reference on ABLATION_REFERENCE
-    tokens: seconds, the rank correlation of the losses with the reference's, and whether the LEAST blocks whose
-    removal costs least and the MOST that cost most are the reference's."""
+    tokens: seconds, the rank correlation of the losses with the reference's, and the LEAST blocks whose removal
+    costs least and the MOST that cost most (the reference's row lists its own)."""
     parent = load_parent(parent_id)
     runs = {tokens: timed(lambda t=tokens: probes.ablate_parent(parent, None, t))
             for tokens in (ABLATION_REFERENCE, *ABLATION_CANDIDATES)}

@@ -100,8 +100,7 @@ def measure(parent: Parent, importance: Any, vals: dict[int, Any], row: dict[str
     for method in row["methods"]:
         start = time.perf_counter()
         try:
-            child = make_child(parent, target, strategy=method, importance=importance, data_id=importance.data,
-                               calib_tokens=tokens).model
+            child = build_child(parent, target, method, importance, tokens)
         except SubcloneError as err:
             out[method] = {"refused": str(err)}
             continue
@@ -114,6 +113,13 @@ def measure(parent: Parent, importance: Any, vals: dict[int, Any], row: dict[str
             keep[method] = child
         del child
     return {**{k: v for k, v in row.items() if k != "methods"}, "results": out}
+
+
+def build_child(parent: Parent, target: Shape, method: str, importance: Any, tokens: int) -> Any:
+    """One method's child of the shape, as `make` builds it from the calibration (the step-0 rows and
+    --extend-edges build it alike, so that a rebuilt child trains exactly as the first one did)."""
+    return make_child(parent, target, strategy=method, importance=importance, data_id=importance.data,
+                      calib_tokens=tokens).model
 
 
 def run_parent(parent_id: str, tokens: int, val_tokens: int, ratios: tuple[float, ...], plan: Plan | None,
@@ -539,8 +545,7 @@ def extend_edges(entry: dict, more: int, tokens: int, runs: Path) -> dict:
     trainer = row_trainer(parent, training, Plan(**training["plan"]), runs)
     arms = dict(training["arms"])
     for method in edged:
-        model = make_child(parent, target, strategy=method, importance=importance, data_id=importance.data,
-                           calib_tokens=tokens).model
+        model = build_child(parent, target, method, importance, tokens)
         arm = arms[method]
         arms[method] = extend_until_inside(trainer(method, model), tuple(arm["start_grid"]),
                                            len(arm["added"]) + more, done=arm)
