@@ -4,6 +4,7 @@ helpers, the command-line flags they have in common, and section updates of docs
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -104,9 +105,24 @@ def replace_marked(path: Path, name: str, text: str) -> bool:
 
 def render(name: str, **values: Any) -> str:
     """The report template bench/templates/NAME.md filled in with str.format (``{value:.2f}`` works; a literal
-    brace is doubled). The file holds the Markdown exactly as written, one paragraph per line; its final
-    newline is not part of the text."""
+    brace is doubled), or NAME.md.j2 rendered by Jinja where the text loops over rows or depends on the numbers
+    (filters ``f`` = format, ``value`` = fmt_value; ``table`` as below). The file holds the Markdown exactly as
+    written, one paragraph per line; its final newline is not part of the text."""
+    if (TEMPLATES / f"{name}.md.j2").is_file():
+        return _jinja().get_template(f"{name}.md.j2").render(**values).removesuffix("\n")
     return (TEMPLATES / f"{name}.md").read_text().removesuffix("\n").format(**values)
+
+
+@functools.cache
+def _jinja() -> Any:
+    """The templates' Jinja environment: block tags take their own line away, an unknown name is an error."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters.update(f=format, value=fmt_value)
+    env.globals.update(table=table)
+    return env
 
 
 def pyplot() -> Any:
