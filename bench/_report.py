@@ -11,6 +11,7 @@ import platform
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """fn's result, its wall seconds and its CPU seconds (user + system, all threads of this process)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def log_eval_steps(steps: int, count: int) -> tuple[int, ...]:

@@ -1,22 +1,20 @@
-"""The measurements behind docs/REPRODUCTION.md, returned as plain JSON-ready dicts.
-
-Two kinds: analyses of the parent (relative magnitude, single-block removal, neuron-score consistency,
-step-0 losses of children made every way) and training runs (learning-rate sweeps, then every ablation
-at the subcloned child's best learning rate, then a second seed for comparisons too close to call).
-Nothing here writes files or decides verdicts: `_repro_report.py` does that from these dicts.
-"""
+"""The measurements behind docs/REPRODUCTION.md, as JSON-ready dicts: analyses of the parent (relative magnitude,
+single-block removal, neuron-score consistency, step-0 losses of children made every way) and training runs
+(learning-rate sweeps, then every ablation at the subcloned child's best learning rate, then a second seed for
+comparisons too close to call). Nothing here writes files or decides verdicts (`_repro_report.py` does)."""
 
 from __future__ import annotations
 
 import math
 import sys
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import _harness as h
-from bench._harness import Budget
+from bench._harness import Arm, Budget
 from bench._report import spearman
 from subclone_core.analysis.probes import block_ablation, off_diagonal_mean, rank_correlation
 from subclone_core.core.calibration import Importance
@@ -31,25 +29,19 @@ from subclone_core.workflow.children import CALIB_BATCH, CALIB_SEQ_LEN, make_chi
 CALIB_POOL = 4  # a seed's calibration sample is drawn from this many times the budget of training data
 
 
-Arm = h.Arm
-
-
 @dataclass(frozen=True)
 class Study:
-    """The training part for one parent: arms, comparisons (finding -> arms), budget and sweeps."""
+    """One parent's part: its step-0 shapes (the first is trained), budget, arms and comparisons (finding -> arms)."""
 
     key: str
     data_id: str
-    sizes: dict[str, int]
+    shapes: dict[str, dict[str, int]]
     budget: Budget
     eval_at: tuple[int, ...]
     arms: tuple[Arm, ...]
     comparisons: dict[str, tuple[str, ...]]
     close: float  # a gap in best value below this is "too close to call" on one seed
     max_reruns: int  # at most this many arms get a second seed
-
-
-# --- parent analyses ------------------------------------------------------------------------------------
 
 
 def calibrate_seed(parent: Parent, data_id: str, tokens: int, seed: int) -> Importance:
@@ -61,6 +53,7 @@ def calibrate_seed(parent: Parent, data_id: str, tokens: int, seed: int) -> Impo
 
 
 def validation_batches(parent: Parent, data_id: str, tokens: int, images: int) -> list[dict]:
+    """The fixed validation slice of the analyses and step-0 tables."""
     val = make_data(parent, data_id, "validation", seq_len=128, max_tokens=tokens, max_images=images)
     return list(val.batches(8 if parent.task_spec.sequences else 100))
 
@@ -72,8 +65,7 @@ def _rounded(values: torch.Tensor | list[float], digits: int = 5) -> list[float]
 def top_share(scores: torch.Tensor, fraction: float = 0.01) -> float:
     """The share of the total score held by the top ``fraction`` of entries (uniform scores: ``fraction``)."""
     flat = scores.double().flatten().sort(descending=True).values
-    k = max(1, math.ceil(fraction * flat.numel()))
-    return float(flat[:k].sum() / flat.sum().clamp_min(1e-30))
+    return float(flat[:max(1, math.ceil(fraction * flat.numel()))].sum() / flat.sum().clamp_min(1e-30))
 
 
 def analyze_parent(parent: Parent, data_id: str, *, calib_tokens: int, val_tokens: int, val_images: int,
@@ -84,10 +76,12 @@ def analyze_parent(parent: Parent, data_id: str, *, calib_tokens: int, val_token
     blocks = first.residual_block  # (L, D): the mean |block output| per residual neuron
     layers = blocks.shape[0]
     corr = rank_correlation(blocks)
-    pairs = _scatter_pairs(layers)
+    # an early block against the middle one, the middle one against a late one
+    mid, early, late = layers // 2, min(1, layers - 1), max(layers - 2, 0)
+    pairs = [(early, mid), (mid, late)] if layers > 2 else [(0, layers - 1)]
     print(f"[{parent.id}] single-block removal over {layers} blocks", file=sys.stderr, flush=True)
     ablation = block_ablation(parent.model, validation_batches(parent, data_id, val_tokens, val_images))
-    out = {
+    return {
         "layers": layers,
         "calib_tokens": first.tokens,
         "rel_magnitude": {str(s): _rounded(imp.rel_magnitude) for s, imp in importances.items()},
@@ -105,18 +99,7 @@ def analyze_parent(parent: Parent, data_id: str, *, calib_tokens: int, val_token
         "residual_dims": int(first.residual.numel()),
         "seed_agreement": (spearman(importances[seeds[0]].residual, importances[seeds[-1]].residual)
                            if len(seeds) > 1 else None),
-    }
-    return out, importances
-
-
-def _scatter_pairs(layers: int) -> list[tuple[int, int]]:
-    """Pairs of blocks to scatter: an early one against the middle one, the middle one against a late one."""
-    mid = layers // 2
-    early, late = min(1, layers - 1), max(layers - 2, 0)
-    return [(early, mid), (mid, late)] if layers > 2 else [(0, layers - 1)]
-
-
-# --- step-0 losses --------------------------------------------------------------------------------------
+    }, importances
 
 
 def step0_table(parent: Parent, importances: dict[int, Importance], shapes: dict[str, dict[str, int]],
@@ -137,74 +120,55 @@ def step0_table(parent: Parent, importances: dict[int, Importance], shapes: dict
     return rows
 
 
-# --- training -------------------------------------------------------------------------------------------
-
-
 def run_study(parent: Parent, study: Study, importances: dict[int, Importance], seeds: tuple[int, ...],
-              runs_dir: Any) -> dict[str, Any]:
+              runs_dir: Path) -> dict[str, Any]:
     """Sweep, ablate, and rerun close comparisons with the second seed; curves of every chosen run."""
-    run = _StudyRun(parent, study, importances, runs_dir)
-    first = seeds[0]
-    _, _, child_lr = h.sweep_then_rest(study.arms, lambda arms, lr_of, tag: run.train(
-        [a.name for a in arms], lr_of, first, tag), run.metric, "ablations")
-    reruns = _close_arms(run.chosen, study, run.metric, first) if len(seeds) > 1 else []
-    if reruns:
-        run.train(reruns, {n: (run.chosen[n][str(first)]["lr"],) for n in reruns}, seeds[1], "second seed")
-    return {"metric": run.metric, "shape": run.target.as_dict(),
-            "budget": {**asdict(study.budget), "eval_at": list(study.eval_at)}, "child_lr": child_lr,
-            "sweep": run.sweep, "runs": run.chosen, "reruns": reruns,
-            "comparisons": {k: list(v) for k, v in study.comparisons.items()},
-            "labels": {a.name: a.label for a in study.arms}, "swept": {a.name: a.lrs for a in study.arms if a.lrs},
-            "speedups": _speedups(run.chosen, run.metric), "close": study.close}
+    metric, first = parent.task_spec.metric, seeds[0]
+    target = plan_shape(parent.model, **next(iter(study.shapes.values())))
+    train_data, val_data = study.budget.splits(parent, study.data_id)
+    config = study.budget.config(len(val_data), eval_at=study.eval_at)
+    sweep: list[dict[str, Any]] = []  # every run
+    chosen: dict[str, dict[str, dict]] = {}  # arm -> str(seed) -> its chosen run (JSON keys are strings)
 
-
-class _StudyRun:
-    """The data, child shape and training settings of one study, and every run trained so far."""
-
-    def __init__(self, parent: Parent, study: Study, importances: dict[int, Importance], runs_dir: Any) -> None:
-        self.parent, self.study, self.importances, self.runs_dir = parent, study, importances, runs_dir
-        self.metric = parent.task_spec.metric
-        self.target = plan_shape(parent.model, **study.sizes)
-        self.train_data, self.val_data = study.budget.splits(parent, study.data_id)
-        self.config = study.budget.config(len(self.val_data), eval_at=study.eval_at)
-        self.arms = {a.name: a for a in study.arms}
-        self.sweep: list[dict[str, Any]] = []
-        self.chosen: dict[str, dict[str, dict]] = {}  # arm -> str(seed) -> run summary (JSON keys are strings)
-
-    def train(self, names: list[str], lr_of: dict[str, tuple[float, ...]], seed: int, tag: str) -> dict[str, Any]:
-        """Train the named arms side by side, one candidate per lr, and keep each arm's best run; returns the runs."""
+    def train(arms: list[Arm], lr_of: dict[str, tuple[float, ...]], seed: int, tag: str) -> dict[str, Any]:
+        """The arms side by side, one candidate per lr; each arm's chosen run by the library's rule."""
         cands = []
-        for name in names:
-            arm = self.arms[name]
-            child = make_child(self.parent, self.target, strategy=arm.strategy, importance=self.importances[seed],
-                               seed=seed, **arm.options).model
-            cands += arm.candidates(child, lr_of[name])
-        tag_ = f"{self.study.key} {tag}"
-        results = h.train(cands, self.train_data, self.val_data, replace(self.config, seed=seed), tag_,
-                          self.runs_dir / f"{self.study.key}-{tag}.jsonl")
-        chosen = h.best_runs(results, self.metric)  # the library's rule, as every sweep of the benchmarks
-        for name in names:
-            self._record(name, [r for n, r in results.items() if candidate_of(n) == name], seed, chosen.get(name))
-        return results
-
-    def _record(self, name: str, runs: list[Any], seed: int, chosen: Any) -> None:
-        """Every run of one arm into the sweep table, and its chosen run (if any) as the arm's run of the seed."""
-        for r in runs:
-            self.sweep.append({"arm": name, "seed": seed, **h.pick(h.facts(r, self.metric), "lr", "weight_decay",
-                                                                   "status", "best", "final")})
-        if chosen is not None:
-            f = h.facts(chosen, self.metric)
-            self.chosen.setdefault(name, {})[str(seed)] = {
+        for arm in arms:
+            child = make_child(parent, target, strategy=arm.strategy, importance=importances[seed], seed=seed,
+                               **arm.options)
+            cands += arm.candidates(child.model, lr_of[arm.name])
+        results = h.train(cands, train_data, val_data, replace(config, seed=seed), f"{study.key} {tag}",
+                          runs_dir / f"{study.key}-{tag}.jsonl")
+        sweep.extend({"arm": candidate_of(n), "seed": seed, **h.pick(h.facts(r, metric), "lr", "weight_decay",
+                                                                     "status", "best", "final")}
+                     for n, r in results.items())
+        for name, run in h.best_runs(results, metric).items():
+            f = h.facts(run, metric)
+            chosen.setdefault(name, {})[str(seed)] = {
                 **h.pick(f, "lr", "weight_decay", "status", "curve", "start", "final", "best"),
                 "throughput": round(f["throughput"], 1), "unit": f["unit"]}
+        return results
+
+    _, _, child_lr = h.sweep_then_rest(study.arms, lambda arms, lr_of, tag: train(arms, lr_of, first, tag), metric,
+                                       "ablations")
+    reruns = _close_arms(chosen, study, metric, first) if len(seeds) > 1 else []
+    if reruns:
+        arms = {a.name: a for a in study.arms}
+        train([arms[n] for n in reruns], {n: (chosen[n][str(first)]["lr"],) for n in reruns}, seeds[1], "second seed")
+    return {"metric": metric, "shape": target.as_dict(),
+            "budget": {**asdict(study.budget), "eval_at": list(study.eval_at)}, "child_lr": child_lr,
+            "sweep": sweep, "runs": chosen, "reruns": reruns,
+            "comparisons": {k: list(v) for k, v in study.comparisons.items()},
+            "labels": {a.name: a.label for a in study.arms}, "swept": {a.name: a.lrs for a in study.arms if a.lrs},
+            "speedups": _speedups(chosen, metric), "close": study.close, "shape_key": next(iter(study.shapes))}
 
 
 def _close_arms(chosen: dict, study: Study, metric: str, seed: int) -> list[str]:
     """Arms of comparisons whose two best arms differ by less than ``study.close``, closest first."""
-    higher = HIGHER_IS_BETTER[metric]
     gaps, seed = [], str(seed)
     for names in study.comparisons.values():
-        values = sorted((chosen[n][seed]["best"] for n in names if seed in chosen.get(n, {})), reverse=higher)
+        values = sorted((chosen[n][seed]["best"] for n in names if seed in chosen.get(n, {})),
+                        reverse=HIGHER_IS_BETTER[metric])
         if len(values) >= 2 and abs(values[0] - values[1]) < study.close:
             gaps.append((abs(values[0] - values[1]), names))
     out: list[str] = []
@@ -217,13 +181,11 @@ def _close_arms(chosen: dict, study: Study, metric: str, seed: int) -> list[str]
 
 def _speedups(chosen: dict, metric: str) -> dict[str, dict[str, Any]]:
     """Per seed, every arm's speedup over random init of the same seed (random init's best as target)."""
-    higher = HIGHER_IS_BETTER[metric]
     out: dict[str, dict[str, Any]] = {}
     for name, by_seed in chosen.items():
         for seed, run in by_seed.items():
             base = chosen.get("random", {}).get(seed)
-            if name == "random" or base is None:
-                continue
-            result = speedup(base["curve"], run["curve"], higher_is_better=higher)
-            out.setdefault(name, {})[str(seed)] = result.to_dict()
+            if name != "random" and base is not None:
+                result = speedup(base["curve"], run["curve"], higher_is_better=HIGHER_IS_BETTER[metric])
+                out.setdefault(name, {})[str(seed)] = result.to_dict()
     return out

@@ -1,57 +1,67 @@
-"""docs/REPRODUCTION.md from the measurements: per finding, the paper's claim, what was measured, a verdict.
-
-Verdicts are computed from the numbers by the rules stated next to each one, never written by hand:
-"holds" (every test of the rule passes), "holds partly" (some do), "does not hold" (none do), "within noise"
-(a tie, or the two seeds disagree), or, for what the paper leaves open, which option won here.
+"""docs/REPRODUCTION.md and its figures from the measurements: per finding, the paper's claim, what was measured
+and a verdict computed from the numbers by the rule stated next to each one: "holds" (every test of the rule
+passes), "holds partly" (some do), "does not hold" (none do), "within noise" (a tie, or the two seeds disagree),
+or, for what the paper leaves open, which option won here. The prose and tables: bench/templates/repro*.md.j2.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from bench._report import PAPER_SPEEDUP, TEMPLATES, table
-from bench._report import fmt_value as fmt
+from bench._report import PAPER_SPEEDUP, TEMPLATES, finish, panels, save_figure
 from bench._report import render as render_template
 from bench.bench_budget import lr_picks
+from subclone_core.training.sweep import grid_edge
 
 HOLDS, PARTLY, FAILS, NOISE = "holds", "holds partly", "does not hold", "within noise"
 UNMEASURABLE = "not measurable with fewer than 3 blocks"
 TIE = {"loss": 0.01, "accuracy": 0.002}  # best values closer than this count as a tie (0.2% = 1 of 500 images)
+PART_NAMES = {"lm": "language model", "lm-budget": "language model, longer budget", "vit": "ViT"}
+# (number, title, the paper's claim, figure, parts) per finding, one a line in bench/templates/repro_findings.md
+FINDINGS = [(number, title, claim, figure, tuple(parts.split(","))) for number, title, figure, parts, claim in
+            (line.split(" | ", 4) for line in (TEMPLATES / "repro_findings.md").read_text().splitlines() if line)]
 
 
-# --- small helpers --------------------------------------------------------------------------------------
+def found(verdict: str, kind: str, **facts: Any) -> dict[str, str]:
+    """A finding's verdict, and its text: the ``kind`` paragraph of bench/templates/repro_measured.md.j2."""
+    return {"verdict": verdict, "text": render_template("repro_measured", kind=kind, **facts)}
+
+
+def grade(tests: list[bool]) -> str:
+    """holds when every test passes, holds partly when some do, does not hold when none do."""
+    return HOLDS if all(tests) else PARTLY if any(tests) else FAILS
 
 
 def better(a: float, b: float, metric: str) -> bool:
+    """Whether value ``a`` beats ``b`` (higher accuracy, lower loss)."""
     return a > b if metric == "accuracy" else a < b
 
 
-def num(value: float | None) -> str:
-    """A learning rate or weight decay, or "-" when there is none."""
-    return "-" if value is None else f"{value:g}"
+def winner(values: dict[Any, float | None], metric: str) -> Any:
+    """The key of the best value (None when there is none)."""
+    known = {k: v for k, v in values.items() if v is not None}
+    return (max if metric == "accuracy" else min)(known, key=known.get) if known else None
+
+
+def argmin(values: list[float]) -> int:
+    """The index of the lowest value (the first of equals)."""
+    return min(range(len(values)), key=values.__getitem__)
 
 
 def middle_and_outer(layers: int) -> tuple[list[int], list[int]]:
     """The middle half of the blocks, and the first and last quarters (at least the first and last block)."""
     lo, hi = max(1, layers // 4), layers - max(1, layers // 4)
-    middle = list(range(lo, hi))
-    return middle, [i for i in range(layers) if i not in middle]
-
-
-def step0_seeds(part: dict, shape: str, arm: str, metric: str) -> list[float]:
-    """An arm's step-0 values on one shape, one per calibration seed."""
-    return [r[metric] for r in part["step0"] if r["shape"] == shape and r["arm"] == arm]
+    return list(range(lo, hi)), [i for i in range(layers) if not lo <= i < hi]
 
 
 def step0_value(part: dict, shape: str, arm: str, metric: str) -> float | None:
     """An arm's step-0 value on one shape, averaged over the calibration seeds."""
-    values = [v for v in step0_seeds(part, shape, arm, metric) if v is not None]
+    values = [r[metric] for r in part["step0"] if r["shape"] == shape and r["arm"] == arm and r[metric] is not None]
     return mean(values) if values else None
-
-
-def metric_of(part: dict) -> str:
-    return part["training"]["metric"]
 
 
 def trained(part: dict, arm: str) -> dict[str, dict]:
@@ -59,166 +69,81 @@ def trained(part: dict, arm: str) -> dict[str, dict]:
     return part["training"]["runs"].get(arm, {})
 
 
-def best_by_seed(part: dict, arms: tuple[str, ...] | list[str]) -> dict[str, dict[str, float]]:
-    """seed -> {arm: best value} for the seeds in which every listed arm ran."""
-    seeds = set.intersection(*(set(trained(part, a)) for a in arms)) if arms else set()
-    return {s: {a: trained(part, a)[s]["best"] for a in arms} for s in sorted(seeds)}
-
-
-def winner(values: dict[str, float | None], metric: str) -> str | None:
-    known = {k: v for k, v in values.items() if v is not None}
-    return (max if metric == "accuracy" else min)(known, key=known.get) if known else None
-
-
-def clear_winner(values: dict[str, float | None], metric: str) -> str | None:
-    """The best arm, or None when the runner-up is within TIE of it."""
-    ranked = sorted((v for v in values.values() if v is not None), reverse=metric == "accuracy")
-    if len(ranked) > 1 and abs(ranked[0] - ranked[1]) < TIE[metric]:
-        return None
-    return winner(values, metric)
-
-
-def trained_winner(part: dict, arms: tuple[str, ...] | list[str]) -> tuple[str | None, bool, dict]:
-    """The arm with the clearly best trained value in every seed run (None: a tie, or the seeds disagree),
-    whether there were two seeds, and the values per seed."""
-    per_seed = best_by_seed(part, arms)
-    if not per_seed:
-        return None, False, per_seed
-    winners = {clear_winner(v, metric_of(part)) for v in per_seed.values()}
-    return next(iter(winners)) if len(winners) == 1 else None, len(per_seed) > 1, per_seed
-
-
-def label(part: dict, arm: str) -> str:
-    return part["training"]["labels"].get(arm, arm)
-
-
-def seeds_text(part: dict, per_seed: dict[str, dict[str, float]]) -> str:
-    m = metric_of(part)
-    return "; ".join(f"seed {s}: " + ", ".join(f"{a} {fmt(v, m)}" for a, v in vals.items())
-                     for s, vals in per_seed.items())
+def trained_winner(part: dict, arms: tuple[str, ...]) -> tuple[str | None, bool, dict]:
+    """The arm clearly best (the runner-up not within TIE) after training in every seed that ran them all (None: a
+    tie, or the seeds disagree), whether there were two seeds, and seed -> {arm: best value}."""
+    metric = part["training"]["metric"]
+    per_seed = {s: {a: trained(part, a)[s]["best"] for a in arms}
+                for s in sorted(set.intersection(*(set(trained(part, a)) for a in arms)))}
+    winners = set()
+    for values in per_seed.values():
+        ranked = sorted((v for v in values.values() if v is not None), reverse=metric == "accuracy")
+        winners.add(None if len(ranked) > 1 and abs(ranked[0] - ranked[1]) < TIE[metric] else winner(values, metric))
+    return (next(iter(winners)) if len(winners) == 1 else None), len(per_seed) > 1, per_seed
 
 
 # --- findings -------------------------------------------------------------------------------------------
 
 
 def finding_magnitude(part: dict) -> dict[str, str]:
-    """1. Relative magnitude is lowest in the middle blocks.
-
-    Tests: the middle half's mean is below the first and last quarters' mean; the lowest block is in the middle half.
-    """
+    """1. Relative magnitude is lowest in the middle blocks. Tests: the middle half's mean is below the first and
+    last quarters' mean; the lowest block is in the middle half."""
     a = part["analysis"]
     rel = next(iter(a["rel_magnitude"].values()))
     middle, outer = middle_and_outer(a["layers"])
     if not middle:
-        return {"verdict": UNMEASURABLE, "text": f"relative magnitude per block: {', '.join(f'{r:.3f}' for r in rel)}."}
-    lowest = min(range(len(rel)), key=rel.__getitem__)
-    mid, out = mean(rel[i] for i in middle), mean(rel[i] for i in outer)
-    tests = [mid < out, lowest in middle]
-    verdict = HOLDS if all(tests) else PARTLY if any(tests) else FAILS
-    argmins = sorted({min(range(len(r)), key=r.__getitem__) for r in a["rel_magnitude"].values()})
-    text = (f"lowest at block {lowest} ({rel[lowest]:.3f}) of 0-{a['layers'] - 1}; middle-half mean {mid:.3f} "
-            f"against {out:.3f} for the first and last quarters; first block {rel[0]:.3f}, last {rel[-1]:.3f}. "
-            f"Lowest block per calibration seed: {', '.join(map(str, argmins))}.")
-    return {"verdict": verdict, "text": text}
+        return found(UNMEASURABLE, "magnitude-few", rel=rel)
+    lowest, mid, out = argmin(rel), mean(rel[i] for i in middle), mean(rel[i] for i in outer)
+    return found(grade([mid < out, lowest in middle]), "magnitude", rel=rel, lowest=lowest, mid=mid, out=out,
+                 layers=a["layers"], argmins=sorted({argmin(r) for r in a["rel_magnitude"].values()}))
 
 
 def finding_removal(part: dict) -> dict[str, str]:
-    """2. Removing a middle block hurts the untrained parent least.
-
-    Tests: removing a middle-half block costs less on average than an outer one; the cheapest block is in the middle.
-    """
-    a = part["analysis"]
-    abl = a["ablation"]
+    """2. Removing a middle block hurts the untrained parent least. Tests: removing a middle-half block costs less
+    on average than an outer one; the cheapest block is in the middle."""
+    a, abl = part["analysis"], part["analysis"]["ablation"]
     image = "accuracies" in abl
     values, base = (abl["accuracies"], abl["base_accuracy"]) if image else (abl["losses"], abl["base"])
-    metric = "accuracy" if image else "loss"
     cost = [(base - v) if image else (v - base) for v in values]  # larger = removal hurts more
     middle, outer = middle_and_outer(a["layers"])
+    metric, scale = ("accuracy", 100) if image else ("loss", 1)  # accuracy costs in points
     if not middle:
-        return {"verdict": UNMEASURABLE, "text": f"intact parent {fmt(base, metric)}; without each block: "
-                f"{', '.join(fmt(v, metric) for v in values)}."}
-    cheapest = min(range(len(cost)), key=cost.__getitem__)
-    mid, out = mean(cost[i] for i in middle), mean(cost[i] for i in outer)
-    tests = [mid < out, cheapest in middle]
-    verdict = HOLDS if all(tests) else PARTLY if any(tests) else FAILS
-    unit = "accuracy points" if image else "loss"
-    scale = 100 if image else 1
-    text = (f"intact parent {fmt(base, metric)}; removing block {cheapest} costs least ({cost[cheapest] * scale:+.2f} "
-            f"{unit}); mean cost of a middle-half block {mid * scale:+.2f} against {out * scale:+.2f} for the first and "
-            f"last quarters; removing the first block costs {cost[0] * scale:+.2f}, the last {cost[-1] * scale:+.2f}. "
-            f"Rank correlation of relative magnitude with removal loss: {a['magnitude_vs_removal_spearman']:+.2f}.")
-    return {"verdict": verdict, "text": text}
+        return found(UNMEASURABLE, "removal-few", metric=metric, base=base, values=values)
+    cheapest, mid, out = argmin(cost), mean(cost[i] for i in middle), mean(cost[i] for i in outer)
+    return found(grade([mid < out, cheapest in middle]), "removal", metric=metric, base=base, cheapest=cheapest,
+                 cost=[c * scale for c in cost], mid=mid * scale, out=out * scale,
+                 unit="accuracy points" if image else "loss", spearman=a["magnitude_vs_removal_spearman"])
 
 
 def finding_consistency(part: dict) -> dict[str, str]:
-    """3. Neuron importance is consistent across blocks, and a few neurons dominate.
-
-    Tests: mean Spearman correlation between blocks >= 0.5; the top 1% of residual neurons hold >= 5% of the score.
-    """
+    """3. Neuron importance is consistent across blocks, and a few neurons dominate. Tests: mean Spearman
+    correlation between blocks >= 0.5; the top 1% of residual neurons hold >= 5% of the score."""
     a = part["analysis"]
-    corr, top = a["rank_corr_off_diagonal"], a["residual_top1_share"]
-    consistent, dominant = corr >= 0.5, top >= 0.05
-    verdict = HOLDS if consistent and dominant else PARTLY if consistent or dominant else FAILS
-    pairs = ", ".join(f"blocks {s['a']} vs {s['b']}: {s['spearman']:.2f}" for s in a["scatter"])
-    agreement = (f" The shared ranking from two calibration samples agrees at {a['seed_agreement']:.3f} (Spearman)."
-                 if a.get("seed_agreement") is not None else "")
-    text = (f"mean Spearman rank correlation of residual-neuron scores between two different blocks {corr:.2f} "
-            f"(adjacent blocks {a['rank_corr_adjacent']:.2f}; {pairs}). The top 1% of the {a['residual_dims']} "
-            f"residual neurons hold {top:.1%} of the total score (uniform would be 1%); per block, the top 1% of "
-            f"FFN neurons hold {a['ffn_top1_share']:.1%}.{agreement}")
-    return {"verdict": verdict, "text": text}
-
-
-def _step0_pair(part: dict, a: str, b: str) -> list[tuple[str, float | None, float | None]]:
-    m = metric_of(part)
-    return [(shape, step0_value(part, shape, a, m), step0_value(part, shape, b, m)) for shape in part["step0_shapes"]]
-
-
-def pair_finding(part: dict, claimed: str, other: str) -> tuple[str, str]:
-    """Tests: the claimed arm is better than the other at step 0 on each shape, and clearly better after training
-    in every seed run (a tie or a split between seeds makes the verdict "within noise")."""
-    m = metric_of(part)
-    s0 = _step0_pair(part, claimed, other)
-    s0_wins = [better(x, y, m) for _, x, y in s0 if x is not None and y is not None]
-    s0_text = "; ".join(f"{shape}: {fmt(x, m)} vs {fmt(y, m)}" for shape, x, y in s0)
-    win, both_seeds, per_seed = trained_winner(part, (claimed, other))
-    train_text = seeds_text(part, per_seed) if per_seed else "not trained"
-    if per_seed and win is None:
-        verdict = NOISE
-    else:
-        tests = [*s0_wins, win == claimed] if per_seed else s0_wins
-        verdict = HOLDS if all(tests) else PARTLY if any(tests) else FAILS
-    seeds = " (two seeds)" if both_seeds else ""
-    text = (f"step 0, {claimed} vs {other}: {s0_text}. Best after training at the "
-            f"{part['training']['shape_key']} shape{seeds}: {train_text}.")
-    return verdict, text
+    return found(grade([a["rank_corr_off_diagonal"] >= 0.5, a["residual_top1_share"] >= 0.05]), "consistency", a=a)
 
 
 def finding_scaling(part: dict) -> dict[str, str]:
-    """4. Scaling by sqrt(d/d') helps."""
+    """4. Scaling by sqrt(d/d') helps. Tests: the scaled child is better at step 0 on each shape, and clearly
+    better after training in every seed run (a tie or a split between seeds makes the verdict "within noise")."""
     scaled, plain = ("scaled", "subclone") if "scaled" in part["training"]["labels"] else ("subclone", "unscaled")
-    verdict, text = pair_finding(part, scaled, plain)
-    return {"verdict": verdict, "text": text}
+    m = part["training"]["metric"]
+    step0 = [(s, step0_value(part, s, scaled, m), step0_value(part, s, plain, m)) for s in part["step0_shapes"]]
+    tests = [better(x, y, m) for _, x, y in step0 if x is not None and y is not None]
+    win, two_seeds, per_seed = trained_winner(part, (scaled, plain))
+    verdict = NOISE if per_seed and win is None else grade([*tests, win == scaled] if per_seed else tests)
+    return found(verdict, "pair", claimed=scaled, other=plain, m=m, step0=step0, two_seeds=two_seeds,
+                 per_seed=per_seed, trained_shape=part["training"]["shape_key"])
 
 
 def finding_reordering(part: dict) -> dict[str, str]:
-    """5. Reordering by importance beats first-k, weight selection and random init.
-
-    Tests: subclone beats each of the three at step 0 on each shape, and is clearly best after training.
-    """
-    m = metric_of(part)
-    others = ("first-k", "uniform", "random")
-    lines, tests = [], []
-    for shape in part["step0_shapes"]:
-        values = {arm: step0_value(part, shape, arm, m) for arm in ("subclone", *others)}
-        tests += [better(values["subclone"], values[o], m) for o in others if values[o] is not None]
-        lines.append(f"{shape}: " + ", ".join(f"{arm} {fmt(v, m)}" for arm, v in values.items()))
-    win, _, per_seed = trained_winner(part, ("subclone", *others))
-    if per_seed:
-        tests.append(win == "subclone")
-    verdict = HOLDS if all(tests) else PARTLY if any(tests) else FAILS
-    text = (f"step 0: {'; '.join(lines)}. Best after training: {seeds_text(part, per_seed) or 'not trained'}.")
-    return {"verdict": verdict, "text": text}
+    """5. Reordering by importance beats first-k, weight selection and random init. Tests: subclone beats each of
+    the three at step 0 on each shape, and is clearly best after training."""
+    m, arms = part["training"]["metric"], ("subclone", "first-k", "uniform", "random")
+    step0 = {s: {arm: step0_value(part, s, arm, m) for arm in arms} for s in part["step0_shapes"]}
+    tests = [better(v["subclone"], v[o], m) for v in step0.values() for o in arms[1:] if v[o] is not None]
+    win, _, per_seed = trained_winner(part, arms)
+    return found(grade(tests + [win == "subclone"] if per_seed else tests), "step0-and-trained", m=m, step0=step0,
+                 per_seed=per_seed)
 
 
 def sweep_values(part: dict, arm: str) -> dict[float, float]:
@@ -227,112 +152,84 @@ def sweep_values(part: dict, arm: str) -> dict[float, float]:
             if r["arm"] == arm and r["seed"] == 0 and r["best"] is not None}
 
 
-def lr_verdict(part: dict) -> tuple[str, str]:
+def lr_verdict(part: dict) -> tuple[str, dict[str, Any]]:
     """Does the child want a lower lr than random init? Random init's good lrs are those within TIE of its best.
 
     holds: the child's best lr is below all of them; holds partly: it is not, but the child is clearly worse
     at the highest lr random init does well with (it cannot take what random init can); else does not hold.
     """
-    m = metric_of(part)
+    m = part["training"]["metric"]
     rnd, child = sweep_values(part, "random"), sweep_values(part, "subclone")
     if not rnd or not child:
-        return FAILS, "a sweep diverged at every lr."
-    best_r = (max if m == "accuracy" else min)(rnd.values())
-    good = sorted(lr for lr, v in rnd.items() if abs(v - best_r) < TIE[m])
-    child_lr = (max if m == "accuracy" else min)(child, key=child.get)
+        return FAILS, {"good": []}
+    good = sorted(lr for lr, v in rnd.items() if abs(v - rnd[winner(rnd, m)]) < TIE[m])
+    child_lr = winner(child, m)
     at_high = child.get(good[-1])
     hurt = at_high is not None and abs(at_high - child[child_lr]) >= TIE[m] and child_lr < good[-1]
     verdict = HOLDS if child_lr < good[0] else PARTLY if hurt else FAILS
-    good_text = " and ".join(f"{lr:g}" for lr in good)
-    text = (f"random init does best at lr {good_text}" + (" (a tie)" if len(good) > 1 else "")
-            + f"; the subcloned child at {child_lr:g}"
-            + (f", and at {good[-1]:g} it drops to {fmt(at_high, m)} from {fmt(child[child_lr], m)}" if hurt else "")
-            + ".")
-    return verdict, text
+    return verdict, {"good": good, "child_lr": child_lr, "hurt": hurt, "at_high": at_high, "at_best": child[child_lr]}
 
 
 def finding_lr(part: dict, high_wd: float) -> dict[str, str]:
-    """6. The subcloned child prefers a low learning rate (and low weight decay)."""
-    t, m = part["training"], metric_of(part)
-    swept = t["swept"]
-    best_lr = {arm: trained(part, arm).get("0", {}).get("lr") for arm in ("random", "subclone")}
-    edge = [arm for arm in ("random", "subclone") if best_lr[arm] is not None and len(swept[arm]) > 1
-            and best_lr[arm] in (min(swept[arm]), max(swept[arm]))]
-    lr_result, lr_said = lr_verdict(part)
+    """6. The subcloned child prefers a low learning rate (lr_verdict) and low weight decay (clearly better than
+    ``high_wd`` in every seed run)."""
+    t, m, swept = part["training"], part["training"]["metric"], ("random", "subclone")
+    best_lr = {arm: trained(part, arm).get("0", {}).get("lr") for arm in swept}
+    lr_result, lr_facts = lr_verdict(part)
     win, _, per_seed = trained_winner(part, ("subclone", "subclone-wd"))
     wd_verdict = NOISE if win is None else HOLDS if win == "subclone" else FAILS
-    verdict = f"learning rate: {lr_result}; weight decay: {wd_verdict}"
-    sweep = "; ".join(f"{arm} lr {lr:g}: {fmt(v, m)}" for arm in ("random", "subclone")
-                      for lr, v in sorted(sweep_values(part, arm).items()))
-    edge_text = (f" The best lr sits at the edge of the sweep for {', '.join(edge)}: a wider sweep could move it."
-                 if edge else "")
-    wd = trained(part, "subclone").get("0", {}).get("weight_decay")
-    child_lr = best_lr["subclone"] or 0.0
     # AdamW's decoupled decay multiplies weights by (1 - lr_t * wd) each step; the cosine averages lr_t to ~lr / 2
-    shrink = 1 - (1 - child_lr / 2 * high_wd) ** t["budget"]["steps"]
-    text = (f"{lr_said} Best {m} per lr, seed 0: {sweep}.{edge_text} Weight decay at the child's lr, {num(wd)} vs "
-            f"{high_wd:g}: {seeds_text(part, per_seed) or 'not trained'}. At this budget and lr, decay {high_wd:g} can "
-            f"shrink the weights by only about {shrink:.2%} in all.")
-    return {"verdict": verdict, "text": text}
+    shrink = 1 - (1 - (best_lr["subclone"] or 0.0) / 2 * high_wd) ** t["budget"]["steps"]
+    return found(f"learning rate: {lr_result}; weight decay: {wd_verdict}", "lr", m=m, **lr_facts,
+                 sweep=[(arm, lr, v) for arm in swept for lr, v in sorted(sweep_values(part, arm).items())],
+                 edge=[arm for arm, lr in best_lr.items() if lr is not None and grid_edge(lr, t["swept"][arm])],
+                 wd=trained(part, "subclone").get("0", {}).get("weight_decay"), high_wd=high_wd,
+                 per_seed=per_seed, shrink=shrink)
 
 
-def open_question(part: dict, options: dict[str, str]) -> dict[str, str]:
-    """Which option wins at step 0 per shape and after training (for what the paper leaves open).
-
-    ``options`` maps each arm to the name of the option it stands for (e.g. "subclone" -> "magnitude").
-    """
-    m, arms = metric_of(part), tuple(options)
-    lines = []
-    step0_winners = []
-    for shape in part["step0_shapes"]:
-        values = {arm: step0_value(part, shape, arm, m) for arm in arms}
-        step0_winners.append(options.get(winner(values, m), "none"))
-        lines.append(f"{shape}: " + ", ".join(f"{options[arm]} {fmt(v, m)}" for arm, v in values.items()))
-    win, _, per_seed = trained_winner(part, arms)
-    named = {s: {options[a]: v for a, v in vals.items()} for s, vals in per_seed.items()}
-    trained_text = seeds_text(part, named) or "not trained"
+def open_question(part: dict, options: dict[str, str], **facts: Any) -> dict[str, str]:
+    """Which option wins at step 0 per shape and after training (for what the paper leaves open); ``options`` maps
+    each arm to the name of the option it stands for (e.g. "subclone" -> "magnitude")."""
+    m = part["training"]["metric"]
+    step0 = {s: {name: step0_value(part, s, arm, m) for arm, name in options.items()} for s in part["step0_shapes"]}
+    step0_winners = [winner(values, m) or "none" for values in step0.values()]
+    win, _, per_seed = trained_winner(part, tuple(options))
     win = options.get(win) if win else None
     if per_seed and win is None:
-        verdict = f"open in the paper; step 0: {', '.join(step0_winners)} (per shape); after training {NOISE}"
+        verdict = f"step 0: {', '.join(step0_winners)} (per shape); after training {NOISE}"
     elif len(set(step0_winners + ([win] if win else []))) == 1:
-        verdict = f"open in the paper; {step0_winners[0]} wins here"
+        verdict = f"{step0_winners[0]} wins here"
     else:
-        verdict = (f"open in the paper; step 0: {', '.join(step0_winners)} (per shape), after training: "
-                   f"{win or 'none'}")
-    return {"verdict": verdict, "text": f"step 0: {'; '.join(lines)}. Best after training: {trained_text}."}
+        verdict = f"step 0: {', '.join(step0_winners)} (per shape), after training: {win or 'none'}"
+    per_seed = {s: {options[a]: v for a, v in values.items()} for s, values in per_seed.items()}
+    return found(f"open in the paper; {verdict}", "step0-and-trained", m=m, step0=step0, per_seed=per_seed, **facts)
 
 
-def removed_text(part: dict, options: dict[str, str]) -> str:
-    """The blocks each policy removed for the trained shape, per calibration seed, where the seeds differ."""
-    shape = part["training"]["shape_key"]
-    lines = []
-    for arm, name in options.items():
+def finding_block_policy(part: dict) -> dict[str, str]:
+    """7. (open) Which blocks to drop: the lowest relative magnitude, a middle span, or all but the first N; with
+    the blocks each policy removed at the trained shape (once, or per calibration seed where the seeds differ)."""
+    policies = {"subclone": "magnitude", "middle": "middle span", "first-blocks": "first N"}
+    shape, removed = part["training"]["shape_key"], {}
+    for arm, name in policies.items():
         by_seed = {r["seed"]: r["removed_blocks"] for r in part["step0"] if r["arm"] == arm and r["shape"] == shape}
-        choices = {tuple(v or ()) for v in by_seed.values()}
-        if len(choices) == 1:
-            lines.append(f"{name} removes {_blocks(next(iter(by_seed.values())))}")
-        else:
-            lines.append(f"{name} removes " + " or ".join(f"{_blocks(v)} (calibration seed {k})" for k, v in by_seed.items()))
-    return f"Blocks removed at the {shape} shape: " + "; ".join(lines) + "."
+        same = len({tuple(v or ()) for v in by_seed.values()}) == 1
+        removed[name] = [(next(iter(by_seed.values())), None)] if same else [(v, s) for s, v in by_seed.items()]
+    return open_question(part, policies, removed=removed, trained_shape=shape)
+
+
+def finding_tied_head(part: dict) -> dict[str, str]:
+    """8. (open) With scaling on: the head tied to the embedding (unscaled), or untied and scaled."""
+    return open_question(part, {"scaled": "tied unscaled head", "scaled-untied": "untied scaled head"})
 
 
 def finding_headline(part: dict) -> dict[str, str]:
     """9. The subcloned child reaches random init's best far sooner. Test per seed: a speedup of at least 4x."""
-    sp = part["training"]["speedups"].get("subclone", {})
-    if not sp:
-        return {"verdict": FAILS, "text": "no speedup: the subcloned child or random init did not train."}
-    holds = [v["ratio"] is not None and v["ratio"] >= PAPER_SPEEDUP for v in sp.values()]
-    verdict = HOLDS if all(holds) else PARTLY if any(holds) else FAILS
-    t = part["training"]
-    m = metric_of(part)
-    rnd = trained(part, "random").get("0", {})
-    child = trained(part, "subclone").get("0", {})
-    text = (f"head start at a short budget ({t['shape_key']} child): speedup to random init's best {m} "
-            f"({fmt(rnd.get('best'), m)} in {t['budget']['steps']} steps): "
-            + "; ".join(f"seed {s}: **{v['text']}**" for s, v in sp.items())
-            + f". The child starts at {fmt(child.get('start'), m)} (random init {fmt(rnd.get('start'), m)}) and ends at "
-            f"{fmt(child.get('final'), m)}.")
-    return {"verdict": verdict, "text": text}
+    speedups = part["training"]["speedups"].get("subclone", {})
+    if not speedups:
+        return found(FAILS, "headline-none")
+    return found(grade([v["ratio"] is not None and v["ratio"] >= PAPER_SPEEDUP for v in speedups.values()]),
+                 "headline", t=part["training"], m=part["training"]["metric"], speedups=speedups,
+                 rnd=trained(part, "random").get("0", {}), child=trained(part, "subclone").get("0", {}))
 
 
 def finding_budget(budget: dict) -> dict[str, str]:
@@ -341,15 +238,12 @@ def finding_budget(budget: dict) -> dict[str, str]:
     Test: at least 4x holds; faster than random init but under 4x holds partly."""
     rows = budget["at_drop"].get("subclone") or []
     if not rows:
-        return {"verdict": FAILS, "text": "no level to compare at: random init never improved on its first evaluation."}
-    early, final = rows[0], rows[-1]
-    speedup = final["speedup"]
+        return found(FAILS, "budget-none")
+    speedup = rows[-1]["speedup"]
     verdict = FAILS if speedup is None or speedup <= 1 else HOLDS if speedup >= PAPER_SPEEDUP else PARTLY
-    text = render_template("repro_budget", tokens=budget["random_tokens"] / 1e6, size=budget["size"],
-                           lrs=_lr_text(budget), final_loss=fmt(final["loss"], "loss"), final=final["text"],
-                           early_loss=fmt(early["loss"], "loss"), early=early["text"], seeds=_seed_text(budget),
-                           child_end=fmt(budget["arms"]["subclone"]["val_loss"][-1], "loss"), paper=PAPER_SPEEDUP)
-    return {"verdict": verdict, "text": text}
+    spread = [r for r in budget.get("seed_spread", []) if r["fraction"] == 1.0 and r["shape"] == "aggressive"]
+    return found(verdict, "budget", b=budget, early=rows[0], final=rows[-1], lrs=_lr_text(budget), spread=spread,
+                 stages=budget.get("stages", {}), paper=PAPER_SPEEDUP)
 
 
 def _lr_text(budget: dict) -> str:
@@ -357,32 +251,6 @@ def _lr_text(budget: dict) -> str:
     (rates as sweeps name them: 2.5e-4, not a rounded 3e-04)."""
     picks = lr_picks(budget)
     return f", each arm at its best lr at this budget: {'; '.join(picks)}" if picks else ""
-
-
-def _seed_text(budget: dict) -> str:
-    """" Seed 1 (its own shorter run, at its final loss L): X (seed 0 at L: Y)." or "" without a second seed."""
-    rows = [r for r in budget.get("seed_spread", []) if r["fraction"] == 1.0 and r["shape"] == "aggressive"]
-    stages = budget.get("stages", {})
-    return "".join(f" Seed {r['seed']} ({stages[r['stage']]['tokens'] / 1e3:.0f}k tokens, at its random init's final "
-                   f"loss {fmt(r['loss'], 'loss')}): {r['text']} (seed 0 at that loss: {r['text_seed0']})." for r in rows)
-
-
-# (number, title, the paper's claim, figure, parts) per finding, one a line in bench/templates/repro_findings.md
-FINDINGS = [(number, title, claim, figure, tuple(parts.split(","))) for number, title, figure, parts, claim in
-            (line.split(" | ", 4) for line in (TEMPLATES / "repro_findings.md").read_text().splitlines() if line)]
-
-
-def finding_block_policy(part: dict) -> dict[str, str]:
-    """7. (open) Which blocks to drop: the lowest relative magnitude, a middle span, or all but the first N."""
-    policies = {"subclone": "magnitude", "middle": "middle span", "first-blocks": "first N"}
-    found = open_question(part, policies)
-    found["text"] += " " + removed_text(part, policies)
-    return found
-
-
-def finding_tied_head(part: dict) -> dict[str, str]:
-    """8. (open) With scaling on: the head tied to the embedding (unscaled), or untied and scaled."""
-    return open_question(part, {"scaled": "tied unscaled head", "scaled-untied": "untied scaled head"})
 
 
 def evaluate_findings(results: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
@@ -395,133 +263,125 @@ def evaluate_findings(results: dict[str, Any]) -> dict[tuple[str, str], dict[str
             for number, _, _, _, parts in FINDINGS for key in parts if results.get(key) is not None}
 
 
-# --- tables ---------------------------------------------------------------------------------------------
-
-
-def step0_markdown(part: dict) -> str:
-    m = metric_of(part)
-    arms = list(dict.fromkeys(r["arm"] for r in part["step0"]))
-    shapes = list(part["step0_shapes"])
-    rows = []
-    for arm in arms:
-        cells = []
-        for shape in shapes:
-            values = step0_seeds(part, shape, arm, m)
-            cells.append(" / ".join(fmt(v, m) for v in values))
-        removed = next((r["removed_blocks"] for r in part["step0"] if r["arm"] == arm and r["shape"] == shapes[0]), [])
-        rows.append([label(part, arm), *cells, _blocks(removed)])
-    header = ["initialization", *[f"{s}: step-0 {m} (seed {' / '.join(map(str, sorted({r['seed'] for r in part['step0']})))})"
-                                  for s in shapes], f"blocks removed ({shapes[0]})"]
-    return table(header, rows)
-
-
-def _blocks(blocks: list[int] | None) -> str:
-    return ", ".join(map(str, blocks)) if blocks else "-"
-
-
-def training_markdown(part: dict) -> str:
-    t, m = part["training"], metric_of(part)
-    rows = []
-    for arm, by_seed in t["runs"].items():
-        for seed, run in by_seed.items():
-            sp = t["speedups"].get(arm, {}).get(seed, {}).get("text", "baseline" if arm == "random" else "-")
-            rows.append([label(part, arm), seed, f"{run['lr']:g}", f"{run['weight_decay']:g}", fmt(run["start"], m),
-                         fmt(run["best"], m), fmt(run["final"], m), sp, f"{run['throughput']:.0f} {run['unit']}"])
-    return table(["initialization", "seed", "lr", "weight decay", f"step-0 {m}", f"best {m}", f"final {m}",
-                  "speedup vs random init", "throughput"], rows)
-
-
-def sweep_markdown(part: dict) -> str:
-    m = metric_of(part)
-    rows = [[r["arm"], r["seed"], f"{r['lr']:g}", f"{r['weight_decay']:g}", fmt(r["best"], m), fmt(r["final"], m),
-             r["status"]] for r in part["training"]["sweep"]]
-    return table(["run", "seed", "lr", "weight decay", f"best {m}", f"final {m}", "status"], rows)
-
-
-def ablation_markdown(part: dict) -> str:
-    a = part["analysis"]
-    abl = a["ablation"]
-    rel = next(iter(a["rel_magnitude"].values()))
-    image = "accuracies" in abl
-    rows = [[i, f"{rel[i]:.3f}", f"{a['one_minus_cos'][i]:.3f}", fmt(abl["losses"][i]),
-             fmt(abl["accuracies"][i], "accuracy") if image else ""] for i in range(a["layers"])]
-    header = ["block", "relative magnitude", "1 - cos", "loss without it", "accuracy without it" if image else ""]
-    if not image:
-        rows = [r[:-1] for r in rows]
-        header = header[:-1]
-    return table(header, rows)
-
-
-# --- the document ---------------------------------------------------------------------------------------
-
-PART_NAMES = {"lm": "language model", "lm-budget": "language model, longer budget", "vit": "ViT"}
-
-
 def render(results: dict[str, Any], figures: str) -> str:
     """The whole report as Markdown; ``figures`` is the plots' folder relative to the report."""
-    found = evaluate_findings(results)
+    verdicts = evaluate_findings(results)
+    findings = [{"number": n, "title": title, "claim": claim, "figure": figure,
+                 "parts": [(PART_NAMES[k], verdicts[(n, k)]) for k in keys if (n, k) in verdicts]}
+                for n, title, claim, figure, keys in FINDINGS]
     parts = {k: results[k] for k in ("lm", "vit") if results.get(k)}
-    head = render_template("repro_header", **{"load_average_end": float("nan"), **results})
-    out = [head, "## Summary", summary_table(found), names(parts)]
-    for number, title, claim, fig, part_keys in FINDINGS:
-        out.append(f"## {number}. {title}")
-        out.append(f"**Paper:** {claim}")
-        for key in part_keys:
-            if (number, key) in found:
-                f = found[(number, key)]
-                out.append(f"**{PART_NAMES[key]}**: {f['text']} **Verdict: {f['verdict']}.**")
-        out.append(f"![{title}]({figures}/{fig}.png)")
-        out.extend(extra_tables(number, parts))
-    out.append(settings(results, parts))
-    return "\n\n".join(out) + "\n"
+    return render_template("repro", **{"load_average_end": float("nan"), **results}, findings=findings, parts=parts,
+                           figures=figures, part_names=PART_NAMES) + "\n"
 
 
-def names(parts: dict) -> str:
-    """What the short names in the findings stand for."""
-    lines = []
-    for key, part in parts.items():
-        labels = part["training"]["labels"]
-        lines.append(f"Names, {PART_NAMES[key]}: " + "; ".join(f"`{n}` = {text}" for n, text in labels.items()) + ".")
-    return "\n\n".join(lines)
+# --- figures --------------------------------------------------------------------------------------------
+
+DPI = 72
+CURVES = {"scaling": "scaling on / off", "reordering": "neuron order", "block-policy": "which blocks to drop",
+          "tied-head": "tied or untied head", "headline": "subclone vs random init"}  # comparison -> title
 
 
-def summary_table(found: dict) -> str:
-    rows = []
-    for number, title, _, _, part_keys in FINDINGS:
-        for key in part_keys:
-            if (number, key) in found:
-                rows.append([number, title, PART_NAMES[key], found[(number, key)]["verdict"]])
-    return table(["#", "finding", "model", "verdict"], rows)
+def draw_all(results: dict[str, Any], folder: Path) -> None:
+    """Every figure the report links (one small PNG per finding), into ``folder``."""
+    parts = [(k, results[k]) for k in ("lm", "vit") if results.get(k)]
+    _figure(folder / "rel_magnitude.png", parts, _rel_magnitude)
+    _figure(folder / "block_removal.png", parts, _block_removal)
+    _consistency(folder / "consistency.png", parts)
+    _figure(folder / "lr.png", parts, _lr_sweep)
+    for comparison, title in CURVES.items():
+        compared = [(k, p) for k, p in parts if comparison in p["training"]["comparisons"]]
+        if compared:
+            _figure(folder / f"{comparison.replace('-', '_')}.png", compared, partial(_curves, comparison, title),
+                    width=5.2, height=3.5)
 
 
-# finding -> the caption ({name}: the part, {metric}: its metric) and the table shown under it for each part
-EXTRA_TABLES = {
-    "2": ("Per block, {name}:", ablation_markdown),
-    "5": (("Step-0 {metric} of every initialization, {name} (one value per calibration seed; random init: one per "
-           "initialization seed):"), step0_markdown),
-    "6": ("Learning-rate sweep, {name} (every run, full budget):", sweep_markdown),
-    "9": ("Every trained initialization, {name}:", training_markdown),
-}
+def _figure(path: Path, parts: list[tuple[str, dict]], draw: Callable[[Any, str, dict], None], *,
+            width: float = 4.6, height: float = 3.2) -> None:
+    """A row of one panel per part, each drawn by ``draw(ax, part name, part)``."""
+    fig, axes = panels(len(parts), width, height)
+    for ax, (key, part) in zip(axes[0], parts):
+        draw(ax, PART_NAMES[key], part)
+    save_figure(fig, path, DPI)
 
 
-def extra_tables(number: str, parts: dict) -> list[str]:
-    """The tables of a finding, each part's under its caption."""
-    caption, make = EXTRA_TABLES.get(number, ("", None))
-    return [text for key, part in parts.items() if make
-            for text in (caption.format(name=PART_NAMES[key], metric=metric_of(part)), make(part))]
+def _rel_magnitude(ax: Any, name: str, part: dict) -> None:
+    for seed, values in part["analysis"]["rel_magnitude"].items():
+        ax.plot(range(len(values)), values, marker=".", label=f"calibration seed {seed}")
+    finish(ax, title=f"{name}: relative magnitude", xlabel="block", ylabel="||f(x)|| / ||x + f(x)||")
 
 
-def settings(results: dict, parts: dict) -> str:
-    lines = ["## Settings, seeds and caveats"]
-    for key, part in parts.items():
-        t, b = part["training"], part["training"]["budget"]
-        lm = key == "lm"
-        lines.append(render_template("repro_settings", **{
-            **t["shape"], **b, "part": PART_NAMES[key], "parent": part["parent"], "data": part["data"],
-            "calib_tokens": part["analysis"]["calib_tokens"], "shape_key": t["shape_key"],
-            "unit": f"{b['batch_size']} x {b['seq_len']} tokens" if lm else f"{b['batch_size']} images",
-            "val": f"{b['val_tokens']} validation tokens" if lm else f"{b['val_images']} validation images",
-            "eval_at": ", ".join(map(str, b["eval_at"])), "child_lr": t["child_lr"], "minutes": part["minutes"],
-            "reruns": ", ".join(t["reruns"]) or "none", "close": fmt(t["close"], t["metric"])}))
-    lines.append(render_template("repro_caveats", seeds=", ".join(map(str, results["seeds"]))))
-    return "\n".join(lines)
+def _block_removal(ax: Any, name: str, part: dict) -> None:
+    """Each block's removal cost as a bar, the blocks the default (magnitude) policy removes in orange."""
+    abl, shape = part["analysis"]["ablation"], part["training"]["shape_key"]
+    image = "accuracies" in abl
+    values, base = (abl["accuracies"], abl["base_accuracy"]) if image else (abl["losses"], abl["base"])
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.axhline(base, color="black", linestyle="--", linewidth=1, label="intact parent")
+    row = next((r for r in part["step0"] if r["arm"] == "subclone" and r["shape"] == shape), None)
+    removed = row["removed_blocks"] if row and row["removed_blocks"] else []
+    for i in removed:
+        ax.bar(i, values[i], color="tab:orange")
+    ax.set(title=f"{name}: one block removed", xlabel="block removed",
+           ylabel="validation accuracy" if image else "validation loss")
+    if not image:
+        ax.set_ylim(bottom=min(values + [base]) * 0.9)
+    ax.legend(fontsize=7, title="orange: removed by 'magnitude'" if removed else None, title_fontsize=7)
+
+
+def _consistency(path: Path, parts: list[tuple[str, dict]]) -> None:
+    """Per part: two block-vs-block scatters, the rank correlation matrix, the sorted shared residual scores."""
+    fig, axes = panels(4, 4, 3.4, len(parts))
+    for row, (key, part) in zip(axes, parts):
+        a, name = part["analysis"], PART_NAMES[key]
+        for ax, pair in zip(row[:2], a["scatter"] + a["scatter"][:1] * (2 - len(a["scatter"]))):
+            ax.scatter(pair["x"], pair["y"], s=4, alpha=0.5)
+            ax.set(title=f"{name}: block {pair['a']} vs {pair['b']} (Spearman {pair['spearman']:.2f})",
+                   xlabel=f"|output| of block {pair['a']}", ylabel=f"|output| of block {pair['b']}",
+                   xscale="log", yscale="log")
+        image = row[2].imshow(a["rank_corr"], vmin=-1, vmax=1, cmap="RdBu_r")
+        row[2].set(title=f"{name}: rank correlation", xlabel="block", ylabel="block")
+        fig.colorbar(image, ax=row[2], fraction=0.046)
+        row[3].plot(range(1, len(a["residual_sorted"]) + 1), a["residual_sorted"])
+        row[3].set(title=f"{name}: shared residual scores, sorted", xlabel="rank", ylabel="score", xscale="log",
+                   yscale="log")
+        row[3].grid(alpha=0.3)
+    for ax in axes.flat:
+        ax.title.set_fontsize(9)
+    save_figure(fig, path, DPI)
+
+
+def _curves(comparison: str, title: str, ax: Any, name: str, part: dict) -> None:
+    """Validation curves of the arms one comparison names; second-seed runs dashed."""
+    t = part["training"]
+    for i, arm in enumerate(t["comparisons"][comparison]):
+        for seed, run in t["runs"].get(arm, {}).items():
+            if run["curve"]:
+                first = seed == "0"
+                ax.plot(*zip(*run["curve"]), color=f"C{i}", linestyle="-" if first else "--",
+                        marker="." if first else None,
+                        label=f"{arm} (lr {run['lr']:g})" + ("" if first else f", seed {seed}"))
+    if comparison == "headline" and "random" in t["runs"]:
+        ax.axhline(t["runs"]["random"]["0"]["best"], color="grey", linestyle=":", linewidth=1,
+                   label="random init's best")
+    ax.set(title=f"{name}: {title}", xlabel="step", ylabel=f"validation {t['metric']}")
+    if t["metric"] == "loss":
+        ax.set_ylim(top=min(12.0, ax.get_ylim()[1]))
+    finish(ax)
+
+
+def _lr_sweep(ax: Any, name: str, part: dict) -> None:
+    """Best value per learning rate of each swept arm, seed 0; the high weight decay run as a red cross."""
+    t = part["training"]
+    for arm in t["swept"]:
+        points = sorted((r["lr"], r["best"]) for r in t["sweep"] if r["arm"] == arm and r["seed"] == 0
+                        and r["best"] is not None)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"{arm}, weight decay "
+                    f"{t['runs'][arm]['0']['weight_decay']:g}" if arm in t["runs"] else arm)
+    for r in t["sweep"]:
+        if r["arm"] == "subclone-wd" and r["seed"] == 0 and r["best"] is not None:
+            ax.scatter([r["lr"]], [r["best"]], marker="x", color="red", zorder=3,
+                       label=f"subclone, weight decay {r['weight_decay']:g}")
+    ax.set(title=f"{name}: best validation {t['metric']} per learning rate", xlabel="peak learning rate",
+           ylabel=f"best validation {t['metric']}", xscale="log")
+    finish(ax)

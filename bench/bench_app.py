@@ -1,6 +1,6 @@
 """The app's actions on both embedded parents against a lesson's targets, three sessions in the server's queue,
-and the app's training throughput next to `subclone train` (see bench/README.md). Each part writes its own
-section of docs/BENCHMARKS.md unless --no-write.
+the app's training throughput next to `subclone train`, and the tokens the Blocks page's ablation needs (see
+bench/README.md). Each part writes its own section of docs/BENCHMARKS.md unless --no-write.
 
 Run: python -m bench.bench_app [--parents default,gemma3-270m] [--steps 30]
      [--only queue|actions|training|ablation]
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,12 @@ from typing import Any
 
 import torch
 
-from bench._report import ROOT, bench_parser, machine, render, spearman, table, write_section
+from bench._report import ROOT, bench_parser, machine, render, spearman, timed, write_section
 from subclone_core.analysis import probes
 from subclone_core.analysis.inspector import outsized_dimensions
-from subclone_core.analysis.probes import generate_text
 from subclone_core.app import charts, longsteps, sizing
 from subclone_core.app.analysis import live_summary
 from subclone_core.app.jobs import BackgroundJob, JobLimiter
-from subclone_core.app.longsteps import estimate_seconds, forward_rate
 from subclone_core.app.session import DEFAULT_PROMPT
 from subclone_core.app.settings import AppSettings
 from subclone_core.app.steps import TrainRequest, child_plan, child_settings, make_children, training_work
@@ -41,34 +38,34 @@ from subclone_core.workflow.children import CALIB_TOKENS, measure_importance, sa
 from subclone_core.workflow.shapes import starting_shape
 
 BATCH, SEQ_LEN, EVAL_EVERY = 8, 128, 10  # the Train page's defaults
+PARENTS = ("default", "gemma3-270m")  # the two embedded real parents
+TARGETS = {"default": 15.0, "gemma3-270m": 30.0}  # seconds a lesson can wait for one step, on 2 idle cores
+ABLATION_REFERENCE = 2048  # validation tokens per evaluation of the reference ranking of the blocks
+ABLATION_CANDIDATES = (128, 256, 512)
+LEAST, MOST = 5, 3  # the blocks a lesson points at: the least and the most important
+# Each part's section of docs/BENCHMARKS.md and its heading, in the order they run.
+SECTIONS = {"queue": ("app-queue", "Three sessions at once in the app's queue"),
+            "actions": ("app", "The app's actions on the embedded parents"),
+            "training": ("app-training", "The app's training throughput"),
+            "ablation": ("app-ablation", "How many tokens the Blocks page's ablation needs")}
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """fn's result, its wall seconds and its CPU seconds."""
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    result = fn()
-    return result, time.perf_counter() - wall, cpu_seconds() - cpu
-
-
-def run_work(work) -> Any:
+def run_work(work: Callable) -> Any:
     """A page step's work run to the end in this thread (the app runs it in a BackgroundJob)."""
     return work(lambda event: None, threading.Event())
 
 
-PARENTS = ("default", "gemma3-270m")  # the two embedded real parents
-TARGETS = {"default": 15.0, "gemma3-270m": 30.0}  # seconds a lesson can wait for one step, on 2 idle cores
+def page_settings(parent: Any) -> Any:
+    """The Child page's default settings: the parent family's own scaling, residual score and refit."""
+    arch = arch_for(parent.model.config.model_type)
+    return child_settings("subclone", None, arch.scale_default, None, CALIB_TOKENS,
+                          residual_score=arch.residual_score, refit=arch.refit_default)
 
 
 def action_rows(parent_id: str) -> list[list[object]]:
     """Each page action with its default settings, in the order a visitor clicks: wall and CPU seconds, and the
     estimate the page shows before the step starts (where it shows one)."""
-    rows, state = [], {}
+    rows = []
 
     def measure(page: str, action: str, fn: Callable[[], Any], estimate: float | None = None) -> Any:
         result, wall, cpu = timed(fn)
@@ -79,32 +76,31 @@ def action_rows(parent_id: str) -> list[list[object]]:
         return result
 
     parent = measure("Parent", "open the parent (converted once before)", lambda: load_parent(parent_id))
-    state["metrics"] = measure("Parent", "validation, 2,048 tokens", lambda: longsteps.evaluate_parent(
+    metrics = measure("Parent", "validation, 2,048 tokens", lambda: longsteps.evaluate_parent(
         parent, None, longsteps.STEP0_TOKENS))
-    rate, layers = forward_rate(state["metrics"]), parent.model.config.num_hidden_layers
-    text = measure("Parent", "Generate, 30 tokens", lambda: generate_text(
+    rate, layers = longsteps.forward_rate(metrics), parent.model.config.num_hidden_layers
+    text = measure("Parent", "Generate, 30 tokens", lambda: probes.generate_text(
         parent.model, parent.preprocessor, DEFAULT_PROMPT, longsteps.SAMPLE_TOKENS))
     importance = measure("Importance", f"Run calibration, {CALIB_TOKENS:,} tokens", lambda: run_work(
-        longsteps.calibration_work(parent, None, CALIB_TOKENS)), estimate_seconds("calibration", CALIB_TOKENS, rate))
+        longsteps.calibration_work(parent, None, CALIB_TOKENS)),
+        longsteps.estimate_seconds("calibration", CALIB_TOKENS, rate))
     units = outsized_dimensions(importance)
     measure("Importance", f"Inspector: What do they fire on? ({len(units)} dimensions)", lambda: run_work(
-        longsteps.inspector_work(parent, units, None, CALIB_TOKENS)), estimate_seconds("inspector", CALIB_TOKENS, rate))
+        longsteps.inspector_work(parent, units, None, CALIB_TOKENS)),
+        longsteps.estimate_seconds("inspector", CALIB_TOKENS, rate))
     measure("Blocks", f"Compute loss without each block, {probes.ABLATION_TOKENS} tokens each",
             lambda: run_work(longsteps.ablation_work(parent, None, probes.ABLATION_TOKENS)),
-            estimate_seconds("ablation", probes.ABLATION_TOKENS, rate, blocks=layers))
+            longsteps.estimate_seconds("ablation", probes.ABLATION_TOKENS, rate, blocks=layers))
     shape = starting_shape(parent.model)
     budget = parameter_count(parent.model, shape)
     measure("Child", f"Explore shapes, budget {budget / 1e6:.1f} M", lambda: run_work(
         longsteps.explorer_work(parent, importance, None, CALIB_TOKENS, budget)),
-        longsteps.explorer_seconds(parent, state["metrics"], budget, CALIB_TOKENS, calibrated=True))
-    arch = arch_for(parent.model.config.model_type)  # the Child page's defaults are the family's
-    settings = child_settings("subclone", None, arch.scale_default, None, CALIB_TOKENS,
-                              residual_score=arch.residual_score, refit=arch.refit_default)
+        longsteps.explorer_seconds(parent, metrics, budget, CALIB_TOKENS, calibrated=True))
+    settings = page_settings(parent)
     made = measure("Child", f"Generate {shape.layers} x {shape.hidden} (child, twin, scores, samples)",
-                   lambda: run_work(longsteps.child_work(parent, shape, settings, importance, state["metrics"],
+                   lambda: run_work(longsteps.child_work(parent, shape, settings, importance, metrics,
                                                          DEFAULT_PROMPT, text)),
-                   longsteps.generate_seconds(parent, state["metrics"], child_plan(parent, settings, shape),
-                                              calibrated=True))
+                   longsteps.generate_seconds(parent, metrics, child_plan(parent, settings, shape), calibrated=True))
     with tempfile.TemporaryDirectory() as tmp:
         measure("Child", "Save", lambda: save_child(made["child"], Path(tmp) / "child", task=parent.task))
     return rows
@@ -158,8 +154,8 @@ def page_rows() -> list[list[object]]:
     return rows
 
 
-def app_training(parent, child, twin, settings, steps: int, batch: int = BATCH, seq_len: int = SEQ_LEN,
-                 eval_every: int = EVAL_EVERY) -> float:
+def app_training(parent: Any, child: Any, twin: Any, settings: Any, steps: int, batch: int = BATCH,
+                 seq_len: int = SEQ_LEN, eval_every: int = EVAL_EVERY) -> float:
     """The Train page's path: the job thread trains while the page's fragment polls once a second."""
     request = TrainRequest(parent=parent, data_id=None, child=child, twin=twin, settings=settings,
                            steps=steps, batch_size=batch, seq_len=seq_len, eval_every=eval_every)
@@ -182,8 +178,7 @@ def cli_training(child_dir: Path, steps: int) -> float:
                    "--quiet", "--json"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         out = subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
-        rows = json.loads(out)["rows"]
-    return next(r["throughput"] for r in rows if r["name"] != "random")
+    return next(r["throughput"] for r in json.loads(out)["rows"] if r["name"] != "random")
 
 
 def training_rows(steps: int) -> list[list[object]]:
@@ -192,17 +187,14 @@ def training_rows(steps: int) -> list[list[object]]:
     settings = child_settings("subclone", None, None, None, 4096)
     importance = measure_importance(parent, None, tokens=4096)
     child, twin = make_children(parent, suggested_shape(parent.model), settings, importance=importance)
-    rows, speeds = [], {"app": [], "cli": []}
+    speeds = {"app": [], "cli": []}
     with tempfile.TemporaryDirectory() as tmp:
         child_dir = save_child(child, Path(tmp) / "child", task=parent.task)
         for _ in range(2):
             speeds["app"].append(app_training(parent, child, twin, settings, steps))
             speeds["cli"].append(cli_training(child_dir, steps))
-    shape = child.shape
-    for name, values in speeds.items():
-        rows.append([name, f"{shape.layers} x {shape.hidden}", f"{steps} x {BATCH} x {SEQ_LEN}",
-                     ", ".join(f"{v:.0f}" for v in values), f"{max(values):.0f}"])
-    return rows
+    return [[name, f"{child.shape.layers} x {child.shape.hidden}", f"{steps} x {BATCH} x {SEQ_LEN}",
+             ", ".join(f"{v:.0f}" for v in values), f"{max(values):.0f}"] for name, values in speeds.items()]
 
 
 def default_run_row(parent_id: str) -> list[object]:
@@ -210,9 +202,7 @@ def default_run_row(parent_id: str) -> list[object]:
     for the Child page's default child of one parent, trained the app's way: the rate and the seconds the page
     predicts against those measured."""
     parent = load_parent(parent_id)
-    arch = arch_for(parent.model.config.model_type)
-    settings = child_settings("subclone", None, arch.scale_default, None, CALIB_TOKENS,
-                              residual_score=arch.residual_score, refit=arch.refit_default)
+    settings = page_settings(parent)
     importance = measure_importance(parent, None, tokens=CALIB_TOKENS)
     child, twin = make_children(parent, starting_shape(parent.model), settings, importance=importance)
     rate = sizing.example_rate(child.model, "cpu", torch.get_num_threads(), True)
@@ -224,11 +214,6 @@ def default_run_row(parent_id: str) -> list[object]:
            f"{rate:.0f}", f"{throughput:.0f}", f"{size.seconds:.0f}", f"{wall:.0f}"]
     print(row, flush=True)
     return row
-
-
-ABLATION_REFERENCE = 2048  # validation tokens per evaluation of the reference ranking of the blocks
-ABLATION_CANDIDATES = (128, 256, 512)
-LEAST, MOST = 5, 3  # the blocks a lesson points at: the least and the most important
 
 
 def ablation_token_rows(parent_id: str) -> list[list[object]]:
@@ -244,49 +229,23 @@ def ablation_token_rows(parent_id: str) -> list[list[object]]:
         losses = torch.tensor(result["losses"])
         order = losses.argsort().tolist()
         rows.append([parent_id, f"{tokens:,}", f"{wall:.1f}", f"{spearman(losses, reference):.3f}",
-                     _blocks(order[:LEAST]), _blocks(order[-MOST:])])
+                     ", ".join(str(i) for i in sorted(order[:LEAST])), ", ".join(str(i) for i in sorted(order[-MOST:]))])
         print(rows[-1], flush=True)
     return rows
 
 
-def _blocks(indices: list[int]) -> str:
-    return ", ".join(str(i) for i in sorted(indices))
-
-
-SECTIONS = {"queue": "## Three sessions at once in the app's queue (`bench/bench_app.py`)",
-            "actions": "## The app's actions on the embedded parents (`bench/bench_app.py`)",
-            "training": "## The app's training throughput (`bench/bench_app.py`)",
-            "ablation": "## How many tokens the Blocks page's ablation needs (`bench/bench_app.py`)"}
-
-
 def part_text(part: str, parents: list[str], steps: int) -> str:
-    """One part of the report: the three sessions in the queue, every page action, or training throughput."""
+    """One part of the report (templates app_PART.md.j2): its prose and the tables of what it measured."""
     if part == "queue":  # first, in a fresh process: nothing else of the app's has run in it yet
-        rows = [row for parent_id in parents for row in queue_rows(parent_id)]
-        return "\n\n".join([render("app_queue"), table(["parent", "calibration tokens", "each alone, s",
-                                                        "one after another, s", "three at once, s", "ratio",
-                                                        "shown at the start"], rows)])
+        return render("app_queue", rows=[row for parent_id in parents for row in queue_rows(parent_id)])
     if part == "actions":
-        texts = [render("app_actions")]
-        for parent_id in parents:
-            rows = action_rows(parent_id) + (page_rows() if parent_id == "default" else [])
-            texts += [f"**{parent_id}** (target: every action under {TARGETS[parent_id]:.0f} s)",
-                      table(["page", "action (default settings)", "wall s", "CPU s", "estimate s", "in target"],
-                            rows)]
-        return "\n\n".join(texts)
+        return render("app_actions", parents=[(p, TARGETS[p], action_rows(p) + (page_rows() if p == "default" else []))
+                                              for p in parents])
     if part == "ablation":
-        rows = [row for parent_id in parents for row in ablation_token_rows(parent_id)]
-        return "\n\n".join([render("app_ablation", reference=ABLATION_REFERENCE, least=LEAST, most=MOST,
-                                     default=probes.ABLATION_TOKENS),
-                              table(["parent", "tokens per evaluation", "seconds",
-                                     f"rank correlation with the {ABLATION_REFERENCE:,}-token losses",
-                                     f"{LEAST} least important blocks", f"{MOST} most important"], rows)])
-    rows = training_rows(steps)
-    return "\n\n".join([render("app_training"), table(["path", "child", "steps x batch x seq",
-                                                       "tokens/s (each run)", "best"], rows),
-                        render("app_training_defaults", target=sizing.TARGET_SECONDS),
-                        table(["parent", "default child", "the page's first run", "predicted tokens/s",
-                               "measured tokens/s", "predicted s", "measured s"], [default_run_row(p) for p in parents])])
+        return render("app_ablation", rows=[row for parent_id in parents for row in ablation_token_rows(parent_id)],
+                      reference=ABLATION_REFERENCE, least=LEAST, most=MOST, default=probes.ABLATION_TOKENS)
+    rows = training_rows(steps)  # before the default runs: the order they have always run in
+    return render("app_training", rows=rows, target=sizing.TARGET_SECONDS, defaults=[default_run_row(p) for p in parents])
 
 
 def main() -> None:
@@ -303,7 +262,8 @@ def main() -> None:
             part, args.parents.split(","), args.steps)
         print(text, flush=True)
         if not args.no_write:
-            write_section(f"app-{part}" if part != "actions" else "app", f"{SECTIONS[part]}\n\n{text}")
+            name, title = SECTIONS[part]
+            write_section(name, f"## {title} (`bench/bench_app.py`)\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from typing import Any
 from bench import _harness as h
 from bench import _report as rp
 from bench._harness import SMOKE_SHAPES
-from bench._report import PAPER_SPEEDUP, fmt_value, log_eval_steps, render, table
+from bench._report import PAPER_SPEEDUP, log_eval_steps, render
+from bench.bench_training import LM_CHILD, RANDOM, child_model
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
 from subclone_core.io.saving import read_manifest
@@ -27,20 +28,18 @@ from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import RunResult
 from subclone_core.training.speedup import DROP_FRACTIONS, IsoLoss, iso_loss, result_track
 from subclone_core.training.sweep import candidate_of, edge_note, grid_edge, lr_text, parse_lr_sweep, run_name
-from subclone_core.workflow.children import make_child, measure_importance
+from subclone_core.workflow.children import measure_importance
 
 README = rp.ROOT / "README.md"
 ARMS = ("random", "subclone", "subclone+distill")
 NAMES = {"random": "random init", "subclone": "subclone", "subclone+distill": "subclone + distillation from the parent"}
-SUBCLONE_OPTIONS = {"scale": False, "drop": "magnitude"}  # the plain child of bench_training
 COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca02c"}
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One call of the training engine: some arms of one child shape ("aggressive" or "paper-like"), one seed
-    (data order, dropout, random init's weights), one token budget per arm (whole steps). ``key`` names it in the
-    report and the JSON; ``evals`` (after step 0) None takes the size's."""
+    """One call of the training engine: some arms of one child shape, one seed (data order, dropout, random
+    init's weights), one token budget per arm (whole steps); ``evals`` (after step 0) None takes the size's."""
 
     key: str
     shape: str
@@ -52,10 +51,9 @@ class Stage:
 
 @dataclass(frozen=True)
 class Size:
-    """Everything one size runs: child sizes per shape key, the batch, the fixed validation set, evaluations
-    per run (evenly in log(tokens)), calibration tokens, each arm's lr grid of the first stage (its lowest best
-    loss is its lr there and in every later stage), the stages in order (the first is the sweep), the engine's
-    mixed_precision and the planned minutes."""
+    """Everything one size runs: child sizes per shape, the batch, the validation set, evaluations per run
+    (evenly in log(tokens)), calibration tokens, each arm's lr grid of the first stage (the sweep; its lowest
+    best loss is its lr in every later stage), the stages, the engine's mixed_precision, the planned minutes."""
 
     shapes: dict[str, dict[str, int]]
     batch_size: int
@@ -80,12 +78,10 @@ SIZES = {
                           Stage("seed1", "aggressive", ("random", "subclone"), 1024, seed=1),
                           Stage("distill", "aggressive", ("subclone+distill",), 1024),
                           Stage("paper-like", "paper-like", ("random", "subclone"), 1024)), minutes=1),
-    # bf16 autocast, device "auto". On an idle 2-core Xeon an aggressive arm trains at about 1,060 tokens/s
-    # (two side by side 2,120), so each arm's 1.5M tokens take about 11.6 minutes and these seven runs about
-    # 80 minutes: over the hour, so the second seed, distillation (420 tokens/s with the teacher) and the
-    # paper-like ratio moved to the gpu size. On one H200 the same seven runs take 2.8 minutes. Both grids
-    # bracket their arm's best lr at this budget, measured: random init 1e-3 (2.5e-4 and 4e-3 were worse
-    # too), the refit child 4e-3.
+    # bf16, device "auto". On an idle 2-core Xeon an aggressive arm trains at about 1,060 tokens/s, so these
+    # seven runs of 1.5M tokens take about 80 minutes (one H200: 2.8); the second seed, distillation and the
+    # paper-like ratio are the gpu size's. Both grids bracket their arm's best lr at this budget, measured:
+    # random init 1e-3 (2.5e-4 and 4e-3 were worse too), the refit child 4e-3.
     "cpu": Size(rp.SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, calib_tokens=4096,
                 sweep_lrs={"random": (5e-4, 1e-3, 2e-3), "subclone": (1e-3, 2e-3, 4e-3, 8e-3)},
                 stages=(Stage("final", "aggressive", ("random", "subclone"), 1_501_184),),
@@ -127,9 +123,8 @@ def child_for(ctx: Context, shape: str, arm: str, seed: int) -> Any:
         return ctx.parent.model
     if key not in ctx.children:
         target = plan_shape(ctx.parent.model, **({} if ctx.from_child else ctx.size.shapes[shape]))
-        options = {} if strategy == "random" else SUBCLONE_OPTIONS
-        ctx.children[key] = make_child(ctx.parent, target, strategy=strategy, importance=ctx.importance,
-                                       seed=seed, **options).model
+        ctx.children[key] = child_model(ctx.parent, target, RANDOM if strategy == "random" else LM_CHILD,
+                                        ctx.importance, seed)
     return ctx.children[key]
 
 
@@ -164,41 +159,31 @@ class Outcome:
     """What a size produced: one row per sweep run, each arm's winning lr, {stage key: {arm: its run}} and the
     wall seconds per part ("calibration", then each stage key)."""
 
-    size: str
     sweep: list[dict[str, Any]]
     lrs: dict[str, float]
     stages: dict[str, dict[str, RunResult]]
     seconds: dict[str, float]
 
 
-def sweep(ctx: Context, stage: Stage) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, RunResult]]:
-    """The first stage: each arm at every lr of its grid for the full budget. Returns the rows of every run,
-    each arm's winning lr and its winning run."""
-    lrs = ctx.size.sweep_lrs
-    runs = train(ctx, stage, lrs, run_name)
-    chosen = h.best_runs(runs, "loss", always=True)
-    rows, winners = [], {}
-    for arm in stage.arms:
-        winners[arm] = chosen[arm].lr
-        note = edge_note(arm, winners[arm], grid_edge(winners[arm], lrs[arm]))
-        rows += [{"arm": arm, "lr": r.lr, "tokens": stage.tokens, **h.pick(h.facts(r), "status", "best", "final"),
-                  "chosen": r is chosen[arm], "note": note} for n, r in runs.items() if candidate_of(n) == arm]
-    return rows, winners, chosen
-
-
-def run_size(ctx: Context, name: str) -> Outcome:
-    """The sweep at the full budget (the first stage), then every later stage at its lrs, timing each."""
-    first, *later = ctx.size.stages
+def run_size(ctx: Context) -> Outcome:
+    """The first stage: each arm at every lr of its grid for the full budget (a row per run), each arm's run of
+    lowest best loss chosen; then every later stage at those lrs. Each stage is timed."""
+    (first, *later), grids = ctx.size.stages, ctx.size.sweep_lrs
     start = time.perf_counter()
-    rows, lrs, chosen = sweep(ctx, first)
+    runs = train(ctx, first, grids, run_name)
+    chosen = h.best_runs(runs, "loss", always=True)
+    lrs = {arm: chosen[arm].lr for arm in first.arms}
+    rows = [{"arm": arm, "lr": r.lr, "tokens": first.tokens, **h.pick(h.facts(r), "status", "best", "final"),
+             "chosen": r is chosen[arm], "note": edge_note(arm, lrs[arm], grid_edge(lrs[arm], grids[arm]))}
+            for arm in first.arms for n, r in runs.items() if candidate_of(n) == arm]
     # an arm first trained in a later stage (the smoke size's distillation) has one lr in its grid
-    lrs.update({arm: grid[0] for arm, grid in ctx.size.sweep_lrs.items() if arm not in lrs and len(grid) == 1})
-    stages, seconds = {first.key: chosen}, {first.key: time.perf_counter() - start}
+    lrs.update({arm: grid[0] for arm, grid in grids.items() if arm not in lrs and len(grid) == 1})
+    outcome = Outcome(rows, lrs, {first.key: chosen}, {first.key: time.perf_counter() - start})
     for stage in later:
         begin = time.perf_counter()
-        stages[stage.key] = train(ctx, stage, {arm: (lr,) for arm, lr in lrs.items()}, lambda arm, _: arm)
-        seconds[stage.key] = time.perf_counter() - begin
-    return Outcome(name, rows, lrs, stages, seconds)
+        outcome.stages[stage.key] = train(ctx, stage, {arm: (lr,) for arm, lr in lrs.items()}, lambda arm, _: arm)
+        outcome.seconds[stage.key] = time.perf_counter() - begin
+    return outcome
 
 
 # --- results --------------------------------------------------------------------------------------------
@@ -210,9 +195,10 @@ def arm_json(run: RunResult) -> dict[str, Any]:
             "throughput": round(run.throughput, 1)}
 
 
-def iso_rows(base: RunResult, other: RunResult, *, fractions: tuple[float, ...] | None = None) -> list[IsoLoss]:
-    """The library's iso-loss rows of ``other`` against random init's run ``base``."""
-    return iso_loss(result_track(base, "loss"), result_track(other, "loss"), fractions=fractions)
+def iso_rows(base: RunResult, other: RunResult, **levels: Any) -> list[IsoLoss]:
+    """The library's iso-loss rows of ``other`` against random init's run ``base`` (``fractions`` or ``levels``
+    as iso_loss takes them)."""
+    return iso_loss(result_track(base, "loss"), result_track(other, "loss"), **levels)
 
 
 def iso_json(base: RunResult, other: RunResult, name: str, fractions: tuple[float, ...] | None = None
@@ -226,9 +212,9 @@ def iso_json(base: RunResult, other: RunResult, name: str, fractions: tuple[floa
 
 def iso_by_arm(base: RunResult | None, runs: dict[str, RunResult]) -> dict[str, dict[str, list]]:
     """Every level ("iso_loss") and the drop levels ("at_drop") of each arm but random init against ``base``."""
-    others = {arm: run for arm, run in runs.items() if arm != "random"}
-    return {"iso_loss": {arm: iso_json(base, run, arm) for arm, run in others.items()} if base else {},
-            "at_drop": {arm: iso_json(base, run, arm, DROP_FRACTIONS) for arm, run in others.items()} if base else {}}
+    others = {arm: run for arm, run in runs.items() if arm != "random" and base is not None}
+    return {"iso_loss": {arm: iso_json(base, run, arm) for arm, run in others.items()},
+            "at_drop": {arm: iso_json(base, run, arm, DROP_FRACTIONS) for arm, run in others.items()}}
 
 
 def baseline_of(outcome: Outcome, stage: Stage, size: Size) -> RunResult | None:
@@ -245,10 +231,9 @@ def results_json(outcome: Outcome, size: Size, meta: dict[str, Any]) -> dict[str
     """docs/speedup_vs_budget.json: each arm's first run on the aggressive child with seed 0 (the headline) at the
     top, every stage below it."""
     runs: dict[str, RunResult] = {}
-    for stage in size.stages:
-        if stage.shape == "aggressive" and stage.seed == 0:
-            for arm, run in outcome.stages[stage.key].items():
-                runs.setdefault(arm, run)
+    for stage in (s for s in size.stages if s.shape == "aggressive" and s.seed == 0):
+        for arm, run in outcome.stages[stage.key].items():
+            runs.setdefault(arm, run)
     stages = {s.key: {"shape": s.shape, "shape_sizes": size.shapes[s.shape], "seed": s.seed, "tokens": s.tokens,
                       "minutes": round(outcome.seconds[s.key] / 60, 1),
                       "arms": {arm: arm_json(run) for arm, run in outcome.stages[s.key].items()},
@@ -272,8 +257,7 @@ def seed_spread(outcome: Outcome, size: Size) -> list[dict[str, Any]]:
             continue
         zero = outcome.stages[first.key]
         for row in iso_rows(runs["random"], runs["subclone"], fractions=DROP_FRACTIONS):
-            ref = iso_loss(result_track(zero["random"], "loss"), result_track(zero["subclone"], "loss"),
-                           levels=[row.level])[0]
+            ref = iso_rows(zero["random"], zero["subclone"], levels=[row.level])[0]
             out.append({"stage": stage.key, "shape": stage.shape, "seed": stage.seed, "fraction": row.fraction,
                         "loss": row.level, "speedup_seed0": ref.speedup, "speedup": row.speedup,
                         "text_seed0": ref.text(), "text": row.text()})
@@ -290,34 +274,6 @@ def fmt_tokens(n: float | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
 
-def _needed(row: dict[str, Any], arm: str) -> str:
-    """What an arm needed to reach a level: tokens, "<= N" when it was there at step 0, or "not reached"."""
-    tokens = row[f"{arm}_tokens"]
-    if tokens is None:
-        return "not reached"
-    return ("<= " if row["at_start"] else "") + fmt_tokens(tokens)  # at step 0: its first evaluation after it
-
-
-def drop_table(stage: dict[str, Any]) -> str:
-    """Speedup at 25/50/75/100% of random init's loss drop for every arm of a stage (100% = its final loss)."""
-    arms = list(stage["at_drop"])
-    if not arms:
-        return "(no random-init run to compare with)"
-    if not stage["at_drop"][arms[0]]:
-        return "(random init never improved on its first evaluation: no level to compare at)"
-    header = ["share of random init's loss drop", "validation loss", "random init: tokens"]
-    header += [h for arm in arms for h in (f"{arm}: tokens", f"{arm}: speedup")]
-    rows = []
-    for i, base in enumerate(stage["at_drop"][arms[0]]):
-        line = [f"{base['fraction']:.0%}" + (" (final)" if base["fraction"] == 1.0 else ""),
-                fmt_value(base["loss"]), fmt_tokens(base["random_tokens"])]
-        for arm in arms:
-            row = stage["at_drop"][arm][i]
-            line += [_needed(row, arm), f"**{row['text']}**" if row["speedup"] is not None else "-"]
-        rows.append(line)
-    return table(header, rows)
-
-
 def final_row(results: dict[str, Any], arm: str = "subclone") -> dict[str, Any] | None:
     """The arm's row at random init's final (best) loss, from the headline runs."""
     rows = results["at_drop"].get(arm) or []
@@ -325,30 +281,16 @@ def final_row(results: dict[str, Any], arm: str = "subclone") -> dict[str, Any] 
 
 
 def headline(results: dict[str, Any]) -> str:
-    """The speedup at random init's final loss, set against the paper's 4x and the early head start."""
+    """The speedup at random init's final loss, set against the paper's 4x and the early head start (25% of
+    random init's loss drop): whether the lead shrinks or grows from there (by over 10%) is decided here."""
     final, early = final_row(results), (results["at_drop"].get("subclone") or [None])[0]
-    if final is None:
-        return "No speedup: random init never improved on its first evaluation."
-    base = (f"At random init's final loss ({fmt_value(final['loss'])}, reached after "
-            f"{fmt_tokens(final['random_tokens'])} tokens), the subcloned child")
-    if final["speedup"] is None:
-        text = f"{base} does not get there within its {fmt_tokens(results['arms']['subclone']['tokens'][-1])} tokens."
-    else:
-        text = f"{base} needs {_needed(final, 'subclone')} tokens: **{final['text']}**."
-    if early is not None and early["speedup"] is not None:
-        text += (f" Early on (25% of random init's loss drop, loss {fmt_value(early['loss'])}) it is "
-                 f"{early['text']}{_trend(early, final)}.")
-    return (f"{text} The paper's ~{PAPER_SPEEDUP:.0f}x is about reaching the same perplexity, so compare it with "
-            "the speedup at the final loss of the longest budget, not with a short-budget head start.")
-
-
-def _trend(early: dict[str, Any], final: dict[str, Any]) -> str:
-    """": the lead shrinks as training goes on" (or grows), from the two numbers; "" when one is missing."""
-    if final["speedup"] is None or final["lower_bound"] or early["lower_bound"]:
-        return ""
-    if final["speedup"] < early["speedup"] * 0.9:
-        return ": the lead shrinks as training goes on"
-    return ": the lead grows as training goes on" if final["speedup"] > early["speedup"] * 1.1 else ", about the same"
+    trend = ""
+    if (final is not None and early is not None and final["speedup"] is not None and early["speedup"] is not None
+            and not (final["lower_bound"] or early["lower_bound"])):
+        trend = ("shrinks" if final["speedup"] < early["speedup"] * 0.9 else
+                 "grows" if final["speedup"] > early["speedup"] * 1.1 else "same")
+    return render("budget_headline", r=results, final=final, early=early, trend=trend, tokens=fmt_tokens,
+                  paper=PAPER_SPEEDUP)
 
 
 def lr_picks(results: dict[str, Any], sep: str = ", ", name: Any = str) -> list[str]:
@@ -361,30 +303,17 @@ def lr_picks(results: dict[str, Any], sep: str = ", ", name: Any = str) -> list[
 
 def readme_texts(results: dict[str, Any], suffix: str) -> dict[str, str]:
     """The README's marked budget line and the benchmark table's cell for the aggressive child."""
-    final = final_row(results)
+    values = {"r": results, "final": final_row(results), "tokens": fmt_tokens}
     gpu = results["machine"].split(", ")[2] if ", " in results["machine"] else "no GPU"
-    lrs = "each arm at its best lr at this budget: " + ", ".join(lr_picks(results, "/", NAMES.get))
-    line = render("budget_readme", tokens=fmt_tokens(results["random_tokens"]), size=results["size"],
-                  where="CPU" if gpu == "no GPU" else gpu, lrs=lrs, loss=fmt_value(final["loss"]) if final else "-",
-                  text=final["text"] if final else "n/a", paper=PAPER_SPEEDUP)
-    cell = ("no level (random init never improved)" if final is None else
-            f"**{final['text']}** at {fmt_tokens(results['random_tokens'])} tokens (loss {fmt_value(final['loss'])}; "
-            "each arm at its best lr)")
-    return {f"budget-speedup{suffix}": line, f"budget-cell{suffix}": cell}
+    line = render("budget_readme", **values, where="CPU" if gpu == "no GPU" else gpu, paper=PAPER_SPEEDUP,
+                  picks=lr_picks(results, "/", NAMES.get))
+    return {f"budget-speedup{suffix}": line, f"budget-cell{suffix}": render("budget_cell", **values)}
 
 
-def settings(results: dict[str, Any], size: Size) -> str:
-    """The section's list of settings: machine, data, batches, the lr grids, and every stage with its minutes."""
-    grid = {arm: results["plan"]["sweep_lrs"][arm] for arm in results["stages"][size.stages[0].key]["arms"]}
-    head = render("budget_settings", **{**results, "val_tokens": size.val_tokens, "batch_size": size.batch_size,
-                                        "seq_len": size.seq_len, "precision": size.precision, "evals": size.evals,
-                                        "grid": "; ".join(f"{a} " + ", ".join(f"{lr:g}" for lr in lrs)
-                                                          for a, lrs in grid.items())})
-    lines = [f"  - {key}: {s['shape']} child, seed {s['seed']}, {fmt_tokens(s['tokens'])} tokens per arm "
-             f"({', '.join(s['arms'])}); {s['minutes']} min" for key, s in results["stages"].items()]
-    lines.append(f"- Calibration and stages: {sum(results['minutes'].values()):.1f} min.")
-    lines += [f"- {line}" for line in results.get("left_out", [])]
-    return "\n".join([head, *lines])
+def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]) -> str:
+    """The "budget" section of docs/BENCHMARKS.md: headline, settings, each stage's drop table, the seed spread,
+    the plots and the sweep (every run, the chosen ones marked, notes on chosen lrs at the edge of a grid)."""
+    return render("budget", r=results, size=size, plots=plots, headline=headline(results), tokens=fmt_tokens)
 
 
 def _log_ticks(axis: Any, formatter: Any) -> None:
@@ -411,20 +340,21 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_speedup(results: dict[str, Any], path: Path) -> None:
-    """Iso-loss speedup against the loss level random init reached (x reversed: training goes right)."""
+    """Iso-loss speedup against the loss level random init reached (x reversed: training goes right); lower
+    bounds (there at step 0) as triangles."""
     fig, axes = rp.panels(1, 6.4, 4.0)
     ax = axes[0][0]
     for key, stage in results["stages"].items():
         for arm, rows in stage["iso_loss"].items():
             style = {"color": COLORS.get(arm), "linestyle": ":" if stage["shape"] != "aggressive" else
                      "-" if stage["seed"] == 0 else "--"}
-            for bound in (False, True):
-                points = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None
-                          and r["lower_bound"] == bound]
-                if points and bound:
-                    ax.plot(*zip(*points), marker="^", linestyle="none", color=style["color"])
-                elif points:
-                    ax.plot(*zip(*points), marker=".", label=f"{arm} ({key}, {stage['shape']})", **style)
+            points = [(r["loss"], r["speedup"], r["lower_bound"]) for r in rows if r["speedup"] is not None]
+            exact = [(loss, speedup) for loss, speedup, bound in points if not bound]
+            bounds = [(loss, speedup) for loss, speedup, bound in points if bound]
+            if exact:
+                ax.plot(*zip(*exact), marker=".", label=f"{arm} ({key}, {stage['shape']})", **style)
+            if bounds:
+                ax.plot(*zip(*bounds), marker="^", linestyle="none", color=style["color"])
     ax.axhline(1.0, color="grey", linewidth=1)
     ax.axhline(PAPER_SPEEDUP, color="black", linestyle=":", linewidth=1, label=f"paper's ~{PAPER_SPEEDUP:.0f}x")
     ax.set_yscale("log")
@@ -433,37 +363,9 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
     _log_ticks(ax.yaxis, lambda value: f"{value:g}x")
     ax.invert_xaxis()
     rp.finish(ax, which="both", xlabel="validation loss level (random init's curve)",
-             ylabel="speedup (random init's tokens / arm's)",
-             title="Iso-loss speedup (triangles: lower bounds, there at step 0)")
+              ylabel="speedup (random init's tokens / arm's)",
+              title="Iso-loss speedup (triangles: lower bounds, there at step 0)")
     rp.save_figure(fig, path)
-
-
-def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]) -> str:
-    """The "budget" section of docs/BENCHMARKS.md: headline, settings, each stage's drop table, the seed spread,
-    the plots and the sweep (every run, the chosen ones marked, notes on chosen lrs at the edge of a grid)."""
-    parts = ["## Speedup at a longer budget (`bench/bench_budget.py`)",
-             f"Size `{results['size']}` (`make bench-budget`). {headline(results)}", settings(results, size)]
-    for key, stage in results["stages"].items():
-        parts += [(f"### {key}: {stage['shape']} child, seed {stage['seed']}, {fmt_tokens(stage['tokens'])} tokens "
-                  "per arm"), drop_table(stage)]
-    spread = [[r["stage"], r["shape"], f"{r['fraction']:.0%}", fmt_value(r["loss"]), r["text_seed0"], r["text"]]
-              for r in results["seed_spread"]]
-    parts.append("One seed only: no spread measured." if not spread else
-                 ("Seed spread of the subcloned child's speedup (levels from the later seed's own random-init curve, "
-                  "seed 0 read at the same levels):\n\n" +
-                  table(["stage", "child", "share of drop", "validation loss", "seed 0", "this seed"], spread)))
-    lrs = results["lrs"]
-    sweep = [[r["arm"], f"{r['lr']:g}" + (" (chosen)" if lrs.get(r["arm"]) == r["lr"] else ""),
-              fmt_tokens(r["tokens"]), fmt_value(r["best"]), fmt_value(r["final"]), r["status"]]
-             for r in results["sweep"]]
-    notes = sorted({r["note"] for r in results["sweep"] if r.get("note")})
-    parts += [f"![validation loss against tokens]({plots['curves'].name})",
-              f"![iso-loss speedup]({plots['speedup'].name})",
-              ("Learning-rate sweep (every run at the full budget of the first stage; each arm's chosen lr is "
-               "its lowest best loss):"),
-              "\n\n".join([table(["arm", "lr", "tokens", "best loss", "final loss", "status"], sweep),
-                           *(f"Note: {n}" for n in notes)]), render("budget_how_to_read")]
-    return "\n\n".join(parts)
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -491,6 +393,7 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The size flags and the parent, data, outputs, README, a saved JSON or child and an lr grid."""
     parser = rp.bench_parser(__doc__, smoke="a minute on a tiny parent (give --parent, --data)",
                              gpu="100M+ tokens per arm; give --data a large corpus", threads=rp.THREADS_HELP)
     parser.add_argument("--parent", default="default", help="parent id (default: the embedded SmolLM2-135M)")
@@ -507,34 +410,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def context(args: argparse.Namespace, size: Size, name: str) -> Context:
-    """The parent and its calibration, or a saved child standing in for both (--from-child)."""
+def measure(args: argparse.Namespace, name: str) -> tuple[dict[str, Any], Size, Path]:
+    """Calibrate (or take a saved child as the parent: --from-child) and run the size's stages (the --lrs grid,
+    without the stages a saved child cannot run); returns the JSON, the size and the folder of run metrics."""
+    size = SIZES[name]
+    if args.lrs:
+        size = replace(size, sweep_lrs={**size.sweep_lrs, **parse_lr_sweep(args.lrs, ARMS, "--lrs")})
+    size, left_out = without_parent(size) if args.from_child else (size, [])
+    start = time.perf_counter()
     parent = load_parent(str(args.from_child) if args.from_child else args.parent)
     importance = None if args.from_child else measure_importance(parent, args.data, tokens=size.calib_tokens)
     if args.from_child:
         manifest = read_manifest(args.from_child)
         made_from = (manifest.parent.label if manifest and manifest.parent else None) or "a parent"
         parent.label = f"{parent.label}: a child of {made_from}, saved by `subclone make`"
-    return Context(parent, importance, args.data, size, Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")),
-                   from_child=bool(args.from_child))
-
-
-def measure(args: argparse.Namespace, name: str) -> tuple[dict[str, Any], Size, Path]:
-    """Calibrate and run the size's stages (the --lrs grid, without the stages a saved child cannot run);
-    returns the JSON, the size and the folder of run metrics."""
-    size = SIZES[name]
-    if args.lrs:
-        size = replace(size, sweep_lrs={**size.sweep_lrs, **parse_lr_sweep(args.lrs, ARMS, "--lrs")})
-    size, left_out = without_parent(size) if args.from_child else (size, [])
-    start = time.perf_counter()
-    ctx = context(args, size, name)
+    ctx = Context(parent, importance, args.data, size, Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")),
+                  from_child=bool(args.from_child))
     calibration = time.perf_counter() - start
-    outcome = run_size(ctx, name)
+    outcome = run_size(ctx)
     outcome.seconds = {"calibration": calibration, **outcome.seconds}
-    train_tokens = int(make_data(ctx.parent, ctx.data, "train", seq_len=size.seq_len).tokens.numel())
-    meta = {"size": name, "machine": rp.machine(), "parent": ctx.parent.label, "data": ctx.data,
-            "train_tokens": train_tokens, "batch": [size.batch_size, size.seq_len], "precision": size.precision,
-            "planned_minutes": size.minutes,
+    meta = {"size": name, "machine": rp.machine(), "parent": parent.label, "data": args.data,
+            "train_tokens": int(make_data(parent, args.data, "train", seq_len=size.seq_len).tokens.numel()),
+            "batch": [size.batch_size, size.seq_len], "precision": size.precision, "planned_minutes": size.minutes,
             "plan": {"sweep_lrs": size.sweep_lrs, "stages": [asdict(s) for s in size.stages]}}
     results = {**results_json(outcome, size, meta), "left_out": left_out}
     results["seed_spread"] = seed_spread(outcome, size)
@@ -555,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths = outputs(name, args.out)
     write_all(results, size, paths, args.readme if args.readme or name == "smoke" else README)
     if runs:
-        print(f"\n{headline(results)}\n\n" + "\n\n".join(drop_table(s) for s in results["stages"].values()))
+        print(render("budget_summary", r=results, headline=headline(results), tokens=fmt_tokens))
         print(f"\nwrote {paths['json']}, the plots and {paths['doc']}; run metrics in {runs}; "
               f"total {(time.perf_counter() - start) / 60:.1f} min")
     return results

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bench._report import SHAPES, bench_parser, machine, render, table, write_section
+from bench._report import SHAPES, bench_parser, machine, render, timed, write_section
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.pipeline.calibration import calibrate
 from subclone_core.sources import make_data
@@ -30,25 +31,30 @@ def rss_mb(field: str) -> float:
     return float("nan")
 
 
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-
-
 @torch.no_grad()
-def plain_forward(model, batches) -> None:
+def plain_forward(model: torch.nn.Module, batches: list[dict]) -> None:
+    """The model over every batch without hooks: what calibration's cost is set against."""
     for b in batches:
         model(**b, use_cache=False)
 
 
-def best_of_alternating(first, second, repeats: int = 3) -> tuple[float, float]:
+def best_of_alternating(first: Callable[[], Any], second: Callable[[], Any], repeats: int = 3) -> tuple[float, float]:
     """Best time of each of two functions, run in turns so that both see the same machine load."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in zip((first, second), times):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
+    times = [timed(fn)[1] for _ in range(repeats) for fn in (first, second)]
+    return min(times[0::2]), min(times[1::2])
+
+
+def child_row(parent: Any, name: str, sizes: dict, importance: Any, start_mb: float, param_mb: float) -> list[str]:
+    """Slice and save one child: the seconds of each, and the peak memory above the start while doing both."""
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    child, slice_s, _ = timed(lambda: subclone_model(parent.model, plan_shape(parent.model, **sizes),
+                                                     importance=importance))
+    child.preprocessor = parent.preprocessor
+    with tempfile.TemporaryDirectory() as tmp:
+        save_s = timed(lambda: save_child(child, Path(tmp) / "child", task=parent.task))[1]
+    peak = rss_mb("VmHWM") - start_mb
+    return [name, f"{slice_s:.2f}", f"{save_s:.2f}", f"{slice_s + save_s:.2f}", f"{peak:.0f}",
+            f"{peak / param_mb:.2f}x"]
 
 
 def main() -> None:
@@ -56,41 +62,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
     load_avg = os.getloadavg()[0]  # other work on the machine slows the hooks' many small ops most
-    before_load = rss_mb("VmRSS")
-    start = time.perf_counter()
-    parent = load_parent("default")
-    load_s = time.perf_counter() - start
+    start_mb = rss_mb("VmRSS")
+    parent, load_s, _ = timed(lambda: load_parent("default"))
     param_mb = sum(p.numel() * p.element_size() for p in parent.model.parameters()) / 2**20
     batches = list(make_data(parent, "default", "train", seq_len=128, max_tokens=args.tokens).batches(8))
     plain_forward(parent.model, batches[:1])  # warm-up
     forward_s, calib_s = best_of_alternating(lambda: plain_forward(parent.model, batches),
                                              lambda: calibrate(parent.model, batches))
     importance = calibrate(parent.model, batches)
-    after_load = rss_mb("VmRSS")
-    rows = []
-    for name, sizes in SHAPES.items():
-        reset_peak()
-        start = time.perf_counter()
-        child = subclone_model(parent.model, plan_shape(parent.model, **sizes), importance=importance)
-        slice_s = time.perf_counter() - start
-        child.preprocessor = parent.preprocessor
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            save_child(child, Path(tmp) / "child", task=parent.task)
-            save_s = time.perf_counter() - start
-        peak = rss_mb("VmHWM")
-        rows.append([name, f"{slice_s:.2f}", f"{save_s:.2f}", f"{slice_s + save_s:.2f}",
-                     f"{peak - before_load:.0f}", f"{(peak - before_load) / param_mb:.2f}x"])
-        del child
-    steps = table(["step", "seconds", "target"], [
-        ["plain forward pass over the tokens", f"{forward_s:.2f}", ""],
-        ["calibration (same tokens, with hooks)", f"{calib_s:.2f}", f"{calib_s / forward_s:.2f}x forward (target <= 1.2x)"],
-    ])
-    children = table(["child", "slice s", "save s", "slice + save s (target < 2)", "peak MB above start",
-                      "peak / parent size (target < 2x)"], rows)
+    resident = rss_mb("VmRSS") - start_mb
+    rows = [child_row(parent, name, sizes, importance, start_mb, param_mb) for name, sizes in SHAPES.items()]
     report = render("core", machine=machine(), load_avg=load_avg, param_mb=param_mb, load_s=load_s,
-                    tokens=sum(b["input_ids"].numel() for b in batches), steps_table=steps,
-                    children_table=children, resident=after_load - before_load)
+                    tokens=sum(b["input_ids"].numel() for b in batches), forward_s=forward_s, calib_s=calib_s,
+                    rows=rows, resident=resident)
     print(report)
     write_section("core", report)
 

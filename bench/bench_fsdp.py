@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._report import DOCS, ROOT, bench_parser, machine, render, table, venv_tool, write_section
-from bench.bench_scale import SIZES, write_parent
+from bench._report import DOCS, bench_parser, machine, render, venv_tool, write_section
+from bench.bench_scale import SIZES, run_fresh, write_parent
 from subclone_core.io.atomic import write_text
 
 MODES = {"ddp": [], "fsdp": ["--fsdp"]}
@@ -36,12 +36,6 @@ RUNTIME_GIB = 1.0  # torch, transformers, the tokenizer and the data, per proces
 SAMPLE_S = 0.2  # how often each rank's VmHWM (its peak so far) is read while the run lasts
 
 
-def train_argv(child: Path, out: Path, steps: int) -> list[str]:
-    return ["train", "--model", str(child), "--out", str(out), "--steps", str(steps), "--batch-size", str(BATCH),
-            "--seq-len", str(SEQ_LEN), "--eval-tokens", str(EVAL_TOKENS), "--eval-every", str(steps), "--lr", "1e-4",
-            "--device", "cpu", "--quiet", "--json"]
-
-
 def launch(procs: int, argv: list[str]) -> dict:
     """One torchrun run in this (fresh) process: its summary, seconds, the largest process's peak RSS and each
     rank's (sampled: a peak reached in the last SAMPLE_S seconds of a rank's life may be missed there)."""
@@ -49,8 +43,7 @@ def launch(procs: int, argv: list[str]) -> dict:
     start, ranks = time.perf_counter(), {}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([venv_tool("torchrun"), "--standalone", "--nproc_per_node", str(procs),
-                                 venv_tool("subclone"), *argv],
-                                env=env, stdout=out, stderr=err, text=True)
+                                 venv_tool("subclone"), *argv], env=env, stdout=out, stderr=err, text=True)
         while proc.poll() is None:
             for rank, kib in rank_peaks_kib(proc.pid).items():
                 ranks[rank] = max(ranks.get(rank, 0), kib)
@@ -85,23 +78,12 @@ def rank_peaks_kib(root: int) -> dict[int, int]:
     return found
 
 
-def run_fresh(procs: int, argv: list[str]) -> dict:
-    """launch() in a new process, so that each run's peak is its own."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "bench.bench_fsdp", "--launch", json.dumps([procs, argv])], env=env,
-                          cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def write_child(size: str, work: Path) -> dict:
     """The synthetic child of this size (written once per work folder); its parameter count and bytes."""
-    child = work / f"child-{size}"
     facts_file = work / f"child-{size}.json"
     if not facts_file.exists():
-        facts_file.write_text(json.dumps(write_parent(child, size)))
-    return {"folder": child, **json.loads(facts_file.read_text())}
+        facts_file.write_text(json.dumps(write_parent(work / f"child-{size}", size)))
+    return {"folder": work / f"child-{size}", **json.loads(facts_file.read_text())}
 
 
 def state_gib(mode: str, params: int, procs: int) -> float:
@@ -110,37 +92,35 @@ def state_gib(mode: str, params: int, procs: int) -> float:
     return params * per_param / 2**30
 
 
-def estimated_peak_gib(mode: str, params: int, procs: int, root: int) -> float:
+def estimated_peak_gib(mode: str, params: int, procs: int, size: str) -> float:
     """The largest process's peak: the runtime and its training state (replicated weights are the ones it
     loaded). Sharded, nothing is loaded whole (each process reads its shards from the files); a process peaks in
-    training, when the root's parameters (the tied embedding and head: ``root``) are whole with their gradient
-    from the first forward to the last backward, or, the main process, at the end, when, its gradients and AdamW
-    state freed, it gathers the whole trained child beside its own shards and writes it (0.23B, 0.49B and 1.00B
+    training, when the root's parameters (the tied embedding and head) are whole with their gradient from the
+    first forward to the last backward, or, the main process, at the end, when, its gradients and AdamW state
+    freed, it gathers the whole trained child beside its own shards and writes it (0.23B, 0.49B and 1.00B
     children on 2 processes: 3.15, 5.57 and 10.34 GiB estimated, 3.03, 5.58 and 10.55 measured)."""
     if mode == "ddp":
         return RUNTIME_GIB + state_gib(mode, params, procs)
-    training = state_gib(mode, params, procs) + root * ROOT_BYTES / 2**30
+    training = state_gib(mode, params, procs) + VOCAB * SIZES[size][0] * ROOT_BYTES / 2**30
     gather = params * (GATHER_BYTES + 4 / procs) / 2**30
     return RUNTIME_GIB + max(training, gather)
 
 
-def machine_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-
-
 def measure(size: str, modes: list[str], procs: int, steps: int, work: Path, budget_gib: float) -> list[dict]:
-    """Train one child replicated and sharded; a mode whose estimated peak over all processes exceeds 90% of
-    this machine's memory is not run (the kernel would kill it), only its estimate reported."""
-    child = write_child(size, work)
-    rows = []
+    """Train one child replicated and sharded (`subclone train` under torchrun, each run from a fresh process so
+    that its peak is its own); a mode whose estimated peak over all processes exceeds 90% of this machine's
+    memory is not run (the kernel would kill it), only its estimate reported."""
+    child, rows = write_child(size, work), []
     for mode in modes:
-        flags = MODES[mode]
         row = {"size": size, "parameters": child["parameters"], "mode": mode,
                "state_gib": state_gib(mode, child["parameters"], procs), "budget_gib": budget_gib,
-               "estimated_peak_gib": estimated_peak_gib(mode, child["parameters"], procs, VOCAB * SIZES[size][0])}
+               "estimated_peak_gib": estimated_peak_gib(mode, child["parameters"], procs, size)}
         if row["estimated_peak_gib"] * procs < 0.9 * machine_gib():
-            argv = [*train_argv(child["folder"], work / f"run-{size}-{mode}", steps), "--overwrite", *flags]
-            row.update(run_fresh(procs, argv))
+            argv = ["train", "--model", str(child["folder"]), "--out", str(work / f"run-{size}-{mode}"),
+                    "--steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--eval-tokens",
+                    str(EVAL_TOKENS), "--eval-every", str(steps), "--lr", "1e-4", "--device", "cpu", "--quiet",
+                    "--json", "--overwrite", *MODES[mode]]
+            row.update(run_fresh("bench.bench_fsdp", "--launch", json.dumps([procs, argv])))
             ranks = " / ".join(f"{g:.2f}" for g in row["rank_peak_rss_gib"])
             print(f"{size} {mode}: peak RSS {row['peak_rss_gib']:.2f} GiB per process (largest; by rank {ranks}), "
                   f"estimated {row['estimated_peak_gib']:.2f}, training state {row['state_gib']:.2f} GiB, "
@@ -149,29 +129,13 @@ def measure(size: str, modes: list[str], procs: int, steps: int, work: Path, bud
     return rows
 
 
-def _cells(row: dict) -> list[str]:
-    hidden, blocks, heads, kv, ffn = SIZES[row["size"]]
-    shape = f"{row['parameters'] / 1e9:.2f}B ({blocks} x {hidden}, {heads} heads / {kv} KV, FFN {ffn})"
-    if "peak_rss_gib" not in row:
-        estimate = row["estimated_peak_gib"]
-        return [shape, row["mode"], "not run", f"{estimate:.2f}", f"{row['state_gib']:.2f}",
-                "yes" if estimate <= row["budget_gib"] else "no", "-", "-"]
-    fits = "yes" if row["peak_rss_gib"] <= row["budget_gib"] else "no"
-    peak = f"{row['peak_rss_gib']:.2f}"
-    if row.get("rank_peak_rss_gib"):
-        peak += " (" + " / ".join(f"{g:.2f}" for g in row["rank_peak_rss_gib"]) + ")"
-    return [shape, row["mode"], peak, f"{row['estimated_peak_gib']:.2f}", f"{row['state_gib']:.2f}", fits,
-            f"{row['seconds']:.0f}", f"{row['row']['final']:.4f}"]
+def machine_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def markdown(report: dict) -> str:
-    """The "bench_fsdp" section of docs/BENCHMARKS.md (template bench/templates/bench_fsdp.md)."""
-    budget = report["budget_gib"]
-    rows = table(["child", "mode", "peak RSS per process (GiB)", "estimated peak (GiB)",
-                  "training state per process (GiB)", f"fits {budget:.1f} GiB", "seconds", "final loss"],
-                 [_cells(r) for r in report["rows"]])
-    note = f"{report['note']}\n\n" if report.get("note") else ""
-    return render("bench_fsdp", **{**report, "budget": budget, "table": rows, "note": note})
+    """The "bench_fsdp" section of docs/BENCHMARKS.md (template bench/templates/bench_fsdp.md.j2)."""
+    return render("bench_fsdp", **{**report, "note": report.get("note") or ""}, sizes=SIZES)
 
 
 def losses_agree(rows: list[dict]) -> bool:
@@ -183,33 +147,31 @@ def losses_agree(rows: list[dict]) -> bool:
     return all(math.isclose(min(v), max(v), rel_tol=1e-4) for v in finals.values())
 
 
-def kept_rows(report: dict, measured: list[dict]) -> list[dict]:
-    """The rows of the previous docs/fsdp.json that this run did not remeasure, when its settings were the same."""
-    path = DOCS / "fsdp.json"
-    if not path.exists():
-        return []
-    previous = json.loads(path.read_text())
-    same = all(previous.get(k) == report[k] for k in ("procs", "steps", "batch_size", "seq_len", "budget_gib"))
-    done = {(r["size"], r["mode"]) for r in measured}
-    return [r for r in previous["rows"] if (r["size"], r["mode"]) not in done] if same else []
-
-
-def ordered(rows: list[dict]) -> list[dict]:
-    """Rows by child size, then DDP before FSDP."""
+def with_kept_rows(report: dict, measured: list[dict]) -> list[dict]:
+    """The measured rows and those of the previous docs/fsdp.json that this run did not remeasure, when its
+    settings were the same; by child size, then DDP before FSDP."""
+    path, kept = DOCS / "fsdp.json", []
+    if path.exists():
+        previous = json.loads(path.read_text())
+        done = {(r["size"], r["mode"]) for r in measured}
+        if all(previous.get(k) == report[k] for k in ("procs", "steps", "batch_size", "seq_len", "budget_gib")):
+            kept = [r for r in previous["rows"] if (r["size"], r["mode"]) not in done]
     sizes, modes = list(SIZES), list(MODES)
-    return sorted(rows, key=lambda r: (sizes.index(r["size"]), modes.index(r["mode"])))
+    return sorted(measured + kept, key=lambda r: (sizes.index(r["size"]), modes.index(r["mode"])))
 
 
-def report_again(note: str | None) -> int:
+def publish(report: dict) -> None:
+    write_text(DOCS / "fsdp.json", json.dumps(report, indent=1))
+    write_section("bench_fsdp", markdown(report))
+
+
+def report_again(note: str | None) -> None:
     """docs/fsdp.json's rows again, with this version's estimates (and the note, when given), into both files."""
     report = json.loads((DOCS / "fsdp.json").read_text())
     for row in report["rows"]:
-        hidden = SIZES[row["size"]][0]
-        row["estimated_peak_gib"] = estimated_peak_gib(row["mode"], row["parameters"], report["procs"], VOCAB * hidden)
+        row["estimated_peak_gib"] = estimated_peak_gib(row["mode"], row["parameters"], report["procs"], row["size"])
     report["note"] = note if note is not None else report.get("note")
-    write_text(DOCS / "fsdp.json", json.dumps(report, indent=1))
-    write_section("bench_fsdp", markdown(report))
-    return 0
+    publish(report)
 
 
 def main() -> int:
@@ -229,17 +191,17 @@ def main() -> int:
         print(json.dumps(launch(*json.loads(args.launch))))
         return 0
     if args.report_only:
-        return report_again(args.note)
+        report_again(args.note)
+        return 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-fsdp-"))
-    sizes = ["tiny"] if args.smoke else args.sizes.split(",")
     modes = [m for m in MODES if m in args.modes.split(",")]
     report = {"procs": args.procs, "steps": args.steps, "batch_size": BATCH, "seq_len": SEQ_LEN,
               "budget_gib": args.budget_gib, "machine_gib": machine_gib(), "machine": machine(), "note": args.note}
-    measured = [row for size in sizes for row in measure(size, modes, args.procs, args.steps, work, args.budget_gib)]
-    report["rows"] = measured if args.smoke else ordered(measured + kept_rows(report, measured))
+    measured = [row for size in (["tiny"] if args.smoke else args.sizes.split(","))
+                for row in measure(size, modes, args.procs, args.steps, work, args.budget_gib)]
+    report["rows"] = measured if args.smoke else with_kept_rows(report, measured)
     if not args.smoke:
-        write_text(DOCS / "fsdp.json", json.dumps(report, indent=1))
-        write_section("bench_fsdp", markdown(report))
+        publish(report)
     return 0 if losses_agree(report["rows"]) else 1
 
 

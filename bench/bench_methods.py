@@ -8,6 +8,7 @@ Run: python -m bench.bench_methods [--parents default,gemma3-270m] [--smoke] [--
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -17,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import _harness as h
 from bench import _report as rp
-from bench._report import DOCS, bench_parser, fmt_value, machine, render, table, write_section
-from bench.bench_quality import CHILD_LRS, RANDOM_LRS, arm_json, chosen_run, train_one
+from bench import bench_quality as q
+from bench._report import DOCS, fmt_value, render, table
+from bench.bench_quality import chosen_run
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape
 from subclone_core.core.strategies import plan_shape
@@ -44,6 +45,7 @@ BASELINE = "random"
 EXTEND = 2.0  # an arm whose chosen lr is at an edge of its grid gets lr x 2 (or / 2) beyond it, ...
 MAX_EXTENSIONS = 3  # ... at most this many times (Gemma 3's subclone and GRAIL arms needed 3 at the 4,096-token budget)
 MARGIN = 0.01  # nats: a loss counts as lower than subclone's from this much (the report's two decimals show it)
+PLOT = "methods_training.png"
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,15 @@ class Plan:
     steps: int
     batch_size: int
     evals: int = 5
-    child_lrs: tuple[float, ...] = CHILD_LRS
-    random_lrs: tuple[float, ...] = RANDOM_LRS
+    child_lrs: tuple[float, ...] = q.CHILD_LRS
+    random_lrs: tuple[float, ...] = q.RANDOM_LRS
     val_tokens: int = 2048
     seq_len: int = 128
     eval_batch: int = 8
     precision: str = "auto"  # none on the CPU: bf16 autocast there is ~40x slower on a CPU without AVX-512 BF16
 
     def grid(self, method: str) -> tuple[float, ...]:
+        """The lr grid an arm starts at."""
         return self.random_lrs if method == BASELINE else self.child_lrs
 
 
@@ -72,47 +75,36 @@ SMOKE_PLAN = Plan(3, 2, evals=2, child_lrs=(1e-3, 2e-3), random_lrs=(2e-3, 4e-3)
 PLANS = {"default": Plan(30, 4), "gemma3-270m": Plan(16, 2, evals=4, val_tokens=1024), "*": Plan(30, 4)}
 
 
+# --- step 0 ---------------------------------------------------------------------------------------------
+
+
 def rows_of(parent: Parent, ratios: tuple[float, ...]) -> list[dict[str, Any]]:
     """The shapes: (kind, sizes, methods) for each width ratio, each hidden-only ratio and the depth cut."""
-    base = Shape.of(parent.model.config)
-    rows = []
-    for ratio in ratios:
-        want = {k: max(1, round(getattr(base, k) * ratio)) for k in ("hidden", "heads", "kv_heads", "ffn")}
-        rows.append(("width", ratio, _sizes(nearest_valid_shape(parent.model, want)), WIDTH_METHODS))
-    for ratio in ratios:
-        hidden = max(base.heads, round(base.hidden * ratio / base.heads) * base.heads)  # transformers: heads | hidden
-        rows.append(("hidden", ratio, _sizes(plan_shape(parent.model, "slicegpt", hidden=hidden)), HIDDEN_METHODS))
-    depth = _sizes(plan_shape(parent.model, layers=max(1, round(base.layers * 2 / 3))))
-    rows.append(("depth", 2 / 3, depth, DEPTH_METHODS))
-    return [{"kind": k, "ratio": r, "sizes": s, "methods": m} for k, r, s, m in rows]
+    base, model = Shape.of(parent.model.config), parent.model
+    rows = [("width", r, nearest_valid_shape(model, {k: max(1, round(getattr(base, k) * r)) for k in q.WIDTH_KEYS}),
+             WIDTH_METHODS) for r in ratios]
+    for r in ratios:
+        hidden = max(base.heads, round(base.hidden * r / base.heads) * base.heads)  # transformers: heads | hidden
+        rows.append(("hidden", r, plan_shape(model, "slicegpt", hidden=hidden), HIDDEN_METHODS))
+    rows.append(("depth", 2 / 3, plan_shape(model, layers=max(1, round(base.layers * 2 / 3))), DEPTH_METHODS))
+    return [{"kind": k, "ratio": r, "sizes": q.sizes_of(s), "methods": m} for k, r, s, m in rows]
 
 
-def _sizes(shape: Shape) -> dict[str, int]:
-    return {k: getattr(shape, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn")}
+def calibrated(parent_id: str, tokens: int, methods: tuple[str, ...], note: str = "") -> tuple[Parent, Any]:
+    """The parent in float32 and one calibration with every statistic the methods read."""
+    parent = load_parent(parent_id, dtype="float32")
+    print(f"{parent.label}{note}", file=sys.stderr, flush=True)
+    return parent, measure_importance(parent, tokens=tokens, **recorded_statistics(methods))
 
 
-def measure(parent: Parent, importance: Any, vals: dict[int, Any], row: dict[str, Any], tokens: int,
-            keep: dict[str, Any] | None = None) -> dict:
-    """Each method's child of one shape: losses at each window, parameters and build seconds, or the refusal;
-    the children go into ``keep`` when given (the trained row: built once, for both stages)."""
-    target = plan_shape(parent.model, **row["sizes"])
-    out = {}
-    for method in row["methods"]:
-        start = time.perf_counter()
-        try:
-            child = build_child(parent, target, method, importance, tokens)
-        except SubcloneError as err:
-            out[method] = {"refused": str(err)}
-            continue
-        built = time.perf_counter() - start
-        losses = {str(w): evaluate(child, vals[w].batches(max(1, 2048 // w)))["loss"] for w in WINDOWS}
-        out[method] = {"losses": losses, "params": sum(p.numel() for p in child.parameters()), "seconds": built}
-        print(f"  {row['kind']} {row['ratio']:.2f} {method}: " + ", ".join(
-            f"{w} {fmt_value(v)}" for w, v in losses.items()) + f" ({built:.0f} s)", file=sys.stderr, flush=True)
-        if keep is not None:
-            keep[method] = child
-        del child
-    return {**{k: v for k, v in row.items() if k != "methods"}, "results": out}
+def windows(parent: Parent, val_tokens: int) -> dict[int, Any]:
+    """The held-out text in windows of each length of WINDOWS."""
+    return {w: make_data(parent, "default", "validation", seq_len=w, max_tokens=val_tokens) for w in WINDOWS}
+
+
+def step0(model: Any, vals: dict[int, Any]) -> dict[str, float]:
+    """The loss at each window, on 2048 tokens' worth of windows per batch."""
+    return {str(w): evaluate(model, vals[w].batches(max(1, 2048 // w)))["loss"] for w in WINDOWS}
 
 
 def build_child(parent: Parent, target: Shape, method: str, importance: Any, tokens: int) -> Any:
@@ -122,47 +114,65 @@ def build_child(parent: Parent, target: Shape, method: str, importance: Any, tok
                       calib_tokens=tokens).model
 
 
+def measure(parent: Parent, importance: Any, vals: dict[int, Any], row: dict[str, Any], tokens: int,
+            keep: dict[str, Any] | None = None) -> dict:
+    """Each method's child of one shape: losses at each window, parameters and build seconds, or the refusal;
+    the children go into ``keep`` when given (the trained row: built once, for both stages)."""
+    target, out = plan_shape(parent.model, **row["sizes"]), {}
+    for method in row["methods"]:
+        start = time.perf_counter()
+        try:
+            child = build_child(parent, target, method, importance, tokens)
+        except SubcloneError as err:
+            out[method] = {"refused": str(err)}
+            continue
+        built = time.perf_counter() - start
+        out[method] = {"losses": step0(child, vals), "params": q.parameter_total(child), "seconds": built}
+        losses = ", ".join(f"{w} {fmt_value(v)}" for w, v in out[method]["losses"].items())
+        print(f"  {row['kind']} {row['ratio']:.2f} {method}: {losses} ({built:.0f} s)", file=sys.stderr, flush=True)
+        if keep is not None:
+            keep[method] = child
+        del child  # not held while the next one is built
+    return {**{k: v for k, v in row.items() if k != "methods"}, "results": out}
+
+
 def run_parent(parent_id: str, tokens: int, val_tokens: int, ratios: tuple[float, ...], plan: Plan | None,
                runs: Path, old: dict | None = None) -> dict:
     """One parent: one calibration with every statistic the methods read, then every row, then (with a plan) the
     matched training of the trained row's children. With ``old`` (this parent's entry of an earlier
     methods.json, same settings) only the trained row is built and scored again; the other rows are kept."""
     start = time.perf_counter()
-    parent = load_parent(parent_id, dtype="float32")
-    print(f"{parent.label}", file=sys.stderr, flush=True)
-    every = WIDTH_METHODS + HIDDEN_METHODS + DEPTH_METHODS
-    importance = measure_importance(parent, tokens=tokens, **recorded_statistics(every))
-    vals = {w: make_data(parent, "default", "validation", seq_len=w, max_tokens=val_tokens) for w in WINDOWS}
-    parent_losses = old["parent_losses"] if old else {
-        str(w): evaluate(parent.model, vals[w].batches(max(1, 2048 // w)))["loss"] for w in WINDOWS}
-    children: dict[str, Any] = {}
-    trained = (TRAINED_KIND, min(ratios)) if plan else None
-    rows = []
+    parent, importance = calibrated(parent_id, tokens, WIDTH_METHODS + HIDDEN_METHODS + DEPTH_METHODS)
+    vals = windows(parent, val_tokens)
+    parent_losses = old["parent_losses"] if old else step0(parent.model, vals)
+    trained, children, rows = (TRAINED_KIND, min(ratios)) if plan else None, {}, []
     for i, row in enumerate(rows_of(parent, ratios)):
         keep = children if (row["kind"], row["ratio"]) == trained else None
         rows.append(old["rows"][i] if old and keep is None else measure(parent, importance, vals, row, tokens, keep))
     out = {"parent": parent_id, "label": parent.label, "parent_losses": parent_losses,
-           "parent_params": sum(p.numel() for p in parent.model.parameters()), "rows": rows,
+           "parent_params": q.parameter_total(parent.model), "rows": rows,
            "seconds": {"step0": time.perf_counter() - start}}
     if old:  # this time: the calibration and the trained row's children only
         out["seconds"] = {"step0": old.get("seconds", {}).get("step0"), "rebuild": out["seconds"]["step0"]}
-        out["rebuilt"] = _rebuilt(old, rows, trained)
+        out["rebuilt"] = rebuilt(row_of(old, trained)["results"], row_of(out, trained)["results"])
     if plan:
         begin = time.perf_counter()
-        row = next(r for r in rows if (r["kind"], r["ratio"]) == trained)
-        out["training"] = train_row(parent, row, children, plan, runs)
+        out["training"] = train_row(parent, row_of(out, trained), children, plan, runs)
         out["seconds"]["training"] = time.perf_counter() - begin
     return out
 
 
-def _rebuilt(old: dict, rows: list[dict], trained: tuple | None) -> dict[str, float]:
+def row_of(entry: dict, kind_ratio: tuple | None) -> dict:
+    """A parent entry's row of that (kind, ratio)."""
+    return next(r for r in entry["rows"] if (r["kind"], r["ratio"]) == kind_ratio)
+
+
+def rebuilt(before: dict, after: dict) -> dict[str, float]:
     """How far the trained row's step-0 losses, built again, are from the earlier JSON's (each method's largest
     difference over both windows; 0 when the build is deterministic)."""
-    before = next(r for r in old["rows"] if (r["kind"], r["ratio"]) == trained)["results"]
-    after = next(r for r in rows if (r["kind"], r["ratio"]) == trained)["results"]
     diffs = {m: max(abs(a["losses"][w] - before[m]["losses"][w]) for w in a["losses"])
              for m, a in after.items() if "losses" in a and "losses" in before.get(m, {})}
-    print(f"  rebuilt {trained}: largest step-0 difference from the JSON {max(diffs.values(), default=0):.2g}",
+    print(f"  rebuilt: largest step-0 difference from the JSON {max(diffs.values(), default=0):.2g}",
           file=sys.stderr, flush=True)
     return diffs
 
@@ -177,48 +187,38 @@ def train_row(parent: Parent, row: dict, children: dict[str, Any], plan: Plan, r
     print(f"training {_shape(row['sizes'])}: {plan.steps} steps of {plan.batch_size} x {plan.seq_len} tokens, "
           f"{', '.join(children)}", file=sys.stderr, flush=True)
     trainer = row_trainer(parent, row, plan, runs)
-    arms = {method: extend_until_inside(trainer(method, model), plan.grid(method))
+    arms = {method: extend_until_inside(trainer(method, model, method), plan.grid(method))
             for method, model in children.items()}
     children.clear()  # the models are no longer needed
     return {"kind": row["kind"], "ratio": row["ratio"], "sizes": row["sizes"], "plan": asdict(plan),
             "refused": [m for m, r in row["results"].items() if "refused" in r], "arms": with_speedups(arms)}
 
 
-def row_trainer(parent: Parent, row: dict, plan: Plan, runs: Path
-                ) -> Callable[[str, Any], Callable[[float], tuple[RunResult, dict]]]:
-    """``trainer(method, model)(lr)``: one run of the row's plan (fresh copy, the identical batches every time)."""
+def row_trainer(parent: Parent, row: dict, plan: Plan, runs: Path) -> Callable:
+    """``trainer(method, model, strategy)(lr)``: one run of the row's plan (bench_quality.lr_trainer) on the
+    default text, validated on the plan's held-out tokens."""
     val = make_data(parent, "default", "validation", seq_len=plan.seq_len, max_tokens=plan.val_tokens)
-    data = (make_data(parent, "default", "train", seq_len=plan.seq_len), val)
-    config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=plan.eval_batch,
-                            eval_at=rp.log_eval_steps(plan.steps, plan.evals + 1), precision=plan.precision)
     tag = f"{row['kind']}-{row['ratio']:.2f}"
-
-    def trainer(method: str, model: Any) -> Callable[[float], tuple[RunResult, dict]]:
-        return lambda lr: train_one(h.candidate(run_name(method, lr), model, lr, method), data, config, tag, runs)
-
-    return trainer
+    return q.lr_trainer(parent, "default", val, plan, plan.seq_len, plan.eval_batch, tag, runs)
 
 
 def extend_until_inside(train_at: Callable[[float], tuple[RunResult, dict]], grid: tuple[float, ...],
-                        most: int = MAX_EXTENSIONS, done: dict[str, dict] | None = None) -> dict[str, Any]:
+                        most: int = MAX_EXTENSIONS, done: dict[str, Any] | None = None) -> dict[str, Any]:
     """An arm trained at every lr of ``grid`` (``train_at(lr)``: its result and JSON row), then, while its chosen
     lr (bench_quality.arm_json: the library's rule) is the lowest or highest of the grid, at one more lr beyond
     that edge (EXTEND), ``most`` times at most; every run diverged counts as the lowest edge. ``done``: an arm's
     JSON from an earlier run (its runs are kept, not trained again, and its extensions count). The arm's JSON:
     arm_json's, plus the starting grid and the lrs added; "edge" stays set when the cap left the best at an edge."""
-    runs = {run_name("arm", r["lr"]): (result_of(r), r) for r in done["runs"]} if done else {}
-    lrs = sorted(done["lrs"]) if done else sorted(grid)
-    added: list[float] = list(done["added"]) if done else []
-    for lr in [lr for lr in lrs if run_name("arm", lr) not in runs]:
-        result, row = train_at(lr)
-        runs[run_name("arm", lr)] = (result, row)
+    runs = {r["lr"]: (result_of(r), r) for r in done["runs"]} if done else {}
+    lrs, added = (sorted(done["lrs"]), list(done["added"])) if done else (sorted(grid), [])
     while True:
-        arm = arm_json(dict(sorted(runs.items(), key=lambda kv: kv[1][0].lr)), tuple(lrs))
+        for lr in lrs:
+            if lr not in runs:
+                runs[lr] = train_at(lr)
+        arm = q.arm_json(dict(sorted(runs.items())), tuple(lrs))
         lr = beyond(arm)
         if lr is None or len(added) >= most:
             return {**arm, "start_grid": list(grid), "added": added}
-        result, row = train_at(lr)
-        runs[run_name("arm", lr)] = (result, row)
         lrs, added = sorted([*lrs, lr]), [*added, lr]
 
 
@@ -249,8 +249,7 @@ def with_speedups(arms: dict[str, dict]) -> dict[str, dict]:
     target. Adds "target", "tokens_to_target" (None: not reached; 0: there at step 0), "vs_random" and
     "vs_subclone" (IsoLoss dicts; None without that arm)."""
     chosen = {m: chosen_run(a) for m, a in arms.items()}
-    base = chosen.get(BASELINE)
-    target = base["best"] if base else None
+    target = chosen[BASELINE]["best"] if chosen.get(BASELINE) else None
     out = {}
     for method, arm in arms.items():
         run = chosen[method]
@@ -263,33 +262,49 @@ def with_speedups(arms: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+# --- the report -----------------------------------------------------------------------------------------
+
+
 def markdown(report: dict) -> str:
-    """The section (templates bench/templates/methods.md and methods_training.md): per parent, one table of
-    step-0 losses (128 / 2048 windows) per shape and method, then the trained row's training table; where subclone
-    is not the best, from the numbers; the plot."""
-    parents = ""
+    """The section (template bench/templates/methods.md.j2): per parent, one table of step-0 losses (128 / 2048
+    windows) per shape and method, then the trained row's training table; where subclone is not the best, from
+    the numbers; the plot."""
+    parents = []
     for p in report["parents"]:
         methods = list(dict.fromkeys(m for r in p["rows"] for m in r["results"]))
-        body = [[r["kind"], f"{r['ratio']:.2f}", _shape(r["sizes"]), *(_cell(r["results"].get(m)) for m in methods)]
-                for r in p["rows"]]
-        parents += (f"**{p['label']}** (parent: {_pair(p['parent_losses'])}{_minutes(p)})\n\n"
-                    f"{table(['cut', 'ratio', 'shape', *methods], body)}\n\n")
-        if p.get("training"):
-            parents += training_markdown(p["training"]) + "\n\n"
-    trained = [p for p in report["parents"] if p.get("training")]
-    where = " ".join(f"{p['label']}: {not_best(p)}" for p in report["parents"])
-    after = (f"**Where subclone is not the best.** {where}\n\n![step-0 loss and tokens to random init's best per "
-             f"method, and the chosen runs' curves]({PLOT})" if trained else f"**Where subclone is not the best "
-             f"at step 0.** {where}")
-    return render("methods", **{**report, "section": SECTION, "parents": parents, "after": after})
+        cells = [[r["kind"], f"{r['ratio']:.2f}", _shape(r["sizes"]), *(_cell(r["results"].get(m)) for m in methods)]
+                 for r in p["rows"]]
+        seconds = {k: v for k, v in p.get("seconds", {}).items() if v is not None}
+        parents.append({**p, "pair": _pair(p["parent_losses"]), "step0": table(["cut", "ratio", "shape", *methods], cells),
+                        "seconds": seconds, "trained": p.get("training") and training_view(p["training"])})
+    return render("methods", **{**report, "parents": parents}, section=SECTION, plot=PLOT, extend=EXTEND,
+                  most=MAX_EXTENSIONS, where=" ".join(f"{p['label']}: {not_best(p)}" for p in report["parents"]))
 
 
-PLOT = "methods_training.png"
+def training_view(t: dict) -> dict[str, Any]:
+    """One parent's training for the template: the settings, a row per arm, the arms still at an edge of their
+    grid and those given more lrs by --extend-edges (beyond the first MAX_EXTENSIONS extensions, runs kept)."""
+    start = (chosen_run(t["arms"][DEFAULT]) or {}).get("start") if DEFAULT in t["arms"] else None
+    arms = t["arms"].items()
+    return {**t, "shape": _shape(t["sizes"]), "rows": [_arm_row(m, a, start) for m, a in arms],
+            "child_grid": _grid(t["plan"]["child_lrs"]), "random_grid": _grid(t["plan"]["random_lrs"]),
+            "target": fmt_value(next(iter(t["arms"].values()))["target"]),
+            "edges": [(m, lr_text(a["chosen_lr"]), a["edge"], len(a["added"])) for m, a in arms if a["edge"]],
+            "more": {m: len(a["added"]) - MAX_EXTENSIONS for m, a in arms if len(a["added"]) > MAX_EXTENSIONS}}
 
 
-def _minutes(p: dict) -> str:
-    seconds = {k: v for k, v in p.get("seconds", {}).items() if v is not None}
-    return "; " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in seconds.items()) if seconds else ""
+def _arm_row(method: str, arm: dict, start: float | None) -> list[str]:
+    """One arm's row: its chosen lr in its grid, losses, tokens to the target, both speedups, tokens to subclone's
+    step-0 loss (``start``) and throughput."""
+    run = chosen_run(arm) or {}
+    to_start = tokens_to(run, start)
+    lr = "all diverged" if arm["chosen_lr"] is None else lr_text(arm["chosen_lr"])
+    edge = f", at the {arm['edge']} edge" if arm["edge"] else ""
+    return [method, f"{lr} (of {_grid(arm['lrs'])}{edge})", *(fmt_value(run.get(k)) for k in ("start", "best", "final")),
+            _tokens_cell(arm["tokens_to_target"]), _speedup_cell(arm["vs_random"], method == BASELINE, BASELINE),
+            _speedup_cell(arm["vs_subclone"], method == DEFAULT, DEFAULT),
+            "not reached" if to_start is None else f"{to_start:,.0f}",
+            f"{run['tokens_per_s']:.0f}" if run.get("tokens_per_s") else "-"]
 
 
 def _shape(s: dict[str, int]) -> str:
@@ -301,54 +316,14 @@ def _pair(losses: dict[str, float]) -> str:
 
 
 def _cell(result: dict | None) -> str:
-    if result is None:
-        return "-"
-    return "refused" if "refused" in result else _pair(result["losses"])
-
-
-def training_markdown(t: dict) -> str:
-    """One parent's training: the settings, then per arm its chosen lr in its grid, losses, tokens to the target,
-    both speedups and throughput; the arms still at an edge of their grid."""
-    plan = t["plan"]
-    head = render("methods_training", shape=_shape(t["sizes"]), kind=t["kind"], ratio=t["ratio"], **plan,
-                  tokens=plan["steps"] * plan["batch_size"] * plan["seq_len"], extend=EXTEND, most=MAX_EXTENSIONS,
-                  child_grid=_grid(plan["child_lrs"]), random_grid=_grid(plan["random_lrs"]),
-                  target=fmt_value(next(iter(t["arms"].values()))["target"]),
-                  refused=f" Refused at this shape: {', '.join(t['refused'])}." if t["refused"] else "",
-                  autocast="bf16 autocast" if plan["precision"] == "bf16" else "float32 on the CPU, bf16 autocast "
-                  "on a GPU" if plan["precision"] == "auto" else "float32")
-    rows = []
-    start = (chosen_run(t["arms"][DEFAULT]) or {}).get("start") if DEFAULT in t["arms"] else None
-    for method, arm in t["arms"].items():
-        run = chosen_run(arm) or {}
-        to_start = tokens_to(run, start)
-        lr = "all diverged" if arm["chosen_lr"] is None else lr_text(arm["chosen_lr"])
-        edge = f", at the {arm['edge']} edge" if arm["edge"] else ""
-        rows.append([method, f"{lr} (of {_grid(arm['lrs'])}{edge})", fmt_value(run.get("start")),
-                     fmt_value(run.get("best")), fmt_value(run.get("final")), _tokens_cell(arm),
-                     _speedup_cell(arm["vs_random"], method == BASELINE, BASELINE),
-                     _speedup_cell(arm["vs_subclone"], method == DEFAULT, DEFAULT),
-                     "not reached" if to_start is None else f"{to_start:,.0f}",
-                     f"{run['tokens_per_s']:.0f}" if run.get("tokens_per_s") else "-"])
-    header = ["method", "lr chosen (of grid)", "step 0", "best", "final", "tokens to random's best",
-              "speedup vs random", "vs subclone", "tokens to subclone's step 0", "tokens/s"]
-    edges = [f"{m} (best lr {lr_text(a['chosen_lr'])} is the {a['edge']}est of its grid after {len(a['added'])} "
-             "extensions)" for m, a in t["arms"].items() if a["edge"]]
-    inside = ("Every arm's chosen lr is inside its grid." if not edges else
-              f"Still at an edge of the grid: {'; '.join(edges)}.")
-    more = {m: len(a["added"]) - MAX_EXTENSIONS for m, a in t["arms"].items() if len(a["added"]) > MAX_EXTENSIONS}
-    if more:  # bench_methods --extend-edges: runs kept, more lrs beyond the edge
-        inside += (" Given more lrs beyond the edge after the first " + str(MAX_EXTENSIONS) + " extensions "
-                   "(`--extend-edges`, the earlier runs kept): " + ", ".join(f"{m} {n}" for m, n in more.items()) + ".")
-    return f"{head}\n\n{table(header, rows)}\n\n{inside}"
+    return "-" if result is None else "refused" if "refused" in result else _pair(result["losses"])
 
 
 def _grid(lrs: list[float]) -> str:
     return ", ".join(lr_text(x) for x in sorted(lrs))
 
 
-def _tokens_cell(arm: dict) -> str:
-    tokens = arm["tokens_to_target"]
+def _tokens_cell(tokens: float | None) -> str:
     return "not reached" if tokens is None else "0 (at step 0)" if tokens == 0 else f"{tokens:,.0f}"
 
 
@@ -372,19 +347,17 @@ def not_best(p: dict) -> str:
     for r in p["rows"]:
         ours = r["results"].get(DEFAULT, {}).get("losses")
         for method, res in r["results"].items():
-            windows = [w for w in map(str, WINDOWS)
-                       if ours and "losses" in res and res["losses"][w] <= ours[w] - MARGIN]
-            if method != DEFAULT and windows:
+            lower_at = [w for w in map(str, WINDOWS)
+                        if ours and "losses" in res and res["losses"][w] <= ours[w] - MARGIN]
+            if method != DEFAULT and lower_at:
                 found.append(f"step 0, {r['kind']} {r['ratio']:.2f}: {method} {_pair(res['losses'])} against "
-                             f"{_pair(ours)} (lower at {' and '.join(windows)} tokens)")
+                             f"{_pair(ours)} (lower at {' and '.join(lower_at)} tokens)")
     text = ("; ".join(found) + ".") if found else "subclone has the lowest step-0 loss of every row."
-    if t := p.get("training"):
-        text += " " + _training_not_best(t)
-    return text
+    return text + (" " + _training_not_best(p["training"]) if p.get("training") else "")
 
 
 def _training_not_best(t: dict) -> str:
-    """The trained row's part of not_best."""
+    """The trained row's part of not_best: a loss counts as lower by MARGIN, a token count strictly (equal ties)."""
     runs = {m: chosen_run(a) or {} for m, a in t["arms"].items()}
     start = runs.get(DEFAULT, {}).get("start")
     measures = {"step-0 loss": lambda m: runs[m].get("start"), "best loss": lambda m: runs[m].get("best"),
@@ -395,16 +368,15 @@ def _training_not_best(t: dict) -> str:
     for what, value in measures.items():
         ours = value(DEFAULT) if DEFAULT in runs else None
         ours = float("inf") if ours is None else ours
-        margin = 0 if what.startswith("tokens") else MARGIN  # token counts: strictly fewer (equal is a tie)
+        tokens = what.startswith("tokens")
         others = [m for m in runs if m != DEFAULT and value(m) is not None]
-        better = [m for m in others if value(m) < ours - margin or (margin and value(m) <= ours - margin)]
-        show = (lambda v: f"{v:,.0f}") if what.startswith("tokens") else fmt_value
+        better = [m for m in others if (value(m) < ours if tokens else value(m) <= ours - MARGIN)]
+        show = (lambda v: f"{v:,.0f}") if tokens else fmt_value
         if better:
             found.append(f"{what}: " + ", ".join(f"{m} {show(value(m))}" for m in sorted(better, key=value)) +
                          f" against subclone's {'none' if ours == float('inf') else show(ours)}")
-        ties += [f"{m} on {what} ({show(ours)})" for m in others if not margin and value(m) == ours]
-    where = f"In training at {t['kind']} {t['ratio']:.2f}"
-    tied = f" Tied: {', '.join(ties)}." if ties else ""
+        ties += [f"{m} on {what} ({show(ours)})" for m in others if tokens and value(m) == ours]
+    where, tied = f"In training at {t['kind']} {t['ratio']:.2f}", f" Tied: {', '.join(ties)}." if ties else ""
     if found:
         return f"{where}: {'; '.join(found)}.{tied}"
     return (f"{where}, subclone {'leads or ties' if ties else 'leads'} on every measure (step-0, best and final "
@@ -428,13 +400,10 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = rp.panels(len(parents), 6.4, 3.6, 3)
     for col, p in enumerate(parents):
         arms = p["training"]["arms"]
-        names = list(arms)
-        runs = [chosen_run(a) or {} for a in arms.values()]
-        x = range(len(names))
+        names, runs, x = list(arms), [chosen_run(a) or {} for a in arms.values()], range(len(arms))
         top, mid, low = axes[0][col], axes[1][col], axes[2][col]
         for offset, key, label in ((-0.2, "start", "step 0"), (0.2, "best", "best in training")):
             top.bar([i + offset for i in x], [r.get(key) or 0 for r in runs], 0.4, label=label)
-        top.set_xticks(list(x), names)
         model_name = p["label"].split(" (")[0]  # the model's name; its provenance would overflow the panel
         rp.finish(top, title=f"{model_name}: {_shape(p['training']['sizes'])}", ylabel="validation loss")
         tokens = [a["tokens_to_target"] for a in arms.values()]
@@ -442,22 +411,26 @@ def plot(report: dict, path: Path) -> None:
         for i, t in enumerate(tokens):
             if t is None or t == 0:
                 mid.text(i, 0, "not reached" if t is None else "at step 0", ha="center", va="bottom", fontsize=7)
-        mid.set_xticks(list(x), names)
         rp.finish(mid, ylabel="training tokens")
+        for ax in (top, mid):
+            ax.set_xticks(list(x), names)
         for name, r in zip(names, runs):
             if r:
                 low.plot(r["tokens"], r["val_loss"], "--" if name == BASELINE else "-", marker=".",
                          linewidth=2 if name == DEFAULT else 1, label=f"{name}, lr {lr_text(r['lr'])}")
-        target = next(iter(arms.values()))["target"]
-        if target is not None:
+        if (target := next(iter(arms.values()))["target"]) is not None:
             low.axhline(target, color="grey", linewidth=1, label="random init's best")
         rp.finish(low, legend=6, xlabel="training tokens", ylabel="validation loss")
     rp.save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__, smoke="bench_scale's tiny random parent, one ratio; writes under --out-dir",
-                          report_only="rewrite the section and the plot from docs/methods.json")
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The command line (bench/README.md lists what each mode does)."""
+    parser = rp.bench_parser(__doc__, smoke="bench_scale's tiny random parent, one ratio; writes under --out-dir",
+                             report_only="rewrite the section and the plot from docs/methods.json")
     parser.add_argument("--parents", default="default,gemma3-270m")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--val-tokens", type=int, default=8192)
@@ -472,33 +445,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training-from-json", type=Path, default=None,
                         help="keep this methods.json's step-0 rows (same settings) and rebuild only the trained "
                         "row's children, then train them")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every parent (and train its trained row), or update the saved methods.json (--report-only,
+    --add-methods, --extend-edges); writes the outputs."""
+    parser = arguments()
     args = parser.parse_args(argv)
     if args.report_only:
         return write_outputs(json.loads((DOCS / "methods.json").read_text()), DOCS)
-    out = Path(args.out_dir) if args.out_dir else DOCS
+    out, runs = Path(args.out_dir) if args.out_dir else DOCS, Path(tempfile.mkdtemp(prefix="subclone-methods-"))
     if args.add_methods or args.extend_edges:
-        report = json.loads((out / "methods.json").read_text())
-        runs = Path(tempfile.mkdtemp(prefix="subclone-methods-"))
-        chosen = args.parents.split(",")
-        for i, p in enumerate(report["parents"]):
-            if p["parent"] in chosen or args.smoke:
-                if args.add_methods:
-                    p = add_methods(p, args.add_methods.split(","), report["tokens"], report["val_tokens"], runs)
-                report["parents"][i] = extend_edges(p, args.extend_edges, report["tokens"], runs)
-        return write_outputs(report, out)
-    parents = [_smoke_parent(out)] if args.smoke else args.parents.split(",")
+        return write_outputs(update_saved(json.loads((out / "methods.json").read_text()), args, runs), out)
     tokens, val_tokens = (512, 4096) if args.smoke else (args.tokens, args.val_tokens)
     old = json.loads(args.training_from_json.read_text()) if args.training_from_json else None
     if old and (old["tokens"], old["val_tokens"]) != (tokens, val_tokens):
         parser.error(f"{args.training_from_json} has {old['tokens']} / {old['val_tokens']} calibration / held-out "
                      f"tokens, not {tokens} / {val_tokens}")
-    runs = Path(tempfile.mkdtemp(prefix="subclone-methods-"))
-    report = {"tokens": tokens, "val_tokens": val_tokens, "machine": machine(), "parents": []}
-    for pid in parents:
+    report = {"tokens": tokens, "val_tokens": val_tokens, "machine": rp.machine(), "parents": []}
+    for pid in [q.smoke_parent(out)] if args.smoke else args.parents.split(","):
         plan = None if args.no_training else SMOKE_PLAN if args.smoke else PLANS.get(pid, PLANS["*"])
         before = next(p for p in old["parents"] if p["parent"] == pid) if old else None
-        report["parents"].append(run_parent(pid, tokens, val_tokens, (0.5,) if args.smoke else RATIOS, plan, runs,
-                                            before))
+        ratios = (0.5,) if args.smoke else RATIOS
+        report["parents"].append(run_parent(pid, tokens, val_tokens, ratios, plan, runs, before))
     print(f"run metrics in {runs}", file=sys.stderr, flush=True)
     if old:  # the parents not run this time stay as they were
         ran = {p["parent"]: p for p in report["parents"]}
@@ -506,26 +476,33 @@ def main(argv: list[str] | None = None) -> int:
     return write_outputs(report, out)
 
 
+def update_saved(report: dict, args: argparse.Namespace, runs: Path) -> dict:
+    """A saved methods.json with --add-methods measured in, then --extend-edges trained, for each parent of
+    --parents (the smoke size: its one parent)."""
+    for i, p in enumerate(report["parents"]):
+        if p["parent"] in args.parents.split(",") or args.smoke:
+            if args.add_methods:
+                p = add_methods(p, args.add_methods.split(","), report["tokens"], report["val_tokens"], runs)
+            report["parents"][i] = extend_edges(p, args.extend_edges, report["tokens"], runs)
+    return report
+
+
 def add_methods(entry: dict, added: list[str], tokens: int, val_tokens: int, runs: Path) -> dict:
     """One parent's entry of an earlier methods.json (same settings) with ``added`` methods measured into every
     row whose kind lists them, and trained at the trained row beside the arms already there (kept: they saw the
     same batches); every arm's speedups recomputed."""
-    parent = load_parent(entry["parent"], dtype="float32")
-    print(f"{parent.label}: adding {', '.join(added)}", file=sys.stderr, flush=True)
-    importance = measure_importance(parent, tokens=tokens, **recorded_statistics(added))
-    vals = {w: make_data(parent, "default", "validation", seq_len=w, max_tokens=val_tokens) for w in WINDOWS}
-    training, children = entry.get("training"), {}
+    parent, importance = calibrated(entry["parent"], tokens, added, f": adding {', '.join(added)}")
+    vals, training, children = windows(parent, val_tokens), entry.get("training"), {}
+    trained = (training["kind"], training["ratio"]) if training else None
     ratios = tuple(r["ratio"] for r in entry["rows"] if r["kind"] == "width")  # the run's own (the smoke size's one)
     for old, row in zip(entry["rows"], rows_of(parent, ratios)):
-        new = tuple(m for m in row["methods"] if m in added)
-        if new:
-            trained = training is not None and (row["kind"], row["ratio"]) == (training["kind"], training["ratio"])
+        if new := tuple(m for m in row["methods"] if m in added):
+            keep = children if (row["kind"], row["ratio"]) == trained else None
             results = {**old["results"], **measure(parent, importance, vals, {**row, "methods": new}, tokens,
-                                                   children if trained else None)["results"]}
+                                                   keep)["results"]}
             old["results"] = {m: results[m] for m in row["methods"] if m in results}
     if children:
-        row = next(r for r in entry["rows"] if (r["kind"], r["ratio"]) == (training["kind"], training["ratio"]))
-        fresh = train_row(parent, row, children, Plan(**training["plan"]), runs)
+        fresh = train_row(parent, row_of(entry, trained), children, Plan(**training["plan"]), runs)
         entry["training"] = {**training, "arms": with_speedups({**training["arms"], **fresh["arms"]})}
     return entry
 
@@ -538,17 +515,13 @@ def extend_edges(entry: dict, more: int, tokens: int, runs: Path) -> dict:
     edged = [m for m, a in (training or {}).get("arms", {}).items() if a["edge"]] if more else []
     if not edged:
         return entry
-    parent = load_parent(entry["parent"], dtype="float32")
-    print(f"{parent.label}: {more} more lr(s) for {', '.join(edged)}", file=sys.stderr, flush=True)
-    importance = measure_importance(parent, tokens=tokens, **recorded_statistics(edged))
+    parent, importance = calibrated(entry["parent"], tokens, edged, f": {more} more lr(s) for {', '.join(edged)}")
     target = plan_shape(parent.model, **training["sizes"])
-    trainer = row_trainer(parent, training, Plan(**training["plan"]), runs)
-    arms = dict(training["arms"])
+    trainer, arms = row_trainer(parent, training, Plan(**training["plan"]), runs), dict(training["arms"])
     for method in edged:
         model = build_child(parent, target, method, importance, tokens)
-        arm = arms[method]
-        arms[method] = extend_until_inside(trainer(method, model), tuple(arm["start_grid"]),
-                                           len(arm["added"]) + more, done=arm)
+        arms[method] = extend_until_inside(trainer(method, model, method), tuple(arms[method]["start_grid"]),
+                                           len(arms[method]["added"]) + more, done=arms[method])
     entry["training"] = {**training, "arms": with_speedups(arms)}
     return entry
 
@@ -559,16 +532,8 @@ def write_outputs(report: dict, out: Path) -> int:
     if any(p.get("training") for p in report["parents"]):
         plot(report, out / PLOT)
     if out == DOCS:
-        write_section("bench_methods", markdown(report))
+        rp.write_section("bench_methods", markdown(report))
     return 0
-
-
-def _smoke_parent(out: Path) -> str:
-    """bench_scale's tiny random Llama, written into the output folder."""
-    from bench.bench_scale import write_parent
-
-    write_parent(out / "tiny-parent", "tiny")
-    return str(out / "tiny-parent")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Children of every embedded real parent against random init: step-0 loss over a grid of shapes, then a
 short matched training run at the aggressive shape (see bench/README.md). Writes docs/quality.json,
-docs/bench_quality.png and the "quality" section of docs/BENCHMARKS.md (smoke: a temporary folder).
+docs/bench_quality.png and the "quality" section of docs/BENCHMARKS.md (smoke: a temporary folder). Its lr
+sweep (lr_trainer, train_one, arm_json, chosen_run) trains bench_methods' arms too.
 
 Run: python -m bench.bench_quality [--smoke] [--parents default,gemma3-270m,coder] [--skip-training]
 """
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +25,14 @@ import torch
 from bench import _coder_parent as coder
 from bench import _harness as h
 from bench import _report as rp
-from bench._report import fmt_value, render, table
+from bench._report import fmt_value, render
 from bench.bench_refit import with_table
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent, make_data
-from subclone_core.training import Candidate, RunResult
+from subclone_core.training import RunResult
 from subclone_core.training.evaluate import evaluate
 from subclone_core.training.sweep import grid_edge, run_name
 from subclone_core.workflow.children import make_child, measure_importance
@@ -67,18 +69,12 @@ COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "written-refit": "#9467bd", "d
 # count exists: SmolLM2's 3 KV heads (3 queries each at most) allow 9, 6, 4 or 3 heads but not 7 or 8, and
 # a Llama-family config needs hidden to be a multiple of heads (Gemma's 3 heads: hidden 516, not 512).
 # Any other parent: nearest_valid_shape at the size's width_ratios.
-WIDTHS: dict[str, tuple[dict[str, int], ...]] = {
-    "default": ({"hidden": 576, "heads": 9, "kv_heads": 3, "ffn": 1536},
-                {"hidden": 480, "heads": 6, "kv_heads": 2, "ffn": 1280},
-                {"hidden": 384, "heads": 6, "kv_heads": 2, "ffn": 1024},
-                {"hidden": 256, "heads": 4, "kv_heads": 2, "ffn": 640}),
-    "gemma3-270m": ({"hidden": 640, "heads": 4, "kv_heads": 1, "ffn": 2048},
-                    {"hidden": 516, "heads": 3, "kv_heads": 1, "ffn": 1664},
-                    {"hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
-                    {"hidden": 256, "heads": 2, "kv_heads": 1, "ffn": 768}),
+WIDTHS: dict[str, tuple[tuple[int, ...], ...]] = {  # (hidden, heads, kv_heads, ffn) as WIDTH_KEYS
+    "default": ((576, 9, 3, 1536), (480, 6, 2, 1280), (384, 6, 2, 1024), (256, 4, 2, 640)),
+    "gemma3-270m": ((640, 4, 1, 2048), (516, 3, 1, 1664), (384, 2, 1, 1024), (256, 2, 1, 768)),
     # Qwen2.5-Coder's 2 KV heads take 6 queries each at most, so 7 heads (60% of 12) have no valid KV count:
     # 60% of hidden and FFN with 8 heads / 2 KV (hidden a multiple of 8). One width: each shape costs minutes.
-    CODER: ({"hidden": 920, "heads": 8, "kv_heads": 2, "ffn": 5376},),
+    CODER: ((920, 8, 2, 5376),),
 }
 DEPTHS_OF: dict[str, tuple[float, ...]] = {CODER: (1.0,)}  # any other parent: the size's depth_ratios
 # The aggressive shape of the other benchmarks per parent; any other parent: suggested_shape's first guess.
@@ -125,50 +121,46 @@ class Size:
 
 RANDOM_LRS = (1e-3, 2e-3, 4e-3)
 CHILD_LRS = (3e-4, 1e-3, 2e-3)
+LRS = {"default": CHILD_LRS, "random": RANDOM_LRS}
+# 2 cores: Gemma's 262,144-word head makes each of its steps costly (tokens/s are printed: tune the steps so that
+# each parent's six runs take about 10 minutes); the 1.78B coder parent is not trained at all.
 SIZES = {
-    "smoke": Size((SMOKE_PARENT,), calib_tokens=512, val_tokens=512, width_ratios=(1.0, 0.5),
-                  depth_ratios=(1.0, 2 / 3),
-                  training={"*": TrainPlan(2, 4, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=2, precision="no")}),
-    # 2 cores: Gemma's 262,144-word head makes each of its steps costly (tokens/s are printed: tune the steps
-    # so that each parent's six runs take about 10 minutes); the 1.78B coder parent is not trained at all.
+    "smoke": Size((SMOKE_PARENT,), calib_tokens=512, val_tokens=512, width_ratios=(1.0, 0.5), depth_ratios=(1.0, 2 / 3),
+                  training={"*": TrainPlan(2, 4, LRS, evals=2, precision="no")}),
     "cpu": Size(("default", "gemma3-270m", CODER), calib_tokens=4096, val_tokens=2048, width_ratios=(1.0, 0.8, 0.6, 0.4),
                 depth_ratios=(1.0, 2 / 3),
-                training={"default": TrainPlan(8, 150, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=8),
-                          "gemma3-270m": TrainPlan(4, 40, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=5),
-                          CODER: None,
-                          "*": TrainPlan(8, 100, {"default": CHILD_LRS, "random": RANDOM_LRS}, evals=6)}),
+                training={"default": TrainPlan(8, 150, LRS, evals=8), "gemma3-270m": TrainPlan(4, 40, LRS, evals=5),
+                          CODER: None, "*": TrainPlan(8, 100, LRS, evals=6)}),
 }
 
 
-# --- the grid of shapes ---------------------------------------------------------------------------------
+# --- the grid of shapes and its step-0 losses -----------------------------------------------------------
 
 
-def widths_of(shape: Shape) -> dict[str, int]:
-    """Hidden, heads, KV heads and FFN of a shape."""
-    return {k: getattr(shape, k) for k in WIDTH_KEYS}
+def sizes_of(shape: Shape, keys: tuple[str, ...] = ("layers", *WIDTH_KEYS)) -> dict[str, int]:
+    """The plan_shape keywords of a shape (head_dim never changes), or the ``keys`` given."""
+    return {k: getattr(shape, k) for k in keys}
 
 
-def sizes_of(shape: Shape) -> dict[str, int]:
-    """The plan_shape keywords of a shape (head_dim never changes)."""
-    return {"layers": shape.layers, **widths_of(shape)}
+def parameter_total(model: torch.nn.Module) -> int:
+    """Parameters of a model, a tied head counted once."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def shape_grid(parent: Parent, key: str, size: Size) -> list[dict[str, Any]]:
     """Each width at each depth (widest and deepest first), then the aggressive shape where it is new;
     every shape validated by plan_shape. Rows: {"sizes", "aggressive", "grid"} (grid: a width x depth row)."""
     base = Shape.of(parent.model.config)
-    widths = WIDTHS.get(key) or [  # a parent without a WIDTHS row: every width at each ratio, nearest valid
-        widths_of(nearest_valid_shape(parent.model, {k: max(1, round(getattr(base, k) * r)) for k in WIDTH_KEYS}))
-        for r in size.width_ratios]
+    widths = [dict(zip(WIDTH_KEYS, w)) for w in WIDTHS[key]] if key in WIDTHS else [  # else: nearest valid
+        sizes_of(nearest_valid_shape(parent.model, {k: max(1, round(getattr(base, k) * r)) for k in WIDTH_KEYS}),
+                 WIDTH_KEYS) for r in size.width_ratios]
     depths = sorted({max(1, round(base.layers * r)) for r in DEPTHS_OF.get(key, size.depth_ratios)}, reverse=True)
     grid = [sizes_of(plan_shape(parent.model, layers=d, **w)) for w in widths for d in depths]
     grid = [dict(t) for t in dict.fromkeys(tuple(s.items()) for s in grid)]  # derived ratios may coincide
     wanted = dict(AGGRESSIVE_SHAPES[key]) if key in AGGRESSIVE_SHAPES else sizes_of(suggested_shape(parent.model))
     aggressive = sizes_of(plan_shape(parent.model, **wanted))
     rows = [{"sizes": s, "aggressive": s == aggressive, "grid": True} for s in grid]
-    if aggressive not in grid:
-        rows.append({"sizes": aggressive, "aggressive": True, "grid": False})
-    return rows
+    return rows if aggressive in grid else [*rows, {"sizes": aggressive, "aggressive": True, "grid": False}]
 
 
 def shape_text(sizes: dict[str, int]) -> str:
@@ -177,21 +169,11 @@ def shape_text(sizes: dict[str, int]) -> str:
     return f"{sizes['layers']} x {sizes['hidden']} ({heads} / {sizes['kv_heads']} KV, FFN {sizes['ffn']})"
 
 
-def parameter_total(model: torch.nn.Module) -> int:
-    """Parameters of a model, a tied head counted once."""
-    return sum(p.numel() for p in model.parameters())
-
-
-# --- step-0 losses --------------------------------------------------------------------------------------
-
-
 def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any], size: Size,
                   key: str = "") -> dict[str, Any]:
     """The step-0 validation loss of every variant of one shape, and the child's parameter count; a variant
     that the calibration cannot serve (a refit without Gram matrices) has loss None and its reason."""
-    start = time.perf_counter()
-    base = Shape.of(parent.model.config)
-    sizes = row["sizes"]
+    start, base, sizes = time.perf_counter(), Shape.of(parent.model.config), row["sizes"]
     target = plan_shape(parent.model, **sizes)
     losses, params, missing = {}, 0, {}
     for name, (_, options) in VARIANTS.items():
@@ -217,7 +199,7 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
     return result
 
 
-def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, options: dict[str, Any]):
+def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, options: dict[str, Any]) -> Any:
     """One variant's child as `make` builds it (the refit reads the parent block by block on the calibration's
     own data); a "refit_inputs" option replaces the family table's for this child."""
     options = dict(options)
@@ -227,10 +209,24 @@ def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, op
                           calib_tokens=size.calib_tokens, **options).model
 
 
-# --- the matched training run ---------------------------------------------------------------------------
+# --- the lr sweep of one arm (bench_methods' too) ---------------------------------------------------------
 
 
-def train_one(cand: Candidate, data: tuple[Any, Any], config: Any, tag: str, runs: Path) -> tuple[RunResult, dict]:
+def lr_trainer(parent: Parent, data_id: str, val: Any, plan: Any, seq_len: int, eval_batch: int, tag: str,
+               runs: Path) -> Callable[[str, Any, str], Callable[[float], tuple[RunResult, dict]]]:
+    """``trainer(name, model, strategy)(lr)``: one run of ``plan`` (its steps, batch_size, evals after step 0
+    evenly in log(step), precision) from a fresh copy of ``model``, every run on the identical batches."""
+    data = (make_data(parent, data_id, "train", seq_len=seq_len), val)
+    evals = rp.log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else ()  # + the last step
+    config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=eval_batch, eval_at=evals,
+                            precision=plan.precision)
+
+    def trainer(name: str, model: Any, strategy: str) -> Callable[[float], tuple[RunResult, dict]]:
+        return lambda lr: train_one(h.candidate(run_name(name, lr), model, lr, strategy), data, config, tag, runs)
+    return trainer
+
+
+def train_one(cand: Any, data: tuple[Any, Any], config: Any, tag: str, runs: Path) -> tuple[RunResult, dict]:
     """One run through the library's engine (its own call: one model's optimizer state in memory at a time; the
     seed alone fixes the batch order, so every run sees the identical batches); with its JSON: lr, status,
     validation curve against tokens, start/best/final loss and throughput."""
@@ -251,10 +247,10 @@ def edge_of(lr: float, lrs: tuple[float, ...]) -> str | None:
     return {"lowest": "low", "highest": "high"}.get(grid_edge(lr, lrs))
 
 
-def arm_json(runs: dict[str, tuple[RunResult, dict]], lrs: tuple[float, ...]) -> dict[str, Any]:
-    """An arm's runs, its chosen lr (the library's rule: the lowest best loss of the runs that did not diverge)
-    and whether that lr is at the edge of the grid."""
-    best = next(iter(h.best_runs({name: r for name, (r, _) in runs.items()}, "loss").values()), None)
+def arm_json(runs: dict[float, tuple[RunResult, dict]], lrs: tuple[float, ...]) -> dict[str, Any]:
+    """An arm's runs (by lr), its chosen lr (the library's rule: the lowest best loss of the runs that did not
+    diverge) and whether that lr is at the edge of the grid."""
+    best = next(iter(h.best_runs({run_name("arm", lr): r for lr, (r, _) in runs.items()}, "loss").values()), None)
     return {"lrs": list(lrs), "runs": [row for _, row in runs.values()], "chosen_lr": best.lr if best else None,
             "edge": edge_of(best.lr, lrs) if best else None}
 
@@ -262,6 +258,9 @@ def arm_json(runs: dict[str, tuple[RunResult, dict]], lrs: tuple[float, ...]) ->
 def chosen_run(data: dict[str, Any]) -> dict[str, Any] | None:
     """An arm's chosen run (JSON), None when every run diverged."""
     return next((r for r in data["runs"] if r["lr"] == data["chosen_lr"]), None)
+
+
+# --- the matched training run and one parent ------------------------------------------------------------
 
 
 def comparison(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -282,33 +281,23 @@ def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int],
     plan = size.plan_for(key)
     target = plan_shape(parent.model, **sizes)
     models = {arm: variant_child(parent, target, importance, size, VARIANTS[arm][1]) for arm in ARMS}
-    data = (make_data(parent, data_id, "train", seq_len=size.seq_len), val)
-    config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=size.eval_batch,
-                            eval_at=rp.log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else (),  # + the last
-                            precision=plan.precision)
+    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[-60:]  # a parent id may be a path
+    trainer = lr_trainer(parent, data_id, val, plan, size.seq_len, size.eval_batch, tag, runs)
     print(f"[{key}] training {shape_text(sizes)}: {plan.steps} steps of {plan.batch_size} x {size.seq_len} tokens "
           f"per run, {sum(len(plan.lrs[a]) for a in ARMS)} runs", file=sys.stderr, flush=True)
-    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[-60:]  # a parent id may be a path
     arms = {}
     for arm in ARMS:
-        cands = [h.candidate(run_name(arm, lr), models[arm], lr, STRATEGY_OF[arm]) for lr in plan.lrs[arm]]
-        arms[arm] = arm_json({c.name: train_one(c, data, config, tag, runs) for c in cands}, plan.lrs[arm])
+        train_at = trainer(arm, models[arm], STRATEGY_OF[arm])
+        arms[arm] = arm_json({lr: train_at(lr) for lr in plan.lrs[arm]}, plan.lrs[arm])
     return {"shape": sizes, "text": shape_text(sizes), "plan": asdict(plan), "seq_len": size.seq_len,
             "arms": arms, "comparison": comparison(arms)}
-
-
-# --- one parent -----------------------------------------------------------------------------------------
 
 
 def open_parent(key: str, work: Path) -> tuple[Parent | None, str | None]:
     """The parent in float32 (the tiny parent written into the work folder, the coder's GGUF downloaded into the
     cache on first use, or the id itself), or None and why (also printed) when it cannot be loaded."""
     try:
-        if key == SMOKE_PARENT:
-            from bench.bench_scale import write_parent
-
-            write_parent(work / "tiny-parent", "tiny")
-        parent_id = str(work / "tiny-parent") if key == SMOKE_PARENT else (
+        parent_id = smoke_parent(work) if key == SMOKE_PARENT else (
             str(coder.coder_parent_gguf()) if key == CODER else key)
         parent = load_parent(parent_id, dtype="float32")
     except (SubcloneError, OSError) as err:  # OSError: the coder's download or disk
@@ -319,15 +308,22 @@ def open_parent(key: str, work: Path) -> tuple[Parent | None, str | None]:
     return parent, None
 
 
+def smoke_parent(folder: Path) -> str:
+    """bench_scale's tiny random Llama, written into ``folder``; its path."""
+    from bench.bench_scale import write_parent
+
+    write_parent(folder / "tiny-parent", "tiny")
+    return str(folder / "tiny-parent")
+
+
 def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: Path,
                data: str = DATA) -> dict[str, Any]:
     """Calibrate, measure the grid, train at the aggressive shape (where the size plans it); everything of one
     parent on one data set as JSON."""
-    seconds = {}
     start = time.perf_counter()
     data_id = str(coder.coder_data()) if data == CODE else data  # the code data: built into the cache once
     importance = measure_importance(parent, data_id, tokens=size.calib_tokens)  # the refit reads the parent again
-    seconds["calibration"] = time.perf_counter() - start
+    seconds = {"calibration": time.perf_counter() - start}
     val = make_data(parent, data_id, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
     vocab = int(parent.model.config.vocab_size)
     label = f"{parent.label}, on {DATA_LABELS[data]}" if key in RUNS_OF else parent.label
@@ -341,95 +337,41 @@ def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: 
           file=sys.stderr, flush=True)
     begin = time.perf_counter()
     result["shapes"] = [measure_shape(parent, importance, val, row, size, key) for row in shape_grid(parent, key, size)]
-    seconds["grid"] = time.perf_counter() - begin
-    result["training"] = None
+    seconds["grid"], result["training"] = time.perf_counter() - begin, None
     if not skip_training and size.plan_for(key) is not None:
         begin = time.perf_counter()
         aggressive = next(s["sizes"] for s in result["shapes"] if s["aggressive"])
         result["training"] = train_arms(parent, importance, val, aggressive, size, key, runs, data_id)
         seconds["training"] = time.perf_counter() - begin
-    result["seconds"] = seconds
-    return result
+    return {**result, "seconds": seconds}
 
 
 # --- the report -----------------------------------------------------------------------------------------
 
 
-def below_random(row: dict[str, Any]) -> float:
-    """How far (nats) the default child starts below random init of the same shape."""
-    return row["losses"]["random"] - row["losses"]["default"]
-
-
-def grid_part(result: dict[str, Any]) -> list[str]:
-    """The grid table (parameters, each variant's step-0 loss, the default child's margin), whether the default
-    child starts NAT_MARGIN below random init everywhere, which variant wins where, and why a cell is empty."""
-    header = ["child shape", "params", *(VARIANTS[k][0] for k in VARIANTS), f">= {NAT_MARGIN:g} nat below random?"]
-    rows, wins, reasons = [], dict.fromkeys(VARIANTS, 0), {}
-    for s in result["shapes"]:
-        margin = below_random(s)
-        rows.append([s["text"] + (" (aggressive)" if s["aggressive"] else ""), f"{s['params'] / 1e6:.1f}M",
-                     *(fmt_value(s["losses"].get(k)) for k in VARIANTS),
-                     f"{'yes' if margin >= NAT_MARGIN else 'no'} ({margin:+.2f})"])
+def grid_verdicts(result: dict[str, Any]) -> dict[str, Any]:
+    """Each shape's margin (nats the default child starts below random init), the shapes under NAT_MARGIN,
+    per variant the shapes where it has the lowest step-0 loss, and why a variant has no loss."""
+    shapes = [{**s, "margin": s["losses"]["random"] - s["losses"]["default"]} for s in result["shapes"]]
+    wins, reasons = dict.fromkeys(VARIANTS, 0), {}
+    for s in shapes:
         measured = {k: v for k, v in s["losses"].items() if v is not None}
         wins[min(measured, key=measured.get)] += 1
         for key, reason in s.get("missing", {}).items():
             reasons.setdefault(key, reason)
-    misses, total = [s["text"] for s in result["shapes"] if below_random(s) < NAT_MARGIN], len(result["shapes"])
-    margin = (f"The default child starts at least {NAT_MARGIN:g} nat below random init at all {total} shapes."
-              if not misses else f"The default child starts at least {NAT_MARGIN:g} nat below random init at "
-              f"{total - len(misses)} of {total} shapes; not at: {'; '.join(misses)}.")
-    return [table(header, rows), margin, "Lowest step-0 loss per shape: " + ", ".join(
-        f"{VARIANTS[k][0]} {n}" for k, n in wins.items()) + ".",
-        *(f"No loss for {VARIANTS[key][0]}: {reason}" for key, reason in reasons.items())]
-
-
-def training_part(training: dict[str, Any]) -> list[str]:
-    """The training subsection of one parent: every run (the chosen one marked), where each arm's lr sits in its
-    grid, and where the child starts against where random init's best run ends."""
-    plan = training["plan"]
-    head = render("quality_training", text=training["text"], seq_len=training["seq_len"], **plan,
-                  tokens=plan["steps"] * plan["batch_size"] * training["seq_len"])
-    rows, edges = [], []
-    for arm, data in training["arms"].items():
-        rows += [[VARIANTS[arm][0], f"{r['lr']:g}{' (chosen)' if r['lr'] == data['chosen_lr'] else ''}",
-                  fmt_value(r["start"]), fmt_value(r["best"]), fmt_value(r["final"]), f"{r['tokens_per_s']:.0f}",
-                  r["status"]] for r in data["runs"]]
-        where = {"low": "the lowest of its grid: a lower lr may be better",
-                 "high": "the highest of its grid: a higher lr may be better"}.get(data["edge"], "inside its grid")
-        edges.append(f"{VARIANTS[arm][0]}: every run stopped (non-finite loss)." if data["chosen_lr"] is None
-                     else f"{VARIANTS[arm][0]}: best lr {data['chosen_lr']:g}, {where}.")
-    c = training["comparison"]
-    reached = (f"random init reached the child's starting loss after {c['random_reached_at']:,} tokens"
-               if c["random_reached_at"] is not None else
-               f"random init did not reach the child's starting loss in {c.get('tokens', 0):,} tokens")
-    compared = "No comparison: an arm has no finished run." if c["child_start"] is None else render(
-        "quality_comparison", reached=reached, **{k: fmt_value(c[k]) for k in (
-            "child_start", "random_start", "child_final", "child_best", "random_final", "random_best")})
-    return [head, table(["arm", "lr", "step-0 loss", "best loss", "final loss", "tokens/s", "status"], rows),
-            " ".join(edges), compared]
+    return {"shapes": shapes, "misses": [s["text"] for s in shapes if s["margin"] < NAT_MARGIN], "wins": wins,
+            "reasons": reasons}
 
 
 def section_markdown(results: dict[str, Any], plot: Path) -> str:
-    """The "quality" section of docs/BENCHMARKS.md: per parent its numbers, the grid and its training."""
-    make = " (`make bench-quality`)" if results["size"] == "cpu" else ""
-    coder_note = " (the coder parent also on Python code: see its sections)" if any(
-        r.get("data") for r in results["parents"].values()) else ""
-    parts = ["## Children of every embedded real parent against random init (`bench/bench_quality.py`)",
-             (f"Size `{results['size']}`{make}, {results['minutes']:.1f} min. Machine: {results['machine']}. "
-              f"Data: the `{results['data']}` text{coder_note}.")]
-    if results.get("carried"):
-        parts.append(f"Kept from an earlier run (not rerun this time, not in its minutes): "
-                     f"{', '.join(results['carried'])}.")
-    for result in results["parents"].values():
-        minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["seconds"].items())
-        parts += [f"### {result['label']}",
-                  render("quality_parent", shape=shape_text(result["shape"]), params=result["params"] / 1e6,
-                         loss=fmt_value(result["loss"]), ln_vocab=fmt_value(result["ln_vocab"]), minutes=minutes,
-                         **{k: result[k] for k in ("vocab", "calib_tokens", "val_tokens")}),
-                  *grid_part(result), *(training_part(result["training"]) if result["training"] else [])]
-    parts += [f"Skipped {key}: {reason}" for key, reason in results["skipped"].items()]
-    parts += [f"![step-0 loss against width, and the training curves]({plot.name})", render("quality_how_to_read")]
-    return "\n\n".join(parts)
+    """The "quality" section of docs/BENCHMARKS.md (template quality.md.j2): per parent its numbers, the grid and
+    its training."""
+    parents = [{**p, **grid_verdicts(p), "shape_text": shape_text(p["shape"])} for p in results["parents"].values()]
+    edges = {"low": "the lowest of its grid: a lower lr may be better",
+             "high": "the highest of its grid: a higher lr may be better", None: "inside its grid"}
+    return render("quality", **{**results, "parents": parents, "carried": results.get("carried")}, plot=plot.name,
+                  labels={k: label for k, (label, _) in VARIANTS.items()}, margin=NAT_MARGIN, edges=edges,
+                  coder=any(p.get("data") for p in parents))
 
 
 def plot_grid(ax: Any, result: dict[str, Any]) -> None:
@@ -437,9 +379,8 @@ def plot_grid(ax: Any, result: dict[str, Any]) -> None:
     shallower grid dotted, or dash-dotted for random init), the aggressive shape as stars, the parent's loss
     as a grey line."""
     grid = [s for s in result["shapes"] if s["grid"]]
-    depths = sorted({s["depth_share"] for s in grid}, reverse=True)
     for key, (label, _) in VARIANTS.items():
-        for i, depth in enumerate(depths):
+        for i, depth in enumerate(sorted({s["depth_share"] for s in grid}, reverse=True)):
             points = sorted((s["width_share"], s["losses"][key]) for s in grid
                             if s["depth_share"] == depth and s["losses"].get(key) is not None)
             if points:
@@ -451,7 +392,7 @@ def plot_grid(ax: Any, result: dict[str, Any]) -> None:
     ax.axhline(result["loss"], color="grey", linewidth=1, label="parent")
     title = f"{result['label']}: step 0 (stars: aggressive shape)"
     rp.finish(ax, legend=6, title=title if len(title) <= 80 else textwrap.fill(title, 60),  # the coder's: data
-             xlabel="kept hidden share", ylabel="validation loss")
+              xlabel="kept hidden share", ylabel="validation loss")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -472,7 +413,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                                   label=f"{VARIANTS[arm][0]}, lr {r['lr']:g}")
         if result["training"]:
             rp.finish(axes[1][col], legend=6, title=f"{result['label']}: {result['training']['text']}",
-                     xlabel="training tokens", ylabel="validation loss")
+                      xlabel="training tokens", ylabel="validation loss")
     rp.save_figure(fig, path)
 
 
@@ -507,6 +448,7 @@ def carry_over(results: dict[str, Any], path: Path, ran: list[str]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: the size, its parents, step 0 only, the output folder, or a redraw."""
     parser = rp.bench_parser(__doc__, smoke="seconds, on a tiny random parent (the test's size)",
                              threads=rp.THREADS_HELP)
     parser.add_argument("--parents", help="comma-separated parent ids (default: the size's: default,gemma3-270m,"
@@ -526,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_all(results, outputs(results["size"], args.out_dir))
         return results
     h.start(args)
-    name = "smoke" if args.smoke else "cpu"
+    name = h.size_name(args)
     size, paths = SIZES[name], outputs(name, args.out_dir)
     work = Path(tempfile.mkdtemp(prefix=f"subclone-quality-{name}-"))
     start = time.perf_counter()
@@ -545,9 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.parents:
         carry_over(results, paths["json"], keys)
     write_all(results, paths)
-    print("\n" + section_markdown(results, paths["plot"]))
-    print(f"\nwrote {paths['json']}, {paths['plot']} and {paths['doc']}; run metrics in {work}; "
-          f"total {results['minutes']:.1f} min")
+    print(f"\n{section_markdown(results, paths['plot'])}\n\nwrote {paths['json']}, {paths['plot']} and "
+          f"{paths['doc']}; run metrics in {work}; total {results['minutes']:.1f} min")
     return results
 
 

@@ -15,9 +15,14 @@ import sys
 import time
 from collections.abc import Iterator
 
-from bench._report import AGGRESSIVE, DOCS, PAPER_LIKE, bench_parser, machine, render, table, write_section
+from bench._report import AGGRESSIVE, DOCS, PAPER_LIKE, bench_parser, machine, render, write_section
 from subclone_core.core import archs
+from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
+from subclone_core.sources import load_parent, make_data
+from subclone_core.training.evaluate import evaluate
+from subclone_core.workflow.children import make_child, measure_importance
+from subclone_core.workflow.shapes import starting_shape
 
 # variant: (label, table fields); None: the refit off
 VARIANTS = {
@@ -32,6 +37,7 @@ SHAPES = {  # the shapes of the quality bench: 60% width, and a narrow or shallo
     "gemma3-270m": [{"layers": 18, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
                     {"layers": 12, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024}],
 }
+SIZE_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn")
 
 
 @contextlib.contextmanager
@@ -45,13 +51,19 @@ def with_table(model_type: str, fields: dict) -> Iterator[None]:
         archs.REGISTRY[model_type] = old
 
 
+def step0(parent, target, val, tag: str, fields: dict | None = None, **options) -> dict:
+    """Make one child (under the refit table ``fields``, if any) and take its step-0 validation loss; the
+    seconds of both, printed with ``tag``."""
+    start = time.perf_counter()
+    with with_table(parent.model.config.model_type, fields or {}):
+        child = make_child(parent, target, **options)
+    result = {"loss": evaluate(child.model, val.batches(8))["loss"], "seconds": time.perf_counter() - start}
+    print(f"{tag}: {result['loss']:.3f} ({result['seconds']:.0f} s)", flush=True)
+    return result
+
+
 def measure_parent(parent_id: str, tokens: int, shapes: list[dict]) -> dict:
     """Step-0 validation loss of every variant and of random init, per shape."""
-    from subclone_core.core.strategies import plan_shape
-    from subclone_core.sources import load_parent, make_data
-    from subclone_core.training.evaluate import evaluate
-    from subclone_core.workflow.children import make_child, measure_importance
-
     parent = load_parent(parent_id)
     importance = measure_importance(parent, "default", tokens=tokens)
     val = make_data(parent, "default", "validation", seq_len=128, max_tokens=tokens)
@@ -59,12 +71,8 @@ def measure_parent(parent_id: str, tokens: int, shapes: list[dict]) -> dict:
     for sizes in shapes:
         target, row = plan_shape(parent.model, **sizes), {"shape": sizes}
         for name, (_, fields) in VARIANTS.items():
-            start = time.perf_counter()
-            with with_table(parent.model.config.model_type, fields or {}):
-                child = make_child(parent, target, importance=importance, data_id="default", calib_tokens=tokens,
-                                   refit=fields is not None)
-            row[name] = {"loss": evaluate(child.model, val.batches(8))["loss"], "seconds": time.perf_counter() - start}
-            print(f"{parent_id} {sizes} {name}: {row[name]['loss']:.3f} ({row[name]['seconds']:.0f} s)", flush=True)
+            row[name] = step0(parent, target, val, f"{parent_id} {sizes} {name}", fields, importance=importance,
+                              data_id="default", calib_tokens=tokens, refit=fields is not None)
         random = make_child(parent, target, strategy="random")
         row["random"] = {"loss": evaluate(random.model, val.batches(8))["loss"]}
         rows.append(row)
@@ -74,65 +82,36 @@ def measure_parent(parent_id: str, tokens: int, shapes: list[dict]) -> dict:
 def measure_tokens(parent_id: str, tokens: int, refit_tokens: list[int], shapes: list[dict]) -> dict:
     """Step-0 validation loss and build seconds of the family's default child refit on each token count (one
     calibration on ``tokens`` chooses what every child keeps), per shape: the Child page's starting shape first."""
-    from subclone_core.core.strategies import plan_shape
-    from subclone_core.sources import load_parent, make_data
-    from subclone_core.training.evaluate import evaluate
-    from subclone_core.workflow.children import make_child, measure_importance
-    from subclone_core.workflow.shapes import starting_shape
-
     parent = load_parent(parent_id)
     importance = measure_importance(parent, "default", tokens=tokens)
     val = make_data(parent, "default", "validation", seq_len=128, max_tokens=4096)
     start = starting_shape(parent.model)
-    rows = []
     starting = {k: getattr(start, k) for k in SIZE_KEYS}
+    rows = []
     for sizes in [starting, *(s for s in shapes if s != starting)]:  # SmolLM2's paper-like shape is its start
         target = plan_shape(parent.model, **sizes)
         row = {"shape": sizes, "start": target == start}
         for count in refit_tokens:
-            began = time.perf_counter()
-            child = make_child(parent, target, importance=importance, data_id="default", calib_tokens=count)
-            row[str(count)] = {"loss": evaluate(child.model, val.batches(8))["loss"],
-                               "seconds": time.perf_counter() - began}
-            print(f"{parent_id} {sizes} refit on {count}: {row[str(count)]['loss']:.3f} "
-                  f"({row[str(count)]['seconds']:.0f} s)", flush=True)
+            row[str(count)] = step0(parent, target, val, f"{parent_id} {sizes} refit on {count}",
+                                    importance=importance, data_id="default", calib_tokens=count)
         rows.append(row)
     return {"parent": parent_id, "label": parent.label, "tokens": tokens, "rows": rows}
 
 
-SIZE_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn")
+def shape_text(s: dict) -> str:
+    """A child's shape in a table cell: "20 x 384, 6/2 heads, FFN 1024"."""
+    return f"{s['layers']} x {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, FFN {s['ffn']}"
 
 
 def tokens_markdown(report: dict) -> str:
-    """The "bench_refit_tokens" section (template bench/templates/bench_refit_tokens.md): loss and seconds per
+    """The "bench_refit_tokens" section (template bench/templates/bench_refit_tokens.md.j2): loss and seconds per
     refit token count, and each count's difference from the calibration's own."""
-    counts, base = [str(c) for c in report["refit_tokens"]], str(report["tokens"])
-    body = []
-    for result in report["results"]:
-        for row in result["rows"]:
-            s = row["shape"]
-            shape = f"{s['layers']} x {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, FFN {s['ffn']}"
-            shape += " (the Child page's start)" if row["start"] else ""
-            body.append([result["label"], shape, *(
-                f"{row[c]['loss']:.2f} ({row[c]['loss'] - row[base]['loss']:+.2f}), {row[c]['seconds']:.0f} s"
-                if base in row else f"{row[c]['loss']:.2f}, {row[c]['seconds']:.0f} s" for c in counts)])
-    headers = ["parent", "child", *(f"refit on {int(c):,} tokens" for c in counts)]
-    return render("bench_refit_tokens", tokens=report["tokens"], machine=report["machine"],
-                  table=table(headers, body), notes=report.get("notes", ""))
+    return render("bench_refit_tokens", **{"notes": "", **report}, shape=shape_text)
 
 
 def markdown(report: dict) -> str:
-    """The "bench_refit" section of docs/BENCHMARKS.md (template bench/templates/bench_refit.md)."""
-    names = [*VARIANTS, "random"]
-    labels = [VARIANTS[n][0] if n in VARIANTS else "random init" for n in names]
-    body = []
-    for result in report["results"]:
-        for row in result["rows"]:
-            s = row["shape"]
-            shape = f"{s['layers']} x {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, FFN {s['ffn']}"
-            body.append([result["label"], shape, *(f"{row[n]['loss']:.2f}" for n in names)])
-    return render("bench_refit", tokens=report["tokens"], machine=report["machine"],
-                  table=table(["parent", "child", *labels], body), notes=report.get("notes", ""))
+    """The "bench_refit" section of docs/BENCHMARKS.md (template bench/templates/bench_refit.md.j2)."""
+    return render("bench_refit", **{"notes": "", **report}, variants=VARIANTS, shape=shape_text)
 
 
 def main() -> int:
@@ -144,34 +123,25 @@ def main() -> int:
     args = parser.parse_args()
     parents = ["default"] if args.smoke else args.parents.split(",")
     tokens = 512 if args.smoke else args.tokens
-    if args.refit_tokens is not None:
-        return refit_tokens_main(args, parents, tokens)
+    by_tokens = args.refit_tokens is not None
+    name, section = ("refit_tokens", "bench_refit_tokens") if by_tokens else ("refit_variants", "bench_refit")
+    markdown_of = tokens_markdown if by_tokens else markdown
     if args.report_only:
-        write_section("bench_refit", markdown(json.loads((DOCS / "refit_variants.json").read_text())))
+        write_section(section, markdown_of(json.loads((DOCS / f"{name}.json").read_text())))
         return 0
-    results = [measure_parent(p, tokens, SHAPES[p][-1:] if args.smoke else SHAPES[p]) for p in parents]
-    report = {"tokens": tokens, "machine": machine(), "results": results}
+    if by_tokens:
+        try:
+            counts = [int(c) for c in args.refit_tokens.split(",")]
+        except ValueError:
+            raise SystemExit(f"--refit-tokens {args.refit_tokens!r} is not a list of counts like 1024,4096") from None
+        results = [measure_tokens(p, tokens, counts, [] if args.smoke else SHAPES[p]) for p in parents]
+        report = {"tokens": tokens, "refit_tokens": counts, "machine": machine(), "results": results}
+    else:
+        results = [measure_parent(p, tokens, SHAPES[p][-1:] if args.smoke else SHAPES[p]) for p in parents]
+        report = {"tokens": tokens, "machine": machine(), "results": results}
     if not args.smoke:
-        write_text(DOCS / "refit_variants.json", json.dumps(report, indent=1))
-        write_section("bench_refit", markdown(report))
-    return 0
-
-
-def refit_tokens_main(args, parents: list[str], tokens: int) -> int:
-    """--refit-tokens: measure (or, with --report-only, redraw) docs/refit_tokens.json and its section."""
-    path = DOCS / "refit_tokens.json"
-    if args.report_only:
-        write_section("bench_refit_tokens", tokens_markdown(json.loads(path.read_text())))
-        return 0
-    try:
-        counts = [int(c) for c in args.refit_tokens.split(",")]
-    except ValueError:
-        raise SystemExit(f"--refit-tokens {args.refit_tokens!r} is not a list of counts like 1024,4096") from None
-    results = [measure_tokens(p, tokens, counts, [] if args.smoke else SHAPES[p]) for p in parents]
-    report = {"tokens": tokens, "refit_tokens": counts, "machine": machine(), "results": results}
-    if not args.smoke:
-        write_text(path, json.dumps(report, indent=1))
-        write_section("bench_refit_tokens", tokens_markdown(report))
+        write_text(DOCS / f"{name}.json", json.dumps(report, indent=1))
+        write_section(section, markdown_of(report))
     return 0
 
 

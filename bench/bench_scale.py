@@ -8,6 +8,7 @@ Run: python -m bench.bench_scale [--sizes 0.1B,0.5B,1B,3B] [--sequential | --abl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -16,10 +17,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-from bench._report import DOCS, ROOT, bench_parser, panels, render, save_figure, table, write_section
+import torch
+
+from bench._report import DOCS, ROOT, bench_parser, panels, render, save_figure, write_section
 from subclone_core.io.atomic import write_text
 
 # name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
@@ -33,40 +37,42 @@ SEQ_MODES = {"memory": (False, False), "offload": (True, False), "sequential": (
 ABL_TOKENS = 256  # per evaluation, as in the published table (the app and CLI default, probes.ABLATION_TOKENS, is 128)
 COSTS = {"calibration s / 1k tokens": "calib_s_per_1k", "refit+build+save s": "build_save_s",
          "peak RSS GiB": "peak_rss_gib", "peak RssAnon GiB": "peak_anon_gib"}
+SAME_CHILD_RTOL = 1e-5  # the offloaded child is "the same" when no weight differs by more, relative to its tensor
+READ = {"bytes": 0}  # in a worker: the bytes of every tensor read through safetensors' safe_open (CountingOpen)
 
 
-class PeakMemory:
-    """Samples RssAnon and VmRSS of this process every few milliseconds in a thread; keeps the peaks (GiB)."""
+@contextlib.contextmanager
+def peak_memory(every: float = 0.005) -> Iterator[dict[str, float]]:
+    """Samples RssAnon and VmRSS of this process every few milliseconds in a thread while the block runs; the
+    peaks (GiB) are in the dict it yields, "anon" and "rss"."""
+    peaks, stop = {"anon": 0.0, "rss": 0.0}, threading.Event()
 
-    def __init__(self, every: float = 0.005) -> None:
-        self.every, self.anon, self.rss, self._stop = every, 0.0, 0.0, threading.Event()
-
-    def __enter__(self) -> PeakMemory:  # noqa: PYI034 - the class is not subclassed
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self._sample()
-
-    def _sample(self) -> None:
+    def sample() -> None:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        self.anon = max(self.anon, int(status["RssAnon"].split()[0]) / 2**20)
-        self.rss = max(self.rss, int(status["VmRSS"].split()[0]) / 2**20)
+        peaks["anon"] = max(peaks["anon"], int(status["RssAnon"].split()[0]) / 2**20)
+        peaks["rss"] = max(peaks["rss"], int(status["VmRSS"].split()[0]) / 2**20)
+
+    def watch() -> None:
+        while not stop.wait(every):
+            sample()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        thread.join()
+        sample()
 
 
 def write_parent(folder: Path, size: str) -> dict:
-    """A Llama-shaped parent with random bf16 weights, written tensor by tensor into two shards
-    (a model on the meta device gives names and shapes; no second copy is ever in memory)."""
-    import torch
+    """A Llama-shaped parent with random bf16 weights (norms are ones), written tensor by tensor in state_dict
+    order into two shards split at half the parameters (a model on the meta device gives names and shapes; no
+    second copy is ever in memory)."""
     import transformers
     from accelerate import init_empty_weights
+    from safetensors.torch import save_file
 
     from subclone_core.sources.gguf import default_folder
 
@@ -78,32 +84,23 @@ def write_parent(folder: Path, size: str) -> dict:
     with init_empty_weights():
         meta = transformers.LlamaForCausalLM(config)
     shapes = {n: p.shape for n, p in meta.state_dict().items() if n != "lm_head.weight"}
-    total = sum(math.prod(s) for s in shapes.values())
+    total, count, groups, weight_map = sum(math.prod(s) for s in shapes.values()), 0, ({}, {}), {}
+    for name, shape in shapes.items():
+        groups[count >= total // 2][name] = shape
+        count += math.prod(shape)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_shards(folder, shapes, total // 2, torch)
+    gen = torch.Generator().manual_seed(0)
+    for i, group in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: torch.ones(s, dtype=torch.bfloat16) if n.endswith("norm.weight")
+                   else (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in group.items()},
+                  str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file))
+    index = {"metadata": {"total_size": 2 * total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     config.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(default_folder()).save_pretrained(folder)
     return {"parameters": total, "bytes": 2 * total}
-
-
-def _write_shards(folder: Path, shapes: dict, half: int, torch) -> None:
-    """Two shards: tensors in state_dict order until half the parameters, then the rest (norms are ones)."""
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(0)
-    groups, count, weight_map = [{}, {}], 0, {}
-    for name, shape in shapes.items():
-        groups[count >= half][name] = shape
-        count += math.prod(shape)
-    for i, group in enumerate(groups):
-        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: torch.ones(s, dtype=torch.bfloat16) if n.endswith("norm.weight")
-                   else (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in group.items()}
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(group, file))
-        del tensors
-    index = {"metadata": {"total_size": 2 * sum(math.prod(s) for s in shapes.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def synthetic(size: str, work: Path) -> tuple[Path, dict, str]:
@@ -111,73 +108,49 @@ def synthetic(size: str, work: Path) -> tuple[Path, dict, str]:
     its bytes as a --max-memory budget."""
     parent = work / f"parent-{size}"
     if (parent / "config.json").exists():
-        index = json.loads((parent / "model.safetensors.index.json").read_text())
-        facts = {"parameters": index["metadata"]["total_size"] // 2, "bytes": index["metadata"]["total_size"]}
+        total = json.loads((parent / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        facts = {"parameters": total // 2, "bytes": total}
     else:
         facts = write_parent(parent, size)
     return parent, facts, f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
 
 
-# --- the workers: one measurement each, in a fresh process -----------------------------------------------
+# --- the workers: one measurement each, in a fresh process (run_fresh) -----------------------------------
 
 
-class ReadCounter:
-    """Counts the bytes of every tensor read through safetensors' safe_open by accelerate's disk offload and by
-    the streaming reader (memory-mapped reads are no read() calls, so /proc/self/io cannot see them)."""
+class CountingOpen:
+    """safetensors' safe_open for accelerate's disk offload and the streaming reader, adding the bytes of every
+    tensor read to READ (memory-mapped reads are no read() calls, so /proc/self/io cannot see them)."""
 
-    def __init__(self) -> None:
-        self.bytes, self.tensors = 0, 0
+    def __init__(self, *args, **kwargs) -> None:
+        from safetensors import safe_open
 
-    def install(self) -> None:
-        from accelerate.utils import offload
+        self.inner = safe_open(*args, **kwargs)
 
-        from subclone_core.io import streaming
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
 
-        real, counter = offload.safe_open, self
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
 
-        class Counting:
-            def __init__(self, *args, **kwargs) -> None:
-                self.inner = real(*args, **kwargs)
+    def get_tensor(self, name: str) -> torch.Tensor:
+        tensor = self.inner.get_tensor(name)
+        READ["bytes"] += tensor.numel() * tensor.element_size()
+        return tensor
 
-            def __enter__(self):
-                self.inner.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return self.inner.__exit__(*exc)
-
-            def get_tensor(self, name):
-                tensor = self.inner.get_tensor(name)
-                counter.bytes += tensor.numel() * tensor.element_size()
-                counter.tensors += 1
-                return tensor
-
-            def __getattr__(self, name):
-                return getattr(self.inner, name)
-
-        offload.safe_open = streaming.safe_open = Counting
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
-def _counting() -> ReadCounter:
-    """This worker's torch threads (BENCH_THREADS, default 2) and an installed read counter."""
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    counter = ReadCounter()
-    counter.install()
-    return counter
-
-
-def worker(args: argparse.Namespace) -> dict:
-    """`make`'s work in this process: calibrate, build and save (the child halves every dimension), with peak
-    memory sampled."""
+def make_worker(args: argparse.Namespace) -> dict:
+    """`make`'s work: calibrate, build and save (the child halves every dimension), with peak memory sampled."""
     from subclone_core.core.strategies import plan_shape
     from subclone_core.sources.parents import load_parent
     from subclone_core.workflow.children import make_child, make_child_into_folder, measure_importance
 
-    counter = _counting()
     hidden, blocks, heads, kv, ffn = SIZES[args.size]
-    with PeakMemory() as peak:
+    with peak_memory() as peak:
         start = time.perf_counter()
         parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory)
         loaded = time.perf_counter()
@@ -190,55 +163,44 @@ def worker(args: argparse.Namespace) -> dict:
         done = time.perf_counter()
     return {"load_s": loaded - start, "calib_s": calibrated - loaded, "calib_tokens": importance.tokens,
             "calib_s_per_1k": 1000 * (calibrated - loaded) / importance.tokens, "build_save_s": done - calibrated,
-            "peak_rss_gib": peak.rss, "peak_anon_gib": peak.anon, "read_bytes": counter.bytes,
+            "peak_rss_gib": peak["rss"], "peak_anon_gib": peak["anon"], "read_bytes": READ["bytes"],
             "refit": child.manifest.refit, "selection": child.manifest.selection,
             "kept_blocks": child.manifest.kept_blocks}
 
 
-def _timed_worker(args: argparse.Namespace, seconds_key: str, work) -> tuple[object, dict]:
-    """One mode of the sequential and ablation benches in this (fresh) process: load the parent as the mode says,
-    then ``work(parent, sequential)`` with the bytes read from its files, peak memory and seconds counted."""
+def placement_worker(args: argparse.Namespace) -> dict:
+    """One placement (SEQ_MODES) of the sequential (``--worker calib``) or ablation bench: load the parent as it
+    says, then calibrate or ablate every block with the bytes read, peak memory and seconds counted."""
+    from subclone_core.analysis.probes import ablate_parent
     from subclone_core.sources.parents import load_parent
+    from subclone_core.workflow.children import measure_importance
 
-    counter = _counting()
     budget, sequential = SEQ_MODES[args.mode]
     start = time.perf_counter()
     parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory if budget else None)
-    loaded, before = time.perf_counter(), counter.bytes
-    with PeakMemory() as peak:
-        result = work(parent, sequential)
-    return result, {"load_s": loaded - start, seconds_key: time.perf_counter() - loaded,
-                    "read_bytes": counter.bytes - before, "peak_rss_gib": peak.rss, "peak_anon_gib": peak.anon}
+    loaded, before = time.perf_counter(), READ["bytes"]
+    with peak_memory() as peak:
+        if args.worker == "calib":
+            done = measure_importance(parent, tokens=args.tokens, batch_size=SEQ_BATCH, sequential=sequential)
+        else:
+            done = ablate_parent(parent, None, args.tokens, sequential=sequential)
+    measured = {"load_s": loaded - start, f"{args.worker}_s": time.perf_counter() - loaded,
+                "read_bytes": READ["bytes"] - before, "peak_rss_gib": peak["rss"], "peak_anon_gib": peak["anon"]}
+    if args.worker == "ablation":
+        return {**measured, "base": done["base"], "losses": done["losses"]}
+    return {**measured, "calib_tokens": done.tokens, "batches": -(-done.tokens // (SEQ_BATCH * 128)),
+            "ffn_top": [row.argsort(descending=True)[:16].tolist() for row in done.ffn],
+            "residual_top": done.residual_ranking("read").argsort(descending=True)[:64].tolist()}
 
 
-def calib_worker(args: argparse.Namespace) -> dict:
-    """Sequential bench, one mode: calibrate with read bytes counted."""
-    from subclone_core.workflow.children import measure_importance
-
-    importance, measured = _timed_worker(args, "calib_s", lambda parent, sequential: measure_importance(
-        parent, tokens=args.tokens, batch_size=SEQ_BATCH, sequential=sequential))
-    return {**measured, "calib_tokens": importance.tokens, "batches": -(-importance.tokens // (SEQ_BATCH * 128)),
-            "ffn_top": [row.argsort(descending=True)[:16].tolist() for row in importance.ffn],
-            "residual_top": importance.residual_ranking("read").argsort(descending=True)[:64].tolist()}
-
-
-def ablation_worker(args: argparse.Namespace) -> dict:
-    """Ablation bench, one mode: ablate every block with read bytes counted."""
-    from subclone_core.analysis.probes import ablate_parent
-
-    ablation, measured = _timed_worker(args, "ablation_s", lambda parent, sequential: ablate_parent(
-        parent, None, args.tokens, sequential=sequential))
-    return {**measured, "base": ablation["base"], "losses": ablation["losses"]}
-
-
-def run_child(*args: str) -> dict:
-    """Run this script in a fresh process (so each peak is its own) and return its JSON line."""
+def run_fresh(module: str, *args: str) -> dict:
+    """Run a bench module in a fresh process (so that each peak is its own) and return its last line, JSON."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "bench.bench_scale", *args], capture_output=True, text=True,
-                         env=env, cwd=ROOT, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench_scale worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- the three benches ----------------------------------------------------------------------------------
@@ -249,13 +211,10 @@ def measure_size(size: str, work: Path, tokens: int) -> dict:
     parent, facts, quarter = synthetic(size, work)
     row = {"size": size, **facts, "shards": len(list(parent.glob("*.safetensors"))), "quarter": quarter}
     for mode, budget in (("memory", None), ("offload", quarter)):
-        extra = ["--max-memory", budget] if budget else []
-        saved = work / f"child-{size}-{mode}.result.json"
-        result = json.loads(saved.read_text()) if saved.exists() else run_child(
-            "--worker", "--size", size, "--parent", str(parent), "--tokens", str(tokens),
-            "--out", str(work / f"child-{size}-{mode}"), *extra)
-        write_text(saved, json.dumps(result))
-        row[mode] = result
+        saved = work / f"child-{size}-{mode}.result.json"  # written by the worker
+        result = row[mode] = json.loads(saved.read_text()) if saved.exists() else run_fresh(
+            "bench.bench_scale", "--worker", "make", "--size", size, "--parent", str(parent), "--tokens", str(tokens),
+            "--out", str(work / f"child-{size}-{mode}"), *(["--max-memory", budget] if budget else []))
         print(f"{size} {mode}: calib {result['calib_s_per_1k']:.1f} s/1k tok, build+save "
               f"{result['build_save_s']:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB, anon "
               f"{result['peak_anon_gib']:.2f} GiB", flush=True)
@@ -282,120 +241,61 @@ def child_difference(a: Path, b: Path) -> float:
     return max(float((x[k] - y[k]).abs().max() / y[k].abs().max().clamp_min(1e-30)) for k in y)
 
 
-def sequential_bench(size: str, work: Path, smoke: bool) -> dict:
-    """The three modes of the sequential bench on one parent, each in a fresh process."""
+def header(size: str, work: Path) -> tuple[Path, dict]:
+    """The synthetic parent of a size, and what the sequential and ablation reports begin with."""
     parent, facts, quarter = synthetic(size, work)
-    hidden, blocks = SIZES[size][:2]
-    report = {"size": size, **facts, "quarter": quarter, "hidden": hidden, "blocks": blocks,
-              "batch_size": SEQ_BATCH, "seq_len": 128, "machine": _machine(), "runs": []}
+    return parent, {"size": size, **facts, "quarter": quarter, "hidden": SIZES[size][0], "blocks": SIZES[size][1]}
+
+
+def placements(kind: str, parent: Path, head: dict, tokens: int, line: str) -> dict:
+    """One fresh ``kind`` worker per placement (SEQ_MODES) at a quarter budget, each printed: ``line`` (a format
+    of its results), then the bytes read and the peak RssAnon."""
+    runs = {}
+    for mode in SEQ_MODES:
+        r = runs[mode] = run_fresh("bench.bench_scale", "--worker", kind, "--mode", mode, "--parent", str(parent),
+                                   "--max-memory", head["quarter"], "--tokens", str(tokens))
+        print(line.format(size=head["size"], tokens=tokens, mode=mode, **r) + f", read {r['read_bytes'] / 2**30:.2f} "
+              f"GiB, peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
+    return runs
+
+
+def sequential_bench(size: str, work: Path, smoke: bool) -> dict:
+    """The three placements of calibration alone on one parent (SEQ_TOKENS), each in a fresh process."""
+    parent, head = header(size, work)
+    report = {**head, "batch_size": SEQ_BATCH, "seq_len": 128, "machine": _machine(), "runs": []}
     for tokens in SEQ_TOKENS[size]:
-        run = {"tokens": tokens}
-        for mode in SEQ_MODES:
-            run[mode] = r = run_child("--calib-worker", "--mode", mode, "--parent", str(parent), "--max-memory",
-                                      quarter, "--tokens", str(tokens))
-            print(f"{size} {tokens} tokens {mode}: calibration {r['calib_s']:.1f} s, read "
-                  f"{r['read_bytes'] / 2**30:.2f} GiB, peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
+        run = {"tokens": tokens, **placements("calib", parent, head, tokens,
+                                              "{size} {tokens} tokens {mode}: calibration {calib_s:.1f} s")}
         run["same_rankings"] = all(run[m]["ffn_top"] == run["memory"]["ffn_top"]
                                    and run[m]["residual_top"] == run["memory"]["residual_top"] for m in SEQ_MODES)
         for mode in SEQ_MODES:
-            run[mode].pop("ffn_top")
-            run[mode].pop("residual_top")
+            del run[mode]["ffn_top"], run[mode]["residual_top"]
         report["runs"].append(run)
     report["same_rankings"] = all(run["same_rankings"] for run in report["runs"])
     if not smoke:
-        write_text(DOCS / "sequential.json", json.dumps(report, indent=1))
-        write_section("bench_sequential", sequential_markdown(report))
+        publish("sequential", report)
     return report
 
 
 def ablation_bench(size: str, work: Path, smoke: bool) -> dict:
-    """The three modes of the ablation bench on one parent, each in a fresh process."""
-    parent, facts, quarter = synthetic(size, work)
-    report = {"size": size, **facts, "quarter": quarter, "hidden": SIZES[size][0], "blocks": SIZES[size][1],
-              "tokens": ABL_TOKENS, "machine": _machine(), "modes": {}}
-    for mode in SEQ_MODES:
-        r = report["modes"][mode] = run_child("--ablation-worker", "--mode", mode, "--parent", str(parent),
-                                              "--max-memory", quarter, "--tokens", str(ABL_TOKENS))
-        print(f"{size} ablation {mode}: {r['ablation_s']:.1f} s, read {r['read_bytes'] / 2**30:.2f} GiB, "
-              f"peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
-    ref = report["modes"]["memory"]
-    report["max_loss_difference"] = max(abs(a - b) for r in report["modes"].values()
+    """The three placements of the block ablation on one parent, each in a fresh process."""
+    parent, head = header(size, work)
+    report = {**head, "tokens": ABL_TOKENS, "machine": _machine()}
+    modes = report["modes"] = placements("ablation", parent, head, ABL_TOKENS, "{size} ablation {mode}: {ablation_s:.1f} s")
+    ref = modes["memory"]
+    report["max_loss_difference"] = max(abs(a - b) for r in modes.values()
                                         for a, b in zip([r["base"], *r["losses"]], [ref["base"], *ref["losses"]]))
     report["same_order"] = all(sorted(range(len(r["losses"])), key=r["losses"].__getitem__)
                                == sorted(range(len(ref["losses"])), key=ref["losses"].__getitem__)
-                               for r in report["modes"].values())
+                               for r in modes.values())
     if not smoke:
-        write_text(DOCS / "ablation.json", json.dumps(report, indent=1))
-        write_section("bench_ablation", ablation_markdown(report))
+        publish("ablation", report)
     return report
 
 
-# --- reports --------------------------------------------------------------------------------------------
-
-
-def _memory(r: dict, parent_bytes: int) -> list[str]:
-    """GiB read, the share of the parent read, peak RSS and peak RssAnon of one run: the tables' last cells."""
-    return [f"{r['read_bytes'] / 2**30:.2f}", f"{r['read_bytes'] / parent_bytes:.2f}", f"{r['peak_rss_gib']:.2f}",
-            f"{r['peak_anon_gib']:.2f}"]
-
-
-def markdown(report: dict) -> str:
-    """The "bench_scale" section (template bench/templates/scale.md)."""
-    rows = report["rows"]
-    body = [[r["size"], f"{r['parameters'] / 1e9:.2f}B", f"{r['bytes'] / 2**30:.2f}", r["shards"],
-             r["quarter"] if mode == "offload" else "-", mode, "on" if r[mode]["refit"] else "OFF",
-             r[mode]["calib_tokens"], f"{r[mode]['calib_s_per_1k']:.1f}", f"{r[mode]['build_save_s']:.1f}",
-             *_memory(r[mode], r["bytes"])[1:], f"{r['child_max_rel_diff']:.1g}" if mode == "offload" else "-"]
-            for r in rows for mode in ("memory", "offload")]
-    slopes = [[label, *("-" if (v := report["slopes"][m][label]) is None else f"{v:.2f}" for m in ("memory", "offload"))]
-              for label in COSTS]
-    checks = [[r["size"], r["quarter"], f"{r['store_gib']:.2f}", f"{r['limit_gib']:.2f}",
-               f"{r['offload']['peak_anon_gib']:.2f}", "yes" if r["within"] else "NO",
-               "yes" if r["child_max_rel_diff"] <= 1e-5 else "NO"] for r in rows]
-    return render("scale", **{"notes": "", **report}, budgets=", ".join(
-        f"{k} {v:,}" for k, v in TOKENS.items() if k != "tiny"),
-        table=table(["parent", "parameters", "GiB", "shards", "budget", "placement", "refit", "calib tokens",
-                     "calib s / 1k tok", "refit+build+save s", "x parent read", "peak RSS GiB", "peak RssAnon GiB",
-                     "child diff"], body),
-        checks=table(["parent", "budget", "hidden states GiB", "limit GiB", "peak RssAnon GiB", "within",
-                      "same child"], checks),
-        slopes_table=table(["cost", "in memory", "offloaded"], slopes))
-
-
-def sequential_markdown(report: dict) -> str:
-    """The "bench_sequential" section (template bench/templates/scale_sequential.md)."""
-    body = [[mode, "-" if mode == "memory" else report["quarter"], r["calib_tokens"], r["batches"],
-             f"{r['calib_s']:.1f}", *_memory(r, report["bytes"])]
-            for run in report["runs"] for mode, r in ((m, run[m]) for m in SEQ_MODES)]
-    tokens = report["runs"][-1]["tokens"]
-    overheads = "; ".join(f"{run['tokens']:,} tokens: offload {run['offload']['calib_s'] / run['memory']['calib_s']:.2f}x, "
-                          f"sequential {run['sequential']['calib_s'] / run['memory']['calib_s']:.2f}x"
-                          for run in report["runs"])
-    return render("scale_sequential", **report, billions=report["parameters"] / 1e9, gib=report["bytes"] / 2**30,
-                  budgets=" and ".join(f"{run['tokens']:,}" for run in report["runs"]), tokens=tokens,
-                  same="yes" if report["same_rankings"] else "NO", stored_mib=tokens * report["hidden"] * 2 / 2**20,
-                  overheads=overheads, table=table(["placement", "budget", "tokens", "batches", "calibration s",
-                                                    "GiB read", "x parent", "peak RSS GiB", "peak RssAnon GiB"], body))
-
-
-def ablation_markdown(report: dict) -> str:
-    """The "bench_ablation" section (template bench/templates/scale_ablation.md)."""
-    body = [[mode, "-" if mode == "memory" else report["quarter"], f"{r['ablation_s']:.1f}",
-             *_memory(r, report["bytes"])] for mode, r in report["modes"].items()]
-    memory = report["modes"]["memory"]["ablation_s"]
-    ratios = ", ".join(f"{mode} {r['ablation_s'] / memory:.2f}x" for mode, r in report["modes"].items()
-                       if mode != "memory")
-    streams = report["blocks"] + 1
-    return render("scale_ablation", **report, gib=report["bytes"] / 2**30, ratios=ratios, streams_count=streams,
-                  same="yes" if report["same_order"] else "NO",
-                  streams_mib=streams * report["tokens"] * report["hidden"] * 2 / 2**20,
-                  table=table(["placement", "budget", "ablation s", "GiB read", "x parent", "peak RSS GiB",
-                               "peak RssAnon GiB"], body))
-
-
-def slope(rows: list[dict], key) -> float | None:
+def slope(rows: list[dict], mode: str, key: str) -> float | None:
     """The least-squares slope of log(cost) against log(parameters): 1 means cost grows like the parent."""
-    points = [(math.log(r["parameters"]), math.log(v)) for r in rows if (v := key(r)) and v > 0]
+    points = [(math.log(r["parameters"]), math.log(v)) for r in rows if (v := r[mode][key]) and v > 0]
     if len(points) < 2:
         return None
     mx, my = (sum(p[i] for p in points) / len(points) for i in (0, 1))
@@ -406,21 +306,48 @@ def plot(rows: list[dict], path: Path) -> None:
     """Each cost against the parent's parameters, log-log, in memory and offloaded, with the fitted slopes."""
     fig, axes = panels(len(COSTS), 4, 3.4)
     for ax, (label, key) in zip(axes[0], COSTS.items()):
-        xs = [r["parameters"] / 1e9 for r in rows]
         for mode, style in (("memory", "o-"), ("offload", "s--")):
-            ys = [r[mode][key] for r in rows]
-            fit = slope(rows, lambda r, m=mode, k=key: r[m][k]) or 0.0
-            ax.loglog(xs, ys, style, label=f"{mode} (slope {fit:.2f})")
+            ax.loglog([r["parameters"] / 1e9 for r in rows], [r[mode][key] for r in rows], style,
+                      label=f"{mode} (slope {slope(rows, mode, key) or 0.0:.2f})")
         ax.set_xlabel("parent parameters (billions)")
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=7)
     save_figure(fig, path, dpi=110)
 
 
-def write_report(report: dict) -> None:
-    """The plot and the BENCHMARKS.md section, from the measured report (docs/scale.json)."""
-    plot(report["rows"], DOCS / "bench_scale.png")
-    write_section("bench_scale", markdown(report))
+# --- reports (templates bench/templates/scale*.md.j2) ---------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    """The "bench_scale" section (template bench/templates/scale.md.j2)."""
+    return render("scale", **{"notes": "", **report}, budgets=TOKENS, costs=COSTS, rtol=SAME_CHILD_RTOL)
+
+
+def sequential_markdown(report: dict) -> str:
+    """The "bench_sequential" section (template bench/templates/scale_sequential.md.j2)."""
+    return render("scale_sequential", **report, modes=SEQ_MODES)
+
+
+def ablation_markdown(report: dict) -> str:
+    """The "bench_ablation" section (template bench/templates/scale_ablation.md.j2)."""
+    return render("scale_ablation", **report)
+
+
+# which bench: its section of BENCHMARKS.md, its JSON under docs/ and its report
+SECTIONS = {"scale": ("bench_scale", "scale.json", markdown),
+            "sequential": ("bench_sequential", "sequential.json", sequential_markdown),
+            "ablation": ("bench_ablation", "ablation.json", ablation_markdown)}
+
+
+def publish(bench: str, report: dict, *, save: bool = True) -> None:
+    """A bench's JSON under docs/ (unless ``save`` is off: a redrawn report), the scale bench's plot, and its
+    section of BENCHMARKS.md."""
+    section, name, markdown_of = SECTIONS[bench]
+    if save:
+        write_text(DOCS / name, json.dumps(report, indent=1))
+    if bench == "scale":
+        plot(report["rows"], DOCS / "bench_scale.png")
+    write_section(section, markdown_of(report))
 
 
 def _machine() -> dict:
@@ -428,10 +355,6 @@ def _machine() -> dict:
 
 
 # --- command line ---------------------------------------------------------------------------------------
-
-WORKERS = {"worker": worker, "calib_worker": calib_worker, "ablation_worker": ablation_worker}
-REPORTS = {"ablation": ("bench_ablation", "ablation.json", ablation_markdown),
-           "sequential": ("bench_sequential", "sequential.json", sequential_markdown)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -441,43 +364,47 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default=None, help="where parents are written (default: a temporary folder)")
     parser.add_argument("--sequential", action="store_true", help="the sequential calibration bench")
     parser.add_argument("--ablation", action="store_true", help="the block ablation bench")
-    for flag in ("--worker", "--calib-worker", "--ablation-worker"):
-        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("make", "calib", "ablation"), help=argparse.SUPPRESS)
     for flag in ("--mode", "--size", "--parent", "--out", "--max-memory"):
         parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
+def run_worker(args: argparse.Namespace) -> None:
+    """A worker's measurement as one JSON line (make's is also kept beside its child, for a rerun), with its torch
+    threads (BENCH_THREADS, default 2) and every tensor read counted."""
+    from accelerate.utils import offload
+
+    from subclone_core.io import streaming
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    offload.safe_open = streaming.safe_open = CountingOpen
+    result = json.dumps((make_worker if args.worker == "make" else placement_worker)(args))
+    if args.worker == "make":
+        write_text(Path(args.out + ".result.json"), result)
+    print(result)
+
+
 def main() -> int:
     args = parse_args()
-    if name := next((n for n in WORKERS if getattr(args, n)), None):
-        result = json.dumps(WORKERS[name](args))
-        if args.worker:
-            write_text(Path(args.out + ".result.json"), result)  # kept for a rerun (measure_size)
-        print(result)
+    if args.worker:
+        run_worker(args)
         return 0
-    which = "ablation" if args.ablation else "sequential" if args.sequential else None
+    bench = "ablation" if args.ablation else "sequential" if args.sequential else "scale"
     if args.report_only:
-        if which:
-            section, name, markdown_of = REPORTS[which]
-            write_section(section, markdown_of(json.loads((DOCS / name).read_text())))
-        else:
-            write_report(json.loads((DOCS / "scale.json").read_text()))
+        publish(bench, json.loads((DOCS / SECTIONS[bench][1]).read_text()), save=False)
         return 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    if which:
-        bench = ablation_bench if which == "ablation" else sequential_bench
-        report = bench("tiny" if args.smoke else args.size or "1B", work, args.smoke)
-        return 0 if report["same_order" if which == "ablation" else "same_rankings"] else 1
+    if bench != "scale":
+        report = (ablation_bench if args.ablation else sequential_bench)(
+            "tiny" if args.smoke else args.size or "1B", work, args.smoke)
+        return 0 if report["same_order" if args.ablation else "same_rankings"] else 1
     rows = [measure_size(size, work, TOKENS[size]) for size in (["tiny"] if args.smoke else args.sizes.split(","))]
     if args.smoke:
         return 0 if all(r["same_indices"] for r in rows) else 1
-    report = {"rows": rows, "slopes": {mode: {label: slope(rows, lambda r, k=key, m=mode: r[m][k])
-                                              for label, key in COSTS.items()} for mode in ("memory", "offload")},
-              "machine": _machine()}
-    write_text(DOCS / "scale.json", json.dumps(report, indent=1))
-    write_report(report)
+    slopes = {mode: {label: slope(rows, mode, key) for label, key in COSTS.items()} for mode in ("memory", "offload")}
+    publish("scale", {"rows": rows, "slopes": slopes, "machine": _machine()})
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from bench import _harness as h
 from bench import _report as rp
 from bench._harness import Budget
-from bench._report import PAPER_SPEEDUP, fmt_value, render, table
+from bench._report import PAPER_SPEEDUP, render
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import Parent, load_parent
@@ -26,6 +26,15 @@ from subclone_core.training.speedup import HIGHER_IS_BETTER, speedup_table
 from subclone_core.workflow.children import make_child, measure_importance
 
 Variant = h.Arm  # one way to initialize (and train) the child
+PLAIN = {"scale": False, "drop": "magnitude"}  # the plain subcloned child of the LM benchmarks (and bench_budget)
+RANDOM = Variant("random", "random init", "random")
+LM_CHILD = Variant("subclone", "subclone (no scaling, tied head, drop by magnitude)", "subclone", PLAIN)
+LM_ABLATIONS = (  # the aggressive ratio's variants, each trained at the plain child's best lr
+    Variant("subclone-scaled", "subclone, scaling on (tied unscaled head)", "subclone", {**PLAIN, "scale": True}),
+    Variant("subclone-middle", "subclone, drop a contiguous middle span", "subclone", {**PLAIN, "drop": "middle"}),
+    Variant("subclone+distill", "subclone + distillation from the parent", "subclone", PLAIN, distill=True))
+VIT_CHILDREN = (Variant("subclone", "subclone (scaling on)", "subclone", {"scale": True}),
+                Variant("subclone-unscaled", "subclone, scaling off", "subclone", {"scale": False}))
 
 
 @dataclass(frozen=True)
@@ -51,26 +60,6 @@ class Outcome:
     rows: list[dict[str, Any]]
     metric: str
     seconds: float
-
-
-PLAIN = {"scale": False, "drop": "magnitude"}
-
-
-def lm_variants(sweep_random: tuple, sweep_child: tuple, *, extras: bool) -> tuple[Variant, ...]:
-    """random and subclone with their sweeps; with ``extras`` the aggressive ratio's ablations."""
-    base = (Variant("random", "random init", "random", lrs=sweep_random),
-            Variant("subclone", "subclone (no scaling, tied head, drop by magnitude)", "subclone", PLAIN,
-                    lrs=sweep_child))
-    return base if not extras else (*base,
-        Variant("subclone-scaled", "subclone, scaling on (tied unscaled head)", "subclone", {**PLAIN, "scale": True}),
-        Variant("subclone-middle", "subclone, drop a contiguous middle span", "subclone", {**PLAIN, "drop": "middle"}),
-        Variant("subclone+distill", "subclone + distillation from the parent", "subclone", PLAIN, distill=True))
-
-
-def vit_variants(sweep_random: tuple, sweep_child: tuple) -> tuple[Variant, ...]:
-    return (Variant("random", "random init", "random", lrs=sweep_random),
-            Variant("subclone", "subclone (scaling on)", "subclone", {"scale": True}, lrs=sweep_child),
-            Variant("subclone-unscaled", "subclone, scaling off", "subclone", {"scale": False}))
 
 
 @dataclass(frozen=True)
@@ -102,25 +91,32 @@ SIZES = {
 }
 
 
-def lm_experiments(size: Size) -> list[Experiment]:
-    s = size.sweeps
-    return [
-        Experiment("paper-like", "paper-like ratio: 20 blocks x 384, 6 heads / 2 KV, FFN 1024", rp.PAPER_LIKE,
-                   size.paper, lm_variants(s["random"], s["paper"], extras=False)),
-        Experiment("aggressive", "aggressive ratio: 6 blocks x 192, 3 heads / 1 KV, FFN 512", rp.AGGRESSIVE,
-                   size.aggr, lm_variants(s["random"], s["aggr"], extras=True), paper_claim=False),
-    ]
+def swept(size: Size, grid: str, child: Variant, *others: Variant) -> tuple[Variant, ...]:
+    """Random init and the subcloned child, each with its lr grid of the size, then the unswept variants."""
+    return replace(RANDOM, lrs=size.sweeps["random"]), replace(child, lrs=size.sweeps[grid]), *others
 
 
-def vit_experiment(size: Size, parent: Parent) -> Experiment:
-    """The same depth at half the width (hidden and FFN), as in the paper's ViT experiment."""
-    shape = Shape.of(parent.model.config)
-    sizes = {"hidden": shape.hidden // 2, "ffn": shape.ffn // 2}
-    title = f"half width: {shape.layers} blocks x {sizes['hidden']}, FFN {sizes['ffn']}"
-    return Experiment("vit-half-width", title, sizes, size.vit, vit_variants(size.sweeps["random"], size.sweeps["vit"]))
+def experiments(which: str, size: Size, parent: Parent) -> list[Experiment]:
+    """The LM's paper-like and aggressive ratios, or the ViT at the same depth and half the width (hidden and
+    FFN), as in the paper's ViT experiment."""
+    if which == "vit":
+        shape = Shape.of(parent.model.config)
+        sizes = {"hidden": shape.hidden // 2, "ffn": shape.ffn // 2}
+        title = f"half width: {shape.layers} blocks x {sizes['hidden']}, FFN {sizes['ffn']}"
+        return [Experiment("vit-half-width", title, sizes, size.vit, swept(size, "vit", *VIT_CHILDREN))]
+    return [Experiment("paper-like", "paper-like ratio: 20 blocks x 384, 6 heads / 2 KV, FFN 1024", rp.PAPER_LIKE,
+                       size.paper, swept(size, "paper", LM_CHILD)),
+            Experiment("aggressive", "aggressive ratio: 6 blocks x 192, 3 heads / 1 KV, FFN 512", rp.AGGRESSIVE,
+                       size.aggr, swept(size, "aggr", LM_CHILD, *LM_ABLATIONS), paper_claim=False)]
 
 
 # --- running --------------------------------------------------------------------------------------------
+
+
+def child_model(parent: Parent, target: Shape, variant: Variant, importance: Any, seed: int = 0) -> Any:
+    """The variant's initial child (bench_budget's too): make_child with its strategy and options."""
+    return make_child(parent, target, strategy=variant.strategy, importance=importance, seed=seed,
+                      **variant.options).model
 
 
 def candidates_for(variants: list[Variant], children: dict[str, Any], parent: Parent | None,
@@ -133,8 +129,7 @@ def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: st
     """Make every variant, sweep, train the unswept variants at the child's best lr, and tabulate."""
     start = time.perf_counter()
     target = plan_shape(parent.model, **exp.sizes)
-    children = {v.name: make_child(parent, target, strategy=v.strategy, importance=importance, **v.options).model
-                for v in exp.variants}
+    children = {v.name: child_model(parent, target, v, importance) for v in exp.variants}
     train, val = exp.budget.splits(parent, data_id)
     config = exp.budget.config(len(val))
     metric = parent.task_spec.metric
@@ -152,105 +147,46 @@ def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: st
 # --- reporting ------------------------------------------------------------------------------------------
 
 
-def result_table(outcome: Outcome) -> str:
-    labels = {v.name: v.label for v in outcome.experiment.variants}
-    swept = {v.name: v.lrs for v in outcome.experiment.variants}
-    m = outcome.metric
-    rows = []
-    for row in outcome.rows:
-        lrs = swept.get(row["name"])
-        lr = f"{outcome.chosen[row['name']].lr:g}" + (f" (of {', '.join(f'{x:g}' for x in lrs)})" if lrs
-                                                     else " (the child's best)")
-        rows.append([labels.get(row["name"], row["name"]), lr, fmt_value(row["start"], m), fmt_value(row["final"], m),
-                     fmt_value(row["best"], m), row["steps_to_target_text"], f"**{row['speedup_text']}**",
-                     f"{row['throughput']:.0f}"])
-    header = ["candidate", "lr", f"step-0 {m}", f"final {m}", f"best {m}", "steps to target", "speedup",
-              outcome.rows[0]["unit"] if outcome.rows else "tokens/s"]
-    return table(header, rows)
-
-
-def sweep_table(outcome: Outcome) -> str:
-    m = outcome.metric
-    rows = [[s["run"], f"{s['lr']:g}", fmt_value(s["best"], m), fmt_value(s["final"], m), s["status"]]
-            for s in outcome.sweep]
-    return table(["run", "lr", f"best {m}", f"final {m}", "status"], rows)
-
-
 def _row(outcome: Outcome, name: str) -> dict[str, Any] | None:
     return next((r for r in outcome.rows if r["name"] == name), None)
 
 
 def headline(outcome: Outcome) -> str:
-    """The subcloned child's speedup, set against the paper's 4x where the paper claims it."""
-    row = _row(outcome, "subclone")
-    speed = row["speedup_text"] if row else "the subcloned child diverged at every learning rate"
-    text = f"Speedup of the subcloned child: **{speed}**"
+    """The subcloned child's speedup against the paper's 4x where the paper claims it, and if short of it, why:
+    the child's head start and the steps each needed (the case is named here, the words are the template's)."""
+    child, base = _row(outcome, "subclone"), _row(outcome, "random")
     if not outcome.experiment.paper_claim:
-        return f"{text} (the paper's {PAPER_SPEEDUP:.0f}x is for milder ratios)."
-    if row is not None and row["speedup"] is not None and row["speedup"] >= PAPER_SPEEDUP:
-        return f"{text}: at least the paper's {PAPER_SPEEDUP:.0f}x."
-    return f"{text}: short of the paper's {PAPER_SPEEDUP:.0f}x. Why: {shortfall(outcome)}"
+        case = "milder ratio"
+    elif child is not None and child["speedup"] is not None and child["speedup"] >= PAPER_SPEEDUP:
+        case = "reached"
+    elif child is None or base is None:
+        case = "diverged"
+    elif child["speedup_lower_bound"] and child["steps_to_target"] == 0:
+        case = "ahead at step 0"
+    else:
+        case = "never reached" if child["steps_to_target"] is None else "slower"
+    return render("training_headline", case=case, child=child, base=base, m=outcome.metric, paper=PAPER_SPEEDUP,
+                  steps=outcome.experiment.budget.steps)
 
 
-def shortfall(outcome: Outcome) -> str:
-    """What the numbers say about a speedup under 4x: the head start, and the steps each needed."""
-    child, base, m = _row(outcome, "subclone"), _row(outcome, "random"), outcome.metric
-    if child is None or base is None:
-        return "a candidate diverged at every learning rate (see the sweep)."
-    start = f"the child starts at {fmt_value(child['start'], m)} against random init's {fmt_value(base['start'], m)}"
-    if child["speedup_lower_bound"] and child["steps_to_target"] == 0:
-        return render("training_shortfall", start=start, base_steps=base["steps_to_target_text"])
-    if child["steps_to_target"] is None:
-        return (f"{start} and its best, {fmt_value(child['best'], m)}, never reaches random init's best "
-                f"({fmt_value(base['best'], m)}) within {outcome.experiment.budget.steps} steps.")
-    return (f"{start}, and needs {child['steps_to_target_text']} to reach random init's best, which random init "
-            f"reaches at {base['steps_to_target_text']}.")
-
-
-def findings(outcome: Outcome) -> list[str]:
-    """Facts that explain the numbers: lrs at the edge of a 3+ point sweep, variants against the plain child."""
-    notes, m = [], outcome.metric
+def findings(outcome: Outcome) -> list[dict[str, Any]]:
+    """Facts that explain the numbers (the template words them): a variant that diverged at every lr, a best lr
+    at the edge of a 3+ point sweep, each variant's best value against the plain child's."""
+    notes, higher = [], HIGHER_IS_BETTER[outcome.metric]
     for v in outcome.experiment.variants:
         run = outcome.chosen.get(v.name)
         if run is None:
-            notes.append(f"{v.label}: every learning rate diverged.")
+            notes.append({"kind": "diverged", "variant": v})
         elif v.lrs and len(v.lrs) > 2 and run.lr in (min(v.lrs), max(v.lrs)):
-            notes.append(f"{v.label}: the best lr ({run.lr:g}) is at the edge of the sweep; a wider sweep could "
-                         "move its result.")
+            notes.append({"kind": "edge", "variant": v, "lr": run.lr})
     plain = _row(outcome, "subclone")
     for v in outcome.experiment.variants:
         row = _row(outcome, v.name)
-        if plain is None or row is None or v.name in ("subclone", "random"):
-            continue
-        a, b = row["best"], plain["best"]
-        better = a is not None and b is not None and (a > b if HIGHER_IS_BETTER[m] else a < b)
-        notes.append(f"{v.label}: step-0 {fmt_value(row['start'], m)} (plain child {fmt_value(plain['start'], m)}), "
-                     f"best {fmt_value(row['best'], m)}: {'better' if better else 'not better'} than the plain "
-                     f"child; speedup {row['speedup_text']}.")
+        if plain is not None and row is not None and v.name not in ("subclone", "random"):
+            a, b = row["best"], plain["best"]
+            better = a is not None and b is not None and (a > b if higher else a < b)
+            notes.append({"kind": "variant", "variant": v, "row": row, "plain": plain, "better": better})
     return notes
-
-
-def section_markdown(title: str, script_note: str, parent: Parent, outcomes: list[Outcome], plot: str,
-                     calib_tokens: int | None, data_id: str) -> str:
-    lines = [render("training_settings", machine=rp.machine(), parent=parent.label, data=data_id)]
-    if calib_tokens:
-        lines.append(f"- Calibration: {calib_tokens} token positions, measured once and shared by every child.")
-    for o in outcomes:
-        b = o.experiment.budget
-        val = f"{b.val_tokens} tokens" if parent.task_spec.sequences else f"{b.val_images} images"
-        lines.append(f"- {o.experiment.key}: {b.steps} steps of {b.units(parent.task)}, AdamW, 5% warmup then "
-                     f"cosine to 0, validation on {val} every {b.eval_every} steps; {o.seconds / 60:.1f} min.")
-    lines.append("- Every candidate sees the identical batches in the identical order (seed 0). Each swept "
-                 "candidate keeps its run with the best validation value; weight decay is the strategy's default.")
-    parts = [f"## {title} (`bench/bench_training.py`)", script_note, "\n".join(lines)]
-    for o in outcomes:
-        parts += [f"### {o.experiment.title}", headline(o), result_table(o),
-                  "Learning-rate sweep (every run, full budget):", sweep_table(o)]
-        if notes := findings(o):
-            parts.append("\n".join(f"- {n}" for n in notes))
-    points = max(len(v.lrs or ()) for o in outcomes for v in o.experiment.variants)
-    parts += [f"![validation curves]({plot})", render("training_caveats", metric=outcomes[0].metric, points=points)]
-    return "\n\n".join(parts)
 
 
 def plot_curves(outcomes: list[Outcome], path: Path) -> None:
@@ -271,6 +207,7 @@ def plot_curves(outcomes: list[Outcome], path: Path) -> None:
 
 
 def outcome_json(o: Outcome) -> dict[str, Any]:
+    """An experiment's entry of the smoke-and-all runs' results.json."""
     return {"experiment": o.experiment.key, "shape": o.shape.as_dict(), "budget": asdict(o.experiment.budget),
             "rows": o.rows, "sweep": o.sweep, "seconds": round(o.seconds, 1),
             "curves": {name: r.curve(o.metric) for name, r in o.chosen.items()}}
@@ -284,14 +221,15 @@ def bench(which: str, parent_id: str, size: Size, out: dict[str, Path], name: st
     parent = load_parent(parent_id)
     data = "default" if which == "lm" else "fashion-mnist"
     importance = measure_importance(parent, data, tokens=size.calib_tokens)
-    exps = lm_experiments(size) if which == "lm" else [vit_experiment(size, parent)]
-    outcomes = [run_experiment(parent, importance, exp, data, out["runs"]) for exp in exps]
+    outcomes = [run_experiment(parent, importance, exp, data, out["runs"])
+                for exp in experiments(which, size, parent)]
     plot = out[f"{which}_plot"]
     plot_curves(outcomes, plot)
-    title = "Training speedup, " + ("language model" if which == "lm" else "ViT")
-    note = f"Size `{name}`. " + render(f"training_note_{which}", parent=parent_id)
-    rp.write_section(f"training-{which}", section_markdown(title, note, parent, outcomes, plot.name, size.calib_tokens,
-                                                        data), out["doc"])
+    points = max(len(v.lrs or ()) for o in outcomes for v in o.experiment.variants)  # the widest lr grid
+    section = render("training", which=which, size=name, parent=parent, parent_id=parent_id, data=data,
+                     outcomes=outcomes, calib_tokens=size.calib_tokens, machine=rp.machine(), plot=plot.name,
+                     points=points, headline=headline, findings=findings)
+    rp.write_section(f"training-{which}", section, out["doc"])
     return outcomes
 
 
@@ -315,6 +253,7 @@ def outputs(size: str, doc: Path | None) -> dict[str, Path]:
 
 
 def main() -> None:
+    """Run one size of both benchmarks (or --only one), then print each experiment's headline and table."""
     parser = rp.bench_parser(__doc__, smoke="a few steps of everything (seconds); writes to /tmp",
                              gpu="longer budgets and wider sweeps, for a GPU", threads="torch CPU threads (default: "
                              "one per core); on a busy machine 1 is much faster than 2, whose threads wait on each other")
@@ -333,8 +272,7 @@ def main() -> None:
         vit_parent = args.vit_parent or (smoke_vit_parent(out["runs"]) if args.smoke else "default-vit")
         outcomes += bench("vit", vit_parent, size, out, name)
     (out["runs"] / "results.json").write_text(json.dumps([outcome_json(o) for o in outcomes], indent=1))
-    for o in outcomes:
-        print(f"\n{o.experiment.key}: {headline(o)}\n{result_table(o)}")
+    print(render("training_summary", outcomes=outcomes, headline=headline))
     print(f"\nwrote {out['doc']} and the plots; run metrics in {out['runs']}; "
           f"total {(time.perf_counter() - start) / 60:.1f} min")
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 import math
 import time
 
-from bench._report import AGGRESSIVE, PAPER_LIKE, bench_parser, machine, render, table, write_section
+from bench._report import SHAPES, bench_parser, machine, render, write_section
 from subclone_core.core.strategies import plan_shape, subclone_model
 from subclone_core.sources import make_data
 from subclone_core.sources.parents import load_parent
 from subclone_core.training.evaluate import evaluate
 from subclone_core.workflow.children import measure_importance
 
-SHAPES = {
-    "paper-like 20 x 384 (6 heads / 2 KV, FFN 1024)": PAPER_LIKE,
-    "aggressive 6 x 192 (3 heads / 1 KV, FFN 512)": AGGRESSIVE,
-}
 VARIANTS = {
     "subclone, no scaling, tied head, drop magnitude": {"strategy": "subclone", "scale": False, "drop": "magnitude"},
     "subclone, no scaling, tied head, drop middle": {"strategy": "subclone", "scale": False, "drop": "middle"},
@@ -44,16 +40,16 @@ def main() -> None:
     start = time.perf_counter()
     parent_loss = evaluate(parent.model, val.batches(8))["loss"]
     rows = []
-    for shape_name, sizes in SHAPES.items():
+    for shape, sizes in SHAPES.items():
         target = plan_shape(parent.model, **sizes)
+        label = "{} {layers} x {hidden} ({heads} heads / {kv_heads} KV, FFN {ffn})".format(shape, **sizes)
         for name, options in VARIANTS.items():
             child = subclone_model(parent.model, target, importance=importance, **options)
             loss = evaluate(child.model, val.batches(8))["loss"]
-            rows.append([shape_name, name, f"{loss:.2f}", f"{math.exp(min(loss, 50)):.0f}"])
+            rows.append([label, name, f"{loss:.2f}", f"{math.exp(min(loss, 50)):.0f}"])
             print(rows[-1], flush=True)
     report = render("defaults", machine=machine(), parent_loss=parent_loss, calib_tokens=importance.tokens,
-                    val_tokens=val.num_tokens, uniform=math.log(49152), seconds=time.perf_counter() - start,
-                    table=table(["child shape", "initialization", "step-0 validation loss", "perplexity"], rows))
+                    val_tokens=val.num_tokens, uniform=math.log(49152), seconds=time.perf_counter() - start, rows=rows)
     print(report)
     write_section("defaults", report)
 

@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import _harness as h
-from bench._harness import Budget
+from bench._harness import Arm, Budget
 from bench._report import DOCS, SHAPES, THREADS_HELP, bench_parser, machine
-from bench._repro_measure import Arm, Study, analyze_parent, run_study, step0_table, validation_batches
-from bench._repro_plots import draw_all
-from bench._repro_report import render
+from bench._repro_measure import Study, analyze_parent, run_study, step0_table, validation_batches
+from bench._repro_report import draw_all, render
 from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent
 
 SEEDS = (0, 1)
+HIGH_WD = 0.1  # random init's weight decay, tried on the subcloned child (finding 6)
 
 
 @dataclass(frozen=True)
@@ -64,97 +64,98 @@ SIZES = {
                   vit_lrs={"random": (1e-3,), "subclone": (1e-4, 1e-3)}, max_reruns=6),
 }
 
-HIGH_WD = 0.1  # random init's weight decay, tried on the subcloned child (finding 6)
+# Every initialization the findings compare: name -> (label, make_child strategy, options, weight decay).
+PLAIN = {"scale": False, "drop": "magnitude"}
+LM_ARMS = {
+    "random": ("random init", "random", {}, None),
+    "subclone": ("subclone (no scaling, tied head, drop by magnitude)", "subclone", PLAIN, None),
+    "subclone-wd": (f"subclone, weight decay {HIGH_WD:g}", "subclone", PLAIN, HIGH_WD),
+    "scaled": ("subclone + scaling (tied unscaled head)", "subclone", {"scale": True, "drop": "magnitude"}, None),
+    "scaled-untied": ("subclone + scaling, untied scaled head", "subclone",
+                      {"scale": True, "drop": "magnitude", "untie_head": True}, None),
+    "middle": ("subclone, drop a middle span", "subclone", {"scale": False, "drop": "middle"}, None),
+    "first-blocks": ("subclone, keep the first N blocks", "subclone", {"scale": False, "drop": "first"}, None),
+    "first-k": ("first-k (no reordering)", "first-k", PLAIN, None),
+    "uniform": ("uniform (weight selection)", "uniform", {"scale": False}, None),
+}
+VIT_ARMS = {  # the ViT family's default is scaling on
+    "random": ("random init", "random", {}, None),
+    "subclone": ("subclone (scaling on)", "subclone", {"scale": True}, None),
+    "unscaled": ("subclone, scaling off", "subclone", {"scale": False}, None),
+    "subclone-wd": (f"subclone, weight decay {HIGH_WD:g}", "subclone", {"scale": True}, HIGH_WD),
+    "first-k": ("first-k (no reordering), scaling on", "first-k", {"scale": True, "drop": "middle"}, None),
+    "uniform": ("uniform (weight selection)", "uniform", {"scale": False}, None),
+}
+# finding -> the arms it compares
+LM_COMPARISONS = {"scaling": ("subclone", "scaled"), "reordering": ("subclone", "first-k", "uniform", "random"),
+                  "weight-decay": ("subclone", "subclone-wd"), "block-policy": ("subclone", "middle", "first-blocks"),
+                  "tied-head": ("scaled", "scaled-untied"), "headline": ("random", "subclone")}
+VIT_COMPARISONS = {"scaling": ("subclone", "unscaled"), "reordering": ("subclone", "first-k", "uniform", "random"),
+                   "weight-decay": ("subclone", "subclone-wd"), "headline": ("random", "subclone")}
+
+
+def arms(table: dict[str, tuple], lrs: dict[str, tuple[float, ...]]) -> tuple[Arm, ...]:
+    """The arms of LM_ARMS or VIT_ARMS; those with a grid in ``lrs`` (random, subclone) get lr sweeps."""
+    return tuple(Arm(name, label, strategy, options, lrs=lrs.get(name), weight_decay=decay)
+                 for name, (label, strategy, options, decay) in table.items())
 
 
 def lm_arms(lrs: dict[str, tuple[float, ...]]) -> tuple[Arm, ...]:
-    """Every LM initialization the findings compare; only random and subclone get lr sweeps."""
-    plain = {"scale": False, "drop": "magnitude"}
-    return (
-        Arm("random", "random init", "random", lrs=lrs["random"]),
-        Arm("subclone", "subclone (no scaling, tied head, drop by magnitude)", "subclone", plain,
-            lrs=lrs["subclone"]),
-        Arm("subclone-wd", f"subclone, weight decay {HIGH_WD:g}", "subclone", plain, weight_decay=HIGH_WD),
-        Arm("scaled", "subclone + scaling (tied unscaled head)", "subclone", {"scale": True, "drop": "magnitude"}),
-        Arm("scaled-untied", "subclone + scaling, untied scaled head", "subclone",
-            {"scale": True, "drop": "magnitude", "untie_head": True}),
-        Arm("middle", "subclone, drop a middle span", "subclone", {"scale": False, "drop": "middle"}),
-        Arm("first-blocks", "subclone, keep the first N blocks", "subclone", {"scale": False, "drop": "first"}),
-        Arm("first-k", "first-k (no reordering)", "first-k", plain),
-        Arm("uniform", "uniform (weight selection)", "uniform", {"scale": False}),
-    )
+    """The language model's arms."""
+    return arms(LM_ARMS, lrs)
 
 
-LM_COMPARISONS = {
-    "scaling": ("subclone", "scaled"),
-    "reordering": ("subclone", "first-k", "uniform", "random"),
-    "weight-decay": ("subclone", "subclone-wd"),
-    "block-policy": ("subclone", "middle", "first-blocks"),
-    "tied-head": ("scaled", "scaled-untied"),
-    "headline": ("random", "subclone"),
-}
+def make_study(key: str, parent: Parent, data_id: str, size: Size) -> Study:
+    """The language model trains the paper-like child (both ratios at step 0); the ViT, as in the paper, a child
+    of the same depth at half the width (hidden and FFN). A gap below ``close`` on seed 0 gets a second seed."""
+    if key == "lm":
+        return Study("lm", data_id, size.lm_shapes, size.lm, size.lm_eval_at, lm_arms(size.lm_lrs), LM_COMPARISONS,
+                     close=0.1, max_reruns=size.max_reruns)
+    half = {"hidden": parent.model.config.hidden_size // 2, "ffn": parent.model.config.intermediate_size // 2}
+    return Study("vit", data_id, {"half-width": half}, size.vit, size.vit_eval_at, arms(VIT_ARMS, size.vit_lrs),
+                 VIT_COMPARISONS, close=0.01, max_reruns=size.max_reruns)
 
 
-def vit_arms(lrs: dict[str, tuple[float, ...]]) -> tuple[Arm, ...]:
-    """ViT initializations: the ViT family's default is scaling on."""
-    return (
-        Arm("random", "random init", "random", lrs=lrs["random"]),
-        Arm("subclone", "subclone (scaling on)", "subclone", {"scale": True}, lrs=lrs["subclone"]),
-        Arm("unscaled", "subclone, scaling off", "subclone", {"scale": False}),
-        Arm("subclone-wd", f"subclone, weight decay {HIGH_WD:g}", "subclone", {"scale": True}, weight_decay=HIGH_WD),
-        Arm("first-k", "first-k (no reordering), scaling on", "first-k", {"scale": True, "drop": "middle"}),
-        Arm("uniform", "uniform (weight selection)", "uniform", {"scale": False}),
-    )
-
-
-VIT_COMPARISONS = {
-    "scaling": ("subclone", "unscaled"),
-    "reordering": ("subclone", "first-k", "uniform", "random"),
-    "weight-decay": ("subclone", "subclone-wd"),
-    "headline": ("random", "subclone"),
-}
-
-
-def run_part(parent: Parent, data_id: str, size: Size, runs_dir: Path, *, key: str,
-             shapes: dict[str, dict[str, int]], arms: tuple[Arm, ...], comparisons: dict[str, tuple[str, ...]],
-             budget: Budget, eval_at: tuple[int, ...], close: float) -> dict[str, Any]:
+def run_part(parent: Parent, key: str, data_id: str, size: Size, runs: Path) -> dict[str, Any]:
     """Parent analyses, step-0 tables at every shape, and the training study at the first shape."""
     start = time.perf_counter()
-    analysis, importances = analyze_parent(parent, data_id, calib_tokens=size.calib_tokens,
+    study = make_study(key, parent, data_id, size)
+    analysis, importances = analyze_parent(parent, study.data_id, calib_tokens=size.calib_tokens,
                                            val_tokens=size.analysis_tokens, val_images=size.analysis_images,
                                            seeds=SEEDS)
     print(f"[{parent.id}] step-0 values", file=sys.stderr, flush=True)
-    untrained = tuple(a for a in arms if a.weight_decay is None)  # weight decay changes nothing at step 0
-    step0 = step0_table(parent, importances, shapes, untrained,
-                        validation_batches(parent, data_id, size.analysis_tokens, size.analysis_images))
-    first_shape = next(iter(shapes))
-    study = Study(key, data_id, shapes[first_shape], budget, eval_at, arms, comparisons, close=close,
-                  max_reruns=size.max_reruns)
-    training = run_study(parent, study, importances, SEEDS, runs_dir)
-    training["shape_key"] = first_shape
-    return {"parent": parent.label, "parent_id": parent.id, "data": data_id, "analysis": analysis,
-            "step0": step0, "step0_shapes": {k: dict(v) for k, v in shapes.items()}, "training": training,
+    untrained = tuple(a for a in study.arms if a.weight_decay is None)  # weight decay changes nothing at step 0
+    step0 = step0_table(parent, importances, study.shapes, untrained,
+                        validation_batches(parent, study.data_id, size.analysis_tokens, size.analysis_images))
+    training = run_study(parent, study, importances, SEEDS, runs)
+    return {"parent": parent.label, "parent_id": parent.id, "data": study.data_id, "analysis": analysis,
+            "step0": step0, "step0_shapes": {k: dict(v) for k, v in study.shapes.items()}, "training": training,
             "minutes": (time.perf_counter() - start) / 60}
 
 
-def run_lm(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[str, Any]:
-    """The language-model part: the paper-like child trained, both ratios at step 0."""
-    return run_part(load_parent(parent_id), data_id, size, runs_dir, key="lm", shapes=size.lm_shapes,
-                    arms=lm_arms(size.lm_lrs), comparisons=LM_COMPARISONS, budget=size.lm, eval_at=size.lm_eval_at,
-                    close=0.1)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both parts (the ViT's unless --vit-parent none), with the machine, its load and the minutes taken."""
+    h.start(args)
+    size = SIZES[args.size]
+    start = time.perf_counter()
+    runs = Path(tempfile.mkdtemp(prefix="subclone-reproduce-"))
+    results: dict[str, Any] = {"size": args.size, "machine": machine(), "seeds": list(SEEDS),
+                               "load_average": os.getloadavg()[0], "high_wd": HIGH_WD}
+    for key, parent_id, data_id in (("lm", args.parent, args.data), ("vit", args.vit_parent, args.image_data)):
+        results[key] = None if parent_id == "none" else run_part(load_parent(parent_id), key, data_id, size, runs)
+    results["minutes"] = (time.perf_counter() - start) / 60
+    results["load_average_end"] = os.getloadavg()[0]
+    return results
 
 
-def run_vit(size: Size, parent_id: str, data_id: str, runs_dir: Path) -> dict[str, Any]:
-    """The ViT part: the paper's ViT experiment, the same depth at half the width (hidden and FFN)."""
-    parent = load_parent(parent_id)
-    config = parent.model.config
-    half = {"hidden": config.hidden_size // 2, "ffn": config.intermediate_size // 2}
-    return run_part(parent, data_id, size, runs_dir, key="vit", shapes={"half-width": half},
-                    arms=vit_arms(size.vit_lrs), comparisons=VIT_COMPARISONS, budget=size.vit,
-                    eval_at=size.vit_eval_at, close=0.01)
+def with_budget(results: dict[str, Any], budget: Path) -> dict[str, Any]:
+    """The results plus bench_budget.py's (key "lm-budget") when that file exists: a separate, longer
+    measurement of the same parent, reported next to the short-budget headline, never stored in results.json."""
+    return {**results, "lm-budget": json.loads(budget.read_text())} if budget.is_file() else results
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Measure (or read --from-json), then write the results, the plots and the report; returns the report."""
     parser = bench_parser(__doc__, threads=THREADS_HELP)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--parent", default="default", help="the language-model parent (default: default)")
@@ -176,29 +177,6 @@ def main(argv: list[str] | None = None) -> Path:
     write_text(args.out, render(with_budget(results, args.budget), figures.name))
     print(f"wrote {args.out} and {figures}/ ({results['minutes']:.1f} min)", file=sys.stderr)
     return args.out
-
-
-def with_budget(results: dict[str, Any], budget: Path) -> dict[str, Any]:
-    """The results plus bench_budget.py's (key "lm-budget") when that file exists: a separate, longer
-    measurement of the same parent, reported next to the short-budget headline, never stored in results.json."""
-    if not budget.is_file():
-        return results
-    return {**results, "lm-budget": json.loads(budget.read_text())}
-
-
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    h.start(args)
-    size = SIZES[args.size]
-    start = time.perf_counter()
-    runs_dir = Path(tempfile.mkdtemp(prefix="subclone-reproduce-"))
-    results: dict[str, Any] = {"size": args.size, "machine": machine(), "seeds": list(SEEDS),
-                               "load_average": os.getloadavg()[0], "high_wd": HIGH_WD,
-                               "lm": run_lm(size, args.parent, args.data, runs_dir), "vit": None}
-    if args.vit_parent != "none":
-        results["vit"] = run_vit(size, args.vit_parent, args.image_data, runs_dir)
-    results["minutes"] = (time.perf_counter() - start) / 60
-    results["load_average_end"] = os.getloadavg()[0]
-    return results
 
 
 if __name__ == "__main__":

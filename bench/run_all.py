@@ -16,12 +16,12 @@ SCRIPTS = ["bench_core", "measure_defaults", "bench_training", "bench_scale", "b
 
 
 def main() -> int:
+    """Each script in turn (this command's arguments go to bench_training); the first failure's exit status."""
     for script in SCRIPTS:
         name, *flags = script.split()
         extra = sys.argv[1:] if name == "bench_training" else []
         print(f"== {script}", flush=True)
-        code = subprocess.call([sys.executable, "-m", f"bench.{name}", *flags, *extra], cwd=ROOT)
-        if code:
+        if code := subprocess.call([sys.executable, "-m", f"bench.{name}", *flags, *extra], cwd=ROOT):
             print(f"{script} failed with exit status {code}", file=sys.stderr)
             return code
     return 0
