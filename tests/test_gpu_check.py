@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,14 +76,28 @@ def test_bench_scale_sequential_smoke_keeps_the_same_rankings(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_scale_ablation_smoke_orders_the_blocks_alike_in_every_placement():
-    done = run_script("-m", "bench.bench_scale", "--ablation", "--smoke")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "tiny ablation sequential" in done.stdout
+@pytest.mark.integration  # the benchmark's workers are subprocesses
+def test_bench_scale_ablation_smoke_orders_the_blocks_alike_in_every_placement(tmp_path):
+    """The loss without each block of the tiny parent, in memory, offloaded and block by block: the same losses
+    (to float32 rounding) and so the same order of the blocks."""
+    from bench import bench_scale
+
+    report = bench_scale.ablation_bench("tiny", tmp_path, smoke=True)
+    modes = report["modes"]
+    assert set(modes) == {"memory", "offload", "sequential"} and report["same_order"]
+    assert len(modes["memory"]["losses"]) == report["blocks"] and report["max_loss_difference"] < 1e-3
+    assert all(math.isfinite(loss) for r in modes.values() for loss in [r["base"], *r["losses"]])
 
 
 @pytest.mark.slow
-def test_bench_fsdp_smoke_trains_replicated_and_sharded_to_the_same_loss():
-    done = run_script("-m", "bench.bench_fsdp", "--smoke")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "tiny ddp" in done.stdout and "tiny fsdp" in done.stdout
+@pytest.mark.integration  # torchrun
+def test_bench_fsdp_smoke_trains_replicated_and_sharded_to_the_same_loss(tmp_path):
+    """The tiny child trained 3 steps under torchrun on 2 processes, replicated (DDP) and sharded (FSDP2): the same
+    final validation loss, each rank's peak memory measured."""
+    from bench import bench_fsdp
+
+    rows = bench_fsdp.measure("tiny", ["ddp", "fsdp"], 2, 3, tmp_path, 8.0)
+    assert [r["mode"] for r in rows] == ["ddp", "fsdp"] and all("row" in r for r in rows)
+    ddp, fsdp = (r["row"]["final"] for r in rows)
+    assert math.isfinite(ddp) and ddp == pytest.approx(fsdp, rel=1e-4)
+    assert all(len(r["rank_peak_rss_gib"]) == 2 and min(r["rank_peak_rss_gib"]) > 0 for r in rows)
