@@ -3,10 +3,12 @@ from the parent's measured speed through its blocks alone, the calibration added
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from torch import nn
 
-from subclone_core.analysis.explore import REFIT_TOKENS, candidate_shapes
+from subclone_core.analysis.explore import EVAL_TOKENS, REFIT_TOKENS, candidate_shapes
 from subclone_core.app import longsteps
 from subclone_core.app.sizing import matrix_weights
 from subclone_core.app.steps import child_plan, child_settings
@@ -32,15 +34,32 @@ def test_the_blocks_run_faster_than_the_whole_model_by_the_output_layers_share()
     assert longsteps.blocks_rate(model, None) is None  # the parent not scored yet
 
 
-def test_the_explorer_costs_a_refit_per_shape_and_the_calibration_when_none_is_known(parent):
+def test_the_explorer_costs_a_refit_per_narrowed_block_a_score_per_shape_and_the_calibration_when_none_is_known(
+        parent):
     budget = sum(p.numel() for p in parent.model.parameters()) // 2
-    shapes = len(candidate_shapes(parent.model, budget))
-    per_token = longsteps.EXPLORE_PER_SHAPE / longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
+    candidates = candidate_shapes(parent.model, budget)
+    full = Shape.of(parent.model.config)
+    depths = sum(s.layers for s, _ in candidates if s.hidden < full.hidden) / full.layers  # llama: a pass per shape
+    assert depths > 0
+    per_token = longsteps.EXPLORE_REFIT / longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
+    sizes = [params for _, params in candidates]
+    parent_size = sum(p.numel() for p in parent.model.parameters())
+    scores = EVAL_TOKENS * (sum(sizes) + min(sizes)) / parent_size / METRICS["forward_rate"]
     calibrated = longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True)
-    assert calibrated == pytest.approx(shapes * min(4096, REFIT_TOKENS) * per_token)
+    assert calibrated == pytest.approx(depths * min(4096, REFIT_TOKENS) * per_token + scores)
     fresh = longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=False)
     assert fresh == pytest.approx(calibrated + longsteps.estimate_seconds("calibration", 4096, METRICS["forward_rate"]))
     assert longsteps.explorer_seconds(parent, None, budget, 4096, calibrated=True) is None
+
+
+def test_the_explorer_refits_only_narrowed_shapes_and_from_a_shared_pass_each_width_once():
+    model = tm.make("llama")
+    full = Shape.of(model.config)
+    narrow = replace(full, hidden=full.hidden // 2, ffn=full.ffn // 2, heads=full.heads // 2,
+                     kv_heads=max(1, full.kv_heads // 2))
+    shapes = [replace(full, layers=2), replace(narrow, layers=2), replace(narrow, layers=3)]
+    assert longsteps.explorer_refit_depths(model, shapes, shared=False) == pytest.approx(5 / full.layers)
+    assert longsteps.explorer_refit_depths(model, shapes, shared=True) == pytest.approx(3 / full.layers)
 
 
 def test_generate_is_estimated_for_a_refit_child_only(parent):

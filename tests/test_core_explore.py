@@ -134,3 +134,20 @@ def test_the_explorer_always_tries_the_starting_childs_width(family):
     assert {w.hidden for w in width_shapes(model)} <= {w.hidden for w in widths}
     budget = parameter_count(model, start)
     assert start in [shape for shape, _ in candidate_shapes(model, budget)]
+
+
+def test_the_explorer_shares_one_refit_pass_where_every_shape_refits_on_the_parents_inputs(monkeypatch):
+    from subclone_core.sources import Parent
+    from subclone_core.workflow import children
+
+    def parent_of(family: str) -> Parent:
+        return Parent(id="tiny", model=tm.make(family), preprocessor=tm.tokenizer(), task="causal-lm", source=None,
+                      label=family)
+
+    gemma, llama = parent_of("gemma3"), parent_of("llama")  # Gemma 3 refits on the parent's inputs, Llama on the child's
+    assert children.shares_refit_pass(gemma) and not children.shares_refit_pass(llama)
+    assert children.shares_refit_pass(llama, strategy="grail")  # GRAIL's refit reads the parent's inputs
+    items, shared = children.shared_refit_source(gemma, "default", 64)
+    assert shared and isinstance(items, children.SharedGrams)
+    monkeypatch.setattr(children, "SHARED_GRAMS_BYTES", 0)  # Gram matrices over the limit: one pass per shape
+    assert children.shared_refit_source(gemma, "default", 64)[1] is False

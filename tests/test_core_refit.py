@@ -347,3 +347,81 @@ def test_a_layer_with_fewer_outputs_than_inputs_is_solved_for_its_weight_the_sam
     tall = torch.randn(20, 12, generator=g, dtype=torch.float64)  # 20 outputs > 12 inputs: through the mapping
     torch.testing.assert_close(refit_input(tall, 1, kept, gram, 0.1, toward)[:5],
                                refit_input(tall[:5], 1, kept, gram, 0.1, toward), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_shared_grams_make_every_child_as_its_own_pass_does_from_one_pass(family, monkeypatch):
+    """Children of one width, the shallower first: the deeper one reads the first one's sums and takes its refit
+    of every block both keep, and is still the child its own pass makes."""
+    from subclone_core.pipeline.refitting import SharedGrams
+
+    parent = tm.make(family)
+    with_refit_inputs(monkeypatch, parent, "parent")
+    imp = calibration(parent)
+    shape = Shape.of(parent.config)
+    passes, solves = [], []
+    own = items_of(parent)
+    shared = SharedGrams(lambda slicer, config: passes.append(1) or own(slicer, config))
+    real = slicing.refit_input
+    monkeypatch.setattr(slicing, "refit_input", lambda *a, **k: solves.append(1) or real(*a, **k))
+    narrow = narrow_sizes(family, shape)
+    targets = [plan_shape(parent, **narrow), plan_shape(parent, **{**narrow, "layers": shape.layers})]
+    counts = []
+    for target in targets:
+        alone = subclone_model(parent, target, importance=imp, refit=True, refit_items=own).model.state_dict()
+        solves.clear()
+        got = subclone_model(parent, target, importance=imp, refit=True, refit_items=shared).model.state_dict()
+        counts.append(len(solves))
+        assert sorted(got) == sorted(alone)
+        for name, tensor in alone.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-9, msg=name)
+    assert len(passes) == 1  # the second child read the first one's sums
+    assert 0 < counts[1] < counts[0]  # and solved only the block the first one did not keep
+
+
+def test_shared_grams_refuse_a_child_refit_on_its_own_inputs(monkeypatch):
+    from subclone_core.pipeline.refitting import SharedGrams
+
+    parent = tm.make("llama")
+    with_refit_inputs(monkeypatch, parent, "child")
+    target = plan_shape(parent, **narrow_sizes("llama", Shape.of(parent.config)))
+    with pytest.raises(SubcloneError, match="parent's inputs"):
+        subclone_model(parent, target, importance=calibration(parent), refit=True,
+                       refit_items=SharedGrams(items_of(parent)))
+
+
+def test_the_refit_on_the_childs_inputs_groups_the_layers_of_a_block_class_once(monkeypatch):
+    from subclone_core.pipeline import reconstruction
+
+    parent = tm.make("llama")
+    with_refit_inputs(monkeypatch, parent, "child")
+    calls = []
+    real = reconstruction._stages
+    monkeypatch.setattr(reconstruction, "_stages", lambda *a: calls.append(1) or real(*a))
+    target = plan_shape(parent, **narrow_sizes("llama", Shape.of(parent.config)))
+    child = subclone_model(parent, target, importance=calibration(parent), refit=True, refit_items=items_of(parent))
+    assert len(child.selection.blocks) > 1 and len(calls) == 1
+
+
+def test_shared_grams_look_for_a_cancel_before_every_refit(monkeypatch):
+    """From one pass a child's solves run no module, where a Cancel is otherwise felt: SharedGrams checks itself."""
+    from subclone_core.pipeline.refitting import SharedGrams
+
+    parent = tm.make("gemma3")
+    imp = calibration(parent)
+    target = plan_shape(parent, **narrow_sizes("gemma3", Shape.of(parent.config)))
+    checks, solves = [], []
+    real = slicing.refit_input
+    monkeypatch.setattr(slicing, "refit_input", lambda *a, **k: solves.append(1) or real(*a, **k))
+    subclone_model(parent, target, importance=imp, refit=True,
+                   refit_items=SharedGrams(items_of(parent), check=lambda: checks.append(1)))
+    assert len(checks) == len(solves) > 0
+
+    class Stop(Exception):
+        pass
+
+    def stop():
+        raise Stop
+
+    with pytest.raises(Stop):
+        subclone_model(parent, target, importance=imp, refit=True, refit_items=SharedGrams(items_of(parent), check=stop))

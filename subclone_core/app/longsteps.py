@@ -35,7 +35,7 @@ from subclone_core.core.shape import Shape
 from subclone_core.sources import Parent, default_data_id, vit_pretrain
 from subclone_core.tasks import task_spec
 from subclone_core.training.evaluate import evaluate
-from subclone_core.workflow.children import measure_importance, refit_source
+from subclone_core.workflow.children import measure_importance, shared_refit_source, shares_refit_pass
 from subclone_core.workflow.jobs import CandidateSettings
 from subclone_core.workflow.plan import Plan
 
@@ -48,11 +48,13 @@ SAMPLE_TOKENS = 30  # new tokens of each step-0 sample
 CALIB_OVERHEAD = 0.95
 INSPECT_OVERHEAD = 0.93
 ABLATION_REPLAYED = 1.03
-# The explorer's seconds per shape and Generate's over a pass of the parent's blocks alone (blocks_rate: the
-# refit, which dominates both, runs no output layer) on the refit's tokens, measured the same way: the explorer
-# 3.9 (SmolLM2-135M) and 4.0 (Gemma 3 270M) per shape, Generate (the child's refit, its random twin, three
-# scores and samples) 5.2 and 4.7
-EXPLORE_PER_SHAPE = 3.9
+# The explorer's refit seconds and Generate's over a pass of the parent's blocks alone (blocks_rate: the refit,
+# which dominates both, runs no output layer) on the refit's tokens, measured the same way: the explorer's per
+# parent depth of refit blocks (explorer_refit_depths; its scores come on top, as validation passes of models of
+# their sizes) 7.7 on SmolLM2-135M (7 shapes at its starting budget, 4 of them narrowed, each refit on its own
+# inputs) and 7.0 on Gemma 3 270M (8 shapes, one shared pass) in one run, 5.9-6.5 in a faster hour of this VM,
+# Generate (the child's refit, its random twin, three scores and samples) 5.2 and 4.7
+EXPLORE_REFIT = 6.8
 GENERATE_REFIT = 4.9
 
 
@@ -99,18 +101,19 @@ def estimate_seconds(kind: str, tokens: int, rate: float | None, blocks: int = 0
     """Seconds a step should take, scaled from the parent's measured forward rate (None: not measured yet).
 
     Args:
-        kind: "calibration", "inspector", "ablation" (one evaluation per block plus the intact parent), "explore"
-            (the explorer after calibration) or "generate" (Generate of a refit child after calibration).
+        kind: "validation", "calibration", "inspector", "ablation" (one evaluation per block plus the intact
+            parent), "explore" (the explorer's refits after calibration) or "generate" (Generate of a refit child
+            after calibration).
         tokens: the step's token budget (for ablation: per evaluation; for explore: the refit tokens of every
-            shape together; for generate: the refit's).
+            shape together, in parent depths; for generate: the refit's).
         rate: ``forward_rate`` of the parent; for explore and generate its ``blocks_rate``.
         blocks: the parent's blocks (ablation only).
     """
     if not rate:
         return None
     # ablation: one evaluation per block plus the intact one, the blocks before the removed one replayed
-    factor = {"calibration": CALIB_OVERHEAD, "inspector": INSPECT_OVERHEAD,
-              "ablation": 1 + ABLATION_REPLAYED * blocks, "explore": EXPLORE_PER_SHAPE,
+    factor = {"validation": 1.0, "calibration": CALIB_OVERHEAD, "inspector": INSPECT_OVERHEAD,
+              "ablation": 1 + ABLATION_REPLAYED * blocks, "explore": EXPLORE_REFIT,
               "generate": GENERATE_REFIT}[kind]
     return factor * tokens / rate
 
@@ -126,12 +129,33 @@ def blocks_rate(model: nn.Module, rate: float | None) -> float | None:
 
 def explorer_seconds(parent: Parent, metrics: dict | None, budget: int, calib_tokens: int,
                      calibrated: bool) -> float | None:
-    """Seconds the explorer should take at this budget (its candidate shapes, each refit on REFIT_TOKENS), the
-    calibration first where none is known; None before the parent's validation speed is measured."""
+    """Seconds the explorer should take at this budget (the refit of its candidate shapes on REFIT_TOKENS, each
+    shape and the random reference scored on EVAL_TOKENS), the calibration first where none is known; None
+    before the parent's validation speed is measured."""
     rate = forward_rate(metrics)
-    shapes = len(candidate_shapes(parent.model, budget))
-    seconds = estimate_seconds("explore", shapes * min(calib_tokens, REFIT_TOKENS), blocks_rate(parent.model, rate))
-    return seconds if seconds is None or calibrated else seconds + estimate_seconds("calibration", calib_tokens, rate)
+    candidates = candidate_shapes(parent.model, budget)
+    depths = explorer_refit_depths(parent.model, [shape for shape, _ in candidates], shares_refit_pass(parent))
+    seconds = estimate_seconds("explore", depths * min(calib_tokens, REFIT_TOKENS), blocks_rate(parent.model, rate))
+    if seconds is None:
+        return None
+    # a score costs a validation pass of a model that size: the candidates and the random one (the smallest)
+    sizes = [params for _, params in candidates]
+    parent_size = sum(p.numel() for p in parent.model.parameters())
+    seconds += estimate_seconds("validation", EVAL_TOKENS * (sum(sizes) + min(sizes)) / parent_size, rate)
+    return seconds if calibrated else seconds + estimate_seconds("calibration", calib_tokens, rate)
+
+
+def explorer_refit_depths(model: nn.Module, shapes: Sequence[Shape], shared: bool) -> float:
+    """The blocks the explorer refits, in parent depths. A shape as wide as the parent drops blocks only (no
+    refit). From one shared pass (workflow.children.shares_refit_pass) the shapes of one width share the refit of
+    the blocks they all keep, so each width costs its deepest shape's blocks; else every shape costs its own."""
+    parent = Shape.of(model.config)
+    depths: dict[tuple, list[int]] = {}
+    for shape in shapes:
+        width = (shape.hidden, shape.heads, shape.ffn)
+        if width != (parent.hidden, parent.heads, parent.ffn):
+            depths.setdefault(width, []).append(shape.layers)
+    return sum(max(d) if shared else sum(d) for d in depths.values()) / parent.layers
 
 
 def generate_seconds(parent: Parent, metrics: dict | None, plan: Plan, calibrated: bool) -> float | None:
@@ -180,7 +204,8 @@ def explorer_work(parent: Parent, importance: Importance | None, data_id: str | 
         batches = validation_sample(parent, data_id, EVAL_TOKENS)
         progress = cancellable(cancel, staged(emit, "subcloning and scoring shapes"))
         # each shape refit on fewer tokens than Generate's (the same ranking, measured: explore.REFIT_TOKENS)
-        refit = refit_source(parent, data_id or default_data_id(parent.task), min(calib_tokens, REFIT_TOKENS))
+        refit, _ = shared_refit_source(parent, data_id or default_data_id(parent.task),
+                                       min(calib_tokens, REFIT_TOKENS))
         with exclusive(parent.model):  # the refit runs the shared parent on calibration batches
             return measured, explore_shapes(parent.model, measured, budget, batches, progress=progress,
                                             refit_items=refit)

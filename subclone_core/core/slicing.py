@@ -212,6 +212,15 @@ class TensorSlicer:
         self.globals_idx = _axis_indices(sel, None, parent)
         self.block_idx = {j: _axis_indices(sel, j, parent) for j in range(len(sel.blocks))}
         self._kept: dict[str, tuple[str, Tensor]] = {}
+        self._earlier: Mapping[tuple, Tensor] = {}
+        self._made: dict[tuple, Tensor] | None = None
+
+    def reuse(self, earlier: Mapping[tuple, Tensor], made: dict[tuple, Tensor]) -> None:
+        """Take a refit from ``earlier`` (another child's ``made``) where that child refit the same parent tensor
+        (the same object) from the same Gram matrix (the same object) onto the same kept indices, as children of
+        one width do in every block they share (pipeline.refitting.SharedGrams); put each refit of this child
+        into ``made``. The caller keeps the parent tensors, the Gram matrices and the earlier child unchanged."""
+        self._earlier, self._made = earlier, made
 
     def _locate(self, name: str) -> tuple[str, Param, dict[str, Tensor]] | None:
         """(child name, rule, indices) of a parent tensor; None for a tensor of a removed block."""
@@ -247,10 +256,22 @@ class TensorSlicer:
         if located is None:
             return None
         child_name, param, indices = located
-        out = child_name, slice_tensor(tensor, param, indices, self.scale, gram, self.ridge, self.arch.refit_toward)
+        out = child_name, self._refit_once(tensor, param, indices, gram)
         if keep and gram is not None:
             self._kept[name] = out
         return out
+
+    def _refit_once(self, tensor: Tensor, param: Param, indices: dict[str, Tensor], gram: Gram | None) -> Tensor:
+        """slice_tensor, or a copy of the same refit made for an earlier child (reuse)."""
+        if self._made is None or gram is None or isinstance(gram, tuple):
+            return slice_tensor(tensor, param, indices, self.scale, gram, self.ridge, self.arch.refit_toward)
+        kept = tuple(tuple(indices[axis].tolist()) for axis in param.axes if axis != "keep")
+        key = (id(tensor), id(gram), kept, self.scale, self.ridge, self.arch.refit_toward)
+        if key in self._earlier:
+            self._made[key] = self._earlier[key]
+            return self._earlier[key].clone()  # the child never shares storage with another
+        self._made[key] = slice_tensor(tensor, param, indices, self.scale, gram, self.ridge, self.arch.refit_toward)
+        return self._made[key]
 
 
 ChildTensors = Iterable[tuple[str, Tensor, "Tensor | None"]]  # (parent name, parent tensor, Gram or None)

@@ -127,6 +127,7 @@ class Reconstruction:
         self.p, self.slicer = p, slicer
         self.blocks_path = arch_of_model(p.model).blocks
         self.tensors: dict[str, Tensor] = {}
+        self.stages: dict[tuple, list[list[str]]] = {}  # (block class, narrowed layers) -> their groups
         for name in p.global_names:  # sliced (the head is refit at the end)
             self._put(name, module_tensor(p.model, name), None)
         self.c = open_pass(self.tensors, p.batches, store, config=child_config, model_class=type(p.model),
@@ -149,7 +150,7 @@ class Reconstruction:
         paths = [path for path in arch_of_model(p.model).linear_modules[1] if self.slicer.kept_inputs(
             f"{self.blocks_path}.{i}.{path}.weight", block.get_submodule(path).weight) is not None]
         fitted: dict[str, object] = {}
-        stages = _stages(c, j, child, paths)
+        stages = self._stages_of(j, child, paths)
         parent_input = _parent_inputs(p, i, block, [stage[0] for stage in stages])
         for s, stage in enumerate(stages, start=1):
             moments = _moments(p, ((parent_input(s, b), _capture(child, stage[0], _run_block(c, j, child, b)))
@@ -167,6 +168,13 @@ class Reconstruction:
         for name in c.block_names[j]:
             self.tensors.pop(name)
         return fitted
+
+    def _stages_of(self, j: int, child: nn.Module, paths: list[str]) -> list[list[str]]:
+        """_stages, found once per block class: every block of one class groups its layers alike."""
+        key = (type(child), tuple(paths))
+        if key not in self.stages:
+            self.stages[key] = _stages(self.c, j, child, paths)
+        return self.stages[key]
 
     def fit_head(self, paths: list[str]) -> dict[str, Moments]:
         """The head's moments: its input after each model's final norm, on the parent's and the child's stream

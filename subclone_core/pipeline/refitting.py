@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from subclone_core.pipeline.passes import (
 )
 from subclone_core.pipeline.reconstruction import reconstruct
 
+ALL = slice(None)  # the kept columns of a hook that sums the whole Gram matrix of its layer's input
 KeptInputs = Callable[[str, Tensor], "Tensor | None"]  # (weight name, weight) -> kept input indices or None
 ChildItems = Iterator[tuple[str, Tensor, "Tensor | None"]]  # (parent name, parent tensor, G[:, k] or None)
 
@@ -60,10 +62,10 @@ class _KeptGrams:
         self.handles: list = []
         self.stop, self.calls = stop, 0
 
-    def attach(self, module: nn.Module, name: str, kept: Tensor) -> None:
+    def attach(self, module: nn.Module, name: str, kept: Tensor | slice) -> None:
         self.handles.append(module.register_forward_pre_hook(self._hook(name, kept)))
 
-    def _hook(self, name: str, kept: Tensor):
+    def _hook(self, name: str, kept: Tensor | slice):
         def hook(module, args):
             self._add(name, kept, args[0])
             self.calls += 1
@@ -71,14 +73,14 @@ class _KeptGrams:
                 raise StopForward
         return hook
 
-    def _add(self, name: str, kept: Tensor, x: Tensor) -> None:
+    def _add(self, name: str, kept: Tensor | slice, x: Tensor) -> None:
         key = (x.data_ptr(), tuple(x.shape), id(kept))  # one kept-index tensor per axis and block
         if key in self.seen:
             self.owner[name] = self.seen[key][0]
             return
         self.seen[key] = (name, x)
         rows = token_rows(x, self.mask)  # (N, in)
-        gram = rows.T @ rows.index_select(1, kept.to(rows.device))  # (in, k), summed below in float64
+        gram = rows.T @ (rows if kept is ALL else rows.index_select(1, kept.to(rows.device)))  # (in, k) in float64
         if name in self.sums:
             self.sums[name] += gram
         else:
@@ -200,3 +202,60 @@ def refit_items(
             progress(len(p.blocks) + 1, len(p.blocks) + 1)
         if stats is not None:
             stats.update(p.stats())
+
+
+class _EveryInput:
+    """What refit_items reads as a slicer to sum the whole input Gram of every linear layer on the parent's
+    inputs."""
+
+    def __init__(self, arch) -> None:
+        self.arch = replace(arch, refit_inputs="parent")
+
+    def kept_inputs(self, name: str, weight: Tensor) -> slice:
+        return ALL
+
+
+class SharedGrams:
+    """A refit source (core.strategies.RefitItems) for many children of one parent, each refit on the parent's
+    inputs: on first use one pass of ``items`` sums the whole input Gram matrix of every linear layer, which is
+    kept with the parent's tensors, so every further child costs its solves only (the explorer's candidates), and
+    a child takes the previous child's refit of every tensor the two refit alike (TensorSlicer.reuse: children
+    of one width share every block both keep, and the head). Each child reads the kept columns of the same sums as
+    refit_items gives it alone: the same child, up to float32 rounding in the sums. Memory: every Gram at once
+    (about 1 GB in float64 for SmolLM2-135M or Gemma 3 270M, gram_bytes), the parent's tensors as the pass hands
+    them out (the parent's own where it is in memory) and the previous child's refit tensors. ``check`` runs
+    before each tensor a child refits: from one pass a child's solves run no module (where a Cancel is felt),
+    a few seconds of them on a 262k-word head (training.interrupt.check stops them there)."""
+
+    def __init__(self, items: Callable[[object, object], ChildItems], check: Callable[[], None] | None = None) -> None:
+        self.items, self.check = items, check
+        self.measured: list[tuple[str, Tensor, Tensor | None]] | None = None
+        self.refits: dict[tuple, Tensor] = {}  # the previous child's refit tensors (TensorSlicer.reuse)
+
+    def __call__(self, slicer: TensorSlicer, child_config=None) -> ChildItems:
+        if slicer.arch.refit_inputs != "parent":  # a Gram matrix cannot stand for the child's own inputs
+            raise SubcloneError("shared Gram matrices refit on the parent's inputs; this child refits on its own")
+        if self.measured is None:
+            self.measured = list(self.items(_EveryInput(slicer.arch), None))
+        earlier, self.refits = self.refits, {}
+        slicer.reuse(earlier, self.refits)
+        for name, tensor, gram in self.measured:
+            refit = gram is not None and slicer.kept_inputs(name, tensor) is not None
+            if refit and self.check:
+                self.check()
+            yield name, tensor, gram if refit else None
+
+
+def gram_bytes(model: nn.Module) -> int:
+    """The float64 bytes of the whole input Gram of every linear layer that refit_items hooks (inputs read by
+    several layers counted once per layer: an upper bound)."""
+    arch = arch_of_model(model)
+    layers = [optional_submodule(model, path) for path in arch.linear_modules[0]]
+    layers += [optional_submodule(block, path) for block in model.get_submodule(arch.blocks)
+               for path in arch.linear_modules[1]]
+    return sum(8 * _fan_in(layer) ** 2 for layer in layers if layer is not None)
+
+
+def _fan_in(layer: nn.Module) -> int:
+    """The width of a linear layer's input (an nn.Linear's in_features; GPT-2's Conv1D keeps (in, out))."""
+    return getattr(layer, "in_features", None) or layer.weight.shape[0]

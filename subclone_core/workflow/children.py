@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import (
     INPUT_STATS,
     RESIDUAL_COV,
@@ -29,6 +30,7 @@ from subclone_core.core.strategies import (
     needs_input_stats,
     needs_residual_cov,
     needs_taylor,
+    refit_table,
     subclone_model,
 )
 from subclone_core.io.atomic import building
@@ -42,14 +44,18 @@ from subclone_core.io.saving import (
 )
 from subclone_core.io.streaming import PlacedTensors, checkpoint_tensors
 from subclone_core.pipeline.calibration import calibrate, calibrate_sequential, taylor_scores
-from subclone_core.pipeline.refitting import refit_items
+from subclone_core.pipeline.refitting import SharedGrams, gram_bytes, refit_items
 from subclone_core.sources import cache_dir, default_data_id, make_data
 from subclone_core.sources.checks import first_nonfinite, refuse_nonfinite
 from subclone_core.sources.parents import Parent
+from subclone_core.training import interrupt
 
 CALIB_SEQ_LEN = 128
 CALIB_BATCH = 8
 CALIB_TOKENS = 4096  # default calibration budget (token positions)
+# the Gram matrices a search over many children of one parent may hold at once to refit them all from one pass
+# (SharedGrams; SmolLM2-135M's and Gemma 3 270M's are about 1.05 GB in float64, a 0.5B parent's about 5 GB)
+SHARED_GRAMS_BYTES = 2 * 2**30
 
 
 def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = CALIB_TOKENS,
@@ -228,6 +234,30 @@ def refit_source(parent: Parent, data_id: str, tokens: int, *, progress: Progres
     return items
 
 
+def shared_refit_source(parent: Parent, data_id: str, tokens: int, *, strategy: str = "subclone",
+                        activation_memory: int | None = None) -> tuple[RefitItems | None, bool]:
+    """(refit source, shared) for many children of one parent (the explorer's shapes): one pass whose Gram
+    matrices every child's refit reads (pipeline.refitting.SharedGrams: the same children, each for its own solves
+    only) where shares_refit_pass says so; else refit_source, one pass per child."""
+    items = refit_source(parent, data_id, tokens, activation_memory=activation_memory)
+    if items is None or not shares_refit_pass(parent, strategy):
+        return items, False
+    return SharedGrams(items, check=interrupt.check), True
+
+
+def shares_refit_pass(parent: Parent, strategy: str = "subclone") -> bool:
+    """Whether many children of this parent can be refit from one pass: the strategy refits on the parent's inputs
+    (a refit on each child's own inputs needs that child's stream), the parent is in memory and its Gram matrices
+    fit SHARED_GRAMS_BYTES."""
+    table = refit_table(arch_of_model(parent.model), strategy)
+    return table.refit_inputs == "parent" and in_memory(parent) and gram_bytes(parent.model) <= SHARED_GRAMS_BYTES
+
+
+def in_memory(parent: Parent) -> bool:
+    """Whether every parent tensor is in memory (none offloaded to disk by accelerate)."""
+    return not any(t.is_meta for t in parent.model.state_dict().values())
+
+
 def refit_dtype(parent: Parent) -> torch.dtype:
     """The dtype the refit pass runs the parent's (and the child's) blocks in: float32 for a bfloat16 or float16
     parent whose blocks run on the CPU, where most processors have no native half-precision matrix product
@@ -242,9 +272,9 @@ def pass_source(parent: Parent) -> Mapping[str, Tensor] | None:
     """The tensors a block-by-block pass reads: the parent's own in memory, and, where accelerate offloaded part
     of it to disk, those parts from its files (PlacedTensors); None where those files cannot be read under the
     model's names."""
+    if in_memory(parent):
+        return parent.model.state_dict()
     state = parent.model.state_dict()
-    if not any(t.is_meta for t in state.values()):
-        return state
     files = checkpoint_tensors(parent.model, parent.source, renames=True)
     if files is None:
         return None

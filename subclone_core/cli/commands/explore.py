@@ -25,7 +25,7 @@ from subclone_core.cli.commands._options import (
 from subclone_core.cli.commands.make import say_plan
 from subclone_core.core.errors import SubcloneError
 from subclone_core.sources.parents import load_parent
-from subclone_core.workflow.children import measure_importance, refit_source
+from subclone_core.workflow.children import measure_importance, shared_refit_source
 from subclone_core.workflow.plan import Plan, resolve_plan
 
 
@@ -63,18 +63,20 @@ def run(args: argparse.Namespace) -> int:
                                     activation_memory=plan.activation_memory)
     batches = validation_sample(parent, args.data, args.eval_tokens)
     refit_tokens = min(args.refit_tokens, plan.calib_tokens) if plan.refit else 0
-    refit = refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory) \
-        if refit_tokens else None
+    refit, shared = shared_refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory) \
+        if refit_tokens else (None, False)
     start = time.perf_counter()
     result = explore_shapes(parent.model, importance, budget, batches, refit_items=refit)
     seconds = round(time.perf_counter() - start, 2)
     if args.json:
         print_json({"parent": args.parent, **result.to_json(), "seconds": seconds, "refit_tokens": refit_tokens,
+                    "refit_pass": ("shared" if shared else "per shape") if refit_tokens else None,
                     "plan": plan.to_json(),
                     "warnings": plan.warnings()})
     else:
         print(table(result))
-        refit_text = f", each refit on {refit_tokens:,} calibration tokens" if refit_tokens else ""
+        passes = "one pass over the parent shared by every shape" if shared else "one pass over the parent per shape"
+        refit_text = f", each refit on {refit_tokens:,} calibration tokens ({passes})" if refit_tokens else ""
         print(f"{len(result.points)} shapes in {seconds} s{refit_text}; * marks the Pareto front (fewest parameters, "
               "lowest loss)")
     return 0
