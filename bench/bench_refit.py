@@ -1,9 +1,11 @@
 """The least-squares refit's variants (whose inputs, towards what) on the embedded real parents, at step 0 (see
 bench/README.md). Writes docs/refit_variants.json and a section of docs/BENCHMARKS.md. With --refit-tokens, the
 family's own refit on fewer or more tokens than the calibration's instead (what a faster app step would cost):
-docs/refit_tokens.json and its section.
+docs/refit_tokens.json and its section. With --refit-dtypes, the family's own refit with its blocks run in each
+dtype (children.refit_dtype_for): docs/refit_dtype.json and its section.
 
-Run: python -m bench.bench_refit [--parents default,gemma3-270m] [--tokens 4096] [--refit-tokens 1024,...] [--smoke]
+Run: python -m bench.bench_refit [--parents default,gemma3-270m] [--tokens 4096] [--refit-tokens 1024,...]
+     [--refit-dtypes float32,bfloat16] [--smoke]
 """
 
 from __future__ import annotations
@@ -79,9 +81,10 @@ def measure_parent(parent_id: str, tokens: int, shapes: list[dict]) -> dict:
     return {"parent": parent_id, "label": parent.label, "tokens": tokens, "rows": rows}
 
 
-def measure_tokens(parent_id: str, tokens: int, refit_tokens: list[int], shapes: list[dict]) -> dict:
-    """Step-0 validation loss and build seconds of the family's default child refit on each token count (one
-    calibration on ``tokens`` chooses what every child keeps), per shape: the Child page's starting shape first."""
+def measure_arms(parent_id: str, tokens: int, arms: dict[str, dict], shapes: list[dict]) -> dict:
+    """Step-0 validation loss and build seconds of the family's default child made with each arm's make_child
+    options (a refit token count, a refit dtype; one calibration on ``tokens`` chooses what every child keeps), per
+    shape: the Child page's starting shape first."""
     parent = load_parent(parent_id)
     importance = measure_importance(parent, "default", tokens=tokens)
     val = make_data(parent, "default", "validation", seq_len=128, max_tokens=4096)
@@ -91,9 +94,9 @@ def measure_tokens(parent_id: str, tokens: int, refit_tokens: list[int], shapes:
     for sizes in [starting, *(s for s in shapes if s != starting)]:  # SmolLM2's paper-like shape is its start
         target = plan_shape(parent.model, **sizes)
         row = {"shape": sizes, "start": target == start}
-        for count in refit_tokens:
-            row[str(count)] = step0(parent, target, val, f"{parent_id} {sizes} refit on {count}",
-                                    importance=importance, data_id="default", calib_tokens=count)
+        for arm, options in arms.items():
+            row[arm] = step0(parent, target, val, f"{parent_id} {sizes} refit {arm}", importance=importance,
+                             data_id="default", **{"calib_tokens": tokens, **options})
         rows.append(row)
     return {"parent": parent_id, "label": parent.label, "tokens": tokens, "rows": rows}
 
@@ -109,6 +112,11 @@ def tokens_markdown(report: dict) -> str:
     return render("bench_refit_tokens", **{"notes": "", **report}, shape=shape_text)
 
 
+def dtype_markdown(report: dict) -> str:
+    """The "bench_refit_dtype" section (template bench/templates/bench_refit_dtype.md.j2)."""
+    return render("bench_refit_dtype", **{"notes": "", **report}, shape=shape_text)
+
+
 def markdown(report: dict) -> str:
     """The "bench_refit" section of docs/BENCHMARKS.md (template bench/templates/bench_refit.md.j2)."""
     return render("bench_refit", **{"notes": "", **report}, variants=VARIANTS, shape=shape_text)
@@ -120,12 +128,16 @@ def main() -> int:
     parser.add_argument("--parents", default="default,gemma3-270m")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--refit-tokens", default=None, help="comma-separated refit token counts, e.g. 1024,4096")
+    parser.add_argument("--refit-dtypes", default=None, help="comma-separated refit dtypes, e.g. float32,bfloat16")
     args = parser.parse_args()
     parents = ["default"] if args.smoke else args.parents.split(",")
     tokens = 512 if args.smoke else args.tokens
-    by_tokens = args.refit_tokens is not None
+    by_tokens, by_dtype = args.refit_tokens is not None, args.refit_dtypes is not None
     name, section = ("refit_tokens", "bench_refit_tokens") if by_tokens else ("refit_variants", "bench_refit")
     markdown_of = tokens_markdown if by_tokens else markdown
+    if by_dtype:
+        name, section = "refit_dtype", "bench_refit_dtype"
+        markdown_of = dtype_markdown
     if args.report_only:
         write_section(section, markdown_of(json.loads((DOCS / f"{name}.json").read_text())))
         return 0
@@ -134,8 +146,14 @@ def main() -> int:
             counts = [int(c) for c in args.refit_tokens.split(",")]
         except ValueError:
             raise SystemExit(f"--refit-tokens {args.refit_tokens!r} is not a list of counts like 1024,4096") from None
-        results = [measure_tokens(p, tokens, counts, [] if args.smoke else SHAPES[p]) for p in parents]
+        arms = {str(count): {"calib_tokens": count} for count in counts}
+        results = [measure_arms(p, tokens, arms, [] if args.smoke else SHAPES[p]) for p in parents]
         report = {"tokens": tokens, "refit_tokens": counts, "machine": machine(), "results": results}
+    elif by_dtype:
+        dtypes = args.refit_dtypes.split(",")
+        arms = {dtype: {"refit_dtype": dtype} for dtype in dtypes}
+        results = [measure_arms(p, tokens, arms, [] if args.smoke else SHAPES[p]) for p in parents]
+        report = {"tokens": tokens, "refit_dtypes": dtypes, "machine": machine(), "results": results}
     else:
         results = [measure_parent(p, tokens, SHAPES[p][-1:] if args.smoke else SHAPES[p]) for p in parents]
         report = {"tokens": tokens, "machine": machine(), "results": results}

@@ -12,6 +12,11 @@ import json
 from collections.abc import Iterable
 
 from subclone_core.cli.main import main
+from subclone_core.io.devices import cpu_multiplies_bfloat16
+
+# how the plan line ends its refit for a float32 parent: in bfloat16 where this CPU multiplies it in hardware
+# (workflow.children.refit_dtype_for)
+REFIT_IN = " in bfloat16" if cpu_multiplies_bfloat16() else ""
 
 
 def run_cli(args: Iterable[object]) -> tuple[int, str, str]:

@@ -14,13 +14,16 @@ from subclone_core.app.sizing import matrix_weights
 from subclone_core.app.steps import child_plan, child_settings
 from subclone_core.core.shape import Shape
 from subclone_core.sources import Parent
+from subclone_core.workflow import children
 from tests import tiny_models as tm
 
 METRICS = {"forward_rate": 500.0}  # positions per second of a validation pass of the parent
 
 
 @pytest.fixture
-def parent() -> Parent:
+def parent(monkeypatch) -> Parent:
+    """A tiny float32 llama whose refit runs in float32 (on a CPU without bfloat16 matrix instructions)."""
+    monkeypatch.setattr(children, "cpu_multiplies_bfloat16", lambda: False)
     return Parent(id="tiny", model=tm.make("llama"), preprocessor=tm.tokenizer(), task="causal-lm", source=None,
                   label="tiny llama")
 
@@ -72,3 +75,24 @@ def test_generate_is_estimated_for_a_refit_child_only(parent):
     assert seconds == pytest.approx(longsteps.GENERATE_REFIT * 2048 / rate)
     assert longsteps.generate_seconds(parent, METRICS, refit, calibrated=False) > seconds
     assert longsteps.generate_seconds(parent, METRICS, sliced, calibrated=True) is None
+
+
+def test_a_refit_in_bfloat16_on_a_cpu_that_multiplies_it_is_estimated_at_its_measured_share(parent, monkeypatch):
+    """Only the refit's share shrinks: the explorer's scores stay float32."""
+    parent = replace(parent, model=parent.model.float())
+    budget = sum(p.numel() for p in parent.model.parameters()) // 2
+    target = Shape.of(parent.model.config)
+    full = Shape.of(parent.model.config)
+    candidates = candidate_shapes(parent.model, budget)
+    depths = sum(s.layers for s, _ in candidates if s.hidden < full.hidden) / full.layers
+    refit = depths * REFIT_TOKENS * longsteps.EXPLORE_REFIT / longsteps.blocks_rate(parent.model, 500.0)
+    plan = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=True), target)
+    wide = (longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True),
+            longsteps.generate_seconds(parent, METRICS, plan, calibrated=True))
+    monkeypatch.setattr(children, "cpu_multiplies_bfloat16", lambda: True)
+    plan = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=True), target)
+    assert plan.refit_dtype == "bfloat16" and plan.refit_inputs == "child"  # the llama table refits on the child's
+    share = longsteps.BFLOAT16_SHARE["child"]
+    assert longsteps.generate_seconds(parent, METRICS, plan, calibrated=True) == pytest.approx(share * wide[1])
+    explorer = longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True)
+    assert explorer == pytest.approx(wide[0] - (1 - share) * refit)

@@ -39,6 +39,7 @@ SECTIONS = {
     "bench_fsdp": lambda: bench_fsdp.markdown(_json("fsdp.json")),
     "bench_refit": lambda: bench_refit.markdown(_json("refit_variants.json")),
     "bench_refit_tokens": lambda: bench_refit.tokens_markdown(_json("refit_tokens.json")),
+    "bench_refit_dtype": lambda: bench_refit.dtype_markdown(_json("refit_dtype.json")),
     "bench_scale": lambda: bench_scale.markdown(_json("scale.json")),
     "bench_sequential": lambda: bench_scale.sequential_markdown(_json("sequential.json")),
     "bench_ablation": lambda: bench_scale.ablation_markdown(_json("ablation.json")),

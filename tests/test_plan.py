@@ -20,7 +20,7 @@ from subclone_core.sources.parents import load_parent
 from subclone_core.workflow import plan as plan_module
 from subclone_core.workflow.plan import resolve_plan
 from tests import tiny_models as tm
-from tests.cli_runner import run_cli
+from tests.cli_runner import REFIT_IN, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = ["--layers", 3, "--hidden", 16]
@@ -36,7 +36,8 @@ def test_make_prints_the_plan_first_and_records_it(llama_dir, counting_text_file
     code, out, err = make(llama_dir, counting_text_file, tmp_path / "child")
     assert code == 0, err
     first = out.splitlines()[0]
-    assert first.startswith("plan: subclone, drop magnitude, read ranking, refit on child inputs, block by block, no scaling | ")
+    assert first.startswith(f"plan: subclone, drop magnitude, read ranking, refit on child inputs, block by block{REFIT_IN}, "
+                            "no scaling | ")
     assert "calibration in memory, 256 tokens of corpus.txt" in first and "parent on cpu, float32" in first
     assert out.splitlines()[1].startswith("saved ")
     manifest = read_manifest(tmp_path / "child")
@@ -156,7 +157,8 @@ def test_explore_says_its_plan(llama_dir, counting_text_file):
                               "--calib-tokens", 256, "--eval-tokens", 128, "--json"])
     assert code == 0, err
     plan = json.loads(out)["plan"]  # the shapes are made as make makes them; explore has no flags to warn about
-    assert plan["refit"] is True and "read ranking, refit on child inputs, block by block, no scaling" in plan["line"] and plan["warnings"] == []
+    assert plan["refit"] is True and plan["warnings"] == []
+    assert f"read ranking, refit on child inputs, block by block{REFIT_IN}, no scaling" in plan["line"]
 
 
 def captions(at) -> list[str]:
@@ -169,7 +171,8 @@ def test_the_child_page_shows_the_plan(workdir):  # noqa: F811
     at.switch_page("pages/child.py")
     run(at)
     shown = captions(at)
-    assert any(c.startswith("plan: subclone, drop magnitude, read ranking, refit on child inputs, block by block, no scaling") for c in shown), shown
+    line = f"plan: subclone, drop magnitude, read ranking, refit on child inputs, block by block{REFIT_IN}, no scaling"
+    assert any(c.startswith(line) for c in shown), shown
     at.toggle(key="keep_refit").set_value(False)
     run(at)
     shown = captions(at)

@@ -98,8 +98,48 @@ def test_streamed_weights_refuse_a_wrong_tensor_and_a_missing_one(tmp_path):
         writer.close()
 
 
-def test_a_bfloat16_parent_is_refit_with_float32_blocks_on_the_cpu_and_its_child_stays_bfloat16(llama_dir, tmp_path,
-                                                                                                 monkeypatch):
+def test_on_a_cpu_with_bfloat16_products_the_refit_runs_float32_and_bfloat16_parents_in_bfloat16(llama_dir,
+                                                                                                monkeypatch):
+    """Where the CPU multiplies bfloat16 in hardware (2.5x float32's rate), the refit's blocks run in bfloat16 for
+    a float32 or bfloat16 parent; float16 is run in float32 and float64 keeps float64; --refit-dtype overrides the
+    rule, and the plan says which dtype it runs in and records what was asked."""
+    from subclone_core.workflow import children
+    from subclone_core.workflow.children import refit_dtype_for
+    from subclone_core.workflow.plan import resolve_plan
+
+    monkeypatch.setattr(children, "cpu_multiplies_bfloat16", lambda: True)
+    wide = load_parent(str(llama_dir), dtype="float32")
+    chosen = {dtype: refit_dtype_for(dataclasses.replace(wide, model=copy.deepcopy(wide.model).to(dtype)))
+              for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+    assert chosen == {torch.float32: torch.bfloat16, torch.bfloat16: torch.bfloat16,
+                      torch.float16: torch.float32, torch.float64: torch.float64}
+    assert refit_dtype_for(wide, "float32") == torch.float32 and refit_dtype_for(wide, "auto") == torch.bfloat16
+    assert "block by block in bfloat16" in resolve_plan(wide).line()
+    asked = resolve_plan(wide, refit_dtype="float32")
+    assert "block by block in" not in asked.line() and asked.refit_dtype == "float32"
+    assert asked.changed == ("refit_dtype",) and asked.make_kwargs()["refit_dtype"] == torch.float32
+    assert resolve_plan(wide, refit_dtype="auto").changed == ()
+    monkeypatch.setattr(children, "cpu_multiplies_bfloat16", lambda: False)
+    assert refit_dtype_for(wide) == torch.float32 and "block by block in" not in resolve_plan(wide).line()
+
+
+def test_the_cpus_bfloat16_instructions_are_read_from_its_flags(tmp_path, monkeypatch):
+    from subclone_core.io import devices
+
+    for flags, native in (("fpu sse2 avx2 fma", False), ("fpu avx512f avx512_bf16 avx512_vnni", True),
+                          ("fpu avx512f amx_tile amx_bf16", True)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(devices, "CPUINFO", tmp_path / "cpuinfo")
+        devices.cpu_multiplies_bfloat16.cache_clear()
+        assert devices.cpu_multiplies_bfloat16() is native, flags
+    monkeypatch.setattr(devices, "CPUINFO", tmp_path / "absent")
+    devices.cpu_multiplies_bfloat16.cache_clear()
+    assert devices.cpu_multiplies_bfloat16() is False
+    devices.cpu_multiplies_bfloat16.cache_clear()
+
+
+def test_a_bfloat16_parent_is_refit_with_float32_blocks_on_a_cpu_without_bfloat16_products_and_its_child_stays_bfloat16(
+        llama_dir, tmp_path, monkeypatch):
     """CPUs without native bfloat16 matrix products run a bfloat16 forward several times slower than float32:
     the refit pass runs each block in float32 (the stream between blocks stays bfloat16). The child stays
     bfloat16, streamed to disk as built in memory, and is closer to the refit of the same weights in float32
@@ -109,13 +149,14 @@ def test_a_bfloat16_parent_is_refit_with_float32_blocks_on_the_cpu_and_its_child
         make_child,
         make_child_into_folder,
         measure_importance,
-        refit_dtype,
+        refit_dtype_for,
     )
     from subclone_core.workflow.plan import resolve_plan
 
+    monkeypatch.setattr(children, "cpu_multiplies_bfloat16", lambda: False)
     half = load_parent(str(llama_dir), dtype="bfloat16")
     wide = dataclasses.replace(half, model=copy.deepcopy(half.model).float())  # the same weights, upcast exactly
-    assert refit_dtype(half) == torch.float32 and refit_dtype(wide) == torch.float32
+    assert refit_dtype_for(half) == torch.float32 and refit_dtype_for(wide) == torch.float32
     plan = resolve_plan(half)
     assert "refit on child inputs, block by block in float32" in plan.line() and "cpu, bfloat16" in plan.line()
     assert "block by block in" not in resolve_plan(wide).line()  # said only where it differs from the parent's
@@ -124,9 +165,7 @@ def test_a_bfloat16_parent_is_refit_with_float32_blocks_on_the_cpu_and_its_child
     kwargs = {"importance": imp, "calib_tokens": 256, "refit": True}
     child = make_child(half, target, **kwargs).model.state_dict()
     want = make_child(wide, target, **kwargs).model.state_dict()
-    monkeypatch.setattr(children, "refit_dtype", lambda parent: parent.dtype)
-    half_blocks = make_child(half, target, **kwargs).model.state_dict()
-    monkeypatch.undo()
+    half_blocks = make_child(half, target, **kwargs, refit_dtype="bfloat16").model.state_dict()
     assert all(t.dtype == torch.bfloat16 for t in child.values())
     error = {name: sum(float((got[k].float() - want[k]).norm()) for k in want)
              for name, got in (("float32 blocks", child), ("bfloat16 blocks", half_blocks))}

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from subclone_core.analysis.explore import EVAL_TOKENS, REFIT_TOKENS, candidate_shapes, explore_shapes
@@ -29,13 +30,20 @@ from subclone_core.analysis.probes import (
 from subclone_core.app.jobs import BlockEvent, Emit, JobCancelled, ProgressEvent, Work, cancellable
 from subclone_core.app.sizing import matrix_weights
 from subclone_core.app.steps import make_children
+from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import Importance, Progress
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
+from subclone_core.core.strategies import refit_table
 from subclone_core.sources import Parent, default_data_id, vit_pretrain
 from subclone_core.tasks import task_spec
 from subclone_core.training.evaluate import evaluate
-from subclone_core.workflow.children import measure_importance, shared_refit_source, shares_refit_pass
+from subclone_core.workflow.children import (
+    measure_importance,
+    refit_dtype_for,
+    shared_refit_source,
+    shares_refit_pass,
+)
 from subclone_core.workflow.jobs import CandidateSettings
 from subclone_core.workflow.plan import Plan
 
@@ -53,9 +61,16 @@ ABLATION_REPLAYED = 1.03
 # parent depth of refit blocks (explorer_refit_depths; its scores come on top, as validation passes of models of
 # their sizes) 7.7 on SmolLM2-135M (7 shapes at its starting budget, 4 of them narrowed, each refit on its own
 # inputs) and 7.0 on Gemma 3 270M (8 shapes, one shared pass) in one run, 5.9-6.5 in a faster hour of this VM,
-# Generate (the child's refit, its random twin, three scores and samples) 5.2 and 4.7
+# Generate (the child's refit, its random twin, three scores and samples) 5.2 and 4.7; all with float32 refits
 EXPLORE_REFIT = 6.8
 GENERATE_REFIT = 4.9
+# Where the refit's blocks run in bfloat16 on a CPU that multiplies it (children.refit_dtype_for), the share of
+# those float32 seconds a float32 parent's step takes, by whose inputs its family refits on, measured in turns on
+# 2 Zen 4 cores: the child's, whose stream the refit runs block after block (SmolLM2-135M: Generate 23.0 s against
+# 34.9, the explorer 26.4 against 38.0), and the parent's (Gemma 3 270M: Generate 39.9 against 47.4; the scores
+# over its 262k-token vocabulary stay float32). One pass shared by the explorer's shapes, Gram sums and solves,
+# took as long in either (37.9 s).
+BFLOAT16_SHARE = {"child": 0.67, "parent": 0.84}
 
 
 def data_key(data_id: str | None) -> tuple[str, int]:
@@ -134,15 +149,26 @@ def explorer_seconds(parent: Parent, metrics: dict | None, budget: int, calib_to
     before the parent's validation speed is measured."""
     rate = forward_rate(metrics)
     candidates = candidate_shapes(parent.model, budget)
-    depths = explorer_refit_depths(parent.model, [shape for shape, _ in candidates], shares_refit_pass(parent))
+    shared = shares_refit_pass(parent)
+    depths = explorer_refit_depths(parent.model, [shape for shape, _ in candidates], shared)
     seconds = estimate_seconds("explore", depths * min(calib_tokens, REFIT_TOKENS), blocks_rate(parent.model, rate))
     if seconds is None:
         return None
+    if not shared:  # a shared pass took as long in bfloat16
+        inputs = refit_table(arch_of_model(parent.model), "subclone").refit_inputs
+        seconds *= bfloat16_share(parent.dtype, refit_dtype_for(parent), inputs)
     # a score costs a validation pass of a model that size: the candidates and the random one (the smallest)
     sizes = [params for _, params in candidates]
     parent_size = sum(p.numel() for p in parent.model.parameters())
     seconds += estimate_seconds("validation", EVAL_TOKENS * (sum(sizes) + min(sizes)) / parent_size, rate)
     return seconds if calibrated else seconds + estimate_seconds("calibration", calib_tokens, rate)
+
+
+def bfloat16_share(dtype: torch.dtype, refit_dtype: torch.dtype, refit_inputs: str | None) -> float:
+    """The share of its float32 seconds a float32 parent's refit takes with its blocks in ``refit_dtype``
+    (BFLOAT16_SHARE by whose inputs it refits on); 1 for any other pair of dtypes."""
+    native = (dtype, refit_dtype) == (torch.float32, torch.bfloat16)
+    return BFLOAT16_SHARE.get(refit_inputs, 1.0) if native else 1.0
 
 
 def explorer_refit_depths(model: nn.Module, shapes: Sequence[Shape], shared: bool) -> float:
@@ -163,6 +189,8 @@ def generate_seconds(parent: Parent, metrics: dict | None, plan: Plan, calibrate
     and no estimate is given), the calibration first where none is known."""
     rate = forward_rate(metrics)
     seconds = estimate_seconds("generate", plan.calib_tokens, blocks_rate(parent.model, rate)) if plan.refit else None
+    if seconds is not None:
+        seconds *= bfloat16_share(parent.dtype, getattr(torch, plan.refit_dtype), plan.refit_inputs)
     if seconds is None or calibrated or not plan.calibrate:
         return seconds
     return seconds + estimate_seconds("calibration", plan.calib_tokens, rate)

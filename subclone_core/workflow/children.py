@@ -34,7 +34,9 @@ from subclone_core.core.strategies import (
     subclone_model,
 )
 from subclone_core.io.atomic import building
+from subclone_core.io.devices import cpu_multiplies_bfloat16
 from subclone_core.io.model_card import model_card
+from subclone_core.io.placement import parse_dtype
 from subclone_core.io.saving import (
     DEFAULT_SHARD_SIZE,
     StreamedWeights,
@@ -172,10 +174,9 @@ def make_child(
     importance: Importance | None = None,
     data_id: str | None = None,
     calib_tokens: int = CALIB_TOKENS,
-    seed: int = 0,
-    progress: Progress | None = None,
+    seed: int = 0, progress: Progress | None = None,
     residual_score: str | None = None,
-    refit: bool | None = None,
+    refit: bool | None = None, refit_dtype: str | torch.dtype | None = None,
     sequential: bool | None = None,
     activation_memory: int | None = None,
     stats: dict | None = None,
@@ -186,8 +187,9 @@ def make_child(
         parent: from sources.parents.load_parent; never modified.
         target: the child's shape (see strategies.plan_shape).
         strategy, drop, scale, untie_head, seed, residual_score, refit: as in strategies.subclone_model.
-        importance: reuse an earlier calibration instead of measuring again.
-        data_id, calib_tokens, progress: the calibration data, budget and progress callback.
+        refit_dtype: the dtype the refit pass runs the blocks in (refit_dtype_for; None: its rule).
+        importance, data_id, calib_tokens, progress: an earlier calibration to reuse (else one is measured), its
+            data, budget and progress callback.
         sequential, activation_memory: calibrate block by block from the parent's files (measure_importance);
             the stored hidden states of the refit's pass keep to the same budget.
         stats: if given, filled with what each block-by-block pass read from the parent's files: "calibration"
@@ -200,7 +202,7 @@ def make_child(
                                         activation_memory=activation_memory, stats=_part(stats, "calibration"),
                                         **recorded_statistics([strategy]))
     items = refit_source(parent, data_id or default_data_id(parent.task), calib_tokens, progress=progress,
-                         activation_memory=activation_memory, stats=_part(stats, "refit"))
+                         activation_memory=activation_memory, stats=_part(stats, "refit"), block_dtype=refit_dtype)
     child = subclone_model(parent.model, target, strategy=strategy, importance=importance, drop=drop,
                            scale=scale, untie_head=untie_head, seed=seed, parent_tensors=parent_tensors(parent),
                            residual_score=residual_score, refit=refit, refit_items=items, open_sink=open_sink)
@@ -219,14 +221,17 @@ def _part(stats: dict | None, name: str) -> dict | None:
 
 
 def refit_source(parent: Parent, data_id: str, tokens: int, *, progress: Progress | None = None,
-                 activation_memory: int | None = None, stats: dict | None = None) -> RefitItems | None:
+                 activation_memory: int | None = None, stats: dict | None = None,
+                 block_dtype: str | torch.dtype | None = None) -> RefitItems | None:
     """The refit's reads bound to this parent and its calibration batches (pipeline.refitting.refit_items):
     the parent's blocks one at a time, from memory, or from its files where it is offloaded; None where an
-    offloaded parent's files cannot be read under the model's names (the plan refuses to build such a child)."""
+    offloaded parent's files cannot be read under the model's names (the plan refuses to build such a child).
+    The blocks run in refit_dtype_for(parent, block_dtype)."""
     source = pass_source(parent)
     if source is None:
         return None
-    kwargs = {**pass_kwargs(parent, activation_memory), "block_dtype": refit_dtype(parent), "stats": stats}
+    kwargs = {**pass_kwargs(parent, activation_memory), "block_dtype": refit_dtype_for(parent, block_dtype),
+              "stats": stats}
 
     def items(slicer, child_config):
         return refit_items(source, calibration_batches(parent, data_id, tokens), slicer, child_config=child_config,
@@ -235,11 +240,12 @@ def refit_source(parent: Parent, data_id: str, tokens: int, *, progress: Progres
 
 
 def shared_refit_source(parent: Parent, data_id: str, tokens: int, *, strategy: str = "subclone",
-                        activation_memory: int | None = None) -> tuple[RefitItems | None, bool]:
+                        activation_memory: int | None = None,
+                        block_dtype: str | torch.dtype | None = None) -> tuple[RefitItems | None, bool]:
     """(refit source, shared) for many children of one parent (the explorer's shapes): one pass whose Gram
     matrices every child's refit reads (pipeline.refitting.SharedGrams: the same children, each for its own solves
     only) where shares_refit_pass says so; else refit_source, one pass per child."""
-    items = refit_source(parent, data_id, tokens, activation_memory=activation_memory)
+    items = refit_source(parent, data_id, tokens, activation_memory=activation_memory, block_dtype=block_dtype)
     if items is None or not shares_refit_pass(parent, strategy):
         return items, False
     return SharedGrams(items, check=interrupt.check), True
@@ -258,14 +264,22 @@ def in_memory(parent: Parent) -> bool:
     return not any(t.is_meta for t in parent.model.state_dict().values())
 
 
-def refit_dtype(parent: Parent) -> torch.dtype:
-    """The dtype the refit pass runs the parent's (and the child's) blocks in: float32 for a bfloat16 or float16
-    parent whose blocks run on the CPU, where most processors have no native half-precision matrix product
-    (bfloat16 ran 6x slower than float32 on this project's AVX2 machines); each block is upcast while it runs,
-    the stream between blocks, the embedding and the head keep the parent's dtype (and memory), and so does
-    the child. Elsewhere the parent's own dtype."""
-    half = parent.dtype in (torch.bfloat16, torch.float16)
-    return torch.float32 if half and input_device(parent.model).type == "cpu" else parent.dtype
+def refit_dtype_for(parent: Parent, asked: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype the refit pass runs the parent's (and the child's) blocks in: ``asked`` where given (a name of
+    io.placement.DTYPES; "auto" or None: this rule). On a CPU that multiplies bfloat16 in hardware
+    (io.devices.cpu_multiplies_bfloat16), bfloat16 for a float32 or bfloat16 parent: the embedded parents' children
+    were made 1.2-1.8x faster, their step-0 losses within 0.035 nats either way (docs/BENCHMARKS.md, "The refit's
+    dtype"). On other CPUs, float32 for a bfloat16 or float16 parent (bfloat16 is emulated there and ran 6x
+    slower). Each block is cast while it runs; the stream between blocks, the embedding and the head keep the
+    parent's dtype (and memory), and so does the child. On a GPU, and for float64, the parent's own dtype."""
+    chosen = asked if isinstance(asked, torch.dtype) else parse_dtype(asked)
+    if chosen is not None:
+        return chosen
+    if input_device(parent.model).type != "cpu" or parent.dtype == torch.float64:
+        return parent.dtype
+    if cpu_multiplies_bfloat16() and parent.dtype in (torch.float32, torch.bfloat16):
+        return torch.bfloat16
+    return torch.float32
 
 
 def pass_source(parent: Parent) -> Mapping[str, Tensor] | None:

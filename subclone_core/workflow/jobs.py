@@ -54,6 +54,7 @@ class CandidateSettings:
         untie_head: give a tied parent's child its own scaled head.
         residual_score, refit: the residual ranking and the least-squares refit (strategies.subclone_model);
             None: the family's defaults.
+        refit_dtype: the dtype the refit runs the blocks in (children.refit_dtype_for); None: its rule.
         seed: seed of random init (and the data order, in TrainConfig).
         data_id: calibration data (None: the task's default).
         calib_tokens: calibration budget.
@@ -69,6 +70,7 @@ class CandidateSettings:
     untie_head: bool = False
     residual_score: str | None = None
     refit: bool | None = None
+    refit_dtype: str | None = None
     seed: int = 0
     data_id: str | None = None
     calib_tokens: int = CALIB_TOKENS
@@ -148,6 +150,7 @@ def candidate_plan(parent: Parent, strategy: str, settings: CandidateSettings, t
                         untie_head=settings.untie_head,
                         residual_score=settings.residual_score if importance_order else None,
                         refit=settings.refit if importance_order and spec.refit is not False else None,
+                        refit_dtype=settings.refit_dtype,
                         data_id=settings.data_id,
                         calib_tokens=settings.calib_tokens, seed=settings.seed, target=target)
 

@@ -10,8 +10,8 @@ passes the resolved values to ``children.make_child`` explicitly (``make_planned
   each chosen by measurement per family (the refit applies to the importance order only);
 - the parent's placement: calibration goes block by block only where ``--max-memory`` left part of the parent
   on disk and its checkpoint can be read block by block (``children.needs_sequential``);
-- the parent's dtype and device: the refit pass runs a half-precision parent's blocks in float32 on the CPU
-  (``children.refit_dtype``);
+- the parent's dtype and device, and the CPU: the refit pass runs the blocks in bfloat16 on a CPU that multiplies
+  it in hardware, and a half-precision parent's blocks in float32 on other CPUs (``children.refit_dtype_for``);
 - the machine: the stored hidden states of a block-by-block pass (sequential calibration, the refit) keep to
   half of the available RAM (``io.activations.default_budget``).
 """
@@ -38,7 +38,7 @@ from subclone_core.workflow.children import (
     make_child,
     needs_sequential,
     parent_tensors,
-    refit_dtype,
+    refit_dtype_for,
 )
 
 # the orders of the paper (arXiv:2312.09299), which scales sliced weights: its method and its Fig. 14 ablation
@@ -62,7 +62,7 @@ class Plan:
         refit_inputs: whose inputs the refit fits each layer on ("parent" or "child", the family's table); None
             without a refit. The refit runs block by block (pipeline.refitting) from memory, or from the parent's
             files where it is offloaded.
-        refit_dtype: the dtype the refit pass runs the blocks in (children.refit_dtype); None without a refit.
+        refit_dtype: the dtype the refit pass runs the blocks in (children.refit_dtype_for); None without a refit.
         scale: the sqrt(fan-in ratio) scaling of sliced weights.
         untie_head, seed: as in strategies.subclone_model.
         calibrate: whether importance is measured on data; data_id, calib_tokens: on which data, how much.
@@ -187,13 +187,15 @@ class Plan:
         return {"strategy": self.strategy, "drop": list(self.drop) if isinstance(self.drop, tuple) else self.drop,
                 "scale": self.scale, "untie_head": self.untie_head, "data_id": self.data_id,
                 "calib_tokens": self.calib_tokens, "seed": self.seed, "residual_score": self.residual_score,
-                "refit": self.refit, "sequential": self.sequential, "activation_memory": self.activation_memory}
+                "refit": self.refit, "refit_dtype": getattr(torch, self.refit_dtype) if self.refit_dtype else None,
+                "sequential": self.sequential, "activation_memory": self.activation_memory}
 
 
 def resolve_plan(parent: Parent, *, strategy: str = "subclone", drop: str | list[int] | None = None,
                  scale: bool | None = None, untie_head: bool = False, residual_score: str | None = None,
-                 refit: bool | None = None, sequential: bool | None = None, activation_memory: int | None = None,
-                 data_id: str | None = None, calib_tokens: int = CALIB_TOKENS, seed: int = 0,
+                 refit: bool | None = None, refit_dtype: str | None = None, sequential: bool | None = None,
+                 activation_memory: int | None = None, data_id: str | None = None, calib_tokens: int = CALIB_TOKENS,
+                 seed: int = 0,
                  target: Shape | None = None, child_flags: bool = True, builds: bool = True) -> Plan:
     """Resolve every default of one child of ``parent`` now, before any work (None: the default).
 
@@ -220,15 +222,15 @@ def resolve_plan(parent: Parent, *, strategy: str = "subclone", drop: str | list
         parent_tensors(parent)  # a child of an offloaded parent is read from its files: refuse one now, not later
     stores = (calibrate and seq) or refit_on  # the passes that keep hidden states between blocks
     given = {"drop": drop, "scale": scale, "residual_score": residual_score, "refit": refit,
-             "sequential": sequential, "activation_memory": activation_memory, "data_id": data_id}
+             "refit_dtype": refit_dtype, "sequential": sequential, "activation_memory": activation_memory, "data_id": data_id}
     plan = Plan(
         strategy=strategy, order=spec.order, drop=policy, residual_score=ranking, refit=refit_on,
         refit_inputs=refit_table(arch, strategy).refit_inputs if refit_on else None,
-        refit_dtype=str(refit_dtype(parent)).removeprefix("torch.") if refit_on else None,
+        refit_dtype=_dtype_name(refit_dtype_for(parent, refit_dtype)) if refit_on else None,
         scale=_default_scale(spec, arch) if scale is None else scale and spec.order is not None,
         untie_head=untie_head, seed=seed, calibrate=calibrate, data_id=data_id or default_data_id(parent.task),
         calib_tokens=calib_tokens, sequential=seq, device=_device(places),
-        dtype=str(parent.dtype).removeprefix("torch."), max_memory=parent.placement.max_memory,
+        dtype=_dtype_name(parent.dtype), max_memory=parent.placement.max_memory,
         block_readable=_readable(parent) if "disk" in places else None,
         activation_memory=(_default_budget() if activation_memory is None else activation_memory) if stores else None,
         family=arch.name, asked=tuple(name for name, value in given.items() if value is not None),
@@ -270,8 +272,13 @@ def _changed(plan: Plan, parent: Parent, arch, spec) -> tuple[str, ...]:
     """The asked choices whose value differs from the default's (an activation budget asked always does)."""
     defaults = {"drop": _policy(spec, None), "scale": _default_scale(spec, arch),
                 "residual_score": _default_ranking(spec, arch), "refit": _default_refit(spec, arch),
-                "sequential": plan.calibrate and needs_sequential(parent), "data_id": default_data_id(parent.task)}
+                "sequential": plan.calibrate and needs_sequential(parent), "data_id": default_data_id(parent.task),
+                "refit_dtype": _dtype_name(refit_dtype_for(parent)) if plan.refit else None}
     return tuple(name for name in plan.asked if getattr(plan, name) != defaults.get(name, object()))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _sequential(parent: Parent, sequential: bool | None, calibrate: bool) -> bool:

@@ -129,7 +129,15 @@ def add_child_args(parser: argparse.ArgumentParser, *, strategy: bool = True) ->
                        help="refit weights whose inputs shrank by least squares on the calibration data "
                             "(the family's default, at every parent size: block by block inside the memory budget)")
     refit.add_argument("--no-refit", dest="refit", action="store_false", help="slice weights only")
+    add_refit_dtype(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for random choices (default 0)")
+
+
+def add_refit_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refit-dtype", choices=list(DTYPES), default=None,
+                        help="the dtype the refit runs the blocks in; auto (the default): bfloat16 on a CPU with "
+                             "bfloat16 matrix instructions (AVX512-BF16, AMX), float32 on other CPUs, the "
+                             "parent's on a GPU")
 
 
 def shape_sizes(args: argparse.Namespace) -> dict[str, int | None]:

@@ -87,7 +87,7 @@ def candidate_settings(args: argparse.Namespace) -> CandidateSettings:
     grid = parse_lr_sweep(args.lr_sweep, names) if args.lr_sweep is not None else {}
     settings = CandidateSettings(
         names=names, drop=args.drop, scale=args.scale, untie_head=args.untie_head, seed=args.seed,
-        residual_score=args.residual_score, refit=args.refit,
+        residual_score=args.residual_score, refit=args.refit, refit_dtype=args.refit_dtype,
         data_id=args.data, calib_tokens=args.tokens, distill_alpha=args.distill_alpha,
         distill_temperature=args.distill_temperature, lr=lr_overrides(args.lr, names, grid),
         weight_decay=parse_per_candidate(args.wd, "--wd", list(names)), lr_sweep=grid)

@@ -17,6 +17,7 @@ from subclone_core.analysis.probes import validation_sample
 from subclone_core.cli.commands._options import (
     add_data_args,
     add_parent_args,
+    add_refit_dtype,
     placement_kwargs,
     print_json,
     require_positive,
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refit-tokens", type=int, default=REFIT_TOKENS, metavar="N",
                    help=f"calibration tokens each shape is refit on, at most --calib-tokens (default {REFIT_TOKENS}: "
                         "the same ranking as all of them, measured; make refits the chosen shape on all)")
+    add_refit_dtype(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -63,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
                                     activation_memory=plan.activation_memory)
     batches = validation_sample(parent, args.data, args.eval_tokens)
     refit_tokens = min(args.refit_tokens, plan.calib_tokens) if plan.refit else 0
-    refit, shared = shared_refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory) \
-        if refit_tokens else (None, False)
+    refit, shared = shared_refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory,
+                                        block_dtype=plan.make_kwargs()["refit_dtype"]) if refit_tokens else (None, False)
     start = time.perf_counter()
     result = explore_shapes(parent.model, importance, budget, batches, refit_items=refit)
     seconds = round(time.perf_counter() - start, 2)
@@ -89,7 +91,8 @@ def explore_plan(parent, args: argparse.Namespace, sequential: dict) -> Plan:
     Raises:
         SubcloneError: the parent is offloaded to disk (the shapes are sliced from the weights in memory).
     """
-    plan = resolve_plan(parent, data_id=args.data, calib_tokens=args.tokens, child_flags=False, **sequential)
+    plan = resolve_plan(parent, data_id=args.data, calib_tokens=args.tokens, refit_dtype=args.refit_dtype,
+                        child_flags=False, **sequential)
     if plan.offloaded:
         raise SubcloneError(f"explore slices its shapes from the parent's weights in memory, but --max-memory "
                             f"{plan.max_memory} left part of parent {args.parent!r} on disk; give it more memory")

@@ -69,7 +69,8 @@ def make(args: argparse.Namespace, max_shard: int) -> int:
         refuse_nonfinite(f"the parent {args.parent!r}", first_nonfinite(parent.model.state_dict().items()))
     target = plan_shape(parent.model, args.strategy, **child_sizes(args, Shape.of(parent.model.config).layers))
     plan = resolve_plan(parent, strategy=args.strategy, drop=args.drop, scale=args.scale, untie_head=args.untie_head,
-                        residual_score=args.residual_score, refit=args.refit, data_id=args.data,
+                        residual_score=args.residual_score, refit=args.refit, refit_dtype=args.refit_dtype,
+                        data_id=args.data,
                         calib_tokens=args.tokens, seed=args.seed, target=target, **sequential_args(args))
     if plan.calibrate:
         check_calib_tokens(parent, args.tokens)
