@@ -46,17 +46,25 @@ def test_all_zero_logits_give_log_vocab():
     assert result["tokens"] == 3 * 2 * 5  # the last position of each row has no next token
 
 
-def test_matches_hf_loss_and_skips_ignored_labels(tiny_llama_dir):
+@pytest.mark.parametrize("rows", [None, 5])
+def test_matches_hf_loss_and_skips_ignored_labels(tiny_llama_dir, monkeypatch, rows):
+    """Also where the cross-entropy goes a few rows of logits at a time (tasks.CROSS_ENTROPY_ELEMENTS: 5 rows, so
+    36 positions take 8 calls, the last one short)."""
+    from subclone_core import tasks
+
     model = load_parent(str(tiny_llama_dir)).model
+    if rows is not None:
+        monkeypatch.setattr(tasks, "CROSS_ENTROPY_ELEMENTS", rows * model.config.vocab_size)
     batch = next(text_batches(n=1, batch=3, seq=12, vocab=model.config.vocab_size))
     result = evaluate(model, [batch])
-    with torch.no_grad():
-        hf_loss = model(**batch).loss.item()
-    assert result["loss"] == pytest.approx(hf_loss, rel=1e-5)
-    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     masked = dict(batch, labels=batch["labels"].clone())
     masked["labels"][:, :6] = -100
+    with torch.no_grad():
+        hf_loss, hf_masked = model(**batch).loss.item(), model(**masked).loss.item()
+    assert result["loss"] == pytest.approx(hf_loss, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert evaluate(model, [masked])["tokens"] == 3 * 6
+    assert evaluate(model, [masked])["loss"] == pytest.approx(hf_masked, rel=1e-5)
 
 
 def test_loss_is_token_weighted_not_a_mean_of_batch_means(tiny_llama_dir):
