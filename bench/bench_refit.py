@@ -127,8 +127,9 @@ def main() -> int:
                           report_only="rewrite the section from docs/refit_variants.json")
     parser.add_argument("--parents", default="default,gemma3-270m")
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--refit-tokens", default=None, help="comma-separated refit token counts, e.g. 1024,4096")
-    parser.add_argument("--refit-dtypes", default=None, help="comma-separated refit dtypes, e.g. float32,bfloat16")
+    arms = parser.add_mutually_exclusive_group()
+    arms.add_argument("--refit-tokens", default=None, help="comma-separated refit token counts, e.g. 1024,4096")
+    arms.add_argument("--refit-dtypes", default=None, help="comma-separated refit dtypes, e.g. float32,bfloat16")
     args = parser.parse_args()
     parents = ["default"] if args.smoke else args.parents.split(",")
     tokens = 512 if args.smoke else args.tokens

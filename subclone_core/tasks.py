@@ -53,9 +53,9 @@ def text_batch_sums(model: torch.nn.Module, batch: dict, **extra: Any) -> BatchS
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
     flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     rows = max(1, CROSS_ENTROPY_ELEMENTS // flat.shape[-1])
-    loss = sum(float(F.cross_entropy(flat[i:i + rows], flat_targets[i:i + rows], ignore_index=IGNORE_INDEX,
-                                     reduction="sum")) for i in range(0, flat.shape[0], rows))
-    return loss, int((targets != IGNORE_INDEX).sum()), 0
+    loss = sum(F.cross_entropy(flat[i:i + rows], flat_targets[i:i + rows], ignore_index=IGNORE_INDEX,
+                               reduction="sum") for i in range(0, flat.shape[0], rows))
+    return float(loss), int((targets != IGNORE_INDEX).sum()), 0
 
 
 def image_batch_sums(model: torch.nn.Module, batch: dict, **extra: Any) -> BatchSums:
