@@ -82,10 +82,10 @@ def test_a_refit_in_bfloat16_on_a_cpu_that_multiplies_it_is_estimated_at_its_mea
     parent = replace(parent, model=parent.model.float())
     budget = sum(p.numel() for p in parent.model.parameters()) // 2
     target = Shape.of(parent.model.config)
-    full = Shape.of(parent.model.config)
     candidates = candidate_shapes(parent.model, budget)
-    depths = sum(s.layers for s, _ in candidates if s.hidden < full.hidden) / full.layers
-    refit = depths * REFIT_TOKENS * longsteps.EXPLORE_REFIT / longsteps.blocks_rate(parent.model, 500.0)
+    depths = sum(s.layers for s, _ in candidates if s.hidden < target.hidden) / target.layers
+    rate = longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
+    refit = depths * REFIT_TOKENS * longsteps.EXPLORE_REFIT / rate
     plan = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=True), target)
     wide = (longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True),
             longsteps.generate_seconds(parent, METRICS, plan, calibrated=True))

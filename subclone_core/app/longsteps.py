@@ -190,7 +190,7 @@ def generate_seconds(parent: Parent, metrics: dict | None, plan: Plan, calibrate
     rate = forward_rate(metrics)
     seconds = estimate_seconds("generate", plan.calib_tokens, blocks_rate(parent.model, rate)) if plan.refit else None
     if seconds is not None:
-        seconds *= bfloat16_share(parent.dtype, getattr(torch, plan.refit_dtype), plan.refit_inputs)
+        seconds *= bfloat16_share(parent.dtype, plan.refit_torch_dtype, plan.refit_inputs)
     if seconds is None or calibrated or not plan.calibrate:
         return seconds
     return seconds + estimate_seconds("calibration", plan.calib_tokens, rate)

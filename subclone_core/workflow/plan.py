@@ -106,6 +106,11 @@ class Plan:
         """Whether part of the parent lives on disk (accelerate's offload under --max-memory)."""
         return "disk" in self.device.split("+")
 
+    @property
+    def refit_torch_dtype(self) -> torch.dtype | None:
+        """The refit's dtype as torch's (``refit_dtype`` is its name, as the manifest records it)."""
+        return getattr(torch, self.refit_dtype) if self.refit_dtype else None
+
     def line(self) -> str:
         """The plan in one short line; values the caller changed from the default are marked "(asked)"."""
         parts = [self._method()]
@@ -187,7 +192,7 @@ class Plan:
         return {"strategy": self.strategy, "drop": list(self.drop) if isinstance(self.drop, tuple) else self.drop,
                 "scale": self.scale, "untie_head": self.untie_head, "data_id": self.data_id,
                 "calib_tokens": self.calib_tokens, "seed": self.seed, "residual_score": self.residual_score,
-                "refit": self.refit, "refit_dtype": getattr(torch, self.refit_dtype) if self.refit_dtype else None,
+                "refit": self.refit, "refit_dtype": self.refit_torch_dtype,
                 "sequential": self.sequential, "activation_memory": self.activation_memory}
 
 
@@ -195,8 +200,7 @@ def resolve_plan(parent: Parent, *, strategy: str = "subclone", drop: str | list
                  scale: bool | None = None, untie_head: bool = False, residual_score: str | None = None,
                  refit: bool | None = None, refit_dtype: str | None = None, sequential: bool | None = None,
                  activation_memory: int | None = None, data_id: str | None = None, calib_tokens: int = CALIB_TOKENS,
-                 seed: int = 0,
-                 target: Shape | None = None, child_flags: bool = True, builds: bool = True) -> Plan:
+                 seed: int = 0, target: Shape | None = None, child_flags: bool = True, builds: bool = True) -> Plan:
     """Resolve every default of one child of ``parent`` now, before any work (None: the default).
 
     Args:

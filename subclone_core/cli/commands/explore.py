@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     batches = validation_sample(parent, args.data, args.eval_tokens)
     refit_tokens = min(args.refit_tokens, plan.calib_tokens) if plan.refit else 0
     refit, shared = shared_refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory,
-                                        block_dtype=plan.make_kwargs()["refit_dtype"]) if refit_tokens else (None, False)
+                                        block_dtype=plan.refit_torch_dtype) if refit_tokens else (None, False)
     start = time.perf_counter()
     result = explore_shapes(parent.model, importance, budget, batches, refit_items=refit)
     seconds = round(time.perf_counter() - start, 2)
