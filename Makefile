@@ -34,10 +34,13 @@ $(APT_STAMP):
 	touch $@
 
 # PORT: where the app listens (on 127.0.0.1). PASSIVE: torch's idle OpenMP threads sleep instead of spinning.
+# MALLOC_*: freed memory is kept for the next allocation (subclone_core.io.devices.KEEP_FREED, which a test
+# compares with this line; glibc reads them at start, before the server's threads exist).
 # exec: streamlit replaces the shell, so SIGTERM and Ctrl-C reach the server itself.
 PORT ?= 8501
+KEEP_FREED := MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824
 run: setup
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE exec $(BIN)/streamlit run app.py --server.port $(PORT)
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(KEEP_FREED) exec $(BIN)/streamlit run app.py --server.port $(PORT)
 
 # Two workers of one thread each, whole test files per worker, the longest files first (tests/conftest.py orders
 # them; --no-loadscope-reorder keeps that order instead of xdist's most-tests-first);

@@ -33,6 +33,7 @@ from subclone_core.app.steps import TrainRequest, child_plan, child_settings, ma
 from subclone_core.core.archs import arch_for
 from subclone_core.core.shape import suggested_shape
 from subclone_core.core.strategies import parameter_count
+from subclone_core.io.devices import keep_freed_memory
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import CALIB_TOKENS, measure_importance, save_child
 from subclone_core.workflow.shapes import starting_shape
@@ -51,8 +52,14 @@ SECTIONS = {"queue": ("app-queue", "Three sessions at once in the app's queue"),
 
 
 def run_work(work: Callable) -> Any:
-    """A page step's work run to the end in this thread (the app runs it in a BackgroundJob)."""
-    return work(lambda event: None, threading.Event())
+    """A page step's work run to the end in a thread of its own, as the app's BackgroundJob runs it."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(work(lambda event: None, threading.Event())))
+    thread.start()
+    thread.join()
+    if not result:
+        raise RuntimeError("the step failed (its traceback is above)")
+    return result[0]
 
 
 def page_settings(parent: Any) -> Any:
@@ -255,6 +262,7 @@ def main() -> None:
     parser.add_argument("--parents", default=",".join(PARENTS), help="embedded parents, comma-separated")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
+    keep_freed_memory()  # as `make run` starts the app
     load = os.getloadavg()[0]  # before any part: later, the parts before raise it themselves
     shared = " (other work shared the 2 cores: these numbers are pessimistic)" if load > 1.0 else " (idle)"
     for part in (args.only,) if args.only else tuple(SECTIONS):

@@ -29,7 +29,8 @@ EVAL_TOKENS = 384  # shapes are compared on the same tokens: a few hundred rank 
 # each shape is refit on this many of the calibration tokens (make refits the chosen one on all of them): on both
 # embedded parents at their starting budget, 1,024 tokens gave the same best shape and Pareto front as 4,096
 # (rank correlation 1.0 on SmolLM2-135M's 7 shapes, 0.9 on Gemma 3 270M's 5) in 40-50% of the time; 512 lost a
-# front point on SmolLM2; without the refit Gemma 3's ranking changed (0.7, another best shape)
+# front point on SmolLM2; without the refit Gemma 3's ranking changed (0.7, another best shape). At 0.6 of that
+# budget SmolLM2's ranking held less well (0.88: two more front points, a best shape 0.32 nats worse at 4,096)
 REFIT_TOKENS = 1024
 DEPTHS_PER_WIDTH = 3
 SPREAD = 1.5  # shapes between budget / SPREAD and budget x SPREAD parameters count as near the budget

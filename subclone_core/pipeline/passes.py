@@ -44,7 +44,7 @@ from subclone_core.core.archs import arch_of_model
 from subclone_core.core.calibration import no_cache_kwargs, real_token_mask
 from subclone_core.core.errors import SubcloneError
 from subclone_core.io.activations import ActivationStore, default_budget
-from subclone_core.io.devices import return_freed_memory
+from subclone_core.io.devices import keeps_freed_memory, return_freed_memory
 from subclone_core.io.streaming import CheckpointTensors, checkpoint_tensors, tied_names
 from subclone_core.tasks import task_of_config
 
@@ -137,7 +137,7 @@ class Pass:
     @property
     def reads_files(self) -> bool:
         """Whether blocks' weights are read from the checkpoint's files (an offloaded parent), not from memory."""
-        return hasattr(self.loader.tensors, "bytes_read")
+        return _reads_files(self.loader)
 
     @property
     def global_names(self) -> list[str]:
@@ -150,6 +150,11 @@ class Pass:
                 "activation_bytes_on_disk": self.store.bytes_written}
 
 
+def _reads_files(loader: _Loader) -> bool:
+    """Whether the loader reads blocks' weights from the checkpoint's files (PlacedTensors or a folder's reader)."""
+    return hasattr(loader.tensors, "bytes_read")
+
+
 def open_pass(source: str | Path | Mapping[str, Tensor], batches: Iterable[dict[str, Tensor]],
               store: ActivationStore, *, config, model_class, device, dtype, max_tokens: int | None,
               block_dtype: torch.dtype | None = None) -> Pass:
@@ -158,9 +163,11 @@ def open_pass(source: str | Path | Mapping[str, Tensor], batches: Iterable[dict[
     are loaded and each block runs in it, while the stream between blocks and everything outside the blocks
     keep ``dtype`` (the embedding and head are not copied: a float32 block of a bfloat16 parent costs one
     block's float32 weights)."""
-    if torch.device(device).type == "cpu":
-        return_freed_memory()  # each block's buffers are allocated and freed in turn: keep the heap from growing
     model, blocks, loader, block_names = _prepare(source, config, model_class, torch.device(device), dtype)
+    if torch.device(device).type == "cpu" and (_reads_files(loader) or not keeps_freed_memory()):
+        # each block's buffers are allocated and freed in turn: where memory is bounded (an offloaded parent), or
+        # the process has not chosen to keep freed memory, keep the heap from growing
+        return_freed_memory()
     if block_dtype is not None:
         blocks.to(block_dtype)  # on the meta device: each tensor loaded later is cast to its parameter's dtype
     extra = no_cache_kwargs(model)
