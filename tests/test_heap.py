@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAULTS = """
 import resource, sys, torch
 from subclone_core.io import devices
-kept = {"keep": devices.keep_freed_memory, "return": devices.return_freed_memory, "as is": lambda: None}[sys.argv[1]]()
+modes = {"keep": devices.keep_freed_memory, "return": devices.return_freed_memory, "as is": lambda: None,
+         "keep, then return": lambda: devices.keep_freed_memory() and devices.return_freed_memory()}
+kept = modes[sys.argv[1]]()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(12):
     x = torch.empty((16 << 20) + (i % 3) * 1000)
@@ -51,6 +53,9 @@ def test_kept_freed_memory_is_reused_without_page_faults_and_returned_memory_fau
     # a process started with the same settings in its environment (`make run`) keeps freed memory too
     as_is, started_faults, keeps = faults("as is", {**env, **devices.KEEP_FREED})
     assert (as_is, keeps, started_faults < 6 * PAGES) == ("None", "True", True)
+    # one that kept freed memory and then reads an offloaded parent (return_freed_memory) gives it back as before
+    both, left_faults, keeps = faults("keep, then return", env)
+    assert (both, keeps, left_faults >= 12 * PAGES) == ("True", "False", True)
     # one whose user set a malloc variable of their own is left alone
     refused, _, keeps = faults("keep", {**env, "MALLOC_ARENA_MAX": "4"})
     assert (refused, keeps) == ("False", "False")

@@ -94,7 +94,7 @@ def keep_freed_memory() -> bool:
     time, for a higher peak: +20% for the explorer, +44% for the training (1.6 -> 2.3 GiB), since the heap keeps
     its largest working set. So `make run` starts the app with KEEP_FREED (lessons on small parents, where time
     matters more), while the command line keeps glibc's defaults unless started with KEEP_FREED itself (README,
-    "Memory"); a pass that reads an offloaded parent's files, whose memory is bounded, gives it back
+    "Settings for a shared server"); a pass that reads an offloaded parent's files, whose memory is bounded, gives it back
     (return_freed_memory) either way."""
     if any(name.startswith("MALLOC_") for name in os.environ) and not keeps_freed_memory():
         return False
@@ -121,9 +121,10 @@ def return_freed_memory() -> bool:
     (bench_fsdp.py); an offloaded 1B parent's refit pass grew by 40 MB a block, to 1.69 GiB instead of 1.18
     (bench_scale.py). A fixed threshold keeps the process at what it uses, for some more CPU time in page faults.
     """
+    kept = keeps_freed_memory()
     returned = _mallopt((M_MMAP_MAX, MMAP_MAX), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    if returned:
+    if returned and kept:
         for name in KEEP_FREED:
             os.environ.pop(name, None)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the kept heap holds goes back now, not at its next free
     return returned
