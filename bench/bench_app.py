@@ -33,7 +33,7 @@ from subclone_core.app.steps import TrainRequest, child_plan, child_settings, ma
 from subclone_core.core.archs import arch_for
 from subclone_core.core.shape import suggested_shape
 from subclone_core.core.strategies import parameter_count
-from subclone_core.io.devices import keep_freed_memory
+from subclone_core.io.devices import KEEP_FREED, keep_freed_memory
 from subclone_core.sources.parents import load_parent
 from subclone_core.workflow.children import CALIB_TOKENS, measure_importance, save_child
 from subclone_core.workflow.shapes import starting_shape
@@ -183,7 +183,8 @@ def cli_training(child_dir: Path, steps: int) -> float:
                    "--baseline", "random", "--steps", str(steps), "--batch-size", str(BATCH),
                    "--seq-len", str(SEQ_LEN), "--eval-every", str(EVAL_EVERY), "--out", f"{run}/run",
                    "--quiet", "--json"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        # as a user starts `subclone`: without the freed-memory setting this process took from `make run`'s
+        env = {**{k: v for k, v in os.environ.items() if k not in KEEP_FREED}, "HF_HUB_OFFLINE": "1"}
         out = subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
     return next(r["throughput"] for r in json.loads(out)["rows"] if r["name"] != "random")
 
