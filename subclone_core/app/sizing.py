@@ -3,9 +3,9 @@ twin train in about two minutes, from an estimate of how fast this child trains 
 
 One constant for every parent was wrong by an order of magnitude: 100 steps of 8 x 128 tokens said "about
 20 min left" on SmolLM2-135M, and Gemma 3 270M's child, whose 262k-word output layer alone is 100 M
-multiply-adds a token, trains at 27 tokens/s on 2 idle cores (issue 31). A model's training cost per
-position is about 6 x its matrix weights (forward 2, backward 4), so the rate is estimated from the child's
-own weights and one measured rate of this kind of machine.
+multiply-adds a token, trains at 30 tokens/s on 2 idle cores in the app (15 in a process that hands freed
+memory back to the system). A model's training cost per position is about 6 x its matrix weights (forward 2,
+backward 4), so the rate is estimated from the child's own weights and one measured rate of this kind of machine.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from torch import nn
 
 TARGET_SECONDS = 120.0  # what a class waits for one run
-# measured (issue 31): Gemma 3 270M's starting child (12 x 384, 122 M matrix weights with its output layer)
-# trains at 27 tokens/s on 2 idle cores: 6 x 122 M x 27 / 2 = about 10 GFLOP/s a core. SmolLM2's children
-# train faster than this predicts (it is the slower of the two measurements: runs end early, not late).
-CPU_FLOPS_PER_CORE = 6 * 122e6 * 27 / 2
+# measured (bench_app, the app's training): Gemma 3 270M's starting child (12 x 426, 143 M matrix weights with its
+# output layer) trains at 30 tokens/s on 2 idle cores in the app's process, which keeps freed memory (15 without,
+# io.devices.KEEP_FREED): 6 x 143 M x 30 / 2 = about 13 GFLOP/s a core. SmolLM2's children train faster than
+# this predicts (it is the slower of the two measurements: runs end early, not late).
+CPU_FLOPS_PER_CORE = 6 * 143e6 * 30 / 2
 GPU_FLOPS = 5e12  # a cautious share of one GPU's peak for small models and batches
 VALIDATION_COST = 1 / 3  # a validation position is a forward only: a third of a training step's cost
 SEQ_LENS = (128, 64, 32)  # preferred first: longer contexts, then bigger batches
