@@ -63,8 +63,9 @@ def test_matches_hf_loss_and_skips_ignored_labels(tiny_llama_dir, monkeypatch, r
         hf_loss, hf_masked = model(**batch).loss.item(), model(**masked).loss.item()
     assert result["loss"] == pytest.approx(hf_loss, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
-    assert evaluate(model, [masked])["tokens"] == 3 * 6
-    assert evaluate(model, [masked])["loss"] == pytest.approx(hf_masked, rel=1e-5)
+    masked_result = evaluate(model, [masked])
+    assert masked_result["tokens"] == 3 * 6
+    assert masked_result["loss"] == pytest.approx(hf_masked, rel=1e-5)
 
 
 def test_loss_is_token_weighted_not_a_mean_of_batch_means(tiny_llama_dir):

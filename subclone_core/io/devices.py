@@ -72,13 +72,20 @@ MMAP_MAX, TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults, which return_f
 KEEP_FREED = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
-def _mallopt(*settings: tuple[int, int]) -> bool:
-    """Each (parameter, value) set by glibc's mallopt; False where there is no glibc (macOS, musl)."""
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, loaded once; None where there is none (macOS, musl), whose allocator is left as it is."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
-    except (OSError, AttributeError):
-        return False
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Each (parameter, value) set by glibc's mallopt; False where there is no glibc."""
+    libc = _glibc()
+    return libc is not None and all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
 def keep_freed_memory() -> bool:
@@ -94,8 +101,8 @@ def keep_freed_memory() -> bool:
     time, for a higher peak: +20% for the explorer, +44% for the training (1.6 -> 2.3 GiB), since the heap keeps
     its largest working set. So `make run` starts the app with KEEP_FREED (lessons on small parents, where time
     matters more), while the command line keeps glibc's defaults unless started with KEEP_FREED itself (README,
-    "Settings for a shared server"); a pass that reads an offloaded parent's files, whose memory is bounded, gives it back
-    (return_freed_memory) either way."""
+    "Settings for a shared server"); a pass that reads an offloaded parent's files, whose memory is bounded, gives
+    it back (return_freed_memory) either way."""
     if any(name.startswith("MALLOC_") for name in os.environ) and not keeps_freed_memory():
         return False
     kept = _mallopt((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, int(KEEP_FREED["MALLOC_TRIM_THRESHOLD_"])))
@@ -126,5 +133,5 @@ def return_freed_memory() -> bool:
     if returned and kept:
         for name in KEEP_FREED:
             os.environ.pop(name, None)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the kept heap holds goes back now, not at its next free
+        _glibc().malloc_trim(0)  # what the kept heap holds goes back now, not at its next free
     return returned
