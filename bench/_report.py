@@ -35,16 +35,26 @@ AGGRESSIVE = {"layers": 6, "hidden": 192, "heads": 3, "kv_heads": 1, "ffn": 512}
 SHAPES = {"paper-like": PAPER_LIKE, "aggressive": AGGRESSIVE}
 
 
+# the widest vector instructions of a CPU, widest first: the same model name has come with either (this VM's
+# "AMD EPYC" is Zen 2 with AVX2 on some days and Zen 4 with AVX-512 and bfloat16 on others)
+VECTOR_FLAGS = (("avx512_bf16", "AVX-512 with bfloat16"), ("amx_bf16", "AMX with bfloat16"),
+                ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
 def machine() -> str:
-    """One line: CPU model, cores, torch version and the GPU if there is one."""
-    cpu = platform.processor() or platform.machine()
+    """One line: CPU model and its widest vector instructions, cores, torch version and the GPU if there is one."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        lines = []
+    for line in lines:
+        if line.startswith("model name") and not flags:
+            cpu = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    cpu += next((f" ({name})" for flag, name in VECTOR_FLAGS if flag in flags), "")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 

@@ -207,19 +207,23 @@ def training_rows(steps: int) -> list[list[object]]:
 
 def default_run_row(parent_id: str) -> list[object]:
     """The Train page's first defaults (app.sizing: steps, batch and length sized for the child on this machine)
-    for the Child page's default child of one parent, trained the app's way: the rate and the seconds the page
-    predicts against those measured."""
+    for the Child page's default child of one parent, made by Generate (which times the child's forward pass) and
+    trained the app's way: the rate and the seconds the page predicts against those measured."""
     parent = load_parent(parent_id)
     settings = page_settings(parent)
     importance = measure_importance(parent, None, tokens=CALIB_TOKENS)
-    child, twin = make_children(parent, starting_shape(parent.model), settings, importance=importance)
-    rate = sizing.example_rate(child.model, "cpu", torch.get_num_threads(), True)
-    size = sizing.size_run(rate)
+    made = run_work(longsteps.child_work(parent, starting_shape(parent.model), settings, importance, None,
+                                         DEFAULT_PROMPT, None))
+    child, twin = made["child"], made["twin"]
+    speed = sizing.speed_of(child.model, True, "cpu", torch.get_num_threads(),
+                            measured=longsteps.forward_rate(made["step0"]["subclone"]))
+    size = sizing.size_run(speed)
     throughput, wall, _ = timed(lambda: app_training(parent, child, twin, settings, size.steps, size.batch_size,
                                                      size.seq_len, size.eval_every))
     row = [parent_id, f"{child.shape.layers} x {child.shape.hidden}",
            f"{size.steps} x {size.batch_size} x {size.seq_len}, validation every {size.eval_every}",
-           f"{rate:.0f}", f"{throughput:.0f}", f"{size.seconds:.0f}", f"{wall:.0f}"]
+           f"{speed.training_rate(size.batch_size * size.seq_len):.0f}", f"{throughput:.0f}", f"{size.seconds:.0f}",
+           f"{wall:.0f}"]
     print(row, flush=True)
     return row
 

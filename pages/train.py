@@ -11,6 +11,7 @@ from subclone_core.app import charts, sizing, ui
 from subclone_core.app.analysis import ending_notes, live_summary, metrics_rows, run_progress, sweep_view
 from subclone_core.app.inputs import app_words, duration_text
 from subclone_core.app.jobs import ORPHAN_SECONDS, BackgroundJob
+from subclone_core.app.longsteps import forward_rate
 from subclone_core.app.speedup_chart import iso_loss_chart_from_events
 from subclone_core.app.steps import (
     STRATEGY_LABELS,
@@ -38,8 +39,10 @@ if ws.child is None:
 def request_form() -> TrainRequest | None:
     """The training settings; None while one of them is out of its range (the input says which)."""
     text = parent.task_spec.sequences
-    rate = sizing.example_rate(ws.child.model, ui.device().split(":")[0], torch.get_num_threads(), text)
-    size = sizing.size_run(rate, sequences=text)  # the first defaults: a run of about two minutes here
+    speed = sizing.speed_of(ws.child.model, text, ui.device().split(":")[0], torch.get_num_threads(),
+                            measured=forward_rate((ws.step0 or {}).get("subclone")), parent=parent.model,
+                            parent_rate=forward_rate(ws.parent_metrics))
+    size = sizing.size_run(speed, sequences=text)  # the first defaults: a run of about two minutes here
     cols = st.columns(5)
     values = [ui.checked_number("Steps", 1, 1_000_000, "steps", size.steps, column=cols[0], step=1),
               ui.checked_number("Batch size", 1, 1024, "batch", size.batch_size, column=cols[1], step=1),
@@ -58,11 +61,13 @@ def request_form() -> TrainRequest | None:
     extra = st.multiselect("Also train", fits, format_func=lambda s: STRATEGY_LABELS[s].split(":")[0], key=key)
     sweep = lr_sweep_form((*ws.child_settings.names, *extra))
     models = sum(len(sweep.get(name, (None,))) for name in (*ws.child_settings.names, *extra))
-    seconds = sizing.run_seconds(rate, models, steps, batch, seq_len if text else 1, eval_every,
+    units = batch * (seq_len if text else 1)
+    seconds = sizing.run_seconds(speed, models, steps, batch, seq_len if text else 1, eval_every,
                                  TrainRequest.eval_batches)
     st.caption(f"Estimated time: {duration_text(seconds)} for {models} model(s), each training at about "
-               f"{rate:,.0f} {parent.task_spec.unit} here (estimated from its size; the first settings are "
-               f"sized for {duration_text(sizing.TARGET_SECONDS).removeprefix('about ')}).")
+               f"{speed.training_rate(units):,.0f} {parent.task_spec.unit} here (from its forward speed, "
+               f"{speed.source}; the first settings are sized for "
+               f"{duration_text(sizing.TARGET_SECONDS).removeprefix('about ')}).")
     save = st.checkbox("Save the trained models under the output folder", key=ui.keep("save_trained", True))
     run_name = st.text_input("Run name", key=ui.keep("run_name", "run"), disabled=not save)
     save_dir = ui.settings().output_path(run_name, "runs") if save else None

@@ -275,6 +275,7 @@ def test_the_forward_rate_is_timed_after_one_example_has_warmed_the_parent(paren
     real = longsteps.evaluate_shared
 
     def recorded(model, batches):
+        batches = list(batches)  # the sample comes as it is scored (its progress ticks batch by batch)
         calls.append([len(b["input_ids"]) for b in batches])
         return real(model, batches)
 
@@ -283,6 +284,18 @@ def test_the_forward_rate_is_timed_after_one_example_has_warmed_the_parent(paren
     sample = longsteps.validation_sample(parent, str(text_file), 256)
     assert calls == [[1], [len(b["input_ids"]) for b in sample]]  # one example first, untimed; then the sample
     assert metrics["loss"] == pytest.approx(real(parent.model, sample)["loss"])  # the warm-up is not scored
+
+
+def test_the_parents_validation_reports_progress_as_each_batch_is_scored(parent, text_file):
+    events = []
+    handle = parent.model.register_forward_hook(lambda module, args, out: events.append("forward"))
+    try:
+        evaluate_parent(parent, str(text_file), 4096, progress=lambda done, total: events.append("tick"))
+    finally:
+        handle.remove()
+    scored = events[1:]  # after the untimed warm-up example
+    assert scored.count("tick") >= 2 and scored.count("forward") == scored.count("tick")
+    assert scored[:2] == ["forward", "tick"]  # not every tick before the first batch is scored
 
 
 def test_the_parents_forward_rate_counts_the_tasks_unit(parent, text_file):

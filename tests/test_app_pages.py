@@ -218,8 +218,11 @@ def test_whole_flow_parent_importance_blocks_child_train(workdir, tmp_path):
     assert manifest["removed_blocks"] == [1, 2] and manifest["child"]["shape"]["hidden"] == shape["hidden"]
     assert at.get("download_button")
 
-    # 5. Train: a few steps in a background job; live chart, summary, metrics
+    # 5. Train: a few steps in a background job; live chart, summary, metrics; the first settings sized from the
+    # child's speed, timed when Generate scored it
+    assert at.session_state["workspace"].step0["subclone"]["forward_rate"] > 0
     train_on_page(at, {"keep_steps": 4, "keep_batch": 2, "keep_seq_len": 16, "keep_eval_every": 2})
+    assert any("forward speed, measured when it was scored" in c.value for c in at.caption)
     loss = chart_titles(at)["Training and validation loss"]["data"]
     names = {"subclone train", "subclone validation", "random train", "random validation"}
     assert {t["name"] for t in loss} == names

@@ -8,7 +8,7 @@ anything here that attaches hooks or runs it goes through ``exclusive(model)``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
@@ -97,7 +97,7 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def evaluate_shared(model: nn.Module, batches: Sequence[dict], max_batches: int | None = None) -> dict:
+def evaluate_shared(model: nn.Module, batches: Iterable[dict], max_batches: int | None = None) -> dict:
     """``evaluate`` under the model's lock (for a shared parent)."""
     with exclusive(model):
         return evaluate(model, batches, max_batches=max_batches)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -100,8 +100,13 @@ def evaluate_parent(parent: Parent, data_id: str | None, tokens: int,
     batches = validation_sample(parent, data_id, tokens)
     if batches:  # the first forward after loading pays the weights' first touch (SmolLM2-135M's ran 25% slower)
         evaluate_shared(parent.model, [{key: value[:1] for key, value in batches[0].items()}])
+    return timed_metrics(parent, lambda: evaluate_shared(parent.model, ticking(batches, progress, len(batches))))
+
+
+def timed_metrics(parent: Parent, score: Callable[[], dict]) -> dict:
+    """``score()``'s validation metrics plus the seconds it took and the tokens (or images) a second it ran."""
     start = time.perf_counter()
-    metrics = evaluate_shared(parent.model, list(ticking(batches, progress, len(batches))))
+    metrics = score()
     seconds = time.perf_counter() - start
     units = metrics[task_spec(parent.task).unit_name]  # tokens, or images
     return {**metrics, "seconds": seconds, "forward_rate": units / seconds if seconds > 0 else None}
@@ -293,7 +298,9 @@ def child_work(parent: Parent, target: Shape, settings: CandidateSettings, impor
         child, twin = make_children(parent, target, settings, importance=importance, progress=progress)
         batches = validation_sample(parent, settings.data_id, STEP0_TOKENS)
         tick = cancellable(cancel, staged(emit, "scoring the child, its twin and the parent"))
-        step0 = {"subclone": evaluate(child.model, ticking(batches, tick, len(batches))),
+        # the child's speed, timed here, sizes the Train page's first run (app.sizing)
+        scored = ticking(batches, tick, len(batches))
+        step0 = {"subclone": timed_metrics(parent, lambda: evaluate(child.model, scored)),
                  "random": evaluate(twin.model, batches)}
         step0["parent"] = parent_metrics or evaluate_shared(parent.model, batches)
         samples = {}
