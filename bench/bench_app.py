@@ -107,7 +107,8 @@ def action_rows(parent_id: str) -> list[list[object]]:
     made = measure("Child", f"Generate {shape.layers} x {shape.hidden} (child, twin, scores, samples)",
                    lambda: run_work(longsteps.child_work(parent, shape, settings, importance, metrics,
                                                          DEFAULT_PROMPT, text)),
-                   longsteps.generate_seconds(parent, metrics, child_plan(parent, settings, shape), calibrated=True))
+                   longsteps.generate_seconds(parent, metrics, child_plan(parent, settings, shape),
+                                              parameter_count(parent.model, shape), calibrated=True))
     with tempfile.TemporaryDirectory() as tmp:
         measure("Child", "Save", lambda: save_child(made["child"], Path(tmp) / "child", task=parent.task))
     return rows

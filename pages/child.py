@@ -137,7 +137,8 @@ def show_plan(settings: CandidateSettings, target: Shape) -> tuple[list[str], fl
         st.caption(ui.plain(plan.line()))
         for warning in plan.warnings():
             st.warning(ui.plain(app_words(warning)), icon=":material/warning:")
-        seconds = generate_seconds(parent, ws.parent_metrics, plan, calibrated=ws.importance is not None)
+        seconds = generate_seconds(parent, ws.parent_metrics, plan, parameter_count(parent.model, target),
+                                   calibrated=ws.importance is not None)
         if seconds is not None:
             st.caption(f"Generate: {duration_text(seconds)}, mostly the refit; in the background, Cancel stops it.")
         return plan.warnings(), seconds

@@ -65,16 +65,21 @@ def test_the_explorer_refits_only_narrowed_shapes_and_from_a_shared_pass_each_wi
     assert longsteps.explorer_refit_depths(model, shapes, shared=True) == pytest.approx(3 / full.layers)
 
 
-def test_generate_is_estimated_for_a_refit_child_only(parent):
+def test_generate_is_estimated_for_a_refit_child_only_its_refit_then_scores_and_samples_of_its_size(parent):
     target = Shape.of(parent.model.config)
     refit = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=True), target)
     sliced = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=False), target)
     assert refit.refit and not sliced.refit
     rate = longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
-    seconds = longsteps.generate_seconds(parent, METRICS, refit, calibrated=True)
-    assert seconds == pytest.approx(longsteps.GENERATE_REFIT * 2048 / rate)
-    assert longsteps.generate_seconds(parent, METRICS, refit, calibrated=False) > seconds
-    assert longsteps.generate_seconds(parent, METRICS, sliced, calibrated=True) is None
+    size = sum(p.numel() for p in parent.model.parameters())
+    seconds = longsteps.generate_seconds(parent, METRICS, refit, size, calibrated=True)
+    scores = (2 * longsteps.STEP0_TOKENS + 2 * longsteps.SAMPLE_POSITIONS * longsteps.SAMPLE_TOKENS) / 500.0
+    assert seconds == pytest.approx(longsteps.GENERATE_REFIT * 2048 / rate + scores)
+    # a child a quarter of the parent's size is scored and sampled in a quarter of the time; its refit is the same
+    assert longsteps.generate_seconds(parent, METRICS, refit, size // 4, calibrated=True) == pytest.approx(
+        seconds - 0.75 * scores, rel=1e-3)
+    assert longsteps.generate_seconds(parent, METRICS, refit, size, calibrated=False) > seconds
+    assert longsteps.generate_seconds(parent, METRICS, sliced, size, calibrated=True) is None
 
 
 def test_a_refit_in_bfloat16_on_a_cpu_that_multiplies_it_is_estimated_at_its_measured_share(parent, monkeypatch):
@@ -87,12 +92,15 @@ def test_a_refit_in_bfloat16_on_a_cpu_that_multiplies_it_is_estimated_at_its_mea
     rate = longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
     refit = depths * REFIT_TOKENS * longsteps.EXPLORE_REFIT / rate
     plan = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=True), target)
+    size = sum(p.numel() for p in parent.model.parameters())
     wide = (longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True),
-            longsteps.generate_seconds(parent, METRICS, plan, calibrated=True))
+            longsteps.generate_seconds(parent, METRICS, plan, size, calibrated=True))
     monkeypatch.setattr(children, "cpu_multiplies_bfloat16", lambda: True)
     plan = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=True), target)
     assert plan.refit_dtype == "bfloat16" and plan.refit_inputs == "child"  # the llama table refits on the child's
     share = longsteps.BFLOAT16_SHARE["child"]
-    assert longsteps.generate_seconds(parent, METRICS, plan, calibrated=True) == pytest.approx(share * wide[1])
+    generate_refit = longsteps.GENERATE_REFIT * 2048 / rate
+    assert longsteps.generate_seconds(parent, METRICS, plan, size, calibrated=True) == pytest.approx(
+        wide[1] - (1 - share) * generate_refit)
     explorer = longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True)
     assert explorer == pytest.approx(wide[0] - (1 - share) * refit)

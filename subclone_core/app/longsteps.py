@@ -56,14 +56,20 @@ SAMPLE_TOKENS = 30  # new tokens of each step-0 sample
 CALIB_OVERHEAD = 0.95
 INSPECT_OVERHEAD = 0.93
 ABLATION_REPLAYED = 1.03
-# The explorer's refit seconds and Generate's over a pass of the parent's blocks alone (blocks_rate: the refit,
-# which dominates both, runs no output layer) on the refit's tokens, measured the same way: the explorer's per
-# parent depth of refit blocks (explorer_refit_depths; its scores come on top, as validation passes of models of
-# their sizes) 7.7 on SmolLM2-135M (7 shapes at its starting budget, 4 of them narrowed, each refit on its own
-# inputs) and 7.0 on Gemma 3 270M (8 shapes, one shared pass) in one run, 5.9-6.5 in a faster hour of this VM,
-# Generate (the child's refit, its random twin, three scores and samples) 5.2 and 4.7; all with float32 refits
-EXPLORE_REFIT = 6.8
-GENERATE_REFIT = 4.9
+# The explorer's refit seconds and Generate's over a pass of the parent's blocks alone (blocks_rate: the refit runs
+# no output layer) on the refit's tokens, all with float32 refits. The explorer's per parent depth of refit blocks
+# (explorer_refit_depths; its scores come on top, as validation passes of models of their sizes), its whole step
+# measured on 2 Zen 4 cores: 7.7 on SmolLM2-135M (7 shapes at its starting budget, 4 of them narrowed, each refit on
+# its own inputs) and 7.0 on Gemma 3 270M (8 shapes, one shared pass) in one run, 5.9-6.5 in a faster hour of that
+# VM; on 2 Zen 2 cores, whose float32 refit runs faster against their forward pass, at most 5.3 and 5.9. Generate's
+# refit alone (its scores and samples come on top, as for the explorer), measured on 2 Zen 2 cores: 2.58 on
+# SmolLM2-135M (the child's inputs), 2.06 on Gemma 3 270M (the parent's); the whole Generate measured on Zen 4
+# (bfloat16 refits) puts it at 2.7 and 3.1.
+EXPLORE_REFIT = 6.3
+GENERATE_REFIT = 2.6
+# A sampled token of Generate's samples costs about this many positions of the model's validation pass (one position
+# at a time through every weight: 36 for SmolLM2-135M's starting child, 20 for Gemma 3 270M's, on 2 Zen 2 cores)
+SAMPLE_POSITIONS = 25
 # Where the refit's blocks run in bfloat16 on a CPU that multiplies it (children.refit_dtype_for), the share of
 # those float32 seconds a float32 parent's step takes, by whose inputs its family refits on, measured in turns on
 # 2 Zen 4 cores: the child's, whose stream the refit runs block after block (SmolLM2-135M: Generate 23.0 s against
@@ -122,8 +128,8 @@ def estimate_seconds(kind: str, tokens: int, rate: float | None, blocks: int = 0
 
     Args:
         kind: "validation", "calibration", "inspector", "ablation" (one evaluation per block plus the intact
-            parent), "explore" (the explorer's refits after calibration) or "generate" (Generate of a refit child
-            after calibration).
+            parent), "explore" (the explorer's refits after calibration) or "generate" (the refit of Generate's
+            child after calibration).
         tokens: the step's token budget (for ablation: per evaluation; for explore: the refit tokens of every
             shape together, in parent depths; for generate: the refit's).
         rate: ``forward_rate`` of the parent; for explore and generate its ``blocks_rate``.
@@ -189,14 +195,19 @@ def explorer_refit_depths(model: nn.Module, shapes: Sequence[Shape], shared: boo
     return sum(max(d) if shared else sum(d) for d in depths.values()) / parent.layers
 
 
-def generate_seconds(parent: Parent, metrics: dict | None, plan: Plan, calibrated: bool) -> float | None:
-    """Seconds Generate should take for a refit child (the refit dominates; without one it takes a few seconds
-    and no estimate is given), the calibration first where none is known."""
+def generate_seconds(parent: Parent, metrics: dict | None, plan: Plan, child_params: int,
+                     calibrated: bool) -> float | None:
+    """Seconds Generate should take for a refit child of ``child_params`` parameters (without a refit it takes a
+    few seconds and no estimate is given): the refit, scores of the child and its twin on STEP0_TOKENS (the
+    parent's score is the Parent page's), their samples, and the calibration first where none is known."""
     rate = forward_rate(metrics)
     seconds = estimate_seconds("generate", plan.calib_tokens, blocks_rate(parent.model, rate)) if plan.refit else None
-    if seconds is not None:
-        seconds *= bfloat16_share(parent.dtype, plan.refit_torch_dtype, plan.refit_inputs)
-    if seconds is None or calibrated or not plan.calibrate:
+    if seconds is None:
+        return None
+    seconds *= bfloat16_share(parent.dtype, plan.refit_torch_dtype, plan.refit_inputs)
+    share = child_params / sum(p.numel() for p in parent.model.parameters())  # a model that size runs this much
+    seconds += estimate_seconds("validation", share * (2 * STEP0_TOKENS + 2 * SAMPLE_POSITIONS * SAMPLE_TOKENS), rate)
+    if calibrated or not plan.calibrate:
         return seconds
     return seconds + estimate_seconds("calibration", plan.calib_tokens, rate)
 
