@@ -29,7 +29,7 @@ STEP_OVERHEAD = 330.0
 # Before anything was measured: forward multiply-adds a second a core (2 x matrix weights x forward rate: 62 G
 # for SmolLM2-135M, 54 G for Gemma 3 270M on 2 Zen 2 cores), the slower one
 CPU_FORWARD_FLOPS_PER_CORE = 54e9
-GPU_FORWARD_FLOPS = 15e12  # a cautious share of one GPU's peak for small models and batches
+GPU_FORWARD_FLOPS = 5e12  # a cautious share of one GPU's peak for small models and batches (never measured here)
 SEQ_LENS = (128, 64, 32)  # preferred first: longer contexts, then bigger batches
 BATCH_SIZES = (8, 4, 2, 1)
 MIN_STEPS, MAX_STEPS = 30, 200  # fewer steps draw no curve to compare; more add nothing to the lesson
