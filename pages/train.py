@@ -61,11 +61,10 @@ def request_form() -> TrainRequest | None:
     extra = st.multiselect("Also train", fits, format_func=lambda s: STRATEGY_LABELS[s].split(":")[0], key=key)
     sweep = lr_sweep_form((*ws.child_settings.names, *extra))
     models = sum(len(sweep.get(name, (None,))) for name in (*ws.child_settings.names, *extra))
-    units = batch * (seq_len if text else 1)
-    seconds = sizing.run_seconds(speed, models, steps, batch, seq_len if text else 1, eval_every,
-                                 TrainRequest.eval_batches)
+    length = seq_len if text else 1  # an image is one unit
+    seconds = sizing.run_seconds(speed, models, steps, batch, length, eval_every, TrainRequest.eval_batches)
     st.caption(f"Estimated time: {duration_text(seconds)} for {models} model(s), each training at about "
-               f"{speed.training_rate(units):,.0f} {parent.task_spec.unit} here (from its forward speed, "
+               f"{speed.training_rate(batch * length):,.0f} {parent.task_spec.unit} here (from its forward speed, "
                f"{speed.source}; the first settings are sized for "
                f"{duration_text(sizing.TARGET_SECONDS).removeprefix('about ')}).")
     save = st.checkbox("Save the trained models under the output folder", key=ui.keep("save_trained", True))

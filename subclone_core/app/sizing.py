@@ -3,10 +3,11 @@ twin train in about two minutes, from how fast this child runs forward here. No 
 
 One constant for every parent was wrong by an order of magnitude: 100 steps of 8 x 128 tokens said "about
 20 min left" on SmolLM2-135M, and Gemma 3 270M's child, whose 262k-word output layer alone is 100 M
-multiply-adds a token, trains at 20-30 tokens/s on 2 cores. One constant rate of this kind of machine was next:
-right on the CPU it was measured on, for one batch size. A training step's seconds are instead counted in
-forward positions of the model itself, whose speed the app measures when it scores the child (or the parent):
-every position trained costs TRAIN_OVER_FORWARD forward positions and every optimizer step STEP_OVERHEAD more.
+multiply-adds a token, trains at 20-30 tokens/s on 2 cores. A rate of matrix weights a second, one constant of
+one machine, missed by 39% even there (SmolLM2's child) and does not see the batch size: a step has a fixed
+cost. So a training step's seconds are counted in forward positions of the model itself, whose speed the app
+measures when it scores the child (or the parent): every position trained costs TRAIN_OVER_FORWARD forward
+positions and every optimizer step STEP_OVERHEAD more.
 """
 
 from __future__ import annotations
