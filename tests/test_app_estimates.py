@@ -3,6 +3,7 @@ from the parent's measured speed through its blocks alone, the calibration added
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import pytest
@@ -42,27 +43,30 @@ def test_the_explorer_costs_a_refit_per_narrowed_block_a_score_per_shape_and_the
     budget = sum(p.numel() for p in parent.model.parameters()) // 2
     candidates = candidate_shapes(parent.model, budget)
     full = Shape.of(parent.model.config)
-    depths = sum(s.layers for s, _ in candidates if s.hidden < full.hidden) / full.layers  # llama: a pass per shape
+    depths = sum(s.layers for s, _ in candidates if s.hidden < full.hidden) / full.layers  # llama: a recorded pass
     assert depths > 0
-    per_token = longsteps.EXPLORE_REFIT / longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
+    per_token = (1 + longsteps.EXPLORE_CHILD * depths) / longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
     sizes = [params for _, params in candidates]
     parent_size = sum(p.numel() for p in parent.model.parameters())
     scores = EVAL_TOKENS * (sum(sizes) + min(sizes)) / parent_size / METRICS["forward_rate"]
     calibrated = longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True)
-    assert calibrated == pytest.approx(depths * min(4096, REFIT_TOKENS) * per_token + scores)
+    assert calibrated == pytest.approx(min(4096, REFIT_TOKENS) * per_token + scores)
     fresh = longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=False)
     assert fresh == pytest.approx(calibrated + longsteps.estimate_seconds("calibration", 4096, METRICS["forward_rate"]))
     assert longsteps.explorer_seconds(parent, None, budget, 4096, calibrated=True) is None
 
 
-def test_the_explorer_refits_only_narrowed_shapes_and_from_a_shared_pass_each_width_once():
+def test_the_explorer_refits_only_narrowed_shapes_from_a_shared_pass_each_width_once_or_from_a_recorded_one():
     model = tm.make("llama")
     full = Shape.of(model.config)
     narrow = replace(full, hidden=full.hidden // 2, ffn=full.ffn // 2, heads=full.heads // 2,
                      kv_heads=max(1, full.kv_heads // 2))
     shapes = [replace(full, layers=2), replace(narrow, layers=2), replace(narrow, layers=3)]
-    assert longsteps.explorer_refit_depths(model, shapes, shared=False) == pytest.approx(5 / full.layers)
-    assert longsteps.explorer_refit_depths(model, shapes, shared=True) == pytest.approx(3 / full.layers)
+    cost = functools.partial(longsteps.explorer_refit_cost, model, shapes)
+    assert cost("shared") == pytest.approx(longsteps.EXPLORE_REFIT * 3 / full.layers)  # the deepest of one width
+    assert cost("recorded") == pytest.approx(1 + longsteps.EXPLORE_CHILD * 5 / full.layers)  # the parent once
+    assert cost("per shape") == pytest.approx(2 + longsteps.EXPLORE_CHILD * 5 / full.layers)  # a pass a shape
+    assert longsteps.explorer_refit_cost(model, shapes[:1], "recorded") == 0  # a full-width shape: no refit
 
 
 def test_generate_is_estimated_for_a_refit_child_only_its_refit_then_scores_and_samples_of_its_size(parent):
@@ -90,7 +94,7 @@ def test_a_refit_in_bfloat16_on_a_cpu_that_multiplies_it_is_estimated_at_its_mea
     candidates = candidate_shapes(parent.model, budget)
     depths = sum(s.layers for s, _ in candidates if s.hidden < target.hidden) / target.layers
     rate = longsteps.blocks_rate(parent.model, METRICS["forward_rate"])
-    refit = depths * REFIT_TOKENS * longsteps.EXPLORE_REFIT / rate
+    refit = (1 + longsteps.EXPLORE_CHILD * depths) * REFIT_TOKENS / rate
     plan = child_plan(parent, child_settings("subclone", None, True, None, 2048, refit=True), target)
     size = sum(p.numel() for p in parent.model.parameters())
     wide = (longsteps.explorer_seconds(parent, METRICS, budget, 4096, calibrated=True),

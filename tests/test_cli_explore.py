@@ -31,6 +31,7 @@ def test_explore_prints_one_json_object_with_the_grid(llama_dir, text_file):
     result = json.loads(out)
     assert result["budget"] == 20_000 and result["shapes"]
     assert result["refit_tokens"] == 256  # the default 1,024, at most the calibration's tokens
+    assert result["refit_pass"] == "recorded"  # the Llama table refits on the child's inputs
     assert {"layers", "hidden", "heads", "kv_heads", "ffn", "params", "loss", "pareto"} <= set(result["shapes"][0])
     assert result["random"]["loss"] > 0  # the front holds only shapes that start below random init (a tiny
     # random parent may have none)
@@ -42,6 +43,7 @@ def test_explore_prints_a_table(llama_dir, text_file):
                               "--calib-tokens", 256, "--eval-tokens", 128])
     assert code == 0, err
     assert "step-0 loss" in out and "random init" in out and " *" in out
+    assert "(one pass over the parent, recorded for every shape's own refit)" in out
 
 
 @pytest.mark.parametrize("flags,message", [

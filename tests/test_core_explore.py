@@ -136,7 +136,10 @@ def test_the_explorer_always_tries_the_starting_childs_width(family):
     assert start in [shape for shape, _ in candidate_shapes(model, budget)]
 
 
-def test_the_explorer_shares_one_refit_pass_where_every_shape_refits_on_the_parents_inputs(monkeypatch):
+def test_the_explorers_shapes_share_one_pass_over_the_parent_as_their_refit_allows(monkeypatch):
+    """A refit on the parent's inputs shares the Gram matrices of one pass; a refit on the child's inputs shares
+    the parent's side of one pass (its record); over SHARED_GRAMS_BYTES, or offloaded, each shape makes its own."""
+    from subclone_core.pipeline.reconstruction import ParentRecord
     from subclone_core.sources import Parent
     from subclone_core.workflow import children
 
@@ -145,9 +148,16 @@ def test_the_explorer_shares_one_refit_pass_where_every_shape_refits_on_the_pare
                       label=family)
 
     gemma, llama = parent_of("gemma3"), parent_of("llama")  # Gemma 3 refits on the parent's inputs, Llama on the child's
-    assert children.shares_refit_pass(gemma) and not children.shares_refit_pass(llama)
-    assert children.shares_refit_pass(llama, strategy="grail")  # GRAIL's refit reads the parent's inputs
-    items, shared = children.shared_refit_source(gemma, "default", 64)
-    assert shared and isinstance(items, children.SharedGrams)
-    monkeypatch.setattr(children, "SHARED_GRAMS_BYTES", 0)  # Gram matrices over the limit: one pass per shape
-    assert children.shared_refit_source(gemma, "default", 64)[1] is False
+    assert children.refit_pass(gemma, 64) == "shared" and children.refit_pass(llama, 64) == "recorded"
+    assert children.refit_pass(llama, 64, strategy="grail") == "shared"  # GRAIL's refit reads the parent's inputs
+    items, kind = children.shared_refit_source(gemma, "default", 64)
+    assert kind == "shared" and isinstance(items, children.SharedGrams)
+    records = []
+    real = children.refit_source
+    monkeypatch.setattr(children, "refit_source", lambda *a, **k: records.append(k["record"]) or real(*a, **k))
+    assert children.shared_refit_source(llama, "default", 64)[1] == "recorded"
+    assert isinstance(records[0], ParentRecord)
+    monkeypatch.setattr(children, "SHARED_GRAMS_BYTES", 0)  # over the limit: one pass per shape
+    assert [children.shared_refit_source(p, "default", 64)[1] for p in (gemma, llama)] == ["per shape"] * 2
+    monkeypatch.setattr(children, "in_memory", lambda parent: False)
+    assert children.refit_pass(llama, 64) == "per shape"

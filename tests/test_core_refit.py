@@ -293,12 +293,22 @@ def with_refit_inputs(monkeypatch, model, inputs: str) -> None:
     monkeypatch.setitem(archs.REGISTRY, mt, dataclasses.replace(archs.REGISTRY[mt], refit_inputs=inputs))
 
 
+@pytest.mark.parametrize("batches", ["at once", "one by one"])
 @pytest.mark.parametrize("family", list(tm.FAMILIES))
-def test_the_refit_on_the_childs_inputs_solves_its_normal_equations_on_the_finished_child(family, monkeypatch):
+def test_the_refit_on_the_childs_inputs_solves_its_normal_equations_on_the_finished_child(family, batches,
+                                                                                          monkeypatch):
     """Each refit weight W' of the child fits the parent layer's outputs from the child's own inputs: with X the
     parent layer's inputs and Y the finished child layer's (recorded by whole-model forwards, not by the block pass),
     W' = W (X^T Y + lam S)(Y^T Y + lam I)^-1. Layers are fit in the order they run, so the child's inputs to a
-    layer are already final when it is fit."""
+    layer are already final when it is fit: whether the child's block runs every batch at once, each layer fit as
+    it is about to run, or the batches one by one, the block run again up to each layer."""
+    from subclone_core.pipeline import reconstruction
+
+    if batches == "one by one":
+        monkeypatch.setattr(reconstruction, "MERGED_BYTES", 0)
+    inline = []
+    real = reconstruction.Reconstruction._fit_inline
+    monkeypatch.setattr(reconstruction.Reconstruction, "_fit_inline", lambda *a: inline.append(1) or real(*a))
     parent = tm.make(family)
     with_refit_inputs(monkeypatch, parent, "child")
     imp = calibration(parent)
@@ -324,6 +334,7 @@ def test_the_refit_on_the_childs_inputs_solves_its_normal_equations_on_the_finis
         torch.testing.assert_close(got[f"{child_path}.weight"], expected, rtol=1e-4, atol=1e-7, msg=path)
         checked += 1
     assert checked >= len(sel.blocks)  # every kept block has narrowed layers
+    assert len(inline) == (len(sel.blocks) if batches == "at once" else 0)
 
 
 def fit_time(child, parent, slicer):
@@ -411,6 +422,47 @@ def test_shared_grams_refuse_a_child_refit_on_its_own_inputs(monkeypatch):
     with pytest.raises(SubcloneError, match="parent's inputs"):
         subclone_model(parent, target, importance=calibration(parent), refit=True,
                        refit_items=SharedGrams(items_of(parent)))
+
+
+def test_children_refit_from_a_parent_record_are_the_children_of_their_own_passes(monkeypatch):
+    """The first child records the parent's side of every block (those it drops too); a second child of another
+    width and depth, keeping blocks the first one dropped, runs no parent block and is the child of its own pass."""
+    from subclone_core.pipeline.reconstruction import ParentRecord
+
+    parent = tm.make("llama")
+    with_refit_inputs(monkeypatch, parent, "child")
+    imp, shape = calibration(parent), Shape.of(parent.config)
+    record, recorded = ParentRecord(), []
+    real = ParentRecord.record_block
+    monkeypatch.setattr(ParentRecord, "record_block", lambda self, p, i, block: recorded.append(i) or
+                        real(self, p, i, block))
+    batches = [tm.inputs(parent, seed=s) for s in BATCHES]
+    replayed = lambda slicer, child_config: refit_items(
+        parent.state_dict(), batches, slicer, config=parent.config, child_config=child_config,
+        model_class=type(parent), dtype=next(parent.parameters()).dtype, record=record)
+    narrow = narrow_sizes("llama", shape)
+    targets = [plan_shape(parent, **{**narrow, "layers": 2}), plan_shape(parent, hidden=shape.hidden * 3 // 4,
+                                                                          layers=shape.layers)]
+    for n, target in enumerate(targets):
+        alone = subclone_model(parent, target, importance=imp, refit=True, refit_items=items_of(parent)).model
+        got = subclone_model(parent, target, importance=imp, refit=True, refit_items=replayed).model
+        for name, tensor in alone.state_dict().items():
+            torch.testing.assert_close(got.state_dict()[name], tensor, rtol=1e-6, atol=1e-9, msg=name)
+        assert record.complete and recorded == list(range(shape.layers))  # every block, once, by the first child
+
+
+def test_the_layers_that_read_one_input_are_refit_from_one_factorization(monkeypatch):
+    """q, k and v (and gate and up) are refit with the same moments: one Cholesky factor serves them all."""
+    parent = tm.make("llama")
+    with_refit_inputs(monkeypatch, parent, "child")
+    factored, solved = [], []
+    real_factor, real_solve = torch.linalg.cholesky_ex, slicing._spd_solve
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: factored.append(1) or real_factor(*a, **k))
+    monkeypatch.setattr(slicing, "_spd_solve", lambda g_kk, lam, rhs, factors=None: solved.append(g_kk) or
+                        real_solve(g_kk, lam, rhs, factors))  # each kept, so no two can share an id
+    target = plan_shape(parent, **narrow_sizes("llama", Shape.of(parent.config)))
+    subclone_model(parent, target, importance=calibration(parent), refit=True, refit_items=items_of(parent))
+    assert len(factored) == len({id(g_kk) for g_kk in solved}) < len(solved)
 
 
 def test_the_refit_on_the_childs_inputs_groups_the_layers_of_a_block_class_once(monkeypatch):

@@ -41,8 +41,8 @@ from subclone_core.training.evaluate import evaluate
 from subclone_core.workflow.children import (
     measure_importance,
     refit_dtype_for,
+    refit_pass,
     shared_refit_source,
-    shares_refit_pass,
 )
 from subclone_core.workflow.jobs import CandidateSettings
 from subclone_core.workflow.plan import Plan
@@ -57,15 +57,16 @@ CALIB_OVERHEAD = 0.95
 INSPECT_OVERHEAD = 0.93
 ABLATION_REPLAYED = 1.03
 # The explorer's refit seconds and Generate's over a pass of the parent's blocks alone (blocks_rate: the refit runs
-# no output layer) on the refit's tokens, all with float32 refits. The explorer's per parent depth of refit blocks
-# (explorer_refit_depths; its scores come on top, as validation passes of models of their sizes), its whole step
-# measured on 2 Zen 4 cores: 7.7 on SmolLM2-135M (7 shapes at its starting budget, 4 of them narrowed, each refit on
-# its own inputs) and 7.0 on Gemma 3 270M (8 shapes, one shared pass) in one run, 5.9-6.5 in a faster hour of that
-# VM; on 2 Zen 2 cores, whose float32 refit runs faster against their forward pass, at most 5.3 and 5.9. Generate's
-# refit alone (its scores and samples come on top, as for the explorer), measured on 2 Zen 2 cores: 2.58 on
-# SmolLM2-135M (the child's inputs), 2.06 on Gemma 3 270M (the parent's); the whole Generate measured on Zen 4
-# (bfloat16 refits) puts it at 2.7 and 3.1.
+# no output layer) on the refit's tokens, all with float32 refits. The explorer's (explorer_refit_cost; its scores come
+# on top, as validation passes of models of their sizes): from one shared pass of Gram matrices, per parent depth of
+# each width's deepest shape, measured on 2 Zen 4 cores at 7.0 on Gemma 3 270M (8 shapes at its starting budget),
+# 5.9 in a faster hour, at most 5.9 on 2 Zen 2 cores; refit on each child's own inputs, one pass of the parent (a
+# recorded one: 1.0) and per parent depth of each narrowed shape 3.5, measured on 2 Intel Xeon cores (AVX-512, no
+# bfloat16) on SmolLM2-135M's 4 narrowed shapes (3.46-3.58). Generate's refit alone (its scores and samples come on
+# top, as for the explorer): 2.58 on SmolLM2-135M (the child's inputs) and 2.06 on Gemma 3 270M (the parent's) on
+# 2 Zen 2 cores before the child's batches ran at once; 2.46-2.64 and 2.77-3.32 on the Xeon after.
 EXPLORE_REFIT = 6.3
+EXPLORE_CHILD = 3.5
 GENERATE_REFIT = 2.6
 # A sampled token of Generate's samples costs about this many positions of the model's validation pass (one position
 # at a time through every weight: 36 for SmolLM2-135M's starting child, 20 for Gemma 3 270M's, on 2 Zen 2 cores)
@@ -130,8 +131,8 @@ def estimate_seconds(kind: str, tokens: int, rate: float | None, blocks: int = 0
         kind: "validation", "calibration", "inspector", "ablation" (one evaluation per block plus the intact
             parent), "explore" (the explorer's refits after calibration) or "generate" (the refit of Generate's
             child after calibration).
-        tokens: the step's token budget (for ablation: per evaluation; for explore: the refit tokens of every
-            shape together, in parent depths; for generate: the refit's).
+        tokens: the step's token budget (for ablation: per evaluation; for explore: the refit tokens times
+            explorer_refit_cost; for generate: the refit's).
         rate: ``forward_rate`` of the parent; for explore and generate its ``blocks_rate``.
         blocks: the parent's blocks (ablation only).
     """
@@ -139,7 +140,7 @@ def estimate_seconds(kind: str, tokens: int, rate: float | None, blocks: int = 0
         return None
     # ablation: one evaluation per block plus the intact one, the blocks before the removed one replayed
     factor = {"validation": 1.0, "calibration": CALIB_OVERHEAD, "inspector": INSPECT_OVERHEAD,
-              "ablation": 1 + ABLATION_REPLAYED * blocks, "explore": EXPLORE_REFIT,
+              "ablation": 1 + ABLATION_REPLAYED * blocks, "explore": 1.0,
               "generate": GENERATE_REFIT}[kind]
     return factor * tokens / rate
 
@@ -160,12 +161,13 @@ def explorer_seconds(parent: Parent, metrics: dict | None, budget: int, calib_to
     before the parent's validation speed is measured."""
     rate = forward_rate(metrics)
     candidates = candidate_shapes(parent.model, budget)
-    shared = shares_refit_pass(parent)
-    depths = explorer_refit_depths(parent.model, [shape for shape, _ in candidates], shared)
-    seconds = estimate_seconds("explore", depths * min(calib_tokens, REFIT_TOKENS), blocks_rate(parent.model, rate))
+    tokens = min(calib_tokens, REFIT_TOKENS)
+    passes = refit_pass(parent, tokens)
+    cost = explorer_refit_cost(parent.model, [shape for shape, _ in candidates], passes)
+    seconds = estimate_seconds("explore", cost * tokens, blocks_rate(parent.model, rate))
     if seconds is None:
         return None
-    if not shared:  # a shared pass took as long in bfloat16
+    if passes != "shared":  # a shared pass took as long in bfloat16
         inputs = refit_table(arch_of_model(parent.model), "subclone").refit_inputs
         seconds *= bfloat16_share(parent.dtype, refit_dtype_for(parent), inputs)
     # a score costs a validation pass of a model that size: the candidates and the random one (the smallest)
@@ -182,17 +184,24 @@ def bfloat16_share(dtype: torch.dtype, refit_dtype: torch.dtype, refit_inputs: s
     return BFLOAT16_SHARE.get(refit_inputs, 1.0) if native else 1.0
 
 
-def explorer_refit_depths(model: nn.Module, shapes: Sequence[Shape], shared: bool) -> float:
-    """The blocks the explorer refits, in parent depths. A shape as wide as the parent drops blocks only (no
-    refit). From one shared pass (workflow.children.shares_refit_pass) the shapes of one width share the refit of
-    the blocks they all keep, so each width costs its deepest shape's blocks; else every shape costs its own."""
+def explorer_refit_cost(model: nn.Module, shapes: Sequence[Shape], passes: str) -> float:
+    """The explorer's refits in passes of the parent's blocks over the refit's tokens, by how its shapes share the
+    parent's pass (workflow.children.REFIT_PASSES). A shape as wide as the parent drops blocks only (no refit).
+    From one shared pass of Gram matrices the shapes of one width share the refit of the blocks they all keep, so
+    each width costs its deepest shape's blocks, EXPLORE_REFIT a parent depth; a refit on the child's inputs costs
+    a pass of the parent (one in all where it is recorded, else one a shape) and EXPLORE_CHILD a parent depth of
+    each shape."""
     parent = Shape.of(model.config)
     depths: dict[tuple, list[int]] = {}
     for shape in shapes:
         width = (shape.hidden, shape.heads, shape.ffn)
         if width != (parent.hidden, parent.heads, parent.ffn):
             depths.setdefault(width, []).append(shape.layers)
-    return sum(max(d) if shared else sum(d) for d in depths.values()) / parent.layers
+    if passes == "shared":
+        return EXPLORE_REFIT * sum(max(d) for d in depths.values()) / parent.layers
+    narrowed = [depth for widths in depths.values() for depth in widths]
+    parent_passes = min(1, len(narrowed)) if passes == "recorded" else len(narrowed)
+    return parent_passes + EXPLORE_CHILD * sum(narrowed) / parent.layers
 
 
 def generate_seconds(parent: Parent, metrics: dict | None, plan: Plan, child_params: int,

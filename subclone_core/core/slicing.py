@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Self
 
 import torch
 from torch import Tensor
@@ -119,11 +120,11 @@ def refit_input(weight: Tensor, dim: int, kept: Tensor, gram: Gram, ridge: float
     w = weight.movedim(dim, -1)  # (..., in)
     rows = w.reshape(-1, w.shape[-1])
     if rows.shape[0] < rows.shape[1]:  # fewer outputs than inputs: solving for W' itself is the smaller solve
-        fitted = _refit_rows(rows, *_moments(gram, kept), kept, ridge, toward).to(weight.dtype)
+        fitted = _refit_rows(rows, *_moments(gram, kept), kept, ridge, toward, _factors(gram)).to(weight.dtype)
         return fitted.reshape(*w.shape[:-1], len(kept)).movedim(-1, dim)
     # solved in float64, applied in the weight's precision or float32: one product, off by a few float32 ulps at
     # most, where applying it in float64 to a head over a big vocabulary took a tenth of a make's time
-    mapping_t = _refit_mapping(*_moments(gram, kept), kept, ridge, toward)  # (k, in)
+    mapping_t = _refit_mapping(*_moments(gram, kept), kept, ridge, toward, _factors(gram))  # (k, in)
     mapping_t = mapping_t.to(torch.promote_types(weight.dtype, torch.float32))
     out = torch.empty(rows.shape[0], mapping_t.shape[0], dtype=weight.dtype, device=weight.device)
     for start in range(0, rows.shape[0], _REFIT_ROWS):  # a slab of output rows at a time
@@ -132,17 +133,19 @@ def refit_input(weight: Tensor, dim: int, kept: Tensor, gram: Gram, ridge: float
     return out.reshape(*w.shape[:-1], mapping_t.shape[0]).movedim(-1, dim)
 
 
-def _refit_mapping(cross: Tensor, g_kk: Tensor, kept: Tensor, ridge: float, toward: str) -> Tensor:
+def _refit_mapping(cross: Tensor, g_kk: Tensor, kept: Tensor, ridge: float, toward: str,
+                   factors: dict | None = None) -> Tensor:
     """The refit's (G[k, k] + lam I)^-1 (G[:, k] + lam S)^T, (k, in) float64, built in place where it can be
     (the moments of a wide FFN are hundreds of MB in float64: no identity matrix, no second copy of them)."""
     lam = ridge * float(g_kk.diagonal().mean().clamp_min(1e-30))
     rhs = cross.T.contiguous()  # (k, in): (G[:, k] + lam S)^T, S^T's ones at (j, kept[j])
     if toward == "slice":
         rhs[torch.arange(len(kept), device=rhs.device), kept.to(rhs.device)] += lam
-    return _spd_solve(_plus_ridge(g_kk, lam), rhs)  # no reference kept here: the solve lets it go for its factor
+    return _spd_solve(g_kk, lam, rhs, factors)
 
 
-def _refit_rows(rows: Tensor, cross: Tensor, g_kk: Tensor, kept: Tensor, ridge: float, toward: str) -> Tensor:
+def _refit_rows(rows: Tensor, cross: Tensor, g_kk: Tensor, kept: Tensor, ridge: float, toward: str,
+               factors: dict | None = None) -> Tensor:
     """W' = W (G[:, k] + lam S) (G[k, k] + lam I)^-1 solved for W' (out, k) directly, float64: the same weight as
     through the mapping, with out instead of in right-hand sides (an FFN down projection has 3-4x fewer)."""
     lam = ridge * float(g_kk.diagonal().mean().clamp_min(1e-30))
@@ -150,7 +153,7 @@ def _refit_rows(rows: Tensor, cross: Tensor, g_kk: Tensor, kept: Tensor, ridge: 
     rhs = w @ cross  # (out, k)
     if toward == "slice":
         rhs += lam * w.index_select(1, kept.to(w.device))
-    return _spd_solve(_plus_ridge(g_kk, lam), rhs.T).T.to(rows.device)
+    return _spd_solve(g_kk, lam, rhs.T, factors).T.to(rows.device)
 
 
 def _plus_ridge(g_kk: Tensor, lam: float) -> Tensor:
@@ -165,13 +168,33 @@ REFIT_TARGETS = ("slice", "zero")
 _REFIT_ROWS = 4096
 
 
-def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """matrix^-1 rhs for a symmetric positive definite matrix (a Gram matrix plus the ridge): by Cholesky, about
-    twice as fast as a general solve; a general solve where rounding left it not positive definite."""
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
-        return torch.linalg.solve(matrix, rhs)
-    del matrix  # the factor is all the solve needs
+class SharedMoments(tuple):
+    """Moments (cross-moments, child Gram) that several layers are refit with (q, k and v read one input): the
+    Cholesky factor of each ridge is kept with them, so the layers after the first solve without factoring."""
+
+    def __new__(cls, cross: Tensor, inner: Tensor) -> Self:
+        moments = super().__new__(cls, (cross, inner))
+        moments.factors = {}  # ridge -> Cholesky factor of G[k, k] + ridge I
+        return moments
+
+
+def _factors(gram: Gram) -> dict | None:
+    return getattr(gram, "factors", None)
+
+
+def _spd_solve(g_kk: Tensor, lam: float, rhs: Tensor, factors: dict | None = None) -> Tensor:
+    """(G[k, k] + lam I)^-1 rhs, G[k, k] + lam I symmetric positive definite: by Cholesky, about twice as fast as
+    a general solve (the factor taken from ``factors`` where it is there, kept there where it is new); a general
+    solve where rounding left the matrix not positive definite."""
+    factor = None if factors is None else factors.get(lam)
+    if factor is None:
+        matrix = _plus_ridge(g_kk, lam)
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) != 0:
+            return torch.linalg.solve(matrix, rhs)
+        del matrix  # the factor is all the solve needs
+        if factors is not None:
+            factors[lam] = factor
     return torch.cholesky_solve(rhs, factor)
 
 

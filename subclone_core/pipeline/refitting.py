@@ -40,7 +40,7 @@ from subclone_core.pipeline.passes import (
     open_pass,
     token_rows,
 )
-from subclone_core.pipeline.reconstruction import reconstruct
+from subclone_core.pipeline.reconstruction import ParentRecord, reconstruct
 
 ALL = slice(None)  # the kept columns of a hook that sums the whole Gram matrix of its layer's input
 KeptInputs = Callable[[str, Tensor], "Tensor | None"]  # (weight name, weight) -> kept input indices or None
@@ -169,6 +169,7 @@ def refit_items(
     stats: dict | None = None,
     activation_memory: int | None = None,
     activation_root: str | Path | None = None,
+    record: ParentRecord | None = None,
 ) -> ChildItems:
     """Every parent tensor with, for a linear weight whose input the child narrows, the kept columns of its
     input's Gram matrix on the calibration batches: what core.slicing.slice_items makes the child of, block by
@@ -176,8 +177,7 @@ def refit_items(
 
     Args:
         source: the parent's folder (its safetensors files) or its tensors in memory (its state dict).
-        batches: the calibration batches (the same as the calibration's, so that the refit fits the data the
-            selection was measured on).
+        batches: the calibration batches (the calibration's: the refit fits the data the selection came from).
         slicer: the child's slicer: its kept_inputs say which weights are refit and on which input columns; its
             table's ``refit_inputs`` whose inputs they are fit on ("child": pipeline.reconstruction, which
             needs ``child_config`` to run the child beside the parent).
@@ -187,6 +187,7 @@ def refit_items(
             ``dtype`` (pipeline.passes.open_pass); the stream between blocks keeps ``dtype``.
         progress: called with (blocks done, blocks + 1) after each block and after the head.
         stats: if given, filled as calibrate_sequential's once the pass ends.
+        record: a refit on the child's inputs records the parent's side there, or reads it where it is complete.
     """
     with activation_store(activation_memory, activation_root) as store:
         p = open_pass(source, batches, store, config=config, model_class=model_class, device=device, dtype=dtype,
@@ -195,7 +196,7 @@ def refit_items(
             if child_config is None:
                 raise SubcloneError("the refit on the child's inputs runs the child: give child_config")
             with activation_store(activation_memory, activation_root) as child_store:
-                yield from reconstruct(p, slicer, child_config, child_store)
+                yield from reconstruct(p, slicer, child_config, child_store, record)
         else:
             yield from _parent_items(p, slicer.kept_inputs, progress)
         if progress:
@@ -254,6 +255,15 @@ def gram_bytes(model: nn.Module) -> int:
     layers += [optional_submodule(block, path) for block in model.get_submodule(arch.blocks)
                for path in arch.linear_modules[1]]
     return sum(8 * _fan_in(layer) ** 2 for layer in layers if layer is not None)
+
+
+def record_bytes(model: nn.Module, tokens: int, dtype: torch.dtype) -> int:
+    """The bytes of a pipeline.reconstruction.ParentRecord of this parent over ``tokens`` tokens in ``dtype``: every
+    block layer's input and the stream (inputs read by several layers counted once per layer: an upper bound)."""
+    arch = arch_of_model(model)
+    widths = sum(_fan_in(layer) for block in model.get_submodule(arch.blocks) for path in arch.linear_modules[1]
+                 if (layer := optional_submodule(block, path)) is not None)
+    return tokens * (widths + model.config.hidden_size) * dtype.itemsize
 
 
 def _fan_in(layer: nn.Module) -> int:

@@ -46,7 +46,8 @@ from subclone_core.io.saving import (
 )
 from subclone_core.io.streaming import PlacedTensors, checkpoint_tensors
 from subclone_core.pipeline.calibration import calibrate, calibrate_sequential, taylor_scores
-from subclone_core.pipeline.refitting import SharedGrams, gram_bytes, refit_items
+from subclone_core.pipeline.reconstruction import ParentRecord
+from subclone_core.pipeline.refitting import SharedGrams, gram_bytes, record_bytes, refit_items
 from subclone_core.sources import cache_dir, default_data_id, make_data
 from subclone_core.sources.checks import first_nonfinite, refuse_nonfinite
 from subclone_core.sources.parents import Parent
@@ -55,9 +56,12 @@ from subclone_core.training import interrupt
 CALIB_SEQ_LEN = 128
 CALIB_BATCH = 8
 CALIB_TOKENS = 4096  # default calibration budget (token positions)
-# the Gram matrices a search over many children of one parent may hold at once to refit them all from one pass
-# (SharedGrams; SmolLM2-135M's and Gemma 3 270M's are about 1.05 GB in float64, a 0.5B parent's about 5 GB)
+# what a search over many children of one parent may hold at once to refit them all from one pass over the parent:
+# its Gram matrices (SharedGrams; SmolLM2-135M's and Gemma 3 270M's are about 1.05 GB in float64, a 0.5B parent's
+# about 5 GB) or its recorded layer inputs (ParentRecord; SmolLM2-135M's on 1,024 tokens about 0.4 GB in float32)
 SHARED_GRAMS_BYTES = 2 * 2**30
+# how many children of one parent share the parent's pass over the refit's data (shared_refit_source)
+REFIT_PASSES = ("shared", "recorded", "per shape")
 
 
 def measure_importance(parent: Parent, data_id: str | None = None, *, tokens: int = CALIB_TOKENS,
@@ -222,16 +226,17 @@ def _part(stats: dict | None, name: str) -> dict | None:
 
 def refit_source(parent: Parent, data_id: str, tokens: int, *, progress: Progress | None = None,
                  activation_memory: int | None = None, stats: dict | None = None,
-                 block_dtype: str | torch.dtype | None = None) -> RefitItems | None:
+                 block_dtype: str | torch.dtype | None = None, record: ParentRecord | None = None
+                 ) -> RefitItems | None:
     """The refit's reads bound to this parent and its calibration batches (pipeline.refitting.refit_items):
     the parent's blocks one at a time, from memory, or from its files where it is offloaded; None where an
     offloaded parent's files cannot be read under the model's names (the plan refuses to build such a child).
-    The blocks run in refit_dtype_for(parent, block_dtype)."""
+    The blocks run in refit_dtype_for(parent, block_dtype); ``record``: as for refit_items."""
     source = pass_source(parent)
     if source is None:
         return None
     kwargs = {**pass_kwargs(parent, activation_memory), "block_dtype": refit_dtype_for(parent, block_dtype),
-              "stats": stats}
+              "stats": stats, "record": record}
 
     def items(slicer, child_config):
         return refit_items(source, calibration_batches(parent, data_id, tokens), slicer, child_config=child_config,
@@ -241,22 +246,36 @@ def refit_source(parent: Parent, data_id: str, tokens: int, *, progress: Progres
 
 def shared_refit_source(parent: Parent, data_id: str, tokens: int, *, strategy: str = "subclone",
                         activation_memory: int | None = None,
-                        block_dtype: str | torch.dtype | None = None) -> tuple[RefitItems | None, bool]:
-    """(refit source, shared) for many children of one parent (the explorer's shapes): one pass whose Gram
-    matrices every child's refit reads (pipeline.refitting.SharedGrams: the same children, each for its own solves
-    only) where shares_refit_pass says so; else refit_source, one pass per child."""
-    items = refit_source(parent, data_id, tokens, activation_memory=activation_memory, block_dtype=block_dtype)
-    if items is None or not shares_refit_pass(parent, strategy):
-        return items, False
-    return SharedGrams(items, check=interrupt.check), True
+                        block_dtype: str | torch.dtype | None = None) -> tuple[RefitItems | None, str]:
+    """(refit source, how its children share the parent's pass: one of REFIT_PASSES) for many children of one
+    parent (the explorer's shapes), each the same child as from a pass of its own: "shared", one pass whose Gram
+    matrices every child's refit reads (pipeline.refitting.SharedGrams), each child then costing its solves only;
+    "recorded", a refit on each child's own inputs whose parent side the first child's pass records
+    (pipeline.reconstruction.ParentRecord), each further child running only its own stream; else "per shape",
+    refit_source, one whole pass per child."""
+    kind = refit_pass(parent, tokens, strategy, block_dtype)
+    record = ParentRecord() if kind == "recorded" else None
+    items = refit_source(parent, data_id, tokens, activation_memory=activation_memory, block_dtype=block_dtype,
+                         record=record)
+    if items is None:
+        return None, "per shape"
+    return (SharedGrams(items, check=interrupt.check) if kind == "shared" else items), kind
 
 
-def shares_refit_pass(parent: Parent, strategy: str = "subclone") -> bool:
-    """Whether many children of this parent can be refit from one pass: the strategy refits on the parent's inputs
-    (a refit on each child's own inputs needs that child's stream), the parent is in memory and its Gram matrices
-    fit SHARED_GRAMS_BYTES."""
-    table = refit_table(arch_of_model(parent.model), strategy)
-    return table.refit_inputs == "parent" and in_memory(parent) and gram_bytes(parent.model) <= SHARED_GRAMS_BYTES
+def refit_pass(parent: Parent, tokens: int, strategy: str = "subclone",
+               block_dtype: str | torch.dtype | None = None) -> str:
+    """How shared_refit_source's children of this parent share its pass (REFIT_PASSES): for a parent in memory,
+    "shared" where the strategy refits on the parent's inputs and its Gram matrices fit SHARED_GRAMS_BYTES,
+    "recorded" where it refits on the child's inputs and the parent's layer inputs over ``tokens`` fit it; else
+    "per shape"."""
+    inputs = refit_table(arch_of_model(parent.model), strategy).refit_inputs
+    if not in_memory(parent):
+        return "per shape"
+    if inputs == "parent":
+        return "shared" if gram_bytes(parent.model) <= SHARED_GRAMS_BYTES else "per shape"
+    dtype = max(refit_dtype_for(parent, block_dtype), parent.dtype, key=lambda t: t.itemsize)  # blocks', stream's
+    held = record_bytes(parent.model, tokens, dtype)
+    return "recorded" if held <= SHARED_GRAMS_BYTES else "per shape"
 
 
 def in_memory(parent: Parent) -> bool:

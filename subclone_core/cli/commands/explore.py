@@ -65,23 +65,28 @@ def run(args: argparse.Namespace) -> int:
                                     activation_memory=plan.activation_memory)
     batches = validation_sample(parent, args.data, args.eval_tokens)
     refit_tokens = min(args.refit_tokens, plan.calib_tokens) if plan.refit else 0
-    refit, shared = shared_refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory,
-                                        block_dtype=plan.refit_torch_dtype) if refit_tokens else (None, False)
+    refit, passes = shared_refit_source(parent, plan.data_id, refit_tokens, activation_memory=plan.activation_memory,
+                                        block_dtype=plan.refit_torch_dtype) if refit_tokens else (None, None)
     start = time.perf_counter()
     result = explore_shapes(parent.model, importance, budget, batches, refit_items=refit)
     seconds = round(time.perf_counter() - start, 2)
     if args.json:
         print_json({"parent": args.parent, **result.to_json(), "seconds": seconds, "refit_tokens": refit_tokens,
-                    "refit_pass": ("shared" if shared else "per shape") if refit_tokens else None,
+                    "refit_pass": passes,
                     "plan": plan.to_json(),
                     "warnings": plan.warnings()})
     else:
         print(table(result))
-        passes = "one pass over the parent shared by every shape" if shared else "one pass over the parent per shape"
-        refit_text = f", each refit on {refit_tokens:,} calibration tokens ({passes})" if refit_tokens else ""
+        refit_text = f", each refit on {refit_tokens:,} calibration tokens ({PASS_TEXT[passes]})" if refit_tokens else ""
         print(f"{len(result.points)} shapes in {seconds} s{refit_text}; * marks the Pareto front (fewest parameters, "
               "lowest loss)")
     return 0
+
+
+# how the shapes shared the parent's pass (workflow.children.REFIT_PASSES), in words
+PASS_TEXT = {"shared": "one pass over the parent, its Gram matrices shared by every shape",
+             "recorded": "one pass over the parent, recorded for every shape's own refit",
+             "per shape": "one pass over the parent per shape"}
 
 
 def explore_plan(parent, args: argparse.Namespace, sequential: dict) -> Plan:
