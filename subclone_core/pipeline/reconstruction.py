@@ -87,17 +87,25 @@ def _parent_inputs(p: Pass, i: int, block: nn.Module, paths: list[str]) -> Calla
     if p.reads_files:
         return lambda s, b: _capture(block, paths[s - 1], _run_block(p, i, block, b))
     for b in range(len(p.batches)):
-        seen: dict[str, Tensor] = {}
-        handles = [block.get_submodule(path).register_forward_pre_hook(
-            lambda module, args, path=path, seen=seen: seen.setdefault(path, args[0])) for path in paths]
-        try:
-            forward_block(p, i, block, b, 0)
-        finally:
-            for handle in handles:
-                handle.remove()
+        seen = _forward_seeing(p, i, block, b, paths)
         for s, path in enumerate(paths, start=1):
             p.store[(s, b)] = seen[path].to("cpu")
     return lambda s, b: p.store[(s, b)].to(p.device)
+
+
+def _forward_seeing(p: Pass, i: int, block: nn.Module, b: int, paths: list[str]) -> dict[str, Tensor]:
+    """Batch b of the pass's stream through block i (the stream moved past it), with the input each layer at
+    ``paths`` read (held until the block ends: no later input can reuse their memory, so equal data_ptr means one
+    tensor)."""
+    seen: dict[str, Tensor] = {}
+    handles = [block.get_submodule(path).register_forward_pre_hook(
+        lambda module, args, path=path: seen.setdefault(path, args[0])) for path in paths]
+    try:
+        forward_block(p, i, block, b, 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 class ParentRecord:
@@ -119,14 +127,7 @@ class ParentRecord:
         paths = [path for path in arch_of_model(p.model).linear_modules[1]
                  if optional_submodule(block, path) is not None]
         for b in range(len(p.batches)):
-            seen: dict[str, Tensor] = {}  # held until the block ends: no later input can reuse their memory
-            handles = [block.get_submodule(path).register_forward_pre_hook(
-                lambda module, args, path=path, seen=seen: seen.setdefault(path, args[0])) for path in paths]
-            try:
-                forward_block(p, i, block, b, 0)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            seen = _forward_seeing(p, i, block, b, paths)
             owners: dict[int, str] = {}
             for path in paths:
                 owner = owners.setdefault(seen[path].data_ptr(), path)
