@@ -424,6 +424,30 @@ def test_shared_grams_refuse_a_child_refit_on_its_own_inputs(monkeypatch):
                        refit_items=SharedGrams(items_of(parent)))
 
 
+def test_the_child_runs_its_batches_one_by_one_where_all_at_once_would_pass_the_hidden_states_budget(monkeypatch,
+                                                                                                     tmp_path):
+    from subclone_core.pipeline import reconstruction
+
+    parent = tm.make("llama")
+    with_refit_inputs(monkeypatch, parent, "child")
+    inline = []
+    real = reconstruction.Reconstruction._fit_inline
+    monkeypatch.setattr(reconstruction.Reconstruction, "_fit_inline", lambda *a: inline.append(1) or real(*a))
+    batches = [tm.inputs(parent, seed=s) for s in BATCHES]
+    target = plan_shape(parent, **narrow_sizes("llama", Shape.of(parent.config)))
+    imp, made = calibration(parent), {}
+    for budget in (None, 1024):  # bytes of hidden states in RAM: the rest on disk
+        inline.clear()
+        items = lambda slicer, child_config, budget=budget: refit_items(
+            parent.state_dict(), batches, slicer, config=parent.config, child_config=child_config,
+            model_class=type(parent), dtype=next(parent.parameters()).dtype, activation_memory=budget,
+            activation_root=tmp_path)
+        made[budget] = subclone_model(parent, target, importance=imp, refit=True, refit_items=items).model
+        assert bool(inline) == (budget is None)
+    for name, tensor in made[None].state_dict().items():
+        torch.testing.assert_close(made[1024].state_dict()[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_children_refit_from_a_parent_record_are_the_children_of_their_own_passes(monkeypatch):
     """The first child records the parent's side of every block (those it drops too); a second child of another
     width and depth, keeping blocks the first one dropped, runs no parent block and is the child of its own pass."""

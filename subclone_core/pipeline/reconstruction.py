@@ -45,7 +45,8 @@ from subclone_core.pipeline.passes import (
 
 Moments = tuple[Tensor, Tensor]
 # the child runs every calibration batch at once (one batch of them all) where its block's temporaries over them
-# stay within this: about positions x 4 x its widest layer x 4 bytes (4,096 positions of SmolLM2-135M's: 0.1 GB)
+# stay within this and within the budget of its stored hidden states: about positions x 4 x the parent's widest layer
+# x 4 bytes (4,096 positions of SmolLM2-135M: 0.1 GB; of a 1.5B Qwen2.5: 0.6 GB)
 MERGED_BYTES = 2**30
 # what a fit block's refit weights carry in place of their moments: the slicer already holds the solved weight
 SOLVED = object()
@@ -192,7 +193,8 @@ class Reconstruction:
         for name in p.global_names:  # sliced (the head is refit at the end)
             self._put(name, module_tensor(p.model, name), None)
         self.sizes = [p.store[(0, b)].shape[0] for b in range(len(p.batches))]  # sequences (or images) per batch
-        merged = _merged(p) if len(p.batches) > 1 else None
+        limit = MERGED_BYTES if store.budget is None else min(MERGED_BYTES, store.budget)  # the hidden states' too
+        merged = _merged(p, limit) if len(p.batches) > 1 else None
         self.c = open_pass(self.tensors, [merged] if merged else p.batches, store, config=child_config,
                            model_class=type(p.model), device=p.device,
                            dtype=next(iter(self.tensors.values())).dtype, max_tokens=None, block_dtype=p.block_dtype)
@@ -301,9 +303,9 @@ def _split(x: Tensor, sizes: list[int], merged: bool) -> tuple[Tensor, ...]:
     return x.split(sizes) if merged else (x,)
 
 
-def _merged(p: Pass) -> dict[str, Tensor] | None:
+def _merged(p: Pass, limit: int) -> dict[str, Tensor] | None:
     """The pass's batches as one (every tensor concatenated along the batch axis), where they line up and the
-    child's block over all of them stays within MERGED_BYTES; else None."""
+    child's block over all of them stays within ``limit`` bytes; else None."""
     keys = set(p.batches[0])
     if any(set(batch) != keys for batch in p.batches) or any(
             batch[k].shape[1:] != p.batches[0][k].shape[1:] for batch in p.batches for k in keys):
@@ -311,7 +313,7 @@ def _merged(p: Pass) -> dict[str, Tensor] | None:
     positions = sum(p.store[(0, b)].shape[:-1].numel() for b in range(len(p.batches)))
     widest = max((max(m.weight.shape) for m in p.blocks[0].modules()
                   if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2), default=0)
-    if positions * 4 * widest * 4 > MERGED_BYTES:
+    if positions * 4 * widest * 4 > limit:
         return None
     return {k: torch.cat([batch[k] for batch in p.batches]) for k in keys}
 
