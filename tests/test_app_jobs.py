@@ -303,3 +303,24 @@ def test_the_parents_forward_rate_counts_the_tasks_unit(parent, text_file):
     assert metrics["tokens"] > 0 and metrics["seconds"] > 0
     assert forward_rate(metrics) == pytest.approx(metrics["tokens"] / metrics["seconds"])
     assert forward_rate(None) is None  # not measured yet
+
+
+def test_generate_reports_the_childs_refit_block_by_block_before_the_scores(parent, text_file):
+    """Generate's refit is most of its time: the page's bar moves after every block of it, not only once it ends."""
+    from subclone_core.app.jobs import ProgressEvent
+    from subclone_core.app.longsteps import child_work
+
+    settings = child_settings("subclone", None, True, str(text_file), 256, refit=True)
+    full = Shape.of(parent.model.config)
+    target = plan_shape(parent.model, hidden=full.hidden // 2, heads=full.heads // 2, ffn=full.ffn // 2,
+                        layers=full.layers)
+    events = []
+    child_work(parent, target, settings, None, None, "The", None)(events.append, threading.Event())
+    ticks = [(e.stage, e.done, e.total) for e in events if isinstance(e, ProgressEvent)]
+    stages = list(dict.fromkeys(stage for stage, _, _ in ticks))
+    refit = "refitting the child block by block"
+    assert stages.index("calibrating the parent") < stages.index(refit) < stages.index(
+        "scoring the child, its twin and the parent")
+    blocks = full.layers
+    assert [(done, total) for stage, done, total in ticks if stage == refit] == [
+        (done, blocks + 1) for done in range(1, blocks + 2)]

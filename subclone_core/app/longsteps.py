@@ -315,7 +315,9 @@ def child_work(parent: Parent, target: Shape, settings: CandidateSettings, impor
 
     def work(emit: Emit, cancel: threading.Event) -> dict:
         progress = cancellable(cancel, staged(emit, "calibrating the parent"))
-        child, twin = make_children(parent, target, settings, importance=importance, progress=progress)
+        refit = cancellable(cancel, staged(emit, "refitting the child block by block"))
+        child, twin = make_children(parent, target, settings, importance=importance, progress=progress,
+                                    refit_progress=refit)
         batches = validation_sample(parent, settings.data_id, STEP0_TOKENS)
         tick = cancellable(cancel, staged(emit, "scoring the child, its twin and the parent"))
         # the child's speed, timed here, sizes the Train page's first run (app.sizing)

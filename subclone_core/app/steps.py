@@ -81,15 +81,16 @@ def child_plan(parent: Parent, settings: CandidateSettings, target: Shape | None
 
 
 def make_children(parent: Parent, target: Shape, settings: CandidateSettings, *,
-                  importance: Importance | None, progress: Progress | None = None) -> tuple[Child, Child]:
+                  importance: Importance | None, progress: Progress | None = None,
+                  refit_progress: Progress | None = None) -> tuple[Child, Child]:
     """The child of the settings' first strategy and a randomly initialized twin of the same shape, built as
     the training job builds them, each by its plan (recorded in its manifest), calibrating the shared parent
-    first, under its lock, when needed."""
+    first, under its lock, when needed (``progress``); ``refit_progress`` follows the child's refit."""
     strategy = settings.names[0]
     plans = candidate_plans(parent, settings, target)
     with exclusive(parent.model):
         importance = importance_for(parent, settings, [strategy], importance, progress, calibration_plan(plans))
-        child = build_child(parent, target, strategy, settings, importance, plans[strategy])
+        child = build_child(parent, target, strategy, settings, importance, plans[strategy], refit_progress)
     return child, build_child(parent, target, BASELINE, settings, None, plans[BASELINE])
 
 

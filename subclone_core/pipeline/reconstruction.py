@@ -318,21 +318,24 @@ def _merged(p: Pass, limit: int) -> dict[str, Tensor] | None:
     return {k: torch.cat([batch[k] for batch in p.batches]) for k in keys}
 
 
-def reconstruct(p: Pass, slicer: TensorSlicer, child_config, store, record: ParentRecord | None = None):
+def reconstruct(p: Pass, slicer: TensorSlicer, child_config, store, record: ParentRecord | None = None,
+                progress: Callable[[int, int], None] | None = None):
     """(parent name, parent tensor, moments or None) block by block, each kept block fit on the child's inputs;
-    the parent's side recorded into ``record``, or read from it where it is complete (a parent in memory only)."""
+    the parent's side recorded into ``record``, or read from it where it is complete (a parent in memory only);
+    ``progress`` called with (blocks done, blocks + 1) after each block."""
     record = None if p.reads_files else record
     rec = Reconstruction(p, slicer, child_config, store, record)
     for i in range(len(p.blocks)):
-        if i not in slicer.child_of and record is not None and record.complete:
-            continue  # the parent's stream past a dropped block is not needed: the record holds what follows
-        with loaded_block(p, i) as block:
-            if i not in slicer.child_of:
-                rec.parent_past(i, block)
-                continue
-            fitted = rec.fit_block(i, block)
-            for name in p.block_names[i]:
-                yield name, module_tensor(p.model, name), fitted.get(name)
+        if i in slicer.child_of or record is None or not record.complete:  # else the record holds what follows
+            with loaded_block(p, i) as block:
+                if i not in slicer.child_of:
+                    rec.parent_past(i, block)
+                else:
+                    fitted = rec.fit_block(i, block)
+                    for name in p.block_names[i]:
+                        yield name, module_tensor(p.model, name), fitted.get(name)
+        if progress:
+            progress(i + 1, len(p.blocks) + 1)
     if record is not None:
         record.end(p)
     heads = [path for path in arch_of_model(p.model).linear_modules[0]

@@ -196,7 +196,7 @@ def refit_items(
             if child_config is None:
                 raise SubcloneError("the refit on the child's inputs runs the child: give child_config")
             with activation_store(activation_memory, activation_root) as child_store:
-                yield from reconstruct(p, slicer, child_config, child_store, record)
+                yield from reconstruct(p, slicer, child_config, child_store, record, progress)
         else:
             yield from _parent_items(p, slicer.kept_inputs, progress)
         if progress:

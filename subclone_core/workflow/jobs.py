@@ -192,16 +192,17 @@ def importance_for(parent: Parent, settings: CandidateSettings, strategies: Iter
 
 
 def build_child(parent: Parent, target: Shape, strategy: str, settings: CandidateSettings,
-                importance: Importance | None, plan: Plan | None = None) -> Child:
+                importance: Importance | None, plan: Plan | None = None, progress: Progress | None = None) -> Child:
     """One child of a strategy, by its plan (candidate_plan, resolved here when not given), calibrating when
-    it needs importance and has none; the plan is recorded in its manifest.
+    it needs importance and has none; the plan is recorded in its manifest. ``progress``: called as its
+    calibration or its refit goes block by block.
 
     Importance goes only to a child that uses it, so a manifest names calibration data only when the
     child's weights or blocks were chosen by it.
     """
     plan = plan or candidate_plan(parent, strategy, settings, target)
     used = importance if plan.calibrate else None
-    return make_planned_child(parent, target, plan, importance=used)
+    return make_planned_child(parent, target, plan, importance=used, progress=progress)
 
 
 def build_candidates(parent: Parent, target: Shape, settings: CandidateSettings, *,
