@@ -163,7 +163,7 @@ def _moments(p: Pass, pairs: Iterable[tuple[Tensor, Tensor]]) -> Moments:
         else:
             cross.add_(xy)
             inner.add_(yy)
-    return SharedMoments(cross.div_(max(p.tokens, 1)), inner.div_(max(p.tokens, 1)))
+    return cross.div_(max(p.tokens, 1)), inner.div_(max(p.tokens, 1))
 
 
 def _stages(c: Pass, j: int, block: nn.Module, paths: list[str]) -> list[list[str]]:
@@ -222,6 +222,8 @@ class Reconstruction:
         def fit(s: int, child_inputs: Iterable[Tensor]) -> None:
             """Stage s's layers refit on the child's inputs, batch by batch, and loaded into the child's block."""
             moments = _moments(p, zip((parent_input(s, b) for b in range(len(p.batches))), child_inputs))
+            if len(stages[s - 1]) > 1:  # q, k and v (or gate and up): one Cholesky factor for them all
+                moments = SharedMoments(*moments)
             p.store.discard_stream(s)
             for path in stages[s - 1]:
                 name = f"{self.blocks_path}.{i}.{path}.weight"
