@@ -467,7 +467,7 @@ def test_children_refit_from_a_parent_record_are_the_children_of_their_own_passe
     narrow = narrow_sizes("llama", shape)
     targets = [plan_shape(parent, **{**narrow, "layers": 2}), plan_shape(parent, hidden=shape.hidden * 3 // 4,
                                                                           layers=shape.layers)]
-    for n, target in enumerate(targets):
+    for target in targets:
         alone = subclone_model(parent, target, importance=imp, refit=True, refit_items=items_of(parent)).model
         got = subclone_model(parent, target, importance=imp, refit=True, refit_items=replayed).model
         for name, tensor in alone.state_dict().items():
