@@ -192,9 +192,11 @@ class Reconstruction:
         self.stages: dict[tuple, list[list[str]]] = {}  # (block class, narrowed layers) -> their groups
         for name in p.global_names:  # sliced (the head is refit at the end)
             self._put(name, module_tensor(p.model, name), None)
-        self.sizes = [p.store[(0, b)].shape[0] for b in range(len(p.batches))]  # sequences (or images) per batch
+        shapes = [p.store[(0, b)].shape for b in range(len(p.batches))]  # each batch's stream, read once
+        self.sizes = [shape[0] for shape in shapes]  # sequences (or images) per batch
         limit = MERGED_BYTES if store.budget is None else min(MERGED_BYTES, store.budget)  # the hidden states' too
-        merged = _merged(p, limit) if len(p.batches) > 1 else None
+        positions = sum(shape[:-1].numel() for shape in shapes)
+        merged = _merged(p, positions, limit) if len(p.batches) > 1 else None
         self.c = open_pass(self.tensors, [merged] if merged else p.batches, store, config=child_config,
                            model_class=type(p.model), device=p.device,
                            dtype=next(iter(self.tensors.values())).dtype, max_tokens=None, block_dtype=p.block_dtype)
@@ -287,12 +289,12 @@ class Reconstruction:
         return {f"{path}.weight": _moments(self.p, self._head_inputs(path)) for path in paths}
 
     def _head_inputs(self, path: str) -> Iterator[tuple[Tensor, Tensor]]:
-        """Per batch, the head's input in the parent and in the child (split from the batches run at once)."""
-        with head_on(self.c, 0) as child_order:
-            child = [y for b in child_order for y in _split(_head_input(self.c, path, b), self.sizes, self.inline)]
-        with head_on(self.p, 0) as parent_order:
-            for b in parent_order:
-                yield _head_input(self.p, path, b), child[b]
+        """Per batch, the head's input in the parent and in the child (split from the batches run at once), both
+        streams replayed side by side: batches run one by one hold one batch's inputs at a time."""
+        with head_on(self.p, 0) as parent_order, head_on(self.c, 0) as child_order:
+            child = (y for b in child_order for y in _split(_head_input(self.c, path, b), self.sizes, self.inline))
+            for b, y in zip(parent_order, child):
+                yield _head_input(self.p, path, b), y
 
 
 def _head_input(run: Pass, path: str, b: int) -> Tensor:
@@ -305,14 +307,13 @@ def _split(x: Tensor, sizes: list[int], merged: bool) -> tuple[Tensor, ...]:
     return x.split(sizes) if merged else (x,)
 
 
-def _merged(p: Pass, limit: int) -> dict[str, Tensor] | None:
+def _merged(p: Pass, positions: int, limit: int) -> dict[str, Tensor] | None:
     """The pass's batches as one (every tensor concatenated along the batch axis), where they line up and the
-    child's block over all of them stays within ``limit`` bytes; else None."""
+    child's block over all of their ``positions`` stays within ``limit`` bytes; else None."""
     keys = set(p.batches[0])
     if any(set(batch) != keys for batch in p.batches) or any(
             batch[k].shape[1:] != p.batches[0][k].shape[1:] for batch in p.batches for k in keys):
         return None
-    positions = sum(p.store[(0, b)].shape[:-1].numel() for b in range(len(p.batches)))
     widest = max((max(m.weight.shape) for m in p.blocks[0].modules()
                   if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2), default=0)
     if positions * 4 * widest * 4 > limit:
