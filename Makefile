@@ -49,8 +49,16 @@ TEST_WORKERS ?= 2
 test: setup
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
+# Every benchmark that writes a published table, in turn (each its own section of docs/BENCHMARKS.md, its JSON
+# and plots under docs/), stopping at the first failure; about 8 hours on 2 idle cores
+# (`make bench BENCHES=bench_core` runs one). The reproduction reads
+# bench_budget's JSON, so it runs after it. BENCH_FLAGS go to bench_training (e.g. --gpu).
+BENCHES = bench_core "bench_training $(BENCH_FLAGS)" bench_scale "bench_scale --sequential" \
+	"bench_scale --ablation" bench_fsdp bench_refit "bench_refit --refit-tokens 1024,2048,4096,8192" \
+	"bench_refit --refit-dtypes float32,bfloat16" bench_app bench_budget bench_quality bench_methods reproduce
 bench: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all
+	@for b in $(BENCHES); do echo "== $$b"; \
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.$$b || exit $$?; done
 
 # The iso-loss speedup at a 1.5M-token budget, each arm at its best lr: docs/speedup_vs_budget.json, plots, a
 # BENCHMARKS.md section (~80 min on 2 cores, 3 min on one H200).

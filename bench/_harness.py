@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from bench._report import DOCS, progress_printer
+from bench._report import DOCS
 from subclone_core.sources import Parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
+from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent
 from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value
 from subclone_core.training.sweep import choose_runs, run_name, runs_from_results
 
@@ -117,6 +118,23 @@ def train(cands: list[Candidate], train_data: Any, val: Any, config: TrainConfig
     for result in results.values():
         result.model = None
     return results
+
+
+def progress_printer(tag: str, steps: int) -> Callable[[Event], None]:
+    """An engine callback that prints each validation result (the task's metric, named by the start event)
+    to stderr."""
+    metric = {"name": "loss"}
+
+    def show(event: Event) -> None:
+        if isinstance(event, StartEvent):
+            metric["name"] = event.metric
+        elif isinstance(event, EvalEvent):
+            value = event.value(metric["name"])
+            print(f"[{tag}] step {event.step}/{steps} {event.candidate}: "
+                  f"{'?' if value is None else f'{value:.4f}'} ({event.time:.0f} s)", file=sys.stderr, flush=True)
+        elif isinstance(event, ErrorEvent):
+            print(f"[{tag}] {event.candidate}: {event.message}", file=sys.stderr, flush=True)
+    return show
 
 
 def best_runs(runs: dict[str, RunResult], metric: str, *, always: bool = False) -> dict[str, RunResult]:

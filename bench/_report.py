@@ -1,5 +1,5 @@
-"""Shared by the benchmarks: the machine description, the child shapes they share, report templates, plot
-helpers, the command-line flags they have in common, and section updates of docs/BENCHMARKS.md."""
+"""Shared by the benchmarks: the machine line, the child shapes they share, report templates, plot helpers, the
+common flags and section updates of docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from subclone_core.io.atomic import building_file, write_text
-from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -60,7 +59,7 @@ def machine() -> str:
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """fn's result, its wall seconds and its CPU seconds (user + system, all threads of this process)."""
+    """fn's result, its wall seconds and its CPU seconds (all threads of this process)."""
     cpu, wall = time.process_time(), time.perf_counter()
     result = fn()
     return result, time.perf_counter() - wall, time.process_time() - cpu
@@ -106,10 +105,8 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
 
 
 def replace_marked(path: Path, name: str, text: str) -> bool:
-    """Replace the text between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` in a file that has them.
-
-    Unlike write_section it never appends: a README without the markers is left alone (returns False).
-    """
+    """Replace the text between a file's ``<!-- begin NAME -->`` and ``<!-- end NAME -->``; unlike write_section
+    it never appends (False: no such markers, the file is left alone)."""
     if not path.is_file():
         return False
     content = path.read_text()
@@ -122,10 +119,8 @@ def replace_marked(path: Path, name: str, text: str) -> bool:
 
 
 def render(name: str, **values: Any) -> str:
-    """The report template bench/templates/NAME.md filled in with str.format (``{value:.2f}`` works; a literal
-    brace is doubled), or NAME.md.j2 rendered by Jinja where the text loops over rows or depends on the numbers
-    (filters ``f`` = format, ``value`` = fmt_value; ``table`` as below). The file holds the Markdown exactly as
-    written, one paragraph per line; its final newline is not part of the text."""
+    """bench/templates/NAME.md filled in by str.format, or NAME.md.j2 rendered by Jinja (filters ``f`` = format,
+    ``value`` = fmt_value, global ``table``); one paragraph per line, the final newline not part of the text."""
     if (TEMPLATES / f"{name}.md.j2").is_file():
         return _jinja().get_template(f"{name}.md.j2").render(**values).removesuffix("\n")
     return (TEMPLATES / f"{name}.md").read_text().removesuffix("\n").format(**values)
@@ -167,8 +162,7 @@ def finish(ax: Any, *, legend: float = 7, which: str = "major", **labels: Any) -
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 90) -> None:
-    """Lay out, write and close a figure; the file appears whole or not at all (the project's rule for
-    outputs), in a folder created if needed."""
+    """Lay out, write and close a figure; the file appears whole or not at all, its folder made if needed."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with building_file(path) as tmp:
@@ -194,35 +188,15 @@ THREADS_HELP = "torch CPU threads (default: one per core)"
 
 def bench_parser(doc: str | None, *, smoke: str | None = None, gpu: str | None = None, threads: str | None = None,
                  report_only: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser of a benchmark script (described by its docstring's first line) with the flags they
-    share, each added when its help is given: ``--smoke`` (a tiny, fast run) and ``--gpu`` (the GPU size; the two
-    exclusive), ``--threads`` (torch CPU threads; THREADS_HELP) and ``--report-only`` (rewrite the report from the
-    saved results, running nothing)."""
+    """A benchmark's parser (its docstring's first line) with each shared flag whose help is given: ``--smoke``
+    or ``--gpu`` (exclusive sizes), ``--threads`` and ``--report-only`` (redraw from the saved results)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
-    sizes = parser.add_mutually_exclusive_group()
-    if smoke:
-        sizes.add_argument("--smoke", action="store_true", help=smoke)
-    if gpu:
-        sizes.add_argument("--gpu", action="store_true", help=gpu)
+    sizes = parser.add_mutually_exclusive_group() if smoke or gpu else None  # an empty group breaks --help
+    for flag, text in (("--smoke", smoke), ("--gpu", gpu)):
+        if text:
+            sizes.add_argument(flag, action="store_true", help=text)
     if threads:
         parser.add_argument("--threads", type=int, help=threads)
     if report_only:
         parser.add_argument("--report-only", action="store_true", help=report_only)
     return parser
-
-
-def progress_printer(tag: str, steps: int) -> Callable[[Event], None]:
-    """An engine callback that prints each validation result (the task's metric, named by the start event)
-    to stderr."""
-    metric = {"name": "loss"}
-
-    def show(event: Event) -> None:
-        if isinstance(event, StartEvent):
-            metric["name"] = event.metric
-        elif isinstance(event, EvalEvent):
-            value = event.value(metric["name"])
-            print(f"[{tag}] step {event.step}/{steps} {event.candidate}: "
-                  f"{'?' if value is None else f'{value:.4f}'} ({event.time:.0f} s)", file=sys.stderr, flush=True)
-        elif isinstance(event, ErrorEvent):
-            print(f"[{tag}] {event.candidate}: {event.message}", file=sys.stderr, flush=True)
-    return show

@@ -70,8 +70,7 @@ def page_settings(parent: Any) -> Any:
 
 
 def action_rows(parent_id: str) -> list[list[object]]:
-    """Each page action with its default settings, in the order a visitor clicks: wall and CPU seconds, and the
-    estimate the page shows before the step starts (where it shows one)."""
+    """Each page action with its defaults, in a visitor's order: wall and CPU seconds, and the page's estimate."""
     rows = []
 
     def measure(page: str, action: str, fn: Callable[[], Any], estimate: float | None = None) -> Any:
@@ -115,8 +114,8 @@ def action_rows(parent_id: str) -> list[list[object]]:
 
 
 def queue_rows(parent_id: str, budgets: tuple[int, ...] = (1024, 1152, 1280)) -> list[list[object]]:
-    """Three sessions calibrating at once (three budgets, so three computations) through the server's queue,
-    against the same three run one after another: the places in line each one was shown, and the wall times."""
+    """Three sessions calibrating at once (three budgets: three computations) through the server's queue, against
+    the same three one after another: the places in line each was shown, and the wall times."""
     parent = load_parent(parent_id)
     alone = [timed(lambda t=t: run_work(longsteps.calibration_work(parent, None, t)))[1] for t in budgets]
     config = AppSettings.load()
@@ -136,8 +135,8 @@ def queue_rows(parent_id: str, budgets: tuple[int, ...] = (1024, 1152, 1280)) ->
 
 
 def page_rows() -> list[list[object]]:
-    """The app itself through AppTest: opening it (the default parent loads and is scored), then a switch to
-    each page once a calibration and a child exist (what a visitor waits for when clicking a page link)."""
+    """The app through AppTest: opening it (the default parent loaded and scored), then a switch to each page
+    once a calibration and a child exist."""
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
@@ -207,9 +206,8 @@ def training_rows(steps: int) -> list[list[object]]:
 
 
 def default_run_row(parent_id: str) -> list[object]:
-    """The Train page's first defaults (app.sizing: steps, batch and length sized for the child on this machine)
-    for the Child page's default child of one parent, made by Generate (which times the child's forward pass) and
-    trained the app's way: the rate and the seconds the page predicts against those measured."""
+    """The Train page's first defaults (app.sizing) for one parent's default child, made by Generate and trained
+    the app's way: the rate and seconds the page predicts against those measured."""
     parent = load_parent(parent_id)
     settings = page_settings(parent)
     importance = measure_importance(parent, None, tokens=CALIB_TOKENS)
@@ -230,9 +228,8 @@ def default_run_row(parent_id: str) -> list[object]:
 
 
 def ablation_token_rows(parent_id: str) -> list[list[object]]:
-    """The Blocks page's loss without each block on a few token counts against a reference on ABLATION_REFERENCE
-    tokens: seconds, the rank correlation of the losses with the reference's, and the LEAST blocks whose removal
-    costs least and the MOST that cost most (the reference's row lists its own)."""
+    """The Blocks page's ablation on a few token counts against ABLATION_REFERENCE tokens: seconds, the losses'
+    rank correlation with the reference's, the LEAST cheapest blocks to remove and the MOST costly."""
     parent = load_parent(parent_id)
     runs = {tokens: timed(lambda t=tokens: probes.ablate_parent(parent, None, t))
             for tokens in (ABLATION_REFERENCE, *ABLATION_CANDIDATES)}

@@ -2,7 +2,7 @@
 (see bench/README.md). Writes docs/speedup_vs_budget.json, docs/bench_budget_*.png, the "budget" section of
 docs/BENCHMARKS.md and the README's marked budget line (``--gpu``: the same names with "-gpu").
 
-Run: python -m bench.bench_budget [--smoke | --gpu] [--from-json F | --from-child DIR] [--lrs GRID]
+Run: python -m bench.bench_budget [--smoke | --gpu] [--report-only | --from-child DIR]
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from subclone_core.io.atomic import write_text
 from subclone_core.io.saving import read_manifest
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import RunResult
-from subclone_core.training.speedup import DROP_FRACTIONS, IsoLoss, iso_loss, result_track
-from subclone_core.training.sweep import candidate_of, edge_note, grid_edge, lr_text, parse_lr_sweep, run_name
+from subclone_core.training.speedup import DROP_FRACTIONS, iso_loss, result_track
+from subclone_core.training.sweep import candidate_of, edge_note, grid_edge, lr_text, run_name
 from subclone_core.workflow.children import measure_importance
 
-README = rp.ROOT / "README.md"
 ARMS = ("random", "subclone", "subclone+distill")
 NAMES = {"random": "random init", "subclone": "subclone", "subclone+distill": "subclone + distillation from the parent"}
 COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca02c"}
@@ -38,8 +37,8 @@ COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca0
 
 @dataclass(frozen=True)
 class Stage:
-    """One call of the training engine: some arms of one child shape, one seed (data order, dropout, random
-    init's weights), one token budget per arm (whole steps); ``evals`` (after step 0) None takes the size's."""
+    """One engine call: some arms of one child shape, one seed (data order, dropout, random init's weights), one
+    token budget per arm (whole steps); ``evals`` (after step 0) None takes the size's."""
 
     key: str
     shape: str
@@ -51,9 +50,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class Size:
-    """Everything one size runs: child sizes per shape, the batch, the validation set, evaluations per run
-    (evenly in log(tokens)), calibration tokens, each arm's lr grid of the first stage (the sweep; its lowest
-    best loss is its lr in every later stage), the stages, the engine's mixed_precision, the planned minutes."""
+    """Everything one size runs; evaluations are spread evenly in log(tokens), and each arm's lr grid is swept in
+    the first stage (its lowest best loss is its lr in every later stage)."""
 
     shapes: dict[str, dict[str, int]]
     batch_size: int
@@ -66,10 +64,6 @@ class Size:
     precision: str = "no"
     minutes: float = 0.0
 
-    @property
-    def step_tokens(self) -> int:
-        return self.batch_size * self.seq_len
-
 
 SIZES = {
     "smoke": Size(SMOKE_SHAPES, batch_size=4, seq_len=32, val_tokens=256, evals=4, calib_tokens=256,
@@ -78,10 +72,9 @@ SIZES = {
                           Stage("seed1", "aggressive", ("random", "subclone"), 1024, seed=1),
                           Stage("distill", "aggressive", ("subclone+distill",), 1024),
                           Stage("paper-like", "paper-like", ("random", "subclone"), 1024)), minutes=1),
-    # bf16, device "auto". On an idle 2-core Xeon an aggressive arm trains at about 1,060 tokens/s, so these
-    # seven runs of 1.5M tokens take about 80 minutes (one H200: 2.8); the second seed, distillation and the
-    # paper-like ratio are the gpu size's. Both grids bracket their arm's best lr at this budget, measured:
-    # random init 1e-3 (2.5e-4 and 4e-3 were worse too), the refit child 4e-3.
+    # bf16, device "auto": seven runs of 1.5M tokens at about 1,060 tokens/s on an idle 2-core Xeon (one H200:
+    # 2.8 min). Both grids bracket their arm's best lr at this budget, measured: random init 1e-3 (2.5e-4 and
+    # 4e-3 were worse too), the refit child 4e-3. A second seed, distillation and the paper-like ratio: gpu.
     "cpu": Size(rp.SHAPES, batch_size=16, seq_len=128, val_tokens=4096, evals=30, calib_tokens=4096,
                 sweep_lrs={"random": (5e-4, 1e-3, 2e-3), "subclone": (1e-3, 2e-3, 4e-3, 8e-3)},
                 stages=(Stage("final", "aggressive", ("random", "subclone"), 1_501_184),),
@@ -98,95 +91,70 @@ SIZES = {
 }
 
 
-# --- running --------------------------------------------------------------------------------------------
-
-
 @dataclass
-class Context:
-    """What every stage shares: the parent (or a saved subcloned child standing in for it, trained as is, with
-    random init of its config), its calibration, the data id, the size and where run metrics go."""
+class Run:
+    """One size's run: the parent (or a saved subcloned child standing in for it: ``from_child``), its calibration,
+    the data id, the size, where run metrics go, the initial children made so far; then the sweep's rows, each
+    arm's lr, each stage's runs and the seconds per part."""
 
     parent: Parent
     importance: Any
     data: str
     size: Size
     runs: Path
+    seconds: dict[str, float]
     children: dict[tuple[str, str, int], Any] = field(default_factory=dict)
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    lrs: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, dict[str, RunResult]] = field(default_factory=dict)
     from_child: bool = False
 
-
-def child_for(ctx: Context, shape: str, arm: str, seed: int) -> Any:
-    """The arm's initial child (cached): random init depends on the seed, the subcloned child does not."""
-    strategy = "random" if arm == "random" else "subclone"
-    key = (shape, strategy, seed if strategy == "random" else 0)
-    if ctx.from_child and strategy == "subclone":
-        return ctx.parent.model
-    if key not in ctx.children:
-        target = plan_shape(ctx.parent.model, **({} if ctx.from_child else ctx.size.shapes[shape]))
-        ctx.children[key] = child_model(ctx.parent, target, RANDOM if strategy == "random" else LM_CHILD,
-                                        ctx.importance, seed)
-    return ctx.children[key]
-
-
-def without_parent(size: Size) -> tuple[Size, list[str]]:
-    """The size's stages that a saved child can run without its parent (the aggressive shape, no teacher),
-    and a sentence for each stage left out."""
-    keep = tuple(s for s in size.stages if s.shape == "aggressive" and "subclone+distill" not in s.arms)
-    notes = [f"Left out without the parent (--from-child): stage {s.key} ({s.shape} child, {', '.join(s.arms)})."
-             for s in size.stages if s not in keep]
-    return replace(size, stages=keep), notes
+    def child(self, shape: str, arm: str, seed: int) -> Any:
+        """The arm's initial child (cached): random init depends on the seed, the subcloned child does not; a saved
+        child trains as it is, and random init takes its config."""
+        if self.from_child and arm != "random":
+            return self.parent.model
+        variant = RANDOM if arm == "random" else LM_CHILD
+        key = (shape, variant.strategy, seed if arm == "random" else 0)
+        if key not in self.children:
+            target = plan_shape(self.parent.model, **({} if self.from_child else self.size.shapes[shape]))
+            self.children[key] = child_model(self.parent, target, variant, self.importance, seed)
+        return self.children[key]
 
 
-def train(ctx: Context, stage: Stage, lrs: dict[str, tuple[float, ...]], name: Any) -> dict[str, RunResult]:
-    """The stage's arms at the given lrs (candidate names from ``name(arm, lr)``), side by side on identical
-    batches for its full budget; curves kept, weights freed."""
-    size = ctx.size
-    cands = [h.candidate(name(arm, lr), child_for(ctx, stage.shape, arm, stage.seed), lr, arm,
-                         teacher=ctx.parent.model if arm == "subclone+distill" else None)
+def train(run: Run, stage: Stage, lrs: dict[str, tuple[float, ...]], name: Any) -> dict[str, RunResult]:
+    """The stage's arms at the given lrs (candidates named ``name(arm, lr)``), side by side on identical batches
+    for its full budget; timed."""
+    start, size = time.perf_counter(), run.size
+    cands = [h.candidate(name(arm, lr), run.child(stage.shape, arm, stage.seed), lr, arm,
+                         teacher=run.parent.model if arm == "subclone+distill" else None)
              for arm in stage.arms for lr in lrs[arm]]
     # The whole split for every stage: the batch order then depends on the seed alone, so a shorter run
     # (a sweep, the distillation arm) sees exactly the first batches of the longer runs of its seed.
-    train_data = make_data(ctx.parent, ctx.data, "train", seq_len=size.seq_len)
-    val = make_data(ctx.parent, ctx.data, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
-    steps = max(1, stage.tokens // size.step_tokens)
+    train_data = make_data(run.parent, run.data, "train", seq_len=size.seq_len)
+    val = make_data(run.parent, run.data, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
+    steps = max(1, stage.tokens // (size.batch_size * size.seq_len))
     config = h.train_config(steps, size.batch_size, len(val), round_down=True, seed=stage.seed,
                             eval_at=log_eval_steps(steps, stage.evals or size.evals), precision=size.precision)
-    return h.train(cands, train_data, val, config, stage.key, ctx.runs / f"{stage.key}.jsonl")
+    results = h.train(cands, train_data, val, config, stage.key, run.runs / f"{stage.key}.jsonl")
+    run.seconds[stage.key] = time.perf_counter() - start
+    return results
 
 
-@dataclass
-class Outcome:
-    """What a size produced: one row per sweep run, each arm's winning lr, {stage key: {arm: its run}} and the
-    wall seconds per part ("calibration", then each stage key)."""
-
-    sweep: list[dict[str, Any]]
-    lrs: dict[str, float]
-    stages: dict[str, dict[str, RunResult]]
-    seconds: dict[str, float]
-
-
-def run_size(ctx: Context) -> Outcome:
-    """The first stage: each arm at every lr of its grid for the full budget (a row per run), each arm's run of
-    lowest best loss chosen; then every later stage at those lrs. Each stage is timed."""
-    (first, *later), grids = ctx.size.stages, ctx.size.sweep_lrs
-    start = time.perf_counter()
-    runs = train(ctx, first, grids, run_name)
-    chosen = h.best_runs(runs, "loss", always=True)
-    lrs = {arm: chosen[arm].lr for arm in first.arms}
-    rows = [{"arm": arm, "lr": r.lr, "tokens": first.tokens, **h.pick(h.facts(r), "status", "best", "final"),
-             "chosen": r is chosen[arm], "note": edge_note(arm, lrs[arm], grid_edge(lrs[arm], grids[arm]))}
-            for arm in first.arms for n, r in runs.items() if candidate_of(n) == arm]
+def run_stages(run: Run) -> None:
+    """The first stage at every lr of each arm's grid (a sweep row per run; each arm's run of lowest best loss
+    chosen), then every later stage at the chosen lrs."""
+    (first, *later), grids = run.size.stages, run.size.sweep_lrs
+    runs = train(run, first, grids, run_name)
+    run.stages[first.key] = chosen = h.best_runs(runs, "loss", always=True)
+    run.lrs = {arm: chosen[arm].lr for arm in first.arms}
+    run.sweep = [{"arm": arm, "lr": r.lr, "tokens": first.tokens, **h.pick(h.facts(r), "status", "best", "final"),
+                  "chosen": r is chosen[arm], "note": edge_note(arm, run.lrs[arm], grid_edge(run.lrs[arm], grids[arm]))}
+                 for arm in first.arms for n, r in runs.items() if candidate_of(n) == arm]
     # an arm first trained in a later stage (the smoke size's distillation) has one lr in its grid
-    lrs.update({arm: grid[0] for arm, grid in grids.items() if arm not in lrs and len(grid) == 1})
-    outcome = Outcome(rows, lrs, {first.key: chosen}, {first.key: time.perf_counter() - start})
+    run.lrs.update({arm: grid[0] for arm, grid in grids.items() if arm not in run.lrs and len(grid) == 1})
     for stage in later:
-        begin = time.perf_counter()
-        outcome.stages[stage.key] = train(ctx, stage, {arm: (lr,) for arm, lr in lrs.items()}, lambda arm, _: arm)
-        outcome.seconds[stage.key] = time.perf_counter() - begin
-    return outcome
-
-
-# --- results --------------------------------------------------------------------------------------------
+        run.stages[stage.key] = train(run, stage, {arm: (lr,) for arm, lr in run.lrs.items()}, lambda arm, _: arm)
 
 
 def arm_json(run: RunResult) -> dict[str, Any]:
@@ -195,76 +163,59 @@ def arm_json(run: RunResult) -> dict[str, Any]:
             "throughput": round(run.throughput, 1)}
 
 
-def iso_rows(base: RunResult, other: RunResult, **levels: Any) -> list[IsoLoss]:
-    """The library's iso-loss rows of ``other`` against random init's run ``base`` (``fractions`` or ``levels``
-    as iso_loss takes them)."""
-    return iso_loss(result_track(base, "loss"), result_track(other, "loss"), **levels)
-
-
-def iso_json(base: RunResult, other: RunResult, name: str, fractions: tuple[float, ...] | None = None
-             ) -> list[dict[str, Any]]:
-    """iso_rows in the JSON's schema: loss, random_tokens, <name>_tokens, speedup (= their ratio), and detail."""
+def iso_json(base: RunResult, other: RunResult, name: str, **levels: Any) -> list[dict[str, Any]]:
+    """The iso-loss rows of ``other`` against random init's run ``base`` (every level, or ``fractions`` or
+    ``levels`` as iso_loss takes them): loss, either's tokens, speedup (their ratio) and detail."""
     return [{"loss": r.level, "random_tokens": r.baseline_tokens, f"{name}_tokens": r.candidate_tokens,
              "speedup": r.speedup, "lower_bound": r.lower_bound, "at_start": r.at_start, "fraction": r.fraction,
              "random_steps": r.baseline_steps, f"{name}_steps": r.candidate_steps, "text": r.text()}
-            for r in iso_rows(base, other, fractions=fractions)]
+            for r in iso_loss(result_track(base, "loss"), result_track(other, "loss"), **levels)]
 
 
-def iso_by_arm(base: RunResult | None, runs: dict[str, RunResult]) -> dict[str, dict[str, list]]:
-    """Every level ("iso_loss") and the drop levels ("at_drop") of each arm but random init against ``base``."""
-    others = {arm: run for arm, run in runs.items() if arm != "random" and base is not None}
-    return {"iso_loss": {arm: iso_json(base, run, arm) for arm, run in others.items()},
-            "at_drop": {arm: iso_json(base, run, arm, DROP_FRACTIONS) for arm, run in others.items()}}
+def stage_json(run: Run, stage: Stage) -> dict[str, Any]:
+    """A stage's plan, minutes and runs, and each arm's iso-loss rows against random init's run of the same
+    shape and seed: its own, else another stage's (one seed sees the same batches in the same order)."""
+    runs = run.stages[stage.key]
+    base = next((run.stages[s.key]["random"] for s in (stage, *run.size.stages)
+                 if s.shape == stage.shape and s.seed == stage.seed and "random" in run.stages[s.key]), None)
+    others = {arm: r for arm, r in runs.items() if arm != "random" and base is not None}
+    return {"shape": stage.shape, "shape_sizes": run.size.shapes[stage.shape], "seed": stage.seed,
+            "tokens": stage.tokens, "minutes": round(run.seconds[stage.key] / 60, 1),
+            "arms": {arm: arm_json(r) for arm, r in runs.items()},
+            "iso_loss": {arm: iso_json(base, r, arm) for arm, r in others.items()},
+            "at_drop": {arm: iso_json(base, r, arm, fractions=DROP_FRACTIONS) for arm, r in others.items()}}
 
 
-def baseline_of(outcome: Outcome, stage: Stage, size: Size) -> RunResult | None:
-    """Random init's run for a stage: its own, else that of another stage of the same shape and seed (stages of
-    one seed see the same batches in the same order, see train)."""
-    for other in (stage, *size.stages):
-        runs = outcome.stages.get(other.key, {})
-        if other.shape == stage.shape and other.seed == stage.seed and "random" in runs:
-            return runs["random"]
-    return None
-
-
-def results_json(outcome: Outcome, size: Size, meta: dict[str, Any]) -> dict[str, Any]:
-    """docs/speedup_vs_budget.json: each arm's first run on the aggressive child with seed 0 (the headline) at the
-    top, every stage below it."""
-    runs: dict[str, RunResult] = {}
-    for stage in (s for s in size.stages if s.shape == "aggressive" and s.seed == 0):
-        for arm, run in outcome.stages[stage.key].items():
-            runs.setdefault(arm, run)
-    stages = {s.key: {"shape": s.shape, "shape_sizes": size.shapes[s.shape], "seed": s.seed, "tokens": s.tokens,
-                      "minutes": round(outcome.seconds[s.key] / 60, 1),
-                      "arms": {arm: arm_json(run) for arm, run in outcome.stages[s.key].items()},
-                      **iso_by_arm(baseline_of(outcome, s, size), outcome.stages[s.key])} for s in size.stages}
-    base = runs["random"]
-    return {**meta, "arms": {arm: arm_json(run) for arm, run in runs.items()}, "random_tokens": base.seen,
-            "iso_loss": iso_json(base, runs["subclone"], "subclone"), "at_drop": iso_by_arm(base, runs)["at_drop"],
-            "lrs": outcome.lrs, "sweep": outcome.sweep, "stages": stages,
-            "minutes": {part: round(s / 60, 1) for part, s in outcome.seconds.items()}}
-
-
-def seed_spread(outcome: Outcome, size: Size) -> list[dict[str, Any]]:
-    """The subcloned child's speedup for seed 0 and each other seed, at the other seed's drop levels: its own
-    random-init curve sets the levels (it may run a shorter budget), seed 0's speedup is read at the same levels."""
-    out = []
-    for stage in size.stages:
-        runs = outcome.stages[stage.key]
-        first = next((s for s in size.stages if s.shape == stage.shape and s.seed == 0 and "subclone" in s.arms
-                      and "random" in s.arms), None)
-        if stage.seed == 0 or "random" not in runs or "subclone" not in runs or first is None:
-            continue
-        zero = outcome.stages[first.key]
-        for row in iso_rows(runs["random"], runs["subclone"], fractions=DROP_FRACTIONS):
-            ref = iso_rows(zero["random"], zero["subclone"], levels=[row.level])[0]
-            out.append({"stage": stage.key, "shape": stage.shape, "seed": stage.seed, "fraction": row.fraction,
-                        "loss": row.level, "speedup_seed0": ref.speedup, "speedup": row.speedup,
-                        "text_seed0": ref.text(), "text": row.text()})
+def seed_spread(run: Run) -> list[dict[str, Any]]:
+    """The subcloned child's speedup for each later seed at its drop levels (from its own random-init curve,
+    which may run a shorter budget), and seed 0's speedup read at the same levels."""
+    out, pair, stages = [], {"random", "subclone"}, run.size.stages
+    for stage in (s for s in stages if s.seed != 0 and pair <= set(s.arms)):
+        runs = run.stages[stage.key]
+        zero = next((run.stages[s.key] for s in stages if s.shape == stage.shape and s.seed == 0
+                     and pair <= set(s.arms)), None)
+        for row in iso_json(runs["random"], runs["subclone"], "subclone", fractions=DROP_FRACTIONS) if zero else ():
+            ref = iso_json(zero["random"], zero["subclone"], "subclone", levels=[row["loss"]])[0]
+            out.append({"stage": stage.key, "shape": stage.shape, "seed": stage.seed, "fraction": row["fraction"],
+                        "loss": row["loss"], "speedup_seed0": ref["speedup"], "speedup": row["speedup"],
+                        "text_seed0": ref["text"], "text": row["text"]})
     return out
 
 
-# --- the report -----------------------------------------------------------------------------------------
+def results_json(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
+    """docs/speedup_vs_budget.json: each arm's first run on the aggressive child with seed 0 (the headline) at
+    the top, then every stage and the seed spread."""
+    head: dict[str, RunResult] = {}
+    for stage in (s for s in run.size.stages if s.shape == "aggressive" and s.seed == 0):
+        for arm, r in run.stages[stage.key].items():
+            head.setdefault(arm, r)
+    base = head["random"]
+    return {**meta, "arms": {arm: arm_json(r) for arm, r in head.items()}, "random_tokens": base.seen,
+            "iso_loss": iso_json(base, head["subclone"], "subclone"),
+            "at_drop": {arm: iso_json(base, r, arm, fractions=DROP_FRACTIONS) for arm, r in head.items()
+                        if arm != "random"},
+            "lrs": run.lrs, "sweep": run.sweep, "stages": {s.key: stage_json(run, s) for s in run.size.stages},
+            "minutes": {part: round(s / 60, 1) for part, s in run.seconds.items()}, "seed_spread": seed_spread(run)}
 
 
 def fmt_tokens(n: float | None) -> str:
@@ -311,8 +262,7 @@ def readme_texts(results: dict[str, Any], suffix: str) -> dict[str, str]:
 
 
 def section_markdown(results: dict[str, Any], size: Size, plots: dict[str, Path]) -> str:
-    """The "budget" section of docs/BENCHMARKS.md: headline, settings, each stage's drop table, the seed spread,
-    the plots and the sweep (every run, the chosen ones marked, notes on chosen lrs at the edge of a grid)."""
+    """The "budget" section of docs/BENCHMARKS.md (the template says what it holds)."""
     return render("budget", r=results, size=size, plots=plots, headline=headline(results), tokens=fmt_tokens)
 
 
@@ -329,7 +279,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     for ax, shape in zip(axes[0], shapes):
         for key, stage in results["stages"].items():
             for arm, curve in stage["arms"].items() if stage["shape"] == shape else ():
-                points = [(t, v) for t, v in zip(curve["tokens"], curve["val_loss"]) if t > 0]  # log x: no 0
+                points = [(t, v) for t, v in zip(curve["tokens"], curve["val_loss"]) if t > 0]
                 if points:
                     ax.plot(*zip(*points), color=COLORS.get(arm), linestyle="-" if stage["seed"] == 0 else "--",
                             marker=".", markersize=3, label=f"{arm} (lr {curve['lr']:g}, {key})")
@@ -346,15 +296,14 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
     ax = axes[0][0]
     for key, stage in results["stages"].items():
         for arm, rows in stage["iso_loss"].items():
-            style = {"color": COLORS.get(arm), "linestyle": ":" if stage["shape"] != "aggressive" else
-                     "-" if stage["seed"] == 0 else "--"}
-            points = [(r["loss"], r["speedup"], r["lower_bound"]) for r in rows if r["speedup"] is not None]
-            exact = [(loss, speedup) for loss, speedup, bound in points if not bound]
-            bounds = [(loss, speedup) for loss, speedup, bound in points if bound]
-            if exact:
-                ax.plot(*zip(*exact), marker=".", label=f"{arm} ({key}, {stage['shape']})", **style)
-            if bounds:
-                ax.plot(*zip(*bounds), marker="^", linestyle="none", color=style["color"])
+            line = ":" if stage["shape"] != "aggressive" else "-" if stage["seed"] == 0 else "--"
+            for bound in (False, True):  # lower bounds: unjoined, unlabeled triangles
+                points = [(r["loss"], r["speedup"]) for r in rows if r["speedup"] is not None
+                          and bool(r["lower_bound"]) == bound]
+                style = {"marker": "^", "linestyle": "none"} if bound else {
+                    "marker": ".", "linestyle": line, "label": f"{arm} ({key}, {stage['shape']})"}
+                if points:
+                    ax.plot(*zip(*points), color=COLORS.get(arm), **style)
     ax.axhline(1.0, color="grey", linewidth=1)
     ax.axhline(PAPER_SPEEDUP, color="black", linestyle=":", linewidth=1, label=f"paper's ~{PAPER_SPEEDUP:.0f}x")
     ax.set_yscale("log")
@@ -366,9 +315,6 @@ def plot_speedup(results: dict[str, Any], path: Path) -> None:
               ylabel="speedup (random init's tokens / arm's)",
               title="Iso-loss speedup (triangles: lower bounds, there at step 0)")
     rp.save_figure(fig, path)
-
-
-# --- main -----------------------------------------------------------------------------------------------
 
 
 def outputs(name: str, out: Path | None) -> dict[str, Path]:
@@ -392,65 +338,63 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
             print(f"note: {readme} has no <!-- begin {marker} --> markers; that text is not updated", file=sys.stderr)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The size flags and the parent, data, outputs, README, a saved JSON or child and an lr grid."""
+def without_parent(size: Size) -> tuple[Size, list[str]]:
+    """The stages a saved child can run without its parent (its own shape, no teacher), and a line per stage
+    left out."""
+    keep = tuple(s for s in size.stages if s.shape == "aggressive" and "subclone+distill" not in s.arms)
+    return replace(size, stages=keep), [f"Left out without the parent (--from-child): stage {s.key} ({s.shape} "
+                                        f"child, {', '.join(s.arms)})." for s in size.stages if s not in keep]
+
+
+def open_parent(args: argparse.Namespace, size: Size) -> tuple[Parent, Any]:
+    """The parent and its calibration, or a saved child (--from-child: where the parent cannot be loaded, as on a
+    GPU machine without the embedded packages) labelled with the parent its manifest names, and no calibration."""
+    if not args.from_child:
+        parent = load_parent(args.parent)
+        return parent, measure_importance(parent, args.data, tokens=size.calib_tokens)
+    parent, manifest = load_parent(str(args.from_child)), read_manifest(args.from_child)
+    made_from = (manifest.parent.label if manifest and manifest.parent else None) or "a parent"
+    parent.label = f"{parent.label}: a child of {made_from}, saved by `subclone make`"
+    return parent, None
+
+
+def measure(args: argparse.Namespace, name: str) -> tuple[dict[str, Any], Path]:
+    """Calibrate (or take a saved child: --from-child, without the stages that need the parent) and run the
+    size's stages; returns the JSON and the folder of run metrics."""
+    start = time.perf_counter()
+    size, left_out = without_parent(SIZES[name]) if args.from_child else (SIZES[name], [])
+    parent, importance = open_parent(args, size)
+    run = Run(parent, importance, args.data, size, Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")),
+              {"calibration": time.perf_counter() - start}, from_child=bool(args.from_child))
+    run_stages(run)
+    meta = {"size": name, "machine": rp.machine(), "parent": parent.label, "data": args.data,
+            "train_tokens": int(make_data(parent, args.data, "train", seq_len=size.seq_len).tokens.numel()),
+            "batch": [size.batch_size, size.seq_len], "precision": size.precision, "planned_minutes": size.minutes,
+            "plan": {"sweep_lrs": size.sweep_lrs, "stages": [asdict(s) for s in size.stages]}}
+    return {**results_json(run, meta), "left_out": left_out}, run.runs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one size end to end (or redraw its saved JSON: --report-only); returns what the JSON holds."""
     parser = rp.bench_parser(__doc__, smoke="a minute on a tiny parent (give --parent, --data)",
-                             gpu="100M+ tokens per arm; give --data a large corpus", threads=rp.THREADS_HELP)
+                             gpu="100M+ tokens per arm; give --data a large corpus", threads=rp.THREADS_HELP,
+                             report_only="redraw the plots, report and README text from the size's JSON in --out")
     parser.add_argument("--parent", default="default", help="parent id (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data", default="default", help="data id (default: the embedded Wikipedia text)")
     parser.add_argument("--out", type=Path, help="folder for the JSON, plots and BENCHMARKS.md (default docs/)")
     parser.add_argument("--readme", type=Path, help="README whose marked budget line to rewrite (default: "
                         "README.md for the cpu and gpu sizes, none for smoke)")
-    parser.add_argument("--from-json", type=Path, help="redraw the plots, report and README text from a "
-                        "speedup_vs_budget.json (trains nothing)")
-    parser.add_argument("--lrs", help="the first stage's lr grid instead of the size's, e.g. "
-                        "random=5e-4,1e-3,2e-3,subclone=5e-4,1e-3 (an arm not named keeps the size's grid)")
-    parser.add_argument("--from-child", type=Path, help="train this saved subcloned child (`subclone make`) and "
-                        "random init of its config, without the parent (stages that need it are left out)")
-    return parser.parse_args(argv)
-
-
-def measure(args: argparse.Namespace, name: str) -> tuple[dict[str, Any], Size, Path]:
-    """Calibrate (or take a saved child as the parent: --from-child) and run the size's stages (the --lrs grid,
-    without the stages a saved child cannot run); returns the JSON, the size and the folder of run metrics."""
-    size = SIZES[name]
-    if args.lrs:
-        size = replace(size, sweep_lrs={**size.sweep_lrs, **parse_lr_sweep(args.lrs, ARMS, "--lrs")})
-    size, left_out = without_parent(size) if args.from_child else (size, [])
-    start = time.perf_counter()
-    parent = load_parent(str(args.from_child) if args.from_child else args.parent)
-    importance = None if args.from_child else measure_importance(parent, args.data, tokens=size.calib_tokens)
-    if args.from_child:
-        manifest = read_manifest(args.from_child)
-        made_from = (manifest.parent.label if manifest and manifest.parent else None) or "a parent"
-        parent.label = f"{parent.label}: a child of {made_from}, saved by `subclone make`"
-    ctx = Context(parent, importance, args.data, size, Path(tempfile.mkdtemp(prefix=f"subclone-budget-{name}-runs-")),
-                  from_child=bool(args.from_child))
-    calibration = time.perf_counter() - start
-    outcome = run_size(ctx)
-    outcome.seconds = {"calibration": calibration, **outcome.seconds}
-    meta = {"size": name, "machine": rp.machine(), "parent": parent.label, "data": args.data,
-            "train_tokens": int(make_data(parent, args.data, "train", seq_len=size.seq_len).tokens.numel()),
-            "batch": [size.batch_size, size.seq_len], "precision": size.precision, "planned_minutes": size.minutes,
-            "plan": {"sweep_lrs": size.sweep_lrs, "stages": [asdict(s) for s in size.stages]}}
-    results = {**results_json(outcome, size, meta), "left_out": left_out}
-    results["seed_spread"] = seed_spread(outcome, size)
-    return results, size, ctx.runs
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run one size end to end (or redraw a saved JSON: --from-json); returns what it wrote to the JSON."""
-    args = parse_args(argv)
-    start = time.perf_counter()
-    if args.from_json:
-        results = json.loads(args.from_json.read_text())
-        name, size, runs = results["size"], SIZES[results["size"]], None
-    else:
-        h.start(args)
-        name = h.size_name(args)
-        results, size, runs = measure(args, name)
+    parser.add_argument("--from-child", type=Path, help="train this child saved by `subclone make` and random init "
+                        "of its config, without the parent (the stages that need it are left out)")
+    args = parser.parse_args(argv)
+    h.start(args)
+    name, start = h.size_name(args), time.perf_counter()
     paths = outputs(name, args.out)
-    write_all(results, size, paths, args.readme if args.readme or name == "smoke" else README)
+    if args.report_only:
+        results, runs = json.loads(paths["json"].read_text()), None
+    else:
+        results, runs = measure(args, name)
+    write_all(results, SIZES[name], paths, args.readme or (None if name == "smoke" else rp.ROOT / "README.md"))
     if runs:
         print(render("budget_summary", r=results, headline=headline(results), tokens=fmt_tokens))
         print(f"\nwrote {paths['json']}, the plots and {paths['doc']}; run metrics in {runs}; "

@@ -1,14 +1,12 @@
-"""Children of every embedded real parent against random init: step-0 loss over a grid of shapes, then a
-short matched training run at the aggressive shape (see bench/README.md). Writes docs/quality.json,
-docs/bench_quality.png and the "quality" section of docs/BENCHMARKS.md (smoke: a temporary folder). Its lr
-sweep (lr_trainer, train_one, arm_json, chosen_run) trains bench_methods' arms too.
+"""Children of every embedded real parent against random init: step-0 loss over a grid of shapes, then a short
+matched training run at the aggressive shape (see bench/README.md). Writes quality.json, bench_quality.png and the
+"quality" section of BENCHMARKS.md in docs/ (smoke: a temporary folder). Its lr sweep trains bench_methods' arms.
 
-Run: python -m bench.bench_quality [--smoke] [--parents default,gemma3-270m,coder] [--skip-training]
+Run: python -m bench.bench_quality [--smoke] [--parents default,gemma3-270m,coder] [--skip-training] [--report-only]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -54,9 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "parent-inputs": ("refit on the parent's inputs", {"refit": True, "refit_inputs": "parent"}),
     "random": ("random init", {"strategy": "random"}),
 }
-# the variants a parent runs where not all: each of the 1.78B coder parent's makes takes minutes; its default (the
-# Llama table's refit on the child's inputs) is checked against the parent's inputs on a parent the default was
-# not chosen on
+# the variants a parent runs where not all: each of the 1.78B coder's makes takes minutes; its default (the Llama
+# table's refit on the child's inputs) is checked against the parent's inputs on a parent it was not chosen on
 VARIANTS_OF: dict[str, tuple[str, ...]] = {CODER: ("read", "default", "parent-inputs", "random")}
 SKIPPED = "not run for this parent (see VARIANTS_OF in bench/bench_quality.py)"
 ARMS = ("default", "random")  # the training part: the default child against random init
@@ -64,6 +61,7 @@ STRATEGY_OF = {"default": "subclone", "random": "random"}  # the key of each arm
 NAT_MARGIN = 1.0  # the report says whether the default child starts at least this far below random init
 COLORS = {"before": "#ff7f0e", "read": "#2ca02c", "written-refit": "#9467bd", "default": "#1f77b4",
           "parent-inputs": "#8c564b", "random": "#d62728"}
+PLOT = "bench_quality.png"
 
 # Width rows of the real parents at about 100/80/60/40% of the hidden size. Heads follow where a valid KV
 # count exists: SmolLM2's 3 KV heads (3 queries each at most) allow 9, 6, 4 or 3 heads but not 7 or 8, and
@@ -87,9 +85,8 @@ AGGRESSIVE_SHAPES: dict[str, dict[str, int]] = {
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """The matched training run of one parent at its aggressive shape: sequences (of Size.seq_len tokens) per
-    step, steps per run, each arm's learning rates (every run on the identical batches), evaluations after step 0
-    (evenly in log(step)) and the engine's mixed_precision ("bf16": autocast, also on the CPU)."""
+    """One parent's matched training at its aggressive shape: every run on the identical batches, evaluations
+    after step 0 evenly in log(step), the engine's mixed_precision ("bf16": autocast, also on the CPU)."""
 
     batch_size: int
     steps: int
@@ -100,10 +97,8 @@ class TrainPlan:
 
 @dataclass(frozen=True)
 class Size:
-    """Everything one size runs: the parents without --parents, calibration tokens (train split, once per
-    parent), the fixed validation set, the grid's hidden shares (a parent without a WIDTHS row) and block shares,
-    each parent's training plan (None: step 0 only; "*": any other parent), the sequence length and the
-    validation batch."""
+    """One size: its parents, calibration tokens (train split), the fixed validation set, the grid's shares
+    (widths of a parent without WIDTHS, depths), each parent's training plan (None: none; "*": any other)."""
 
     parents: tuple[str, ...]
     calib_tokens: int
@@ -113,10 +108,6 @@ class Size:
     training: dict[str, TrainPlan | None]
     seq_len: int = 128
     eval_batch: int = 8
-
-    def plan_for(self, parent_id: str) -> TrainPlan | None:
-        """The parent's own plan (None: no training), else the "*" plan."""
-        return self.training[parent_id] if parent_id in self.training else self.training["*"]
 
 
 RANDOM_LRS = (1e-3, 2e-3, 4e-3)
@@ -134,12 +125,20 @@ SIZES = {
 }
 
 
-# --- the grid of shapes and its step-0 losses -----------------------------------------------------------
+def log(text: str) -> None:
+    """A progress line on stderr."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def sizes_of(shape: Shape, keys: tuple[str, ...] = ("layers", *WIDTH_KEYS)) -> dict[str, int]:
     """The plan_shape keywords of a shape (head_dim never changes), or the ``keys`` given."""
     return {k: getattr(shape, k) for k in keys}
+
+
+def width_at(model: torch.nn.Module, ratio: float) -> Shape:
+    """The valid shape nearest to every width of the model times ``ratio``, every block kept."""
+    base = Shape.of(model.config)
+    return nearest_valid_shape(model, {k: max(1, round(getattr(base, k) * ratio)) for k in WIDTH_KEYS})
 
 
 def parameter_total(model: torch.nn.Module) -> int:
@@ -148,17 +147,17 @@ def parameter_total(model: torch.nn.Module) -> int:
 
 
 def shape_grid(parent: Parent, key: str, size: Size) -> list[dict[str, Any]]:
-    """Each width at each depth (widest and deepest first), then the aggressive shape where it is new;
-    every shape validated by plan_shape. Rows: {"sizes", "aggressive", "grid"} (grid: a width x depth row)."""
-    base = Shape.of(parent.model.config)
-    widths = [dict(zip(WIDTH_KEYS, w)) for w in WIDTHS[key]] if key in WIDTHS else [  # else: nearest valid
-        sizes_of(nearest_valid_shape(parent.model, {k: max(1, round(getattr(base, k) * r)) for k in WIDTH_KEYS}),
-                 WIDTH_KEYS) for r in size.width_ratios]
-    depths = sorted({max(1, round(base.layers * r)) for r in DEPTHS_OF.get(key, size.depth_ratios)}, reverse=True)
-    grid = [sizes_of(plan_shape(parent.model, layers=d, **w)) for w in widths for d in depths]
+    """Each width at each depth (widest and deepest first), then the aggressive shape where it is new, each
+    validated by plan_shape. Rows: {"sizes", "aggressive", "grid"} (grid: a width x depth row)."""
+    model = parent.model
+    widths = ([dict(zip(WIDTH_KEYS, w)) for w in WIDTHS[key]] if key in WIDTHS
+              else [sizes_of(width_at(model, r), WIDTH_KEYS) for r in size.width_ratios])
+    layers = Shape.of(model.config).layers
+    depths = sorted({max(1, round(layers * r)) for r in DEPTHS_OF.get(key, size.depth_ratios)}, reverse=True)
+    grid = [sizes_of(plan_shape(model, layers=d, **w)) for w in widths for d in depths]
     grid = [dict(t) for t in dict.fromkeys(tuple(s.items()) for s in grid)]  # derived ratios may coincide
-    wanted = dict(AGGRESSIVE_SHAPES[key]) if key in AGGRESSIVE_SHAPES else sizes_of(suggested_shape(parent.model))
-    aggressive = sizes_of(plan_shape(parent.model, **wanted))
+    wanted = dict(AGGRESSIVE_SHAPES[key]) if key in AGGRESSIVE_SHAPES else sizes_of(suggested_shape(model))
+    aggressive = sizes_of(plan_shape(model, **wanted))
     rows = [{"sizes": s, "aggressive": s == aggressive, "grid": True} for s in grid]
     return rows if aggressive in grid else [*rows, {"sizes": aggressive, "aggressive": True, "grid": False}]
 
@@ -171,19 +170,20 @@ def shape_text(sizes: dict[str, int]) -> str:
 
 def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any], size: Size,
                   key: str = "") -> dict[str, Any]:
-    """The step-0 validation loss of every variant of one shape, and the child's parameter count; a variant
-    that the calibration cannot serve (a refit without Gram matrices) has loss None and its reason."""
+    """The step-0 validation loss of every variant of one shape and the child's parameters; a variant not run
+    or that the calibration cannot serve (a refit without Gram matrices) has loss None and its reason."""
     start, base, sizes = time.perf_counter(), Shape.of(parent.model.config), row["sizes"]
     target = plan_shape(parent.model, **sizes)
     losses, params, missing = {}, 0, {}
     for name, (_, options) in VARIANTS.items():
+        losses[name] = None
         if name not in VARIANTS_OF.get(key, tuple(VARIANTS)):
-            losses[name], missing[name] = None, SKIPPED
+            missing[name] = SKIPPED
             continue
         try:
             child = variant_child(parent, target, importance, size, options)
         except SubcloneError as err:
-            losses[name], missing[name] = None, str(err)
+            missing[name] = str(err)
             continue
         losses[name] = evaluate(child, val.batches(size.eval_batch))["loss"]
         params = params or parameter_total(child)
@@ -194,14 +194,14 @@ def measure_shape(parent: Parent, importance: Any, val: Any, row: dict[str, Any]
               "params": params, "losses": losses, "seconds": time.perf_counter() - start}
     if missing:  # only then: the JSON of a shape with every variant stays as it was
         result["missing"] = missing
-    print(f"  {result['text']}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in losses.items()) +
-          f" ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    log(f"  {result['text']}: " + ", ".join(f"{k} {fmt_value(v)}" for k, v in losses.items()) +
+        f" ({result['seconds']:.0f} s)")
     return result
 
 
 def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, options: dict[str, Any]) -> Any:
-    """One variant's child as `make` builds it (the refit reads the parent block by block on the calibration's
-    own data); a "refit_inputs" option replaces the family table's for this child."""
+    """One variant's child as `make` builds it from the calibration; a "refit_inputs" option replaces the
+    family table's for this child."""
     options = dict(options)
     table_fields = {"refit_inputs": options.pop("refit_inputs")} if "refit_inputs" in options else {}
     with with_table(parent.model.config.model_type, table_fields):
@@ -214,8 +214,8 @@ def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, op
 
 def lr_trainer(parent: Parent, data_id: str, val: Any, plan: Any, seq_len: int, eval_batch: int, tag: str,
                runs: Path) -> Callable[[str, Any, str], Callable[[float], tuple[RunResult, dict]]]:
-    """``trainer(name, model, strategy)(lr)``: one run of ``plan`` (its steps, batch_size, evals after step 0
-    evenly in log(step), precision) from a fresh copy of ``model``, every run on the identical batches."""
+    """``trainer(name, model, strategy)(lr)``: one run of ``plan`` (steps, batch_size, evals, precision) from a
+    fresh copy of ``model``, every run on the identical batches."""
     data = (make_data(parent, data_id, "train", seq_len=seq_len), val)
     evals = rp.log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else ()  # + the last step
     config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=eval_batch, eval_at=evals,
@@ -227,9 +227,8 @@ def lr_trainer(parent: Parent, data_id: str, val: Any, plan: Any, seq_len: int, 
 
 
 def train_one(cand: Any, data: tuple[Any, Any], config: Any, tag: str, runs: Path) -> tuple[RunResult, dict]:
-    """One run through the library's engine (its own call: one model's optimizer state in memory at a time; the
-    seed alone fixes the batch order, so every run sees the identical batches); with its JSON: lr, status,
-    validation curve against tokens, start/best/final loss and throughput."""
+    """One run, its own engine call (one optimizer state in memory at a time; the seed alone fixes the batches),
+    with its JSON: lr, status, validation curve against tokens, start/best/final loss and throughput."""
     start = time.perf_counter()
     result = h.train([cand], data[0], data[1], config, tag, runs / f"{tag}-{cand.name}.jsonl")[cand.name]
     f = h.facts(result)
@@ -237,8 +236,8 @@ def train_one(cand: Any, data: tuple[Any, Any], config: Any, tag: str, runs: Pat
     row = {**h.pick(f, "lr", "status", "message", "steps", "tokens", "val_loss"),
            "start": losses[0] if losses else None, "best": f["best"], "final": losses[-1] if losses else None,
            "tokens_per_s": result.throughput, "seconds": time.perf_counter() - start}
-    print(f"[{tag}] {cand.name}: {row['tokens_per_s']:.0f} tokens/s of training, best loss "
-          f"{fmt_value(row['best'])} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    log(f"[{tag}] {cand.name}: {row['tokens_per_s']:.0f} tokens/s of training, best loss {fmt_value(row['best'])} "
+        f"({row['seconds']:.0f} s)")
     return result, row
 
 
@@ -260,9 +259,6 @@ def chosen_run(data: dict[str, Any]) -> dict[str, Any] | None:
     return next((r for r in data["runs"] if r["lr"] == data["chosen_lr"]), None)
 
 
-# --- the matched training run and one parent ------------------------------------------------------------
-
-
 def comparison(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Where the default child starts against what random init's best run reaches, and when it got there."""
     child, random = chosen_run(arms["default"]), chosen_run(arms["random"])
@@ -275,16 +271,15 @@ def comparison(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "random_reached_at": reached, "tokens": random["tokens"][-1] if random["tokens"] else 0}
 
 
-def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int], size: Size, key: str,
-               runs: Path, data_id: str = DATA) -> dict[str, Any]:
-    """Every arm at every lr of the parent's plan on the identical batches, at the aggressive shape."""
-    plan = size.plan_for(key)
+def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int], size: Size, plan: TrainPlan,
+               key: str, runs: Path, data_id: str) -> dict[str, Any]:
+    """Every arm at every lr of ``plan`` on the identical batches, at the aggressive shape."""
     target = plan_shape(parent.model, **sizes)
     models = {arm: variant_child(parent, target, importance, size, VARIANTS[arm][1]) for arm in ARMS}
     tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[-60:]  # a parent id may be a path
     trainer = lr_trainer(parent, data_id, val, plan, size.seq_len, size.eval_batch, tag, runs)
-    print(f"[{key}] training {shape_text(sizes)}: {plan.steps} steps of {plan.batch_size} x {size.seq_len} tokens "
-          f"per run, {sum(len(plan.lrs[a]) for a in ARMS)} runs", file=sys.stderr, flush=True)
+    log(f"[{key}] training {shape_text(sizes)}: {plan.steps} steps of {plan.batch_size} x {size.seq_len} tokens "
+        f"per run, {sum(len(plan.lrs[a]) for a in ARMS)} runs")
     arms = {}
     for arm in ARMS:
         train_at = trainer(arm, models[arm], STRATEGY_OF[arm])
@@ -294,14 +289,14 @@ def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int],
 
 
 def open_parent(key: str, work: Path) -> tuple[Parent | None, str | None]:
-    """The parent in float32 (the tiny parent written into the work folder, the coder's GGUF downloaded into the
-    cache on first use, or the id itself), or None and why (also printed) when it cannot be loaded."""
+    """The parent in float32 (the tiny one written into ``work``, the coder's GGUF fetched into the cache on
+    first use, or the id itself), or None and why (also printed) when it cannot be loaded."""
     try:
         parent_id = smoke_parent(work) if key == SMOKE_PARENT else (
             str(coder.coder_parent_gguf()) if key == CODER else key)
         parent = load_parent(parent_id, dtype="float32")
     except (SubcloneError, OSError) as err:  # OSError: the coder's download or disk
-        print(f"note: skipping parent {key!r}: {err}", file=sys.stderr, flush=True)
+        log(f"note: skipping parent {key!r}: {err}")
         return None, str(err)
     if key == CODER:
         parent.label = coder.LABEL  # its file name says less
@@ -318,7 +313,7 @@ def smoke_parent(folder: Path) -> str:
 
 def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: Path,
                data: str = DATA) -> dict[str, Any]:
-    """Calibrate, measure the grid, train at the aggressive shape (where the size plans it); everything of one
+    """Calibrate, measure the grid, train at the aggressive shape (where the size plans it): everything of one
     parent on one data set as JSON."""
     start = time.perf_counter()
     data_id = str(coder.coder_data()) if data == CODE else data  # the code data: built into the cache once
@@ -333,40 +328,32 @@ def run_parent(parent: Parent, key: str, size: Size, skip_training: bool, runs: 
               "calib_tokens": importance.tokens, "val_tokens": int(val.tokens.numel())}
     if key in RUNS_OF:  # only a parent run on several data sets names it: the others' JSON stays as it was
         result["data"] = data
-    print(f"[{key}] {label}: loss {result['loss']:.3f}, calibrated in {seconds['calibration']:.0f} s",
-          file=sys.stderr, flush=True)
+    log(f"[{key}] {label}: loss {result['loss']:.3f}, calibrated in {seconds['calibration']:.0f} s")
     begin = time.perf_counter()
     result["shapes"] = [measure_shape(parent, importance, val, row, size, key) for row in shape_grid(parent, key, size)]
     seconds["grid"], result["training"] = time.perf_counter() - begin, None
-    if not skip_training and size.plan_for(key) is not None:
+    if not skip_training and (plan := size.training.get(key, size.training["*"])) is not None:
         begin = time.perf_counter()
         aggressive = next(s["sizes"] for s in result["shapes"] if s["aggressive"])
-        result["training"] = train_arms(parent, importance, val, aggressive, size, key, runs, data_id)
+        result["training"] = train_arms(parent, importance, val, aggressive, size, plan, key, runs, data_id)
         seconds["training"] = time.perf_counter() - begin
     return {**result, "seconds": seconds}
 
 
-# --- the report -----------------------------------------------------------------------------------------
-
-
-def grid_verdicts(result: dict[str, Any]) -> dict[str, Any]:
-    """Each shape's margin (nats the default child starts below random init), the shapes under NAT_MARGIN,
-    per variant the shapes where it has the lowest step-0 loss, and why a variant has no loss."""
-    shapes = [{**s, "margin": s["losses"]["random"] - s["losses"]["default"]} for s in result["shapes"]]
-    wins, reasons = dict.fromkeys(VARIANTS, 0), {}
-    for s in shapes:
-        measured = {k: v for k, v in s["losses"].items() if v is not None}
-        wins[min(measured, key=measured.get)] += 1
-        for key, reason in s.get("missing", {}).items():
-            reasons.setdefault(key, reason)
-    return {"shapes": shapes, "misses": [s["text"] for s in shapes if s["margin"] < NAT_MARGIN], "wins": wins,
-            "reasons": reasons}
-
-
 def section_markdown(results: dict[str, Any], plot: Path) -> str:
-    """The "quality" section of docs/BENCHMARKS.md (template quality.md.j2): per parent its numbers, the grid and
-    its training."""
-    parents = [{**p, **grid_verdicts(p), "shape_text": shape_text(p["shape"])} for p in results["parents"].values()]
+    """The "quality" section (template quality.md.j2); per parent each shape's margin (nats the default child
+    starts below random init), per variant the shapes where its step-0 loss is lowest, why one has no loss."""
+    parents = []
+    for p in results["parents"].values():
+        shapes = [{**s, "margin": s["losses"]["random"] - s["losses"]["default"]} for s in p["shapes"]]
+        wins, reasons = dict.fromkeys(VARIANTS, 0), {}
+        for s in shapes:
+            measured = {k: v for k, v in s["losses"].items() if v is not None}
+            wins[min(measured, key=measured.get)] += 1
+            for key, reason in s.get("missing", {}).items():
+                reasons.setdefault(key, reason)
+        parents.append({**p, "shapes": shapes, "misses": [s["text"] for s in shapes if s["margin"] < NAT_MARGIN],
+                        "wins": wins, "reasons": reasons, "shape_text": shape_text(p["shape"])})
     edges = {"low": "the lowest of its grid: a lower lr may be better",
              "high": "the highest of its grid: a higher lr may be better", None: "inside its grid"}
     return render("quality", **{**results, "parents": parents, "carried": results.get("carried")}, plot=plot.name,
@@ -375,9 +362,8 @@ def section_markdown(results: dict[str, Any], plot: Path) -> str:
 
 
 def plot_grid(ax: Any, result: dict[str, Any]) -> None:
-    """Step-0 loss against the kept hidden share: one line per variant and depth (random init dashed, the
-    shallower grid dotted, or dash-dotted for random init), the aggressive shape as stars, the parent's loss
-    as a grey line."""
+    """Step-0 loss against the kept hidden share: a line per variant and depth (random init dashed, the shallower
+    grid dotted, or dash-dotted for random init), the aggressive shape as stars, the parent as a grey line."""
     grid = [s for s in result["shapes"] if s["grid"]]
     for key, (label, _) in VARIANTS.items():
         for i, depth in enumerate(sorted({s["depth_share"] for s in grid}, reverse=True)):
@@ -417,78 +403,61 @@ def plot(results: dict[str, Any], path: Path) -> None:
     rp.save_figure(fig, path)
 
 
-# --- main -----------------------------------------------------------------------------------------------
-
-
-def outputs(name: str, out: Path | None) -> dict[str, Path]:
-    """docs/ for the cpu size, a temporary folder for the smoke size, or --out-dir."""
-    folder = h.folder(name, out, "subclone-quality-")
-    return {"json": folder / "quality.json", "plot": folder / "bench_quality.png", "doc": folder / rp.DOC.name}
-
-
-def write_all(results: dict[str, Any], paths: dict[str, Path]) -> None:
-    """The JSON, the plot and the BENCHMARKS.md section."""
-    write_text(paths["json"], json.dumps(results, indent=1, default=rp.json_default))
-    if results["parents"]:
-        plot(results, paths["plot"])
-    rp.write_section("quality", section_markdown(results, paths["plot"]), paths["doc"])
-
-
-def carry_over(results: dict[str, Any], path: Path, ran: list[str]) -> None:
-    """Put back the parents not run this time from an earlier JSON of the same size at ``path`` (their keys go
-    to results["carried"]), so that rerunning one parent does not erase the others' results."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    kept = {k: v for k, v in old.get("parents", {}).items() if k.split("@")[0] not in ran}
-    if kept and old.get("size") == results["size"]:
-        results["parents"] = {**kept, **results["parents"]}
-        results["carried"] = list(kept)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line: the size, its parents, step 0 only, the output folder, or a redraw."""
-    parser = rp.bench_parser(__doc__, smoke="seconds, on a tiny random parent (the test's size)",
-                             threads=rp.THREADS_HELP)
-    parser.add_argument("--parents", help="comma-separated parent ids (default: the size's: default,gemma3-270m,"
-                        "coder); the others' results are kept from the JSON already in the output folder")
-    parser.add_argument("--skip-training", action="store_true", help="step-0 losses only")
-    parser.add_argument("--out-dir", type=Path, help="folder for quality.json, the plot and BENCHMARKS.md "
-                        "(default docs/; smoke: a temporary folder)")
-    parser.add_argument("--from-json", type=Path, help="redraw the plot and the section from a quality.json")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run one size end to end (or redraw a saved JSON: --from-json); returns what it wrote to the JSON."""
-    args = parse_args(argv)
-    if args.from_json:
-        results = json.loads(args.from_json.read_text())
-        write_all(results, outputs(results["size"], args.out_dir))
-        return results
-    h.start(args)
-    name = h.size_name(args)
-    size, paths = SIZES[name], outputs(name, args.out_dir)
-    work = Path(tempfile.mkdtemp(prefix=f"subclone-quality-{name}-"))
-    start = time.perf_counter()
-    results: dict[str, Any] = {"size": name, "machine": rp.machine(), "data": DATA, "settings": asdict(size),
+def run_size(name: str, keys: list[str], skip_training: bool) -> dict[str, Any]:
+    """Every parent of ``keys`` on each of its data sets (a parent that cannot be loaded: skipped, with why)."""
+    work, start = Path(tempfile.mkdtemp(prefix=f"subclone-quality-{name}-")), time.perf_counter()
+    results: dict[str, Any] = {"size": name, "machine": rp.machine(), "data": DATA, "settings": asdict(SIZES[name]),
                                "parents": {}, "skipped": {}}
-    keys = args.parents.split(",") if args.parents else size.parents
     for key in keys:
         parent, reason = open_parent(key, work)
         if parent is None:
             results["skipped"][key] = reason
             continue
         for tag, data in RUNS_OF.get(key, ((key, DATA),)):
-            results["parents"][tag] = run_parent(parent, key, size, args.skip_training, work, data)
+            results["parents"][tag] = run_parent(parent, key, SIZES[name], skip_training, work, data)
         del parent
-    results["minutes"] = (time.perf_counter() - start) / 60
-    if args.parents:
-        carry_over(results, paths["json"], keys)
-    write_all(results, paths)
-    print(f"\n{section_markdown(results, paths['plot'])}\n\nwrote {paths['json']}, {paths['plot']} and "
-          f"{paths['doc']}; run metrics in {work}; total {results['minutes']:.1f} min")
+    log(f"run metrics in {work}")
+    return {**results, "minutes": (time.perf_counter() - start) / 60}
+
+
+def carried_over(results: dict[str, Any], path: Path, ran: list[str]) -> dict[str, Any]:
+    """The results with the parents not run this time put back from an earlier JSON of the same size at ``path``
+    (their keys in "carried"), so that rerunning one parent (--parents) keeps the others' published results."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    kept = {k: v for k, v in old.get("parents", {}).items() if k.split("@")[0] not in ran}
+    if not kept or old.get("size") != results["size"]:
+        return results
+    return {**results, "parents": {**kept, **results["parents"]}, "carried": list(kept)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one size end to end, or redraw the plot and the section from the saved JSON; returns the results."""
+    parser = rp.bench_parser(__doc__, smoke="seconds, on a tiny random parent (the test's size)",
+                             threads=rp.THREADS_HELP, report_only="redraw from the quality.json of --out-dir")
+    parser.add_argument("--parents", help="comma-separated parent ids (default: the size's); the size's other "
+                        "parents are kept from the JSON already in the output folder")
+    parser.add_argument("--skip-training", action="store_true", help="step-0 losses only")
+    parser.add_argument("--out-dir", type=Path, help="folder for quality.json, the plot and BENCHMARKS.md "
+                        "(default docs/; smoke: a temporary folder)")
+    args = parser.parse_args(argv)
+    h.start(args)
+    name = h.size_name(args)
+    folder = h.folder("cpu" if args.report_only else name, args.out_dir, "subclone-quality-")  # cpu: docs/
+    if args.report_only:
+        results = json.loads((folder / "quality.json").read_text())
+    else:
+        keys = args.parents.split(",") if args.parents else SIZES[name].parents
+        results = run_size(name, keys, args.skip_training)
+        if args.parents:
+            results = carried_over(results, folder / "quality.json", keys)
+        write_text(folder / "quality.json", json.dumps(results, indent=1, default=rp.json_default))
+    if results["parents"]:
+        plot(results, folder / PLOT)
+    rp.write_section("quality", section_markdown(results, folder / PLOT), folder / rp.DOC.name)
+    log(f"outputs in {folder}")
     return results
 
 

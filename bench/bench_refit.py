@@ -1,11 +1,10 @@
 """The least-squares refit's variants (whose inputs, towards what) on the embedded real parents, at step 0 (see
-bench/README.md). Writes docs/refit_variants.json and a section of docs/BENCHMARKS.md. With --refit-tokens, the
-family's own refit on fewer or more tokens than the calibration's instead (what a faster app step would cost):
-docs/refit_tokens.json and its section. With --refit-dtypes, the family's own refit with its blocks run in each
-dtype (children.refit_dtype_for): docs/refit_dtype.json and its section.
+bench/README.md): docs/refit_variants.json and its section of docs/BENCHMARKS.md; with --refit-tokens or
+--refit-dtypes, the family's own refit on each token count or in each dtype instead: docs/refit_tokens.json or
+docs/refit_dtype.json and its section.
 
-Run: python -m bench.bench_refit [--parents default,gemma3-270m] [--tokens 4096] [--refit-tokens 1024,...]
-     [--refit-dtypes float32,bfloat16] [--smoke]
+Run: python -m bench.bench_refit [--parents default,gemma3-270m] [--tokens 4096] [--smoke] [--report-only]
+     [--refit-tokens 1024,2048,4096,8192 | --refit-dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 
 from bench._report import AGGRESSIVE, DOCS, PAPER_LIKE, bench_parser, machine, render, write_section
 from subclone_core.core import archs
@@ -39,7 +39,7 @@ SHAPES = {  # the shapes of the quality bench: 60% width, and a narrow or shallo
     "gemma3-270m": [{"layers": 18, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024},
                     {"layers": 12, "hidden": 384, "heads": 2, "kv_heads": 1, "ffn": 1024}],
 }
-SIZE_KEYS = ("layers", "hidden", "heads", "kv_heads", "ffn")
+VARIANT_ARMS = {name: (fields, {"refit": fields is not None}) for name, (_, fields) in VARIANTS.items()}
 
 
 @contextlib.contextmanager
@@ -64,39 +64,28 @@ def step0(parent, target, val, tag: str, fields: dict | None = None, **options) 
     return result
 
 
-def measure_parent(parent_id: str, tokens: int, shapes: list[dict]) -> dict:
-    """Step-0 validation loss of every variant and of random init, per shape."""
+def measure(parent_id: str, tokens: int, arms: dict[str, tuple[dict | None, dict]], smoke: bool) -> dict:
+    """Step-0 validation loss of children of one parent, one calibration on ``tokens`` choosing what each keeps,
+    made with each arm's refit table fields and make_child options, per shape. The variants (VARIANT_ARMS) add
+    random init and validate on ``tokens`` tokens; other arms validate on 4,096, the Child page's start first."""
+    variants = arms is VARIANT_ARMS
     parent = load_parent(parent_id)
     importance = measure_importance(parent, "default", tokens=tokens)
-    val = make_data(parent, "default", "validation", seq_len=128, max_tokens=tokens)
-    rows = []
-    for sizes in shapes:
-        target, row = plan_shape(parent.model, **sizes), {"shape": sizes}
-        for name, (_, fields) in VARIANTS.items():
-            row[name] = step0(parent, target, val, f"{parent_id} {sizes} {name}", fields, importance=importance,
-                              data_id="default", calib_tokens=tokens, refit=fields is not None)
-        random = make_child(parent, target, strategy="random")
-        row["random"] = {"loss": evaluate(random.model, val.batches(8))["loss"]}
-        rows.append(row)
-    return {"parent": parent_id, "label": parent.label, "tokens": tokens, "rows": rows}
-
-
-def measure_arms(parent_id: str, tokens: int, arms: dict[str, dict], shapes: list[dict]) -> dict:
-    """Step-0 validation loss and build seconds of the family's default child made with each arm's make_child
-    options (a refit token count, a refit dtype; one calibration on ``tokens`` chooses what every child keeps), per
-    shape: the Child page's starting shape first."""
-    parent = load_parent(parent_id)
-    importance = measure_importance(parent, "default", tokens=tokens)
-    val = make_data(parent, "default", "validation", seq_len=128, max_tokens=4096)
+    val = make_data(parent, "default", "validation", seq_len=128, max_tokens=tokens if variants else 4096)
     start = starting_shape(parent.model)
-    starting = {k: getattr(start, k) for k in SIZE_KEYS}
+    starting, shapes = {k: v for k, v in start.as_dict().items() if k != "head_dim"}, SHAPES[parent_id]
+    if not variants:  # the Child page's starting shape first (SmolLM2's paper-like shape is its start)
+        shapes = [starting, *(s for s in shapes if s != starting)]
     rows = []
-    for sizes in [starting, *(s for s in shapes if s != starting)]:  # SmolLM2's paper-like shape is its start
+    for sizes in (shapes[-1:] if variants else shapes[:1]) if smoke else shapes:
         target = plan_shape(parent.model, **sizes)
-        row = {"shape": sizes, "start": target == start}
-        for arm, options in arms.items():
-            row[arm] = step0(parent, target, val, f"{parent_id} {sizes} refit {arm}", importance=importance,
-                             data_id="default", **{"calib_tokens": tokens, **options})
+        row = {"shape": sizes} if variants else {"shape": sizes, "start": target == start}
+        for name, (fields, options) in arms.items():
+            row[name] = step0(parent, target, val, f"{parent_id} {sizes} {name}", fields, importance=importance,
+                              data_id="default", **{"calib_tokens": tokens, **options})
+        if variants:
+            random = make_child(parent, target, strategy="random")
+            row["random"] = {"loss": evaluate(random.model, val.batches(8))["loss"]}
         rows.append(row)
     return {"parent": parent_id, "label": parent.label, "tokens": tokens, "rows": rows}
 
@@ -106,61 +95,44 @@ def shape_text(s: dict) -> str:
     return f"{s['layers']} x {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, FFN {s['ffn']}"
 
 
-def tokens_markdown(report: dict) -> str:
-    """The "bench_refit_tokens" section (template bench/templates/bench_refit_tokens.md.j2): loss and seconds per
-    refit token count, and each count's difference from the calibration's own."""
-    return render("bench_refit_tokens", **{"notes": "", **report}, shape=shape_text)
+def markdown(report: dict, section: str = "bench_refit") -> str:
+    """A section of docs/BENCHMARKS.md drawn by its template (bench/templates/SECTION.md.j2) from its report: the
+    variants', or (tokens_markdown, dtype_markdown) the refit token counts' or dtypes'."""
+    return render(section, **{"notes": "", **report}, variants=VARIANTS, shape=shape_text)
 
 
-def dtype_markdown(report: dict) -> str:
-    """The "bench_refit_dtype" section (template bench/templates/bench_refit_dtype.md.j2)."""
-    return render("bench_refit_dtype", **{"notes": "", **report}, shape=shape_text)
-
-
-def markdown(report: dict) -> str:
-    """The "bench_refit" section of docs/BENCHMARKS.md (template bench/templates/bench_refit.md.j2)."""
-    return render("bench_refit", **{"notes": "", **report}, variants=VARIANTS, shape=shape_text)
+tokens_markdown = partial(markdown, section="bench_refit_tokens")
+dtype_markdown = partial(markdown, section="bench_refit_dtype")
+# which report (by its flag): its JSON under docs/, its section and the make_child option its arms vary
+REPORTS = {"variants": ("refit_variants", "bench_refit", None),
+           "refit_tokens": ("refit_tokens", "bench_refit_tokens", "calib_tokens"),
+           "refit_dtypes": ("refit_dtype", "bench_refit_dtype", "refit_dtype")}
 
 
 def main() -> int:
+    """Measure one report's children on each parent, or redraw its section from its JSON."""
     parser = bench_parser(__doc__, smoke="one shape of the default parent, 512 tokens, no docs",
-                          report_only="rewrite the section from docs/refit_variants.json")
+                          report_only="rewrite the section from the saved JSON")
     parser.add_argument("--parents", default="default,gemma3-270m")
     parser.add_argument("--tokens", type=int, default=4096)
-    arms = parser.add_mutually_exclusive_group()
-    arms.add_argument("--refit-tokens", default=None, help="comma-separated refit token counts, e.g. 1024,4096")
-    arms.add_argument("--refit-dtypes", default=None, help="comma-separated refit dtypes, e.g. float32,bfloat16")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--refit-tokens", type=lambda s: [int(c) for c in s.split(",")],
+                      help="comma-separated refit token counts, e.g. 1024,4096")
+    which.add_argument("--refit-dtypes", type=lambda s: s.split(","), help="comma-separated dtypes: float32,bfloat16")
     args = parser.parse_args()
-    parents = ["default"] if args.smoke else args.parents.split(",")
-    tokens = 512 if args.smoke else args.tokens
-    by_tokens, by_dtype = args.refit_tokens is not None, args.refit_dtypes is not None
-    name, section = ("refit_tokens", "bench_refit_tokens") if by_tokens else ("refit_variants", "bench_refit")
-    markdown_of = tokens_markdown if by_tokens else markdown
-    if by_dtype:
-        name, section = "refit_dtype", "bench_refit_dtype"
-        markdown_of = dtype_markdown
+    kind = "refit_tokens" if args.refit_tokens else "refit_dtypes" if args.refit_dtypes else "variants"
+    name, section, option = REPORTS[kind]
     if args.report_only:
-        write_section(section, markdown_of(json.loads((DOCS / f"{name}.json").read_text())))
+        write_section(section, markdown(json.loads((DOCS / f"{name}.json").read_text()), section))
         return 0
-    if by_tokens:
-        try:
-            counts = [int(c) for c in args.refit_tokens.split(",")]
-        except ValueError:
-            raise SystemExit(f"--refit-tokens {args.refit_tokens!r} is not a list of counts like 1024,4096") from None
-        arms = {str(count): {"calib_tokens": count} for count in counts}
-        results = [measure_arms(p, tokens, arms, [] if args.smoke else SHAPES[p]) for p in parents]
-        report = {"tokens": tokens, "refit_tokens": counts, "machine": machine(), "results": results}
-    elif by_dtype:
-        dtypes = args.refit_dtypes.split(",")
-        arms = {dtype: {"refit_dtype": dtype} for dtype in dtypes}
-        results = [measure_arms(p, tokens, arms, [] if args.smoke else SHAPES[p]) for p in parents]
-        report = {"tokens": tokens, "refit_dtypes": dtypes, "machine": machine(), "results": results}
-    else:
-        results = [measure_parent(p, tokens, SHAPES[p][-1:] if args.smoke else SHAPES[p]) for p in parents]
-        report = {"tokens": tokens, "machine": machine(), "results": results}
+    values = getattr(args, kind, None)
+    arms = {str(value): (None, {option: value}) for value in values} if option else VARIANT_ARMS
+    parents, tokens = (["default"], 512) if args.smoke else (args.parents.split(","), args.tokens)
+    results = [measure(parent, tokens, arms, args.smoke) for parent in parents]
+    report = {"tokens": tokens, **({kind: values} if option else {}), "machine": machine(), "results": results}
     if not args.smoke:
         write_text(DOCS / f"{name}.json", json.dumps(report, indent=1))
-        write_section(section, markdown_of(report))
+        write_section(section, markdown(report, section))
     return 0
 
 

@@ -1,13 +1,13 @@
 """How the core scales with the parent: synthetic Llama-shaped parents of about 0.1-3B parameters, measured in
 memory and with --max-memory at a quarter (see bench/README.md). Writes docs/scale.json, docs/bench_scale.png
-and a BENCHMARKS.md section; --sequential and --ablation write docs/sequential.json and docs/ablation.json.
+and a BENCHMARKS.md section; --sequential and --ablation (on the 1B parent) write docs/sequential.json and
+docs/ablation.json and their sections.
 
-Run: python -m bench.bench_scale [--sizes 0.1B,0.5B,1B,3B] [--sequential | --ablation [--size 1B]] [--smoke]
+Run: python -m bench.bench_scale [--sizes 0.1B,0.5B,1B,3B] [--sequential | --ablation] [--smoke] [--work DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -24,7 +24,11 @@ from pathlib import Path
 import torch
 
 from bench._report import DOCS, ROOT, bench_parser, panels, render, save_figure, write_section
+from subclone_core.analysis.probes import ablate_parent
+from subclone_core.core.strategies import plan_shape
 from subclone_core.io.atomic import write_text
+from subclone_core.sources.parents import load_parent
+from subclone_core.workflow.children import make_child, make_child_into_folder, measure_importance
 
 # name: (hidden, blocks, heads, kv heads, FFN); vocabulary 49,152 (the default parent's tokenizer), tied head
 SIZES = {"0.1B": (768, 12, 12, 4, 2048), "0.25B": (1024, 16, 16, 4, 2816), "0.5B": (1024, 24, 16, 4, 5120),
@@ -49,8 +53,8 @@ def peak_memory(every: float = 0.005) -> Iterator[dict[str, float]]:
 
     def sample() -> None:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        peaks["anon"] = max(peaks["anon"], int(status["RssAnon"].split()[0]) / 2**20)
-        peaks["rss"] = max(peaks["rss"], int(status["VmRSS"].split()[0]) / 2**20)
+        for key, field in (("anon", "RssAnon"), ("rss", "VmRSS")):
+            peaks[key] = max(peaks[key], int(status[field].split()[0]) / 2**20)
 
     def watch() -> None:
         while not stop.wait(every):
@@ -103,19 +107,12 @@ def write_parent(folder: Path, size: str) -> dict:
     return {"parameters": total, "bytes": 2 * total}
 
 
-def synthetic(size: str, work: Path) -> tuple[Path, dict, str]:
-    """The synthetic parent of a size in ``work`` (written once), its parameters and bytes, and a quarter of
-    its bytes as a --max-memory budget."""
+def synthetic(size: str, work: Path) -> tuple[Path, dict]:
+    """The synthetic parent of a size, written into ``work``, and what every report says of it first: its size,
+    parameters, bytes and a quarter of the bytes as a --max-memory budget."""
     parent = work / f"parent-{size}"
-    if (parent / "config.json").exists():
-        total = json.loads((parent / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-        facts = {"parameters": total // 2, "bytes": total}
-    else:
-        facts = write_parent(parent, size)
-    return parent, facts, f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"
-
-
-# --- the workers: one measurement each, in a fresh process (run_fresh) -----------------------------------
+    facts = write_parent(parent, size)
+    return parent, {"size": size, **facts, "quarter": f"{max(1, facts['bytes'] // 4 // 2**20)}MiB"}
 
 
 class CountingOpen:
@@ -143,22 +140,29 @@ class CountingOpen:
         return getattr(self.inner, name)
 
 
-def make_worker(args: argparse.Namespace) -> dict:
-    """`make`'s work: calibrate, build and save (the child halves every dimension), with peak memory sampled."""
-    from subclone_core.core.strategies import plan_shape
-    from subclone_core.sources.parents import load_parent
-    from subclone_core.workflow.children import make_child, make_child_into_folder, measure_importance
+def counted() -> None:
+    """A worker's start: its torch threads (BENCH_THREADS, default 2) and every tensor read counted."""
+    from accelerate.utils import offload
 
-    hidden, blocks, heads, kv, ffn = SIZES[args.size]
+    from subclone_core.io import streaming
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    offload.safe_open = streaming.safe_open = CountingOpen
+
+
+def make_worker(size: str, parent_dir: str, tokens: int, out: str, max_memory: str | None) -> dict:
+    """`make`'s work: calibrate, build and save (the child halves every dimension), with peak memory sampled."""
+    counted()
+    hidden, blocks, heads, kv, ffn = SIZES[size]
     with peak_memory() as peak:
         start = time.perf_counter()
-        parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory)
+        parent = load_parent(parent_dir, dtype="bfloat16", max_memory=max_memory)
         loaded = time.perf_counter()
-        importance = measure_importance(parent, tokens=args.tokens)
+        importance = measure_importance(parent, tokens=tokens)
         calibrated = time.perf_counter()
         target = plan_shape(parent.model, layers=blocks // 2, hidden=hidden // 2, heads=heads // 2,
                             kv_heads=max(1, kv // 2), ffn=ffn // 2)
-        child, _ = make_child_into_folder(partial(make_child, parent, target, importance=importance), Path(args.out),
+        child, _ = make_child_into_folder(partial(make_child, parent, target, importance=importance), Path(out),
                                           task=parent.task)  # as `make` does: each child tensor straight to disk
         done = time.perf_counter()
     return {"load_s": loaded - start, "calib_s": calibrated - loaded, "calib_tokens": importance.tokens,
@@ -168,61 +172,56 @@ def make_worker(args: argparse.Namespace) -> dict:
             "kept_blocks": child.manifest.kept_blocks}
 
 
-def placement_worker(args: argparse.Namespace) -> dict:
-    """One placement (SEQ_MODES) of the sequential (``--worker calib``) or ablation bench: load the parent as it
-    says, then calibrate or ablate every block with the bytes read, peak memory and seconds counted."""
-    from subclone_core.analysis.probes import ablate_parent
-    from subclone_core.sources.parents import load_parent
-    from subclone_core.workflow.children import measure_importance
-
-    budget, sequential = SEQ_MODES[args.mode]
+def placement_worker(kind: str, mode: str, parent_dir: str, max_memory: str, tokens: int) -> dict:
+    """One placement (SEQ_MODES) of the sequential ("calib") or "ablation" bench: load the parent as it says,
+    then calibrate or ablate every block with the bytes read, peak memory and seconds counted."""
+    counted()
+    budget, sequential = SEQ_MODES[mode]
     start = time.perf_counter()
-    parent = load_parent(args.parent, dtype="bfloat16", max_memory=args.max_memory if budget else None)
+    parent = load_parent(parent_dir, dtype="bfloat16", max_memory=max_memory if budget else None)
     loaded, before = time.perf_counter(), READ["bytes"]
     with peak_memory() as peak:
-        if args.worker == "calib":
-            done = measure_importance(parent, tokens=args.tokens, batch_size=SEQ_BATCH, sequential=sequential)
+        if kind == "calib":
+            done = measure_importance(parent, tokens=tokens, batch_size=SEQ_BATCH, sequential=sequential)
         else:
-            done = ablate_parent(parent, None, args.tokens, sequential=sequential)
-    measured = {"load_s": loaded - start, f"{args.worker}_s": time.perf_counter() - loaded,
+            done = ablate_parent(parent, None, tokens, sequential=sequential)
+    measured = {"load_s": loaded - start, f"{kind}_s": time.perf_counter() - loaded,
                 "read_bytes": READ["bytes"] - before, "peak_rss_gib": peak["rss"], "peak_anon_gib": peak["anon"]}
-    if args.worker == "ablation":
+    if kind == "ablation":
         return {**measured, "base": done["base"], "losses": done["losses"]}
     return {**measured, "calib_tokens": done.tokens, "batches": -(-done.tokens // (SEQ_BATCH * 128)),
             "ffn_top": [row.argsort(descending=True)[:16].tolist() for row in done.ffn],
             "residual_top": done.residual_ranking("read").argsort(descending=True)[:64].tolist()}
 
 
-def run_fresh(module: str, *args: str) -> dict:
-    """Run a bench module in a fresh process (so that each peak is its own) and return its last line, JSON."""
+def run_fresh(tag: str, target: str, *args: object) -> dict:
+    """``module:function`` called with ``args`` in a fresh Python process (so that each peak is its own): its
+    result, a dict passed back as JSON on the last line of its output, its floats printed with ``tag``."""
+    module, function = target.split(":")
+    code = (f"import json, sys\nfrom {module} import {function}\n"
+            f"print(json.dumps({function}(*json.loads(sys.argv[1]))))")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                          check=False)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# --- the three benches ----------------------------------------------------------------------------------
+        raise RuntimeError(f"{target}{args} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{tag}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)), flush=True)
+    return result
 
 
 def measure_size(size: str, work: Path, tokens: int) -> dict:
-    """One parent in memory and offloaded at a quarter (a finished measurement survives a killed run)."""
-    parent, facts, quarter = synthetic(size, work)
-    row = {"size": size, **facts, "shards": len(list(parent.glob("*.safetensors"))), "quarter": quarter}
-    for mode, budget in (("memory", None), ("offload", quarter)):
-        saved = work / f"child-{size}-{mode}.result.json"  # written by the worker
-        result = row[mode] = json.loads(saved.read_text()) if saved.exists() else run_fresh(
-            "bench.bench_scale", "--worker", "make", "--size", size, "--parent", str(parent), "--tokens", str(tokens),
-            "--out", str(work / f"child-{size}-{mode}"), *(["--max-memory", budget] if budget else []))
-        print(f"{size} {mode}: calib {result['calib_s_per_1k']:.1f} s/1k tok, build+save "
-              f"{result['build_save_s']:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB, anon "
-              f"{result['peak_anon_gib']:.2f} GiB", flush=True)
-    row["same_indices"] = (row["memory"]["selection"] == row["offload"]["selection"]
-                           and row["memory"]["kept_blocks"] == row["offload"]["kept_blocks"])
+    """One parent made into a child in memory and offloaded at a quarter, each in a fresh process."""
+    parent, head = synthetic(size, work)
+    quarter = head.pop("quarter")
+    row = {**head, "shards": len(list(parent.glob("*.safetensors"))), "quarter": quarter}
+    for mode, budget in (("memory", None), ("offload", row["quarter"])):
+        row[mode] = run_fresh(f"{size} {mode}", "bench.bench_scale:make_worker", size, str(parent), tokens,
+                              str(work / f"child-{size}-{mode}"), budget)
+    row["same_indices"] = all(row["memory"][k] == row["offload"][k] for k in ("selection", "kept_blocks"))
     row["child_max_rel_diff"] = child_difference(work / f"child-{size}-memory", work / f"child-{size}-offload")
     row["store_gib"] = row["memory"]["calib_tokens"] * SIZES[size][0] * 2 / 2**30  # bf16 hidden states
-    row["limit_gib"] = int(quarter.removesuffix("MiB")) / 1024 + row["store_gib"] + 1
+    row["limit_gib"] = int(row["quarter"].removesuffix("MiB")) / 1024 + row["store_gib"] + 1
     row["within"] = row["offload"]["peak_anon_gib"] < row["limit_gib"]
     for mode in ("memory", "offload"):
         row[mode].pop("selection")
@@ -241,55 +240,38 @@ def child_difference(a: Path, b: Path) -> float:
     return max(float((x[k] - y[k]).abs().max() / y[k].abs().max().clamp_min(1e-30)) for k in y)
 
 
-def header(size: str, work: Path) -> tuple[Path, dict]:
+def header(size: str, work: Path, **extra: object) -> tuple[Path, dict]:
     """The synthetic parent of a size, and what the sequential and ablation reports begin with."""
-    parent, facts, quarter = synthetic(size, work)
-    return parent, {"size": size, **facts, "quarter": quarter, "hidden": SIZES[size][0], "blocks": SIZES[size][1]}
+    parent, head = synthetic(size, work)
+    return parent, {**head, "hidden": SIZES[size][0], "blocks": SIZES[size][1], **extra, "machine": _machine()}
 
 
-def placements(kind: str, parent: Path, head: dict, tokens: int, line: str) -> dict:
-    """One fresh ``kind`` worker per placement (SEQ_MODES) at a quarter budget, each printed: ``line`` (a format
-    of its results), then the bytes read and the peak RssAnon."""
-    runs = {}
-    for mode in SEQ_MODES:
-        r = runs[mode] = run_fresh("bench.bench_scale", "--worker", kind, "--mode", mode, "--parent", str(parent),
-                                   "--max-memory", head["quarter"], "--tokens", str(tokens))
-        print(line.format(size=head["size"], tokens=tokens, mode=mode, **r) + f", read {r['read_bytes'] / 2**30:.2f} "
-              f"GiB, peak RssAnon {r['peak_anon_gib']:.2f} GiB", flush=True)
-    return runs
+def placements(kind: str, parent: Path, head: dict, tokens: int) -> dict:
+    """One fresh ``kind`` worker per placement (SEQ_MODES), the budget a quarter of the parent."""
+    return {mode: run_fresh(f"{head['size']} {kind} {tokens} tokens {mode}", "bench.bench_scale:placement_worker",
+                            kind, mode, str(parent), head["quarter"], tokens) for mode in SEQ_MODES}
 
 
-def sequential_bench(size: str, work: Path, smoke: bool) -> dict:
-    """The three placements of calibration alone on one parent (SEQ_TOKENS), each in a fresh process."""
-    parent, head = header(size, work)
-    report = {**head, "batch_size": SEQ_BATCH, "seq_len": 128, "machine": _machine(), "runs": []}
-    for tokens in SEQ_TOKENS[size]:
-        run = {"tokens": tokens, **placements("calib", parent, head, tokens,
-                                              "{size} {tokens} tokens {mode}: calibration {calib_s:.1f} s")}
-        run["same_rankings"] = all(run[m]["ffn_top"] == run["memory"]["ffn_top"]
-                                   and run[m]["residual_top"] == run["memory"]["residual_top"] for m in SEQ_MODES)
-        for mode in SEQ_MODES:
-            del run[mode]["ffn_top"], run[mode]["residual_top"]
-        report["runs"].append(run)
+def sequential_bench(size: str, work: Path) -> dict:
+    """The three placements of calibration alone on one parent (SEQ_TOKENS): whether they rank alike."""
+    parent, report = header(size, work, batch_size=SEQ_BATCH, seq_len=128)
+    report["runs"] = [{"tokens": tokens, **placements("calib", parent, report, tokens)} for tokens in SEQ_TOKENS[size]]
+    for run in report["runs"]:
+        tops = [(run[mode].pop("ffn_top"), run[mode].pop("residual_top")) for mode in SEQ_MODES]
+        run["same_rankings"] = all(top == tops[0] for top in tops)
     report["same_rankings"] = all(run["same_rankings"] for run in report["runs"])
-    if not smoke:
-        publish("sequential", report)
     return report
 
 
-def ablation_bench(size: str, work: Path, smoke: bool) -> dict:
-    """The three placements of the block ablation on one parent, each in a fresh process."""
-    parent, head = header(size, work)
-    report = {**head, "tokens": ABL_TOKENS, "machine": _machine()}
-    modes = report["modes"] = placements("ablation", parent, head, ABL_TOKENS, "{size} ablation {mode}: {ablation_s:.1f} s")
-    ref = modes["memory"]
-    report["max_loss_difference"] = max(abs(a - b) for r in modes.values()
-                                        for a, b in zip([r["base"], *r["losses"]], [ref["base"], *ref["losses"]]))
-    report["same_order"] = all(sorted(range(len(r["losses"])), key=r["losses"].__getitem__)
-                               == sorted(range(len(ref["losses"])), key=ref["losses"].__getitem__)
-                               for r in modes.values())
-    if not smoke:
-        publish("ablation", report)
+def ablation_bench(size: str, work: Path) -> dict:
+    """The three placements of the block ablation on one parent: their largest loss difference from the
+    in-memory run and whether they order the blocks alike."""
+    parent, report = header(size, work, tokens=ABL_TOKENS)
+    modes = report["modes"] = placements("ablation", parent, report, ABL_TOKENS)
+    losses = {mode: [r["base"], *r["losses"]] for mode, r in modes.items()}
+    report["max_loss_difference"] = max(abs(a - b) for v in losses.values() for a, b in zip(v, losses["memory"]))
+    order = {mode: sorted(range(len(r["losses"])), key=r["losses"].__getitem__) for mode, r in modes.items()}
+    report["same_order"] = all(o == order["memory"] for o in order.values())
     return report
 
 
@@ -315,97 +297,59 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-# --- reports (templates bench/templates/scale*.md.j2) ---------------------------------------------------
+def markdown(report: dict, template: str = "scale") -> str:
+    """A section of BENCHMARKS.md drawn by its template (bench/templates/TEMPLATE.md.j2) from its report: the
+    scale bench's, or (sequential_markdown, ablation_markdown) the sequential or ablation bench's."""
+    return render(template, **{"notes": "", "budgets": TOKENS, "costs": COSTS, "rtol": SAME_CHILD_RTOL,
+                               "modes": SEQ_MODES, **report})
 
 
-def markdown(report: dict) -> str:
-    """The "bench_scale" section (template bench/templates/scale.md.j2)."""
-    return render("scale", **{"notes": "", **report}, budgets=TOKENS, costs=COSTS, rtol=SAME_CHILD_RTOL)
-
-
-def sequential_markdown(report: dict) -> str:
-    """The "bench_sequential" section (template bench/templates/scale_sequential.md.j2)."""
-    return render("scale_sequential", **report, modes=SEQ_MODES)
-
-
-def ablation_markdown(report: dict) -> str:
-    """The "bench_ablation" section (template bench/templates/scale_ablation.md.j2)."""
-    return render("scale_ablation", **report)
-
-
-# which bench: its section of BENCHMARKS.md, its JSON under docs/ and its report
-SECTIONS = {"scale": ("bench_scale", "scale.json", markdown),
-            "sequential": ("bench_sequential", "sequential.json", sequential_markdown),
-            "ablation": ("bench_ablation", "ablation.json", ablation_markdown)}
-
-
-def publish(bench: str, report: dict, *, save: bool = True) -> None:
-    """A bench's JSON under docs/ (unless ``save`` is off: a redrawn report), the scale bench's plot, and its
-    section of BENCHMARKS.md."""
-    section, name, markdown_of = SECTIONS[bench]
-    if save:
-        write_text(DOCS / name, json.dumps(report, indent=1))
-    if bench == "scale":
-        plot(report["rows"], DOCS / "bench_scale.png")
-    write_section(section, markdown_of(report))
+sequential_markdown = partial(markdown, template="scale_sequential")
+ablation_markdown = partial(markdown, template="scale_ablation")
+# which bench: its section of BENCHMARKS.md, its JSON under docs/ and its template
+SECTIONS = {"scale": ("bench_scale", "scale.json", "scale"),
+            "sequential": ("bench_sequential", "sequential.json", "scale_sequential"),
+            "ablation": ("bench_ablation", "ablation.json", "scale_ablation")}
 
 
 def _machine() -> dict:
     return {"cores": os.cpu_count(), "load_average": os.getloadavg()[0]}
 
 
-# --- command line ---------------------------------------------------------------------------------------
-
-
-def parse_args() -> argparse.Namespace:
-    parser = bench_parser(__doc__, smoke="only the tiny parent, nothing written to docs/",
-                          report_only="rewrite the plot and section from docs/scale.json")
-    parser.add_argument("--sizes", default="0.1B,0.5B,1B,3B")
-    parser.add_argument("--work", default=None, help="where parents are written (default: a temporary folder)")
-    parser.add_argument("--sequential", action="store_true", help="the sequential calibration bench")
-    parser.add_argument("--ablation", action="store_true", help="the block ablation bench")
-    parser.add_argument("--worker", choices=("make", "calib", "ablation"), help=argparse.SUPPRESS)
-    for flag in ("--mode", "--size", "--parent", "--out", "--max-memory"):
-        parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args()
-
-
-def run_worker(args: argparse.Namespace) -> None:
-    """A worker's measurement as one JSON line (make's is also kept beside its child, for a rerun), with its torch
-    threads (BENCH_THREADS, default 2) and every tensor read counted."""
-    from accelerate.utils import offload
-
-    from subclone_core.io import streaming
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    offload.safe_open = streaming.safe_open = CountingOpen
-    result = json.dumps((make_worker if args.worker == "make" else placement_worker)(args))
-    if args.worker == "make":
-        write_text(Path(args.out + ".result.json"), result)
-    print(result)
+def run_bench(bench: str, size: str, sizes: list[str], work: Path) -> tuple[dict, bool]:
+    """A bench's report, and whether its placements agree (the same child, rankings or order of blocks)."""
+    if bench == "scale":
+        rows = [measure_size(s, work, TOKENS[s]) for s in ([size] if size == "tiny" else sizes)]
+        slopes = {mode: {label: slope(rows, mode, key) for label, key in COSTS.items()}
+                  for mode in ("memory", "offload")}
+        return {"rows": rows, "slopes": slopes, "machine": _machine()}, all(r["same_indices"] for r in rows)
+    report = (sequential_bench if bench == "sequential" else ablation_bench)(size, work)
+    return report, report["same_rankings" if bench == "sequential" else "same_order"]
 
 
 def main() -> int:
-    args = parse_args()
-    if args.worker:
-        run_worker(args)
-        return 0
-    bench = "ablation" if args.ablation else "sequential" if args.sequential else "scale"
+    """One bench (scale, --sequential or --ablation), or its report redrawn; 1 where its placements disagree."""
+    parser = bench_parser(__doc__, smoke="only the tiny parent, nothing written to docs/",
+                          report_only="rewrite the plot and section from the saved JSON")
+    parser.add_argument("--sizes", default="0.1B,0.5B,1B,3B")
+    parser.add_argument("--work", default=None, help="where parents are written (default: a temporary folder)")
+    bench = parser.add_mutually_exclusive_group()
+    bench.add_argument("--sequential", action="store_const", const="sequential", dest="bench", default="scale")
+    bench.add_argument("--ablation", action="store_const", const="ablation", dest="bench")
+    args = parser.parse_args()
+    section, name, template = SECTIONS[args.bench]
     if args.report_only:
-        publish(bench, json.loads((DOCS / SECTIONS[bench][1]).read_text()), save=False)
-        return 0
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    if bench != "scale":
-        report = (ablation_bench if args.ablation else sequential_bench)(
-            "tiny" if args.smoke else args.size or "1B", work, args.smoke)
-        return 0 if report["same_order" if args.ablation else "same_rankings"] else 1
-    rows = [measure_size(size, work, TOKENS[size]) for size in (["tiny"] if args.smoke else args.sizes.split(","))]
-    if args.smoke:
-        return 0 if all(r["same_indices"] for r in rows) else 1
-    slopes = {mode: {label: slope(rows, mode, key) for label, key in COSTS.items()} for mode in ("memory", "offload")}
-    publish("scale", {"rows": rows, "slopes": slopes, "machine": _machine()})
-    return 0
+        report, ok = json.loads((DOCS / name).read_text()), True
+    else:
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
+        report, ok = run_bench(args.bench, "tiny" if args.smoke else "1B", args.sizes.split(","), work)
+        if args.smoke:
+            return 0 if ok else 1
+        write_text(DOCS / name, json.dumps(report, indent=1))
+    if args.bench == "scale":
+        plot(report["rows"], DOCS / "bench_scale.png")
+    write_section(section, markdown(report, template))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ Run: python -m bench.bench_training [--smoke | --gpu] [--only lm|vit]
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,16 @@ LM_ABLATIONS = (  # the aggressive ratio's variants, each trained at the plain c
     Variant("subclone+distill", "subclone + distillation from the parent", "subclone", PLAIN, distill=True))
 VIT_CHILDREN = (Variant("subclone", "subclone (scaling on)", "subclone", {"scale": True}),
                 Variant("subclone-unscaled", "subclone, scaling off", "subclone", {"scale": False}))
+# Each benchmark's experiments: key, title and child sizes (None: the ViT's, at its parent's depth and half its
+# width, as in the paper's ViT experiment), the size's budget and grid key, the child swept on that grid, the
+# variants trained at its best lr.
+EXPERIMENTS = {
+    "lm": (("paper-like", "paper-like ratio: 20 blocks x 384, 6 heads / 2 KV, FFN 1024", rp.PAPER_LIKE, "paper",
+            LM_CHILD),
+           ("aggressive", "aggressive ratio: 6 blocks x 192, 3 heads / 1 KV, FFN 512", rp.AGGRESSIVE, "aggr",
+            LM_CHILD, *LM_ABLATIONS)),
+    "vit": (("vit-half-width", None, None, "vit", *VIT_CHILDREN),)}
+MILDER_CLAIM = ("aggressive",)  # experiments at a harsher ratio than the paper's 4x is claimed for
 
 
 @dataclass(frozen=True)
@@ -46,83 +55,68 @@ class Experiment:
     sizes: dict[str, int]
     budget: Budget
     variants: tuple[Variant, ...]
-    paper_claim: bool = True  # whether the paper's 4x is claimed for a ratio like this one
 
 
 @dataclass
 class Outcome:
-    """What an experiment produced: the best run of every variant, every sweep run, and its cost."""
+    """What an experiment produced: the best run of every variant, every sweep run, the table and its cost."""
 
     experiment: Experiment
-    shape: Shape
     chosen: dict[str, RunResult]
     sweep: list[dict[str, Any]]
     rows: list[dict[str, Any]]
     metric: str
     seconds: float
 
+    def row(self, name: str) -> dict[str, Any] | None:
+        """The candidate's row of the speedup table (None: it diverged at every lr)."""
+        return next((r for r in self.rows if r["name"] == name), None)
+
 
 @dataclass(frozen=True)
 class Size:
-    """Budgets and sweeps of one size: calibration tokens, the two LM budgets (paper-like, aggressive), the
-    ViT's, and the lr grids (random init; paper-like child; aggressive child; ViT child)."""
+    """One size: calibration tokens, then the budgets and lr grids by key (paper-like LM child, aggressive LM
+    child, ViT child; grids also random init's)."""
 
     calib_tokens: int
-    paper: Budget
-    aggr: Budget
-    vit: Budget
+    budgets: dict[str, Budget]
     sweeps: dict[str, tuple[float, ...]]
 
 
 _SMOKE_LM = Budget(steps=4, eval_every=2, batch_size=2, seq_len=32, val_tokens=128)
 _GPU_LM = Budget(steps=800, eval_every=25, batch_size=32, val_tokens=16384)  # ~4M tokens: the train split 3-4 times
 SIZES = {
-    "smoke": Size(256, _SMOKE_LM, _SMOKE_LM, Budget(steps=4, eval_every=2, batch_size=16, val_images=64),
+    "smoke": Size(256, {"paper": _SMOKE_LM, "aggr": _SMOKE_LM,
+                        "vit": Budget(steps=4, eval_every=2, batch_size=16, val_images=64)},
                   {"random": (1e-3, 3e-3), "paper": (1e-3,), "aggr": (1e-3, 3e-3), "vit": (1e-3,)}),
-    "gpu": Size(8192, _GPU_LM, replace(_GPU_LM, steps=1000),
-                Budget(steps=1000, eval_every=25, batch_size=128, val_images=2000, eval_batch_size=500),
+    "gpu": Size(8192, {"paper": _GPU_LM, "aggr": replace(_GPU_LM, steps=1000),
+                       "vit": Budget(steps=1000, eval_every=25, batch_size=128, val_images=2000, eval_batch_size=500)},
                 {"random": (3e-4, 1e-3, 3e-3), "paper": (1e-4, 3e-4, 1e-3), "aggr": (3e-4, 1e-3, 3e-3),
                  "vit": (1e-4, 3e-4, 1e-3)}),
     # CPU: 2 cores. The 49,152-word head dominates the cost (paper-like child: ~3-4 s per 8 x 128 step).
     # A 4x speedup must be resolvable on the evaluation grid: 48 / 12 = 4 and 80 / 20 = 4 are grid points.
-    "cpu": Size(4096, Budget(steps=48, eval_every=4, batch_size=8), Budget(steps=80, eval_every=5, batch_size=8),
-                Budget(steps=300, eval_every=15, batch_size=64, val_images=1000, eval_batch_size=250),
+    "cpu": Size(4096, {"paper": Budget(steps=48, eval_every=4, batch_size=8),
+                       "aggr": Budget(steps=80, eval_every=5, batch_size=8),
+                       "vit": Budget(steps=300, eval_every=15, batch_size=64, val_images=1000, eval_batch_size=250)},
                 {"random": (1e-3, 3e-3), "paper": (3e-4, 1e-3), "aggr": (1e-3, 3e-3), "vit": (3e-4, 1e-3)}),
 }
 
 
-def swept(size: Size, grid: str, child: Variant, *others: Variant) -> tuple[Variant, ...]:
-    """Random init and the subcloned child, each with its lr grid of the size, then the unswept variants."""
-    return replace(RANDOM, lrs=size.sweeps["random"]), replace(child, lrs=size.sweeps[grid]), *others
-
-
 def experiments(which: str, size: Size, parent: Parent) -> list[Experiment]:
-    """The LM's paper-like and aggressive ratios, or the ViT at the same depth and half the width (hidden and
-    FFN), as in the paper's ViT experiment."""
-    if which == "vit":
-        shape = Shape.of(parent.model.config)
-        sizes = {"hidden": shape.hidden // 2, "ffn": shape.ffn // 2}
-        title = f"half width: {shape.layers} blocks x {sizes['hidden']}, FFN {sizes['ffn']}"
-        return [Experiment("vit-half-width", title, sizes, size.vit, swept(size, "vit", *VIT_CHILDREN))]
-    return [Experiment("paper-like", "paper-like ratio: 20 blocks x 384, 6 heads / 2 KV, FFN 1024", rp.PAPER_LIKE,
-                       size.paper, swept(size, "paper", LM_CHILD)),
-            Experiment("aggressive", "aggressive ratio: 6 blocks x 192, 3 heads / 1 KV, FFN 512", rp.AGGRESSIVE,
-                       size.aggr, swept(size, "aggr", LM_CHILD, *LM_ABLATIONS), paper_claim=False)]
-
-
-# --- running --------------------------------------------------------------------------------------------
+    """The benchmark's experiments at this size: random init and the child each with its lr grid, then the
+    unswept variants."""
+    shape = Shape.of(parent.model.config)
+    half = {"hidden": shape.hidden // 2, "ffn": shape.ffn // 2}
+    vit_title = f"half width: {shape.layers} blocks x {half['hidden']}, FFN {half['ffn']}"
+    return [Experiment(key, title or vit_title, sizes or half, size.budgets[grid],
+                       (replace(RANDOM, lrs=size.sweeps["random"]), replace(child, lrs=size.sweeps[grid]), *rest))
+            for key, title, sizes, grid, child, *rest in EXPERIMENTS[which]]
 
 
 def child_model(parent: Parent, target: Shape, variant: Variant, importance: Any, seed: int = 0) -> Any:
     """The variant's initial child (bench_budget's too): make_child with its strategy and options."""
     return make_child(parent, target, strategy=variant.strategy, importance=importance, seed=seed,
                       **variant.options).model
-
-
-def candidates_for(variants: list[Variant], children: dict[str, Any], parent: Parent | None,
-                   lr_of: dict[str, tuple[float, ...]]) -> list:
-    """A fresh copy of each variant's child per learning rate, named as a sweep's runs ("subclone@lr=1e-3")."""
-    return [c for v in variants for c in v.candidates(children[v.name], lr_of[v.name], parent and parent.model)]
 
 
 def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: str, runs_dir: Path) -> Outcome:
@@ -135,27 +129,20 @@ def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: st
     metric = parent.task_spec.metric
 
     def stage(variants: list[Variant], lr_of: dict[str, tuple[float, ...]], tag: str) -> dict[str, RunResult]:
-        return h.train(candidates_for(variants, children, parent, lr_of), train, val, config, f"{exp.key} {tag}",
-                       runs_dir / f"{exp.key}-{tag}.jsonl")
+        cands = [c for v in variants for c in v.candidates(children[v.name], lr_of[v.name], parent.model)]
+        return h.train(cands, train, val, config, f"{exp.key} {tag}", runs_dir / f"{exp.key}-{tag}.jsonl")
 
     runs, chosen, _ = h.sweep_then_rest(exp.variants, stage, metric, "variants")
-    rows = speedup_table(chosen, baseline="random", metric=metric)
     sweep = [{"run": name, **h.pick(h.facts(r, metric), "lr", "status", "best", "final")} for name, r in runs.items()]
-    return Outcome(exp, target, chosen, sweep, rows, metric, time.perf_counter() - start)
+    return Outcome(exp, chosen, sweep, speedup_table(chosen, baseline="random", metric=metric), metric,
+                   time.perf_counter() - start)
 
 
-# --- reporting ------------------------------------------------------------------------------------------
-
-
-def _row(outcome: Outcome, name: str) -> dict[str, Any] | None:
-    return next((r for r in outcome.rows if r["name"] == name), None)
-
-
-def headline(outcome: Outcome) -> str:
+def headline(o: Outcome) -> str:
     """The subcloned child's speedup against the paper's 4x where the paper claims it, and if short of it, why:
     the child's head start and the steps each needed (the case is named here, the words are the template's)."""
-    child, base = _row(outcome, "subclone"), _row(outcome, "random")
-    if not outcome.experiment.paper_claim:
+    child, base = o.row("subclone"), o.row("random")
+    if o.experiment.key in MILDER_CLAIM:
         case = "milder ratio"
     elif child is not None and child["speedup"] is not None and child["speedup"] >= PAPER_SPEEDUP:
         case = "reached"
@@ -165,23 +152,22 @@ def headline(outcome: Outcome) -> str:
         case = "ahead at step 0"
     else:
         case = "never reached" if child["steps_to_target"] is None else "slower"
-    return render("training_headline", case=case, child=child, base=base, m=outcome.metric, paper=PAPER_SPEEDUP,
-                  steps=outcome.experiment.budget.steps)
+    return render("training_headline", case=case, child=child, base=base, m=o.metric, paper=PAPER_SPEEDUP,
+                  steps=o.experiment.budget.steps)
 
 
-def findings(outcome: Outcome) -> list[dict[str, Any]]:
+def findings(o: Outcome) -> list[dict[str, Any]]:
     """Facts that explain the numbers (the template words them): a variant that diverged at every lr, a best lr
     at the edge of a 3+ point sweep, each variant's best value against the plain child's."""
-    notes, higher = [], HIGHER_IS_BETTER[outcome.metric]
-    for v in outcome.experiment.variants:
-        run = outcome.chosen.get(v.name)
+    notes, higher, plain = [], HIGHER_IS_BETTER[o.metric], o.row("subclone")
+    for v in o.experiment.variants:
+        run = o.chosen.get(v.name)
         if run is None:
             notes.append({"kind": "diverged", "variant": v})
         elif v.lrs and len(v.lrs) > 2 and run.lr in (min(v.lrs), max(v.lrs)):
             notes.append({"kind": "edge", "variant": v, "lr": run.lr})
-    plain = _row(outcome, "subclone")
-    for v in outcome.experiment.variants:
-        row = _row(outcome, v.name)
+    for v in o.experiment.variants:
+        row = o.row(v.name)
         if plain is not None and row is not None and v.name not in ("subclone", "random"):
             a, b = row["best"], plain["best"]
             better = a is not None and b is not None and (a > b if higher else a < b)
@@ -206,30 +192,19 @@ def plot_curves(outcomes: list[Outcome], path: Path) -> None:
     rp.save_figure(fig, path)
 
 
-def outcome_json(o: Outcome) -> dict[str, Any]:
-    """An experiment's entry of the smoke-and-all runs' results.json."""
-    return {"experiment": o.experiment.key, "shape": o.shape.as_dict(), "budget": asdict(o.experiment.budget),
-            "rows": o.rows, "sweep": o.sweep, "seconds": round(o.seconds, 1),
-            "curves": {name: r.curve(o.metric) for name, r in o.chosen.items()}}
-
-
-# --- the two benchmarks -------------------------------------------------------------------------------
-
-
-def bench(which: str, parent_id: str, size: Size, out: dict[str, Path], name: str) -> list[Outcome]:
+def bench(which: str, parent_id: str, size: Size, doc: Path, runs: Path, name: str) -> list[Outcome]:
     """One of the two benchmarks end to end: calibrate, run its experiments, plot, write its section."""
     parent = load_parent(parent_id)
     data = "default" if which == "lm" else "fashion-mnist"
     importance = measure_importance(parent, data, tokens=size.calib_tokens)
-    outcomes = [run_experiment(parent, importance, exp, data, out["runs"])
-                for exp in experiments(which, size, parent)]
-    plot = out[f"{which}_plot"]
+    outcomes = [run_experiment(parent, importance, exp, data, runs) for exp in experiments(which, size, parent)]
+    plot = doc.parent / f"bench_{which}_curves.png"
     plot_curves(outcomes, plot)
     points = max(len(v.lrs or ()) for o in outcomes for v in o.experiment.variants)  # the widest lr grid
     section = render("training", which=which, size=name, parent=parent, parent_id=parent_id, data=data,
                      outcomes=outcomes, calib_tokens=size.calib_tokens, machine=rp.machine(), plot=plot.name,
                      points=points, headline=headline, findings=findings)
-    rp.write_section(f"training-{which}", section, out["doc"])
+    rp.write_section(f"training-{which}", section, doc)
     return outcomes
 
 
@@ -244,37 +219,27 @@ def smoke_vit_parent(folder: Path) -> str:
                             max_train_images=512, max_test_images=128))
 
 
-def outputs(size: str, doc: Path | None) -> dict[str, Path]:
-    """Where the report, plots and run metrics go; the smoke size never touches docs/."""
-    runs = Path(tempfile.mkdtemp(prefix=f"subclone-bench-{size}-"))
-    docs = runs if size == "smoke" and doc is None else (doc or rp.DOC).parent
-    return {"runs": runs, "doc": doc or (runs / "BENCHMARKS.md" if size == "smoke" else rp.DOC),
-            "lm_plot": docs / "bench_lm_curves.png", "vit_plot": docs / "bench_vit_curves.png"}
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Outcome]:
     """Run one size of both benchmarks (or --only one), then print each experiment's headline and table."""
     parser = rp.bench_parser(__doc__, smoke="a few steps of everything (seconds); writes to /tmp",
-                             gpu="longer budgets and wider sweeps, for a GPU", threads="torch CPU threads (default: "
-                             "one per core); on a busy machine 1 is much faster than 2, whose threads wait on each other")
-    parser.add_argument("--only", choices=("lm", "vit"), help="run one of the two benchmarks")
+                             gpu="longer budgets and wider sweeps, for a GPU", threads=rp.THREADS_HELP)
+    parser.add_argument("--only", choices=tuple(EXPERIMENTS), help="run one of the two benchmarks")
     parser.add_argument("--vit-parent", default=None, help="the ViT parent (default: default-vit)")
-    parser.add_argument("--doc", type=Path, help=f"the Markdown file to update (default {rp.DOC})")
-    args = parser.parse_args()
+    parser.add_argument("--doc", type=Path, help=f"the Markdown file to update, the plots beside it (default {rp.DOC})")
+    args = parser.parse_args(argv)
     h.start(args)
     name = h.size_name(args)
-    size, out = SIZES[name], outputs(name, args.doc)
+    runs = Path(tempfile.mkdtemp(prefix=f"subclone-bench-{name}-"))
+    doc = args.doc or (runs / rp.DOC.name if name == "smoke" else rp.DOC)  # the smoke size never touches docs/
     start = time.perf_counter()
     outcomes: list[Outcome] = []
-    if args.only in (None, "lm"):
-        outcomes += bench("lm", "default", size, out, name)
-    if args.only in (None, "vit"):
-        vit_parent = args.vit_parent or (smoke_vit_parent(out["runs"]) if args.smoke else "default-vit")
-        outcomes += bench("vit", vit_parent, size, out, name)
-    (out["runs"] / "results.json").write_text(json.dumps([outcome_json(o) for o in outcomes], indent=1))
+    for which in (args.only,) if args.only else EXPERIMENTS:
+        parent = "default" if which == "lm" else args.vit_parent or (
+            smoke_vit_parent(runs) if args.smoke else "default-vit")
+        outcomes += bench(which, parent, SIZES[name], doc, runs, name)
     print(render("training_summary", outcomes=outcomes, headline=headline))
-    print(f"\nwrote {out['doc']} and the plots; run metrics in {out['runs']}; "
-          f"total {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"\nwrote {doc} and the plots; run metrics in {runs}; total {(time.perf_counter() - start) / 60:.1f} min")
+    return outcomes
 
 
 if __name__ == "__main__":

@@ -53,8 +53,7 @@ def compare_rankings(parent: Any, first: Any, second: Any, child: dict) -> dict:
 
 
 def calibrated(parent_id: str, plan: dict, device: str, dtype: str, **options: Any) -> tuple[Any, Any, float]:
-    """The parent loaded on a device in a dtype, its importance on the check's tokens and that calibration's
-    seconds."""
+    """The parent loaded on a device in a dtype, its importance on the check's tokens, the calibration's seconds."""
     parent = load_parent(parent_id, device=device, dtype=dtype)
     importance, seconds, _ = timed(lambda: measure_importance(parent, tokens=plan["tokens"], **options))
     return parent, importance, seconds
@@ -74,47 +73,34 @@ def calibrations(parent_id: str, plan: dict) -> tuple[dict, Any]:
     return out, gpu_imp
 
 
-def sequential_check(parent_id: str, plan: dict, memory_imp: Any) -> dict:
-    """Sequential calibration of the bf16 parent on the check's device against the in-memory one (step 1)."""
-    parent, imp, seconds = calibrated(parent_id, plan, plan["device"], "bfloat16", sequential=True)
-    return {"sequential_calib_s": seconds, **compare_rankings(parent, imp, memory_imp, plan["child"])}
-
-
-def compare_argv(parent_id: str, plan: dict, steps: int, run: Path) -> list[str]:
-    """`subclone compare` of subclone and random init on the plan's settings, into ``run``."""
+def compare(parent_id: str, plan: dict, steps: int, run: Path, procs: int = 0, fsdp: bool = False
+            ) -> tuple[float, dict[str, dict]]:
+    """`subclone compare` of subclone and random init on the plan's settings into ``run``, in this process (so
+    peak GPU memory is readable; its JSON line kept off stdout) or under torchrun on ``procs``: its seconds and
+    its summary rows by candidate."""
     child = [f"--{k.replace('_', '-')}={v}" for k, v in plan["child"].items()]
-    return ["compare", "--parent", parent_id, "--dtype", "float32", "--device", plan["device"], *child,
+    argv = ["compare", "--parent", parent_id, "--dtype", "float32", "--device", plan["device"], *child,
             "--strategies", "subclone,random", "--steps", str(steps), "--batch-size", str(plan["batch"]),
             "--seq-len", str(plan["seq_len"]), "--calib-tokens", str(plan["tokens"]), "--out", str(run),
             "--eval-tokens", str(plan["eval_tokens"]), "--eval-every", str(max(1, steps // 5)),
-            "--overwrite", "--quiet", "--json"]
-
-
-def run_compare(argv: list[str], procs: int = 0, env: dict | None = None) -> float:
-    """`subclone ARGV` in this process (so peak GPU memory is readable; its JSON line kept off stdout), or under
-    torchrun on ``procs`` processes; its wall seconds."""
+            "--overwrite", "--quiet", "--json", *(["--fsdp"] if fsdp else [])]
     start = time.perf_counter()
     if procs:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if plan["device"] == "cpu" else None
         subprocess.run([venv_tool("torchrun"), "--standalone", "--nproc_per_node", str(procs), "-m",
                         "subclone_core.cli", *argv], check=True, env=env)
-        return time.perf_counter() - start
-    from subclone_core.cli.main import main  # late, as before: its import counts in the probe's time
+    else:
+        from subclone_core.cli.main import main  # late, as before: its import counts in the probe's time
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    if code:
-        raise RuntimeError(f"subclone {' '.join(argv)} failed with exit status {code}")
-    return time.perf_counter() - start
-
-
-def result_rows(run: Path) -> dict[str, dict]:
-    """A comparison's summary rows by candidate name."""
-    return {r["name"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            if code := main(argv):
+                raise RuntimeError(f"subclone {' '.join(argv)} failed with exit status {code}")
+    seconds = time.perf_counter() - start
+    return seconds, {r["name"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
 
 
-def summarize(run: Path, steps: int, seconds: float, plan: dict, peak_bytes: int) -> dict:
+def summarize(steps: int, plan: dict, peak_bytes: int, seconds: float, rows: dict[str, dict]) -> dict:
     """One comparison for the report: tokens/s of both candidates, peak GPU memory, speedup, final and best."""
-    rows = result_rows(run)
     return {"steps": steps, "seconds": seconds, "tokens_per_s": 2 * steps * plan["batch"] * plan["seq_len"] / seconds,
             "peak_gpu_gib": peak_bytes / 2**30, "speedup": rows.get("subclone", {}).get("speedup"),
             "final": {n: r.get("final") for n, r in rows.items()}, "best": {n: r.get("best") for n, r in rows.items()}}
@@ -122,49 +108,47 @@ def summarize(run: Path, steps: int, seconds: float, plan: dict, peak_bytes: int
 
 def train_for(parent_id: str, plan: dict, minutes: float, work: Path) -> dict:
     """Subclone vs random init for about ``minutes`` each: a short probe times a step, then the real run."""
-    probe = compare_argv(parent_id, plan, plan["probe_steps"], work / "probe")
-    per_step = run_compare(probe) / (2 * plan["probe_steps"])  # two candidates
+    probe_s = compare(parent_id, plan, plan["probe_steps"], work / "probe")[0]
+    per_step = probe_s / (2 * plan["probe_steps"])  # two candidates
     steps = max(plan["probe_steps"], int(minutes * 60 / per_step))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    seconds = run_compare(compare_argv(parent_id, plan, steps, work / "run"))
+    seconds, rows = compare(parent_id, plan, steps, work / "run")
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    return summarize(work / "run", steps, seconds, plan, peak)
+    return summarize(steps, plan, peak, seconds, rows)
+
+
+def sequential_check(parent_id: str, plan: dict, memory_imp: Any) -> dict:
+    """Sequential calibration of the bf16 parent on the check's device against the in-memory one."""
+    parent, imp, seconds = calibrated(parent_id, plan, plan["device"], "bfloat16", sequential=True)
+    return {"sequential_calib_s": seconds, **compare_rankings(parent, imp, memory_imp, plan["child"])}
 
 
 def two_gpus(parent_id: str, plan: dict, steps: int, work: Path) -> dict | None:
     """The same comparison data-parallel on two GPUs under torchrun (None with fewer than two GPUs)."""
     if torch.cuda.device_count() < 2:
         return None
-    seconds = run_compare(compare_argv(parent_id, {**plan, "device": "cuda"}, steps, work / "two"), procs=2)
-    return summarize(work / "two", steps, seconds, plan, 0)
+    return summarize(steps, plan, 0, *compare(parent_id, {**plan, "device": "cuda"}, steps, work / "two", 2))
 
 
 def fsdp_check(parent_id: str, plan: dict, steps: int, work: Path) -> dict:
     """`subclone compare --fsdp` under torchrun (two processes: two GPUs, or two CPU processes in a dry run;
     one process on a single GPU) against the same comparison in this process."""
     procs = 2 if plan["device"] == "cpu" else max(1, min(2, torch.cuda.device_count()))
-    plain_s = run_compare(compare_argv(parent_id, plan, steps, work / "plain"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if plan["device"] == "cpu" else None
-    fsdp_s = run_compare([*compare_argv(parent_id, plan, steps, work / "fsdp"), "--fsdp"], procs, env)
-    final = {run: {n: r["final"] for n, r in result_rows(work / run).items()} for run in ("plain", "fsdp")}
+    plain_s, plain = compare(parent_id, plan, steps, work / "plain")
+    fsdp_s, sharded = compare(parent_id, plan, steps, work / "fsdp", procs, fsdp=True)
+    final = {run: {n: r["final"] for n, r in rows.items()} for run, rows in (("plain", plain), ("fsdp", sharded))}
     loads = type(AutoModelForCausalLM.from_pretrained(work / "fsdp" / "subclone")).__name__
     return {"processes": procs, "steps": steps, "plain_s": plain_s, "fsdp_s": fsdp_s, "final": final,
             "max_rel_diff": max(abs(final["fsdp"][n] - v) / abs(v) for n, v in final["plain"].items()),
             "saved_class": loads}
 
 
-def report(result: dict, *, dry_run: bool) -> str:
-    """docs/GPU.md (template bench/templates/gpu.md.j2)."""
-    where = "a CPU dry run on a tiny random parent" if dry_run else result["device_name"]
-    return render("gpu", r=result, where=where, date=time.strftime("%Y-%m-%d")) + "\n"
-
-
 def check_plan(args: Any, work: Path) -> tuple[str, dict]:
     """The parent to check and the plan: a tiny random bf16 Llama in two shards (bench_scale's writer) on the CPU
     for a dry run; another parent than the default with the library's suggested child shape."""
     if args.dry_run:
-        from bench.bench_scale import write_parent
+        from bench.bench_scale import write_parent  # here only: a GPU run's probe times the CLI's imports
 
         write_parent(work / "tiny-parent", "tiny")
         return str(work / "tiny-parent"), DRY
@@ -176,6 +160,7 @@ def check_plan(args: Any, work: Path) -> tuple[str, dict]:
 
 
 def main() -> int:
+    """Every check in turn, into docs/GPU.md and GPU.json (or --out); 2 where no GPU is visible."""
     parser = bench_parser(__doc__)
     parser.add_argument("--dry-run", action="store_true", help="tiny random parent on the CPU (seconds)")
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per candidate (1.5; dry 0.05)")
@@ -186,8 +171,7 @@ def main() -> int:
         print("gpu_check: no CUDA GPU is visible; run it on a GPU machine, or pass --dry-run", file=sys.stderr)
         return 2
     minutes = args.minutes if args.minutes is not None else (0.05 if args.dry_run else 1.5)
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    start = time.perf_counter()
+    work, start = Path(tempfile.mkdtemp(prefix="gpu-check-")), time.perf_counter()
     parent_id, plan = check_plan(args, work)
     calibration, gpu_imp = calibrations(parent_id, plan)
     training = train_for(parent_id, plan, minutes, work)
@@ -198,7 +182,8 @@ def main() -> int:
               "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "parent": "a tiny random parent" if args.dry_run else parent_id, "child": plan["child"]}
     result["seconds"] = time.perf_counter() - start
-    text = report(result, dry_run=args.dry_run)
+    where = "a CPU dry run on a tiny random parent" if args.dry_run else result["device_name"]
+    text = render("gpu", r=result, where=where, date=time.strftime("%Y-%m-%d")) + "\n"
     if out := args.out or (None if args.dry_run else str(DOCS / "GPU.md")):
         write_text(Path(out), text)
         write_text(Path(out).with_suffix(".json"), json.dumps(result, indent=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_random_init_scores_about_a_uniform_guess(run):
 
 def test_each_arm_chose_its_lowest_best_loss_lr(run):
     training = run["results"]["parents"][bench_quality.SMOKE_PARENT]["training"]
-    plan = bench_quality.SIZES["smoke"].plan_for(bench_quality.SMOKE_PARENT)
+    plan = bench_quality.SIZES["smoke"].training["*"]
     assert set(training["arms"]) == set(bench_quality.ARMS)
     for arm, data in training["arms"].items():
         assert [r["lr"] for r in data["runs"]] == list(plan.lrs[arm])
@@ -73,7 +74,9 @@ def test_report_plot_and_skipped_parent(run):
 
 
 def test_redrawing_from_the_json_gives_the_same_section(run, tmp_path):
-    bench_quality.main(["--from-json", str(run["out"] / "quality.json"), "--out-dir", str(tmp_path)])
+    shutil.copy(run["out"] / "quality.json", tmp_path)
+    bench_quality.main(["--report-only", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "bench_quality.png").stat().st_size > 0
     assert (tmp_path / "BENCHMARKS.md").read_text() == (run["out"] / "BENCHMARKS.md").read_text()
 
 
@@ -85,3 +88,14 @@ def test_chosen_run_and_edges_without_training():
     assert bench_quality.edge_of(1e-3, (1e-3, 2e-3, 4e-3)) == "low"
     assert bench_quality.edge_of(2e-3, (1e-3, 2e-3, 4e-3)) is None
     assert bench_quality.edge_of(1e-3, (1e-3,)) is None
+
+
+def test_rerunning_one_parent_keeps_the_others_results(run, tmp_path):
+    old = json.loads((run["out"] / "quality.json").read_text())
+    old["parents"] = {"other": {"id": "other"}, "coder@code": {"id": "coder"}, **old["parents"]}
+    (tmp_path / "quality.json").write_text(json.dumps(old))
+    fresh = {**old, "parents": {bench_quality.SMOKE_PARENT: old["parents"][bench_quality.SMOKE_PARENT]}}
+    kept = bench_quality.carried_over(fresh, tmp_path / "quality.json", [bench_quality.SMOKE_PARENT, "coder"])
+    assert list(kept["parents"]) == ["other", bench_quality.SMOKE_PARENT] and kept["carried"] == ["other"]
+    assert bench_quality.carried_over({**fresh, "size": "cpu"}, tmp_path / "quality.json", ["x"])["parents"] == {
+        bench_quality.SMOKE_PARENT: old["parents"][bench_quality.SMOKE_PARENT]}  # another size's JSON: not mixed

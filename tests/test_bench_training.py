@@ -1,7 +1,8 @@
-"""bench/bench_training.py: the names of its learning-rate sweep's runs."""
+"""bench/bench_training.py: the names of its learning-rate sweep's runs, and its smoke size end to end."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench import bench_training
@@ -10,7 +11,21 @@ from bench import bench_training
 def test_run_names_state_the_learning_rate_each_run_trains_at():
     """2.5e-4 was named "3e-4": the sweep table then misstated the rate of its run."""
     variant = bench_training.Variant("subclone", "subclone", "subclone", lrs=(2.5e-4, 1e-3))
-    cands = bench_training.candidates_for([variant], {"subclone": torch.nn.Linear(2, 2)}, None,
-                                          {"subclone": variant.lrs})
+    cands = variant.candidates(torch.nn.Linear(2, 2), variant.lrs)
     assert [c.name for c in cands] == ["subclone@lr=2.5e-4", "subclone@lr=1e-3"]
     assert [c.lr for c in cands] == [2.5e-4, 1e-3]
+
+
+@pytest.mark.slow
+@pytest.mark.default_parent
+def test_the_smoke_size_writes_the_language_models_section_with_its_verdicts(tmp_path):
+    """The LM benchmark end to end at its smoke size on the default parent (about a minute), into tmp_path."""
+    doc = tmp_path / "BENCHMARKS.md"
+    outcomes = bench_training.main(["--smoke", "--only", "lm", "--threads", "1", "--doc", str(doc)])
+    text = doc.read_text()
+    assert [o.experiment.key for o in outcomes] == ["paper-like", "aggressive"]
+    assert "Speedup of the subcloned child:" in text and "the paper's 4x is for milder ratios" in text
+    for o in outcomes:
+        assert set(o.chosen) == {v.name for v in o.experiment.variants}  # every variant trained, none diverged
+        assert bench_training.headline(o).split(":")[0] in text
+    assert (tmp_path / "bench_lm_curves.png").stat().st_size > 0

@@ -67,7 +67,7 @@ def test_bench_scale_sequential_smoke_keeps_the_same_rankings(tmp_path):
     each of its two batches, sequential calibration reads every weight once, and both rank as in memory."""
     from bench import bench_scale
 
-    report = bench_scale.sequential_bench("tiny", tmp_path, smoke=True)
+    report = bench_scale.sequential_bench("tiny", tmp_path)
     run = report["runs"][0]
     assert report["same_rankings"] and run["sequential"]["batches"] == 2
     assert run["memory"]["read_bytes"] == 0
@@ -82,7 +82,7 @@ def test_bench_scale_ablation_smoke_orders_the_blocks_alike_in_every_placement(t
     (to float32 rounding) and so the same order of the blocks."""
     from bench import bench_scale
 
-    report = bench_scale.ablation_bench("tiny", tmp_path, smoke=True)
+    report = bench_scale.ablation_bench("tiny", tmp_path)
     modes = report["modes"]
     assert set(modes) == {"memory", "offload", "sequential"} and report["same_order"]
     assert len(modes["memory"]["losses"]) == report["blocks"] and report["max_loss_difference"] < 1e-3
@@ -96,7 +96,7 @@ def test_bench_fsdp_smoke_trains_replicated_and_sharded_to_the_same_loss(tmp_pat
     final validation loss, each rank's peak memory measured."""
     from bench import bench_fsdp
 
-    rows = bench_fsdp.measure("tiny", ["ddp", "fsdp"], 2, 3, tmp_path, 8.0)
+    rows = bench_fsdp.measure("tiny", tmp_path)
     assert [r["mode"] for r in rows] == ["ddp", "fsdp"] and all("row" in r for r in rows)
     ddp, fsdp = (r["row"]["final"] for r in rows)
     assert math.isfinite(ddp) and ddp == pytest.approx(fsdp, rel=1e-4)

@@ -9,7 +9,6 @@ import pytest
 
 from bench import _repro_report as report_rules
 from bench import reproduce
-from bench._repro_measure import calibrate_seed, validation_batches
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import load_parent
 from subclone_core.training.evaluate import evaluate
@@ -73,13 +72,13 @@ def test_reported_numbers_come_from_the_models(run):
     """Relative magnitude and a step-0 loss recomputed independently match what the run reported."""
     results = run["results"]["lm"]
     parent = load_parent(str(run["llama"]))
-    importance = calibrate_seed(parent, str(run["corpus"]), reproduce.SIZES["smoke"].calib_tokens, seed=1)
+    importance = reproduce.calibrate_seed(parent, str(run["corpus"]), reproduce.SIZES["smoke"].calib_tokens, seed=1)
     assert results["analysis"]["rel_magnitude"]["1"] == pytest.approx(importance.rel_magnitude.tolist(), rel=1e-4)
     assert results["analysis"]["layers"] == 4 and len(results["analysis"]["ablation"]["losses"]) == 4
 
     target = plan_shape(parent.model, **reproduce.SIZES["smoke"].lm_shapes["aggressive"])
     child = make_child(parent, target, strategy="random", seed=1)
-    batches = validation_batches(parent, str(run["corpus"]), reproduce.SIZES["smoke"].analysis_tokens, 0)
+    batches = reproduce.validation_batches(parent, str(run["corpus"]), reproduce.SIZES["smoke"].analysis_tokens, 0)
     row = next(r for r in results["step0"] if (r["shape"], r["arm"], r["seed"]) == ("aggressive", "random", 1))
     assert row["loss"] == pytest.approx(evaluate(child.model, batches)["loss"], rel=1e-5)
 
@@ -87,7 +86,7 @@ def test_reported_numbers_come_from_the_models(run):
 @pytest.mark.slow
 def test_training_ran_every_arm_with_swept_learning_rates(run):
     training = run["results"]["lm"]["training"]
-    assert set(training["runs"]) == {a.name for a in reproduce.lm_arms(reproduce.SIZES["smoke"].lm_lrs)}
+    assert set(training["runs"]) == {a.name for a in reproduce.arms("lm", reproduce.SIZES["smoke"].lrs["lm"])}
     swept = {(r["arm"], r["lr"]) for r in training["sweep"] if r["seed"] == 0}
     assert {("subclone", 1e-4), ("subclone", 1e-3), ("random", 1e-3)} <= swept
     steps = [s for s, _ in training["runs"]["subclone"]["0"]["curve"]]
@@ -117,10 +116,10 @@ def test_the_longer_budget_verdict_compares_the_final_level_with_the_papers_4x()
 
 def test_the_longer_budget_finding_names_each_learning_rate_as_swept():
     """The rates were printed with "{:.0e}": 2.5e-4 read "2e-04", a rate that was never trained."""
-    budget = {"plan": {"sweep_lrs": {"random": [5e-4, 1e-3], "subclone": [2.5e-4, 1e-3]}},
-              "lrs": {"random": 1e-3, "subclone": 2.5e-4}}
-    assert report_rules._lr_text(budget) == (", each arm at its best lr at this budget: random 1e-3 of 5e-4, 1e-3; "
-                                             "subclone 2.5e-4 of 2.5e-4, 1e-3")
+    budget = {**_budget([(5.0, 3.2, False), (4.0, 4.6, False)]), "lrs": {"random": 1e-3, "subclone": 2.5e-4},
+              "plan": {"sweep_lrs": {"random": [5e-4, 1e-3], "subclone": [2.5e-4, 1e-3]}}}
+    assert ("the aggressive child, each arm at its best lr at this budget: random 1e-3 of 5e-4, 1e-3; "
+            "subclone 2.5e-4 of 2.5e-4, 1e-3)") in report_rules.finding_budget(budget)["text"]
 
 
 # --- verdict rules on hand-made measurements ------------------------------------------------------------
