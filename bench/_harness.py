@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from bench._report import DOCS
+from bench._report import DOCS, log
 from subclone_core.sources import Parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
 from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent
@@ -111,8 +110,7 @@ def train(cands: list[Candidate], train_data: Any, val: Any, config: TrainConfig
           metrics: Path) -> dict[str, RunResult]:
     """Train candidates side by side on the identical batches (progress on stderr, metrics to ``metrics``);
     the curves are kept, the weights freed."""
-    print(f"[{tag}] {', '.join(c.name for c in cands)}: {config.steps} steps, batch {config.batch_size}",
-          file=sys.stderr, flush=True)
+    log(f"[{tag}] {', '.join(c.name for c in cands)}: {config.steps} steps, batch {config.batch_size}")
     results = train_candidates(cands, train_data, val, config, callbacks=[progress_printer(tag, config.steps)],
                                metrics_path=metrics)
     for result in results.values():
@@ -130,10 +128,10 @@ def progress_printer(tag: str, steps: int) -> Callable[[Event], None]:
             metric["name"] = event.metric
         elif isinstance(event, EvalEvent):
             value = event.value(metric["name"])
-            print(f"[{tag}] step {event.step}/{steps} {event.candidate}: "
-                  f"{'?' if value is None else f'{value:.4f}'} ({event.time:.0f} s)", file=sys.stderr, flush=True)
+            log(f"[{tag}] step {event.step}/{steps} {event.candidate}: "
+                f"{'?' if value is None else f'{value:.4f}'} ({event.time:.0f} s)")
         elif isinstance(event, ErrorEvent):
-            print(f"[{tag}] {event.candidate}: {event.message}", file=sys.stderr, flush=True)
+            log(f"[{tag}] {event.candidate}: {event.message}")
     return show
 
 

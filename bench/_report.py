@@ -58,6 +58,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def log(text: str) -> None:
+    """A progress line on stderr (stdout carries a script's report)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     """fn's result, its wall seconds and its CPU seconds (all threads of this process)."""
     cpu, wall = time.process_time(), time.perf_counter()

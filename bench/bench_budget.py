@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -335,7 +334,7 @@ def write_all(results: dict[str, Any], size: Size, paths: dict[str, Path], readm
     rp.write_section(f"budget{suffix}", section_markdown(results, size, paths), paths["doc"])
     for marker, text in readme_texts(results, suffix).items() if readme else ():
         if not rp.replace_marked(readme, marker, text):
-            print(f"note: {readme} has no <!-- begin {marker} --> markers; that text is not updated", file=sys.stderr)
+            rp.log(f"note: {readme} has no <!-- begin {marker} --> markers; that text is not updated")
 
 
 def without_parent(size: Size) -> tuple[Size, list[str]]:

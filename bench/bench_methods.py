@@ -18,8 +18,8 @@ from typing import Any
 from bench import _harness as h
 from bench import _report as rp
 from bench import bench_quality as q
-from bench._report import DOCS, fmt_value, render, table
-from bench.bench_quality import chosen_run, log
+from bench._report import DOCS, fmt_value, log, render, table
+from bench.bench_quality import chosen_run
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 import textwrap
 import time
@@ -23,7 +22,7 @@ import torch
 from bench import _coder_parent as coder
 from bench import _harness as h
 from bench import _report as rp
-from bench._report import fmt_value, render
+from bench._report import fmt_value, log, render
 from bench.bench_refit import with_table
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape, nearest_valid_shape, suggested_shape
@@ -123,11 +122,6 @@ SIZES = {
                 training={"default": TrainPlan(8, 150, LRS, evals=8), "gemma3-270m": TrainPlan(4, 40, LRS, evals=5),
                           CODER: None, "*": TrainPlan(8, 100, LRS, evals=6)}),
 }
-
-
-def log(text: str) -> None:
-    """A progress line on stderr."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def sizes_of(shape: Shape, keys: tuple[str, ...] = ("layers", *WIDTH_KEYS)) -> dict[str, int]:

@@ -64,11 +64,12 @@ def step0(parent, target, val, tag: str, fields: dict | None = None, **options) 
     return result
 
 
-def measure(parent_id: str, tokens: int, arms: dict[str, tuple[dict | None, dict]], smoke: bool) -> dict:
+def measure(parent_id: str, tokens: int, arms: dict[str, tuple[dict | None, dict]], smoke: bool,
+            variants: bool) -> dict:
     """Step-0 validation loss of children of one parent, one calibration on ``tokens`` choosing what each keeps,
-    made with each arm's refit table fields and make_child options, per shape. The variants (VARIANT_ARMS) add
-    random init and validate on ``tokens`` tokens; other arms validate on 4,096, the Child page's start first."""
-    variants = arms is VARIANT_ARMS
+    made with each arm's refit table fields and make_child options, per shape. The variants report
+    (VARIANT_ARMS) adds random init and validates on ``tokens`` tokens; the others validate on 4,096, the Child
+    page's start first."""
     parent = load_parent(parent_id)
     importance = measure_importance(parent, "default", tokens=tokens)
     val = make_data(parent, "default", "validation", seq_len=128, max_tokens=tokens if variants else 4096)
@@ -128,7 +129,7 @@ def main() -> int:
     values = getattr(args, kind, None)
     arms = {str(value): (None, {option: value}) for value in values} if option else VARIANT_ARMS
     parents, tokens = (["default"], 512) if args.smoke else (args.parents.split(","), args.tokens)
-    results = [measure(parent, tokens, arms, args.smoke) for parent in parents]
+    results = [measure(parent, tokens, arms, args.smoke, variants=option is None) for parent in parents]
     report = {"tokens": tokens, **({kind: values} if option else {}), "machine": machine(), "results": results}
     if not args.smoke:
         write_text(DOCS / f"{name}.json", json.dumps(report, indent=1))

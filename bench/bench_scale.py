@@ -213,15 +213,15 @@ def run_fresh(tag: str, target: str, *args: object) -> dict:
 def measure_size(size: str, work: Path, tokens: int) -> dict:
     """One parent made into a child in memory and offloaded at a quarter, each in a fresh process."""
     parent, head = synthetic(size, work)
-    quarter = head.pop("quarter")
+    quarter = head.pop("quarter")  # after the shards in the JSON, as it has always been
     row = {**head, "shards": len(list(parent.glob("*.safetensors"))), "quarter": quarter}
-    for mode, budget in (("memory", None), ("offload", row["quarter"])):
+    for mode, budget in (("memory", None), ("offload", quarter)):
         row[mode] = run_fresh(f"{size} {mode}", "bench.bench_scale:make_worker", size, str(parent), tokens,
                               str(work / f"child-{size}-{mode}"), budget)
     row["same_indices"] = all(row["memory"][k] == row["offload"][k] for k in ("selection", "kept_blocks"))
     row["child_max_rel_diff"] = child_difference(work / f"child-{size}-memory", work / f"child-{size}-offload")
     row["store_gib"] = row["memory"]["calib_tokens"] * SIZES[size][0] * 2 / 2**30  # bf16 hidden states
-    row["limit_gib"] = int(row["quarter"].removesuffix("MiB")) / 1024 + row["store_gib"] + 1
+    row["limit_gib"] = int(quarter.removesuffix("MiB")) / 1024 + row["store_gib"] + 1
     row["within"] = row["offload"]["peak_anon_gib"] < row["limit_gib"]
     for mode in ("memory", "offload"):
         row[mode].pop("selection")

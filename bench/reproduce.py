@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -21,7 +20,7 @@ import torch
 
 from bench import _harness as h
 from bench._harness import Arm, Budget
-from bench._report import DOCS, SHAPES, THREADS_HELP, bench_parser, machine, spearman
+from bench._report import DOCS, SHAPES, THREADS_HELP, bench_parser, log, machine, spearman
 from bench._repro_report import draw_all, render
 from subclone_core.analysis.probes import block_ablation, off_diagonal_mean, rank_correlation
 from subclone_core.core.calibration import Importance
@@ -139,7 +138,7 @@ def analyze_parent(parent: Parent, importances: dict[int, Importance], batches: 
     # an early block against the middle one, the middle one against a late one
     mid, early, late = layers // 2, min(1, layers - 1), max(layers - 2, 0)
     pairs = [(early, mid), (mid, late)] if layers > 2 else [(0, layers - 1)]
-    print(f"[{parent.id}] single-block removal over {layers} blocks", file=sys.stderr, flush=True)
+    log(f"[{parent.id}] single-block removal over {layers} blocks")
     ablation = block_ablation(parent.model, batches)
     return {"layers": layers, "calib_tokens": first.tokens,
             "rel_magnitude": {str(s): _rounded(imp.rel_magnitude) for s, imp in importances.items()},
@@ -246,7 +245,7 @@ def run_part(parent: Parent, part: str, data_id: str, size: Size, runs: Path) ->
     importances = {s: calibrate_seed(parent, data_id, size.calib_tokens, s) for s in SEEDS}
     batches = validation_batches(parent, data_id, size.analysis_tokens, size.analysis_images)
     analysis = analyze_parent(parent, importances, batches)
-    print(f"[{parent.id}] step-0 values", file=sys.stderr, flush=True)
+    log(f"[{parent.id}] step-0 values")
     untrained = [a for a in arms(part, size.lrs[part]) if a.weight_decay is None]  # decay is nothing at step 0
     return {"parent": parent.label, "parent_id": parent.id, "data": data_id, "analysis": analysis,
             "step0": step0_table(parent, importances, shapes, untrained, batches), "step0_shapes": shapes,
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> Path:
         write_text(figures / "results.json", json.dumps(results, indent=None, separators=(",", ":")))
     draw_all(results, figures)
     write_text(args.out, render(with_budget(results, args.budget), figures.name))
-    print(f"wrote {args.out} and {figures}/ ({results['minutes']:.1f} min)", file=sys.stderr)
+    log(f"wrote {args.out} and {figures}/ ({results['minutes']:.1f} min)")
     return args.out
 
 
