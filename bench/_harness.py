@@ -1,7 +1,8 @@
 """The benchmarks' training harness: data splits, training settings, candidates, one engine call with progress
-lines, each candidate's chosen run by the library's sweep rule, run summaries for the JSON, the size a script's
-flags name and its output folder. bench_training, bench_budget, bench_quality and reproduce run on it; every
-run goes through the library's own training (`training.train_candidates`, `training.sweep.choose_runs`)."""
+lines, each candidate's chosen run by the library's sweep rule, the one JSON schema of a trained run (run_json)
+and of an arm swept over learning rates (arm_json) that every benchmark's results use, the size a script's flags
+name and its output folder. Every run goes through the library's own training (`training.train_candidates`,
+`training.sweep.choose_runs`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from subclone_core.sources import Parent, make_data
 from subclone_core.training import Candidate, RunResult, TrainConfig, default_hparams, train_candidates
 from subclone_core.training.events import ErrorEvent, EvalEvent, Event, StartEvent
 from subclone_core.training.speedup import HIGHER_IS_BETTER, best_value
-from subclone_core.training.sweep import choose_runs, run_name, runs_from_results
+from subclone_core.training.sweep import choose_runs, grid_edge, run_name, runs_from_results
 
 # Stand-ins for the two child shapes of the default parent (bench/_report.SHAPES) on the tiny smoke parents.
 SMOKE_SHAPES = {"paper-like": {"layers": 3, "hidden": 24, "heads": 3, "kv_heads": 1, "ffn": 32},
@@ -162,19 +163,45 @@ def sweep_then_rest(arms: Iterable[Arm], train_stage: Callable[[list[Arm], dict[
     return runs, chosen, lr
 
 
-def facts(run: RunResult, metric: str = "loss") -> dict[str, Any]:
-    """Everything the benchmarks' JSON says about one run; each script keeps the keys of its schema."""
-    curve = run.curve(metric)
-    return {"lr": run.lr, "weight_decay": run.weight_decay, "status": run.status, "message": run.message,
-            "curve": curve, "steps": [p.step for p in run.evals], "tokens": [p.seen for p in run.evals],
-            "val_loss": [p.loss for p in run.evals], "start": curve[0][1] if curve else None,
-            "best": best_value(curve, higher_is_better=HIGHER_IS_BETTER[metric]),
-            "final": curve[-1][1] if curve else None, "throughput": run.throughput, "unit": run.unit}
+# --- the one JSON schema of a trained run and of a swept arm -------------------------------------------------
 
 
-def pick(values: dict[str, Any], *keys: str) -> dict[str, Any]:
-    """The named entries of a dict, in that order."""
-    return {k: values[k] for k in keys}
+def run_json(run: RunResult, metric: str = "loss", /, *, curve: bool = True, **extra: Any) -> dict[str, Any]:
+    """One trained run as every benchmark's JSON holds it: lr, weight decay, status and message, the validation
+    ``metric`` at step 0, its best and its final value, training throughput and its unit, and (``curve``) the
+    validation curve as steps, training tokens (images for a ViT) seen so far and values, step 0 first; then
+    ``extra`` (e.g. seconds, arm, seed)."""
+    points = [p for p in run.evals if p.value(metric) is not None]
+    values = [p.value(metric) for p in points]
+    row = {"lr": run.lr, "weight_decay": run.weight_decay, "status": run.status, "message": run.message,
+           "metric": metric, "start": values[0] if values else None,
+           "best": best_value(run.curve(metric), higher_is_better=HIGHER_IS_BETTER[metric]),
+           "final": values[-1] if values else None, "throughput": run.throughput, "unit": run.unit}
+    if curve:
+        row.update(steps=[p.step for p in points], tokens=[p.seen for p in points], values=values)
+    return {**row, **extra}
+
+
+def arm_json(runs: dict[float, RunResult], grid: Iterable[float], metric: str = "loss",
+             rows: dict[float, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One arm swept over ``grid`` as every benchmark's JSON holds it: the grid, its runs (run_json, or the
+    ``rows`` given per lr) in lr order, the lr the library's rule chose (None: every run diverged) and whether it
+    sits at the "low" or "high" edge of the grid."""
+    grid = sorted(grid)
+    best = next(iter(best_runs({run_name("arm", lr): r for lr, r in runs.items()}, metric).values()), None)
+    rows = rows or {lr: run_json(r, metric) for lr, r in runs.items()}
+    return {"lrs": grid, "runs": [rows[lr] for lr in sorted(rows)], "chosen_lr": best.lr if best else None,
+            "edge": edge_of(best.lr, grid) if best else None}
+
+
+def chosen_run(arm: dict[str, Any]) -> dict[str, Any] | None:
+    """An arm's chosen run (arm_json), None when every run diverged."""
+    return next((r for r in arm["runs"] if r["lr"] == arm["chosen_lr"]), None)
+
+
+def edge_of(lr: float, lrs: Iterable[float]) -> str | None:
+    """"low" or "high" when the chosen lr is the lowest or highest of a grid of several, else None."""
+    return {"lowest": "low", "highest": "high"}.get(grid_edge(lr, list(lrs)))
 
 
 # --- command line and outputs ---------------------------------------------------------------------------

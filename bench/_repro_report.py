@@ -298,9 +298,9 @@ def _curves(comparison: str, title: str, ax: Any, name: str, part: dict) -> None
     t = part["training"]
     for i, arm in enumerate(t["comparisons"][comparison]):
         for seed, run in t["runs"].get(arm, {}).items():
-            if run["curve"]:
+            if run["values"]:
                 first = seed == "0"
-                ax.plot(*zip(*run["curve"]), color=f"C{i}", linestyle="-" if first else "--",
+                ax.plot(run["steps"], run["values"], color=f"C{i}", linestyle="-" if first else "--",
                         marker="." if first else None,
                         label=f"{arm} (lr {run['lr']:g})" + ("" if first else f", seed {seed}"))
     if comparison == "headline" and "random" in t["runs"]:

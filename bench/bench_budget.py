@@ -37,14 +37,13 @@ COLORS = {"random": "#d62728", "subclone": "#1f77b4", "subclone+distill": "#2ca0
 @dataclass(frozen=True)
 class Stage:
     """One engine call: some arms of one child shape, one seed (data order, dropout, random init's weights), one
-    token budget per arm (whole steps); ``evals`` (after step 0) None takes the size's."""
+    token budget per arm (whole steps)."""
 
     key: str
     shape: str
     arms: tuple[str, ...]
     tokens: int
     seed: int = 0
-    evals: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ def train(run: Run, stage: Stage, lrs: dict[str, tuple[float, ...]], name: Any) 
     val = make_data(run.parent, run.data, "validation", seq_len=size.seq_len, max_tokens=size.val_tokens)
     steps = max(1, stage.tokens // (size.batch_size * size.seq_len))
     config = h.train_config(steps, size.batch_size, len(val), round_down=True, seed=stage.seed,
-                            eval_at=log_eval_steps(steps, stage.evals or size.evals), precision=size.precision)
+                            eval_at=log_eval_steps(steps, size.evals), precision=size.precision)
     results = h.train(cands, train_data, val, config, stage.key, run.runs / f"{stage.key}.jsonl")
     run.seconds[stage.key] = time.perf_counter() - start
     return results
@@ -147,19 +146,13 @@ def run_stages(run: Run) -> None:
     runs = train(run, first, grids, run_name)
     run.stages[first.key] = chosen = h.best_runs(runs, "loss", always=True)
     run.lrs = {arm: chosen[arm].lr for arm in first.arms}
-    run.sweep = [{"arm": arm, "lr": r.lr, "tokens": first.tokens, **h.pick(h.facts(r), "status", "best", "final"),
-                  "chosen": r is chosen[arm], "note": edge_note(arm, run.lrs[arm], grid_edge(run.lrs[arm], grids[arm]))}
+    run.sweep = [h.run_json(r, curve=False, arm=arm, budget_tokens=first.tokens, chosen=r is chosen[arm],
+                            note=edge_note(arm, run.lrs[arm], grid_edge(run.lrs[arm], grids[arm])))
                  for arm in first.arms for n, r in runs.items() if candidate_of(n) == arm]
     # an arm first trained in a later stage (the smoke size's distillation) has one lr in its grid
     run.lrs.update({arm: grid[0] for arm, grid in grids.items() if arm not in run.lrs and len(grid) == 1})
     for stage in later:
         run.stages[stage.key] = train(run, stage, {arm: (lr,) for arm, lr in run.lrs.items()}, lambda arm, _: arm)
-
-
-def arm_json(run: RunResult) -> dict[str, Any]:
-    """A run's validation curve against tokens (and steps), its lr and status."""
-    return {**h.pick(h.facts(run), "tokens", "steps", "val_loss", "lr", "status"),
-            "throughput": round(run.throughput, 1)}
 
 
 def iso_json(base: RunResult, other: RunResult, name: str, **levels: Any) -> list[dict[str, Any]]:
@@ -180,7 +173,7 @@ def stage_json(run: Run, stage: Stage) -> dict[str, Any]:
     others = {arm: r for arm, r in runs.items() if arm != "random" and base is not None}
     return {"shape": stage.shape, "shape_sizes": run.size.shapes[stage.shape], "seed": stage.seed,
             "tokens": stage.tokens, "minutes": round(run.seconds[stage.key] / 60, 1),
-            "arms": {arm: arm_json(r) for arm, r in runs.items()},
+            "arms": {arm: h.run_json(r) for arm, r in runs.items()},
             "iso_loss": {arm: iso_json(base, r, arm) for arm, r in others.items()},
             "at_drop": {arm: iso_json(base, r, arm, fractions=DROP_FRACTIONS) for arm, r in others.items()}}
 
@@ -209,7 +202,7 @@ def results_json(run: Run, meta: dict[str, Any]) -> dict[str, Any]:
         for arm, r in run.stages[stage.key].items():
             head.setdefault(arm, r)
     base = head["random"]
-    return {**meta, "arms": {arm: arm_json(r) for arm, r in head.items()}, "random_tokens": base.seen,
+    return {**meta, "arms": {arm: h.run_json(r) for arm, r in head.items()}, "random_tokens": base.seen,
             "iso_loss": iso_json(base, head["subclone"], "subclone"),
             "at_drop": {arm: iso_json(base, r, arm, fractions=DROP_FRACTIONS) for arm, r in head.items()
                         if arm != "random"},
@@ -224,9 +217,9 @@ def fmt_tokens(n: float | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
 
-def final_row(results: dict[str, Any], arm: str = "subclone") -> dict[str, Any] | None:
-    """The arm's row at random init's final (best) loss, from the headline runs."""
-    rows = results["at_drop"].get(arm) or []
+def final_row(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The subcloned child's row at random init's final (best) loss, from the headline runs."""
+    rows = results["at_drop"].get("subclone") or []
     return rows[-1] if rows else None
 
 
@@ -278,7 +271,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     for ax, shape in zip(axes[0], shapes):
         for key, stage in results["stages"].items():
             for arm, curve in stage["arms"].items() if stage["shape"] == shape else ():
-                points = [(t, v) for t, v in zip(curve["tokens"], curve["val_loss"]) if t > 0]
+                points = [(t, v) for t, v in zip(curve["tokens"], curve["values"]) if t > 0]
                 if points:
                     ax.plot(*zip(*points), color=COLORS.get(arm), linestyle="-" if stage["seed"] == 0 else "--",
                             marker=".", markersize=3, label=f"{arm} (lr {curve['lr']:g}, {key})")

@@ -19,7 +19,6 @@ from bench import _harness as h
 from bench import _report as rp
 from bench import bench_quality as q
 from bench._report import DOCS, fmt_value, log, render, table
-from bench.bench_quality import chosen_run
 from subclone_core.core.errors import SubcloneError
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
@@ -149,12 +148,12 @@ def train_row(parent: Parent, row: dict, children: dict[str, Any], plan: Plan, r
 
 def extend_until_inside(train_at: Callable[[float], tuple], grid: tuple[float, ...],
                         most: int = MAX_EXTENSIONS) -> dict[str, Any]:
-    """An arm (bench_quality.arm_json, plus its starting grid and the lrs added) trained at every lr of ``grid``
+    """An arm (bench_quality.swept_arm, plus its starting grid and the lrs added) trained at every lr of ``grid``
     (``train_at(lr)``), then while its chosen lr is the lowest or highest of the grid at one more lr beyond that
     edge (x or / EXTEND), ``most`` times at most; every run diverged counts as the low edge."""
     runs, added = {lr: train_at(lr) for lr in sorted(grid)}, []
     while True:
-        arm = q.arm_json(dict(sorted(runs.items())), tuple(sorted(runs)))
+        arm = q.swept_arm(runs)
         edge = "low" if arm["chosen_lr"] is None else arm["edge"]
         if edge is None or len(added) >= most:
             return {**arm, "start_grid": list(grid), "added": added}
@@ -166,7 +165,7 @@ def with_speedups(arms: dict[str, dict]) -> dict[str, dict]:
     """Each arm with its chosen run against random init's and subclone's (training.speedup.iso_loss, in tokens)
     at random init's best loss: "target", "tokens_to_target" (None: not reached; 0: at step 0), "vs_random" and
     "vs_subclone" (IsoLoss dicts; None without that arm)."""
-    chosen = {m: chosen_run(a) for m, a in arms.items()}
+    chosen = {m: h.chosen_run(a) for m, a in arms.items()}
     target = chosen[BASELINE]["best"] if chosen.get(BASELINE) else None
     out = {}
     for method, arm in arms.items():
@@ -181,7 +180,7 @@ def with_speedups(arms: dict[str, dict]) -> dict[str, dict]:
 
 
 def _track(run: dict[str, Any]) -> list[tuple]:
-    return list(zip(run["steps"], run["tokens"], run["val_loss"]))  # the library's iso-loss track
+    return list(zip(run["steps"], run["tokens"], run["values"]))  # the library's iso-loss track
 
 
 def tokens_to(run: dict, level: float | None) -> float | None:
@@ -189,9 +188,8 @@ def tokens_to(run: dict, level: float | None) -> float | None:
     it never does."""
     if not run or level is None:
         return None
-    reach = steps_to_reach(list(zip(run["steps"], run["val_loss"])), level, interpolate=True)
-    per_step = run["tokens"][-1] / run["steps"][-1] if run["steps"] and run["steps"][-1] else 0
-    return None if not reach.reached else 0.0 if reach.at_start else reach.step * per_step
+    reach = steps_to_reach(list(zip(run["tokens"], run["values"])), level, interpolate=True)
+    return None if not reach.reached else 0.0 if reach.at_start else reach.step
 
 
 def markdown(report: dict) -> str:
@@ -211,7 +209,7 @@ def markdown(report: dict) -> str:
 
 def training_view(t: dict) -> dict[str, Any]:
     """One parent's training for the template: the settings, a row per arm, the arms still at an edge."""
-    start = (chosen_run(t["arms"][DEFAULT]) or {}).get("start") if DEFAULT in t["arms"] else None
+    start = (h.chosen_run(t["arms"][DEFAULT]) or {}).get("start") if DEFAULT in t["arms"] else None
     return {**t, "shape": _shape(t["sizes"]), "rows": [_arm_row(m, a, start) for m, a in t["arms"].items()],
             "child_grid": _grid(t["plan"]["child_lrs"]), "random_grid": _grid(t["plan"]["random_lrs"]),
             "target": fmt_value(next(iter(t["arms"].values()))["target"]),
@@ -222,13 +220,13 @@ def training_view(t: dict) -> dict[str, Any]:
 def _arm_row(method: str, arm: dict, start: float | None) -> list[str]:
     """One arm's row: its chosen lr in its grid, losses, tokens to the target, both speedups, tokens to subclone's
     step-0 loss (``start``) and throughput."""
-    run = chosen_run(arm) or {}
+    run = h.chosen_run(arm) or {}
     lr = "all diverged" if arm["chosen_lr"] is None else lr_text(arm["chosen_lr"])
     edge = f", at the {arm['edge']} edge" if arm["edge"] else ""
     return [method, f"{lr} (of {_grid(arm['lrs'])}{edge})", *(fmt_value(run.get(k)) for k in ("start", "best", "final")),
             _tokens(arm["tokens_to_target"], "0 (at step 0)"), _speedup(arm["vs_random"], method, BASELINE),
             _speedup(arm["vs_subclone"], method, DEFAULT), _tokens(tokens_to(run, start)),
-            f"{run['tokens_per_s']:.0f}" if run.get("tokens_per_s") else "-"]
+            f"{run['throughput']:.0f}" if run.get("throughput") else "-"]
 
 
 def _shape(s: dict[str, int]) -> str:
@@ -281,7 +279,7 @@ def not_best(p: dict) -> str:
 def _training_not_best(t: dict) -> str:
     """The trained row's step-0, best and final losses (lower by MARGIN), tokens to random init's best and to
     subclone's step-0 loss (fewer, strictly; equal ones are ties) where another arm beats subclone."""
-    runs = {m: chosen_run(a) or {} for m, a in t["arms"].items()}
+    runs = {m: h.chosen_run(a) or {} for m, a in t["arms"].items()}
     start = runs.get(DEFAULT, {}).get("start")
     values = {"step-0 loss": {m: r.get("start") for m, r in runs.items()},
               "best loss": {m: r.get("best") for m, r in runs.items()},
@@ -313,7 +311,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = rp.panels(len(parents), 6.4, 3.6, 3)
     for col, p in enumerate(parents):
         arms = p["training"]["arms"]
-        names, runs, x = list(arms), [chosen_run(a) or {} for a in arms.values()], range(len(arms))
+        names, runs, x = list(arms), [h.chosen_run(a) or {} for a in arms.values()], range(len(arms))
         top, mid, low = axes[0][col], axes[1][col], axes[2][col]
         for offset, key, label in ((-0.2, "start", "step 0"), (0.2, "best", "best in training")):
             top.bar([i + offset for i in x], [r.get(key) or 0 for r in runs], 0.4, label=label)
@@ -329,7 +327,7 @@ def plot(report: dict, path: Path) -> None:
             ax.set_xticks(list(x), names)
         for name, r in zip(names, runs):
             if r:
-                low.plot(r["tokens"], r["val_loss"], "--" if name == BASELINE else "-", marker=".",
+                low.plot(r["tokens"], r["values"], "--" if name == BASELINE else "-", marker=".",
                          linewidth=2 if name == DEFAULT else 1, label=f"{name}, lr {lr_text(r['lr'])}")
         if (target := next(iter(arms.values()))["target"]) is not None:
             low.axhline(target, color="grey", linewidth=1, label="random init's best")
@@ -340,13 +338,14 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Measure every parent (and train its trained row), or redraw from the saved JSON; writes the outputs."""
     parser = rp.bench_parser(__doc__, smoke="bench_scale's tiny random parent, one ratio (a temporary folder)",
-                             report_only="redraw from the methods.json of --out-dir")
+                             threads=rp.THREADS_HELP, report_only="redraw from the methods.json of --out-dir")
     parser.add_argument("--parents", default="default,gemma3-270m")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--val-tokens", type=int, default=8192)
     parser.add_argument("--out-dir", type=Path, help="where methods.json goes (default docs/, with the section)")
     parser.add_argument("--no-training", action="store_true", help="step-0 losses only")
     args = parser.parse_args(argv)
+    h.start(args)
     out = h.folder(h.size_name(args), args.out_dir, "subclone-methods-")
     if args.report_only:
         report = json.loads((out / "methods.json").read_text())

@@ -31,7 +31,7 @@ from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent, make_data
 from subclone_core.training import RunResult
 from subclone_core.training.evaluate import evaluate
-from subclone_core.training.sweep import grid_edge, run_name
+from subclone_core.training.sweep import run_name
 from subclone_core.workflow.children import make_child, measure_importance
 
 DATA = "default"
@@ -209,7 +209,7 @@ def variant_child(parent: Parent, target: Shape, importance: Any, size: Size, op
 def lr_trainer(parent: Parent, data_id: str, val: Any, plan: Any, seq_len: int, eval_batch: int, tag: str,
                runs: Path) -> Callable[[str, Any, str], Callable[[float], tuple[RunResult, dict]]]:
     """``trainer(name, model, strategy)(lr)``: one run of ``plan`` (steps, batch_size, evals, precision) from a
-    fresh copy of ``model``, every run on the identical batches."""
+    fresh copy of ``model``, every run on the identical batches; its result and JSON row (train_one)."""
     data = (make_data(parent, data_id, "train", seq_len=seq_len), val)
     evals = rp.log_eval_steps(plan.steps, plan.evals + 1) if plan.evals else ()  # + the last step
     config = h.train_config(plan.steps, plan.batch_size, len(val), eval_batch=eval_batch, eval_at=evals,
@@ -222,44 +222,29 @@ def lr_trainer(parent: Parent, data_id: str, val: Any, plan: Any, seq_len: int, 
 
 def train_one(cand: Any, data: tuple[Any, Any], config: Any, tag: str, runs: Path) -> tuple[RunResult, dict]:
     """One run, its own engine call (one optimizer state in memory at a time; the seed alone fixes the batches),
-    with its JSON: lr, status, validation curve against tokens, start/best/final loss and throughput."""
+    and its JSON row: h.run_json of the loss, plus the run's seconds."""
     start = time.perf_counter()
     result = h.train([cand], data[0], data[1], config, tag, runs / f"{tag}-{cand.name}.jsonl")[cand.name]
-    f = h.facts(result)
-    losses = f["val_loss"]
-    row = {**h.pick(f, "lr", "status", "message", "steps", "tokens", "val_loss"),
-           "start": losses[0] if losses else None, "best": f["best"], "final": losses[-1] if losses else None,
-           "tokens_per_s": result.throughput, "seconds": time.perf_counter() - start}
-    log(f"[{tag}] {cand.name}: {row['tokens_per_s']:.0f} tokens/s of training, best loss {fmt_value(row['best'])} "
-        f"({row['seconds']:.0f} s)")
+    row = h.run_json(result, "loss", seconds=time.perf_counter() - start)
+    log(f"[{tag}] {cand.name}: {row['throughput']:.0f} {row['unit']} of training, best loss "
+        f"{fmt_value(row['best'])} ({row['seconds']:.0f} s)")
     return result, row
 
 
-def edge_of(lr: float, lrs: tuple[float, ...]) -> str | None:
-    """"low" or "high" when the chosen lr is the lowest or highest of a grid of several, else None."""
-    return {"lowest": "low", "highest": "high"}.get(grid_edge(lr, lrs))
-
-
-def arm_json(runs: dict[float, tuple[RunResult, dict]], lrs: tuple[float, ...]) -> dict[str, Any]:
-    """An arm's runs (by lr), its chosen lr (the library's rule: the lowest best loss of the runs that did not
-    diverge) and whether that lr is at the edge of the grid."""
-    best = next(iter(h.best_runs({run_name("arm", lr): r for lr, (r, _) in runs.items()}, "loss").values()), None)
-    return {"lrs": list(lrs), "runs": [row for _, row in runs.values()], "chosen_lr": best.lr if best else None,
-            "edge": edge_of(best.lr, lrs) if best else None}
-
-
-def chosen_run(data: dict[str, Any]) -> dict[str, Any] | None:
-    """An arm's chosen run (JSON), None when every run diverged."""
-    return next((r for r in data["runs"] if r["lr"] == data["chosen_lr"]), None)
+def swept_arm(trained: dict[float, tuple[RunResult, dict]]) -> dict[str, Any]:
+    """One arm (h.arm_json) from its runs by lr as train_one returns them: the grid is the lrs trained, the rows
+    train_one's (with their seconds)."""
+    return h.arm_json({lr: result for lr, (result, _) in trained.items()}, trained,
+                      rows={lr: row for lr, (_, row) in trained.items()})
 
 
 def comparison(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Where the default child starts against what random init's best run reaches, and when it got there."""
-    child, random = chosen_run(arms["default"]), chosen_run(arms["random"])
+    child, random = h.chosen_run(arms["default"]), h.chosen_run(arms["random"])
     if child is None or random is None:
         return {"child_start": None, "random_best": None, "random_reached_at": None}
     start = child["start"]
-    reached = next((t for t, v in zip(random["tokens"], random["val_loss"]) if v is not None and v <= start), None)
+    reached = next((t for t, v in zip(random["tokens"], random["values"]) if v <= start), None)
     return {"child_start": start, "child_best": child["best"], "child_final": child["final"],
             "random_start": random["start"], "random_best": random["best"], "random_final": random["final"],
             "random_reached_at": reached, "tokens": random["tokens"][-1] if random["tokens"] else 0}
@@ -277,7 +262,7 @@ def train_arms(parent: Parent, importance: Any, val: Any, sizes: dict[str, int],
     arms = {}
     for arm in ARMS:
         train_at = trainer(arm, models[arm], STRATEGY_OF[arm])
-        arms[arm] = arm_json({lr: train_at(lr) for lr in plan.lrs[arm]}, plan.lrs[arm])
+        arms[arm] = swept_arm({lr: train_at(lr) for lr in plan.lrs[arm]})
     return {"shape": sizes, "text": shape_text(sizes), "plan": asdict(plan), "seq_len": size.seq_len,
             "arms": arms, "comparison": comparison(arms)}
 
@@ -388,7 +373,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for arm, data in result["training"]["arms"].items() if result["training"] else ():
             for r in data["runs"]:
                 chosen = r["lr"] == data["chosen_lr"]
-                axes[1][col].plot(r["tokens"], r["val_loss"], "--" if arm == "random" else "-", color=COLORS[arm],
+                axes[1][col].plot(r["tokens"], r["values"], "--" if arm == "random" else "-", color=COLORS[arm],
                                   linewidth=2 if chosen else 0.8, alpha=1 if chosen else 0.5, marker=".",
                                   label=f"{VARIANTS[arm][0]}, lr {r['lr']:g}")
         if result["training"]:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench._report import DOCS, ROOT, bench_parser, panels, render, save_figure, write_section
@@ -278,10 +279,7 @@ def ablation_bench(size: str, work: Path) -> dict:
 def slope(rows: list[dict], mode: str, key: str) -> float | None:
     """The least-squares slope of log(cost) against log(parameters): 1 means cost grows like the parent."""
     points = [(math.log(r["parameters"]), math.log(v)) for r in rows if (v := r[mode][key]) and v > 0]
-    if len(points) < 2:
-        return None
-    mx, my = (sum(p[i] for p in points) / len(points) for i in (0, 1))
-    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return float(np.polyfit(*zip(*points), 1)[0]) if len(points) >= 2 else None
 
 
 def plot(rows: list[dict], path: Path) -> None:

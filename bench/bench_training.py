@@ -133,7 +133,7 @@ def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: st
         return h.train(cands, train, val, config, f"{exp.key} {tag}", runs_dir / f"{exp.key}-{tag}.jsonl")
 
     runs, chosen, _ = h.sweep_then_rest(exp.variants, stage, metric, "variants")
-    sweep = [{"run": name, **h.pick(h.facts(r, metric), "lr", "status", "best", "final")} for name, r in runs.items()]
+    sweep = [h.run_json(r, metric, curve=False, run=name) for name, r in runs.items()]
     return Outcome(exp, chosen, sweep, speedup_table(chosen, baseline="random", metric=metric), metric,
                    time.perf_counter() - start)
 

@@ -119,8 +119,8 @@ def validation_batches(parent: Parent, data_id: str, tokens: int, images: int) -
     return list(val.batches(8 if parent.task_spec.sequences else 100))
 
 
-def _rounded(values: torch.Tensor | list[float], digits: int = 5) -> list[float]:
-    return [float(f"{float(v):.{digits}g}") for v in (values.tolist() if torch.is_tensor(values) else values)]
+def _rounded(values: torch.Tensor, digits: int = 5) -> list[float]:
+    return [float(f"{v:.{digits}g}") for v in values.tolist()]
 
 
 def top_share(scores: torch.Tensor, fraction: float = 0.01) -> float:
@@ -180,8 +180,8 @@ def run_study(parent: Parent, part: str, data_id: str, size: Size, shapes: dict[
     target = plan_shape(parent.model, **next(iter(shapes.values())))
     train_data, val_data = budget.splits(parent, data_id)
     config = budget.config(len(val_data), eval_at=size.eval_at[part])
-    sweep: list[dict[str, Any]] = []  # every run
-    chosen: dict[str, dict[str, dict]] = {}  # arm -> str(seed) -> its chosen run (JSON keys are strings)
+    sweep: list[dict[str, Any]] = []  # every run's summary row (h.run_json without the curve, with arm and seed)
+    chosen: dict[str, dict[str, dict]] = {}  # arm -> str(seed) -> its chosen run, h.run_json (JSON keys: strings)
 
     def train(stage: list[Arm], lr_of: dict[str, tuple[float, ...]], seed: int, tag: str) -> dict[str, Any]:
         """The arms side by side, one candidate per lr; each arm's chosen run by the library's rule."""
@@ -190,14 +190,9 @@ def run_study(parent: Parent, part: str, data_id: str, size: Size, shapes: dict[
             lr_of[arm.name])]
         results = h.train(cands, train_data, val_data, replace(config, seed=seed), f"{part} {tag}",
                           runs_dir / f"{part}-{tag}.jsonl")
-        sweep.extend({"arm": candidate_of(n), "seed": seed,
-                      **h.pick(h.facts(r, metric), "lr", "weight_decay", "status", "best", "final")}
-                     for n, r in results.items())
+        sweep.extend(h.run_json(r, metric, curve=False, arm=candidate_of(n), seed=seed) for n, r in results.items())
         for name, run in h.best_runs(results, metric).items():
-            f = h.facts(run, metric)
-            chosen.setdefault(name, {})[str(seed)] = {
-                **h.pick(f, "lr", "weight_decay", "status", "curve", "start", "final", "best"),
-                "throughput": round(f["throughput"], 1), "unit": f["unit"]}
+            chosen.setdefault(name, {})[str(seed)] = h.run_json(run, metric)
         return results
 
     child_lr = h.sweep_then_rest(study, lambda a, lr_of, tag: train(a, lr_of, SEEDS[0], tag), metric, "ablations")[2]
@@ -230,10 +225,15 @@ def close_arms(chosen: dict, part: str, metric: str) -> list[str]:
 def speedups(chosen: dict, metric: str) -> dict[str, dict[str, Any]]:
     """Per arm and seed, its speedup over random init of the same seed (random init's best as target)."""
     base = chosen.get("random", {})
-    out = {name: {seed: speedup(base[seed]["curve"], run["curve"], higher_is_better=HIGHER_IS_BETTER[metric])
-                  .to_dict() for seed, run in by_seed.items() if seed in base}
+    out = {name: {seed: speedup(curve(base[seed]), curve(run), higher_is_better=HIGHER_IS_BETTER[metric]).to_dict()
+                  for seed, run in by_seed.items() if seed in base}
            for name, by_seed in chosen.items() if name != "random"}
     return {name: by_seed for name, by_seed in out.items() if by_seed}
+
+
+def curve(run: dict[str, Any]) -> list[tuple[int, float]]:
+    """A run's (step, value) validation points (h.run_json keeps them as two lists)."""
+    return list(zip(run["steps"], run["values"]))
 
 
 def run_part(parent: Parent, part: str, data_id: str, size: Size, runs: Path) -> dict[str, Any]:

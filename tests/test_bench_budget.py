@@ -8,7 +8,9 @@ import shutil
 
 import pytest
 
+from bench import _harness as h
 from bench import bench_budget
+from subclone_core.training import RunResult
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,7 @@ def test_json_has_the_issue_schema(run):
     results = run["results"]
     assert set(results["arms"]) == {"random", "subclone", "subclone+distill"}
     for curve in results["arms"].values():
-        assert len(curve["tokens"]) == len(curve["val_loss"]) >= 3
+        assert len(curve["tokens"]) == len(curve["values"]) >= 3
         assert curve["tokens"][0] == 0 and curve["tokens"] == sorted(curve["tokens"])
     random = results["arms"]["random"]
     assert results["random_tokens"] == random["tokens"][-1] == 2048  # the smoke budget, whole steps of 4 x 32
@@ -39,11 +41,23 @@ def test_json_has_the_issue_schema(run):
     assert [r["loss"] for r in rows] == sorted((r["loss"] for r in rows), reverse=True)
     assert {"loss", "random_tokens", "subclone_tokens", "speedup"} <= set(rows[0])
     for row in rows:
-        assert row["loss"] in random["val_loss"][1:]  # levels are random init's own evaluations
+        assert row["loss"] in random["values"][1:]  # levels are random init's own evaluations
         if row["speedup"] is not None:
             assert row["speedup"] == pytest.approx(row["random_tokens"] / row["subclone_tokens"])
         else:
             assert row["subclone_tokens"] is None and row["text"].startswith("not reached")
+
+
+def test_every_run_is_in_the_benchmarks_one_schema(run):
+    """Each arm's run (the headline's and every stage's) holds exactly h.run_json's keys, each sweep row its
+    summary's plus the arm, the budget in tokens, whether it was chosen and the note on the grid's edge."""
+    results, empty = run["results"], RunResult("x", "random", 1e-3, 0.0)
+    for arms in (results["arms"], *(s["arms"] for s in results["stages"].values())):
+        for r in arms.values():
+            assert list(r) == list(h.run_json(empty))
+            assert r["unit"] == "tokens/s" and r["start"] == r["values"][0] and r["final"] == r["values"][-1]
+    summary = list(h.run_json(empty, curve=False, arm="random", budget_tokens=0, chosen=False, note=None))
+    assert all(list(r) == summary for r in results["sweep"])
 
 
 def test_every_stage_and_the_sweep_are_recorded(run):
@@ -65,13 +79,13 @@ def test_every_stage_and_the_sweep_are_recorded(run):
 
 def test_the_sweep_runs_every_lr_at_the_full_budget_and_each_arm_is_its_best_run(run):
     results = run["results"]
-    assert {r["tokens"] for r in results["sweep"]} == {results["random_tokens"]}  # the budget reported
+    assert {r["budget_tokens"] for r in results["sweep"]} == {results["random_tokens"]}  # the budget reported
     for arm in ("random", "subclone"):
         rows = [r for r in results["sweep"] if r["arm"] == arm]
         best = min(rows, key=lambda r: r["best"])
         assert [r["lr"] for r in rows if r["chosen"]] == [best["lr"]] == [results["lrs"][arm]]
         assert results["arms"][arm]["lr"] == best["lr"]
-        assert min(results["arms"][arm]["val_loss"]) == pytest.approx(best["best"])
+        assert min(results["arms"][arm]["values"]) == results["arms"][arm]["best"] == pytest.approx(best["best"])
         lrs = bench_budget.SIZES["smoke"].sweep_lrs[arm]
         at_edge = best["lr"] in (min(lrs), max(lrs))
         assert all(bool(r["note"]) == at_edge for r in rows)

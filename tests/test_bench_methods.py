@@ -10,8 +10,9 @@ import math
 
 import pytest
 
+from bench import _harness as h
 from bench import bench_methods
-from subclone_core.training import RunResult
+from subclone_core.training import RunResult, default_hparams
 from subclone_core.training.results import EvalPoint
 from subclone_core.training.sweep import run_name
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("methods")
-    assert bench_methods.main(["--smoke", "--out-dir", str(out)]) == 0
+    assert bench_methods.main(["--smoke", "--out-dir", str(out), "--threads", "1"]) == 0
     return json.loads((out / "methods.json").read_text())
 
 
@@ -71,10 +72,12 @@ def test_every_trained_arm_has_its_lr_inside_its_grid_or_says_it_is_at_an_edge(r
         for run in arm["runs"]:
             assert run["steps"] == [0, *bench_methods.rp.log_eval_steps(plan["steps"], plan["evals"] + 1),
                                     plan["steps"]]
-            assert len(run["tokens"]) == len(run["val_loss"]) == len(run["steps"])
-            assert all(math.isfinite(v) for v in run["val_loss"]) and run["tokens_per_s"] > 0
+            assert len(run["tokens"]) == len(run["values"]) == len(run["steps"])
+            assert all(math.isfinite(v) for v in run["values"]) and run["throughput"] > 0
+            assert (run["metric"], run["unit"]) == ("loss", "tokens/s") and "seconds" in run
+            assert run["weight_decay"] == default_hparams(method)["weight_decay"]  # each method its own strategy
         target = arm["target"]
-        assert target == min(bench_methods.chosen_run(training["arms"]["random"])["val_loss"])
+        assert target == min(h.chosen_run(training["arms"]["random"])["values"])
         assert set(arm["vs_random"]) >= {"speedup", "text", "candidate_tokens", "level"}
         assert arm["vs_random"]["level"] == arm["vs_subclone"]["level"] == target
         assert arm["tokens_to_target"] is None or arm["tokens_to_target"] >= 0
@@ -97,8 +100,7 @@ def _fake_trainer(best_lr: float):
         loss = 5.0 + 0.1 * math.log(lr / best_lr) ** 2  # below the start (10) within the grids tried
         result = RunResult(run_name("arm", lr), "random", lr, 0.1, status="done",
                            evals=[EvalPoint(0, 0, 10.0), EvalPoint(4, 1024, loss)])
-        return result, {"lr": lr, "status": "done", "message": None, "steps": [0, 4], "tokens": [0, 1024],
-                        "val_loss": [10.0, loss]}
+        return result, h.run_json(result)
     return train_at, trained
 
 

@@ -9,9 +9,13 @@ import shutil
 
 import pytest
 
+from bench import _harness as h
 from bench import bench_quality
+from subclone_core.training import default_hparams
 
 pytestmark = pytest.mark.slow
+RUN_KEYS = ("lr", "weight_decay", "status", "message", "metric", "start", "best", "final", "throughput", "unit",
+            "steps", "tokens", "values")
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +58,13 @@ def test_each_arm_chose_its_lowest_best_loss_lr(run):
         done = [r for r in data["runs"] if r["status"] == "done"]
         assert done, f"{arm}: every run stopped"
         assert data["chosen_lr"] == min(done, key=lambda r: r["best"])["lr"]
-        assert data["edge"] == bench_quality.edge_of(data["chosen_lr"], plan.lrs[arm])
+        assert data["edge"] == h.edge_of(data["chosen_lr"], plan.lrs[arm])
         for r in data["runs"]:
-            assert r["steps"][0] == 0 and r["steps"][-1] == plan.steps and r["tokens_per_s"] > 0
-            assert r["best"] == min(r["val_loss"]) and math.isfinite(r["best"])
+            assert list(r) == [*RUN_KEYS, "seconds"]  # h.run_json's row, then the run's seconds
+            assert (r["metric"], r["unit"]) == ("loss", "tokens/s")
+            assert r["weight_decay"] == default_hparams(bench_quality.STRATEGY_OF[arm])["weight_decay"]
+            assert r["steps"][0] == 0 and r["steps"][-1] == plan.steps and r["throughput"] > 0
+            assert r["best"] == min(r["values"]) and math.isfinite(r["best"])
     assert training["comparison"]["child_start"] == training["arms"]["default"]["runs"][0]["start"]
 
 
@@ -82,12 +89,12 @@ def test_redrawing_from_the_json_gives_the_same_section(run, tmp_path):
 
 def test_chosen_run_and_edges_without_training():
     data = {"chosen_lr": 4e-3, "runs": [{"lr": 1e-3, "best": 5.0}, {"lr": 4e-3, "best": 4.0}]}
-    assert bench_quality.chosen_run(data)["best"] == 4.0
-    assert bench_quality.chosen_run({**data, "chosen_lr": None}) is None  # every run diverged
-    assert bench_quality.edge_of(4e-3, (1e-3, 2e-3, 4e-3)) == "high"
-    assert bench_quality.edge_of(1e-3, (1e-3, 2e-3, 4e-3)) == "low"
-    assert bench_quality.edge_of(2e-3, (1e-3, 2e-3, 4e-3)) is None
-    assert bench_quality.edge_of(1e-3, (1e-3,)) is None
+    assert h.chosen_run(data)["best"] == 4.0
+    assert h.chosen_run({**data, "chosen_lr": None}) is None  # every run diverged
+    assert h.edge_of(4e-3, (1e-3, 2e-3, 4e-3)) == "high"
+    assert h.edge_of(1e-3, (1e-3, 2e-3, 4e-3)) == "low"
+    assert h.edge_of(2e-3, (1e-3, 2e-3, 4e-3)) is None
+    assert h.edge_of(1e-3, (1e-3,)) is None
 
 
 def test_rerunning_one_parent_keeps_the_others_results(run, tmp_path):

@@ -7,10 +7,12 @@ import re
 
 import pytest
 
+from bench import _harness as h
 from bench import _repro_report as report_rules
 from bench import reproduce
 from subclone_core.core.strategies import plan_shape
 from subclone_core.sources import load_parent
+from subclone_core.training import RunResult
 from subclone_core.training.evaluate import evaluate
 from subclone_core.workflow.children import make_child
 from tests.conftest import save_tiny_vit
@@ -41,7 +43,7 @@ def _budget(rows: list[tuple[float, float | None, bool]]) -> dict:
                 "text": "not reached in 100 steps" if speedup is None else (">= " if bound else "") + f"{speedup:.1f}x"}
                for i, (loss, speedup, bound) in enumerate(rows)]
     return {"size": "smoke", "random_tokens": 1_501_184, "at_drop": {"subclone": at_drop}, "seed_spread": [],
-            "arms": {"subclone": {"val_loss": [9.0, 3.5]}}}
+            "arms": {"subclone": {"final": 3.5}}}
 
 
 @pytest.mark.slow  # the module's `run` fixture runs bench/reproduce.py end to end (minutes)
@@ -89,10 +91,26 @@ def test_training_ran_every_arm_with_swept_learning_rates(run):
     assert set(training["runs"]) == {a.name for a in reproduce.arms("lm", reproduce.SIZES["smoke"].lrs["lm"])}
     swept = {(r["arm"], r["lr"]) for r in training["sweep"] if r["seed"] == 0}
     assert {("subclone", 1e-4), ("subclone", 1e-3), ("random", 1e-3)} <= swept
-    steps = [s for s, _ in training["runs"]["subclone"]["0"]["curve"]]
-    assert steps == [0, 1, 2, 4]  # every eval_every=2 plus the extra step 1
+    assert training["runs"]["subclone"]["0"]["steps"] == [0, 1, 2, 4]  # every eval_every=2 plus the extra step 1
     vit = run["results"]["vit"]["training"]
     assert vit["metric"] == "accuracy" and "subclone" in vit["speedups"]
+
+
+@pytest.mark.slow
+def test_every_trained_run_is_in_the_benchmarks_one_schema(run):
+    """Chosen runs hold exactly h.run_json's keys, sweep rows its summary's plus arm and seed; tokens count what
+    the training saw: batch x seq_len tokens per step for the LM, batch images per step for the ViT (the
+    committed results.json's tokens were derived so)."""
+    empty = RunResult("x", "random", 1e-3, 0.0)
+    for part in ("lm", "vit"):
+        training, budget = run["results"][part]["training"], reproduce.SIZES["smoke"].budget[part]
+        per_step = budget.batch_size * (budget.seq_len if part == "lm" else 1)
+        for by_seed in training["runs"].values():
+            for r in by_seed.values():
+                assert list(r) == list(h.run_json(empty, training["metric"]))
+                assert r["tokens"] == [s * per_step for s in r["steps"]] and r["values"][0] == r["start"]
+        summary = list(h.run_json(empty, curve=False, arm="random", seed=0))
+        assert all(list(r) == summary for r in training["sweep"])
 
 
 @pytest.mark.slow
