@@ -1,15 +1,17 @@
 """Training speedup of subcloned children over random init: the default LM parent and the self-pretrained ViT,
 each candidate at its best lr of a sweep (see bench/README.md). Sizes: --smoke (seconds; writes under /tmp
-only), the default CPU size (about 30 minutes on 2 cores), --gpu (longer budgets).
+only), the default CPU size (about 25 minutes on 2 cores), --gpu (longer budgets). Writes docs/training_lm.json,
+docs/training_vit.json, the plots and their sections of BENCHMARKS.md.
 
-Run: python -m bench.bench_training [--smoke | --gpu] [--only lm|vit]
+Run: python -m bench.bench_training [--smoke | --gpu] [--only lm|vit] [--report-only]
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from bench._harness import Budget
 from bench._report import PAPER_SPEEDUP, render
 from subclone_core.core.shape import Shape
 from subclone_core.core.strategies import plan_shape
+from subclone_core.io.atomic import write_text
 from subclone_core.sources import Parent, load_parent
 from subclone_core.training import RunResult
 from subclone_core.training.speedup import HIGHER_IS_BETTER, speedup_table
@@ -55,22 +58,6 @@ class Experiment:
     sizes: dict[str, int]
     budget: Budget
     variants: tuple[Variant, ...]
-
-
-@dataclass
-class Outcome:
-    """What an experiment produced: the best run of every variant, every sweep run, the table and its cost."""
-
-    experiment: Experiment
-    chosen: dict[str, RunResult]
-    sweep: list[dict[str, Any]]
-    rows: list[dict[str, Any]]
-    metric: str
-    seconds: float
-
-    def row(self, name: str) -> dict[str, Any] | None:
-        """The candidate's row of the speedup table (None: it diverged at every lr)."""
-        return next((r for r in self.rows if r["name"] == name), None)
 
 
 @dataclass(frozen=True)
@@ -119,8 +106,9 @@ def child_model(parent: Parent, target: Shape, variant: Variant, importance: Any
                       **variant.options).model
 
 
-def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: str, runs_dir: Path) -> Outcome:
-    """Make every variant, sweep, train the unswept variants at the child's best lr, and tabulate."""
+def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: str, runs_dir: Path) -> dict[str, Any]:
+    """Make every variant, sweep, train the unswept variants at the child's best lr, and tabulate: the outcome as
+    the JSON holds it (outcome_json)."""
     start = time.perf_counter()
     target = plan_shape(parent.model, **exp.sizes)
     children = {v.name: child_model(parent, target, v, importance) for v in exp.variants}
@@ -134,15 +122,31 @@ def run_experiment(parent: Parent, importance: Any, exp: Experiment, data_id: st
 
     runs, chosen, _ = h.sweep_then_rest(exp.variants, stage, metric, "variants")
     sweep = [h.run_json(r, metric, curve=False, run=name) for name, r in runs.items()]
-    return Outcome(exp, chosen, sweep, speedup_table(chosen, baseline="random", metric=metric), metric,
-                   time.perf_counter() - start)
+    return outcome_json(exp, parent, chosen, sweep, metric, time.perf_counter() - start)
 
 
-def headline(o: Outcome) -> str:
+def outcome_json(exp: Experiment, parent: Parent, chosen: dict[str, RunResult], sweep: list[dict[str, Any]],
+                 metric: str, seconds: float) -> dict[str, Any]:
+    """What an experiment produced, as its JSON holds it: the experiment (budget with its units, the variants
+    with their labels and grids), each variant's chosen run (h.run_json), every sweep run, the speedup table's
+    rows (training.speedup.speedup_table) and the seconds it took."""
+    budget = {**asdict(exp.budget), "units": exp.budget.units(parent.task)}
+    variants = [{"name": v.name, "label": v.label, "lrs": v.lrs} for v in exp.variants]
+    return {"key": exp.key, "title": exp.title, "sizes": exp.sizes, "budget": budget, "variants": variants,
+            "metric": metric, "chosen": {name: h.run_json(r, metric) for name, r in chosen.items()}, "sweep": sweep,
+            "rows": speedup_table(chosen, baseline="random", metric=metric), "seconds": seconds}
+
+
+def row_of(o: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The candidate's row of the speedup table (None: it diverged at every lr)."""
+    return next((r for r in o["rows"] if r["name"] == name), None)
+
+
+def headline(o: dict[str, Any]) -> str:
     """The subcloned child's speedup against the paper's 4x where the paper claims it, and if short of it, why:
     the child's head start and the steps each needed (the case is named here, the words are the template's)."""
-    child, base = o.row("subclone"), o.row("random")
-    if o.experiment.key in MILDER_CLAIM:
+    child, base = row_of(o, "subclone"), row_of(o, "random")
+    if o["key"] in MILDER_CLAIM:
         case = "milder ratio"
     elif child is not None and child["speedup"] is not None and child["speedup"] >= PAPER_SPEEDUP:
         case = "reached"
@@ -152,60 +156,67 @@ def headline(o: Outcome) -> str:
         case = "ahead at step 0"
     else:
         case = "never reached" if child["steps_to_target"] is None else "slower"
-    return render("training_headline", case=case, child=child, base=base, m=o.metric, paper=PAPER_SPEEDUP,
-                  steps=o.experiment.budget.steps)
+    return render("training_headline", case=case, child=child, base=base, m=o["metric"], paper=PAPER_SPEEDUP,
+                  steps=o["budget"]["steps"])
 
 
-def findings(o: Outcome) -> list[dict[str, Any]]:
+def findings(o: dict[str, Any]) -> list[dict[str, Any]]:
     """Facts that explain the numbers (the template words them): a variant that diverged at every lr, a best lr
     at the edge of a 3+ point sweep, each variant's best value against the plain child's."""
-    notes, higher, plain = [], HIGHER_IS_BETTER[o.metric], o.row("subclone")
-    for v in o.experiment.variants:
-        run = o.chosen.get(v.name)
+    notes, higher, plain = [], HIGHER_IS_BETTER[o["metric"]], row_of(o, "subclone")
+    for v in o["variants"]:
+        run, lrs = o["chosen"].get(v["name"]), v["lrs"]
         if run is None:
             notes.append({"kind": "diverged", "variant": v})
-        elif v.lrs and len(v.lrs) > 2 and run.lr in (min(v.lrs), max(v.lrs)):
-            notes.append({"kind": "edge", "variant": v, "lr": run.lr})
-    for v in o.experiment.variants:
-        row = o.row(v.name)
-        if plain is not None and row is not None and v.name not in ("subclone", "random"):
+        elif lrs and len(lrs) > 2 and run["lr"] in (min(lrs), max(lrs)):
+            notes.append({"kind": "edge", "variant": v, "lr": run["lr"]})
+    for v in o["variants"]:
+        row = row_of(o, v["name"])
+        if plain is not None and row is not None and v["name"] not in ("subclone", "random"):
             a, b = row["best"], plain["best"]
             better = a is not None and b is not None and (a > b if higher else a < b)
             notes.append({"kind": "variant", "variant": v, "row": row, "plain": plain, "better": better})
     return notes
 
 
-def plot_curves(outcomes: list[Outcome], path: Path) -> None:
+def plot_curves(outcomes: list[dict[str, Any]], path: Path) -> None:
     """One panel per experiment: the validation curve of each candidate's best run, the target dashed."""
     fig, axes = rp.panels(len(outcomes), 5.2, 3.6)
     for ax, o in zip(axes[0], outcomes):
-        for name, run in o.chosen.items():
-            steps, values = zip(*run.curve(o.metric)) if run.curve(o.metric) else ((), ())
-            ax.plot(steps, values, marker=".", label=f"{name} (lr {run.lr:g})",
+        for name, run in o["chosen"].items():
+            ax.plot(run["steps"], run["values"], marker=".", label=f"{name} (lr {run['lr']:g})",
                     linewidth=2.2 if name in ("subclone", "random") else 1.2)
-        if o.rows and o.rows[0]["target"] is not None:
-            ax.axhline(o.rows[0]["target"], color="grey", linestyle="--", linewidth=1, label="random init's best")
-        ax.set_title(o.experiment.key, fontsize=10)
-        if o.metric == "loss":
+        if o["rows"] and o["rows"][0]["target"] is not None:
+            ax.axhline(o["rows"][0]["target"], color="grey", linestyle="--", linewidth=1, label="random init's best")
+        ax.set_title(o["key"], fontsize=10)
+        if o["metric"] == "loss":
             ax.set_ylim(top=min(12.0, ax.get_ylim()[1]))
-        rp.finish(ax, xlabel="step", ylabel=f"validation {o.metric}")
+        rp.finish(ax, xlabel="step", ylabel=f"validation {o['metric']}")
     rp.save_figure(fig, path)
 
 
-def bench(which: str, parent_id: str, size: Size, doc: Path, runs: Path, name: str) -> list[Outcome]:
-    """One of the two benchmarks end to end: calibrate, run its experiments, plot, write its section."""
+def bench(which: str, parent_id: str, size: Size, name: str, runs: Path) -> dict[str, Any]:
+    """One of the two benchmarks measured: calibrate and run its experiments; its report as the JSON holds it."""
     parent = load_parent(parent_id)
     data = "default" if which == "lm" else "fashion-mnist"
     importance = measure_importance(parent, data, tokens=size.calib_tokens)
     outcomes = [run_experiment(parent, importance, exp, data, runs) for exp in experiments(which, size, parent)]
-    plot = doc.parent / f"bench_{which}_curves.png"
-    plot_curves(outcomes, plot)
-    points = max(len(v.lrs or ()) for o in outcomes for v in o.experiment.variants)  # the widest lr grid
-    section = render("training", which=which, size=name, parent=parent, parent_id=parent_id, data=data,
-                     outcomes=outcomes, calib_tokens=size.calib_tokens, machine=rp.machine(), plot=plot.name,
-                     points=points, headline=headline, findings=findings)
-    rp.write_section(f"training-{which}", section, doc)
-    return outcomes
+    return {"which": which, "size": name, "machine": rp.machine(), "parent_id": parent_id, "parent": parent.label,
+            "sequences": parent.task_spec.sequences, "data": data, "calib_tokens": size.calib_tokens,
+            "outcomes": outcomes}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A benchmark's section of BENCHMARKS.md (template training.md.j2), its plot beside the document."""
+    points = max(len(v["lrs"] or ()) for o in report["outcomes"] for v in o["variants"])  # the widest lr grid
+    return render("training", **report, plot=f"bench_{report['which']}_curves.png", points=points,
+                  headline=headline, findings=findings)
+
+
+def write_report(report: dict[str, Any], doc: Path) -> None:
+    """A benchmark's plot beside ``doc`` and its section of ``doc``."""
+    plot_curves(report["outcomes"], doc.parent / f"bench_{report['which']}_curves.png")
+    rp.write_section(f"training-{report['which']}", markdown(report), doc)
 
 
 def smoke_vit_parent(folder: Path) -> str:
@@ -219,26 +230,35 @@ def smoke_vit_parent(folder: Path) -> str:
                             max_train_images=512, max_test_images=128))
 
 
-def main(argv: list[str] | None = None) -> list[Outcome]:
-    """Run one size of both benchmarks (or --only one), then print each experiment's headline and table."""
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run one size of both benchmarks (or --only one), or redraw them from their JSON beside the doc
+    (--report-only); then print each experiment's headline and table. Returns the outcomes."""
     parser = rp.bench_parser(__doc__, smoke="a few steps of everything (seconds); writes to /tmp",
-                             gpu="longer budgets and wider sweeps, for a GPU", threads=rp.THREADS_HELP)
+                             gpu="longer budgets and wider sweeps, for a GPU", threads=rp.THREADS_HELP,
+                             report_only="redraw the sections and plots from training_lm.json / training_vit.json")
     parser.add_argument("--only", choices=tuple(EXPERIMENTS), help="run one of the two benchmarks")
     parser.add_argument("--vit-parent", default=None, help="the ViT parent (default: default-vit)")
-    parser.add_argument("--doc", type=Path, help=f"the Markdown file to update, the plots beside it (default {rp.DOC})")
+    parser.add_argument("--doc", type=Path, help=f"the Markdown file to update, the plots and JSON beside it "
+                        f"(default {rp.DOC})")
     args = parser.parse_args(argv)
     h.start(args)
     name = h.size_name(args)
     runs = Path(tempfile.mkdtemp(prefix=f"subclone-bench-{name}-"))
     doc = args.doc or (runs / rp.DOC.name if name == "smoke" else rp.DOC)  # the smoke size never touches docs/
-    start = time.perf_counter()
-    outcomes: list[Outcome] = []
+    start, outcomes = time.perf_counter(), []
     for which in (args.only,) if args.only else EXPERIMENTS:
-        parent = "default" if which == "lm" else args.vit_parent or (
-            smoke_vit_parent(runs) if args.smoke else "default-vit")
-        outcomes += bench(which, parent, SIZES[name], doc, runs, name)
+        path = doc.parent / f"training_{which}.json"
+        if args.report_only:
+            report = json.loads(path.read_text())
+        else:
+            parent = "default" if which == "lm" else args.vit_parent or (
+                smoke_vit_parent(runs) if args.smoke else "default-vit")
+            report = bench(which, parent, SIZES[name], name, runs)
+            write_text(path, json.dumps(report, indent=1, default=rp.json_default))
+        write_report(report, doc)
+        outcomes += report["outcomes"]
     print(render("training_summary", outcomes=outcomes, headline=headline))
-    print(f"\nwrote {doc} and the plots; run metrics in {runs}; total {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"\nwrote {doc}, the plots and JSON; run metrics in {runs}; total {(time.perf_counter() - start) / 60:.1f} min")
     return outcomes
 
 

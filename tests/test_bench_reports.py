@@ -18,6 +18,7 @@ from bench import (
     bench_quality,
     bench_refit,
     bench_scale,
+    bench_training,
 )
 from bench._report import DOC, DOCS
 from bench.reproduce import with_budget
@@ -46,6 +47,8 @@ SECTIONS = {
     "budget": lambda: bench_budget.section_markdown(_json("speedup_vs_budget.json"), bench_budget.SIZES["cpu"],
                                                     bench_budget.outputs("cpu", None)),
     "quality": lambda: bench_quality.section_markdown(_json("quality.json"), DOCS / "bench_quality.png"),
+    "training-lm": lambda: bench_training.markdown(_json("training_lm.json")),
+    "training-vit": lambda: bench_training.markdown(_json("training_vit.json")),
 }
 
 
