@@ -171,14 +171,14 @@ def run_json(run: RunResult, metric: str = "loss", /, *, curve: bool = True, **e
     ``metric`` at step 0, its best and its final value, training throughput and its unit, and (``curve``) the
     validation curve as steps, training tokens (images for a ViT) seen so far and values, step 0 first; then
     ``extra`` (e.g. seconds, arm, seed)."""
-    points = [p for p in run.evals if p.value(metric) is not None]
-    values = [p.value(metric) for p in points]
+    points = [p for p in run.evals if p.value(metric) is not None]  # run.curve(metric)'s points
+    steps, values = [p.step for p in points], [p.value(metric) for p in points]
     row = {"lr": run.lr, "weight_decay": run.weight_decay, "status": run.status, "message": run.message,
            "metric": metric, "start": values[0] if values else None,
-           "best": best_value(run.curve(metric), higher_is_better=HIGHER_IS_BETTER[metric]),
+           "best": best_value(list(zip(steps, values)), higher_is_better=HIGHER_IS_BETTER[metric]),
            "final": values[-1] if values else None, "throughput": run.throughput, "unit": run.unit}
     if curve:
-        row.update(steps=[p.step for p in points], tokens=[p.seen for p in points], values=values)
+        row.update(steps=steps, tokens=[p.seen for p in points], values=values)
     return {**row, **extra}
 
 

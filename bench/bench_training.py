@@ -47,6 +47,7 @@ EXPERIMENTS = {
             LM_CHILD, *LM_ABLATIONS)),
     "vit": (("vit-half-width", None, None, "vit", *VIT_CHILDREN),)}
 MILDER_CLAIM = ("aggressive",)  # experiments at a harsher ratio than the paper's 4x is claimed for
+PLOT = "bench_{}_curves.png"  # each benchmark's plot (lm, vit), beside the document
 
 
 @dataclass(frozen=True)
@@ -209,13 +210,13 @@ def bench(which: str, parent_id: str, size: Size, name: str, runs: Path) -> dict
 def markdown(report: dict[str, Any]) -> str:
     """A benchmark's section of BENCHMARKS.md (template training.md.j2), its plot beside the document."""
     points = max(len(v["lrs"] or ()) for o in report["outcomes"] for v in o["variants"])  # the widest lr grid
-    return render("training", **report, plot=f"bench_{report['which']}_curves.png", points=points,
+    return render("training", **report, plot=PLOT.format(report["which"]), points=points,
                   headline=headline, findings=findings)
 
 
 def write_report(report: dict[str, Any], doc: Path) -> None:
     """A benchmark's plot beside ``doc`` and its section of ``doc``."""
-    plot_curves(report["outcomes"], doc.parent / f"bench_{report['which']}_curves.png")
+    plot_curves(report["outcomes"], doc.parent / PLOT.format(report["which"]))
     rp.write_section(f"training-{report['which']}", markdown(report), doc)
 
 
